@@ -1,0 +1,1 @@
+"""How a model is trained: data, plan, optimizer, checkpoints, tracking and the loop."""
