@@ -1,0 +1,223 @@
+"""The one TrainConfig: every trainer setting, its flag, its help. argparse flags are generated from it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from pretrain.cli import ArgumentParser, UserError
+
+
+def _opt(default: Any, help: str, choices: Sequence[str] | None = None, group: str = "misc") -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+
+
+@dataclass
+class TrainConfig:
+    """Trainer settings. Field `foo_bar` is the flag `--foo-bar`; booleans get `--foo/--no-foo`."""
+
+    # model: a preset plus overrides (None keeps the preset's value)
+    size: str = _opt("tiny", "model preset", ["tiny", "small", "1b"], "model")
+    d_model: int | None = _opt(None, "model width (overrides the preset)", group="model")
+    layers: int | None = _opt(None, "number of transformer blocks", group="model")
+    n_head: int | None = _opt(None, "attention heads", group="model")
+    kv_head: int | None = _opt(None, "key/value heads for gqa (must divide --n-head)", group="model")
+    d_ff: int | None = _opt(None, "SwiGLU hidden size", group="model")
+    block: int | None = _opt(None, "maximum sequence length (RoPE/context size)", group="model")
+    vocab_size: int | None = _opt(None, "vocabulary size (default: the dataset's)", group="model")
+    attn_mode: str = _opt(
+        "baseline", "attention variant", ["baseline", "gqa", "bottleneck", "decoupled"], "model"
+    )
+    attn_dim: int | None = _opt(None, "attention width for bottleneck/decoupled", group="model")
+    sem_dim: int | None = _opt(None, "semantic (no-RoPE) q/k width for decoupled", group="model")
+    geo_dim: int | None = _opt(None, "geometric (RoPE) q/k width for decoupled", group="model")
+    null_attn: bool = _opt(False, "learned null key/value every query may attend to", group="model")
+    tie_qk: bool = _opt(False, "keys reuse the query projection", group="model")
+    learned_temp: bool = _opt(False, "learned per-head attention temperature", group="model")
+    init_from: str | None = _opt(None, "initialise weights from a Hugging Face Llama dir", group="model")
+
+    # data
+    data: str = _opt("", "dataset dir (manifest.json), legacy .npy, or glob of .npy shards", group="data")
+    val_frac: float = _opt(0.0, "carve this fraction of tokens for validation when none is stored", group="data")
+
+    # batching
+    batch_size: int = _opt(8, "micro-batch size (sequences per forward pass, per process)", group="batch")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", group="batch")
+    train_seq_len: int | None = _opt(None, "training sequence length (default: --block)", group="batch")
+    seq_schedule: str = _opt("", 'sequence-length schedule, e.g. "512@0,1024@2000"', group="batch")
+    steps: int = _opt(1000, "optimizer steps in total", group="batch")
+
+    # optimizer
+    optimizer: str = _opt("adamw", "optimizer", ["adamw", "lion"], "optim")
+    lr: float | None = _opt(None, "peak learning rate (default: 6e-4 adamw, 1e-4 lion)", group="optim")
+    beta1: float = _opt(0.9, "first-moment decay", group="optim")
+    beta2: float | None = _opt(None, "second beta (default: 0.95 adamw, 0.99 lion)", group="optim")
+    eps: float = _opt(1e-8, "adamw epsilon", group="optim")
+    weight_decay: float = _opt(0.1, "decoupled weight decay on >=2-D weights", group="optim")
+    grad_clip: float = _opt(1.0, "clip the global grad norm to this (0 disables)", group="optim")
+    opt_fused: bool = _opt(True, "fused AdamW kernel on CUDA", group="optim")
+
+    # learning-rate schedule
+    lr_schedule: str = _opt("cosine", "learning-rate schedule", ["cosine", "wsd", "constant"], "schedule")
+    warmup_steps: int = _opt(100, "linear warmup steps", group="schedule")
+    min_lr: float | None = _opt(None, "final learning rate (default: lr/10)", group="schedule")
+    decay_frac: float = _opt(0.2, "wsd: fraction of steps spent decaying", group="schedule")
+
+    # precision and speed
+    param_dtype: str = _opt("fp32", "parameter dtype (bf16 uses stochastic rounding)", ["fp32", "bf16"], "prec")
+    amp: bool = _opt(True, "autocast mixed precision", group="prec")
+    amp_dtype: str = _opt("bf16", "autocast dtype (fp16 adds a GradScaler)", ["bf16", "fp16"], "prec")
+    grad_checkpoint: bool = _opt(False, "activation checkpointing per block", group="prec")
+    compile: bool = _opt(False, "torch.compile each block", group="prec")
+    compile_mode: str = _opt(
+        "default", "torch.compile mode", ["default", "reduce-overhead", "max-autotune"], "prec"
+    )
+
+    # eval and logging
+    eval_every: int = _opt(200, "evaluate every N steps (0: only at start and end)", group="eval")
+    eval_iters: int = _opt(20, "validation batches per evaluation", group="eval")
+    eval_seq_len: int | None = _opt(None, "validation sequence length (default: final train seq len)", group="eval")
+    log_every: int = _opt(10, "log a train line every N steps", group="eval")
+
+    # checkpoints and run dir
+    save_every: int = _opt(500, "save last.pt every N steps (0 disables step-based saves)", group="ckpt")
+    save_minutes: float = _opt(30.0, "also save every N minutes (0 disables)", group="ckpt")
+    keep_last: int = _opt(3, "numbered step_<N>.pt files to keep", group="ckpt")
+    out_dir: str = _opt("runs/default", "run directory", group="ckpt")
+    resume: str = _opt("auto", "auto: continue from out-dir/last.pt if present; never; or a .pt path", group="ckpt")
+    overwrite: bool = _opt(False, "allow a fresh run to replace a non-empty run dir", group="ckpt")
+    max_bad_steps: int = _opt(5, "non-finite steps in a row before reloading the last checkpoint", group="ckpt")
+    seed: int = _opt(1337, "seed for weights and data order", group="ckpt")
+    device: str = _opt("auto", "device", ["auto", "cuda", "cpu", "mps"], "ckpt")
+
+    # distributed (torchrun)
+    fsdp: bool = _opt(False, "shard with FSDP2 under torchrun (default DDP)", group="dist")
+    cpu_offload: bool = _opt(False, "FSDP2 CPU offload of parameters", group="dist")
+
+    # tracking
+    wandb: bool = _opt(False, "log to Weights & Biases", group="track")
+    wandb_project: str = _opt("pretrain-1b", "wandb project", group="track")
+    wandb_entity: str | None = _opt(None, "wandb entity", group="track")
+    wandb_name: str | None = _opt(None, "wandb run name (default: run dir name)", group="track")
+    wandb_group: str | None = _opt(None, "wandb group", group="track")
+    wandb_tags: str | None = _opt(None, "comma-separated wandb tags", group="track")
+    wandb_mode: str | None = _opt(None, "wandb mode", ["online", "offline", "disabled"], "track")
+    wandb_id: str | None = _opt(None, "wandb run id to continue", group="track")
+    live: str = _opt("auto", "console view", ["auto", "rich", "basic", "off"], "track")
+    tb: bool = _opt(False, "also write TensorBoard event files", group="track")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# Settings that may change when a run resumes; anything else changing means a different experiment.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "steps", "eval_every", "eval_iters", "log_every", "save_every", "save_minutes", "keep_last",
+        "resume", "overwrite", "max_bad_steps", "device", "live", "tb", "compile", "compile_mode",
+        "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "wandb_tags", "wandb_mode",
+        "wandb_id", "opt_fused", "out_dir", "data", "cpu_offload",
+    }
+)
+
+
+def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
+    """Changes between a checkpoint's config and the current one that resuming cannot allow."""
+    now = current.to_dict()
+    return [
+        f"{k}: {saved.get(k)!r} -> {now[k]!r}"
+        for k in now
+        if k not in RESUMABLE_CHANGES and k in saved and saved[k] != now[k]
+    ]
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per TrainConfig field, grouped as in the dataclass."""
+    hints = typing.get_type_hints(TrainConfig)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        g = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        tp = _base_type(hints[f.name])
+        if tp is bool:
+            g.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=f.default, help=meta["help"])
+        else:
+            g.add_argument(flag_name(f.name), dest=f.name, type=tp, default=f.default,
+                           choices=meta["choices"], help=meta["help"], metavar=None if meta["choices"] else
+                           f.name.upper())
+
+
+def build_parser(prog: str = "train_v29.py") -> ArgumentParser:
+    parser = ArgumentParser(prog=prog, description="Pretrain a decoder LM on a token dataset.")
+    add_config_flags(parser)
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None, prog: str = "train_v29.py") -> TrainConfig:
+    ns = build_parser(prog).parse_args(argv)
+    cfg = TrainConfig(**vars(ns))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject settings that cannot work, before anything is built or written."""
+    positive = ["batch_size", "grad_accum", "steps", "eval_iters", "log_every"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"{flag_name(name)} must be a positive integer, got {getattr(cfg, name)}")
+    for name in ["eval_every", "save_every", "keep_last", "warmup_steps", "max_bad_steps"]:
+        if getattr(cfg, name) < 0:
+            raise UserError(f"{flag_name(name)} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.lr is not None and cfg.lr <= 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if not 0.0 <= cfg.val_frac < 0.5:
+        raise UserError(f"--val-frac must be in [0, 0.5), got {cfg.val_frac}")
+    if not 0.0 < cfg.decay_frac <= 1.0:
+        raise UserError(f"--decay-frac must be in (0, 1], got {cfg.decay_frac}")
+    if cfg.amp_dtype == "fp16" and cfg.param_dtype == "bf16":
+        raise UserError("--amp-dtype fp16 needs fp32 weights for its GradScaler: use --param-dtype fp32")
+    if cfg.resume not in ("auto", "never") and not cfg.resume.endswith(".pt"):
+        raise UserError(f"--resume takes auto, never or a .pt path, got {cfg.resume!r}")
+
+
+def to_argv(cfg: TrainConfig) -> list[str]:
+    """Flags that reproduce `cfg` (only those differing from the defaults)."""
+    argv: list[str] = []
+    default = TrainConfig()
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if value == getattr(default, f.name):
+            continue
+        if isinstance(value, bool):
+            argv.append(flag_name(f.name) if value else "--no-" + f.name.replace("_", "-"))
+        else:
+            argv += [flag_name(f.name), str(value)]
+    return argv
+
+
+def format_command(argv: Sequence[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)

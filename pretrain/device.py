@@ -1,0 +1,135 @@
+"""Devices: picking one, autocast dtype, memory figures, and a peak-FLOPs table for MFU.
+
+CUDA-only code lives here and is kept small; every function has a CPU answer that tests exercise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+from collections.abc import Iterator
+
+import torch
+
+from pretrain.cli import UserError
+
+# Dense bf16 tensor-core peak FLOP/s (no sparsity), from vendor datasheets. Matched by substring of
+# torch.cuda.get_device_name(); the first match wins, so more specific names come first.
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A6000", 155e12),
+    ("A40", 150e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 6000 Ada", 365e12),
+    ("RTX 4090", 165e12),
+    ("RTX 4080", 97e12),
+    ("RTX 3090", 71e12),
+    ("RTX 3080", 59e12),
+    ("V100", 125e12),  # fp16 tensor cores; no bf16
+    ("T4", 65e12),  # fp16 tensor cores; no bf16
+]
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda if available, else mps, else cpu. Asking for a missing device is a user error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps asked for, but MPS is not available; use --device cpu or auto")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def setup_device(device: torch.device) -> None:
+    """Per-process speed settings: TF32 matmuls on Ampere+ (bf16 runs barely notice the precision)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def supports_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return True
+
+
+def amp_dtype(name: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def autocast(device: torch.device, enabled: bool, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of this device, or None when unknown (CPU, unlisted GPU)."""
+    if device.type != "cuda":
+        return None
+    return peak_flops_for_name(torch.cuda.get_device_name(device))
+
+
+def peak_flops_for_name(name: str) -> float | None:
+    for key, flops in PEAK_BF16_FLOPS:
+        if key.lower() in name.lower():
+            return flops
+    return None
+
+
+def total_memory_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
+def rss_bytes() -> int:
+    """Peak resident set size of this process (what CPU runs report as memory)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Memory figures for logs, in GB."""
+    gb = 1024**3
+    if device.type == "cuda":
+        return {
+            "mem_alloc_gb": torch.cuda.memory_allocated(device) / gb,
+            "mem_reserved_gb": torch.cuda.memory_reserved(device) / gb,
+            "mem_peak_gb": torch.cuda.max_memory_allocated(device) / gb,
+        }
+    return {"mem_rss_gb": rss_bytes() / gb}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def sdpa_math_only() -> Iterator[None]:
+    """The plain math SDPA kernel: lets FLOP counters see attention as matmuls."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield

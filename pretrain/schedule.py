@@ -1,0 +1,151 @@
+"""Step-indexed schedules shared by trainer and launcher: sequence length, learning rate, token plan."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pretrain.cli import UserError
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of training at one sequence length, from `start_step` (inclusive) to `end_step` (exclusive)."""
+
+    start_step: int
+    end_step: int
+    seq_len: int
+
+    @property
+    def steps(self) -> int:
+        return max(0, self.end_step - self.start_step)
+
+
+def parse_seq_schedule(spec: str, default_seq_len: int, block_size: int) -> list[tuple[int, int]]:
+    """Parse "512@0,1024@2000" into [(0, 512), (2000, 1024)], validated against the model's block size.
+
+    An empty spec means one phase at `default_seq_len`. A schedule whose first entry starts after step 0
+    runs at `default_seq_len` until then.
+    """
+    if not spec.strip():
+        points = [(0, default_seq_len)]
+    else:
+        points = []
+        for part in spec.split(","):
+            part = part.strip()
+            try:
+                length, start = part.split("@")
+                points.append((int(start), int(length)))
+            except ValueError:
+                raise UserError(
+                    f"--seq-schedule entry {part!r} is not LEN@STEP; write e.g. \"512@0,1024@2000\""
+                ) from None
+        if points[0][0] != 0:
+            points.insert(0, (0, default_seq_len))
+    for (s0, _), (s1, _) in zip(points, points[1:]):
+        if s1 <= s0:
+            raise UserError(f"--seq-schedule steps must increase strictly, got {s0} then {s1}")
+    for start, length in points:
+        if start < 0 or length <= 0:
+            raise UserError(f"--seq-schedule entry {length}@{start} must have a positive length and step >= 0")
+        if length > block_size:
+            raise UserError(
+                f"--seq-schedule length {length} exceeds the model's block size {block_size}; "
+                f"raise --block to at least {length} or shorten the schedule"
+            )
+    return points
+
+
+def phases(points: list[tuple[int, int]], total_steps: int) -> list[Phase]:
+    """Phases that actually run within `total_steps` (entries starting at or past the end are dropped)."""
+    out = []
+    for i, (start, length) in enumerate(points):
+        if start >= total_steps:
+            break
+        end = points[i + 1][0] if i + 1 < len(points) else total_steps
+        out.append(Phase(start, min(end, total_steps), length))
+    return out
+
+
+def seq_len_at(points: list[tuple[int, int]], step: int) -> int:
+    """Sequence length used by optimizer step `step` (0-based)."""
+    length = points[0][1]
+    for start, seq in points:
+        if step >= start:
+            length = seq
+    return length
+
+
+def planned_tokens(points: list[tuple[int, int]], steps: int, sequences_per_step: int) -> int:
+    """Tokens consumed by `steps` optimizer steps of `sequences_per_step` sequences each."""
+    return sum(p.steps * p.seq_len * sequences_per_step for p in phases(points, steps))
+
+
+def steps_for_tokens(points: list[tuple[int, int]], target_tokens: int, sequences_per_step: int) -> int:
+    """The fewest steps whose planned tokens reach `target_tokens` under the schedule."""
+    if target_tokens <= 0:
+        raise UserError(f"the token budget must be positive, got {target_tokens}")
+    done, step = 0, 0
+    for i, (start, length) in enumerate(points):
+        per_step = length * sequences_per_step
+        end = points[i + 1][0] if i + 1 < len(points) else None
+        need = math.ceil((target_tokens - done) / per_step)
+        if end is None or start + need <= end:
+            return start + need
+        done += (end - start) * per_step
+        step = end
+    return step
+
+
+def lr_at(
+    step: int,
+    *,
+    lr: float,
+    min_lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    schedule: str = "cosine",
+    decay_frac: float = 0.2,
+) -> float:
+    """Learning rate for optimizer step `step` (0-based).
+
+    Linear warmup from lr/warmup to lr, then:
+    cosine: half-cosine from lr to min_lr at the last step;
+    wsd: warmup-stable-decay (constant, then linear to min_lr over the last `decay_frac` of steps);
+    constant: lr.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        span = max(1, total_steps - 1 - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+    if schedule == "wsd":
+        decay_steps = max(1, round(total_steps * decay_frac))
+        decay_start = total_steps - decay_steps
+        if step < decay_start:
+            return lr
+        progress = min(1.0, (step - decay_start + 1) / decay_steps)
+        return lr + (min_lr - lr) * progress
+    raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
+_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+def parse_count(text: str, what: str = "--tokens") -> int:
+    """Parse 500K / 100M / 1B / 2.5B / 2000000 into an integer count; anything else is a UserError."""
+    s = str(text).strip().upper().replace("_", "").replace(",", "")
+    mult = 1
+    if s and s[-1] in _SUFFIXES:
+        mult, s = _SUFFIXES[s[-1]], s[:-1]
+    try:
+        value = float(s)
+    except ValueError:
+        raise UserError(f"{what} {text!r} is not a number; write e.g. 500K, 100M, 10B or 2000000") from None
+    count = int(round(value * mult))
+    if not math.isfinite(value) or count <= 0:
+        raise UserError(f"{what} must be a positive number, got {text!r}")
+    return count
