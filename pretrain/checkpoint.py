@@ -1,0 +1,330 @@
+"""Checkpoints that survive preemption: atomic, asynchronous save; safe load; keep-last-k; resume discovery.
+
+A save snapshots every tensor to CPU in the caller's thread (so training may mutate the live tensors right
+after) and writes in a background thread. Each file appears under its final name only once complete and
+fsynced (temp file + os.replace), so a kill -9 at any moment leaves the previous checkpoint readable.
+Loading always uses ``weights_only=True``: a checkpoint is data, never code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+from pretrain.cli import UserError
+
+LAST = "last.pt"
+BEST = "best.pt"
+_NUMBERED = re.compile(r"step_(\d+)\.pt")
+_TMP_PREFIX = ".ckpt-tmp-"  # leftovers of a killed write; never a valid checkpoint name
+_COMPILE_WRAPPER = "_orig_mod"  # torch.compile's wrapper attribute; checkpoints load into plain models
+_LEAF_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def _stderr(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _write_payload(f: BinaryIO, state: dict) -> None:
+    """Serialize `state` into the open temp file. Module-level so tests can inject write failures."""
+    torch.save(state, f)
+
+
+# --------------------------------------------------------------------------------------------- snapshot
+def _snapshot(obj: Any, path: str, memo: dict[int, torch.Tensor]) -> Any:
+    """Deep copy of a nested state with every tensor cloned to CPU; refuses what weights_only can't load.
+
+    `memo` keeps tensors that share identity (tied embeddings) shared, so they are copied and stored once.
+    """
+    if isinstance(obj, torch.Tensor):
+        key = id(obj)
+        if key not in memo:
+            # copy=True: a CPU tensor must not alias the live parameter the optimizer keeps updating.
+            memo[key] = obj.detach().to("cpu", copy=True)
+        return memo[key]
+    if isinstance(obj, dict):
+        out: dict = OrderedDict() if isinstance(obj, OrderedDict) else {}
+        for k, v in obj.items():
+            out[_snapshot(k, f"{path}[{k!r}]", memo)] = _snapshot(v, f"{path}[{k!r}]", memo)
+        if hasattr(obj, "_metadata"):  # state_dict() carries per-module versions that load_state_dict reads
+            out._metadata = _snapshot(obj._metadata, path, memo)  # type: ignore[attr-defined]
+        return out
+    if isinstance(obj, list | tuple):
+        items = [_snapshot(v, f"{path}[{i}]", memo) for i, v in enumerate(obj)]
+        if isinstance(obj, torch.Size):
+            return torch.Size(items)
+        return tuple(items) if isinstance(obj, tuple) else items  # namedtuples etc. would not load
+    if isinstance(obj, np.generic):
+        # np.float64 is a float subclass yet pickles as a numpy global that weights_only refuses.
+        return obj.item()
+    if isinstance(obj, _LEAF_TYPES):
+        return obj
+    raise TypeError(
+        f"checkpoint state{path} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
+        "torch.load(weights_only=True) refuses; store tensors, numbers, strings, lists or dicts instead"
+    )
+
+
+def _uncompiled_name(key: Any) -> Any:
+    # Drop whole `_orig_mod` components: compiling the model gives `_orig_mod.x`, compiling a block gives
+    # `blocks.0._orig_mod.x`, and state_dict metadata keys end in `._orig_mod` with no trailing dot.
+    if not isinstance(key, str) or _COMPILE_WRAPPER not in key:
+        return key
+    return ".".join(part for part in key.split(".") if part != _COMPILE_WRAPPER)
+
+
+def _strip_compile_prefix(model_state: dict) -> dict:
+    """The state dict of a torch.compile'd module (whole or per block) under the uncompiled names."""
+    if not any(_COMPILE_WRAPPER in str(k) for k in model_state):
+        return model_state
+    out: dict = OrderedDict() if isinstance(model_state, OrderedDict) else {}
+    for k, v in model_state.items():
+        new = _uncompiled_name(k)
+        if new in out:
+            raise ValueError(f"model state has both {k!r} and its uncompiled name {new!r}")
+        out[new] = v
+    if hasattr(model_state, "_metadata"):
+        out._metadata = OrderedDict(  # type: ignore[attr-defined]
+            (_uncompiled_name(k), v) for k, v in model_state._metadata.items()
+        )
+    return out
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def is_finite_state(state: dict) -> bool:
+    """True when every floating tensor of state["model"] (or of the whole state if it has none) is finite."""
+    part = state.get("model", state) if isinstance(state, dict) else state
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in _tensors(part):
+        if t.is_floating_point() and t.numel():
+            by_device.setdefault(t.device, []).append(torch.isfinite(t.detach()).all())
+    # One host sync per device instead of one per tensor (matters on a GPU).
+    return all(bool(torch.stack(flags).all()) for flags in by_device.values())
+
+
+# ------------------------------------------------------------------------------------------ file system
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # platforms without directory fds (Windows): the rename itself is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; nothing better is available there
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(target: Path) -> Path:
+    return target.with_name(f"{_TMP_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}")
+
+
+def _atomic_write(target: Path, state: dict) -> int:
+    """Serialize state to a temp file beside target, fsync, rename over target. Returns bytes written."""
+    tmp = _tmp_path(target)
+    try:
+        with open(tmp, "wb") as f:
+            _write_payload(f, state)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written temp file must not eat the disk of the next save
+        raise
+    return size
+
+
+def _atomic_alias(source: Path, target: Path) -> None:
+    """Give the finished `source` a second name atomically: hard link (no copy), else copy + fsync."""
+    tmp = _tmp_path(target)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:  # filesystems without hard links (some FUSE / network mounts)
+            with open(source, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_paths(run_dir: Path | str) -> dict[str, Any]:
+    """Existing checkpoints: {"last": Path | None, "best": Path | None, "numbered": [Path] oldest first}."""
+    run_dir = Path(run_dir)
+    numbered: list[tuple[int, Path]] = []
+    if run_dir.is_dir():
+        for p in run_dir.iterdir():
+            m = _NUMBERED.fullmatch(p.name)
+            if m and p.is_file():
+                numbered.append((int(m.group(1)), p))
+    last, best = run_dir / LAST, run_dir / BEST
+    return {
+        "last": last if last.is_file() else None,
+        "best": best if best.is_file() else None,
+        "numbered": [p for _, p in sorted(numbered)],
+    }
+
+
+def latest_step(run_dir: Path | str) -> int | None:
+    """Highest N among step_<N>.pt, from file names only (opens nothing); None when there is none."""
+    numbered = checkpoint_paths(run_dir)["numbered"]
+    return int(_NUMBERED.fullmatch(numbered[-1].name).group(1)) if numbered else None  # type: ignore[union-attr]
+
+
+# -------------------------------------------------------------------------------------------------- load
+def load_checkpoint(path: Path | str) -> dict:
+    """Load a checkpoint as plain data on CPU. Unreadable, truncated or code-carrying files -> UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; pass an existing .pt file or --resume never")
+    try:
+        # weights_only=True: only tensors and plain containers are rebuilt, so a pickle payload never runs.
+        # Passing it explicitly also wins over TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD in the environment.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ...
+        bad_global = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if bad_global:
+            why = f"holds a non-data object ({bad_global.group(1)}); refused, nothing in it was executed"
+        else:
+            why = f"is truncated or not a checkpoint ({type(e).__name__})"
+        raise UserError(f"checkpoint {path} {why}; delete it or resume from another checkpoint") from None
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {path} holds a {type(state).__name__}, not a dict; resume from another")
+    return state
+
+
+# ------------------------------------------------------------------------------------------------ manager
+class CheckpointManager:
+    """Writes last.pt / step_<N>.pt / best.pt of one run directory; at most one write in flight."""
+
+    def __init__(
+        self,
+        run_dir: Path | str,
+        keep_last: int = 3,
+        enabled: bool = True,
+        async_write: bool = True,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.keep_last = max(0, int(keep_last))  # 0: no step_<N>.pt files at all
+        self.enabled = enabled
+        self.async_write = async_write
+        self.warn = warn or _stderr  # the trainer can route warnings through its console
+        self.last_error: str | None = None  # message of the last failed write; stays set until the next
+        self.consecutive_failures = 0  # reset by a successful write; lets the trainer stop cleanly
+        self.last_write_seconds: float | None = None
+        self.last_saved_step: int | None = None
+        self._thread: threading.Thread | None = None
+        self._cleaned = False
+
+    # -- save
+    def save(self, state: dict, step: int, best: bool = False, numbered: bool = True) -> None:
+        """Snapshot `state` to CPU now, then write it (in the background when async_write)."""
+        if not self.enabled:
+            return
+        self.wait()  # one write in flight: bounds host memory to one snapshot
+        if not is_finite_state(state):
+            self._fail(f"step {step}: model state has NaN/inf values; not saved, previous checkpoint kept")
+            return
+        if isinstance(state.get("model"), dict):
+            state = {**state, "model": _strip_compile_prefix(state["model"])}
+        snapshot = _snapshot(state, "", {})
+        if self.async_write:
+            # Non-daemon: even if the trainer forgets wait(), interpreter exit lets the write finish.
+            self._thread = threading.Thread(
+                target=self._write, args=(snapshot, step, best, numbered), name=f"ckpt-write-{step}"
+            )
+            self._thread.start()
+        else:
+            self._write(snapshot, step, best, numbered)
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is on disk. Never raises: failures are in last_error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _write(self, snapshot: dict, step: int, best: bool, numbered: bool) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_temps()
+            last = self.run_dir / LAST
+            # last.pt first: it is the resume point, so a crash between files never leaves it older than
+            # a numbered file.
+            _atomic_write(last, snapshot)
+            _fsync_dir(self.run_dir)
+            if numbered and self.keep_last > 0:
+                _atomic_alias(last, self.run_dir / f"step_{step}.pt")
+            if best:
+                _atomic_alias(last, self.run_dir / BEST)
+            self._prune()
+            _fsync_dir(self.run_dir)
+        except Exception as e:  # noqa: BLE001 - any failure must leave training running
+            self._fail(f"checkpoint write for step {step} failed ({type(e).__name__}: {e}); "
+                       "previous checkpoint kept, training continues")
+            return
+        self.last_write_seconds = time.perf_counter() - t0
+        self.last_saved_step = step
+        self.consecutive_failures = 0
+
+    def _fail(self, msg: str) -> None:
+        self.last_error = msg
+        self.consecutive_failures += 1
+        self.warn(msg)
+
+    def _remove_stale_temps(self) -> None:
+        # Temp files of a write killed mid-way (kill -9, preemption): never loadable, only wasted disk.
+        if self._cleaned:
+            return
+        for p in self.run_dir.glob(f"{_TMP_PREFIX}*"):
+            p.unlink(missing_ok=True)
+        self._cleaned = True
+
+    def _prune(self) -> None:
+        numbered = checkpoint_paths(self.run_dir)["numbered"]
+        for p in numbered[: max(0, len(numbered) - self.keep_last)]:
+            p.unlink(missing_ok=True)
+
+    # -- resume
+    def find_resume(self) -> tuple[Path, dict] | None:
+        """(path, state) of the newest loadable checkpoint: last.pt, else the newest good step_<N>.pt.
+
+        Works on every rank, also when enabled=False: each DDP rank needs the resumed optimizer, step and
+        sampler state, not only rank 0.
+        """
+        paths = checkpoint_paths(self.run_dir)
+        candidates = ([paths["last"]] if paths["last"] else []) + paths["numbered"][::-1]
+        for path in candidates:
+            try:
+                return path, load_checkpoint(path)
+            except UserError as e:
+                if self.enabled:  # one warning per skipped file, from one rank
+                    self.warn(f"skipping unloadable checkpoint: {e}")
+        return None
