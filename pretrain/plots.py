@@ -1,0 +1,161 @@
+"""Pictures of a run: PNG plots drawn from train.jsonl, and optional TensorBoard event files (--tb).
+
+Plots use matplotlib's object API with the Agg canvas (no pyplot, no display, no global figure state), so
+they can be redrawn at every eval from inside the trainer. Each PNG is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# File stem -> title; also the order summary.md lists them in.
+PLOT_TITLES = {
+    "loss": "Loss vs tokens (train and val)",
+    "lr": "Learning rate",
+    "throughput": "Throughput (tok/s)",
+    "grad_norm": "Gradient norm (pre-clip)",
+}
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def _by_step(records: list[dict], kind: str) -> list[dict]:
+    """Records of one type, one per step (last wins), ordered by step."""
+    out: dict[int, dict] = {}
+    for r in records:
+        if r.get("type") == kind and isinstance(r.get("step"), int):
+            out[r["step"]] = r
+    return [out[s] for s in sorted(out)]
+
+
+def _series(rows: list[dict], x_of: Any, *keys: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in rows:
+        value = next((r[k] for k in keys if _is_num(r.get(k))), None)
+        x = x_of(r)
+        if value is not None and x is not None:
+            xs.append(x)
+            ys.append(value)
+    return xs, ys
+
+
+def _save(fig: Any, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, path)  # a reader (or a kill) never sees half a PNG
+    return path
+
+
+def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def write_plots(run_dir: str | os.PathLike) -> list[Path]:
+    """Draw loss.png (train + val vs tokens), lr.png, throughput.png, grad_norm.png from train.jsonl.
+
+    Plots without data (e.g. no grad_norm logged yet) are skipped. Returns the paths written.
+    """
+    from pretrain.track import JSONL_NAME, read_jsonl  # lazy: track re-exports this module
+
+    run_dir = Path(run_dir)
+    records = read_jsonl(run_dir / JSONL_NAME)
+    train, evals = _by_step(records, "train"), _by_step(records, "eval")
+
+    # x axis: tokens when the train lines carry them (comparable across seq-len/batch settings), else steps.
+    tokens_at = {r["step"]: r["tokens"] for r in train if _is_num(r.get("tokens"))}
+    use_tokens = bool(tokens_at) and len(tokens_at) == len(train)
+    xlabel = "tokens" if use_tokens else "step"
+
+    def x_of(r: dict) -> float | None:
+        if not use_tokens:
+            return r["step"]
+        if _is_num(r.get("tokens")):
+            return r["tokens"]
+        if r["step"] in tokens_at:
+            return tokens_at[r["step"]]
+        # an eval line without tokens: take the nearest earlier train step's count (step 0 -> 0)
+        earlier = [s for s in tokens_at if s <= r["step"]]
+        return tokens_at[max(earlier)] if earlier else (0 if r["step"] == 0 else None)
+
+    written: list[Path] = []
+    tx, ty = _series(train, x_of, "loss")
+    vx, vy = _series(evals, x_of, "val_loss", "loss")
+    if ty or vy:
+        fig, ax = _figure(PLOT_TITLES["loss"], xlabel, "cross-entropy loss")
+        if ty:
+            ax.plot(tx, ty, lw=1, alpha=0.8, label="train")
+        if vy:
+            ax.plot(vx, vy, "o-", ms=3, lw=1.5, label="val")
+        if len(ty) > 20:
+            # The first steps (loss ~ln(vocab)) would flatten the interesting part of the curve.
+            top = max(sorted(ty)[int(0.98 * (len(ty) - 1))], *(vy or [0]))
+            low = min(ty + vy)
+            ax.set_ylim(low - 0.05 * (top - low), top + 0.05 * (top - low))
+        ax.legend()
+        written.append(_save(fig, run_dir / "loss.png"))
+
+    for stem, keys, ylabel in (("lr", ("lr",), "learning rate"),
+                               ("throughput", ("tok_s",), "tokens / second"),
+                               ("grad_norm", ("grad_norm", "gnorm"), "L2 norm")):
+        xs, ys = _series(train, x_of, *keys)
+        if not ys:
+            continue
+        fig, ax = _figure(PLOT_TITLES[stem], xlabel, ylabel)
+        ax.plot(xs, ys, lw=1)
+        if stem == "grad_norm" and min(ys) > 0 and max(ys) / min(ys) > 100:
+            ax.set_yscale("log")  # early spikes span orders of magnitude
+        written.append(_save(fig, run_dir / f"{stem}.png"))
+    return written
+
+
+class TBWriter:
+    """TensorBoard scalars under run_dir/tb, mirroring what goes to wandb. disabled -> no-ops.
+
+    purge_step: on resume pass the resumed step + 1 so TensorBoard hides the events written after the
+    checkpoint by the interrupted session (otherwise those steps would show twice).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool, purge_step: int | None = None) -> None:
+        self._writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=purge_step)
+        except Exception as e:  # tensorboard missing or unwritable dir: tracking must not stop training
+            print(f"warning: TensorBoard disabled ({type(e).__name__}: {e})", file=sys.stderr)
+
+    @property
+    def enabled(self) -> bool:
+        return self._writer is not None
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        if self._writer is None:
+            return
+        for key, value in metrics.items():
+            if _is_num(value):
+                self._writer.add_scalar(key, value, global_step=step)
+        self._writer.flush()  # few points per minute; flushing keeps a live TensorBoard current
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

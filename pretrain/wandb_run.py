@@ -1,0 +1,172 @@
+"""wandb for the trainer: one run per run dir, continued across resumes, never fatal.
+
+Also a reader for the offline `run-<id>.wandb` files, so tests (and curious users) can check what was
+actually recorded without a wandb server. wandb 0.31 no longer ships a Python reader for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+RUN_ID_FILE = "wandb_run_id.txt"
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def stored_run_id(run_dir: str | os.PathLike) -> str | None:
+    """The wandb run id saved in run_dir, if any."""
+    try:
+        text = (Path(run_dir) / RUN_ID_FILE).read_text().strip()
+    except OSError:
+        return None
+    return text or None
+
+
+class WandbRun:
+    """A wandb run that continues across resumes with strictly increasing steps.
+
+    The run id is, in order: `run_id` (from the checkpoint), the id in run_dir/wandb_run_id.txt (unless
+    fresh=True, for a --overwrite restart), or a new id. Any failure at init prints one warning and turns
+    this object into a no-op: a wandb outage must never stop a paid-for training run.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, config: Mapping[str, Any], enabled: bool,
+                 project: str, entity: str | None = None, name: str | None = None,
+                 group: str | None = None, tags: list[str] | None = None, mode: str | None = None,
+                 run_id: str | None = None, *, fresh: bool = False,
+                 warn: Callable[[str], None] | None = None) -> None:
+        self._run: Any = None
+        self._warn = warn or _warn
+        self._last_step = -1
+        self._run_id: str | None = None
+        if not enabled or mode == "disabled":
+            return
+        run_dir = Path(run_dir)
+        try:
+            import wandb
+
+            run_id = run_id or (None if fresh else stored_run_id(run_dir)) or wandb.util.generate_id()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._run = wandb.init(
+                dir=str(run_dir), id=run_id, resume="allow", project=project, entity=entity, name=name,
+                group=group, tags=list(tags) if tags else None, mode=mode, config=dict(config),
+                allow_val_change=True,  # steps and cadences may legitimately change on resume
+            )
+            self._run_id = self._run.id
+            (run_dir / RUN_ID_FILE).write_text(self._run_id + "\n")
+            # A run resumed online already holds history up to its last step; wandb rejects lower steps.
+            self._last_step = int(getattr(self._run, "step", 0) or 0) - 1
+            self._run.define_metric("val/loss", summary="min")
+        except Exception as e:  # noqa: BLE001 - any wandb problem (network, auth, bad flags) is non-fatal
+            self._warn(f"wandb disabled, training continues without it ({type(e).__name__}: {e})")
+            self._finish_quietly()
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run_id
+
+    @property
+    def enabled(self) -> bool:
+        return self._run is not None
+
+    @property
+    def url(self) -> str | None:
+        return getattr(self._run, "url", None) if self._run is not None else None
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Send metrics at an explicit step; a step <= the last one sent is dropped (resume overlap)."""
+        if self._run is None or step <= self._last_step:
+            return
+        data = {k: v for k, v in metrics.items() if v is not None}
+        try:
+            self._run.log(data, step=int(step))
+            self._last_step = int(step)
+        except Exception as e:  # noqa: BLE001
+            self._warn(f"wandb log failed, disabling wandb for this run ({type(e).__name__}: {e})")
+            self._finish_quietly()
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self._run is None:
+            return
+        try:
+            self._run.finish(exit_code=exit_code)
+        except Exception as e:  # noqa: BLE001
+            self._warn(f"wandb finish failed ({type(e).__name__}: {e})")
+        self._run = None
+
+    def _finish_quietly(self) -> None:
+        run, self._run = self._run, None
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:  # noqa: BLE001, S110 - already warned once
+                pass
+
+
+# ------------------------------------------------------------- offline .wandb reader
+# Layout (wandb-core's store): a 7-byte file header "<4sHB" = (b":W&B", 0xBEE1, version 0), then
+# leveldb-log records in 32 KiB blocks: header "<IHB" = (checksum, length, type), type FULL=1 FIRST=2
+# MIDDLE=3 LAST=4; a block tail shorter than 7 bytes is zero padding. The checksum is zlib's CRC-32
+# (IEEE, not leveldb's CRC-32C) of the data, seeded with the CRC of the type byte.
+
+_BLOCK = 32768
+_HEADER = 7
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def iter_wandb_records(path: str | os.PathLike) -> Iterator[Any]:
+    """Yield `wandb_internal_pb2.Record`s of a .wandb file; stops quietly at a torn tail."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    ident, magic, version = struct.unpack_from("<4sHB", data, 0) if len(data) >= _HEADER else (b"", 0, 0)
+    if ident != b":W&B" or magic != 0xBEE1:
+        raise ValueError(f"{path}: not a wandb datastore file (header {ident!r} {magic:#x} v{version})")
+    pos, pending = _HEADER, b""
+    while True:
+        if _BLOCK - pos % _BLOCK < _HEADER:
+            pos += _BLOCK - pos % _BLOCK  # zero padding at a block end
+        if pos + _HEADER > len(data):
+            return
+        checksum, length, kind = struct.unpack_from("<IHB", data, pos)
+        chunk = data[pos + _HEADER: pos + _HEADER + length]
+        if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != checksum:
+            return  # the writer was killed mid-record
+        pos += _HEADER + length
+        if kind == _FULL:
+            pending, payload = b"", chunk
+        elif kind in (_FIRST, _MIDDLE):
+            pending = (b"" if kind == _FIRST else pending) + chunk
+            continue
+        elif kind == _LAST:
+            pending, payload = b"", pending + chunk
+        else:
+            raise ValueError(f"{path}: unknown record type {kind} at byte {pos}")
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        yield record
+
+
+def read_wandb_history(path: str | os.PathLike) -> list[dict]:
+    """History rows of a .wandb file as dicts: {"_step": 3, "train/loss": 4.2, ...}."""
+    rows = []
+    for record in iter_wandb_records(path):
+        if record.WhichOneof("record_type") != "history":
+            continue
+        row: dict[str, Any] = {}
+        for item in record.history.item:
+            key = item.key or "/".join(item.nested_key)
+            row[key] = json.loads(item.value_json)
+        if "_step" not in row and record.history.HasField("step"):
+            row["_step"] = record.history.step.num
+        rows.append(row)
+    return rows
