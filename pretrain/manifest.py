@@ -1,0 +1,121 @@
+"""On-disk layout of a token dataset: manifest schema, dtype rule, atomic file writes.
+
+Shared by the writer (`prepare.py`) and the reader (`data.py`) so both agree on one format; it
+imports no torch so tokenizer worker processes start fast.
+
+A dataset directory holds `manifest.json` and 1-D `.npy` shards of token ids named
+`val_000000.npy, ..., train_000000.npy, ...`. The manifest (format "pretrain-tokens", version 1):
+
+    tokenizer, vocab_size, eot_id, dtype ("uint16" when the vocab fits, else "uint32"),
+    source {...}, shard_tokens, val_tokens, target_tokens, documents_consumed,
+    complete, source_exhausted,
+    shards: [{file, split ("val"|"train"), tokens, documents, max_id, end {...}}, ...]
+
+`documents` counts the documents that *start* in a shard (= EOT tokens in it); `end` is the source
+position just after the shard's last token (see prepare.py for how shard boundaries work).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pretrain.cli import UserError
+
+MANIFEST = "manifest.json"
+FORMAT = "pretrain-tokens"
+VERSION = 1
+SPLITS = ("val", "train")
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    """Smallest unsigned dtype that holds every id below vocab_size."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.npy"
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename itself must reach the disk too, or a crash can lose the new name.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp name, fsync, rename: readers see the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save through a temp file + fsync + rename (a kill -9 never leaves a truncated shard)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _need(cond: bool, where: Path, what: str) -> None:
+    if not cond:
+        raise UserError(f"corrupt manifest {where}: {what}; re-run prepare_fineweb.py into a new --output")
+
+
+def read_manifest(path: Path) -> dict:
+    """Parse and schema-check a manifest.json (files are checked by the reader that opens them)."""
+    path = Path(path)
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(
+            f"cannot read {path} ({type(e).__name__}: {e}); re-run prepare_fineweb.py into a new --output"
+        ) from None
+    _need(isinstance(m, dict), path, "not a JSON object")
+    _need(m.get("format") == FORMAT, path, f"'format' is {m.get('format')!r}, expected {FORMAT!r}")
+    _need(m.get("version") == VERSION, path, f"unsupported version {m.get('version')!r}")
+    for key in ("vocab_size", "eot_id"):
+        _need(isinstance(m.get(key), int) and m[key] >= 0, path, f"'{key}' missing or not an integer")
+    _need(isinstance(m.get("tokenizer"), str), path, "'tokenizer' missing")
+    _need(m.get("dtype") in ("uint16", "uint32"), path, f"'dtype' is {m.get('dtype')!r}")
+    _need(m["eot_id"] < m["vocab_size"], path, "eot_id is not below vocab_size")
+    _need(
+        m["vocab_size"] <= np.iinfo(m["dtype"]).max + 1, path, f"vocab {m['vocab_size']} overflows {m['dtype']}"
+    )
+    shards = m.get("shards")
+    _need(isinstance(shards, list), path, "'shards' missing")
+    for i, s in enumerate(shards):
+        _need(isinstance(s, dict), path, f"shard #{i} is not an object")
+        f = s.get("file")
+        _need(isinstance(f, str) and f and "/" not in f and "\\" not in f, path, f"shard #{i} has a bad file")
+        _need(s.get("split") in SPLITS, path, f"shard {f} has split {s.get('split')!r}")
+        _need(isinstance(s.get("tokens"), int) and s["tokens"] >= 0, path, f"shard {f} has bad 'tokens'")
+        mx = s.get("max_id")
+        _need(mx is None or (isinstance(mx, int) and mx < m["vocab_size"]), path, f"shard {f} max_id >= vocab")
+    return m
