@@ -143,8 +143,10 @@ class Console:
         self._task = self._progress.add_task(
             "train", total=self.total_steps or None, completed=start_step, eta="-")
         self._metrics_text = Text("waiting for the first step...")
+        # Redraw only on update/print: a timer refresh would stream escape codes 4x a second into
+        # whatever captures stdout (wandb's console log, nohup files).
         self._live = Live(Group(self._progress, self._metrics_text), console=self._rich,
-                          refresh_per_second=4, transient=False)
+                          auto_refresh=False, transient=False)
         self._live.start()
 
     def update(self, step: int | Mapping[str, Any], metrics: Mapping[str, Any] | None = None) -> None:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import string
 import struct
 import sys
+import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -20,6 +23,12 @@ RUN_ID_FILE = "wandb_run_id.txt"
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def new_run_id() -> str:
+    """An 8-character id like wandb's own (its generator moved between wandb versions)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 def stored_run_id(run_dir: str | os.PathLike) -> str | None:
@@ -48,13 +57,14 @@ class WandbRun:
         self._warn = warn or _warn
         self._last_step = -1
         self._run_id: str | None = None
+        self._sync_file: Path | None = None
         if not enabled or mode == "disabled":
             return
         run_dir = Path(run_dir)
         try:
             import wandb
 
-            run_id = run_id or (None if fresh else stored_run_id(run_dir)) or wandb.util.generate_id()
+            run_id = run_id or (None if fresh else stored_run_id(run_dir)) or new_run_id()
             run_dir.mkdir(parents=True, exist_ok=True)
             self._run = wandb.init(
                 dir=str(run_dir), id=run_id, resume="allow", project=project, entity=entity, name=name,
@@ -62,11 +72,13 @@ class WandbRun:
                 allow_val_change=True,  # steps and cadences may legitimately change on resume
             )
             self._run_id = self._run.id
+            sync_file = getattr(self._run.settings, "sync_file", None)
+            self._sync_file = Path(sync_file) if sync_file else None
             (run_dir / RUN_ID_FILE).write_text(self._run_id + "\n")
             # A run resumed online already holds history up to its last step; wandb rejects lower steps.
             self._last_step = int(getattr(self._run, "step", 0) or 0) - 1
             self._run.define_metric("val/loss", summary="min")
-        except Exception as e:  # noqa: BLE001 - any wandb problem (network, auth, bad flags) is non-fatal
+        except Exception as e:  # any wandb problem (network, auth, bad flags) is non-fatal
             self._warn(f"wandb disabled, training continues without it ({type(e).__name__}: {e})")
             self._finish_quietly()
 
@@ -90,25 +102,37 @@ class WandbRun:
         try:
             self._run.log(data, step=int(step))
             self._last_step = int(step)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self._warn(f"wandb log failed, disabling wandb for this run ({type(e).__name__}: {e})")
             self._finish_quietly()
 
-    def finish(self, exit_code: int = 0) -> None:
+    @property
+    def sync_file(self) -> Path | None:
+        """This session's run-<id>.wandb file (a resumed offline run gets a new one per session)."""
+        return self._sync_file
+
+    def finish(self, exit_code: int = 0, wait_s: float = 10.0) -> None:
+        """End the run; then wait (at most wait_s) until the .wandb file holds its exit record.
+
+        wandb 0.31's finish() can return before wandb-core has written the file out (seen: a 7-byte file
+        that fills in ~0.3 s later), which would make a read-back or a `wandb sync` right after miss data.
+        """
         if self._run is None:
             return
         try:
             self._run.finish(exit_code=exit_code)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self._warn(f"wandb finish failed ({type(e).__name__}: {e})")
         self._run = None
+        if self._sync_file is not None:
+            wait_for_exit_record(self._sync_file, wait_s)
 
     def _finish_quietly(self) -> None:
         run, self._run = self._run, None
         if run is not None:
             try:
                 run.finish(exit_code=1)
-            except Exception:  # noqa: BLE001, S110 - already warned once
+            except Exception:  # already warned once
                 pass
 
 
@@ -154,6 +178,27 @@ def iter_wandb_records(path: str | os.PathLike) -> Iterator[Any]:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
         yield record
+
+
+def wait_for_exit_record(path: str | os.PathLike, timeout_s: float) -> bool:
+    """Poll until the .wandb file ends with its exit record; False if it did not within timeout_s."""
+    deadline, delay, last_size = time.monotonic() + timeout_s, 0.02, -1
+    while True:
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            size = -1
+        if size != last_size and size > 0:  # parse only when the file grew
+            last_size = size
+            try:
+                if any(r.WhichOneof("record_type") == "exit" for r in iter_wandb_records(path)):
+                    return True
+            except ValueError:
+                pass  # header not written yet
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
 
 
 def read_wandb_history(path: str | os.PathLike) -> list[dict]:
