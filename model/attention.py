@@ -1,0 +1,146 @@
+"""Causal self-attention in four variants, one class, one SDPA call per layer.
+
+  baseline    H heads of d/H; q, k, v: d -> d; RoPE on q and k.
+  gqa         k, v: d -> n_kv_head * d/H (Ainslie et al. 2023); SDPA broadcasts each k/v head over
+              its group of query heads (enable_gqa=True), so K/V are never copied per query head.
+  bottleneck  q, k, v: d -> attn_dim (heads of attn_dim/H); out attn_dim -> d.
+  decoupled   semantic q_s, k_s: d -> sem_dim, no RoPE (content); geometric q_g, k_g: d -> geo_dim,
+              with RoPE (position); v: d -> attn_dim. score = q_s.k_s/sqrt(hd_s) + q_g.k_g/sqrt(hd_g),
+              done as ONE SDPA call of cat[q_s/sqrt(hd_s), q_g/sqrt(hd_g)] against cat[k_s, k_g] with
+              scale=1, so each path is scaled exactly once, by its own head dim.
+
+Options: null_attn (a learned per-layer null key/value every query may attend to, an "attention
+sink": prepended to K/V and admitted by the mask), tie_qk (k reuses q's projection), learned_temp
+(per-head log-scale on q, initialised to 0 = no change).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .rope import RotaryEmbedding, apply_rotary
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for one layer, preallocated to max_len.
+
+    k holds what the variant scores against: rotated keys, or for decoupled the per-head
+    concatenation [k_s | rotated k_g]; v the values. Queries are never cached.
+    """
+
+    def __init__(self, batch: int, n_kv_head: int, max_len: int, k_dim: int, v_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.k = torch.zeros(batch, n_kv_head, max_len, k_dim, device=device, dtype=dtype)
+        self.v = torch.zeros(batch, n_kv_head, max_len, v_dim, device=device, dtype=dtype)
+        self.pos = 0  # number of tokens stored
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new (B, Hkv, T, *) keys/values; return views over everything stored so far."""
+        end = self.pos + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} tokens; {end} requested")
+        self.k[:, :, self.pos:end] = k
+        self.v[:, :, self.pos:end] = v
+        self.pos = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.variant = cfg.attn
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.qk_head_dim, self.v_head_dim, rotary_dim = cfg.head_dims
+        self.tie_qk = cfg.tie_qk
+        d, h, kv = cfg.d_model, cfg.n_head, cfg.n_kv_head
+        if self.variant == "decoupled":
+            self.sem_head_dim, self.geo_head_dim = cfg.sem_dim // h, cfg.geo_dim // h
+            self.q_sem_proj = nn.Linear(d, cfg.sem_dim, bias=False)
+            self.q_geo_proj = nn.Linear(d, cfg.geo_dim, bias=False)
+            if not self.tie_qk:
+                self.k_sem_proj = nn.Linear(d, cfg.sem_dim, bias=False)
+                self.k_geo_proj = nn.Linear(d, cfg.geo_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(d, h * self.qk_head_dim, bias=False)
+            if not self.tie_qk:
+                self.k_proj = nn.Linear(d, kv * self.qk_head_dim, bias=False)
+        self.v_proj = nn.Linear(d, kv * self.v_head_dim, bias=False)
+        self.o_proj = nn.Linear(h * self.v_head_dim, d, bias=False)
+        self.o_proj.is_residual_out = True  # GPT scales its init by 1/sqrt(2 * n_layer)
+        self.rope = RotaryEmbedding(rotary_dim, cfg.rope_base)
+        if cfg.null_attn:
+            # Learned key/value of a virtual token before position 0 (no position, so no RoPE).
+            self.null_k = nn.Parameter(torch.zeros(kv, 1, self.qk_head_dim))
+            self.null_v = nn.Parameter(torch.zeros(kv, 1, self.v_head_dim))
+        else:
+            self.null_k = self.null_v = None
+        self.log_temp = nn.Parameter(torch.zeros(h)) if cfg.learned_temp else None
+
+    def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        """(B, T, n*hd) -> (B, n, T, hd)."""
+        B, T, _ = t.shape
+        return t.view(B, T, n, -1).transpose(1, 2)
+
+    def _qk(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        """Queries and keys in head layout with RoPE applied, plus the scale SDPA should use."""
+        h, kv = self.n_head, self.n_kv_head
+        cos, sin = self.rope(positions)
+        if self.variant != "decoupled":
+            q = self._heads(self.q_proj(x), h)
+            k = q if self.tie_qk else self._heads(self.k_proj(x), kv)
+            q = apply_rotary(q, cos, sin)
+            k = q if self.tie_qk else apply_rotary(k, cos, sin)
+            return q, k, None  # SDPA's default scale 1/sqrt(head_dim)
+        q_s = self._heads(self.q_sem_proj(x), h)
+        q_g = apply_rotary(self._heads(self.q_geo_proj(x), h), cos, sin)
+        if self.tie_qk:
+            k_s, k_g = q_s, q_g
+        else:
+            k_s = self._heads(self.k_sem_proj(x), kv)
+            k_g = apply_rotary(self._heads(self.k_geo_proj(x), kv), cos, sin)
+        # Scale each path by its own head dim here, and tell SDPA not to scale again.
+        q = torch.cat((q_s / math.sqrt(self.sem_head_dim), q_g / math.sqrt(self.geo_head_dim)), dim=-1)
+        k = torch.cat((k_s, k_g), dim=-1)
+        return q, k, 1.0
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, T, d) -> (B, T, d). With a cache, x holds the tokens after the cached ones."""
+        B, T, _ = x.shape
+        start = cache.pos if cache is not None else 0
+        positions = torch.arange(start, start + T, device=x.device)
+        q, k, scale = self._qk(x, positions)
+        v = self._heads(self.v_proj(x), self.n_kv_head)
+        if self.log_temp is not None:
+            q = q * self.log_temp.exp().to(q.dtype).view(1, -1, 1, 1)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        S = k.shape[2]  # keys: cached + new
+        mask = None
+        if self.null_k is not None:
+            k = torch.cat((self.null_k.to(k.dtype).expand(B, -1, -1, -1), k), dim=2)
+            v = torch.cat((self.null_v.to(v.dtype).expand(B, -1, -1, -1), v), dim=2)
+            mask = causal_mask(T, S, start, x.device, null_slot=True)
+        elif start > 0 and T > 1:
+            mask = causal_mask(T, S, start, x.device)
+        # start == 0 without null: plain causal; one new token with a cache: sees every key.
+        is_causal = mask is None and start == 0 and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def new_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        return KVCache(batch, self.n_kv_head, max_len, self.qk_head_dim, self.v_head_dim, device, dtype)
+
+
+def causal_mask(T: int, S: int, start: int, device: torch.device, null_slot: bool = False) -> torch.Tensor:
+    """Boolean (T, S[+1]) mask, True = may attend. Query i sits at position start + i and sees keys
+    0..start+i; with null_slot an always-visible column 0 is prepended for the null key."""
+    mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start)
+    if null_slot:
+        mask = torch.cat((torch.ones(T, 1, dtype=torch.bool, device=device), mask), dim=1)
+    return mask

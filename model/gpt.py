@@ -1,0 +1,212 @@
+"""GPT: a Llama-style decoder (pre-norm RMSNorm, RoPE attention, SwiGLU MLP, no biases).
+
+Token embedding (vocab padded to a multiple of 64) -> n_layer Blocks -> final RMSNorm -> LM head tied
+to the embedding by default. The loss is cross-entropy computed in row chunks so that neither the
+forward nor the backward pass holds the full (B*T, vocab) fp32 logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import CausalSelfAttention, KVCache
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), statistics in fp32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """MLP of Shazeer 2020 / Llama: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.down_proj.is_residual_out = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of logits = h @ weight.T, one chunk of rows at a time.
+
+    The gradients are produced in the forward pass, chunk by chunk, while each chunk's logits are at
+    hand (softmax - onehot, then two matmuls), so neither pass ever holds more than chunk_rows x vocab
+    logits and the LM head matmul is not re-run. Backward only scales the saved gradients.
+    Padded vocab columns (>= vocab_size) are set to -inf: they can never be predicted.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                ignore_index: int, chunk_rows: int, compute_grad: bool) -> torch.Tensor:
+        want_h, want_w = compute_grad and ctx.needs_input_grad[0], compute_grad and ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], chunk_rows):
+            h_c, t_c = h[i:i + chunk_rows], targets[i:i + chunk_rows]
+            logits = F.linear(h_c, weight).float()  # under autocast the matmul runs in bf16
+            logits[:, vocab_size:] = float("-inf")
+            valid = t_c != ignore_index
+            safe_t = torch.where(valid, t_c, 0).unsqueeze(1)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, safe_t).squeeze(1)) * valid).sum()
+            if want_h or want_w:
+                # d(sum CE)/d logits = softmax - onehot(target), zero on ignored rows; built in place.
+                g = logits.sub_(lse.unsqueeze(1)).exp_().mul_(valid.unsqueeze(1))
+                g.scatter_add_(1, safe_t, -valid.unsqueeze(1).to(g.dtype))
+                g = g.to(weight.dtype)
+                if want_h:
+                    grad_h[i:i + chunk_rows] = g @ weight
+                if want_w:
+                    grad_w += g.t() @ h_c.to(weight.dtype)
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_total.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_total).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                          ignore_index: int = -100, chunk_rows: int = 2048) -> torch.Tensor:
+    """Mean CE of logits = h @ weight.T (columns >= vocab_size excluded) over rows whose target is
+    not ignore_index; equals F.cross_entropy on the full logits, NaN when every target is ignored."""
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    compute_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    total = ChunkedLinearCrossEntropy.apply(h, weight, targets, vocab_size, ignore_index, chunk_rows,
+                                            compute_grad)
+    return total / (targets != ignore_index).sum()
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.grad_checkpoint = False  # recompute each block in backward (saves activation memory)
+        self.loss_chunk_rows = 2048  # rows of logits alive at once in the chunked loss
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # N(0, 0.02) everywhere; projections that write into the residual stream get
+        # 0.02/sqrt(2*n_layer) so the residual variance does not grow with depth (GPT-2).
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_out", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, CausalSelfAttention) and module.null_k is not None:
+            # A random null key, and a zero null value: attending to "nothing" adds nothing at init.
+            nn.init.normal_(module.null_k, mean=0.0, std=0.02)
+            nn.init.zeros_(module.null_v)
+
+    def num_params(self) -> int:
+        """Real parameter count (tied weights once); equals config.num_params()."""
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, d) final-normed hidden states."""
+        x = self.wte(idx)
+        use_checkpoint = self.grad_checkpoint and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            if caches is not None:
+                x = block(x, caches[i])
+            elif use_checkpoint:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                ignore_index: int = -100) -> torch.Tensor:
+        """Logits (B, T, vocab_size) without targets; mean cross-entropy (scalar) with them."""
+        if idx.shape[1] > self.config.block_size:
+            raise ValueError(f"sequence length {idx.shape[1]} exceeds block_size={self.config.block_size}")
+        h = self.hidden_states(idx)
+        if targets is None:
+            return self.lm_head(h)[..., : self.config.vocab_size]
+        return chunked_cross_entropy(h, self.lm_head.weight, targets, self.config.vocab_size,
+                                     ignore_index, self.loss_chunk_rows)
+
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        p = next(self.parameters())
+        return [b.attn.new_cache(batch, max_len, p.device, p.dtype) for b in self.blocks]
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None) -> torch.Tensor:
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy.
+
+        Uses a KV cache of block_size tokens. Once the sequence outgrows it, the cache is rebuilt
+        from the last block_size tokens (the same context a cropping full recompute would see).
+        """
+        block_size = self.config.block_size
+        caches: list[KVCache] | None = None
+        for _ in range(max_new_tokens):
+            if caches is None or caches[0].pos >= block_size:
+                context = idx[:, -block_size:]
+                caches = self.new_caches(idx.shape[0], block_size)
+            else:
+                context = idx[:, -1:]
+            logits = self.lm_head(self.hidden_states(context, caches)[:, -1])[:, : self.config.vocab_size]
+            idx = torch.cat((idx, sample(logits.float(), temperature, top_k)), dim=1)
+        return idx
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B, 1) token ids; temperature 0 is argmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
