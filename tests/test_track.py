@@ -151,3 +151,20 @@ def test_tbwriter_writes_scalars(tmp_path):
     off.log({"a": 1.0}, step=1)
     off.close()
     assert not (tmp_path / "off").exists()
+
+
+def test_tbwriter_resume_purges_overlap(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = TBWriter(tmp_path, enabled=True)
+    for step in range(1, 6):  # crashed after step 5, checkpoint at 3
+        tb.log({"train/loss": float(step)}, step=step)
+    tb.close()
+    tb = TBWriter(tmp_path, enabled=True, purge_step=4)
+    for step in range(4, 7):
+        tb.log({"train/loss": step + 0.5}, step=step)
+    tb.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.5), (5, 5.5), (6, 6.5)]
