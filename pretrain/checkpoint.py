@@ -118,9 +118,19 @@ def is_finite_state(state: dict) -> bool:
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in _tensors(part):
         if t.is_floating_point() and t.numel():
-            by_device.setdefault(t.device, []).append(torch.isfinite(t.detach()).all())
+            by_device.setdefault(t.device, []).append(_finite_flag(t.detach()))
     # One host sync per device instead of one per tensor (matters on a GPU).
     return all(bool(torch.stack(flags).all()) for flags in by_device.values())
+
+
+def _finite_flag(t: torch.Tensor) -> torch.Tensor:
+    # min/max propagate NaN and expose inf, and need no tensor-sized temporary: ~25x faster than
+    # isfinite(t).all() on CPU (12 ms vs 300 ms for 168 MB), which the caller would otherwise wait for.
+    try:
+        lo, hi = torch.aminmax(t)
+    except (NotImplementedError, RuntimeError):  # dtypes without aminmax (float8)
+        return torch.isfinite(t.float()).all()
+    return torch.isfinite(lo) & torch.isfinite(hi)
 
 
 # ------------------------------------------------------------------------------------------ file system

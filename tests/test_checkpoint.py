@@ -235,6 +235,11 @@ def test_non_finite_state_is_refused(manager, warnings_seen) -> None:
     inf_bf16 = make_state(3)
     inf_bf16["model"]["w"] = torch.full((2,), float("inf"), dtype=torch.bfloat16)
     assert not is_finite_state(inf_bf16)
+    for value in (float("nan"), float("-inf")):
+        for pos in (0, 500, 1000):  # vectorized kernels treat head, body and tail differently
+            big = torch.randn(1001, dtype=torch.float16)
+            big[pos] = value
+            assert not is_finite_state({"model": {"ok": torch.ones(3), "big": big}})
     only_optimizer_bad = make_state(4)
     only_optimizer_bad["optimizer"]["state"][0]["exp_avg"][0] = float("nan")
     assert is_finite_state(only_optimizer_bad)  # the contract covers the model part
