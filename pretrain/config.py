@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from model import ModelConfig
 from pretrain.cli import ArgumentParser, UserError
 
 
@@ -221,3 +222,19 @@ def to_argv(cfg: TrainConfig) -> list[str]:
 
 def format_command(argv: Sequence[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
+
+
+def model_config_from(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    """The network `cfg` asks for: the preset, then every override given on the command line."""
+    overrides = {
+        "d_model": cfg.d_model, "n_layer": cfg.layers, "n_head": cfg.n_head, "n_kv_head": cfg.kv_head,
+        "d_ff": cfg.d_ff, "block_size": cfg.block, "attn_dim": cfg.attn_dim, "sem_dim": cfg.sem_dim,
+        "geo_dim": cfg.geo_dim,
+    }
+    given = {k: v for k, v in overrides.items() if v is not None}
+    given |= {"vocab_size": cfg.vocab_size or vocab_size, "attn": cfg.attn_mode, "null_attn": cfg.null_attn,
+              "tie_qk": cfg.tie_qk, "learned_temp": cfg.learned_temp}
+    try:
+        return ModelConfig.from_preset(cfg.size, **given)
+    except ValueError as e:
+        raise UserError(f"invalid model settings: {e}") from None

@@ -1,0 +1,132 @@
+"""Run-dir policy and checkpoint state: fresh or resumed start, what a checkpoint holds, restoring it."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pretrain.checkpoint import CheckpointManager, load_checkpoint
+from pretrain.cli import UserError
+from pretrain.config import TrainConfig, config_differences
+
+STATE_VERSION = 1
+# What a fresh start would replace; anything else in the run dir (user notes, data) is left alone.
+RUN_FILES = ("train.jsonl", "summary.md", "wandb_run_id.txt")
+RUN_GLOBS = ("*.pt", "*.png", "*.tmp")
+
+
+@dataclass
+class StartPoint:
+    """Where training starts: a fresh run (state None) or a checkpoint's state."""
+
+    state: dict[str, Any] | None
+    path: Path | None = None
+
+    @property
+    def resumed(self) -> bool:
+        return self.state is not None
+
+
+def _has_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and (
+        any((run_dir / f).exists() for f in RUN_FILES[:1]) or any(run_dir.glob("*.pt"))
+    )
+
+
+def _clear_run(run_dir: Path) -> None:
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for pattern in RUN_GLOBS:
+        for p in run_dir.glob(pattern):
+            p.unlink()
+    shutil.rmtree(run_dir / "wandb", ignore_errors=True)
+    shutil.rmtree(run_dir / "tb", ignore_errors=True)
+
+
+def find_start(cfg: TrainConfig, ckpt: CheckpointManager, is_main: bool = True) -> StartPoint:
+    """Apply --resume and --overwrite: pick the checkpoint to continue from, or allow a fresh start.
+
+    A fresh start into a run dir that already holds a run is refused unless --overwrite, so a typo in a
+    command never destroys a run.
+    """
+    run_dir = Path(cfg.out_dir)
+    if cfg.resume not in ("auto", "never"):
+        path = Path(cfg.resume)
+        if not path.is_file():
+            raise UserError(f"--resume {cfg.resume}: no such checkpoint file; use --resume auto or a valid .pt path")
+        return StartPoint(load_checkpoint(path), path)
+    if cfg.resume == "auto":
+        found = ckpt.find_resume()
+        if found is not None:
+            return StartPoint(found[1], found[0])
+    if _has_run(run_dir):
+        if not cfg.overwrite:
+            why = "--resume never was given" if cfg.resume == "never" else "it holds no loadable checkpoint"
+            raise UserError(
+                f"{run_dir} already holds a run and {why}; pass --overwrite to replace it, "
+                f"or choose another --out-dir"
+            )
+        if is_main:
+            _clear_run(run_dir)
+    return StartPoint(None)
+
+
+def check_compatible(saved_cfg: dict[str, Any], cfg: TrainConfig, path: Path | None) -> None:
+    diffs = config_differences(saved_cfg, cfg)
+    if diffs:
+        raise UserError(
+            f"cannot resume from {path}: settings differ from the checkpoint ({'; '.join(diffs)}); "
+            f"use the original settings, or a new --out-dir (or --resume never --overwrite) to start afresh"
+        )
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy_key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+        "numpy_pos": int(np_state["state"]["pos"]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": state["numpy_key"].numpy().astype(np.uint32), "pos": state["numpy_pos"]},
+            "has_gauss": 0,
+            "gauss": 0.0,
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def clean_state_dict(sd: dict[str, Any]) -> dict[str, Any]:
+    """Model weights without torch.compile's `_orig_mod.` wrapper prefix, so any model can load them."""
+    return {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
