@@ -101,9 +101,10 @@ class ModelConfig:
 
     def _check_heads(self, name: str, dim: int, rotary: bool) -> None:
         h = self.n_head
+        step = 2 * h if rotary else h  # the suggested fix must also pass the RoPE check below
         if dim <= 0 or dim % h != 0:
             raise ValueError(f"{name}={dim} must be a positive multiple of n_head={h}; "
-                             f"use e.g. {name}={max(h, round(dim / h) * h)}")
+                             f"use e.g. {name}={max(step, round(dim / step) * step)}")
         if rotary and (dim // h) % 2 != 0:
             raise ValueError(f"RoPE needs an even head dim but {name}/n_head = {dim}/{h} = {dim // h}; "
                              f"use e.g. {name}={(dim // h + 1) * h}")
