@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from model import GPT, ModelConfig
 from pretrain.checkpoint import load_checkpoint
 from pretrain.cli import UserError

@@ -1,0 +1,190 @@
+"""Everything one training run holds, built from a TrainConfig: data, model, optimizer, resume state, trackers.
+
+`open_session` does all the checking and building; the loop in `train.py` then only steps, logs and saves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import GPT, ModelConfig
+from pretrain import device as dev
+from pretrain import distributed as dist_lib
+from pretrain.checkpoint import CheckpointManager
+from pretrain.cli import UserError
+from pretrain.config import TrainConfig, model_config_from
+from pretrain.console import Console
+from pretrain.data import Prefetcher, TrainSampler, ValWindows, open_dataset
+from pretrain.optim import build_optimizer
+from pretrain.resume import check_compatible, find_start, rng_state, seed_everything, set_rng_state
+from pretrain.schedule import parse_seq_schedule
+from pretrain.track import RunLog, TBWriter, WandbRun, to_metrics
+
+
+@dataclass
+class Progress:
+    """Counters that checkpoints carry and the loop advances."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    best_val: float | None = None
+    skipped_steps: int = 0
+
+
+@dataclass
+class Session:
+    cfg: TrainConfig
+    mcfg: ModelConfig
+    dist: dist_lib.Dist
+    device: torch.device
+    run_dir: Path
+    model: GPT
+    wrapped: torch.nn.Module  # what forward/backward go through (DDP / FSDP2 under torchrun)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: Prefetcher
+    val: ValWindows
+    ckpt: CheckpointManager
+    log: RunLog | None
+    wb: WandbRun
+    tb: TBWriter
+    console: Console
+    seq_points: list[tuple[int, int]]
+    eval_seq_len: int
+    resumed: bool
+    info: dict[str, Any]
+    prog: Progress = field(default_factory=Progress)
+
+    @property
+    def autocast(self) -> Any:
+        return dev.autocast(self.device, self.cfg.amp, dev.amp_dtype(self.cfg.amp_dtype))
+
+    @property
+    def fp16(self) -> bool:
+        return self.cfg.amp and self.cfg.amp_dtype == "fp16"
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        """One event to train.jsonl, wandb and TensorBoard (rank 0 only)."""
+        if self.log:
+            self.log.event(kind, step=self.prog.step, **fields)
+        metrics = to_metrics("train" if kind == "train" else "val", fields)
+        self.wb.log(metrics, step=self.prog.step)
+        self.tb.log(metrics, step=self.prog.step)
+
+    def evaluate(self) -> tuple[float, bool]:
+        """Mean loss over the fixed validation windows; returns (loss, is_new_best)."""
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        with torch.no_grad(), self.autocast:
+            for x, y in self.val:
+                total += self.wrapped(x, y).float()
+        self.model.train()
+        loss = total.item() / max(len(self.val), 1)
+        best = self.prog.best_val is None or loss < self.prog.best_val
+        if best:
+            self.prog.best_val = loss
+        self.emit("eval", loss=loss, ppl=math.exp(min(loss, 30)), tokens=self.prog.tokens, seq_len=self.eval_seq_len)
+        self.console.print(f"eval step {self.prog.step}: val loss {loss:.4f} (best {self.prog.best_val:.4f})")
+        return loss, best
+
+    def save(self, best: bool = False, data_state: dict | None = None) -> None:
+        """Checkpoint the state after `prog.step` full steps (collective under FSDP: every rank calls it)."""
+        p = self.prog
+        state = {
+            "version": 1,
+            "model": dist_lib.model_state(self.model, self.dist),
+            "optimizer": dist_lib.optimizer_state(self.model, self.optimizer, self.dist),
+            "scaler": self.scaler.state_dict() if self.fp16 else {},
+            "step": p.step, "tokens": p.tokens, "elapsed": p.elapsed, "best_val": p.best_val,
+            "skipped_steps": p.skipped_steps,
+            "sampler": data_state or self.loader.state_dict(),
+            "rng": rng_state(),
+            "train_config": self.cfg.to_dict(), "model_config": self.mcfg.to_dict(),
+            "wandb_run_id": self.wb.run_id,
+        }
+        self.ckpt.save(state, p.step, best=best)
+        if self.log:
+            self.log.event("checkpoint", step=p.step, best=best)
+
+    def close(self) -> None:
+        self.ckpt.wait()
+        if self.log:
+            self.log.close()
+        self.wb.finish()
+        self.tb.close()
+        self.console.close()
+        self.loader.close()
+
+
+def open_session(cfg: TrainConfig, command: str = "") -> Session:
+    """Check the settings against the data and run dir, then build (or restore) everything a run needs."""
+    device = dev.resolve_device(cfg.device)
+    dist = dist_lib.init_distributed(device)
+    dev.setup_device(device)
+    run_dir = Path(cfg.out_dir)
+    ds = open_dataset(cfg.data, cfg.val_frac)
+    mcfg = model_config_from(cfg, ds.vocab_size)
+    ds.check_vocab(mcfg.vocab_size)
+    points = parse_seq_schedule(cfg.seq_schedule, cfg.train_seq_len or mcfg.block_size, mcfg.block_size)
+    eval_seq_len = min(cfg.eval_seq_len or points[-1][1], mcfg.block_size)
+    ds.check_enough(cfg.batch_size, max(p[1] for p in points), dist.world_size)
+    if cfg.amp and cfg.amp_dtype == "bf16" and not dev.supports_bf16(device):
+        raise UserError("this GPU has no bf16: use --amp-dtype fp16 (T4, V100) or --no-amp")
+
+    ckpt = CheckpointManager(run_dir, keep_last=cfg.keep_last, enabled=dist.is_main)
+    start = find_start(cfg, ckpt, dist.is_main)
+    if start.resumed:
+        check_compatible(start.state["train_config"], cfg, start.path)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    seed_everything(cfg.seed)
+    model = GPT(mcfg)
+    model.to(device=device, dtype=torch.bfloat16 if cfg.param_dtype == "bf16" else torch.float32)
+    model.grad_checkpoint = cfg.grad_checkpoint
+    if cfg.compile:
+        # In place per block: parameter names keep no `_orig_mod.` and one block shape compiles once.
+        for block in model.blocks:
+            block.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+    wrapped = dist_lib.wrap_model(model, cfg.fsdp, cfg.cpu_offload, dist, device)
+    optimizer = build_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and cfg.amp_dtype == "fp16")
+    sampler = TrainSampler(ds, cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    prog, wandb_id = Progress(), cfg.wandb_id
+    if start.resumed:
+        st = start.state
+        dist_lib.load_model_state(model, st["model"], dist)
+        dist_lib.load_optimizer_state(model, optimizer, st["optimizer"], dist)
+        if st.get("scaler"):
+            scaler.load_state_dict(st["scaler"])
+        sampler.load_state_dict(st["sampler"])
+        set_rng_state(st["rng"])
+        prog = Progress(st["step"], st["tokens"], st["elapsed"], st.get("best_val"), st.get("skipped_steps", 0))
+        wandb_id = wandb_id or st.get("wandb_run_id")
+
+    info = {"command": command, "train_config": cfg.to_dict(), "model_config": mcfg.to_dict(),
+            "params": mcfg.num_params(), "non_embedding_params": mcfg.num_params(non_embedding=True),
+            "device": str(device), "world_size": dist.world_size}
+    main = dist.is_main
+    console = Console(cfg.live if main else "off", total_steps=cfg.steps, start_step=prog.step)
+    log = RunLog(run_dir, resume_step=prog.step if start.resumed else None) if main else None
+    if log and not start.resumed:
+        log.event("meta", **info, dataset={"path": cfg.data, "train_tokens": ds.train_tokens,
+                                           "val_tokens": ds.val_tokens})
+    if main and start.resumed:
+        console.print(f"resuming from {start.path} at step {prog.step}")
+    wb = WandbRun(run_dir, info, enabled=cfg.wandb and main, project=cfg.wandb_project, entity=cfg.wandb_entity,
+                  name=cfg.wandb_name or run_dir.name, group=cfg.wandb_group,
+                  tags=cfg.wandb_tags.split(",") if cfg.wandb_tags else None, mode=cfg.wandb_mode,
+                  run_id=wandb_id, fresh=not start.resumed, warn=console.print)
+    tb = TBWriter(run_dir, enabled=cfg.tb and main, purge_step=prog.step + 1 if start.resumed else None)
+    return Session(cfg=cfg, mcfg=mcfg, dist=dist, device=device, run_dir=run_dir, model=model, wrapped=wrapped,
+                   optimizer=optimizer, scaler=scaler, loader=Prefetcher(sampler, device),
+                   val=ValWindows(ds, eval_seq_len, cfg.batch_size, cfg.eval_iters), ckpt=ckpt, log=log, wb=wb,
+                   tb=tb, console=console, seq_points=points, eval_seq_len=eval_seq_len, resumed=start.resumed,
+                   info=info, prog=prog)
