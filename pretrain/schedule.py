@@ -145,7 +145,6 @@ def parse_count(text: str, what: str = "--tokens") -> int:
         value = float(s)
     except ValueError:
         raise UserError(f"{what} {text!r} is not a number; write e.g. 500K, 100M, 10B or 2000000") from None
-    count = int(round(value * mult))
-    if not math.isfinite(value) or count <= 0:
+    if not math.isfinite(value) or value * mult < 1:
         raise UserError(f"{what} must be a positive number, got {text!r}")
-    return count
+    return int(round(value * mult))
