@@ -246,8 +246,8 @@ class CheckpointManager:
         self.enabled = enabled
         self.async_write = async_write
         self.warn = warn or _stderr  # the trainer can route warnings through its console
-        self.last_error: str | None = None  # message of the last failed write; stays set until the next
-        self.consecutive_failures = 0  # reset by a successful write; lets the trainer stop cleanly
+        self.last_error: str | None = None  # message of the last failed save; kept after later successes
+        self.consecutive_failures = 0  # reset by a successful save; lets the trainer stop cleanly
         self.last_write_seconds: float | None = None
         self.last_saved_step: int | None = None
         self._thread: threading.Thread | None = None
@@ -282,6 +282,7 @@ class CheckpointManager:
 
     def _write(self, snapshot: dict, step: int, best: bool, numbered: bool) -> None:
         t0 = time.perf_counter()
+        last_written = False
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._remove_stale_temps()
@@ -290,6 +291,7 @@ class CheckpointManager:
             # a numbered file.
             _atomic_write(last, snapshot)
             _fsync_dir(self.run_dir)
+            last_written = True
             if numbered and self.keep_last > 0:
                 _atomic_alias(last, self.run_dir / f"step_{step}.pt")
             if best:
@@ -297,8 +299,8 @@ class CheckpointManager:
             self._prune()
             _fsync_dir(self.run_dir)
         except Exception as e:  # noqa: BLE001 - any failure must leave training running
-            self._fail(f"checkpoint write for step {step} failed ({type(e).__name__}: {e}); "
-                       "previous checkpoint kept, training continues")
+            kept = "last.pt was saved" if last_written else "previous checkpoint kept"
+            self._fail(f"checkpoint write for step {step} failed ({type(e).__name__}: {e}); {kept}, training goes on")
             return
         self.last_write_seconds = time.perf_counter() - t0
         self.last_saved_step = step

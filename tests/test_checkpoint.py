@@ -219,6 +219,17 @@ def test_enospc_keeps_previous_last_and_next_save_succeeds(manager, warnings_see
     assert manager.consecutive_failures == 0 and manager.last_saved_step == 3
 
 
+def test_failure_after_last_pt_reports_that_last_pt_is_new(manager, warnings_seen, monkeypatch) -> None:
+    def no_second_name(source, target):
+        raise OSError(errno.EROFS, "read-only file system")
+
+    monkeypatch.setattr(ck, "_atomic_alias", no_second_name)
+    manager.save(make_state(6), step=6)
+    manager.wait()
+    assert load_checkpoint(manager.run_dir / "last.pt")["step"] == 6
+    assert "last.pt was saved" in manager.last_error and len(warnings_seen) == 1
+
+
 def test_non_finite_state_is_refused(manager, warnings_seen) -> None:
     manager.save(make_state(1), step=1)
     manager.wait()
