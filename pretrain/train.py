@@ -156,6 +156,7 @@ def _loop(s: Session, stop: StopRequested) -> str:
             prog.skipped_steps = skipped_before + fields["skipped_steps"]
             fields["skipped_steps"] = prog.skipped_steps
             s.emit("train", **fields)
+            s.info.update(tok_s=fields["tok_s"], mfu=fields["mfu"])
             s.console.update(prog.step, fields)
             if cfg.max_bad_steps and meter.bad_streak.item() >= cfg.max_bad_steps:
                 why = f"{int(meter.bad_streak.item())} non-finite steps in a row at step {prog.step}"
@@ -198,7 +199,7 @@ def _finish(s: Session, status: str) -> None:
     if s.log:
         s.log.event("end", **result)
         write_plots(s.run_dir)
-        write_summary(s.run_dir, s.info | result)
+        write_summary(s.run_dir, s.info | result | {"steps": prog.step, "total_steps": s.cfg.steps})
 
 
 def main(argv: list[str] | None = None) -> int:
