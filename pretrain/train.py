@@ -80,7 +80,8 @@ class Meter:
         tok_s = n * tokens_per_step / (now - self.t0)
         peak = dev.peak_flops(s.device)
         mean_loss = dist_lib.mean_across_ranks(self.loss, s.dist).item() / max(self.good.item(), 1)
-        fields = {"tokens": s.prog.tokens, "loss": mean_loss, "last_loss": last_loss.item(), "lr": lr,
+        last = dist_lib.mean_across_ranks(last_loss, s.dist).item()  # the global batch's loss, not rank 0's
+        fields = {"tokens": s.prog.tokens, "loss": mean_loss, "last_loss": last, "lr": lr,
                   "grad_norm": grad_norm.item(), "tok_s": tok_s,
                   "mfu": tok_s * s.mcfg.flops_per_token(seq_len) / (peak * s.dist.world_size) if peak else None,
                   "seq_len": seq_len, "tokens_per_step": tokens_per_step, "step_ms": 1000 * (now - self.t0) / n,
@@ -138,7 +139,7 @@ def _loop(s: Session, stop: StopRequested) -> str:
                 return stop.describe()
 
         s.scaler.unscale_(s.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = dist_lib.clip_grad_norm(s.model, cfg.grad_clip or float("inf"), s.dist)
         found_inf = (~torch.isfinite(grad_norm) | ~torch.isfinite(step_loss)).float()
         if s.fp16:
             s.scaler.step(s.optimizer)  # GradScaler skips inf/nan steps itself
