@@ -1,0 +1,323 @@
+"""Source -> tokens -> shards: the engine behind prepare_fineweb.py.
+
+Stream. Documents 0, 1, 2, ... of the source become [EOT] + tokens(document) (documents without
+text add nothing). The first `val_tokens` of that stream are the validation split; the document that
+straddles its end is dropped and training starts with the next document, so no text is in both.
+Each split is cut into shards of exactly `shard_tokens` (the last train shard holds the remainder);
+a document may straddle two shards of one split. Every shard's bytes are therefore a function of
+(source, tokenizer, shard_tokens, val_tokens) only: not of --workers, batching or interruptions,
+and a larger --tokens only appends (a short last shard is rewritten at full size).
+
+Resume. A shard's manifest entry records `end`: the source position just after it (document,
+token offset into that document's [EOT]+tokens, and the source's resume hint). Shards are written
+tmp + fsync + rename and the manifest is rewritten the same way after each one, so after any
+interruption (even kill -9) a rerun continues after the last listed full shard.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import signal
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from pretrain.cli import UserError
+from pretrain.manifest import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    atomic_save_npy,
+    atomic_write_json,
+    dtype_for_vocab,
+    read_manifest,
+    shard_name,
+)
+from pretrain.prepare_report import Progress, print_summary
+from pretrain.sources import DocBatch, Source, SourceError, open_source
+from pretrain.tokenizer import Tokenizer, resolve_tokenizer
+
+DEFAULT_VAL_TOKENS = 10_000_000
+BATCH_CHARS = 1 << 20  # ~250K tokens per work item: large enough to amortise pickling
+SLOW_ENV = "PRETRAIN_PREPARE_SLEEP_AFTER_SHARD"  # tests: seconds to pause after each shard (kill -9 test)
+_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+def parse_tokens(text: str) -> int:
+    """'500K' / '100M' / '1B' / '2000000' / '1.5M' -> a positive int; anything else -> ValueError."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMBGT]?)\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"'{text}' is not a token count; use e.g. 500K, 100M, 1B or 2000000")
+    n = int(round(float(m.group(1)) * _SUFFIX[m.group(2).upper()]))
+    if n <= 0:
+        raise ValueError(f"'{text}' must be a positive token count, e.g. 500K, 100M, 1B")
+    return n
+
+
+def plan_shards(total: int, val: int, shard: int) -> list[tuple[str, int, int]]:
+    """[(split, index, tokens)] in writing order: val shards first, then train shards."""
+    out = []
+    for split, n in (("val", val), ("train", total - val)):
+        out += [(split, i, min(shard, n - off)) for i, off in enumerate(range(0, n, shard))]
+    return out
+
+
+# ---- tokenizer workers ------------------------------------------------------------------------
+_ENC = None
+_DTYPE = None
+
+
+def _init_worker(tok: Tokenizer, dtype: str) -> None:
+    global _ENC, _DTYPE
+    _ENC, _DTYPE = tok.build(), np.dtype(dtype)
+
+
+def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """One batch -> (tokens with an EOT before each non-empty document, per-document bounds)."""
+    eot = np.array([_ENC.eot_token], dtype=_DTYPE)
+    parts, n = [], 0
+    bounds = np.zeros(len(texts) + 1, dtype=np.int64)
+    for i, text in enumerate(texts):
+        if text:  # per-document np.array + one concatenate: the cheapest list -> array path
+            ids = np.array(_ENC.encode_ordinary(text), dtype=_DTYPE)
+            parts += (eot, ids)
+            n += 1 + len(ids)
+        bounds[i + 1] = n
+    return (np.concatenate(parts) if parts else np.empty(0, dtype=_DTYPE)), bounds
+
+
+def _tokenized(batches: Iterator[DocBatch], tok: Tokenizer, dtype: str, workers: int):
+    """Yield (batch, tokens, bounds) in source order, at most ~2 batches per worker in flight."""
+    if workers <= 1:
+        _init_worker(tok, dtype)
+        for b in batches:
+            yield (b, *_encode(b.texts))
+        return
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok, dtype))
+    try:
+        pending: deque = deque()
+        for b in batches:
+            pending.append((b, pool.apply_async(_encode, (b.texts,))))
+            if len(pending) > 2 * workers:
+                b0, r = pending.popleft()
+                yield (b0, *r.get())
+        while pending:
+            b0, r = pending.popleft()
+            yield (b0, *r.get())
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+# ---- the writer -------------------------------------------------------------------------------
+def _kept_shards(m: dict, out: Path, plan: list[tuple[str, int, int]]) -> list[dict]:
+    """The listed shards that match this run's plan and are intact on disk: the prefix to keep
+    (a short last shard of an earlier, smaller --tokens is not kept: it is rewritten full-size)."""
+    kept = []
+    for entry, (split, idx, size) in zip(m["shards"], plan):
+        f = out / entry["file"]
+        if not (entry["file"] == shard_name(split, idx) and entry["tokens"] == size and f.is_file()
+                and len(np.load(f, mmap_mode="r")) == size):
+            break
+        kept.append(entry)
+    return kept
+
+
+def _check_same(m: dict, key: str, new: object, flag: str) -> None:
+    if m.get(key) != new:
+        raise UserError(f"{flag} {new} differs from the existing dataset's {m.get(key)}; rerun with the "
+                        "original value to continue/extend it, or choose a new --output")
+
+
+def _open_output(out: Path, tokens: int, tok: Tokenizer, source: Source, shard_tokens: int,
+                 val_tokens: int | None) -> dict:
+    """Fresh or existing manifest for `out`, checked against this run's settings."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} exists and is not a directory; choose another --output")
+    if out.is_dir() and (out / MANIFEST).exists():
+        m = read_manifest(out / MANIFEST)
+        _check_same(m, "tokenizer", tok.name, "--tokenizer")
+        _check_same(m, "source", source.spec, "--source")
+        _check_same(m, "shard_tokens", shard_tokens, "--shard-tokens")
+        if val_tokens is not None:
+            _check_same(m, "val_tokens", val_tokens, "--val-tokens")
+        return m
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--output {out} exists, is not empty and has no {MANIFEST} (not a dataset); "
+                        "choose a new --output or empty that directory")
+    val = min(DEFAULT_VAL_TOKENS, tokens // 10) if val_tokens is None else val_tokens
+    if val >= tokens or val < 0:
+        raise UserError(f"--val-tokens {val:,} must be below --tokens {tokens:,}; lower it")
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = tok.build().n_vocab
+    return {"format": FORMAT, "version": VERSION, "tokenizer": tok.name, "vocab_size": vocab,
+            "eot_id": tok.eot_id, "dtype": dtype_for_vocab(vocab), "source": source.spec,
+            "shard_tokens": shard_tokens, "val_tokens": val, "target_tokens": tokens,
+            "documents_consumed": 0, "complete": False, "source_exhausted": False, "shards": []}
+
+
+def prepare(tokens: int, output: str | Path, source: list[str] | Source = ("HuggingFaceFW/fineweb-edu",),
+            name: str | None = "sample-10BT", split: str = "train", text_column: str = "text",
+            tokenizer: str = "gpt2", shard_tokens: int = 100_000_000, val_tokens: int | None = None,
+            workers: int | None = None, progress: str = "auto") -> dict:
+    """Write (or continue, or extend) a token dataset; returns its manifest. See module docstring."""
+    if shard_tokens <= 0:
+        raise UserError(f"--shard-tokens must be positive, got {shard_tokens}")
+    workers = workers or len(os.sched_getaffinity(0))
+    tok = resolve_tokenizer(tokenizer)
+    src = source if not isinstance(source, list | tuple) else open_source(list(source), name, split, text_column)
+    src.check()
+    out = legacy = Path(output)
+    if legacy.suffix == ".npy":  # prepared into <x>.npy.parts/ (resumable), then concatenated
+        parts = start_legacy(legacy, tokens, val_tokens)
+        if parts is None:
+            print(f"{legacy} already holds at least {tokens:,} tokens; nothing to do")
+            return json.loads(legacy.with_name(legacy.name + ".meta").read_text())
+        out, val_tokens = parts, 0
+    m = _open_output(out, tokens, tok, src, shard_tokens, val_tokens)
+    have = sum(s["tokens"] for s in m["shards"])
+    if m["complete"] and (m["source_exhausted"] or tokens <= have):
+        why = "the source is exhausted" if m["source_exhausted"] and tokens > have else "nothing to do"
+        print(f"{out} already holds {have:,} tokens ({why}; a smaller dataset needs a new --output)")
+        return finish_legacy(out, m, legacy) if out != legacy else m
+    plan = plan_shards(tokens, m["val_tokens"], shard_tokens)
+    kept = _kept_shards(m, out, plan)
+    for f in out.iterdir():  # leftovers of an interrupted run: temp files and unlisted shards
+        if f.name.startswith(".") and f.name.endswith(".tmp") or (
+                f.suffix == ".npy" and f.name not in {s["file"] for s in kept}):
+            f.unlink()
+    m.update(shards=kept, target_tokens=tokens, complete=False, source_exhausted=False)
+    atomic_write_json(out / MANIFEST, m)
+
+    bar = Progress(tokens, progress, already=sum(s["tokens"] for s in kept))
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM -> clean KeyboardInterrupt
+    try:
+        _write(m, out, plan[len(kept):], src, tok, workers, bar)
+    except SourceError as e:
+        done = sum(s["tokens"] for s in m["shards"])
+        raise UserError(f"{e}; {done:,} tokens in {len(m['shards'])} complete shards are saved in {out}: "
+                        "rerun the same command to continue") from None
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted: {len(m['shards'])} complete shards saved in {out}; rerun the same command "
+              "to continue", flush=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        bar.close()
+    print_summary(m, out, bar.elapsed())
+    return finish_legacy(out, m, legacy) if out != legacy else m
+
+
+def _write(m: dict, out: Path, todo: list[tuple[str, int, int]], src: Source, tok: Tokenizer,
+           workers: int, bar: Progress) -> None:
+    if not todo:
+        return
+    end = m["shards"][-1]["end"] if m["shards"] else {"doc": 0, "offset": 0, "hint": None}
+    doc, offset, hint = end["doc"], end["offset"], end["hint"]
+    if m["shards"] and m["shards"][-1]["split"] == "val" and todo[0][0] == "train":
+        doc, offset = doc + 1, 0  # train starts after the document that straddles the end of val
+    dtype, doc0 = np.dtype(m["dtype"]), doc
+    slow = float(os.environ.get(SLOW_ENV, "0") or 0)
+    # a few work items per worker even for tiny runs; ~1M chars each (amortises pickling) for big ones
+    chars = int(min(BATCH_CHARS, max(BATCH_CHARS // 16, 4 * sum(t[2] for t in todo) // (8 * workers))))
+    split, idx, size = todo.pop(0)
+    buf, fill, ndocs = np.empty(size, dtype=dtype), 0, 0
+
+    for batch, arr, bounds in _tokenized(src.batches(doc, hint, chars), tok, m["dtype"], workers):
+        starts = bounds[:-1][np.diff(bounds) > 0]  # where each non-empty document's EOT sits
+        cur = int(bounds[doc - batch.first]) + offset if batch.first <= doc else 0
+        offset = 0
+        while cur < len(arr):
+            take = min(size - fill, len(arr) - cur)
+            buf[fill: fill + take] = arr[cur: cur + take]
+            ndocs += int(np.searchsorted(starts, cur + take) - np.searchsorted(starts, cur))
+            fill, cur = fill + take, cur + take
+            if fill < size:
+                break
+            # position after the shard: the document holding its last token, and how far into it
+            j = int(np.searchsorted(bounds, cur - 1, side="right")) - 1
+            pos = {"doc": batch.first + j, "offset": cur - int(bounds[j]), "hint": hint}
+            _save_shard(m, out, split, idx, buf, ndocs, pos)
+            bar.shard_done(m["shards"][-1]["file"], sum(s["tokens"] for s in m["shards"]))
+            if slow:
+                time.sleep(slow)
+            if not todo:
+                return
+            if split == "val" and todo[0][0] == "train":
+                cur = int(bounds[j + 1])  # drop the rest of the straddling document
+            split, idx, size = todo.pop(0)
+            buf, fill, ndocs = np.empty(size, dtype=dtype), 0, 0
+        hint = batch.hint
+        bar.update(sum(s["tokens"] for s in m["shards"]) + fill, batch.first + len(batch.texts) - doc0)
+    # the source ran dry before --tokens
+    if split == "val" or not fill and not any(s["split"] == "train" for s in m["shards"]):
+        raise UserError(f"the source ran out after {sum(s['tokens'] for s in m['shards']) + fill:,} tokens, "
+                        "leaving no training data after the validation split; lower --val-tokens or add documents")
+    if fill:
+        pos = {"doc": batch.first + len(batch.texts), "offset": 0, "hint": batch.hint}
+        _save_shard(m, out, split, idx, buf[:fill], ndocs, pos, exhausted=True)
+    else:
+        m.update(complete=True, source_exhausted=True)
+        atomic_write_json(out / MANIFEST, m)
+
+
+def _save_shard(m: dict, out: Path, split: str, idx: int, buf: np.ndarray, ndocs: int, pos: dict,
+                exhausted: bool = False) -> None:
+    name = shard_name(split, idx)
+    atomic_save_npy(out / name, buf)
+    m["shards"].append({"file": name, "split": split, "tokens": int(len(buf)), "documents": ndocs,
+                        "max_id": int(buf.max()) if len(buf) else 0, "end": pos})
+    m["documents_consumed"] = pos["doc"] + (1 if pos["offset"] else 0)
+    m["complete"] = exhausted or sum(s["tokens"] for s in m["shards"]) >= m["target_tokens"]
+    m["source_exhausted"] = exhausted
+    atomic_write_json(out / MANIFEST, m)
+
+
+# ---- the older single-file layout: x.npy + x.npy.meta ----------------------------------------
+def start_legacy(path: Path, tokens: int, val_tokens: int | None) -> Path | None:
+    """Work dir for a resumable run behind x.npy, or None when x.npy already holds the data."""
+    if val_tokens:
+        raise UserError("a single-file x.npy output has no validation split; drop --val-tokens (train with "
+                        "--val-frac) or write a directory with --output DIR")
+    meta = path.with_name(path.name + ".meta")
+    if path.exists():
+        try:
+            have = json.loads(meta.read_text())["tokens"]
+        except Exception:
+            raise UserError(f"--output {path} exists and is not a prepared dataset (no valid {meta.name}); "
+                            "choose a new --output") from None
+        if have >= tokens:
+            return None
+        raise UserError(f"{path} holds {have:,} tokens and a single-file output cannot be extended; "
+                        "use a new --output (a directory output can be extended)")
+    return path.with_name(path.name + ".parts")
+
+
+def finish_legacy(parts: Path, m: dict, path: Path) -> dict:
+    """Concatenate the work dir's shards into x.npy (atomically), write x.npy.meta, drop the work dir."""
+    total = sum(s["tokens"] for s in m["shards"])
+    tmp = path.with_name(f".{path.name}.tmp")
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(m["dtype"]), shape=(total,))
+    off = 0
+    for s in m["shards"]:
+        arr[off: off + s["tokens"]] = np.load(parts / s["file"], mmap_mode="r")
+        off += s["tokens"]
+    arr.flush()
+    del arr
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    meta = {k: m[k] for k in ("tokenizer", "vocab_size", "eot_id", "dtype", "source")}
+    meta.update(tokens=total, documents=sum(s["documents"] for s in m["shards"]))
+    atomic_write_json(path.with_name(path.name + ".meta"), meta)
+    shutil.rmtree(parts)
+    return meta
