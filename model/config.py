@@ -38,8 +38,10 @@ class ModelConfig:
     attn: "baseline" (MHA), "gqa" (n_kv_head key/value heads), "bottleneck" (q, k, v: d -> attn_dim),
     "decoupled" (semantic q_s/k_s of sem_dim without RoPE + geometric q_g/k_g of geo_dim with RoPE,
     v of attn_dim). Defaults: sem_dim = d/16, geo_dim = d/8, attn_dim = sem_dim + geo_dim,
-    n_kv_head = n_head (or n_head/4 for gqa). Presets keep bottleneck/decoupled per-head sizes
-    multiples of 8 so fast SDPA kernels apply.
+    n_kv_head = n_head (gqa: n_head/4, or 1 when 4 does not divide n_head). Presets keep
+    bottleneck/decoupled per-head sizes multiples of 8 so fast SDPA kernels apply.
+    Options: null_attn (learned null key/value per layer), tie_qk (k reuses q's projection),
+    learned_temp (per-head log-scale on q), tie_embeddings (LM head = token embedding).
     """
 
     vocab_size: int = 50257
@@ -71,7 +73,8 @@ class ModelConfig:
             raise ValueError(f"rope_base={self.rope_base} must be > 0 (10000 is the usual value)")
         d, h = self.d_model, self.n_head
         if self.n_kv_head is None:
-            self.n_kv_head = h // 4 if self.attn == "gqa" and h % 4 == 0 else h
+            # gqa default: 4 query heads per key/value head, or one shared k/v head (MQA) otherwise.
+            self.n_kv_head = (h // 4 if h % 4 == 0 else 1) if self.attn == "gqa" else h
         if self.sem_dim is None:
             self.sem_dim = d // 16
         if self.geo_dim is None:
@@ -144,7 +147,8 @@ class ModelConfig:
 
     @property
     def head_dims(self) -> tuple[int, int, int]:
-        """Per-head (qk dim, v dim, rotary dim). For decoupled qk = hd_s + hd_g and rotary = hd_g."""
+        """Per-head (qk dim, v dim, rotary dim). For decoupled qk = hd_s + hd_g and rotary = hd_g:
+        q/k heads hold [semantic | geometric] side by side."""
         h = self.n_head
         if self.attn in ("baseline", "gqa"):
             hd = self.d_model // h

@@ -112,7 +112,7 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
                           ignore_index: int = -100, chunk_rows: int = 2048) -> torch.Tensor:
     """Mean CE of logits = h @ weight.T (columns >= vocab_size excluded) over rows whose target is
     not ignore_index; equals F.cross_entropy on the full logits, NaN when every target is ignored."""
-    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1).long()  # gather wants int64
     compute_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     total = ChunkedLinearCrossEntropy.apply(h, weight, targets, vocab_size, ignore_index, chunk_rows,
                                             compute_grad)

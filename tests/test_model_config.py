@@ -93,6 +93,7 @@ def test_defaults_resolved_to_numbers():
     cfg = ModelConfig(d_model=256, n_head=4, attn="decoupled")
     assert (cfg.sem_dim, cfg.geo_dim, cfg.attn_dim, cfg.n_kv_head) == (16, 32, 48, 4)
     assert ModelConfig(d_model=256, n_head=8, attn="gqa").n_kv_head == 2
+    assert ModelConfig(d_model=240, n_head=6, attn="gqa").n_kv_head == 1  # MQA when 4 does not divide
     assert all(v is not None for v in cfg.to_dict().values())
     assert cfg.padded_vocab_size == 50304 and cfg.padded_vocab_size % 64 == 0
 

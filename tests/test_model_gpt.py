@@ -136,6 +136,13 @@ def test_init_std_and_residual_scaling():
     assert not any(name.endswith("bias") for name, _ in model.named_parameters())
 
 
+def test_int32_tokens_and_targets():
+    model = make_model()
+    idx = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        assert model(idx.int(), idx.int()).item() == pytest.approx(model(idx, idx).item(), abs=1e-6)
+
+
 def test_sequence_longer_than_block_size_is_refused():
     model = make_model()
     with pytest.raises(ValueError, match="exceeds block_size=32"):
