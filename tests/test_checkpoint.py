@@ -313,3 +313,51 @@ def test_tied_tensors_stored_once_and_numpy_handled(manager) -> None:
     assert type(saved["loss"]) is float and type(saved["n"]) is int
     with pytest.raises(TypeError, match=r"\['rng'\]\['numpy'\]"):  # np.random.get_state() holds an ndarray
         manager.save({"model": {}, "rng": {"numpy": np.random.get_state()}}, step=2)
+
+
+_SAVER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from pretrain.checkpoint import CheckpointManager
+mgr = CheckpointManager({run!r}, keep_last=2)
+w = torch.zeros(4 << 20)  # 16 MB: each write takes long enough to be killed mid-way
+for step in range({start}, 10**6):
+    w.fill_(step)
+    mgr.save({{"model": {{"w": w}}, "step": step}}, step=step, best=step % 3 == 0)
+    if step == {start}:
+        print("saving", flush=True)
+"""
+
+
+def test_kill_9_during_writes_never_leaves_a_torn_checkpoint(tmp_path: Path) -> None:
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = str(Path(__file__).resolve().parents[1])
+    run = tmp_path / "run"
+    rng = random.Random(0)
+    start, killed_mid_write = 0, 0
+    for _ in range(3):
+        code = _SAVER.format(root=root, run=str(run), start=start)
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "saving"
+        time.sleep(rng.uniform(0.05, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed_mid_write += bool(temp_files(run))
+        for path in [run / "last.pt", run / "best.pt", *checkpoint_paths(run)["numbered"]]:
+            if path.exists():  # every name that exists holds one whole, consistent save
+                state = load_checkpoint(path)
+                assert torch.all(state["model"]["w"] == state["step"]), path
+        path, state = CheckpointManager(run).find_resume()
+        assert path.name == "last.pt"
+        start = state["step"] + 1
+    assert start > 3
+    assert killed_mid_write, "no kill landed during a write; the test proved nothing"
+    resumed = CheckpointManager(run)
+    resumed.save({"model": {"w": torch.full((4,), float(start))}, "step": start}, step=start)
+    resumed.wait()
+    assert temp_files(run) == []  # the resumed run's first save clears what the kills left behind
