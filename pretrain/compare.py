@@ -1,0 +1,237 @@
+"""Compare runs side by side: a table (variant, size, KV cache, tokens, val loss, speed) and one PNG of
+their val loss against tokens seen. This is how one picks between baseline, GQA, bottleneck and decoupled.
+
+    python -m pretrain.compare runs/base runs/gqa --out runs/compare.png
+    python -m pretrain.compare runs            # every run directory under runs/
+
+Everything is read back from each run's train.jsonl (meta / train / eval / end events), the same record
+summary.md and the plots are drawn from, so a run still in progress or killed compares as far as it got.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pretrain.cli import ArgumentParser, UserError
+from pretrain.track import JSONL_NAME, read_jsonl
+
+# Column key -> header, in print order.
+COLUMNS = {
+    "run": "run", "variant": "variant", "params": "params", "kv_bytes_per_token": "KV B/tok",
+    "tokens": "tokens", "best_val_loss": "best val", "final_val_loss": "final val", "tok_s": "tok/s",
+    "steps": "steps", "status": "status",
+}
+
+
+def find_runs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Run directories named by `paths`: a run dir itself, or a parent whose subdirs are runs (e.g. runs/)."""
+    if not paths:
+        raise UserError("no runs given; pass run directories, e.g. runs/a runs/b (or runs/ for all of them)")
+    found: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.is_dir():
+            raise UserError(f"{p} is not a run directory (no such directory); pass runs/<name> dirs")
+        if (p / JSONL_NAME).is_file():
+            found.append(p)
+            continue
+        children = sorted(c for c in p.iterdir() if (c / JSONL_NAME).is_file())
+        if not children:
+            raise UserError(f"{p} has no {JSONL_NAME} (nor do its subdirectories); is it a run directory? "
+                            "runs are made by train_v29.py / run_1b_launch.py --run")
+        found += children
+    return found
+
+
+def _last_per_step(records: list[dict], kind: str) -> list[dict]:
+    """Events of one type, one per step (the last written wins), ordered by step."""
+    by_step: dict[int, dict] = {}
+    for r in records:
+        if r.get("type") == kind and isinstance(r.get("step"), int):
+            by_step[r["step"]] = r
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _num(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return value if ok else None
+
+
+def _kv_bytes(model_config: dict | None) -> int | None:
+    from model import ModelConfig  # lazy: the table of a run needs no torch model code until here
+
+    if not model_config:
+        return None
+    try:
+        return ModelConfig.from_dict(model_config).kv_cache_bytes_per_token(2)
+    except (TypeError, ValueError):
+        return None  # a run written by an older ModelConfig: show the rest of its row anyway
+
+
+def _variant(model_config: dict | None) -> str | None:
+    if not model_config:
+        return None
+    attn = model_config.get("attn", "?")
+    if attn == "gqa":
+        return f"gqa kv{model_config.get('n_kv_head')}"
+    return str(attn)
+
+
+def run_row(run_dir: Path) -> dict[str, Any]:
+    """One run's figures; missing ones are None (a run killed before its first eval has no val loss)."""
+    records = read_jsonl(run_dir / JSONL_NAME)
+    meta = next((r for r in records if r.get("type") == "meta"), {})
+    end = next((r for r in reversed(records) if r.get("type") == "end"), None)
+    train = _last_per_step(records, "train")
+    evals = [e for e in _last_per_step(records, "eval") if _num(e.get("loss")) is not None]
+    mcfg = meta.get("model_config")
+    tok_s = [v for r in train if (v := _num(r.get("tok_s"))) is not None]
+    steps = max([r["step"] for r in train + evals], default=0)
+    planned = (meta.get("train_config") or {}).get("steps")
+    if end:
+        status = str(end.get("status", "ended"))
+    else:
+        # No end event: still running, or killed; either way rerunning its command resumes it.
+        status = "unfinished"
+    tokens = (end or {}).get("tokens")
+    if _num(tokens) is None:
+        tokens = max([r["tokens"] for r in train + evals if _num(r.get("tokens")) is not None], default=None)
+    return {
+        "run": run_dir.name,
+        "path": str(run_dir),
+        "variant": _variant(mcfg),
+        "params": meta.get("params"),
+        "kv_bytes_per_token": _kv_bytes(mcfg),
+        "tokens": tokens,
+        "best_val_loss": min((e["loss"] for e in evals), default=None),
+        "final_val_loss": evals[-1]["loss"] if evals else None,
+        "tok_s": statistics.median(tok_s) if tok_s else None,  # median: the first lines include warm-up
+        "steps": steps,
+        "planned_steps": planned,
+        "status": status,
+    }
+
+
+def compare_runs(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    """One row per run (see `run_row`); UserError for a path that is not a run directory."""
+    return [run_row(p) for p in find_runs(paths)]
+
+
+def _human(n: float) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return f"{n:.0f}"
+
+
+def _cell(key: str, row: dict[str, Any]) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if key in ("best_val_loss", "final_val_loss"):
+        return f"{value:.4f}"
+    if key in ("params", "tokens", "tok_s"):
+        return _human(value)
+    if key == "kv_bytes_per_token":
+        return f"{value:,}"
+    if key == "steps" and row.get("planned_steps"):
+        return f"{value}/{row['planned_steps']}"
+    return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Plain aligned text (no box characters: it is pasted into issues and notebooks). Best val marked *."""
+    best = min((r["best_val_loss"] for r in rows if r.get("best_val_loss") is not None), default=None)
+    table = [list(COLUMNS.values())]
+    for r in rows:
+        cells = [_cell(k, r) for k in COLUMNS]
+        if best is not None and r.get("best_val_loss") == best and len(rows) > 1:
+            cells[list(COLUMNS).index("best_val_loss")] += " *"
+        table.append(cells)
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    # Text columns left-aligned, numbers right-aligned so digits line up.
+    left = {"run", "variant", "status"}
+    lines = []
+    for line in table:
+        parts = [c.ljust(w) if k in left else c.rjust(w) for c, w, k in zip(line, widths, COLUMNS, strict=True)]
+        lines.append("  ".join(parts).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot_val_curves(paths: Sequence[str | os.PathLike], out_png: str | os.PathLike) -> Path:
+    """Overlay every run's val loss against tokens seen; write `out_png` atomically and return its path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title("Validation loss vs tokens")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("val cross-entropy loss")
+    ax.grid(True, alpha=0.3)
+    lows, highs = [], []
+    for run_dir in find_runs(paths):
+        records = read_jsonl(run_dir / JSONL_NAME)
+        meta = next((r for r in records if r.get("type") == "meta"), {})
+        points = [(e["tokens"], e["loss"]) for e in _last_per_step(records, "eval")
+                  if _num(e.get("tokens")) is not None and _num(e.get("loss")) is not None]
+        if not points:
+            continue
+        xs, ys = zip(*points, strict=True)
+        variant = _variant(meta.get("model_config"))
+        ax.plot(xs, ys, "o-", ms=3, lw=1.5, label=f"{run_dir.name} ({variant})" if variant else run_dir.name)
+        lows.append(min(ys))
+        highs.append(ys[1] if len(ys) > 2 else max(ys))
+    if lows:
+        # The step-0 eval (~ln(vocab)) would flatten the differences that decide between variants.
+        low, high = min(lows), max(highs)
+        pad = 0.05 * (high - low or 1.0)
+        ax.set_ylim(low - pad, high + pad)
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no val evaluations yet", ha="center", va="center", transform=ax.transAxes)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, out)  # an image viewer refreshing the file never sees half a PNG
+    return out
+
+
+def build_parser(prog: str = "python -m pretrain.compare") -> ArgumentParser:
+    p = ArgumentParser(prog=prog, description="Compare training runs: a table and an overlaid val-loss plot.")
+    p.add_argument("runs", nargs="+", help="run directories (runs/<name>), or a parent such as runs/ for all")
+    p.add_argument("--out", default=None,
+                   help="PNG of val loss vs tokens (default: compare.png beside the first run dir)")
+    p.add_argument("--no-plot", action="store_true", help="print the table only")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m pretrain.compare") -> int:
+    """CLI entry; `run_1b_launch.py compare ...` calls this with its own `prog` for the help/error text."""
+    args = build_parser(prog).parse_args(argv)
+    rows = compare_runs(args.runs)
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    if not args.no_plot:
+        out = Path(args.out) if args.out else Path(rows[0]["path"]).parent / "compare.png"
+        plot_val_curves([r["path"] for r in rows], out)
+        if not args.json:
+            print(f"val loss vs tokens: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from pretrain.cli import run_cli
+
+    sys.exit(run_cli(main))

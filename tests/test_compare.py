@@ -1,0 +1,107 @@
+"""Run comparison (table, overlaid val-loss PNG, CLI errors) and TensorBoard files, on two tiny real runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_train import FAST
+
+from pretrain.cli import run_cli
+from pretrain.compare import compare_runs, format_table, main, plot_val_curves
+from pretrain.config import parse_config
+from pretrain.track import read_jsonl
+from pretrain.train import train
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def runs(byte_data, tmp_path_factory) -> dict[str, Path]:
+    """A baseline run with --tb and a GQA run, 6 steps each, evals at 0, 3 and 6."""
+    root = tmp_path_factory.mktemp("runs")
+    variants = {"base": ["--tb"], "gqa": ["--attn-mode", "gqa", "--kv-head", "2"]}
+    for name, flags in variants.items():
+        cfg = parse_config(["--data", str(byte_data), "--out-dir", str(root / name), *FAST, "--steps", "6",
+                            "--eval-every", "3", "--save-every", "0", *flags])
+        train(cfg)
+    return {name: root / name for name in variants}
+
+
+def test_rows_hold_what_decides_between_variants(runs):
+    base, gqa = compare_runs([runs["base"], runs["gqa"]])
+    assert (base["run"], base["variant"], gqa["variant"]) == ("base", "baseline", "gqa kv2")
+    assert base["params"] > gqa["params"] > 0  # fewer k/v heads, fewer projection weights
+    # d_model 64, 2 layers, bf16: baseline caches 2 x 64 values per layer, GQA half of that.
+    assert base["kv_bytes_per_token"] == 2 * 2 * 64 * 2 == 2 * gqa["kv_bytes_per_token"]
+    evals = [e for e in read_jsonl(runs["base"] / "train.jsonl") if e["type"] == "eval"]
+    assert base["final_val_loss"] == evals[-1]["loss"]
+    assert base["best_val_loss"] == min(e["loss"] for e in evals)
+    assert base["tokens"] == 6 * 4 * 32 and base["steps"] == 6 and base["planned_steps"] == 6
+    assert base["status"] == "completed" and base["tok_s"] > 0
+
+
+def test_table_lists_every_run_and_marks_the_best(runs):
+    rows = compare_runs([runs["base"], runs["gqa"]])
+    lines = format_table(rows).splitlines()
+    assert lines[0].split()[:3] == ["run", "variant", "params"] and "KV B/tok" in lines[0]
+    assert len(lines) == 4 and lines[2].startswith("base") and lines[3].startswith("gqa")
+    assert sum("*" in line for line in lines) == 1
+    assert "6/6" in lines[2] and "completed" in lines[2]
+
+
+def test_parent_dir_expands_to_its_runs(runs):
+    assert [r["run"] for r in compare_runs([runs["base"].parent])] == ["base", "gqa"]
+
+
+def test_unfinished_run_compares_as_far_as_it_got(runs, tmp_path):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    lines = (runs["base"] / "train.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["type"] != "end" and json.loads(line).get("step", 0) <= 3]
+    (partial / "train.jsonl").write_text("\n".join(kept) + '\n{"type": "train", "step": 4, "lo')  # torn line
+    (row,) = compare_runs([partial])
+    assert row["status"] == "unfinished" and row["steps"] == 3 and row["final_val_loss"] is not None
+
+
+def test_plot_is_a_png(runs, tmp_path):
+    out = plot_val_curves([runs["base"], runs["gqa"]], tmp_path / "sub" / "cmp.png")
+    assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 5000
+
+
+def test_cli_prints_table_and_writes_png(runs, tmp_path, capsys):
+    out = tmp_path / "c.png"
+    assert main([str(runs["base"]), str(runs["gqa"]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "best val" in printed and str(out) in printed
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert main([str(runs["base"]), "--json", "--no-plot"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["variant"] == "baseline"
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "file"])
+def test_bad_paths_are_one_line_errors(tmp_path, capsys, make):
+    path = tmp_path / "x"
+    if make == "empty":
+        path.mkdir()
+    elif make == "file":
+        path.write_text("not a run")
+    assert run_cli(main, [str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and str(path) in err and "\n" not in err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_tb_writes_readable_event_files(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list((runs["base"] / "tb").glob("events.out.tfevents.*"))
+    assert files, "--tb wrote no event file"
+    acc = EventAccumulator(str(runs["base"] / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "val/loss"} <= set(tags)
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in acc.Scalars("val/loss")] == [0, 3, 6]
+    assert not (runs["gqa"] / "tb").exists()  # off unless asked for
