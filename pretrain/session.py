@@ -20,6 +20,7 @@ from pretrain.cli import UserError
 from pretrain.config import TrainConfig, model_config_from
 from pretrain.console import Console
 from pretrain.data import Prefetcher, TrainSampler, ValWindows, open_dataset
+from pretrain.export import check_init_from, load_init_from
 from pretrain.optim import build_optimizer
 from pretrain.resume import check_compatible, find_start, rng_state, seed_everything, set_rng_state
 from pretrain.schedule import parse_seq_schedule
@@ -82,15 +83,17 @@ class Session:
         self.model.eval()
         total = torch.zeros((), device=self.device)
         with torch.no_grad(), self.autocast:
-            for x, y in self.val:
+            for batch in self.val:  # each rank scores its share of the global eval batch
+                x, y = (t.chunk(self.dist.world_size)[self.dist.rank].to(self.device) for t in batch)
                 total += self.wrapped(x, y).float()
         self.model.train()
-        loss = total.item() / max(len(self.val), 1)
+        loss = dist_lib.mean_across_ranks(total, self.dist).item() / max(len(self.val), 1)
         best = self.prog.best_val is None or loss < self.prog.best_val
         if best:
             self.prog.best_val = loss
         self.emit("eval", loss=loss, ppl=math.exp(min(loss, 30)), tokens=self.prog.tokens, seq_len=self.eval_seq_len)
-        self.console.print(f"eval step {self.prog.step}: val loss {loss:.4f} (best {self.prog.best_val:.4f})")
+        if self.dist.is_main:
+            self.console.print(f"eval step {self.prog.step}: val loss {loss:.4f} (best {self.prog.best_val:.4f})")
         return loss, best
 
     def save(self, best: bool = False, data_state: dict | None = None) -> None:
@@ -106,6 +109,7 @@ class Session:
             "sampler": data_state or self.loader.state_dict(),
             "rng": rng_state(),
             "train_config": self.cfg.to_dict(), "model_config": self.mcfg.to_dict(),
+            "world_size": self.dist.world_size,
             "wandb_run_id": self.wb.run_id,
         }
         self.ckpt.save(state, p.step, best=best)
@@ -120,6 +124,8 @@ class Session:
         self.tb.close()
         self.console.close()
         self.loader.close()
+        # Release the wrapped model and optimizer before distributed.cleanup() destroys their process group.
+        self.wrapped = self.model = self.optimizer = None  # type: ignore[assignment]
 
 
 def open_session(cfg: TrainConfig, command: str = "") -> Session:
@@ -138,20 +144,26 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
         raise UserError("this GPU has no bf16: use --amp-dtype fp16 (T4, V100) or --no-amp")
 
     ckpt = CheckpointManager(run_dir, keep_last=cfg.keep_last, enabled=dist.is_main)
+    if cfg.init_from:
+        check_init_from(cfg.init_from, mcfg)  # before find_start may clear an --overwrite run dir
     start = find_start(cfg, ckpt, dist.is_main)
+    dist_lib.check_same_start(start.state["step"] if start.resumed else None, dist)
     if start.resumed:
-        check_compatible(start.state["train_config"], cfg, start.path)
+        check_compatible(dist_lib.saved_config_for(start.state, cfg, dist, start.path), cfg, start.path)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     seed_everything(cfg.seed)
     model = GPT(mcfg)
     model.to(device=device, dtype=torch.bfloat16 if cfg.param_dtype == "bf16" else torch.float32)
+    if cfg.init_from and not start.resumed:
+        load_init_from(model, cfg.init_from)
     model.grad_checkpoint = cfg.grad_checkpoint
     if cfg.compile:
         # In place per block: parameter names keep no `_orig_mod.` and one block shape compiles once.
         for block in model.blocks:
             block.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
-    wrapped = dist_lib.wrap_model(model, cfg.fsdp, cfg.cpu_offload, dist, device)
+    wrapped = dist_lib.wrap_model(model, cfg.fsdp, cfg.cpu_offload, dist, device,
+                                  dev.amp_dtype(cfg.amp_dtype) if cfg.amp else None)
     optimizer = build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and cfg.amp_dtype == "fp16")
     sampler = TrainSampler(ds, cfg.seed, rank=dist.rank, world_size=dist.world_size)
@@ -183,8 +195,9 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
                   tags=cfg.wandb_tags.split(",") if cfg.wandb_tags else None, mode=cfg.wandb_mode,
                   run_id=wandb_id, fresh=not start.resumed, warn=console.print)
     tb = TBWriter(run_dir, enabled=cfg.tb and main, purge_step=prog.step + 1 if start.resumed else None)
+    val = ValWindows(ds, eval_seq_len, cfg.batch_size * dist.world_size, cfg.eval_iters)  # split across ranks
     return Session(cfg=cfg, mcfg=mcfg, dist=dist, device=device, run_dir=run_dir, model=model, wrapped=wrapped,
                    optimizer=optimizer, scaler=scaler, loader=Prefetcher(sampler, device),
-                   val=ValWindows(ds, eval_seq_len, cfg.batch_size, cfg.eval_iters), ckpt=ckpt, log=log, wb=wb,
+                   val=val, ckpt=ckpt, log=log, wb=wb,
                    tb=tb, console=console, seq_points=points, eval_seq_len=eval_seq_len, resumed=start.resumed,
                    info=info, prog=prog)
