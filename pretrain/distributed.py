@@ -1,21 +1,30 @@
-"""Process topology and the few places training differs under torchrun (DDP / FSDP2).
+"""Process topology and the few places training differs under torchrun: DDP by default, FSDP2 with --fsdp.
 
-Single-process runs take the trivial path of every function here; multi-process support is built on
-PyTorch's own DDP and FSDP2 (`fully_shard`).
+A single process (no WORLD_SIZE, or WORLD_SIZE=1) takes the trivial path of every function. Under torchrun
+the work is done by PyTorch's own engines: `DistributedDataParallel`, or FSDP2 (`fully_shard` per block,
+then the root). Checkpoints always hold full, unsharded tensors keyed by parameter name (the format of
+`torch.distributed.checkpoint.state_dict`), so a run saved at N ranks resumes at M ranks, DDP or FSDP.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import gc
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 from torch import nn
 
 from pretrain.cli import UserError
+
+# A rank that dies leaves the others blocked in a collective; torchrun kills them as soon as it notices,
+# so this only bounds the truly stuck cases (a hung node). 30 min is gloo's default, too long on a rented GPU.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -25,6 +34,8 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # A gloo group for host-side flags (stop requests): agreeing on a bool then needs no GPU sync.
+    control: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -36,50 +47,189 @@ class Dist:
 
 
 def init_distributed(device: torch.device) -> Dist:
-    """Read torchrun's environment. Multi-process training is not wired yet: refuse it clearly."""
+    """Join torchrun's process group (nccl on CUDA, gloo otherwise); a plain `python` run is rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise UserError("multi-process (torchrun) training is not supported yet; run a single process")
-    return Dist()
+    if world <= 1:
+        return Dist()
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        raise UserError("WORLD_SIZE is set but RANK/MASTER_ADDR are not: launch multi-process runs with torchrun")
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"multi-process training runs on cuda or cpu, not {device.type}; use --device cuda or cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
+                                 device_id=device if device.type == "cuda" else None)
+    control = tdist.new_group(backend="gloo") if backend != "gloo" else tdist.group.WORLD
+    return Dist(rank=tdist.get_rank(), world_size=tdist.get_world_size(),
+                local_rank=int(os.environ.get("LOCAL_RANK", "0")), control=control)
 
 
-def wrap_model(model: nn.Module, fsdp: bool, cpu_offload: bool, dist: Dist, device: torch.device) -> nn.Module:
-    """The module to call for forward/backward (DDP or FSDP2 wrapped under torchrun)."""
+def wrap_model(model: nn.Module, fsdp: bool, cpu_offload: bool, dist: Dist, device: torch.device,
+               amp_dtype: torch.dtype | None = None) -> nn.Module:
+    """The module to call for forward/backward: the model itself, DDP, or (sharded in place) FSDP2.
+
+    FSDP2 mixed precision: blocks all-gather their weights in `amp_dtype` (half the traffic; autocast
+    would cast them for the matmuls anyway) and reduce gradients in fp32. `cast_forward_inputs=False`
+    and a full-precision root keep the residual stream in fp32, as single-process autocast does: the
+    embedding output would otherwise be bf16 and every residual add rounded to bf16.
+    """
+    if cpu_offload and not fsdp:
+        raise UserError("--cpu-offload needs --fsdp (it offloads FSDP2's sharded parameters); add --fsdp")
+    if not fsdp:
+        if not dist.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # DDP broadcasts rank 0's weights at construction, so every replica starts identical.
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if not tdist.is_initialized():
+        # One process can use FSDP2 too: with --cpu-offload it trains a model larger than the GPU.
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=tdist.HashStore(),
+                                 rank=0, world_size=1, timeout=COLLECTIVE_TIMEOUT)
+    mesh = init_device_mesh(device.type, (dist.world_size,))
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
+    block_mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=block_mp, offload_policy=offload)
+    # The root (embedding, tied LM head, final norm) is needed right after forward by backward: no reshard.
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
+                offload_policy=offload, reshard_after_forward=False)
     return model
 
 
 @contextlib.contextmanager
 def maybe_no_sync(wrapped: nn.Module, sync: bool) -> Iterator[None]:
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
-    yield
+    """DDP: skip the gradient all-reduce on all but the last micro-batch of an accumulation.
+
+    FSDP2 reduce-scatters every micro-batch on purpose: skipping it would keep full unsharded gradients
+    alive across micro-batches, the memory FSDP exists to save.
+    """
+    no_sync = getattr(wrapped, "no_sync", None)
+    if sync or no_sync is None:
+        yield
+    else:
+        with no_sync():
+            yield
+
+
+def _sum(t: torch.Tensor, group: Any = None, op: Any = None) -> torch.Tensor:
+    out = t.detach().clone()
+    tdist.all_reduce(out, op=op or tdist.ReduceOp.SUM, group=group)
+    return out
 
 
 def any_rank(flag: bool, dist: Dist) -> bool:
-    """True when `flag` is set on any rank (a stop signal reaching one rank stops all)."""
-    return flag
+    """True when `flag` is set on any rank (a stop signal reaching one rank stops all, at the same step)."""
+    if not dist.enabled:
+        return flag
+    return bool(_sum(torch.tensor([int(flag)]), dist.control, tdist.ReduceOp.MAX).item())
 
 
 def mean_across_ranks(value: torch.Tensor, dist: Dist) -> torch.Tensor:
-    return value
+    """The mean of `value` over ranks (a new tensor; SUM then divide, as gloo has no AVG)."""
+    if not dist.enabled:
+        return value
+    return _sum(value) / dist.world_size
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, dist: Dist) -> torch.Tensor:
+    """Clip the global gradient norm; returns it as a plain (replicated) tensor.
+
+    Under FSDP2 the gradients are DTensor shards and torch's clip returns a DTensor norm; its full value
+    is the same on every rank, so non-finite steps are skipped by all ranks alike.
+    """
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    full = getattr(norm, "full_tensor", None)
+    return full() if full is not None else norm
+
+
+def _options(dist: Dist, **kw: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Full tensors gathered to rank 0's CPU memory only, the one rank that writes checkpoints.
+    return StateDictOptions(full_state_dict=True, cpu_offload=tdist.is_initialized(), **kw)
 
 
 def model_state(model: nn.Module, dist: Dist) -> dict[str, Any]:
     """Full (unsharded) model weights; a collective under FSDP, so every rank must call it."""
-    return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options(dist))
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, dist: Dist) -> dict[str, Any]:
-    return optimizer.state_dict()
+    """Full optimizer state keyed by parameter name (independent of world size and DDP/FSDP)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_options(dist))
 
 
 def load_model_state(model: nn.Module, state: dict[str, Any], dist: Dist) -> None:
-    model.load_state_dict(state)
+    """Load full weights (every rank holds them) into the plain, DDP or FSDP2 model; shards as needed."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state, options=_options(dist))
+
+
+def _by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """Convert `optimizer.state_dict()`'s positional format (older checkpoints) to the by-name one."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
                          dist: Dist) -> None:
-    optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    if any(isinstance(k, int) for k in state.get("state", {})):
+        state = _by_name(model, optimizer, state)
+    set_optimizer_state_dict(model, optimizer, state, options=_options(dist))
+
+
+def check_same_start(step: int | None, dist: Dist) -> None:
+    """Refuse to train when ranks would resume from different checkpoints (run dir not shared by nodes)."""
+    if not dist.enabled:
+        return
+    mine = torch.tensor([-1 if step is None else step])
+    lo, hi = _sum(mine, dist.control, tdist.ReduceOp.MIN), _sum(mine, dist.control, tdist.ReduceOp.MAX)
+    if lo.item() != hi.item():
+        raise UserError("ranks found different checkpoints to resume from (steps "
+                        f"{lo.item()}..{hi.item()}, -1 = none); multi-node runs need --out-dir on storage "
+                        "every node sees (NFS, a shared volume)")
+
+
+def saved_config_for(state: dict[str, Any], cfg: Any, dist: Dist, path: Any) -> dict[str, Any]:
+    """A checkpoint's train config as this topology would have written it, for the resume check.
+
+    --batch-size, --grad-accum and --fsdp may change with the number of ranks (checkpoints hold full
+    state, the sampler one global order) as long as the global batch, batch x accum x ranks, stays the same.
+    """
+    saved = dict(state["train_config"])
+    world = int(state.get("world_size", 1))  # checkpoints before torchrun support were single-process
+    old = (saved.get("batch_size", cfg.batch_size), saved.get("grad_accum", cfg.grad_accum), world)
+    new = (cfg.batch_size, cfg.grad_accum, dist.world_size)
+    if old[0] * old[1] * old[2] != new[0] * new[1] * new[2]:
+        raise UserError(f"cannot resume from {path}: its global batch is {old[0] * old[1] * old[2]} sequences "
+                        f"(--batch-size {old[0]} x --grad-accum {old[1]} x {world} ranks), this run's "
+                        f"{new[0] * new[1] * new[2]}; choose --batch-size and --grad-accum so that "
+                        f"batch x accum x {dist.world_size} ranks = {old[0] * old[1] * old[2]}")
+    return saved | {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "fsdp": cfg.fsdp}
 
 
 def cleanup(dist: Dist) -> None:
-    """Tear down the process group cleanly (gloo aborts at exit otherwise)."""
+    """Tear down the process group cleanly: release, barrier, destroy (gloo aborts at exit otherwise).
+
+    The caller must drop its references to the wrapped model and optimizer first; collecting them here
+    frees DDP's reducer / FSDP's state before the group they hold goes away.
+    """
+    if not tdist.is_initialized():
+        return
+    gc.collect()
+    tdist.barrier()
+    tdist.destroy_process_group()
