@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from pretrain.cli import UserError
+from pretrain.feistel import FeistelPermutation
 from pretrain.manifest import MANIFEST, read_manifest
 
 STATE_VERSION = 1
@@ -215,42 +216,6 @@ def _read_windows(segments: list[np.ndarray], starts: np.ndarray, ids: np.ndarra
     return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
 
-_C1, _C2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
-class _Permutation:
-    """Keyed bijection of [0, n): a Feistel network on the smallest even-bit power of two >= n,
-    cycle-walking values that fall outside [0, n). O(1) memory and state; vectorised."""
-
-    def __init__(self, n: int, seed: int, epoch: int, rounds: int = 6) -> None:
-        bits = max(2, (n - 1).bit_length())
-        bits += bits & 1
-        self.n, self.half = n, np.uint64(bits // 2)
-        self.mask = np.uint64((1 << (bits // 2)) - 1)
-        ss = np.random.SeedSequence([seed % 2**64, epoch, n])
-        self.keys = [np.uint64(k) for k in ss.generate_state(rounds, dtype=np.uint64)]
-
-    def _round_fn(self, r: np.ndarray, k: np.uint64) -> np.ndarray:
-        z = r + k  # splitmix64 finaliser: full avalanche of the half-block
-        z = (z ^ (z >> np.uint64(30))) * _C1
-        z = (z ^ (z >> np.uint64(27))) * _C2
-        return (z ^ (z >> np.uint64(31))) & self.mask
-
-    def _encrypt(self, x: np.ndarray) -> np.ndarray:
-        left, right = x >> self.half, x & self.mask
-        for k in self.keys:
-            left, right = right, left ^ self._round_fn(right, k)
-        return (left << self.half) | right
-
-    def __call__(self, idx: np.ndarray) -> np.ndarray:
-        y = self._encrypt(np.asarray(idx, dtype=np.uint64))
-        bad = y >= self.n
-        while bad.any():
-            y[bad] = self._encrypt(y[bad])
-            bad = y >= self.n
-        return y.astype(np.int64)
-
-
 class TrainSampler:
     """Deterministic, resumable, rank-sliced training batches (see the module docstring)."""
 
@@ -260,7 +225,7 @@ class TrainSampler:
         self.ds, self.seed, self.rank, self.world_size = ds, int(seed), rank, world_size
         self.epoch, self.index, self.seq_len = 0, 0, 0  # seq_len 0: no batch drawn yet
         self._grid: tuple[int, np.ndarray, int] | None = None  # (seq_len, starts, n)
-        self._perm: _Permutation | None = None
+        self._perm: FeistelPermutation | None = None
         self._perm_epoch = -1
 
     def _starts(self, seq_len: int) -> tuple[np.ndarray, int]:
@@ -271,7 +236,7 @@ class TrainSampler:
 
     def _order(self, epoch: int, n: int, pos: np.ndarray) -> np.ndarray:
         if self._perm is None or self._perm.n != n or self._perm_epoch != epoch:
-            self._perm, self._perm_epoch = _Permutation(n, self.seed, epoch), epoch
+            self._perm, self._perm_epoch = FeistelPermutation(n, self.seed, epoch), epoch
         return self._perm(pos)
 
     def _switch_seq_len(self, seq_len: int) -> None:
@@ -288,7 +253,8 @@ class TrainSampler:
         if seq_len != self.seq_len:
             self._switch_seq_len(seq_len)
         starts, n = self._starts(seq_len)
-        self.ds.check_enough(batch_size, seq_len, self.world_size)
+        if n < batch_size * self.world_size:
+            self.ds.check_enough(batch_size, seq_len, self.world_size)  # raises the UserError
         first = self.epoch * n + self.index + self.rank * batch_size
         g = first + np.arange(batch_size, dtype=np.int64)
         epochs, pos = g // n, g % n

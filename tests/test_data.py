@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pretrain.cli import UserError, run_cli
-from pretrain.data import Prefetcher, TrainSampler, ValWindows, _Permutation, open_dataset
+from pretrain.data import Prefetcher, TrainSampler, ValWindows, open_dataset
+from pretrain.feistel import FeistelPermutation
 from pretrain.manifest import FORMAT, MANIFEST, VERSION, atomic_write_json, shard_name
 
 VOCAB = 60000  # > token count, so every token value is unique
@@ -58,7 +59,7 @@ def test_open_reports_facts_and_windows_are_shifted_pairs(ds_dir):
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 1000, 4097])
 def test_permutation_is_a_bijection(n):
-    out = _Permutation(n, seed=3, epoch=2)(np.arange(n))
+    out = FeistelPermutation(n, seed=3, epoch=2)(np.arange(n))
     assert sorted(out.tolist()) == list(range(n))
     if n >= 17:
         assert out.tolist() != list(range(n))

@@ -1,0 +1,72 @@
+"""Benchmark prepare: end-to-end tokens/s of pretrain.prepare on the shared FineWeb sample against
+raw tiktoken `encode_ordinary_batch` on the same texts in the same run (aim: ratio >= 0.8, i.e.
+reading, process fan-out and shard writing cost at most 20% on top of tokenizing).
+
+    .venv/bin/python bench/prepare.py [--copies 3] [--workers N]
+
+The ~1.4M-token sample is repeated `--copies` times (symlinks) so worker start-up is amortised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pyarrow.parquet as pq  # noqa: E402
+
+from pretrain.prepare import prepare  # noqa: E402
+from pretrain.tokenizer import resolve_tokenizer  # noqa: E402
+
+SAMPLE = ROOT.parent / "shared" / "data" / "fineweb-sample" / "sample" / "10BT"
+RANKS = ROOT.parent / "shared" / "data" / "gpt2.tiktoken"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--copies", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        files = sorted(SAMPLE.glob("*.parquet"))
+        for c in range(args.copies):
+            for f in files:
+                (src / f"{c:03d}_{f.name}").symlink_to(f)
+        texts = [t for f in sorted(src.glob("*.parquet"))
+                 for t in pq.read_table(f, columns=["text"]).column(0).to_pylist()]
+        enc = resolve_tokenizer(str(RANKS)).build()
+
+        raw = {}
+        for threads in sorted({1, args.workers}):
+            t0 = time.perf_counter()
+            n = sum(len(ids) + 1 for ids in enc.encode_ordinary_batch(texts, num_threads=threads))
+            raw[threads] = n / (time.perf_counter() - t0)
+        best = max(raw.values())
+
+        t0 = time.perf_counter()
+        m = prepare(10**12, Path(tmp) / "out", [str(src)], tokenizer=str(RANKS), shard_tokens=1_000_000,
+                    val_tokens=100_000, workers=args.workers, progress="none")
+        dt = time.perf_counter() - t0
+        written = sum(s["tokens"] for s in m["shards"])
+        rate = written / dt
+    print(f"sample x{args.copies}: {len(texts):,} documents, {n:,} tokens (incl. EOTs), {args.workers} workers, "
+          f"{os.cpu_count()} CPUs")
+    for threads, r in raw.items():
+        print(f"raw tiktoken encode_ordinary_batch, {threads} thread(s): {r / 1e6:.2f}M tok/s")
+    print(f"prepare end-to-end (read + tokenize + write {len(m['shards'])} shards): {rate / 1e6:.2f}M tok/s "
+          f"in {dt:.1f}s")
+    print(f"ratio prepare / best raw = {rate / best:.2f} (aim >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
