@@ -1,0 +1,237 @@
+"""Trainer step throughput on CPU, and the stall one checkpoint save adds to a step (async vs synchronous).
+
+    .venv/bin/python bench/train_step.py                     # tiny + small presets; several minutes on 2 cores
+    .venv/bin/python bench/train_step.py --presets tiny --iters 10 --no-stall
+
+Throughput: for each preset, with and without activation checkpointing (--grad-checkpoint) and with and
+without torch.compile (per block, as pretrain/session.py does), one optimizer step exactly like the trainer's
+(bf16 autocast forward + backward, grad clipping, fused AdamW with the on-device non-finite skip) is timed.
+Each configuration runs in a fresh process with an empty inductor cache, so "1st step" includes a cold
+compile and the memory column is that configuration's own peak RSS. Reported: steady-state step time
+(median), tok/s, achieved model FLOP/s (ModelConfig.flops_per_token: 6N + attention, recompute not
+counted) and that as a fraction of the FLOP/s of a 2048^3 matmul timed in the same process, in fp32 and
+in bf16 (autocast runs its matmuls in bf16, which this CPU does natively, so bf16 is its practical peak).
+
+Checkpoint stall: a training step followed by CheckpointManager.save() of the model + AdamW state, vs a
+plain step. `save()` is what the caller waits for (snapshot to CPU; plus the whole write when synchronous);
+`next step` is the step that runs while an async write is still in flight (it competes for CPU and memory
+bandwidth); `tail` is what wait() still blocks for after it. stall = save() + tail, plus for async the
+slowdown of the next step (next step - plain step, if positive).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import GPT, ModelConfig  # noqa: E402
+from pretrain import device as dev  # noqa: E402
+from pretrain.checkpoint import CheckpointManager  # noqa: E402
+from pretrain.config import TrainConfig  # noqa: E402
+from pretrain.optim import build_optimizer, step_unless_nonfinite  # noqa: E402
+
+
+def matmul_peaks(n: int = 2048, reps: int = 5) -> dict[str, float]:
+    """Best-of-reps FLOP/s of an n x n matmul in fp32 and bf16."""
+    peaks = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm up the BLAS threads and kernels
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        peaks[name] = 2 * n**3 / best
+    return peaks
+
+
+class Step:
+    """One trainer-like optimizer step on a fixed random batch."""
+
+    def __init__(self, preset: str, batch: int, seq_len: int, grad_checkpoint: bool, compile_: bool,
+                 amp: bool) -> None:
+        torch.manual_seed(0)
+        self.cfg = ModelConfig.from_preset(preset)
+        self.model = GPT(self.cfg).train()
+        self.model.grad_checkpoint = grad_checkpoint
+        if compile_:
+            for block in self.model.blocks:  # as pretrain/session.py: in place, per block
+                block.compile()
+        tcfg = TrainConfig(size=preset)  # the trainer's optimizer defaults: AdamW, wd 0.1, fused
+        self.optimizer = build_optimizer(self.model, tcfg, torch.device("cpu"))
+        self.amp = amp
+        self.x = torch.randint(0, self.cfg.vocab_size, (batch, seq_len))
+        self.y = torch.randint(0, self.cfg.vocab_size, (batch, seq_len))
+        self.tokens = batch * seq_len
+        self.step = 0
+
+    def __call__(self) -> float:
+        """Run one step; returns its wall time in seconds."""
+        t0 = time.perf_counter()
+        with dev.autocast(torch.device("cpu"), self.amp, torch.bfloat16):
+            loss = self.model(self.x, self.y)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        step_unless_nonfinite(self.optimizer, (~torch.isfinite(grad_norm)).float())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return time.perf_counter() - t0
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step}
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_throughput(spec: dict[str, Any]) -> dict[str, Any]:
+    peaks = matmul_peaks()
+    step = Step(spec["preset"], spec["batch"], spec["seq_len"], spec["gc"], spec["compile"], spec["amp"])
+    first = step()  # includes the cold compile when compiled
+    for _ in range(spec["warmup"]):
+        step()
+    times = [step() for _ in range(spec["iters"])]
+    after = matmul_peaks()  # timed again: load from other processes may have changed meanwhile
+    steady = statistics.median(times)
+    return {**spec, "first_s": first, "step_s": steady, "tok_s": step.tokens / steady,
+            "flops_per_token": step.cfg.flops_per_token(spec["seq_len"]), "params": step.cfg.num_params(),
+            "peak": {k: max(v, after[k]) for k, v in peaks.items()}, "rss_mb": rss_mb()}
+
+
+def child_stall(spec: dict[str, Any]) -> dict[str, Any]:
+    step = Step(spec["preset"], spec["batch"], spec["seq_len"], False, False, spec["amp"])
+    plain = [step() for _ in range(spec["iters"] + 1)][1:]  # the first step allocates the AdamW state
+    rows = []
+    with tempfile.TemporaryDirectory(dir=spec["dir"], prefix="bench-ckpt-") as d:
+        for async_write in (False, True):
+            mgr = CheckpointManager(Path(d) / ("async" if async_write else "sync"), keep_last=1,
+                                    async_write=async_write)
+            saves, nexts, tails, writes = [], [], [], []
+            for _ in range(spec["reps"]):
+                plain.append(step())
+                t0 = time.perf_counter()
+                mgr.save(step.state(), step.step)
+                saves.append(time.perf_counter() - t0)
+                nexts.append(step())
+                t1 = time.perf_counter()
+                mgr.wait()
+                tails.append(time.perf_counter() - t1)
+                assert mgr.last_error is None, mgr.last_error
+                writes.append(mgr.last_write_seconds or 0.0)
+            med = statistics.median
+            rows.append({"mode": "async" if async_write else "sync", "save_s": med(saves), "next_s": med(nexts),
+                         "tail_s": med(tails), "write_s": med(writes)})
+        size = sum(f.stat().st_size for f in Path(d).glob("*/last.pt")) / 2
+    return {**spec, "plain_s": statistics.median(plain), "ckpt_mb": size / 1e6, "rows": rows}
+
+
+def run_child(kind: str, spec: dict[str, Any], threads: int) -> dict[str, Any]:
+    """One measurement in a fresh process: clean memory peak, cold inductor cache, fixed thread count."""
+    with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TORCHINDUCTOR_CACHE_DIR": cache}
+        proc = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], env=env,
+                              stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_throughput(rows: list[dict[str, Any]]) -> None:
+    head = (f"{'preset':<7}{'params':>8} {'B x T':>8} {'ckpt':>5} {'compile':>8} {'1st step s':>11} "
+            f"{'step s':>8} {'tok/s':>8} {'GFLOP/s':>8} {'of fp32 mm':>11} {'of bf16 mm':>11} {'RSS MB':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        achieved = r["flops_per_token"] * r["tok_s"]
+        print(f"{r['preset']:<7}{r['params'] / 1e6:>7.1f}M {r['batch']:>3} x {r['seq_len']:<4}"
+              f"{'yes' if r['gc'] else 'no':>5} {'yes' if r['compile'] else 'no':>8} {r['first_s']:>11.2f} "
+              f"{r['step_s']:>8.3f} {r['tok_s']:>8.0f} {achieved / 1e9:>8.2f} "
+              f"{achieved / r['peak']['fp32']:>11.1%} {achieved / r['peak']['bf16']:>11.1%} {r['rss_mb']:>7.0f}")
+    fp32 = [r["peak"]["fp32"] / 1e9 for r in rows]
+    bf16 = [r["peak"]["bf16"] / 1e9 for r in rows]
+    print(f"2048^3 matmul peak per process: fp32 {min(fp32):.0f}-{max(fp32):.0f} GFLOP/s, "
+          f"bf16 {min(bf16):.0f}-{max(bf16):.0f} GFLOP/s")
+
+
+def print_stall(results: list[dict[str, Any]]) -> None:
+    head = (f"{'preset':<7}{'ckpt MB':>8} {'mode':<6}{'plain step ms':>14} {'save() ms':>10} {'next step ms':>13} "
+            f"{'tail ms':>8} {'write s':>8} {'stall ms':>9} {'step+save ms':>13}")
+    print(head)
+    print("-" * len(head))
+    for res in results:
+        for r in res["rows"]:
+            stall = r["save_s"] + r["tail_s"]
+            if r["mode"] == "async":  # only then does a write overlap the next step
+                stall += max(0.0, r["next_s"] - res["plain_s"])
+            print(f"{res['preset']:<7}{res['ckpt_mb']:>8.0f} {r['mode']:<6}{res['plain_s'] * 1e3:>14.0f} "
+                  f"{r['save_s'] * 1e3:>10.0f} {r['next_s'] * 1e3:>13.0f} {r['tail_s'] * 1e3:>8.0f} "
+                  f"{r['write_s']:>8.2f} {stall * 1e3:>9.0f} {(res['plain_s'] + stall) * 1e3:>13.0f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", default="tiny,small")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch/OpenMP threads (default: all)")
+    ap.add_argument("--tiny-batch", type=int, default=4)
+    ap.add_argument("--small-batch", type=int, default=1)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--iters", type=int, default=None, help="timed steps (default: 5 tiny, 2 small)")
+    ap.add_argument("--no-amp", action="store_true", help="fp32 instead of the trainer's bf16 autocast")
+    ap.add_argument("--no-stall", action="store_true", help="skip the checkpoint-stall measurement")
+    ap.add_argument("--stall-reps", type=int, default=None, help="saves per mode (default: 3 tiny, 1 small)")
+    ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the stall benchmark writes checkpoints")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.child:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        kind, spec = args.child[0], json.loads(args.child[1])
+        print(json.dumps(child_throughput(spec) if kind == "throughput" else child_stall(spec)), flush=True)
+        return 0
+
+    presets = args.presets.split(",")
+    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "
+          f"{'fp32' if args.no_amp else 'bf16 autocast'}, load average {os.getloadavg()[0]:.1f} at start")
+    rows = []
+    for preset in presets:
+        small = preset != "tiny"
+        base = {"preset": preset, "batch": args.small_batch if small else args.tiny_batch, "seq_len": args.seq_len,
+                "amp": not args.no_amp, "iters": args.iters or (2 if small else 5)}
+        for compile_ in (False, True):
+            for gc in (False, True):
+                t0 = time.perf_counter()
+                spec = {**base, "gc": gc, "compile": compile_, "warmup": 1 if compile_ or not small else 0}
+                rows.append(run_child("throughput", spec, args.threads))
+                print(f"  measured {preset} ckpt={gc} compile={compile_} in {time.perf_counter() - t0:.0f} s",
+                      file=sys.stderr, flush=True)
+    print()
+    print_throughput(rows)
+    if not args.no_stall:
+        stalls = []
+        for preset in presets:
+            small = preset != "tiny"
+            spec = {"preset": preset, "batch": args.small_batch if small else args.tiny_batch,
+                    "seq_len": args.seq_len, "amp": not args.no_amp, "iters": 1 if small else 3,
+                    "reps": args.stall_reps or (1 if small else 3), "dir": args.dir}
+            stalls.append(run_child("stall", spec, args.threads))
+        print(f"\ncheckpoint stall (model + AdamW state, written under {args.dir}):")
+        print_stall(stalls)
+    print(f"load average {os.getloadavg()[0]:.1f} at end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
