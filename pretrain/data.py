@@ -171,6 +171,9 @@ def open_dataset(path: str | Path, val_frac: float = 0.0, require_val: bool = Tr
     train = [a for s, a in parts if s == "train" and len(a)]
     val = [a for s, a in parts if s == "val" and len(a)]
     if not train:
+        if meta.get("complete") is False:
+            raise UserError(f"{spath} is still being prepared (no training shard yet); rerun the same "
+                            "prepare_fineweb.py command to finish it")
         raise UserError(f"{spath} holds no training tokens; run prepare_fineweb.py with a larger --tokens")
     if not (0.0 <= val_frac < 1.0):
         raise UserError(f"--val-frac must be in [0, 1), got {val_frac}")

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -94,7 +95,8 @@ def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _tokenized(batches: Iterator[DocBatch], tok: Tokenizer, dtype: str, workers: int):
-    """Yield (batch, tokens, bounds) in source order, at most ~2 batches per worker in flight."""
+    """Yield (batch, tokens, bounds) in source order, at most ~2 batches per worker in flight
+    (Pool.imap would read the whole source ahead into memory)."""
     if workers <= 1:
         _init_worker(tok, dtype)
         for b in batches:
@@ -198,7 +200,9 @@ def prepare(tokens: int, output: str | Path, source: list[str] | Source = ("Hugg
     atomic_write_json(out / MANIFEST, m)
 
     bar = Progress(tokens, progress, already=sum(s["tokens"] for s in kept))
-    old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM -> clean KeyboardInterrupt
+    main_thread = threading.current_thread() is threading.main_thread()
+    # SIGTERM (e.g. a preempted instance) -> KeyboardInterrupt: same clean message as Ctrl-C
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
         _write(m, out, plan[len(kept):], src, tok, workers, bar)
     except SourceError as e:
@@ -211,7 +215,8 @@ def prepare(tokens: int, output: str | Path, source: list[str] | Source = ("Hugg
               "to continue", flush=True)
         raise
     finally:
-        signal.signal(signal.SIGTERM, old)
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
         bar.close()
     print_summary(m, out, bar.elapsed())
     return finish_legacy(out, m, legacy) if out != legacy else m
@@ -247,7 +252,7 @@ def _write(m: dict, out: Path, todo: list[tuple[str, int, int]], src: Source, to
             j = int(np.searchsorted(bounds, cur - 1, side="right")) - 1
             pos = {"doc": batch.first + j, "offset": cur - int(bounds[j]), "hint": hint}
             _save_shard(m, out, split, idx, buf, ndocs, pos)
-            bar.shard_done(m["shards"][-1]["file"], sum(s["tokens"] for s in m["shards"]))
+            bar.shard_done(m["shards"][-1]["file"], sum(s["tokens"] for s in m["shards"]), pos["doc"] - doc0)
             if slow:
                 time.sleep(slow)
             if not todo:

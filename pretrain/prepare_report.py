@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 
-def _si(x: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+def _si(x: float, bytes_: bool = False) -> str:
+    for unit, div in (("T", 1e12), ("G" if bytes_ else "B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(x) >= div:
             return f"{x / div:.2f}{unit}"
     return f"{x:.0f}"
@@ -57,8 +57,8 @@ class Progress:
             self.last = time.monotonic()
             print(f"prepare: {self._line()}", flush=True)
 
-    def shard_done(self, name: str, done: int) -> None:
-        self.done = done
+    def shard_done(self, name: str, done: int, docs: int) -> None:
+        self.done, self.docs = done, docs
         if self._bar is not None:
             self._bar.console.print(f"wrote {name}")
         elif self.mode == "plain":
@@ -81,7 +81,7 @@ def print_summary(m: dict, out: Path, seconds: float) -> None:
     where = src.get("path") if src.get("kind") == "hub" else f"{len(src.get('files', []))} local file(s)"
     print(f"prepared {out}: {total:,} tokens (val {tok['val']:,} in {len(by['val'])} shard(s), train "
           f"{tok['train']:,} in {len(by['train'])} shard(s)), "
-          f"{sum(s.get('documents', 0) for s in m['shards']):,} documents, {size / 1e9:.2f} GB, "
+          f"{sum(s.get('documents', 0) for s in m['shards']):,} documents, {_si(size, bytes_=True)}B on disk, "
           f"{_dur(seconds)} this run")
     print(f"  tokenizer {m['tokenizer']} (vocab {m['vocab_size']}, {m['dtype']}); source {where}"
           + (f" {src.get('name')}" if src.get("name") else ""))

@@ -213,6 +213,9 @@ class HubDataset:
             for ex in ds:
                 pos += 1
                 if pos > start:
+                    if self.text_column not in ex:  # a KeyError here would look like a network error
+                        raise UserError(f"'{self.path}' rows have no '{self.text_column}' (columns: "
+                                        f"{', '.join(ex)}); pass --text-column")
                     yield ex[self.text_column] or ""
 
         yield from _batched(docs(), start, max_chars,

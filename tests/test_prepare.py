@@ -103,7 +103,7 @@ def test_jsonl_json_txt_sources_equal_direct_tiktoken(tmp_path):
         (txt / f"doc{i:03d}.txt").write_text(t)
     out2 = tmp_path / "out2"
     assert cli("--tokens", "30K", "--shard-tokens", "8K", "--source", str(txt / "*.txt"), "--output", out2,
-               "--workers", 1) == 0
+               "--workers", 1, "--progress", "rich") == 0
     val, train = expected(TEXTS[:60], 30_000, 3_000)
     assert read_split(out2, "val") == val and read_split(out2, "train") == train
 
@@ -148,13 +148,14 @@ def test_hub_streaming_path_resumes_from_state_hints(tmp_path, reference):
     d = tmp_path / "hub"
     prepare(300_000, d, src, shard_tokens=40_000, workers=1, progress="none")
     assert hashes(d) == hashes(reference)
-    m = json.loads((d / "manifest.json").read_text())
-    assert any(s["end"]["hint"] for s in m["shards"][1:])
-    m["shards"], m["complete"] = m["shards"][:3], False
-    (d / "manifest.json").write_text(json.dumps(m))
-    (d / "train_000003.npy").unlink()
-    prepare(300_000, d, src, shard_tokens=40_000, workers=1, progress="none")
-    assert hashes(d) == hashes(reference)
+    for keep in (3, 1):  # resume mid-train, and right after the val split
+        m = json.loads((d / "manifest.json").read_text())
+        assert any(s["end"]["hint"] for s in m["shards"][1:])
+        m["shards"], m["complete"] = m["shards"][:keep], False
+        (d / "manifest.json").write_text(json.dumps(m))
+        (d / "train_000003.npy").unlink()
+        prepare(300_000, d, src, shard_tokens=40_000, workers=1, progress="none")
+        assert hashes(d) == hashes(reference)
 
 
 class FlakyHub(HubDataset):
@@ -192,6 +193,18 @@ def test_network_errors_are_retried_then_reported(tmp_path, reference, capsys):
         prepare(300_000, tmp_path / "down", FlakyHub(fails=10**9, ok_docs=400, down=True), shard_tokens=40_000,
                 workers=1, progress="none")
     assert json.loads((tmp_path / "down" / "manifest.json").read_text())["shards"]  # progress kept
+
+
+def test_missing_or_gated_hub_dataset_is_a_clear_error(monkeypatch, tmp_path):
+    import datasets
+
+    def not_found(*args, **kwargs):
+        raise datasets.exceptions.DatasetNotFoundError("Dataset 'someone/private' is a gated dataset on the Hub.")
+
+    monkeypatch.setattr(datasets, "load_dataset", not_found)
+    with pytest.raises(UserError, match="not found on the Hugging Face Hub or gated.*hf auth login"):
+        prepare(1000, tmp_path / "o", ["someone/private"], workers=1, progress="none")
+    assert not (tmp_path / "o").exists()
 
 
 def test_legacy_single_file_output(tmp_path):
