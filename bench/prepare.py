@@ -2,7 +2,7 @@
 raw tiktoken `encode_ordinary_batch` on the same texts in the same run (aim: ratio >= 0.8, i.e.
 reading, process fan-out and shard writing cost at most 20% on top of tokenizing).
 
-    .venv/bin/python bench/prepare.py [--copies 3] [--workers N]
+    .venv/bin/python bench/prepare.py [--copies 4] [--repeat 3] [--workers N]
 
 The ~1.4M-token sample is repeated `--copies` times (symlinks) so worker start-up is amortised.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +33,8 @@ RANKS = ROOT.parent / "shared" / "data" / "gpt2.tiktoken"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--copies", type=int, default=3)
+    ap.add_argument("--copies", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
@@ -46,25 +48,26 @@ def main() -> None:
                  for t in pq.read_table(f, columns=["text"]).column(0).to_pylist()]
         enc = resolve_tokenizer(str(RANKS)).build()
 
-        raw = {}
-        for threads in sorted({1, args.workers}):
+        raw: dict[int, list[float]] = {}
+        rates, secs = [], []
+        for rep in range(args.repeat):  # interleaved, medians: this machine's load varies a lot
+            for threads in sorted({1, args.workers}):
+                t0 = time.perf_counter()
+                n = sum(len(ids) + 1 for ids in enc.encode_ordinary_batch(texts, num_threads=threads))
+                raw.setdefault(threads, []).append(n / (time.perf_counter() - t0))
             t0 = time.perf_counter()
-            n = sum(len(ids) + 1 for ids in enc.encode_ordinary_batch(texts, num_threads=threads))
-            raw[threads] = n / (time.perf_counter() - t0)
-        best = max(raw.values())
-
-        t0 = time.perf_counter()
-        m = prepare(10**12, Path(tmp) / "out", [str(src)], tokenizer=str(RANKS), shard_tokens=1_000_000,
-                    val_tokens=100_000, workers=args.workers, progress="none")
-        dt = time.perf_counter() - t0
-        written = sum(s["tokens"] for s in m["shards"])
-        rate = written / dt
+            m = prepare(n, Path(tmp) / f"out{rep}", [str(src)], tokenizer=str(RANKS), shard_tokens=1_000_000,
+                        val_tokens=100_000, workers=args.workers, progress="none")
+            secs.append(time.perf_counter() - t0)
+            rates.append(sum(s["tokens"] for s in m["shards"]) / secs[-1])
+        best = max(statistics.median(v) for v in raw.values())
+        rate, dt = statistics.median(rates), statistics.median(secs)
     print(f"sample x{args.copies}: {len(texts):,} documents, {n:,} tokens (incl. EOTs), {args.workers} workers, "
           f"{os.cpu_count()} CPUs")
     for threads, r in raw.items():
-        print(f"raw tiktoken encode_ordinary_batch, {threads} thread(s): {r / 1e6:.2f}M tok/s")
-    print(f"prepare end-to-end (read + tokenize + write {len(m['shards'])} shards): {rate / 1e6:.2f}M tok/s "
-          f"in {dt:.1f}s")
+        print(f"raw tiktoken encode_ordinary_batch, {threads} thread(s): {statistics.median(r) / 1e6:.2f}M tok/s")
+    print(f"prepare end-to-end (read + tokenize + write {len(m['shards'])} shards, worker start-up included): "
+          f"{rate / 1e6:.2f}M tok/s in {dt:.1f}s (medians of {args.repeat})")
     print(f"ratio prepare / best raw = {rate / best:.2f} (aim >= 0.8)")
 
 

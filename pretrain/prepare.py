@@ -102,7 +102,10 @@ def _tokenized(batches: Iterator[DocBatch], tok: Tokenizer, dtype: str, workers:
         for b in batches:
             yield (b, *_encode(b.texts))
         return
+    # forkserver, not fork: the parent may run threads (pyarrow, HF streaming) that fork would copy mid-lock
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload([__name__])  # workers fork with numpy + tiktoken already imported
     pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok, dtype))
     try:
         pending: deque = deque()
