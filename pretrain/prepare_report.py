@@ -60,6 +60,7 @@ class Progress:
     def shard_done(self, name: str, done: int, docs: int) -> None:
         self.done, self.docs = done, docs
         if self._bar is not None:
+            self._bar.update(self._task, completed=done, info=self._line())
             self._bar.console.print(f"wrote {name}")
         elif self.mode == "plain":
             self.last = time.monotonic()
