@@ -13,15 +13,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pretrain.cli import ArgumentParser, run_cli
+from pretrain.cli import ArgumentParser, UserError, run_cli
 
 
 def _count(text: str) -> int:
-    from pretrain.prepare import parse_tokens
+    from pretrain.schedule import parse_count
 
     try:
-        return parse_tokens(text)
-    except ValueError as e:
+        return parse_count(text, "token count")
+    except UserError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 

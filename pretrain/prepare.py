@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import re
 import shutil
 import signal
 import threading
@@ -48,18 +47,6 @@ from pretrain.tokenizer import Tokenizer, resolve_tokenizer
 DEFAULT_VAL_TOKENS = 10_000_000
 BATCH_CHARS = 1 << 20  # ~250K tokens per work item: large enough to amortise pickling
 SLOW_ENV = "PRETRAIN_PREPARE_SLEEP_AFTER_SHARD"  # tests: seconds to pause after each shard (kill -9 test)
-_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
-
-
-def parse_tokens(text: str) -> int:
-    """'500K' / '100M' / '1B' / '2000000' / '1.5M' -> a positive int; anything else -> ValueError."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMBGT]?)\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"'{text}' is not a token count; use e.g. 500K, 100M, 1B or 2000000")
-    n = int(round(float(m.group(1)) * _SUFFIX[m.group(2).upper()]))
-    if n <= 0:
-        raise ValueError(f"'{text}' must be a positive token count, e.g. 500K, 100M, 1B")
-    return n
 
 
 def plan_shards(total: int, val: int, shard: int) -> list[tuple[str, int, int]]:

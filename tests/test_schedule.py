@@ -61,12 +61,13 @@ def test_lr_schedules():
 
 
 @pytest.mark.parametrize("text, value", [("500K", 500_000), ("100M", 10**8), ("1B", 10**9), ("2.5b", 2_500_000_000),
-                                         ("2000000", 2_000_000), ("10_000", 10_000)])
+                                         ("2000000", 2_000_000), ("10_000", 10_000), ("1.5m", 1_500_000),
+                                         ("2k", 2000)])
 def test_parse_count(text, value):
     assert parse_count(text) == value
 
 
-@pytest.mark.parametrize("text", ["ten", "-5M", "0", "1Q", "", "nanB"])
+@pytest.mark.parametrize("text", ["ten", "-5M", "0", "1Q", "", "nanB", "abc", "-5"])
 def test_parse_count_rejects_junk(text):
     with pytest.raises(UserError):
         parse_count(text)
