@@ -1,0 +1,314 @@
+"""Peak GPU memory of one training step, estimated without a GPU.
+
+How: build the planned model and the trainer's own optimizer inside `FakeTensorMode` on device cpu (fake
+tensors carry shapes and dtypes but allocate nothing), then run one real training step as the trainer does it
+(autocast forward with the chunked loss, backward, grad clipping, optimizer step) under
+`torch.distributed._tools.mem_tracker.MemTracker`, which follows every tensor storage as it is created and freed
+and records the highest total. Fake cuda tensors abort on backward in a CPU-only torch, so the tensors are cpu
+ones; CPU scaled_dot_product_attention runs a flash kernel whose saved tensors (output + logsumexp) match CUDA
+flash attention, and bf16/fp16 autocast casts the same matmuls on both devices.
+
+Steady state. The tracked step is a later one, not the first: the optimizer state (created lazily by the first
+`step()`) exists before it, and with `grad_accum > 1` the gradients of the earlier micro-batches are held
+throughout (the last micro-batch of a step is the fullest one).
+
+Speed: a 22-layer model is not tracked block by block. Blocks are identical, so models with 3 and 4 blocks
+are tracked op by op and the 22-block timeline is rebuilt from them (see `_extrapolate`). This is exact, not a
+fit: tests/test_memory.py compares it byte for byte with full runs; a timeline of unexpected shape falls back
+to tracking the full model. The 1b preset takes ~2 s instead of ~5 s per estimate.
+
+What the figure is. `tensor_peak` is what `torch.cuda.max_memory_allocated()` should report for the step.
+The device needs more than that; `allowance` adds a stated amount for what tensors do not show:
+  * CUDA context, cuBLAS/cuDNN workspaces and kernels loaded: CUDA_CONTEXT_BYTES (0.75 GiB; CUDA 12 with lazy
+    module loading takes ~0.3-0.6 GiB for the context, cuBLAS up to a few hundred MiB of workspaces);
+  * caching-allocator rounding and fragmentation: FRAGMENTATION (10 %) of the tensor peak (reserved memory
+    usually runs 3-15 % above allocated in steady training; expandable_segments lowers it).
+Not modelled: torch.compile (usually lowers activation memory by fusing pointwise ops, so eager is the safer
+figure), evaluation (no_grad, smaller than a training step), DDP gradient buckets (added by the planner) and
+FSDP sharding (the estimate is per unsharded replica, an upper bound).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from model import GPT, ModelConfig
+from pretrain.config import TrainConfig
+from pretrain.optim import build_optimizer, step_unless_nonfinite
+
+GiB = 1024**3
+CUDA_CONTEXT_BYTES = int(0.75 * GiB)
+FRAGMENTATION = 0.10
+# A CPU run has no CUDA context, but the Python process with torch loaded holds ~0.5 GiB resident.
+CPU_PROCESS_BYTES = int(0.5 * GiB)
+
+EXTRAPOLATE_FROM = 3  # deeper models are rebuilt from runs with 3 and 4 blocks
+# TrainConfig fields that change what one training step allocates (everything else is irrelevant to memory).
+MEMORY_FIELDS = ("batch_size", "grad_accum", "param_dtype", "amp", "amp_dtype", "grad_checkpoint", "optimizer",
+                 "opt_fused")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of one training step; `device_bytes()` adds the allowance, to compare with device memory."""
+
+    tensor_peak_bytes: int  # what torch.cuda.max_memory_allocated() should report
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    breakdown: dict[str, int] = field(default_factory=dict)  # at the peak: params, grads, optimizer, activations...
+    seconds: float = 0.0
+    extrapolated: bool = False  # rebuilt from a 3-block timeline (see the module docstring)
+
+    @property
+    def state_bytes(self) -> int:
+        """Model weights + optimizer state: what a checkpoint holds (a few KB of counters aside)."""
+        return self.param_bytes + self.optimizer_bytes
+
+    def device_bytes(self, device: str = "cuda") -> int:
+        return self.tensor_peak_bytes + allowance(self.tensor_peak_bytes, device)
+
+
+def allowance(tensor_peak_bytes: int, device: str = "cuda") -> int:
+    """Bytes the device needs beyond live tensors (see the module docstring for the numbers)."""
+    base = CUDA_CONTEXT_BYTES if device == "cuda" else CPU_PROCESS_BYTES
+    return base + int(FRAGMENTATION * tensor_peak_bytes)
+
+
+class _PeakTracker(MemTracker):
+    """MemTracker keeping only the global peak, and optionally the total after every op with its segment.
+
+    The stock tracker also updates a per-module peak for every active module on every op, which is O(modules)
+    per op and makes a 1B step take a minute instead of seconds; the global figures are the same. A segment is
+    (in backward?, index of the block running or None).
+    """
+
+    def __init__(self, record: bool = False) -> None:
+        super().__init__()
+        self.record = record
+        self.ops: list[tuple[tuple[bool, int | None], int]] = []
+
+    def total(self) -> int:
+        return sum(snap["Total"] for snap in self._curr_mem_snap.values())
+
+    def _update_peak_stats(self, peak_state) -> None:  # type: ignore[no-untyped-def]
+        for dev, snap in self._curr_mem_snap.items():
+            if self._peak_mem.get(dev, 0) < snap["Total"]:
+                self._peak_mem[dev] = snap["Total"]
+                self._peak_mem_snap[dev] = dict(snap)
+        if self.record:
+            block = None
+            for name in self._mod_tracker.parents:
+                head, _, index = name.rpartition(".")
+                if head.endswith(".blocks") and index.isdigit():
+                    block = int(index)
+            self.ops.append(((self._mod_tracker.is_bw, block), self.total()))
+
+    def peak(self) -> tuple[int, dict[str, int]]:
+        """(total, breakdown by category) of the highest point so far."""
+        total, snap = 0, {}
+        for dev_snap in self._peak_mem_snap.values():
+            total += dev_snap["Total"]
+            for k, v in dev_snap.items():
+                if k != "Total":
+                    name = _CATEGORY.get(str(getattr(k, "value", k)), str(k))
+                    snap[name] = snap.get(name, 0) + v
+        return total, snap
+
+
+_CATEGORY = {"Parameter": "params", "Buffer": "buffers", "Gradient": "grads", "Activation": "activations",
+             "Temp": "backward_temp", "Optstate": "optimizer", "Other": "other"}
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    # Built directly in the parameter dtype: Module.to() cannot swap fake parameters, and the result is the
+    # same tensors the trainer gets from GPT(cfg).to(dtype).
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _nbytes(tensors: Iterator[torch.Tensor]) -> int:
+    """Bytes of distinct tensors (a tied weight appears once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class _Run:
+    """What one tracked step recorded: the level before it, then (segment key, total after each op)."""
+
+    level0: int
+    ops: list[tuple[tuple[bool, int | None], int]]
+    peak: int
+    breakdown: dict[str, int]
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+
+
+def _bytes_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer state) bytes; gradients have the weights' size and dtype."""
+    params = list(model.parameters())
+    state = [v for p in params for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+    return _nbytes(iter(params)), _nbytes(iter(params)), _nbytes(iter(state))
+
+
+def _measure(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake: bool, record: bool = False) -> _Run:
+    """One steady-state training step of `cfg` at `seq_len`, tracked; real tensors when fake=False."""
+    param_dtype = torch.bfloat16 if cfg.param_dtype == "bf16" else torch.float32
+    amp_dtype = torch.float16 if cfg.amp_dtype == "fp16" else torch.bfloat16
+    fp16 = cfg.amp and cfg.amp_dtype == "fp16"
+    mode = FakeTensorMode() if fake else contextlib.nullcontext()
+    with mode:
+        with _default_dtype(param_dtype):
+            model = GPT(mcfg)
+        model.grad_checkpoint = cfg.grad_checkpoint
+        model.train()
+        optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+        scaler = torch.amp.GradScaler("cpu", enabled=fp16)
+        params = list(model.parameters())
+        # Steady state, as on every step after the first: the optimizer state exists (it is created lazily by
+        # the first step(), so take one on zero gradients), and with accumulation the gradients of the
+        # earlier micro-batches are held while this one runs.
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        if cfg.grad_accum == 1:
+            optimizer.zero_grad(set_to_none=True)
+        tracker = _PeakTracker(record)
+        tracker.track_external(model, optimizer)
+        with tracker:
+            level0 = tracker.total()
+            x = torch.randint(0, mcfg.vocab_size, (cfg.batch_size, seq_len))
+            y = torch.randint(0, mcfg.vocab_size, (cfg.batch_size, seq_len))
+            with torch.autocast("cpu", dtype=amp_dtype) if cfg.amp else contextlib.nullcontext():
+                loss = model(x, y) / cfg.grad_accum
+            scaler.scale(loss).backward()
+            del loss, x, y
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
+            if fp16:
+                # What scaler.step() runs for finite gradients; its own found-inf check calls .item(), which fake
+                # tensors cannot answer, and scaler.update() only touches two scalars.
+                optimizer.step()
+            else:
+                step_unless_nonfinite(optimizer, (~torch.isfinite(grad_norm)).float())
+            del grad_norm
+            optimizer.zero_grad(set_to_none=True)
+        peak, breakdown = tracker.peak()
+        sizes = _bytes_of(model, optimizer)
+    return _Run(level0, tracker.ops, peak, breakdown, *sizes)
+
+
+Segment = tuple[tuple[bool, int | None], int, int]  # (in backward?, block or None), highest rise, net change
+
+
+def _segments(run: _Run) -> list[Segment]:
+    """The op timeline cut where the (phase, block) key changes."""
+    out: list[Segment] = []
+    start = level = high = run.level0
+    prev = None
+    for key, total in run.ops:
+        if prev is not None and key != prev:
+            out.append((prev, high - start, level - start))
+            start = high = level
+        level, high, prev = total, max(high, total), key
+    if prev is not None:
+        out.append((prev, high - start, level - start))
+    return out
+
+
+def _extrapolate(a: _Run, b: _Run, n_a: int, n_layer: int) -> int | None:
+    """Peak of the step with `n_layer` blocks from the timelines of runs with n_a and n_a + 1 blocks.
+
+    Blocks are identical, so the deep timeline is the shallow one with the middle block's forward and backward
+    segments repeated. Everything else may grow with depth (the level at the start: weights, optimizer state,
+    held gradients; the autocast cast cache freed when the forward ends; per-parameter optimizer work), and it
+    grows linearly, so each other segment is extrapolated from the two runs. Returns None when the timelines
+    do not have the expected shape (the caller then tracks the full model).
+    """
+    sa, sb = _segments(a), _segments(b)
+
+    def shape(segs: list[Segment], n: int) -> bool:
+        blocks = [k for k, _, _ in segs if k[1] is not None]
+        return blocks == [(False, i) for i in range(n)] + [(True, i) for i in range(n - 1, -1, -1)]
+
+    others_a = [s for s in sa if s[0][1] is None]
+    others_b = [s for s in sb if s[0][1] is None]
+    if not (shape(sa, n_a) and shape(sb, n_a + 1)) or [s[0] for s in others_a] != [s[0] for s in others_b]:
+        return None
+    extra = n_layer - n_a
+    grown = iter([(k, ra + extra * (rb - ra), ca + extra * (cb - ca))
+                  for (k, ra, ca), (_, rb, cb) in zip(others_a, others_b)])
+    level = a.level0 + extra * (b.level0 - a.level0)
+    peak = level
+    for key, rise, change in sa:
+        if key[1] is None:
+            _, rise, change = next(grown)
+        repeat = n_layer - 2 if key[1] == 1 else 1  # block 1 of 0..n_a-1 stands for every middle block
+        for _ in range(repeat):
+            peak = max(peak, level + rise)
+            level += change
+    return peak
+
+
+def _estimate(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake: bool = True,
+              extrapolate: bool = True) -> MemoryEstimate:
+    t0 = time.perf_counter()
+    n = EXTRAPOLATE_FROM
+    if extrapolate and mcfg.n_layer > n + 1:
+        a, b = (_measure(ModelConfig.from_dict(mcfg.to_dict() | {"n_layer": k}), cfg, seq_len, fake, record=True)
+                for k in (n, n + 1))
+        peak = _extrapolate(a, b, n, mcfg.n_layer)
+        if peak is not None:
+            extra = mcfg.n_layer - n
+            pb, gb, ob = (x + extra * (y - x) for x, y in zip((a.param_bytes, a.grad_bytes, a.optimizer_bytes),
+                                                                (b.param_bytes, b.grad_bytes, b.optimizer_bytes)))
+            held = gb if cfg.grad_accum > 1 else 0
+            breakdown = {"params": pb, "optimizer": ob, "grads": held,
+                         "activations_and_temporaries": peak - pb - ob - held}
+            return MemoryEstimate(peak, pb, gb, ob, {k: v for k, v in breakdown.items() if v},
+                                  time.perf_counter() - t0, extrapolated=True)
+    run = _measure(mcfg, cfg, seq_len, fake)
+    return MemoryEstimate(run.peak, run.param_bytes, run.grad_bytes, run.optimizer_bytes,
+                          {k: v for k, v in run.breakdown.items() if v}, time.perf_counter() - t0)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached(model_json: str, cfg_json: str, seq_len: int) -> MemoryEstimate:
+    mcfg = ModelConfig.from_dict(json.loads(model_json))
+    cfg = TrainConfig.from_dict(json.loads(cfg_json))
+    return _estimate(mcfg, cfg, seq_len)
+
+
+def estimate_step_memory(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake: bool = True,
+                         extrapolate: bool = True) -> MemoryEstimate:
+    """Peak memory of one training step of `mcfg` under `cfg` (micro-batch, accumulation, dtypes, checkpointing,
+    optimizer) at `seq_len`. fake=False runs real tensors (tests); extrapolate=False tracks every block.
+    Fake-tensor results are cached per (model, memory-relevant settings, seq_len)."""
+    if not fake or not extrapolate:
+        return _estimate(mcfg, cfg, seq_len, fake, extrapolate)
+    relevant = {name: getattr(cfg, name) for name in MEMORY_FIELDS}
+    # Only whether accumulation happens matters (gradients held during the forward), not how many micro-batches.
+    relevant["grad_accum"] = min(cfg.grad_accum, 2)
+    base = replace(TrainConfig(), **relevant)
+    return _cached(json.dumps(mcfg.to_dict(), sort_keys=True), json.dumps(base.to_dict(), sort_keys=True), seq_len)
