@@ -83,6 +83,13 @@ def wrap_model(model: nn.Module, fsdp: bool, cpu_offload: bool, dist: Dist, devi
         # DDP broadcasts rank 0's weights at construction, so every replica starts identical.
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    if next(model.parameters()).dtype == torch.bfloat16:
+        # optim.py's stochastic rounding reinterprets plain tensors' bits; FSDP2's parameters are DTensors.
+        raise UserError("--fsdp needs fp32 parameters: drop --param-dtype bf16 (with --amp, FSDP2 already "
+                        "all-gathers and computes in bf16)")
+    if amp_dtype == torch.float16:
+        # GradScaler would judge inf/nan on each rank's gradient shard alone and skip steps on some ranks only.
+        raise UserError("--fsdp does not support --amp-dtype fp16: use --amp-dtype bf16, or DDP (drop --fsdp)")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
