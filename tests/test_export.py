@@ -1,0 +1,128 @@
+"""Hugging Face export and --init-from: Llama logits equal ours, round trips, our own format, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+from model import GPT, ModelConfig
+from pretrain import distributed as dist_lib
+from pretrain.checkpoint import load_checkpoint
+from pretrain.cli import UserError
+from pretrain.config import parse_config
+from pretrain.export import load_exported
+from pretrain.export import main as export_main
+from pretrain.session import open_session
+from pretrain.train import train
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=250, block_size=64, n_layer=2, n_head=4, d_model=64, d_ff=96)  # 250: 6 padded rows
+
+
+def fake_run(tmp_path: Path, **overrides) -> tuple[GPT, Path]:
+    """A run dir holding last.pt of a random model whose norm gains are not all ones."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**(TINY | overrides))
+    model = GPT(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": model.state_dict(), "model_config": cfg.to_dict(), "train_config": {}, "step": 7},
+               run / "last.pt")
+    return model.eval(), run
+
+
+@pytest.mark.parametrize("overrides", [dict(attn="baseline"), dict(attn="gqa", n_kv_head=2, tie_embeddings=False),
+                                       dict(attn="baseline", tie_qk=True)], ids=["baseline", "gqa-untied", "tie-qk"])
+def test_llama_logits_match_ours(tmp_path, overrides):
+    model, run = fake_run(tmp_path, **overrides)
+    assert export_main([str(run), "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    assert hf.config.vocab_size == 250 and hf.config.tie_word_embeddings == model.config.tie_embeddings
+    idx = torch.randint(0, 250, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(idx), hf(idx).logits
+    assert ours.shape == theirs.shape == (2, 48, 250)
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_export_then_init_from_gives_identical_weights(byte_data, tmp_path):
+    flags = ["--data", str(byte_data), "--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2",
+             "--d-ff", "128", "--block", "64", "--batch-size", "4", "--train-seq-len", "32", "--val-frac", "0.05",
+             "--eval-iters", "1", "--warmup-steps", "1", "--lr", "3e-3", "--device", "cpu", "--live", "off",
+             "--save-minutes", "0", "--eval-every", "0", "--attn-mode", "gqa", "--kv-head", "2"]
+    train(parse_config([*flags, "--out-dir", str(tmp_path / "a"), "--steps", "3"]))
+    trained = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
+    export_main([str(tmp_path / "a"), "--out", str(tmp_path / "hf"), "--checkpoint", "best"])
+
+    s = open_session(parse_config([*flags, "--out-dir", str(tmp_path / "b"), "--steps", "3",
+                                   "--init-from", str(tmp_path / "hf")]))
+    try:
+        loaded = s.model.state_dict()
+        assert loaded.keys() == trained.keys()
+        assert all(torch.equal(loaded[k], trained[k]) for k in trained)  # vocab 256: no padded rows
+    finally:
+        s.close()
+        dist_lib.cleanup(s.dist)
+
+    with pytest.raises(UserError, match="--d-model 64"):
+        open_session(parse_config([*flags, "--d-model", "128", "--out-dir", str(tmp_path / "c"),
+                                   "--init-from", str(tmp_path / "hf")]))
+    assert not (tmp_path / "c").exists()
+
+
+def test_init_from_pads_vocab_rows_and_keeps_logits(tmp_path):
+    from pretrain.export import load_init_from
+
+    model, run = fake_run(tmp_path)
+    export_main([str(run), "--out", str(tmp_path / "hf"), "--dtype", "bf16"])
+    assert transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).dtype == torch.bfloat16
+    export_main([str(run), "--out", str(tmp_path / "hf"), "--overwrite"])
+    torch.manual_seed(5)
+    fresh = GPT(model.config).eval()
+    load_init_from(fresh, tmp_path / "hf")
+    idx = torch.randint(0, 250, (1, 32))
+    with torch.no_grad():
+        assert torch.equal(fresh(idx), model(idx))
+    assert torch.equal(fresh.wte.weight[:250], model.wte.weight[:250])
+
+
+def test_decoupled_exports_our_format_and_says_llama_cannot_hold_it(tmp_path):
+    model, run = fake_run(tmp_path, attn="decoupled", sem_dim=32, geo_dim=32, attn_dim=64)
+    out = tmp_path / "ours"
+    assert export_main([str(run), "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["format"] == "pretrain-gpt" and config["llama_compatible"] is False
+    assert "model_type" not in config  # transformers must not mistake it for a Llama
+    assert "cannot hold" in (out / "README.md").read_text()
+    idx = torch.randint(0, 250, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(load_exported(out).eval()(idx), model(idx))
+
+
+def test_export_refuses_to_overwrite(tmp_path):
+    _, run = fake_run(tmp_path)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="--overwrite"):
+        export_main([str(run), "--out", str(out)])
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_export_of_missing_run_dir_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pretrain.export", str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and "nope" in proc.stderr
+    assert not (tmp_path / "hf").exists()
