@@ -1,7 +1,13 @@
-"""Entry point placeholder: lands with its issue."""
+"""Plan (and with --run, start) a pretraining run: `python run_1b_launch.py --data DIR --target-tokens 10B`.
+
+Prints the plan for this machine's VRAM tier and the exact trainer command; `--run` executes it; running the
+same line again after a preemption resumes. Flags: `python run_1b_launch.py --help`; tiers: docs/tiers.md.
+"""
 
 import sys
 
+from pretrain.cli import run_cli
+from pretrain.launch import main
+
 if __name__ == "__main__":
-    print("error: run_1b_launch.py is not implemented yet", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(run_cli(main))

@@ -1,0 +1,290 @@
+"""run_1b_launch.py: VRAM tier + token budget in, a plan that fits and the exact trainer command out.
+
+A dry run (the default) prints the plan and writes nothing. `--run` runs the trainer in the foreground as a
+child process, passes SIGTERM / SIGINT / SIGUSR1 (and SIGHUP, as SIGTERM) on to it so it saves before exiting,
+and exits with its exit code. Re-running the same command finds the same run directory and resumes it.
+
+Run directories: `<run-root>/<size>-<variant>[-null][-tieqk][-<tag>]`. Candidates are tried in order
+(name, name-2, name-3, ...):
+  * a missing or empty directory: a fresh run starts there;
+  * a directory holding a checkpoint of THIS experiment (same settings except those a resume may change):
+    resumed, whatever --if-exists says; a run that already completed its planned steps is left alone;
+  * anything else (another experiment's run, or a run stopped before its first checkpoint): --if-exists
+    decides: suffix (default: try the next name), skip (do nothing, exit 0), error (exit 2),
+    overwrite (start afresh there, replacing that run's files).
+Values a tier or default chose (micro-batch, accumulation, dtype, ...) are taken from the run being resumed, so
+resuming on a different GPU continues the same experiment; explicit flags are never overridden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pretrain.checkpoint import checkpoint_paths
+from pretrain.cli import ArgumentParser, UserError
+from pretrain.config import TrainConfig, add_config_flags, config_differences, format_command
+from pretrain.data import open_dataset
+from pretrain.plan import VARIANTS, Plan, Request, Resolved, build_plan, resolve
+from pretrain.plan_view import render_plan
+from pretrain.tiers import VRAM_CHOICES, GpuInfo, detect_gpu, select_tier
+from pretrain.track import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINER = ROOT / "train_v29.py"
+# Trainer fields the launcher sets itself: --variant picks the attention, --run-root/--tag the run dir,
+# --if-exists overwrite allows replacing one.
+OWN_FIELDS = {"attn_mode": "--variant", "out_dir": "--run-root / --tag", "overwrite": "--if-exists overwrite"}
+# How a step is computed, not what it computes: changing these keeps the experiment (same sequences per step).
+EXECUTION_FIELDS = ("batch_size", "grad_accum", "grad_checkpoint")
+
+
+def _compare(argv: list[str]) -> int:
+    from pretrain.compare import main as compare_main
+
+    return compare_main(argv, prog="run_1b_launch.py compare")
+
+
+# Subcommands, recognised by argv[0] before any flag parsing: `run_1b_launch.py compare runs/a runs/b`.
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"compare": _compare}
+
+
+def build_parser() -> ArgumentParser:
+    """Launcher options plus every trainer flag (generated from TrainConfig; None = not given)."""
+    p = ArgumentParser(prog="run_1b_launch.py", description=__doc__.split("\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("launcher")
+    g.add_argument("--vram", default="auto", help=f"VRAM tier: {' | '.join(VRAM_CHOICES)} (auto reads the GPU)")
+    g.add_argument("--variant", default=None, help=f"attention variant: {' | '.join(VARIANTS)} (default baseline)")
+    g.add_argument("--target-tokens", default=None, help="token budget, e.g. 10B: the fewest steps reaching it")
+    g.add_argument("--tokens-per-param", type=float, default=None, help="token budget as tokens per parameter")
+    g.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step (GPU tiers: 256)")
+    g.add_argument("--run-root", default="runs", help="where run directories live")
+    g.add_argument("--tag", default=None, help="suffix of the run name, e.g. lr3e-4")
+    g.add_argument("--if-exists", default="suffix", choices=["suffix", "skip", "error", "overwrite"],
+                   help="when the run dir holds another run or one without a checkpoint (resumable runs resume)")
+    g.add_argument("--data-format", default="auto", choices=["auto", "manifest", "npy", "glob"],
+                   help="expected layout of --data (auto: detect)")
+    g.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per node; >1 launches through torchrun")
+    g.add_argument("--assume-mfu", type=float, default=0.4, help="model FLOPs utilisation for the time estimate")
+    g.add_argument("--peak-tflops", type=float, default=None, help="device peak TFLOP/s for the time estimate")
+    g.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    g.add_argument("--run", action="store_true", help="run the trainer (default: dry run, writes nothing)")
+    add_config_flags(p)
+    p.set_defaults(**{f.name: None for f in fields(TrainConfig)})
+    for action in p._actions:  # the launcher sets these itself
+        if action.dest in OWN_FIELDS:
+            action.help = argparse.SUPPRESS
+    return p
+
+
+@dataclass
+class RunDir:
+    """Where the run goes and what happens there: fresh | resume | complete | skip."""
+
+    name: str
+    path: Path
+    action: str
+    note: str = ""
+    adopted: dict[str, Any] = field(default_factory=dict)
+    overwrite: bool = False
+    end: dict[str, Any] | None = None
+
+
+def run_name(values: dict[str, Any], variant: str | None, tag: str | None, kv_flag: int | None = None) -> str:
+    """<size>-<variant>[-null][-tieqk][-<tag>]: the same settings always give the same name."""
+    label = variant or "baseline"
+    if kv_flag is not None and values["attn_mode"] == "gqa":
+        label = f"gqa_kv{kv_flag}"  # --variant gqa --kv-head 2 is the same experiment as --variant gqa_kv2
+    parts = [values["size"], label] + ["null"] * bool(values["null_attn"]) + ["tieqk"] * bool(values["tie_qk"])
+    if tag:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", tag):
+            raise UserError(f"--tag {tag!r} may hold only letters, digits, '.', '_' and '-'")
+        parts.append(tag)
+    return "-".join(parts)
+
+
+def _saved_run(d: Path) -> tuple[dict | None, dict | None]:
+    """(train_config, last end event) of an existing run dir, from train.jsonl (cheap) or the checkpoint."""
+    events = read_jsonl(d / "train.jsonl")
+    meta = next((e for e in events if e.get("type") == "meta"), None)
+    ends = [e for e in events if e.get("type") == "end"]
+    cfg = meta.get("train_config") if meta else None
+    if cfg is None and (last := checkpoint_paths(d)["last"]) is not None:
+        import torch
+
+        try:  # mmap: reads the pickled config, not the gigabytes of weights
+            cfg = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("train_config")
+        except Exception:  # noqa: BLE001 - an unreadable checkpoint is the trainer's to report
+            cfg = None
+    return cfg, ends[-1] if ends else None
+
+
+def _match(saved: dict, res: Resolved) -> tuple[list[str], dict[str, Any], list[str]]:
+    """(conflicts, values to adopt, warnings) between a saved run's config and this plan."""
+    cfg = res.cfg
+    keys = [d.split(":", 1)[0] for d in config_differences(saved, cfg)]
+    same_batch = saved.get("batch_size", 0) * saved.get("grad_accum", 0) == cfg.batch_size * cfg.grad_accum
+    conflicts, adopt, warnings = [], {}, []
+    for k in keys:
+        explicit = res.sources.get(k) == "flag"
+        if k in EXECUTION_FIELDS and same_batch and explicit:
+            warnings.append(f"resuming with {k} {saved[k]!r} -> {getattr(cfg, k)!r}: same experiment, but the "
+                            "trainer may refuse a changed value on resume")
+        elif explicit or (k in EXECUTION_FIELDS and not same_batch and any(
+                res.sources.get(f) == "flag" for f in ("batch_size", "grad_accum"))):
+            conflicts.append(k)
+        else:
+            adopt[k] = saved[k]
+    return conflicts, adopt, warnings
+
+
+def resolve_run_dir(root: Path, name: str, if_exists: str, res: Resolved) -> RunDir:
+    """Pick the run directory (see the module docstring); reads the disk, writes nothing."""
+    resume = res.values["resume"]
+    if resume not in ("auto", "never"):
+        return RunDir(name, root / name, "resume", f"from {resume}")
+    for i in range(1, 1000):
+        n = name if i == 1 else f"{name}-{i}"
+        d = root / n
+        if not d.exists() or (d.is_dir() and not any(d.iterdir())):
+            return RunDir(n, d, "fresh")
+        if not d.is_dir():
+            raise UserError(f"{d} exists and is not a directory; move it or choose another --run-root / --tag")
+        saved, end = _saved_run(d)
+        has_ckpt = bool(checkpoint_paths(d)["last"] or checkpoint_paths(d)["numbered"])
+        conflicts, adopt, warns = _match(saved, res) if saved else ([], {}, [])
+        if has_ckpt and not conflicts and resume == "auto":
+            res.warnings.extend(warns)
+            return RunDir(n, d, "resume", "", adopt, end=end)
+        why = (f"holds a different run ({', '.join(conflicts)} differ)" if conflicts else
+               "holds a run with no checkpoint (stopped before its first save)" if not has_ckpt else
+               "holds a checkpoint but --resume never was given")
+        if if_exists == "error":
+            raise UserError(f"{d} {why}; use another --tag, or --if-exists suffix|skip|overwrite")
+        if if_exists == "skip":
+            return RunDir(n, d, "skip", f"{d} {why}; --if-exists skip: nothing to do")
+        if if_exists == "overwrite":
+            return RunDir(n, d, "fresh", f"{why}; --if-exists overwrite replaces it", overwrite=True)
+        res.warnings.append(f"{d} {why}; trying the next name (--if-exists suffix)")
+    raise UserError(f"no free run name under {root} for {name}; use another --tag")
+
+
+def inspect_data(path: str | None, val_frac: float, fmt: str, running: bool) -> tuple[Any, str | None]:
+    """(dataset or None, why it is missing). Missing data is fine for a dry run and an error with --run."""
+    if not path:
+        if running:
+            raise UserError("--run needs --data (a dataset made by prepare_fineweb.py)")
+        return None, "no --data: planned with the default GPT-2 vocabulary; data passes unknown"
+    layout = "glob" if any(c in path for c in "*?[") else "manifest" if Path(path).is_dir() else "npy"
+    if fmt != "auto" and Path(path).exists() and fmt != layout:
+        raise UserError(f"--data {path} is a {layout} dataset but --data-format {fmt} was given; fix either")
+    try:
+        ds = open_dataset(path, val_frac, require_val=running)
+    except UserError as e:
+        if running:
+            raise
+        return None, f"{e} (planned without data)"
+    return ds, None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[args[0]](args[1:])
+    ns, plan = plan_from_argv(args)
+    if ns.json:
+        import json
+
+        print(json.dumps(plan.to_json(), indent=2, default=str))
+    else:
+        render_plan(plan, running=ns.run)
+    if not ns.run:
+        return 0
+    if plan.run["action"] in ("skip", "complete"):
+        print(plan.run["note"], file=sys.stderr)
+        return 0
+    return run_trainer(plan.command)
+
+
+def plan_from_argv(argv: Sequence[str], gpu: GpuInfo | None | str = "detect") -> tuple[argparse.Namespace, Plan]:
+    """Parse launcher arguments and plan; `gpu` lets tests stand in for a GPU (None: no GPU)."""
+    ns = build_parser().parse_args(list(argv))
+    flags = {f.name: getattr(ns, f.name) for f in fields(TrainConfig) if getattr(ns, f.name) is not None}
+    for name, instead in OWN_FIELDS.items():
+        if name in flags:
+            raise UserError(f"the launcher sets {name.replace('_', '-')} itself; use {instead}")
+    return ns, make_plan(ns, flags, gpu)
+
+
+def make_plan(ns: argparse.Namespace, flags: dict[str, Any], gpu: GpuInfo | None | str = "detect") -> Plan:
+    """The whole plan for parsed arguments. `gpu` lets tests stand in for a GPU."""
+    gpu_info = detect_gpu() if gpu == "detect" else gpu
+    tier, tier_how = select_tier(ns.vram, gpu_info)  # type: ignore[arg-type]
+    ds, data_note = inspect_data(flags.get("data"), flags.get("val_frac") or 0.0, ns.data_format, ns.run)
+    req = Request(flags, ns.variant, ns.target_tokens, ns.tokens_per_param, ns.global_batch, ns.nproc,
+                  ns.assume_mfu, ns.peak_tflops)
+    vocab = ds.vocab_size if ds is not None else None
+    res = resolve(req, tier, gpu_info, vocab)  # type: ignore[arg-type]
+    if ds is not None:
+        ds.check_vocab(res.mcfg.vocab_size)
+    name = run_name(res.values, ns.variant, ns.tag, flags.get("kv_head"))
+    rd = resolve_run_dir(Path(ns.run_root), name, ns.if_exists, res)
+    if rd.adopted:
+        kept = res.warnings
+        res = resolve(req, tier, gpu_info, vocab, adopted=rd.adopted)  # type: ignore[arg-type]
+        res.warnings[:0] = kept
+        res.warnings.append("kept from the run being resumed: " +
+                            ", ".join(f"{k}={v!r}" for k, v in rd.adopted.items()))
+    res.values["out_dir"], res.sources["out_dir"] = str(rd.path), "derived: --run-root / run name"
+    if rd.overwrite:
+        res.values["overwrite"], res.sources["overwrite"] = True, "--if-exists overwrite"
+        res.values["resume"], res.sources["resume"] = "never", "--if-exists overwrite"
+    if rd.action == "resume" and rd.end and rd.end.get("status") == "completed" \
+            and rd.end.get("step", 0) >= res.values["steps"]:
+        rd.action, rd.note = "complete", (f"{rd.path} already completed {rd.end['step']} steps; raise --steps or "
+                                          "the token budget to extend it, or use another --tag for a new run")
+    if data_note:
+        res.warnings.insert(0, data_note)
+    data = None if ds is None else {"path": str(ds.path), "train_tokens": ds.train_tokens, "val_tokens":
+                                    ds.val_tokens, "vocab_size": ds.vocab_size, "tokenizer": ds.tokenizer}
+    run = {"name": rd.name, "dir": str(rd.path), "action": rd.action, "note": rd.note}
+    return build_plan(res, req, tier, tier_how, gpu_info, data, run)  # type: ignore[arg-type]
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+
+
+def run_trainer(command: list[str]) -> int:
+    """Run the planned command in the foreground; pass signals on; return its exit code."""
+    argv = list(command)
+    if argv[0] == "python":
+        argv[:2] = [sys.executable, str(TRAINER)]
+    else:  # torchrun from this interpreter's environment
+        argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
+        argv[argv.index("train_v29.py")] = str(TRAINER)
+    print(f"running: {format_command(command)}", file=sys.stderr, flush=True)
+    # Own process group: a terminal Ctrl-C reaches only this process, which passes it on exactly once
+    # (a second SIGINT would interrupt the trainer's save).
+    proc = subprocess.Popen(argv, process_group=0)
+
+    def forward(signum: int, frame: Any) -> None:
+        try:
+            proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code if code >= 0 else 128 - code

@@ -1,0 +1,440 @@
+"""The launch plan: every trainer setting with where it came from, then what the run will cost.
+
+`resolve()` turns command-line flags + a VRAM tier (+ values adopted from an existing run) into one TrainConfig,
+recording for each field its source: "flag", "tier <name>", "run" (kept from the run being resumed), "derived:
+..." (computed, e.g. grad_accum from the global batch, steps from a token budget) or "default". Explicit flags
+always win. `build_plan()` then adds the per-phase token plan (pretrain.schedule, the same code the trainer
+runs), the peak-memory estimate per phase (pretrain.memory) with a verdict and a flag change that would fit,
+the time estimate, checkpoint disk and the exact trainer command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+from model import ModelConfig
+from pretrain.cli import UserError
+from pretrain.config import TrainConfig, flag_name, model_config_from, validate
+from pretrain.device import peak_flops_for_name
+from pretrain.memory import GiB, estimate_step_memory
+from pretrain.optim import DEFAULT_BETA2, DEFAULT_LR
+from pretrain.schedule import parse_count, parse_seq_schedule, phases, planned_tokens, steps_for_tokens
+from pretrain.tiers import GpuInfo, Tier
+
+VARIANTS: dict[str, tuple[str, int | None]] = {  # --variant -> (attn mode, kv heads; None = the model's default)
+    "baseline": ("baseline", None), "gqa": ("gqa", None), "gqa_kv2": ("gqa", 2),
+    "bottleneck": ("bottleneck", None), "decoupled": ("decoupled", None),
+}
+DEFAULT_VOCAB = ModelConfig.__dataclass_fields__["vocab_size"].default  # GPT-2's, used when there is no data
+DEFAULT_TOKENS_PER_PARAM = 20.0  # compute-optimal ratio of Hoffmann et al. 2022 (Chinchilla)
+FITS, TIGHT = 0.90, 1.00  # peak / device memory: <= 0.90 fits, <= 1.00 tight, above: won't fit
+CHECKPOINT_RECOMPUTE = 0.75  # activation checkpointing re-runs the forward: 6N model FLOPs cost 8N on hardware
+# Printed in the trainer command even at their trainer defaults, so the command documents the run.
+ALWAYS_SHOWN = ("size", "data", "out_dir", "device", "batch_size", "grad_accum", "steps", "seq_schedule",
+                "optimizer", "lr", "min_lr", "lr_schedule", "warmup_steps", "weight_decay", "grad_clip",
+                "param_dtype", "amp_dtype", "grad_checkpoint", "compile")
+
+
+@dataclass
+class Request:
+    """What the user asked for: TrainConfig fields given as flags, plus the launcher's own options."""
+
+    flags: dict[str, Any] = field(default_factory=dict)
+    variant: str | None = None
+    target_tokens: str | None = None
+    tokens_per_param: float | None = None
+    global_batch: int | None = None
+    nproc: int = 1
+    assume_mfu: float = 0.4
+    peak_tflops: float | None = None
+
+
+@dataclass
+class Resolved:
+    """A complete TrainConfig (out_dir still unset) with the source of every field."""
+
+    values: dict[str, Any]
+    sources: dict[str, str]
+    mcfg: ModelConfig
+    points: list[tuple[int, int]]
+    warnings: list[str]
+    nproc: int = 1
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return TrainConfig(**self.values)
+
+    @property
+    def sequences_per_step(self) -> int:
+        """Sequences per optimizer step over all processes."""
+        return self.values["batch_size"] * self.values["grad_accum"] * self.nproc
+
+
+def resolve(req: Request, tier: Tier, gpu: GpuInfo | None, data_vocab: int | None,
+            adopted: dict[str, Any] | None = None) -> Resolved:
+    """Every TrainConfig value with its source. Raises UserError for settings that cannot work."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    warnings: list[str] = []
+    adopted = adopted or {}
+    t = f"tier {tier.name}"
+
+    def pick(name: str, fallback: Any, source: str) -> Any:
+        if name in req.flags:
+            values[name], sources[name] = req.flags[name], "flag"
+        elif name in adopted:
+            values[name], sources[name] = adopted[name], "run"
+        else:
+            values[name], sources[name] = fallback, source
+        return values[name]
+
+    if req.nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {req.nproc}")
+    if not 0 < req.assume_mfu <= 1:
+        raise UserError(f"--assume-mfu is a fraction in (0, 1], got {req.assume_mfu}")
+    pick("size", tier.size, t)
+    variant = req.variant or "baseline"
+    if variant not in VARIANTS:
+        raise UserError(f"unknown --variant {variant!r}; use one of {', '.join(VARIANTS)}")
+    attn, kv = VARIANTS[variant]
+    values["attn_mode"], sources["attn_mode"] = attn, "flag" if req.variant else "default"
+    pick("kv_head", kv, "flag" if req.variant else "default")
+    pick("device", "cuda" if tier.is_gpu else "cpu", t)
+    micro = pick("batch_size", tier.micro_batch, t)
+    if micro <= 0:
+        raise UserError(f"--batch-size must be a positive integer, got {micro}")
+    global_batch = req.global_batch or tier.global_batch
+    if global_batch <= 0:
+        raise UserError(f"--global-batch must be a positive integer, got {global_batch}")
+    accum = pick("grad_accum", max(1, math.ceil(global_batch / (micro * req.nproc))),
+                 f"derived: {global_batch} sequences per step / ({micro} x {req.nproc} proc)")
+    if sources["grad_accum"].startswith("derived") and micro * accum * req.nproc != global_batch:
+        warnings.append(f"{global_batch} sequences per step is not a multiple of micro-batch {micro} x "
+                        f"{req.nproc} processes; using {micro * accum * req.nproc}")
+    pick("grad_checkpoint", tier.grad_checkpoint, t)
+    pick("compile", tier.compile, t)
+    amp = pick("amp", True, "default")
+    if gpu is not None and tier.is_gpu and not gpu.has_bf16:
+        amp_dtype = pick("amp_dtype", "fp16", f"gpu: {gpu.name} has no bf16")
+    else:
+        amp_dtype = pick("amp_dtype", "bf16", "default")
+    if pick("param_dtype", tier.param_dtype, t) == "bf16" and amp and amp_dtype == "fp16" \
+            and sources["param_dtype"] != "flag":
+        values["param_dtype"], sources["param_dtype"] = "fp32", "fp16 autocast needs fp32 weights (GradScaler)"
+    for f in fields(TrainConfig):  # model overrides: only what was given (None keeps the preset's value)
+        if f.metadata["group"] == "model" and f.name not in values:
+            pick(f.name, f.default, "default")
+    partial = TrainConfig(**values)
+    mcfg = model_config_from(partial, data_vocab or DEFAULT_VOCAB)
+    if "vocab_size" not in req.flags:
+        sources["vocab_size"] = "data" if data_vocab else f"default: {DEFAULT_VOCAB} (GPT-2), no data to read"
+
+    block = mcfg.block_size
+    seq_len = pick("train_seq_len", None, "default")
+    if seq_len is not None and not 0 < seq_len <= block:
+        raise UserError(f"--train-seq-len {seq_len} must be in 1..{block} (the model's block size); "
+                        f"raise --block or lower --train-seq-len")
+    tier_schedule = "" if "train_seq_len" in req.flags else tier.seq_schedule(block)
+    schedule = pick("seq_schedule", tier_schedule, t if tier_schedule else "default")
+    points = parse_seq_schedule(schedule, seq_len or block, block)
+
+    _resolve_steps(req, tier, mcfg, points, micro * accum * req.nproc, values, sources)
+    opt = pick("optimizer", "adamw", "default")
+    lr = pick("lr", DEFAULT_LR[opt], f"default for {opt}")
+    pick("beta2", DEFAULT_BETA2[opt], f"default for {opt}")
+    pick("min_lr", float(f"{lr / 10:.6g}"), "default: lr / 10")
+    pick("warmup_steps", min(2000, math.ceil(0.02 * values["steps"])), "default: 2% of steps, at most 2000")
+    for f in fields(TrainConfig):
+        if f.name not in values:
+            pick(f.name, f.default, "default")
+    try:
+        validate(TrainConfig(**values))
+    except UserError as e:
+        raise UserError(str(e)) from None
+    return Resolved(values, sources, mcfg, points, warnings, req.nproc)
+
+
+def _resolve_steps(req: Request, tier: Tier, mcfg: ModelConfig, points: list[tuple[int, int]], seqs: int,
+                   values: dict[str, Any], sources: dict[str, str]) -> None:
+    """--steps, or the fewest steps reaching --target-tokens / --tokens-per-param under the seq schedule."""
+    given = [name for name, v in (("--steps", "steps" in req.flags), ("--target-tokens", req.target_tokens),
+                                  ("--tokens-per-param", req.tokens_per_param)) if v not in (None, False)]
+    if len(given) > 1:
+        raise UserError(f"{' and '.join(given)} both set the run length; give only one of them")
+    if "steps" in req.flags:
+        values["steps"], sources["steps"] = req.flags["steps"], "flag"
+        if values["steps"] <= 0:
+            raise UserError(f"--steps must be a positive integer, got {values['steps']}")
+        return
+    if req.target_tokens is not None:
+        target = parse_count(req.target_tokens, "--target-tokens")
+        how = f"derived: fewest steps reaching --target-tokens {req.target_tokens}"
+    elif req.tokens_per_param is not None or tier.steps is None:
+        tpp = req.tokens_per_param if req.tokens_per_param is not None else DEFAULT_TOKENS_PER_PARAM
+        if not (isinstance(tpp, int | float) and math.isfinite(tpp) and tpp > 0):
+            raise UserError(f"--tokens-per-param must be a positive number, got {tpp}")
+        target = max(1, round(tpp * mcfg.num_params()))
+        how = f"derived: {tpp:g} tokens/param ({'flag' if req.tokens_per_param is not None else 'default'})"
+    else:
+        values["steps"], sources["steps"] = tier.steps, f"tier {tier.name}"
+        return
+    values["steps"], sources["steps"] = steps_for_tokens(points, target, seqs), how
+
+
+@dataclass
+class PhasePlan:
+    start_step: int
+    end_step: int
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    tokens_per_step: int
+    tokens: int
+    tensor_peak_bytes: int
+    peak_memory_bytes: int
+    verdict: str  # fits | tight | won't fit
+    tokens_per_second: float
+    seconds: float
+    breakdown: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return self.verdict != "won't fit"
+
+
+@dataclass
+class Plan:
+    """Everything the dry run shows; `to_json()` is the --json output."""
+
+    resolved: Resolved
+    cfg: TrainConfig
+    tier: Tier
+    tier_how: str
+    phases: list[PhasePlan]
+    memory_capacity_bytes: int
+    memory_capacity_how: str
+    peak_flops: float
+    peak_flops_how: str
+    mfu: float
+    suggestion: str | None
+    checkpoint_bytes: int
+    disk_bytes: int
+    command: list[str]
+    run: dict[str, Any]
+    data: dict[str, Any] | None
+    warnings: list[str]
+
+    @property
+    def nproc(self) -> int:
+        return self.resolved.nproc
+
+    @property
+    def steps(self) -> int:
+        return self.cfg.steps
+
+    @property
+    def planned_tokens(self) -> int:
+        return planned_tokens(self.resolved.points, self.cfg.steps, self.resolved.sequences_per_step)
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.resolved.mcfg
+        params = m.num_params()
+        return {
+            "tier": self.tier.name, "tier_how": self.tier_how, "run": self.run, "data": self.data,
+            "params": params, "non_embedding_params": m.num_params(non_embedding=True),
+            "model": m.to_dict(), "kv_cache_bytes_per_token": m.kv_cache_bytes_per_token(2),
+            "steps": self.steps, "planned_tokens": self.planned_tokens,
+            "tokens_per_step": self.phases[-1].tokens_per_step, "tokens_per_param": self.planned_tokens / params,
+            "phases": [dataclasses.asdict(p) | {"fits": p.fits} for p in self.phases],
+            "memory_capacity_bytes": self.memory_capacity_bytes, "memory_capacity_how": self.memory_capacity_how,
+            "suggestion": self.suggestion,
+            "estimate": {"peak_flops": self.peak_flops, "peak_flops_how": self.peak_flops_how,
+                         "assumed_mfu": self.mfu, "seconds": sum(p.seconds for p in self.phases)},
+            "checkpoint_bytes": self.checkpoint_bytes, "disk_bytes": self.disk_bytes,
+            "settings": {k: {"value": self.cfg.to_dict()[k], "source": self.resolved.sources.get(k, "default")}
+                         for k in self.cfg.to_dict()},
+            "warnings": self.warnings, "command": self.command, "nproc": self.nproc,
+        }
+
+
+def trainer_argv(cfg: TrainConfig) -> list[str]:
+    """Trainer flags reproducing `cfg`: those differing from the trainer defaults, plus ALWAYS_SHOWN."""
+    argv: list[str] = []
+    default = TrainConfig()
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if value is None or (value == getattr(default, f.name) and f.name not in ALWAYS_SHOWN):
+            continue
+        if isinstance(value, bool):
+            argv.append(flag_name(f.name) if value else "--no-" + f.name.replace("_", "-"))
+        elif value != "" or f.name not in ALWAYS_SHOWN:
+            argv += [flag_name(f.name), str(value)]
+    return argv
+
+
+def command_for(cfg: TrainConfig, nproc: int, script: str = "train_v29.py") -> list[str]:
+    """The full command line: python, or torchrun for several processes."""
+    prefix = ["python", script] if nproc == 1 else ["torchrun", "--standalone", "--nproc-per-node", str(nproc), script]
+    return prefix + trainer_argv(cfg)
+
+
+def verdict(peak: int, capacity: int) -> str:
+    return "fits" if peak <= FITS * capacity else "tight" if peak <= TIGHT * capacity else "won't fit"
+
+
+def device_kind(cfg: TrainConfig) -> str:
+    return "cpu" if cfg.device == "cpu" else "cuda"
+
+
+def step_peak_bytes(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, nproc: int) -> tuple[int, Any]:
+    """Device bytes of one step at seq_len, with allowance; DDP (nproc > 1) adds its gradient buckets."""
+    est = estimate_step_memory(mcfg, cfg, seq_len)
+    extra = est.param_bytes if nproc > 1 and not cfg.fsdp else 0  # buckets hold a copy of the gradients
+    return est.device_bytes(device_kind(cfg)) + extra, est
+
+
+def suggest_fix(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, capacity: int, nproc: int) -> str | None:
+    """The cheapest flag change (in speed) whose estimate fits, or None.
+
+    Changes are tried in order: a smaller micro-batch (accumulation keeps the sequences per step), then
+    activation checkpointing, then bf16 weights, then Lion (half of AdamW's state); within each, the largest
+    micro-batch that fits (memory only grows with it, so a bisection over the halvings finds it).
+    """
+    total = cfg.batch_size * cfg.grad_accum
+    micro = [cfg.batch_size]
+    while micro[-1] > 1:
+        micro.append(micro[-1] // 2 if micro[-1] % 2 == 0 else 1)
+    modes: list[dict[str, Any]] = [{}, {"grad_checkpoint": True}]
+    if not (cfg.amp and cfg.amp_dtype == "fp16"):  # fp16 needs fp32 weights for its GradScaler
+        modes += [{"grad_checkpoint": True, "param_dtype": "bf16"}]
+    modes += [modes[-1] | {"optimizer": "lion"}]
+
+    def fits(change: dict[str, Any], b: int) -> tuple[bool, int]:
+        candidate = replace(cfg, **change, batch_size=b, grad_accum=max(1, total // b))
+        peak, _ = step_peak_bytes(mcfg, candidate, seq_len, nproc)
+        return verdict(peak, capacity) == "fits", peak
+
+    tried: set[tuple] = set()
+    for change in modes:
+        key = tuple(sorted((k, v) for k, v in change.items() if getattr(cfg, k) != v))
+        if key in tried:
+            continue
+        tried.add(key)
+        options = micro if key else micro[1:]  # with no other change, the current micro-batch already failed
+        if not options or not fits(change, options[-1])[0]:
+            continue
+        lo, hi = 0, len(options) - 1  # options[hi] fits; find the first (largest micro-batch) that does
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(change, options[mid])[0] else (mid + 1, hi)
+        b = options[lo]
+        peak = fits(change, b)[1]
+        flags = [f for k, v in change.items() if getattr(cfg, k) != v for f in _flag(k, v)]
+        if b != cfg.batch_size:
+            flags += ["--batch-size", str(b), "--grad-accum", str(max(1, total // b))]
+        return f"{' '.join(flags)} (est. {peak / GiB:.1f} GiB)"
+    return None
+
+
+def _flag(name: str, value: Any) -> list[str]:
+    if isinstance(value, bool):
+        return [flag_name(name) if value else "--no-" + name.replace("_", "-")]
+    return [flag_name(name), str(value)]
+
+
+def cpu_matmul_flops(seconds: float = 0.1) -> float:
+    """This CPU's fp32 matmul FLOP/s: measured on one thread, times torch's thread count.
+
+    One thread, because a multi-threaded measurement collapses when other processes load the cores (OpenMP
+    threads spin-wait), which says more about this moment than about the machine.
+    """
+    threads = torch.get_num_threads()
+    n = 256
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.set_num_threads(1)
+    try:
+        a @ b
+        iters, t0 = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - t0) < seconds:
+            a @ b
+            iters += 1
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * n**3 * iters / elapsed * threads
+
+
+def system_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * GiB
+
+
+def memory_capacity(tier: Tier, tier_how: str, gpu: GpuInfo | None) -> tuple[int, str]:
+    """Device memory the plan must fit in: the detected GPU's (auto), the tier's nominal, or system RAM."""
+    if not tier.is_gpu:
+        return system_memory_bytes(), "system RAM"
+    if gpu is not None and tier_how.startswith("auto"):
+        return gpu.total_bytes, f"{gpu.name} total memory"
+    return tier.memory_bytes, f"{tier.name} GB tier (smallest card of the class: {tier.memory_bytes / GiB:.1f} GiB)"
+
+
+def peak_flops(req: Request, tier: Tier, gpu: GpuInfo | None) -> tuple[float, str]:
+    """Device peak FLOP/s for the time estimate, and where the figure comes from."""
+    if req.peak_tflops is not None:
+        if req.peak_tflops <= 0:
+            raise UserError(f"--peak-tflops must be positive, got {req.peak_tflops}")
+        return req.peak_tflops * 1e12, "--peak-tflops"
+    if not tier.is_gpu:
+        return cpu_matmul_flops(), f"measured: this CPU's 1-thread fp32 matmul rate x {torch.get_num_threads()} threads"
+    if gpu is not None and gpu.peak_flops:
+        return gpu.peak_flops, f"{gpu.name} datasheet peak (pretrain/device.py)"
+    why = f"no GPU here; assumes the tier's reference {tier.reference_gpu}" if gpu is None else \
+        f"{gpu.name} is not in the peak table; assumes {tier.reference_gpu}"
+    return peak_flops_for_name(tier.reference_gpu) or 100e12, why + " (set --peak-tflops for your card)"
+
+
+def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuInfo | None,
+               data: dict[str, Any] | None, run: dict[str, Any]) -> Plan:
+    """Phases with memory and time, checkpoint disk, and the trainer command for a resolved config."""
+    cfg, mcfg = res.cfg, res.mcfg
+    warnings = list(res.warnings)
+    capacity, capacity_how = memory_capacity(tier, tier_how, gpu)
+    flops, flops_how = peak_flops(req, tier, gpu)
+    mfu = req.assume_mfu * (CHECKPOINT_RECOMPUTE if cfg.grad_checkpoint else 1.0)
+    seqs = res.sequences_per_step
+    out: list[PhasePlan] = []
+    est = None
+    for ph in phases(res.points, cfg.steps):
+        peak, est = step_peak_bytes(mcfg, cfg, ph.seq_len, res.nproc)
+        tok_s = res.nproc * flops * mfu / mcfg.flops_per_token(ph.seq_len)
+        tokens = ph.steps * ph.seq_len * seqs
+        out.append(PhasePlan(ph.start_step, ph.end_step, ph.seq_len, cfg.batch_size, cfg.grad_accum,
+                             ph.seq_len * seqs, tokens, est.tensor_peak_bytes, peak, verdict(peak, capacity),
+                             tok_s, tokens / tok_s, est.breakdown))
+    worst = max(out, key=lambda p: p.peak_memory_bytes)
+    suggestion = None
+    if worst.verdict != "fits":
+        suggestion = suggest_fix(mcfg, cfg, worst.seq_len, capacity, res.nproc) or (
+            "none of micro-batch 1, --grad-checkpoint, --param-dtype bf16, --optimizer lion fits: "
+            "use a smaller --size or a GPU with more memory")
+    assert est is not None
+    checkpoint_bytes = est.state_bytes
+    # last.pt and the newest step_<N>.pt are one file (hard link); best.pt may pin one older save, and one
+    # write is in flight at a time: at most keep_last + 2 distinct copies on disk.
+    disk_bytes = checkpoint_bytes * (max(cfg.keep_last, 1) + 2)
+    total = planned_tokens(res.points, cfg.steps, seqs)
+    if data is not None:
+        data = dict(data, passes=total / data["train_tokens"])
+        if data["passes"] > 1:
+            warnings.append(f"the plan reads the training data {data['passes']:.2f} times (repeated tokens "
+                            "help less); prepare more data with prepare_fineweb.py --tokens or lower the budget")
+    return Plan(res, cfg, tier, tier_how, out, capacity, capacity_how, flops, flops_how, mfu, suggestion,
+                checkpoint_bytes, disk_bytes, command_for(cfg, res.nproc), run, data, warnings)

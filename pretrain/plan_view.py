@@ -1,0 +1,139 @@
+"""How a launch plan reads in the terminal: rich tables on a TTY, plain aligned text otherwise (logs, pipes)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from pretrain.config import format_command
+from pretrain.plan import ALWAYS_SHOWN, CHECKPOINT_RECOMPUTE, Plan
+
+GiB = 1024**3
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB / 10 else f"{n / 1024**2:.1f} MiB"
+
+
+def fmt_count(n: float) -> str:
+    """10_000_000_000 -> '10.00B', 131072 -> '131.1K'."""
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}"
+    return f"{n:.0f}"
+
+
+def fmt_time(seconds: float) -> str:
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return f"{d}d {h}h" if d else f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class _Out:
+    """Lines and tables to a rich console or a plain stream."""
+
+    def __init__(self, file: TextIO, use_rich: bool) -> None:
+        self.file = file
+        self.rich = None
+        if use_rich:
+            from rich.console import Console
+
+            self.rich = Console(file=file, highlight=False)
+
+    def line(self, text: str = "", style: str | None = None) -> None:
+        if self.rich:
+            self.rich.print(text, style=style, markup=False)
+        else:
+            print(text, file=self.file)
+
+    def table(self, title: str, headers: Sequence[str], rows: list[Sequence[Any]]) -> None:
+        cells = [[str(c) for c in r] for r in rows]
+        if self.rich:
+            from rich.table import Table
+
+            t = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+            for h in headers:
+                t.add_column(h, overflow="fold")
+            for r in cells:
+                t.add_row(*r)
+            self.rich.print(t)
+            return
+        widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+        self.line(title)
+        for r in [list(headers), *cells]:
+            self.line("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -> None:
+    """Print the plan: summary, phases with memory and time, settings with sources, warnings, the command."""
+    file = file or sys.stdout
+    out = _Out(file, file.isatty() and os.environ.get("TERM") != "dumb")
+    cfg, m, res = plan.cfg, plan.resolved.mcfg, plan.resolved
+    src = res.sources
+    head = "Plan (running it now)" if running else "Plan: dry run, nothing written; add --run to train"
+    out.line(head, style="bold")
+    out.line(f"  tier      {plan.tier.name} ({plan.tier_how}); device {cfg.device}; memory "
+             f"{fmt_bytes(plan.memory_capacity_bytes)} ({plan.memory_capacity_how})")
+    run = plan.run
+    out.line(f"  run       {run['dir']} ({run['action']}{': ' + run['note'] if run['note'] else ''})")
+    if plan.data:
+        d = plan.data
+        out.line(f"  data      {d['path']}: {fmt_count(d['train_tokens'])} train tokens, {d['tokenizer']} vocab "
+                 f"{d['vocab_size']}, {d['passes']:.2f} passes planned")
+    else:
+        out.line("  data      none (see warnings)")
+    hd_qk, hd_v, _ = m.head_dims
+    dims = f"heads {m.n_head} q / {m.n_kv_head} kv, head dim {hd_qk} qk / {hd_v} v"
+    if m.attn == "bottleneck":
+        dims += f", attn_dim {m.attn_dim}"
+    elif m.attn == "decoupled":
+        dims += f", sem_dim {m.sem_dim} + geo_dim {m.geo_dim}, v {m.attn_dim}"
+    extras = [o for o, on in (("null attn", m.null_attn), ("tied q/k", m.tie_qk)) if on]
+    out.line(f"  model     {cfg.size} {m.attn}{' + ' + ', '.join(extras) if extras else ''}: "
+             f"{fmt_count(m.num_params())} params ({fmt_count(m.num_params(non_embedding=True))} non-embedding), "
+             f"d_model {m.d_model}, {m.n_layer} layers, {dims}")
+    last = plan.phases[-1]
+    out.line(f"            KV cache {m.kv_cache_bytes_per_token(2):,} bytes/token (bf16); "
+             f"{m.flops_per_token(last.seq_len) / 1e9:.2f} GFLOP/token at seq {last.seq_len}")
+    tpp = plan.planned_tokens / m.num_params()
+    out.line(f"  budget    {plan.steps:,} steps ({src['steps']}); {fmt_count(plan.planned_tokens)} tokens "
+             f"({plan.planned_tokens:,}); {tpp:.1f} tokens/param; {last.tokens_per_step:,} tokens/step at the end")
+    out.line()
+    procs = f" x {plan.nproc} proc" if plan.nproc > 1 else ""
+    rows = [[f"{p.start_step}-{p.end_step}", p.seq_len, f"{p.micro_batch} x {p.grad_accum}{procs}",
+             f"{p.tokens_per_step:,}", fmt_count(p.tokens), fmt_bytes(p.peak_memory_bytes), p.verdict,
+             fmt_count(p.tokens_per_second), fmt_time(p.seconds)] for p in plan.phases]
+    out.table("phases", ["steps", "seq", "micro x accum", "tokens/step", "tokens", "peak mem", "verdict",
+                         "tok/s (est)", "time (est)"], rows)
+    worst = max(plan.phases, key=lambda p: p.peak_memory_bytes)
+    parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(worst.breakdown.items(), key=lambda kv: -kv[1]))
+    extra = "CUDA context and allocator" if cfg.device != "cpu" else "the Python process"
+    out.line(f"  memory: estimated peak of one training step (fake-tensor run of the real step), seq {worst.seq_len}: "
+             f"tensors {fmt_bytes(worst.tensor_peak_bytes)} [{parts}] + allowance for {extra} "
+             f"= {fmt_bytes(worst.peak_memory_bytes)}")
+    if plan.suggestion:
+        out.line(f"  to fit: {plan.suggestion}", style="bold yellow")
+    ckpt = f" x {CHECKPOINT_RECOMPUTE} (checkpointing recomputes the forward)" if cfg.grad_checkpoint else ""
+    total = sum(p.seconds for p in plan.phases)
+    flops = plan.peak_flops
+    rate = f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"
+    out.line(f"  time: ESTIMATE {fmt_time(total)} = tokens x FLOPs/token / ({rate} "
+             f"[{plan.peak_flops_how}] x MFU {plan.mfu / (CHECKPOINT_RECOMPUTE if cfg.grad_checkpoint else 1):g}"
+             f"{ckpt}{' x ' + str(plan.nproc) + ' procs' if plan.nproc > 1 else ''})")
+    out.line(f"  checkpoints: {fmt_bytes(plan.checkpoint_bytes)} each (weights + optimizer state); up to "
+             f"{fmt_bytes(plan.disk_bytes)} of disk (keep_last {cfg.keep_last} + best + one write in flight)")
+    out.line()
+    shown = [k for k in cfg.to_dict() if src.get(k, "default") != "default" or k in ALWAYS_SHOWN]
+    values = cfg.to_dict() | {"vocab_size": m.vocab_size, "data": cfg.data or "(none)"}
+    out.table("settings", ["setting", "value", "source"], [[k, values[k], src.get(k, "default")] for k in shown])
+    if plan.warnings:
+        out.line()
+        for w in plan.warnings:
+            out.line(f"warning: {w}", style="yellow")
+    out.line()
+    out.line("command:", style="bold")
+    out.line(format_command(plan.command))

@@ -1,0 +1,119 @@
+"""VRAM tiers: what a GPU of a given memory size should run by default, and which tier this machine is.
+
+A tier fixes how one optimizer step is executed (micro-batch, gradient accumulation, activation checkpointing,
+parameter dtype, compile), never what is trained: every GPU tier takes the same model, sequence schedule and
+GLOBAL_BATCH sequences per optimizer step, so a 24 GB card runs the same training run as an 80 GB one, only
+slower. The defaults were chosen with the planner's own memory estimate for the 1b preset (docs/tiers.md shows
+the figures). `cpu` is a smoke tier on the tiny preset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pretrain import device as dev
+from pretrain.cli import UserError
+
+GiB = 1024**3
+# Sequences per optimizer step on every GPU tier: 256 x 2048 = 524,288 tokens at the 1b block size, the
+# batch GPT-3 used for its 1.3B model and in the range of TinyLlama / Pythia-1B.
+GLOBAL_BATCH = 256
+# Cards report less than their marketing size: an L4 "24 GB" shows 22.5 GiB, a T4 "16 GB" 14.7 GiB. A tier's
+# memory when no GPU is present is its nominal size times this, the smallest card of the class.
+USABLE_FRACTION = 0.92
+
+
+@dataclass(frozen=True)
+class Tier:
+    """Defaults for one class of device. `schedule` holds (fraction of the block size, start step) pairs."""
+
+    name: str
+    size: str
+    micro_batch: int
+    global_batch: int
+    grad_checkpoint: bool
+    param_dtype: str
+    compile: bool
+    schedule: tuple[tuple[float, int], ...]
+    reference_gpu: str  # whose peak FLOP/s the time estimate assumes when no GPU is detected
+    steps: int | None = None  # None: the token budget decides (default 20 tokens per parameter)
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.name != "cpu"
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return int(int(self.name) * USABLE_FRACTION * GiB) if self.is_gpu else None
+
+    def seq_schedule(self, block_size: int) -> str:
+        """The tier's sequence-length schedule for a model of `block_size`, e.g. "512@0,1024@500,2048@1500"."""
+        return ",".join(f"{max(8, int(block_size * frac))}@{start}" for frac, start in self.schedule)
+
+
+# Sequence-length warm-up (short sequences first: cheaper early steps, as in Li et al. 2022, "The
+# Stability-Efficiency Dilemma"): a quarter of the block for 500 steps, half until step 1500, then full.
+_GPU_SCHEDULE = ((0.25, 0), (0.5, 500), (1.0, 1500))
+
+TIERS: dict[str, Tier] = {
+    # 1b baseline estimates (docs/tiers.md): 80 -> ~47 GiB, 48 -> ~36, 40 -> ~30, 24 -> ~19, 16 -> does not
+    # fit with AdamW (weights, grads and fp32 AdamW state alone are 13.8 GiB); the planner suggests Lion.
+    "80": Tier("80", "1b", 4, GLOBAL_BATCH, False, "fp32", True, _GPU_SCHEDULE, "A100 80GB"),
+    "48": Tier("48", "1b", 2, GLOBAL_BATCH, False, "fp32", True, _GPU_SCHEDULE, "RTX A6000"),
+    "40": Tier("40", "1b", 1, GLOBAL_BATCH, False, "fp32", True, _GPU_SCHEDULE, "A100 40GB"),
+    "24": Tier("24", "1b", 4, GLOBAL_BATCH, True, "bf16", True, _GPU_SCHEDULE, "RTX 4090"),
+    "16": Tier("16", "1b", 1, GLOBAL_BATCH, True, "bf16", True, _GPU_SCHEDULE, "RTX 4080"),
+    # Smoke tier: tiny preset, no compile (a cold compile costs more than a short CPU run).
+    "cpu": Tier("cpu", "tiny", 8, 8, False, "fp32", False, ((0.5, 0), (1.0, 50)), "cpu", steps=100),
+}
+VRAM_CHOICES = ("auto", *TIERS)
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """What the planner needs to know about the local GPU (tests pass their own)."""
+
+    name: str
+    total_bytes: int
+    capability: tuple[int, int]
+
+    @property
+    def has_bf16(self) -> bool:
+        # bf16 tensor cores arrived with Ampere (sm_80); T4 (7.5) and V100 (7.0) need fp16 + GradScaler.
+        return self.capability >= (8, 0)
+
+    @property
+    def peak_flops(self) -> float | None:
+        return dev.peak_flops_for_name(self.name)
+
+
+def detect_gpu() -> GpuInfo | None:
+    """The first CUDA device, or None on a machine without one."""
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return GpuInfo(props.name, int(props.total_memory), (props.major, props.minor))
+
+
+def tier_for_memory(total_bytes: int) -> str:
+    """The largest tier whose usable memory the card has (a card below the smallest tier gets an error)."""
+    for name in sorted((n for n in TIERS if n != "cpu"), key=int, reverse=True):
+        if total_bytes >= TIERS[name].memory_bytes:
+            return name
+    raise UserError(
+        f"this GPU has {total_bytes / GiB:.1f} GiB, less than the smallest tier (16 GB); "
+        "plan with --vram cpu for a smoke run, or pick a tier explicitly (e.g. --vram 16) with a smaller --size"
+    )
+
+
+def select_tier(vram: str, gpu: GpuInfo | None) -> tuple[Tier, str]:
+    """(tier, how it was chosen) for --vram; auto reads the GPU (cpu when there is none)."""
+    if vram not in VRAM_CHOICES:
+        raise UserError(f"unknown --vram tier {vram!r}; use one of {', '.join(VRAM_CHOICES)}")
+    if vram != "auto":
+        return TIERS[vram], "flag"
+    if gpu is None:
+        return TIERS["cpu"], "auto: no GPU found"
+    return TIERS[tier_for_memory(gpu.total_bytes)], f"auto: {gpu.name}, {gpu.total_bytes / GiB:.1f} GiB"
