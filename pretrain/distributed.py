@@ -83,6 +83,8 @@ def wrap_model(model: nn.Module, fsdp: bool, cpu_offload: bool, dist: Dist, devi
         # DDP broadcasts rank 0's weights at construction, so every replica starts identical.
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"--fsdp runs on cuda or cpu, not {device.type}; drop --fsdp or use --device cpu")
     if next(model.parameters()).dtype == torch.bfloat16:
         # optim.py's stochastic rounding reinterprets plain tensors' bits; FSDP2's parameters are DTensors.
         raise UserError("--fsdp needs fp32 parameters: drop --param-dtype bf16 (with --amp, FSDP2 already "
@@ -123,7 +125,8 @@ def maybe_no_sync(wrapped: nn.Module, sync: bool) -> Iterator[None]:
             yield
 
 
-def _sum(t: torch.Tensor, group: Any = None, op: Any = None) -> torch.Tensor:
+def _all_reduce(t: torch.Tensor, group: Any = None, op: Any = None) -> torch.Tensor:
+    """A reduced copy: the caller's tensor (e.g. the loop's running loss) is left as it was."""
     out = t.detach().clone()
     tdist.all_reduce(out, op=op or tdist.ReduceOp.SUM, group=group)
     return out
@@ -133,14 +136,14 @@ def any_rank(flag: bool, dist: Dist) -> bool:
     """True when `flag` is set on any rank (a stop signal reaching one rank stops all, at the same step)."""
     if not dist.enabled:
         return flag
-    return bool(_sum(torch.tensor([int(flag)]), dist.control, tdist.ReduceOp.MAX).item())
+    return bool(_all_reduce(torch.tensor([int(flag)]), dist.control, tdist.ReduceOp.MAX).item())
 
 
 def mean_across_ranks(value: torch.Tensor, dist: Dist) -> torch.Tensor:
     """The mean of `value` over ranks (a new tensor; SUM then divide, as gloo has no AVG)."""
     if not dist.enabled:
         return value
-    return _sum(value) / dist.world_size
+    return _all_reduce(value) / dist.world_size
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, dist: Dist) -> torch.Tensor:
@@ -204,7 +207,7 @@ def check_same_start(step: int | None, dist: Dist) -> None:
     if not dist.enabled:
         return
     mine = torch.tensor([-1 if step is None else step])
-    lo, hi = _sum(mine, dist.control, tdist.ReduceOp.MIN), _sum(mine, dist.control, tdist.ReduceOp.MAX)
+    lo, hi = _all_reduce(mine, dist.control, tdist.ReduceOp.MIN), _all_reduce(mine, dist.control, tdist.ReduceOp.MAX)
     if lo.item() != hi.item():
         raise UserError("ranks found different checkpoints to resume from (steps "
                         f"{lo.item()}..{hi.item()}, -1 = none); multi-node runs need --out-dir on storage "
