@@ -201,6 +201,13 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--decay-frac must be in (0, 1], got {cfg.decay_frac}")
     if cfg.amp_dtype == "fp16" and cfg.param_dtype == "bf16":
         raise UserError("--amp-dtype fp16 needs fp32 weights for its GradScaler: use --param-dtype fp32")
+    if cfg.cpu_offload and not cfg.fsdp:
+        raise UserError("--cpu-offload needs --fsdp (it offloads FSDP2's sharded parameters); add --fsdp")
+    if cfg.fsdp and cfg.param_dtype == "bf16":
+        raise UserError("--fsdp needs fp32 parameters: drop --param-dtype bf16 (with --amp, FSDP2 already "
+                        "all-gathers and computes in bf16)")
+    if cfg.fsdp and cfg.amp and cfg.amp_dtype == "fp16":
+        raise UserError("--fsdp does not support --amp-dtype fp16: use --amp-dtype bf16, or DDP (drop --fsdp)")
     if cfg.resume not in ("auto", "never") and not cfg.resume.endswith(".pt"):
         raise UserError(f"--resume takes auto, never or a .pt path, got {cfg.resume!r}")
 

@@ -28,6 +28,9 @@ def test_argv_round_trip():
     (["--param-dtype", "bf16", "--amp-dtype", "fp16"], "GradScaler"),
     (["--resume", "maybe"], "resume"),
     (["--val-frac", "0.7"], "val-frac"),
+    (["--cpu-offload"], "needs --fsdp"),
+    (["--fsdp", "--param-dtype", "bf16"], "fp32 parameters"),
+    (["--fsdp", "--amp-dtype", "fp16"], "fp16"),
 ])
 def test_validation(argv, match):
     with pytest.raises(UserError, match=match):
