@@ -15,13 +15,12 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from pretrain.cli import ArgumentParser, UserError
 from pretrain.compare import run_row
-from pretrain.config import TrainConfig, format_command
+from pretrain.config import format_command
 from pretrain.track import read_jsonl
 
 try:  # the launcher plans the run; without it (an older checkout) the demo calls the trainer directly
@@ -32,7 +31,7 @@ except ImportError:
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
-DEFAULT_STEPS = 200
+DEFAULT_STEPS = 150
 STEPS_ENV = "PRETRAIN_DEMO_STEPS"
 VARIANTS = {"baseline": ["--attn-mode", "baseline"], "gqa": ["--attn-mode", "gqa"],
             "gqa_kv2": ["--attn-mode", "gqa", "--kv-head", "2"], "bottleneck": ["--attn-mode", "bottleneck"],
@@ -40,7 +39,7 @@ VARIANTS = {"baseline": ["--attn-mode", "baseline"], "gqa": ["--attn-mode", "gqa
 
 # What the demo changes from the cpu tier, and why: seq 128 throughout (the tier's switch to 256 doubles the
 # cost of the GPT-2-vocab LM head, which dominates a tiny model's step), a higher LR than the 1B default
-# (a 3M-parameter model is stable at 3e-3 and the loss then falls visibly in 200 steps), evals every 50
+# (a 3M-parameter model is stable at 3e-3 and the loss then falls visibly in 150 steps), evals every 50
 # steps so loss.png has a curve, checkpoints as often so an interrupted demo resumes close to where it was.
 DEMO_FLAGS = ["--seq-schedule", "128@0", "--lr", "3e-3", "--warmup-steps", "20", "--eval-every", "50",
               "--eval-iters", "10", "--log-every", "10", "--save-every", "50"]
@@ -69,9 +68,7 @@ def _completed(run_dir: Path, steps: int) -> bool:
 
 def _run_with_launcher(argv: list[str]) -> tuple[Path, int, str]:
     """Plan with the launcher and run its trainer command: (run dir, exit code, note)."""
-    ns = launch.build_parser().parse_args(argv)
-    flags = {f.name: getattr(ns, f.name) for f in fields(TrainConfig) if getattr(ns, f.name) is not None}
-    plan = launch.make_plan(ns, flags)
+    _, plan = launch.plan_from_argv(argv)
     render_plan(plan, running=True)
     run_dir = Path(plan.run["dir"])
     if plan.run["action"] in ("complete", "skip"):
@@ -114,7 +111,7 @@ def report(run_dir: Path, variant: str, elapsed: float) -> dict[str, Any]:
     print("next:")
     print("  resume     rerun the same command (Ctrl-C saves first; a finished run says it is complete)")
     print(f"  variant    python -m pretrain.demo --variant {other}")
-    print(f"  compare    python -m pretrain.compare {d} {_shown(run_dir.parent / f'tiny-{other}-demo')}")
+    print(f"  compare    python run_1b_launch.py compare {d} {_shown(run_dir.parent / f'tiny-{other}-demo')}")
     return row
 
 

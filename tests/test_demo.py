@@ -66,7 +66,7 @@ def test_demo_command_trains_reports_and_reruns_as_complete(tmp_path):
     losses = _evals(run_dir)
     assert losses[-1] < losses[0] - 1.5, losses  # ~10.8 (= ln 50257) at init
     assert re.search(r"val loss \d+\.\d+ -> \d+\.\d+", first.stdout)
-    assert "python -m pretrain.compare" in first.stdout and "loss.png" in (run_dir / "summary.md").read_text()
+    assert "run_1b_launch.py compare" in first.stdout and "loss.png" in (run_dir / "summary.md").read_text()
 
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -77,7 +77,7 @@ def test_demo_command_trains_reports_and_reruns_as_complete(tmp_path):
 def test_demo_without_launcher_calls_the_trainer(tmp_path, monkeypatch, capsys):
     """An older checkout without pretrain/launch.py: same settings, same run name, straight to the trainer."""
     monkeypatch.setattr(demo, "launch", None)
-    argv = ["--steps", "8", "--run-root", str(tmp_path), "--variant", "gqa"]
+    argv = ["--steps", "4", "--run-root", str(tmp_path), "--variant", "gqa"]
     assert demo.main(argv) == 0
     run_dir = tmp_path / "tiny-gqa-demo"
     meta = next(e for e in read_jsonl(run_dir / "train.jsonl") if e["type"] == "meta")
