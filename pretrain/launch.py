@@ -52,6 +52,7 @@ def _compare(argv: list[str]) -> int:
     return compare_main(argv, prog="run_1b_launch.py compare")
 
 
+_GROUP = {f.name: f.metadata["group"] for f in fields(TrainConfig)}
 # Subcommands, recognised by argv[0] before any flag parsing: `run_1b_launch.py compare runs/a runs/b`.
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"compare": _compare}
 
@@ -134,7 +135,8 @@ def _match(saved: dict, res: Resolved) -> tuple[list[str], dict[str, Any], list[
     same_batch = saved.get("batch_size", 0) * saved.get("grad_accum", 0) == cfg.batch_size * cfg.grad_accum
     conflicts, adopt, warnings = [], {}, []
     for k in keys:
-        explicit = res.sources.get(k) == "flag"
+        # A different network is always a different experiment, whoever chose it.
+        explicit = res.sources.get(k, "").startswith("flag") or _GROUP.get(k) == "model"
         if k in EXECUTION_FIELDS and same_batch and explicit:
             warnings.append(f"resuming with {k} {saved[k]!r} -> {getattr(cfg, k)!r}: same experiment, but the "
                             "trainer may refuse a changed value on resume")

@@ -12,21 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
-
-import torch
 
 from model import ModelConfig
 from pretrain.cli import UserError
 from pretrain.config import TrainConfig, flag_name, model_config_from, validate
-from pretrain.device import peak_flops_for_name
 from pretrain.memory import GiB, estimate_step_memory
 from pretrain.optim import DEFAULT_BETA2, DEFAULT_LR
 from pretrain.schedule import parse_count, parse_seq_schedule, phases, planned_tokens, steps_for_tokens
-from pretrain.tiers import GpuInfo, Tier
+from pretrain.tiers import GpuInfo, Tier, memory_capacity, peak_flops
 
 VARIANTS: dict[str, tuple[str, int | None]] = {  # --variant -> (attn mode, kv heads; None = the model's default)
     "baseline": ("baseline", None), "gqa": ("gqa", None), "gqa_kv2": ("gqa", 2),
@@ -104,8 +99,8 @@ def resolve(req: Request, tier: Tier, gpu: GpuInfo | None, data_vocab: int | Non
     if variant not in VARIANTS:
         raise UserError(f"unknown --variant {variant!r}; use one of {', '.join(VARIANTS)}")
     attn, kv = VARIANTS[variant]
-    values["attn_mode"], sources["attn_mode"] = attn, "flag" if req.variant else "default"
-    pick("kv_head", kv, "flag" if req.variant else "default")
+    values["attn_mode"], sources["attn_mode"] = attn, f"flag (--variant {variant})" if req.variant else "default"
+    pick("kv_head", kv, f"flag (--variant {variant})" if kv is not None else "default")
     pick("device", "cuda" if tier.is_gpu else "cpu", t)
     micro = pick("batch_size", tier.micro_batch, t)
     if micro <= 0:
@@ -301,7 +296,7 @@ def step_peak_bytes(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, nproc: in
 
 
 def suggest_fix(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, capacity: int, nproc: int) -> str | None:
-    """The cheapest flag change (in speed) whose estimate fits, or None.
+    """The cheapest flag change (in speed) whose estimate fits; else the closest "tight" one; else None.
 
     Changes are tried in order: a smaller micro-batch (accumulation keeps the sequences per step), then
     activation checkpointing, then bf16 weights, then Lion (half of AdamW's state); within each, the largest
@@ -316,10 +311,22 @@ def suggest_fix(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, capacity: int
         modes += [{"grad_checkpoint": True, "param_dtype": "bf16"}]
     modes += [modes[-1] | {"optimizer": "lion"}]
 
+    def describe(change: dict[str, Any], b: int, peak: int, note: str = "") -> str:
+        flags = [f for k, v in change.items() if getattr(cfg, k) != v for f in _flag(k, v)]
+        if b != cfg.batch_size:
+            flags += ["--batch-size", str(b), "--grad-accum", str(max(1, total // b))]
+        return f"{' '.join(flags)} (est. {peak / GiB:.1f} GiB{note})"
+
+    closest: tuple[int, int, str] | None = None  # lowest "tight" candidate (then largest micro-batch)
+
     def fits(change: dict[str, Any], b: int) -> tuple[bool, int]:
+        nonlocal closest
         candidate = replace(cfg, **change, batch_size=b, grad_accum=max(1, total // b))
         peak, _ = step_peak_bytes(mcfg, candidate, seq_len, nproc)
-        return verdict(peak, capacity) == "fits", peak
+        v = verdict(peak, capacity)
+        if v == "tight" and (closest is None or (peak, -b) < closest[:2]):
+            closest = (peak, -b, describe(change, b, peak, ", tight: watch the first steps"))
+        return v == "fits", peak
 
     tried: set[tuple] = set()
     for change in modes:
@@ -334,13 +341,8 @@ def suggest_fix(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, capacity: int
         while lo < hi:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if fits(change, options[mid])[0] else (mid + 1, hi)
-        b = options[lo]
-        peak = fits(change, b)[1]
-        flags = [f for k, v in change.items() if getattr(cfg, k) != v for f in _flag(k, v)]
-        if b != cfg.batch_size:
-            flags += ["--batch-size", str(b), "--grad-accum", str(max(1, total // b))]
-        return f"{' '.join(flags)} (est. {peak / GiB:.1f} GiB)"
-    return None
+        return describe(change, options[lo], fits(change, options[lo])[1])
+    return closest[2] if closest else None
 
 
 def _flag(name: str, value: Any) -> list[str]:
@@ -349,65 +351,13 @@ def _flag(name: str, value: Any) -> list[str]:
     return [flag_name(name), str(value)]
 
 
-def cpu_matmul_flops(seconds: float = 0.1) -> float:
-    """This CPU's fp32 matmul FLOP/s: measured on one thread, times torch's thread count.
-
-    One thread, because a multi-threaded measurement collapses when other processes load the cores (OpenMP
-    threads spin-wait), which says more about this moment than about the machine.
-    """
-    threads = torch.get_num_threads()
-    n = 256
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.set_num_threads(1)
-    try:
-        a @ b
-        iters, t0 = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - t0) < seconds:
-            a @ b
-            iters += 1
-    finally:
-        torch.set_num_threads(threads)
-    return 2 * n**3 * iters / elapsed * threads
-
-
-def system_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 16 * GiB
-
-
-def memory_capacity(tier: Tier, tier_how: str, gpu: GpuInfo | None) -> tuple[int, str]:
-    """Device memory the plan must fit in: the detected GPU's (auto), the tier's nominal, or system RAM."""
-    if not tier.is_gpu:
-        return system_memory_bytes(), "system RAM"
-    if gpu is not None and tier_how.startswith("auto"):
-        return gpu.total_bytes, f"{gpu.name} total memory"
-    return tier.memory_bytes, f"{tier.name} GB tier (smallest card of the class: {tier.memory_bytes / GiB:.1f} GiB)"
-
-
-def peak_flops(req: Request, tier: Tier, gpu: GpuInfo | None) -> tuple[float, str]:
-    """Device peak FLOP/s for the time estimate, and where the figure comes from."""
-    if req.peak_tflops is not None:
-        if req.peak_tflops <= 0:
-            raise UserError(f"--peak-tflops must be positive, got {req.peak_tflops}")
-        return req.peak_tflops * 1e12, "--peak-tflops"
-    if not tier.is_gpu:
-        return cpu_matmul_flops(), f"measured: this CPU's 1-thread fp32 matmul rate x {torch.get_num_threads()} threads"
-    if gpu is not None and gpu.peak_flops:
-        return gpu.peak_flops, f"{gpu.name} datasheet peak (pretrain/device.py)"
-    why = f"no GPU here; assumes the tier's reference {tier.reference_gpu}" if gpu is None else \
-        f"{gpu.name} is not in the peak table; assumes {tier.reference_gpu}"
-    return peak_flops_for_name(tier.reference_gpu) or 100e12, why + " (set --peak-tflops for your card)"
-
-
 def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuInfo | None,
                data: dict[str, Any] | None, run: dict[str, Any]) -> Plan:
     """Phases with memory and time, checkpoint disk, and the trainer command for a resolved config."""
     cfg, mcfg = res.cfg, res.mcfg
     warnings = list(res.warnings)
     capacity, capacity_how = memory_capacity(tier, tier_how, gpu)
-    flops, flops_how = peak_flops(req, tier, gpu)
+    flops, flops_how = peak_flops(req.peak_tflops, tier, gpu)
     mfu = req.assume_mfu * (CHECKPOINT_RECOMPUTE if cfg.grad_checkpoint else 1.0)
     seqs = res.sequences_per_step
     out: list[PhasePlan] = []
@@ -423,8 +373,11 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
     suggestion = None
     if worst.verdict != "fits":
         suggestion = suggest_fix(mcfg, cfg, worst.seq_len, capacity, res.nproc) or (
-            "none of micro-batch 1, --grad-checkpoint, --param-dtype bf16, --optimizer lion fits: "
+            "nothing fits: not micro-batch 1, --grad-checkpoint, --param-dtype bf16 nor --optimizer lion; "
             "use a smaller --size or a GPU with more memory")
+    if worst.verdict == "won't fit":
+        warnings.append(f"estimated peak {worst.peak_memory_bytes / GiB:.1f} GiB exceeds {capacity / GiB:.1f} GiB: "
+                        f"the trainer will likely run out of memory; {suggestion}")
     assert est is not None
     checkpoint_bytes = est.state_bytes
     # last.pt and the newest step_<N>.pt are one file (hard link); best.pt may pin one older save, and one

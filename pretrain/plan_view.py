@@ -46,7 +46,8 @@ class _Out:
 
     def line(self, text: str = "", style: str | None = None) -> None:
         if self.rich:
-            self.rich.print(text, style=style, markup=False)
+            # soft_wrap: the terminal wraps long lines; rich must not insert newlines (the command is copied)
+            self.rich.print(text, style=style, markup=False, soft_wrap=True)
         else:
             print(text, file=self.file)
 
@@ -128,7 +129,7 @@ def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -
              f"{fmt_bytes(plan.disk_bytes)} of disk (keep_last {cfg.keep_last} + best + one write in flight)")
     out.line()
     shown = [k for k in cfg.to_dict() if src.get(k, "default") != "default" or k in ALWAYS_SHOWN]
-    values = cfg.to_dict() | {"vocab_size": m.vocab_size, "data": cfg.data or "(none)"}
+    values = cfg.to_dict() | {"vocab_size": m.vocab_size, "data": cfg.data or "(none)", "kv_head": m.n_kv_head}
     out.table("settings", ["setting", "value", "source"], [[k, values[k], src.get(k, "default")] for k in shown])
     if plan.warnings:
         out.line()

@@ -1,4 +1,5 @@
-"""VRAM tiers: what a GPU of a given memory size should run by default, and which tier this machine is.
+"""VRAM tiers: what a GPU of a given memory size should run by default, which tier this machine is, and the
+machine's figures the plan needs (memory to fit in, peak FLOP/s for the time estimate).
 
 A tier fixes how one optimizer step is executed (micro-batch, gradient accumulation, activation checkpointing,
 parameter dtype, compile), never what is trained: every GPU tier takes the same model, sequence schedule and
@@ -9,6 +10,8 @@ the figures). `cpu` is a smoke tier on the tiny preset.
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -58,13 +61,15 @@ class Tier:
 _GPU_SCHEDULE = ((0.25, 0), (0.5, 500), (1.0, 1500))
 
 TIERS: dict[str, Tier] = {
-    # 1b baseline estimates (docs/tiers.md): 80 -> ~47 GiB, 48 -> ~36, 40 -> ~30, 24 -> ~19, 16 -> does not
-    # fit with AdamW (weights, grads and fp32 AdamW state alone are 13.8 GiB); the planner suggests Lion.
+    # Planner estimates for the 1b baseline at seq 2048 incl. allowance (docs/tiers.md): 80 -> 47 GiB (micro 8
+    # would be 69: tight), 48 -> 36, 40 -> 30 (micro 2: 36, tight), 24 -> 20 (tight; other variants fit). On 24
+    # the peak is the bf16-weight AdamW update (fp32 temporaries of the embedding), so micro 8 costs nothing
+    # over micro 1. 16 does not fit with AdamW (weights, grads and fp32 state are 13.8 GiB): the plan says so.
     "80": Tier("80", "1b", 4, GLOBAL_BATCH, False, "fp32", True, _GPU_SCHEDULE, "A100 80GB"),
     "48": Tier("48", "1b", 2, GLOBAL_BATCH, False, "fp32", True, _GPU_SCHEDULE, "RTX A6000"),
     "40": Tier("40", "1b", 1, GLOBAL_BATCH, False, "fp32", True, _GPU_SCHEDULE, "A100 40GB"),
-    "24": Tier("24", "1b", 4, GLOBAL_BATCH, True, "bf16", True, _GPU_SCHEDULE, "RTX 4090"),
-    "16": Tier("16", "1b", 1, GLOBAL_BATCH, True, "bf16", True, _GPU_SCHEDULE, "RTX 4080"),
+    "24": Tier("24", "1b", 8, GLOBAL_BATCH, True, "bf16", True, _GPU_SCHEDULE, "RTX 4090"),
+    "16": Tier("16", "1b", 2, GLOBAL_BATCH, True, "bf16", True, _GPU_SCHEDULE, "RTX 4080"),
     # Smoke tier: tiny preset, no compile (a cold compile costs more than a short CPU run).
     "cpu": Tier("cpu", "tiny", 8, 8, False, "fp32", False, ((0.5, 0), (1.0, 50)), "cpu", steps=100),
 }
@@ -113,7 +118,60 @@ def select_tier(vram: str, gpu: GpuInfo | None) -> tuple[Tier, str]:
     if vram not in VRAM_CHOICES:
         raise UserError(f"unknown --vram tier {vram!r}; use one of {', '.join(VRAM_CHOICES)}")
     if vram != "auto":
-        return TIERS[vram], "flag"
+        return TIERS[vram], f"--vram {vram}"
     if gpu is None:
         return TIERS["cpu"], "auto: no GPU found"
     return TIERS[tier_for_memory(gpu.total_bytes)], f"auto: {gpu.name}, {gpu.total_bytes / GiB:.1f} GiB"
+
+
+def cpu_matmul_flops(seconds: float = 0.1) -> float:
+    """This CPU's fp32 matmul FLOP/s: measured on one thread, times torch's thread count.
+
+    One thread, because a multi-threaded measurement collapses when other processes load the cores (OpenMP
+    threads spin-wait), which says more about this moment than about the machine.
+    """
+    threads = torch.get_num_threads()
+    n = 256
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.set_num_threads(1)
+    try:
+        a @ b
+        iters, t0 = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - t0) < seconds:
+            a @ b
+            iters += 1
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * n**3 * iters / elapsed * threads
+
+
+def system_memory_bytes() -> int:
+    """Physical RAM: what the cpu tier must fit in."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * GiB
+
+
+def memory_capacity(tier: Tier, tier_how: str, gpu: GpuInfo | None) -> tuple[int, str]:
+    """Device memory the plan must fit in: the detected GPU's (auto), the tier's nominal, or system RAM."""
+    if not tier.is_gpu:
+        return system_memory_bytes(), "system RAM"
+    if gpu is not None and tier_how.startswith("auto"):
+        return gpu.total_bytes, f"{gpu.name} total memory"
+    return tier.memory_bytes, f"{tier.name} GB tier (smallest card of the class: {tier.memory_bytes / GiB:.1f} GiB)"
+
+
+def peak_flops(peak_tflops: float | None, tier: Tier, gpu: GpuInfo | None) -> tuple[float, str]:
+    """Device peak FLOP/s for the time estimate, and where the figure comes from."""
+    if peak_tflops is not None:
+        if peak_tflops <= 0:
+            raise UserError(f"--peak-tflops must be positive, got {peak_tflops}")
+        return peak_tflops * 1e12, "--peak-tflops"
+    if not tier.is_gpu:
+        return cpu_matmul_flops(), f"measured: this CPU's 1-thread fp32 matmul rate x {torch.get_num_threads()} threads"
+    if gpu is not None and gpu.peak_flops:
+        return gpu.peak_flops, f"{gpu.name} datasheet peak (pretrain/device.py)"
+    why = f"no GPU here; assumes the tier's reference {tier.reference_gpu}" if gpu is None else \
+        f"{gpu.name} is not in the peak table; assumes {tier.reference_gpu}"
+    return dev.peak_flops_for_name(tier.reference_gpu) or 100e12, why + " (set --peak-tflops for your card)"
