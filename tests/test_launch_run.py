@@ -61,10 +61,10 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
         time.sleep(0.05)
 
 
-def test_run_forwards_sigterm_then_the_same_command_resumes(tmp_path, byte_data):
+def test_run_forwards_sigterm_then_the_same_command_resumes(tmp_path, byte_data, capsys, monkeypatch):
     runs = tmp_path / "runs"
     cmd = [sys.executable, LAUNCHER, "--vram", "cpu", "--data", str(byte_data), "--val-frac", "0.05",
-           "--run-root", str(runs), "--steps", "150", "--run", *SMALL]
+           "--run-root", str(runs), "--steps", "100", "--run", *SMALL]
     log = runs / "tiny-baseline" / "train.jsonl"
     first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: log.exists() and '"type": "train"' in log.read_text(), first)
@@ -73,17 +73,18 @@ def test_run_forwards_sigterm_then_the_same_command_resumes(tmp_path, byte_data)
     assert first.returncode == 0, err[-3000:]
     assert (runs / "tiny-baseline" / "last.pt").exists()
     stopped = [e for e in read_jsonl(log) if e["type"] == "end"]
-    assert stopped and stopped[-1]["status"].startswith("stopped by signal") and stopped[-1]["step"] < 150
+    assert stopped and stopped[-1]["status"].startswith("stopped by signal") and stopped[-1]["step"] < 100
 
     second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    monkeypatch.chdir(tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resume" in second.stdout + second.stderr
     events = read_jsonl(log)
     assert [e["type"] for e in events].count("meta") == 1  # one run, continued, not started over
     steps = [e["step"] for e in events if e["type"] == "train"]
-    assert steps == list(range(1, 151))
-    assert events[-1]["type"] == "end" and events[-1]["status"] == "completed" and events[-1]["step"] == 150
+    assert steps == list(range(1, 101))
+    assert events[-1]["type"] == "end" and events[-1]["status"] == "completed" and events[-1]["step"] == 100
     assert not (runs / "tiny-baseline-2").exists()
 
-    third = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert third.returncode == 0 and "already completed 150 steps" in third.stderr
+    assert launch.main(cmd[2:]) == 0  # a third time: complete, nothing runs
+    assert "already completed 100 steps" in capsys.readouterr().err
