@@ -167,7 +167,7 @@ def resolve_run_dir(root: Path, name: str, if_exists: str, res: Resolved) -> Run
             res.warnings.extend(warns)
             return RunDir(n, d, "resume", "", adopt, end=end)
         why = (f"holds a different run ({', '.join(conflicts)} differ)" if conflicts else
-               "holds a run with no checkpoint (stopped before its first save)" if not has_ckpt else
+               "holds no checkpoint (a run stopped before its first save, or other files)" if not has_ckpt else
                "holds a checkpoint but --resume never was given")
         if if_exists == "error":
             raise UserError(f"{d} {why}; use another --tag, or --if-exists suffix|skip|overwrite")

@@ -144,15 +144,13 @@ def resolve(req: Request, tier: Tier, gpu: GpuInfo | None, data_vocab: int | Non
     opt = pick("optimizer", "adamw", "default")
     lr = pick("lr", DEFAULT_LR[opt], f"default for {opt}")
     pick("beta2", DEFAULT_BETA2[opt], f"default for {opt}")
-    pick("min_lr", float(f"{lr / 10:.6g}"), "default: lr / 10")
+    peak = lr if lr is not None else DEFAULT_LR[opt]  # None (a resumed trainer-only run): the trainer's default
+    pick("min_lr", float(f"{peak / 10:.6g}"), "default: lr / 10")
     pick("warmup_steps", min(2000, math.ceil(0.02 * values["steps"])), "default: 2% of steps, at most 2000")
     for f in fields(TrainConfig):
         if f.name not in values:
             pick(f.name, f.default, "default")
-    try:
-        validate(TrainConfig(**values))
-    except UserError as e:
-        raise UserError(str(e)) from None
+    validate(TrainConfig(**values))
     return Resolved(values, sources, mcfg, points, warnings, req.nproc)
 
 
@@ -185,6 +183,8 @@ def _resolve_steps(req: Request, tier: Tier, mcfg: ModelConfig, points: list[tup
 
 @dataclass
 class PhasePlan:
+    """One stretch of the run at one sequence length: its tokens, memory verdict and time estimate."""
+
     start_step: int
     end_step: int
     seq_len: int
@@ -251,7 +251,8 @@ class Plan:
             "memory_capacity_bytes": self.memory_capacity_bytes, "memory_capacity_how": self.memory_capacity_how,
             "suggestion": self.suggestion,
             "estimate": {"peak_flops": self.peak_flops, "peak_flops_how": self.peak_flops_how,
-                         "assumed_mfu": self.mfu, "seconds": sum(p.seconds for p in self.phases)},
+                         "effective_mfu": self.mfu, "grad_checkpoint_factor": CHECKPOINT_RECOMPUTE
+                         if self.cfg.grad_checkpoint else 1.0, "seconds": sum(p.seconds for p in self.phases)},
             "checkpoint_bytes": self.checkpoint_bytes, "disk_bytes": self.disk_bytes,
             "settings": {k: {"value": self.cfg.to_dict()[k], "source": self.resolved.sources.get(k, "default")}
                          for k in self.cfg.to_dict()},

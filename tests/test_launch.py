@@ -182,12 +182,14 @@ def test_resume_keeps_the_runs_tier_choices(tmp_path):
     """A run started with another micro-batch split (e.g. on another GPU) is continued with its own values."""
     base = ["--vram", "cpu", "--steps", "20", *SMALL]
     first = plan(*base, gpu=None, tmp=tmp_path)
-    saved = first.cfg.__class__(**(first.cfg.to_dict() | {"batch_size": 4, "grad_accum": 2}))
-    _fake_run(tmp_path / "tiny-baseline", saved)
+    # ... and started by the trainer directly, which leaves lr / min_lr to its own defaults (None)
+    changes = {"batch_size": 4, "grad_accum": 2, "lr": None, "min_lr": None}
+    _fake_run(tmp_path / "tiny-baseline", first.cfg.__class__(**(first.cfg.to_dict() | changes)))
     p = plan(*base, gpu=None, tmp=tmp_path)
     assert p.run["action"] == "resume"
-    assert (p.cfg.batch_size, p.cfg.grad_accum) == (4, 2)
-    assert p.resolved.sources["batch_size"] == "run"
+    assert (p.cfg.batch_size, p.cfg.grad_accum, p.cfg.lr, p.cfg.min_lr) == (4, 2, None, None)
+    assert p.resolved.sources["batch_size"] == p.resolved.sources["lr"] == "run"
+    assert parse_config(p.command[2:]) == p.cfg
     assert read_jsonl(tmp_path / "tiny-baseline" / "train.jsonl")[0]["type"] == "meta"  # untouched
 
 
