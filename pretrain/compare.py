@@ -93,6 +93,8 @@ def run_row(run_dir: Path) -> dict[str, Any]:
     mcfg = meta.get("model_config")
     tok_s = [v for r in train if (v := _num(r.get("tok_s"))) is not None]
     steps = max([r["step"] for r in train + evals], default=0)
+    if end and isinstance(end.get("step"), int):
+        steps = end["step"]  # a run stopped by a signal saved one step past its last logged line
     planned = (meta.get("train_config") or {}).get("steps")
     if end:
         status = str(end.get("status", "ended"))
@@ -120,7 +122,12 @@ def run_row(run_dir: Path) -> dict[str, Any]:
 
 def compare_runs(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
     """One row per run (see `run_row`); UserError for a path that is not a run directory."""
-    return [run_row(p) for p in find_runs(paths)]
+    rows = [run_row(p) for p in find_runs(paths)]
+    names = [r["run"] for r in rows]
+    for r in rows:
+        if names.count(r["run"]) > 1:  # same name under different roots: the path tells them apart
+            r["run"] = r["path"]
+    return rows
 
 
 def _human(n: float) -> str:
@@ -178,7 +185,9 @@ def plot_val_curves(paths: Sequence[str | os.PathLike], out_png: str | os.PathLi
     ax.set_ylabel("val cross-entropy loss")
     ax.grid(True, alpha=0.3)
     lows, highs = [], []
-    for run_dir in find_runs(paths):
+    run_dirs = find_runs(paths)
+    names = [d.name for d in run_dirs]
+    for run_dir in run_dirs:
         records = read_jsonl(run_dir / JSONL_NAME)
         meta = next((r for r in records if r.get("type") == "meta"), {})
         points = [(e["tokens"], e["loss"]) for e in _last_per_step(records, "eval")
@@ -187,7 +196,8 @@ def plot_val_curves(paths: Sequence[str | os.PathLike], out_png: str | os.PathLi
             continue
         xs, ys = zip(*points, strict=True)
         variant = _variant(meta.get("model_config"))
-        ax.plot(xs, ys, "o-", ms=3, lw=1.5, label=f"{run_dir.name} ({variant})" if variant else run_dir.name)
+        name = run_dir.name if names.count(run_dir.name) == 1 else str(run_dir)
+        ax.plot(xs, ys, "o-", ms=3, lw=1.5, label=f"{name} ({variant})" if variant else name)
         lows.append(min(ys))
         highs.append(ys[1] if len(ys) > 2 else max(ys))
     if lows:

@@ -105,3 +105,16 @@ def test_tb_writes_readable_event_files(runs):
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
     assert [e.step for e in acc.Scalars("val/loss")] == [0, 3, 6]
     assert not (runs["gqa"] / "tb").exists()  # off unless asked for
+
+
+def test_steps_come_from_the_end_event_and_same_names_show_paths(runs, tmp_path):
+    """A signal-stopped run saved one step past its last train line; two roots may hold the same run name."""
+    stopped = tmp_path / "a" / "base"
+    stopped.mkdir(parents=True)
+    records = [r for r in read_jsonl(runs["base"] / "train.jsonl") if r["type"] in ("meta", "train", "eval")]
+    records = [r for r in records if r.get("step", 0) <= 4]
+    records.append({"type": "end", "status": "stopped by signal SIGINT", "step": 5, "tokens": 5 * 4 * 32})
+    (stopped / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    a, b = compare_runs([stopped, runs["base"]])
+    assert (a["steps"], a["tokens"], a["status"]) == (5, 640, "stopped by signal SIGINT")
+    assert (a["run"], b["run"]) == (str(stopped), str(runs["base"]))
