@@ -274,18 +274,26 @@ def run_trainer(command: list[str]) -> int:
         argv[argv.index("train_v29.py")] = str(TRAINER)
     print(f"running: {format_command(command)}", file=sys.stderr, flush=True)
     # Own process group: a terminal Ctrl-C reaches only this process, which passes it on exactly once
-    # (a second SIGINT would interrupt the trainer's save).
-    proc = subprocess.Popen(argv, process_group=0)
+    # (a second SIGINT would interrupt the trainer's save). Handlers go in before the child starts, so a signal
+    # arriving in between is held and passed on rather than killing the launcher and orphaning the trainer.
+    child: list[subprocess.Popen] = []
+    pending: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
+        if not child:
+            pending.append(signum)
+            return
         try:
-            proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+            child[0].send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
         except ProcessLookupError:
             pass
 
     previous = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
-        code = proc.wait()
+        child.append(subprocess.Popen(argv, process_group=0))
+        for signum in pending:
+            forward(signum, None)
+        code = child[0].wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -210,3 +210,21 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_run_trainer_uses_this_python_and_torchrun_module_and_returns_the_exit_code(monkeypatch):
+    seen = {}
+
+    class FakePopen:
+        def __init__(self, argv, process_group=None):
+            seen["argv"], seen["group"] = argv, process_group
+
+        def wait(self):
+            return -15  # killed by SIGTERM -> 128 + 15, as a shell reports it
+
+    monkeypatch.setattr(launch.subprocess, "Popen", FakePopen)
+    cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "train_v29.py", "--steps", "3"]
+    assert launch.run_trainer(cmd) == 143
+    assert seen["argv"] == [launch.sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc-per-node", "2", str(launch.TRAINER), "--steps", "3"]
+    assert seen["group"] == 0  # own process group: the launcher alone receives a terminal Ctrl-C
