@@ -11,6 +11,7 @@ import torch
 
 from pretrain import device as dev
 from pretrain import distributed as dist_lib
+from pretrain.checkpoint import latest_step
 from pretrain.config import TrainConfig, format_command, parse_config
 from pretrain.optim import peak_lr, set_lr, step_unless_nonfinite
 from pretrain.schedule import lr_at, seq_len_at
@@ -190,12 +191,20 @@ def _finish(s: Session, status: str) -> None:
     if status == "completed":
         final_val, best = s.evaluate()
         s.save(best=best)
+    s.ckpt.wait()
+    # Only rank 0 writes; a stop for non-finite steps deliberately saves nothing.
+    saved = not s.dist.is_main or status.startswith("stopped:") or s.ckpt.last_saved_step == prog.step
+    if not saved:
+        kept = latest_step(s.run_dir)
+        s.console.print(f"error: could not save step {prog.step} ({s.ckpt.last_error}); the newest checkpoint "
+                        f"is step {kept}: free disk space, then rerun the same command to resume from there")
+        status = f"{status}; final save failed"
     elif status.startswith("stopped by signal"):
         s.console.print(f"{status}: saved step {prog.step} to {s.run_dir / 'last.pt'}; "
                         f"rerun the same command to resume")
-    s.ckpt.wait()
-    result = {"status": status, "step": prog.step, "tokens": prog.tokens, "final_val_loss": final_val,
-              "best_val_loss": prog.best_val, "skipped_steps": prog.skipped_steps, "elapsed_s": prog.elapsed}
+    result = {"status": status, "saved": saved, "step": prog.step, "tokens": prog.tokens,
+              "final_val_loss": final_val, "best_val_loss": prog.best_val, "skipped_steps": prog.skipped_steps,
+              "elapsed_s": prog.elapsed}
     s.info["result"] = result
     if s.log:
         s.log.event("end", **result)
@@ -207,4 +216,5 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     args = sys.argv[1:] if argv is None else argv
     result = train(cfg, command=format_command(["python", "train_v29.py", *args]))
-    return 1 if result["status"].startswith("stopped:") else 0
+    ok = result["saved"] and (result["status"] == "completed" or result["status"].startswith("stopped by signal"))
+    return 0 if ok else 1
