@@ -13,6 +13,8 @@ bytes, versus 16 / 12 with fp32 weights and grads.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -43,6 +45,18 @@ def _keep(found_inf: Tensor | None) -> Tensor | None:
     return None if found_inf is None else 1.0 - found_inf.float()
 
 
+# Large tensors are updated in slices so the fp32 temporaries of one update stay ~16 MB each instead of
+# several copies of the whole tensor (the 1b embedding's update alone would need ~3.8 GB).
+CHUNK = 1 << 22
+
+
+def _slices(p: Tensor, *state: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """Matching 1-D slices of a parameter, its gradient and its state tensors (views: writes land in place)."""
+    flat = [p.view(-1), p.grad.reshape(-1), *(t.view(-1) for t in state)]
+    for i in range(0, flat[0].numel(), CHUNK):
+        yield tuple(f[i:i + CHUNK] for f in flat)
+
+
 class Lion(torch.optim.Optimizer):
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), bf16-safe and skip-aware.
 
@@ -66,17 +80,16 @@ class Lion(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                m = state["exp_avg"]
-                g = p.grad.float()
-                w = p.float()
-                update = (m * beta1 + g * (1 - beta1)).sign_()
-                new_w = w * (1 - lr * wd) - lr * update
-                new_m = m * beta2 + g * (1 - beta2)
-                if keep is not None:
-                    new_w = torch.where(keep.bool(), new_w, w)
-                    new_m = torch.where(keep.bool(), new_m, m)
-                m.copy_(new_m)
-                _write_back(p, new_w)
+                for p_s, g_s, m in _slices(p, state["exp_avg"]):
+                    g, w = g_s.float(), p_s.float()
+                    update = (m * beta1 + g * (1 - beta1)).sign_()
+                    new_w = w * (1 - lr * wd) - lr * update
+                    new_m = m * beta2 + g * (1 - beta2)
+                    if keep is not None:
+                        new_w = torch.where(keep.bool(), new_w, w)
+                        new_m = torch.where(keep.bool(), new_m, m)
+                    m.copy_(new_m)
+                    _write_back(p_s, new_w)
 
 
 class AdamWSR(torch.optim.Optimizer):
@@ -103,19 +116,18 @@ class AdamWSR(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 state["step"] += 1.0 if keep is None else keep.to(p.device)
                 t = state["step"].clamp(min=1)
-                g, w = p.grad.float(), p.float()
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                new_m = m * beta1 + g * (1 - beta1)
-                new_v = v * beta2 + g * g * (1 - beta2)
-                m_hat = new_m / (1 - beta1**t)
-                v_hat = new_v / (1 - beta2**t)
-                new_w = w * (1 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps)
-                if keep is not None:
-                    flag = keep.bool()
-                    new_w, new_m, new_v = (torch.where(flag, a, b) for a, b in ((new_w, w), (new_m, m), (new_v, v)))
-                m.copy_(new_m)
-                v.copy_(new_v)
-                _write_back(p, new_w)
+                for p_s, g_s, m, v in _slices(p, state["exp_avg"], state["exp_avg_sq"]):
+                    g, w = g_s.float(), p_s.float()
+                    new_m = m * beta1 + g * (1 - beta1)
+                    new_v = v * beta2 + g * g * (1 - beta2)
+                    step_dir = (new_m / (1 - beta1**t)) / ((new_v / (1 - beta2**t)).sqrt_() + eps)
+                    new_w = w * (1 - lr * wd) - lr * step_dir
+                    if keep is not None:
+                        flag = keep.bool()
+                        new_w, new_m, new_v = (torch.where(flag, a, b) for a, b in ((new_w, w), (new_m, m), (new_v, v)))
+                    m.copy_(new_m)
+                    v.copy_(new_v)
+                    _write_back(p_s, new_w)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -86,3 +86,21 @@ def test_fp32_adamw_is_fused():
     model = nn.Linear(4, 4)
     opt = build_optimizer(model, TrainConfig(), torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
+
+
+@pytest.mark.parametrize("opt_cls", [AdamWSR, Lion])
+def test_sliced_update_equals_whole_tensor_update(opt_cls, monkeypatch):
+    """Large tensors are updated in slices to bound temporaries; the result must not depend on the slicing."""
+    import pretrain.optim as optim_mod
+
+    def run(chunk: int) -> torch.Tensor:
+        monkeypatch.setattr(optim_mod, "CHUNK", chunk)
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(1000, 7))
+        opt = opt_cls([{"params": [w], "weight_decay": 0.1}], lr=1e-2)
+        for i in range(3):
+            w.grad = torch.randn_like(w) * (i + 1)
+            opt.step()
+        return w.detach().clone()
+
+    assert torch.equal(run(64), run(1 << 22))
