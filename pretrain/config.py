@@ -128,7 +128,7 @@ RESUMABLE_CHANGES = frozenset(
         "steps", "eval_every", "eval_iters", "log_every", "save_every", "save_minutes", "keep_last",
         "resume", "overwrite", "max_bad_steps", "device", "live", "tb", "compile", "compile_mode",
         "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "wandb_tags", "wandb_mode",
-        "wandb_id", "opt_fused", "out_dir", "data", "cpu_offload",
+        "wandb_id", "opt_fused", "out_dir", "data", "cpu_offload", "grad_checkpoint", "init_from",
     }
 )
 

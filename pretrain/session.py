@@ -159,6 +159,9 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
         load_init_from(model, cfg.init_from)
     model.grad_checkpoint = cfg.grad_checkpoint
     if cfg.compile:
+        # A card or driver that inductor cannot compile for should cost speed, not the run: dynamo then
+        # logs the failure once and runs that code eagerly.
+        torch._dynamo.config.suppress_errors = True
         # In place per block: parameter names keep no `_orig_mod.` and one block shape compiles once.
         for block in model.blocks:
             block.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
