@@ -11,6 +11,9 @@ compile and the memory column is that configuration's own peak RSS. Reported: st
 (median), tok/s, achieved model FLOP/s (ModelConfig.flops_per_token: 6N + attention, recompute not
 counted) and that as a fraction of the FLOP/s of a 2048^3 matmul timed in the same process, in fp32 and
 in bf16 (autocast runs its matmuls in bf16, which this CPU does natively, so bf16 is its practical peak).
+On a shared machine wall-clock figures move with other load; "CPU-time" is the same ratio computed from
+process CPU seconds (step vs matmul), which time-slicing by other processes leaves mostly unchanged.
+"compile s" = first step - steady step of a compiled configuration (cold inductor cache).
 
 Checkpoint stall: a training step followed by CheckpointManager.save() of the model + AdamW state, vs a
 plain step. `save()` is what the caller waits for (snapshot to CPU; plus the whole write when synchronous);
@@ -45,17 +48,17 @@ from pretrain.optim import build_optimizer, step_unless_nonfinite  # noqa: E402
 
 
 def matmul_peaks(n: int = 2048, reps: int = 5) -> dict[str, float]:
-    """Best-of-reps FLOP/s of an n x n matmul in fp32 and bf16."""
+    """Best-of-reps FLOP/s of an n x n matmul in fp32 and bf16, per wall second and per CPU second."""
     peaks = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b  # warm up the BLAS threads and kernels
-        best = float("inf")
+        wall = cpu = float("inf")
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             a @ b
-            best = min(best, time.perf_counter() - t0)
-        peaks[name] = 2 * n**3 / best
+            wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+        peaks[name], peaks[f"{name}_cpu"] = 2 * n**3 / wall, 2 * n**3 / cpu
     return peaks
 
 
@@ -80,8 +83,8 @@ class Step:
         self.step = 0
 
     def __call__(self) -> float:
-        """Run one step; returns its wall time in seconds."""
-        t0 = time.perf_counter()
+        """Run one step; returns its wall time in seconds (its CPU time is left in `cpu_s`)."""
+        t0, c0 = time.perf_counter(), time.process_time()
         with dev.autocast(torch.device("cpu"), self.amp, torch.bfloat16):
             loss = self.model(self.x, self.y)
         loss.backward()
@@ -89,6 +92,7 @@ class Step:
         step_unless_nonfinite(self.optimizer, (~torch.isfinite(grad_norm)).float())
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.cpu_s = time.process_time() - c0
         return time.perf_counter() - t0
 
     def state(self) -> dict[str, Any]:
@@ -105,10 +109,14 @@ def child_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     first = step()  # includes the cold compile when compiled
     for _ in range(spec["warmup"]):
         step()
-    times = [step() for _ in range(spec["iters"])]
+    times, cpu = [], []
+    for _ in range(spec["iters"]):
+        times.append(step())
+        cpu.append(step.cpu_s)
     after = matmul_peaks()  # timed again: load from other processes may have changed meanwhile
     steady = statistics.median(times)
-    return {**spec, "first_s": first, "step_s": steady, "tok_s": step.tokens / steady,
+    return {**spec, "first_s": first, "step_s": steady, "cpu_s": statistics.median(cpu), "tok_s": step.tokens / steady,
+            "load": os.getloadavg()[0],
             "flops_per_token": step.cfg.flops_per_token(spec["seq_len"]), "params": step.cfg.num_params(),
             "peak": {k: max(v, after[k]) for k, v in peaks.items()}, "rss_mb": rss_mb()}
 
@@ -151,19 +159,28 @@ def run_child(kind: str, spec: dict[str, Any], threads: int) -> dict[str, Any]:
 
 def print_throughput(rows: list[dict[str, Any]]) -> None:
     head = (f"{'preset':<7}{'params':>8} {'B x T':>8} {'ckpt':>5} {'compile':>8} {'1st step s':>11} "
-            f"{'step s':>8} {'tok/s':>8} {'GFLOP/s':>8} {'of fp32 mm':>11} {'of bf16 mm':>11} {'RSS MB':>7}")
+            f"{'compile s':>10} {'step s':>7} {'tok/s':>6} {'GFLOP/s':>8} {'of fp32 mm':>11} {'of bf16 mm':>11} "
+            f"{'CPU-time':>9} {'RSS MB':>7} {'load':>5}")
     print(head)
     print("-" * len(head))
     for r in rows:
         achieved = r["flops_per_token"] * r["tok_s"]
+        step_flops = r["flops_per_token"] * r["batch"] * r["seq_len"]
+        peak_dtype = "bf16" if r["amp"] else "fp32"
+        by_cpu = step_flops / r["cpu_s"] / r["peak"][f"{peak_dtype}_cpu"]
+        compile_s = f"{r['first_s'] - r['step_s']:.1f}" if r["compile"] else "-"
         print(f"{r['preset']:<7}{r['params'] / 1e6:>7.1f}M {r['batch']:>3} x {r['seq_len']:<4}"
               f"{'yes' if r['gc'] else 'no':>5} {'yes' if r['compile'] else 'no':>8} {r['first_s']:>11.2f} "
-              f"{r['step_s']:>8.3f} {r['tok_s']:>8.0f} {achieved / 1e9:>8.2f} "
-              f"{achieved / r['peak']['fp32']:>11.1%} {achieved / r['peak']['bf16']:>11.1%} {r['rss_mb']:>7.0f}")
-    fp32 = [r["peak"]["fp32"] / 1e9 for r in rows]
-    bf16 = [r["peak"]["bf16"] / 1e9 for r in rows]
-    print(f"2048^3 matmul peak per process: fp32 {min(fp32):.0f}-{max(fp32):.0f} GFLOP/s, "
-          f"bf16 {min(bf16):.0f}-{max(bf16):.0f} GFLOP/s")
+              f"{compile_s:>10} {r['step_s']:>7.2f} {r['tok_s']:>6.0f} {achieved / 1e9:>8.2f} "
+              f"{achieved / r['peak']['fp32']:>11.1%} {achieved / r['peak']['bf16']:>11.1%} {by_cpu:>9.1%} "
+              f"{r['rss_mb']:>7.0f} {r['load']:>5.1f}")
+    for dtype in ("fp32", "bf16"):
+        wall = [r["peak"][dtype] / 1e9 for r in rows]
+        cpu = [r["peak"][f"{dtype}_cpu"] / 1e9 for r in rows]
+        print(f"{dtype} 2048^3 matmul peak per process: {min(wall):.0f}-{max(wall):.0f} GFLOP/s "
+              f"({min(cpu):.0f}-{max(cpu):.0f} GFLOP per CPU-second)")
+    print("CPU-time: the step's FLOPs per CPU-second over the matmul's (autocast dtype); time-slicing by other "
+          "processes does not enter it")
 
 
 def print_stall(results: list[dict[str, Any]]) -> None:
