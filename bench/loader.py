@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from pretrain.data import Prefetcher, TrainSampler, open_dataset  # noqa: E402
 from pretrain.manifest import FORMAT, MANIFEST, VERSION, atomic_write_json, shard_name  # noqa: E402
-from pretrain.prepare import parse_tokens  # noqa: E402
+from pretrain.schedule import parse_count  # noqa: E402
 
 VOCAB = 50257
 
@@ -71,7 +71,7 @@ def rate(fn, n: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", type=parse_tokens, default=parse_tokens("64M"))
+    ap.add_argument("--tokens", type=parse_count, default=parse_count("64M"))
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
