@@ -106,12 +106,13 @@ def reference(byte_data, tmp_path_factory) -> dict[str, Any]:
 class Trainer:
     """`python train_v29.py ...` as a subprocess, with probes to time a signal against its progress."""
 
-    def __init__(self, data: Path, out: Path, log: Path) -> None:
+    def __init__(self, data: Path, out: Path, log: Path, *extra: str) -> None:
         self.out, self.log = out, log
         self.stale = {p.name for p in out.glob(f"{TMP_PREFIX}*")}  # left by an earlier kill
         self.t_start = time.time()
         self._err = open(log, "wb")  # noqa: SIM115 - closed in wait()
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "train_v29.py"), *argv(data, out)], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "train_v29.py"), *argv(data, out, *extra)],
+                                     cwd=ROOT,
                                      stdout=subprocess.DEVNULL, stderr=self._err)
         self._size, self._events = -1, []
 
@@ -224,6 +225,30 @@ def test_kill9_at_random_moments_and_corrupt_checkpoints_end_bit_identical(
     assert resumed < damaged and "skipping unloadable checkpoint" in err
     assert f"step_{resumed}.pt at step {resumed}" in err
     assert_matches_reference(out, reference)
+
+
+def test_kill9_before_the_first_checkpoint_is_refused_clearly_then_overwrite_starts_over(
+        byte_data, tmp_path, capfd) -> None:
+    """A hard kill before anything was saved leaves a run dir with logs but no checkpoint. The trainer's
+    contract (README, "already holds a run") is to refuse a fresh start there without --overwrite: one line,
+    exit 2, nothing touched. (run_1b_launch.py instead moves on to the next run name.)"""
+    out = tmp_path / "run"
+    no_saves = ["--steps", "8", "--save-every", "0"]  # and --save-minutes 0, no eval before the end
+    trainer = Trainer(byte_data, out, tmp_path / "kill.err", *no_saves)
+    trainer.wait_for_step(1)
+    trainer.proc.send_signal(signal.SIGKILL)
+    assert trainer.wait() == -signal.SIGKILL
+    assert not list(out.glob("*.pt"))
+    log_before = (out / "train.jsonl").read_bytes()
+    capfd.readouterr()
+    assert run_cli(main, argv(byte_data, out, *no_saves)) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error:")
+    assert "no loadable checkpoint" in err and "--overwrite" in err
+    assert (out / "train.jsonl").read_bytes() == log_before
+    assert run_cli(main, argv(byte_data, out, *no_saves, "--overwrite")) == 0
+    assert [e["step"] for e in events(out, "train")] == list(range(1, 9))
+    assert load_checkpoint(out / "last.pt")["step"] == 8
 
 
 def corrupt_last(out: Path, how: str, rng: random.Random) -> int:
