@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from pretrain.cli import UserError
+from pretrain.fsio import fsync_dir
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -135,19 +136,6 @@ def _finite_flag(t: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ file system
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # platforms without directory fds (Windows): the rename itself is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; nothing better is available there
-    finally:
-        os.close(fd)
-
-
 def _tmp_path(target: Path) -> Path:
     return target.with_name(f"{_TMP_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}")
 
@@ -305,14 +293,14 @@ class CheckpointManager:
             # last.pt first: it is the resume point, so a crash between files never leaves it older than
             # a numbered file.
             _atomic_write(last, snapshot)
-            _fsync_dir(self.run_dir)
+            fsync_dir(self.run_dir)
             last_written = True
             if numbered and self.keep_last > 0:
                 _atomic_alias(last, self.run_dir / f"step_{step}.pt")
             if best:
                 _atomic_alias(last, self.run_dir / BEST)
             self._prune()
-            _fsync_dir(self.run_dir)
+            fsync_dir(self.run_dir)
         except Exception as e:  # noqa: BLE001 - any failure must leave training running
             kept = "last.pt was saved" if last_written else "previous checkpoint kept"
             self._fail(f"checkpoint write for step {step} failed ({type(e).__name__}: {e}); {kept}, training goes on")

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pretrain.cli import UserError
+from pretrain.fsio import atomic_write_bytes, fsync_dir
 
 MANIFEST = "manifest.json"
 FORMAT = "pretrain-tokens"
@@ -41,32 +42,6 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:06d}.npy"
 
 
-def _fsync_dir(path: Path) -> None:
-    # The rename itself must reach the disk too, or a crash can lose the new name.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp name, fsync, rename: readers see the old file or the new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
@@ -80,7 +55,7 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _need(cond: bool, where: Path, what: str) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from pretrain.fsio import atomic_write_text
 from pretrain.plots import PLOT_TITLES, TBWriter, write_plots
 from pretrain.wandb_run import WandbRun
 
@@ -78,30 +79,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return _parse_lines(text)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via temp file + fsync + rename so a crash leaves either the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 class RunLog:
     """Append-only train.jsonl writer.
 
@@ -122,7 +99,7 @@ class RunLog:
                 r for r in read_jsonl(self.path)
                 if r.get("type") != "end" and (not isinstance(r.get("step"), int) or r["step"] <= resume_step)
             ]
-        _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file: TextIO | None = open(self.path, "a", encoding="utf-8", buffering=1)
         if resume_step is not None:
             self.event("resume", step=int(resume_step))
@@ -303,5 +280,5 @@ def write_summary(run_dir: str | os.PathLike, info: Mapping[str, Any]) -> Path:
         out.append("")
 
     path = run_dir / SUMMARY_NAME
-    _atomic_write_text(path, "\n".join(out))
+    atomic_write_text(path, "\n".join(out))
     return path
