@@ -57,7 +57,21 @@ def _slices(p: Tensor, *state: Tensor) -> Iterator[tuple[Tensor, ...]]:
         yield tuple(f[i:i + CHUNK] for f in flat)
 
 
-class Lion(torch.optim.Optimizer):
+class _SkipAwareOptimizer(torch.optim.Optimizer):
+    """Base for our optimizers: honours `found_inf` and walks (group, param, state) for params with grads."""
+
+    def __init__(self, params, defaults: dict) -> None:
+        super().__init__(params, defaults)
+        self.found_inf: Tensor | None = None
+
+    def _params_with_grad(self) -> Iterator[tuple[dict, Tensor, dict]]:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    yield group, p, self.state[p]
+
+
+class Lion(_SkipAwareOptimizer):
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), bf16-safe and skip-aware.
 
     update = sign(beta1 * m + (1 - beta1) * g); p -= lr * (update + wd * p); m = beta2 * m + (1 - beta2) * g.
@@ -66,68 +80,58 @@ class Lion(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
-        self.found_inf: Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         keep = _keep(self.found_inf)
-        for group in self.param_groups:
+        for group, p, state in self._params_with_grad():
             lr, wd = group["lr"], group["weight_decay"]
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                for p_s, g_s, m in _slices(p, state["exp_avg"]):
-                    g, w = g_s.float(), p_s.float()
-                    update = (m * beta1 + g * (1 - beta1)).sign_()
-                    new_w = w * (1 - lr * wd) - lr * update
-                    new_m = m * beta2 + g * (1 - beta2)
-                    if keep is not None:
-                        new_w = torch.where(keep.bool(), new_w, w)
-                        new_m = torch.where(keep.bool(), new_m, m)
-                    m.copy_(new_m)
-                    _write_back(p_s, new_w)
+            if not state:
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            for p_s, g_s, m in _slices(p, state["exp_avg"]):
+                g, w = g_s.float(), p_s.float()
+                update = (m * beta1 + g * (1 - beta1)).sign_()
+                new_w = w * (1 - lr * wd) - lr * update
+                new_m = m * beta2 + g * (1 - beta2)
+                if keep is not None:
+                    new_w = torch.where(keep.bool(), new_w, w)
+                    new_m = torch.where(keep.bool(), new_m, m)
+                m.copy_(new_m)
+                _write_back(p_s, new_w)
 
 
-class AdamWSR(torch.optim.Optimizer):
+class AdamWSR(_SkipAwareOptimizer):
     """AdamW (Loshchilov & Hutter) with fp32 state for bf16 weights, written back by stochastic rounding."""
 
     def __init__(self, params, lr: float = 6e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.found_inf: Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         keep = _keep(self.found_inf)
-        for group in self.param_groups:
+        for group, p, state in self._params_with_grad():
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1.0 if keep is None else keep.to(p.device)
-                t = state["step"].clamp(min=1)
-                for p_s, g_s, m, v in _slices(p, state["exp_avg"], state["exp_avg_sq"]):
-                    g, w = g_s.float(), p_s.float()
-                    new_m = m * beta1 + g * (1 - beta1)
-                    new_v = v * beta2 + g * g * (1 - beta2)
-                    step_dir = (new_m / (1 - beta1**t)) / ((new_v / (1 - beta2**t)).sqrt_() + eps)
-                    new_w = w * (1 - lr * wd) - lr * step_dir
-                    if keep is not None:
-                        flag = keep.bool()
-                        new_w, new_m, new_v = (torch.where(flag, a, b) for a, b in ((new_w, w), (new_m, m), (new_v, v)))
-                    m.copy_(new_m)
-                    v.copy_(new_v)
-                    _write_back(p_s, new_w)
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state["step"] += 1.0 if keep is None else keep.to(p.device)
+            t = state["step"].clamp(min=1)
+            for p_s, g_s, m, v in _slices(p, state["exp_avg"], state["exp_avg_sq"]):
+                g, w = g_s.float(), p_s.float()
+                new_m = m * beta1 + g * (1 - beta1)
+                new_v = v * beta2 + g * g * (1 - beta2)
+                step_dir = (new_m / (1 - beta1**t)) / ((new_v / (1 - beta2**t)).sqrt_() + eps)
+                new_w = w * (1 - lr * wd) - lr * step_dir
+                if keep is not None:
+                    flag = keep.bool()
+                    new_w, new_m, new_v = (torch.where(flag, a, b) for a, b in ((new_w, w), (new_m, m), (new_v, v)))
+                m.copy_(new_m)
+                v.copy_(new_v)
+                _write_back(p_s, new_w)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
