@@ -4,7 +4,7 @@
     .venv/bin/python bench/train_step.py --presets tiny --iters 10 --no-stall
 
 Throughput: for each preset, with and without activation checkpointing (--grad-checkpoint) and with and
-without torch.compile (per block, as pretrain/session.py does), one optimizer step exactly like the trainer's
+without torch.compile (per block, as pretrain/session.py does), one optimizer step like the trainer's
 (bf16 autocast forward + backward, grad clipping, fused AdamW with the on-device non-finite skip) is timed.
 Each configuration runs in a fresh process with an empty inductor cache, so "1st step" includes a cold
 compile and the memory column is that configuration's own peak RSS. Reported: steady-state step time
