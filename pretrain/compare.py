@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.cli import ArgumentParser, UserError
+from pretrain.plots import events_by_step
 from pretrain.track import JSONL_NAME, read_jsonl
 
 # Column key -> header, in print order.
@@ -47,15 +48,6 @@ def find_runs(paths: Sequence[str | os.PathLike]) -> list[Path]:
                             "runs are made by train_v29.py / run_1b_launch.py --run")
         found += children
     return found
-
-
-def _last_per_step(records: list[dict], kind: str) -> list[dict]:
-    """Events of one type, one per step (the last written wins), ordered by step."""
-    by_step: dict[int, dict] = {}
-    for r in records:
-        if r.get("type") == kind and isinstance(r.get("step"), int):
-            by_step[r["step"]] = r
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def _num(value: Any) -> float | None:
@@ -88,8 +80,8 @@ def run_row(run_dir: Path) -> dict[str, Any]:
     records = read_jsonl(run_dir / JSONL_NAME)
     meta = next((r for r in records if r.get("type") == "meta"), {})
     end = next((r for r in reversed(records) if r.get("type") == "end"), None)
-    train = _last_per_step(records, "train")
-    evals = [e for e in _last_per_step(records, "eval") if _num(e.get("loss")) is not None]
+    train = events_by_step(records, "train")
+    evals = [e for e in events_by_step(records, "eval") if _num(e.get("loss")) is not None]
     mcfg = meta.get("model_config")
     tok_s = [v for r in train if (v := _num(r.get("tok_s"))) is not None]
     steps = max([r["step"] for r in train + evals], default=0)
@@ -190,7 +182,7 @@ def plot_val_curves(paths: Sequence[str | os.PathLike], out_png: str | os.PathLi
     for run_dir in run_dirs:
         records = read_jsonl(run_dir / JSONL_NAME)
         meta = next((r for r in records if r.get("type") == "meta"), {})
-        points = [(e["tokens"], e["loss"]) for e in _last_per_step(records, "eval")
+        points = [(e["tokens"], e["loss"]) for e in events_by_step(records, "eval")
                   if _num(e.get("tokens")) is not None and _num(e.get("loss")) is not None]
         if not points:
             continue

@@ -25,8 +25,8 @@ def _is_num(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == value  # not NaN
 
 
-def _by_step(records: list[dict], kind: str) -> list[dict]:
-    """Records of one type, one per step (last wins), ordered by step."""
+def events_by_step(records: list[dict], kind: str) -> list[dict]:
+    """train.jsonl events of one type, one per step (the last written wins), ordered by step."""
     out: dict[int, dict] = {}
     for r in records:
         if r.get("type") == kind and isinstance(r.get("step"), int):
@@ -76,7 +76,7 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
 
     run_dir = Path(run_dir)
     records = read_jsonl(run_dir / JSONL_NAME)
-    train, evals = _by_step(records, "train"), _by_step(records, "eval")
+    train, evals = events_by_step(records, "train"), events_by_step(records, "eval")
 
     # x axis: tokens when the train lines carry them (comparable across seq-len/batch settings), else steps.
     tokens_at = {r["step"]: r["tokens"] for r in train if _is_num(r.get("tokens"))}
