@@ -4,7 +4,7 @@
     python prepare_fineweb.py --tokens 200K --source notes/*.txt --output data/notes
 
 Rerunning the same command continues an interrupted run; a larger --tokens extends the dataset.
-The work happens in pretrain/prepare.py (its docstring explains shards and resume).
+The work happens in pretrain/data/prepare.py (its docstring explains shards and resume).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pretrain.prepare import prepare
+    from pretrain.data.prepare import prepare
 
     prepare(args.tokens, args.output, source=args.source, name=args.name, split=args.split,
             text_column=args.text_column, tokenizer=args.tokenizer, shard_tokens=args.shard_tokens,

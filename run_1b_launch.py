@@ -7,7 +7,7 @@ same line again after a preemption resumes. Flags: `python run_1b_launch.py --he
 import sys
 
 from pretrain.cli import run_cli
-from pretrain.launch import main
+from pretrain.plan.launch import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

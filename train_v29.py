@@ -6,7 +6,7 @@ Re-running the same command resumes from `<out-dir>/last.pt`. Flags: `python tra
 import sys
 
 from pretrain.cli import run_cli
-from pretrain.train import main
+from pretrain.train.loop import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.checkpoint import CheckpointManager  # noqa: E402
+from pretrain.train.checkpoint import CheckpointManager  # noqa: E402
 
 
 def plain_state(mb: int) -> dict:

@@ -1,4 +1,4 @@
-"""Benchmark prepare: end-to-end tokens/s of pretrain.prepare on the shared FineWeb sample against
+"""Benchmark prepare: end-to-end tokens/s of pretrain.data.prepare on the shared FineWeb sample against
 raw tiktoken `encode_ordinary_batch` on the same texts in the same run (aim: ratio >= 0.8, i.e.
 reading, process fan-out and shard writing cost at most 20% on top of tokenizing).
 
@@ -24,8 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from pretrain.prepare import prepare  # noqa: E402
-from pretrain.tokenizer import resolve_tokenizer  # noqa: E402
+from pretrain.data.prepare import prepare  # noqa: E402
+from pretrain.data.tokenizer import resolve_tokenizer  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "data" / "fineweb-sample" / "sample" / "10BT"
 RANKS = ROOT.parent / "shared" / "data" / "gpt2.tiktoken"

@@ -4,7 +4,7 @@
     .venv/bin/python bench/train_step.py --presets tiny --iters 10 --no-stall
 
 Throughput: for each preset, with and without activation checkpointing (--grad-checkpoint) and with and
-without torch.compile (per block, as pretrain/session.py does), one optimizer step like the trainer's
+without torch.compile (per block, as pretrain/train/session.py does), one optimizer step like the trainer's
 (bf16 autocast forward + backward, grad clipping, fused AdamW with the on-device non-finite skip) is timed.
 Each configuration runs in a fresh process with an empty inductor cache, so "1st step" includes a cold
 compile and the memory column is that configuration's own peak RSS. Reported: steady-state step time
@@ -41,10 +41,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import GPT, ModelConfig  # noqa: E402
-from pretrain import device as dev  # noqa: E402
-from pretrain.checkpoint import CheckpointManager  # noqa: E402
-from pretrain.config import TrainConfig  # noqa: E402
-from pretrain.optim import build_optimizer, step_unless_nonfinite  # noqa: E402
+from pretrain.train import device as dev  # noqa: E402
+from pretrain.train.checkpoint import CheckpointManager  # noqa: E402
+from pretrain.train.config import TrainConfig  # noqa: E402
+from pretrain.train.optim import build_optimizer, step_unless_nonfinite  # noqa: E402
 
 
 def matmul_peaks(n: int = 2048, reps: int = 5) -> dict[str, float]:
@@ -72,7 +72,7 @@ class Step:
         self.model = GPT(self.cfg).train()
         self.model.grad_checkpoint = grad_checkpoint
         if compile_:
-            for block in self.model.blocks:  # as pretrain/session.py: in place, per block
+            for block in self.model.blocks:  # as pretrain/train/session.py: in place, per block
                 block.compile()
         tcfg = TrainConfig(size=preset)  # the trainer's optimizer defaults: AdamW, wd 0.1, fused
         self.optimizer = build_optimizer(self.model, tcfg, torch.device("cpu"))

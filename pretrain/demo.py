@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.cli import ArgumentParser, UserError
-from pretrain.compare import run_row
-from pretrain.config import format_command
-from pretrain.track import read_jsonl
+from pretrain.track.compare import run_row
+from pretrain.track.runlog import read_jsonl
+from pretrain.train.config import format_command
 
 try:  # the launcher plans the run; without it (an older checkout) the demo calls the trainer directly
     from pretrain import launch
-    from pretrain.plan_view import render_plan
+    from pretrain.plan.view import render_plan
 except ImportError:
     launch = None  # type: ignore[assignment]
 
@@ -78,9 +78,9 @@ def _run_with_launcher(argv: list[str]) -> tuple[Path, int, str]:
 
 
 def _run_direct(steps: int, variant: str, run_root: Path, data: Path) -> tuple[Path, int, str]:
-    """The same run through the trainer alone (pretrain/launch.py absent): the cpu tier's settings, no plan."""
-    from pretrain.config import parse_config
-    from pretrain.train import train
+    """The same run through the trainer alone (pretrain/plan/launch.py absent): the cpu tier's settings, no plan."""
+    from pretrain.train.config import parse_config
+    from pretrain.train.loop import train
 
     run_dir = run_root / f"tiny-{variant}-demo"  # the launcher's name, so either path resumes the other's run
     if _completed(run_dir, steps):

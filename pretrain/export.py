@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from model import GPT, ModelConfig
-from pretrain.checkpoint import load_checkpoint
 from pretrain.cli import ArgumentParser, UserError, run_cli
+from pretrain.train.checkpoint import load_checkpoint
 
 OUR_FORMAT = "pretrain-gpt"
 # (our name, Llama name) per parameter; {i} is the layer index.
@@ -138,7 +138,7 @@ def resolve_checkpoint(run_dir: Path, which: str) -> Path:
 def _dataset_info(train_config: dict[str, Any]) -> dict[str, Any]:
     """Tokenizer name and EOT id of the run's dataset, when it is still where training read it."""
     try:
-        from pretrain.data import open_dataset
+        from pretrain.data.loader import open_dataset
 
         ds = open_dataset(train_config.get("data", ""), train_config.get("val_frac", 0.0))
         return {"tokenizer": ds.tokenizer, "eot_id": int(ds.eot_id)}

@@ -24,8 +24,8 @@ TINY = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "1", "
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, byte_data) -> dict[str, Path]:
     """Things a user might point a CLI at: a finished run, a non-dataset dir, broken datasets."""
-    from pretrain.config import parse_config
-    from pretrain.train import train
+    from pretrain.train.config import parse_config
+    from pretrain.train.loop import train
 
     base = tmp_path_factory.mktemp("bad")
     run = base / "runs" / "done"

@@ -23,12 +23,12 @@ import pytest
 import torch
 from conftest import ROOT
 
-import pretrain.checkpoint as ck
-from pretrain.checkpoint import checkpoint_paths, load_checkpoint
+import pretrain.train.checkpoint as ck
 from pretrain.cli import UserError, run_cli
-from pretrain.config import parse_config
-from pretrain.track import read_jsonl
-from pretrain.train import main, train
+from pretrain.track.runlog import read_jsonl
+from pretrain.train.checkpoint import checkpoint_paths, load_checkpoint
+from pretrain.train.config import parse_config
+from pretrain.train.loop import main, train
 
 STEPS = 30
 # Tiny model, grad-accum 2 (so signals can land mid-accumulation), a save every 2 steps, evals in between.

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-import pretrain.checkpoint as ck
-from pretrain.checkpoint import (
+import pretrain.train.checkpoint as ck
+from pretrain.cli import UserError
+from pretrain.train.checkpoint import (
     CheckpointManager,
     checkpoint_paths,
     is_finite_state,
     latest_step,
     load_checkpoint,
 )
-from pretrain.cli import UserError
 
 
 def make_state(step: int, value: float = 1.0) -> dict:
@@ -318,7 +318,7 @@ def test_tied_tensors_stored_once_and_numpy_handled(manager) -> None:
 _SAVER = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from pretrain.checkpoint import CheckpointManager
+from pretrain.train.checkpoint import CheckpointManager
 mgr = CheckpointManager({run!r}, keep_last=2)
 w = torch.zeros(4 << 20)  # 16 MB: each write takes long enough to be killed mid-way
 for step in range({start}, 10**6):

@@ -9,10 +9,10 @@ import pytest
 from test_train import FAST
 
 from pretrain.cli import run_cli
-from pretrain.compare import compare_runs, format_table, main, plot_val_curves
-from pretrain.config import parse_config
-from pretrain.track import read_jsonl
-from pretrain.train import train
+from pretrain.track.compare import compare_runs, format_table, main, plot_val_curves
+from pretrain.track.runlog import read_jsonl
+from pretrain.train.config import parse_config
+from pretrain.train.loop import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,7 +7,14 @@ import dataclasses
 import pytest
 
 from pretrain.cli import UserError
-from pretrain.config import TrainConfig, build_parser, config_differences, model_config_from, parse_config, to_argv
+from pretrain.train.config import (
+    TrainConfig,
+    build_parser,
+    config_differences,
+    model_config_from,
+    parse_config,
+    to_argv,
+)
 
 
 def test_every_field_has_a_flag():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from pretrain.console import Console, format_eval_line, format_train_line
+from pretrain.track.console import Console, format_eval_line, format_train_line
 
 FULL = {"loss": 4.231, "lr": 3e-4, "grad_norm": 0.912, "tok_s": 41234.0, "mfu": 0.381, "step_ms": 512.3,
         "mem_peak_gb": 12.34}

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pretrain.cli import UserError, run_cli
-from pretrain.data import Prefetcher, TrainSampler, ValWindows, open_dataset
-from pretrain.feistel import FeistelPermutation
-from pretrain.manifest import FORMAT, MANIFEST, VERSION, atomic_write_json, shard_name
+from pretrain.data.loader import Prefetcher, TrainSampler, ValWindows, open_dataset
+from pretrain.data.manifest import FORMAT, MANIFEST, VERSION, atomic_write_json, shard_name
+from pretrain.data.permutation import FeistelPermutation
 
 VOCAB = 60000  # > token count, so every token value is unique
 

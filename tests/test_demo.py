@@ -14,8 +14,8 @@ from conftest import ROOT
 
 from pretrain import demo
 from pretrain.cli import run_cli
-from pretrain.data import open_dataset
-from pretrain.track import read_jsonl
+from pretrain.data.loader import open_dataset
+from pretrain.track.runlog import read_jsonl
 
 SAMPLE = ROOT / "data" / "sample"
 
@@ -75,7 +75,7 @@ def test_demo_command_trains_reports_and_reruns_as_complete(tmp_path):
 
 
 def test_demo_without_launcher_calls_the_trainer(tmp_path, monkeypatch, capsys):
-    """An older checkout without pretrain/launch.py: same settings, same run name, straight to the trainer."""
+    """An older checkout without pretrain/plan/launch.py: same settings, same run name, straight to the trainer."""
     monkeypatch.setattr(demo, "launch", None)
     argv = ["--steps", "4", "--run-root", str(tmp_path), "--variant", "gqa"]
     assert demo.main(argv) == 0

@@ -23,12 +23,12 @@ import torch
 from conftest import ROOT
 
 from model import GPT, ModelConfig
-from pretrain import distributed as dist_lib
-from pretrain.checkpoint import load_checkpoint
 from pretrain.cli import UserError
-from pretrain.config import TrainConfig, parse_config
-from pretrain.track import read_jsonl
-from pretrain.train import train
+from pretrain.track.runlog import read_jsonl
+from pretrain.train import distributed as dist_lib
+from pretrain.train.checkpoint import load_checkpoint
+from pretrain.train.config import TrainConfig, parse_config
+from pretrain.train.loop import train
 
 LOSS_TOL = 1e-4
 B = 2  # micro-batch per rank; the single-process reference uses 2 * B

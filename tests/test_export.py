@@ -12,14 +12,14 @@ import torch
 from conftest import ROOT
 
 from model import GPT, ModelConfig
-from pretrain import distributed as dist_lib
-from pretrain.checkpoint import load_checkpoint
 from pretrain.cli import UserError
-from pretrain.config import parse_config
 from pretrain.export import load_exported
 from pretrain.export import main as export_main
-from pretrain.session import open_session
-from pretrain.train import train
+from pretrain.train import distributed as dist_lib
+from pretrain.train.checkpoint import load_checkpoint
+from pretrain.train.config import parse_config
+from pretrain.train.loop import train
+from pretrain.train.session import open_session
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,10 +10,10 @@ import pytest
 
 from pretrain import launch
 from pretrain.cli import UserError, run_cli
-from pretrain.config import parse_config
+from pretrain.plan.tiers import GLOBAL_BATCH, TIERS, GpuInfo, select_tier, tier_for_memory
 from pretrain.schedule import parse_seq_schedule, planned_tokens, seq_len_at, steps_for_tokens
-from pretrain.tiers import GLOBAL_BATCH, TIERS, GpuInfo, select_tier, tier_for_memory
-from pretrain.track import read_jsonl
+from pretrain.track.runlog import read_jsonl
+from pretrain.train.config import parse_config
 
 GB = 10**9
 SMALL = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64"]

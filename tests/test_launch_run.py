@@ -15,9 +15,9 @@ from pathlib import Path
 from conftest import ROOT
 
 from pretrain import launch
-from pretrain.config import parse_config
-from pretrain.plan_view import render_plan
-from pretrain.track import read_jsonl
+from pretrain.plan.view import render_plan
+from pretrain.track.runlog import read_jsonl
+from pretrain.train.config import parse_config
 
 LAUNCHER = str(ROOT / "run_1b_launch.py")
 SMALL = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64",

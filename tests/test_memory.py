@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from model import ModelConfig
-from pretrain.config import TrainConfig
-from pretrain.memory import CUDA_CONTEXT_BYTES, FRAGMENTATION, allowance, estimate_step_memory
+from pretrain.plan.memory import CUDA_CONTEXT_BYTES, FRAGMENTATION, allowance, estimate_step_memory
+from pretrain.train.config import TrainConfig
 
 TINY = dict(vocab_size=256)
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 from nbclient import NotebookClient
 
-from pretrain.track import read_jsonl
+from pretrain.track.runlog import read_jsonl
 
 NOTEBOOK = ROOT / "notebooks" / "colab_quickstart.ipynb"
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.config import TrainConfig
-from pretrain.optim import AdamWSR, Lion, build_optimizer, param_groups, step_unless_nonfinite, stochastic_round_
+from pretrain.train.config import TrainConfig
+from pretrain.train.optim import AdamWSR, Lion, build_optimizer, param_groups, step_unless_nonfinite, stochastic_round_
 
 
 def test_lion_matches_lion_pytorch_on_fp32():
@@ -91,7 +91,7 @@ def test_fp32_adamw_is_fused():
 @pytest.mark.parametrize("opt_cls", [AdamWSR, Lion])
 def test_sliced_update_equals_whole_tensor_update(opt_cls, monkeypatch):
     """Large tensors are updated in slices to bound temporaries; the result must not depend on the slicing."""
-    import pretrain.optim as optim_mod
+    import pretrain.train.optim as optim_mod
 
     def run(chunk: int) -> torch.Tensor:
         monkeypatch.setattr(optim_mod, "CHUNK", chunk)

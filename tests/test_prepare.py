@@ -1,4 +1,4 @@
-"""prepare_fineweb.py / pretrain.prepare: exact tokens from parquet, jsonl, json and txt; resume after
+"""prepare_fineweb.py / pretrain.data.prepare: exact tokens from parquet, jsonl, json and txt; resume after
 kill -9; extension; Hub streaming path (offline, via the parquet builder) with retries; CLI errors."""
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from conftest import FINEWEB_SAMPLE, GPT2_RANKS, ROOT
 
 import prepare_fineweb
 from pretrain.cli import UserError, run_cli
-from pretrain.data import open_dataset
-from pretrain.prepare import SLOW_ENV, prepare
-from pretrain.sources import HubDataset
-from pretrain.tokenizer import resolve_tokenizer
+from pretrain.data.loader import open_dataset
+from pretrain.data.prepare import SLOW_ENV, prepare
+from pretrain.data.sources import HubDataset
+from pretrain.data.tokenizer import resolve_tokenizer
 
 ENC = resolve_tokenizer(str(GPT2_RANKS)).build()
 EOT = 50256

@@ -7,7 +7,10 @@ import math
 
 import pytest
 
-from pretrain.track import RunLog, TBWriter, read_jsonl, to_metrics, write_plots, write_summary
+from pretrain.track.plots import write_plots
+from pretrain.track.runlog import RunLog, read_jsonl, to_metrics
+from pretrain.track.summary import write_summary
+from pretrain.track.tensorboard import TBWriter
 
 
 def _train_steps(records: list[dict]) -> list[int]:

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from pretrain.wandb_run import RUN_ID_FILE, WandbRun, iter_wandb_records, read_wandb_history
+from pretrain.track.wandb_run import RUN_ID_FILE, WandbRun, iter_wandb_records, read_wandb_history
 
 pytest.importorskip("wandb")
 

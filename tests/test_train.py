@@ -15,11 +15,11 @@ import torch
 from conftest import ROOT
 
 from model import GPT, ModelConfig
-from pretrain.checkpoint import load_checkpoint
 from pretrain.cli import UserError
-from pretrain.config import parse_config
-from pretrain.track import read_jsonl
-from pretrain.train import train
+from pretrain.track.runlog import read_jsonl
+from pretrain.train.checkpoint import load_checkpoint
+from pretrain.train.config import parse_config
+from pretrain.train.loop import train
 
 FAST = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64",
         "--batch-size", "4", "--train-seq-len", "32", "--val-frac", "0.05", "--eval-iters", "2", "--log-every", "1",
@@ -207,7 +207,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
 
 
 def test_wandb_offline_file_holds_train_jsonl_losses(byte_data, tmp_path):
-    from pretrain.wandb_run import iter_wandb_records
+    from pretrain.track.wandb_run import iter_wandb_records
 
     out = tmp_path / "r"
     run(byte_data, out, "--steps", "5", "--eval-every", "0", "--wandb", "--wandb-mode", "offline")

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.cli import UserError
-from pretrain.manifest import (
+from pretrain.data.manifest import (
     FORMAT,
     MANIFEST,
     VERSION,
@@ -40,9 +40,9 @@ from pretrain.manifest import (
     read_manifest,
     shard_name,
 )
-from pretrain.prepare_report import Progress, print_summary
-from pretrain.sources import DocBatch, Source, SourceError, open_source
-from pretrain.tokenizer import Tokenizer, resolve_tokenizer
+from pretrain.data.prepare_report import Progress, print_summary
+from pretrain.data.sources import DocBatch, Source, SourceError, open_source
+from pretrain.data.tokenizer import Tokenizer, resolve_tokenizer
 
 DEFAULT_VAL_TOKENS = 10_000_000
 BATCH_CHARS = 1 << 20  # ~250K tokens per work item: large enough to amortise pickling

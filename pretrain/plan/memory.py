@@ -42,8 +42,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from model import GPT, ModelConfig
-from pretrain.config import TrainConfig
-from pretrain.optim import build_optimizer, step_unless_nonfinite
+from pretrain.train.config import TrainConfig
+from pretrain.train.optim import build_optimizer, step_unless_nonfinite
 
 GiB = 1024**3
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from pretrain.cli import UserError
-from pretrain.feistel import FeistelPermutation
-from pretrain.manifest import MANIFEST, read_manifest
+from pretrain.data.manifest import MANIFEST, read_manifest
+from pretrain.data.permutation import FeistelPermutation
 
 STATE_VERSION = 1
 

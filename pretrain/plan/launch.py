@@ -28,14 +28,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pretrain.checkpoint import checkpoint_paths
 from pretrain.cli import ArgumentParser, UserError
-from pretrain.config import TrainConfig, add_config_flags, config_differences, format_command
-from pretrain.data import open_dataset
-from pretrain.plan import VARIANTS, Plan, Request, Resolved, build_plan, resolve
-from pretrain.plan_view import render_plan
-from pretrain.tiers import VRAM_CHOICES, GpuInfo, detect_gpu, select_tier
-from pretrain.track import read_jsonl
+from pretrain.data.loader import open_dataset
+from pretrain.plan.plan import VARIANTS, Plan, Request, Resolved, build_plan, resolve
+from pretrain.plan.tiers import VRAM_CHOICES, GpuInfo, detect_gpu, select_tier
+from pretrain.plan.view import render_plan
+from pretrain.track.runlog import read_jsonl
+from pretrain.train.checkpoint import checkpoint_paths
+from pretrain.train.config import TrainConfig, add_config_flags, config_differences, format_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINER = ROOT / "train_v29.py"
@@ -47,7 +47,7 @@ EXECUTION_FIELDS = ("batch_size", "grad_accum", "grad_checkpoint")
 
 
 def _compare(argv: list[str]) -> int:
-    from pretrain.compare import main as compare_main
+    from pretrain.track.compare import main as compare_main
 
     return compare_main(argv, prog="run_1b_launch.py compare")
 

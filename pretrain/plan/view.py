@@ -7,8 +7,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from pretrain.config import format_command
-from pretrain.plan import ALWAYS_SHOWN, CHECKPOINT_RECOMPUTE, Plan
+from pretrain.plan.plan import ALWAYS_SHOWN, CHECKPOINT_RECOMPUTE, Plan
+from pretrain.train.config import format_command
 
 GiB = 1024**3
 

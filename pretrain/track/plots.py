@@ -1,4 +1,4 @@
-"""Pictures of a run: PNG plots drawn from train.jsonl, and optional TensorBoard event files (--tb).
+"""Pictures of a run: PNG plots drawn from train.jsonl.
 
 Plots use matplotlib's object API with the Agg canvas (no pyplot, no display, no global figure state), so
 they can be redrawn at every eval from inside the trainer. Each PNG is written atomically.
@@ -7,10 +7,10 @@ they can be redrawn at every eval from inside the trainer. Each PNG is written a
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from pretrain.track.runlog import JSONL_NAME, read_jsonl
 
 # File stem -> title; also the order summary.md lists them in.
 PLOT_TITLES = {
@@ -72,7 +72,6 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
 
     Plots without data (e.g. no grad_norm logged yet) are skipped. Returns the paths written.
     """
-    from pretrain.track import JSONL_NAME, read_jsonl  # lazy: track re-exports this module
 
     run_dir = Path(run_dir)
     records = read_jsonl(run_dir / JSONL_NAME)
@@ -123,39 +122,3 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
             ax.set_yscale("log")  # early spikes span orders of magnitude
         written.append(_save(fig, run_dir / f"{stem}.png"))
     return written
-
-
-class TBWriter:
-    """TensorBoard scalars under run_dir/tb, mirroring what goes to wandb. disabled -> no-ops.
-
-    purge_step: on resume pass the resumed step + 1 so TensorBoard hides the events written after the
-    checkpoint by the interrupted session (otherwise those steps would show twice).
-    """
-
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool, purge_step: int | None = None) -> None:
-        self._writer = None
-        if not enabled:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=purge_step)
-        except Exception as e:  # tensorboard missing or unwritable dir: tracking must not stop training
-            print(f"warning: TensorBoard disabled ({type(e).__name__}: {e})", file=sys.stderr)
-
-    @property
-    def enabled(self) -> bool:
-        return self._writer is not None
-
-    def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        if self._writer is None:
-            return
-        for key, value in metrics.items():
-            if _is_num(value):
-                self._writer.add_scalar(key, value, global_step=step)
-        self._writer.flush()  # few points per minute; flushing keeps a live TensorBoard current
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None

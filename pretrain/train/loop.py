@@ -9,14 +9,15 @@ from typing import Any
 
 import torch
 
-from pretrain import device as dev
-from pretrain import distributed as dist_lib
-from pretrain.checkpoint import latest_step
-from pretrain.config import TrainConfig, format_command, parse_config
-from pretrain.optim import peak_lr, set_lr, step_unless_nonfinite
 from pretrain.schedule import lr_at, seq_len_at
-from pretrain.session import Session, open_session
-from pretrain.track import write_plots, write_summary
+from pretrain.track.plots import write_plots
+from pretrain.track.summary import write_summary
+from pretrain.train import device as dev
+from pretrain.train import distributed as dist_lib
+from pretrain.train.checkpoint import latest_step
+from pretrain.train.config import TrainConfig, format_command, parse_config
+from pretrain.train.optim import peak_lr, set_lr, step_unless_nonfinite
+from pretrain.train.session import Session, open_session
 
 
 class StopRequested:

@@ -1,8 +1,8 @@
 """Compare runs side by side: a table (variant, size, KV cache, tokens, val loss, speed) and one PNG of
 their val loss against tokens seen. This is how one picks between baseline, GQA, bottleneck and decoupled.
 
-    python -m pretrain.compare runs/base runs/gqa --out runs/compare.png
-    python -m pretrain.compare runs            # every run directory under runs/
+    python -m pretrain.track.compare runs/base runs/gqa --out runs/compare.png
+    python -m pretrain.track.compare runs            # every run directory under runs/
 
 Everything is read back from each run's train.jsonl (meta / train / eval / end events), the same record
 summary.md and the plots are drawn from, so a run still in progress or killed compares as far as it got.
@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.cli import ArgumentParser, UserError
-from pretrain.plots import events_by_step
-from pretrain.track import JSONL_NAME, read_jsonl
+from pretrain.track.plots import events_by_step
+from pretrain.track.runlog import JSONL_NAME, read_jsonl
 
 # Column key -> header, in print order.
 COLUMNS = {
@@ -208,7 +208,7 @@ def plot_val_curves(paths: Sequence[str | os.PathLike], out_png: str | os.PathLi
     return out
 
 
-def build_parser(prog: str = "python -m pretrain.compare") -> ArgumentParser:
+def build_parser(prog: str = "python -m pretrain.track.compare") -> ArgumentParser:
     p = ArgumentParser(prog=prog, description="Compare training runs: a table and an overlaid val-loss plot.")
     p.add_argument("runs", nargs="+", help="run directories (runs/<name>), or a parent such as runs/ for all")
     p.add_argument("--out", default=None,
@@ -218,7 +218,7 @@ def build_parser(prog: str = "python -m pretrain.compare") -> ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m pretrain.compare") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m pretrain.track.compare") -> int:
     """CLI entry; `run_1b_launch.py compare ...` calls this with its own `prog` for the help/error text."""
     args = build_parser(prog).parse_args(argv)
     rows = compare_runs(args.runs)

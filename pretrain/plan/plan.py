@@ -4,7 +4,7 @@
 recording for each field its source: "flag", "tier <name>", "run" (kept from the run being resumed), "derived:
 ..." (computed, e.g. grad_accum from the global batch, steps from a token budget) or "default". Explicit flags
 always win. `build_plan()` then adds the per-phase token plan (pretrain.schedule, the same code the trainer
-runs), the peak-memory estimate per phase (pretrain.memory) with a verdict and a flag change that would fit,
+runs), the peak-memory estimate per phase (pretrain.plan.memory) with a verdict and a flag change that would fit,
 the time estimate, checkpoint disk and the exact trainer command.
 """
 
@@ -17,11 +17,11 @@ from typing import Any
 
 from model import ModelConfig
 from pretrain.cli import UserError
-from pretrain.config import TrainConfig, flag_name, model_config_from, validate
-from pretrain.memory import GiB, estimate_step_memory
-from pretrain.optim import DEFAULT_BETA2, DEFAULT_LR
+from pretrain.plan.memory import GiB, estimate_step_memory
+from pretrain.plan.tiers import GpuInfo, Tier, memory_capacity, peak_flops
 from pretrain.schedule import parse_count, parse_seq_schedule, phases, planned_tokens, steps_for_tokens
-from pretrain.tiers import GpuInfo, Tier, memory_capacity, peak_flops
+from pretrain.train.config import TrainConfig, flag_name, model_config_from, validate
+from pretrain.train.optim import DEFAULT_BETA2, DEFAULT_LR
 
 VARIANTS: dict[str, tuple[str, int | None]] = {  # --variant -> (attn mode, kv heads; None = the model's default)
     "baseline": ("baseline", None), "gqa": ("gqa", None), "gqa_kv2": ("gqa", 2),

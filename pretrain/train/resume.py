@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.checkpoint import CheckpointManager, load_checkpoint
 from pretrain.cli import UserError
-from pretrain.config import TrainConfig, config_differences
+from pretrain.train.checkpoint import CheckpointManager, load_checkpoint
+from pretrain.train.config import TrainConfig, config_differences
 
 STATE_VERSION = 1
 # What a fresh start would replace; anything else in the run dir (user notes, data) is left alone.

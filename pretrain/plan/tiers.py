@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain import device as dev
 from pretrain.cli import UserError
+from pretrain.train import device as dev
 
 GiB = 1024**3
 # Sequences per optimizer step on every GPU tier: 256 x 2048 = 524,288 tokens at the 1b block size, the
@@ -171,7 +171,7 @@ def peak_flops(peak_tflops: float | None, tier: Tier, gpu: GpuInfo | None) -> tu
     if not tier.is_gpu:
         return cpu_matmul_flops(), f"measured: this CPU's 1-thread fp32 matmul rate x {torch.get_num_threads()} threads"
     if gpu is not None and gpu.peak_flops:
-        return gpu.peak_flops, f"{gpu.name} datasheet peak (pretrain/device.py)"
+        return gpu.peak_flops, f"{gpu.name} datasheet peak (pretrain/train/device.py)"
     why = f"no GPU here; assumes the tier's reference {tier.reference_gpu}" if gpu is None else \
         f"{gpu.name} is not in the peak table; assumes {tier.reference_gpu}"
     return dev.peak_flops_for_name(tier.reference_gpu) or 100e12, why + " (set --peak-tflops for your card)"

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from pretrain.config import TrainConfig
+from pretrain.train.config import TrainConfig
 
 DEFAULT_LR = {"adamw": 6e-4, "lion": 1e-4}
 DEFAULT_BETA2 = {"adamw": 0.95, "lion": 0.99}

@@ -13,18 +13,20 @@ from typing import Any
 import torch
 
 from model import GPT, ModelConfig
-from pretrain import device as dev
-from pretrain import distributed as dist_lib
-from pretrain.checkpoint import CheckpointManager
 from pretrain.cli import UserError
-from pretrain.config import TrainConfig, model_config_from
-from pretrain.console import Console
-from pretrain.data import Prefetcher, TrainSampler, ValWindows, open_dataset
+from pretrain.data.loader import Prefetcher, TrainSampler, ValWindows, open_dataset
 from pretrain.export import check_init_from, load_init_from
-from pretrain.optim import build_optimizer
-from pretrain.resume import check_compatible, find_start, rng_state, seed_everything, set_rng_state
 from pretrain.schedule import parse_seq_schedule
-from pretrain.track import RunLog, TBWriter, WandbRun, to_metrics
+from pretrain.track.console import Console
+from pretrain.track.runlog import RunLog, to_metrics
+from pretrain.track.tensorboard import TBWriter
+from pretrain.track.wandb_run import WandbRun
+from pretrain.train import device as dev
+from pretrain.train import distributed as dist_lib
+from pretrain.train.checkpoint import CheckpointManager
+from pretrain.train.config import TrainConfig, model_config_from
+from pretrain.train.optim import build_optimizer
+from pretrain.train.resume import check_compatible, find_start, rng_state, seed_everything, set_rng_state
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Evaluations beyond val loss: diagnostics, multi-length eval, samples, downstream, inference cost."""

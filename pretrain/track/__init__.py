@@ -1,0 +1,1 @@
+"""Stage 4: what a researcher watches: train.jsonl, summary.md, plots, wandb, TensorBoard, console, compare."""
