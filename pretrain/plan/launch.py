@@ -52,6 +52,11 @@ def _compare(argv: list[str]) -> int:
     return compare_main(argv, prog="run_1b_launch.py compare")
 
 
+COMPARE_HELP = """subcommand:
+  run_1b_launch.py compare RUN [RUN ...] [--json] [--no-plot]
+      one row per run (final/best val loss, tokens, tok/s, ...) and a val-loss plot; RUN may be runs/
+      for every run in it. See run_1b_launch.py compare --help."""
+
 _GROUP = {f.name: f.metadata["group"] for f in fields(TrainConfig)}
 # Subcommands, recognised by argv[0] before any flag parsing: `run_1b_launch.py compare runs/a runs/b`.
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"compare": _compare}
@@ -60,7 +65,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"compare": _compare}
 def build_parser() -> ArgumentParser:
     """Launcher options plus every trainer flag (generated from TrainConfig; None = not given)."""
     p = ArgumentParser(prog="run_1b_launch.py", description=__doc__.split("\n")[0],
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=COMPARE_HELP)
     g = p.add_argument_group("launcher")
     g.add_argument("--vram", default="auto", help=f"VRAM tier: {' | '.join(VRAM_CHOICES)} (auto reads the GPU)")
     g.add_argument("--variant", default=None, help=f"attention variant: {' | '.join(VARIANTS)} (default baseline)")
@@ -78,7 +83,7 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--peak-tflops", type=float, default=None, help="device peak TFLOP/s for the time estimate")
     g.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     g.add_argument("--run", action="store_true", help="run the trainer (default: dry run, writes nothing)")
-    add_config_flags(p)
+    add_config_flags(p, show_defaults=False)  # the tier decides what an unset flag becomes, not TrainConfig
     p.set_defaults(**{f.name: None for f in fields(TrainConfig)})
     for action in p._actions:  # the launcher sets these itself
         if action.dest in OWN_FIELDS:
