@@ -50,14 +50,16 @@ class TrainConfig:
     data: str = _opt("", "dataset dir (manifest.json), legacy .npy, or glob of .npy shards (required)",
                      group="data")
     val_frac: float = _opt(0.0, "carve this fraction of tokens for validation when none is stored",
-        group="data", check="[0,0.5)")
+                           group="data", check="[0,0.5)")
+    allow_data_change: bool = _opt(False, "resume although --data's content differs from the checkpoint's data",
+                                   group="data")
 
     # batching
     batch_size: int = _opt(8, "micro-batch size (sequences per forward pass, per process)",
-        group="batch", check="(0,inf)")
+                           group="batch", check="(0,inf)")
     grad_accum: int = _opt(1, "micro-batches per optimizer step", group="batch", check="(0,inf)")
     train_seq_len: int | None = _opt(None, "training sequence length (default: --block)",
-        group="batch", check="(0,inf)")
+                                     group="batch", check="(0,inf)")
     seq_schedule: str = _opt("", 'sequence-length schedule, e.g. "512@0,1024@2000"', group="batch")
     steps: int = _opt(1000, "optimizer steps in total", group="batch", check="(0,inf)")
 
@@ -91,12 +93,12 @@ class TrainConfig:
     eval_every: int = _opt(200, "evaluate every N steps (0: only at start and end)", group="eval", check="[0,inf)")
     eval_iters: int = _opt(20, "validation batches per evaluation", group="eval", check="(0,inf)")
     eval_seq_len: int | None = _opt(None, "validation sequence length (default: final train seq len)",
-        group="eval", check="(0,inf)")
+                                    group="eval", check="(0,inf)")
     log_every: int = _opt(10, "log a train line every N steps", group="eval", check="(0,inf)")
 
     # checkpoints and run dir
     save_every: int = _opt(500, "save last.pt every N steps (0 disables step-based saves)",
-        group="ckpt", check="[0,inf)")
+                           group="ckpt", check="[0,inf)")
     save_minutes: float = _opt(30.0, "also save every N minutes (0 disables)", group="ckpt", check="[0,inf)")
     keep_last: int = _opt(3, "numbered step_<N>.pt files to keep", group="ckpt", check="[0,inf)")
     out_dir: str = _opt("runs/default", "run directory", group="ckpt")
@@ -138,7 +140,7 @@ RESUMABLE_CHANGES = frozenset(
         "steps", "eval_every", "eval_iters", "log_every", "save_every", "save_minutes", "keep_last",
         "resume", "overwrite", "max_bad_steps", "device", "live", "tb", "compile", "compile_mode",
         "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "wandb_tags", "wandb_mode",
-        "wandb_id", "opt_fused", "out_dir", "data", "cpu_offload", "grad_checkpoint", "init_from",
+        "wandb_id", "opt_fused", "out_dir", "data", "allow_data_change", "cpu_offload", "grad_checkpoint", "init_from",
     }
 )
 
