@@ -127,3 +127,99 @@ def test_bad_input_is_one_line_exit_2_nothing_changed(name, world):
     assert err.rstrip("\n").count("\n") == 0, f"{name}: more than one line:\n{err}"
     assert expect.lower() in err.lower(), err
     assert _snapshot(world["base"]) == before, f"{name}: files changed on disk"
+
+
+# ------------------------------------------------------------------------ in-process: trainer, compare, export
+# The same promise, through each CLI's main (run_cli: what the script runs) without a new interpreter per case.
+def _train_main(argv: list[str]) -> int:
+    from pretrain.cli import run_cli
+    from pretrain.train.loop import main
+
+    return run_cli(main, argv)
+
+
+def _export_main(argv: list[str]) -> int:
+    from pretrain.cli import run_cli
+    from pretrain.export import main
+
+    return run_cli(main, argv)
+
+
+@pytest.fixture(scope="module")
+def more(world) -> dict[str, Path]:
+    """Datasets and paths for the in-process cases: same size but other content, another vocab, bad ids."""
+    base = world["base"]
+    tokens = np.load(world["data"])
+    meta = json.loads(Path(str(world["data"]) + ".meta").read_text())
+    out: dict[str, Path] = {}
+    for name, arr, vocab in (("shuffled", np.random.default_rng(0).permutation(tokens), 256),
+                             ("vocab512", tokens, 512), ("ids300", np.where(tokens == ord(" "), 300, tokens), 256)):
+        p = base / name / "tokens.npy"
+        p.parent.mkdir()
+        np.save(p, arr.astype(np.uint16))
+        Path(str(p) + ".meta").write_text(json.dumps({**meta, "vocab_size": vocab}))
+        out[name] = p
+    tiny_val = base / "tiny_val" / "tokens.npy"
+    tiny_val.parent.mkdir()
+    np.save(tiny_val, tokens[:3000])
+    Path(str(tiny_val) + ".meta").write_text(json.dumps(meta))
+    out["tiny_val"] = tiny_val
+    out["bad_hf"] = base / "bad_hf"
+    out["bad_hf"].mkdir()
+    (out["bad_hf"] / "config.json").write_text("{not json")
+    out["a_file"] = base / "a_file.txt"
+    out["a_file"].write_text("not a run dir")
+    return out
+
+
+def _tr(w: dict, *extra: str, out: str = "fresh") -> list[str]:
+    return ["--data", str(w["data"]), "--out-dir", str(w["base"] / "runs" / out), *TINY, *extra]
+
+
+INPROCESS = {
+    # 12.7: every numeric flag checked at parse time, naming the flag
+    "train: negative grad clip": (_train_main, lambda w, m: _tr(w, "--grad-clip", "-1"), "--grad-clip"),
+    "train: lr nan": (_train_main, lambda w, m: _tr(w, "--lr", "nan"), "--lr"),
+    "train: lr inf": (_train_main, lambda w, m: _tr(w, "--lr", "inf"), "--lr"),
+    "train: beta1 above 1": (_train_main, lambda w, m: _tr(w, "--beta1", "2"), "--beta1"),
+    "train: negative eps": (_train_main, lambda w, m: _tr(w, "--eps", "-1"), "--eps"),
+    "train: weight decay nan": (_train_main, lambda w, m: _tr(w, "--weight-decay", "nan"), "--weight-decay"),
+    "train: negative save minutes": (_train_main, lambda w, m: _tr(w, "--save-minutes", "-1"), "--save-minutes"),
+    # 12.8: checks that used to come after the run dir was written
+    "train: negative eval seq len on a run": (_train_main, lambda w, m: _tr(w, "--eval-seq-len", "-5", "--steps", "2",
+                                                                        out="done"), "--eval-seq-len"),
+    "train: val split below one eval batch": (_train_main, lambda w, m: ["--data", str(m["tiny_val"]), "--out-dir",
+                                                                        str(w["base"] / "runs" / "tv"), *TINY,
+                                                                        "--val-frac", "0.01"], "eval batch"),
+    # 12.6: ids the embedding cannot index
+    "train: token id >= vocab": (_train_main, lambda w, m: ["--data", str(m["ids300"]), "--out-dir",
+                                                            str(w["base"] / "runs" / "ids"), *TINY], "token id 300"),
+    # 12.12 / 12.11: resuming on other data, or data of another tokenizer
+    "train: resume on shuffled data": (_train_main, lambda w, m: ["--data", str(m["shuffled"]), "--out-dir",
+                                                                  str(w["run"]), *TINY, "--steps", "4"],
+                                       "--allow-data-change"),
+    "train: resume on another tokenizer's data": (_train_main, lambda w, m: ["--data", str(m["vocab512"]),
+                                                                             "--out-dir", str(w["run"]), *TINY,
+                                                                             "--steps", "4"], "vocab_size 256 -> 512"),
+    # 12.11: wrong places to write
+    "train: --out-dir is a file": (_train_main, lambda w, m: _tr(w, out="../a_file.txt"), "is a file"),
+    "train: --init-from with broken config": (_train_main, lambda w, m: _tr(w, "--init-from", str(m["bad_hf"])),
+                                              "--init-from"),
+    "export: --out is an existing file": (_export_main, lambda w, m: [str(w["run"]), "--out", str(m["a_file"])],
+                                          "existing file"),
+    # 11.11
+    "train: no --data": (_train_main, lambda w, m: ["--out-dir", str(w["base"] / "runs" / "nd")], "--data is required"),
+}
+
+
+@pytest.mark.parametrize("name", list(INPROCESS))
+def test_bad_input_in_process_is_one_line_exit_2_nothing_changed(name, world, more, capsys):
+    main, args, expect = INPROCESS[name]
+    before = _snapshot(world["base"])
+    code = main(args(world, more))
+    err = capsys.readouterr().err
+    assert code == 2, f"{name}: exit {code}\n{err}"
+    assert "Traceback" not in err and err.startswith("error:"), err
+    assert err.rstrip("\n").count("\n") == 0, f"{name}: more than one line:\n{err}"
+    assert expect.lower() in err.lower(), err
+    assert _snapshot(world["base"]) == before, f"{name}: files changed on disk"

@@ -224,14 +224,15 @@ def _finish(s: Session, status: str) -> None:
     untouched = status.endswith("before its first step")  # the run dir's checkpoint (if any) is still current
     saved = not s.dist.is_main or status.startswith("stopped:") or untouched or s.ckpt.last_saved_step == prog.step
     if not saved:
-        kept = latest_step(s.run_dir)
+        step = latest_step(s.run_dir)
+        kept = "no checkpoint was saved" if step is None else f"the newest checkpoint is step {step}"
         if s.ckpt.last_error_kind == "nonfinite":
             s.console.print(f"error: could not save step {prog.step}: the weights became NaN/inf (training "
-                            f"diverged); the newest checkpoint is step {kept}: restart with a lower --lr "
-                            "(--resume never --overwrite) or check the data")
+                            f"diverged); {kept}: restart with a lower --lr (--resume never --overwrite) or "
+                            "check the data")
         else:
-            s.console.print(f"error: could not save step {prog.step} ({s.ckpt.last_error}); the newest checkpoint "
-                            f"is step {kept}: free disk space, then rerun the same command to resume from there")
+            s.console.print(f"error: could not save step {prog.step} ({s.ckpt.last_error}); {kept}: free disk "
+                            "space, then rerun the same command to resume")
         status = f"{status}; final save failed"
     elif untouched:
         s.console.print(f"{status}: nothing new was trained; rerun the same command to continue")
