@@ -108,7 +108,7 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
         try:
             s = open_session(cfg, command)
         except RunComplete as done:
-            print(done, flush=True)
+            print(done, file=sys.stderr, flush=True)
             return {"status": "complete", "saved": True, "step": cfg.steps}
         try:
             status = _loop(s, stop)
