@@ -174,7 +174,7 @@ def more(world) -> dict[str, Path]:
 
 
 def _tr(w: dict, *extra: str, out: str = "fresh") -> list[str]:
-    return ["--data", str(w["data"]), "--out-dir", str(w["base"] / "runs" / out), *TINY, *extra]
+    return ["--data", str(w["data"]), "--out-dir", str(w["base"] / "runs" / out), *TINY, "--steps", "2", *extra]
 
 
 INPROCESS = {

@@ -36,6 +36,7 @@ from pretrain.plan.view import render_plan
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.checkpoint import checkpoint_paths
 from pretrain.train.config import TrainConfig, add_config_flags, config_differences, format_command
+from pretrain.train.rundir import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINER = ROOT / "train_v29.py"
@@ -161,7 +162,7 @@ def resolve_run_dir(root: Path, name: str, if_exists: str, res: Resolved) -> Run
     for i in range(1, 1000):
         n = name if i == 1 else f"{name}-{i}"
         d = root / n
-        if not d.exists() or (d.is_dir() and not any(d.iterdir())):
+        if not d.exists() or (d.is_dir() and not any(p.name != LOCK_NAME for p in d.iterdir())):
             return RunDir(n, d, "fresh")
         if not d.is_dir():
             raise UserError(f"{d} exists and is not a directory; move it or choose another --run-root / --tag")
