@@ -207,9 +207,6 @@ def parse_config(argv: Sequence[str] | None = None, prog: str = "train_v29.py") 
     ns = build_parser(prog).parse_args(argv)
     cfg = TrainConfig(**vars(ns))
     validate(cfg)
-    if not cfg.data:  # the trainer's only required flag (the launcher may plan without data)
-        raise UserError("--data is required: a dataset dir made by prepare_fineweb.py --output, a legacy .npy "
-                        "or a quoted glob of .npy shards")
     return cfg
 
 

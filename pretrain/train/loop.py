@@ -251,6 +251,9 @@ def _finish(s: Session, status: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
+    if not cfg.data:  # the trainer's one required flag (the launcher may plan without data)
+        raise UserError("--data is required: a dataset dir made by prepare_fineweb.py --output, a legacy .npy "
+                        "or a quoted glob of .npy shards")
     args = sys.argv[1:] if argv is None else argv
     result = train(cfg, command=format_command(["python", "train_v29.py", *args]))
     ok = result["saved"] and (result["status"] in ("completed", "complete")
