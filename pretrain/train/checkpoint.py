@@ -242,7 +242,7 @@ def _why_write_failed(e: Exception, run_dir: Path) -> str:
             free = f", {shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free"
         except OSError:
             free = ""
-        return f"no space left on the disk of {run_dir}{free}"
+        return f"No space left on device: the disk of {run_dir} is full{free}"
     if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"{run_dir} is not writable: {os.strerror(e.errno)}"
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
