@@ -136,7 +136,7 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
     dist = dist_lib.init_distributed(device)
     dev.setup_device(device)
     run_dir = Path(cfg.out_dir)
-    ds = open_dataset(cfg.data, cfg.val_frac)
+    ds = open_dataset(cfg.data, cfg.val_frac, vocab_size=cfg.vocab_size)
     mcfg = model_config_from(cfg, ds.vocab_size)
     ds.check_vocab(mcfg.vocab_size)
     points = parse_seq_schedule(cfg.seq_schedule, cfg.train_seq_len or mcfg.block_size, mcfg.block_size)
