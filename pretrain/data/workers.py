@@ -2,9 +2,12 @@
 
 Not multiprocessing.Pool: its workers share one task-queue lock, and a worker killed while holding it
 (a terminal's Ctrl-C reaches the whole process group) makes Pool.terminate() wait on that lock forever.
-Here every worker has its own pipe and nothing is shared; workers ignore SIGINT/SIGTERM (the parent alone
-decides to stop, then kills them) and exit when their pipe closes (parent gone, even by kill -9). The
-parent waits on each worker's pipe *and* its process sentinel, so a dead worker is noticed at once.
+Here every worker has its own pipe and nothing is shared. Workers (and the forkserver they fork from)
+start with SIGINT/SIGTERM blocked, inherited from the parent's signal mask while it starts them, so a
+group signal never reaches them, not even while they import numpy (a KeyboardInterrupt traceback there
+would be printed under the parent's "interrupted" line). The parent alone decides to stop, then kills
+them; they also exit when their pipe closes (parent gone, even by kill -9). The parent waits on each
+worker's pipe *and* its process sentinel, so a dead worker is noticed at once.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import signal
 import traceback
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 
 import numpy as np
@@ -77,6 +82,25 @@ def _serve(conn: Connection, tok: Tokenizer, dtype: str) -> None:
             return
 
 
+@contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """Block SIGINT/SIGTERM in this thread while children start (they inherit the mask); signals that
+    arrive meanwhile are delivered to the parent when the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    stop = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        # the forkserver starts multiprocessing's resource tracker first, which unblocks these signals on
+        # its way out: start it now, then block again, so the forkserver itself inherits the block
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class _Pool:
     """N worker processes, one private pipe each, at most one batch in flight per worker (so neither
     side can block sending while the other is blocked sending back)."""
@@ -89,14 +113,15 @@ class _Pool:
         self.procs: list = []
         self.conns: list[Connection] = []
         try:
-            for i in range(n):
-                ours, theirs = ctx.Pipe()
-                p = ctx.Process(target=_serve, args=(theirs, tok, dtype), name=f"tokenizer-{i}", daemon=True)
-                p.start()
-                theirs.close()
-                self.procs.append(p)
-                self.conns.append(ours)
-        except BaseException:
+            with _signals_blocked():
+                for i in range(n):
+                    ours, theirs = ctx.Pipe()
+                    p = ctx.Process(target=_serve, args=(theirs, tok, dtype), name=f"tokenizer-{i}", daemon=True)
+                    p.start()
+                    theirs.close()
+                    self.procs.append(p)
+                    self.conns.append(ours)
+        except BaseException:  # including a Ctrl-C held back until the workers existed
             self.close()
             raise
 
