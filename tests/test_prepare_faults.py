@@ -208,3 +208,22 @@ def test_default_workers_without_sched_getaffinity(tmp_path, monkeypatch):
     assert cli("--tokens", "30K", "--shard-tokens", "10K", "--source", SAMPLE, "--output", out,
                "--progress", "none") == 0
     assert consistent(out)["complete"]
+
+
+def test_full_disk_while_joining_a_single_file_output(tmp_path, monkeypatch, capsys):
+    """x.npy is joined from finished shards at the end; a full disk there (once a SIGBUS under a memmap)
+    is one line, leaves no partial x.npy, and the rerun only redoes the join."""
+    x = tmp_path / "x.npy"
+    real = np.lib.format.write_array_header_1_0
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".x.npy.tmp"))
+
+    monkeypatch.setattr(np.lib.format, "write_array_header_1_0", full)
+    flags = ["--tokens", "50K", "--shard-tokens", "20K", "--source", SAMPLE, "--output", x, "--workers", 1]
+    assert cli(*flags) == 2
+    one_error_line(capsys.readouterr().err, "disk full")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["x.npy.parts"]
+    monkeypatch.setattr(np.lib.format, "write_array_header_1_0", real)
+    assert cli(*flags) == 0
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["x.npy", "x.npy.meta"] and len(np.load(x)) == 50_000

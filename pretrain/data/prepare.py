@@ -186,9 +186,8 @@ def _disk_full_is_one_line(step: Callable[[], dict | None], m: dict, out: Path) 
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise
-        for d in (out, out.parent):
-            for f in d.glob(".*.tmp") if d.is_dir() else ():
-                f.unlink(missing_ok=True)
+        for f in out.glob(".*.tmp") if out.is_dir() else ():  # only in the dataset dir, which prepare owns
+            f.unlink(missing_ok=True)
         where = e.filename or out
         done = sum(s["tokens"] for s in m["shards"])
         saved = f"{done:,} tokens in {len(m['shards'])} complete shards are kept in {out}"
@@ -298,15 +297,21 @@ def finish_legacy(parts: Path, m: dict, path: Path) -> dict:
     """Concatenate the work dir's shards into x.npy (atomically), write x.npy.meta, drop the work dir."""
     total = sum(s["tokens"] for s in m["shards"])
     tmp = path.with_name(f".{path.name}.tmp")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(m["dtype"]), shape=(total,))
-    off = 0
-    for s in m["shards"]:
-        arr[off: off + s["tokens"]] = np.load(parts / s["file"], mmap_mode="r")
-        off += s["tokens"]
-    arr.flush()
-    del arr
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        # plain writes, not a memmap: a full disk under a memmap is SIGBUS (a crash), here it is an OSError
+        dtype = np.dtype(m["dtype"])
+        with open(tmp, "wb") as f:
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (total,)}
+            np.lib.format.write_array_header_1_0(f, header)
+            for s in m["shards"]:
+                shard = np.load(parts / s["file"], mmap_mode="r")
+                for i in range(0, len(shard), 1 << 24):
+                    f.write(np.ascontiguousarray(shard[i: i + (1 << 24)]).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # ours (a full disk needs the space back); the parts dir stays for a rerun
+        raise
     os.replace(tmp, path)
     meta = {k: m[k] for k in ("tokenizer", "vocab_size", "eot_id", "dtype", "source")}
     meta.update(tokens=total, documents=sum(s["documents"] for s in m["shards"]))
