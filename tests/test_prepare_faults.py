@@ -171,6 +171,10 @@ def test_wrong_source_content_writes_nothing_so_the_corrected_command_runs(tmp_p
                "--workers", 2) == 2
     one_error_line(capsys.readouterr().err, "line 1 is not valid JSON")
     assert not out2.exists()
+    bad.write_text(json.dumps({"text": 12345}) + "\n")  # a number where the text should be
+    assert cli("--tokens", "20K", "--source", bad, "--output", out2, "--workers", 1) == 2
+    one_error_line(capsys.readouterr().err, "'text' is a int, not text")
+    assert not out2.exists()
 
 
 def test_existing_single_file_of_another_tokenizer_is_refused(tmp_path, capsys):
