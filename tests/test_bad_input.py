@@ -207,7 +207,7 @@ INPROCESS = {
     "train: --init-from with broken config": (_train_main, lambda w, m: _tr(w, "--init-from", str(m["bad_hf"])),
                                               "--init-from"),
     "export: --out is an existing file": (_export_main, lambda w, m: [str(w["run"]), "--out", str(m["a_file"])],
-                                          "existing file"),
+                                          "is a file"),
     # 11.11
     "train: no --data": (_train_main, lambda w, m: ["--out-dir", str(w["base"] / "runs" / "nd")], "--data is required"),
 }

@@ -22,7 +22,6 @@ one epoch a few windows may overlap text already seen at the old length.
 from __future__ import annotations
 
 import glob as globmod
-import json
 import queue
 import threading
 import warnings
@@ -34,7 +33,7 @@ import torch
 
 from pretrain.cli import UserError
 from pretrain.data.fingerprint import dataset_fingerprint
-from pretrain.data.manifest import MANIFEST, read_manifest
+from pretrain.data.manifest import MANIFEST, read_manifest, read_meta
 from pretrain.data.permutation import FeistelPermutation
 
 STATE_VERSION = 1
@@ -106,13 +105,14 @@ def _max_id(arr: np.ndarray) -> int:
     return max((int(arr[i: i + chunk].max()) for i in range(0, len(arr), chunk)), default=-1)
 
 
-def _check_ids(path: Path, arr: np.ndarray, max_id: int | None, vocab: int, where: Path) -> None:
-    """Every id must index the embedding: an id >= vocab would crash mid-run (or train on garbage rows)."""
+def _check_ids(path: Path, arr: np.ndarray, max_id: int | None, vocab: int, where: str) -> None:
+    """Every id must index the embedding: an id >= vocab would crash mid-run (or train on garbage rows).
+    `where` names what set the vocab (a manifest, a .meta file, --vocab-size)."""
     mx = _max_id(arr) if max_id is None else max_id
     if mx >= vocab:
         raise UserError(f"shard {path} holds token id {mx} but {where} says vocab_size {vocab}; the shard was "
-                        "made with another tokenizer or the vocab is wrong: re-run prepare_fineweb.py for it "
-                        f"(or fix vocab_size in {where.name})")
+                        "made with another tokenizer or the vocab is wrong: re-run prepare_fineweb.py for it, "
+                        f"or correct the vocab_size in {where}")
 
 
 def _open_manifest_dir(d: Path) -> tuple[dict, list[tuple[str, np.ndarray]]]:
@@ -123,7 +123,7 @@ def _open_manifest_dir(d: Path) -> tuple[dict, list[tuple[str, np.ndarray]]]:
         # prepare records each shard's largest id; older manifests do not, so those shards are scanned once.
         recorded = s.get("max_token_id", s.get("max_id"))
         _check_ids(d / s["file"], arr, recorded if isinstance(recorded, int) else None, m["vocab_size"],
-                   d / MANIFEST)
+                   str(d / MANIFEST))
         if str(arr.dtype) != m["dtype"]:
             raise UserError(f"shard {d / s['file']} is {arr.dtype} but the manifest says {m['dtype']}; "
                             "the dataset mixes shard dtypes: re-run prepare_fineweb.py into a new --output")
@@ -134,20 +134,24 @@ def _open_manifest_dir(d: Path) -> tuple[dict, list[tuple[str, np.ndarray]]]:
     return m, parts
 
 
-def _read_meta(meta_path: Path) -> dict:
+def _read_meta(meta_path: Path, vocab_size: int | None) -> dict:
+    """The .meta beside a single-file dataset; a bare .npy works when the user gives --vocab-size."""
     try:
-        meta = json.loads(meta_path.read_text())
-        assert isinstance(meta, dict) and isinstance(meta["vocab_size"], int)
-        return meta
+        meta = read_meta(meta_path)
     except FileNotFoundError:
-        raise UserError(f"{meta_path} is missing; write it (JSON: tokenizer, vocab_size, eot_id) or "
-                        "re-run prepare_fineweb.py") from None
-    except Exception:
-        raise UserError(f"{meta_path} is not valid JSON with a vocab_size; fix it or re-run "
-                        "prepare_fineweb.py") from None
+        if vocab_size is None:
+            raise UserError(f"{meta_path.with_suffix('')} has no {meta_path.name} to say its vocabulary; pass "
+                            "--vocab-size (50257 for GPT-2 tokens) or write the meta file") from None
+        return {"tokenizer": "unknown", "vocab_size": vocab_size}
+    except OSError as e:
+        raise UserError(f"cannot read {meta_path} ({e.strerror}); fix its permissions or pass --vocab-size") from None
+    if vocab_size is not None and vocab_size < meta["vocab_size"]:
+        raise UserError(f"--vocab-size {vocab_size} is below the {meta['vocab_size']} that {meta_path} records; "
+                        f"drop --vocab-size or raise it to at least {meta['vocab_size']}")
+    return meta
 
 
-def _open_files(files: list[Path], where: str) -> tuple[dict, list[tuple[str, np.ndarray]]]:
+def _open_files(files: list[Path], where: str, vocab_size: int | None) -> tuple[dict, list[tuple[str, np.ndarray]]]:
     """Legacy x.npy (+ x.npy.meta) or a glob of shards (meta beside them or a manifest above)."""
     parent_manifest = files[0].parent / MANIFEST
     meta = read_manifest(parent_manifest) if parent_manifest.exists() else None
@@ -157,20 +161,22 @@ def _open_files(files: list[Path], where: str) -> tuple[dict, list[tuple[str, np
         dtypes.add(str(arr.dtype))
         meta_path = parent_manifest if parent_manifest.exists() else f.with_name(f.name + ".meta")
         if meta is None:
-            meta = _read_meta(meta_path)
+            meta = _read_meta(meta_path, vocab_size)
         parts.append(("val" if f.name.startswith("val") else "train", arr))
     if len(dtypes) > 1:
         raise UserError(f"{where} mixes shard dtypes {sorted(dtypes)}; use shards from one prepare run")
     for f, (_, arr) in zip(files, parts, strict=True):  # no record of max ids in these layouts: scan
-        _check_ids(f, arr, None, int(meta["vocab_size"]), meta_path)
+        _check_ids(f, arr, None, int(meta["vocab_size"]), str(meta_path) if meta_path.exists() else "--vocab-size")
     meta = dict(meta)
     meta["dtype"] = dtypes.pop()
     return meta, parts
 
 
-def open_dataset(path: str | Path, val_frac: float = 0.0, require_val: bool = True) -> TokenDataset:
+def open_dataset(path: str | Path, val_frac: float = 0.0, require_val: bool = True,
+                 vocab_size: int | None = None) -> TokenDataset:
     """Open a dataset dir (manifest.json), a legacy x.npy (+ x.npy.meta) or a glob of .npy shards.
 
+    `vocab_size` (the trainer's --vocab-size) stands in for a missing .meta beside bare .npy files.
     Validation comes from val shards; without any, the last `val_frac` of the train tokens is
     carved off (deterministically); with neither, a UserError asks for --val-frac unless
     require_val=False.
@@ -181,7 +187,7 @@ def open_dataset(path: str | Path, val_frac: float = 0.0, require_val: bool = Tr
         files = [Path(f) for f in sorted(globmod.glob(spath)) if f.endswith(".npy")]
         if not files:
             raise UserError(f"no .npy files match {spath}; check the --data pattern")
-        meta, parts = _open_files(files, spath)
+        meta, parts = _open_files(files, spath, vocab_size)
     elif p.is_dir():
         if not (p / MANIFEST).exists():
             hint = f"pass a glob like '{p}/*.npy'" if list(p.glob("*.npy")) else "run prepare_fineweb.py"
@@ -190,7 +196,7 @@ def open_dataset(path: str | Path, val_frac: float = 0.0, require_val: bool = Tr
     elif p.is_file():
         if p.suffix != ".npy":
             raise UserError(f"{p} is not a dataset (.npy file or directory with {MANIFEST}); fix --data")
-        meta, parts = _open_files([p], spath)
+        meta, parts = _open_files([p], spath, vocab_size)
     else:
         raise UserError(f"dataset {p} does not exist; run prepare_fineweb.py --output {p} or fix --data")
 
