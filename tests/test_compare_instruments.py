@@ -5,38 +5,35 @@ as mean ± sd (and bands), the measured columns, and the val-loss-vs-KV-bytes sc
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT
 
+from pretrain.cli import run_cli
 from pretrain.evals.infer_bench import main as bench_main
+from pretrain.plan.launch import main as launch_main
 from pretrain.track.compare import main as compare_main
 from pretrain.track.runlog import read_jsonl
+from pretrain.train.loop import main as train_main
 
-LAUNCHER = str(ROOT / "run_1b_launch.py")
 SMALL = ["--vram", "cpu", "--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128",
          "--block", "64", "--batch-size", "4", "--grad-accum", "1", "--train-seq-len", "32", "--steps", "4",
          "--eval-iters", "2", "--eval-every", "2", "--log-every", "1", "--save-every", "0", "--save-minutes", "0",
          "--live", "off", "--val-frac", "0.05", "--no-compile", "--no-grad-checkpoint", "--param-dtype", "fp32"]
 
 
-def _launch(cwd, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, LAUNCHER, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+def _launch(*args: str) -> int:
+    return run_cli(launch_main, list(args))
 
 
 @pytest.fixture(scope="module")
 def runs(byte_data, tmp_path_factory):
-    """runs/: two seeds of baseline (one --seeds 2 launch) and one gqa run."""
-    root = tmp_path_factory.mktemp("cmp")
-    p = _launch(root, "--data", str(byte_data), *SMALL, "--seeds", "2", "--seed", "5", "--run")
-    assert p.returncode == 0, p.stderr[-3000:]
-    p = _launch(root, "--data", str(byte_data), *SMALL, "--variant", "gqa", "--kv-head", "1", "--run")
-    assert p.returncode == 0, p.stderr[-3000:]
-    return root / "runs"
+    """runs/: two seeds of baseline (one --seeds 2 launch, trainers as child processes) and one gqa run."""
+    root = tmp_path_factory.mktemp("cmp") / "runs"
+    assert _launch("--data", str(byte_data), *SMALL, "--seeds", "2", "--seed", "5", "--run-root", str(root),
+                   "--run") == 0
+    gqa = ["--attn-mode", "gqa", "--kv-head", "1", "--out-dir", str(root / "tiny-gqa_kv1"), "--data", str(byte_data)]
+    assert train_main([*gqa, *SMALL[2:], "--device", "cpu"]) == 0
+    return root
 
 
 def test_launcher_plans_one_run_dir_per_seed(runs):
@@ -82,10 +79,10 @@ def test_compare_measure_groups_seeds_and_adds_measured_columns(runs, capsys):
     assert len(json.loads(capsys.readouterr().out)) == 3
 
 
-def test_bad_bench_input_is_one_line_exit_2(tmp_path):
+def test_bad_bench_input_is_one_line_exit_2(tmp_path, capsys):
     for args in ([str(tmp_path)], ["--preset", "tiny", "--lengths", "1K,zero"], []):
-        p = subprocess.run([sys.executable, "-m", "pretrain.infer_bench", *args], cwd=ROOT, capture_output=True,
-                           text=True, timeout=120)
-        assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
-    p = _launch(tmp_path, "--vram", "cpu", "--seeds", "0")
-    assert p.returncode == 2 and p.stderr.startswith("error: --seeds") and not any(tmp_path.iterdir())
+        assert run_cli(bench_main, args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert _launch("--vram", "cpu", "--seeds", "0", "--run-root", str(tmp_path / "runs")) == 2
+    assert capsys.readouterr().err.startswith("error: --seeds") and not any(tmp_path.iterdir())
