@@ -330,7 +330,7 @@ def test_failed_checkpoint_write_keeps_previous_and_training_goes_on(
 @pytest.mark.parametrize("when", ["signal", "final"])
 def test_run_does_not_claim_a_save_that_failed(byte_data, tmp_path, monkeypatch, capfd, when) -> None:
     """The stop/finish save fails: the trainer must not report it as saved (message, exit code)."""
-    from pretrain import data as data_mod
+    from pretrain.data import loader as data_mod
 
     out = tmp_path / "run"
     steps = 6

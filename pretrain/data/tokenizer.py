@@ -23,7 +23,7 @@ from tiktoken_ext import openai_public
 
 from pretrain.cli import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EOT = "<|endoftext|>"
 URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
 # sha256 of each ranks file, and which file holds an encoding's ranks (gpt2 == r50k_base ids).

@@ -37,7 +37,7 @@ from pretrain.track.runlog import read_jsonl
 from pretrain.train.checkpoint import checkpoint_paths
 from pretrain.train.config import TrainConfig, add_config_flags, config_differences, format_command
 
-ROOT = Path(__file__).resolve().parents[2]  # the repo root (this file is pretrain/plan/launch.py)
+ROOT = Path(__file__).resolve().parents[2]
 TRAINER = ROOT / "train_v29.py"
 # Trainer fields the launcher sets itself: --variant picks the attention, --run-root/--tag the run dir,
 # --if-exists overwrite allows replacing one.
@@ -303,11 +303,15 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 def run_trainer(command: list[str]) -> int:
     """Run the planned command in the foreground; pass signals on; return its exit code."""
     argv = list(command)
+    # The repo's script by absolute path (works from any directory); an installed package has no script, so the
+    # trainer module of this interpreter's package runs instead.
+    trainer = [str(TRAINER)] if TRAINER.is_file() else ["-m", "pretrain.train"]
     if argv[0] == "python":
-        argv[:2] = [sys.executable, str(TRAINER)]
+        argv[:2] = [sys.executable, *trainer]
     else:  # torchrun from this interpreter's environment
         argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
-        argv[argv.index("train_v29.py")] = str(TRAINER)
+        i = argv.index("train_v29.py")
+        argv[i:i + 1] = trainer
     print(f"running: {format_command(command)}", file=sys.stderr, flush=True)
     # Own process group: a terminal Ctrl-C reaches only this process, which passes it on exactly once
     # (a second SIGINT would interrupt the trainer's save). Handlers go in before the child starts, so a signal

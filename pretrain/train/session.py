@@ -18,7 +18,7 @@ from pretrain.data.loader import Prefetcher, TrainSampler, ValWindows, open_data
 from pretrain.evals.downstream import load_items
 from pretrain.evals.downstream import score as downstream_score
 from pretrain.evals.samples import load_prompts, samples_table, text_codec, write_samples
-from pretrain.export import check_init_from, load_init_from
+from pretrain.llama import check_init_from, load_init_from
 from pretrain.schedule import parse_seq_schedule
 from pretrain.track.console import Console
 from pretrain.track.runlog import RunLog, to_metrics
