@@ -70,6 +70,7 @@ def test_trained_model_beats_chance_in_loop_and_standalone(mc_set, tmp_path):
     assert {r["_step"]: r["downstream/acc"] for r in wandb_rows if "downstream/acc" in r} == \
         {e["step"]: e["acc"] for e in events}
     assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert "downstream step 80: mc acc" in (out / "summary.md").read_text()
 
     p = subprocess.run([sys.executable, "-m", "pretrain.evals.downstream", str(out), "--hellaswag", str(items),
                         "--checkpoint", "last", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -43,6 +43,7 @@ def test_samples_go_to_train_jsonl_and_a_wandb_table(sampled_run):
     assert sorted(tables) == [2, 4] and tables[4]["samples/nrows"] == 2
     # The final eval shares step 4 with the last train line and the samples: all three reach wandb.
     assert any(r["_step"] == 4 and "val/loss" in r for r in rows)
+    assert "sample step 4: 'In the beginning' -> " in (sampled_run / "summary.md").read_text()
 
 
 def test_generate_streams_a_continuation_from_the_run(sampled_run):

@@ -115,7 +115,9 @@ class Session:
             self.log.event("sample", step=step, temperature=cfg.sample_temperature, samples=rows)
         if self.wb.enabled:
             self.wb.log({"samples": samples_table(step, rows)}, step=step)
-        self.console.print(f"sample step {step}: {rows[0]['prompt']!r} -> {rows[0]['greedy']!r}")
+        line = f"sample step {step}: {rows[0]['prompt']!r} -> {rows[0]['greedy']!r}"
+        self.console.print(line)
+        self._note("sample step", f"{line} (all prompts: `sample` events in train.jsonl)")
 
     def downstream(self) -> None:
         """Multiple-choice accuracy on --hellaswag -> train.jsonl, wandb, TensorBoard (downstream/*)."""
@@ -123,8 +125,15 @@ class Session:
         task = "hellaswag" if self.cfg.hellaswag == "hf" else Path(str(self.cfg.hellaswag)).stem
         self.emit("downstream", task=task, **result)
         if self.dist.is_main:
-            self.console.print(f"downstream step {self.prog.step}: {task} acc {result['acc']:.3f} "
-                               f"acc_norm {result['acc_norm']:.3f} (chance {result['chance']:.3f})")
+            line = (f"downstream step {self.prog.step}: {task} acc {result['acc']:.3f} "
+                    f"acc_norm {result['acc_norm']:.3f} (n={result['n']}, chance {result['chance']:.3f})")
+            self.console.print(line)
+            self._note("downstream step", line)
+
+    def _note(self, prefix: str, text: str) -> None:
+        """Keep the latest line of one instrument among summary.md's notes."""
+        notes = [n for n in self.info.get("notes", []) if not n.startswith(prefix)]
+        self.info["notes"] = [*notes, text]
 
     def save(self, best: bool = False, data_state: dict | None = None) -> None:
         """Checkpoint the state after `prog.step` full steps (collective under FSDP: every rank calls it)."""
