@@ -26,12 +26,12 @@ def _launch(*args: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(byte_data, tmp_path_factory):
+def runs(made_bytes, tmp_path_factory):
     """runs/: two seeds of baseline (one --seeds 2 launch, trainers as child processes) and one gqa run."""
     root = tmp_path_factory.mktemp("cmp") / "runs"
-    assert _launch("--data", str(byte_data), *SMALL, "--seeds", "2", "--seed", "5", "--run-root", str(root),
+    assert _launch("--data", str(made_bytes), *SMALL, "--seeds", "2", "--seed", "5", "--run-root", str(root),
                    "--run") == 0
-    gqa = ["--attn-mode", "gqa", "--kv-head", "1", "--out-dir", str(root / "tiny-gqa_kv1"), "--data", str(byte_data)]
+    gqa = ["--attn-mode", "gqa", "--kv-head", "1", "--out-dir", str(root / "tiny-gqa_kv1"), "--data", str(made_bytes)]
     assert train_main([*gqa, *SMALL[2:], "--device", "cpu"]) == 0
     return root
 

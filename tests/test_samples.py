@@ -23,11 +23,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def sampled_run(byte_data, tmp_path_factory):
+def sampled_run(made_bytes, tmp_path_factory):
     out = tmp_path_factory.mktemp("samples") / "run"
     prompts = out.parent / "prompts.txt"
     prompts.write_text("In the beginning\n\nAnd God said\n")
-    assert _train(byte_data, out, "--steps", "4", "--sample-every", "2", "--sample-prompts", str(prompts),
+    assert _train(made_bytes, out, "--steps", "4", "--sample-every", "2", "--sample-prompts", str(prompts),
                   "--sample-tokens", "12", "--wandb", "--wandb-mode", "offline") == 0
     return out
 
@@ -63,9 +63,9 @@ def test_generate_without_a_checkpoint_is_one_line_exit_2(tmp_path):
     assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1 and "no checkpoint" in p.stderr
 
 
-def test_missing_prompt_file_stops_the_trainer_before_it_writes(byte_data, tmp_path):
+def test_missing_prompt_file_stops_the_trainer_before_it_writes(made_bytes, tmp_path):
     out = tmp_path / "run"
-    p = _cli(str(ROOT / "train_v29.py"), "--data", str(byte_data), "--out-dir", str(out), *FAST, "--steps", "2",
+    p = _cli(str(ROOT / "train_v29.py"), "--data", str(made_bytes), "--out-dir", str(out), *FAST, "--steps", "2",
              "--sample-every", "1", "--sample-prompts", str(tmp_path / "nope.txt"))
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.startswith("error: --sample-prompts") and p.stderr.count("\n") == 1
