@@ -14,6 +14,7 @@ from pretrain.track.plots import write_plots
 from pretrain.track.summary import write_summary
 from pretrain.train import device as dev
 from pretrain.train import distributed as dist_lib
+from pretrain.train import speed
 from pretrain.train.checkpoint import latest_step
 from pretrain.train.config import TrainConfig, format_command, parse_config
 from pretrain.train.optim import peak_lr, set_lr, step_unless_nonfinite
@@ -97,6 +98,8 @@ class Meter:
 
 def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     """Train per `cfg`; returns the run's final figures. Resumes from the run dir when it can."""
+    if cfg.device != "cpu":
+        speed.configure_cuda_allocator()  # before open_session makes the first CUDA allocation
     s = open_session(cfg, command)
     stop = StopRequested()
     stop.install()
@@ -129,8 +132,11 @@ def _loop(s: Session, stop: StopRequested) -> str:
             t0 = time.perf_counter()
             x, y = s.loader.next(cfg.batch_size, seq_len)
             meter.data_s += time.perf_counter() - t0
-            with s.autocast, dist_lib.maybe_no_sync(s.wrapped, sync=micro == cfg.grad_accum - 1):
-                loss = s.wrapped(x, y) / cfg.grad_accum
+            with dist_lib.maybe_no_sync(s.wrapped, sync=micro == cfg.grad_accum - 1):
+                with s.autocast:
+                    loss = s.wrapped(x, y) / cfg.grad_accum
+                # Outside autocast, as the memory estimate assumes: its bf16 weight-cast cache is freed
+                # on leaving the context instead of living through backward.
                 s.scaler.scale(loss).backward()
             step_loss += loss.detach().float()
             if dist_lib.any_rank(bool(stop), s.dist):

@@ -87,7 +87,9 @@ def check_compatible(saved_cfg: dict[str, Any], cfg: TrainConfig, path: Path | N
         )
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every RNG the run draws from; CUDA's only for `device`, this rank's GPU (touching the others, as
+    get_rng_state_all() does, would create a context on every GPU of the node from every rank)."""
     np_state = np.random.get_state(legacy=False)
     state = {
         "python": list(random.getstate()[1]),
@@ -97,12 +99,12 @@ def rng_state() -> dict[str, Any]:
         "numpy_pos": int(np_state["state"]["pos"]),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = [torch.cuda.get_rng_state(device)]
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     np.random.set_state(
         {
@@ -113,8 +115,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         }
     )
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") and device is not None and device.type == "cuda":
+        # One entry: the saving rank's generator. Older checkpoints hold one per GPU: take this device's.
+        saved, index = state["cuda"], device.index or 0
+        torch.cuda.set_rng_state(saved[index] if index < len(saved) else saved[0], device)
 
 
 def seed_everything(seed: int) -> None:

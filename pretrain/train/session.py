@@ -27,6 +27,7 @@ from pretrain.train.checkpoint import CheckpointManager
 from pretrain.train.config import TrainConfig, model_config_from
 from pretrain.train.optim import build_optimizer
 from pretrain.train.resume import check_compatible, find_start, rng_state, seed_everything, set_rng_state
+from pretrain.train.speed import compile_blocks
 
 
 @dataclass
@@ -109,7 +110,7 @@ class Session:
             "step": p.step, "tokens": p.tokens, "elapsed": p.elapsed, "best_val": p.best_val,
             "skipped_steps": p.skipped_steps,
             "sampler": data_state or self.loader.state_dict(),
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
             "train_config": self.cfg.to_dict(), "model_config": self.mcfg.to_dict(),
             "world_size": self.dist.world_size,
             "wandb_run_id": self.wb.run_id,
@@ -164,9 +165,7 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
         # A card or driver that inductor cannot compile for should cost speed, not the run: dynamo then
         # logs the failure once and runs that code eagerly.
         torch._dynamo.config.suppress_errors = True
-        # In place per block: parameter names keep no `_orig_mod.` and one block shape compiles once.
-        for block in model.blocks:
-            block.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+        compile_blocks(model, cfg.compile_mode)  # per block, in place, static shapes
     wrapped = dist_lib.wrap_model(model, cfg.fsdp, cfg.cpu_offload, dist, device,
                                   dev.amp_dtype(cfg.amp_dtype) if cfg.amp else None)
     optimizer = build_optimizer(model, cfg, device)
@@ -180,7 +179,7 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
         if st.get("scaler"):
             scaler.load_state_dict(st["scaler"])
         sampler.load_state_dict(st["sampler"])
-        set_rng_state(st["rng"])
+        set_rng_state(st["rng"], device)
         prog = Progress(st["step"], st["tokens"], st["elapsed"], st.get("best_val"), st.get("skipped_steps", 0))
         wandb_id = wandb_id or st.get("wandb_run_id")
 
