@@ -178,3 +178,18 @@ def test_chunked_loss_reuses_its_buffers_and_matches_cross_entropy():
 def test_pyproject_torch_floor_covers_enable_gqa_and_fully_shard():
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '"torch>=2.6"' in text
+
+
+def test_checkpoint_host_buffers_are_reused_and_cpu_snapshots_unchanged():
+    from pretrain.train.checkpoint import HostBuffers, _snapshot
+
+    host = HostBuffers(pin=False)  # pinning needs CUDA; the reuse logic is the same
+    live = torch.arange(6.0)
+    first = host.copy(live, "['w']")
+    live += 1
+    second = host.copy(live, "['w']")
+    assert second.data_ptr() == first.data_ptr() and torch.equal(second, live) and host.pending
+    host.sync()
+    assert not host.pending
+    snap = _snapshot({"w": live}, "", {}, HostBuffers(pin=False))  # CPU tensors: plain copies, as before
+    assert snap["w"].data_ptr() != live.data_ptr() and torch.equal(snap["w"], live)
