@@ -87,9 +87,7 @@ def check_compatible(saved_cfg: dict[str, Any], cfg: TrainConfig, path: Path | N
         )
 
 
-def rng_state(device: torch.device | None = None) -> dict[str, Any]:
-    """Every RNG the run draws from; CUDA's only for `device`, this rank's GPU (touching the others, as
-    get_rng_state_all() does, would create a context on every GPU of the node from every rank)."""
+def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state(legacy=False)
     state = {
         "python": list(random.getstate()[1]),
@@ -99,12 +97,14 @@ def rng_state(device: torch.device | None = None) -> dict[str, Any]:
         "numpy_pos": int(np_state["state"]["pos"]),
         "torch": torch.get_rng_state(),
     }
-    if device is not None and device.type == "cuda":
-        state["cuda"] = [torch.cuda.get_rng_state(device)]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # This process's device only: get_rng_state_all() would create a context on every visible GPU.
+        state["cuda_device"] = torch.cuda.current_device()
+        state["cuda"] = [torch.cuda.get_rng_state()]
     return state
 
 
-def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     np.random.set_state(
         {
@@ -115,10 +115,21 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
         }
     )
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and device is not None and device.type == "cuda":
-        # One entry: the saving rank's generator. Older checkpoints hold one per GPU: take this device's.
-        saved, index = state["cuda"], device.index or 0
-        torch.cuda.set_rng_state(saved[index] if index < len(saved) else saved[0], device)
+    if "cuda" in state and torch.cuda.is_available():
+        if "cuda_device" in state:  # this rank's device, saved by this rank
+            torch.cuda.set_rng_state(state["cuda"][0])
+        elif len(state["cuda"]) == torch.cuda.device_count():  # older checkpoints: every device's state
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_for_rank(state: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """The RNG state this rank saved. Each rank (its own CUDA device) advances its own generators, so rank 0's
+    state restored everywhere would set rank 1's device to whatever rank 0 knew of it. A checkpoint from
+    another world size (or from before per-rank states) gives each rank rank 0's state."""
+    ranks = state.get("rng_ranks")
+    if ranks and len(ranks) == world_size:
+        return ranks[rank]
+    return state["rng"]
 
 
 def seed_everything(seed: int) -> None:
