@@ -178,7 +178,6 @@ def attention_backend(device_type: str, null_attn: bool, compiling: bool) -> str
     return "flex"
 
 
-
 def null_slot_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
                              scale: float | None, enable_gqa: bool) -> torch.Tensor:
     """Attention of q (B, H, T, hd) over [null | keys] (S + 1 slots) with FlexAttention.
