@@ -169,7 +169,7 @@ def describe_lr_extension(schedule: str, horizon: int, steps: int, step: int, de
         return "LR stays constant"
     if new == steps:
         return f"wsd still in its stable phase: the decay moves to the last {decay_frac:.0%} of {steps:,} steps"
-    beyond = f"; steps {horizon:,}-{steps:,} run at min_lr" if steps > horizon else ""
+    beyond = f"; from step {horizon:,} on it stays at min_lr" if steps > horizon else ""
     return f"LR keeps its {schedule} schedule over the original {horizon:,} steps{beyond}"
 
 
