@@ -286,8 +286,9 @@ def make_plan(ns: argparse.Namespace, flags: dict[str, Any], gpu: GpuInfo | None
         res.values["resume"], res.sources["resume"] = "never", "--if-exists overwrite"
     if rd.action == "resume" and rd.end and rd.end.get("status") == "completed" \
             and rd.end.get("step", 0) >= res.values["steps"]:
-        rd.action, rd.note = "complete", (f"{rd.path} already completed {rd.end['step']} steps; raise --steps or "
-                                          "the token budget to extend it, or use another --tag for a new run")
+        rd.action, rd.note = "complete", (f"{rd.path} already completed {rd.end['step']} steps; add --extend with "
+                                          "a larger --steps or token budget to extend it, or use another --tag "
+                                          "for a new run")
     if data_note:
         res.warnings.insert(0, data_note)
     data = None if ds is None else {"path": str(ds.path), "train_tokens": ds.train_tokens, "val_tokens":
