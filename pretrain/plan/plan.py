@@ -17,7 +17,7 @@ from typing import Any
 
 from model import ModelConfig
 from pretrain.cli import UserError
-from pretrain.plan.memory import GiB, estimate_step_memory
+from pretrain.plan.memory import GiB, comm_bytes, estimate_step_memory
 from pretrain.plan.tiers import GpuInfo, Tier, memory_capacity, peak_flops
 from pretrain.schedule import parse_count, parse_seq_schedule, phases, planned_tokens, steps_for_tokens
 from pretrain.train.config import TrainConfig, flag_name, model_config_from, validate
@@ -290,10 +290,10 @@ def device_kind(cfg: TrainConfig) -> str:
 
 
 def step_peak_bytes(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, nproc: int) -> tuple[int, Any]:
-    """Device bytes of one step at seq_len, with allowance; DDP (nproc > 1) adds its gradient buckets."""
+    """Device bytes of one step at seq_len, with allowance; torchrun adds NCCL's buffers (DDP's gradient buckets
+    are the gradients themselves: gradient_as_bucket_view)."""
     est = estimate_step_memory(mcfg, cfg, seq_len)
-    extra = est.param_bytes if nproc > 1 and not cfg.fsdp else 0  # buckets hold a copy of the gradients
-    return est.device_bytes(device_kind(cfg)) + extra, est
+    return est.device_bytes(device_kind(cfg)) + comm_bytes(nproc, device_kind(cfg)), est
 
 
 def suggest_fix(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, capacity: int, nproc: int) -> str | None:

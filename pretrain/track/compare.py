@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 from pretrain.cli import ArgumentParser, UserError
 from pretrain.track.kv_plot import plot_quality_vs_kv
 from pretrain.track.plots import events_by_step
-from pretrain.track.runlog import JSONL_NAME, read_jsonl
+from pretrain.track.runlog import JSONL_NAME, median_tok_s, read_jsonl
 from pretrain.track.seeds import band, group_key, group_rows
 
 # Column key -> header, in print order.
@@ -122,7 +121,6 @@ def run_row(run_dir: Path) -> dict[str, Any]:
     train = events_by_step(records, "train")
     evals = [e for e in events_by_step(records, "eval") if _num(e.get("loss")) is not None]
     mcfg = meta.get("model_config")
-    tok_s = [v for r in train if (v := _num(r.get("tok_s"))) is not None]
     steps = max([r["step"] for r in train + evals], default=0)
     if end and isinstance(end.get("step"), int):
         steps = end["step"]  # a run stopped by a signal saved one step past its last logged line
@@ -151,7 +149,7 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         "tokens": tokens,
         "best_val_loss": min((e["loss"] for e in evals), default=None),
         "final_val_loss": evals[-1]["loss"] if evals else None,
-        "tok_s": statistics.median(tok_s) if tok_s else None,  # median: the first lines include warm-up
+        "tok_s": median_tok_s(train),  # the same figure summary.md shows
         "steps": steps,
         "planned_steps": planned,
         "status": status,

@@ -93,7 +93,7 @@ class TrainConfig:
     # eval and logging
     eval_every: int = _opt(200, "evaluate every N steps (0: only at start and end)", group="eval", check="[0,inf)")
     eval_iters: int = _opt(20, "validation batches per evaluation", group="eval", check="(0,inf)")
-    eval_seq_len: int | None = _opt(None, "validation sequence length (default: final train seq len)",
+    eval_seq_len: int | None = _opt(None, "validation length (default: longest trained so far)",
                                     group="eval", check="(0,inf)")
     log_every: int = _opt(10, "log a train line every N steps", group="eval", check="(0,inf)")
     sample_every: int = _opt(0, "write text samples (greedy + sampled) every N steps and at the end (0: off)",

@@ -17,6 +17,7 @@ from pretrain.track.plots import write_plots
 from pretrain.track.summary import write_summary
 from pretrain.train import device as dev
 from pretrain.train import distributed as dist_lib
+from pretrain.train import speed
 from pretrain.train.checkpoint import latest_step
 from pretrain.train.config import TrainConfig, format_command, parse_config
 from pretrain.train.optim import peak_lr, set_lr, step_unless_nonfinite
@@ -53,9 +54,10 @@ class StopRequested:
         return f"stopped by signal {name}"
 
 
-def lr_for(cfg: TrainConfig, step: int) -> float:
+def lr_for(cfg: TrainConfig, step: int, horizon: int) -> float:
+    """The LR of `step` on a schedule decaying over `horizon` steps (cfg.steps unless a resume kept another)."""
     peak = peak_lr(cfg)
-    return lr_at(step, lr=peak, min_lr=cfg.min_lr if cfg.min_lr is not None else peak / 10, total_steps=cfg.steps,
+    return lr_at(step, lr=peak, min_lr=cfg.min_lr if cfg.min_lr is not None else peak / 10, total_steps=horizon,
                  warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule, decay_frac=cfg.decay_frac)
 
 
@@ -84,7 +86,9 @@ class Meter:
         tokens_per_step = s.cfg.batch_size * s.cfg.grad_accum * s.dist.world_size * seq_len
         tok_s = n * tokens_per_step / (now - self.t0)
         peak = dev.peak_flops(s.device)
-        mean_loss = dist_lib.mean_across_ranks(self.loss, s.dist).item() / max(self.good.item(), 1)
+        good = self.good.item()
+        # A window of only skipped steps has no loss: NaN (null in train.jsonl), not a made-up 0.0.
+        mean_loss = dist_lib.mean_across_ranks(self.loss, s.dist).item() / good if good else float("nan")
         last = dist_lib.mean_across_ranks(last_loss, s.dist).item()  # the global batch's loss, not rank 0's
         fields = {"tokens": s.prog.tokens, "loss": mean_loss, "last_loss": last, "lr": lr,
                   "grad_norm": grad_norm.item(), "tok_s": tok_s,
@@ -100,6 +104,8 @@ class Meter:
 
 def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     """Train per `cfg`; returns the run's final figures. Resumes from the run dir when it can."""
+    if cfg.device != "cpu":
+        speed.configure_cuda_allocator()  # before open_session makes the first CUDA allocation
     stop = StopRequested()
     # Before anything is written: a SIGTERM while the session opens (wandb.init can stall for minutes)
     # only sets the flag, and the loop saves a resumable checkpoint at its first chance.
@@ -120,7 +126,18 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
         raise disk_error(e, cfg.out_dir) from None
     finally:
         stop.restore()
+    wandb_line = _wandb_line(s.info)
+    if wandb_line:
+        s.console.print(wandb_line)  # last, after wandb's own shutdown output
     return s.info["result"]
+
+
+def _wandb_line(info: dict[str, Any]) -> str | None:
+    if info.get("wandb_url"):
+        return f"wandb: {info['wandb_url']}"
+    if info.get("wandb_sync"):
+        return f"wandb (offline): upload every session of this run with: {info['wandb_sync']}"
+    return None
 
 
 def disk_error(e: OSError, out_dir: str) -> Exception:
@@ -149,15 +166,18 @@ def _loop(s: Session, stop: StopRequested) -> str:
     while prog.step < cfg.steps:
         data_state = s.loader.state_dict()  # where this step's data starts, should it be interrupted
         seq_len = seq_len_at(s.seq_points, prog.step)
-        lr = lr_for(cfg, prog.step)
+        lr = lr_for(cfg, prog.step, s.lr_horizon)
         set_lr(s.optimizer, lr)
         step_loss = torch.zeros((), device=s.device)
         for micro in range(cfg.grad_accum):
             t0 = time.perf_counter()
             x, y = s.loader.next(cfg.batch_size, seq_len)
             meter.data_s += time.perf_counter() - t0
-            with s.autocast, dist_lib.maybe_no_sync(s.wrapped, sync=micro == cfg.grad_accum - 1):
-                loss = s.wrapped(x, y) / cfg.grad_accum
+            with dist_lib.maybe_no_sync(s.wrapped, sync=micro == cfg.grad_accum - 1):
+                with s.autocast:
+                    loss = s.wrapped(x, y) / cfg.grad_accum
+                # Outside autocast, as the memory estimate assumes: its bf16 weight-cast cache is freed
+                # on leaving the context instead of living through backward.
                 s.scaler.scale(loss).backward()
             step_loss += loss.detach().float()
             if dist_lib.any_rank(bool(stop), s.dist):
