@@ -192,17 +192,19 @@ class CausalSelfAttention(nn.Module):
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
         sem = geo = None
-        if self.variant == "decoupled":
-            h_s = self.sem_head_dim
-            sem = qf[..., :h_s] @ kf[..., :h_s].transpose(-1, -2) * scale
-            geo = qf[..., h_s:] @ kf[..., h_s:].transpose(-1, -2) * scale
-            scores = sem + geo
-        else:
-            scores = qf @ kf.transpose(-1, -2) * scale
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        with torch.autocast(q.device.type, enabled=False):  # autocast would run these matmuls in bf16
+            if self.variant == "decoupled":
+                h_s = self.sem_head_dim
+                sem = qf[..., :h_s] @ kf[..., :h_s].transpose(-1, -2) * scale
+                geo = qf[..., h_s:] @ kf[..., h_s:].transpose(-1, -2) * scale
+                scores = sem + geo
+            else:
+                scores = qf @ kf.transpose(-1, -2) * scale
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            y = probs @ vh.to(dtype)
         probe(AttentionTrace(probs=probs, mask=mask, keys=k, values=v, sem_scores=sem, geo_scores=geo,
                              null_slot=self.null_k is not None))
-        return (probs @ vh.to(dtype)).to(q.dtype)
+        return y.to(q.dtype)
 
     def new_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         return KVCache(batch, self.n_kv_head, max_len, self.qk_head_dim, self.v_head_dim, device, dtype)

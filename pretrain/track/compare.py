@@ -1,5 +1,6 @@
-"""Compare runs side by side: a table (variant, size, KV cache, tokens, val loss, speed) and one PNG of
-their val loss against tokens seen. This is how one picks between baseline, GQA, bottleneck and decoupled.
+"""Compare runs side by side: a table (variant, size, KV cache, tokens, val loss, speed, val loss per
+--eval-seq-lens length) and PNGs of their val loss against tokens seen and against eval length. This is
+how one picks between baseline, GQA, bottleneck and decoupled.
 
     python -m pretrain.track.compare runs/base runs/gqa --out runs/compare.png
     python -m pretrain.track.compare runs            # every run directory under runs/
@@ -93,6 +94,8 @@ def run_row(run_dir: Path) -> dict[str, Any]:
     else:
         # No end event: still running, or killed; either way rerunning its command resumes it.
         status = "unfinished"
+    lengths = events_by_step(records, "eval_lengths")
+    last_lengths = lengths[-1] if lengths else {}
     tokens = (end or {}).get("tokens")
     if _num(tokens) is None:
         tokens = max([r["tokens"] for r in train + evals if _num(r.get("tokens")) is not None], default=None)
@@ -109,6 +112,9 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         "steps": steps,
         "planned_steps": planned,
         "status": status,
+        # --eval-seq-lens: {length: val loss} at the last eval, and the longest trained length
+        "length_loss": {int(n): v for n, v in (last_lengths.get("loss") or {}).items() if _num(v) is not None},
+        "trained_len": last_lengths.get("trained_len"),
     }
 
 
@@ -145,23 +151,63 @@ def _cell(key: str, row: dict[str, Any]) -> str:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Plain aligned text (no box characters: it is pasted into issues and notebooks). Best val marked *."""
+    """Plain aligned text (no box characters: it is pasted into issues and notebooks). Best val marked *.
+    Runs with --eval-seq-lens add one `val@<length>` column per length any run evaluated."""
     best = min((r["best_val_loss"] for r in rows if r.get("best_val_loss") is not None), default=None)
-    table = [list(COLUMNS.values())]
+    lengths = sorted({n for r in rows for n in r.get("length_loss") or {}})
+    keys = list(COLUMNS)
+    keys[keys.index("status"):keys.index("status")] = [f"val@{n}" for n in lengths]
+    table = [[COLUMNS.get(k, k) for k in keys]]
     for r in rows:
-        cells = [_cell(k, r) for k in COLUMNS]
+        cells = [_cell(k, r) if k in COLUMNS else _length_cell(r, int(k[4:])) for k in keys]
         if best is not None and r.get("best_val_loss") == best and len(rows) > 1:
-            cells[list(COLUMNS).index("best_val_loss")] += " *"
+            cells[keys.index("best_val_loss")] += " *"
         table.append(cells)
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    widths = [max(len(line[i]) for line in table) for i in range(len(keys))]
     # Text columns left-aligned, numbers right-aligned so digits line up.
     left = {"run", "variant", "status"}
     lines = []
     for line in table:
-        parts = [c.ljust(w) if k in left else c.rjust(w) for c, w, k in zip(line, widths, COLUMNS, strict=True)]
+        parts = [c.ljust(w) if k in left else c.rjust(w) for c, w, k in zip(line, widths, keys, strict=True)]
         lines.append("  ".join(parts).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _length_cell(row: dict[str, Any], n: int) -> str:
+    value = (row.get("length_loss") or {}).get(n)
+    return "-" if value is None else f"{value:.4f}"
+
+
+def plot_length_curves(rows: Sequence[dict[str, Any]], out_png: str | os.PathLike) -> Path:
+    """Val loss against eval length (last eval), one line per run, its trained length marked on the line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title("Validation loss vs eval length (last eval)")
+    ax.set_xlabel("eval sequence length (tokens)")
+    ax.set_ylabel("val cross-entropy loss")
+    ax.set_xscale("log", base=2)
+    ax.grid(True, alpha=0.3)
+    for r in rows:
+        points = sorted((r.get("length_loss") or {}).items())
+        if not points:
+            continue
+        xs, ys = zip(*points, strict=True)
+        line = ax.plot(xs, ys, "o-", ms=4, lw=1.5, label=f"{r['run']} ({r['variant']})")[0]
+        trained = r.get("trained_len")
+        if isinstance(trained, int):
+            ax.axvline(trained, color=line.get_color(), ls=":", lw=1)
+    ax.legend(title="dotted: trained length")
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, out)
+    return out
 
 
 def plot_val_curves(paths: Sequence[str | os.PathLike], out_png: str | os.PathLike) -> Path:
@@ -228,6 +274,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m pretrain.trac
         plot_val_curves([r["path"] for r in rows], out)
         if not args.json:
             print(f"val loss vs tokens: {out}")
+        if any(r["length_loss"] for r in rows):
+            by_length = plot_length_curves(rows, out.with_name(f"{out.stem}_lengths.png"))
+            if not args.json:
+                print(f"val loss vs eval length: {by_length}")
     return 0
 
 

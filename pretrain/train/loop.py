@@ -16,6 +16,7 @@ from pretrain.train import device as dev
 from pretrain.train import distributed as dist_lib
 from pretrain.train.checkpoint import latest_step
 from pretrain.train.config import TrainConfig, format_command, parse_config
+from pretrain.train.instruments import run_diagnostics
 from pretrain.train.optim import peak_lr, set_lr, step_unless_nonfinite
 from pretrain.train.session import Session, open_session
 
@@ -114,6 +115,8 @@ def _loop(s: Session, stop: StopRequested) -> str:
     cfg, prog = s.cfg, s.prog
     if not s.resumed:
         s.evaluate()
+        if cfg.analysis_every:
+            run_diagnostics(s)
     meter = Meter(s.device, prog.step)
     skipped_before = prog.skipped_steps
     last_save = time.monotonic()
@@ -174,6 +177,8 @@ def _loop(s: Session, stop: StopRequested) -> str:
             best = s.evaluate()[1]
             if s.log:
                 write_plots(s.run_dir)
+        if cfg.analysis_every and prog.step % cfg.analysis_every == 0:
+            run_diagnostics(s)
         due = (cfg.save_every and prog.step % cfg.save_every == 0) or (
             cfg.save_minutes and time.monotonic() - last_save > 60 * cfg.save_minutes)
         if best or due:
@@ -191,6 +196,8 @@ def _finish(s: Session, status: str) -> None:
     final_val = None
     if status == "completed":
         final_val, best = s.evaluate()
+        if s.cfg.analysis_every:
+            run_diagnostics(s)
         s.save(best=best)
     s.ckpt.wait()
     # Only rank 0 writes; a stop for non-finite steps deliberately saves nothing.

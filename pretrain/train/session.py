@@ -25,8 +25,12 @@ from pretrain.train import device as dev
 from pretrain.train import distributed as dist_lib
 from pretrain.train.checkpoint import CheckpointManager
 from pretrain.train.config import TrainConfig, model_config_from
+from pretrain.train.instruments import Instruments, build_instruments, run_length_eval
 from pretrain.train.optim import build_optimizer
 from pretrain.train.resume import check_compatible, find_start, rng_state, seed_everything, set_rng_state
+
+# wandb / TensorBoard namespace of each event type (train.jsonl keeps the type itself).
+METRIC_PREFIX = {"train": "train", "eval": "val", "eval_lengths": "val_len", "diagnostics": "diag"}
 
 
 @dataclass
@@ -62,6 +66,7 @@ class Session:
     eval_seq_len: int
     resumed: bool
     info: dict[str, Any]
+    instruments: Instruments
     prog: Progress = field(default_factory=Progress)
 
     @property
@@ -76,7 +81,7 @@ class Session:
         """One event to train.jsonl, wandb and TensorBoard (rank 0 only)."""
         if self.log:
             self.log.event(kind, step=self.prog.step, **fields)
-        metrics = to_metrics("train" if kind == "train" else "val", fields)
+        metrics = to_metrics(METRIC_PREFIX.get(kind, "val"), fields)
         self.wb.log(metrics, step=self.prog.step)
         self.tb.log(metrics, step=self.prog.step)
 
@@ -96,6 +101,7 @@ class Session:
         self.emit("eval", loss=loss, ppl=math.exp(min(loss, 30)), tokens=self.prog.tokens, seq_len=self.eval_seq_len)
         if self.dist.is_main:
             self.console.print(f"eval step {self.prog.step}: val loss {loss:.4f} (best {self.prog.best_val:.4f})")
+        run_length_eval(self)
         return loss, best
 
     def save(self, best: bool = False, data_state: dict | None = None) -> None:
@@ -142,6 +148,7 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
     points = parse_seq_schedule(cfg.seq_schedule, cfg.train_seq_len or mcfg.block_size, mcfg.block_size)
     eval_seq_len = min(cfg.eval_seq_len or points[-1][1], mcfg.block_size)
     ds.check_enough(cfg.batch_size, max(p[1] for p in points), dist.world_size)
+    instruments = build_instruments(cfg, mcfg, ds, eval_seq_len, max(p[1] for p in points))
     if cfg.amp and cfg.amp_dtype == "bf16" and not dev.supports_bf16(device):
         raise UserError("this GPU has no bf16: use --amp-dtype fp16 (T4, V100) or --no-amp")
 
@@ -205,4 +212,4 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
                    optimizer=optimizer, scaler=scaler, loader=Prefetcher(sampler, device),
                    val=val, ckpt=ckpt, log=log, wb=wb,
                    tb=tb, console=console, seq_points=points, eval_seq_len=eval_seq_len, resumed=start.resumed,
-                   info=info, prog=prog)
+                   info=info, instruments=instruments, prog=prog)
