@@ -105,7 +105,7 @@ def test_effective_rank_extremes():
     (["--eval-seq-lens", "64,0"], ["'0'", "--eval-seq-lens"]),
     (["--eval-seq-lens", "64,100000000"], ["100000000", "validation split"]),
     (["--analysis-every", "-1"], ["--analysis-every"]),
-    (["--exp", "paper_decoupled", "--attn-mode", "baseline"], ["--exp paper_decoupled", "--attn-mode baseline"]),
+    (["--exp", "paper_decoupled", "--attn-mode", "baseline"], ["paper_decoupled means", "--attn-mode baseline"]),
 ])
 def test_bad_instrument_flags_are_one_line_exit_2(byte_data, tmp_path, flags, words):
     out = tmp_path / "r"

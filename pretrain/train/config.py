@@ -245,8 +245,8 @@ def validate(cfg: TrainConfig) -> None:
         clash = [_flag_text(k, getattr(cfg, k)) for k, v in preset.items() if getattr(cfg, k) != v]
         if clash:
             wanted = " ".join(_flag_text(k, v) for k, v in preset.items())
-            raise UserError(f"--exp {cfg.exp} means {wanted}, but {', '.join(clash)} was given; drop --exp, or "
-                            "drop the conflicting flag")
+            raise UserError(f"{cfg.exp} means {wanted}, but {', '.join(clash)} was given; drop "
+                            f"{', '.join(clash)}, or set the attention flags yourself instead of {cfg.exp}")
     if cfg.resume not in ("auto", "never") and not cfg.resume.endswith(".pt"):
         raise UserError(f"--resume takes auto, never or a .pt path, got {cfg.resume!r}")
 
