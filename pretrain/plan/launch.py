@@ -272,11 +272,15 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 def run_trainer(command: list[str]) -> int:
     """Run the planned command in the foreground; pass signals on; return its exit code."""
     argv = list(command)
+    # The repo's script by absolute path (works from any directory); an installed package has no script, so the
+    # trainer module of this interpreter's package runs instead.
+    trainer = [str(TRAINER)] if TRAINER.is_file() else ["-m", "pretrain.train"]
     if argv[0] == "python":
-        argv[:2] = [sys.executable, str(TRAINER)]
+        argv[:2] = [sys.executable, *trainer]
     else:  # torchrun from this interpreter's environment
         argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
-        argv[argv.index("train_v29.py")] = str(TRAINER)
+        i = argv.index("train_v29.py")
+        argv[i:i + 1] = trainer
     print(f"running: {format_command(command)}", file=sys.stderr, flush=True)
     # Own process group: a terminal Ctrl-C reaches only this process, which passes it on exactly once
     # (a second SIGINT would interrupt the trainer's save). Handlers go in before the child starts, so a signal

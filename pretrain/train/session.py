@@ -15,7 +15,7 @@ import torch
 from model import GPT, ModelConfig
 from pretrain.cli import UserError
 from pretrain.data.loader import Prefetcher, TrainSampler, ValWindows, open_dataset
-from pretrain.export import check_init_from, load_init_from
+from pretrain.llama import check_init_from, load_init_from
 from pretrain.schedule import parse_seq_schedule
 from pretrain.track.console import Console
 from pretrain.track.runlog import RunLog, to_metrics
