@@ -184,7 +184,8 @@ def resolve_run_dir(root: Path, name: str, if_exists: str, res: Resolved) -> Run
     raise UserError(f"no free run name under {root} for {name}; use another --tag")
 
 
-def inspect_data(path: str | None, val_frac: float, fmt: str, running: bool) -> tuple[Any, str | None]:
+def inspect_data(path: str | None, val_frac: float, fmt: str, running: bool,
+                 vocab_size: int | None = None) -> tuple[Any, str | None]:
     """(dataset or None, why it is missing). Missing data is fine for a dry run and an error with --run."""
     if not path:
         if running:
@@ -194,7 +195,7 @@ def inspect_data(path: str | None, val_frac: float, fmt: str, running: bool) -> 
     if fmt != "auto" and Path(path).exists() and fmt != layout:
         raise UserError(f"--data {path} is a {layout} dataset but --data-format {fmt} was given; fix either")
     try:
-        ds = open_dataset(path, val_frac, require_val=running)
+        ds = open_dataset(path, val_frac, require_val=running, vocab_size=vocab_size)
     except UserError as e:
         if running:
             raise
@@ -235,7 +236,8 @@ def make_plan(ns: argparse.Namespace, flags: dict[str, Any], gpu: GpuInfo | None
     """The whole plan for parsed arguments. `gpu` lets tests stand in for a GPU."""
     gpu_info = detect_gpu() if gpu == "detect" else gpu
     tier, tier_how = select_tier(ns.vram, gpu_info)  # type: ignore[arg-type]
-    ds, data_note = inspect_data(flags.get("data"), flags.get("val_frac") or 0.0, ns.data_format, ns.run)
+    ds, data_note = inspect_data(flags.get("data"), flags.get("val_frac") or 0.0, ns.data_format, ns.run,
+                                 flags.get("vocab_size"))
     req = Request(flags, ns.variant, ns.target_tokens, ns.tokens_per_param, ns.global_batch, ns.nproc,
                   ns.assume_mfu, ns.peak_tflops)
     vocab = ds.vocab_size if ds is not None else None
