@@ -8,7 +8,7 @@ forward nor the backward pass holds the full (B*T, vocab) fp32 logits.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -200,7 +200,14 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy.
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k))
+        return torch.cat((idx, *new), dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+               top_k: int | None = None) -> Iterator[torch.Tensor]:
+        """Yield max_new_tokens sampled (B, 1) tokens one at a time, continuing idx (B, T).
 
         Uses a KV cache of block_size tokens. Once the sequence outgrows it, the cache is rebuilt
         from the last block_size tokens (the same context a cropping full recompute would see).
@@ -214,9 +221,9 @@ class GPT(nn.Module):
             else:
                 context = idx[:, -1:]
             logits = self.lm_head(self.hidden_states(context, caches)[:, -1])[:, : self.config.vocab_size]
-            idx = torch.cat((idx, sample(logits.float(), temperature, top_k)), dim=1)
-        return idx
-
+            token = sample(logits.float(), temperature, top_k)
+            idx = torch.cat((idx, token), dim=1)
+            yield token
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
     """(B, V) logits -> (B, 1) token ids; temperature 0 is argmax."""

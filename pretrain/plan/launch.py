@@ -81,6 +81,9 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--peak-tflops", type=float, default=None, help="device peak TFLOP/s for the time estimate")
     g.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     g.add_argument("--run", action="store_true", help="run the trainer (default: dry run, writes nothing)")
+    g.add_argument("--seeds", type=int, default=1,
+                   help="N runs of this config with seeds --seed, --seed+1, ... (run dirs get -s<seed>); "
+                        "compare shows them as mean ± sd")
     add_config_flags(p)
     p.set_defaults(**{f.name: None for f in fields(TrainConfig)})
     for action in p._actions:  # the launcher sets these itself
@@ -208,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] in SUBCOMMANDS:
         return SUBCOMMANDS[args[0]](args[1:])
     ns, plan = plan_from_argv(args)
+    if ns.seeds != 1:
+        return _seeds_main(args, ns)
     if ns.json:
         import json
 
@@ -222,13 +227,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_trainer(plan.command)
 
 
-def plan_from_argv(argv: Sequence[str], gpu: GpuInfo | None | str = "detect") -> tuple[argparse.Namespace, Plan]:
-    """Parse launcher arguments and plan; `gpu` lets tests stand in for a GPU (None: no GPU)."""
+def _seeds_main(args: list[str], ns: argparse.Namespace) -> int:
+    """--seeds N: plan (and with --run, run one after another) N seeds of the config, one run dir each."""
+    plans = [plan_from_argv(args, seed_offset=i)[1] for i in range(ns.seeds)]
+    if ns.json:
+        import json
+
+        print(json.dumps([p.to_json() for p in plans], indent=2, default=str))
+    else:
+        render_plan(plans[0], running=ns.run)
+        print(f"\n{ns.seeds} seeds of this config, one run dir each:")
+        for p in plans:
+            print(f"  {p.run['dir']} ({p.run['action']}): {format_command(p.command)}")
+    if not ns.run:
+        return 0
+    for p in plans:
+        if p.run["action"] in ("skip", "complete"):
+            print(p.run["note"], file=sys.stderr)
+            continue
+        code = run_trainer(p.command)
+        if code != 0:
+            return code  # rerunning the same command resumes this seed and runs the rest
+    return 0
+
+
+def plan_from_argv(argv: Sequence[str], gpu: GpuInfo | None | str = "detect",
+                   seed_offset: int = 0) -> tuple[argparse.Namespace, Plan]:
+    """Parse launcher arguments and plan; `gpu` lets tests stand in for a GPU (None: no GPU).
+    With --seeds N, seed_offset picks which of the N seeds to plan (seed + offset, run dir -s<seed>)."""
     ns = build_parser().parse_args(list(argv))
     flags = {f.name: getattr(ns, f.name) for f in fields(TrainConfig) if getattr(ns, f.name) is not None}
     for name, instead in OWN_FIELDS.items():
         if name in flags:
             raise UserError(f"the launcher sets {name.replace('_', '-')} itself; use {instead}")
+    if ns.seeds < 1:
+        raise UserError(f"--seeds must be a positive number of runs, got {ns.seeds}")
+    if ns.seeds > 1:
+        flags["seed"] = flags.get("seed", TrainConfig.seed) + seed_offset
+        ns.tag = f"{ns.tag}-s{flags['seed']}" if ns.tag else f"s{flags['seed']}"
     return ns, make_plan(ns, flags, gpu)
 
 

@@ -56,6 +56,7 @@ class WandbRun:
         self._run: Any = None
         self._warn = warn or _warn
         self._last_step = -1
+        self._step_open = False  # True once this session logged _last_step (more of it may follow)
         self._run_id: str | None = None
         self._sync_file: Path | None = None
         if not enabled or mode == "disabled":
@@ -95,13 +96,16 @@ class WandbRun:
         return getattr(self._run, "url", None) if self._run is not None else None
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Send metrics at an explicit step; a step <= the last one sent is dropped (resume overlap)."""
-        if self._run is None or step <= self._last_step:
+        """Send metrics at an explicit step; a step below the last one sent is dropped (resume overlap).
+        The same step again is kept: wandb merges it into that step's row (train, eval and samples share one)."""
+        # Equal to the last step is fine only for a step this session opened (wandb already closed a
+        # resumed run's last step).
+        if self._run is None or step < self._last_step or (step == self._last_step and not self._step_open):
             return
         data = {k: v for k, v in metrics.items() if v is not None}
         try:
             self._run.log(data, step=int(step))
-            self._last_step = int(step)
+            self._last_step, self._step_open = int(step), True
         except Exception as e:
             self._warn(f"wandb log failed, disabling wandb for this run ({type(e).__name__}: {e})")
             self._finish_quietly()

@@ -179,6 +179,10 @@ def _loop(s: Session, stop: StopRequested) -> str:
                 write_plots(s.run_dir)
         if cfg.analysis_every and prog.step % cfg.analysis_every == 0:
             run_diagnostics(s)
+        if cfg.sample_every and prog.step % cfg.sample_every == 0:
+            s.sample()
+        if cfg.downstream_every and prog.step % cfg.downstream_every == 0:
+            s.downstream()
         late = bool(cfg.save_minutes) and time.monotonic() - last_save > 60 * cfg.save_minutes
         # Saving is a collective (RNG states, replica check, FSDP gathers): ranks must agree on the clock.
         due = (cfg.save_every and prog.step % cfg.save_every == 0) or dist_lib.any_rank(late, s.dist)
@@ -199,6 +203,10 @@ def _finish(s: Session, status: str) -> None:
         final_val, best = s.evaluate()
         if s.cfg.analysis_every:
             run_diagnostics(s)
+        if s.cfg.sample_every:
+            s.sample()
+        if s.cfg.hellaswag:
+            s.downstream()
         s.save(best=best)
     s.ckpt.wait()
     # Only rank 0 writes; a stop for non-finite steps deliberately saves nothing.

@@ -15,6 +15,9 @@ import torch
 from model import GPT, ModelConfig
 from pretrain.cli import UserError
 from pretrain.data.loader import Prefetcher, TrainSampler, ValWindows, open_dataset
+from pretrain.evals.downstream import load_items
+from pretrain.evals.downstream import score as downstream_score
+from pretrain.evals.samples import load_prompts, samples_table, text_codec, write_samples
 from pretrain.llama import check_init_from, load_init_from
 from pretrain.schedule import parse_seq_schedule
 from pretrain.track.console import Console
@@ -68,6 +71,9 @@ class Session:
     info: dict[str, Any]
     instruments: Instruments
     prog: Progress = field(default_factory=Progress)
+    codec: Any = None  # token ids <-> text, when samples or downstream evals are on
+    prompts: list[str] = field(default_factory=list)
+    mc_items: list[Any] = field(default_factory=list)
 
     @property
     def autocast(self) -> Any:
@@ -81,7 +87,7 @@ class Session:
         """One event to train.jsonl, wandb and TensorBoard (rank 0 only)."""
         if self.log:
             self.log.event(kind, step=self.prog.step, **fields)
-        metrics = to_metrics(METRIC_PREFIX.get(kind, "val"), fields)
+        metrics = to_metrics(METRIC_PREFIX.get(kind, kind), fields)
         self.wb.log(metrics, step=self.prog.step)
         self.tb.log(metrics, step=self.prog.step)
 
@@ -103,6 +109,37 @@ class Session:
             self.console.print(f"eval step {self.prog.step}: val loss {loss:.4f} (best {self.prog.best_val:.4f})")
         run_length_eval(self)
         return loss, best
+
+    def sample(self) -> None:
+        """Greedy and sampled continuations of the fixed prompts -> train.jsonl and a wandb Table."""
+        cfg, step = self.cfg, self.prog.step
+        rows = write_samples(self.model, self.codec, self.prompts, cfg.sample_tokens, cfg.sample_temperature,
+                             cfg.seed, self.device)
+        if not self.dist.is_main:
+            return
+        if self.log:
+            self.log.event("sample", step=step, temperature=cfg.sample_temperature, samples=rows)
+        if self.wb.enabled:
+            self.wb.log({"samples": samples_table(step, rows)}, step=step)
+        line = f"sample step {step}: {rows[0]['prompt']!r} -> {rows[0]['greedy']!r}"
+        self.console.print(line)
+        self._note("sample step", f"{line} (all prompts: `sample` events in train.jsonl)")
+
+    def downstream(self) -> None:
+        """Multiple-choice accuracy on --hellaswag -> train.jsonl, wandb, TensorBoard (downstream/*)."""
+        result = downstream_score(self.model, self.codec, self.mc_items, self.device, self.autocast)
+        task = "hellaswag" if self.cfg.hellaswag == "hf" else Path(str(self.cfg.hellaswag)).stem
+        self.emit("downstream", task=task, **result)
+        if self.dist.is_main:
+            line = (f"downstream step {self.prog.step}: {task} acc {result['acc']:.3f} "
+                    f"acc_norm {result['acc_norm']:.3f} (n={result['n']}, chance {result['chance']:.3f})")
+            self.console.print(line)
+            self._note("downstream step", line)
+
+    def _note(self, prefix: str, text: str) -> None:
+        """Keep the latest line of one instrument among summary.md's notes."""
+        notes = [n for n in self.info.get("notes", []) if not n.startswith(prefix)]
+        self.info["notes"] = [*notes, text]
 
     def save(self, best: bool = False, data_state: dict | None = None) -> None:
         """Checkpoint the state after `prog.step` full steps (collective under FSDP: every rank calls it)."""
@@ -156,6 +193,10 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
     eval_seq_len = min(cfg.eval_seq_len or points[-1][1], mcfg.block_size)
     ds.check_enough(cfg.batch_size, max(p[1] for p in points), dist.world_size)
     instruments = build_instruments(cfg, mcfg, ds, eval_seq_len, max(p[1] for p in points))
+    # Instruments read their inputs now: a missing prompt file or tokenizer stops the run before it writes.
+    codec = text_codec(ds.tokenizer, ds.vocab_size) if cfg.sample_every or cfg.hellaswag else None
+    prompts = load_prompts(cfg.sample_prompts) if cfg.sample_every else []
+    mc_items = load_items(cfg.hellaswag, cfg.downstream_items) if cfg.hellaswag else []
     if cfg.amp and cfg.amp_dtype == "bf16" and not dev.supports_bf16(device):
         raise UserError("this GPU has no bf16: use --amp-dtype fp16 (T4, V100) or --no-amp")
 
@@ -221,4 +262,5 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
                    optimizer=optimizer, scaler=scaler, loader=Prefetcher(sampler, device),
                    val=val, ckpt=ckpt, log=log, wb=wb,
                    tb=tb, console=console, seq_points=points, eval_seq_len=eval_seq_len, resumed=start.resumed,
-                   info=info, instruments=instruments, prog=prog)
+                   info=info, instruments=instruments, prog=prog, codec=codec, prompts=prompts,
+                   mc_items=mc_items)
