@@ -36,7 +36,8 @@ def events(out: Path, kind: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def decoupled_run(byte_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "dec"
-    run(byte_data, out, "--exp", "paper_decoupled", "--analysis-every", "2", "--eval-seq-lens", LENGTHS, "--tb")
+    run(byte_data, out, "--exp", "paper_decoupled", "--analysis-every", "2", "--eval-seq-lens", LENGTHS, "--tb",
+        "--wandb", "--wandb-mode", "offline")
     return out
 
 
@@ -82,6 +83,21 @@ def test_instruments_reach_tensorboard_summary_and_plots(decoupled_run):
     assert "## Validation loss by length" in summary and "| 128 (extrapolated) |" in summary
     assert "## Attention diagnostics" in summary and "semantic share" in summary
     assert "(position_loss.png)" in summary and (decoupled_run / "position_loss.png").stat().st_size > 0
+
+
+def test_instruments_reach_the_offline_wandb_file(decoupled_run):
+    from pretrain.track.wandb_run import read_wandb_history
+
+    files = list(decoupled_run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    merged: dict[int, dict] = {}
+    for row in read_wandb_history(files[0]):
+        merged.setdefault(row["_step"], {}).update(row)
+    for e in events(decoupled_run, "diagnostics"):
+        assert merged[e["step"]]["diag/mean/entropy"] == pytest.approx(e["mean"]["entropy"])
+        assert merged[e["step"]]["diag/layer/01/grad_norm"] == pytest.approx(e["layer"]["01"]["grad_norm"])
+    for e in events(decoupled_run, "eval_lengths"):
+        assert merged[e["step"]]["val_len/loss/128"] == pytest.approx(e["loss"]["128"])
 
 
 def test_compare_shows_loss_per_length_and_plots_it(decoupled_run, byte_data, tmp_path, capsys):
