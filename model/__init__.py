@@ -3,7 +3,7 @@
 Imports only torch and the standard library, so it can be used without the training package.
 """
 
-from .config import PRESETS, ModelConfig
+from .config import PAPER_PRESETS, PRESETS, ModelConfig
 from .gpt import GPT
 
-__all__ = ["GPT", "ModelConfig", "PRESETS"]
+__all__ = ["GPT", "ModelConfig", "PAPER_PRESETS", "PRESETS"]

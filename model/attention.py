@@ -19,11 +19,16 @@ position m sees it at relative distance m (a BOS-like sink whose score may depen
 as in the original code. Kept deliberately, so results compare with the original; for decoupled the
 semantic half of its score is position-free, only the geometric half sees the distance. The optimizer
 gives the null key/value no weight decay (pretrain/train/optim.py).
+
+Reference path: forward(x, probe=f) computes the same attention with an explicit softmax (after the same
+projection code) and hands f an AttentionTrace of probabilities and score parts, for diagnostics.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +65,25 @@ class KVCache:
         self.v[:, :, self.pos:end] = v
         self.pos = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+
+@dataclass
+class AttentionTrace:
+    """What one layer's reference attention saw, for diagnostics (pretrain/evals/diagnostics.py).
+
+    probs (B, H, T, S') softmax probabilities, S' = keys incl. the null slot at column 0 when null_slot;
+    mask (T, S') True where a query may attend; keys / values (B, Hkv, S', *) as the KV cache holds them
+    (rotated keys; decoupled: [k_s | rotated k_g] per head), null slot included; sem_scores / geo_scores
+    (B, H, T, S') the two paths' parts of the pre-softmax score (decoupled only, else None).
+    """
+
+    probs: torch.Tensor
+    mask: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    sem_scores: torch.Tensor | None
+    geo_scores: torch.Tensor | None
+    null_slot: bool
 
 
 class CausalSelfAttention(nn.Module):
@@ -120,8 +144,9 @@ class CausalSelfAttention(nn.Module):
         k = torch.cat((k_s, k_g), dim=-1)
         return q, k, 1.0
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """x (B, T, d) -> (B, T, d). With a cache, x holds the tokens after the cached ones."""
+    def _project(self, x: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, ...]:
+        """The shared front half of attention: q (B, H, T, *), k and v (B, Hkv, S[+1], *) with the cache and
+        null slot applied, the scale SDPA should use (None = 1/sqrt(head dim)), and the mask (None = causal)."""
         B, T, _ = x.shape
         start = cache.pos if cache is not None else 0
         positions = torch.arange(start, start + T, device=x.device)
@@ -132,24 +157,72 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         S = k.shape[2]  # keys: cached + new
-        gqa = self.n_kv_head != self.n_head
         mask = None
         if self.null_k is not None:
             k = torch.cat((self.null_k.to(k.dtype).expand(B, -1, -1, -1), k), dim=2)
             v = torch.cat((self.null_v.to(v.dtype).expand(B, -1, -1, -1), v), dim=2)
-            if attention_backend(x.device.type, True, torch.compiler.is_compiling()) == "flex":
-                y = null_slot_flex_attention(q, k, v, start, scale, gqa)
-                return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
             mask = causal_mask(T, S, start, x.device, null_slot=True)
         elif start > 0 and T > 1:
             mask = causal_mask(T, S, start, x.device)
-        # Decided without T: under torch.compile with a dynamic T, `T > 1` would be a symbolic bool and
-        # break every block's graph. start == 0 is causal for any T (one query at 0 sees its one key); a
-        # cached single new token (start > 0, no mask) sees every key. No explicit mask keeps flash eligible.
-        is_causal = mask is None and start == 0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                           enable_gqa=gqa)
+        return q, k, v, scale, mask
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                probe: Callable[[AttentionTrace], None] | None = None) -> torch.Tensor:
+        """x (B, T, d) -> (B, T, d). With a cache, x holds the tokens after the cached ones.
+
+        With `probe`, attention runs through the explicit reference path (`_attend_reference`) and the probe
+        receives the probabilities and score parts; the projections are the same code either way."""
+        B, T, _ = x.shape
+        start = cache.pos if cache is not None else 0
+        q, k, v, scale, mask = self._project(x, cache)
+        gqa = self.n_kv_head != self.n_head
+        if probe is not None:
+            y = self._attend_reference(q, k, v, scale, mask, start, probe)
+        elif self.null_k is not None and attention_backend(x.device.type, True,
+                                                           torch.compiler.is_compiling()) == "flex":
+            y = null_slot_flex_attention(q, k, v, start, scale, gqa)
+        else:
+            # Decided without T: under torch.compile with a dynamic T, `T > 1` would be a symbolic bool and
+            # break every block's graph. start == 0 is causal for any T (one query at 0 sees its one key); a
+            # cached single new token (start > 0, no mask) sees every key. No explicit mask keeps flash eligible.
+            is_causal = mask is None and start == 0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                               enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend_reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                          mask: torch.Tensor | None, start: int,
+                          probe: Callable[[AttentionTrace], None]) -> torch.Tensor:
+        """softmax(q k^T * scale + mask) v written out, in at least fp32, so the probabilities can be seen.
+
+        Equals the SDPA path up to rounding (tests/test_model_attention.py). For decoupled, q and k are the
+        per-head concatenations [semantic | geometric] with each half already scaled, so splitting the dot
+        product at sem_head_dim gives the two paths' exact shares of every score.
+        """
+        T = q.shape[2]
+        if mask is None:
+            mask = causal_mask(T, k.shape[2], start, q.device)
+        group = self.n_head // self.n_kv_head
+        kh = k.repeat_interleave(group, dim=1) if group > 1 else k  # (B, H, S, hd): one k per query head
+        vh = v.repeat_interleave(group, dim=1) if group > 1 else v
+        dtype = torch.promote_types(q.dtype, torch.float32)  # bf16 scores would blur small probabilities
+        qf, kf = q.to(dtype), kh.to(dtype)
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.shape[-1])
+        sem = geo = None
+        with torch.autocast(q.device.type, enabled=False):  # autocast would run these matmuls in bf16
+            if self.variant == "decoupled":
+                h_s = self.sem_head_dim
+                sem = qf[..., :h_s] @ kf[..., :h_s].transpose(-1, -2) * scale
+                geo = qf[..., h_s:] @ kf[..., h_s:].transpose(-1, -2) * scale
+                scores = sem + geo
+            else:
+                scores = qf @ kf.transpose(-1, -2) * scale
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            y = probs @ vh.to(dtype)
+        probe(AttentionTrace(probs=probs, mask=mask, keys=k, values=v, sem_scores=sem, geo_scores=geo,
+                             null_slot=self.null_k is not None))
+        return y.to(q.dtype)
 
     def new_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         return KVCache(batch, self.n_kv_head, max_len, self.qk_head_dim, self.v_head_dim, device, dtype)

@@ -31,6 +31,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The paper's attention configurations, by the names the original research code gave them (its EXP_PRESETS):
+# ModelConfig fields layered over a size preset. The original trained every variant with its learned
+# per-head temperature on (learned_temp defaulted to True there), so both presets turn it on.
+PAPER_PRESETS: dict[str, dict[str, Any]] = {
+    "paper_decoupled": dict(attn="decoupled", tie_qk=True, null_attn=True, learned_temp=True),
+    "paper_bottleneck": dict(attn="bottleneck", null_attn=True, learned_temp=True),
+}
+
 @dataclass
 class ModelConfig:
     """Hyper-parameters of the decoder. Optional dims (None) are resolved in __post_init__.

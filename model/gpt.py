@@ -8,14 +8,14 @@ forward nor the backward pass holds the full (B*T, vocab) fp32 logits.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import CausalSelfAttention, KVCache
+from .attention import AttentionTrace, CausalSelfAttention, KVCache
 from .config import ModelConfig
 
 
@@ -57,8 +57,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cache)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                probe: Callable[[AttentionTrace], None] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache, probe)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -208,6 +209,21 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
+        return self.norm_f(x)
+
+    def probe(self, idx: torch.Tensor,
+              on_layer: Callable[[int, AttentionTrace, torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
+        """Forward through the reference attention path: on_layer(i, trace, x_in, x_out) is called per block
+        with its AttentionTrace and the residual stream before and after it. Returns final-normed hidden states.
+
+        Calls Block.forward directly, so a block compiled in place (Module.compile) runs eagerly here.
+        """
+        x = self.wte(idx)
+        for i, block in enumerate(self.blocks):
+            traces: list[AttentionTrace] = []
+            out = block.forward(x, probe=traces.append)
+            on_layer(i, traces[0], x, out)
+            x = out
         return self.norm_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,

@@ -63,6 +63,12 @@ def _rope(x: torch.Tensor, base: float) -> torch.Tensor:
 
 def reference_attention(attn, cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
     """Explicit einsum/softmax attention in float64 from the module's own weights."""
+    return reference_parts(attn, cfg, x)["y"]
+
+
+def reference_parts(attn, cfg: ModelConfig, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """reference_attention's output y plus its probabilities and (decoupled) semantic / geometric scores,
+    columns laid out as the model's trace: null slot first when null_attn."""
     x = x.double()
     H, KV, tie = cfg.n_head, cfg.n_kv_head, cfg.tie_qk
     lin = lambda m: x @ m.weight.double().t()
@@ -74,12 +80,15 @@ def reference_attention(attn, cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor
         k_s = q_s if tie else _heads(lin(attn.k_sem_proj), KV)
         k_g = q_g if tie else _rope(_heads(lin(attn.k_geo_proj), KV), cfg.rope_base)
         # The two score terms, each scaled once by its own head dim.
-        scores = (torch.einsum("bhtd,bhsd->bhts", q_s, rep(k_s)) / math.sqrt(hd_s)
-                  + torch.einsum("bhtd,bhsd->bhts", q_g, rep(k_g)) / math.sqrt(hd_g))
+        sem = torch.einsum("bhtd,bhsd->bhts", q_s, rep(k_s)) / math.sqrt(hd_s)
+        geo = torch.einsum("bhtd,bhsd->bhts", q_g, rep(k_g)) / math.sqrt(hd_g)
         if null_k is not None:
             nk = rep(null_k)
-            null_scores = (torch.einsum("bhtd,bhsd->bhts", q_s, nk[..., :hd_s]) / math.sqrt(hd_s)
-                           + torch.einsum("bhtd,bhsd->bhts", q_g, nk[..., hd_s:]) / math.sqrt(hd_g))
+            sem = torch.cat((torch.einsum("bhtd,bhsd->bhts", q_s, nk[..., :hd_s]) / math.sqrt(hd_s), sem), -1)
+            geo = torch.cat((torch.einsum("bhtd,bhsd->bhts", q_g, nk[..., hd_s:]) / math.sqrt(hd_g), geo), -1)
+            null_scores, scores = (sem + geo)[..., :1], (sem + geo)[..., 1:]
+        else:
+            scores = sem + geo
     else:
         q = _rope(_heads(lin(attn.q_proj), H), cfg.rope_base)
         k = q if tie else _rope(_heads(lin(attn.k_proj), KV), cfg.rope_base)
@@ -87,6 +96,7 @@ def reference_attention(attn, cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor
         scores = torch.einsum("bhtd,bhsd->bhts", q, rep(k)) * scale
         if null_k is not None:
             null_scores = torch.einsum("bhtd,bhsd->bhts", q, rep(null_k)) * scale
+        sem = geo = None
     v = rep(_heads(lin(attn.v_proj), KV))
     T = x.shape[1]
     scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
@@ -94,9 +104,13 @@ def reference_attention(attn, cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor
         scores = torch.cat((null_scores, scores), dim=-1)
         v = torch.cat((rep(attn.null_v.double()[None]).expand(x.shape[0], -1, -1, -1), v), dim=2)
     if cfg.learned_temp:
-        scores = scores * attn.log_temp.double().exp().view(1, H, 1, 1)
-    y = torch.einsum("bhts,bhsd->bhtd", scores.softmax(dim=-1), v)
-    return y.transpose(1, 2).reshape(x.shape[0], T, -1) @ attn.o_proj.weight.double().t()
+        temp = attn.log_temp.double().exp().view(1, H, 1, 1)
+        scores = scores * temp
+        sem, geo = (None, None) if sem is None else (sem * temp, geo * temp)
+    probs = scores.softmax(dim=-1)
+    y = torch.einsum("bhts,bhsd->bhtd", probs, v)
+    y = y.transpose(1, 2).reshape(x.shape[0], T, -1) @ attn.o_proj.weight.double().t()
+    return {"y": y, "probs": probs, "sem": sem, "geo": geo}
 
 
 # ------------------------------------------------------------------------------------ tests
@@ -110,6 +124,33 @@ def test_sdpa_matches_naive_reference(attn, option):
         want = reference_attention(block, model.config, x).float()
     assert want.abs().max() > 0.1  # the comparison is not between two near-zero tensors
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn,option", CASES)
+def test_reference_path_probabilities_match_float64(attn, option):
+    """The probe path (explicit softmax after the model's own projections) gives the probabilities and
+    semantic/geometric score parts of an independent float64 computation, and the same output as SDPA."""
+    model = make_model(attn, option).double()
+    block = model.blocks[0].attn
+    x = torch.randn(2, 24, model.config.d_model, dtype=torch.float64)
+    traces = []
+    with torch.no_grad():
+        probed = block(x, probe=traces.append)
+        fast = block(x)
+        want = reference_parts(block, model.config, x)
+    trace = traces[0]
+    # RoPE angles are always fp32 (model/rope.py), so a float64 model agrees with the reference to ~1e-7.
+    torch.testing.assert_close(probed, want["y"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(fast, probed, atol=1e-10, rtol=0)
+    torch.testing.assert_close(trace.probs, want["probs"], atol=1e-6, rtol=0)
+    assert trace.probs.sum(-1).sub(1).abs().max() < 1e-12
+    if attn == "decoupled":
+        visible = trace.mask
+        for got, ref in ((trace.sem_scores, want["sem"]), (trace.geo_scores, want["geo"])):
+            torch.testing.assert_close(got.masked_fill(~visible, 0), ref.masked_fill(~visible, 0),
+                                       atol=1e-6, rtol=1e-5)
+    else:
+        assert trace.sem_scores is None and trace.geo_scores is None
 
 
 @pytest.mark.parametrize("attn,option", CASES)

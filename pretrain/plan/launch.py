@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from model import PAPER_PRESETS
 from pretrain.cli import ArgumentParser, UserError
 from pretrain.data.loader import open_dataset
 from pretrain.plan.plan import VARIANTS, Plan, Request, Resolved, build_plan, resolve
@@ -45,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TRAINER = ROOT / "train_v29.py"
 # Trainer fields the launcher sets itself: --variant picks the attention, --run-root/--tag the run dir,
 # --if-exists overwrite allows replacing one.
-OWN_FIELDS = {"attn_mode": "--variant", "out_dir": "--run-root / --tag", "overwrite": "--if-exists overwrite"}
+OWN_FIELDS = {"attn_mode": "--variant", "exp": "--variant paper_decoupled (or paper_bottleneck)",
+              "out_dir": "--run-root / --tag", "overwrite": "--if-exists overwrite"}
 # How a step is computed, not what it computes: changing these keeps the experiment (same sequences per step).
 EXECUTION_FIELDS = ("batch_size", "grad_accum", "grad_checkpoint")
 DEFAULT_SEED = TrainConfig().seed
@@ -73,7 +75,8 @@ def build_parser() -> ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=COMPARE_HELP)
     g = p.add_argument_group("launcher")
     g.add_argument("--vram", default="auto", help=f"VRAM tier: {' | '.join(VRAM_CHOICES)} (auto reads the GPU)")
-    g.add_argument("--variant", default=None, help=f"attention variant: {' | '.join(VARIANTS)} (default baseline)")
+    g.add_argument("--variant", default=None, help=f"attention variant: {' | '.join([*VARIANTS, *PAPER_PRESETS])} "
+                   "(default baseline; paper_* are the paper's configurations, docs/paper_presets.md)")
     g.add_argument("--target-tokens", default=None, help="token budget, e.g. 10B: the fewest steps reaching it")
     g.add_argument("--tokens-per-param", type=float, default=None, help="token budget as tokens per parameter")
     g.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step (GPU tiers: 256)")
@@ -124,7 +127,9 @@ def run_name(values: dict[str, Any], variant: str | None, tag: str | None, kv_fl
     label = variant or "baseline"
     if kv_flag is not None and values["attn_mode"] == "gqa":
         label = f"gqa_kv{kv_flag}"  # --variant gqa --kv-head 2 is the same experiment as --variant gqa_kv2
-    parts = [values["size"], label] + ["null"] * bool(values["null_attn"]) + ["tieqk"] * bool(values["tie_qk"])
+    # A paper preset's name already implies its options, so they are not repeated in the run name.
+    options = [] if values.get("exp") else ["null"] * bool(values["null_attn"]) + ["tieqk"] * bool(values["tie_qk"])
+    parts = [values["size"], label] + options
     if values.get("seed") is not None and (seeded or values["seed"] != DEFAULT_SEED):
         parts.append(f"s{values['seed']}")
     if tag:

@@ -15,12 +15,12 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from model import ModelConfig
+from model import PAPER_PRESETS, ModelConfig
 from pretrain.cli import UserError
 from pretrain.plan.memory import GiB, comm_bytes, estimate_step_memory
 from pretrain.plan.tiers import GpuInfo, Tier, memory_capacity, peak_flops
 from pretrain.schedule import parse_count, parse_seq_schedule, phases, planned_tokens, steps_for_tokens
-from pretrain.train.config import TrainConfig, flag_name, model_config_from, validate
+from pretrain.train.config import TrainConfig, flag_name, model_config_from, paper_preset_fields, validate
 from pretrain.train.optim import DEFAULT_BETA2, DEFAULT_LR
 
 VARIANTS: dict[str, tuple[str, int | None]] = {  # --variant -> (attn mode, kv heads; None = the model's default)
@@ -96,11 +96,19 @@ def resolve(req: Request, tier: Tier, gpu: GpuInfo | None, data_vocab: int | Non
         raise UserError(f"--assume-mfu is a fraction in (0, 1], got {req.assume_mfu}")
     pick("size", tier.size, t)
     variant = req.variant or "baseline"
-    if variant not in VARIANTS:
-        raise UserError(f"unknown --variant {variant!r}; use one of {', '.join(VARIANTS)}")
-    attn, kv = VARIANTS[variant]
-    values["attn_mode"], sources["attn_mode"] = attn, f"flag (--variant {variant})" if req.variant else "default"
-    pick("kv_head", kv, f"flag (--variant {variant})" if kv is not None else "default")
+    if variant not in VARIANTS and variant not in PAPER_PRESETS:
+        raise UserError(f"unknown --variant {variant!r}; use one of {', '.join([*VARIANTS, *PAPER_PRESETS])}")
+    if variant in PAPER_PRESETS:
+        # The paper's configurations: the trainer gets --exp plus the fields it stands for, so its command
+        # still reads as plain flags; an explicit --no-null-attn etc. then fails validate() in one line.
+        values["exp"], sources["exp"] = variant, f"flag (--variant {variant})"
+        for name, value in paper_preset_fields(variant).items():
+            pick(name, value, f"flag (--variant {variant})")
+        pick("kv_head", None, "default")
+    else:
+        attn, kv = VARIANTS[variant]
+        values["attn_mode"], sources["attn_mode"] = attn, f"flag (--variant {variant})" if req.variant else "default"
+        pick("kv_head", kv, f"flag (--variant {variant})" if kv is not None else "default")
     pick("device", "cuda" if tier.is_gpu else "cpu", t)
     micro = pick("batch_size", tier.micro_batch, t)
     if micro <= 0:
@@ -147,6 +155,11 @@ def resolve(req: Request, tier: Tier, gpu: GpuInfo | None, data_vocab: int | Non
     peak = lr if lr is not None else DEFAULT_LR[opt]  # None (a resumed trainer-only run): the trainer's default
     pick("min_lr", float(f"{peak / 10:.6g}"), "default: lr / 10")
     pick("warmup_steps", min(2000, math.ceil(0.02 * values["steps"])), "default: 2% of steps, at most 2000")
+    every = pick("eval_every", TrainConfig.eval_every, "default")
+    # Diagnostics with every eval: on the bench they cost well under 2 % of training time at this cadence
+    # (bench/diagnostics.py). FSDP cannot run them (rank 0 alone), so they stay off there.
+    fsdp = req.flags.get("fsdp", adopted.get("fsdp", False))
+    pick("analysis_every", 0 if fsdp else every, "default: off under --fsdp" if fsdp else "default: with every eval")
     for f in fields(TrainConfig):
         if f.name not in values:
             pick(f.name, f.default, "default")

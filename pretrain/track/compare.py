@@ -1,5 +1,6 @@
-"""Compare runs side by side: a table (variant, size, KV cache, tokens, val loss, speed) and one PNG of
-their val loss against tokens seen. This is how one picks between baseline, GQA, bottleneck and decoupled.
+"""Compare runs side by side: a table (variant, size, KV cache, tokens, val loss, speed, val loss per
+--eval-seq-lens length) and PNGs of their val loss against tokens seen and against eval length. This is
+how one picks between baseline, GQA, bottleneck and decoupled.
 
     python -m pretrain.track.compare runs/base runs/gqa --out runs/compare.png
     python -m pretrain.track.compare runs            # every run directory under runs/
@@ -130,6 +131,8 @@ def run_row(run_dir: Path) -> dict[str, Any]:
     else:
         # No end event: still running, or killed; either way rerunning its command resumes it.
         status = "unfinished"
+    lengths = events_by_step(records, "eval_lengths")
+    last_lengths = lengths[-1] if lengths else {}
     tokens = (end or {}).get("tokens")
     if _num(tokens) is None:
         tokens = max([r["tokens"] for r in train + evals if _num(r.get("tokens")) is not None], default=None)
@@ -153,6 +156,11 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         "steps": steps,
         "planned_steps": planned,
         "status": status,
+        # --eval-seq-lens: {length: val loss} at the last eval, and the longest trained length
+        "length_loss": {int(n): v for n, v in (last_lengths.get("loss") or {}).items() if _num(v) is not None},
+        "trained_len": last_lengths.get("trained_len"),
+        # the same losses as flat `val@<length>` columns, so seed groups average them like other metrics
+        **{f"val@{n}": v for n, v in (last_lengths.get("loss") or {}).items() if _num(v) is not None},
     }
 
 
@@ -196,6 +204,8 @@ def _one(key: str, row: dict[str, Any], value: Any) -> str:
         return f"{value:,.0f}"
     if key == "acc_norm":
         return f"{value:.3f}"
+    if key.startswith("val@"):
+        return f"{value:.4f}"
     if key.startswith("peak_mem_bytes@"):
         return f"{value / 2**20:,.1f}"
     if key.startswith(("decode_tok_s@", "prefill_tok_s@")):
@@ -213,9 +223,16 @@ def table_columns(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
     if any(r.get("acc_norm") is not None for r in rows):
         extra["acc_norm"] = "acc_norm"
     extra |= _measured_columns(rows)
+    extra |= length_columns(rows)
     keys = list(COLUMNS)
     cut = keys.index("steps")
     return {k: COLUMNS.get(k) or extra[k] for k in keys[:cut] + list(extra) + keys[cut:]}
+
+
+def length_columns(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """One `val@<length>` column per --eval-seq-lens length any run evaluated, shortest first."""
+    lengths = sorted({int(k[4:]) for r in rows for k in r if k.startswith("val@") and not k.endswith("_sd")})
+    return {f"val@{n}": f"val@{n}" for n in lengths}
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -237,6 +254,37 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append("  ".join(parts).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def plot_length_curves(rows: Sequence[dict[str, Any]], out_png: str | os.PathLike) -> Path:
+    """Val loss against eval length (last eval), one line per run, its trained length marked on the line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title("Validation loss vs eval length (last eval)")
+    ax.set_xlabel("eval sequence length (tokens)")
+    ax.set_ylabel("val cross-entropy loss")
+    ax.set_xscale("log", base=2)
+    ax.grid(True, alpha=0.3)
+    for r in rows:
+        points = sorted((r.get("length_loss") or {}).items())
+        if not points:
+            continue
+        xs, ys = zip(*points, strict=True)
+        line = ax.plot(xs, ys, "o-", ms=4, lw=1.5, label=f"{r['run']} ({r['variant']})")[0]
+        trained = r.get("trained_len")
+        if isinstance(trained, int):
+            ax.axvline(trained, color=line.get_color(), ls=":", lw=1)
+    ax.legend(title="dotted: trained length")
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, out)
+    return out
 
 
 def plot_val_curves(paths: Sequence[str | os.PathLike], out_png: str | os.PathLike) -> Path:
@@ -320,7 +368,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m pretrain.trac
     if args.measure:
         _measure([r["path"] for r in compare_runs(args.runs)], args)
     runs = compare_runs(args.runs)
-    rows = runs if args.per_seed else group_rows(runs, GROUP_METRICS + [k for k in _measured_columns(runs)])
+    metrics = GROUP_METRICS + list(_measured_columns(runs)) + list(length_columns(runs))
+    rows = runs if args.per_seed else group_rows(runs, metrics)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     if not args.no_plot:
         out = Path(args.out) if args.out else Path(runs[0]["path"]).parent / "compare.png"
@@ -329,6 +378,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m pretrain.trac
         if not args.json:
             print(f"val loss vs tokens: {out}")
             print(f"val loss vs KV bytes per token: {kv_png}")
+        if any(r["length_loss"] for r in runs):
+            by_length = plot_length_curves(runs, out.with_name(f"{out.stem}_lengths.png"))
+            if not args.json:
+                print(f"val loss vs eval length: {by_length}")
     return 0
 
 

@@ -18,6 +18,7 @@ PLOT_TITLES = {
     "lr": "Learning rate",
     "throughput": "Throughput (tok/s)",
     "grad_norm": "Gradient norm (pre-clip)",
+    "position_loss": "Val loss vs position in the window (longest --eval-seq-lens)",
 }
 # Every PNG write_plots may write: what a fresh start (--overwrite) may remove from a run dir.
 PLOT_FILES = tuple(f"{stem}.png" for stem in PLOT_TITLES)
@@ -70,7 +71,8 @@ def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
 
 
 def write_plots(run_dir: str | os.PathLike) -> list[Path]:
-    """Draw loss.png (train + val vs tokens, val per eval length), lr.png, throughput.png, grad_norm.png.
+    """Draw loss.png (train + val vs tokens, val per eval length), lr.png, throughput.png, grad_norm.png from
+    train.jsonl, and position_loss.png from the last multi-length eval when there is one.
 
     Plots without data (e.g. no grad_norm logged yet) are skipped. Returns the paths written.
     """
@@ -126,4 +128,16 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
         if stem == "grad_norm" and min(ys) > 0 and max(ys) / min(ys) > 100:
             ax.set_yscale("log")  # early spikes span orders of magnitude
         written.append(_save(fig, run_dir / f"{stem}.png"))
+
+    lengths = events_by_step(records, "eval_lengths")
+    position = lengths[-1].get("position") if lengths else None
+    if isinstance(position, dict) and position.get("x"):
+        fig, ax = _figure(PLOT_TITLES["position_loss"], "position in the window", "val cross-entropy loss")
+        ax.plot(position["x"], position["loss"], lw=1.2, label=f"step {lengths[-1]['step']}, "
+                f"window {position.get('seq_len')}")
+        trained = lengths[-1].get("trained_len")
+        if _is_num(trained) and trained < position.get("seq_len", 0):
+            ax.axvline(trained, color="grey", ls="--", lw=1, label=f"trained length {trained}")
+        ax.legend()
+        written.append(_save(fig, run_dir / "position_loss.png"))
     return written

@@ -89,6 +89,44 @@ def _history(records: list[dict]) -> list[str]:
     return ["## Resumes", ""] + lines + [""] if lines else []
 
 
+def _lengths_section(fields: Any) -> list[str]:
+    """Val loss per --eval-seq-lens length at the last eval; lengths past the trained one are marked."""
+    if not isinstance(fields, Mapping) or not isinstance(fields.get("loss"), Mapping):
+        return []
+    trained = fields.get("trained_len")
+    lines = ["## Validation loss by length", "", f"Last eval; trained on sequences of {trained} tokens "
+             "(longer lengths test RoPE extrapolation).", "", "| length | val loss |", "|---:|---|"]
+    for n, loss in sorted(fields["loss"].items(), key=lambda kv: int(kv[0])):
+        mark = " (extrapolated)" if isinstance(trained, int) and int(n) > trained else ""
+        if (v := _num(loss)) is not None:
+            lines.append(f"| {n}{mark} | {_loss_ppl(v)} |")
+    return lines + [""]
+
+
+def _diagnostics_section(fields: Any) -> list[str]:
+    """The last attention diagnostics, one row per layer (see pretrain/evals/diagnostics.py)."""
+    if not isinstance(fields, Mapping) or not isinstance(fields.get("layer"), Mapping):
+        return []
+    cols = [("entropy", "entropy (nats)"), ("null_mass", "null mass"), ("sem_share", "semantic share"),
+            ("key_erank", "key eff. rank"), ("value_erank", "value eff. rank"), ("cos_in_out", "cos in/out"),
+            ("grad_norm", "grad norm")]
+    layers = fields["layer"]
+    cols = [(k, t) for k, t in cols if any(_num(row.get(k)) is not None for row in layers.values())]
+    lines = ["## Attention diagnostics", "",
+             f"Last analysis, on a fixed validation batch of {fields.get('rows')} x {fields.get('seq_len')} "
+             "tokens; effective ranks out of the width in brackets.", "",
+             "| layer | " + " | ".join(t for _, t in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, row in sorted(layers.items()):
+        cells = []
+        for k, _ in cols:
+            v = _num(row.get(k))
+            text = "-" if v is None else f"{v:.3g}"
+            width = row.get(k.replace("erank", "width"))
+            cells.append(f"{text} ({width})" if k.endswith("erank") and width else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_summary(run_dir: str | os.PathLike, info: Mapping[str, Any]) -> Path:
     """Write run_dir/summary.md from `info` (see SUMMARY_KEYS) and the directory listing; returns its path."""
     run_dir = Path(run_dir)
@@ -138,6 +176,7 @@ def write_summary(run_dir: str | os.PathLike, info: Mapping[str, Any]) -> Path:
         out += ["## Results", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
 
     out += _history(records)
+    out += _lengths_section(info.get("eval_lengths")) + _diagnostics_section(info.get("diagnostics"))
 
     for note in info.get("notes") or []:
         out.append(f"- {note}")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from model import ModelConfig
+from model import PAPER_PRESETS, ModelConfig
 from pretrain.cli import ArgumentParser, UserError
 
 
@@ -39,6 +39,8 @@ class TrainConfig:
     attn_mode: str = _opt(
         "baseline", "attention variant", ["baseline", "gqa", "bottleneck", "decoupled"], "model"
     )
+    exp: str | None = _opt(None, "the paper's configuration: sets --attn-mode and its options (docs/paper_presets.md)",
+                           list(PAPER_PRESETS), "model")
     attn_dim: int | None = _opt(None, "attention width for bottleneck/decoupled", group="model", check="(0,inf)")
     sem_dim: int | None = _opt(None, "semantic (no-RoPE) q/k width for decoupled", group="model", check="[0,inf)")
     geo_dim: int | None = _opt(None, "geometric (RoPE) q/k width for decoupled", group="model", check="[0,inf)")
@@ -95,6 +97,10 @@ class TrainConfig:
     eval_iters: int = _opt(20, "validation batches per evaluation", group="eval", check="(0,inf)")
     eval_seq_len: int | None = _opt(None, "validation length (default: longest trained so far)",
                                     group="eval", check="(0,inf)")
+    eval_seq_lens: str = _opt("", "also report val loss at these lengths with every eval, e.g. 512,1024,2048,4096 "
+                              "(may exceed --block: RoPE extrapolation)", group="eval")
+    analysis_every: int = _opt(0, "attention diagnostics on a fixed val batch every N steps (0: off)", group="eval",
+                               check="[0,inf)")
     log_every: int = _opt(10, "log a train line every N steps", group="eval", check="(0,inf)")
     sample_every: int = _opt(0, "write text samples (greedy + sampled) every N steps and at the end (0: off)",
                              group="eval", check="[0,inf)")
@@ -150,7 +156,8 @@ class TrainConfig:
 # Settings that may change when a run resumes; anything else changing means a different experiment.
 RESUMABLE_CHANGES = frozenset(
     {
-        "steps", "eval_every", "eval_iters", "log_every", "save_every", "save_minutes", "keep_last",
+        "steps", "eval_every", "eval_iters", "eval_seq_lens", "analysis_every", "log_every", "save_every",
+        "save_minutes", "keep_last",
         "resume", "overwrite", "max_bad_steps", "device", "live", "tb", "compile", "compile_mode",
         "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "wandb_tags", "wandb_mode",
         "wandb_id", "opt_fused", "out_dir", "data", "allow_data_change", "cpu_offload", "grad_checkpoint",
@@ -172,6 +179,13 @@ def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]
 
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _flag_text(name: str, value: Any) -> str:
+    """How a value is written on the command line: --tie-qk, --no-tie-qk, --attn-mode decoupled."""
+    if isinstance(value, bool):
+        return flag_name(name) if value else "--no-" + name.replace("_", "-")
+    return f"{flag_name(name)} {value}"
 
 
 def _base_type(tp: Any) -> Any:
@@ -218,8 +232,18 @@ def build_parser(prog: str = "train_v29.py") -> ArgumentParser:
     return parser
 
 
+def paper_preset_fields(exp: str) -> dict[str, Any]:
+    """TrainConfig fields an --exp name sets (the ModelConfig fields of PAPER_PRESETS, attn -> attn_mode)."""
+    return {("attn_mode" if k == "attn" else k): v for k, v in PAPER_PRESETS[exp].items()}
+
+
 def parse_config(argv: Sequence[str] | None = None, prog: str = "train_v29.py") -> TrainConfig:
-    ns = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    ns = parser.parse_args(argv)
+    if ns.exp:
+        # The preset becomes the defaults, so a flag given explicitly still shows (and validate refuses it).
+        parser.set_defaults(**paper_preset_fields(ns.exp))
+        ns = parser.parse_args(argv)
     cfg = TrainConfig(**vars(ns))
     validate(cfg)
     return cfg
@@ -258,6 +282,22 @@ def validate(cfg: TrainConfig) -> None:
                         "all-gathers and computes in bf16)")
     if cfg.fsdp and cfg.amp and cfg.amp_dtype == "fp16":
         raise UserError("--fsdp does not support --amp-dtype fp16: use --amp-dtype bf16, or DDP (drop --fsdp)")
+    if cfg.analysis_every < 0:
+        raise UserError(f"--analysis-every must be >= 0 (0 turns diagnostics off), got {cfg.analysis_every}")
+    if cfg.eval_seq_lens:
+        from pretrain.evals.lengths import parse_eval_lengths  # lazy: config stays cheap to import
+
+        parse_eval_lengths(cfg.eval_seq_lens)
+    if cfg.fsdp and (cfg.analysis_every or cfg.eval_seq_lens):
+        raise UserError("--analysis-every and --eval-seq-lens run on rank 0 alone, which FSDP's sharded weights "
+                        "do not allow: drop them, or train with DDP (without --fsdp)")
+    if cfg.exp:
+        preset = paper_preset_fields(cfg.exp)
+        clash = [_flag_text(k, getattr(cfg, k)) for k, v in preset.items() if getattr(cfg, k) != v]
+        if clash:
+            wanted = " ".join(_flag_text(k, v) for k, v in preset.items())
+            raise UserError(f"{cfg.exp} means {wanted}, but {', '.join(clash)} was given; drop "
+                            f"{', '.join(clash)}, or set the attention flags yourself instead of {cfg.exp}")
     if cfg.sample_tokens <= 0 or cfg.sample_temperature < 0:
         raise UserError("--sample-tokens must be positive and --sample-temperature >= 0 (0 is greedy)")
     if cfg.sample_prompts and not os.path.isfile(cfg.sample_prompts):

@@ -20,6 +20,7 @@ from pretrain.train import distributed as dist_lib
 from pretrain.train import speed
 from pretrain.train.checkpoint import latest_step
 from pretrain.train.config import TrainConfig, format_command, parse_config
+from pretrain.train.instruments import run_diagnostics
 from pretrain.train.optim import peak_lr, set_lr, step_unless_nonfinite
 from pretrain.train.session import RunComplete, Session, open_session
 
@@ -158,6 +159,8 @@ def _loop(s: Session, stop: StopRequested) -> str:
         return f"{stop.describe()} before its first step"
     if not s.resumed:
         s.evaluate()
+        if cfg.analysis_every:
+            run_diagnostics(s)
     meter = Meter(s.device, prog.step)
     skipped_before = prog.skipped_steps
     last_save = time.monotonic()
@@ -221,6 +224,8 @@ def _loop(s: Session, stop: StopRequested) -> str:
             best = s.evaluate()[1]
             if s.log:
                 write_plots(s.run_dir)
+        if cfg.analysis_every and prog.step % cfg.analysis_every == 0:
+            run_diagnostics(s)
         if cfg.sample_every and prog.step % cfg.sample_every == 0:
             s.sample()
         if cfg.downstream_every and prog.step % cfg.downstream_every == 0:
@@ -243,6 +248,8 @@ def _finish(s: Session, status: str) -> None:
     final_val = None
     if status == "completed":
         final_val, best = s.evaluate()
+        if s.cfg.analysis_every:
+            run_diagnostics(s)
         if s.cfg.sample_every:
             s.sample()
         if s.cfg.hellaswag:

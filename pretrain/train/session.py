@@ -35,10 +35,14 @@ from pretrain.train import distributed as dist_lib
 from pretrain.train.checkpoint import CheckpointManager
 from pretrain.train.ckpt_check import check_same_run, missing_part, model_shapes, problem
 from pretrain.train.config import TrainConfig, model_config_from
+from pretrain.train.instruments import Instruments, build_instruments, run_length_eval
 from pretrain.train.optim import build_optimizer, load_rounding_rng_state, rounding_rng_state
 from pretrain.train.resume import find_start, rng_for_rank, rng_state, seed_everything, set_rng_state
 from pretrain.train.rundir import RunDirLock, check_out_dir, clear_run
 from pretrain.train.speed import compile_blocks
+
+# wandb / TensorBoard namespace of each event type (train.jsonl keeps the type itself).
+METRIC_PREFIX = {"train": "train", "eval": "val", "eval_lengths": "val_len", "diagnostics": "diag"}
 
 
 @dataclass
@@ -74,6 +78,7 @@ class Session:
     lr_horizon: int  # steps the LR schedule decays over (kept across extensions, see schedule.lr_horizon_on_resume)
     resumed: bool
     info: dict[str, Any]
+    instruments: Instruments
     prog: Progress = field(default_factory=Progress)
     lock: RunDirLock | None = None
     fingerprint: str = ""
@@ -93,9 +98,8 @@ class Session:
         """One event (train, eval, checkpoint) to train.jsonl, wandb and TensorBoard (rank 0 only)."""
         if self.log:
             self.log.event(kind, step=self.prog.step, **fields)
-        prefix = {"train": "train", "eval": "val"}.get(kind, kind)
         numeric = {k: int(v) if isinstance(v, bool) else v for k, v in fields.items()}
-        metrics = to_metrics(prefix, numeric)
+        metrics = to_metrics(METRIC_PREFIX.get(kind, kind), numeric)
         self.wb.log(metrics | {"tokens": self.prog.tokens}, step=self.prog.step)  # tokens: wandb's x-axis
         self.tb.log(metrics, step=self.prog.step)
 
@@ -122,6 +126,7 @@ class Session:
         if self.dist.is_main:
             self.console.print(format_eval_line(self.prog.step, {"seq_len": seq_len, "loss": loss,
                                                                  "best": self.prog.best_val}))
+        run_length_eval(self)
         return loss, best
 
     def sample(self) -> None:
@@ -231,6 +236,8 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
     val_by_len = {n: ValWindows(ds, n, cfg.batch_size * dist.world_size, cfg.eval_iters)  # split across ranks
                   for n in sorted(eval_lens)}
     ds.check_enough(cfg.batch_size, max(p[1] for p in points), dist.world_size)
+    # Instruments use one fixed length: the explicit --eval-seq-len, else the longest the schedule trains at.
+    instruments = build_instruments(cfg, mcfg, ds, max(eval_lens), max(p[1] for p in points))
     # Instruments read their inputs now: a missing prompt file or tokenizer stops the run before it writes.
     codec = text_codec(ds.tokenizer, ds.vocab_size) if cfg.sample_every or cfg.hellaswag else None
     prompts = load_prompts(cfg.sample_prompts) if cfg.sample_every else []
@@ -329,5 +336,6 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
                    optimizer=optimizer, scaler=scaler, loader=Prefetcher(sampler, device),
                    val_by_len=val_by_len, ckpt=ckpt, log=log, wb=wb,
                    tb=tb, console=console, seq_points=points, lr_horizon=lr_horizon, resumed=start.resumed,
-                   info=info, prog=prog, lock=lock, fingerprint=fingerprint, codec=codec, prompts=prompts,
+                   info=info, instruments=instruments, prog=prog, lock=lock, fingerprint=fingerprint, codec=codec,
+                   prompts=prompts,
                    mc_items=mc_items)
