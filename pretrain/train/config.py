@@ -13,6 +13,7 @@ from typing import Any
 
 from model import ModelConfig
 from pretrain.cli import ArgumentParser, UserError
+from pretrain.schedule import parse_micro_batch_schedule
 
 
 def _opt(default: Any, help: str, choices: Sequence[str] | None = None, group: str = "misc") -> Any:
@@ -52,11 +53,14 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-batches per optimizer step", group="batch")
     train_seq_len: int | None = _opt(None, "training sequence length (default: --block)", group="batch")
     seq_schedule: str = _opt("", 'sequence-length schedule, e.g. "512@0,1024@2000"', group="batch")
+    micro_batch_schedule: str = _opt("", 'micro-batch per step range, e.g. "16@0,8@500": the sequences per step '
+                                     'stay --batch-size x --grad-accum, accumulation adjusts', group="batch")
     steps: int = _opt(1000, "optimizer steps in total", group="batch")
 
     # optimizer
     optimizer: str = _opt("adamw", "optimizer", ["adamw", "lion"], "optim")
-    lr: float | None = _opt(None, "peak learning rate (default: 6e-4 adamw, 1e-4 lion)", group="optim")
+    lr: float | None = _opt(None, "peak learning rate (default per --size and --optimizer: adamw 6e-4 tiny/small, "
+                                  "3e-4 1b; lion ~6x lower; sources in docs/tiers.md)", group="optim")
     beta1: float = _opt(0.9, "first-moment decay", group="optim")
     beta2: float | None = _opt(None, "second beta (default: 0.95 adamw, 0.99 lion)", group="optim")
     eps: float = _opt(1e-8, "adamw epsilon", group="optim")
@@ -208,6 +212,7 @@ def validate(cfg: TrainConfig) -> None:
                         "all-gathers and computes in bf16)")
     if cfg.fsdp and cfg.amp and cfg.amp_dtype == "fp16":
         raise UserError("--fsdp does not support --amp-dtype fp16: use --amp-dtype bf16, or DDP (drop --fsdp)")
+    parse_micro_batch_schedule(cfg.micro_batch_schedule, cfg.batch_size * cfg.grad_accum)
     if cfg.resume not in ("auto", "never") and not cfg.resume.endswith(".pt"):
         raise UserError(f"--resume takes auto, never or a .pt path, got {cfg.resume!r}")
 

@@ -16,7 +16,7 @@ from model import GPT, ModelConfig
 from pretrain.cli import UserError
 from pretrain.data.loader import Prefetcher, TrainSampler, ValWindows, open_dataset
 from pretrain.export import check_init_from, load_init_from
-from pretrain.schedule import parse_seq_schedule
+from pretrain.schedule import parse_micro_batch_schedule, parse_seq_schedule
 from pretrain.track.console import Console
 from pretrain.track.runlog import RunLog, to_metrics
 from pretrain.track.tensorboard import TBWriter
@@ -63,6 +63,7 @@ class Session:
     resumed: bool
     info: dict[str, Any]
     prog: Progress = field(default_factory=Progress)
+    micro_points: list[tuple[int, int]] = field(default_factory=list)  # --micro-batch-schedule, parsed
 
     @property
     def autocast(self) -> Any:
@@ -141,7 +142,8 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
     ds.check_vocab(mcfg.vocab_size)
     points = parse_seq_schedule(cfg.seq_schedule, cfg.train_seq_len or mcfg.block_size, mcfg.block_size)
     eval_seq_len = min(cfg.eval_seq_len or points[-1][1], mcfg.block_size)
-    ds.check_enough(cfg.batch_size, max(p[1] for p in points), dist.world_size)
+    micro_points = parse_micro_batch_schedule(cfg.micro_batch_schedule, cfg.batch_size * cfg.grad_accum)
+    ds.check_enough(max([cfg.batch_size] + [m for _, m in micro_points]), max(p[1] for p in points), dist.world_size)
     if cfg.amp and cfg.amp_dtype == "bf16" and not dev.supports_bf16(device):
         raise UserError("this GPU has no bf16: use --amp-dtype fp16 (T4, V100) or --no-amp")
 
@@ -205,4 +207,4 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
                    optimizer=optimizer, scaler=scaler, loader=Prefetcher(sampler, device),
                    val=val, ckpt=ckpt, log=log, wb=wb,
                    tb=tb, console=console, seq_points=points, eval_seq_len=eval_seq_len, resumed=start.resumed,
-                   info=info, prog=prog)
+                   info=info, prog=prog, micro_points=micro_points)
