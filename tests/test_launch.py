@@ -132,7 +132,8 @@ def test_json_has_the_contract_keys(tmp_path, capsys):
 
 def test_verdict_and_fix_when_the_model_does_not_fit(tmp_path):
     big = ["--vram", "16", "--size", "tiny", "--d-model", "2048", "--n-head", "16", "--d-ff", "8192", "--block",
-           "1024", "--steps", "5", "--seq-schedule", "1024@0", "--param-dtype", "fp32", "--no-grad-checkpoint"]
+           "1024", "--steps", "5", "--seq-schedule", "1024@0", "--param-dtype", "fp32", "--no-grad-checkpoint",
+           "--optimizer", "adamw"]
     p = plan(*big, "--batch-size", "32", gpu=None, tmp=tmp_path)
     assert p.phases[-1].verdict == "won't fit" and not p.to_json()["phases"][-1]["fits"]
     assert p.phases[-1].peak_memory_bytes > p.memory_capacity_bytes
