@@ -37,7 +37,7 @@ from pretrain.track.runlog import read_jsonl
 from pretrain.train.checkpoint import checkpoint_paths
 from pretrain.train.config import TrainConfig, add_config_flags, config_differences, format_command
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repo root, beside train_v29.py
 TRAINER = ROOT / "train_v29.py"
 # Trainer fields the launcher sets itself: --variant picks the attention, --run-root/--tag the run dir,
 # --if-exists overwrite allows replacing one.
