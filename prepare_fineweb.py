@@ -10,7 +10,9 @@ The work happens in pretrain/data/prepare.py (its docstring explains shards and 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from pretrain.cli import ArgumentParser, UserError, run_cli
@@ -46,12 +48,20 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from pretrain.data.prepare import prepare
+    # SIGTERM (a preempted instance, a group kill) ends like Ctrl-C from the first moment, imports included:
+    # one "interrupted" line and exit 130, never a silent death by signal.
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
+    try:
+        args = build_parser().parse_args(argv)
+        from pretrain.data.prepare import prepare
 
-    prepare(args.tokens, args.output, source=args.source, name=args.name, split=args.split,
-            text_column=args.text_column, tokenizer=args.tokenizer, shard_tokens=args.shard_tokens,
-            val_tokens=args.val_tokens, workers=args.workers, progress=args.progress)
+        prepare(args.tokens, args.output, source=args.source, name=args.name, split=args.split,
+                text_column=args.text_column, tokenizer=args.tokenizer, shard_tokens=args.shard_tokens,
+                val_tokens=args.val_tokens, workers=args.workers, progress=args.progress)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
     return 0
 
 

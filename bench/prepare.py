@@ -26,16 +26,16 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from pretrain.data.prepare import prepare  # noqa: E402
 from pretrain.data.tokenizer import resolve_tokenizer  # noqa: E402
+from pretrain.data.workers import default_workers  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "data" / "fineweb-sample" / "sample" / "10BT"
-RANKS = ROOT.parent / "shared" / "data" / "gpt2.tiktoken"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--copies", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--workers", type=int, default=default_workers())
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
         src = Path(tmp) / "src"
@@ -46,7 +46,7 @@ def main() -> None:
                 (src / f"{c:03d}_{f.name}").symlink_to(f)
         texts = [t for f in sorted(src.glob("*.parquet"))
                  for t in pq.read_table(f, columns=["text"]).column(0).to_pylist()]
-        enc = resolve_tokenizer(str(RANKS)).build()
+        enc = resolve_tokenizer("gpt2").build()
 
         raw: dict[int, list[float]] = {}
         rates, secs = [], []
@@ -56,7 +56,7 @@ def main() -> None:
                 n = sum(len(ids) + 1 for ids in enc.encode_ordinary_batch(texts, num_threads=threads))
                 raw.setdefault(threads, []).append(n / (time.perf_counter() - t0))
             t0 = time.perf_counter()
-            m = prepare(n, Path(tmp) / f"out{rep}", [str(src)], tokenizer=str(RANKS), shard_tokens=1_000_000,
+            m = prepare(n, Path(tmp) / f"out{rep}", [str(src)], shard_tokens=1_000_000,
                         val_tokens=100_000, workers=args.workers, progress="none")
             secs.append(time.perf_counter() - t0)
             rates.append(sum(s["tokens"] for s in m["shards"]) / secs[-1])

@@ -10,8 +10,15 @@
               scale=1, so each path is scaled exactly once, by its own head dim.
 
 Options: null_attn (a learned per-layer null key/value every query may attend to, an "attention
-sink": prepended to K/V and admitted by the mask), tie_qk (k reuses q's projection), learned_temp
-(per-head log-scale on q, initialised to 0 = no change).
+sink": prepended to K/V and admitted by the mask; see "null key and position" below), tie_qk (k reuses
+q's projection), learned_temp (per-head log-scale on q, initialised to 0 = no change).
+
+Null key and position: the null key is stored unrotated while queries are rotated, and RoPE's rotation at
+position 0 is the identity, so the null key scores exactly like a real key at position 0: a query at
+position m sees it at relative distance m (a BOS-like sink whose score may depend on how far back it is),
+as in the original code. Kept deliberately, so results compare with the original; for decoupled the
+semantic half of its score is position-free, only the geometric half sees the distance. The optimizer
+gives the null key/value no weight decay (pretrain/train/optim.py).
 """
 
 from __future__ import annotations
@@ -74,7 +81,7 @@ class CausalSelfAttention(nn.Module):
         self.o_proj.is_residual_out = True  # GPT scales its init by 1/sqrt(2 * n_layer)
         self.rope = RotaryEmbedding(rotary_dim, cfg.rope_base)
         if cfg.null_attn:
-            # Learned key/value of a virtual token before position 0 (no position, so no RoPE).
+            # Learned key/value of a virtual token. Left unrotated, i.e. at position 0 (module docstring).
             self.null_k = nn.Parameter(torch.zeros(kv, 1, self.qk_head_dim))
             self.null_v = nn.Parameter(torch.zeros(kv, 1, self.v_head_dim))
         else:

@@ -24,7 +24,7 @@ from pretrain.track.runlog import read_jsonl
 from pretrain.train.config import format_command
 
 try:  # the launcher plans the run; without it (an older checkout) the demo calls the trainer directly
-    from pretrain import launch
+    from pretrain.plan import launch
     from pretrain.plan.view import render_plan
 except ImportError:
     launch = None  # type: ignore[assignment]

@@ -1,18 +1,15 @@
-"""Hugging Face export, and the reverse (`--init-from`): baseline/gqa runs are Llama models.
+"""`python -m pretrain.export RUN --out DIR`: a run's checkpoint as a Hugging Face directory.
 
-`python -m pretrain.export runs/<name> --out hf_dir [--checkpoint best|last|PATH]`
-
-Our GPT is Llama's architecture (pre-norm RMSNorm, rotate-half RoPE, SwiGLU, no biases), so baseline and
-gqa checkpoints map name for name onto `LlamaForCausalLM`; our RoPE already pairs dim i with i + d/2 as
-HF's `rotate_half` does, so q/k need no permutation. The embedding is padded to a multiple of 64 rows;
-the export trims it to the real vocabulary (padded rows are never predicted nor looked up), and
-`--init-from` pads it back. bottleneck / decoupled attention (and null_attn / learned_temp) have no Llama
-equivalent: they export as our own safetensors + config.json, loadable with `load_exported`.
+baseline/gqa runs become `LlamaForCausalLM` safetensors + config.json (layout in `pretrain/llama.py`), with
+GPT-2's tokenizer files so `AutoTokenizer` and `pipeline("text-generation")` work offline. bottleneck /
+decoupled attention (and null_attn / learned_temp) have no Llama equivalent: they export as our own
+safetensors + config.json, loadable with `load_exported`. `--overwrite` replaces only a previous export.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -24,100 +21,12 @@ import torch
 
 from model import GPT, ModelConfig
 from pretrain.cli import ArgumentParser, UserError, run_cli
+from pretrain.data.hf_tokenizer import FILES as HF_TOKENIZER_FILES
+from pretrain.data.hf_tokenizer import write_hf_tokenizer
+from pretrain.llama import llama_config, llama_incompatibility, to_llama
 from pretrain.train.checkpoint import load_checkpoint
 
 OUR_FORMAT = "pretrain-gpt"
-# (our name, Llama name) per parameter; {i} is the layer index.
-_NAMES = [
-    ("wte.weight", "model.embed_tokens.weight"),
-    ("norm_f.weight", "model.norm.weight"),
-    ("lm_head.weight", "lm_head.weight"),
-    ("blocks.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
-    ("blocks.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-    *[(f"blocks.{{i}}.attn.{p}.weight", f"model.layers.{{i}}.self_attn.{p}.weight")
-      for p in ("q_proj", "k_proj", "v_proj", "o_proj")],
-    *[(f"blocks.{{i}}.mlp.{p}.weight", f"model.layers.{{i}}.mlp.{p}.weight")
-      for p in ("gate_proj", "up_proj", "down_proj")],
-]
-
-
-def llama_incompatibility(mcfg: ModelConfig) -> str | None:
-    """Why `LlamaForCausalLM` cannot hold this model, or None when it can."""
-    if mcfg.attn not in ("baseline", "gqa"):
-        return f"attn={mcfg.attn} projects q/k/v to other widths than Llama's d_model/n_head heads"
-    if mcfg.null_attn:
-        return "null_attn adds a learned null key/value that Llama has no slot for"
-    if mcfg.learned_temp:
-        return "learned_temp scales queries per head, which Llama does not"
-    return None
-
-
-def _name_pairs(mcfg: ModelConfig) -> list[tuple[str, str]]:
-    pairs = []
-    for ours, hf in _NAMES:
-        layers = range(mcfg.n_layer) if "{i}" in ours else [None]
-        pairs += [(ours.format(i=i), hf.format(i=i)) for i in layers]
-    return pairs
-
-
-def to_llama(state: dict[str, torch.Tensor], mcfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our full state dict -> Llama tensor names, embedding rows trimmed to the vocabulary."""
-    out: dict[str, torch.Tensor] = {}
-    for ours, hf in _name_pairs(mcfg):
-        if ours == "lm_head.weight" and mcfg.tie_embeddings:
-            continue  # tie_word_embeddings: HF ties lm_head to embed_tokens itself
-        if ours.endswith("k_proj.weight") and mcfg.tie_qk:
-            ours = ours.replace("k_proj", "q_proj")  # k reuses q's projection: Llama gets a copy
-        t = state[ours]
-        if ours in ("wte.weight", "lm_head.weight"):
-            t = t[: mcfg.vocab_size]
-        out[hf] = t.detach().cpu().contiguous().clone()
-    return out
-
-
-def from_llama(tensors: dict[str, torch.Tensor], mcfg: ModelConfig, pad_from: dict[str, torch.Tensor],
-               source: str) -> dict[str, torch.Tensor]:
-    """Llama tensors -> our state dict; padded embedding rows are taken from `pad_from` (the fresh model)."""
-    state: dict[str, torch.Tensor] = {}
-    for ours, hf in _name_pairs(mcfg):
-        if ours == "lm_head.weight" and mcfg.tie_embeddings:
-            continue
-        if ours.endswith("k_proj.weight") and mcfg.tie_qk:
-            q = tensors[hf.replace("k_proj", "q_proj")]
-            if not torch.equal(tensors[hf], q):
-                raise UserError(f"--init-from {source}: k_proj differs from q_proj but this run ties them; "
-                                "drop --tie-qk")
-            continue
-        if hf not in tensors:
-            raise UserError(f"--init-from {source}: tensor {hf} is missing; is it a complete Llama checkpoint?")
-        t = tensors[hf]
-        if ours in ("wte.weight", "lm_head.weight") and t.shape[0] < mcfg.padded_vocab_size:
-            t = torch.cat((t, pad_from[ours][t.shape[0]:].to(t.dtype)))
-        state[ours] = t
-    if mcfg.tie_embeddings:
-        state["lm_head.weight"] = state["wte.weight"]
-    return state
-
-
-def llama_config(mcfg: ModelConfig, dtype: torch.dtype, eot_id: int | None = None) -> dict[str, Any]:
-    """config.json for LlamaForCausalLM. Both the 4.x (rope_theta, torch_dtype) and 5.x
-    (rope_parameters, dtype) spellings are written; each version reads its own."""
-    dtype_name = str(dtype).removeprefix("torch.")
-    cfg: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": mcfg.vocab_size, "hidden_size": mcfg.d_model, "intermediate_size": mcfg.d_ff,
-        "num_hidden_layers": mcfg.n_layer, "num_attention_heads": mcfg.n_head,
-        "num_key_value_heads": mcfg.n_kv_head, "head_dim": mcfg.d_model // mcfg.n_head,
-        "hidden_act": "silu", "max_position_embeddings": mcfg.block_size, "rms_norm_eps": mcfg.norm_eps,
-        "rope_theta": mcfg.rope_base, "rope_parameters": {"rope_type": "default", "rope_theta": mcfg.rope_base},
-        "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
-        "tie_word_embeddings": mcfg.tie_embeddings, "initializer_range": 0.02, "pretraining_tp": 1,
-        "use_cache": True, "torch_dtype": dtype_name, "dtype": dtype_name,
-    }
-    if eot_id is not None:
-        cfg |= {"bos_token_id": eot_id, "eos_token_id": eot_id}
-    return cfg
-
 
 # ------------------------------------------------------------------------------------------------ export
 def resolve_checkpoint(run_dir: Path, which: str) -> Path:
@@ -150,7 +59,8 @@ _LLAMA_README = """# {name}: a Llama-architecture export
 
 Trained with `train_v29.py` ({attn} attention), step {step}, from `{ckpt}`.
 Loads with `transformers.LlamaForCausalLM.from_pretrained("<this dir>")`; logits match the original model.
-Tokenizer: {tokenizer} (not included; vocab_size {vocab} = the tokenizer's, embedding padding removed).
+Tokenizer: {tokenizer} (vocab_size {vocab}, embedding padding removed); for GPT-2 its files are included, so
+`AutoTokenizer.from_pretrained("<this dir>")` and `pipeline("text-generation", "<this dir>")` work offline.
 """
 
 _OUR_README = """# {name}: NOT a Llama model
@@ -169,14 +79,61 @@ Trained with `train_v29.py`, step {step}, from `{ckpt}`. Tokenizer: {tokenizer}.
 """
 
 
+EXPORT_FILES = {"model.safetensors", "config.json", "README.md", *HF_TOKENIZER_FILES}
+
+
+def _is_previous_export(out: Path) -> bool:
+    """A directory this command wrote: only export files, and a config.json of ours or of a Llama."""
+    try:
+        names = {p.name for p in out.iterdir()}
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return names <= EXPORT_FILES and (config.get("format") == OUR_FORMAT or config.get("model_type") == "llama")
+
+
+def check_out(run_dir: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an --out that is a file, holds the run, or holds anything but a previous export."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a directory to write the export into")
+    if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
+        raise UserError(f"--out {out} would replace the run directory {run_dir}; choose a new directory")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not _is_previous_export(out):
+        raise UserError(f"--out {out} holds files that are not an export (--overwrite only replaces a previous "
+                        "export); choose another --out")
+    if not overwrite:
+        raise UserError(f"{out} holds a previous export; pass --overwrite to replace it or choose another --out")
+
+
+def _write_tokenizer(out: Path, name: str | None, mcfg: ModelConfig) -> None:
+    """Tokenizer files beside the weights when the run's tokenizer is known and GPT-2; otherwise say why not."""
+    why = None
+    if name is None:
+        why = "the run's dataset is not where it was trained (pass --tokenizer gpt2 if it was GPT-2)"
+    elif not write_hf_tokenizer(out, name, mcfg.block_size):
+        why = f"tokenizer {name!r} has no Hugging Face files here (only GPT-2 does)"
+    if why:
+        print(f"note: no tokenizer files written: {why}", file=sys.stderr)
+
+
+def _open_permissions(path: Path) -> None:
+    """mkdtemp makes 0700 and safetensors 0600: give the export the user's ordinary umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
+    for f in path.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
 def export(run_dir: Path, out: Path, checkpoint: str = "last", dtype: str | None = None,
-           overwrite: bool = False) -> str:
+           overwrite: bool = False, tokenizer: str | None = None) -> str:
     """Write `out` from a run's checkpoint; returns "llama" or our format's name."""
     from safetensors.torch import save_file
 
     ckpt_path = resolve_checkpoint(run_dir, checkpoint)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    check_out(run_dir, out, overwrite)
     state = load_checkpoint(ckpt_path)
     if "model" not in state or "model_config" not in state:
         raise UserError(f"{ckpt_path} is not a train_v29.py checkpoint (no model / model_config)")
@@ -185,6 +142,8 @@ def export(run_dir: Path, out: Path, checkpoint: str = "last", dtype: str | None
     to = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype or "")
     to = to or weights["wte.weight"].dtype
     info = _dataset_info(state.get("train_config", {}))
+    if tokenizer:
+        info["tokenizer"] = tokenizer
     why = llama_incompatibility(mcfg)
     fields = dict(name=run_dir.name, attn=mcfg.attn, step=state.get("step"), ckpt=ckpt_path, why=why,
                   tokenizer=info.get("tokenizer", "unknown"), vocab=mcfg.vocab_size, fmt=OUR_FORMAT)
@@ -206,6 +165,8 @@ def export(run_dir: Path, out: Path, checkpoint: str = "last", dtype: str | None
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(readme)
+        _write_tokenizer(tmp, info.get("tokenizer"), mcfg)
+        _open_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -231,89 +192,6 @@ def load_exported(path: str | Path) -> GPT:
 
 
 # ------------------------------------------------------------------------------------------------ init-from
-def _read_llama_config(path: Path) -> dict[str, Any]:
-    file = path / "config.json"
-    if not file.is_file():
-        raise UserError(f"--init-from {path}: no config.json there; pass a Hugging Face Llama model dir "
-                        "(e.g. one written by python -m pretrain.export)")
-    hf = json.loads(file.read_text())
-    if hf.get("model_type") != "llama":
-        raise UserError(f"--init-from {path}: model_type is {hf.get('model_type')!r}, not 'llama'; "
-                        "only Llama-architecture checkpoints map onto this model")
-    return hf
-
-
-def check_init_from(path: str | Path, mcfg: ModelConfig) -> None:
-    """Refuse, in one line naming the flags to change, a Llama dir that does not fit this run's model."""
-    path = Path(path)
-    why = llama_incompatibility(mcfg)
-    if why is not None:
-        raise UserError(f"--init-from loads Llama weights, which only baseline/gqa models hold ({why}); "
-                        "use --attn-mode baseline or gqa")
-    hf = _read_llama_config(path)
-    heads = hf.get("num_attention_heads")
-    kv = hf.get("num_key_value_heads") or heads
-    want = [("hidden_size", mcfg.d_model, "--d-model"), ("num_hidden_layers", mcfg.n_layer, "--layers"),
-            ("num_attention_heads", mcfg.n_head, "--n-head"), ("intermediate_size", mcfg.d_ff, "--d-ff")]
-    fixes = [f"{flag} {hf.get(key)}" for key, ours, flag in want if hf.get(key) != ours]
-    if kv != mcfg.n_kv_head:
-        fixes.append(f"--attn-mode gqa --kv-head {kv}" if kv != heads else "--attn-mode baseline")
-    if hf.get("vocab_size") not in (mcfg.vocab_size, mcfg.padded_vocab_size):
-        fixes.append(f"data tokenized with the checkpoint's tokenizer (vocab {hf.get('vocab_size')}, "
-                     f"this data has {mcfg.vocab_size})")
-    if fixes:
-        raise UserError(f"--init-from {path}: the checkpoint's shape differs from this run's model; "
-                        f"use {', '.join(fixes)}")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    unsupported = {
-        "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
-        "attention_bias": (bool(hf.get("attention_bias")), False),
-        "mlp_bias": (bool(hf.get("mlp_bias")), False),
-        "rope type": (rope.get("rope_type", rope.get("type", "default")), "default"),
-        "rope_theta": (theta, mcfg.rope_base),
-        "rms_norm_eps": (hf.get("rms_norm_eps", 1e-6), mcfg.norm_eps),
-        "tie_word_embeddings": (bool(hf.get("tie_word_embeddings", False)), mcfg.tie_embeddings),
-        "head_dim": (hf.get("head_dim") or mcfg.d_model // mcfg.n_head, mcfg.d_model // mcfg.n_head),
-    }
-    bad = [f"{k} {theirs} (ours {ours})" for k, (theirs, ours) in unsupported.items() if theirs != ours]
-    if bad:
-        raise UserError(f"--init-from {path}: this trainer's model cannot reproduce {'; '.join(bad)}; "
-                        "start from a checkpoint without these differences")
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise UserError(f"--init-from {path}: no model.safetensors (or index) there; save the model with "
-                        "save_pretrained(..., safe_serialization=True) first")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(str(path / f)))
-    return tensors
-
-
-def load_init_from(model: GPT, path: str | Path) -> None:
-    """Overwrite a freshly built model's weights with a Llama checkpoint's (a new run continuing it)."""
-    path = Path(path)
-    mcfg = model.config
-    check_init_from(path, mcfg)
-    fresh = model.state_dict()
-    state = from_llama(_read_tensors(path), mcfg, fresh, str(path))
-    for name, t in state.items():
-        if t.shape != fresh[name].shape:
-            raise UserError(f"--init-from {path}: {name} has shape {tuple(t.shape)}, the model needs "
-                            f"{tuple(fresh[name].shape)}")
-    with torch.no_grad():
-        model.load_state_dict(state)  # copies into the existing parameters: their dtype and device stay
-
-
 # ------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m pretrain.export",
@@ -323,13 +201,16 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--checkpoint", default="last", help="best, last (default) or a path to a .pt checkpoint")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="tensor dtype to write (default: as trained)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer whose Hugging Face files to include (default: the run dataset's, e.g. gpt2)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous export in --out (never a run dir or a directory holding other files)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    kind = export(Path(a.run_dir), Path(a.out), a.checkpoint, a.dtype, a.overwrite)
+    kind = export(Path(a.run_dir), Path(a.out), a.checkpoint, a.dtype, a.overwrite, a.tokenizer)
     if kind == "llama":
         print(f"wrote {a.out}: LlamaForCausalLM.from_pretrained({str(a.out)!r}) loads it")
     else:

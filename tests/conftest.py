@@ -1,4 +1,9 @@
-"""Test environment: offline, caches in a temp dir, few threads (CI has 2 cores)."""
+"""Test environment: offline, caches in a temp dir, few threads (CI has 2 cores).
+
+Test data comes from the repo alone: GPT-2 ranks ship in pretrain/data/assets, and the raw texts are the
+documents of the embedded data/sample dataset decoded back to text (public domain, see its PROVENANCE.md),
+so a clone with nothing beside it and no network runs every test.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-SHARED_DATA = SHARED / "data"
-GPT2_RANKS = SHARED_DATA / "gpt2.tiktoken"
-FINEWEB_SAMPLE = SHARED_DATA / "fineweb-sample" / "sample" / "10BT"
+GPT2_RANKS = ROOT / "pretrain" / "data" / "assets" / "gpt2.tiktoken"
+SAMPLE_DATASET = ROOT / "data" / "sample"
 
 _cache = Path(tempfile.mkdtemp(prefix="pretrain-test-cache-"))
 for key, value in {
@@ -35,25 +38,52 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+import functools  # noqa: E402
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
-def sample_texts(limit_chars: int | None = None) -> list[str]:
-    """Documents of the shared FineWeb-Edu-layout sample, in file order."""
-    import pyarrow.parquet as pq
+@functools.cache
+def _sample_docs() -> tuple[str, ...]:
+    """The ~2,950 documents of data/sample as text: its token stream split at EOT and decoded."""
+    from pretrain.data.tokenizer import resolve_tokenizer
 
+    enc = resolve_tokenizer("gpt2").build()
+    stream = np.concatenate([np.load(SAMPLE_DATASET / f) for f in ("val_000000.npy", "train_000000.npy")])
+    cuts = np.flatnonzero(stream == 50256).tolist() + [len(stream)]
+    return tuple(enc.decode(stream[a + 1: b].tolist()) for a, b in zip(cuts, cuts[1:]))
+
+
+def sample_texts(limit_chars: int | None = None) -> list[str]:
+    """Documents of the embedded sample, in order; with limit_chars, just enough to reach it."""
     texts: list[str] = []
     total = 0
-    for f in sorted(FINEWEB_SAMPLE.glob("*.parquet")):
-        for t in pq.read_table(f, columns=["text"]).column("text").to_pylist():
-            texts.append(t)
-            total += len(t)
-            if limit_chars is not None and total >= limit_chars:
-                return texts
+    for t in _sample_docs():
+        texts.append(t)
+        total += len(t)
+        if limit_chars is not None and total >= limit_chars:
+            break
     return texts
+
+
+@functools.cache
+def sample_parquet_dir() -> Path:
+    """The sample's documents as two parquet files in FineWeb-Edu's layout (text, id, url; 6 row groups
+    each), written once per session: what prepare tests read as a local or streamed source."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = _cache / "fineweb-sample" / "sample" / "10BT"
+    d.mkdir(parents=True, exist_ok=True)
+    docs = _sample_docs()
+    half = len(docs) // 2
+    for k, part in enumerate((docs[:half], docs[half:])):
+        ids = [f"<urn:sample:{k}:{i}>" for i in range(len(part))]
+        table = pa.table({"text": list(part), "id": ids, "url": [f"https://example.org/{i}" for i in ids]})
+        pq.write_table(table, d / f"{k:03d}_00000.parquet", row_group_size=-(-len(part) // 6))
+    return d
 
 
 def write_legacy_dataset(path: Path, tokens: np.ndarray, vocab_size: int, eot_id: int, tokenizer: str) -> Path:
@@ -67,7 +97,7 @@ def write_legacy_dataset(path: Path, tokens: np.ndarray, vocab_size: int, eot_id
 
 @pytest.fixture(scope="session")
 def byte_data(tmp_path_factory) -> Path:
-    """~600K byte-level tokens (vocab 256) of the shared sample: fast to train on, for loop mechanics."""
+    """~600K byte-level tokens (vocab 256) of the sample texts: fast to train on, for loop mechanics."""
     text = "\x00".join(sample_texts(600_000))
     tokens = np.frombuffer(text.encode("utf-8", "replace"), dtype=np.uint8)
     return write_legacy_dataset(tmp_path_factory.mktemp("bytes") / "bytes.npy", tokens, 256, 0, "bytes")
@@ -86,7 +116,7 @@ def gpt2_encoding():
 
 @pytest.fixture(scope="session")
 def gpt2_data(tmp_path_factory, gpt2_encoding) -> Path:
-    """~400K GPT-2 tokens of the shared sample, each document preceded by EOT."""
+    """~400K GPT-2 tokens of the sample texts, each document preceded by EOT."""
     docs = gpt2_encoding.encode_ordinary_batch(sample_texts(1_600_000))
     tokens = np.concatenate([np.array([50256] + d, dtype=np.uint16) for d in docs])
     return write_legacy_dataset(tmp_path_factory.mktemp("gpt2") / "gpt2.npy", tokens, 50257, 50256, "gpt2")

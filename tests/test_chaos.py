@@ -330,7 +330,7 @@ def test_failed_checkpoint_write_keeps_previous_and_training_goes_on(
 @pytest.mark.parametrize("when", ["signal", "final"])
 def test_run_does_not_claim_a_save_that_failed(byte_data, tmp_path, monkeypatch, capfd, when) -> None:
     """The stop/finish save fails: the trainer must not report it as saved (message, exit code)."""
-    from pretrain import data as data_mod
+    from pretrain.data import loader as data_mod
 
     out = tmp_path / "run"
     steps = 6
@@ -435,3 +435,37 @@ def test_bit_flip_in_tensor_data_is_not_loaded(byte_data, tmp_path, capfd) -> No
     run_inprocess(byte_data, out, "--steps", "6")
     resumed = events(out, "resume")[-1]["step"]
     assert resumed != 4, "resumed from a last.pt whose tensor data is corrupt (CRC mismatch not detected)"
+
+
+# ---------------------------------------------------------------------------------------- precision modes
+# Every precision mode a tier can choose: bf16 weights (AdamW with fp32 state and stochastic rounding),
+# fp16 autocast with a GradScaler, Lion on bf16 weights (the small-card choice).
+PRECISION_MODES = {
+    "bf16-params": (["--param-dtype", "bf16"], signal.SIGKILL),
+    "fp16-amp": (["--amp-dtype", "fp16"], signal.SIGTERM),
+    "lion-bf16": (["--optimizer", "lion", "--param-dtype", "bf16"], signal.SIGKILL),
+}
+
+
+@pytest.mark.parametrize("mode", list(PRECISION_MODES))
+def test_precision_modes_resume_bit_identical(byte_data, tmp_path, mode) -> None:
+    """Straight run vs a run killed at a random moment (after its first save) then rerun: torch.equal on
+    weights, optimizer state (dtypes included: bf16 weights keep fp32 moments) and the GradScaler."""
+    flags, sig = PRECISION_MODES[mode]
+    steps = ["--steps", "10", "--eval-every", "5"]
+    run_inprocess(byte_data, tmp_path / "straight", *steps, *flags)
+    out = tmp_path / "killed"
+    trainer = Trainer(byte_data, out, tmp_path / "kill.err", *steps, *flags)
+    trainer.wait_for_step(random.Random(mode).randint(3, 6))
+    trainer.proc.send_signal(sig)
+    assert trainer.wait() == (0 if sig == signal.SIGTERM else -sig), trainer.stderr()
+    assert load_checkpoint(out / "last.pt")["step"] < 10
+    result = run_inprocess(byte_data, out, *steps, *flags)
+    assert result["status"] == "completed" and events(out, "resume")
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(out / "last.pt")
+    for key in ("model", "optimizer", "scaler", "sampler", "rounding_rng"):
+        assert_same(a[key], b[key], key)
+    moments = {t.dtype for st in b["optimizer"]["state"].values() for k, t in st.items() if k != "step"}
+    assert moments == {torch.float32}
+    assert {e["step"]: e["last_loss"] for e in events(out, "train")} == {
+        e["step"]: e["last_loss"] for e in events(tmp_path / "straight", "train")}

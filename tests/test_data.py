@@ -241,3 +241,57 @@ def test_other_user_errors(tmp_path):
     np.save(tmp_path / "g32" / "train_000001.npy", np.zeros(100, dtype=np.uint16))
     with pytest.raises(UserError, match="mixes shard dtypes"):
         open_dataset(str(g / "train_*.npy"), val_frac=0.1)
+
+
+ORIGINAL_META = ("tokens: {n}\ndocuments: 97\nencoding: gpt2\nvocab_size: 50257\n"
+                 "source: HuggingFaceFW/fineweb-edu\nformat: npy\n")
+TINY = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--layers", "1", "--d-ff", "64", "--block", "32",
+        "--batch-size", "2", "--train-seq-len", "32", "--eval-iters", "1", "--steps", "2",
+        "--device", "cpu", "--live", "off", "--save-minutes", "0", "--val-frac", "0.1"]
+
+
+def train_cli(data: Path, out: Path, *flags: str) -> int:
+    from pretrain.train.loop import main
+
+    return run_cli(main, ["--data", str(data), "--out-dir", str(out), *TINY, *flags])
+
+
+def sample_tokens(n: int) -> np.ndarray:
+    return np.load(Path(__file__).resolve().parents[1] / "data" / "sample" / "train_000000.npy")[:n]
+
+
+def test_original_code_npy_with_key_value_meta_trains(tmp_path):
+    """The original prepare_fineweb.py wrote fineweb_1b.npy + a .meta of `key: value` lines, not JSON."""
+    x = tmp_path / "fineweb_1b.npy"
+    np.save(x, sample_tokens(20_000))
+    Path(f"{x}.meta").write_text(ORIGINAL_META.format(n=20_000))
+    assert train_cli(x, tmp_path / "run") == 0
+    events = [json.loads(line) for line in (tmp_path / "run" / "train.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["type"] == "train"][-1] == 2 and events[-1]["type"] == "end"
+    ds = open_dataset(x, val_frac=0.1)
+    assert (ds.tokenizer, ds.vocab_size, ds.eot_id) == ("gpt2", 50257, 50256)
+
+
+def test_bare_npy_trains_with_vocab_size_and_says_so_without(tmp_path, capsys):
+    x = tmp_path / "bare.npy"
+    np.save(x, sample_tokens(20_000))
+    assert train_cli(x, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--vocab-size" in err, err
+    assert not (tmp_path / "run").exists()
+    assert train_cli(x, tmp_path / "run", "--vocab-size", "50257") == 0
+    assert '"type": "end"' in (tmp_path / "run" / "train.jsonl").read_text()
+
+
+@pytest.mark.parametrize("meta,pattern", [
+    ("tokens 5\n", "neither JSON nor 'key: value'"),
+    ("tokens: 5\nencoding: gpt2\n", "no integer vocab_size"),
+    ('{"vocab_size": "many"}', "no integer vocab_size"),
+])
+def test_bad_meta_is_one_line(tmp_path, capsys, meta, pattern):
+    x = tmp_path / "x.npy"
+    np.save(x, sample_tokens(1000))
+    Path(f"{x}.meta").write_text(meta)
+    assert run_cli(lambda argv: open_dataset(x, val_frac=0.1) and 0, []) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and pattern in err, err

@@ -52,10 +52,11 @@ def _evals(run_dir) -> list[float]:
 
 
 def test_demo_command_trains_reports_and_reruns_as_complete(tmp_path):
-    """`python -m pretrain.demo` as `make demo` runs it, shortened through PRETRAIN_DEMO_STEPS."""
-    env = {**os.environ, demo.STEPS_ENV: "30"}
+    """`python -m pretrain.demo` as `make demo` runs it, shortened through PRETRAIN_DEMO_STEPS, from another
+    directory (the package found as an installed one would be: on the path, not in the working directory)."""
+    env = {**os.environ, demo.STEPS_ENV: "30", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "pretrain.demo", "--run-root", str(tmp_path / "runs")]
-    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "runs" / "tiny-baseline-demo"
     assert (run_dir / "last.pt").exists()
@@ -68,7 +69,7 @@ def test_demo_command_trains_reports_and_reruns_as_complete(tmp_path):
     assert re.search(r"val loss \d+\.\d+ -> \d+\.\d+", first.stdout)
     assert "run_1b_launch.py compare" in first.stdout and "loss.png" in (run_dir / "summary.md").read_text()
 
-    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already completed" in again.stdout
     assert _evals(run_dir) == losses  # nothing retrained

@@ -40,10 +40,10 @@ COMMON = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2",
 ABORT_SIGNS = ("Traceback", "terminate called", "Aborted", "SIGABRT", "Connection closed by peer")
 
 
-def torchrun(data: Path, out: Path, *flags: str) -> subprocess.Popen:
+def torchrun(data: Path, out: Path, *flags: str, script: Path = ROOT / "train_v29.py") -> subprocess.Popen:
     """Start a 2-rank run; its output goes to <out>.log (a pipe nobody reads while we poll could fill up)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "train_v29.py"), "--data", str(data), "--out-dir", str(out), *COMMON, *flags]
+           str(script), "--data", str(data), "--out-dir", str(out), *COMMON, *flags]
     log = open(f"{out}.log", "w")  # noqa: SIM115 - the child holds it; closed with the process
     # Own session: a failing test can kill torchrun and its workers together.
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -196,3 +196,53 @@ def test_positional_optimizer_state_of_older_checkpoints_still_loads():
     wte_index = len(opt.param_groups[0]["params"])  # first of the second group
     assert torch.equal(new["state"]["wte.weight"]["exp_avg"], old["state"][wte_index]["exp_avg"])
     assert new["param_groups"][1]["weight_decay"] == 0.0
+
+
+# train_v29.py, except that each rank's global generators are seeded differently after the trainer seeds
+# them. On CPU all ranks share one kind of generator that advances in lockstep; on GPUs each rank has its
+# own device generator, and restoring rank 0's saved state onto rank 1 (as resumes did) leaves the two
+# different. This models that on CPU: whatever the global generators hold, replicas must round alike.
+SKEWED_TRAINER = """
+import os, sys
+import torch
+sys.path.insert(0, {root!r})
+import pretrain.train.session as session
+from pretrain.cli import run_cli
+from pretrain.train.loop import main
+
+seed_all = session.seed_everything
+def skewed(seed):
+    seed_all(seed)
+    torch.manual_seed(seed + 1000 * int(os.environ["RANK"]))
+session.seed_everything = skewed
+sys.exit(run_cli(main))
+"""
+
+
+def test_bf16_param_replicas_stay_identical_across_a_resume(byte_data, tmp_path):
+    """2-rank DDP with --param-dtype bf16 (stochastic rounding): a run resumed from its step-3 checkpoint ends
+    bit-identical to the straight run, every save found the replicas identical, each rank's RNG is saved."""
+    script = tmp_path / "skewed_train.py"
+    script.write_text(SKEWED_TRAINER.format(root=str(ROOT)))
+    flags = ["--batch-size", str(B), "--param-dtype", "bf16", "--eval-every", "0"]
+    straight = tmp_path / "straight"
+    finish(torchrun(byte_data, straight, *flags, "--steps", "6", script=script))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(straight / "step_3.pt", resumed / "last.pt")
+    shutil.copy(straight / "train.jsonl", resumed / "train.jsonl")
+    finish(torchrun(byte_data, resumed, *flags, "--steps", "6", script=script))
+
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(resumed / "last.pt")
+    assert b["step"] == 6 and b["model"]["wte.weight"].dtype == torch.bfloat16
+    for key in ("model", "optimizer"):
+        for name, t in a[key].items() if key == "model" else a[key]["state"].items():
+            other = b[key][name] if key == "model" else b[key]["state"][name]
+            if key == "model":
+                assert torch.equal(t, other), name
+            else:
+                assert all(torch.equal(v, other[k]) and v.dtype == other[k].dtype for k, v in t.items()), name
+    saves = [e for e in read_jsonl(resumed / "train.jsonl") if e["type"] == "checkpoint"]
+    assert saves and all(e["replicas_match"] for e in saves)
+    ranks = a["rng_ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +84,7 @@ def test_export_then_init_from_gives_identical_weights(byte_data, tmp_path):
 
 
 def test_init_from_pads_vocab_rows_and_keeps_logits(tmp_path):
-    from pretrain.export import load_init_from
+    from pretrain.llama import load_init_from
 
     model, run = fake_run(tmp_path)
     export_main([str(run), "--out", str(tmp_path / "hf"), "--dtype", "bf16"])
@@ -126,3 +128,61 @@ def test_export_of_missing_run_dir_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and "nope" in proc.stderr
     assert not (tmp_path / "hf").exists()
+
+
+def test_gpt2_export_carries_a_tokenizer_transformers_reads_offline(tmp_path, gpt2_encoding):
+    """AutoTokenizer gives tiktoken's ids, pipeline() generates, and files get ordinary permissions."""
+    old = os.umask(0o022)
+    try:
+        _, run = fake_run(tmp_path, vocab_size=50257, d_model=32, d_ff=64)
+        out = tmp_path / "hf"
+        assert export_main([str(run), "--out", str(out), "--tokenizer", "gpt2"]) == 0
+    finally:
+        os.umask(old)
+    tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    text = "In the beginning God created the heaven and the earth.\n\n  Tabs\tand  spaces, caf\u00e9 12345 ok?"
+    assert tok.encode(text) == gpt2_encoding.encode_ordinary(text)
+    assert tok.eos_token_id == 50256
+    gen = transformers.pipeline("text-generation", model=str(out), tokenizer=str(out), device="cpu")
+    result = gen("In the beginning", max_new_tokens=4, do_sample=False)
+    assert result[0]["generated_text"].startswith("In the beginning")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o644}
+
+
+def test_export_without_a_known_tokenizer_says_so(tmp_path, capsys):
+    _, run = fake_run(tmp_path)
+    assert export_main([str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert "no tokenizer files written" in capsys.readouterr().err
+    assert not (tmp_path / "hf" / "vocab.json").exists()
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_replaces_only_a_previous_export(tmp_path):
+    """--overwrite never deletes a run dir, a parent of runs, a file, or a directory holding other files."""
+    _, run = fake_run(tmp_path)
+    (run / "train.jsonl").write_text('{"type": "meta"}\n')
+    (tmp_path / "notes.txt").write_text("mine")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    before = _tree(tmp_path)
+    for out, needle in [(run, "run directory"), (tmp_path, "run directory"), (other, "not an export"),
+                        (afile, "is a file")]:
+        proc = subprocess.run([sys.executable, "-m", "pretrain.export", str(run), "--out", str(out), "--overwrite"],
+                              cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 2, (out, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and needle in proc.stderr and "Traceback" not in proc.stderr
+        assert _tree(tmp_path) == before, out
+    hf = tmp_path / "hf"
+    assert export_main([str(run), "--out", str(hf)]) == 0
+    first = (hf / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="previous export"):
+        export_main([str(run), "--out", str(hf), "--dtype", "bf16"])
+    assert export_main([str(run), "--out", str(hf), "--dtype", "bf16", "--overwrite"]) == 0
+    assert (hf / "model.safetensors").read_bytes() != first

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from pretrain import launch
 from pretrain.cli import UserError, run_cli
+from pretrain.plan import launch
 from pretrain.plan.tiers import GLOBAL_BATCH, TIERS, GpuInfo, select_tier, tier_for_memory
 from pretrain.schedule import parse_seq_schedule, planned_tokens, seq_len_at, steps_for_tokens
 from pretrain.track.runlog import read_jsonl

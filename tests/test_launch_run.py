@@ -14,7 +14,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-from pretrain import launch
+from pretrain.plan import launch
 from pretrain.plan.view import render_plan
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.config import parse_config

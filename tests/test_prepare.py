@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import FINEWEB_SAMPLE, GPT2_RANKS, ROOT
+from conftest import GPT2_RANKS, ROOT, sample_parquet_dir
 
 import prepare_fineweb
 from pretrain.cli import UserError, run_cli
@@ -24,8 +24,9 @@ from pretrain.data.prepare import SLOW_ENV, prepare
 from pretrain.data.sources import HubDataset
 from pretrain.data.tokenizer import resolve_tokenizer
 
-ENC = resolve_tokenizer(str(GPT2_RANKS)).build()
+ENC = resolve_tokenizer("gpt2").build()
 EOT = 50256
+FINEWEB_SAMPLE = sample_parquet_dir()  # written from the repo's data/sample, no ../shared needed
 PARQUET = sorted(str(p) for p in FINEWEB_SAMPLE.glob("*.parquet"))
 TEXTS = [t for f in PARQUET for t in pq.read_table(f, columns=["text"]).column(0).to_pylist()]
 

@@ -79,7 +79,7 @@ def test_kill9_then_resume_matches_straight_run(byte_data, tmp_path):
 
 
 def test_sigterm_inside_accumulation_saves_last_full_step(byte_data, tmp_path, monkeypatch):
-    from pretrain import data as data_mod
+    from pretrain.data import loader as data_mod
 
     calls = {"n": 0, "after_signal": 0}
     original = data_mod.Prefetcher.next

@@ -22,7 +22,6 @@ one epoch a few windows may overlap text already seen at the old length.
 from __future__ import annotations
 
 import glob as globmod
-import json
 import queue
 import threading
 import warnings
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 from pretrain.cli import UserError
-from pretrain.data.manifest import MANIFEST, read_manifest
+from pretrain.data.manifest import MANIFEST, read_manifest, read_meta
 from pretrain.data.permutation import FeistelPermutation
 
 STATE_VERSION = 1
@@ -110,20 +109,24 @@ def _open_manifest_dir(d: Path) -> tuple[dict, list[tuple[str, np.ndarray]]]:
     return m, parts
 
 
-def _read_meta(meta_path: Path) -> dict:
+def _read_meta(meta_path: Path, vocab_size: int | None) -> dict:
+    """The .meta beside a single-file dataset; a bare .npy works when the user gives --vocab-size."""
     try:
-        meta = json.loads(meta_path.read_text())
-        assert isinstance(meta, dict) and isinstance(meta["vocab_size"], int)
-        return meta
+        meta = read_meta(meta_path)
     except FileNotFoundError:
-        raise UserError(f"{meta_path} is missing; write it (JSON: tokenizer, vocab_size, eot_id) or "
-                        "re-run prepare_fineweb.py") from None
-    except Exception:
-        raise UserError(f"{meta_path} is not valid JSON with a vocab_size; fix it or re-run "
-                        "prepare_fineweb.py") from None
+        if vocab_size is None:
+            raise UserError(f"{meta_path.with_suffix('')} has no {meta_path.name} to say its vocabulary; pass "
+                            "--vocab-size (50257 for GPT-2 tokens) or write the meta file") from None
+        return {"tokenizer": "unknown", "vocab_size": vocab_size}
+    except OSError as e:
+        raise UserError(f"cannot read {meta_path} ({e.strerror}); fix its permissions or pass --vocab-size") from None
+    if vocab_size is not None and vocab_size < meta["vocab_size"]:
+        raise UserError(f"--vocab-size {vocab_size} is below the {meta['vocab_size']} that {meta_path} records; "
+                        f"drop --vocab-size or raise it to at least {meta['vocab_size']}")
+    return meta
 
 
-def _open_files(files: list[Path], where: str) -> tuple[dict, list[tuple[str, np.ndarray]]]:
+def _open_files(files: list[Path], where: str, vocab_size: int | None) -> tuple[dict, list[tuple[str, np.ndarray]]]:
     """Legacy x.npy (+ x.npy.meta) or a glob of shards (meta beside them or a manifest above)."""
     parent_manifest = files[0].parent / MANIFEST
     meta = read_manifest(parent_manifest) if parent_manifest.exists() else None
@@ -132,7 +135,7 @@ def _open_files(files: list[Path], where: str) -> tuple[dict, list[tuple[str, np
         arr = _memmap(f)
         dtypes.add(str(arr.dtype))
         if meta is None:
-            meta = _read_meta(f.with_name(f.name + ".meta"))
+            meta = _read_meta(f.with_name(f.name + ".meta"), vocab_size)
         parts.append(("val" if f.name.startswith("val") else "train", arr))
     if len(dtypes) > 1:
         raise UserError(f"{where} mixes shard dtypes {sorted(dtypes)}; use shards from one prepare run")
@@ -141,9 +144,11 @@ def _open_files(files: list[Path], where: str) -> tuple[dict, list[tuple[str, np
     return meta, parts
 
 
-def open_dataset(path: str | Path, val_frac: float = 0.0, require_val: bool = True) -> TokenDataset:
+def open_dataset(path: str | Path, val_frac: float = 0.0, require_val: bool = True,
+                 vocab_size: int | None = None) -> TokenDataset:
     """Open a dataset dir (manifest.json), a legacy x.npy (+ x.npy.meta) or a glob of .npy shards.
 
+    `vocab_size` (the trainer's --vocab-size) stands in for a missing .meta beside bare .npy files.
     Validation comes from val shards; without any, the last `val_frac` of the train tokens is
     carved off (deterministically); with neither, a UserError asks for --val-frac unless
     require_val=False.
@@ -154,7 +159,7 @@ def open_dataset(path: str | Path, val_frac: float = 0.0, require_val: bool = Tr
         files = [Path(f) for f in sorted(globmod.glob(spath)) if f.endswith(".npy")]
         if not files:
             raise UserError(f"no .npy files match {spath}; check the --data pattern")
-        meta, parts = _open_files(files, spath)
+        meta, parts = _open_files(files, spath, vocab_size)
     elif p.is_dir():
         if not (p / MANIFEST).exists():
             hint = f"pass a glob like '{p}/*.npy'" if list(p.glob("*.npy")) else "run prepare_fineweb.py"
@@ -163,7 +168,7 @@ def open_dataset(path: str | Path, val_frac: float = 0.0, require_val: bool = Tr
     elif p.is_file():
         if p.suffix != ".npy":
             raise UserError(f"{p} is not a dataset (.npy file or directory with {MANIFEST}); fix --data")
-        meta, parts = _open_files([p], spath)
+        meta, parts = _open_files([p], spath, vocab_size)
     else:
         raise UserError(f"dataset {p} does not exist; run prepare_fineweb.py --output {p} or fix --data")
 

@@ -9,10 +9,15 @@ A dataset directory holds `manifest.json` and 1-D `.npy` shards of token ids nam
     tokenizer, vocab_size, eot_id, dtype ("uint16" when the vocab fits, else "uint32"),
     source {...}, shard_tokens, val_tokens, target_tokens, documents_consumed,
     complete, source_exhausted,
-    shards: [{file, split ("val"|"train"), tokens, documents, max_id, end {...}}, ...]
+    shards: [{file, split ("val"|"train"), tokens, documents, max_token_id, end {...}}, ...]
 
-`documents` counts the documents that *start* in a shard (= EOT tokens in it); `end` is the source
-position just after the shard's last token (see prepare.py for how shard boundaries work).
+`documents` counts the documents that *start* in a shard (= EOT tokens in it); `max_token_id` is the
+largest id in the shard (readers check it against the model's vocab; older manifests call it `max_id`);
+`end` is the source position just after the shard's last token (see prepare.py for how shard boundaries work).
+
+The older single-file layout is `x.npy` plus `x.npy.meta`: JSON (tokenizer, vocab_size, eot_id, tokens,
+...) as prepare writes it, or the original research code's `key: value` lines (tokens, documents,
+encoding, vocab_size, source, format); `read_meta` reads both.
 """
 
 from __future__ import annotations
@@ -50,10 +55,14 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """np.save through a temp file + fsync + rename (a kill -9 never leaves a truncated shard)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: give the space back at once
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -91,6 +100,47 @@ def read_manifest(path: Path) -> dict:
         _need(isinstance(f, str) and f and "/" not in f and "\\" not in f, path, f"shard #{i} has a bad file")
         _need(s.get("split") in SPLITS, path, f"shard {f} has split {s.get('split')!r}")
         _need(isinstance(s.get("tokens"), int) and s["tokens"] >= 0, path, f"shard {f} has bad 'tokens'")
-        mx = s.get("max_id")
-        _need(mx is None or (isinstance(mx, int) and mx < m["vocab_size"]), path, f"shard {f} max_id >= vocab")
+        for key in ("max_token_id", "max_id"):
+            mx = s.get(key)
+            _need(mx is None or (isinstance(mx, int) and mx < m["vocab_size"]), path, f"shard {f} {key} >= vocab")
     return m
+
+
+def _parse_meta(text: str) -> dict:
+    """JSON object, or `key: value` lines (values that look like integers become ints)."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        meta = json.loads(stripped)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        return meta
+    meta: dict[str, Any] = {}
+    for line in stripped.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, sep, value = line.partition(":")
+        if not sep or not key.strip():
+            raise ValueError(f"line {line!r} is not 'key: value'")
+        value = value.strip()
+        meta[key.strip()] = int(value) if value.lstrip("-").isdigit() else value
+    return meta
+
+
+def read_meta(path: Path) -> dict:
+    """x.npy.meta -> {vocab_size, tokenizer, [eot_id, tokens, ...]}; FileNotFoundError when absent."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8", errors="replace")  # FileNotFoundError: caller decides
+    try:
+        meta = _parse_meta(text)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError too
+        raise UserError(f"{path} is neither JSON nor 'key: value' lines ({e}); fix it or re-run "
+                        "prepare_fineweb.py") from None
+    if not isinstance(meta.get("vocab_size"), int) or meta["vocab_size"] <= 0:
+        raise UserError(f"{path} has no integer vocab_size; add a line 'vocab_size: 50257' (GPT-2) or re-run "
+                        "prepare_fineweb.py")
+    if "tokenizer" not in meta and "encoding" in meta:  # the original code names it `encoding`
+        meta["tokenizer"] = meta["encoding"]
+    eot = meta.get("eot_id")
+    if eot is not None and not (isinstance(eot, int) and 0 <= eot < meta["vocab_size"]):
+        raise UserError(f"{path}: eot_id {eot!r} is not an id below vocab_size {meta['vocab_size']}; fix it")
+    return meta

@@ -16,15 +16,14 @@ interruption (even kill -9) a rerun continues after the last listed full shard.
 
 from __future__ import annotations
 
-import json
-import multiprocessing as mp
+import errno
 import os
 import shutil
 import signal
 import threading
 import time
-from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +37,13 @@ from pretrain.data.manifest import (
     atomic_write_json,
     dtype_for_vocab,
     read_manifest,
+    read_meta,
     shard_name,
 )
 from pretrain.data.prepare_report import Progress, print_summary
-from pretrain.data.sources import DocBatch, Source, SourceError, open_source
+from pretrain.data.sources import Source, SourceError, open_source
 from pretrain.data.tokenizer import Tokenizer, resolve_tokenizer
+from pretrain.data.workers import WorkerDied, default_workers, tokenized
 
 DEFAULT_VAL_TOKENS = 10_000_000
 BATCH_CHARS = 1 << 20  # ~250K tokens per work item: large enough to amortise pickling
@@ -55,58 +56,6 @@ def plan_shards(total: int, val: int, shard: int) -> list[tuple[str, int, int]]:
     for split, n in (("val", val), ("train", total - val)):
         out += [(split, i, min(shard, n - off)) for i, off in enumerate(range(0, n, shard))]
     return out
-
-
-# ---- tokenizer workers ------------------------------------------------------------------------
-_ENC = None
-_DTYPE = None
-
-
-def _init_worker(tok: Tokenizer, dtype: str) -> None:
-    global _ENC, _DTYPE
-    _ENC, _DTYPE = tok.build(), np.dtype(dtype)
-
-
-def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """One batch -> (tokens with an EOT before each non-empty document, per-document bounds)."""
-    eot = np.array([_ENC.eot_token], dtype=_DTYPE)
-    parts, n = [], 0
-    bounds = np.zeros(len(texts) + 1, dtype=np.int64)
-    for i, text in enumerate(texts):
-        if text:  # per-document np.array + one concatenate: the cheapest list -> array path
-            ids = np.array(_ENC.encode_ordinary(text), dtype=_DTYPE)
-            parts += (eot, ids)
-            n += 1 + len(ids)
-        bounds[i + 1] = n
-    return (np.concatenate(parts) if parts else np.empty(0, dtype=_DTYPE)), bounds
-
-
-def _tokenized(batches: Iterator[DocBatch], tok: Tokenizer, dtype: str, workers: int):
-    """Yield (batch, tokens, bounds) in source order, at most ~2 batches per worker in flight
-    (Pool.imap would read the whole source ahead into memory)."""
-    if workers <= 1:
-        _init_worker(tok, dtype)
-        for b in batches:
-            yield (b, *_encode(b.texts))
-        return
-    # forkserver, not fork: the parent may run threads (pyarrow, HF streaming) that fork would copy mid-lock
-    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload([__name__])  # workers fork with numpy + tiktoken already imported
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok, dtype))
-    try:
-        pending: deque = deque()
-        for b in batches:
-            pending.append((b, pool.apply_async(_encode, (b.texts,))))
-            if len(pending) > 2 * workers:
-                b0, r = pending.popleft()
-                yield (b0, *r.get())
-        while pending:
-            b0, r = pending.popleft()
-            yield (b0, *r.get())
-    finally:
-        pool.terminate()
-        pool.join()
 
 
 # ---- the writer -------------------------------------------------------------------------------
@@ -148,8 +97,7 @@ def _open_output(out: Path, tokens: int, tok: Tokenizer, source: Source, shard_t
     val = min(DEFAULT_VAL_TOKENS, tokens // 10) if val_tokens is None else val_tokens
     if val >= tokens or val < 0:
         raise UserError(f"--val-tokens {val:,} must be below --tokens {tokens:,}; lower it")
-    out.mkdir(parents=True, exist_ok=True)
-    vocab = tok.build().n_vocab
+    vocab = tok.vocab_size
     return {"format": FORMAT, "version": VERSION, "tokenizer": tok.name, "vocab_size": vocab,
             "eot_id": tok.eot_id, "dtype": dtype_for_vocab(vocab), "source": source.spec,
             "shard_tokens": shard_tokens, "val_tokens": val, "target_tokens": tokens,
@@ -161,41 +109,61 @@ def prepare(tokens: int, output: str | Path, source: list[str] | Source = ("Hugg
             tokenizer: str = "gpt2", shard_tokens: int = 100_000_000, val_tokens: int | None = None,
             workers: int | None = None, progress: str = "auto") -> dict:
     """Write (or continue, or extend) a token dataset; returns its manifest. See module docstring."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    # SIGTERM (a preempted instance, a group kill) -> KeyboardInterrupt from the very start: exit 130 like Ctrl-C
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
+    try:
+        return _prepare(tokens, Path(output), source, name, split, text_column, tokenizer, shard_tokens,
+                        val_tokens, workers, progress)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _prepare(tokens: int, output: Path, source: list[str] | Source, name: str | None, split: str,
+             text_column: str, tokenizer: str, shard_tokens: int, val_tokens: int | None, workers: int | None,
+             progress: str) -> dict:
     if shard_tokens <= 0:
         raise UserError(f"--shard-tokens must be positive, got {shard_tokens}")
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or default_workers()
     tok = resolve_tokenizer(tokenizer)
     src = source if not isinstance(source, list | tuple) else open_source(list(source), name, split, text_column)
     src.check()
-    out = legacy = Path(output)
+    out = legacy = output
     if legacy.suffix == ".npy":  # prepared into <x>.npy.parts/ (resumable), then concatenated
-        parts = start_legacy(legacy, tokens, val_tokens)
+        parts = start_legacy(legacy, tokens, val_tokens, tok)
         if parts is None:
             print(f"{legacy} already holds at least {tokens:,} tokens; nothing to do")
-            return json.loads(legacy.with_name(legacy.name + ".meta").read_text())
+            return read_meta(legacy.with_name(legacy.name + ".meta"))
         out, val_tokens = parts, 0
     m = _open_output(out, tokens, tok, src, shard_tokens, val_tokens)
     have = sum(s["tokens"] for s in m["shards"])
     if m["complete"] and (m["source_exhausted"] or tokens <= have):
         why = "the source is exhausted" if m["source_exhausted"] and tokens > have else "nothing to do"
         print(f"{out} already holds {have:,} tokens ({why}; a smaller dataset needs a new --output)")
-        return finish_legacy(out, m, legacy) if out != legacy else m
+        return _disk_full_is_one_line(lambda: finish_legacy(out, m, legacy), m, out) if out != legacy else m
     plan = plan_shards(tokens, m["val_tokens"], shard_tokens)
     kept = _kept_shards(m, out, plan)
-    for f in out.iterdir():  # leftovers of an interrupted run: temp files and unlisted shards
-        if f.name.startswith(".") and f.name.endswith(".tmp") or (
-                f.suffix == ".npy" and f.name not in {s["file"] for s in kept}):
-            f.unlink()
     m.update(shards=kept, target_tokens=tokens, complete=False, source_exhausted=False)
-    atomic_write_json(out / MANIFEST, m)
+    begun: list[bool] = []
+
+    def begin() -> None:
+        """The first write, once the first batch of documents is read and tokenized: a source whose
+        content is wrong (no text field, not JSON) fails before anything exists on disk."""
+        if begun:
+            return
+        begun.append(True)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in out.iterdir():  # leftovers of an interrupted run: temp files and unlisted shards
+            if f.name.startswith(".") and f.name.endswith(".tmp") or (
+                    f.suffix == ".npy" and f.name not in {s["file"] for s in kept}):
+                f.unlink()
+        atomic_write_json(out / MANIFEST, m)
 
     bar = Progress(tokens, progress, already=sum(s["tokens"] for s in kept))
-    main_thread = threading.current_thread() is threading.main_thread()
-    # SIGTERM (e.g. a preempted instance) -> KeyboardInterrupt: same clean message as Ctrl-C
-    old = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
-        _write(m, out, plan[len(kept):], src, tok, workers, bar)
-    except SourceError as e:
+        _disk_full_is_one_line(lambda: _write(m, out, plan[len(kept):], src, tok, workers, bar, begin), m, out)
+    except (SourceError, WorkerDied) as e:
         done = sum(s["tokens"] for s in m["shards"])
         raise UserError(f"{e}; {done:,} tokens in {len(m['shards'])} complete shards are saved in {out}: "
                         "rerun the same command to continue") from None
@@ -205,16 +173,36 @@ def prepare(tokens: int, output: str | Path, source: list[str] | Source = ("Hugg
               "to continue", flush=True)
         raise
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, old)
         bar.close()
     print_summary(m, out, bar.elapsed())
-    return finish_legacy(out, m, legacy) if out != legacy else m
+    return _disk_full_is_one_line(lambda: finish_legacy(out, m, legacy), m, out) if out != legacy else m
+
+
+def _disk_full_is_one_line(step: Callable[[], dict | None], m: dict, out: Path) -> dict | None:
+    """Run a writing step; a full disk (or a read-only one) becomes one line naming the fix. Temp files
+    are removed at once (they hold the space the user needs); listed shards are complete by construction."""
+    try:
+        return step()
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        for f in out.glob(".*.tmp") if out.is_dir() else ():  # only in the dataset dir, which prepare owns
+            f.unlink(missing_ok=True)
+        where = e.filename or out
+        done = sum(s["tokens"] for s in m["shards"])
+        saved = f"{done:,} tokens in {len(m['shards'])} complete shards are kept in {out}"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            need = m["shard_tokens"] * np.dtype(m["dtype"]).itemsize
+            raise UserError(f"disk full writing {where} ({saved}); free at least {need / 1e6:,.0f} MB (one shard) "
+                            "there, or choose an --output on another disk, then rerun the same command") from None
+        raise UserError(f"cannot write {where} ({e.strerror}); make {out.parent} writable or choose another "
+                        f"--output ({saved})") from None
 
 
 def _write(m: dict, out: Path, todo: list[tuple[str, int, int]], src: Source, tok: Tokenizer,
-           workers: int, bar: Progress) -> None:
+           workers: int, bar: Progress, begin: Callable[[], None]) -> None:
     if not todo:
+        begin()
         return
     end = m["shards"][-1]["end"] if m["shards"] else {"doc": 0, "offset": 0, "hint": None}
     doc, offset, hint = end["doc"], end["offset"], end["hint"]
@@ -227,32 +215,35 @@ def _write(m: dict, out: Path, todo: list[tuple[str, int, int]], src: Source, to
     split, idx, size = todo.pop(0)
     buf, fill, ndocs = np.empty(size, dtype=dtype), 0, 0
 
-    for batch, arr, bounds in _tokenized(src.batches(doc, hint, chars), tok, m["dtype"], workers):
-        starts = bounds[:-1][np.diff(bounds) > 0]  # where each non-empty document's EOT sits
-        cur = int(bounds[doc - batch.first]) + offset if batch.first <= doc else 0
-        offset = 0
-        while cur < len(arr):
-            take = min(size - fill, len(arr) - cur)
-            buf[fill: fill + take] = arr[cur: cur + take]
-            ndocs += int(np.searchsorted(starts, cur + take) - np.searchsorted(starts, cur))
-            fill, cur = fill + take, cur + take
-            if fill < size:
-                break
-            # position after the shard: the document holding its last token, and how far into it
-            j = int(np.searchsorted(bounds, cur - 1, side="right")) - 1
-            pos = {"doc": batch.first + j, "offset": cur - int(bounds[j]), "hint": hint}
-            _save_shard(m, out, split, idx, buf, ndocs, pos)
-            bar.shard_done(m["shards"][-1]["file"], sum(s["tokens"] for s in m["shards"]), pos["doc"] - doc0)
-            if slow:
-                time.sleep(slow)
-            if not todo:
-                return
-            if split == "val" and todo[0][0] == "train":
-                cur = int(bounds[j + 1])  # drop the rest of the straddling document
-            split, idx, size = todo.pop(0)
-            buf, fill, ndocs = np.empty(size, dtype=dtype), 0, 0
-        hint = batch.hint
-        bar.update(sum(s["tokens"] for s in m["shards"]) + fill, batch.first + len(batch.texts) - doc0)
+    with closing(tokenized(src.batches(doc, hint, chars), tok, m["dtype"], workers)) as stream:
+        for n_batch, (batch, arr, bounds) in enumerate(stream):
+            if n_batch == 0:
+                begin()  # the first document is read and tokenized: only now touch the disk
+            starts = bounds[:-1][np.diff(bounds) > 0]  # where each non-empty document's EOT sits
+            cur = int(bounds[doc - batch.first]) + offset if batch.first <= doc else 0
+            offset = 0
+            while cur < len(arr):
+                take = min(size - fill, len(arr) - cur)
+                buf[fill: fill + take] = arr[cur: cur + take]
+                ndocs += int(np.searchsorted(starts, cur + take) - np.searchsorted(starts, cur))
+                fill, cur = fill + take, cur + take
+                if fill < size:
+                    break
+                # position after the shard: the document holding its last token, and how far into it
+                j = int(np.searchsorted(bounds, cur - 1, side="right")) - 1
+                pos = {"doc": batch.first + j, "offset": cur - int(bounds[j]), "hint": hint}
+                _save_shard(m, out, split, idx, buf, ndocs, pos)
+                bar.shard_done(m["shards"][-1]["file"], sum(s["tokens"] for s in m["shards"]), pos["doc"] - doc0)
+                if slow:
+                    time.sleep(slow)
+                if not todo:
+                    return
+                if split == "val" and todo[0][0] == "train":
+                    cur = int(bounds[j + 1])  # drop the rest of the straddling document
+                split, idx, size = todo.pop(0)
+                buf, fill, ndocs = np.empty(size, dtype=dtype), 0, 0
+            hint = batch.hint
+            bar.update(sum(s["tokens"] for s in m["shards"]) + fill, batch.first + len(batch.texts) - doc0)
     # the source ran dry before --tokens
     if split == "val" or not fill and not any(s["split"] == "train" for s in m["shards"]):
         raise UserError(f"the source ran out after {sum(s['tokens'] for s in m['shards']) + fill:,} tokens, "
@@ -260,7 +251,8 @@ def _write(m: dict, out: Path, todo: list[tuple[str, int, int]], src: Source, to
     if fill:
         pos = {"doc": batch.first + len(batch.texts), "offset": 0, "hint": batch.hint}
         _save_shard(m, out, split, idx, buf[:fill], ndocs, pos, exhausted=True)
-    else:
+    else:  # an extension that found no further documents
+        begin()
         m.update(complete=True, source_exhausted=True)
         atomic_write_json(out / MANIFEST, m)
 
@@ -270,7 +262,7 @@ def _save_shard(m: dict, out: Path, split: str, idx: int, buf: np.ndarray, ndocs
     name = shard_name(split, idx)
     atomic_save_npy(out / name, buf)
     m["shards"].append({"file": name, "split": split, "tokens": int(len(buf)), "documents": ndocs,
-                        "max_id": int(buf.max()) if len(buf) else 0, "end": pos})
+                        "max_token_id": int(buf.max()) if len(buf) else 0, "end": pos})
     m["documents_consumed"] = pos["doc"] + (1 if pos["offset"] else 0)
     m["complete"] = exhausted or sum(s["tokens"] for s in m["shards"]) >= m["target_tokens"]
     m["source_exhausted"] = exhausted
@@ -278,7 +270,7 @@ def _save_shard(m: dict, out: Path, split: str, idx: int, buf: np.ndarray, ndocs
 
 
 # ---- the older single-file layout: x.npy + x.npy.meta ----------------------------------------
-def start_legacy(path: Path, tokens: int, val_tokens: int | None) -> Path | None:
+def start_legacy(path: Path, tokens: int, val_tokens: int | None, tok: Tokenizer) -> Path | None:
     """Work dir for a resumable run behind x.npy, or None when x.npy already holds the data."""
     if val_tokens:
         raise UserError("a single-file x.npy output has no validation split; drop --val-tokens (train with "
@@ -286,10 +278,14 @@ def start_legacy(path: Path, tokens: int, val_tokens: int | None) -> Path | None
     meta = path.with_name(path.name + ".meta")
     if path.exists():
         try:
-            have = json.loads(meta.read_text())["tokens"]
-        except Exception:
+            info = read_meta(meta)
+            have = int(info["tokens"])
+        except (OSError, KeyError, ValueError, UserError):
             raise UserError(f"--output {path} exists and is not a prepared dataset (no valid {meta.name}); "
                             "choose a new --output") from None
+        if info.get("tokenizer") not in (tok.name, None) or info["vocab_size"] != tok.vocab_size:
+            raise UserError(f"{path} holds {info.get('tokenizer')} tokens (vocab {info['vocab_size']:,}), not "
+                            f"--tokenizer {tok.name}'s; choose a new --output for {tok.name} tokens")
         if have >= tokens:
             return None
         raise UserError(f"{path} holds {have:,} tokens and a single-file output cannot be extended; "
@@ -301,15 +297,21 @@ def finish_legacy(parts: Path, m: dict, path: Path) -> dict:
     """Concatenate the work dir's shards into x.npy (atomically), write x.npy.meta, drop the work dir."""
     total = sum(s["tokens"] for s in m["shards"])
     tmp = path.with_name(f".{path.name}.tmp")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(m["dtype"]), shape=(total,))
-    off = 0
-    for s in m["shards"]:
-        arr[off: off + s["tokens"]] = np.load(parts / s["file"], mmap_mode="r")
-        off += s["tokens"]
-    arr.flush()
-    del arr
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        # plain writes, not a memmap: a full disk under a memmap is SIGBUS (a crash), here it is an OSError
+        dtype = np.dtype(m["dtype"])
+        with open(tmp, "wb") as f:
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (total,)}
+            np.lib.format.write_array_header_1_0(f, header)
+            for s in m["shards"]:
+                shard = np.load(parts / s["file"], mmap_mode="r")
+                for i in range(0, len(shard), 1 << 24):
+                    f.write(np.ascontiguousarray(shard[i: i + (1 << 24)]).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # ours (a full disk needs the space back); the parts dir stays for a rerun
+        raise
     os.replace(tmp, path)
     meta = {k: m[k] for k in ("tokenizer", "vocab_size", "eot_id", "dtype", "source")}
     meta.update(tokens=total, documents=sum(s["documents"] for s in m["shards"]))

@@ -68,6 +68,7 @@ class LocalFiles:
                 self._parquet(f, 0)
 
     def _parquet(self, path: Path, skip: int) -> Iterator[str] | int:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(path)
@@ -77,6 +78,10 @@ class LocalFiles:
         if self.text_column not in pf.schema_arrow.names:
             raise UserError(f"{path} has no column '{self.text_column}' (columns: "
                             f"{', '.join(pf.schema_arrow.names)}); pass --text-column")
+        kind = pf.schema_arrow.field(self.text_column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+            raise UserError(f"{path} column '{self.text_column}' holds {kind}, not text; pass --text-column naming "
+                            "the text column")
 
         def rows() -> Iterator[str]:
             left = skip
@@ -126,7 +131,11 @@ class LocalFiles:
     def _field(self, obj: object, path: Path, where: int) -> str:
         if not isinstance(obj, dict) or self.text_column not in obj:
             raise UserError(f"{path} row {where} has no '{self.text_column}' field; pass --text-column")
-        return obj[self.text_column] or ""
+        text = obj[self.text_column]
+        if text is not None and not isinstance(text, str):
+            raise UserError(f"{path} row {where}: '{self.text_column}' is a {type(text).__name__}, not text; pass "
+                            "--text-column naming the field that holds the document text")
+        return text or ""
 
     def _docs(self, start: int) -> Iterator[str]:
         skip = start
@@ -166,7 +175,8 @@ def _batched(docs: Iterator[str], first: int, max_chars: int, hint: Callable[[],
 
 class HubDataset:
     """A dataset streamed with `datasets` (Hub name, or a builder like "parquet" + data_files).
-    Network errors are retried with exponential backoff; then a SourceError."""
+    Failing to connect at all is reported at once; errors once streaming has begun are retried with
+    exponential backoff (a long prepare survives a network blip), then a SourceError."""
 
     def __init__(self, path: str, name: str | None, split: str, text_column: str,
                  data_files: list[str] | None = None, retries: int = 4, backoff: float = 2.0,
@@ -233,16 +243,17 @@ class HubDataset:
         self.sleep(delay)
 
     def check(self) -> None:
-        failures = 0
-        while True:
-            try:
-                self._load()
-                return
-            except UserError:
-                raise
-            except Exception as e:
-                failures += 1
-                self._retry(failures, e, 0)
+        """Connect once. huggingface_hub already retries each request (~25 s in all); a second retry
+        layer here made a machine with no network wait 2.5 minutes for the same answer."""
+        try:
+            self._load()
+        except UserError:
+            raise
+        except Exception as e:  # network trouble surfaces as many types (OSError, httpx, fsspec, ...)
+            what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            raise UserError(f"cannot reach the Hugging Face Hub to stream '{self.path}' ({what}); check the "
+                            "network, or work offline: set HF_HUB_OFFLINE=1 and pass local parquet/jsonl/txt "
+                            "files with --source") from None
 
     def batches(self, start: int, hint: dict | None, max_chars: int) -> Iterator[DocBatch]:
         failures = 0

@@ -1,134 +1,90 @@
-"""Load tiktoken encodings without the network when the ranks file is already on disk.
+"""Resolve --tokenizer to a tiktoken encoding, offline for GPT-2.
 
-`tiktoken.get_encoding("gpt2")` always wants to download. Here a name ("gpt2", "cl100k_base", ...)
-is resolved to a local ranks file first: tiktoken's own cache (TIKTOKEN_CACHE_DIR / DATA_GYM_CACHE_DIR,
-files named by the sha1 of the download URL), then known locations (`data/` in the repo,
-`../shared/data/`); only then, unless offline, is it downloaded (into tiktoken's cache). A path to a
-`.tiktoken` file works too; it is identified by its sha256. Patterns and special tokens come from
-tiktoken's own definitions, so ids are identical to `get_encoding(name)`.
+GPT-2's ranks ship inside the package (`assets/gpt2.tiktoken`, see assets/PROVENANCE.md), so "gpt2"
+(and its twin "r50k_base", same ids) needs no network and no flag. A path to a `.tiktoken` file is accepted
+when it holds those same ranks (checked by sha256). Other tiktoken encodings ("cl100k_base", "o200k_base",
+...) come from `tiktoken.get_encoding`, which downloads once into tiktoken's cache. Only tiktoken's public
+API is used: `load_tiktoken_bpe` + `tiktoken.Encoding` with tiktoken's own `r50k_pat_str`, so ids are
+identical to `tiktoken.get_encoding("gpt2")`.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import tiktoken
-from tiktoken_ext import openai_public
+from tiktoken.load import load_tiktoken_bpe
+from tiktoken_ext.openai_public import r50k_pat_str
 
 from pretrain.cli import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 EOT = "<|endoftext|>"
-URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
-# sha256 of each ranks file, and which file holds an encoding's ranks (gpt2 == r50k_base ids).
-RANKS_SHA256 = {
-    "r50k_base": "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
-    "p50k_base": "94b5ca7dff4d00767bc256fdd1b27e5b17361d7b8a5f968547f9f23eb70d2069",
-    "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
-    "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
-}
-RANKS_OF = {"gpt2": "r50k_base", "r50k_base": "r50k_base", "p50k_base": "p50k_base",
-            "p50k_edit": "p50k_base", "cl100k_base": "cl100k_base", "o200k_base": "o200k_base",
-            "o200k_harmony": "o200k_base"}
-FILE_NAMES = {"r50k_base": ("r50k_base.tiktoken", "gpt2.tiktoken")}
+GPT2_RANKS = Path(__file__).resolve().parent / "assets" / "gpt2.tiktoken"
+GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+GPT2_EOT, GPT2_VOCAB = 50256, 50257
+GPT2_NAMES = ("gpt2", "r50k_base")
 OFFLINE_VARS = ("TIKTOKEN_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 @dataclass(frozen=True)
 class Tokenizer:
-    """A resolved encoding: name, local ranks file and tiktoken's definition (picklable for workers)."""
+    """A resolved encoding; small and picklable so tokenizer worker processes rebuild it themselves."""
 
     name: str
-    ranks_path: str
-    pat_str: str
-    special_tokens: dict[str, int]
-    explicit_n_vocab: int | None = None
-
-    @property
-    def eot_id(self) -> int:
-        return self.special_tokens[EOT]
+    ranks_path: str | None  # GPT-2 ranks file; None: tiktoken.get_encoding(name) (already cached)
+    eot_id: int
+    vocab_size: int
 
     def build(self) -> tiktoken.Encoding:
-        ranks = {}
-        for line in Path(self.ranks_path).read_bytes().splitlines():
-            if line:
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-        return tiktoken.Encoding(self.name, pat_str=self.pat_str, mergeable_ranks=ranks,
-                                 special_tokens=self.special_tokens, explicit_n_vocab=self.explicit_n_vocab)
-
-
-def _definition(name: str) -> dict:
-    """tiktoken's constructor for `name`, with its (network) rank loaders stubbed out."""
-    with mock.patch.object(openai_public, "load_tiktoken_bpe", lambda *a, **k: {}), \
-         mock.patch.object(openai_public, "data_gym_to_mergeable_bpe_ranks", lambda *a, **k: {}):
-        d = openai_public.ENCODING_CONSTRUCTORS[name]()
-    return {"pat_str": d["pat_str"], "special_tokens": dict(d["special_tokens"]),
-            "explicit_n_vocab": d.get("explicit_n_vocab")}
+        if self.ranks_path is None:
+            return tiktoken.get_encoding(self.name)
+        ranks = load_tiktoken_bpe(self.ranks_path, expected_hash=GPT2_SHA256)
+        return tiktoken.Encoding(self.name, pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={EOT: GPT2_EOT}, explicit_n_vocab=GPT2_VOCAB)
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _cache_dir() -> Path | None:
-    d = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
-    if d == "":
-        return None  # tiktoken's "caching disabled"
-    return Path(d) if d else Path(tempfile.gettempdir()) / "data-gym-cache"
+def _gpt2(path: Path) -> Tokenizer:
+    return Tokenizer("gpt2", str(path.resolve()), GPT2_EOT, GPT2_VOCAB)
 
 
-def _candidates(base: str) -> list[Path]:
-    out = []
-    cache = _cache_dir()
-    if cache is not None:
-        out.append(cache / hashlib.sha1(URL.format(base).encode()).hexdigest())
-    for d in (ROOT / "data", ROOT.parent / "shared" / "data"):
-        out += [d / f for f in FILE_NAMES.get(base, (f"{base}.tiktoken",))]
-    return out
-
-
-def _find_or_download(name: str, base: str) -> Path:
-    for p in _candidates(base):
-        if p.is_file() and _sha256(p) == RANKS_SHA256[base]:
-            return p
-    files = " or ".join(FILE_NAMES.get(base, (f"{base}.tiktoken",)))
-    fix = f"pass --tokenizer path/to/{files} or set TIKTOKEN_CACHE_DIR to a tiktoken cache that holds it"
+def _downloaded(name: str) -> Tokenizer:
     offline = [v for v in OFFLINE_VARS if os.environ.get(v, "") not in ("", "0")]
-    if offline:
-        raise UserError(f"tokenizer '{name}' ranks file not found locally and {offline[0]} is set; {fix}")
     try:
-        from tiktoken.load import read_file_cached
-        read_file_cached(URL.format(base), RANKS_SHA256[base])
-    except Exception as e:
-        raise UserError(f"tokenizer '{name}' is not on disk and downloading it failed "
-                        f"({type(e).__name__}); {fix}") from None
-    for p in _candidates(base):
-        if p.is_file():
-            return p
-    raise UserError(f"tokenizer '{name}' downloaded but tiktoken caching is disabled; {fix}")
+        enc = tiktoken.get_encoding(name)
+    except ValueError:  # tiktoken's "Unknown encoding"
+        raise UserError(f"unknown tokenizer '{name}'; use gpt2 (ships with this repo), another tiktoken "
+                        f"encoding ({', '.join(tiktoken.list_encoding_names())}) or a path to a .tiktoken "
+                        "file") from None
+    except Exception as e:  # no network / no cache: requests, OSError, ...
+        why = f"{offline[0]} is set" if offline else f"downloading it failed ({type(e).__name__})"
+        raise UserError(f"tokenizer '{name}' is not in tiktoken's cache and {why}; run once with network "
+                        "(or set TIKTOKEN_CACHE_DIR to a cache that holds it), or use --tokenizer gpt2, "
+                        "which works offline") from None
+    if enc.eot_token is None:
+        raise UserError(f"tokenizer '{name}' has no {EOT} token to separate documents; use gpt2")
+    return Tokenizer(name, None, enc.eot_token, enc.n_vocab)
 
 
 def resolve_tokenizer(spec: str) -> Tokenizer:
-    """'gpt2' / 'cl100k_base' / ... or a path to a .tiktoken ranks file -> Tokenizer."""
+    """'gpt2' / 'cl100k_base' / ... or a path to GPT-2's .tiktoken ranks file -> Tokenizer."""
     path = Path(spec).expanduser()
     if spec.endswith(".tiktoken") or path.is_file():
         if not path.is_file():
-            raise UserError(f"tokenizer file {spec} does not exist; fix --tokenizer")
-        digest = _sha256(path)
-        bases = [b for b, h in RANKS_SHA256.items() if h == digest]
-        if not bases:
-            raise UserError(f"{spec} is not a known tiktoken ranks file ({', '.join(RANKS_SHA256)}); "
-                            "pass one of those or an encoding name with --tokenizer")
-        name = "gpt2" if bases[0] == "r50k_base" else bases[0]  # gpt2 and r50k_base give the same ids
-        return Tokenizer(name, str(path.resolve()), **_definition(name))
-    if spec not in RANKS_OF:
-        raise UserError(f"unknown tokenizer '{spec}'; use one of {', '.join(RANKS_OF)} or a path to a "
-                        ".tiktoken file")
-    return Tokenizer(spec, str(_find_or_download(spec, RANKS_OF[spec]).resolve()), **_definition(spec))
+            raise UserError(f"tokenizer file {spec} does not exist; fix --tokenizer (gpt2 needs no file)")
+        if _sha256(path) != GPT2_SHA256:
+            raise UserError(f"{spec} is not GPT-2's ranks file (sha256 {GPT2_SHA256[:12]}...); pass "
+                            "--tokenizer gpt2 (shipped) or another tiktoken encoding by name")
+        return _gpt2(path)
+    if spec in GPT2_NAMES:
+        if not GPT2_RANKS.is_file() or _sha256(GPT2_RANKS) != GPT2_SHA256:
+            raise UserError(f"{GPT2_RANKS} is missing or damaged; restore it from git "
+                            f"(git checkout -- {GPT2_RANKS.name}) or reinstall the package")
+        return _gpt2(GPT2_RANKS)
+    return _downloaded(spec)

@@ -37,7 +37,7 @@ from pretrain.track.runlog import read_jsonl
 from pretrain.train.checkpoint import checkpoint_paths
 from pretrain.train.config import TrainConfig, add_config_flags, config_differences, format_command
 
-ROOT = Path(__file__).resolve().parents[2]  # the repo root, beside train_v29.py
+ROOT = Path(__file__).resolve().parents[2]
 TRAINER = ROOT / "train_v29.py"
 # Trainer fields the launcher sets itself: --variant picks the attention, --run-root/--tag the run dir,
 # --if-exists overwrite allows replacing one.
@@ -184,7 +184,8 @@ def resolve_run_dir(root: Path, name: str, if_exists: str, res: Resolved) -> Run
     raise UserError(f"no free run name under {root} for {name}; use another --tag")
 
 
-def inspect_data(path: str | None, val_frac: float, fmt: str, running: bool) -> tuple[Any, str | None]:
+def inspect_data(path: str | None, val_frac: float, fmt: str, running: bool,
+                 vocab_size: int | None = None) -> tuple[Any, str | None]:
     """(dataset or None, why it is missing). Missing data is fine for a dry run and an error with --run."""
     if not path:
         if running:
@@ -194,7 +195,7 @@ def inspect_data(path: str | None, val_frac: float, fmt: str, running: bool) -> 
     if fmt != "auto" and Path(path).exists() and fmt != layout:
         raise UserError(f"--data {path} is a {layout} dataset but --data-format {fmt} was given; fix either")
     try:
-        ds = open_dataset(path, val_frac, require_val=running)
+        ds = open_dataset(path, val_frac, require_val=running, vocab_size=vocab_size)
     except UserError as e:
         if running:
             raise
@@ -254,7 +255,8 @@ def make_plan(ns: argparse.Namespace, flags: dict[str, Any], gpu: GpuInfo | None
     """The whole plan for parsed arguments. `gpu` lets tests stand in for a GPU."""
     gpu_info = detect_gpu() if gpu == "detect" else gpu
     tier, tier_how = select_tier(ns.vram, gpu_info)  # type: ignore[arg-type]
-    ds, data_note = inspect_data(flags.get("data"), flags.get("val_frac") or 0.0, ns.data_format, ns.run)
+    ds, data_note = inspect_data(flags.get("data"), flags.get("val_frac") or 0.0, ns.data_format, ns.run,
+                                 flags.get("vocab_size"))
     req = Request(flags, ns.variant, ns.target_tokens, ns.tokens_per_param, ns.global_batch, ns.nproc,
                   ns.assume_mfu, ns.peak_tflops, ns.probe)
     vocab = ds.vocab_size if ds is not None else None
@@ -291,11 +293,15 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 def run_trainer(command: list[str]) -> int:
     """Run the planned command in the foreground; pass signals on; return its exit code."""
     argv = list(command)
+    # The repo's script by absolute path (works from any directory); an installed package has no script, so the
+    # trainer module of this interpreter's package runs instead.
+    trainer = [str(TRAINER)] if TRAINER.is_file() else ["-m", "pretrain.train"]
     if argv[0] == "python":
-        argv[:2] = [sys.executable, str(TRAINER)]
+        argv[:2] = [sys.executable, *trainer]
     else:  # torchrun from this interpreter's environment
         argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
-        argv[argv.index("train_v29.py")] = str(TRAINER)
+        i = argv.index("train_v29.py")
+        argv[i:i + 1] = trainer
     print(f"running: {format_command(command)}", file=sys.stderr, flush=True)
     # Own process group: a terminal Ctrl-C reaches only this process, which passes it on exactly once
     # (a second SIGINT would interrupt the trainer's save). Handlers go in before the child starts, so a signal

@@ -146,6 +146,33 @@ def mean_across_ranks(value: torch.Tensor, dist: Dist) -> torch.Tensor:
     return _all_reduce(value) / dist.world_size
 
 
+def gather_from_ranks(obj: Any, dist: Dist) -> list[Any]:
+    """`obj` of every rank, in rank order, on every rank (picklable host data: RNG states, flags)."""
+    if not dist.enabled:
+        return [obj]
+    out: list[Any] = [None] * dist.world_size
+    tdist.all_gather_object(out, obj, group=dist.control)
+    return out
+
+
+def replicas_match(model: nn.Module, dist: Dist) -> bool:
+    """Under DDP: True when every rank holds bit-identical weights (always True single-process or sharded).
+
+    DDP only averages gradients; the weights stay identical only if every rank applies the same update,
+    which bf16 stochastic rounding makes depend on each rank's random draws. One exact integer checksum per
+    tensor (its bits summed), compared across ranks: a collective, so every rank must call it.
+    """
+    if not dist.enabled or getattr(model, "no_sync", None) is None:
+        return True
+    sums = []
+    for p in model.parameters():
+        bits = p.detach().contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[p.element_size()])
+        sums.append(bits.sum(dtype=torch.int64))
+    mine = torch.stack(sums)
+    lo, hi = _all_reduce(mine, op=tdist.ReduceOp.MIN), _all_reduce(mine, op=tdist.ReduceOp.MAX)
+    return bool(torch.equal(lo, hi))
+
+
 def clip_grad_norm(model: nn.Module, max_norm: float, dist: Dist) -> torch.Tensor:
     """Clip the global gradient norm; returns it as a plain (replicated) tensor.
 
@@ -199,6 +226,10 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
 
     if any(isinstance(k, int) for k in state.get("state", {})):
         state = _by_name(model, optimizer, state)
+    # A state saved by the other AdamW implementation (--opt-fused may change on resume) has group keys
+    # (amsgrad, fused, ...) this optimizer lacks, which set_optimizer_state_dict cannot map: keep ours.
+    known = set().union(*(g.keys() for g in optimizer.param_groups))
+    state = {**state, "param_groups": [{k: v for k, v in g.items() if k in known} for g in state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, state, options=_options(dist))
 
 

@@ -175,8 +175,9 @@ def _loop(s: Session, stop: StopRequested) -> str:
             best = s.evaluate()[1]
             if s.log:
                 write_plots(s.run_dir)
-        due = (cfg.save_every and prog.step % cfg.save_every == 0) or (
-            cfg.save_minutes and time.monotonic() - last_save > 60 * cfg.save_minutes)
+        late = bool(cfg.save_minutes) and time.monotonic() - last_save > 60 * cfg.save_minutes
+        # Saving is a collective (RNG states, replica check, FSDP gathers): ranks must agree on the clock.
+        due = (cfg.save_every and prog.step % cfg.save_every == 0) or dist_lib.any_rank(late, s.dist)
         if best or due:
             s.save(best=best)
             last_save = time.monotonic()

@@ -1,7 +1,14 @@
 """Optimizers: parameter groups, AdamW / Lion, bf16 weights with stochastic rounding, on-device step skipping.
 
 Skipping a step whose gradients are not finite must not cost a host sync every step, so every optimizer
-here honours a `found_inf` tensor (1.0 = skip) the way torch's fused AdamW does for GradScaler.
+here honours a `found_inf` tensor (1.0 = skip) the way torch's fused AdamW does for GradScaler. torch's
+foreach and single-tensor AdamW refuse `found_inf`, so the paths without the fused kernel (--no-opt-fused,
+MPS) use our AdamW, which takes it (and equals torch's AdamW on fp32 weights, tested).
+
+Stochastic rounding draws its noise from a generator the optimizer owns, seeded from --seed, never from the
+global one: under DDP every replica must round identically or the replicas drift apart, and a generator
+that only the optimizer advances stays in lockstep across ranks whatever else consumes randomness on a rank.
+Its state is checkpointed (`rounding_rng_state`), so a resume draws the noise an uninterrupted run would.
 
 bf16 weights (`--param-dtype bf16`): an update smaller than half a bf16 ulp would round away, and so would
 weight decay (lr * wd ~ 1e-5 is far below bf16's 2^-8 relative resolution). Instead of an fp32 master copy
@@ -44,18 +51,18 @@ def default_lr_source(size: str, optimizer: str) -> str:
     return PEAK_LR[(size, optimizer)][1]
 
 
-def stochastic_round_(dst: Tensor, src: Tensor) -> None:
+def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator | None = None) -> None:
     """Write fp32 `src` into bf16 `dst`, rounding up or down with probability given by the distance."""
     bits = src.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
     # Adding noise below bf16's last mantissa bit then truncating rounds stochastically; the result has
     # zero low bits so the bf16 copy is exact.
     dst.copy_(((bits + noise) & -65536).view(torch.float32))
 
 
-def _write_back(p: Tensor, new: Tensor) -> None:
+def _write_back(p: Tensor, new: Tensor, generator: torch.Generator | None) -> None:
     if p.dtype == torch.bfloat16:
-        stochastic_round_(p, new)
+        stochastic_round_(p, new, generator)
     else:
         p.copy_(new)
 
@@ -78,11 +85,31 @@ def _slices(p: Tensor, *state: Tensor) -> Iterator[tuple[Tensor, ...]]:
 
 
 class _SkipAwareOptimizer(torch.optim.Optimizer):
-    """Base for our optimizers: honours `found_inf` and walks (group, param, state) for params with grads."""
+    """Base for our optimizers: honours `found_inf`, keeps fp32 state, owns the stochastic-rounding generator."""
 
-    def __init__(self, params, defaults: dict) -> None:
+    def __init__(self, params, defaults: dict, generator: torch.Generator | None = None) -> None:
         super().__init__(params, defaults)
         self.found_inf: Tensor | None = None
+        self.generator = generator  # None: the global generator (direct use in tests)
+
+    def rounding_rng_state(self) -> Tensor | None:
+        return None if self.generator is None else self.generator.get_state()
+
+    def load_rounding_rng_state(self, state: Tensor | None) -> None:
+        if self.generator is not None and state is not None:
+            self.generator.set_state(state)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader casts floating state to the parameter's dtype: with bf16 weights the fp32 moments
+        would become bf16 on every resume (lossy, and no longer the state an uninterrupted run has). Load,
+        then put back each saved tensor with its own dtype, on the parameter's device."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if torch.is_tensor(value):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
 
     def _params_with_grad(self) -> Iterator[tuple[dict, Tensor, dict]]:
         for group in self.param_groups:
@@ -98,8 +125,9 @@ class Lion(_SkipAwareOptimizer):
     Matches lion_pytorch.Lion on fp32 weights (tested).
     """
 
-    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
+                 generator: torch.Generator | None = None):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay), generator)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -118,15 +146,19 @@ class Lion(_SkipAwareOptimizer):
                     new_w = torch.where(keep.bool(), new_w, w)
                     new_m = torch.where(keep.bool(), new_m, m)
                 m.copy_(new_m)
-                _write_back(p_s, new_w)
+                _write_back(p_s, new_w, self.generator)
 
 
 class AdamWSR(_SkipAwareOptimizer):
-    """AdamW (Loshchilov & Hutter) with fp32 state for bf16 weights, written back by stochastic rounding."""
+    """AdamW (Loshchilov & Hutter) with fp32 state; bf16 weights are written back by stochastic rounding.
+
+    On fp32 weights it is plain AdamW: the path for --no-opt-fused and MPS, where torch's own AdamW cannot
+    skip a step on the device.
+    """
 
     def __init__(self, params, lr: float = 6e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+                 weight_decay: float = 0.0, generator: torch.Generator | None = None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), generator)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -151,36 +183,69 @@ class AdamWSR(_SkipAwareOptimizer):
                     new_w, new_m, new_v = (torch.where(flag, a, b) for a, b in ((new_w, w), (new_m, m), (new_v, v)))
                 m.copy_(new_m)
                 v.copy_(new_v)
-                _write_back(p_s, new_w)
+                _write_back(p_s, new_w, self.generator)
+
+
+class FusedAdamW(torch.optim.AdamW):
+    """torch's fused AdamW (fp32 weights on CPU/CUDA), the only torch AdamW path that takes `found_inf`.
+
+    Loading a state saved by our AdamW (a run with --no-opt-fused, which may change on resume) would bring
+    param groups without `fused`, and torch would fall back to its foreach path, which refuses `found_inf`:
+    the implementation flags are this optimizer's own, never the checkpoint's.
+    """
+
+    IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key in self.IMPLEMENTATION:
+                group[key] = self.defaults[key]
+
+
+# Parameters that are >= 2-D but are not weight matrices: the null attention key/value (model/attention.py,
+# shape (kv_heads, 1, head_dim)) is a learned token, a gain-like offset. Decaying the null key pulls its score
+# toward 0 and so changes how much attention "nothing" gets: that is not the regularisation decay is for.
+NO_DECAY_NAMES = ("null_k", "null_v")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on >=2-D weights (matrices, embeddings); none on norms, gains, temperatures."""
+    """Weight decay on weight matrices and embeddings; none on norms, gains, temperatures, null key/value."""
     decay, no_decay = [], []
     seen: set[int] = set()
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        matrix = p.dim() >= 2 and name.rsplit(".", 1)[-1] not in NO_DECAY_NAMES
+        (decay if matrix else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
 
 
+def rounding_generator(device: torch.device, seed: int) -> torch.Generator:
+    """The stochastic-rounding generator: same seed on every rank, so DDP replicas round alike."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer for `cfg`: fused AdamW for fp32 weights, our bf16-safe versions otherwise."""
+    """The optimizer for `cfg`: torch's fused AdamW for fp32 weights on CPU/CUDA, ours (skip-aware, bf16-safe)
+    for everything else: Lion, bf16 weights, --no-opt-fused and devices without the fused kernel."""
     lr = peak_lr(cfg)
     betas = (cfg.beta1, cfg.beta2 if cfg.beta2 is not None else DEFAULT_BETA2[cfg.optimizer])
     groups = param_groups(model, cfg.weight_decay)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
+    gen = rounding_generator(device, cfg.seed) if bf16 else None
     if cfg.optimizer == "lion":
-        return Lion(groups, lr=lr, betas=betas)
-    if bf16:
-        return AdamWSR(groups, lr=lr, betas=betas, eps=cfg.eps)
+        return Lion(groups, lr=lr, betas=betas, generator=gen)
     fused = cfg.opt_fused and device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.eps, fused=fused, foreach=None if fused else True)
+    if bf16 or not fused:
+        return AdamWSR(groups, lr=lr, betas=betas, eps=cfg.eps, generator=gen)
+    return FusedAdamW(groups, lr=lr, betas=betas, eps=cfg.eps, fused=True)
 
 
 def peak_lr(cfg: TrainConfig) -> float:
@@ -190,6 +255,18 @@ def peak_lr(cfg: TrainConfig) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def rounding_rng_state(optimizer: torch.optim.Optimizer) -> Tensor | None:
+    """The stochastic-rounding generator's state for a checkpoint (None: the optimizer has none)."""
+    get = getattr(optimizer, "rounding_rng_state", None)
+    return get() if get is not None else None
+
+
+def load_rounding_rng_state(optimizer: torch.optim.Optimizer, state: Tensor | None) -> None:
+    load = getattr(optimizer, "load_rounding_rng_state", None)
+    if load is not None:
+        load(state)
 
 
 def step_unless_nonfinite(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:

@@ -97,8 +97,10 @@ def rng_state() -> dict[str, Any]:
         "numpy_pos": int(np_state["state"]["pos"]),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # This process's device only: get_rng_state_all() would create a context on every visible GPU.
+        state["cuda_device"] = torch.cuda.current_device()
+        state["cuda"] = [torch.cuda.get_rng_state()]
     return state
 
 
@@ -113,8 +115,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         }
     )
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():
+        if "cuda_device" in state:  # this rank's device, saved by this rank
+            torch.cuda.set_rng_state(state["cuda"][0])
+        elif len(state["cuda"]) == torch.cuda.device_count():  # older checkpoints: every device's state
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_for_rank(state: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """The RNG state this rank saved. Each rank (its own CUDA device) advances its own generators, so rank 0's
+    state restored everywhere would set rank 1's device to whatever rank 0 knew of it. A checkpoint from
+    another world size (or from before per-rank states) gives each rank rank 0's state."""
+    ranks = state.get("rng_ranks")
+    if ranks and len(ranks) == world_size:
+        return ranks[rank]
+    return state["rng"]
 
 
 def seed_everything(seed: int) -> None:

@@ -15,7 +15,7 @@ import torch
 from model import GPT, ModelConfig
 from pretrain.cli import UserError
 from pretrain.data.loader import Prefetcher, TrainSampler, ValWindows, open_dataset
-from pretrain.export import check_init_from, load_init_from
+from pretrain.llama import check_init_from, load_init_from
 from pretrain.schedule import parse_micro_batch_schedule, parse_seq_schedule
 from pretrain.track.console import Console
 from pretrain.track.runlog import RunLog, to_metrics
@@ -25,8 +25,8 @@ from pretrain.train import device as dev
 from pretrain.train import distributed as dist_lib
 from pretrain.train.checkpoint import CheckpointManager
 from pretrain.train.config import TrainConfig, model_config_from
-from pretrain.train.optim import build_optimizer
-from pretrain.train.resume import check_compatible, find_start, rng_state, seed_everything, set_rng_state
+from pretrain.train.optim import build_optimizer, load_rounding_rng_state, rounding_rng_state
+from pretrain.train.resume import check_compatible, find_start, rng_for_rank, rng_state, seed_everything, set_rng_state
 
 
 @dataclass
@@ -102,6 +102,11 @@ class Session:
     def save(self, best: bool = False, data_state: dict | None = None) -> None:
         """Checkpoint the state after `prog.step` full steps (collective under FSDP: every rank calls it)."""
         p = self.prog
+        rng = dist_lib.gather_from_ranks(rng_state(), self.dist)
+        replicas_match = dist_lib.replicas_match(self.wrapped, self.dist)
+        if not replicas_match and self.dist.is_main:
+            self.console.print(f"warning: step {p.step}: the DDP replicas' weights differ; the checkpoint holds "
+                               f"rank 0's. Please report this with the command line")
         state = {
             "version": 1,
             "model": dist_lib.model_state(self.model, self.dist),
@@ -110,14 +115,16 @@ class Session:
             "step": p.step, "tokens": p.tokens, "elapsed": p.elapsed, "best_val": p.best_val,
             "skipped_steps": p.skipped_steps,
             "sampler": data_state or self.loader.state_dict(),
-            "rng": rng_state(),
+            "rng": rng[0], "rng_ranks": rng,  # each rank's own generators (its own CUDA device)
+            "rounding_rng": rounding_rng_state(self.optimizer),
             "train_config": self.cfg.to_dict(), "model_config": self.mcfg.to_dict(),
             "world_size": self.dist.world_size,
             "wandb_run_id": self.wb.run_id,
         }
         self.ckpt.save(state, p.step, best=best)
         if self.log:
-            self.log.event("checkpoint", step=p.step, best=best)
+            extra = {"replicas_match": replicas_match} if self.dist.enabled else {}
+            self.log.event("checkpoint", step=p.step, best=best, **extra)
 
     def close(self) -> None:
         self.ckpt.wait()
@@ -137,7 +144,7 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
     dist = dist_lib.init_distributed(device)
     dev.setup_device(device)
     run_dir = Path(cfg.out_dir)
-    ds = open_dataset(cfg.data, cfg.val_frac)
+    ds = open_dataset(cfg.data, cfg.val_frac, vocab_size=cfg.vocab_size)
     mcfg = model_config_from(cfg, ds.vocab_size)
     ds.check_vocab(mcfg.vocab_size)
     points = parse_seq_schedule(cfg.seq_schedule, cfg.train_seq_len or mcfg.block_size, mcfg.block_size)
@@ -182,7 +189,9 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
         if st.get("scaler"):
             scaler.load_state_dict(st["scaler"])
         sampler.load_state_dict(st["sampler"])
-        set_rng_state(st["rng"])
+        set_rng_state(rng_for_rank(st, dist.rank, dist.world_size))
+        # After the optimizer state: loading it runs one zero-LR step that draws rounding noise.
+        load_rounding_rng_state(optimizer, st.get("rounding_rng"))
         prog = Progress(st["step"], st["tokens"], st["elapsed"], st.get("best_val"), st.get("skipped_steps", 0))
         wandb_id = wandb_id or st.get("wandb_run_id")
 

@@ -1,0 +1,29 @@
+"""Console-script entry points (`pip install -e .` puts them on PATH): each runs one CLI through run_cli."""
+
+from __future__ import annotations
+
+from pretrain.cli import run_cli
+
+
+def train() -> int:
+    from pretrain.train.loop import main
+
+    return run_cli(main)
+
+
+def launch() -> int:
+    from pretrain.plan.launch import main
+
+    return run_cli(main)
+
+
+def compare() -> int:
+    from pretrain.track.compare import main
+
+    return run_cli(main)
+
+
+def export() -> int:
+    from pretrain.export import main
+
+    return run_cli(main)
