@@ -77,7 +77,8 @@ def test_explicit_flags_beat_the_tier_and_sources_say_where_values_came_from(tmp
     assert (cfg.batch_size, src["batch_size"]) == (2, "flag")
     assert (cfg.grad_accum, cfg.compile, src["compile"]) == (GLOBAL_BATCH // 2, False, "flag")
     assert src["grad_accum"].startswith("derived")
-    assert (cfg.grad_checkpoint, src["grad_checkpoint"]) == (True, "tier 24")
+    # The tiny model fits without checkpointing: the planner turns it off (tests/test_plan_fit.py has the rules).
+    assert not cfg.grad_checkpoint and src["grad_checkpoint"].startswith("derived: off")
     assert (cfg.param_dtype, src["param_dtype"]) == ("bf16", "tier 24")
     assert src["lr"].startswith("default") and src["size"] == "flag"
     q = plan("--vram", "24", "--size", "tiny", "--grad-accum", "3", "--param-dtype", "fp32", "--steps", "9",

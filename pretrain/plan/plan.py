@@ -273,7 +273,7 @@ class Plan:
             "memory_capacity_bytes": self.memory_capacity_bytes, "memory_capacity_how": self.memory_capacity_how,
             "suggestion": self.suggestion,
             "estimate": {"peak_flops": self.peak_flops, "peak_flops_how": self.peak_flops_how,
-                         "assumed_mfu": self.mfu / (CHECKPOINT_RECOMPUTE if self.cfg.grad_checkpoint else 1.0),
+                         "assumed_mfu": round(self.mfu / (CHECKPOINT_RECOMPUTE if self.cfg.grad_checkpoint else 1), 9),
                          "mfu_source": MFU_SOURCE, "effective_mfu": self.mfu,
                          "grad_checkpoint_factor": CHECKPOINT_RECOMPUTE if self.cfg.grad_checkpoint else 1.0,
                          "rate_how": self.rate_how, "seconds": sum(p.seconds for p in self.phases)},
