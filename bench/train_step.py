@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_step.py                     # tiny + small presets; several minutes on 2 cores
     .venv/bin/python bench/train_step.py --presets tiny --iters 10 --no-stall
+    .venv/bin/python bench/train_step.py --presets S --no-stall   # issue 15's config S (8 x 256, vocab 50304)
 
 Throughput: for each preset, with and without activation checkpointing (--grad-checkpoint) and with and
 without torch.compile (per block, as pretrain/train/session.py does), one optimizer step like the trainer's
@@ -62,19 +63,27 @@ def matmul_peaks(n: int = 2048, reps: int = 5) -> dict[str, float]:
     return peaks
 
 
+# Issue 15's config S: the shape well-known single-file trainers are compared on (micro-batch 8, see --s-batch).
+CONFIGS = {"S": dict(vocab_size=50304, block_size=256, n_layer=6, n_head=6, d_model=384, d_ff=1024)}
+
+
+def model_config(preset: str) -> ModelConfig:
+    return ModelConfig(**CONFIGS[preset]) if preset in CONFIGS else ModelConfig.from_preset(preset)
+
+
 class Step:
     """One trainer-like optimizer step on a fixed random batch."""
 
     def __init__(self, preset: str, batch: int, seq_len: int, grad_checkpoint: bool, compile_: bool,
                  amp: bool) -> None:
         torch.manual_seed(0)
-        self.cfg = ModelConfig.from_preset(preset)
+        self.cfg = model_config(preset)
         self.model = GPT(self.cfg).train()
         self.model.grad_checkpoint = grad_checkpoint
         if compile_:
             for block in self.model.blocks:  # as pretrain/train/session.py: in place, per block
                 block.compile()
-        tcfg = TrainConfig(size=preset)  # the trainer's optimizer defaults: AdamW, wd 0.1, fused
+        tcfg = TrainConfig(size="small" if preset in CONFIGS else preset)  # trainer's optimizer: AdamW, wd 0.1, fused
         self.optimizer = build_optimizer(self.model, tcfg, torch.device("cpu"))
         self.amp = amp
         self.x = torch.randint(0, self.cfg.vocab_size, (batch, seq_len))
@@ -204,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch/OpenMP threads (default: all)")
     ap.add_argument("--tiny-batch", type=int, default=4)
     ap.add_argument("--small-batch", type=int, default=1)
+    ap.add_argument("--s-batch", type=int, default=8, help="micro-batch of config S (issue 15: 8)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--iters", type=int, default=None, help="timed steps (default: 5 tiny, 2 small)")
     ap.add_argument("--no-amp", action="store_true", help="fp32 instead of the trainer's bf16 autocast")
@@ -225,10 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for preset in presets:
         small = preset != "tiny"
-        base = {"preset": preset, "batch": args.small_batch if small else args.tiny_batch, "seq_len": args.seq_len,
+        batch = args.s_batch if preset in CONFIGS else args.small_batch if small else args.tiny_batch
+        base = {"preset": preset, "batch": batch, "seq_len": args.seq_len,
                 "amp": not args.no_amp, "iters": args.iters or (2 if small else 5)}
-        for compile_ in (False, True):
-            for gc in (False, True):
+        only_plain = preset in CONFIGS  # config S is defined without checkpointing or compile
+        for compile_ in (False,) if only_plain else (False, True):
+            for gc in (False,) if only_plain else (False, True):
                 t0 = time.perf_counter()
                 spec = {**base, "gc": gc, "compile": compile_, "warmup": 1 if compile_ or not small else 0}
                 rows.append(run_child("throughput", spec, args.threads))

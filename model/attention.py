@@ -32,6 +32,11 @@ from torch import nn
 from .config import ModelConfig
 from .rope import RotaryEmbedding, apply_rotary
 
+try:  # FlexAttention appeared in torch 2.5; the floor is 2.6, but a stripped build may lack it.
+    from torch.nn.attention import flex_attention as _flex
+except ImportError:  # pragma: no cover - depends on the torch build
+    _flex = None
+
 
 class KVCache:
     """Keys and values of the tokens seen so far, for one layer, preallocated to max_len.
@@ -127,17 +132,23 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         S = k.shape[2]  # keys: cached + new
+        gqa = self.n_kv_head != self.n_head
         mask = None
         if self.null_k is not None:
             k = torch.cat((self.null_k.to(k.dtype).expand(B, -1, -1, -1), k), dim=2)
             v = torch.cat((self.null_v.to(v.dtype).expand(B, -1, -1, -1), v), dim=2)
+            if attention_backend(x.device.type, True, torch.compiler.is_compiling()) == "flex":
+                y = null_slot_flex_attention(q, k, v, start, scale, gqa)
+                return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
             mask = causal_mask(T, S, start, x.device, null_slot=True)
         elif start > 0 and T > 1:
             mask = causal_mask(T, S, start, x.device)
-        # start == 0 without null: plain causal; one new token with a cache: sees every key.
-        is_causal = mask is None and start == 0 and T > 1
+        # Decided without T: under torch.compile with a dynamic T, `T > 1` would be a symbolic bool and
+        # break every block's graph. start == 0 is causal for any T (one query at 0 sees its one key); a
+        # cached single new token (start > 0, no mask) sees every key. No explicit mask keeps flash eligible.
+        is_causal = mask is None and start == 0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+                                           enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def new_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
@@ -151,3 +162,31 @@ def causal_mask(T: int, S: int, start: int, device: torch.device, null_slot: boo
     if null_slot:
         mask = torch.cat((torch.ones(T, 1, dtype=torch.bool, device=device), mask), dim=1)
     return mask
+
+
+def attention_backend(device_type: str, null_attn: bool, compiling: bool) -> str:
+    """Which kernel null-attn uses: "flex" or "sdpa".
+
+    SDPA with the explicit null-slot mask loses the flash/cuDNN kernels' causal block skipping (and on
+    CUDA usually falls back to the memory-efficient kernel). FlexAttention expresses causal + null slot
+    as a block mask and keeps the skipping, but only as a compiled kernel: eager it materialises the
+    whole score matrix. So: flex inside a compiled CUDA graph, SDPA everywhere else (CPU keeps its flash
+    kernel path through SDPA). Without null-attn there is no mask and SDPA's is_causal is used.
+    """
+    if not null_attn or device_type != "cuda" or not compiling or _flex is None:
+        return "sdpa"
+    return "flex"
+
+
+def null_slot_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                             scale: float | None, enable_gqa: bool) -> torch.Tensor:
+    """Attention of q (B, H, T, hd) over [null | keys] (S + 1 slots) with FlexAttention.
+
+    Same result as SDPA with causal_mask(T, S, start, null_slot=True): slot 0 (the null key) is
+    visible to every query, slot j >= 1 (key position j - 1) to queries at positions >= j - 1.
+    """
+    def visible(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return (kv_idx == 0) | (kv_idx - 1 <= q_idx + start)
+
+    block_mask = _flex.create_block_mask(visible, None, None, q.shape[2], k.shape[2], device=q.device)
+    return _flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)

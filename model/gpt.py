@@ -8,6 +8,7 @@ forward nor the backward pass holds the full (B*T, vocab) fp32 logits.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,31 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class LossWorkspace:
+    """Logit buffers the chunked loss reuses across chunks and steps.
+
+    A chunk of logits at a 50K vocab is hundreds of MB. Allocated afresh each step, glibc serves such
+    blocks with mmap and returns them with munmap, so every step page-faults (and zero-fills) them
+    again: ~30 % of a CPU step on config S. Kept here, they are faulted in once.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A (rows, cols) buffer; grows (never shrinks) so phases of a seq-len schedule share one."""
+        key = (name, dtype, device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols:
+            self._buffers.pop(key, None)  # free the old one before allocating the larger one
+            buf = self._buffers[key] = torch.empty(max(rows, 0 if buf is None else buf.shape[0]), cols,
+                                                   dtype=dtype, device=device)
+        return buf[:rows]
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of logits = h @ weight.T, one chunk of rows at a time.
 
@@ -68,32 +94,49 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     hand (softmax - onehot, then two matmuls), so neither pass ever holds more than chunk_rows x vocab
     logits and the LM head matmul is not re-run. Backward only scales the saved gradients.
     Padded vocab columns (>= vocab_size) are set to -inf: they can never be predicted.
+    Matmuls run in the autocast dtype when autocast is on (as F.linear would), softmax in fp32; the
+    logit buffers come from `workspace` when given.
     """
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                ignore_index: int, chunk_rows: int, compute_grad: bool) -> torch.Tensor:
+                ignore_index: int, chunk_rows: int, compute_grad: bool,
+                workspace: LossWorkspace | None) -> torch.Tensor:
         want_h, want_w = compute_grad and ctx.needs_input_grad[0], compute_grad and ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for i in range(0, h.shape[0], chunk_rows):
-            h_c, t_c = h[i:i + chunk_rows], targets[i:i + chunk_rows]
-            logits = F.linear(h_c, weight).float()  # under autocast the matmul runs in bf16
-            logits[:, vocab_size:] = float("-inf")
-            valid = t_c != ignore_index
-            safe_t = torch.where(valid, t_c, 0).unsqueeze(1)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, safe_t).squeeze(1)) * valid).sum()
-            if want_h or want_w:
-                # d(sum CE)/d logits = softmax - onehot(target), zero on ignored rows; built in place.
-                g = logits.sub_(lse.unsqueeze(1)).exp_().mul_(valid.unsqueeze(1))
-                g.scatter_add_(1, safe_t, -valid.unsqueeze(1).to(g.dtype))
-                g = g.to(weight.dtype)
-                if want_h:
-                    grad_h[i:i + chunk_rows] = g @ weight
-                if want_w:
-                    grad_w += g.t() @ h_c.to(weight.dtype)
+        dev = h.device
+        mm_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else weight.dtype
+        # Cast once per call, not per chunk; explicit casts because out= matmuls do not autocast.
+        with torch.autocast(dev.type, enabled=False):
+            w, hh = weight.to(mm_dtype), h.to(mm_dtype)
+            rows, vocab = h.shape[0], weight.shape[0]
+            n_buf = min(chunk_rows, rows)
+            ws = workspace or LossWorkspace()
+            buf_mm = ws.get("logits_mm", n_buf, vocab, mm_dtype, dev)
+            buf32 = ws.get("logits_fp32", n_buf, vocab, torch.float32, dev) if mm_dtype != torch.float32 else None
+            grad_h = torch.empty_like(h) if want_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if want_w else None
+            total = torch.zeros((), dtype=torch.float32, device=dev)
+            for i in range(0, rows, chunk_rows):
+                h_c, t_c = hh[i:i + chunk_rows], targets[i:i + chunk_rows]
+                n = h_c.shape[0]
+                out_mm = torch.mm(h_c, w.t(), out=buf_mm[:n])
+                logits = out_mm if buf32 is None else buf32[:n].copy_(out_mm)
+                if vocab > vocab_size:
+                    logits[:, vocab_size:] = float("-inf")
+                valid = t_c != ignore_index
+                safe_t = torch.where(valid, t_c, 0).unsqueeze(1)
+                lse = torch.logsumexp(logits, dim=-1)
+                total += ((lse - logits.gather(1, safe_t).squeeze(1)) * valid).sum()
+                if want_h or want_w:
+                    # d(sum CE)/d logits = softmax - onehot(target), built in place; an lse of +inf zeroes
+                    # the rows of ignored targets in the same pass as the exp.
+                    g = logits.sub_(torch.where(valid, lse, float("inf")).unsqueeze(1)).exp_()
+                    g.scatter_add_(1, safe_t, -valid.unsqueeze(1).to(g.dtype))
+                    g = g if buf32 is None else out_mm.copy_(g)  # round to the matmul dtype in place
+                    if want_h:
+                        grad_h[i:i + n] = g @ w
+                    if want_w:
+                        grad_w += g.t() @ h_c
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h, grad_w)
         return total
@@ -105,17 +148,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h * grad_total.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = (grad_w * grad_total).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                          ignore_index: int = -100, chunk_rows: int = 2048) -> torch.Tensor:
+                          ignore_index: int = -100, chunk_rows: int = 2048,
+                          workspace: LossWorkspace | None = None) -> torch.Tensor:
     """Mean CE of logits = h @ weight.T (columns >= vocab_size excluded) over rows whose target is
     not ignore_index; equals F.cross_entropy on the full logits, NaN when every target is ignored."""
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1).long()  # gather wants int64
     compute_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     total = ChunkedLinearCrossEntropy.apply(h, weight, targets, vocab_size, ignore_index, chunk_rows,
-                                            compute_grad)
+                                            compute_grad, workspace)
     return total / (targets != ignore_index).sum()
 
 
@@ -131,6 +175,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.grad_checkpoint = False  # recompute each block in backward (saves activation memory)
         self.loss_chunk_rows = 2048  # rows of logits alive at once in the chunked loss
+        self.loss_workspace = LossWorkspace()  # those rows' buffers, kept between steps
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -174,7 +219,9 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(h)[..., : self.config.vocab_size]
         return chunked_cross_entropy(h, self.lm_head.weight, targets, self.config.vocab_size,
-                                     ignore_index, self.loss_chunk_rows)
+                                     ignore_index, self.loss_chunk_rows,
+                                     # CUDA's caching allocator already reuses blocks; glibc does not.
+                                     self.loss_workspace if h.device.type == "cpu" else None)
 
     def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
         p = next(self.parameters())
@@ -183,7 +230,14 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy.
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k))
+        return torch.cat((idx, *new), dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+               top_k: int | None = None) -> Iterator[torch.Tensor]:
+        """Yield max_new_tokens sampled (B, 1) tokens one at a time, continuing idx (B, T).
 
         Uses a KV cache of block_size tokens. Once the sequence outgrows it, the cache is rebuilt
         from the last block_size tokens (the same context a cropping full recompute would see).
@@ -197,9 +251,9 @@ class GPT(nn.Module):
             else:
                 context = idx[:, -1:]
             logits = self.lm_head(self.hidden_states(context, caches)[:, -1])[:, : self.config.vocab_size]
-            idx = torch.cat((idx, sample(logits.float(), temperature, top_k)), dim=1)
-        return idx
-
+            token = sample(logits.float(), temperature, top_k)
+            idx = torch.cat((idx, token), dim=1)
+            yield token
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
     """(B, V) logits -> (B, 1) token ids; temperature 0 is argmax."""

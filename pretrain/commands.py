@@ -27,3 +27,21 @@ def export() -> int:
     from pretrain.export import main
 
     return run_cli(main)
+
+
+def generate() -> int:
+    from pretrain.generate import main
+
+    return run_cli(main)
+
+
+def downstream() -> int:
+    from pretrain.evals.downstream import main
+
+    return run_cli(main)
+
+
+def infer_bench() -> int:
+    from pretrain.evals.infer_bench import main
+
+    return run_cli(main)

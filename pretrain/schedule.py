@@ -123,6 +123,18 @@ def format_step_schedule(points: list[tuple[int, int]]) -> str:
     return ",".join(f"{value}@{start}" for start, value in points)
 
 
+def eval_seq_len_at(points: list[tuple[int, int]], step: int, explicit: int | None = None) -> int:
+    """Sequence length of an evaluation after `step` optimizer steps.
+
+    An explicit --eval-seq-len wins. Otherwise the longest length trained so far (steps 0 .. step-1; at step 0
+    the first phase's length): validation never measures a length the model has not trained at, and the
+    figure never shrinks if a schedule goes back to shorter sequences.
+    """
+    if explicit:
+        return explicit
+    return max(length for start, length in points if start < max(step, 1))
+
+
 def planned_tokens(points: list[tuple[int, int]], steps: int, sequences_per_step: int) -> int:
     """Tokens consumed by `steps` optimizer steps of `sequences_per_step` sequences each."""
     return sum(p.steps * p.seq_len * sequences_per_step for p in phases(points, steps))
@@ -177,6 +189,35 @@ def lr_at(
         progress = min(1.0, (step - decay_start + 1) / decay_steps)
         return lr + (min_lr - lr) * progress
     raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
+def lr_horizon_on_resume(schedule: str, horizon: int, steps: int, step: int, decay_frac: float = 0.2) -> int:
+    """The step count the LR schedule decays over after a run of `horizon` steps resumes at `step` with `steps`.
+
+    The learning rate must not jump at a resume, so a changed --steps keeps the original horizon (a cosine run
+    extended past it continues at min_lr) with one exception: a wsd run still in its stable phase under both
+    horizons takes the new one, so it simply decays later (or earlier), as if it had been planned that way.
+    """
+    if steps == horizon or schedule != "wsd":
+        return horizon
+
+    def decay_start(total: int) -> int:
+        return total - max(1, round(total * decay_frac))
+
+    return steps if step <= min(decay_start(horizon), decay_start(steps)) else horizon
+
+
+def describe_lr_extension(schedule: str, horizon: int, steps: int, step: int, decay_frac: float = 0.2) -> str:
+    """One sentence on what resuming at `step` with `steps` (planned over `horizon`) does to the LR."""
+    if steps == horizon:
+        return "LR schedule unchanged"
+    new = lr_horizon_on_resume(schedule, horizon, steps, step, decay_frac)
+    if schedule == "constant":
+        return "LR stays constant"
+    if new == steps:
+        return f"wsd still in its stable phase: the decay moves to the last {decay_frac:.0%} of {steps:,} steps"
+    beyond = f"; from step {horizon:,} on it stays at min_lr" if steps > horizon else ""
+    return f"LR keeps its {schedule} schedule over the original {horizon:,} steps{beyond}"
 
 
 _SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}

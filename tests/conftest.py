@@ -120,3 +120,14 @@ def gpt2_data(tmp_path_factory, gpt2_encoding) -> Path:
     docs = gpt2_encoding.encode_ordinary_batch(sample_texts(1_600_000))
     tokens = np.concatenate([np.array([50256] + d, dtype=np.uint16) for d in docs])
     return write_legacy_dataset(tmp_path_factory.mktemp("gpt2") / "gpt2.npy", tokens, 50257, 50256, "gpt2")
+
+
+@pytest.fixture(scope="session")
+def made_bytes(tmp_path_factory) -> Path:
+    """~200K byte-level tokens of made-up sentences: needs nothing beside the repo (CI runs a bare clone)."""
+    rng = np.random.default_rng(0)
+    words = ("the a one old new small great king land water light day night man god people house "
+             "said came went made saw gave took was is are and of to in for with from upon").split()
+    lines = [" ".join(rng.choice(words, size=rng.integers(5, 14))).capitalize() + "." for _ in range(5000)]
+    tokens = np.frombuffer("\n".join(lines).encode(), dtype=np.uint8)
+    return write_legacy_dataset(tmp_path_factory.mktemp("made") / "bytes.npy", tokens, 256, 0, "bytes")

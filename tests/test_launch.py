@@ -161,7 +161,9 @@ def test_run_dir_resume_suffix_skip_error_overwrite_and_complete(tmp_path, byte_
     _fake_run(d, first.cfg)
     again = plan(*base, gpu=None, tmp=tmp_path)
     assert again.run["action"] == "resume" and again.cfg.out_dir == str(d)
-    assert plan(*base, "--steps", "40", gpu=None, tmp=tmp_path).run["action"] == "resume"  # extend the run
+    assert plan(*base, "--steps", "40", "--extend", gpu=None, tmp=tmp_path).run["action"] == "resume"  # extend it
+    longer = plan(*base, "--steps", "40", gpu=None, tmp=tmp_path)  # another budget is another run unless --extend
+    assert longer.run["dir"] == str(tmp_path / "tiny-baseline-2") and longer.run["action"] == "fresh"
     other = plan(*base, "--lr", "1e-3", gpu=None, tmp=tmp_path)  # a different experiment: next name
     assert other.run["dir"] == str(tmp_path / "tiny-baseline-2") and other.run["action"] == "fresh"
     assert plan(*base, "--lr", "1e-3", "--if-exists", "skip", gpu=None, tmp=tmp_path).run["action"] == "skip"

@@ -39,7 +39,8 @@ def test_dry_run_writes_nothing_and_prints_one_json_object(tmp_path, byte_data):
     assert listing(tmp_path, byte_data.parent) == before and not (tmp_path / "runs").exists()
     plan = json.loads(proc.stdout)
     assert plan["data"]["vocab_size"] == 256 and plan["data"]["passes"] > 0
-    assert plan["run"] == {"name": "tiny-baseline", "dir": "runs/tiny-baseline", "action": "fresh", "note": ""}
+    assert plan["run"] == {"name": "tiny-baseline", "dir": "runs/tiny-baseline", "action": "fresh", "note": "",
+                           "seed": 1337}
     assert parse_config(plan["command"][2:]).out_dir == "runs/tiny-baseline"
 
 

@@ -347,6 +347,9 @@ class Prefetcher:
                 except queue.Full:
                     pass
         try:
+            if self._pin and self.device.index is not None:
+                # A new thread starts on GPU 0: pinning from it would create a CUDA context there on every rank.
+                torch.cuda.set_device(self.device)
             while not stop.is_set():
                 x, y = self.sampler.next_batch(*key)
                 if self._pin:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from model import ModelConfig
-from pretrain.plan.memory import GiB, MemoryEstimate, allowance, estimate_step_memory
+from pretrain.plan.memory import GiB, MemoryEstimate, allowance, comm_bytes, estimate_step_memory
 from pretrain.train.config import TrainConfig, flag_name
 
 FITS, TIGHT = 0.90, 1.00  # peak / device memory: <= 0.90 fits, <= 1.00 tight, above: won't fit
@@ -35,10 +35,10 @@ def device_kind(cfg: TrainConfig) -> str:
 
 
 def step_peak_bytes(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, nproc: int) -> tuple[int, MemoryEstimate]:
-    """Device bytes of one step at seq_len, with allowance; DDP (nproc > 1) adds its gradient buckets."""
+    """Device bytes of one step at seq_len, with allowance; torchrun adds NCCL's buffers (DDP's gradient buckets
+    are the gradients themselves: gradient_as_bucket_view)."""
     est = estimate_step_memory(mcfg, cfg, seq_len)
-    extra = est.param_bytes if nproc > 1 and not cfg.fsdp else 0  # buckets hold a copy of the gradients
-    return est.device_bytes(device_kind(cfg)) + extra, est
+    return est.device_bytes(device_kind(cfg)) + comm_bytes(nproc, device_kind(cfg)), est
 
 
 def micro_options(sequences_per_proc: int) -> list[int]:
@@ -76,7 +76,7 @@ def largest_fitting(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, capacity:
             if verdict(peak(i)[0], capacity) == "fits":
                 return opts[i]
         return None
-    ddp_extra = est.param_bytes if nproc > 1 and not cfg.fsdp else 0
+    ddp_extra = comm_bytes(nproc, device_kind(cfg))
     while i + 1 < len(opts):
         if _predicted(est, opts[i + 1] / opts[i], device_kind(cfg), ddp_extra) > PREDICTION_SLACK * FITS * capacity:
             break

@@ -4,11 +4,13 @@ A dry run (the default) prints the plan and writes nothing. `--run` runs the tra
 child process, passes SIGTERM / SIGINT / SIGUSR1 (and SIGHUP, as SIGTERM) on to it so it saves before exiting,
 and exits with its exit code. Re-running the same command finds the same run directory and resumes it.
 
-Run directories: `<run-root>/<size>-<variant>[-null][-tieqk][-<tag>]`. Candidates are tried in order
-(name, name-2, name-3, ...):
+Run directories: `<run-root>/<size>-<variant>[-null][-tieqk][-s<seed>][-<tag>]` (the seed when not the
+default). Candidates are tried in order (name, name-2, name-3, ...):
   * a missing or empty directory: a fresh run starts there;
-  * a directory holding a checkpoint of THIS experiment (same settings except those a resume may change):
-    resumed, whatever --if-exists says; a run that already completed its planned steps is left alone;
+  * a directory holding a checkpoint of THIS experiment (same settings except those a resume may change, and
+    the same run length): resumed, whatever --if-exists says; a run that already completed its planned steps is
+    left alone. A different run length (token budget) is another experiment unless --extend says to continue
+    this one; the plan then says what the extension does to the learning rate;
   * anything else (another experiment's run, or a run stopped before its first checkpoint): --if-exists
     decides: suffix (default: try the next name), skip (do nothing, exit 0), error (exit 2),
     overwrite (start afresh there, replacing that run's files).
@@ -33,6 +35,7 @@ from pretrain.data.loader import open_dataset
 from pretrain.plan.plan import VARIANTS, Plan, Request, Resolved, build_plan, resolve
 from pretrain.plan.tiers import VRAM_CHOICES, GpuInfo, detect_gpu, select_tier
 from pretrain.plan.view import render_plan
+from pretrain.schedule import describe_lr_extension
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.checkpoint import checkpoint_paths
 from pretrain.train.config import TrainConfig, add_config_flags, config_differences, format_command
@@ -45,6 +48,7 @@ OWN_FIELDS = {"attn_mode": "--variant", "out_dir": "--run-root / --tag", "overwr
 # How a step is computed, not what it computes: changing these keeps the experiment (same sequences per step).
 EXECUTION_FIELDS = ("batch_size", "grad_accum", "grad_checkpoint", "micro_batch_schedule")
 PROBE_FILE = "probe.json"  # what --probe measured, beside the run it planned
+DEFAULT_SEED = TrainConfig().seed
 
 
 def _compare(argv: list[str]) -> int:
@@ -70,6 +74,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step (GPU tiers: 256)")
     g.add_argument("--run-root", default="runs", help="where run directories live")
     g.add_argument("--tag", default=None, help="suffix of the run name, e.g. lr3e-4")
+    g.add_argument("--extend", action="store_true",
+                   help="continue the existing run with a changed --steps / token budget (default: a new run)")
     g.add_argument("--if-exists", default="suffix", choices=["suffix", "skip", "error", "overwrite"],
                    help="when the run dir holds another run or one without a checkpoint (resumable runs resume)")
     g.add_argument("--data-format", default="auto", choices=["auto", "manifest", "npy", "glob"],
@@ -83,6 +89,9 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     g.add_argument("--run", action="store_true", help="run the trainer (default: dry run, writes nothing)")
     g.add_argument("--force", action="store_true", help="--run even when the plan is estimated not to fit")
+    g.add_argument("--seeds", type=int, default=1,
+                   help="N runs of this config with seeds --seed, --seed+1, ... (run dirs get -s<seed>); "
+                        "compare shows them as mean ± sd")
     add_config_flags(p)
     p.set_defaults(**{f.name: None for f in fields(TrainConfig)})
     for action in p._actions:  # the launcher sets these itself
@@ -104,12 +113,19 @@ class RunDir:
     end: dict[str, Any] | None = None
 
 
-def run_name(values: dict[str, Any], variant: str | None, tag: str | None, kv_flag: int | None = None) -> str:
-    """<size>-<variant>[-null][-tieqk][-<tag>]: the same settings always give the same name."""
+def run_name(values: dict[str, Any], variant: str | None, tag: str | None, kv_flag: int | None = None,
+             seeded: bool = False) -> str:
+    """<size>-<variant>[-null][-tieqk][-s<seed>][-<tag>]: the same settings always give the same name.
+
+    The seed shows when it is not the default (always with --seeds N, `seeded`), so seed repeats are told
+    apart on a dashboard at a glance.
+    """
     label = variant or "baseline"
     if kv_flag is not None and values["attn_mode"] == "gqa":
         label = f"gqa_kv{kv_flag}"  # --variant gqa --kv-head 2 is the same experiment as --variant gqa_kv2
     parts = [values["size"], label] + ["null"] * bool(values["null_attn"]) + ["tieqk"] * bool(values["tie_qk"])
+    if values.get("seed") is not None and (seeded or values["seed"] != DEFAULT_SEED):
+        parts.append(f"s{values['seed']}")
     if tag:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", tag):
             raise UserError(f"--tag {tag!r} may hold only letters, digits, '.', '_' and '-'")
@@ -133,6 +149,20 @@ def _saved_run(d: Path) -> tuple[dict | None, dict | None]:
     return cfg, ends[-1] if ends else None
 
 
+def _run_length(d: Path, saved: dict) -> tuple[int | None, int | None, int]:
+    """(planned steps now, LR horizon, step a resume starts from) of a run dir, from its train.jsonl.
+
+    The last resume event carries the length and horizon in force (a run may have been extended before); the
+    checkpoint step is the last one logged, which is where `last.pt` stands.
+    """
+    events = read_jsonl(d / "train.jsonl")
+    resumes = [e for e in events if e.get("type") == "resume" and isinstance(e.get("steps"), int)]
+    steps = resumes[-1]["steps"] if resumes else saved.get("steps")
+    horizon = resumes[-1].get("lr_horizon", steps) if resumes else steps
+    saved_at = [e["step"] for e in events if e.get("type") == "checkpoint" and isinstance(e.get("step"), int)]
+    return steps, horizon, max(saved_at, default=0)
+
+
 def _match(saved: dict, res: Resolved) -> tuple[list[str], dict[str, Any], list[str]]:
     """(conflicts, values to adopt, warnings) between a saved run's config and this plan."""
     cfg = res.cfg
@@ -153,7 +183,7 @@ def _match(saved: dict, res: Resolved) -> tuple[list[str], dict[str, Any], list[
     return conflicts, adopt, warnings
 
 
-def resolve_run_dir(root: Path, name: str, if_exists: str, res: Resolved) -> RunDir:
+def resolve_run_dir(root: Path, name: str, if_exists: str, res: Resolved, extend: bool = False) -> RunDir:
     """Pick the run directory (see the module docstring); reads the disk, writes nothing."""
     resume = res.values["resume"]
     if resume not in ("auto", "never"):
@@ -168,10 +198,20 @@ def resolve_run_dir(root: Path, name: str, if_exists: str, res: Resolved) -> Run
         saved, end = _saved_run(d)
         has_ckpt = bool(checkpoint_paths(d)["last"] or checkpoint_paths(d)["numbered"])
         conflicts, adopt, warns = _match(saved, res) if saved else ([], {}, [])
-        if has_ckpt and not conflicts and resume == "auto":
+        steps, horizon, at = _run_length(d, saved) if saved else (None, None, 0)
+        planned = res.values["steps"]
+        other_length = steps is not None and steps != planned
+        if has_ckpt and not conflicts and resume == "auto" and (extend or not other_length):
             res.warnings.extend(warns)
-            return RunDir(n, d, "resume", "", adopt, end=end)
+            note = ""
+            if other_length:
+                lr = describe_lr_extension(res.values["lr_schedule"], horizon or steps, planned, at,
+                                           res.values["decay_frac"])
+                note = f"--extend: run length {steps:,} -> {planned:,} steps from step {at:,}; {lr}"
+            return RunDir(n, d, "resume", note, adopt, end=end)
         why = (f"holds a different run ({', '.join(conflicts)} differ)" if conflicts else
+               f"holds a run of {steps:,} steps and this plan has {planned:,} (another token budget; pass "
+               f"--extend to continue that run instead)" if has_ckpt and other_length and resume == "auto" else
                "holds no checkpoint (a run stopped before its first save, or other files)" if not has_ckpt else
                "holds a checkpoint but --resume never was given")
         if if_exists == "error":
@@ -208,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] in SUBCOMMANDS:
         return SUBCOMMANDS[args[0]](args[1:])
     ns, plan = plan_from_argv(args)
+    if ns.seeds != 1:
+        return _seeds_main(args, ns)
     if ns.json:
         import json
 
@@ -241,13 +283,43 @@ def record_probe(plan: Plan) -> None:
     (d / PROBE_FILE).write_text(json.dumps(body, indent=2) + "\n")
 
 
-def plan_from_argv(argv: Sequence[str], gpu: GpuInfo | None | str = "detect") -> tuple[argparse.Namespace, Plan]:
-    """Parse launcher arguments and plan; `gpu` lets tests stand in for a GPU (None: no GPU)."""
+def _seeds_main(args: list[str], ns: argparse.Namespace) -> int:
+    """--seeds N: plan (and with --run, run one after another) N seeds of the config, one run dir each."""
+    plans = [plan_from_argv(args, seed_offset=i)[1] for i in range(ns.seeds)]
+    if ns.json:
+        import json
+
+        print(json.dumps([p.to_json() for p in plans], indent=2, default=str))
+    else:
+        render_plan(plans[0], running=ns.run)
+        print(f"\n{ns.seeds} seeds of this config, one run dir each:")
+        for p in plans:
+            print(f"  {p.run['dir']} ({p.run['action']}): {format_command(p.command)}")
+    if not ns.run:
+        return 0
+    for p in plans:
+        if p.run["action"] in ("skip", "complete"):
+            print(p.run["note"], file=sys.stderr)
+            continue
+        code = run_trainer(p.command)
+        if code != 0:
+            return code  # rerunning the same command resumes this seed and runs the rest
+    return 0
+
+
+def plan_from_argv(argv: Sequence[str], gpu: GpuInfo | None | str = "detect",
+                   seed_offset: int = 0) -> tuple[argparse.Namespace, Plan]:
+    """Parse launcher arguments and plan; `gpu` lets tests stand in for a GPU (None: no GPU).
+    With --seeds N, seed_offset picks which of the N seeds to plan (seed + offset, run dir -s<seed>)."""
     ns = build_parser().parse_args(list(argv))
     flags = {f.name: getattr(ns, f.name) for f in fields(TrainConfig) if getattr(ns, f.name) is not None}
     for name, instead in OWN_FIELDS.items():
         if name in flags:
             raise UserError(f"the launcher sets {name.replace('_', '-')} itself; use {instead}")
+    if ns.seeds < 1:
+        raise UserError(f"--seeds must be a positive number of runs, got {ns.seeds}")
+    if ns.seeds > 1:
+        flags["seed"] = flags.get("seed", TrainConfig.seed) + seed_offset  # run_name adds -s<seed>
     return ns, make_plan(ns, flags, gpu)
 
 
@@ -263,8 +335,8 @@ def make_plan(ns: argparse.Namespace, flags: dict[str, Any], gpu: GpuInfo | None
     res = resolve(req, tier, gpu_info, vocab)  # type: ignore[arg-type]
     if ds is not None:
         ds.check_vocab(res.mcfg.vocab_size)
-    name = run_name(res.values, ns.variant, ns.tag, flags.get("kv_head"))
-    rd = resolve_run_dir(Path(ns.run_root), name, ns.if_exists, res)
+    name = run_name(res.values, ns.variant, ns.tag, flags.get("kv_head"), seeded=ns.seeds > 1)
+    rd = resolve_run_dir(Path(ns.run_root), name, ns.if_exists, res, ns.extend)
     if rd.adopted:
         kept = res.warnings
         res = resolve(req, tier, gpu_info, vocab, adopted=rd.adopted)  # type: ignore[arg-type]
@@ -277,13 +349,14 @@ def make_plan(ns: argparse.Namespace, flags: dict[str, Any], gpu: GpuInfo | None
         res.values["resume"], res.sources["resume"] = "never", "--if-exists overwrite"
     if rd.action == "resume" and rd.end and rd.end.get("status") == "completed" \
             and rd.end.get("step", 0) >= res.values["steps"]:
-        rd.action, rd.note = "complete", (f"{rd.path} already completed {rd.end['step']} steps; raise --steps or "
-                                          "the token budget to extend it, or use another --tag for a new run")
+        rd.action, rd.note = "complete", (f"{rd.path} already completed {rd.end['step']} steps; add --extend with "
+                                          "a larger --steps or token budget to extend it, or use another --tag "
+                                          "for a new run")
     if data_note:
         res.warnings.insert(0, data_note)
     data = None if ds is None else {"path": str(ds.path), "train_tokens": ds.train_tokens, "val_tokens":
                                     ds.val_tokens, "vocab_size": ds.vocab_size, "tokenizer": ds.tokenizer}
-    run = {"name": rd.name, "dir": str(rd.path), "action": rd.action, "note": rd.note}
+    run = {"name": rd.name, "dir": str(rd.path), "action": rd.action, "note": rd.note, "seed": res.values["seed"]}
     return build_plan(res, req, tier, tier_how, gpu_info, data, run)  # type: ignore[arg-type]
 
 

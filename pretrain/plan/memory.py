@@ -24,8 +24,10 @@ The device needs more than that; `allowance` adds a stated amount for what tenso
   * caching-allocator rounding and fragmentation: FRAGMENTATION (10 %) of the tensor peak (reserved memory
     usually runs 3-15 % above allocated in steady training; expandable_segments lowers it).
 Not modelled: torch.compile (usually lowers activation memory by fusing pointwise ops, so eager is the safer
-figure), evaluation (no_grad, smaller than a training step), DDP gradient buckets (added by the planner) and
-FSDP sharding (the estimate is per unsharded replica, an upper bound).
+figure), evaluation (no_grad, smaller than a training step) and FSDP sharding (the estimate is per unsharded
+replica, an upper bound). Under torchrun on CUDA the planner adds `comm_bytes`: NCCL's communicator buffers.
+DDP's gradient buckets cost nothing extra: the trainer builds DDP with gradient_as_bucket_view=True, so the
+gradients the estimate already counts are views into the buckets.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ from pretrain.train.optim import build_optimizer, step_unless_nonfinite
 GiB = 1024**3
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)
 FRAGMENTATION = 0.10
+# NCCL per rank: channel buffers (NCCL_BUFFSIZE 4 MiB x up to 32 channels x send/recv) plus the communicator and
+# proxy state; a few hundred MiB on one node, so 0.5 GiB is a stated, rounded-up allowance.
+NCCL_BYTES = int(0.5 * GiB)
 # A CPU run has no CUDA context, but the Python process with torch loaded holds ~0.5 GiB resident.
 CPU_PROCESS_BYTES = int(0.5 * GiB)
 
@@ -82,6 +87,11 @@ def allowance(tensor_peak_bytes: int, device: str = "cuda") -> int:
     """Bytes the device needs beyond live tensors (see the module docstring for the numbers)."""
     base = CUDA_CONTEXT_BYTES if device == "cuda" else CPU_PROCESS_BYTES
     return base + int(FRAGMENTATION * tensor_peak_bytes)
+
+
+def comm_bytes(nproc: int, device: str = "cuda") -> int:
+    """Device bytes the collective library holds per rank: NCCL under torchrun on CUDA, nothing otherwise."""
+    return NCCL_BYTES if nproc > 1 and device == "cuda" else 0
 
 
 class _PeakTracker(MemTracker):

@@ -98,7 +98,8 @@ def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -
     out.line(f"  tier      {plan.tier.name} ({plan.tier_how}); device {cfg.device}; memory "
              f"{fmt_bytes(plan.memory_capacity_bytes)} ({plan.memory_capacity_how})")
     run = plan.run
-    out.line(f"  run       {run['dir']} ({run['action']}{': ' + run['note'] if run['note'] else ''})")
+    out.line(f"  run       {run['dir']} ({run['action']}{': ' + run['note'] if run['note'] else ''}); "
+             f"seed {cfg.seed}")
     if plan.data:
         d = plan.data
         out.line(f"  data      {d['path']}: {fmt_count(d['train_tokens'])} train tokens, {d['tokenizer']} vocab "

@@ -13,14 +13,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pretrain.cli import ArgumentParser, UserError
+from pretrain.track.kv_plot import plot_quality_vs_kv
 from pretrain.track.plots import events_by_step
-from pretrain.track.runlog import JSONL_NAME, read_jsonl
+from pretrain.track.runlog import JSONL_NAME, median_tok_s, read_jsonl
+from pretrain.track.seeds import band, group_key, group_rows
 
 # Column key -> header, in print order.
 COLUMNS = {
@@ -75,6 +76,30 @@ def _variant(model_config: dict | None) -> str | None:
     return str(attn)
 
 
+def measured_fields(infer: dict[str, Any]) -> dict[str, Any]:
+    """Figures of a run's latest `infer` event (python -m pretrain.infer_bench): measured KV bytes per token,
+    and per context length decode/prefill tokens/s and peak memory."""
+    if not infer:
+        return {}
+    out = {"kv_measured": infer.get("kv_bytes_per_token")}
+    out |= {k: v for k, v in infer.items() if "@" in k}
+    return out
+
+
+def _measured_columns(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Columns for the measured figures present in any row: decode tok/s per length, prefill and peak at the
+    longest length (the KV cache decides those at long context)."""
+    lengths = sorted({int(k.split("@")[1]) for r in rows for k in r
+                      if k.startswith("decode_tok_s@") and not k.endswith("_sd")})
+    if not lengths:
+        return {}
+    cols = {"kv_measured": "KV B/tok meas"}
+    cols |= {f"decode_tok_s@{n}": f"dec tok/s@{_length(n)}" for n in lengths}
+    cols |= {f"prefill_tok_s@{lengths[-1]}": f"prefill tok/s@{_length(lengths[-1])}",
+             f"peak_mem_bytes@{lengths[-1]}": f"peak MiB@{_length(lengths[-1])}"}
+    return cols
+
+
 def run_row(run_dir: Path) -> dict[str, Any]:
     """One run's figures; missing ones are None (a run killed before its first eval has no val loss)."""
     records = read_jsonl(run_dir / JSONL_NAME)
@@ -83,7 +108,6 @@ def run_row(run_dir: Path) -> dict[str, Any]:
     train = events_by_step(records, "train")
     evals = [e for e in events_by_step(records, "eval") if _num(e.get("loss")) is not None]
     mcfg = meta.get("model_config")
-    tok_s = [v for r in train if (v := _num(r.get("tok_s"))) is not None]
     steps = max([r["step"] for r in train + evals], default=0)
     if end and isinstance(end.get("step"), int):
         steps = end["step"]  # a run stopped by a signal saved one step past its last logged line
@@ -96,16 +120,23 @@ def run_row(run_dir: Path) -> dict[str, Any]:
     tokens = (end or {}).get("tokens")
     if _num(tokens) is None:
         tokens = max([r["tokens"] for r in train + evals if _num(r.get("tokens")) is not None], default=None)
+    tcfg = meta.get("train_config") or {}
+    infer = next((r for r in reversed(records) if r.get("type") == "infer"), {})
+    downstream = [e for e in events_by_step(records, "downstream") if _num(e.get("acc_norm")) is not None]
     return {
         "run": run_dir.name,
         "path": str(run_dir),
+        "seed": tcfg.get("seed"),
+        "group_key": group_key(tcfg),
+        **measured_fields(infer),
+        "acc_norm": downstream[-1]["acc_norm"] if downstream else None,
         "variant": _variant(mcfg),
         "params": meta.get("params"),
         "kv_bytes_per_token": _kv_bytes(mcfg),
         "tokens": tokens,
         "best_val_loss": min((e["loss"] for e in evals), default=None),
         "final_val_loss": evals[-1]["loss"] if evals else None,
-        "tok_s": statistics.median(tok_s) if tok_s else None,  # median: the first lines include warm-up
+        "tok_s": median_tok_s(train),  # the same figure summary.md shows
         "steps": steps,
         "planned_steps": planned,
         "status": status,
@@ -122,6 +153,10 @@ def compare_runs(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
     return rows
 
 
+def _length(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
 def _human(n: float) -> str:
     for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(n) >= scale:
@@ -133,32 +168,59 @@ def _cell(key: str, row: dict[str, Any]) -> str:
     value = row.get(key)
     if value is None:
         return "-"
+    sd = row.get(f"{key}_sd")
+    if sd is not None:  # a seed group: mean ± sample sd
+        return f"{_one(key, row, value)} ± {_one(key, row, sd)}"
+    return _one(key, row, value)
+
+
+def _one(key: str, row: dict[str, Any], value: Any) -> str:
     if key in ("best_val_loss", "final_val_loss"):
         return f"{value:.4f}"
     if key in ("params", "tokens", "tok_s"):
         return _human(value)
-    if key == "kv_bytes_per_token":
-        return f"{value:,}"
+    if key in ("kv_bytes_per_token", "kv_measured"):
+        return f"{value:,.0f}"
+    if key == "acc_norm":
+        return f"{value:.3f}"
+    if key.startswith("peak_mem_bytes@"):
+        return f"{value / 2**20:,.1f}"
+    if key.startswith(("decode_tok_s@", "prefill_tok_s@")):
+        return _human(value) if value >= 1000 else f"{value:.1f}"
     if key == "steps" and row.get("planned_steps"):
         return f"{value}/{row['planned_steps']}"
     return str(value)
 
 
+def table_columns(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """COLUMNS, plus the columns only some comparisons have (seeds, downstream accuracy, measured cost)."""
+    extra: dict[str, str] = {}
+    if any((r.get("seeds") or 1) > 1 for r in rows):
+        extra["seeds"] = "seeds"
+    if any(r.get("acc_norm") is not None for r in rows):
+        extra["acc_norm"] = "acc_norm"
+    extra |= _measured_columns(rows)
+    keys = list(COLUMNS)
+    cut = keys.index("steps")
+    return {k: COLUMNS.get(k) or extra[k] for k in keys[:cut] + list(extra) + keys[cut:]}
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Plain aligned text (no box characters: it is pasted into issues and notebooks). Best val marked *."""
+    columns = table_columns(rows)
     best = min((r["best_val_loss"] for r in rows if r.get("best_val_loss") is not None), default=None)
-    table = [list(COLUMNS.values())]
+    table = [list(columns.values())]
     for r in rows:
-        cells = [_cell(k, r) for k in COLUMNS]
+        cells = [_cell(k, r) for k in columns]
         if best is not None and r.get("best_val_loss") == best and len(rows) > 1:
-            cells[list(COLUMNS).index("best_val_loss")] += " *"
+            cells[list(columns).index("best_val_loss")] += " *"
         table.append(cells)
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     # Text columns left-aligned, numbers right-aligned so digits line up.
     left = {"run", "variant", "status"}
     lines = []
     for line in table:
-        parts = [c.ljust(w) if k in left else c.rjust(w) for c, w, k in zip(line, widths, COLUMNS, strict=True)]
+        parts = [c.ljust(w) if k in left else c.rjust(w) for c, w, k in zip(line, widths, columns, strict=True)]
         lines.append("  ".join(parts).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -179,18 +241,33 @@ def plot_val_curves(paths: Sequence[str | os.PathLike], out_png: str | os.PathLi
     lows, highs = [], []
     run_dirs = find_runs(paths)
     names = [d.name for d in run_dirs]
-    for run_dir in run_dirs:
+    groups: dict[Any, list[tuple[str, str | None, list]]] = {}  # seeds of one config share a line and band
+    for i, run_dir in enumerate(run_dirs):
         records = read_jsonl(run_dir / JSONL_NAME)
         meta = next((r for r in records if r.get("type") == "meta"), {})
         points = [(e["tokens"], e["loss"]) for e in events_by_step(records, "eval")
                   if _num(e.get("tokens")) is not None and _num(e.get("loss")) is not None]
         if not points:
             continue
-        xs, ys = zip(*points, strict=True)
-        variant = _variant(meta.get("model_config"))
         name = run_dir.name if names.count(run_dir.name) == 1 else str(run_dir)
-        ax.plot(xs, ys, "o-", ms=3, lw=1.5, label=f"{name} ({variant})" if variant else name)
-        lows.append(min(ys))
+        key = group_key(meta.get("train_config")) or i
+        groups.setdefault(key, []).append((name, _variant(meta.get("model_config")), points))
+    for members in groups.values():
+        name, variant, points = members[0]
+        label = f"{name} ({variant})" if variant else name
+        if len(members) > 1:
+            xs, ys, sds = band([m[2] for m in members])
+            label = f"{label}, mean ± sd of {len(members)} seeds"
+            line = ax.plot(xs, ys, "o-", ms=3, lw=1.5, label=label)[0]
+            ax.fill_between(xs, [y - d for y, d in zip(ys, sds, strict=True)],
+                            [y + d for y, d in zip(ys, sds, strict=True)], color=line.get_color(), alpha=0.2)
+        else:
+            xs, ys = (list(v) for v in zip(*points, strict=True))
+            sds = [0.0] * len(ys)
+            ax.plot(xs, ys, "o-", ms=3, lw=1.5, label=label)
+        if not ys:
+            continue
+        lows.append(min(y - d for y, d in zip(ys, sds, strict=True)))  # the whole band stays in view
         highs.append(ys[1] if len(ys) > 2 else max(ys))
     if lows:
         # The step-0 eval (~ln(vocab)) would flatten the differences that decide between variants.
@@ -215,20 +292,49 @@ def build_parser(prog: str = "python -m pretrain.track.compare") -> ArgumentPars
                    help="PNG of val loss vs tokens (default: compare.png beside the first run dir)")
     p.add_argument("--no-plot", action="store_true", help="print the table only")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.add_argument("--per-seed", action="store_true", help="one row per run instead of mean ± sd per seed group")
+    p.add_argument("--measure", action="store_true",
+                   help="first measure each run's inference cost (python -m pretrain.infer_bench) and add it")
+    p.add_argument("--measure-lengths", default="1K,4K,16K", help="context lengths for --measure")
+    p.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per length for --measure")
+    p.add_argument("--device", default="cpu", help="device for --measure (cpu, cuda)")
     return p
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m pretrain.track.compare") -> int:
     """CLI entry; `run_1b_launch.py compare ...` calls this with its own `prog` for the help/error text."""
     args = build_parser(prog).parse_args(argv)
-    rows = compare_runs(args.runs)
+    if args.measure:
+        _measure([r["path"] for r in compare_runs(args.runs)], args)
+    runs = compare_runs(args.runs)
+    rows = runs if args.per_seed else group_rows(runs, GROUP_METRICS + [k for k in _measured_columns(runs)])
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     if not args.no_plot:
-        out = Path(args.out) if args.out else Path(rows[0]["path"]).parent / "compare.png"
-        plot_val_curves([r["path"] for r in rows], out)
+        out = Path(args.out) if args.out else Path(runs[0]["path"]).parent / "compare.png"
+        plot_val_curves([r["path"] for r in runs], out)
+        kv_png = plot_quality_vs_kv(rows, out.with_name(f"{out.stem}_kv{out.suffix}"))
         if not args.json:
             print(f"val loss vs tokens: {out}")
+            print(f"val loss vs KV bytes per token: {kv_png}")
     return 0
+
+
+# Per-run figures averaged over a seed group (the rest, e.g. params or variant, is the same for every seed).
+GROUP_METRICS = ["best_val_loss", "final_val_loss", "tok_s", "tokens", "acc_norm", "kv_measured"]
+
+
+def _measure(paths: Sequence[str], args: Any) -> None:
+    """compare --measure: the inference benchmark on every run first (records an `infer` event in each)."""
+    import torch
+
+    from pretrain.evals.infer_bench import bench_run, parse_lengths
+    from pretrain.evals.run_model import find_checkpoint
+
+    lengths = parse_lengths(args.measure_lengths)
+    for p in paths:
+        find_checkpoint(Path(p), "auto")  # all checked before the first measurement
+    for p in paths:
+        bench_run(Path(p), lengths, args.decode_tokens, torch.device(args.device), None)
 
 
 if __name__ == "__main__":

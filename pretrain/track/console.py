@@ -2,7 +2,7 @@
 
 Metric keys understood (all optional, None or missing is skipped): loss, lr, grad_norm (or gnorm),
 tok_s, mfu (a fraction, 0.381 -> "38.1%"), step_ms, mem_peak_gb / mem_reserved_gb / mem_alloc_gb /
-mem_rss_gb / mem_gb (first present wins), skipped (count of non-finite steps), eta_s.
+mem_rss_gb / mem_gb (first present wins), skipped_steps or skipped (count of non-finite steps), eta_s.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def metric_parts(metrics: Mapping[str, Any]) -> list[str]:
         parts.append(f"{ms:.0f}ms")
     if (mem := _get(metrics, *_MEM_KEYS)) is not None:
         parts.append(f"mem {mem:.1f}GB")
-    if (skipped := _get(metrics, "skipped")) is not None and skipped > 0:
+    if (skipped := _get(metrics, "skipped_steps", "skipped")) is not None and skipped > 0:
         parts.append(f"skipped {int(skipped)}")
     if (eta := _get(metrics, "eta_s")) is not None and math.isfinite(eta):
         parts.append(f"eta {format_duration(eta)}")
@@ -78,12 +78,16 @@ def format_train_line(step: int, total_steps: int, metrics: Mapping[str, Any]) -
 
 
 def format_eval_line(step: int, metrics: Mapping[str, Any]) -> str:
-    """'eval step 120 | val loss 4.1021 | ppl 60.45' (for Console.print)."""
+    """'eval step 120 | seq 512 | val loss 4.1021 | ppl 60.45 | best 4.0012' (for Console.print)."""
     parts = [f"eval step {step}"]
+    if (seq := _get(metrics, "seq_len")) is not None:
+        parts.append(f"seq {int(seq)}")
     if (loss := _get(metrics, "val_loss", "loss")) is not None:
         parts.append(f"val loss {loss:.4f}")
         if math.isfinite(loss) and loss < 700:
             parts.append(f"ppl {math.exp(loss):.2f}")
+    if (best := _get(metrics, "best")) is not None:
+        parts.append(f"best {best:.4f}")
     return " | ".join(parts)
 
 

@@ -68,7 +68,7 @@ def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
 
 
 def write_plots(run_dir: str | os.PathLike) -> list[Path]:
-    """Draw loss.png (train + val vs tokens), lr.png, throughput.png, grad_norm.png from train.jsonl.
+    """Draw loss.png (train + val vs tokens, val per eval length), lr.png, throughput.png, grad_norm.png.
 
     Plots without data (e.g. no grad_norm logged yet) are skipped. Returns the paths written.
     """
@@ -100,8 +100,11 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
         fig, ax = _figure(PLOT_TITLES["loss"], xlabel, "cross-entropy loss")
         if ty:
             ax.plot(tx, ty, lw=1, alpha=0.8, label="train")
-        if vy:
-            ax.plot(vx, vy, "o-", ms=3, lw=1.5, label="val")
+        # One val series per eval length: a loss at 256 tokens is not the same figure as one at 64.
+        for seq in sorted({r.get("seq_len") for r in evals}, key=lambda n: (n is None, n or 0)):
+            sx, sy = _series([r for r in evals if r.get("seq_len") == seq], x_of, "val_loss", "loss")
+            if sy:
+                ax.plot(sx, sy, "o-", ms=3, lw=1.5, label="val" if seq is None else f"val (seq {seq})")
         if len(ty) > 20:
             # The first steps (loss ~ln(vocab)) would flatten the interesting part of the curve.
             top = max(sorted(ty)[int(0.98 * (len(ty) - 1))], *(vy or [0]))

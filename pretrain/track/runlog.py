@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -68,16 +69,25 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return _parse_lines(text)
 
 
+def median_tok_s(train_events: Iterable[Mapping[str, Any]]) -> float | None:
+    """The run's throughput figure: the median tok/s of its train lines (the first ones include warm-up)."""
+    rates = [v for e in train_events if isinstance(v := e.get("tok_s"), int | float) and not isinstance(v, bool)
+             and math.isfinite(v)]
+    return statistics.median(rates) if rates else None
+
+
 class RunLog:
     """Append-only train.jsonl writer.
 
     resume_step=None starts a fresh log (an existing file is replaced: the trainer only gets here for a new
     run or with --overwrite). resume_step=N keeps the lines with step <= N plus step-less lines (meta), drops
     a torn last line and any `end` line (the run has not ended), rewrites the file atomically and appends a
-    `resume` event. Events are flushed per line so a kill -9 loses at most the line being written.
+    `resume` event (carrying `resume_fields`: where from, steps before and now). Events are flushed per
+    line so a kill -9 loses at most the line being written.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, resume_step: int | None = None) -> None:
+    def __init__(self, run_dir: str | os.PathLike, resume_step: int | None = None,
+                 resume_fields: Mapping[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / JSONL_NAME
@@ -91,7 +101,7 @@ class RunLog:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file: TextIO | None = open(self.path, "a", encoding="utf-8", buffering=1)
         if resume_step is not None:
-            self.event("resume", step=int(resume_step))
+            self.event("resume", step=int(resume_step), **(resume_fields or {}))
 
     def event(self, type: str, **fields: Any) -> None:
         """Append one event line; `time` (unix seconds) is added unless given."""

@@ -6,13 +6,14 @@ import json
 import math
 import os
 import shlex
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pretrain.fsio import atomic_write_text
-from pretrain.track.plots import PLOT_TITLES
-from pretrain.track.runlog import _jsonable
+from pretrain.track.plots import PLOT_TITLES, events_by_step
+from pretrain.track.runlog import JSONL_NAME, _jsonable, median_tok_s, read_jsonl
 
 SUMMARY_NAME = "summary.md"
 
@@ -22,7 +23,9 @@ SUMMARY_KEYS = """Keys of `info` for write_summary (all optional; missing ones a
   train_config dict; model_config dict; params int; non_embedding_params int;
   steps int (done); total_steps int (planned); tokens int (seen); final_val_loss float;
   best_val_loss float; best_step int; tok_s float; mfu float (fraction 0..1, None off-GPU);
-  elapsed_s float; skipped_steps int; wandb_url str; notes list[str].
+  elapsed_s float; skipped_steps int; wandb_url str; wandb_sync str; notes list[str].
+Throughput (the median over train lines, as `compare` shows) and the history of resumes and run-length
+changes are read from run_dir/train.jsonl when it exists.
 """
 
 
@@ -67,6 +70,25 @@ def _config_table(cfg: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _history(records: list[dict]) -> list[str]:
+    """'## Resumes' lines from train.jsonl's resume events: when, from which step, and run-length changes."""
+    lines = []
+    for r in records:
+        if r.get("type") != "resume":
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(r["time"])) if _num(r.get("time")) else "?"
+        line = f"- {when}: resumed at step {r.get('step')}"
+        if r.get("from"):
+            line += f" from `{Path(str(r['from'])).name}`"
+        before, now = r.get("steps_before"), r.get("steps")
+        if isinstance(before, int) and isinstance(now, int) and before != now:
+            line += f"; run length {before:,} -> {now:,} steps ({'extended' if now > before else 'shortened'})"
+            if r.get("lr_note"):
+                line += f": {r['lr_note']}"
+        lines.append(line)
+    return ["## Resumes", ""] + lines + [""] if lines else []
+
+
 def write_summary(run_dir: str | os.PathLike, info: Mapping[str, Any]) -> Path:
     """Write run_dir/summary.md from `info` (see SUMMARY_KEYS) and the directory listing; returns its path."""
     run_dir = Path(run_dir)
@@ -98,8 +120,10 @@ def write_summary(run_dir: str | os.PathLike, info: Mapping[str, Any]) -> Path:
     for key, label in (("params", "parameters"), ("non_embedding_params", "non-embedding parameters")):
         if (v := _num(info.get(key))) is not None:
             rows.append((label, f"{_human(v)} ({int(v):,})"))
-    if (v := _num(info.get("tok_s"))) is not None:
-        rows.append(("throughput", f"{_human(v)} tok/s"))
+    records = read_jsonl(run_dir / JSONL_NAME)
+    train = events_by_step(records, "train")
+    if (v := median_tok_s(train) if train else _num(info.get("tok_s"))) is not None:
+        rows.append(("throughput", f"{_human(v)} tok/s" + (f" (median of {len(train)} train lines)" if train else "")))
     if (v := _num(info.get("mfu"))) is not None:
         rows.append(("MFU", f"{100 * v:.1f}%"))
     if elapsed is not None:
@@ -108,8 +132,12 @@ def write_summary(run_dir: str | os.PathLike, info: Mapping[str, Any]) -> Path:
         rows.append(("skipped steps (non-finite)", str(int(v))))
     if info.get("wandb_url"):
         rows.append(("wandb", str(info["wandb_url"])))
+    elif info.get("wandb_sync"):
+        rows.append(("wandb (offline)", f"upload every session with `{info['wandb_sync']}`"))
     if rows:
         out += ["## Results", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+
+    out += _history(records)
 
     for note in info.get("notes") or []:
         out.append(f"- {note}")

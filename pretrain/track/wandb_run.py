@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import string
 import struct
 import sys
@@ -43,6 +44,10 @@ def stored_run_id(run_dir: str | os.PathLike) -> str | None:
 class WandbRun:
     """A wandb run that continues across resumes with strictly increasing steps.
 
+    Several events share a step (the train line, then the eval and the checkpoint at that step): `log`
+    gathers them into one row that is sent when a later step arrives, at `flush()` or at `finish()`, because
+    wandb refuses a second row at a step it already has.
+
     The run id is, in order: `run_id` (from the checkpoint), the id in run_dir/wandb_run_id.txt (unless
     fresh=True, for a --overwrite restart), or a new id. Any failure at init prints one warning and turns
     this object into a no-op: a wandb outage must never stop a paid-for training run.
@@ -56,6 +61,10 @@ class WandbRun:
         self._run: Any = None
         self._warn = warn or _warn
         self._last_step = -1
+        self._pending: dict[str, Any] = {}
+        self._pending_step: int | None = None
+        self._offline = False
+        self._wandb_dir = Path(run_dir) / "wandb"
         self._run_id: str | None = None
         self._sync_file: Path | None = None
         if not enabled or mode == "disabled":
@@ -72,12 +81,18 @@ class WandbRun:
                 allow_val_change=True,  # steps and cadences may legitimately change on resume
             )
             self._run_id = self._run.id
+            self._offline = bool(getattr(self._run.settings, "_offline", False))
             sync_file = getattr(self._run.settings, "sync_file", None)
             self._sync_file = Path(sync_file) if sync_file else None
             (run_dir / RUN_ID_FILE).write_text(self._run_id + "\n")
             # A run resumed online already holds history up to its last step; wandb rejects lower steps.
             self._last_step = int(getattr(self._run, "step", 0) or 0) - 1
-            self._run.define_metric("val/loss", summary="min")
+            # Charts default to tokens on the x-axis (runs with other batch or seq-len schedules line up);
+            # wandb's own Step stays selectable. Every row carries "tokens" (see Session.emit).
+            self._run.define_metric("tokens")
+            self._run.define_metric("train/*", step_metric="tokens")
+            self._run.define_metric("val/*", step_metric="tokens")
+            self._run.define_metric("val/loss", step_metric="tokens", summary="min")
         except Exception as e:  # any wandb problem (network, auth, bad flags) is non-fatal
             self._warn(f"wandb disabled, training continues without it ({type(e).__name__}: {e})")
             self._finish_quietly()
@@ -94,14 +109,38 @@ class WandbRun:
     def url(self) -> str | None:
         return getattr(self._run, "url", None) if self._run is not None else None
 
+    @property
+    def sync_command(self) -> str | None:
+        """Offline: the `wandb sync` command uploading every session of this run (one dir per session)."""
+        if self._run_id is None or not self._offline:
+            return None
+        return f"wandb sync {shlex.quote(str(self._wandb_dir))}/offline-run-*-{self._run_id}"
+
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Send metrics at an explicit step; a step <= the last one sent is dropped (resume overlap)."""
+        """Add metrics to the row of `step`; the row is sent once a later step arrives (or at flush/finish).
+
+        A step at or below the last row sent is dropped: only an online resume gets there, for steps the
+        server already holds from the session before.
+        """
+        step = int(step)
         if self._run is None or step <= self._last_step:
             return
-        data = {k: v for k, v in metrics.items() if v is not None}
+        if self._pending_step is not None and step < self._pending_step:
+            return  # steps only go forward within a session; never reorder what wandb receives
+        if self._pending_step is not None and step != self._pending_step:
+            self.flush()
+        self._pending_step = step
+        self._pending.update({k: v for k, v in metrics.items() if v is not None})
+
+    def flush(self) -> None:
+        """Send the gathered row now (called after a checkpoint, so a kill -9 loses no saved step's row)."""
+        if self._run is None or self._pending_step is None:
+            return
+        row, step = self._pending, self._pending_step
+        self._pending, self._pending_step = {}, None
         try:
-            self._run.log(data, step=int(step))
-            self._last_step = int(step)
+            self._run.log(row, step=step, commit=True)
+            self._last_step = step
         except Exception as e:
             self._warn(f"wandb log failed, disabling wandb for this run ({type(e).__name__}: {e})")
             self._finish_quietly()
@@ -117,6 +156,7 @@ class WandbRun:
         wandb 0.31's finish() can return before wandb-core has written the file out (seen: a 7-byte file
         that fills in ~0.3 s later), which would make a read-back or a `wandb sync` right after miss data.
         """
+        self.flush()
         if self._run is None:
             return
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import types
 import typing
@@ -87,8 +88,17 @@ class TrainConfig:
     # eval and logging
     eval_every: int = _opt(200, "evaluate every N steps (0: only at start and end)", group="eval")
     eval_iters: int = _opt(20, "validation batches per evaluation", group="eval")
-    eval_seq_len: int | None = _opt(None, "validation sequence length (default: final train seq len)", group="eval")
+    eval_seq_len: int | None = _opt(None, "validation length (default: longest trained so far)", group="eval")
     log_every: int = _opt(10, "log a train line every N steps", group="eval")
+    sample_every: int = _opt(0, "write text samples (greedy + sampled) every N steps and at the end (0: off)",
+                             group="eval")
+    sample_prompts: str | None = _opt(None, "file with one sample prompt per line (default: built-in)", group="eval")
+    sample_tokens: int = _opt(48, "tokens generated per sample", group="eval")
+    sample_temperature: float = _opt(0.8, "temperature of the sampled continuation", group="eval")
+    hellaswag: str | None = _opt(None, "multiple-choice set scored at the end (and every --downstream-every): "
+                                 "a jsonl of {ctx, endings, label}, or 'hf' for Rowan/hellaswag", group="eval")
+    downstream_every: int = _opt(0, "score --hellaswag every N steps (0: at the end only)", group="eval")
+    downstream_items: int = _opt(500, "multiple-choice items per downstream eval (0: all)", group="eval")
 
     # checkpoints and run dir
     save_every: int = _opt(500, "save last.pt every N steps (0 disables step-based saves)", group="ckpt")
@@ -133,6 +143,8 @@ RESUMABLE_CHANGES = frozenset(
         "resume", "overwrite", "max_bad_steps", "device", "live", "tb", "compile", "compile_mode",
         "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "wandb_tags", "wandb_mode",
         "wandb_id", "opt_fused", "out_dir", "data", "cpu_offload", "grad_checkpoint", "init_from",
+        "sample_every", "sample_prompts", "sample_tokens", "sample_temperature", "hellaswag", "downstream_every",
+        "downstream_items",
     }
 )
 
@@ -194,7 +206,8 @@ def validate(cfg: TrainConfig) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise UserError(f"{flag_name(name)} must be a positive integer, got {getattr(cfg, name)}")
-    for name in ["eval_every", "save_every", "keep_last", "warmup_steps", "max_bad_steps"]:
+    for name in ["eval_every", "save_every", "keep_last", "warmup_steps", "max_bad_steps", "sample_every",
+                 "downstream_every", "downstream_items"]:
         if getattr(cfg, name) < 0:
             raise UserError(f"{flag_name(name)} must be >= 0, got {getattr(cfg, name)}")
     if cfg.lr is not None and cfg.lr <= 0:
@@ -213,6 +226,16 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.fsdp and cfg.amp and cfg.amp_dtype == "fp16":
         raise UserError("--fsdp does not support --amp-dtype fp16: use --amp-dtype bf16, or DDP (drop --fsdp)")
     parse_micro_batch_schedule(cfg.micro_batch_schedule, cfg.batch_size * cfg.grad_accum)
+    if cfg.sample_tokens <= 0 or cfg.sample_temperature < 0:
+        raise UserError("--sample-tokens must be positive and --sample-temperature >= 0 (0 is greedy)")
+    if cfg.sample_prompts and not os.path.isfile(cfg.sample_prompts):
+        raise UserError(f"--sample-prompts {cfg.sample_prompts}: no such file; pass a text file with one prompt "
+                        "per line, or drop the flag for the built-in prompts")
+    if cfg.downstream_every and not cfg.hellaswag:
+        raise UserError("--downstream-every needs --hellaswag PATH (a jsonl of {ctx, endings, label}) or 'hf'")
+    if cfg.hellaswag and cfg.hellaswag != "hf" and not os.path.isfile(cfg.hellaswag):
+        raise UserError(f"--hellaswag {cfg.hellaswag}: no such file; pass a jsonl of {{ctx, endings, label}} "
+                        "items, or 'hf' to download HellaSwag")
     if cfg.resume not in ("auto", "never") and not cfg.resume.endswith(".pt"):
         raise UserError(f"--resume takes auto, never or a .pt path, got {cfg.resume!r}")
 

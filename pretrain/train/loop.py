@@ -14,6 +14,7 @@ from pretrain.track.plots import write_plots
 from pretrain.track.summary import write_summary
 from pretrain.train import device as dev
 from pretrain.train import distributed as dist_lib
+from pretrain.train import speed
 from pretrain.train.checkpoint import latest_step
 from pretrain.train.config import TrainConfig, format_command, parse_config
 from pretrain.train.optim import peak_lr, set_lr, step_unless_nonfinite
@@ -50,9 +51,10 @@ class StopRequested:
         return f"stopped by signal {name}"
 
 
-def lr_for(cfg: TrainConfig, step: int) -> float:
+def lr_for(cfg: TrainConfig, step: int, horizon: int) -> float:
+    """The LR of `step` on a schedule decaying over `horizon` steps (cfg.steps unless a resume kept another)."""
     peak = peak_lr(cfg)
-    return lr_at(step, lr=peak, min_lr=cfg.min_lr if cfg.min_lr is not None else peak / 10, total_steps=cfg.steps,
+    return lr_at(step, lr=peak, min_lr=cfg.min_lr if cfg.min_lr is not None else peak / 10, total_steps=horizon,
                  warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule, decay_frac=cfg.decay_frac)
 
 
@@ -81,7 +83,9 @@ class Meter:
         tokens_per_step = s.cfg.batch_size * s.cfg.grad_accum * s.dist.world_size * seq_len
         tok_s = n * tokens_per_step / (now - self.t0)
         peak = dev.peak_flops(s.device)
-        mean_loss = dist_lib.mean_across_ranks(self.loss, s.dist).item() / max(self.good.item(), 1)
+        good = self.good.item()
+        # A window of only skipped steps has no loss: NaN (null in train.jsonl), not a made-up 0.0.
+        mean_loss = dist_lib.mean_across_ranks(self.loss, s.dist).item() / good if good else float("nan")
         last = dist_lib.mean_across_ranks(last_loss, s.dist).item()  # the global batch's loss, not rank 0's
         fields = {"tokens": s.prog.tokens, "loss": mean_loss, "last_loss": last, "lr": lr,
                   "grad_norm": grad_norm.item(), "tok_s": tok_s,
@@ -97,6 +101,8 @@ class Meter:
 
 def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     """Train per `cfg`; returns the run's final figures. Resumes from the run dir when it can."""
+    if cfg.device != "cpu":
+        speed.configure_cuda_allocator()  # before open_session makes the first CUDA allocation
     s = open_session(cfg, command)
     stop = StopRequested()
     stop.install()
@@ -107,7 +113,18 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
         stop.restore()
         s.close()
         dist_lib.cleanup(s.dist)
+    wandb_line = _wandb_line(s.info)
+    if wandb_line:
+        s.console.print(wandb_line)  # last, after wandb's own shutdown output
     return s.info["result"]
+
+
+def _wandb_line(info: dict[str, Any]) -> str | None:
+    if info.get("wandb_url"):
+        return f"wandb: {info['wandb_url']}"
+    if info.get("wandb_sync"):
+        return f"wandb (offline): upload every session of this run with: {info['wandb_sync']}"
+    return None
 
 
 def _loop(s: Session, stop: StopRequested) -> str:
@@ -123,15 +140,18 @@ def _loop(s: Session, stop: StopRequested) -> str:
         data_state = s.loader.state_dict()  # where this step's data starts, should it be interrupted
         seq_len = seq_len_at(s.seq_points, prog.step)
         micro_batch, accum = micro_batch_at(s.micro_points, prog.step, cfg.batch_size, cfg.grad_accum)
-        lr = lr_for(cfg, prog.step)
+        lr = lr_for(cfg, prog.step, s.lr_horizon)
         set_lr(s.optimizer, lr)
         step_loss = torch.zeros((), device=s.device)
         for micro in range(accum):
             t0 = time.perf_counter()
             x, y = s.loader.next(micro_batch, seq_len)
             meter.data_s += time.perf_counter() - t0
-            with s.autocast, dist_lib.maybe_no_sync(s.wrapped, sync=micro == accum - 1):
-                loss = s.wrapped(x, y) / accum
+            with dist_lib.maybe_no_sync(s.wrapped, sync=micro == accum - 1):
+                with s.autocast:
+                    loss = s.wrapped(x, y) / accum
+                # Outside autocast, as the memory estimate assumes: its bf16 weight-cast cache is freed
+                # on leaving the context instead of living through backward.
                 s.scaler.scale(loss).backward()
             step_loss += loss.detach().float()
             if dist_lib.any_rank(bool(stop), s.dist):
@@ -175,6 +195,10 @@ def _loop(s: Session, stop: StopRequested) -> str:
             best = s.evaluate()[1]
             if s.log:
                 write_plots(s.run_dir)
+        if cfg.sample_every and prog.step % cfg.sample_every == 0:
+            s.sample()
+        if cfg.downstream_every and prog.step % cfg.downstream_every == 0:
+            s.downstream()
         late = bool(cfg.save_minutes) and time.monotonic() - last_save > 60 * cfg.save_minutes
         # Saving is a collective (RNG states, replica check, FSDP gathers): ranks must agree on the clock.
         due = (cfg.save_every and prog.step % cfg.save_every == 0) or dist_lib.any_rank(late, s.dist)
@@ -193,6 +217,10 @@ def _finish(s: Session, status: str) -> None:
     final_val = None
     if status == "completed":
         final_val, best = s.evaluate()
+        if s.cfg.sample_every:
+            s.sample()
+        if s.cfg.hellaswag:
+            s.downstream()
         s.save(best=best)
     s.ckpt.wait()
     # Only rank 0 writes; a stop for non-finite steps deliberately saves nothing.

@@ -15,9 +15,19 @@ import torch
 from model import GPT, ModelConfig
 from pretrain.cli import UserError
 from pretrain.data.loader import Prefetcher, TrainSampler, ValWindows, open_dataset
+from pretrain.evals.downstream import load_items
+from pretrain.evals.downstream import score as downstream_score
+from pretrain.evals.samples import load_prompts, samples_table, text_codec, write_samples
 from pretrain.llama import check_init_from, load_init_from
-from pretrain.schedule import parse_micro_batch_schedule, parse_seq_schedule
-from pretrain.track.console import Console
+from pretrain.schedule import (
+    describe_lr_extension,
+    eval_seq_len_at,
+    lr_horizon_on_resume,
+    parse_micro_batch_schedule,
+    parse_seq_schedule,
+    phases,
+)
+from pretrain.track.console import Console, format_eval_line
 from pretrain.track.runlog import RunLog, to_metrics
 from pretrain.track.tensorboard import TBWriter
 from pretrain.track.wandb_run import WandbRun
@@ -27,6 +37,7 @@ from pretrain.train.checkpoint import CheckpointManager
 from pretrain.train.config import TrainConfig, model_config_from
 from pretrain.train.optim import build_optimizer, load_rounding_rng_state, rounding_rng_state
 from pretrain.train.resume import check_compatible, find_start, rng_for_rank, rng_state, seed_everything, set_rng_state
+from pretrain.train.speed import compile_blocks
 
 
 @dataclass
@@ -52,17 +63,20 @@ class Session:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     loader: Prefetcher
-    val: ValWindows
     ckpt: CheckpointManager
     log: RunLog | None
     wb: WandbRun
     tb: TBWriter
     console: Console
     seq_points: list[tuple[int, int]]
-    eval_seq_len: int
+    val_by_len: dict[int, ValWindows]  # fixed windows per eval length, checked at open
+    lr_horizon: int  # steps the LR schedule decays over (kept across extensions, see schedule.lr_horizon_on_resume)
     resumed: bool
     info: dict[str, Any]
     prog: Progress = field(default_factory=Progress)
+    codec: Any = None  # token ids <-> text, when samples or downstream evals are on
+    prompts: list[str] = field(default_factory=list)
+    mc_items: list[Any] = field(default_factory=list)
     micro_points: list[tuple[int, int]] = field(default_factory=list)  # --micro-batch-schedule, parsed
 
     @property
@@ -74,30 +88,70 @@ class Session:
         return self.cfg.amp and self.cfg.amp_dtype == "fp16"
 
     def emit(self, kind: str, **fields: Any) -> None:
-        """One event to train.jsonl, wandb and TensorBoard (rank 0 only)."""
+        """One event (train, eval, checkpoint) to train.jsonl, wandb and TensorBoard (rank 0 only)."""
         if self.log:
             self.log.event(kind, step=self.prog.step, **fields)
-        metrics = to_metrics("train" if kind == "train" else "val", fields)
-        self.wb.log(metrics, step=self.prog.step)
+        prefix = {"train": "train", "eval": "val"}.get(kind, kind)
+        numeric = {k: int(v) if isinstance(v, bool) else v for k, v in fields.items()}
+        metrics = to_metrics(prefix, numeric)
+        self.wb.log(metrics | {"tokens": self.prog.tokens}, step=self.prog.step)  # tokens: wandb's x-axis
         self.tb.log(metrics, step=self.prog.step)
+
+    def eval_seq_len(self) -> int:
+        """The validation length now: --eval-seq-len, else the longest trained so far (schedule.eval_seq_len_at)."""
+        return eval_seq_len_at(self.seq_points, self.prog.step, self.cfg.eval_seq_len)
 
     def evaluate(self) -> tuple[float, bool]:
         """Mean loss over the fixed validation windows; returns (loss, is_new_best)."""
+        seq_len = self.eval_seq_len()
+        windows = self.val_by_len[seq_len]
         self.model.eval()
         total = torch.zeros((), device=self.device)
         with torch.no_grad(), self.autocast:
-            for batch in self.val:  # each rank scores its share of the global eval batch
+            for batch in windows:  # each rank scores its share of the global eval batch
                 x, y = (t.chunk(self.dist.world_size)[self.dist.rank].to(self.device) for t in batch)
                 total += self.wrapped(x, y).float()
         self.model.train()
-        loss = dist_lib.mean_across_ranks(total, self.dist).item() / max(len(self.val), 1)
+        loss = dist_lib.mean_across_ranks(total, self.dist).item() / max(len(windows), 1)
         best = self.prog.best_val is None or loss < self.prog.best_val
         if best:
             self.prog.best_val = loss
-        self.emit("eval", loss=loss, ppl=math.exp(min(loss, 30)), tokens=self.prog.tokens, seq_len=self.eval_seq_len)
+        self.emit("eval", loss=loss, ppl=math.exp(min(loss, 30)), tokens=self.prog.tokens, seq_len=seq_len)
         if self.dist.is_main:
-            self.console.print(f"eval step {self.prog.step}: val loss {loss:.4f} (best {self.prog.best_val:.4f})")
+            self.console.print(format_eval_line(self.prog.step, {"seq_len": seq_len, "loss": loss,
+                                                                 "best": self.prog.best_val}))
         return loss, best
+
+    def sample(self) -> None:
+        """Greedy and sampled continuations of the fixed prompts -> train.jsonl and a wandb Table."""
+        cfg, step = self.cfg, self.prog.step
+        rows = write_samples(self.model, self.codec, self.prompts, cfg.sample_tokens, cfg.sample_temperature,
+                             cfg.seed, self.device)
+        if not self.dist.is_main:
+            return
+        if self.log:
+            self.log.event("sample", step=step, temperature=cfg.sample_temperature, samples=rows)
+        if self.wb.enabled:
+            self.wb.log({"samples": samples_table(step, rows)}, step=step)
+        line = f"sample step {step}: {rows[0]['prompt']!r} -> {rows[0]['greedy']!r}"
+        self.console.print(line)
+        self._note("sample step", f"{line} (all prompts: `sample` events in train.jsonl)")
+
+    def downstream(self) -> None:
+        """Multiple-choice accuracy on --hellaswag -> train.jsonl, wandb, TensorBoard (downstream/*)."""
+        result = downstream_score(self.model, self.codec, self.mc_items, self.device, self.autocast)
+        task = "hellaswag" if self.cfg.hellaswag == "hf" else Path(str(self.cfg.hellaswag)).stem
+        self.emit("downstream", task=task, **result)
+        if self.dist.is_main:
+            line = (f"downstream step {self.prog.step}: {task} acc {result['acc']:.3f} "
+                    f"acc_norm {result['acc_norm']:.3f} (n={result['n']}, chance {result['chance']:.3f})")
+            self.console.print(line)
+            self._note("downstream step", line)
+
+    def _note(self, prefix: str, text: str) -> None:
+        """Keep the latest line of one instrument among summary.md's notes."""
+        notes = [n for n in self.info.get("notes", []) if not n.startswith(prefix)]
+        self.info["notes"] = [*notes, text]
 
     def save(self, best: bool = False, data_state: dict | None = None) -> None:
         """Checkpoint the state after `prog.step` full steps (collective under FSDP: every rank calls it)."""
@@ -113,7 +167,7 @@ class Session:
             "optimizer": dist_lib.optimizer_state(self.model, self.optimizer, self.dist),
             "scaler": self.scaler.state_dict() if self.fp16 else {},
             "step": p.step, "tokens": p.tokens, "elapsed": p.elapsed, "best_val": p.best_val,
-            "skipped_steps": p.skipped_steps,
+            "skipped_steps": p.skipped_steps, "lr_horizon": self.lr_horizon,
             "sampler": data_state or self.loader.state_dict(),
             "rng": rng[0], "rng_ranks": rng,  # each rank's own generators (its own CUDA device)
             "rounding_rng": rounding_rng_state(self.optimizer),
@@ -122,9 +176,9 @@ class Session:
             "wandb_run_id": self.wb.run_id,
         }
         self.ckpt.save(state, p.step, best=best)
-        if self.log:
-            extra = {"replicas_match": replicas_match} if self.dist.enabled else {}
-            self.log.event("checkpoint", step=p.step, best=best, **extra)
+        extra = {"replicas_match": replicas_match} if self.dist.enabled else {}
+        self.emit("checkpoint", best=best, **extra)
+        self.wb.flush()  # the checkpoint ends its step: a kill -9 from here on loses no row wandb should hold
 
     def close(self) -> None:
         self.ckpt.wait()
@@ -148,9 +202,19 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
     mcfg = model_config_from(cfg, ds.vocab_size)
     ds.check_vocab(mcfg.vocab_size)
     points = parse_seq_schedule(cfg.seq_schedule, cfg.train_seq_len or mcfg.block_size, mcfg.block_size)
-    eval_seq_len = min(cfg.eval_seq_len or points[-1][1], mcfg.block_size)
+    if cfg.eval_seq_len and cfg.eval_seq_len > mcfg.block_size:
+        raise UserError(f"--eval-seq-len {cfg.eval_seq_len} exceeds the model's block size {mcfg.block_size}; "
+                        f"lower it or raise --block")
+    # Every length an eval can use (see Session.eval_seq_len), so a too-small val split fails before training.
+    eval_lens = {cfg.eval_seq_len} if cfg.eval_seq_len else {p.seq_len for p in phases(points, cfg.steps)}
+    val_by_len = {n: ValWindows(ds, n, cfg.batch_size * dist.world_size, cfg.eval_iters)  # split across ranks
+                  for n in sorted(eval_lens)}
     micro_points = parse_micro_batch_schedule(cfg.micro_batch_schedule, cfg.batch_size * cfg.grad_accum)
     ds.check_enough(max([cfg.batch_size] + [m for _, m in micro_points]), max(p[1] for p in points), dist.world_size)
+    # Instruments read their inputs now: a missing prompt file or tokenizer stops the run before it writes.
+    codec = text_codec(ds.tokenizer, ds.vocab_size) if cfg.sample_every or cfg.hellaswag else None
+    prompts = load_prompts(cfg.sample_prompts) if cfg.sample_every else []
+    mc_items = load_items(cfg.hellaswag, cfg.downstream_items) if cfg.hellaswag else []
     if cfg.amp and cfg.amp_dtype == "bf16" and not dev.supports_bf16(device):
         raise UserError("this GPU has no bf16: use --amp-dtype fp16 (T4, V100) or --no-amp")
 
@@ -173,15 +237,14 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
         # A card or driver that inductor cannot compile for should cost speed, not the run: dynamo then
         # logs the failure once and runs that code eagerly.
         torch._dynamo.config.suppress_errors = True
-        # In place per block: parameter names keep no `_orig_mod.` and one block shape compiles once.
-        for block in model.blocks:
-            block.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+        compile_blocks(model, cfg.compile_mode)  # per block, in place, static shapes
     wrapped = dist_lib.wrap_model(model, cfg.fsdp, cfg.cpu_offload, dist, device,
                                   dev.amp_dtype(cfg.amp_dtype) if cfg.amp else None)
     optimizer = build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and cfg.amp_dtype == "fp16")
     sampler = TrainSampler(ds, cfg.seed, rank=dist.rank, world_size=dist.world_size)
-    prog, wandb_id = Progress(), cfg.wandb_id
+    prog, wandb_id, lr_horizon = Progress(), cfg.wandb_id, cfg.steps
+    resume_fields: dict[str, Any] = {}
     if start.resumed:
         st = start.state
         dist_lib.load_model_state(model, st["model"], dist)
@@ -194,26 +257,39 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
         load_rounding_rng_state(optimizer, st.get("rounding_rng"))
         prog = Progress(st["step"], st["tokens"], st["elapsed"], st.get("best_val"), st.get("skipped_steps", 0))
         wandb_id = wandb_id or st.get("wandb_run_id")
+        saved_steps = int(st["train_config"].get("steps", cfg.steps))
+        saved_horizon = int(st.get("lr_horizon", saved_steps))  # checkpoints before the horizon was kept
+        lr_horizon = lr_horizon_on_resume(cfg.lr_schedule, saved_horizon, cfg.steps, prog.step, cfg.decay_frac)
+        resume_fields = {"from": str(start.path), "steps_before": saved_steps, "steps": cfg.steps,
+                         "lr_horizon": lr_horizon}
+        if saved_steps != cfg.steps:
+            resume_fields["lr_note"] = describe_lr_extension(cfg.lr_schedule, saved_horizon, cfg.steps, prog.step,
+                                                             cfg.decay_frac)
 
     info = {"command": command, "train_config": cfg.to_dict(), "model_config": mcfg.to_dict(),
             "params": mcfg.num_params(), "non_embedding_params": mcfg.num_params(non_embedding=True),
             "device": str(device), "world_size": dist.world_size}
     main = dist.is_main
     console = Console(cfg.live if main else "off", total_steps=cfg.steps, start_step=prog.step)
-    log = RunLog(run_dir, resume_step=prog.step if start.resumed else None) if main else None
+    log = RunLog(run_dir, resume_step=prog.step if start.resumed else None, resume_fields=resume_fields) \
+        if main else None
     if log and not start.resumed:
         log.event("meta", **info, dataset={"path": cfg.data, "train_tokens": ds.train_tokens,
                                            "val_tokens": ds.val_tokens})
     if main and start.resumed:
         console.print(f"resuming from {start.path} at step {prog.step}")
+        if "lr_note" in resume_fields:
+            console.print(f"run length changed from {resume_fields['steps_before']:,} to {cfg.steps:,} steps: "
+                          f"{resume_fields['lr_note']}")
     wb = WandbRun(run_dir, info, enabled=cfg.wandb and main, project=cfg.wandb_project, entity=cfg.wandb_entity,
                   name=cfg.wandb_name or run_dir.name, group=cfg.wandb_group,
                   tags=cfg.wandb_tags.split(",") if cfg.wandb_tags else None, mode=cfg.wandb_mode,
                   run_id=wandb_id, fresh=not start.resumed, warn=console.print)
+    info.update(wandb_url=wb.url, wandb_sync=wb.sync_command)
     tb = TBWriter(run_dir, enabled=cfg.tb and main, purge_step=prog.step + 1 if start.resumed else None)
-    val = ValWindows(ds, eval_seq_len, cfg.batch_size * dist.world_size, cfg.eval_iters)  # split across ranks
     return Session(cfg=cfg, mcfg=mcfg, dist=dist, device=device, run_dir=run_dir, model=model, wrapped=wrapped,
                    optimizer=optimizer, scaler=scaler, loader=Prefetcher(sampler, device),
-                   val=val, ckpt=ckpt, log=log, wb=wb,
-                   tb=tb, console=console, seq_points=points, eval_seq_len=eval_seq_len, resumed=start.resumed,
-                   info=info, prog=prog, micro_points=micro_points)
+                   val_by_len=val_by_len, ckpt=ckpt, log=log, wb=wb,
+                   tb=tb, console=console, seq_points=points, lr_horizon=lr_horizon, resumed=start.resumed,
+                   info=info, prog=prog, codec=codec, prompts=prompts, mc_items=mc_items,
+                   micro_points=micro_points)

@@ -1,0 +1,167 @@
+"""Downstream accuracy: HellaSwag-style multiple choice scored by completion likelihood.
+
+    python -m pretrain.evals.downstream runs/<name> --hellaswag items.jsonl [--checkpoint best]
+    python -m pretrain.evals.downstream runs/<name> --hellaswag hf          # Rowan/hellaswag validation
+
+Each item is a context and N candidate endings, one of them right. Every ending is appended to the
+context and scored by the model's log-likelihood of the ending's tokens only: `acc` picks the highest
+sum, `acc_norm` the highest mean per token (long endings are not penalised for their length). This is
+how HellaSwag is scored for base models that cannot follow instructions. A local jsonl holds one item a
+line: {"ctx": "...", "endings": ["...", ...], "label": 0} (HellaSwag's own field names; label may be a
+string, as in the HF dataset).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.cli import ArgumentParser, UserError, run_cli
+
+HF_NAME = "Rowan/hellaswag"
+
+
+@dataclass
+class MCItem:
+    """One multiple-choice question."""
+
+    context: str
+    endings: list[str]
+    label: int
+
+
+def _item(obj: Any, where: str) -> MCItem:
+    try:
+        endings = [str(e) for e in obj["endings"]]
+        label = int(obj["label"])
+        context = str(obj["ctx"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{where}: expected an object with ctx, endings (list) and label (int); fix that line "
+                        "or regenerate the file") from None
+    if len(endings) < 2 or not 0 <= label < len(endings):
+        raise UserError(f"{where}: needs >= 2 endings and 0 <= label < {len(endings)}; fix that item")
+    return MCItem(context, endings, label)
+
+
+def load_items(spec: str, limit: int = 0) -> list[MCItem]:
+    """Items from a local jsonl, or from the HF dataset when spec is "hf" (needs the network or its cache)."""
+    if spec == "hf":
+        try:
+            from datasets import load_dataset
+
+            rows: Any = load_dataset(HF_NAME, split="validation")
+        except Exception as e:  # noqa: BLE001 - offline, no cache, hub down: all one fix
+            raise UserError(f"could not load {HF_NAME} ({type(e).__name__}); offline, pass --hellaswag PATH "
+                            "to a local jsonl (ctx, endings, label per line)") from None
+        items = [_item(r, f"{HF_NAME} row {i}") for i, r in enumerate(rows) if not limit or i < limit]
+        return items
+    path = Path(spec)
+    if not path.is_file():
+        raise UserError(f"--hellaswag {spec}: no such file; pass a jsonl of {{ctx, endings, label}} items, "
+                        "or 'hf' to download HellaSwag")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"--hellaswag {spec} line {n} is not JSON; fix or remove that line") from None
+        items.append(_item(obj, f"--hellaswag {spec} line {n}"))
+        if limit and len(items) >= limit:
+            break
+    if not items:
+        raise UserError(f"--hellaswag {spec} holds no items; write one JSON object per line")
+    return items
+
+
+@torch.no_grad()
+def ending_loglik(model: torch.nn.Module, context: list[int], endings: list[list[int]],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed, mean per token) log-likelihood of each ending after `context`, in float64 sums.
+
+    Rows longer than the model's block are cut from the left (the context's start), never in the ending.
+    """
+    block = model.config.block_size
+    rows, masks = [], []
+    for end in endings:
+        end = end[-block + 1:] if len(end) >= block else end
+        row = (context + end)[-block:]
+        rows.append(row)
+        masks.append([0] * (len(row) - len(end)) + [1] * len(end))
+    width = max(len(r) for r in rows)
+    idx = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, (r, m) in enumerate(zip(rows, masks, strict=True)):
+        idx[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    idx, mask = idx.to(device), mask.to(device)
+    logp = F.log_softmax(model(idx).float(), dim=-1)
+    # Token t is predicted by position t-1: shift, and score only the ending's tokens.
+    token_lp = logp[:, :-1].gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1) * mask[:, 1:]
+    total = token_lp.double().sum(dim=1)
+    return total, total / mask[:, 1:].sum(dim=1).clamp(min=1)
+
+
+def score(model: torch.nn.Module, codec: Any, items: Sequence[MCItem], device: torch.device,
+          autocast: Any = None) -> dict[str, Any]:
+    """Accuracy by summed (acc) and length-normalised (acc_norm) ending log-likelihood, plus chance level."""
+    was_training = model.training
+    model.eval()
+    right_sum = right_norm = 0
+    try:
+        for item in items:
+            ctx = codec.encode(item.context)
+            ends = [codec.encode(" " + e) for e in item.endings]  # endings continue the sentence after a space
+            if autocast is not None:
+                with autocast:
+                    total, mean = ending_loglik(model, ctx, ends, device)
+            else:
+                total, mean = ending_loglik(model, ctx, ends, device)
+            right_sum += int(total.argmax().item() == item.label)
+            right_norm += int(mean.argmax().item() == item.label)
+    finally:
+        model.train(was_training)
+    n = len(items)
+    chance = sum(1 / len(i.endings) for i in items) / max(n, 1)
+    return {"acc": right_sum / max(n, 1), "acc_norm": right_norm / max(n, 1), "n": n, "chance": chance}
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m pretrain.evals.downstream",
+                       description="HellaSwag-style multiple-choice accuracy of a run's checkpoint.")
+    p.add_argument("run_dir", help="run directory, runs/<name>")
+    p.add_argument("--hellaswag", required=True, help="jsonl of {ctx, endings, label} items, or 'hf'")
+    p.add_argument("--checkpoint", default="best", help="best (default), last, or a path to a .pt checkpoint")
+    p.add_argument("--items", type=int, default=0, help="score only the first N items (0: all)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, mps)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pretrain.evals.run_model import load_run_model
+
+    a = build_parser().parse_args(argv)
+    items = load_items(a.hellaswag, a.items)
+    model, codec, info = load_run_model(Path(a.run_dir), a.checkpoint, torch.device(a.device))
+    result = score(model, codec, items, torch.device(a.device))
+    result |= {"checkpoint": info["path"], "step": info["step"], "task": Path(a.hellaswag).stem}
+    if a.json:
+        print(json.dumps(result))
+    else:
+        print(f"{a.run_dir} step {result['step']}: acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}  "
+              f"(n={result['n']}, chance {result['chance']:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

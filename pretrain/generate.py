@@ -1,0 +1,64 @@
+"""Generate text from a trained run, streaming tokens to the console as they are sampled.
+
+    python -m pretrain.generate runs/<name> --prompt "Once upon a time" [--max-new-tokens 200]
+        [--temperature 0.8] [--top-k 50] [--checkpoint auto|best|last|PATH] [--seed 0]
+
+Loads best.pt (else last.pt) of any attention variant and decodes with the model's KV cache.
+Temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+import codecs
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from pretrain.cli import ArgumentParser, UserError, run_cli
+from pretrain.evals.run_model import load_run_model
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m pretrain.generate",
+                       description="Stream a continuation of --prompt from a run's checkpoint.")
+    p.add_argument("run_dir", help="run directory, runs/<name>")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--checkpoint", default="auto", help="auto (best, else last), best, last, or a .pt path")
+    p.add_argument("--tokenizer", default=None, help="tokenizer name when the run's dataset has moved")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, mps)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be positive, got {a.max_new_tokens}")
+    if a.temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 is greedy), got {a.temperature}")
+    device = torch.device(a.device)
+    model, codec, info = load_run_model(Path(a.run_dir), a.checkpoint, device, a.tokenizer)
+    ids = codec.encode(a.prompt)
+    if not ids:
+        raise UserError("--prompt is empty; give some text to continue")
+    print(f"[{info['path']}, step {info['step']}, {model.config.attn}]", file=sys.stderr)
+    torch.manual_seed(a.seed)
+    # Incremental UTF-8: a character split over several tokens is printed once all its bytes arrived.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(a.prompt)
+    sys.stdout.flush()
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    for token in model.stream(idx, a.max_new_tokens, a.temperature, a.top_k):
+        sys.stdout.write(decoder.decode(codec.decode_bytes([int(token)])))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

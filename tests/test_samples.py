@@ -1,0 +1,72 @@
+"""Text samples during training (train.jsonl + wandb Table) and the generate CLI, through their entry points."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+from test_train import FAST
+
+from pretrain.track.runlog import read_jsonl
+from pretrain.track.wandb_run import read_wandb_history
+from pretrain.train.loop import main as train_main
+
+
+def _train(data, out, *flags) -> int:
+    return train_main(["--data", str(data), "--out-dir", str(out), *FAST, *flags])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def sampled_run(made_bytes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("samples") / "run"
+    prompts = out.parent / "prompts.txt"
+    prompts.write_text("In the beginning\n\nAnd God said\n")
+    assert _train(made_bytes, out, "--steps", "4", "--sample-every", "2", "--sample-prompts", str(prompts),
+                  "--sample-tokens", "12", "--wandb", "--wandb-mode", "offline") == 0
+    return out
+
+
+def test_samples_go_to_train_jsonl_and_a_wandb_table(sampled_run):
+    samples = [e for e in read_jsonl(sampled_run / "train.jsonl") if e["type"] == "sample"]
+    assert [e["step"] for e in samples] == [2, 4]
+    for e in samples:
+        assert [r["prompt"] for r in e["samples"]] == ["In the beginning", "And God said"]
+        assert all(isinstance(r["greedy"], str) and isinstance(r["sampled"], str) for r in e["samples"])
+    rows = [r for f in sampled_run.glob("wandb/offline-run-*/run-*.wandb") for r in read_wandb_history(f)]
+    tables = {r["_step"]: r for r in rows if r.get("samples/_type") == "table-file"}
+    assert sorted(tables) == [2, 4] and tables[4]["samples/nrows"] == 2
+    # The final eval shares step 4 with the last train line and the samples: all three reach wandb.
+    assert any(r["_step"] == 4 and "val/loss" in r for r in rows)
+    assert "sample step 4: 'In the beginning' -> " in (sampled_run / "summary.md").read_text()
+
+
+def test_generate_streams_a_continuation_from_the_run(sampled_run):
+    p = _cli("-m", "pretrain.generate", str(sampled_run), "--prompt", "And God", "--max-new-tokens", "10",
+             "--temperature", "0")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("And God") and len(p.stdout) > len("And God")
+    assert "best.pt" in p.stderr and "step 4" in p.stderr
+    again = _cli("-m", "pretrain.generate", str(sampled_run), "--prompt", "And God", "--max-new-tokens", "10",
+                 "--temperature", "0", "--checkpoint", "last")
+    assert again.stdout == p.stdout  # greedy: best.pt and last.pt are the same step here
+
+
+def test_generate_without_a_checkpoint_is_one_line_exit_2(tmp_path):
+    p = _cli("-m", "pretrain.generate", str(tmp_path), "--prompt", "hi")
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1 and "no checkpoint" in p.stderr
+
+
+def test_missing_prompt_file_stops_the_trainer_before_it_writes(made_bytes, tmp_path):
+    out = tmp_path / "run"
+    p = _cli(str(ROOT / "train_v29.py"), "--data", str(made_bytes), "--out-dir", str(out), *FAST, "--steps", "2",
+             "--sample-every", "1", "--sample-prompts", str(tmp_path / "nope.txt"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.startswith("error: --sample-prompts") and p.stderr.count("\n") == 1
+    assert not out.exists()

@@ -1,0 +1,193 @@
+"""The CUDA fast-path decisions, each checked on CPU: static-shape per-block compile without graph breaks,
+FlexAttention for null-attn (equal to SDPA), backward outside autocast, local-device RNG and pinning,
+DDP bucket views, NCCL bytes in the plan, expandable segments, fused AdamW, and the reused loss buffers."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import model.attention as attention
+from model import GPT, ModelConfig
+from model.gpt import LossWorkspace, chunked_cross_entropy
+from pretrain.plan import memory
+from pretrain.plan.plan import step_peak_bytes
+from pretrain.train import distributed, resume, speed
+from pretrain.train.config import TrainConfig, parse_config
+from pretrain.train.loop import train
+from pretrain.train.optim import build_optimizer
+
+FAST = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64",
+        "--batch-size", "4", "--train-seq-len", "32", "--val-frac", "0.05", "--eval-iters", "1", "--log-every", "1",
+        "--device", "cpu", "--live", "off", "--save-minutes", "0"]
+
+
+def tiny(**kw) -> ModelConfig:
+    return ModelConfig(**{"vocab_size": 256, "block_size": 64, "n_layer": 1, "n_head": 4, "d_model": 32,
+                          "d_ff": 64, **kw})
+
+
+def test_block_compiles_without_graph_breaks_across_lengths():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    block = model.blocks[0]
+    # dynamic=None: dynamo marks T dynamic at the second length; `T > 1` in attention used to break the graph.
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    for T in (32, 64):
+        x = torch.randn(2, T, 32)
+        torch.testing.assert_close(compiled(x), block(x))
+    torch._dynamo.reset()
+
+
+def test_trainer_compiles_blocks_with_static_shapes(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw))
+    speed.compile_blocks(GPT(tiny(n_layer=2)), "max-autotune")
+    assert seen == [{"mode": "max-autotune", "dynamic": False}] * 2
+
+
+def test_attention_backend_choice():
+    assert attention.attention_backend("cuda", True, True) == "flex"
+    assert attention.attention_backend("cuda", True, False) == "sdpa"  # eager flex materialises all scores
+    assert attention.attention_backend("cuda", False, True) == "sdpa"  # plain causal: SDPA flash
+    assert attention.attention_backend("cpu", True, True) == "sdpa"
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("attn", ["baseline", "gqa", "decoupled"])
+def test_null_attn_flex_equals_sdpa(monkeypatch, attn):
+    torch.manual_seed(0)
+    dims = {"sem_dim": 8, "geo_dim": 16} if attn == "decoupled" else {}
+    model = GPT(tiny(attn=attn, null_attn=True, n_kv_head=2 if attn == "gqa" else None, **dims)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    idx = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        ref, ref_gen = model(idx), model.generate(idx[:, :8], 6, temperature=0)
+        monkeypatch.setattr(attention, "attention_backend", lambda *a: "flex")
+        flex, flex_gen = model(idx), model.generate(idx[:, :8], 6, temperature=0)  # also with a KV cache
+    torch.testing.assert_close(flex, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(flex_gen, ref_gen)
+
+
+def test_backward_runs_outside_autocast(monkeypatch, byte_data, tmp_path):
+    states = []
+    original = torch.Tensor.backward
+
+    def spy(self, *a, **kw):
+        states.append(torch.is_autocast_enabled("cpu"))
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "backward", spy)
+    train(parse_config(["--data", str(byte_data), "--out-dir", str(tmp_path / "run"), *FAST, "--steps", "2",
+                        "--grad-accum", "2", "--amp"]))
+    assert states == [False] * 4
+
+
+def test_rng_state_touches_only_the_local_gpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": calls.append(device) or torch.ones(2))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU touched"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    state = resume.rng_state()
+    assert calls == ["cuda"] and len(state["cuda"]) == 1 and state["cuda_device"] == 1  # "cuda" = current device
+
+
+def test_prefetch_thread_sets_its_cuda_device(monkeypatch):
+    from pretrain.data.loader import Prefetcher
+
+    class Sampler:
+        epoch = 0
+
+        def next_batch(self, b, t):
+            return torch.zeros(b, t, dtype=torch.long), torch.zeros(b, t, dtype=torch.long)
+
+        def state_dict(self):
+            return {}
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.append((d, threading.current_thread().name)))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    pf = Prefetcher(Sampler(), torch.device("cuda", 1))
+    assert pf._pin == speed.speed_choices(torch.device("cuda"), TrainConfig(), False).pin_memory
+    stop, q = threading.Event(), __import__("queue").Queue(1)
+    thread = threading.Thread(target=pf._produce, args=((1, 4), stop, q), name="batch-prefetch")
+    thread.start()
+    q.get(timeout=10)
+    stop.set()
+    thread.join()
+    assert seen == [(torch.device("cuda", 1), "batch-prefetch")]
+
+
+def test_cuda_choices_fused_adamw_flash_static_compile():
+    cuda = torch.device("cuda")
+    choices = speed.speed_choices(cuda, TrainConfig(compile=True), null_attn=False)
+    assert (choices.fused_adamw, choices.pin_memory, choices.sdpa_flash_eligible, choices.compile_scope,
+            choices.compile_dynamic) == (True, True, True, "block", False)
+    assert build_optimizer(GPT(tiny()), TrainConfig(), cuda).defaults["fused"] is True  # what the trainer builds
+    assert not speed.speed_choices(cuda, TrainConfig(), null_attn=True).sdpa_flash_eligible
+
+
+def test_ddp_uses_gradient_bucket_views():
+    assert distributed.ddp_options(torch.device("cuda", 3)) == {"device_ids": [3], "gradient_as_bucket_view": True}
+    assert distributed.ddp_options(torch.device("cpu"))["device_ids"] is None
+
+
+def test_plan_counts_nccl_not_a_bucket_copy():
+    mcfg, cfg = tiny(), TrainConfig(device="cuda", batch_size=2)
+    one, est = step_peak_bytes(mcfg, cfg, 32, 1)
+    two, _ = step_peak_bytes(mcfg, cfg, 32, 2)
+    assert two - one == memory.NCCL_BYTES
+    assert memory.comm_bytes(2, "cpu") == 0
+
+
+def test_expandable_segments_by_default():
+    assert speed.cuda_alloc_conf(None) == "expandable_segments:True"
+    assert speed.cuda_alloc_conf("max_split_size_mb:128") == "max_split_size_mb:128,expandable_segments:True"
+    assert speed.cuda_alloc_conf("expandable_segments:False") == "expandable_segments:False"  # the user's choice
+
+
+def test_chunked_loss_reuses_its_buffers_and_matches_cross_entropy():
+    torch.manual_seed(0)
+    h = torch.randn(40, 16, requires_grad=True)
+    w = torch.randn(70, 16, requires_grad=True)
+    t = torch.randint(0, 64, (40,))
+    t[3] = -100
+    ws = LossWorkspace()
+    got = chunked_cross_entropy(h, w, t, 64, chunk_rows=16, workspace=ws)
+    got.backward()
+    ref_h, ref_w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy((ref_h @ ref_w.t())[:, :64], t)
+    ref.backward()
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(h.grad, ref_h.grad)
+    torch.testing.assert_close(w.grad, ref_w.grad)
+    first = {k: v.data_ptr() for k, v in ws._buffers.items()}
+    chunked_cross_entropy(h, w, t, 64, chunk_rows=16, workspace=ws).backward()
+    assert {k: v.data_ptr() for k, v in ws._buffers.items()} == first  # the second step allocates no logits
+
+
+def test_pyproject_torch_floor_covers_enable_gqa_and_fully_shard():
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '"torch>=2.6"' in text
+
+
+def test_checkpoint_host_buffers_are_reused_and_cpu_snapshots_unchanged():
+    from pretrain.train.checkpoint import HostBuffers, _snapshot
+
+    host = HostBuffers(pin=False)  # pinning needs CUDA; the reuse logic is the same
+    live = torch.arange(6.0)
+    first = host.copy(live, "['w']")
+    live += 1
+    second = host.copy(live, "['w']")
+    assert second.data_ptr() == first.data_ptr() and torch.equal(second, live) and host.pending
+    host.sync()
+    assert not host.pending
+    snap = _snapshot({"w": live}, "", {}, HostBuffers(pin=False))  # CPU tensors: plain copies, as before
+    assert snap["w"].data_ptr() != live.data_ptr() and torch.equal(snap["w"], live)
