@@ -116,8 +116,13 @@ def _read_llama_config(path: Path) -> dict[str, Any]:
     if not file.is_file():
         raise UserError(f"--init-from {path}: no config.json there; pass a Hugging Face Llama model dir "
                         "(e.g. one written by python -m pretrain.export)")
-    hf = json.loads(file.read_text())
-    if hf.get("model_type") != "llama":
+    try:
+        hf = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--init-from {path}: config.json is unreadable ({type(e).__name__}); pass a Hugging Face "
+                        "Llama model dir (e.g. one written by python -m pretrain.export)") from None
+    if not isinstance(hf, dict) or hf.get("model_type") != "llama":
+        hf = hf if isinstance(hf, dict) else {}
         raise UserError(f"--init-from {path}: model_type is {hf.get('model_type')!r}, not 'llama'; "
                         "only Llama-architecture checkpoints map onto this model")
     return hf
@@ -131,6 +136,9 @@ def check_init_from(path: str | Path, mcfg: ModelConfig) -> None:
         raise UserError(f"--init-from loads Llama weights, which only baseline/gqa models hold ({why}); "
                         "use --attn-mode baseline or gqa")
     hf = _read_llama_config(path)
+    if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file():
+        raise UserError(f"--init-from {path}: no model.safetensors (or index) there; save the model with "
+                        "save_pretrained(..., safe_serialization=True) first")
     heads = hf.get("num_attention_heads")
     kv = hf.get("num_key_value_heads") or heads
     want = [("hidden_size", mcfg.d_model, "--d-model"), ("num_hidden_layers", mcfg.n_layer, "--layers"),
@@ -175,7 +183,11 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
                         "save_pretrained(..., safe_serialization=True) first")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        tensors.update(load_file(str(path / f)))
+        try:
+            tensors.update(load_file(str(path / f)))
+        except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError has no importable base class
+            raise UserError(f"--init-from {path}: {f} is unreadable ({type(e).__name__}); re-export or "
+                            "re-download the model") from None
     return tensors
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from pretrain.cli import UserError
+from pretrain.data.fingerprint import dataset_fingerprint
 from pretrain.data.manifest import MANIFEST, read_manifest, read_meta
 from pretrain.data.permutation import FeistelPermutation
 
@@ -61,6 +62,10 @@ class TokenDataset:
                 f"model vocab_size {model_vocab_size} is smaller than the dataset's {self.tokenizer} "
                 f"vocab {self.vocab_size} ({self.path}); use vocab_size >= {self.vocab_size} "
                 "or prepare the data with the model's tokenizer")
+
+    def fingerprint(self) -> str:
+        """Content digest of these train/val segments (see fingerprint.py): recorded in every checkpoint."""
+        return dataset_fingerprint(self.path, self.train, self.val)
 
     def windows(self, seq_len: int) -> int:
         return int(_window_counts(self.train, seq_len).sum())
@@ -94,11 +99,31 @@ def _memmap(path: Path) -> np.ndarray:
     return arr
 
 
+def _max_id(arr: np.ndarray) -> int:
+    """Largest token id in a shard, read in chunks (a 2 GB memmap never becomes a 2 GB array)."""
+    chunk = 1 << 26
+    return max((int(arr[i: i + chunk].max()) for i in range(0, len(arr), chunk)), default=-1)
+
+
+def _check_ids(path: Path, arr: np.ndarray, max_id: int | None, vocab: int, where: str) -> None:
+    """Every id must index the embedding: an id >= vocab would crash mid-run (or train on garbage rows).
+    `where` names what set the vocab (a manifest, a .meta file, --vocab-size)."""
+    mx = _max_id(arr) if max_id is None else max_id
+    if mx >= vocab:
+        raise UserError(f"shard {path} holds token id {mx} but {where} says vocab_size {vocab}; the shard was "
+                        "made with another tokenizer or the vocab is wrong: re-run prepare_fineweb.py for it, "
+                        f"or correct the vocab_size in {where}")
+
+
 def _open_manifest_dir(d: Path) -> tuple[dict, list[tuple[str, np.ndarray]]]:
     m = read_manifest(d / MANIFEST)
     parts = []
     for s in m["shards"]:
         arr = _memmap(d / s["file"])
+        # prepare records each shard's largest id; older manifests do not, so those shards are scanned once.
+        recorded = s.get("max_token_id", s.get("max_id"))
+        _check_ids(d / s["file"], arr, recorded if isinstance(recorded, int) else None, m["vocab_size"],
+                   str(d / MANIFEST))
         if str(arr.dtype) != m["dtype"]:
             raise UserError(f"shard {d / s['file']} is {arr.dtype} but the manifest says {m['dtype']}; "
                             "the dataset mixes shard dtypes: re-run prepare_fineweb.py into a new --output")
@@ -134,11 +159,14 @@ def _open_files(files: list[Path], where: str, vocab_size: int | None) -> tuple[
     for f in files:
         arr = _memmap(f)
         dtypes.add(str(arr.dtype))
+        meta_path = parent_manifest if parent_manifest.exists() else f.with_name(f.name + ".meta")
         if meta is None:
-            meta = _read_meta(f.with_name(f.name + ".meta"), vocab_size)
+            meta = _read_meta(meta_path, vocab_size)
         parts.append(("val" if f.name.startswith("val") else "train", arr))
     if len(dtypes) > 1:
         raise UserError(f"{where} mixes shard dtypes {sorted(dtypes)}; use shards from one prepare run")
+    for f, (_, arr) in zip(files, parts, strict=True):  # no record of max ids in these layouts: scan
+        _check_ids(f, arr, None, int(meta["vocab_size"]), str(meta_path) if meta_path.exists() else "--vocab-size")
     meta = dict(meta)
     meta["dtype"] = dtypes.pop()
     return meta, parts

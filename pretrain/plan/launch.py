@@ -39,6 +39,7 @@ from pretrain.schedule import describe_lr_extension
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.checkpoint import checkpoint_paths
 from pretrain.train.config import TrainConfig, add_config_flags, config_differences, format_command
+from pretrain.train.rundir import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINER = ROOT / "train_v29.py"
@@ -57,6 +58,11 @@ def _compare(argv: list[str]) -> int:
     return compare_main(argv, prog="run_1b_launch.py compare")
 
 
+COMPARE_HELP = """subcommand:
+  run_1b_launch.py compare RUN [RUN ...] [--json] [--no-plot]
+      one row per run (final/best val loss, tokens, tok/s, ...) and a val-loss plot; RUN may be runs/
+      for every run in it. See run_1b_launch.py compare --help."""
+
 _GROUP = {f.name: f.metadata["group"] for f in fields(TrainConfig)}
 # Subcommands, recognised by argv[0] before any flag parsing: `run_1b_launch.py compare runs/a runs/b`.
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"compare": _compare}
@@ -65,7 +71,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"compare": _compare}
 def build_parser() -> ArgumentParser:
     """Launcher options plus every trainer flag (generated from TrainConfig; None = not given)."""
     p = ArgumentParser(prog="run_1b_launch.py", description=__doc__.split("\n")[0],
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=COMPARE_HELP)
     g = p.add_argument_group("launcher")
     g.add_argument("--vram", default="auto", help=f"VRAM tier: {' | '.join(VRAM_CHOICES)} (auto reads the GPU)")
     g.add_argument("--variant", default=None, help=f"attention variant: {' | '.join(VARIANTS)} (default baseline)")
@@ -92,7 +98,7 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--seeds", type=int, default=1,
                    help="N runs of this config with seeds --seed, --seed+1, ... (run dirs get -s<seed>); "
                         "compare shows them as mean ± sd")
-    add_config_flags(p)
+    add_config_flags(p, show_defaults=False)  # the tier decides what an unset flag becomes, not TrainConfig
     p.set_defaults(**{f.name: None for f in fields(TrainConfig)})
     for action in p._actions:  # the launcher sets these itself
         if action.dest in OWN_FIELDS:
@@ -191,7 +197,7 @@ def resolve_run_dir(root: Path, name: str, if_exists: str, res: Resolved, extend
     for i in range(1, 1000):
         n = name if i == 1 else f"{name}-{i}"
         d = root / n
-        if not d.exists() or (d.is_dir() and not any(p.name != PROBE_FILE for p in d.iterdir())):
+        if not d.exists() or (d.is_dir() and not any(p.name not in (LOCK_NAME, PROBE_FILE) for p in d.iterdir())):
             return RunDir(n, d, "fresh")
         if not d.is_dir():
             raise UserError(f"{d} exists and is not a directory; move it or choose another --run-root / --tag")

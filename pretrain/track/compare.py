@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,18 @@ def _variant(model_config: dict | None) -> str | None:
     return str(attn)
 
 
+def _meta(records: list[dict], run_dir: Path, warn: bool = True) -> dict[str, Any]:
+    """The run's meta event with each field compare reads of the right type; a wrong one is dropped with one
+    warning line, so a hand-edited or foreign train.jsonl still compares as far as it can."""
+    meta = next((r for r in records if r.get("type") == "meta"), {})
+    want = {"model_config": dict, "train_config": dict, "params": int}
+    bad = [k for k, tp in want.items() if k in meta and not isinstance(meta[k], tp)]
+    if bad and warn:
+        print(f"warning: {run_dir / JSONL_NAME}: the meta line's {', '.join(bad)} is malformed; its columns are "
+              "left blank (restore the line from the run's first train.jsonl, or rerun it)", file=sys.stderr)
+    return {k: v for k, v in meta.items() if k not in bad}
+
+
 def measured_fields(infer: dict[str, Any]) -> dict[str, Any]:
     """Figures of a run's latest `infer` event (python -m pretrain.infer_bench): measured KV bytes per token,
     and per context length decode/prefill tokens/s and peak memory."""
@@ -103,7 +116,7 @@ def _measured_columns(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
 def run_row(run_dir: Path) -> dict[str, Any]:
     """One run's figures; missing ones are None (a run killed before its first eval has no val loss)."""
     records = read_jsonl(run_dir / JSONL_NAME)
-    meta = next((r for r in records if r.get("type") == "meta"), {})
+    meta = _meta(records, run_dir)
     end = next((r for r in reversed(records) if r.get("type") == "end"), None)
     train = events_by_step(records, "train")
     evals = [e for e in events_by_step(records, "eval") if _num(e.get("loss")) is not None]
@@ -244,7 +257,7 @@ def plot_val_curves(paths: Sequence[str | os.PathLike], out_png: str | os.PathLi
     groups: dict[Any, list[tuple[str, str | None, list]]] = {}  # seeds of one config share a line and band
     for i, run_dir in enumerate(run_dirs):
         records = read_jsonl(run_dir / JSONL_NAME)
-        meta = next((r for r in records if r.get("type") == "meta"), {})
+        meta = _meta(records, run_dir, warn=False)
         points = [(e["tokens"], e["loss"]) for e in events_by_step(records, "eval")
                   if _num(e.get("tokens")) is not None and _num(e.get("loss")) is not None]
         if not points:
@@ -338,8 +351,6 @@ def _measure(paths: Sequence[str], args: Any) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     from pretrain.cli import run_cli
 
     sys.exit(run_cli(main))

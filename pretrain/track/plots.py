@@ -19,6 +19,8 @@ PLOT_TITLES = {
     "throughput": "Throughput (tok/s)",
     "grad_norm": "Gradient norm (pre-clip)",
 }
+# Every PNG write_plots may write: what a fresh start (--overwrite) may remove from a run dir.
+PLOT_FILES = tuple(f"{stem}.png" for stem in PLOT_TITLES)
 
 
 def _is_num(value: Any) -> bool:

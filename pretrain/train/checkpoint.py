@@ -8,6 +8,7 @@ Loading always uses ``weights_only=True``: a checkpoint is data, never code.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -264,6 +265,21 @@ def _verify_crcs(path: Path) -> None:
                         f"another checkpoint")
 
 
+def _why_write_failed(e: Exception, run_dir: Path) -> str:
+    """The cause of a failed write in a user's words: torch reports a full disk as an inline_container.cc
+    enforce failure, which names neither the disk nor the fix."""
+    nospace = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if nospace or "No space left" in str(e) or "file write failed" in str(e):
+        try:
+            free = f", {shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free"
+        except OSError:
+            free = ""
+        return f"No space left on device: the disk of {run_dir} is full{free}"
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{run_dir} is not writable: {os.strerror(e.errno)}"
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 # ------------------------------------------------------------------------------------------------ manager
 class CheckpointManager:
     """Writes last.pt / step_<N>.pt / best.pt of one run directory; at most one write in flight."""
@@ -282,6 +298,7 @@ class CheckpointManager:
         self.async_write = async_write
         self.warn = warn or _stderr  # the trainer can route warnings through its console
         self.last_error: str | None = None  # message of the last failed save; kept after later successes
+        self.last_error_kind: str | None = None  # "nonfinite" (diverged weights) or "write" (disk, permissions)
         self.consecutive_failures = 0  # reset by a successful save; lets the trainer stop cleanly
         self.last_write_seconds: float | None = None
         self.last_saved_step: int | None = None
@@ -296,7 +313,8 @@ class CheckpointManager:
             return
         self.wait()  # one write in flight: bounds host memory to one snapshot
         if not is_finite_state(state):
-            self._fail(f"step {step}: model state has NaN/inf values; not saved, previous checkpoint kept")
+            self._fail(f"step {step}: model state has NaN/inf values; not saved, previous checkpoint kept",
+                       "nonfinite")
             return
         if isinstance(state.get("model"), dict):
             state = {**state, "model": _strip_compile_prefix(state["model"])}
@@ -337,14 +355,15 @@ class CheckpointManager:
             fsync_dir(self.run_dir)
         except Exception as e:  # noqa: BLE001 - any failure must leave training running
             kept = "last.pt was saved" if last_written else "previous checkpoint kept"
-            self._fail(f"checkpoint write for step {step} failed ({type(e).__name__}: {e}); {kept}, training goes on")
+            self._fail(f"checkpoint write for step {step} failed ({_why_write_failed(e, self.run_dir)}); {kept}, "
+                       "training goes on", "write")
             return
         self.last_write_seconds = time.perf_counter() - t0
         self.last_saved_step = step
         self.consecutive_failures = 0
 
-    def _fail(self, msg: str) -> None:
-        self.last_error = msg
+    def _fail(self, msg: str, kind: str) -> None:
+        self.last_error, self.last_error_kind = msg, kind
         self.consecutive_failures += 1
         self.warn(msg)
 
@@ -362,9 +381,11 @@ class CheckpointManager:
             p.unlink(missing_ok=True)
 
     # -- resume
-    def find_resume(self) -> tuple[Path, dict] | None:
-        """(path, state) of the newest loadable checkpoint: last.pt, else the newest good step_<N>.pt.
+    def find_resume(self, check: Callable[[dict, Path], str | None] | None = None) -> tuple[Path, dict] | None:
+        """(path, state) of the newest usable checkpoint: last.pt, else the newest good step_<N>.pt.
 
+        `check(state, path)` returns why a loaded state is malformed (then it is skipped like a corrupt
+        file) or None; it may raise UserError to stop the search (a sound checkpoint of another experiment).
         Works on every rank, also when enabled=False: each DDP rank needs the resumed optimizer, step and
         sampler state, not only rank 0.
         """
@@ -372,8 +393,14 @@ class CheckpointManager:
         candidates = ([paths["last"]] if paths["last"] else []) + paths["numbered"][::-1]
         for path in candidates:
             try:
-                return path, load_checkpoint(path)
+                state = load_checkpoint(path)
             except UserError as e:
                 if self.enabled:  # one warning per skipped file, from one rank
                     self.warn(f"skipping unloadable checkpoint: {e}")
+                continue
+            why = check(state, path) if check else None
+            if why is None:
+                return path, state
+            if self.enabled:
+                self.warn(f"skipping checkpoint {path}: {why}; trying an older one")
         return None

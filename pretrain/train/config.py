@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import shlex
 import types
@@ -17,8 +18,10 @@ from pretrain.cli import ArgumentParser, UserError
 from pretrain.schedule import parse_micro_batch_schedule
 
 
-def _opt(default: Any, help: str, choices: Sequence[str] | None = None, group: str = "misc") -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+def _opt(default: Any, help: str, choices: Sequence[str] | None = None, group: str = "misc",
+         check: str | None = None) -> Any:
+    """A TrainConfig field. `check` is the allowed interval of a numeric flag, e.g. "[0,1)" or "(0,inf)"."""
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group, "check": check})
 
 
 @dataclass
@@ -27,53 +30,59 @@ class TrainConfig:
 
     # model: a preset plus overrides (None keeps the preset's value)
     size: str = _opt("tiny", "model preset", ["tiny", "small", "1b"], "model")
-    d_model: int | None = _opt(None, "model width (overrides the preset)", group="model")
-    layers: int | None = _opt(None, "number of transformer blocks", group="model")
-    n_head: int | None = _opt(None, "attention heads", group="model")
-    kv_head: int | None = _opt(None, "key/value heads for gqa (must divide --n-head)", group="model")
-    d_ff: int | None = _opt(None, "SwiGLU hidden size", group="model")
-    block: int | None = _opt(None, "maximum sequence length (RoPE/context size)", group="model")
-    vocab_size: int | None = _opt(None, "vocabulary size (default: the dataset's)", group="model")
+    d_model: int | None = _opt(None, "model width (overrides the preset)", group="model", check="(0,inf)")
+    layers: int | None = _opt(None, "number of transformer blocks", group="model", check="(0,inf)")
+    n_head: int | None = _opt(None, "attention heads", group="model", check="(0,inf)")
+    kv_head: int | None = _opt(None, "key/value heads for gqa (must divide --n-head)", group="model", check="(0,inf)")
+    d_ff: int | None = _opt(None, "SwiGLU hidden size", group="model", check="(0,inf)")
+    block: int | None = _opt(None, "maximum sequence length (RoPE/context size)", group="model", check="(0,inf)")
+    vocab_size: int | None = _opt(None, "vocabulary size (default: the dataset's)", group="model", check="(0,inf)")
     attn_mode: str = _opt(
         "baseline", "attention variant", ["baseline", "gqa", "bottleneck", "decoupled"], "model"
     )
-    attn_dim: int | None = _opt(None, "attention width for bottleneck/decoupled", group="model")
-    sem_dim: int | None = _opt(None, "semantic (no-RoPE) q/k width for decoupled", group="model")
-    geo_dim: int | None = _opt(None, "geometric (RoPE) q/k width for decoupled", group="model")
+    attn_dim: int | None = _opt(None, "attention width for bottleneck/decoupled", group="model", check="(0,inf)")
+    sem_dim: int | None = _opt(None, "semantic (no-RoPE) q/k width for decoupled", group="model", check="[0,inf)")
+    geo_dim: int | None = _opt(None, "geometric (RoPE) q/k width for decoupled", group="model", check="[0,inf)")
     null_attn: bool = _opt(False, "learned null key/value every query may attend to", group="model")
     tie_qk: bool = _opt(False, "keys reuse the query projection", group="model")
     learned_temp: bool = _opt(False, "learned per-head attention temperature", group="model")
     init_from: str | None = _opt(None, "initialise weights from a Hugging Face Llama dir", group="model")
 
     # data
-    data: str = _opt("", "dataset dir (manifest.json), legacy .npy, or glob of .npy shards", group="data")
-    val_frac: float = _opt(0.0, "carve this fraction of tokens for validation when none is stored", group="data")
+    data: str = _opt("", "dataset dir (manifest.json), legacy .npy, or glob of .npy shards (required)",
+                     group="data")
+    val_frac: float = _opt(0.0, "carve this fraction of tokens for validation when none is stored",
+                           group="data", check="[0,0.5)")
+    allow_data_change: bool = _opt(False, "resume although --data's content differs from the checkpoint's data",
+                                   group="data")
 
     # batching
-    batch_size: int = _opt(8, "micro-batch size (sequences per forward pass, per process)", group="batch")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step", group="batch")
-    train_seq_len: int | None = _opt(None, "training sequence length (default: --block)", group="batch")
+    batch_size: int = _opt(8, "micro-batch size (sequences per forward pass, per process)",
+                           group="batch", check="(0,inf)")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", group="batch", check="(0,inf)")
+    train_seq_len: int | None = _opt(None, "training sequence length (default: --block)",
+                                     group="batch", check="(0,inf)")
     seq_schedule: str = _opt("", 'sequence-length schedule, e.g. "512@0,1024@2000"', group="batch")
     micro_batch_schedule: str = _opt("", 'micro-batch per step range, e.g. "16@0,8@500": the sequences per step '
                                      'stay --batch-size x --grad-accum, accumulation adjusts', group="batch")
-    steps: int = _opt(1000, "optimizer steps in total", group="batch")
+    steps: int = _opt(1000, "optimizer steps in total", group="batch", check="(0,inf)")
 
     # optimizer
     optimizer: str = _opt("adamw", "optimizer", ["adamw", "lion"], "optim")
     lr: float | None = _opt(None, "peak learning rate (default per --size and --optimizer: adamw 6e-4 tiny/small, "
-                                  "3e-4 1b; lion ~6x lower; sources in docs/tiers.md)", group="optim")
-    beta1: float = _opt(0.9, "first-moment decay", group="optim")
-    beta2: float | None = _opt(None, "second beta (default: 0.95 adamw, 0.99 lion)", group="optim")
-    eps: float = _opt(1e-8, "adamw epsilon", group="optim")
-    weight_decay: float = _opt(0.1, "decoupled weight decay on >=2-D weights", group="optim")
-    grad_clip: float = _opt(1.0, "clip the global grad norm to this (0 disables)", group="optim")
+                                  "3e-4 1b; lion ~6x lower; sources in docs/tiers.md)", group="optim", check="(0,inf)")
+    beta1: float = _opt(0.9, "first-moment decay", group="optim", check="[0,1)")
+    beta2: float | None = _opt(None, "second beta (default: 0.95 adamw, 0.99 lion)", group="optim", check="[0,1)")
+    eps: float = _opt(1e-8, "adamw epsilon", group="optim", check="[0,inf)")
+    weight_decay: float = _opt(0.1, "decoupled weight decay on >=2-D weights", group="optim", check="[0,inf)")
+    grad_clip: float = _opt(1.0, "clip the global grad norm to this (0 disables)", group="optim", check="[0,inf)")
     opt_fused: bool = _opt(True, "fused AdamW kernel on CUDA", group="optim")
 
     # learning-rate schedule
     lr_schedule: str = _opt("cosine", "learning-rate schedule", ["cosine", "wsd", "constant"], "schedule")
-    warmup_steps: int = _opt(100, "linear warmup steps", group="schedule")
-    min_lr: float | None = _opt(None, "final learning rate (default: lr/10)", group="schedule")
-    decay_frac: float = _opt(0.2, "wsd: fraction of steps spent decaying", group="schedule")
+    warmup_steps: int = _opt(100, "linear warmup steps", group="schedule", check="[0,inf)")
+    min_lr: float | None = _opt(None, "final learning rate (default: lr/10)", group="schedule", check="[0,inf)")
+    decay_frac: float = _opt(0.2, "wsd: fraction of steps spent decaying", group="schedule", check="(0,1]")
 
     # precision and speed
     param_dtype: str = _opt("fp32", "parameter dtype (bf16 uses stochastic rounding)", ["fp32", "bf16"], "prec")
@@ -86,29 +95,35 @@ class TrainConfig:
     )
 
     # eval and logging
-    eval_every: int = _opt(200, "evaluate every N steps (0: only at start and end)", group="eval")
-    eval_iters: int = _opt(20, "validation batches per evaluation", group="eval")
-    eval_seq_len: int | None = _opt(None, "validation length (default: longest trained so far)", group="eval")
-    log_every: int = _opt(10, "log a train line every N steps", group="eval")
+    eval_every: int = _opt(200, "evaluate every N steps (0: only at start and end)", group="eval", check="[0,inf)")
+    eval_iters: int = _opt(20, "validation batches per evaluation", group="eval", check="(0,inf)")
+    eval_seq_len: int | None = _opt(None, "validation length (default: longest trained so far)",
+                                    group="eval", check="(0,inf)")
+    log_every: int = _opt(10, "log a train line every N steps", group="eval", check="(0,inf)")
     sample_every: int = _opt(0, "write text samples (greedy + sampled) every N steps and at the end (0: off)",
-                             group="eval")
+                             group="eval", check="[0,inf)")
     sample_prompts: str | None = _opt(None, "file with one sample prompt per line (default: built-in)", group="eval")
-    sample_tokens: int = _opt(48, "tokens generated per sample", group="eval")
-    sample_temperature: float = _opt(0.8, "temperature of the sampled continuation", group="eval")
+    sample_tokens: int = _opt(48, "tokens generated per sample", group="eval", check="(0,inf)")
+    sample_temperature: float = _opt(0.8, "temperature of the sampled continuation", group="eval",
+                                     check="[0,inf)")
     hellaswag: str | None = _opt(None, "multiple-choice set scored at the end (and every --downstream-every): "
                                  "a jsonl of {ctx, endings, label}, or 'hf' for Rowan/hellaswag", group="eval")
-    downstream_every: int = _opt(0, "score --hellaswag every N steps (0: at the end only)", group="eval")
-    downstream_items: int = _opt(500, "multiple-choice items per downstream eval (0: all)", group="eval")
+    downstream_every: int = _opt(0, "score --hellaswag every N steps (0: at the end only)", group="eval",
+                                 check="[0,inf)")
+    downstream_items: int = _opt(500, "multiple-choice items per downstream eval (0: all)", group="eval",
+                                 check="[0,inf)")
 
     # checkpoints and run dir
-    save_every: int = _opt(500, "save last.pt every N steps (0 disables step-based saves)", group="ckpt")
-    save_minutes: float = _opt(30.0, "also save every N minutes (0 disables)", group="ckpt")
-    keep_last: int = _opt(3, "numbered step_<N>.pt files to keep", group="ckpt")
+    save_every: int = _opt(500, "save last.pt every N steps (0 disables step-based saves)",
+                           group="ckpt", check="[0,inf)")
+    save_minutes: float = _opt(30.0, "also save every N minutes (0 disables)", group="ckpt", check="[0,inf)")
+    keep_last: int = _opt(3, "numbered step_<N>.pt files to keep", group="ckpt", check="[0,inf)")
     out_dir: str = _opt("runs/default", "run directory", group="ckpt")
     resume: str = _opt("auto", "auto: continue from out-dir/last.pt if present; never; or a .pt path", group="ckpt")
     overwrite: bool = _opt(False, "allow a fresh run to replace a non-empty run dir", group="ckpt")
-    max_bad_steps: int = _opt(5, "non-finite steps in a row before reloading the last checkpoint", group="ckpt")
-    seed: int = _opt(1337, "seed for weights and data order", group="ckpt")
+    max_bad_steps: int = _opt(5, "stop the run after this many non-finite (skipped) steps in a row; the last "
+                              "good checkpoint is kept (0: never stop)", group="ckpt", check="[0,inf)")
+    seed: int = _opt(1337, "seed for weights and data order", group="ckpt", check="[0,4294967296)")
     device: str = _opt("auto", "device", ["auto", "cuda", "cpu", "mps"], "ckpt")
 
     # distributed (torchrun)
@@ -142,9 +157,9 @@ RESUMABLE_CHANGES = frozenset(
         "steps", "eval_every", "eval_iters", "log_every", "save_every", "save_minutes", "keep_last",
         "resume", "overwrite", "max_bad_steps", "device", "live", "tb", "compile", "compile_mode",
         "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "wandb_tags", "wandb_mode",
-        "wandb_id", "opt_fused", "out_dir", "data", "cpu_offload", "grad_checkpoint", "init_from",
-        "sample_every", "sample_prompts", "sample_tokens", "sample_temperature", "hellaswag", "downstream_every",
-        "downstream_items",
+        "wandb_id", "opt_fused", "out_dir", "data", "allow_data_change", "cpu_offload", "grad_checkpoint",
+        "init_from", "sample_every", "sample_prompts", "sample_tokens", "sample_temperature", "hellaswag",
+        "downstream_every", "downstream_items",
     }
 )
 
@@ -170,20 +185,34 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per TrainConfig field, grouped as in the dataclass."""
+_PRESET_FIELDS = ("d_model", "layers", "n_head", "kv_head", "d_ff", "block")
+
+
+def _help_with_default(name: str, help: str, default: Any) -> str:
+    # A help that names its default (or says "required") already keeps its own words.
+    if "default" in help or "required" in help:
+        return help
+    if default is None:
+        return f"{help} (default: from --size)" if name in _PRESET_FIELDS else help
+    shown = ("on" if default else "off") if isinstance(default, bool) else (default if default != "" else "none")
+    return f"{help} (default: {shown})".replace("%", "%%")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, show_defaults: bool = True) -> None:
+    """Add one flag per TrainConfig field, grouped as in the dataclass (help shows each default)."""
     hints = typing.get_type_hints(TrainConfig)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in fields(TrainConfig):
         meta = f.metadata
         g = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         tp = _base_type(hints[f.name])
+        help = _help_with_default(f.name, meta["help"], f.default) if show_defaults else meta["help"]
         if tp is bool:
             g.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=f.default, help=meta["help"])
+                           default=f.default, help=help)
         else:
             g.add_argument(flag_name(f.name), dest=f.name, type=tp, default=f.default,
-                           choices=meta["choices"], help=meta["help"], metavar=None if meta["choices"] else
+                           choices=meta["choices"], help=help, metavar=None if meta["choices"] else
                            f.name.upper())
 
 
@@ -200,22 +229,30 @@ def parse_config(argv: Sequence[str] | None = None, prog: str = "train_v29.py") 
     return cfg
 
 
+def in_interval(value: float, interval: str) -> bool:
+    """`value` lies in `interval`, written "[lo,hi)" / "(lo,inf)" etc.; NaN lies in none."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    above = value >= lo if interval[0] == "[" else value > lo
+    below = value <= hi if interval[-1] == "]" else value < hi
+    return math.isfinite(value) and above and below
+
+
+def check_numbers(cfg: TrainConfig) -> None:
+    """Every numeric flag against the interval declared next to its field: NaN, inf, negatives refused."""
+    for f in fields(TrainConfig):
+        value, interval = getattr(cfg, f.name), f.metadata["check"]
+        if interval is None or value is None or isinstance(value, bool):
+            continue
+        if not in_interval(value, interval):
+            lo, hi = interval[1:-1].split(",")
+            want = (f"> {lo}" if interval[0] == "(" else f">= {lo}") if hi == "inf" else f"in {interval}"
+            kind = "an integer" if isinstance(value, int) else "a finite number"
+            raise UserError(f"{flag_name(f.name)} must be {kind} {want}, got {value}")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Reject settings that cannot work, before anything is built or written."""
-    positive = ["batch_size", "grad_accum", "steps", "eval_iters", "log_every"]
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"{flag_name(name)} must be a positive integer, got {getattr(cfg, name)}")
-    for name in ["eval_every", "save_every", "keep_last", "warmup_steps", "max_bad_steps", "sample_every",
-                 "downstream_every", "downstream_items"]:
-        if getattr(cfg, name) < 0:
-            raise UserError(f"{flag_name(name)} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.lr is not None and cfg.lr <= 0:
-        raise UserError(f"--lr must be positive, got {cfg.lr}")
-    if not 0.0 <= cfg.val_frac < 0.5:
-        raise UserError(f"--val-frac must be in [0, 0.5), got {cfg.val_frac}")
-    if not 0.0 < cfg.decay_frac <= 1.0:
-        raise UserError(f"--decay-frac must be in (0, 1], got {cfg.decay_frac}")
+    check_numbers(cfg)
     if cfg.amp_dtype == "fp16" and cfg.param_dtype == "bf16":
         raise UserError("--amp-dtype fp16 needs fp32 weights for its GradScaler: use --param-dtype fp32")
     if cfg.cpu_offload and not cfg.fsdp:

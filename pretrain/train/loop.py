@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import sys
 import time
@@ -9,6 +11,7 @@ from typing import Any
 
 import torch
 
+from pretrain.cli import UserError
 from pretrain.schedule import lr_at, micro_batch_at, seq_len_at
 from pretrain.track.plots import write_plots
 from pretrain.track.summary import write_summary
@@ -18,7 +21,7 @@ from pretrain.train import speed
 from pretrain.train.checkpoint import latest_step
 from pretrain.train.config import TrainConfig, format_command, parse_config
 from pretrain.train.optim import peak_lr, set_lr, step_unless_nonfinite
-from pretrain.train.session import Session, open_session
+from pretrain.train.session import RunComplete, Session, open_session
 
 
 class StopRequested:
@@ -103,16 +106,26 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     """Train per `cfg`; returns the run's final figures. Resumes from the run dir when it can."""
     if cfg.device != "cpu":
         speed.configure_cuda_allocator()  # before open_session makes the first CUDA allocation
-    s = open_session(cfg, command)
     stop = StopRequested()
+    # Before anything is written: a SIGTERM while the session opens (wandb.init can stall for minutes)
+    # only sets the flag, and the loop saves a resumable checkpoint at its first chance.
     stop.install()
     try:
-        status = _loop(s, stop)
-        _finish(s, status)
+        try:
+            s = open_session(cfg, command)
+        except RunComplete as done:
+            print(done, file=sys.stderr, flush=True)
+            return {"status": "complete", "saved": True, "step": cfg.steps}
+        try:
+            status = _loop(s, stop)
+            _finish(s, status)
+        finally:
+            s.close()
+            dist_lib.cleanup(s.dist)
+    except OSError as e:
+        raise disk_error(e, cfg.out_dir) from None
     finally:
         stop.restore()
-        s.close()
-        dist_lib.cleanup(s.dist)
     wandb_line = _wandb_line(s.info)
     if wandb_line:
         s.console.print(wandb_line)  # last, after wandb's own shutdown output
@@ -127,8 +140,22 @@ def _wandb_line(info: dict[str, Any]) -> str | None:
     return None
 
 
+def disk_error(e: OSError, out_dir: str) -> Exception:
+    """A full or read-only disk mid-run as one line naming the fix; any other OSError stays a bug report."""
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"no space left on the disk of {out_dir}{where}; free disk space, then rerun the same "
+                         "command to resume from the last checkpoint")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"cannot write to {out_dir}{where}: {os.strerror(e.errno)}; make it writable, then "
+                         "rerun the same command to resume")
+    return e
+
+
 def _loop(s: Session, stop: StopRequested) -> str:
     cfg, prog = s.cfg, s.prog
+    if dist_lib.any_rank(bool(stop), s.dist):  # a signal while the session opened: nothing to save yet
+        return f"{stop.describe()} before its first step"
     if not s.resumed:
         s.evaluate()
     meter = Meter(s.device, prog.step)
@@ -224,12 +251,21 @@ def _finish(s: Session, status: str) -> None:
         s.save(best=best)
     s.ckpt.wait()
     # Only rank 0 writes; a stop for non-finite steps deliberately saves nothing.
-    saved = not s.dist.is_main or status.startswith("stopped:") or s.ckpt.last_saved_step == prog.step
+    untouched = status.endswith("before its first step")  # the run dir's checkpoint (if any) is still current
+    saved = not s.dist.is_main or status.startswith("stopped:") or untouched or s.ckpt.last_saved_step == prog.step
     if not saved:
-        kept = latest_step(s.run_dir)
-        s.console.print(f"error: could not save step {prog.step} ({s.ckpt.last_error}); the newest checkpoint "
-                        f"is step {kept}: free disk space, then rerun the same command to resume from there")
+        step = latest_step(s.run_dir)
+        kept = "no checkpoint was saved" if step is None else f"the newest checkpoint is step {step}"
+        if s.ckpt.last_error_kind == "nonfinite":
+            s.console.print(f"error: could not save step {prog.step}: the weights became NaN/inf (training "
+                            f"diverged); {kept}: restart with a lower --lr (--resume never --overwrite) or "
+                            "check the data")
+        else:
+            s.console.print(f"error: could not save step {prog.step} ({s.ckpt.last_error}); {kept}: free disk "
+                            "space, then rerun the same command to resume")
         status = f"{status}; final save failed"
+    elif untouched:
+        s.console.print(f"{status}: nothing new was trained; rerun the same command to continue")
     elif status.startswith("stopped by signal"):
         s.console.print(f"{status}: saved step {prog.step} to {s.run_dir / 'last.pt'}; "
                         f"rerun the same command to resume")
@@ -245,7 +281,11 @@ def _finish(s: Session, status: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
+    if not cfg.data:  # the trainer's one required flag (the launcher may plan without data)
+        raise UserError("--data is required: a dataset dir made by prepare_fineweb.py --output, a legacy .npy "
+                        "or a quoted glob of .npy shards")
     args = sys.argv[1:] if argv is None else argv
     result = train(cfg, command=format_command(["python", "train_v29.py", *args]))
-    ok = result["saved"] and (result["status"] == "completed" or result["status"].startswith("stopped by signal"))
+    ok = result["saved"] and (result["status"] in ("completed", "complete")
+                              or result["status"].startswith("stopped by signal"))
     return 0 if ok else 1

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import random
-import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,68 +13,76 @@ import numpy as np
 import torch
 
 from pretrain.cli import UserError
-from pretrain.train.checkpoint import CheckpointManager, load_checkpoint
+from pretrain.track.runlog import JSONL_NAME, read_jsonl
+from pretrain.train.checkpoint import CheckpointManager, checkpoint_paths, load_checkpoint
 from pretrain.train.config import TrainConfig, config_differences
+from pretrain.train.rundir import has_run
 
 STATE_VERSION = 1
-# What a fresh start would replace; anything else in the run dir (user notes, data) is left alone.
-RUN_FILES = ("train.jsonl", "summary.md", "wandb_run_id.txt")
-RUN_GLOBS = ("*.pt", "*.png", "*.tmp")
 
 
 @dataclass
 class StartPoint:
-    """Where training starts: a fresh run (state None) or a checkpoint's state."""
+    """Where training starts: a fresh run (state None) or a checkpoint's state.
+
+    `clear`: a fresh start that must first remove a previous trainer's files (done by the caller, once it
+    holds the run-dir lock and every check has passed, so a refused command changes nothing).
+    """
 
     state: dict[str, Any] | None
     path: Path | None = None
+    clear: bool = False
+    note: str = ""
 
     @property
     def resumed(self) -> bool:
         return self.state is not None
 
 
-def _has_run(run_dir: Path) -> bool:
-    return run_dir.is_dir() and (
-        any((run_dir / f).exists() for f in RUN_FILES[:1]) or any(run_dir.glob("*.pt"))
-    )
+def _restartable(run_dir: Path, cfg: TrainConfig) -> bool:
+    """A log but no checkpoint file of this same command: a run stopped before its first save. Nothing of it
+    can be resumed, so starting it again is what rerunning the command means."""
+    paths = checkpoint_paths(run_dir)
+    if paths["last"] or paths["best"] or paths["numbered"]:
+        return False
+    meta = next((r for r in read_jsonl(run_dir / JSONL_NAME) if r.get("type") == "meta"), None)
+    saved = meta.get("train_config") if meta else None
+    return not isinstance(saved, dict) or not config_differences(saved, cfg)
 
 
-def _clear_run(run_dir: Path) -> None:
-    for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
-    for pattern in RUN_GLOBS:
-        for p in run_dir.glob(pattern):
-            p.unlink()
-    shutil.rmtree(run_dir / "wandb", ignore_errors=True)
-    shutil.rmtree(run_dir / "tb", ignore_errors=True)
-
-
-def find_start(cfg: TrainConfig, ckpt: CheckpointManager, is_main: bool = True) -> StartPoint:
+def find_start(cfg: TrainConfig, ckpt: CheckpointManager,
+               check: Callable[[dict, Path], str | None] | None = None) -> StartPoint:
     """Apply --resume and --overwrite: pick the checkpoint to continue from, or allow a fresh start.
 
-    A fresh start into a run dir that already holds a run is refused unless --overwrite, so a typo in a
-    command never destroys a run.
+    Writes nothing. A fresh start into a run dir that already holds a run is refused unless --overwrite (or
+    the run stopped before its first checkpoint), so a typo in a command never destroys a run. `check` is
+    CheckpointManager.find_resume's.
     """
     run_dir = Path(cfg.out_dir)
     if cfg.resume not in ("auto", "never"):
         path = Path(cfg.resume)
         if not path.is_file():
             raise UserError(f"--resume {cfg.resume}: no such checkpoint file; use --resume auto or a valid .pt path")
-        return StartPoint(load_checkpoint(path), path)
+        state = load_checkpoint(path)
+        why = check(state, path) if check else None
+        if why:
+            raise UserError(f"cannot resume from {path}: {why}; pass another checkpoint or --resume auto")
+        return StartPoint(state, path)
     if cfg.resume == "auto":
-        found = ckpt.find_resume()
+        found = ckpt.find_resume(check)
         if found is not None:
             return StartPoint(found[1], found[0])
-    if _has_run(run_dir):
-        if not cfg.overwrite:
-            why = "--resume never was given" if cfg.resume == "never" else "it holds no loadable checkpoint"
-            raise UserError(
-                f"{run_dir} already holds a run and {why}; pass --overwrite to replace it, "
-                f"or choose another --out-dir"
-            )
-        if is_main:
-            _clear_run(run_dir)
+    if has_run(run_dir):
+        if cfg.overwrite:
+            return StartPoint(None, clear=True)
+        if cfg.resume == "auto" and _restartable(run_dir, cfg):
+            return StartPoint(None, clear=True, note=f"{run_dir} holds a log but no checkpoint (it stopped before "
+                              "its first save): starting it afresh, the log is restarted")
+        why = "--resume never was given" if cfg.resume == "never" else "it holds no loadable checkpoint"
+        raise UserError(
+            f"{run_dir} already holds a run and {why}; pass --overwrite to replace it, "
+            f"or choose another --out-dir"
+        )
     return StartPoint(None)
 
 

@@ -28,15 +28,17 @@ from pretrain.schedule import (
     phases,
 )
 from pretrain.track.console import Console, format_eval_line
-from pretrain.track.runlog import RunLog, to_metrics
+from pretrain.track.runlog import JSONL_NAME, RunLog, read_jsonl, to_metrics
 from pretrain.track.tensorboard import TBWriter
 from pretrain.track.wandb_run import WandbRun
 from pretrain.train import device as dev
 from pretrain.train import distributed as dist_lib
 from pretrain.train.checkpoint import CheckpointManager
+from pretrain.train.ckpt_check import check_same_run, missing_part, model_shapes, problem
 from pretrain.train.config import TrainConfig, model_config_from
 from pretrain.train.optim import build_optimizer, load_rounding_rng_state, rounding_rng_state
-from pretrain.train.resume import check_compatible, find_start, rng_for_rank, rng_state, seed_everything, set_rng_state
+from pretrain.train.resume import find_start, rng_for_rank, rng_state, seed_everything, set_rng_state
+from pretrain.train.rundir import RunDirLock, check_out_dir, clear_run
 from pretrain.train.speed import compile_blocks
 
 
@@ -74,6 +76,8 @@ class Session:
     resumed: bool
     info: dict[str, Any]
     prog: Progress = field(default_factory=Progress)
+    lock: RunDirLock | None = None
+    fingerprint: str = ""
     codec: Any = None  # token ids <-> text, when samples or downstream evals are on
     prompts: list[str] = field(default_factory=list)
     mc_items: list[Any] = field(default_factory=list)
@@ -174,6 +178,7 @@ class Session:
             "train_config": self.cfg.to_dict(), "model_config": self.mcfg.to_dict(),
             "world_size": self.dist.world_size,
             "wandb_run_id": self.wb.run_id,
+            "data_fingerprint": self.fingerprint,
         }
         self.ckpt.save(state, p.step, best=best)
         extra = {"replicas_match": replicas_match} if self.dist.enabled else {}
@@ -188,16 +193,34 @@ class Session:
         self.tb.close()
         self.console.close()
         self.loader.close()
+        if self.lock:
+            self.lock.release()
         # Release the wrapped model and optimizer before distributed.cleanup() destroys their process group.
         self.wrapped = self.model = self.optimizer = None  # type: ignore[assignment]
 
 
+class RunComplete(Exception):
+    """The run dir holds this run, finished: nothing to train, evaluate or write."""
+
+
+def _completed_at(run_dir: Path) -> int | None:
+    """The step of the run's `end` event when it completed (not when it was stopped), else None."""
+    ends = [r for r in read_jsonl(run_dir / JSONL_NAME) if r.get("type") == "end"]
+    return ends[-1].get("step") if ends and ends[-1].get("status") == "completed" else None
+
+
 def open_session(cfg: TrainConfig, command: str = "") -> Session:
-    """Check the settings against the data and run dir, then build (or restore) everything a run needs."""
+    """Check the settings against the data and run dir, then build (or restore) everything a run needs.
+
+    Every check that can refuse the command runs before the first write (the run-dir lock), so a refused
+    command leaves the disk as it was.
+    """
     device = dev.resolve_device(cfg.device)
     dist = dist_lib.init_distributed(device)
     dev.setup_device(device)
     run_dir = Path(cfg.out_dir)
+    if dist.is_main:
+        check_out_dir(run_dir)
     ds = open_dataset(cfg.data, cfg.val_frac, vocab_size=cfg.vocab_size)
     mcfg = model_config_from(cfg, ds.vocab_size)
     ds.check_vocab(mcfg.vocab_size)
@@ -220,11 +243,27 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
 
     ckpt = CheckpointManager(run_dir, keep_last=cfg.keep_last, enabled=dist.is_main)
     if cfg.init_from:
-        check_init_from(cfg.init_from, mcfg)  # before find_start may clear an --overwrite run dir
-    start = find_start(cfg, ckpt, dist.is_main)
+        check_init_from(cfg.init_from, mcfg)
+    fingerprint, shapes = ds.fingerprint(), model_shapes(mcfg)
+
+    def usable(state: dict, path: Path) -> str | None:
+        # Another experiment's checkpoint is refused (UserError) before its shapes could call it malformed.
+        if why := missing_part(state):
+            return why
+        check_same_run(state, path, cfg, dist_lib.saved_config_for(state, cfg, dist, path), mcfg,
+                       ds.tokenizer, fingerprint)
+        return problem(state, shapes, TrainSampler(ds, cfg.seed, world_size=dist.world_size).load_state_dict)
+
+    start = find_start(cfg, ckpt, usable)
     dist_lib.check_same_start(start.state["step"] if start.resumed else None, dist)
-    if start.resumed:
-        check_compatible(dist_lib.saved_config_for(start.state, cfg, dist, start.path), cfg, start.path)
+    if start.resumed and start.state["step"] >= cfg.steps and _completed_at(run_dir) == start.state["step"]:
+        raise RunComplete(f"{run_dir} is complete ({start.state['step']} of {cfg.steps} steps); nothing to do. "
+                          "Raise --steps to extend it, or use another --out-dir for a new run")
+    lock = RunDirLock(run_dir)
+    if dist.is_main:
+        lock.acquire()  # the first write: a second trainer on this run dir stops here, before touching it
+        if start.clear:
+            clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     seed_everything(cfg.seed)
@@ -271,6 +310,8 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
             "device": str(device), "world_size": dist.world_size}
     main = dist.is_main
     console = Console(cfg.live if main else "off", total_steps=cfg.steps, start_step=prog.step)
+    if main and start.note:
+        console.print(start.note)
     log = RunLog(run_dir, resume_step=prog.step if start.resumed else None, resume_fields=resume_fields) \
         if main else None
     if log and not start.resumed:
@@ -291,5 +332,5 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
                    optimizer=optimizer, scaler=scaler, loader=Prefetcher(sampler, device),
                    val_by_len=val_by_len, ckpt=ckpt, log=log, wb=wb,
                    tb=tb, console=console, seq_points=points, lr_horizon=lr_horizon, resumed=start.resumed,
-                   info=info, prog=prog, codec=codec, prompts=prompts, mc_items=mc_items,
-                   micro_points=micro_points)
+                   info=info, prog=prog, lock=lock, fingerprint=fingerprint, codec=codec, prompts=prompts,
+                   mc_items=mc_items, micro_points=micro_points)

@@ -1,0 +1,107 @@
+"""The run directory as the trainer owns it: can it be written, one trainer at a time, which files are its own.
+
+The lock is an OS lock (flock) on `train.lock`: the kernel drops it when the process ends, however it ends
+(kill -9 included), so a stale lock cannot exist; the file itself is left behind and only names the pid.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from pretrain.cli import UserError
+from pretrain.track.plots import PLOT_FILES
+from pretrain.train.checkpoint import _TMP_PREFIX, BEST, LAST, checkpoint_paths
+
+LOCK_NAME = ".train.lock"  # hidden: summary.md lists a run dir's visible files
+# Files and directories a trainer writes into its run dir: what a fresh start (--overwrite) may remove.
+# Anything else there (the user's notes, their own .pt or .png files) is never touched.
+RUN_FILES = ("train.jsonl", "summary.md", "wandb_run_id.txt", LAST, BEST, *PLOT_FILES)
+RUN_DIRS = ("wandb", "tb")
+
+
+def writable_problem(path: Path) -> str | None:
+    """Why nothing can be written at `path` (a dir, maybe not yet created), or None.
+
+    Probes with a real temp file: os.access says yes to root even on a read-only mount.
+    """
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"{existing} is not writable ({os.strerror(e.errno) if e.errno else e})"
+    return None
+
+
+def check_out_dir(run_dir: Path) -> None:
+    """--out-dir must be a directory (or not exist yet) on a writable disk; checked before anything is written."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out-dir {run_dir} is a file, not a directory; choose another --out-dir")
+    why = writable_problem(run_dir)
+    if why:
+        raise UserError(f"cannot write the run dir: {why}; choose an --out-dir on a writable disk "
+                        "(or fix its permissions)")
+
+
+class RunDirLock:
+    """One trainer per run dir. `acquire` raises UserError naming the holder's pid when another has it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise UserError(f"{self.path.parent} is in use by another trainer (pid {holder}); wait for it to end, "
+                            f"stop it with kill -TERM {holder} (it saves first), or choose another --out-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+def trainer_files(run_dir: Path) -> list[Path]:
+    """Files in `run_dir` the trainer wrote (by name: it knows every name it uses)."""
+    if not run_dir.is_dir():
+        return []
+    own = [run_dir / n for n in RUN_FILES if (run_dir / n).is_file()]
+    own += checkpoint_paths(run_dir)["numbered"]
+    own += [p for p in run_dir.iterdir() if p.is_file() and (
+        p.name.startswith(_TMP_PREFIX) or (p.name.startswith(".") and p.name[1:-4] in RUN_FILES))]
+    return own
+
+
+def has_run(run_dir: Path) -> bool:
+    """A previous trainer left a log or a checkpoint here."""
+    paths = checkpoint_paths(run_dir)
+    return (run_dir / "train.jsonl").is_file() or bool(paths["last"] or paths["best"] or paths["numbered"])
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove what a previous trainer wrote, and nothing else."""
+    for p in trainer_files(run_dir):
+        p.unlink(missing_ok=True)
+    for d in RUN_DIRS:
+        shutil.rmtree(run_dir / d, ignore_errors=True)
