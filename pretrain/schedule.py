@@ -76,6 +76,53 @@ def seq_len_at(points: list[tuple[int, int]], step: int) -> int:
     return length
 
 
+def parse_micro_batch_schedule(spec: str, sequences_per_step: int) -> list[tuple[int, int]]:
+    """Parse --micro-batch-schedule "16@0,8@500" into [(0, 16), (500, 8)] ([] when empty).
+
+    Each entry is the micro-batch from that step on. The sequences of one optimizer step stay
+    `sequences_per_step` (--batch-size x --grad-accum): accumulation becomes sequences_per_step / micro-batch,
+    so every micro-batch must divide it. The sampler hands out consecutive windows whatever the split, so a
+    step trains on the same sequences with any schedule and a resume continues it exactly.
+    """
+    if not spec.strip():
+        return []
+    points: list[tuple[int, int]] = []
+    for part in spec.split(","):
+        try:
+            size, start = part.strip().split("@")
+            points.append((int(start), int(size)))
+        except ValueError:
+            raise UserError(f"--micro-batch-schedule entry {part.strip()!r} is not MICRO@STEP; write e.g. "
+                            "\"16@0,8@500\"") from None
+    if points[0][0] != 0:
+        raise UserError(f"--micro-batch-schedule must start at step 0, got {points[0][1]}@{points[0][0]}; "
+                        f"add an entry @0")
+    for (s0, _), (s1, _) in zip(points, points[1:]):
+        if s1 <= s0:
+            raise UserError(f"--micro-batch-schedule steps must increase strictly, got {s0} then {s1}")
+    for _, size in points:
+        if size <= 0 or sequences_per_step % size:
+            raise UserError(f"--micro-batch-schedule micro-batch {size} must divide the {sequences_per_step} "
+                            f"sequences per step (--batch-size x --grad-accum); use a divisor of it")
+    return points
+
+
+def micro_batch_at(points: list[tuple[int, int]], step: int, batch_size: int, grad_accum: int) -> tuple[int, int]:
+    """(micro-batch, accumulation) of optimizer step `step`: the schedule's entry, else --batch-size/--grad-accum."""
+    if not points:
+        return batch_size, grad_accum
+    micro = points[0][1]
+    for start, size in points:
+        if step >= start:
+            micro = size
+    return micro, batch_size * grad_accum // micro
+
+
+def format_step_schedule(points: list[tuple[int, int]]) -> str:
+    """[(0, 16), (500, 8)] -> "16@0,8@500" (the flag's own syntax)."""
+    return ",".join(f"{value}@{start}" for start, value in points)
+
+
 def eval_seq_len_at(points: list[tuple[int, int]], step: int, explicit: int | None = None) -> int:
     """Sequence length of an evaluation after `step` optimizer steps.
 

@@ -49,7 +49,8 @@ TRAINER = ROOT / "train_v29.py"
 OWN_FIELDS = {"attn_mode": "--variant", "exp": "--variant paper_decoupled (or paper_bottleneck)",
               "out_dir": "--run-root / --tag", "overwrite": "--if-exists overwrite"}
 # How a step is computed, not what it computes: changing these keeps the experiment (same sequences per step).
-EXECUTION_FIELDS = ("batch_size", "grad_accum", "grad_checkpoint")
+EXECUTION_FIELDS = ("batch_size", "grad_accum", "grad_checkpoint", "micro_batch_schedule")
+PROBE_FILE = "probe.json"  # what --probe measured, beside the run it planned
 DEFAULT_SEED = TrainConfig().seed
 
 
@@ -91,8 +92,12 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per node; >1 launches through torchrun")
     g.add_argument("--assume-mfu", type=float, default=0.4, help="model FLOPs utilisation for the time estimate")
     g.add_argument("--peak-tflops", type=float, default=None, help="device peak TFLOP/s for the time estimate")
+    g.add_argument("--probe", action="store_true",
+                   help="run a few real optimizer steps per phase on this device: measured memory and tok/s next "
+                        "to the estimate, micro-batches corrected to what fits (with --run: saved to probe.json)")
     g.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     g.add_argument("--run", action="store_true", help="run the trainer (default: dry run, writes nothing)")
+    g.add_argument("--force", action="store_true", help="--run even when the plan is estimated not to fit")
     g.add_argument("--seeds", type=int, default=1,
                    help="N runs of this config with seeds --seed, --seed+1, ... (run dirs get -s<seed>); "
                         "compare shows them as mean ± sd")
@@ -197,7 +202,7 @@ def resolve_run_dir(root: Path, name: str, if_exists: str, res: Resolved, extend
     for i in range(1, 1000):
         n = name if i == 1 else f"{name}-{i}"
         d = root / n
-        if not d.exists() or (d.is_dir() and not any(p.name != LOCK_NAME for p in d.iterdir())):
+        if not d.exists() or (d.is_dir() and not any(p.name not in (LOCK_NAME, PROBE_FILE) for p in d.iterdir())):
             return RunDir(n, d, "fresh")
         if not d.is_dir():
             raise UserError(f"{d} exists and is not a directory; move it or choose another --run-root / --tag")
@@ -267,7 +272,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if plan.run["action"] in ("skip", "complete"):
         print(plan.run["note"], file=sys.stderr)
         return 0
+    too_big = [p for p in plan.phases if not p.fits]
+    if too_big and not ns.force:
+        p = max(too_big, key=lambda p: p.peak_memory_bytes)
+        raise UserError(f"the plan does not fit: seq {p.seq_len} is estimated at {p.peak_memory_bytes / 1024**3:.1f} "
+                        f"of {plan.memory_capacity_bytes / 1024**3:.1f} GiB; apply the fix it shows "
+                        f"({plan.suggestion}), or add --force to run it anyway")
+    if plan.probes:
+        record_probe(plan)
     return run_trainer(plan.command)
+
+
+def record_probe(plan: Plan) -> None:
+    """Keep what --probe measured in the run dir (probe.json; a later probe of the same run replaces it)."""
+    import json
+
+    d = Path(plan.run["dir"])
+    d.mkdir(parents=True, exist_ok=True)
+    body = {"phases": plan.to_json()["phases"], "probe": [p.to_dict() for p in plan.probes],
+            "memory_capacity_bytes": plan.memory_capacity_bytes, "command": plan.command}
+    (d / PROBE_FILE).write_text(json.dumps(body, indent=2) + "\n")
 
 
 def _seeds_main(args: list[str], ns: argparse.Namespace) -> int:
@@ -317,7 +341,7 @@ def make_plan(ns: argparse.Namespace, flags: dict[str, Any], gpu: GpuInfo | None
     ds, data_note = inspect_data(flags.get("data"), flags.get("val_frac") or 0.0, ns.data_format, ns.run,
                                  flags.get("vocab_size"))
     req = Request(flags, ns.variant, ns.target_tokens, ns.tokens_per_param, ns.global_batch, ns.nproc,
-                  ns.assume_mfu, ns.peak_tflops)
+                  ns.assume_mfu, ns.peak_tflops, ns.probe)
     vocab = ds.vocab_size if ds is not None else None
     res = resolve(req, tier, gpu_info, vocab)  # type: ignore[arg-type]
     if ds is not None:

@@ -12,16 +12,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from model import PAPER_PRESETS, ModelConfig
 from pretrain.cli import UserError
-from pretrain.plan.memory import GiB, comm_bytes, estimate_step_memory
-from pretrain.plan.tiers import GpuInfo, Tier, memory_capacity, peak_flops
-from pretrain.schedule import parse_count, parse_seq_schedule, phases, planned_tokens, steps_for_tokens
+from pretrain.plan.fit import choose_execution, step_peak_bytes, suggest_fix, verdict, with_micro
+from pretrain.plan.memory import GiB
+from pretrain.plan.probe import PhaseProbe, measured_rate, probe_plan
+from pretrain.plan.tiers import OPTIMIZER_WHY, GpuInfo, Tier, memory_capacity, peak_flops
+from pretrain.schedule import (
+    format_step_schedule,
+    micro_batch_at,
+    parse_count,
+    parse_micro_batch_schedule,
+    parse_seq_schedule,
+    phases,
+    planned_tokens,
+    steps_for_tokens,
+)
 from pretrain.train.config import TrainConfig, flag_name, model_config_from, paper_preset_fields, validate
-from pretrain.train.optim import DEFAULT_BETA2, DEFAULT_LR
+from pretrain.train.optim import DEFAULT_BETA2, default_lr, default_lr_source
 
 VARIANTS: dict[str, tuple[str, int | None]] = {  # --variant -> (attn mode, kv heads; None = the model's default)
     "baseline": ("baseline", None), "gqa": ("gqa", None), "gqa_kv2": ("gqa", 2),
@@ -29,8 +40,13 @@ VARIANTS: dict[str, tuple[str, int | None]] = {  # --variant -> (attn mode, kv h
 }
 DEFAULT_VOCAB = ModelConfig.__dataclass_fields__["vocab_size"].default  # GPT-2's, used when there is no data
 DEFAULT_TOKENS_PER_PARAM = 20.0  # compute-optimal ratio of Hoffmann et al. 2022 (Chinchilla)
-FITS, TIGHT = 0.90, 1.00  # peak / device memory: <= 0.90 fits, <= 1.00 tight, above: won't fit
 CHECKPOINT_RECOMPUTE = 0.75  # activation checkpointing re-runs the forward: 6N model FLOPs cost 8N on hardware
+# The planner's default model FLOPs utilisation for GPU time estimates. Published MFU of large bf16 training
+# runs (Chowdhery et al. 2022, "PaLM", Table 3): GPT-3 21 %, Gopher 33 %, Megatron-Turing NLG 30 %, PaLM 46 %;
+# a ~1B model on one GPU has no cross-node communication, so 40 % is a middle figure, not a promise. The
+# trainer logs the real MFU; --probe measures tok/s on the card.
+DEFAULT_MFU = 0.4
+MFU_SOURCE = "--assume-mfu, default 0.4: between published 30-46 % (PaLM paper, Table 3); docs/tiers.md"
 # Printed in the trainer command even at their trainer defaults, so the command documents the run.
 ALWAYS_SHOWN = ("size", "data", "out_dir", "device", "batch_size", "grad_accum", "steps", "seq_schedule",
                 "optimizer", "lr", "min_lr", "lr_schedule", "warmup_steps", "weight_decay", "grad_clip",
@@ -47,8 +63,9 @@ class Request:
     tokens_per_param: float | None = None
     global_batch: int | None = None
     nproc: int = 1
-    assume_mfu: float = 0.4
+    assume_mfu: float = DEFAULT_MFU
     peak_tflops: float | None = None
+    probe: bool = False  # measure real steps per phase on the device (pretrain/plan/probe.py)
 
 
 @dataclass
@@ -149,10 +166,12 @@ def resolve(req: Request, tier: Tier, gpu: GpuInfo | None, data_vocab: int | Non
     points = parse_seq_schedule(schedule, seq_len or block, block)
 
     _resolve_steps(req, tier, mcfg, points, micro * accum * req.nproc, values, sources)
-    opt = pick("optimizer", "adamw", "default")
-    lr = pick("lr", DEFAULT_LR[opt], f"default for {opt}")
+    opt = pick("optimizer", tier.optimizer, f"{t}: {OPTIMIZER_WHY[tier.optimizer]}"
+               if tier.optimizer in OPTIMIZER_WHY else "default")
+    size = values["size"]
+    lr = pick("lr", default_lr(size, opt), f"default for {size} {opt}: {default_lr_source(size, opt)}")
     pick("beta2", DEFAULT_BETA2[opt], f"default for {opt}")
-    peak = lr if lr is not None else DEFAULT_LR[opt]  # None (a resumed trainer-only run): the trainer's default
+    peak = lr if lr is not None else default_lr(size, opt)  # None (a resumed trainer-only run): its default
     pick("min_lr", float(f"{peak / 10:.6g}"), "default: lr / 10")
     pick("warmup_steps", min(2000, math.ceil(0.02 * values["steps"])), "default: 2% of steps, at most 2000")
     every = pick("eval_every", TrainConfig.eval_every, "default")
@@ -211,6 +230,7 @@ class PhasePlan:
     tokens_per_second: float
     seconds: float
     breakdown: dict[str, int] = field(default_factory=dict)
+    flops_tokens_per_second: float = 0.0  # peak FLOP/s x MFU / FLOPs per token, whatever tok/s the plan uses
 
     @property
     def fits(self) -> bool:
@@ -238,6 +258,8 @@ class Plan:
     run: dict[str, Any]
     data: dict[str, Any] | None
     warnings: list[str]
+    rate_how: str = ""  # where the time estimate's tok/s comes from
+    probes: list[PhaseProbe] = field(default_factory=list)
 
     @property
     def nproc(self) -> int:
@@ -264,8 +286,12 @@ class Plan:
             "memory_capacity_bytes": self.memory_capacity_bytes, "memory_capacity_how": self.memory_capacity_how,
             "suggestion": self.suggestion,
             "estimate": {"peak_flops": self.peak_flops, "peak_flops_how": self.peak_flops_how,
-                         "effective_mfu": self.mfu, "grad_checkpoint_factor": CHECKPOINT_RECOMPUTE
-                         if self.cfg.grad_checkpoint else 1.0, "seconds": sum(p.seconds for p in self.phases)},
+                         "assumed_mfu": round(self.mfu / (CHECKPOINT_RECOMPUTE if self.cfg.grad_checkpoint else 1), 9),
+                         "mfu_source": MFU_SOURCE, "effective_mfu": self.mfu,
+                         "grad_checkpoint_factor": CHECKPOINT_RECOMPUTE if self.cfg.grad_checkpoint else 1.0,
+                         "rate_how": self.rate_how, "seconds": sum(p.seconds for p in self.phases)},
+            "fits": all(p.fits for p in self.phases),
+            "probe": [p.to_dict() for p in self.probes] or None,
             "checkpoint_bytes": self.checkpoint_bytes, "disk_bytes": self.disk_bytes,
             "settings": {k: {"value": self.cfg.to_dict()[k], "source": self.resolved.sources.get(k, "default")}
                          for k in self.cfg.to_dict()},
@@ -294,99 +320,102 @@ def command_for(cfg: TrainConfig, nproc: int, script: str = "train_v29.py") -> l
     return prefix + trainer_argv(cfg)
 
 
-def verdict(peak: int, capacity: int) -> str:
-    return "fits" if peak <= FITS * capacity else "tight" if peak <= TIGHT * capacity else "won't fit"
+def choose_micro_batches(res: Resolved, tier: Tier, capacity: int) -> None:
+    """Apply the planner's execution rules (pretrain/plan/fit.py) to settings no flag or resumed run fixed:
+    checkpointing off when every phase fits without it, the largest fitting micro-batch per phase."""
+    v, src = res.values, res.sources
+    mine = lambda k: src.get(k, "default").startswith(("tier", "derived", "default"))  # noqa: E731
+    split_free = all(mine(k) for k in ("batch_size", "grad_accum", "micro_batch_schedule"))
+    if not split_free and not mine("grad_checkpoint"):
+        return
+    cfg = res.cfg
+    per_proc = cfg.batch_size * cfg.grad_accum
+    lengths = [ph.seq_len for ph in phases(res.points, cfg.steps)]
+    given = None
+    if not split_free:
+        points = parse_micro_batch_schedule(cfg.micro_batch_schedule, per_proc)
+        given = {ph.seq_len: micro_batch_at(points, ph.start_step, cfg.batch_size, cfg.grad_accum)[0]
+                 for ph in phases(res.points, cfg.steps)}
+    choice = choose_execution(res.mcfg, cfg, lengths, capacity, res.nproc, per_proc, tier.micro_batch,
+                              None if mine("grad_checkpoint") else cfg.grad_checkpoint, given)
+    if choice is None:
+        return  # nothing fits: the tier's values stay and the plan says "won't fit" with a suggestion
+    if mine("grad_checkpoint"):
+        v["grad_checkpoint"], src["grad_checkpoint"] = choice.grad_checkpoint, choice.why_checkpoint
+    if split_free:
+        _set_micro(res, [(ph.start_step, choice.micro[ph.seq_len]) for ph in phases(res.points, cfg.steps)],
+                   per_proc, "derived: the largest micro-batch whose estimate fits each phase")
 
 
-def device_kind(cfg: TrainConfig) -> str:
-    return "cpu" if cfg.device == "cpu" else "cuda"
-
-
-def step_peak_bytes(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, nproc: int) -> tuple[int, Any]:
-    """Device bytes of one step at seq_len, with allowance; torchrun adds NCCL's buffers (DDP's gradient buckets
-    are the gradients themselves: gradient_as_bucket_view)."""
-    est = estimate_step_memory(mcfg, cfg, seq_len)
-    return est.device_bytes(device_kind(cfg)) + comm_bytes(nproc, device_kind(cfg)), est
-
-
-def suggest_fix(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, capacity: int, nproc: int) -> str | None:
-    """The cheapest flag change (in speed) whose estimate fits; else the closest "tight" one; else None.
-
-    Changes are tried in order: a smaller micro-batch (accumulation keeps the sequences per step), then
-    activation checkpointing, then bf16 weights, then Lion (half of AdamW's state); within each, the largest
-    micro-batch that fits (memory only grows with it, so a bisection over the halvings finds it).
-    """
-    total = cfg.batch_size * cfg.grad_accum
-    micro = [cfg.batch_size]
-    while micro[-1] > 1:
-        micro.append(micro[-1] // 2 if micro[-1] % 2 == 0 else 1)
-    modes: list[dict[str, Any]] = [{}, {"grad_checkpoint": True}]
-    if not (cfg.amp and cfg.amp_dtype == "fp16"):  # fp16 needs fp32 weights for its GradScaler
-        modes += [{"grad_checkpoint": True, "param_dtype": "bf16"}]
-    modes += [modes[-1] | {"optimizer": "lion"}]
-
-    def describe(change: dict[str, Any], b: int, peak: int, note: str = "") -> str:
-        flags = [f for k, v in change.items() if getattr(cfg, k) != v for f in _flag(k, v)]
-        if b != cfg.batch_size:
-            flags += ["--batch-size", str(b), "--grad-accum", str(max(1, total // b))]
-        return f"{' '.join(flags)} (est. {peak / GiB:.1f} GiB{note})"
-
-    closest: tuple[int, int, str] | None = None  # lowest "tight" candidate (then largest micro-batch)
-
-    def fits(change: dict[str, Any], b: int) -> tuple[bool, int]:
-        nonlocal closest
-        candidate = replace(cfg, **change, batch_size=b, grad_accum=max(1, total // b))
-        peak, _ = step_peak_bytes(mcfg, candidate, seq_len, nproc)
-        v = verdict(peak, capacity)
-        if v == "tight" and (closest is None or (peak, -b) < closest[:2]):
-            closest = (peak, -b, describe(change, b, peak, ", tight: watch the first steps"))
-        return v == "fits", peak
-
-    tried: set[tuple] = set()
-    for change in modes:
-        key = tuple(sorted((k, v) for k, v in change.items() if getattr(cfg, k) != v))
-        if key in tried:
-            continue
-        tried.add(key)
-        options = micro if key else micro[1:]  # with no other change, the current micro-batch already failed
-        if not options or not fits(change, options[-1])[0]:
-            continue
-        lo, hi = 0, len(options) - 1  # options[hi] fits; find the first (largest micro-batch) that does
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if fits(change, options[mid])[0] else (mid + 1, hi)
-        return describe(change, options[lo], fits(change, options[lo])[1])
-    return closest[2] if closest else None
-
-
-def _flag(name: str, value: Any) -> list[str]:
-    if isinstance(value, bool):
-        return [flag_name(name) if value else "--no-" + name.replace("_", "-")]
-    return [flag_name(name), str(value)]
+def _set_micro(res: Resolved, points: list[tuple[int, int]], per_proc: int, how: str) -> None:
+    """Write per-phase micro-batches as --batch-size/--grad-accum (the last phase) + --micro-batch-schedule."""
+    merged = [pt for i, pt in enumerate(points) if i == 0 or pt[1] != points[i - 1][1]]
+    last = merged[-1][1]
+    v, src = res.values, res.sources
+    v["batch_size"], src["batch_size"] = last, how
+    v["grad_accum"], src["grad_accum"] = per_proc // last, f"derived: {per_proc} sequences per step / {last}"
+    v["micro_batch_schedule"] = format_step_schedule(merged) if len(merged) > 1 else ""
+    src["micro_batch_schedule"] = how if len(merged) > 1 else "default"
 
 
 def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuInfo | None,
                data: dict[str, Any] | None, run: dict[str, Any]) -> Plan:
-    """Phases with memory and time, checkpoint disk, and the trainer command for a resolved config."""
-    cfg, mcfg = res.cfg, res.mcfg
+    """Execution choices, phases with memory and time, checkpoint disk, and the trainer command."""
     warnings = list(res.warnings)
     capacity, capacity_how = memory_capacity(tier, tier_how, gpu)
+    choose_micro_batches(res, tier, capacity)
+    cfg, mcfg = res.cfg, res.mcfg
+    per_proc = cfg.batch_size * cfg.grad_accum
+    micro_points = parse_micro_batch_schedule(cfg.micro_batch_schedule, per_proc)
+    probes: list[PhaseProbe] = []
+    if req.probe:
+        planned = [(ph.seq_len, micro_batch_at(micro_points, ph.start_step, cfg.batch_size, cfg.grad_accum)[0])
+                   for ph in phases(res.points, cfg.steps)]
+        probes = probe_plan(mcfg, cfg, planned, capacity, per_proc)
+        picked = [p.picked_micro_batch or p.planned_micro_batch for p in probes]
+        fixed = not all(res.sources.get(k, "default").startswith(("tier", "derived", "default"))
+                        for k in ("batch_size", "grad_accum", "micro_batch_schedule"))
+        if picked != [b for _, b in planned] and fixed:
+            warnings.append("--probe would use micro-batches " + ", ".join(map(str, picked)) + " per phase, but the "
+                            "split was given (flag or the run being resumed): kept")
+        elif picked != [b for _, b in planned]:
+            _set_micro(res, [(ph.start_step, b) for ph, b in zip(phases(res.points, cfg.steps), picked)], per_proc,
+                       "probe: the largest micro-batch whose measured peak fits each phase")
+            cfg = res.cfg
+            micro_points = parse_micro_batch_schedule(cfg.micro_batch_schedule, per_proc)
+        for p in probes:
+            if p.picked_micro_batch is None:
+                warnings.append(f"--probe: seq {p.seq_len} did not fit even at micro-batch {p.tried[-1].micro_batch} "
+                                "(measured); the trainer will run out of memory")
     flops, flops_how = peak_flops(req.peak_tflops, tier, gpu)
     mfu = req.assume_mfu * (CHECKPOINT_RECOMPUTE if cfg.grad_checkpoint else 1.0)
     seqs = res.sequences_per_step
     out: list[PhasePlan] = []
+    rate_how = f"{flops_how} x MFU"
     est = None
-    for ph in phases(res.points, cfg.steps):
-        peak, est = step_peak_bytes(mcfg, cfg, ph.seq_len, res.nproc)
-        tok_s = res.nproc * flops * mfu / mcfg.flops_per_token(ph.seq_len)
+    for i, ph in enumerate(phases(res.points, cfg.steps)):
+        micro, accum = micro_batch_at(micro_points, ph.start_step, cfg.batch_size, cfg.grad_accum)
+        phase_cfg = with_micro(cfg, micro, per_proc)
+        peak, est = step_peak_bytes(mcfg, phase_cfg, ph.seq_len, res.nproc)
+        tok_s = flops_tok_s = res.nproc * flops * mfu / mcfg.flops_per_token(ph.seq_len)
+        measured = probes[i].picked if probes else None
+        if measured is not None and measured.tok_s:
+            tok_s, rate_how = res.nproc * measured.tok_s, "measured by --probe (real steps on this device)"
+        elif cfg.device == "cpu":
+            rate = measured_rate(mcfg, phase_cfg, ph.seq_len, flops)
+            if rate is not None:
+                tok_s, rate_how = rate, "measured: a warm-up and a timed real step of each phase on this CPU"
+            else:
+                rate_how = f"{flops_how} x MFU (a real step would take too long to time)"
         tokens = ph.steps * ph.seq_len * seqs
-        out.append(PhasePlan(ph.start_step, ph.end_step, ph.seq_len, cfg.batch_size, cfg.grad_accum,
-                             ph.seq_len * seqs, tokens, est.tensor_peak_bytes, peak, verdict(peak, capacity),
-                             tok_s, tokens / tok_s, est.breakdown))
+        out.append(PhasePlan(ph.start_step, ph.end_step, ph.seq_len, micro, accum, ph.seq_len * seqs, tokens,
+                             est.tensor_peak_bytes, peak, verdict(peak, capacity), tok_s, tokens / tok_s,
+                             est.breakdown, flops_tok_s))
     worst = max(out, key=lambda p: p.peak_memory_bytes)
     suggestion = None
     if worst.verdict != "fits":
-        suggestion = suggest_fix(mcfg, cfg, worst.seq_len, capacity, res.nproc) or (
+        worst_cfg = with_micro(cfg, worst.micro_batch, per_proc)
+        suggestion = suggest_fix(mcfg, worst_cfg, worst.seq_len, capacity, res.nproc) or (
             "nothing fits: not micro-batch 1, --grad-checkpoint, --param-dtype bf16 nor --optimizer lion; "
             "use a smaller --size or a GPU with more memory")
     if worst.verdict == "won't fit":
@@ -404,4 +433,4 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
             warnings.append(f"the plan reads the training data {data['passes']:.2f} times (repeated tokens "
                             "help less); prepare more data with prepare_fineweb.py --tokens or lower the budget")
     return Plan(res, cfg, tier, tier_how, out, capacity, capacity_how, flops, flops_how, mfu, suggestion,
-                checkpoint_bytes, disk_bytes, command_for(cfg, res.nproc), run, data, warnings)
+                checkpoint_bytes, disk_bytes, command_for(cfg, res.nproc), run, data, warnings, rate_how, probes)

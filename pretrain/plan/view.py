@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from pretrain.plan.plan import ALWAYS_SHOWN, CHECKPOINT_RECOMPUTE, Plan
+from pretrain.plan.plan import ALWAYS_SHOWN, CHECKPOINT_RECOMPUTE, MFU_SOURCE, Plan
 from pretrain.train.config import format_command
 
 GiB = 1024**3
@@ -69,6 +69,24 @@ class _Out:
             self.line("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+def _probe_table(out: _Out, plan: Plan) -> None:
+    """Measured next to estimated, per phase and per micro-batch the probe tried."""
+    est = {p.seq_len: p for p in plan.phases}
+    rows = []
+    for pr in plan.probes:
+        for m in pr.tried:
+            planned = est.get(pr.seq_len)
+            same = planned is not None and planned.micro_batch == m.micro_batch
+            rows.append([pr.seq_len, m.micro_batch,
+                         fmt_bytes(planned.peak_memory_bytes) if same else "-",
+                         m.error or fmt_bytes(m.device_bytes or 0),
+                         fmt_count(planned.flops_tokens_per_second) if same else "-",
+                         fmt_count(m.tok_s) if m.tok_s else "-",
+                         "picked" if m.micro_batch == pr.picked_micro_batch else ""])
+    out.table(f"probe: real steps on {plan.cfg.device} (memory: {plan.probes[0].memory_how} + allowance)",
+              ["seq", "micro", "est. peak", "measured peak", "est. tok/s (MFU)", "measured tok/s", ""], rows)
+
+
 def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -> None:
     """Print the plan: summary, phases with memory and time, settings with sources, warnings, the command."""
     file = file or sys.stdout
@@ -123,9 +141,15 @@ def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -
     total = sum(p.seconds for p in plan.phases)
     flops = plan.peak_flops
     rate = f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"
-    out.line(f"  time: ESTIMATE {fmt_time(total)} = tokens x FLOPs/token / ({rate} "
-             f"[{plan.peak_flops_how}] x MFU {plan.mfu / (CHECKPOINT_RECOMPUTE if cfg.grad_checkpoint else 1):g}"
-             f"{ckpt}{' x ' + str(plan.nproc) + ' procs' if plan.nproc > 1 else ''})")
+    if plan.rate_how.startswith("measured"):
+        out.line(f"  time: ESTIMATE {fmt_time(total)} = tokens / tok/s {plan.rate_how} (training steps only: "
+                 "evals, checkpoints and start-up come on top)")
+    else:
+        out.line(f"  time: ESTIMATE {fmt_time(total)} = tokens x FLOPs/token / ({rate} "
+                 f"[{plan.peak_flops_how}] x MFU {plan.mfu / (CHECKPOINT_RECOMPUTE if cfg.grad_checkpoint else 1):g}"
+                 f" [{MFU_SOURCE}]{ckpt}{' x ' + str(plan.nproc) + ' procs' if plan.nproc > 1 else ''})")
+    if plan.probes:
+        _probe_table(out, plan)
     out.line(f"  checkpoints: {fmt_bytes(plan.checkpoint_bytes)} each (weights + optimizer state); up to "
              f"{fmt_bytes(plan.disk_bytes)} of disk (keep_last {cfg.keep_last} + best + one write in flight)")
     out.line()

@@ -15,6 +15,7 @@ from typing import Any
 
 from model import PAPER_PRESETS, ModelConfig
 from pretrain.cli import ArgumentParser, UserError
+from pretrain.schedule import parse_micro_batch_schedule
 
 
 def _opt(default: Any, help: str, choices: Sequence[str] | None = None, group: str = "misc",
@@ -64,11 +65,14 @@ class TrainConfig:
     train_seq_len: int | None = _opt(None, "training sequence length (default: --block)",
                                      group="batch", check="(0,inf)")
     seq_schedule: str = _opt("", 'sequence-length schedule, e.g. "512@0,1024@2000"', group="batch")
+    micro_batch_schedule: str = _opt("", 'micro-batch per step range, e.g. "16@0,8@500": the sequences per step '
+                                     'stay --batch-size x --grad-accum, accumulation adjusts', group="batch")
     steps: int = _opt(1000, "optimizer steps in total", group="batch", check="(0,inf)")
 
     # optimizer
     optimizer: str = _opt("adamw", "optimizer", ["adamw", "lion"], "optim")
-    lr: float | None = _opt(None, "peak learning rate (default: 6e-4 adamw, 1e-4 lion)", group="optim", check="(0,inf)")
+    lr: float | None = _opt(None, "peak learning rate (default per --size and --optimizer: adamw 6e-4 tiny/small, "
+                                  "3e-4 1b; lion ~6x lower; sources in docs/tiers.md)", group="optim", check="(0,inf)")
     beta1: float = _opt(0.9, "first-moment decay", group="optim", check="[0,1)")
     beta2: float | None = _opt(None, "second beta (default: 0.95 adamw, 0.99 lion)", group="optim", check="[0,1)")
     eps: float = _opt(1e-8, "adamw epsilon", group="optim", check="[0,inf)")
@@ -298,6 +302,7 @@ def validate(cfg: TrainConfig) -> None:
             wanted = " ".join(_flag_text(k, v) for k, v in preset.items())
             raise UserError(f"{cfg.exp} means {wanted}, but {', '.join(clash)} was given; drop "
                             f"{', '.join(clash)}, or set the attention flags yourself instead of {cfg.exp}")
+    parse_micro_batch_schedule(cfg.micro_batch_schedule, cfg.batch_size * cfg.grad_accum)
     if cfg.sample_tokens <= 0 or cfg.sample_temperature < 0:
         raise UserError("--sample-tokens must be positive and --sample-temperature >= 0 (0 is greedy)")
     if cfg.sample_prompts and not os.path.isfile(cfg.sample_prompts):

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from pretrain.cli import UserError
-from pretrain.schedule import lr_at, seq_len_at
+from pretrain.schedule import lr_at, micro_batch_at, seq_len_at
 from pretrain.track.plots import write_plots
 from pretrain.track.summary import write_summary
 from pretrain.train import device as dev
@@ -169,16 +169,17 @@ def _loop(s: Session, stop: StopRequested) -> str:
     while prog.step < cfg.steps:
         data_state = s.loader.state_dict()  # where this step's data starts, should it be interrupted
         seq_len = seq_len_at(s.seq_points, prog.step)
+        micro_batch, accum = micro_batch_at(s.micro_points, prog.step, cfg.batch_size, cfg.grad_accum)
         lr = lr_for(cfg, prog.step, s.lr_horizon)
         set_lr(s.optimizer, lr)
         step_loss = torch.zeros((), device=s.device)
-        for micro in range(cfg.grad_accum):
+        for micro in range(accum):
             t0 = time.perf_counter()
-            x, y = s.loader.next(cfg.batch_size, seq_len)
+            x, y = s.loader.next(micro_batch, seq_len)
             meter.data_s += time.perf_counter() - t0
-            with dist_lib.maybe_no_sync(s.wrapped, sync=micro == cfg.grad_accum - 1):
+            with dist_lib.maybe_no_sync(s.wrapped, sync=micro == accum - 1):
                 with s.autocast:
-                    loss = s.wrapped(x, y) / cfg.grad_accum
+                    loss = s.wrapped(x, y) / accum
                 # Outside autocast, as the memory estimate assumes: its bf16 weight-cast cache is freed
                 # on leaving the context instead of living through backward.
                 s.scaler.scale(loss).backward()

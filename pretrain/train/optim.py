@@ -27,8 +27,28 @@ from torch import Tensor, nn
 
 from pretrain.train.config import TrainConfig
 
-DEFAULT_LR = {"adamw": 6e-4, "lion": 1e-4}
+# Peak learning rate per model preset and optimizer, with where the figure comes from (docs/tiers.md cites the
+# same). The trainer (run directly) and the launcher's plan both read this one table. Lion takes ~6x less than
+# AdamW at every size: its sign update has a larger norm per element (Chen et al. 2023 advise 3-10x lower).
+PEAK_LR: dict[tuple[str, str], tuple[float, str]] = {
+    ("tiny", "adamw"): (6e-4, "GPT-3 Small 125M, Brown et al. 2020 Table 2.1 (kept for the ~3M smoke model)"),
+    ("small", "adamw"): (6e-4, "GPT-3 Small 125M, Brown et al. 2020 Table 2.1; Pythia-160M 6e-4"),
+    ("1b", "adamw"): (3e-4, "Pythia-1B 3e-4 (Biderman et al. 2023); TinyLlama-1.1B and OLMo-1B use 4e-4 with "
+                            "a 4-8x larger batch"),
+    ("tiny", "lion"): (1e-4, "AdamW's 6e-4 / 6 (Lion: 3-10x lower, Chen et al. 2023)"),
+    ("small", "lion"): (1e-4, "AdamW's 6e-4 / 6 (Lion: 3-10x lower, Chen et al. 2023)"),
+    ("1b", "lion"): (5e-5, "AdamW's 3e-4 / 6 (Lion: 3-10x lower, Chen et al. 2023)"),
+}
 DEFAULT_BETA2 = {"adamw": 0.95, "lion": 0.99}
+
+
+def default_lr(size: str, optimizer: str) -> float:
+    """The peak LR a run of this preset and optimizer gets when --lr is not given."""
+    return PEAK_LR[(size, optimizer)][0]
+
+
+def default_lr_source(size: str, optimizer: str) -> str:
+    return PEAK_LR[(size, optimizer)][1]
 
 
 def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator | None = None) -> None:
@@ -215,7 +235,7 @@ def rounding_generator(device: torch.device, seed: int) -> torch.Generator:
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer for `cfg`: torch's fused AdamW for fp32 weights on CPU/CUDA, ours (skip-aware, bf16-safe)
     for everything else: Lion, bf16 weights, --no-opt-fused and devices without the fused kernel."""
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer]
+    lr = peak_lr(cfg)
     betas = (cfg.beta1, cfg.beta2 if cfg.beta2 is not None else DEFAULT_BETA2[cfg.optimizer])
     groups = param_groups(model, cfg.weight_decay)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
@@ -229,7 +249,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
 
 
 def peak_lr(cfg: TrainConfig) -> float:
-    return cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer]
+    return cfg.lr if cfg.lr is not None else default_lr(cfg.size, cfg.optimizer)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -23,6 +23,7 @@ from pretrain.schedule import (
     describe_lr_extension,
     eval_seq_len_at,
     lr_horizon_on_resume,
+    parse_micro_batch_schedule,
     parse_seq_schedule,
     phases,
 )
@@ -85,6 +86,7 @@ class Session:
     codec: Any = None  # token ids <-> text, when samples or downstream evals are on
     prompts: list[str] = field(default_factory=list)
     mc_items: list[Any] = field(default_factory=list)
+    micro_points: list[tuple[int, int]] = field(default_factory=list)  # --micro-batch-schedule, parsed
 
     @property
     def autocast(self) -> Any:
@@ -235,7 +237,8 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
     eval_lens = {cfg.eval_seq_len} if cfg.eval_seq_len else {p.seq_len for p in phases(points, cfg.steps)}
     val_by_len = {n: ValWindows(ds, n, cfg.batch_size * dist.world_size, cfg.eval_iters)  # split across ranks
                   for n in sorted(eval_lens)}
-    ds.check_enough(cfg.batch_size, max(p[1] for p in points), dist.world_size)
+    micro_points = parse_micro_batch_schedule(cfg.micro_batch_schedule, cfg.batch_size * cfg.grad_accum)
+    ds.check_enough(max([cfg.batch_size] + [m for _, m in micro_points]), max(p[1] for p in points), dist.world_size)
     # Instruments use one fixed length: the explicit --eval-seq-len, else the longest the schedule trains at.
     instruments = build_instruments(cfg, mcfg, ds, max(eval_lens), max(p[1] for p in points))
     # Instruments read their inputs now: a missing prompt file or tokenizer stops the run before it writes.
@@ -337,5 +340,4 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
                    val_by_len=val_by_len, ckpt=ckpt, log=log, wb=wb,
                    tb=tb, console=console, seq_points=points, lr_horizon=lr_horizon, resumed=start.resumed,
                    info=info, instruments=instruments, prog=prog, lock=lock, fingerprint=fingerprint, codec=codec,
-                   prompts=prompts,
-                   mc_items=mc_items)
+                   prompts=prompts, mc_items=mc_items, micro_points=micro_points)

@@ -1,0 +1,190 @@
+"""What fits the device: verdicts, the planner's per-phase micro-batch and checkpointing, and fixes to suggest.
+
+The planner's rules for how a step is executed (what is trained never changes: the sequences per optimizer step
+are fixed, accumulation = sequences per step / micro-batch):
+  * activation checkpointing is off whenever every phase fits without it: recomputing the forward costs ~25 %
+    of the step (6N -> 8N FLOPs per token);
+  * each phase of the sequence schedule gets the largest micro-batch whose estimated peak "fits" (<= 90 % of
+    the device): fewer, larger kernels run the same tokens faster. Short phases thus take larger micro-batches.
+Estimates cost ~2 s each for the 1b preset, so the search starts from a guess (the tier's micro-batch at the
+longest sequence, then the same tokens per micro-batch at shorter ones) and only estimates a doubled
+micro-batch when a proportional prediction from the last estimate says it may fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from model import ModelConfig
+from pretrain.plan.memory import GiB, MemoryEstimate, allowance, comm_bytes, estimate_step_memory
+from pretrain.train.config import TrainConfig, flag_name
+
+FITS, TIGHT = 0.90, 1.00  # peak / device memory: <= 0.90 fits, <= 1.00 tight, above: won't fit
+# A doubled micro-batch is estimated when its proportional prediction is below this times the fit limit: the
+# prediction scales everything above weights + optimizer state, which overstates growth when part is constant.
+PREDICTION_SLACK = 1.10
+
+
+def verdict(peak: int, capacity: int) -> str:
+    return "fits" if peak <= FITS * capacity else "tight" if peak <= TIGHT * capacity else "won't fit"
+
+
+def device_kind(cfg: TrainConfig) -> str:
+    return "cpu" if cfg.device == "cpu" else "cuda"
+
+
+def step_peak_bytes(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, nproc: int) -> tuple[int, MemoryEstimate]:
+    """Device bytes of one step at seq_len, with allowance; torchrun adds NCCL's buffers (DDP's gradient buckets
+    are the gradients themselves: gradient_as_bucket_view)."""
+    est = estimate_step_memory(mcfg, cfg, seq_len)
+    return est.device_bytes(device_kind(cfg)) + comm_bytes(nproc, device_kind(cfg)), est
+
+
+def micro_options(sequences_per_proc: int) -> list[int]:
+    """Micro-batches that split a step's sequences evenly (ascending)."""
+    return [b for b in range(1, sequences_per_proc + 1) if sequences_per_proc % b == 0]
+
+
+def with_micro(cfg: TrainConfig, micro: int, sequences_per_proc: int) -> TrainConfig:
+    """`cfg` running `micro` sequences per forward pass, accumulation making up the step."""
+    return replace(cfg, batch_size=micro, grad_accum=max(1, sequences_per_proc // micro), micro_batch_schedule="")
+
+
+def _predicted(est: MemoryEstimate, ratio: float, kind: str, ddp_extra: int) -> int:
+    """Device bytes when the micro-batch grows by `ratio`, scaling what is not weights or optimizer state."""
+    fixed = est.param_bytes + est.optimizer_bytes + est.breakdown.get("grads", 0)
+    tensors = fixed + int((est.tensor_peak_bytes - fixed) * ratio)
+    return tensors + allowance(tensors, kind) + ddp_extra
+
+
+def largest_fitting(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, capacity: int, nproc: int,
+                    sequences_per_proc: int, guess: int, floor: int = 1) -> int | None:
+    """The largest micro-batch (>= floor) whose step at seq_len fits, searched from `guess`; None if none does."""
+    opts = [b for b in micro_options(sequences_per_proc) if b >= floor]
+    if not opts:
+        return None
+    i = max(k for k, b in enumerate(opts) if b <= max(guess, opts[0]))
+
+    def peak(k: int) -> tuple[int, MemoryEstimate]:
+        return step_peak_bytes(mcfg, with_micro(cfg, opts[k], sequences_per_proc), seq_len, nproc)
+
+    p, est = peak(i)
+    if verdict(p, capacity) != "fits":
+        while i > 0:
+            i -= 1
+            if verdict(peak(i)[0], capacity) == "fits":
+                return opts[i]
+        return None
+    ddp_extra = comm_bytes(nproc, device_kind(cfg))
+    while i + 1 < len(opts):
+        if _predicted(est, opts[i + 1] / opts[i], device_kind(cfg), ddp_extra) > PREDICTION_SLACK * FITS * capacity:
+            break
+        p2, est2 = peak(i + 1)
+        if verdict(p2, capacity) != "fits":
+            break
+        i, est = i + 1, est2
+    return opts[i]
+
+
+@dataclass
+class Execution:
+    """The planner's choice: checkpointing, and the micro-batch of each distinct sequence length."""
+
+    grad_checkpoint: bool
+    micro: dict[int, int]  # seq_len -> micro-batch
+    why_checkpoint: str
+
+
+def choose_execution(mcfg: ModelConfig, cfg: TrainConfig, seq_lens: list[int], capacity: int, nproc: int,
+                     sequences_per_proc: int, guess: int, checkpoint: bool | None,
+                     micro: dict[int, int] | None) -> Execution | None:
+    """Checkpointing (unless `checkpoint` is given) and per-length micro-batches (unless `micro` is given).
+
+    Returns None when nothing fits even at micro-batch 1 with checkpointing (the caller keeps its defaults and
+    the plan says "won't fit" with a suggestion).
+    """
+    lengths = sorted(set(seq_lens), reverse=True)  # longest first: it needs the most memory
+    modes = [checkpoint] if checkpoint is not None else [False, True]
+    for ckpt in modes:
+        trial = replace(cfg, grad_checkpoint=ckpt)
+        if micro is not None:  # given: only checkpointing is decided
+            if all(verdict(step_peak_bytes(mcfg, with_micro(trial, micro[t], sequences_per_proc), t, nproc)[0],
+                           capacity) == "fits" for t in lengths):
+                return Execution(ckpt, dict(micro), _why(ckpt, checkpoint, lengths[0]))
+            continue
+        chosen: dict[int, int] = {}
+        prev_t, prev_b = lengths[0], guess
+        for t in lengths:
+            b = largest_fitting(mcfg, trial, t, capacity, nproc, sequences_per_proc,
+                                guess=max(1, prev_b * prev_t // t), floor=chosen.get(prev_t, 1))
+            if b is None:
+                break
+            chosen[t], prev_t, prev_b = b, t, b
+        if len(chosen) == len(lengths):
+            return Execution(ckpt, chosen, _why(ckpt, checkpoint, lengths[0]))
+    return None
+
+
+def _why(ckpt: bool, given: bool | None, longest: int) -> str:
+    if given is not None:
+        return "flag"
+    if not ckpt:
+        return "derived: off, every phase fits without it (recomputing costs ~25 %)"
+    return f"derived: on, seq {longest} does not fit without it even at micro-batch 1"
+
+
+def suggest_fix(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, capacity: int, nproc: int) -> str | None:
+    """The cheapest flag change (in speed) whose estimate fits; else the closest "tight" one; else None.
+
+    Changes are tried in order: a smaller micro-batch (accumulation keeps the sequences per step), then
+    activation checkpointing, then bf16 weights, then Lion (half of AdamW's state); within each, the largest
+    micro-batch that fits (memory only grows with it, so a bisection over the halvings finds it).
+    """
+    total = cfg.batch_size * cfg.grad_accum
+    micro = [cfg.batch_size]
+    while micro[-1] > 1:
+        micro.append(micro[-1] // 2 if micro[-1] % 2 == 0 else 1)
+    modes: list[dict[str, Any]] = [{}, {"grad_checkpoint": True}]
+    if not (cfg.amp and cfg.amp_dtype == "fp16"):  # fp16 needs fp32 weights for its GradScaler
+        modes += [{"grad_checkpoint": True, "param_dtype": "bf16"}]
+    modes += [modes[-1] | {"optimizer": "lion"}]
+
+    def describe(change: dict[str, Any], b: int, peak: int, note: str = "") -> str:
+        flags = [f for k, v in change.items() if getattr(cfg, k) != v for f in _flag(k, v)]
+        if b != cfg.batch_size:
+            flags += ["--batch-size", str(b), "--grad-accum", str(max(1, total // b))]
+        return f"{' '.join(flags)} (est. {peak / GiB:.1f} GiB{note})"
+
+    closest: tuple[int, int, str] | None = None  # lowest "tight" candidate (then largest micro-batch)
+
+    def fits(change: dict[str, Any], b: int) -> tuple[bool, int]:
+        nonlocal closest
+        candidate = replace(cfg, **change, batch_size=b, grad_accum=max(1, total // b), micro_batch_schedule="")
+        peak, _ = step_peak_bytes(mcfg, candidate, seq_len, nproc)
+        v = verdict(peak, capacity)
+        if v == "tight" and (closest is None or (peak, -b) < closest[:2]):
+            closest = (peak, -b, describe(change, b, peak, ", tight: watch the first steps"))
+        return v == "fits", peak
+
+    tried: set[tuple] = set()
+    for change in modes:
+        key = tuple(sorted((k, v) for k, v in change.items() if getattr(cfg, k) != v))
+        if key in tried:
+            continue
+        tried.add(key)
+        options = micro if key else micro[1:]  # with no other change, the current micro-batch already failed
+        if not options or not fits(change, options[-1])[0]:
+            continue
+        lo, hi = 0, len(options) - 1  # options[hi] fits; find the first (largest micro-batch) that does
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(change, options[mid])[0] else (mid + 1, hi)
+        return describe(change, options[lo], fits(change, options[lo])[1])
+    return closest[2] if closest else None
+
+
+def _flag(name: str, value: Any) -> list[str]:
+    if isinstance(value, bool):
+        return [flag_name(name) if value else "--no-" + name.replace("_", "-")]
+    return [flag_name(name), str(value)]

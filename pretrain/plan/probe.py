@@ -1,0 +1,248 @@
+"""Measured instead of estimated: a few real optimizer steps of the planned config, on the actual device.
+
+Used two ways:
+  * `run_1b_launch.py ... --probe`: for each phase of the sequence schedule, real steps at the planned micro-batch
+    measure peak memory (`torch.cuda.max_memory_allocated()` on a GPU; on CPU the MemTracker figure of the same
+    step on real tensors) and tok/s. When the measured peak does not fit (<= FITS of the device), the micro-batch
+    halves until it does; when it fits and the doubled micro-batch is predicted to fit too, that is tried (an
+    out-of-memory error counts as "does not fit"), like a batch-size finder. On a GPU the probe runs in a child
+    process (`python -m pretrain.plan.probe`, request on stdin, JSON on stdout) so its CUDA context and cached
+    memory are gone before the trainer starts, and an out-of-memory crash cannot take the launcher with it.
+  * the time estimate of every CPU plan (`measured_rate`): a matmul peak says little about a whole step on a
+    few cores (loss, optimizer, Python overhead), so CPU plans time one warm-up and two real steps per phase.
+
+A probed step runs at most 2 micro-batches: memory depends only on whether earlier gradients are held, and the
+rate then slightly overweights the optimizer step (a conservative figure). Nothing is written to disk here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+
+from model import GPT, ModelConfig
+from pretrain.plan.fit import FITS, PREDICTION_SLACK, micro_options, with_micro
+from pretrain.plan.memory import allowance, estimate_step_memory
+from pretrain.train import device as dev
+from pretrain.train.config import TrainConfig
+from pretrain.train.optim import build_optimizer, step_unless_nonfinite
+
+WARMUP_STEPS, TIMED_STEPS = 1, 2
+MAX_PROBED_ACCUM = 2
+# A CPU plan does not time a step the matmul peak says would take longer than this (e.g. --vram cpu --size 1b):
+# the plan then falls back to the matmul peak and says so.
+MAX_CPU_STEP_SECONDS = 20.0
+
+
+@dataclass
+class Measured:
+    """One probed micro-batch at one sequence length."""
+
+    micro_batch: int
+    tok_s: float | None = None
+    step_seconds: float | None = None
+    peak_bytes: int | None = None  # tensors: what max_memory_allocated() reports
+    device_bytes: int | None = None  # + the planner's allowance, compared with the device
+    error: str | None = None  # "out of memory" when the step did not run
+    fixed_bytes: int = 0  # weights + optimizer state + held gradients: what does not grow with the micro-batch
+
+
+@dataclass
+class PhaseProbe:
+    """The probe of one phase: every micro-batch tried, and the one it picked (None: none fitted)."""
+
+    seq_len: int
+    planned_micro_batch: int
+    picked_micro_batch: int | None
+    memory_how: str
+    tried: list[Measured] = field(default_factory=list)
+
+    @property
+    def picked(self) -> Measured | None:
+        return next((m for m in self.tried if m.micro_batch == self.picked_micro_batch), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PhaseProbe:
+        return cls(**(d | {"tried": [Measured(**m) for m in d["tried"]]}))
+
+
+def _train_steps(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, device: torch.device,
+                 steps: int) -> tuple[float, int | None, int]:
+    """Seconds per step of `steps` real optimizer steps after a warm-up, the CUDA peak (None on CPU), and the
+    bytes of weights + optimizer state + gradients held between micro-batches."""
+    fp16 = cfg.amp and cfg.amp_dtype == "fp16"
+    torch.manual_seed(0)
+    model = GPT(mcfg).to(device=device, dtype=torch.bfloat16 if cfg.param_dtype == "bf16" else torch.float32)
+    model.grad_checkpoint = cfg.grad_checkpoint
+    model.train()
+    if cfg.compile:
+        for block in model.blocks:
+            block.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+    optimizer = build_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    accum = min(cfg.grad_accum, MAX_PROBED_ACCUM)
+    autocast = dev.autocast(device, cfg.amp, dev.amp_dtype(cfg.amp_dtype))
+
+    def step() -> None:
+        for _ in range(accum):
+            x = torch.randint(0, mcfg.vocab_size, (cfg.batch_size, seq_len), device=device)
+            y = torch.randint(0, mcfg.vocab_size, (cfg.batch_size, seq_len), device=device)
+            with autocast:
+                loss = model(x, y) / accum
+            scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        if fp16:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            step_unless_nonfinite(optimizer, (~torch.isfinite(norm)).float())
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(WARMUP_STEPS):  # compiles, creates the optimizer state
+        step()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    dev.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dev.synchronize(device)
+    seconds = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    params = {id(p): p for p in model.parameters()}.values()
+    weights = sum(p.numel() * p.element_size() for p in params)
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if torch.is_tensor(t))
+    return seconds, peak, weights + state + (weights if accum > 1 else 0)
+
+
+def measure(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, device: torch.device,
+            with_memory: bool = True, steps: int = TIMED_STEPS) -> Measured:
+    """Time (and measure the memory of) real steps of `cfg` at `seq_len`; out of memory is a result, not a crash."""
+    accum = min(cfg.grad_accum, MAX_PROBED_ACCUM)
+    out = Measured(cfg.batch_size)
+    try:
+        seconds, peak, out.fixed_bytes = _train_steps(mcfg, cfg, seq_len, device, steps)
+    except torch.OutOfMemoryError:
+        out.error = "out of memory"
+        return out
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out.step_seconds, out.tok_s = seconds, accum * cfg.batch_size * seq_len / seconds
+    if with_memory:
+        if peak is None:  # CPU: the MemTracker figure of the same step on real tensors
+            peak = estimate_step_memory(mcfg, cfg, seq_len, fake=False, extrapolate=False).tensor_peak_bytes
+        out.peak_bytes = peak
+        out.device_bytes = peak + allowance(peak, device.type)
+    return out
+
+
+def probe_phase(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, device: torch.device, capacity: int,
+                sequences_per_proc: int) -> PhaseProbe:
+    """Measure the planned micro-batch; halve while it does not fit, double while the doubled one fits."""
+    how = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "MemTracker on real tensors (cpu)"
+    result = PhaseProbe(seq_len, cfg.batch_size, None, how)
+    opts = micro_options(sequences_per_proc)
+    i = opts.index(cfg.batch_size) if cfg.batch_size in opts else 0
+
+    def run(k: int) -> Measured:
+        m = measure(mcfg, with_micro(cfg, opts[k], sequences_per_proc), seq_len, device)
+        result.tried.append(m)
+        return m
+
+    def fits(m: Measured) -> bool:
+        return m.device_bytes is not None and m.device_bytes <= FITS * capacity
+
+    m = run(i)
+    while not fits(m) and i > 0:
+        i -= 1
+        m = run(i)
+    if not fits(m):
+        return result
+    result.picked_micro_batch = opts[i]
+    while i + 1 < len(opts):
+        # Predict the doubled step from this one: what is not weights, optimizer state or held gradients grows
+        # in proportion (an overstatement when part of it is constant, hence the slack).
+        tensors = m.fixed_bytes + (m.peak_bytes - m.fixed_bytes) * opts[i + 1] // opts[i]
+        if tensors + allowance(tensors, device.type) > PREDICTION_SLACK * FITS * capacity:
+            break
+        bigger = run(i + 1)
+        if not fits(bigger):
+            break
+        i, m = i + 1, bigger
+        result.picked_micro_batch = opts[i]
+    return result
+
+
+def probe_plan(mcfg: ModelConfig, cfg: TrainConfig, phases: list[tuple[int, int]], capacity: int,
+               sequences_per_proc: int) -> list[PhaseProbe]:
+    """Probe each (seq_len, planned micro-batch) on cfg.device; a GPU probe runs in a child process."""
+    if cfg.device == "cpu":
+        device = torch.device("cpu")
+        return [probe_phase(mcfg, with_micro(cfg, b, sequences_per_proc), t, device, capacity, sequences_per_proc)
+                for t, b in phases]
+    request = {"model": mcfg.to_dict(), "cfg": cfg.to_dict(), "phases": phases, "capacity": capacity,
+               "sequences_per_proc": sequences_per_proc}
+    done = subprocess.run([sys.executable, "-m", "pretrain.plan.probe"], input=json.dumps(request),
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        from pretrain.cli import UserError
+
+        raise UserError(f"--probe failed on {cfg.device} ({tail}); plan without --probe, or check the GPU "
+                        "with nvidia-smi")
+    return [PhaseProbe.from_dict(d) for d in json.loads(done.stdout)]
+
+
+@functools.lru_cache(maxsize=64)
+def _rate(model_json: str, cfg_json: str, seq_len: int) -> Measured:
+    cfg = TrainConfig.from_dict(json.loads(cfg_json))
+    return measure(ModelConfig.from_dict(json.loads(model_json)), cfg, seq_len, torch.device("cpu"), False, 1)
+
+
+def measured_rate(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, matmul_flops: float) -> float | None:
+    """Tokens per second of whole real CPU steps of `cfg` at seq_len (None when a step would take too long).
+
+    Timed on a micro-batch of at most 2 sequences and one step after a warm-up: a CPU step is compute-bound, so
+    tok/s barely depends on the micro-batch, and the optimizer's share is then overweighted (a slower, safer
+    figure). Cached per configuration for the life of the process.
+    """
+    micro = min(cfg.batch_size, 2)
+    if micro * seq_len * mcfg.flops_per_token(seq_len) / matmul_flops > MAX_CPU_STEP_SECONDS:
+        return None
+    relevant = replace(cfg, batch_size=micro, grad_accum=1, steps=1, out_dir="", data="", micro_batch_schedule="")
+    return _rate(json.dumps(mcfg.to_dict(), sort_keys=True), json.dumps(relevant.to_dict(), sort_keys=True),
+                 seq_len).tok_s
+
+
+def _child() -> int:
+    """`python -m pretrain.plan.probe`: the GPU probe, request (JSON) on stdin, results (JSON) on stdout."""
+    req = json.loads(sys.stdin.read())
+    mcfg, cfg = ModelConfig.from_dict(req["model"]), TrainConfig.from_dict(req["cfg"])
+    device = dev.resolve_device(cfg.device)
+    dev.setup_device(device)
+    per_proc = req["sequences_per_proc"]
+    with contextlib.redirect_stdout(sys.stderr):  # compile / library chatter must not corrupt the JSON
+        out = [probe_phase(mcfg, with_micro(cfg, b, per_proc), t, device, req["capacity"], per_proc).to_dict()
+               for t, b in req["phases"]]
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child())

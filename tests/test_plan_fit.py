@@ -1,0 +1,95 @@
+"""The planner's execution choices through the launcher: every GPU tier's default 1b plan fits, checkpointing only
+when needed, the largest micro-batch per phase, Lion on 16 GB and per-size LRs with their sources, and `--run`
+refusing a plan estimated not to fit unless --force."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from model import ModelConfig
+from pretrain.cli import run_cli
+from pretrain.plan import launch
+from pretrain.plan.fit import FITS, choose_execution, step_peak_bytes, with_micro
+from pretrain.plan.tiers import GLOBAL_BATCH
+from pretrain.train.config import TrainConfig, parse_config
+from pretrain.train.optim import PEAK_LR, peak_lr
+
+VARIANTS = ("baseline", "gqa", "bottleneck", "decoupled")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("tier", ["80", "48", "40", "24", "16"])
+def test_every_gpu_tiers_default_1b_plan_fits_every_variant(tier, variant, tmp_path, capsys):
+    # One plan per test: a 24 GB plan takes minutes on a loaded 2-core box (pytest-timeout is 600 s per test).
+    assert launch.main(["--vram", tier, "--variant", variant, "--json", "--run-root", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    verdicts = [(ph["seq_len"], ph["micro_batch"], round(ph["peak_memory_bytes"] / 2**30, 1), ph["verdict"])
+                for ph in out["phases"]]
+    assert out["fits"] and all(v[-1] == "fits" for v in verdicts), (tier, variant, verdicts)
+    phases = out["phases"]
+    for ph in phases:  # same tokens per step on every tier; accumulation makes up the micro-batch
+        assert ph["micro_batch"] * ph["grad_accum"] == GLOBAL_BATCH
+        assert ph["tokens_per_step"] == GLOBAL_BATCH * ph["seq_len"]
+    micro = [ph["micro_batch"] for ph in phases]
+    assert micro == sorted(micro, reverse=True)  # shorter sequences never get a smaller micro-batch
+    s = out["settings"]
+    opt = "lion" if tier == "16" else "adamw"
+    assert s["optimizer"]["value"] == opt and s["lr"]["value"] == PEAK_LR[("1b", opt)][0]
+    assert PEAK_LR[("1b", opt)][1] in s["lr"]["source"]
+    if tier == "16":
+        assert "Lion" in s["optimizer"]["source"] and "16 GB" in s["optimizer"]["source"]
+    assert s["grad_checkpoint"]["source"].startswith("derived: o")
+    assert "PaLM" in out["estimate"]["mfu_source"] and out["estimate"]["assumed_mfu"] == 0.4
+    cfg = parse_config(out["command"][2:])  # the trainer runs the planned split
+    assert cfg.micro_batch_schedule == ("" if len(set(micro)) == 1 else cfg.micro_batch_schedule)
+    assert peak_lr(cfg) == PEAK_LR[("1b", opt)][0]
+
+
+def _probe_model() -> tuple[ModelConfig, TrainConfig]:
+    mcfg = ModelConfig.from_preset("tiny", vocab_size=256, d_model=64, n_head=4, n_layer=2, d_ff=128, block_size=256)
+    return mcfg, TrainConfig(size="tiny", batch_size=1, grad_accum=16, device="cpu", amp=False)
+
+
+def _peak(mcfg, cfg, micro, seq, ckpt=False):
+    return step_peak_bytes(mcfg, with_micro(replace(cfg, grad_checkpoint=ckpt), micro, 16), seq, 1)[0]
+
+
+def test_largest_micro_batch_per_phase_and_checkpointing_only_when_needed():
+    mcfg, cfg = _probe_model()
+    # A device where micro-batch 4 fits at seq 256 without checkpointing but 8 does not.
+    cap = int((_peak(mcfg, cfg, 4, 256) + _peak(mcfg, cfg, 8, 256)) / 2 / FITS)
+    choice = choose_execution(mcfg, cfg, [64, 128, 256], cap, 1, 16, guess=1, checkpoint=None, micro=None)
+    assert choice is not None and not choice.grad_checkpoint and choice.why_checkpoint.startswith("derived: off")
+    assert choice.micro[256] == 4
+    for seq in (64, 128):  # shorter phases: larger micro-batches, each the largest that fits
+        b = choice.micro[seq]
+        assert b > 4 and _peak(mcfg, cfg, b, seq) <= FITS * cap
+        assert b == 16 or _peak(mcfg, cfg, 2 * b, seq) > FITS * cap
+    # A device where even micro-batch 1 needs checkpointing at seq 256.
+    cap = int((_peak(mcfg, cfg, 1, 256) + _peak(mcfg, cfg, 1, 256, ckpt=True)) / 2 / FITS)
+    choice = choose_execution(mcfg, cfg, [128, 256], cap, 1, 16, guess=4, checkpoint=None, micro=None)
+    assert choice is not None and choice.grad_checkpoint and choice.why_checkpoint.startswith("derived: on")
+    # Checkpointing given: honoured; nothing fits: None (the plan then shows "won't fit" and a fix).
+    assert choose_execution(mcfg, cfg, [256], cap, 1, 16, 4, checkpoint=False, micro=None) is None
+
+
+BIG = ["--vram", "16", "--size", "tiny", "--d-model", "4096", "--n-head", "32", "--d-ff", "16384", "--block", "1024",
+       "--steps", "5", "--seq-schedule", "1024@0", "--param-dtype", "fp32", "--no-grad-checkpoint",
+       "--batch-size", "32", "--val-frac", "0.05", "--optimizer", "adamw"]
+
+
+def test_run_refuses_a_plan_that_does_not_fit_unless_force(tmp_path, byte_data, capsys, monkeypatch):
+    ran: list[list[str]] = []
+    monkeypatch.setattr(launch, "run_trainer", lambda command: ran.append(command) or 0)
+    argv = [*BIG, "--data", str(byte_data), "--run-root", str(tmp_path / "runs"), "--run"]
+    assert run_cli(launch.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the plan does not fit") and "--force" in err[0]
+    assert "apply the fix it shows (--batch-size 2 --grad-accum 128" in err[0]
+    assert not ran and not (tmp_path / "runs").exists()
+    assert run_cli(launch.main, [*argv, "--force"]) == 0
+    assert len(ran) == 1 and "--batch-size" in ran[0]
