@@ -232,3 +232,17 @@ def test_run_trainer_uses_this_python_and_torchrun_module_and_returns_the_exit_c
     assert seen["argv"] == [launch.sys.executable, "-m", "torch.distributed.run", "--standalone",
                             "--nproc-per-node", "2", str(launch.TRAINER), "--steps", "3"]
     assert seen["group"] == 0  # own process group: the launcher alone receives a terminal Ctrl-C
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_cpu_tier_autocasts_only_where_the_cpu_has_native_bf16(fast, monkeypatch, tmp_path):
+    """Emulated bf16 (AVX2-only CPUs) is several times slower than fp32: the cpu tier trains in fp32 there,
+    and says why; a flag still wins."""
+    from pretrain.plan import plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "cpu_has_fast_bf16", lambda: fast)
+    p = plan("--vram", "cpu", tmp=tmp_path)
+    assert p.cfg.amp is fast
+    assert ("no native bf16" in p.resolved.sources["amp"]) is not fast
+    assert ("--no-amp" in " ".join(p.command)) is not fast
+    assert plan("--vram", "cpu", "--amp", tmp=tmp_path).cfg.amp is True

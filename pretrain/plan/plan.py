@@ -32,6 +32,7 @@ from pretrain.schedule import (
     steps_for_tokens,
 )
 from pretrain.train.config import TrainConfig, flag_name, model_config_from, paper_preset_fields, validate
+from pretrain.train.device import cpu_has_fast_bf16
 from pretrain.train.optim import DEFAULT_BETA2, default_lr, default_lr_source
 
 VARIANTS: dict[str, tuple[str, int | None]] = {  # --variant -> (attn mode, kv heads; None = the model's default)
@@ -140,7 +141,10 @@ def resolve(req: Request, tier: Tier, gpu: GpuInfo | None, data_vocab: int | Non
                         f"{req.nproc} processes; using {micro * accum * req.nproc}")
     pick("grad_checkpoint", tier.grad_checkpoint, t)
     pick("compile", tier.compile, t)
-    amp = pick("amp", True, "default")
+    if not tier.is_gpu and not cpu_has_fast_bf16():
+        amp = pick("amp", False, "cpu: no native bf16 (AVX2 only): bf16 autocast is emulated, ~4-20x slower than fp32")
+    else:
+        amp = pick("amp", True, "default")
     if gpu is not None and tier.is_gpu and not gpu.has_bf16:
         amp_dtype = pick("amp_dtype", "fp16", f"gpu: {gpu.name} has no bf16")
     else:
