@@ -5,6 +5,12 @@ from __future__ import annotations
 from pretrain.cli import run_cli
 
 
+def prepare() -> int:
+    from pretrain.data.cli import main
+
+    return run_cli(main)
+
+
 def train() -> int:
     from pretrain.train.loop import main
 

@@ -68,6 +68,8 @@ CASES = {
     "prepare: output is a user dir": _case([PREPARE], lambda w: ["--tokens", "1K", "--source",
                                                                  str(w["notes"] / "keep.txt"), "--output",
                                                                  str(w["notes"])], "notes"),
+    "prepare: negative workers": _case([PREPARE], lambda w: ["--tokens", "1K", "--output", str(w["base"] / "o"),
+                                                             "--workers", "-1"], "--workers"),
     "prepare: unknown flag": _case([PREPARE], lambda w: ["--tokens", "1K", "--output", str(w["base"] / "o"),
                                                          "--tokenz", "1M"], "unrecognized"),
     # run_1b_launch.py

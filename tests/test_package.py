@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["pretrain-train", "pretrain-launch", "pretrain-compare", "pretrain-export"]
-MODULES = ["pretrain.train", "pretrain.plan", "pretrain.export", "pretrain.demo", "pretrain.track.compare"]
+COMMANDS = ["pretrain-prepare", "pretrain-train", "pretrain-launch", "pretrain-compare", "pretrain-export",
+            "pretrain-generate", "pretrain-downstream", "pretrain-infer-bench"]
+MODULES = ["pretrain.data", "pretrain.train", "pretrain.plan", "pretrain.export", "pretrain.demo",
+           "pretrain.track.compare", "pretrain.generate", "pretrain.infer_bench", "pretrain.evals.downstream"]
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,6 @@ def test_installed_trainer_reports_bad_input_in_one_line(installed, tmp_path):
 
 
 def test_the_repo_scripts_stay_thin_callers():
-    for script in ("train_v29.py", "run_1b_launch.py"):
+    for script in ("train_v29.py", "run_1b_launch.py", "prepare_fineweb.py"):
         assert len((ROOT / script).read_text().splitlines()) < 20, script
     assert sys.version_info >= (3, 11)

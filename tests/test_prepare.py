@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import GPT2_RANKS, ROOT, sample_parquet_dir
 
-import prepare_fineweb
 from pretrain.cli import UserError, run_cli
+from pretrain.data import cli as prepare_fineweb
 from pretrain.data.loader import open_dataset
 from pretrain.data.prepare import SLOW_ENV, prepare
 from pretrain.data.sources import HubDataset

@@ -20,8 +20,8 @@ import psutil
 import pytest
 from conftest import ROOT, sample_parquet_dir
 
-import prepare_fineweb
 from pretrain.cli import run_cli
+from pretrain.data import cli as prepare_fineweb
 from pretrain.data.prepare import SLOW_ENV, prepare
 
 SAMPLE = sample_parquet_dir()
