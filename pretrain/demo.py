@@ -85,8 +85,11 @@ def _run_direct(steps: int, variant: str, run_root: Path, data: Path) -> tuple[P
     run_dir = run_root / f"tiny-{variant}-demo"  # the launcher's name, so either path resumes the other's run
     if _completed(run_dir, steps):
         return run_dir, 0, f"{_shown(run_dir)} already completed {steps} steps"
+    from pretrain.train.device import cpu_has_fast_bf16
+
+    amp = "--amp" if cpu_has_fast_bf16() else "--no-amp"  # as the cpu tier decides (pretrain/plan/plan.py)
     argv = ["--data", _shown(data), "--out-dir", _shown(run_dir), "--steps", str(steps),
-            *TIER_FLAGS, *VARIANTS[variant], *DEMO_FLAGS]
+            *TIER_FLAGS, amp, *VARIANTS[variant], *DEMO_FLAGS]
     print("running: " + format_command(["python", "train_v29.py", *argv]), flush=True)
     result = train(parse_config(argv), command=format_command(["python", "train_v29.py", *argv]))
     return run_dir, 1 if result["status"].startswith("stopped:") else 0, ""
