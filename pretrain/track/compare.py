@@ -21,7 +21,7 @@ from typing import Any
 
 from pretrain.cli import ArgumentParser, UserError
 from pretrain.track.kv_plot import plot_quality_vs_kv
-from pretrain.track.plots import events_by_step
+from pretrain.track.plots import events_by_step, new_figure, save_png
 from pretrain.track.runlog import JSONL_NAME, median_tok_s, read_jsonl
 from pretrain.track.seeds import band, group_key, group_rows
 
@@ -258,17 +258,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def plot_length_curves(rows: Sequence[dict[str, Any]], out_png: str | os.PathLike) -> Path:
     """Val loss against eval length (last eval), one line per run, its trained length marked on the line."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.set_title("Validation loss vs eval length (last eval)")
-    ax.set_xlabel("eval sequence length (tokens)")
-    ax.set_ylabel("val cross-entropy loss")
+    fig, ax = new_figure("Validation loss vs eval length (last eval)", "eval sequence length (tokens)",
+                         "val cross-entropy loss", size=(8, 4.8))
     ax.set_xscale("log", base=2)
-    ax.grid(True, alpha=0.3)
     for r in rows:
         points = sorted((r.get("length_loss") or {}).items())
         if not points:
@@ -279,26 +271,12 @@ def plot_length_curves(rows: Sequence[dict[str, Any]], out_png: str | os.PathLik
         if isinstance(trained, int):
             ax.axvline(trained, color=line.get_color(), ls=":", lw=1)
     ax.legend(title="dotted: trained length")
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, out)
-    return out
+    return save_png(fig, out_png)
 
 
 def plot_val_curves(paths: Sequence[str | os.PathLike], out_png: str | os.PathLike) -> Path:
     """Overlay every run's val loss against tokens seen; write `out_png` atomically and return its path."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.set_title("Validation loss vs tokens")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("val cross-entropy loss")
-    ax.grid(True, alpha=0.3)
+    fig, ax = new_figure("Validation loss vs tokens", "tokens", "val cross-entropy loss", size=(8, 4.8))
     lows, highs = [], []
     run_dirs = find_runs(paths)
     names = [d.name for d in run_dirs]
@@ -338,12 +316,7 @@ def plot_val_curves(paths: Sequence[str | os.PathLike], out_png: str | os.PathLi
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no val evaluations yet", ha="center", va="center", transform=ax.transAxes)
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, out)  # an image viewer refreshing the file never sees half a PNG
-    return out
+    return save_png(fig, out_png)
 
 
 def build_parser(prog: str = "python -m pretrain.track.compare") -> ArgumentParser:

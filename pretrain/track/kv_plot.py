@@ -12,19 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pretrain.track.plots import new_figure, save_png
+
 
 def plot_quality_vs_kv(rows: Sequence[dict[str, Any]], out_png: str | os.PathLike) -> Path:
     """Scatter of best val loss vs KV bytes/token for compare's rows; written atomically, path returned."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.set_title("Quality vs KV cache")
-    ax.set_xlabel("KV-cache bytes per token (all layers)")
-    ax.set_ylabel("best val cross-entropy loss")
-    ax.grid(True, alpha=0.3)
+    fig, ax = new_figure("Quality vs KV cache", "KV-cache bytes per token (all layers)",
+                         "best val cross-entropy loss", size=(7, 4.8))
     plotted = 0
     for r in rows:
         kv = r.get("kv_measured") or r.get("kv_bytes_per_token")
@@ -41,9 +35,4 @@ def plot_quality_vs_kv(rows: Sequence[dict[str, Any]], out_png: str | os.PathLik
     else:
         ax.text(0.5, 0.5, "no run has both a val loss and KV bytes", ha="center", va="center",
                 transform=ax.transAxes)
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, out)  # a viewer refreshing the file never sees half a PNG
-    return out
+    return save_png(fig, out_png)

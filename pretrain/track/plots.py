@@ -48,20 +48,24 @@ def _series(rows: list[dict], x_of: Any, *keys: str) -> tuple[list[float], list[
     return xs, ys
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_png(fig: Any, path: str | os.PathLike) -> Path:
+    """Write a figure as PNG atomically (parents made); returns the path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png", dpi=110)
     os.replace(tmp, path)  # a reader (or a kill) never sees half a PNG
     return path
 
 
-def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
+def new_figure(title: str, xlabel: str, ylabel: str, size: tuple[float, float] = (7, 4.2)) -> tuple[Any, Any]:
+    """A pyplot-free figure with one gridded axis, titled and labelled (every PNG of the tool starts here)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    fig = Figure(figsize=size, layout="constrained")
     ax = fig.add_subplot()
     ax.set_title(title)
     ax.set_xlabel(xlabel)
@@ -101,7 +105,7 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
     tx, ty = _series(train, x_of, "loss")
     vx, vy = _series(evals, x_of, "val_loss", "loss")
     if ty or vy:
-        fig, ax = _figure(PLOT_TITLES["loss"], xlabel, "cross-entropy loss")
+        fig, ax = new_figure(PLOT_TITLES["loss"], xlabel, "cross-entropy loss")
         if ty:
             ax.plot(tx, ty, lw=1, alpha=0.8, label="train")
         # One val series per eval length: a loss at 256 tokens is not the same figure as one at 64.
@@ -115,7 +119,7 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
             low = min(ty + vy)
             ax.set_ylim(low - 0.05 * (top - low), top + 0.05 * (top - low))
         ax.legend()
-        written.append(_save(fig, run_dir / "loss.png"))
+        written.append(save_png(fig, run_dir / "loss.png"))
 
     for stem, keys, ylabel in (("lr", ("lr",), "learning rate"),
                                ("throughput", ("tok_s",), "tokens / second"),
@@ -123,21 +127,21 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
         xs, ys = _series(train, x_of, *keys)
         if not ys:
             continue
-        fig, ax = _figure(PLOT_TITLES[stem], xlabel, ylabel)
+        fig, ax = new_figure(PLOT_TITLES[stem], xlabel, ylabel)
         ax.plot(xs, ys, lw=1)
         if stem == "grad_norm" and min(ys) > 0 and max(ys) / min(ys) > 100:
             ax.set_yscale("log")  # early spikes span orders of magnitude
-        written.append(_save(fig, run_dir / f"{stem}.png"))
+        written.append(save_png(fig, run_dir / f"{stem}.png"))
 
     lengths = events_by_step(records, "eval_lengths")
     position = lengths[-1].get("position") if lengths else None
     if isinstance(position, dict) and position.get("x"):
-        fig, ax = _figure(PLOT_TITLES["position_loss"], "position in the window", "val cross-entropy loss")
+        fig, ax = new_figure(PLOT_TITLES["position_loss"], "position in the window", "val cross-entropy loss")
         ax.plot(position["x"], position["loss"], lw=1.2, label=f"step {lengths[-1]['step']}, "
                 f"window {position.get('seq_len')}")
         trained = lengths[-1].get("trained_len")
         if _is_num(trained) and trained < position.get("seq_len", 0):
             ax.axvline(trained, color="grey", ls="--", lw=1, label=f"trained length {trained}")
         ax.legend()
-        written.append(_save(fig, run_dir / "position_loss.png"))
+        written.append(save_png(fig, run_dir / "position_loss.png"))
     return written
