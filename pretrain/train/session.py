@@ -233,12 +233,12 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
     if cfg.eval_seq_len and cfg.eval_seq_len > mcfg.block_size:
         raise UserError(f"--eval-seq-len {cfg.eval_seq_len} exceeds the model's block size {mcfg.block_size}; "
                         f"lower it or raise --block")
+    micro_points = parse_micro_batch_schedule(cfg.micro_batch_schedule, cfg.batch_size * cfg.grad_accum)
+    ds.check_enough(max([cfg.batch_size] + [m for _, m in micro_points]), max(p[1] for p in points), dist.world_size)
     # Every length an eval can use (see Session.eval_seq_len), so a too-small val split fails before training.
     eval_lens = {cfg.eval_seq_len} if cfg.eval_seq_len else {p.seq_len for p in phases(points, cfg.steps)}
     val_by_len = {n: ValWindows(ds, n, cfg.batch_size * dist.world_size, cfg.eval_iters)  # split across ranks
                   for n in sorted(eval_lens)}
-    micro_points = parse_micro_batch_schedule(cfg.micro_batch_schedule, cfg.batch_size * cfg.grad_accum)
-    ds.check_enough(max([cfg.batch_size] + [m for _, m in micro_points]), max(p[1] for p in points), dist.world_size)
     # Instruments use one fixed length: the explicit --eval-seq-len, else the longest the schedule trains at.
     instruments = build_instruments(cfg, mcfg, ds, max(eval_lens), max(p[1] for p in points))
     # Instruments read their inputs now: a missing prompt file or tokenizer stops the run before it writes.
