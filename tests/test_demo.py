@@ -61,7 +61,7 @@ def test_demo_command_trains_reports_and_reruns_as_complete(tmp_path):
     run_dir = tmp_path / "runs" / "tiny-baseline-demo"
     assert (run_dir / "last.pt").exists()
     for name in ("summary.md", "loss.png", "train.jsonl"):
-        assert (run_dir / name).exists() and f"{run_dir}/{name}" in first.stdout, name
+        assert (run_dir / name).exists() and f"runs/tiny-baseline-demo/{name}" in first.stdout, name  # cwd-relative
     end = [e for e in read_jsonl(run_dir / "train.jsonl") if e["type"] == "end"][-1]
     assert end["status"] == "completed" and end["step"] == 30
     losses = _evals(run_dir)
