@@ -2,52 +2,43 @@
 
 from __future__ import annotations
 
+import importlib
+
 from pretrain.cli import run_cli
 
 
-def prepare() -> int:
-    from pretrain.data.cli import main
+def _run(module: str) -> int:
+    """Import the CLI's module only when its command runs (torch and friends load once, for that command)."""
+    return run_cli(importlib.import_module(module).main)
 
-    return run_cli(main)
+
+def prepare() -> int:
+    return _run("pretrain.data.cli")
 
 
 def train() -> int:
-    from pretrain.train.loop import main
-
-    return run_cli(main)
+    return _run("pretrain.train.loop")
 
 
 def launch() -> int:
-    from pretrain.plan.launch import main
-
-    return run_cli(main)
+    return _run("pretrain.plan.launch")
 
 
 def compare() -> int:
-    from pretrain.track.compare import main
-
-    return run_cli(main)
+    return _run("pretrain.track.compare")
 
 
 def export() -> int:
-    from pretrain.export import main
-
-    return run_cli(main)
+    return _run("pretrain.export")
 
 
 def generate() -> int:
-    from pretrain.generate import main
-
-    return run_cli(main)
+    return _run("pretrain.generate")
 
 
 def downstream() -> int:
-    from pretrain.evals.downstream import main
-
-    return run_cli(main)
+    return _run("pretrain.evals.downstream")
 
 
 def infer_bench() -> int:
-    from pretrain.evals.infer_bench import main
-
-    return run_cli(main)
+    return _run("pretrain.evals.infer_bench")

@@ -191,7 +191,6 @@ def load_exported(path: str | Path) -> GPT:
     return model
 
 
-# ------------------------------------------------------------------------------------------------ init-from
 # ------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m pretrain.export",
