@@ -408,7 +408,7 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
         elif cfg.device == "cpu":
             rate = measured_rate(mcfg, phase_cfg, ph.seq_len, flops)
             if rate is not None:
-                tok_s, rate_how = rate, "measured: a warm-up and a timed real step of each phase on this CPU"
+                tok_s, rate_how = rate, "measured: timed real steps of each phase on this CPU after a warm-up"
             else:
                 rate_how = f"{flops_how} x MFU (a real step would take too long to time)"
         tokens = ph.steps * ph.seq_len * seqs

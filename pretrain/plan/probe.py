@@ -21,6 +21,7 @@ import contextlib
 import functools
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +42,11 @@ MAX_PROBED_ACCUM = 2
 # A CPU plan does not time a step the matmul peak says would take longer than this (e.g. --vram cpu --size 1b):
 # the plan then falls back to the matmul peak and says so.
 MAX_CPU_STEP_SECONDS = 20.0
+# The CPU rate is timed on the planned micro-batch when the matmul peak says a step of it takes at most this long:
+# a small model's step is dominated by per-step overhead (optimizer, launch), so a smaller micro-batch understates
+# tok/s several-fold. Larger steps are timed on 2 sequences, where a CPU step is compute-bound anyway.
+RATE_STEP_SECONDS = 0.5
+RATE_TIMED_STEPS = 3
 
 
 @dataclass
@@ -117,11 +123,13 @@ def _train_steps(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, device: torc
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     dev.synchronize(device)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(steps):
+        t0 = time.perf_counter()
         step()
-    dev.synchronize(device)
-    seconds = (time.perf_counter() - t0) / steps
+        dev.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)  # one step slowed by another process on the host does not set the rate
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
     params = {id(p): p for p in model.parameters()}.values()
     weights = sum(p.numel() * p.element_size() for p in params)
@@ -210,24 +218,31 @@ def probe_plan(mcfg: ModelConfig, cfg: TrainConfig, phases: list[tuple[int, int]
 
 
 @functools.lru_cache(maxsize=64)
-def _rate(model_json: str, cfg_json: str, seq_len: int) -> Measured:
+def _rate(model_json: str, cfg_json: str, seq_len: int, steps: int) -> Measured:
     cfg = TrainConfig.from_dict(json.loads(cfg_json))
-    return measure(ModelConfig.from_dict(json.loads(model_json)), cfg, seq_len, torch.device("cpu"), False, 1)
+    return measure(ModelConfig.from_dict(json.loads(model_json)), cfg, seq_len, torch.device("cpu"), False, steps)
 
 
 def measured_rate(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, matmul_flops: float) -> float | None:
     """Tokens per second of whole real CPU steps of `cfg` at seq_len (None when a step would take too long).
 
-    Timed on a micro-batch of at most 2 sequences and one step after a warm-up: a CPU step is compute-bound, so
-    tok/s barely depends on the micro-batch, and the optimizer's share is then overweighted (a slower, safer
-    figure). Cached per configuration for the life of the process.
+    Timed after a warm-up on the planned micro-batch when its step is cheap (median of RATE_TIMED_STEPS steps),
+    else on one step of at most 2 sequences: a big CPU step is compute-bound, so tok/s barely depends on the
+    micro-batch, and the optimizer's share is then overweighted (a slower, safer figure). Cached per
+    configuration for the life of the process.
     """
+    def predicted(micro: int) -> float:
+        return micro * seq_len * mcfg.flops_per_token(seq_len) / matmul_flops
+
     micro = min(cfg.batch_size, 2)
-    if micro * seq_len * mcfg.flops_per_token(seq_len) / matmul_flops > MAX_CPU_STEP_SECONDS:
+    if predicted(micro) > MAX_CPU_STEP_SECONDS:
         return None
+    cheap = predicted(cfg.batch_size) <= RATE_STEP_SECONDS
+    if cheap:
+        micro = cfg.batch_size
     relevant = replace(cfg, batch_size=micro, grad_accum=1, steps=1, out_dir="", data="", micro_batch_schedule="")
     return _rate(json.dumps(mcfg.to_dict(), sort_keys=True), json.dumps(relevant.to_dict(), sort_keys=True),
-                 seq_len).tok_s
+                 seq_len, RATE_TIMED_STEPS if cheap else 1).tok_s
 
 
 def _child() -> int:
