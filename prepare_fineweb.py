@@ -9,8 +9,8 @@ Flags: `python prepare_fineweb.py --help`; the work happens in pretrain/data/pre
 
 import sys
 
-from pretrain.cli import run_cli
+from pretrain.cli import script_exit_code
 from pretrain.data.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(script_exit_code(main))

@@ -5,8 +5,8 @@ Re-running the same command resumes from `<out-dir>/last.pt`. Flags: `python tra
 
 import sys
 
-from pretrain.cli import run_cli
+from pretrain.cli import script_exit_code
 from pretrain.train.loop import main
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(script_exit_code(main))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 
@@ -36,3 +38,18 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     return int(code or 0)
+
+
+def script_exit_code(main: Callable[[Sequence[str] | None], int | None]) -> int:
+    """run_cli for a process entry point (scripts, `python -m`, console scripts): the exit code to exit with.
+
+    Once main has returned the work is over (done, failed or interrupted), so SIGINT/SIGTERM are ignored from
+    then on: a group signal (Ctrl-C, a container stop) that lands while the interpreter shuts down would
+    otherwise turn a finished run into a silent death by signal (exit -2 with no message). Signals ignored
+    are not reset by the interpreter's finalization; SIGKILL still ends a hung exit.
+    """
+    code = run_cli(main)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+    return code

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib
 
-from pretrain.cli import run_cli
+from pretrain.cli import script_exit_code
 
 
 def _run(module: str) -> int:
     """Import the CLI's module only when its command runs (torch and friends load once, for that command)."""
-    return run_cli(importlib.import_module(module).main)
+    return script_exit_code(importlib.import_module(module).main)
 
 
 def prepare() -> int:

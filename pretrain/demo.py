@@ -157,6 +157,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pretrain.cli import run_cli
+    from pretrain.cli import script_exit_code
 
-    sys.exit(run_cli(main))
+    sys.exit(script_exit_code(main))

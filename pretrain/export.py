@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from model import GPT, ModelConfig
-from pretrain.cli import ArgumentParser, UserError, run_cli
+from pretrain.cli import ArgumentParser, UserError, script_exit_code
 from pretrain.data.hf_tokenizer import FILES as HF_TOKENIZER_FILES
 from pretrain.data.hf_tokenizer import write_hf_tokenizer
 from pretrain.llama import llama_config, llama_incompatibility, to_llama
@@ -219,4 +219,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(script_exit_code(main))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.cli import ArgumentParser, UserError, run_cli
+from pretrain.cli import ArgumentParser, UserError, script_exit_code
 from pretrain.evals.run_model import load_run_model
 
 
@@ -61,4 +61,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(script_exit_code(main))

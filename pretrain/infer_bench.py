@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from pretrain.cli import run_cli
+from pretrain.cli import script_exit_code
 from pretrain.evals.infer_bench import main
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(script_exit_code(main))

@@ -231,3 +231,15 @@ def test_full_disk_while_joining_a_single_file_output(tmp_path, monkeypatch, cap
     monkeypatch.setattr(np.lib.format, "write_array_header_1_0", real)
     assert cli(*flags) == 0
     assert sorted(f.name for f in tmp_path.iterdir()) == ["x.npy", "x.npy.meta"] and len(np.load(x)) == 50_000
+
+
+def test_a_signal_while_the_interpreter_exits_does_not_turn_a_finished_run_into_a_death_by_signal():
+    """The group test above caught this: prepare done, Ctrl-C lands during shutdown -> exit -2, no message."""
+    code = ("import os, signal, sys\n"
+            "from pretrain.cli import script_exit_code\n"
+            "code = script_exit_code(lambda argv: 0)\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"  # what arrives after main returned: ignored, not fatal
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "sys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")

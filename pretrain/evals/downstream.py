@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pretrain.cli import ArgumentParser, UserError, run_cli
+from pretrain.cli import ArgumentParser, UserError, script_exit_code
 
 HF_NAME = "Rowan/hellaswag"
 
@@ -164,4 +164,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(script_exit_code(main))

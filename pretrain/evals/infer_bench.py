@@ -27,7 +27,7 @@ import torch
 
 from model import GPT, ModelConfig
 from model.config import ATTN_VARIANTS, PRESETS
-from pretrain.cli import ArgumentParser, UserError, run_cli
+from pretrain.cli import ArgumentParser, UserError, script_exit_code
 
 DEFAULT_LENGTHS = (1024, 4096, 16384)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -223,4 +223,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(script_exit_code(main))

@@ -2,7 +2,7 @@
 
 import sys
 
-from pretrain.cli import run_cli
+from pretrain.cli import script_exit_code
 from pretrain.plan.launch import main
 
-sys.exit(run_cli(main))
+sys.exit(script_exit_code(main))

@@ -377,6 +377,6 @@ def _measure(paths: Sequence[str], args: Any) -> None:
 
 
 if __name__ == "__main__":
-    from pretrain.cli import run_cli
+    from pretrain.cli import script_exit_code
 
-    sys.exit(run_cli(main))
+    sys.exit(script_exit_code(main))
