@@ -3,6 +3,7 @@
     .venv/bin/python bench/train_step.py                     # tiny + small presets; several minutes on 2 cores
     .venv/bin/python bench/train_step.py --presets tiny --iters 10 --no-stall
     .venv/bin/python bench/train_step.py --presets S --no-stall   # issue 15's config S (8 x 256, vocab 50304)
+    .venv/bin/python bench/train_step.py --presets S --no-stall --no-amp --threads 1 --iters 5 --repeat 2
 
 Throughput: for each preset, with and without activation checkpointing (--grad-checkpoint) and with and
 without torch.compile (per block, as pretrain/train/session.py does), one optimizer step like the trainer's
@@ -15,6 +16,9 @@ in bf16 (autocast runs its matmuls in bf16, which this CPU does natively, so bf1
 On a shared machine wall-clock figures move with other load; "CPU-time" is the same ratio computed from
 process CPU seconds (step vs matmul), which time-slicing by other processes leaves mostly unchanged.
 "compile s" = first step - steady step of a compiled configuration (cold inductor cache).
+"faults" = minor page faults per steady step: memory the allocator handed back to the OS and faults in again.
+Only the matmul peak of the dtype in use is timed (a bf16 2048^3 matmul takes minutes on a CPU without native
+bf16). Run the same command in a checkout of the parent commit, alternating, for a before/after.
 
 Checkpoint stall: a training step followed by CheckpointManager.save() of the model + AdamW state, vs a
 plain step. `save()` is what the caller waits for (snapshot to CPU; plus the whole write when synchronous);
@@ -48,10 +52,11 @@ from pretrain.train.config import TrainConfig  # noqa: E402
 from pretrain.train.optim import build_optimizer, step_unless_nonfinite  # noqa: E402
 
 
-def matmul_peaks(n: int = 2048, reps: int = 5) -> dict[str, float]:
-    """Best-of-reps FLOP/s of an n x n matmul in fp32 and bf16, per wall second and per CPU second."""
+def matmul_peaks(dtypes: tuple[str, ...], n: int = 2048, reps: int = 5) -> dict[str, float]:
+    """Best-of-reps FLOP/s of an n x n matmul in each of `dtypes`, per wall second and per CPU second."""
     peaks = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for name in dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b  # warm up the BLAS threads and kernels
         wall = cpu = float("inf")
@@ -113,21 +118,25 @@ def rss_mb() -> float:
 
 
 def child_throughput(spec: dict[str, Any]) -> dict[str, Any]:
-    peaks = matmul_peaks()
+    dtypes = ("bf16",) if spec["amp"] else ("fp32",)
+    peaks = matmul_peaks(dtypes)
     step = Step(spec["preset"], spec["batch"], spec["seq_len"], spec["gc"], spec["compile"], spec["amp"])
     first = step()  # includes the cold compile when compiled
     for _ in range(spec["warmup"]):
         step()
     times, cpu = [], []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(spec["iters"]):
         times.append(step())
         cpu.append(step.cpu_s)
-    after = matmul_peaks()  # timed again: load from other processes may have changed meanwhile
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / spec["iters"]
+    rss = rss_mb()
+    after = matmul_peaks(dtypes)  # timed again: load from other processes may have changed meanwhile
     steady = statistics.median(times)
     return {**spec, "first_s": first, "step_s": steady, "cpu_s": statistics.median(cpu), "tok_s": step.tokens / steady,
             "load": os.getloadavg()[0],
             "flops_per_token": step.cfg.flops_per_token(spec["seq_len"]), "params": step.cfg.num_params(),
-            "peak": {k: max(v, after[k]) for k, v in peaks.items()}, "rss_mb": rss_mb()}
+            "peak": {k: max(v, after[k]) for k, v in peaks.items()}, "rss_mb": rss, "faults": faults}
 
 
 def child_stall(spec: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +178,7 @@ def run_child(kind: str, spec: dict[str, Any], threads: int) -> dict[str, Any]:
 def print_throughput(rows: list[dict[str, Any]]) -> None:
     head = (f"{'preset':<7}{'params':>8} {'B x T':>8} {'ckpt':>5} {'compile':>8} {'1st step s':>11} "
             f"{'compile s':>10} {'step s':>7} {'tok/s':>6} {'GFLOP/s':>8} {'of fp32 mm':>11} {'of bf16 mm':>11} "
-            f"{'CPU-time':>9} {'RSS MB':>7} {'load':>5}")
+            f"{'CPU-time':>9} {'faults':>8} {'RSS MB':>7} {'load':>5}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -178,18 +187,20 @@ def print_throughput(rows: list[dict[str, Any]]) -> None:
         peak_dtype = "bf16" if r["amp"] else "fp32"
         by_cpu = step_flops / r["cpu_s"] / r["peak"][f"{peak_dtype}_cpu"]
         compile_s = f"{r['first_s'] - r['step_s']:.1f}" if r["compile"] else "-"
+        of = {d: f"{achieved / r['peak'][d]:.1%}" if d in r["peak"] else "-" for d in ("fp32", "bf16")}
         print(f"{r['preset']:<7}{r['params'] / 1e6:>7.1f}M {r['batch']:>3} x {r['seq_len']:<4}"
               f"{'yes' if r['gc'] else 'no':>5} {'yes' if r['compile'] else 'no':>8} {r['first_s']:>11.2f} "
               f"{compile_s:>10} {r['step_s']:>7.2f} {r['tok_s']:>6.0f} {achieved / 1e9:>8.2f} "
-              f"{achieved / r['peak']['fp32']:>11.1%} {achieved / r['peak']['bf16']:>11.1%} {by_cpu:>9.1%} "
+              f"{of['fp32']:>11} {of['bf16']:>11} {by_cpu:>9.1%} {r['faults']:>8.0f} "
               f"{r['rss_mb']:>7.0f} {r['load']:>5.1f}")
     for dtype in ("fp32", "bf16"):
-        wall = [r["peak"][dtype] / 1e9 for r in rows]
-        cpu = [r["peak"][f"{dtype}_cpu"] / 1e9 for r in rows]
-        print(f"{dtype} 2048^3 matmul peak per process: {min(wall):.0f}-{max(wall):.0f} GFLOP/s "
-              f"({min(cpu):.0f}-{max(cpu):.0f} GFLOP per CPU-second)")
+        wall = [r["peak"][dtype] / 1e9 for r in rows if dtype in r["peak"]]
+        cpu = [r["peak"][f"{dtype}_cpu"] / 1e9 for r in rows if dtype in r["peak"]]
+        if wall:
+            print(f"{dtype} 2048^3 matmul peak per process: {min(wall):.0f}-{max(wall):.0f} GFLOP/s "
+                  f"({min(cpu):.0f}-{max(cpu):.0f} GFLOP per CPU-second)")
     print("CPU-time: the step's FLOPs per CPU-second over the matmul's (autocast dtype); time-slicing by other "
-          "processes does not enter it")
+          "processes does not enter it. faults: minor page faults per steady step.")
 
 
 def print_stall(results: list[dict[str, Any]]) -> None:
@@ -218,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=None, help="timed steps (default: 5 tiny, 2 small)")
     ap.add_argument("--no-amp", action="store_true", help="fp32 instead of the trainer's bf16 autocast")
     ap.add_argument("--no-stall", action="store_true", help="skip the checkpoint-stall measurement")
+    ap.add_argument("--repeat", type=int, default=1, help="measure each configuration this many times")
     ap.add_argument("--stall-reps", type=int, default=None, help="saves per mode (default: 3 tiny, 1 small)")
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the stall benchmark writes checkpoints")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -241,11 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         only_plain = preset in CONFIGS  # config S is defined without checkpointing or compile
         for compile_ in (False,) if only_plain else (False, True):
             for gc in (False,) if only_plain else (False, True):
-                t0 = time.perf_counter()
-                spec = {**base, "gc": gc, "compile": compile_, "warmup": 1 if compile_ or not small else 0}
-                rows.append(run_child("throughput", spec, args.threads))
-                print(f"  measured {preset} ckpt={gc} compile={compile_} in {time.perf_counter() - t0:.0f} s",
-                      file=sys.stderr, flush=True)
+                for _ in range(args.repeat):
+                    t0 = time.perf_counter()
+                    spec = {**base, "gc": gc, "compile": compile_, "warmup": 1}
+                    rows.append(run_child("throughput", spec, args.threads))
+                    print(f"  measured {preset} ckpt={gc} compile={compile_} in {time.perf_counter() - t0:.0f} s",
+                          file=sys.stderr, flush=True)
     print()
     print_throughput(rows)
     if not args.no_stall:

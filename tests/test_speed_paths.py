@@ -1,9 +1,14 @@
 """The CUDA fast-path decisions, each checked on CPU: static-shape per-block compile without graph breaks,
 FlexAttention for null-attn (equal to SDPA), backward outside autocast, local-device RNG and pinning,
-DDP bucket views, NCCL bytes in the plan, expandable segments, fused AdamW, and the reused loss buffers."""
+DDP bucket views, NCCL bytes in the plan, expandable segments, fused AdamW, the reused loss buffers and no chunk-sized
+loss temporaries, and the device the run records."""
 
 from __future__ import annotations
 
+import os
+import resource
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -15,11 +20,13 @@ from model import GPT, ModelConfig
 from model.gpt import LossWorkspace, chunked_cross_entropy
 from pretrain.plan import memory
 from pretrain.plan.plan import step_peak_bytes
-from pretrain.train import distributed, resume, speed
+from pretrain.track.runlog import read_jsonl
+from pretrain.train import device, distributed, resume, speed
 from pretrain.train.config import TrainConfig, parse_config
 from pretrain.train.loop import train
 from pretrain.train.optim import build_optimizer
 
+ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64",
         "--batch-size", "4", "--train-seq-len", "32", "--val-frac", "0.05", "--eval-iters", "1", "--log-every", "1",
         "--device", "cpu", "--live", "off", "--save-minutes", "0"]
@@ -191,3 +198,44 @@ def test_checkpoint_host_buffers_are_reused_and_cpu_snapshots_unchanged():
     assert not host.pending
     snap = _snapshot({"w": live}, "", {}, HostBuffers(pin=False))  # CPU tensors: plain copies, as before
     assert snap["w"].data_ptr() != live.data_ptr() and torch.equal(snap["w"], live)
+
+
+LOSS_STEP = """
+import resource, torch
+from model.gpt import LossWorkspace, chunked_cross_entropy
+torch.manual_seed(0)
+rows, vocab, d = 2048, 8192, 64  # one 64 MiB chunk of fp32 logits: far above glibc's mmap threshold
+h = torch.randn(rows, d, requires_grad=True)
+w = torch.randn(vocab, d, requires_grad=True)
+t = torch.randint(0, vocab, (rows,))
+ws = LossWorkspace()
+
+def step():
+    h.grad = w.grad = None
+    chunked_cross_entropy(h, w, t, vocab, chunk_rows=rows, workspace=ws).backward()
+
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc maps and unmaps large blocks per allocation")
+def test_chunked_loss_allocates_no_chunk_sized_temporary_per_step():
+    """torch.logsumexp allocated a chunk-sized temporary (412 MB at config S) every step: glibc mmaps a block that
+    size, so each step faulted and zero-filled it afresh (~100K page faults). Nothing that size may be allocated."""
+    done = subprocess.run([sys.executable, "-c", LOSS_STEP], cwd=ROOT, capture_output=True, text=True, check=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    chunk_pages = 2048 * 8192 * 4 // resource.getpagesize()
+    assert float(done.stdout.split()[-1]) < chunk_pages / 4
+
+
+def test_run_meta_records_the_cpu_it_ran_on(byte_data, tmp_path):
+    out = tmp_path / "run"
+    train(parse_config([*FAST, "--data", str(byte_data), "--steps", "1", "--out-dir", str(out)]))
+    meta = next(e for e in read_jsonl(out / "train.jsonl") if e["type"] == "meta")
+    assert meta["host"] == {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                            "threads": torch.get_num_threads(), "native_bf16": device.cpu_has_fast_bf16()}

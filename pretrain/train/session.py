@@ -222,7 +222,7 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
     """
     device = dev.resolve_device(cfg.device)
     dist = dist_lib.init_distributed(device)
-    dev.setup_device(device)
+    host = dev.setup_device(device)
     run_dir = Path(cfg.out_dir)
     if dist.is_main:
         check_out_dir(run_dir)
@@ -314,7 +314,7 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
 
     info = {"command": command, "train_config": cfg.to_dict(), "model_config": mcfg.to_dict(),
             "params": mcfg.num_params(), "non_embedding_params": mcfg.num_params(non_embedding=True),
-            "device": str(device), "world_size": dist.world_size}
+            "device": str(device), "world_size": dist.world_size, "host": host}
     main = dist.is_main
     console = Console(cfg.live if main else "off", total_steps=cfg.steps, start_step=prog.step)
     if main and start.note:
