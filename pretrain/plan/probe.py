@@ -47,6 +47,8 @@ MAX_CPU_STEP_SECONDS = 20.0
 # tok/s several-fold. Larger steps are timed on 2 sequences, where a CPU step is compute-bound anyway.
 RATE_STEP_SECONDS = 0.5
 RATE_TIMED_STEPS = 3
+# ...and for at least this long: a millisecond step timed 3 times is at the mercy of one scheduler time slice.
+RATE_MIN_SECONDS, MAX_TIMED_STEPS = 0.5, 200
 
 
 @dataclass
@@ -84,10 +86,11 @@ class PhaseProbe:
         return cls(**(d | {"tried": [Measured(**m) for m in d["tried"]]}))
 
 
-def _train_steps(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, device: torch.device,
-                 steps: int) -> tuple[float, int | None, int]:
-    """Seconds per step of `steps` real optimizer steps after a warm-up, the CUDA peak (None on CPU), and the
-    bytes of weights + optimizer state + gradients held between micro-batches."""
+def _train_steps(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, device: torch.device, steps: int,
+                 min_seconds: float = 0.0) -> tuple[float, int | None, int]:
+    """Median seconds per step of at least `steps` real optimizer steps (and `min_seconds` of them) after a
+    warm-up, the CUDA peak (None on CPU), and the bytes of weights + optimizer state + gradients held between
+    micro-batches."""
     fp16 = cfg.amp and cfg.amp_dtype == "fp16"
     torch.manual_seed(0)
     model = GPT(mcfg).to(device=device, dtype=torch.bfloat16 if cfg.param_dtype == "bf16" else torch.float32)
@@ -123,8 +126,8 @@ def _train_steps(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, device: torc
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     dev.synchronize(device)
-    times = []
-    for _ in range(steps):
+    times: list[float] = []
+    while len(times) < steps or (sum(times) < min_seconds and len(times) < MAX_TIMED_STEPS):
         t0 = time.perf_counter()
         step()
         dev.synchronize(device)
@@ -139,12 +142,12 @@ def _train_steps(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, device: torc
 
 
 def measure(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, device: torch.device,
-            with_memory: bool = True, steps: int = TIMED_STEPS) -> Measured:
+            with_memory: bool = True, steps: int = TIMED_STEPS, min_seconds: float = 0.0) -> Measured:
     """Time (and measure the memory of) real steps of `cfg` at `seq_len`; out of memory is a result, not a crash."""
     accum = min(cfg.grad_accum, MAX_PROBED_ACCUM)
     out = Measured(cfg.batch_size)
     try:
-        seconds, peak, out.fixed_bytes = _train_steps(mcfg, cfg, seq_len, device, steps)
+        seconds, peak, out.fixed_bytes = _train_steps(mcfg, cfg, seq_len, device, steps, min_seconds)
     except torch.OutOfMemoryError:
         out.error = "out of memory"
         return out
@@ -220,16 +223,17 @@ def probe_plan(mcfg: ModelConfig, cfg: TrainConfig, phases: list[tuple[int, int]
 @functools.lru_cache(maxsize=64)
 def _rate(model_json: str, cfg_json: str, seq_len: int, steps: int) -> Measured:
     cfg = TrainConfig.from_dict(json.loads(cfg_json))
-    return measure(ModelConfig.from_dict(json.loads(model_json)), cfg, seq_len, torch.device("cpu"), False, steps)
+    return measure(ModelConfig.from_dict(json.loads(model_json)), cfg, seq_len, torch.device("cpu"), False, steps,
+                   RATE_MIN_SECONDS if steps > 1 else 0.0)
 
 
 def measured_rate(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, matmul_flops: float) -> float | None:
     """Tokens per second of whole real CPU steps of `cfg` at seq_len (None when a step would take too long).
 
-    Timed after a warm-up on the planned micro-batch when its step is cheap (median of RATE_TIMED_STEPS steps),
-    else on one step of at most 2 sequences: a big CPU step is compute-bound, so tok/s barely depends on the
-    micro-batch, and the optimizer's share is then overweighted (a slower, safer figure). Cached per
-    configuration for the life of the process.
+    Timed after a warm-up on the planned micro-batch when its step is cheap (the median step of at least
+    RATE_TIMED_STEPS steps and RATE_MIN_SECONDS), else on one step of at most 2 sequences: a big CPU step is
+    compute-bound, so tok/s barely depends on the micro-batch, and the optimizer's share is then overweighted
+    (a slower, safer figure). Cached per configuration for the life of the process.
     """
     def predicted(micro: int) -> float:
         return micro * seq_len * mcfg.flops_per_token(seq_len) / matmul_flops
