@@ -238,9 +238,9 @@ def test_run_trainer_uses_this_python_and_torchrun_module_and_returns_the_exit_c
 def test_cpu_tier_autocasts_only_where_the_cpu_has_native_bf16(fast, monkeypatch, tmp_path):
     """Emulated bf16 (AVX2-only CPUs) is several times slower than fp32: the cpu tier trains in fp32 there,
     and says why; a flag still wins."""
-    from pretrain.plan import plan as plan_mod
+    from pretrain.plan import resolve
 
-    monkeypatch.setattr(plan_mod, "cpu_has_fast_bf16", lambda: fast)
+    monkeypatch.setattr(resolve, "cpu_has_fast_bf16", lambda: fast)
     p = plan("--vram", "cpu", tmp=tmp_path)
     assert p.cfg.amp is fast
     assert ("no native bf16" in p.resolved.sources["amp"]) is not fast

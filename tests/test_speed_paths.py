@@ -19,7 +19,7 @@ import model.attention as attention
 from model import GPT, ModelConfig
 from model.gpt import LossWorkspace, chunked_cross_entropy
 from pretrain.plan import memory
-from pretrain.plan.plan import step_peak_bytes
+from pretrain.plan.fit import step_peak_bytes
 from pretrain.track.runlog import read_jsonl
 from pretrain.train import device, distributed, resume, speed
 from pretrain.train.config import TrainConfig, parse_config

@@ -7,7 +7,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from pretrain.plan.plan import ALWAYS_SHOWN, CHECKPOINT_RECOMPUTE, MFU_SOURCE, Plan
+from pretrain.plan.plan import ALWAYS_SHOWN, CHECKPOINT_RECOMPUTE, Plan
+from pretrain.plan.resolve import MFU_SOURCE
 from pretrain.train.config import format_command
 
 GiB = 1024**3
