@@ -22,7 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pretrain.data.loader import Prefetcher, TrainSampler, open_dataset  # noqa: E402
+from pretrain.data.dataset import open_dataset  # noqa: E402
+from pretrain.data.loader import Prefetcher, TrainSampler  # noqa: E402
 from pretrain.data.manifest import FORMAT, MANIFEST, VERSION, atomic_write_json, shard_name  # noqa: E402
 from pretrain.schedule import parse_count  # noqa: E402
 

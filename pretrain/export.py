@@ -47,7 +47,7 @@ def resolve_checkpoint(run_dir: Path, which: str) -> Path:
 def _dataset_info(train_config: dict[str, Any]) -> dict[str, Any]:
     """Tokenizer name and EOT id of the run's dataset, when it is still where training read it."""
     try:
-        from pretrain.data.loader import open_dataset
+        from pretrain.data.dataset import open_dataset
 
         ds = open_dataset(train_config.get("data", ""), train_config.get("val_frac", 0.0))
         return {"tokenizer": ds.tokenizer, "eot_id": int(ds.eot_id)}

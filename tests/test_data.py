@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pretrain.cli import UserError, run_cli
-from pretrain.data.loader import Prefetcher, TrainSampler, ValWindows, open_dataset
+from pretrain.data.dataset import open_dataset
+from pretrain.data.loader import Prefetcher, TrainSampler, ValWindows
 from pretrain.data.manifest import FORMAT, MANIFEST, VERSION, atomic_write_json, shard_name
 from pretrain.data.permutation import FeistelPermutation
 

@@ -14,7 +14,7 @@ from conftest import ROOT
 
 from pretrain import demo
 from pretrain.cli import run_cli
-from pretrain.data.loader import open_dataset
+from pretrain.data.dataset import open_dataset
 from pretrain.track.runlog import read_jsonl
 
 SAMPLE = ROOT / "data" / "sample"

@@ -19,7 +19,7 @@ from conftest import GPT2_RANKS, ROOT, sample_parquet_dir
 
 from pretrain.cli import UserError, run_cli
 from pretrain.data import cli as prepare_fineweb
-from pretrain.data.loader import open_dataset
+from pretrain.data.dataset import open_dataset
 from pretrain.data.prepare import SLOW_ENV, prepare
 from pretrain.data.sources import HubDataset
 from pretrain.data.tokenizer import resolve_tokenizer

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from model import GPT
 from pretrain.cli import UserError
-from pretrain.data.loader import TokenDataset, ValWindows
+from pretrain.data.dataset import TokenDataset
+from pretrain.data.loader import ValWindows
 
 CURVE_POINTS = 128
 LOGIT_ROWS = 2048  # token rows of logits alive at once while scoring

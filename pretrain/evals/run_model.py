@@ -42,7 +42,7 @@ def find_checkpoint(run_dir: Path, which: str = "auto") -> Path:
 
 def _tokenizer_name(train_config: dict[str, Any], vocab_size: int) -> str | None:
     try:
-        from pretrain.data.loader import open_dataset
+        from pretrain.data.dataset import open_dataset
 
         return open_dataset(train_config.get("data", ""), train_config.get("val_frac", 0.0)).tokenizer
     except Exception:  # noqa: BLE001 - the data may have moved; fall back to the vocabulary

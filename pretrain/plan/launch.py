@@ -20,7 +20,7 @@ from typing import Any
 
 from model import PAPER_PRESETS
 from pretrain.cli import ArgumentParser, UserError
-from pretrain.data.loader import open_dataset
+from pretrain.data.dataset import open_dataset
 from pretrain.plan.plan import Plan, build_plan
 from pretrain.plan.resolve import VARIANTS, Request, resolve
 from pretrain.plan.rundirs import PROBE_FILE, resolve_run_dir, run_name

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from model import ModelConfig
-from pretrain.data.loader import TokenDataset, ValWindows
+from pretrain.data.dataset import TokenDataset
+from pretrain.data.loader import ValWindows
 from pretrain.evals.diagnostics import diagnose, probe_rows
 from pretrain.evals.lengths import evaluate_lengths, length_windows, parse_eval_lengths
 from pretrain.train.config import TrainConfig

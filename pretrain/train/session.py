@@ -14,7 +14,8 @@ import torch
 
 from model import GPT, ModelConfig
 from pretrain.cli import UserError
-from pretrain.data.loader import Prefetcher, TrainSampler, ValWindows, open_dataset
+from pretrain.data.dataset import open_dataset
+from pretrain.data.loader import Prefetcher, TrainSampler, ValWindows
 from pretrain.evals.downstream import load_items
 from pretrain.evals.downstream import score as downstream_score
 from pretrain.evals.samples import load_prompts, samples_table, text_codec, write_samples
