@@ -131,3 +131,21 @@ def made_bytes(tmp_path_factory) -> Path:
     lines = [" ".join(rng.choice(words, size=rng.integers(5, 14))).capitalize() + "." for _ in range(5000)]
     tokens = np.frombuffer("\n".join(lines).encode(), dtype=np.uint8)
     return write_legacy_dataset(tmp_path_factory.mktemp("made") / "bytes.npy", tokens, 256, 0, "bytes")
+
+
+def nan_at_step(monkeypatch, step: int) -> None:
+    """Make the training forward pass of optimizer step `step` (grad-accum 1) return a NaN loss."""
+    from model import GPT
+
+    original = GPT.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None, **kw):
+        out = original(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == step:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(GPT, "forward", forward)

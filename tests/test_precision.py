@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import nan_at_step
 
 from model import GPT, ModelConfig
 from model.rope import apply_rotary
@@ -35,22 +36,6 @@ PATHS = {
 
 def run(data: Path, out: Path, *flags: str) -> dict:
     return train(parse_config(["--data", str(data), "--out-dir", str(out), *FAST, *flags]))
-
-
-def nan_at_step(monkeypatch, step: int) -> None:
-    """Make the training forward pass of optimizer step `step` (grad-accum 1) return a NaN loss."""
-    original = GPT.forward
-    calls = {"n": 0}
-
-    def forward(self, idx, targets=None, **kw):
-        out = original(self, idx, targets, **kw)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == step:
-                return out * float("nan")
-        return out
-
-    monkeypatch.setattr(GPT, "forward", forward)
 
 
 @pytest.mark.parametrize("path", list(PATHS))

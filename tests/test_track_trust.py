@@ -11,8 +11,8 @@ import statistics
 from pathlib import Path
 
 import pytest
+from conftest import nan_at_step
 
-from model import GPT
 from pretrain.track.plots import events_by_step
 from pretrain.track.runlog import read_jsonl
 from pretrain.track.summary import _human
@@ -106,17 +106,7 @@ def test_eval_uses_the_longest_length_trained_so_far(byte_data, tmp_path, capsys
 
 def test_console_shows_skipped_steps_and_summary_holds_median_and_resumes(byte_data, tmp_path, monkeypatch,
                                                                            capsys):
-    original, calls = GPT.forward, {"n": 0}
-
-    def forward(self, idx, targets=None, **kw):
-        loss = original(self, idx, targets, **kw)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                return loss * float("nan")
-        return loss
-
-    monkeypatch.setattr(GPT, "forward", forward)
+    nan_at_step(monkeypatch, 3)
     out = tmp_path / "r"
     assert trainer(byte_data, out, "--steps", "4", "--eval-every", "0", "--save-every", "0") == 0
     monkeypatch.undo()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, nan_at_step
 
 from model import GPT, ModelConfig
 from pretrain.cli import UserError
@@ -138,18 +138,7 @@ def test_truncated_last_pt_falls_back_to_step_file(byte_data, tmp_path, capfd):
 
 
 def test_nan_loss_is_skipped_and_counted(byte_data, tmp_path, monkeypatch):
-    original = GPT.forward
-    calls = {"n": 0}
-
-    def forward(self, idx, targets=None, **kw):
-        out = original(self, idx, targets, **kw)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                return out * float("nan")
-        return out
-
-    monkeypatch.setattr(GPT, "forward", forward)
+    nan_at_step(monkeypatch, 3)
     out = tmp_path / "r"
     result = run(byte_data, out, "--steps", "6", "--eval-every", "0", "--save-every", "0")
     assert result["status"] == "completed" and result["skipped_steps"] == 1
