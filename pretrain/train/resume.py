@@ -19,6 +19,9 @@ from pretrain.train.config import TrainConfig, config_differences
 from pretrain.train.rundir import has_run
 
 STATE_VERSION = 1
+# --overwrite with --resume auto: rerunning a command after a preemption must continue its run, never wipe it.
+OVERWRITE_IGNORED = ("--overwrite is ignored: {} holds a run that --resume auto continues (a rerun after a "
+                     "preemption must never wipe it); to replace it, pass --resume never --overwrite")
 
 
 @dataclass
@@ -71,7 +74,7 @@ def find_start(cfg: TrainConfig, ckpt: CheckpointManager,
     if cfg.resume == "auto":
         found = ckpt.find_resume(check)
         if found is not None:
-            return StartPoint(found[1], found[0])
+            return StartPoint(found[1], found[0], note=OVERWRITE_IGNORED.format(run_dir) if cfg.overwrite else "")
     if has_run(run_dir):
         if cfg.overwrite:
             return StartPoint(None, clear=True)
@@ -86,13 +89,26 @@ def find_start(cfg: TrainConfig, ckpt: CheckpointManager,
     return StartPoint(None)
 
 
-def check_compatible(saved_cfg: dict[str, Any], cfg: TrainConfig, path: Path | None) -> None:
-    diffs = config_differences(saved_cfg, cfg)
+def check_compatible(saved_cfg: dict[str, Any], cfg: TrainConfig, path: Path | None,
+                     vocab_size: int | None = None) -> None:
+    diffs = config_differences(saved_cfg, cfg, vocab_size)
     if diffs:
         raise UserError(
             f"cannot resume from {path}: settings differ from the checkpoint ({'; '.join(diffs)}); "
             f"use the original settings, or a new --out-dir (or --resume never --overwrite) to start afresh"
         )
+
+
+def batch_split_change(state: dict[str, Any], cfg: TrainConfig, world_size: int) -> dict[str, list[int]] | None:
+    """How a resume re-splits the global batch, {"batch_size": [before, now], "grad_accum": [...],
+    "world_size": [...]}, or None when it does not. The resume check already holds the product equal."""
+    saved = state["train_config"]
+    before = (saved.get("batch_size", cfg.batch_size), saved.get("grad_accum", cfg.grad_accum),
+              int(state.get("world_size", 1)))
+    now = (cfg.batch_size, cfg.grad_accum, world_size)
+    if before == now:
+        return None
+    return {k: [int(a), int(b)] for k, a, b in zip(("batch_size", "grad_accum", "world_size"), before, now)}
 
 
 def rng_state() -> dict[str, Any]:
