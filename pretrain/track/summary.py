@@ -79,6 +79,13 @@ def describe_batch_change(change: Mapping[str, Any]) -> str:
             f"(global batch {total} sequences, unchanged)")
 
 
+def describe_branch(branch: Mapping[str, Any]) -> str:
+    """A rollback's abandoned branch, from a resume event's `branch` field, in words."""
+    files = ", ".join(str(f) for f in branch.get("files") or [])
+    return (f"the abandoned branch (to step {branch.get('reached_step')}) is set aside in "
+            f"{branch.get('moved_to')}/ ({files}; nothing deleted)")
+
+
 def _history(records: list[dict]) -> list[str]:
     """'## Resumes' lines from train.jsonl's resume events: when, from which step, and run-length changes."""
     lines = []
@@ -94,6 +101,8 @@ def _history(records: list[dict]) -> list[str]:
             line += f"; run length {before:,} -> {now:,} steps ({'extended' if now > before else 'shortened'})"
             if r.get("lr_note"):
                 line += f": {r['lr_note']}"
+        if isinstance(r.get("branch"), Mapping):
+            line += f"; rolled back: {describe_branch(r['branch'])}"
         if isinstance(r.get("batch_change"), Mapping):
             line += f"; batch split {describe_batch_change(r['batch_change'])}"
         lines.append(line)

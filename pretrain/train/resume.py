@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,15 @@ class StartPoint:
 
     `clear`: a fresh start that must first remove a previous trainer's files (done by the caller, once it
     holds the run-dir lock and every check has passed, so a refused command changes nothing).
+    `abandon`: an explicit --resume of a checkpoint older than the run dir's newest is a rollback; these are
+    the newer checkpoints, which the caller sets aside (rundir.set_branch_aside) at the same moment.
     """
 
     state: dict[str, Any] | None
     path: Path | None = None
     clear: bool = False
     note: str = ""
+    abandon: list[Path] = field(default_factory=list)  # a rollback: checkpoints of the branch it leaves
 
     @property
     def resumed(self) -> bool:
@@ -70,7 +73,7 @@ def find_start(cfg: TrainConfig, ckpt: CheckpointManager,
         why = check(state, path) if check else None
         if why:
             raise UserError(f"cannot resume from {path}: {why}; pass another checkpoint or --resume auto")
-        return StartPoint(state, path)
+        return StartPoint(state, path, abandon=saved_after(run_dir, state["step"]))
     if cfg.resume == "auto":
         found = ckpt.find_resume(check)
         if found is not None:
@@ -87,6 +90,29 @@ def find_start(cfg: TrainConfig, ckpt: CheckpointManager,
             f"or choose another --out-dir"
         )
     return StartPoint(None)
+
+
+def saved_step(path: Path, numbered: list[Path]) -> int | None:
+    """The step a checkpoint file holds, without reading its tensors: the step_<N>.pt it is a hard link of
+    (how last.pt and best.pt are written), else its `step` through mmap. None when it is unreadable."""
+    for p in numbered:
+        if p.samefile(path):
+            return int(p.stem.split("_", 1)[1])
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
+    except Exception:  # noqa: BLE001 - damaged or not a checkpoint: not a step anyone can resume from
+        return None
+    return step if isinstance(step, int) else None
+
+
+def saved_after(run_dir: Path, step: int) -> list[Path]:
+    """Checkpoint files of `run_dir` holding a step past `step`: the branch a resume from `step` abandons."""
+    paths = checkpoint_paths(run_dir)
+    newer = [p for p in paths["numbered"] if int(p.stem.split("_", 1)[1]) > step]
+    for p in (paths["last"], paths["best"]):
+        if p is not None and (s := saved_step(p, paths["numbered"])) is not None and s > step:
+            newer.append(p)
+    return newer
 
 
 def check_compatible(saved_cfg: dict[str, Any], cfg: TrainConfig, path: Path | None,

@@ -30,7 +30,7 @@ from pretrain.schedule import (
 )
 from pretrain.track.console import Console, format_eval_line
 from pretrain.track.runlog import JSONL_NAME, RunLog, read_jsonl, to_metrics
-from pretrain.track.summary import describe_batch_change
+from pretrain.track.summary import describe_batch_change, describe_branch
 from pretrain.track.tensorboard import TBWriter
 from pretrain.track.wandb_run import WandbRun
 from pretrain.train import device as dev
@@ -48,7 +48,7 @@ from pretrain.train.resume import (
     seed_everything,
     set_rng_state,
 )
-from pretrain.train.rundir import RunDirLock, check_out_dir, clear_run
+from pretrain.train.rundir import RunDirLock, check_out_dir, clear_run, set_branch_aside
 from pretrain.train.speed import compile_blocks
 
 # wandb / TensorBoard namespace of each event type (train.jsonl keeps the type itself).
@@ -281,10 +281,13 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
                           "Raise --steps to extend it, or use another --out-dir for a new run"
                           + (" (--overwrite replaces a run only with --resume never)" if cfg.overwrite else ""))
     lock = RunDirLock(run_dir)
+    branch: dict[str, Any] | None = None
     if dist.is_main:
         lock.acquire()  # the first write: a second trainer on this run dir stops here, before touching it
         if start.clear:
             clear_run(run_dir)
+        if start.abandon:
+            branch = set_branch_aside(run_dir, start.abandon, start.state["step"])
     run_dir.mkdir(parents=True, exist_ok=True)
 
     seed_everything(cfg.seed)
@@ -328,6 +331,8 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
                                                              cfg.decay_frac)
         if batch_change := batch_split_change(st, cfg, dist.world_size):
             resume_fields["batch_change"] = batch_change
+        if branch:
+            resume_fields["branch"] = branch
 
     info = {"command": command, "train_config": cfg.to_dict(), "model_config": mcfg.to_dict(),
             "params": mcfg.num_params(), "non_embedding_params": mcfg.num_params(non_embedding=True),
@@ -346,6 +351,8 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
         if "lr_note" in resume_fields:
             console.print(f"run length changed from {resume_fields['steps_before']:,} to {cfg.steps:,} steps: "
                           f"{resume_fields['lr_note']}")
+        if branch:
+            console.print(f"rolled back to step {prog.step}: {describe_branch(branch)}")
         if "batch_change" in resume_fields:
             console.print(f"batch split changed: {describe_batch_change(resume_fields['batch_change'])}")
     wb = WandbRun(run_dir, info, enabled=cfg.wandb and main, project=cfg.wandb_project, entity=cfg.wandb_entity,
