@@ -95,10 +95,10 @@ def find_start(cfg: TrainConfig, ckpt: CheckpointManager,
 def saved_step(path: Path, numbered: list[Path]) -> int | None:
     """The step a checkpoint file holds, without reading its tensors: the step_<N>.pt it is a hard link of
     (how last.pt and best.pt are written), else its `step` through mmap. None when it is unreadable."""
-    for p in numbered:
-        if p.samefile(path):
-            return int(p.stem.split("_", 1)[1])
-    try:
+    try:  # before the run-dir lock: another trainer may be pruning these files right now
+        for p in numbered:
+            if p.samefile(path):
+                return int(p.stem.split("_", 1)[1])
         step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
     except Exception:  # noqa: BLE001 - damaged or not a checkpoint: not a step anyone can resume from
         return None

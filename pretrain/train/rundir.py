@@ -131,10 +131,15 @@ def set_branch_aside(run_dir: Path, paths: list[Path], step: int) -> dict[str, A
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, dest / name)
     logged = [r["step"] for r in read_jsonl(dest / JSONL_NAME) if isinstance(r.get("step"), int)]
-    steps = [int(p.stem.split("_", 1)[1]) for p in paths if p.stem.startswith("step_")]
+    moved = []
     for p in paths:
-        os.replace(p, dest / p.name)  # same file system: a rename, nothing copied
+        try:
+            os.replace(p, dest / p.name)  # same file system: a rename, nothing copied
+        except FileNotFoundError:  # gone since it was listed (before this trainer held the lock)
+            continue
+        moved.append(p)
     fsync_dir(dest)
     fsync_dir(run_dir)
+    steps = [int(p.stem.split("_", 1)[1]) for p in moved if p.stem.startswith("step_")]
     return {"from_step": step, "reached_step": max([*logged, *steps], default=step),
-            "moved_to": str(dest.relative_to(run_dir)), "files": sorted(p.name for p in paths)}
+            "moved_to": str(dest.relative_to(run_dir)), "files": sorted(p.name for p in moved)}
