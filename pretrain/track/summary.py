@@ -70,6 +70,22 @@ def _config_table(cfg: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def describe_batch_change(change: Mapping[str, Any]) -> str:
+    """A resume's new split of the same global batch, from its `batch_change` field, in words."""
+    pairs = [change.get(k) for k in ("batch_size", "grad_accum", "world_size")]
+    (b0, b1), (a0, a1), (w0, w1) = (p if isinstance(p, list) and len(p) == 2 else ("?", "?") for p in pairs)
+    total = b1 * a1 * w1 if all(isinstance(v, int) for v in (b1, a1, w1)) else "?"
+    return (f"--batch-size {b0} x --grad-accum {a0} x {w0} rank(s) -> {b1} x {a1} x {w1} "
+            f"(global batch {total} sequences, unchanged)")
+
+
+def describe_branch(branch: Mapping[str, Any]) -> str:
+    """A rollback's abandoned branch, from a resume event's `branch` field, in words."""
+    files = ", ".join(str(f) for f in branch.get("files") or [])
+    return (f"the abandoned branch (to step {branch.get('reached_step')}) is set aside in "
+            f"{branch.get('moved_to')}/ ({files}; nothing deleted)")
+
+
 def _history(records: list[dict]) -> list[str]:
     """'## Resumes' lines from train.jsonl's resume events: when, from which step, and run-length changes."""
     lines = []
@@ -85,6 +101,10 @@ def _history(records: list[dict]) -> list[str]:
             line += f"; run length {before:,} -> {now:,} steps ({'extended' if now > before else 'shortened'})"
             if r.get("lr_note"):
                 line += f": {r['lr_note']}"
+        if isinstance(r.get("branch"), Mapping):
+            line += f"; rolled back: {describe_branch(r['branch'])}"
+        if isinstance(r.get("batch_change"), Mapping):
+            line += f"; batch split {describe_batch_change(r['batch_change'])}"
         lines.append(line)
     return ["## Resumes", ""] + lines + [""] if lines else []
 

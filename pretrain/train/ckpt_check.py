@@ -80,7 +80,7 @@ def problem(state: dict[str, Any], shapes: dict[str, tuple[int, ...]],
 def check_same_run(state: dict[str, Any], path: Path | None, cfg: TrainConfig, saved_cfg: dict[str, Any],
                    mcfg: ModelConfig, tokenizer: str, fingerprint: str) -> None:
     """UserError unless `state` is this experiment (settings, model, data); see the module docstring."""
-    check_compatible(saved_cfg, cfg, path)
+    check_compatible(saved_cfg, cfg, path, mcfg.vocab_size)
     saved_model = state.get("model_config") if isinstance(state.get("model_config"), dict) else {}
     now = mcfg.to_dict()
     diffs = [f"{k} {saved_model[k]!r} -> {now[k]!r}" for k in saved_model if k in now and saved_model[k] != now[k]]

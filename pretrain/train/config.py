@@ -126,7 +126,8 @@ class TrainConfig:
     keep_last: int = _opt(3, "numbered step_<N>.pt files to keep", group="ckpt", check="[0,inf)")
     out_dir: str = _opt("runs/default", "run directory", group="ckpt")
     resume: str = _opt("auto", "auto: continue from out-dir/last.pt if present; never; or a .pt path", group="ckpt")
-    overwrite: bool = _opt(False, "allow a fresh run to replace a non-empty run dir", group="ckpt")
+    overwrite: bool = _opt(False, "allow a fresh run to replace a non-empty run dir (a run that --resume auto can "
+                           "continue is resumed instead: use --resume never --overwrite)", group="ckpt")
     max_bad_steps: int = _opt(5, "stop the run after this many non-finite (skipped) steps in a row; the last "
                               "good checkpoint is kept (0: never stop)", group="ckpt", check="[0,inf)")
     seed: int = _opt(1337, "seed for weights and data order", group="ckpt", check="[0,4294967296)")
@@ -171,13 +172,48 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
-def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
-    """Changes between a checkpoint's config and the current one that resuming cannot allow."""
-    now = current.to_dict()
+def resolved_values(values: dict[str, Any], vocab_size: int | None = None) -> dict[str, Any]:
+    """A TrainConfig dict with each None default replaced by the value the trainer uses for it.
+
+    `--lr 6e-4` on a size whose default is 6e-4 is the same run as no --lr; likewise --beta2, --min-lr (lr/10),
+    --train-seq-len (--block) and the model overrides (--kv-head, --d-model, ...: the preset's or derived
+    value). `vocab_size` stands in for the dataset's vocabulary when the dict leaves it None.
+    """
+    from pretrain.train.optim import DEFAULT_BETA2, default_lr  # lazy: optim imports this module
+
+    out = dict(values)
+    cfg = TrainConfig.from_dict(values)
+    try:
+        lr = cfg.lr if cfg.lr is not None else default_lr(cfg.size, cfg.optimizer)
+        out.update(lr=lr, beta2=cfg.beta2 if cfg.beta2 is not None else DEFAULT_BETA2[cfg.optimizer],
+                   min_lr=cfg.min_lr if cfg.min_lr is not None else lr / 10)
+        m = model_config_from(cfg, vocab_size or cfg.vocab_size or ModelConfig().vocab_size)
+    except (KeyError, UserError):  # a config of an older or damaged run: compare it as written
+        return out
+    out.update(d_model=m.d_model, layers=m.n_layer, n_head=m.n_head, kv_head=m.n_kv_head, d_ff=m.d_ff,
+               block=m.block_size, attn_dim=m.attn_dim, sem_dim=m.sem_dim, geo_dim=m.geo_dim,
+               vocab_size=m.vocab_size, train_seq_len=cfg.train_seq_len or m.block_size)
+    out["exp"] = None  # --exp only names the attention fields it sets, and those are compared themselves
+    return out
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    # Floats written differently (6e-5 typed, 6e-4 / 10 computed) are the same setting.
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def config_differences(saved: dict[str, Any], current: TrainConfig, vocab_size: int | None = None) -> list[str]:
+    """Changes between a checkpoint's config and the current one that resuming cannot allow, compared as
+    resolved values (see resolved_values): writing a default out explicitly is no change. A value written the
+    same on both sides is not listed: it only resolves differently through another change that is."""
+    raw = current.to_dict()
+    old, now = resolved_values(saved, vocab_size), resolved_values(raw, vocab_size)
     return [
-        f"{k}: {saved.get(k)!r} -> {now[k]!r}"
+        f"{k}: {old.get(k)!r} -> {now[k]!r}"
         for k in now
-        if k not in RESUMABLE_CHANGES and k in saved and saved[k] != now[k]
+        if k not in RESUMABLE_CHANGES and k in saved and saved[k] != raw[k] and not _same_value(old[k], now[k])
     ]
 
 

@@ -63,12 +63,32 @@ def lr_for(cfg: TrainConfig, step: int, horizon: int) -> float:
 
 
 class Meter:
-    """On-device running sums, read (one host sync) only on logging steps."""
+    """On-device running sums, read (one host sync) only on logging steps.
 
-    def __init__(self, device: torch.device, start_step: int) -> None:
+    Checkpoints carry the open train-loss window (`checkpoint_fields`), so a run resumed mid-window logs the
+    same mean loss and skipped count as one never interrupted; only timings (tok/s, ms) restart with the process.
+    """
+
+    WINDOW = ("loss", "good", "bad_streak")  # sums a checkpoint carries (`skipped` goes in as skipped_steps)
+
+    def __init__(self, device: torch.device, start_step: int, skipped_before: int = 0,
+                 window: dict[str, Any] | None = None) -> None:
         z = lambda: torch.zeros((), device=device)  # noqa: E731
         self.loss, self.good, self.skipped, self.bad_streak = z(), z(), z(), z()
         self.t0, self.step0, self.data_s = time.perf_counter(), start_step, 0.0
+        self.window0, self.skipped_before = start_step, skipped_before  # window0: the loss window's first step
+        ok = isinstance(window, dict) and isinstance(window.get("step0"), int) and 0 <= window["step0"] <= start_step
+        if ok and all(isinstance(window.get(k), torch.Tensor) and window[k].numel() == 1 for k in self.WINDOW):
+            for k in self.WINDOW:
+                getattr(self, k).copy_(window[k].reshape(()))
+            self.window0 = window["step0"]
+
+    def checkpoint_fields(self, s: Session) -> dict[str, Any]:
+        """The exact skipped count and the open loss window, for a checkpoint (a collective under torchrun)."""
+        window = {k: getattr(self, k) for k in self.WINDOW} | {"step0": self.window0}
+        # Every rank resumes with the ranks' mean as its sum, so the mean the next train line takes is unchanged.
+        window["loss"] = dist_lib.mean_across_ranks(self.loss, s.dist)
+        return {"skipped_steps": self.skipped_before + int(self.skipped.item()), "train_window": window}
 
     def add(self, step_loss: torch.Tensor, found_inf: torch.Tensor) -> None:
         self.loss += torch.where(found_inf.bool(), 0.0, step_loss)
@@ -99,7 +119,7 @@ class Meter:
                   **dev.memory_stats(s.device)}
         self.loss.zero_()
         self.good.zero_()
-        self.t0, self.step0, self.data_s = now, step, 0.0
+        self.t0, self.step0, self.window0, self.data_s = now, step, step, 0.0
         return fields
 
 
@@ -161,7 +181,7 @@ def _loop(s: Session, stop: StopRequested) -> str:
         s.evaluate()
         if cfg.analysis_every:
             run_diagnostics(s)
-    meter = Meter(s.device, prog.step)
+    meter = s.meter = Meter(s.device, prog.step, prog.skipped_steps, prog.train_window)
     skipped_before = prog.skipped_steps
     last_save = time.monotonic()
     t_start = time.monotonic() - prog.elapsed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,9 @@ from pretrain.train.config import TrainConfig, config_differences
 from pretrain.train.rundir import has_run
 
 STATE_VERSION = 1
+# --overwrite with --resume auto: rerunning a command after a preemption must continue its run, never wipe it.
+OVERWRITE_IGNORED = ("--overwrite is ignored: {} holds a run that --resume auto continues (a rerun after a "
+                     "preemption must never wipe it); to replace it, pass --resume never --overwrite")
 
 
 @dataclass
@@ -27,12 +30,15 @@ class StartPoint:
 
     `clear`: a fresh start that must first remove a previous trainer's files (done by the caller, once it
     holds the run-dir lock and every check has passed, so a refused command changes nothing).
+    `abandon`: an explicit --resume of a checkpoint older than the run dir's newest is a rollback; these are
+    the newer checkpoints, which the caller sets aside (rundir.set_branch_aside) at the same moment.
     """
 
     state: dict[str, Any] | None
     path: Path | None = None
     clear: bool = False
     note: str = ""
+    abandon: list[Path] = field(default_factory=list)  # a rollback: checkpoints of the branch it leaves
 
     @property
     def resumed(self) -> bool:
@@ -67,11 +73,11 @@ def find_start(cfg: TrainConfig, ckpt: CheckpointManager,
         why = check(state, path) if check else None
         if why:
             raise UserError(f"cannot resume from {path}: {why}; pass another checkpoint or --resume auto")
-        return StartPoint(state, path)
+        return StartPoint(state, path, abandon=saved_after(run_dir, state["step"]))
     if cfg.resume == "auto":
         found = ckpt.find_resume(check)
         if found is not None:
-            return StartPoint(found[1], found[0])
+            return StartPoint(found[1], found[0], note=OVERWRITE_IGNORED.format(run_dir) if cfg.overwrite else "")
     if has_run(run_dir):
         if cfg.overwrite:
             return StartPoint(None, clear=True)
@@ -86,13 +92,49 @@ def find_start(cfg: TrainConfig, ckpt: CheckpointManager,
     return StartPoint(None)
 
 
-def check_compatible(saved_cfg: dict[str, Any], cfg: TrainConfig, path: Path | None) -> None:
-    diffs = config_differences(saved_cfg, cfg)
+def saved_step(path: Path, numbered: list[Path]) -> int | None:
+    """The step a checkpoint file holds, without reading its tensors: the step_<N>.pt it is a hard link of
+    (how last.pt and best.pt are written), else its `step` through mmap. None when it is unreadable."""
+    try:  # before the run-dir lock: another trainer may be pruning these files right now
+        for p in numbered:
+            if p.samefile(path):
+                return int(p.stem.split("_", 1)[1])
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
+    except Exception:  # noqa: BLE001 - damaged or not a checkpoint: not a step anyone can resume from
+        return None
+    return step if isinstance(step, int) else None
+
+
+def saved_after(run_dir: Path, step: int) -> list[Path]:
+    """Checkpoint files of `run_dir` holding a step past `step`: the branch a resume from `step` abandons."""
+    paths = checkpoint_paths(run_dir)
+    newer = [p for p in paths["numbered"] if int(p.stem.split("_", 1)[1]) > step]
+    for p in (paths["last"], paths["best"]):
+        if p is not None and (s := saved_step(p, paths["numbered"])) is not None and s > step:
+            newer.append(p)
+    return newer
+
+
+def check_compatible(saved_cfg: dict[str, Any], cfg: TrainConfig, path: Path | None,
+                     vocab_size: int | None = None) -> None:
+    diffs = config_differences(saved_cfg, cfg, vocab_size)
     if diffs:
         raise UserError(
             f"cannot resume from {path}: settings differ from the checkpoint ({'; '.join(diffs)}); "
             f"use the original settings, or a new --out-dir (or --resume never --overwrite) to start afresh"
         )
+
+
+def batch_split_change(state: dict[str, Any], cfg: TrainConfig, world_size: int) -> dict[str, list[int]] | None:
+    """How a resume re-splits the global batch, {"batch_size": [before, now], "grad_accum": [...],
+    "world_size": [...]}, or None when it does not. The resume check already holds the product equal."""
+    saved = state["train_config"]
+    before = (saved.get("batch_size", cfg.batch_size), saved.get("grad_accum", cfg.grad_accum),
+              int(state.get("world_size", 1)))
+    now = (cfg.batch_size, cfg.grad_accum, world_size)
+    if before == now:
+        return None
+    return {k: [int(a), int(b)] for k, a, b in zip(("batch_size", "grad_accum", "world_size"), before, now)}
 
 
 def rng_state() -> dict[str, Any]:

@@ -11,17 +11,22 @@ import fcntl
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 from pretrain.cli import UserError
+from pretrain.fsio import fsync_dir
 from pretrain.track.plots import PLOT_FILES
+from pretrain.track.runlog import JSONL_NAME, read_jsonl
 from pretrain.train.checkpoint import _TMP_PREFIX, BEST, LAST, checkpoint_paths
 
 LOCK_NAME = ".train.lock"  # hidden: summary.md lists a run dir's visible files
 # Files and directories a trainer writes into its run dir: what a fresh start (--overwrite) may remove.
 # Anything else there (the user's notes, their own .pt or .png files) is never touched.
 RUN_FILES = ("train.jsonl", "summary.md", "wandb_run_id.txt", LAST, BEST, *PLOT_FILES)
-RUN_DIRS = ("wandb", "tb")
+ABANDONED = "abandoned"  # checkpoints of branches a rollback left, one folder per rollback
+RUN_DIRS = ("wandb", "tb", ABANDONED)
 
 
 def writable_problem(path: Path) -> str | None:
@@ -105,3 +110,36 @@ def clear_run(run_dir: Path) -> None:
         p.unlink(missing_ok=True)
     for d in RUN_DIRS:
         shutil.rmtree(run_dir / d, ignore_errors=True)
+
+
+def set_branch_aside(run_dir: Path, paths: list[Path], step: int) -> dict[str, Any]:
+    """A rollback to `step`: move the abandoned branch's checkpoints `paths` into their own folder,
+    abandoned/branch-from-step<step>-<UTC time>/, with a copy of train.jsonl and summary.md as they stand.
+
+    Nothing is deleted, and checkpoint discovery (last.pt, step_<N>.pt of the run dir itself) and keep-last
+    pruning no longer see that branch, so a later fall-back stays on the live one. Returns the fields the
+    resume event records.
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = run_dir / ABANDONED / f"branch-from-step{step}-{stamp}"
+    for i in range(2, 1000):
+        if not dest.exists():
+            break
+        dest = run_dir / ABANDONED / f"branch-from-step{step}-{stamp}-{i}"
+    dest.mkdir(parents=True)
+    for name in (JSONL_NAME, "summary.md"):  # the live copies are rewritten for the branch that goes on
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, dest / name)
+    logged = [r["step"] for r in read_jsonl(dest / JSONL_NAME) if isinstance(r.get("step"), int)]
+    moved = []
+    for p in paths:
+        try:
+            os.replace(p, dest / p.name)  # same file system: a rename, nothing copied
+        except FileNotFoundError:  # gone since it was listed (before this trainer held the lock)
+            continue
+        moved.append(p)
+    fsync_dir(dest)
+    fsync_dir(run_dir)
+    steps = [int(p.stem.split("_", 1)[1]) for p in moved if p.stem.startswith("step_")]
+    return {"from_step": step, "reached_step": max([*logged, *steps], default=step),
+            "moved_to": str(dest.relative_to(run_dir)), "files": sorted(p.name for p in moved)}

@@ -30,6 +30,7 @@ from pretrain.schedule import (
 )
 from pretrain.track.console import Console, format_eval_line
 from pretrain.track.runlog import JSONL_NAME, RunLog, read_jsonl, to_metrics
+from pretrain.track.summary import describe_batch_change, describe_branch
 from pretrain.track.tensorboard import TBWriter
 from pretrain.track.wandb_run import WandbRun
 from pretrain.train import device as dev
@@ -39,8 +40,15 @@ from pretrain.train.ckpt_check import check_same_run, missing_part, model_shapes
 from pretrain.train.config import TrainConfig, model_config_from
 from pretrain.train.instruments import Instruments, build_instruments, run_length_eval
 from pretrain.train.optim import build_optimizer, load_rounding_rng_state, rounding_rng_state
-from pretrain.train.resume import find_start, rng_for_rank, rng_state, seed_everything, set_rng_state
-from pretrain.train.rundir import RunDirLock, check_out_dir, clear_run
+from pretrain.train.resume import (
+    batch_split_change,
+    find_start,
+    rng_for_rank,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from pretrain.train.rundir import RunDirLock, check_out_dir, clear_run, set_branch_aside
 from pretrain.train.speed import compile_blocks
 
 # wandb / TensorBoard namespace of each event type (train.jsonl keeps the type itself).
@@ -56,6 +64,7 @@ class Progress:
     elapsed: float = 0.0
     best_val: float | None = None
     skipped_steps: int = 0
+    train_window: dict[str, Any] | None = None  # the open train-loss window at the save (loop.Meter)
 
 
 @dataclass
@@ -88,6 +97,7 @@ class Session:
     prompts: list[str] = field(default_factory=list)
     mc_items: list[Any] = field(default_factory=list)
     micro_points: list[tuple[int, int]] = field(default_factory=list)  # --micro-batch-schedule, parsed
+    meter: Any = None  # the loop's loop.Meter while it runs: checkpoints carry its open window
 
     @property
     def autocast(self) -> Any:
@@ -186,6 +196,8 @@ class Session:
             "wandb_run_id": self.wb.run_id,
             "data_fingerprint": self.fingerprint,
         }
+        if self.meter is not None:
+            state.update(self.meter.checkpoint_fields(self))
         self.ckpt.save(state, p.step, best=best)
         extra = {"replicas_match": replicas_match} if self.dist.enabled else {}
         self.emit("checkpoint", best=best, **extra)
@@ -266,12 +278,16 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
     dist_lib.check_same_start(start.state["step"] if start.resumed else None, dist)
     if start.resumed and start.state["step"] >= cfg.steps and _completed_at(run_dir) == start.state["step"]:
         raise RunComplete(f"{run_dir} is complete ({start.state['step']} of {cfg.steps} steps); nothing to do. "
-                          "Raise --steps to extend it, or use another --out-dir for a new run")
+                          "Raise --steps to extend it, or use another --out-dir for a new run"
+                          + (" (--overwrite replaces a run only with --resume never)" if cfg.overwrite else ""))
     lock = RunDirLock(run_dir)
+    branch: dict[str, Any] | None = None
     if dist.is_main:
         lock.acquire()  # the first write: a second trainer on this run dir stops here, before touching it
         if start.clear:
             clear_run(run_dir)
+        if start.abandon:
+            branch = set_branch_aside(run_dir, start.abandon, start.state["step"])
     run_dir.mkdir(parents=True, exist_ok=True)
 
     seed_everything(cfg.seed)
@@ -302,7 +318,8 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
         set_rng_state(rng_for_rank(st, dist.rank, dist.world_size))
         # After the optimizer state: loading it runs one zero-LR step that draws rounding noise.
         load_rounding_rng_state(optimizer, st.get("rounding_rng"))
-        prog = Progress(st["step"], st["tokens"], st["elapsed"], st.get("best_val"), st.get("skipped_steps", 0))
+        prog = Progress(st["step"], st["tokens"], st["elapsed"], st.get("best_val"), st.get("skipped_steps", 0),
+                        st.get("train_window"))
         wandb_id = wandb_id or st.get("wandb_run_id")
         saved_steps = int(st["train_config"].get("steps", cfg.steps))
         saved_horizon = int(st.get("lr_horizon", saved_steps))  # checkpoints before the horizon was kept
@@ -312,6 +329,10 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
         if saved_steps != cfg.steps:
             resume_fields["lr_note"] = describe_lr_extension(cfg.lr_schedule, saved_horizon, cfg.steps, prog.step,
                                                              cfg.decay_frac)
+        if batch_change := batch_split_change(st, cfg, dist.world_size):
+            resume_fields["batch_change"] = batch_change
+        if branch:
+            resume_fields["branch"] = branch
 
     info = {"command": command, "train_config": cfg.to_dict(), "model_config": mcfg.to_dict(),
             "params": mcfg.num_params(), "non_embedding_params": mcfg.num_params(non_embedding=True),
@@ -330,6 +351,10 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
         if "lr_note" in resume_fields:
             console.print(f"run length changed from {resume_fields['steps_before']:,} to {cfg.steps:,} steps: "
                           f"{resume_fields['lr_note']}")
+        if branch:
+            console.print(f"rolled back to step {prog.step}: {describe_branch(branch)}")
+        if "batch_change" in resume_fields:
+            console.print(f"batch split changed: {describe_batch_change(resume_fields['batch_change'])}")
     wb = WandbRun(run_dir, info, enabled=cfg.wandb and main, project=cfg.wandb_project, entity=cfg.wandb_entity,
                   name=cfg.wandb_name or run_dir.name, group=cfg.wandb_group,
                   tags=cfg.wandb_tags.split(",") if cfg.wandb_tags else None, mode=cfg.wandb_mode,
