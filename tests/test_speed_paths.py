@@ -186,8 +186,7 @@ def test_pyproject_torch_floor_covers_enable_gqa_and_fully_shard():
 
 
 def test_checkpoint_staging_buffer_is_reused_and_cpu_snapshots_unchanged():
-    from pretrain.train.checkpoint import _snapshot
-    from pretrain.train.staging import HostStaging
+    from pretrain.train.staging import HostStaging, snapshot
 
     host = HostStaging(64)  # pinning needs CUDA; the streaming logic is the same in ordinary memory
     live = torch.arange(60.0)
@@ -196,7 +195,7 @@ def test_checkpoint_staging_buffer_is_reused_and_cpu_snapshots_unchanged():
     live += 1
     second = host.copy(live)
     assert host.buffer().data_ptr() == buf.data_ptr() and torch.equal(second, live) and not torch.equal(first, live)
-    snap = _snapshot({"w": live}, "", {})  # CPU tensors: plain copies, as before
+    snap = snapshot({"w": live}, "", {})  # CPU tensors: plain copies, as before
     assert snap["w"].data_ptr() != live.data_ptr() and torch.equal(snap["w"], live)
 
 

@@ -25,12 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
 import torch
 
 from pretrain.cli import UserError
 from pretrain.fsio import fsync_dir
 from pretrain.train import device as dev
+from pretrain.train import staging
 from pretrain.train.staging import STAGING_BYTES, HostStaging
 
 LAST = "last.pt"
@@ -39,7 +39,6 @@ _NUMBERED = re.compile(r"step_(\d+)\.pt")
 _TMP_PREFIX = ".ckpt-tmp-"  # leftovers of a killed write; never a valid checkpoint name
 _COMPILE_WRAPPER = "_orig_mod"  # torch.compile's wrapper attribute; checkpoints load into plain models
 HOST_RAM_HEADROOM = 0.9  # a snapshot may use this fraction of MemAvailable (which counts reclaimable page cache)
-_LEAF_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 
 
 def _stderr(msg: str) -> None:
@@ -51,56 +50,7 @@ def _write_payload(f: BinaryIO, state: dict) -> None:
     torch.save(state, f)
 
 
-# --------------------------------------------------------------------------------------------- snapshot
-def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    # copy=True: a CPU tensor must not alias the live parameter the optimizer keeps updating.
-    return t.detach().to("cpu", copy=True)
-
-
-def _snapshot(obj: Any, path: str, memo: dict[int, torch.Tensor],
-              copy_tensor: Callable[[torch.Tensor], torch.Tensor] = _cpu_copy) -> Any:
-    """Deep copy of a nested state with every tensor passed through `copy_tensor`; refuses what weights_only
-    can't load.
-
-    `memo` keeps tensors that share identity (tied embeddings) shared, so they are copied and stored once.
-    """
-    if isinstance(obj, torch.Tensor):
-        key = id(obj)
-        if key not in memo:
-            memo[key] = copy_tensor(obj)
-        return memo[key]
-    if isinstance(obj, dict):
-        out: dict = OrderedDict() if isinstance(obj, OrderedDict) else {}
-        for k, v in obj.items():
-            where = f"{path}[{k!r}]"
-            out[_snapshot(k, where, memo, copy_tensor)] = _snapshot(v, where, memo, copy_tensor)
-        if hasattr(obj, "_metadata"):  # state_dict() carries per-module versions that load_state_dict reads
-            out._metadata = _snapshot(obj._metadata, path, memo, copy_tensor)  # type: ignore[attr-defined]
-        return out
-    if isinstance(obj, list | tuple):
-        items = [_snapshot(v, f"{path}[{i}]", memo, copy_tensor) for i, v in enumerate(obj)]
-        if isinstance(obj, torch.Size):
-            return torch.Size(items)
-        return tuple(items) if isinstance(obj, tuple) else items  # namedtuples etc. would not load
-    if isinstance(obj, np.generic):
-        # np.float64 is a float subclass yet pickles as a numpy global that weights_only refuses.
-        return obj.item()
-    if isinstance(obj, _LEAF_TYPES):
-        return obj
-    raise TypeError(
-        f"checkpoint state{path} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
-        "torch.load(weights_only=True) refuses; store tensors, numbers, strings, lists or dicts instead"
-    )
-
-
-def _live(t: torch.Tensor) -> torch.Tensor:
-    """The tensor itself, for a synchronous save (training waits, so nothing mutates it): torch.save moves one
-    storage at a time to host memory. A view of a larger storage is copied, or the whole storage would be saved."""
-    t = t.detach()
-    compact = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
-    return t if compact and t.is_contiguous() else _cpu_copy(t)
-
-
+# ------------------------------------------ state checks (the snapshot itself: pretrain/train/staging.py)
 def _uncompiled_name(key: Any) -> Any:
     # Drop whole `_orig_mod` components: compiling the model gives `_orig_mod.x`, compiling a block gives
     # `blocks.0._orig_mod.x`, and state_dict metadata keys end in `._orig_mod` with no trailing dot.
@@ -310,17 +260,18 @@ class CheckpointManager:
         if isinstance(state.get("model"), dict):
             state = {**state, "model": _strip_compile_prefix(state["model"])}
         if self.async_write and self._can_stage(state):
-            snapshot = _snapshot(state, "", {}, self._copy)
+            snapshot = staging.snapshot(state, "", {}, self._copy)
             # Non-daemon: even if the trainer forgets wait(), interpreter exit lets the write finish.
             self._thread = threading.Thread(
                 target=self._write, args=(snapshot, step, best, numbered), name=f"ckpt-write-{step}"
             )
             self._thread.start()
         else:
-            self._write(_snapshot(state, "", {}, _live), step, best, numbered)
+            self._write(staging.snapshot(state, "", {}, staging.live), step, best, numbered)
 
     def _copy(self, t: torch.Tensor) -> torch.Tensor:
-        return self._staging.copy(t) if self._staging is not None and dev.stages_through_host(t) else _cpu_copy(t)
+        return self._staging.copy(t) if self._staging is not None and dev.stages_through_host(t) \
+            else staging.cpu_copy(t)
 
     def _can_stage(self, state: dict) -> bool:
         """Whether host memory can take an asynchronous snapshot of `state`; else warn once and save synchronously."""

@@ -1,4 +1,5 @@
-"""Bounded host staging for checkpoint snapshots, and the host RAM a save needs (which the plan shows).
+"""Checkpoint snapshots in host memory: the deep copy of a training state a save writes, the bounded staging
+device tensors stream through on the way, and the host RAM a save needs (which the plan shows).
 
 A device tensor reaches host memory through one fixed-size staging buffer (page-locked on CUDA, where a copy into
 pinned memory is one DMA), piece by piece, into an ordinary host tensor. Pinned memory thus stays at
@@ -9,10 +10,16 @@ saves synchronously. Device-specific calls go through pretrain/train/device.py, 
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 import torch
 
 from pretrain.train import device as dev
 
+_LEAF_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 STAGING_BYTES = 64 * 2**20  # ~3 ms of PCIe DMA per piece: large enough that the per-piece sync costs little
 
 
@@ -54,3 +61,52 @@ class HostStaging:
             dev.synchronize(t.device)  # the piece must have landed before it is read (and the buffer reused)
             dst[i:i + piece.numel()].copy_(piece)
         return out
+
+
+def cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    # copy=True: a CPU tensor must not alias the live parameter the optimizer keeps updating.
+    return t.detach().to("cpu", copy=True)
+
+
+def snapshot(obj: Any, path: str, memo: dict[int, torch.Tensor],
+              copy_tensor: Callable[[torch.Tensor], torch.Tensor] = cpu_copy) -> Any:
+    """Deep copy of a nested state with every tensor passed through `copy_tensor`; refuses what weights_only
+    can't load.
+
+    `memo` keeps tensors that share identity (tied embeddings) shared, so they are copied and stored once.
+    """
+    if isinstance(obj, torch.Tensor):
+        key = id(obj)
+        if key not in memo:
+            memo[key] = copy_tensor(obj)
+        return memo[key]
+    if isinstance(obj, dict):
+        out: dict = OrderedDict() if isinstance(obj, OrderedDict) else {}
+        for k, v in obj.items():
+            where = f"{path}[{k!r}]"
+            out[snapshot(k, where, memo, copy_tensor)] = snapshot(v, where, memo, copy_tensor)
+        if hasattr(obj, "_metadata"):  # state_dict() carries per-module versions that load_state_dict reads
+            out._metadata = snapshot(obj._metadata, path, memo, copy_tensor)  # type: ignore[attr-defined]
+        return out
+    if isinstance(obj, list | tuple):
+        items = [snapshot(v, f"{path}[{i}]", memo, copy_tensor) for i, v in enumerate(obj)]
+        if isinstance(obj, torch.Size):
+            return torch.Size(items)
+        return tuple(items) if isinstance(obj, tuple) else items  # namedtuples etc. would not load
+    if isinstance(obj, np.generic):
+        # np.float64 is a float subclass yet pickles as a numpy global that weights_only refuses.
+        return obj.item()
+    if isinstance(obj, _LEAF_TYPES):
+        return obj
+    raise TypeError(
+        f"checkpoint state{path} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
+        "torch.load(weights_only=True) refuses; store tensors, numbers, strings, lists or dicts instead"
+    )
+
+
+def live(t: torch.Tensor) -> torch.Tensor:
+    """The tensor itself, for a synchronous save (training waits, so nothing mutates it): torch.save moves one
+    storage at a time to host memory. A view of a larger storage is copied, or the whole storage would be saved."""
+    t = t.detach()
+    compact = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return t if compact and t.is_contiguous() else cpu_copy(t)
