@@ -4,6 +4,7 @@ cards and host-RAM table held equal to the plan's --json."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 
@@ -15,7 +16,7 @@ from conftest import ROOT
 import pretrain.plan.launch as launch
 from pretrain.cli import run_cli
 from pretrain.plan.tiers import TIERS, card_named
-from pretrain.plan.view import fmt_bytes
+from pretrain.plan.view import fmt_bytes, render_plan
 from pretrain.train import device as dev
 from pretrain.train.loop import main as train_main
 
@@ -64,6 +65,10 @@ def test_colab_notebook_plans_a_run_that_fits_a_free_t4(tmp_path) -> None:
     assert plan.suggestion is None
     # Colab's free runtime has ~12.7 GB of host RAM: a checkpoint save must fit in it.
     assert plan.host_ram_bytes < 12 * 2**30
+    text = io.StringIO()
+    render_plan(plan, file=text)  # what the notebook's plan cell prints
+    assert "T4 (no bf16: fp16)" in text.getvalue()
+    assert f"{fmt_bytes(plan.host_ram_bytes)} of host RAM while one is saved" in text.getvalue()
 
 
 def _doc_rows() -> dict[str, list[str]]:

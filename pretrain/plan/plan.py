@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from model import PRESETS
 from pretrain.plan.fit import choose_execution, step_peak_bytes, suggest_fix, verdict, with_micro
 from pretrain.plan.memory import GiB
 from pretrain.plan.probe import PhaseProbe, measured_rate, probe_plan
@@ -183,9 +184,6 @@ def _set_micro(res: Resolved, points: list[tuple[int, int]], per_proc: int, how:
     src["micro_batch_schedule"] = how if len(merged) > 1 else "default"
 
 
-SIZES_SMALLEST_FIRST = ("tiny", "small", "1b")
-
-
 def nothing_fits(cfg: TrainConfig, vocab: int, capacity: int, nproc: int, gpu: GpuInfo | None) -> str:
     """One line when no flag change fits this model: what was tried, and the largest smaller --size that fits."""
     fp16 = cfg.amp and cfg.amp_dtype == "fp16"
@@ -194,8 +192,8 @@ def nothing_fits(cfg: TrainConfig, vocab: int, capacity: int, nproc: int, gpu: G
     if fp16:
         card = f"{gpu.name} (compute capability {'.'.join(map(str, gpu.capability))})" if gpu else "this card"
         why = f"; {card} has no bf16: it trains with fp16 autocast and fp32 weights"
-    smaller = SIZES_SMALLEST_FIRST[:SIZES_SMALLEST_FIRST.index(cfg.size)] if cfg.size in SIZES_SMALLEST_FIRST else ()
-    for size in reversed(smaller):
+    sizes = list(PRESETS)  # smallest first
+    for size in reversed(sizes[:sizes.index(cfg.size)] if cfg.size in sizes else []):
         trial = dataclasses.replace(cfg, size=size, block=None, grad_checkpoint=True)
         small = model_config_from(trial, vocab)
         peak, _ = step_peak_bytes(small, trial, small.block_size, nproc)
