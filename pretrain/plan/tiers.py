@@ -108,9 +108,10 @@ class GpuInfo:
 
 
 MiB = 1024**2
-# Cards a tier serves: total memory as nvidia-smi reports it (torch's total_memory is within ~1 % of it) and
-# compute capability. `--gpu NAME` plans for one of them without the card; the tiers' card lists in the plan
-# and in docs/tiers.md derive from this table. Matched like the peak table: first substring match wins.
+# Cards a tier serves: total memory as nvidia-smi reports it (torch's total_memory can be ~2 % lower: a T4 shows
+# 15360 MiB there and 15110 MiB to torch, which is what the T4 entry holds) and compute capability. `--gpu NAME`
+# plans for one of them without the card; the tiers' card lists in the plan and in docs/tiers.md derive from
+# this table. card_named() matches a device name to an entry.
 CARDS: tuple[GpuInfo, ...] = (
     GpuInfo("H100 80GB", 81559 * MiB, (9, 0)),
     GpuInfo("A100 80GB", 81920 * MiB, (8, 0)),
@@ -127,7 +128,7 @@ CARDS: tuple[GpuInfo, ...] = (
     GpuInfo("RTX 4080", 16376 * MiB, (8, 9)),
     GpuInfo("RTX A4000", 16376 * MiB, (8, 6)),
     GpuInfo("V100 16GB", 16160 * MiB, (7, 0)),
-    GpuInfo("T4", 15360 * MiB, (7, 5)),
+    GpuInfo("T4", 15110 * MiB, (7, 5)),
 )
 
 
