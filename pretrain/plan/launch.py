@@ -24,7 +24,7 @@ from pretrain.data.dataset import open_dataset
 from pretrain.plan.plan import Plan, build_plan
 from pretrain.plan.resolve import VARIANTS, Request, resolve
 from pretrain.plan.rundirs import PROBE_FILE, resolve_run_dir, run_name
-from pretrain.plan.tiers import VRAM_CHOICES, GpuInfo, detect_gpu, select_tier
+from pretrain.plan.tiers import VRAM_CHOICES, GpuInfo, card_named, detect_gpu, select_tier
 from pretrain.plan.view import render_plan
 from pretrain.train.config import TrainConfig, add_config_flags, format_command
 
@@ -76,6 +76,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--probe", action="store_true",
                    help="run a few real optimizer steps per phase on this device: measured memory and tok/s next "
                         "to the estimate, micro-batches corrected to what fits (with --run: saved to probe.json)")
+    g.add_argument("--gpu", default=None, help="plan for this card instead of the detected one, e.g. T4, L4, "
+                   "A100 80GB (its memory and bf16 support; dry run only)")
     g.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     g.add_argument("--run", action="store_true", help="run the trainer (default: dry run, writes nothing)")
     g.add_argument("--force", action="store_true", help="--run even when the plan is estimated not to fit")
@@ -191,7 +193,9 @@ def plan_from_argv(argv: Sequence[str], gpu: GpuInfo | None | str = "detect",
 
 def make_plan(ns: argparse.Namespace, flags: dict[str, Any], gpu: GpuInfo | None | str = "detect") -> Plan:
     """The whole plan for parsed arguments. `gpu` lets tests stand in for a GPU."""
-    gpu_info = detect_gpu() if gpu == "detect" else gpu
+    if ns.gpu is not None and ns.run:
+        raise UserError("--gpu plans for a card you name; drop it with --run (the launcher reads the card it runs on)")
+    gpu_info = card_named(ns.gpu) if ns.gpu is not None else detect_gpu() if gpu == "detect" else gpu
     tier, tier_how = select_tier(ns.vram, gpu_info)  # type: ignore[arg-type]
     ds, data_note = inspect_data(flags.get("data"), flags.get("val_frac") or 0.0, ns.data_format, ns.run,
                                  flags.get("vocab_size"))

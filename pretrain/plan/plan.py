@@ -12,11 +12,12 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from model import PRESETS
 from pretrain.plan.fit import choose_execution, step_peak_bytes, suggest_fix, verdict, with_micro
 from pretrain.plan.memory import GiB
 from pretrain.plan.probe import PhaseProbe, measured_rate, probe_plan
 from pretrain.plan.resolve import MFU_SOURCE, Request, Resolved
-from pretrain.plan.tiers import GpuInfo, Tier, memory_capacity, peak_flops
+from pretrain.plan.tiers import GpuInfo, Tier, memory_capacity, peak_flops, tier_cards
 from pretrain.schedule import (
     format_step_schedule,
     micro_batch_at,
@@ -24,7 +25,8 @@ from pretrain.schedule import (
     phases,
     planned_tokens,
 )
-from pretrain.train.config import TrainConfig, flag_name
+from pretrain.train.config import TrainConfig, flag_name, model_config_from
+from pretrain.train.staging import host_ram_bytes
 
 CHECKPOINT_RECOMPUTE = 0.75  # activation checkpointing re-runs the forward: 6N model FLOPs cost 8N on hardware
 # Printed in the trainer command even at their trainer defaults, so the command documents the run.
@@ -80,6 +82,7 @@ class Plan:
     warnings: list[str]
     rate_how: str = ""  # where the time estimate's tok/s comes from
     probes: list[PhaseProbe] = field(default_factory=list)
+    host_ram_bytes: int = 0  # host RAM a checkpoint save needs (snapshot + staging: pretrain/train/staging.py)
 
     @property
     def nproc(self) -> int:
@@ -113,6 +116,9 @@ class Plan:
             "fits": all(p.fits for p in self.phases),
             "probe": [p.to_dict() for p in self.probes] or None,
             "checkpoint_bytes": self.checkpoint_bytes, "disk_bytes": self.disk_bytes,
+            "host_ram_bytes": self.host_ram_bytes,
+            "cards": [{"name": c.name, "memory_bytes": c.total_bytes, "bf16": c.has_bf16}
+                      for c in tier_cards(self.tier.name)],
             "settings": {k: {"value": self.cfg.to_dict()[k], "source": self.resolved.sources.get(k, "default")}
                          for k in self.cfg.to_dict()},
             "warnings": self.warnings, "command": self.command, "nproc": self.nproc,
@@ -178,6 +184,25 @@ def _set_micro(res: Resolved, points: list[tuple[int, int]], per_proc: int, how:
     src["micro_batch_schedule"] = how if len(merged) > 1 else "default"
 
 
+def nothing_fits(cfg: TrainConfig, vocab: int, capacity: int, nproc: int, gpu: GpuInfo | None) -> str:
+    """One line when no flag change fits this model: what was tried, and the largest smaller --size that fits."""
+    fp16 = cfg.amp and cfg.amp_dtype == "fp16"
+    tried = "micro-batch 1, --grad-checkpoint" + ("" if fp16 else ", --param-dtype bf16") + " nor --optimizer lion"
+    why = ""
+    if fp16:
+        card = f"{gpu.name} (compute capability {'.'.join(map(str, gpu.capability))})" if gpu else "this card"
+        why = f"; {card} has no bf16: it trains with fp16 autocast and fp32 weights"
+    sizes = list(PRESETS)  # smallest first
+    for size in reversed(sizes[:sizes.index(cfg.size)] if cfg.size in sizes else []):
+        trial = dataclasses.replace(cfg, size=size, block=None, grad_checkpoint=True)
+        small = model_config_from(trial, vocab)
+        peak, _ = step_peak_bytes(small, trial, small.block_size, nproc)
+        if verdict(peak, capacity) == "fits":
+            return (f"nothing fits at --size {cfg.size}: not {tried}{why}; --size {size} fits "
+                    f"(est. {peak / GiB:.1f} GiB at seq {small.block_size}, micro-batch {cfg.batch_size})")
+    return f"nothing fits: not {tried}{why}; use a smaller --size or a GPU with more memory"
+
+
 def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuInfo | None,
                data: dict[str, Any] | None, run: dict[str, Any]) -> Plan:
     """Execution choices, phases with memory and time, checkpoint disk, and the trainer command."""
@@ -235,14 +260,14 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
     suggestion = None
     if worst.verdict != "fits":
         worst_cfg = with_micro(cfg, worst.micro_batch, per_proc)
-        suggestion = suggest_fix(mcfg, worst_cfg, worst.seq_len, capacity, res.nproc) or (
-            "nothing fits: not micro-batch 1, --grad-checkpoint, --param-dtype bf16 nor --optimizer lion; "
-            "use a smaller --size or a GPU with more memory")
+        suggestion = suggest_fix(mcfg, worst_cfg, worst.seq_len, capacity, res.nproc) or \
+            nothing_fits(worst_cfg, mcfg.vocab_size, capacity, res.nproc, gpu)
     if worst.verdict == "won't fit":
         warnings.append(f"estimated peak {worst.peak_memory_bytes / GiB:.1f} GiB exceeds {capacity / GiB:.1f} GiB: "
                         f"the trainer will likely run out of memory; {suggestion}")
     assert est is not None
     checkpoint_bytes = est.state_bytes
+    host_ram = host_ram_bytes(checkpoint_bytes, cfg.device)
     # last.pt and the newest step_<N>.pt are one file (hard link); best.pt may pin one older save, and one
     # write is in flight at a time: at most keep_last + 2 distinct copies on disk.
     disk_bytes = checkpoint_bytes * (max(cfg.keep_last, 1) + 2)
@@ -253,4 +278,5 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
             warnings.append(f"the plan reads the training data {data['passes']:.2f} times (repeated tokens "
                             "help less); prepare more data with prepare_fineweb.py --tokens or lower the budget")
     return Plan(res, cfg, tier, tier_how, out, capacity, capacity_how, flops, flops_how, mfu, suggestion,
-                checkpoint_bytes, disk_bytes, command_for(cfg, res.nproc), run, data, warnings, rate_how, probes)
+                checkpoint_bytes, disk_bytes, command_for(cfg, res.nproc), run, data, warnings, rate_how, probes,
+                host_ram)

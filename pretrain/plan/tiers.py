@@ -11,6 +11,7 @@ the figures). `cpu` is a smoke tier on the tiny preset.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -98,12 +99,63 @@ class GpuInfo:
 
     @property
     def has_bf16(self) -> bool:
-        # bf16 tensor cores arrived with Ampere (sm_80); T4 (7.5) and V100 (7.0) need fp16 + GradScaler.
-        return self.capability >= (8, 0)
+        # The trainer's rule too (pretrain/train/device.py): T4 (7.5) and V100 (7.0) need fp16 + GradScaler.
+        return dev.capability_has_bf16(self.capability)
 
     @property
     def peak_flops(self) -> float | None:
         return dev.peak_flops_for_name(self.name)
+
+
+MiB = 1024**2
+# Cards a tier serves: total memory as nvidia-smi reports it (torch's total_memory can be ~2 % lower: a T4 shows
+# 15360 MiB there and 15110 MiB to torch, which is what the T4 entry holds) and compute capability. `--gpu NAME`
+# plans for one of them without the card; the tiers' card lists in the plan and in docs/tiers.md derive from
+# this table. card_named() matches a device name to an entry.
+CARDS: tuple[GpuInfo, ...] = (
+    GpuInfo("H100 80GB", 81559 * MiB, (9, 0)),
+    GpuInfo("A100 80GB", 81920 * MiB, (8, 0)),
+    GpuInfo("RTX A6000", 49140 * MiB, (8, 6)),
+    GpuInfo("L40S", 46068 * MiB, (8, 9)),
+    GpuInfo("A40", 46068 * MiB, (8, 6)),
+    GpuInfo("A100 40GB", 40960 * MiB, (8, 0)),
+    GpuInfo("V100 32GB", 32510 * MiB, (7, 0)),
+    GpuInfo("RTX 4090", 24564 * MiB, (8, 9)),
+    GpuInfo("RTX 3090", 24576 * MiB, (8, 6)),
+    GpuInfo("L4", 23034 * MiB, (8, 9)),
+    GpuInfo("A10G", 23028 * MiB, (8, 6)),
+    GpuInfo("A10", 23028 * MiB, (8, 6)),
+    GpuInfo("RTX 4080", 16376 * MiB, (8, 9)),
+    GpuInfo("RTX A4000", 16376 * MiB, (8, 6)),
+    GpuInfo("V100 16GB", 16160 * MiB, (7, 0)),
+    GpuInfo("T4", 15110 * MiB, (7, 5)),
+)
+
+
+def card_named(name: str) -> GpuInfo:
+    """The CARDS entry `name` names: the same name, else one whose name is in it ("Tesla T4", "NVIDIA L4"), else
+    the first containing it ("a100 80", "4090"), case-insensitive. UserError if none."""
+    want = name.lower().strip()
+    by_length = sorted(CARDS, key=lambda c: -len(c.name))
+    for match in (lambda c: c.name.lower() == want,
+                  lambda c: re.search(rf"\b{re.escape(c.name.lower())}\b", want) is not None,
+                  lambda c: want in c.name.lower()):
+        for card in by_length if want else ():
+            if match(card):
+                return card
+    raise UserError(f"unknown --gpu {name!r}; use one of: {', '.join(c.name for c in CARDS)} "
+                    "(or run on the card: --vram auto reads it)")
+
+
+def tier_cards(tier_name: str) -> list[GpuInfo]:
+    """The cards of CARDS that `--vram auto` puts in this tier."""
+    return [c for c in CARDS if tier_for_memory(c.total_bytes, strict=False) == tier_name]
+
+
+def cards_text(tier_name: str) -> str:
+    """The cards a tier serves, for the plan and docs/tiers.md: "RTX 4080, T4 (no bf16: fp16)"."""
+    cards = tier_cards(tier_name)
+    return ", ".join(c.name + ("" if c.has_bf16 else " (no bf16: fp16)") for c in cards) or "no GPU: smoke test"
 
 
 def detect_gpu() -> GpuInfo | None:
@@ -114,11 +166,13 @@ def detect_gpu() -> GpuInfo | None:
     return GpuInfo(props.name, int(props.total_memory), (props.major, props.minor))
 
 
-def tier_for_memory(total_bytes: int) -> str:
-    """The largest tier whose usable memory the card has (a card below the smallest tier gets an error)."""
+def tier_for_memory(total_bytes: int, strict: bool = True) -> str | None:
+    """The largest tier whose usable memory the card has (a card below the smallest tier: an error, or None)."""
     for name in sorted((n for n in TIERS if n != "cpu"), key=int, reverse=True):
-        if total_bytes >= TIERS[name].memory_bytes:
+        if total_bytes >= TIERS[name].memory_bytes:  # type: ignore[operator]
             return name
+    if not strict:
+        return None
     raise UserError(
         f"this GPU has {total_bytes / GiB:.1f} GiB, less than the smallest tier (16 GB); "
         "plan with --vram cpu for a smoke run, or pick a tier explicitly (e.g. --vram 16) with a smaller --size"
@@ -133,7 +187,7 @@ def select_tier(vram: str, gpu: GpuInfo | None) -> tuple[Tier, str]:
         return TIERS[vram], f"--vram {vram}"
     if gpu is None:
         return TIERS["cpu"], "auto: no GPU found"
-    return TIERS[tier_for_memory(gpu.total_bytes)], f"auto: {gpu.name}, {gpu.total_bytes / GiB:.1f} GiB"
+    return TIERS[tier_for_memory(gpu.total_bytes)], f"auto: {gpu.name}, {gpu.total_bytes / GiB:.1f} GiB"  # type: ignore[index]
 
 
 def cpu_matmul_flops(seconds: float = 0.1) -> float:

@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 from pretrain.plan.plan import ALWAYS_SHOWN, CHECKPOINT_RECOMPUTE, Plan
 from pretrain.plan.resolve import MFU_SOURCE
+from pretrain.plan.tiers import cards_text
 from pretrain.train.config import format_command
 
 GiB = 1024**3
@@ -98,6 +99,7 @@ def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -
     out.line(head, style="bold")
     out.line(f"  tier      {plan.tier.name} ({plan.tier_how}); device {cfg.device}; memory "
              f"{fmt_bytes(plan.memory_capacity_bytes)} ({plan.memory_capacity_how})")
+    out.line(f"  cards     {cards_text(plan.tier.name)}")
     run = plan.run
     out.line(f"  run       {run['dir']} ({run['action']}{': ' + run['note'] if run['note'] else ''}); "
              f"seed {cfg.seed}")
@@ -152,7 +154,8 @@ def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -
     if plan.probes:
         _probe_table(out, plan)
     out.line(f"  checkpoints: {fmt_bytes(plan.checkpoint_bytes)} each (weights + optimizer state); up to "
-             f"{fmt_bytes(plan.disk_bytes)} of disk (keep_last {cfg.keep_last} + best + one write in flight)")
+             f"{fmt_bytes(plan.disk_bytes)} of disk (keep_last {cfg.keep_last} + best + one write in flight); "
+             f"{fmt_bytes(plan.host_ram_bytes)} of host RAM while one is saved (less: saves turn synchronous)")
     out.line()
     shown = [k for k in cfg.to_dict() if src.get(k, "default") != "default" or k in ALWAYS_SHOWN]
     values = cfg.to_dict() | {"vocab_size": m.vocab_size, "data": cfg.data or "(none)", "kv_head": m.n_kv_head}

@@ -1,7 +1,10 @@
 """Checkpoints that survive preemption: atomic, asynchronous save; safe load; keep-last-k; resume discovery.
 
 A save snapshots every tensor to CPU in the caller's thread (so training may mutate the live tensors right
-after) and writes in a background thread. Each file appears under its final name only once complete and
+after; device tensors stream through a fixed-size staging buffer, pretrain/train/staging.py) and writes in a
+background thread. When host RAM cannot hold a snapshot, or the staging buffer cannot be pinned, the save is
+synchronous instead: the live tensors are written directly (one at a time through host memory) while training
+waits. Each file appears under its final name only once complete and
 fsynced (temp file + os.replace), so a kill -9 at any moment leaves the previous checkpoint readable.
 Loading always uses ``weights_only=True``: a checkpoint is data, never code.
 """
@@ -22,18 +25,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
 import torch
 
 from pretrain.cli import UserError
 from pretrain.fsio import fsync_dir
+from pretrain.train import device as dev
+from pretrain.train import staging
+from pretrain.train.staging import STAGING_BYTES, HostStaging
 
 LAST = "last.pt"
 BEST = "best.pt"
 _NUMBERED = re.compile(r"step_(\d+)\.pt")
 _TMP_PREFIX = ".ckpt-tmp-"  # leftovers of a killed write; never a valid checkpoint name
 _COMPILE_WRAPPER = "_orig_mod"  # torch.compile's wrapper attribute; checkpoints load into plain models
-_LEAF_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+HOST_RAM_HEADROOM = 0.9  # a snapshot may use this fraction of MemAvailable (which counts reclaimable page cache)
 
 
 def _stderr(msg: str) -> None:
@@ -45,73 +50,7 @@ def _write_payload(f: BinaryIO, state: dict) -> None:
     torch.save(state, f)
 
 
-# --------------------------------------------------------------------------------------------- snapshot
-class HostBuffers:
-    """Pinned host tensors that device snapshots are copied into, reused from save to save.
-
-    A GPU -> pageable-memory copy is synchronous and staged; into pinned memory it is one DMA that can be
-    queued (non_blocking) for every tensor, then waited for once. Reuse is safe because save() waits for the
-    previous write before snapshotting again. Costs one snapshot's worth of pinned host memory between saves.
-    """
-
-    def __init__(self, pin: bool = True) -> None:
-        self.pin = pin
-        self._buffers: dict[str, torch.Tensor] = {}
-        self.pending = False
-
-    def copy(self, t: torch.Tensor, path: str) -> torch.Tensor:
-        buf = self._buffers.get(path)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = self._buffers[path] = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
-        buf.copy_(t.detach(), non_blocking=True)
-        self.pending = True
-        return buf
-
-    def sync(self) -> None:
-        """One wait for every copy queued since the last sync."""
-        if self.pending and torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.pending = False
-
-
-def _snapshot(obj: Any, path: str, memo: dict[int, torch.Tensor], host: HostBuffers | None = None) -> Any:
-    """Deep copy of a nested state with every tensor cloned to CPU; refuses what weights_only can't load.
-
-    `memo` keeps tensors that share identity (tied embeddings) shared, so they are copied and stored once.
-    CUDA tensors go through `host` (pinned, non-blocking; the caller syncs once) when given.
-    """
-    if isinstance(obj, torch.Tensor):
-        key = id(obj)
-        if key not in memo:
-            if host is not None and obj.device.type == "cuda":
-                memo[key] = host.copy(obj, path)
-            else:
-                # copy=True: a CPU tensor must not alias the live parameter the optimizer keeps updating.
-                memo[key] = obj.detach().to("cpu", copy=True)
-        return memo[key]
-    if isinstance(obj, dict):
-        out: dict = OrderedDict() if isinstance(obj, OrderedDict) else {}
-        for k, v in obj.items():
-            out[_snapshot(k, f"{path}[{k!r}]", memo, host)] = _snapshot(v, f"{path}[{k!r}]", memo, host)
-        if hasattr(obj, "_metadata"):  # state_dict() carries per-module versions that load_state_dict reads
-            out._metadata = _snapshot(obj._metadata, path, memo, host)  # type: ignore[attr-defined]
-        return out
-    if isinstance(obj, list | tuple):
-        items = [_snapshot(v, f"{path}[{i}]", memo, host) for i, v in enumerate(obj)]
-        if isinstance(obj, torch.Size):
-            return torch.Size(items)
-        return tuple(items) if isinstance(obj, tuple) else items  # namedtuples etc. would not load
-    if isinstance(obj, np.generic):
-        # np.float64 is a float subclass yet pickles as a numpy global that weights_only refuses.
-        return obj.item()
-    if isinstance(obj, _LEAF_TYPES):
-        return obj
-    raise TypeError(
-        f"checkpoint state{path} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
-        "torch.load(weights_only=True) refuses; store tensors, numbers, strings, lists or dicts instead"
-    )
-
-
+# ------------------------------------------ state checks (the snapshot itself: pretrain/train/staging.py)
 def _uncompiled_name(key: Any) -> Any:
     # Drop whole `_orig_mod` components: compiling the model gives `_orig_mod.x`, compiling a block gives
     # `blocks.0._orig_mod.x`, and state_dict metadata keys end in `._orig_mod` with no trailing dot.
@@ -291,6 +230,7 @@ class CheckpointManager:
         enabled: bool = True,
         async_write: bool = True,
         warn: Callable[[str], None] | None = None,
+        staging_bytes: int = STAGING_BYTES,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.keep_last = max(0, int(keep_last))  # 0: no step_<N>.pt files at all
@@ -304,7 +244,8 @@ class CheckpointManager:
         self.last_saved_step: int | None = None
         self._thread: threading.Thread | None = None
         self._cleaned = False
-        self._host = HostBuffers()  # only used for CUDA tensors
+        self._staging: HostStaging | None = HostStaging(staging_bytes)  # None once pinning it failed
+        self._warned: set[str] = set()  # one warning per reason a save fell back to synchronous
 
     # -- save
     def save(self, state: dict, step: int, best: bool = False, numbered: bool = True) -> None:
@@ -318,16 +259,49 @@ class CheckpointManager:
             return
         if isinstance(state.get("model"), dict):
             state = {**state, "model": _strip_compile_prefix(state["model"])}
-        snapshot = _snapshot(state, "", {}, self._host)
-        self._host.sync()
-        if self.async_write:
+        if self.async_write and self._can_stage(state):
+            snapshot = staging.snapshot(state, "", {}, self._copy)
             # Non-daemon: even if the trainer forgets wait(), interpreter exit lets the write finish.
             self._thread = threading.Thread(
                 target=self._write, args=(snapshot, step, best, numbered), name=f"ckpt-write-{step}"
             )
             self._thread.start()
         else:
-            self._write(snapshot, step, best, numbered)
+            self._write(staging.snapshot(state, "", {}, staging.live), step, best, numbered)
+
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        return self._staging.copy(t) if self._staging is not None and dev.stages_through_host(t) \
+            else staging.cpu_copy(t)
+
+    def _can_stage(self, state: dict) -> bool:
+        """Whether host memory can take an asynchronous snapshot of `state`; else warn once and save synchronously."""
+        unique = {id(t): t for t in _tensors(state)}.values()
+        staged = any(dev.stages_through_host(t) for t in unique)
+        if staged and self._staging is None:
+            return False
+        need = sum(t.numel() * t.element_size() for t in unique)
+        avail = dev.available_host_memory()
+        if avail is not None and need > HOST_RAM_HEADROOM * avail:
+            self._warn_once("ram", f"a checkpoint snapshot needs {need / 2**30:.1f} GiB of host RAM but "
+                            f"{avail / 2**30:.1f} GiB is available; writing checkpoints synchronously while it is "
+                            "short (training waits for each write)")
+            return False
+        if staged:
+            try:
+                self._staging.buffer()  # type: ignore[union-attr]
+            except RuntimeError as e:  # the OS refused to pin it: page-locked memory is short on this host
+                size, self._staging = self._staging.nbytes, None  # type: ignore[union-attr]
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                self._warn_once("pin", f"could not allocate the {size / 2**20:.0f} MiB pinned staging "
+                                f"buffer ({why}); checkpoints are written synchronously (training waits for each "
+                                "write)")
+                return False
+        return True
+
+    def _warn_once(self, reason: str, msg: str) -> None:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            self.warn(msg)
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is on disk. Never raises: failures are in last_error."""

@@ -73,10 +73,49 @@ def setup_device(device: torch.device) -> dict[str, object]:
     return {}
 
 
+# bf16 tensor cores arrived with Ampere (sm_80). torch.cuda.is_bf16_supported() also says True on a T4 (7.5) or
+# V100 (7.0), where bf16 is emulated and SDPA falls back to the math kernel: the plan and the trainer both use
+# this rule instead.
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def capability_has_bf16(capability: tuple[int, int] | None) -> bool:
+    """Whether a GPU of this compute capability runs bf16 natively; None (not a CUDA device) counts as yes."""
+    return capability is None or tuple(capability) >= BF16_MIN_CAPABILITY
+
+
+def compute_capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA compute capability (major, minor) of `device`, None for CPU / MPS. Tests fake a card here."""
+    if device.type != "cuda":
+        return None
+    return tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
+
+
 def supports_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return True
+    return capability_has_bf16(compute_capability(device))
+
+
+def host_staging_buffer(nbytes: int) -> torch.Tensor:
+    """A byte buffer device->host copies go through: page-locked when CUDA is present, else ordinary memory.
+    Raises RuntimeError when the OS refuses to pin it (rented hosts with little RAM)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+
+
+def stages_through_host(t: torch.Tensor) -> bool:
+    """Whether a checkpoint snapshot copies `t` through the staging buffer (device memory) or directly (CPU)."""
+    return t.device.type != "cpu"
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host RAM available without swapping (Linux MemAvailable), None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -259,7 +259,10 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
     prompts = load_prompts(cfg.sample_prompts) if cfg.sample_every else []
     mc_items = load_items(cfg.hellaswag, cfg.downstream_items) if cfg.hellaswag else []
     if cfg.amp and cfg.amp_dtype == "bf16" and not dev.supports_bf16(device):
-        raise UserError("this GPU has no bf16: use --amp-dtype fp16 (T4, V100) or --no-amp")
+        cap = ".".join(map(str, dev.compute_capability(device) or ()))
+        weights = " --param-dtype fp32" if cfg.param_dtype == "bf16" else ""
+        raise UserError(f"this GPU (compute capability {cap}) has no native bf16 (needs 8.0, Ampere or newer): use "
+                        f"--amp-dtype fp16{weights} or --no-amp; run_1b_launch.py plans what fits this card")
 
     ckpt = CheckpointManager(run_dir, keep_last=cfg.keep_last, enabled=dist.is_main)
     if cfg.init_from:
