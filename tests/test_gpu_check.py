@@ -1,0 +1,65 @@
+"""`python -m pretrain.gpu_check` (make gpu-check) on CPU: the same script a card runs, at tiny size, so the
+script is known to work before a GPU sees it. Compile is off here: with every instrument on, each eval/sample/
+downstream shape is its own cold inductor compile (~15-20 s each on CPU), minutes per variant."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+from pretrain.gpu_check import COLUMNS, compare_resume
+
+
+def run_check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain.gpu_check", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """The plain-text table: a header of COLUMNS, then one row per variant (cells split on 2+ spaces)."""
+    lines = stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split() and line.split()[0] == "variant")
+    assert re.split(r"\s{2,}", lines[head].strip()) == COLUMNS
+    rows = {}
+    for line in lines[head + 1:]:
+        if not line.startswith("  "):
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        rows[cells[0]] = cells
+    return rows
+
+
+def test_cpu_check_runs_each_variant_stops_resumes_exactly_and_prints_one_table(tmp_path, made_bytes):
+    work = tmp_path / "work"
+    proc = run_check("--device", "cpu", "--variants", "baseline,decoupled", "--steps-per-phase", "2",
+                     "--no-compile", "--data", str(made_bytes), "--val-frac", "0.05",
+                     "--max-stop-seconds", "600", "--work-dir", str(work))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gpu-check: tier cpu on CPU, 2 steps per phase, compile off" in proc.stdout
+    rows = table_rows(proc.stdout)
+    assert sorted(rows) == ["baseline", "decoupled"]
+    for name, cells in rows.items():
+        cell = dict(zip(COLUMNS, cells))
+        assert cell["resume"] == "exact", cell
+        assert cell["result"] == "ok", cell
+        latency = re.fullmatch(r"(\d+\.\d) s \((exit 75|legacy exit 0)\)", cell["stop latency"])
+        assert latency and 0 < float(latency.group(1)) < 600, cell
+        assert re.fullmatch(r"\S+ / \S+ \(\d+\.\d\dx\)", cell["tok/s (plan)"]), cell  # measured / plan
+        assert re.fullmatch(r"\S+ [GM]iB / \S+ [GM]iB \(\d+\.\d\dx, rss\)", cell["peak mem (plan)"]), cell
+        assert cell["recompiles"] in ("off", "n/a") or cell["recompiles"].startswith("0 (eager 0)"), cell
+        # The stop landed after step 2 (the first phase's last step) and the resume finished all 4 steps.
+        assert (work / name / "stopped" / "last.pt").is_file()
+    # The resume check can fail: two different runs (another variant) are not "exact".
+    text, ok = compare_resume(work / "baseline" / "uninterrupted", work / "decoupled" / "uninterrupted", True)
+    assert not ok and text.startswith("DIFFERS"), text
+
+
+def test_unknown_variant_is_one_line_exit_2(tmp_path):
+    proc = run_check("--variants", "baseline,nope", "--work-dir", str(tmp_path / "w"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "unknown --variants nope" in proc.stderr and "decoupled" in proc.stderr
+    assert not (tmp_path / "w").exists()
