@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -44,15 +45,11 @@ STOP_LIMIT_S = 30.0  # a preemption's grace period before SIGKILL: Kubernetes' d
 MEM_MARGIN = 0.10  # measured CUDA peak may exceed the plan's estimate by this fraction before the check fails
 RUN_TIMEOUT_S = 1800.0  # one trainer process; a hung one is killed and reported, not waited for forever
 # Multiple-choice items for the downstream instrument (its code path, not a benchmark: a handful of items).
-MC_ITEMS = [
-    {"ctx": "In the beginning God created", "endings": [" the heaven and the earth.", " a small blue car."],
-     "label": 0},
-    {"ctx": "And the earth was without form,", "endings": [" and void.", " and purple.", " and loud."], "label": 0},
-    {"ctx": "A hacker is a person who enjoys", "endings": [" exploring the details of systems.", " rain."],
-     "label": 0},
-    {"ctx": "The Lord is my shepherd;", "endings": [" I shall not want.", " the printer is out of paper."],
-     "label": 0},
-]
+MC_ITEMS = [{"ctx": c, "endings": e, "label": 0} for c, e in (
+    ("In the beginning God created", [" the heaven and the earth.", " a small blue car."]),
+    ("And the earth was without form,", [" and void.", " and purple.", " and loud."]),
+    ("A hacker is a person who enjoys", [" exploring the details of systems.", " rain."]),
+    ("The Lord is my shepherd;", [" I shall not want.", " the printer is out of paper."]))]
 
 
 @dataclass
@@ -85,19 +82,15 @@ def set_flag(argv: list[str], name: str, value: Any) -> list[str]:
     return [*out, flag, str(value)]
 
 
-def find_keys(obj: Any, needle: str) -> dict[str, Any]:
-    """Every key containing `needle` in a nested dict/list (path -> value): for plan fields whose name is unsure."""
+def find_keys(obj: Any, needle: str, path: str = "") -> dict[str, Any]:
+    """Every leaf whose key contains `needle` in nested dicts/lists (path -> value): for a plan field whose name
+    may change (the pinned host RAM figure)."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
     found: dict[str, Any] = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if needle in str(k) and not isinstance(v, dict | list):
-                found[str(k)] = v
-            for sub, w in find_keys(v, needle).items():
-                found[f"{k}.{sub}"] = w
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            for sub, w in find_keys(v, needle).items():
-                found[f"{i}.{sub}"] = w
+    for k, v in items:
+        if needle in str(k) and not isinstance(v, dict | list):
+            found[f"{path}{k}"] = v
+        found |= find_keys(v, needle, f"{path}{k}.")
     return found
 
 
@@ -198,7 +191,8 @@ def compare_resume(ref: Path, resumed: Path, bitwise: bool) -> tuple[str, bool]:
         return "DIFFERS: step, tokens or data position", False
     if ha == hb and all(a[s] == b[s] for s in a):
         return "exact", True
-    gap = max(abs(a[s] - b[s]) / max(abs(a[s]), 1e-9) for s in a if a[s] is not None and b[s] is not None)
+    gap = max((abs(a[s] - b[s]) / max(abs(a[s]), 1e-9) for s in a if a[s] is not None and b[s] is not None),
+              default=math.inf)
     if bitwise:
         return f"DIFFERS: loss rel. {gap:.1e}, weights differ", False
     # CUDA kernels (atomics in backward) are not bitwise reproducible even without a stop: close is the bar.
@@ -216,7 +210,7 @@ def compile_counts(*run_dirs: Path) -> dict[str, int] | None:
 
 def measured_phases(run_dir: Path, cut: list[dict[str, Any]], plan: dict[str, Any]) -> list[dict[str, Any]]:
     """Per phase of the check: median tok/s and MFU (without the phase's first step, which compiles) and the
-    peak memory of its train events, next to the plan's estimate for that phase."""
+    peak memory of its train events, next to the plan's estimates for that phase."""
     events = [e for e in read_jsonl(run_dir / JSONL_NAME) if e.get("type") == "train"]
     out = []
     for c, p in zip(cut, plan["phases"]):
@@ -224,10 +218,14 @@ def measured_phases(run_dir: Path, cut: list[dict[str, Any]], plan: dict[str, An
         warm = mine[1:] or mine
         mfus = sorted(v for e in warm if isinstance(v := e.get("mfu"), int | float))
         mem = [v for e in mine for k in ("mem_peak_gb", "mem_rss_gb") if isinstance(v := e.get(k), int | float)]
+        cuda = any("mem_peak_gb" in e for e in mine)
         out.append({"seq_len": c["seq_len"], "tokens": p["tokens"], "tok_s": median_tok_s(warm),
                     "tok_s_plan": p["tokens_per_second"], "mfu": mfus[len(mfus) // 2] if mfus else None,
-                    "mem_bytes": max(mem) * 1024**3 if mem else None, "mem_plan": p["peak_memory_bytes"],
-                    "mem_kind": "cuda" if any("mem_peak_gb" in e for e in mine) else "rss"})
+                    "mem_bytes": max(mem) * 1024**3 if mem else None, "mem_kind": "cuda" if cuda else "rss",
+                    # CUDA: max_memory_allocated is tensors only, as the estimate before its allowance for the
+                    # context and allocator (the --probe comparison, docs/tiers.md); CPU: the process's RSS,
+                    # as the cpu plan's peak with its allowance for the Python process.
+                    "mem_plan": p["tensor_peak_bytes"] if cuda else p["peak_memory_bytes"]})
     return out
 
 
@@ -241,7 +239,6 @@ def overall_rate(phases: list[dict[str, Any]], key: str) -> float | None:
 def check_variant(variant: str, launcher_args: list[str], work: Path, ns: Any) -> Row:
     """Plan, run uninterrupted, run stopped + resumed, and compare: one row of the table."""
     from pretrain.plan.launch import plan_from_argv
-    from pretrain.plan.view import fmt_bytes, fmt_count
 
     row = Row(variant)
     _, plan_obj = plan_from_argv([*launcher_args, "--variant", variant, "--run-root", str(work / "plan")])
@@ -251,33 +248,48 @@ def check_variant(variant: str, launcher_args: list[str], work: Path, ns: Any) -
     shutil.rmtree(work / variant, ignore_errors=True)  # a reused --work-dir: fresh runs, not resumed ones
     ref, stopped = work / variant / "uninterrupted", work / variant / "stopped"
     argv_ref, cut = check_command(plan, ns.steps_per_phase, ns.max_accum, ref, mc, ns.compile)
-    argv_stop = set_flag(argv_ref, "out_dir", stopped)
     log = work / f"{variant}.log"
     row.figures["command"] = argv_ref
+    print(f"  {variant}: uninterrupted run, {len(cut)} phases x {ns.steps_per_phase} steps (log: {log})",
+          file=sys.stderr, flush=True)
     code, _ = run(trainer_argv(argv_ref), ref, log)
     if code != 0:
         row.failures.append(f"the uninterrupted run exited with {code} (log: {log})")
-    stop_at = ns.steps_per_phase  # the first phase's last step: evals, diagnostics, samples, downstream follow it
-    code_stop, latency = run(trainer_argv(argv_stop), stopped, log, stop_after_step=stop_at)
-    ends = [e for e in read_jsonl(stopped / JSONL_NAME) if e.get("type") == "end"]
-    signal_stop = bool(ends) and str(ends[-1].get("status", "")).startswith("stopped by signal")
-    if latency is None:
-        row.cells["stop"] = f"no stop (exit {code_stop})"
-        row.failures.append(f"the run to stop ended (exit {code_stop}) before logging step {stop_at}")
-    else:
-        how = "exit 75" if code_stop == STOPPED_EXIT else "legacy exit 0" if code_stop == 0 and signal_stop \
-            else f"exit {code_stop}"
-        row.cells["stop"] = f"{latency:.1f} s ({how})"
-        if not signal_stop or code_stop not in (0, STOPPED_EXIT) or not (stopped / "last.pt").is_file():
-            row.failures.append(f"SIGTERM did not end in a saved stop (exit {code_stop}; log: {log})")
-        if latency > ns.max_stop_seconds:
-            row.failures.append(f"stop took {latency:.1f} s, over {ns.max_stop_seconds:g} s")
-    code_resume, _ = run(trainer_argv(argv_stop), stopped, log)
-    if code_resume != 0:
-        row.failures.append(f"the resumed run exited with {code_resume} (log: {log})")
+        return row  # out of memory, a crash: nothing to measure, and the stop and resume would fail the same way
+    stop_and_resume(row, set_flag(argv_ref, "out_dir", stopped), stopped, log, ns.steps_per_phase, ns)
     row.cells["resume"], ok = compare_resume(ref, stopped, bitwise=plan["settings"]["device"]["value"] == "cpu")
     if not ok:
         row.failures.append(f"resume not exact: {row.cells['resume']}")
+    measure(row, plan, cut, ref, stopped, ns)
+    return row
+
+
+def stop_and_resume(row: Row, argv: list[str], run_dir: Path, log: Path, stop_at: int, ns: Any) -> None:
+    """The same run stopped by SIGTERM once step `stop_at` is logged (the first phase's last step: evals,
+    diagnostics, samples and downstream run then), then the same command again to resume and finish."""
+    print(f"  {row.variant}: the same run, SIGTERM once step {stop_at} is logged; then resumed", file=sys.stderr,
+          flush=True)
+    code, latency = run(trainer_argv(argv), run_dir, log, stop_after_step=stop_at)
+    ends = [e for e in read_jsonl(run_dir / JSONL_NAME) if e.get("type") == "end"]
+    by_signal = bool(ends) and str(ends[-1].get("status", "")).startswith("stopped by signal")
+    if latency is None:
+        row.cells["stop"] = f"no stop (exit {code})"
+        row.failures.append(f"the run to stop ended (exit {code}) before logging step {stop_at}")
+    else:
+        how = "exit 75" if code == STOPPED_EXIT else "legacy exit 0" if code == 0 and by_signal else f"exit {code}"
+        row.cells["stop"] = f"{latency:.1f} s ({how})"
+        if not (code == STOPPED_EXIT or code == 0 and by_signal) or not (run_dir / "last.pt").is_file():
+            row.failures.append(f"SIGTERM did not end in a saved stop (exit {code}; log: {log})")
+        if latency > ns.max_stop_seconds:
+            row.failures.append(f"stop took {latency:.1f} s, over {ns.max_stop_seconds:g} s")
+    code, _ = run(trainer_argv(argv), run_dir, log)
+    if code != 0:
+        row.failures.append(f"the resumed run exited with {code} (log: {log})")
+
+
+def measure(row: Row, plan: dict[str, Any], cut: list[dict[str, Any]], ref: Path, stopped: Path, ns: Any) -> None:
+    """The row's measured-vs-plan cells (tok/s, MFU, peak memory, host RAM, recompiles) and their checks."""
+    from pretrain.plan.view import fmt_bytes, fmt_count
 
     phases = measured_phases(ref, cut, plan)
     row.figures["phases"] = phases
@@ -286,28 +298,25 @@ def check_variant(variant: str, launcher_args: list[str], work: Path, ns: Any) -
                           if rate and rate_plan else "n/a")
     mfu, est = phases[-1]["mfu"], plan["estimate"]["effective_mfu"]  # the longest phase: most of the tokens
     row.cells["MFU"] = f"{mfu:.0%} / {est:.0%}" if mfu is not None else f"n/a / {est:.0%}"
-    worst = max((p for p in phases if p["mem_bytes"]), key=lambda p: p["mem_bytes"] / p["mem_plan"], default=None)
-    if worst is None:
-        row.cells["peak mem"] = "n/a"
-    else:
-        ratio = worst["mem_bytes"] / worst["mem_plan"]
-        row.cells["peak mem"] = (f"{fmt_bytes(worst['mem_bytes'])} / {fmt_bytes(worst['mem_plan'])} "
-                                 f"({ratio:.2f}x{', rss' if worst['mem_kind'] == 'rss' else ''})")
-        if worst["mem_kind"] == "cuda" and ratio > 1 + ns.mem_margin:
-            row.failures.append(f"seq {worst['seq_len']}: peak {fmt_bytes(worst['mem_bytes'])} is over the plan's "
-                                f"{fmt_bytes(worst['mem_plan'])} by more than {ns.mem_margin:.0%}")
+    # The device's peak counter only grows, so the run's peak is held against the plan's worst phase.
+    measured = [p["mem_bytes"] for p in phases if p["mem_bytes"]]
+    if measured:
+        peak, planned, kind = max(measured), max(p["mem_plan"] for p in phases), phases[-1]["mem_kind"]
+        ratio = peak / planned
+        row.cells["peak mem"] = f"{fmt_bytes(peak)} / {fmt_bytes(planned)} ({ratio:.2f}x{', rss' * (kind == 'rss')})"
+        if kind == "cuda" and ratio > 1 + ns.mem_margin:
+            row.failures.append(f"peak {fmt_bytes(peak)} allocated is over the plan's {fmt_bytes(planned)} (tensors) "
+                                f"by more than {ns.mem_margin:.0%}")
     host = {k: v for k, v in find_keys(plan, "host_ram").items() if isinstance(v, int | float)}
     row.cells["host RAM pinned"] = fmt_bytes(max(host.values())) if host else "n/a"
-    counts = compile_counts(ref, stopped)
-    row.figures["compile"] = counts
+    counts = row.figures["compile"] = compile_counts(ref, stopped)
     if counts is None:
         row.cells["recompiles"] = "n/a" if ns.compile else "off"
     else:
         row.cells["recompiles"] = f"{counts['recompiles']} (eager {counts['eager_fallbacks']})"
         if counts["recompiles"] or counts["eager_fallbacks"]:
             row.failures.append(f"{counts['recompiles']} recompiles, {counts['eager_fallbacks']} eager fallbacks "
-                                f"(TORCH_LOGS=recompiles {' '.join(trainer_argv(argv_ref)[1:])} shows why)")
-    return row
+                                "(TORCH_LOGS=recompiles with --work-dir DIR: DIR/<variant>.log says why)")
 
 
 COLUMNS = ["variant", "tok/s (plan)", "MFU (plan)", "peak mem (plan)", "host RAM pinned", "recompiles",
@@ -350,6 +359,7 @@ def build_parser() -> ArgumentParser:
                    help=f"longest acceptable SIGTERM-to-exit time (default {STOP_LIMIT_S:g}: a common grace period)")
     p.add_argument("--mem-margin", type=float, default=MEM_MARGIN, help="allowed CUDA peak over the plan (fraction)")
     p.add_argument("--work-dir", default=None, help="keep the runs and logs here (default: a temp dir, removed)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write every figure as JSON (to report back)")
     return p
 
 
@@ -392,11 +402,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"gpu-check: {v} ({len(rows) + 1}/{len(variants)}), runs in {work}", file=sys.stderr, flush=True)
             rows.append(check_variant(v, launcher, work, ns))
     finally:
-        if not ns.work_dir:
+        failed = len(rows) < len(variants) or any(r.failures for r in rows)
+        if not ns.work_dir and not failed:
             shutil.rmtree(work, ignore_errors=True)
+        elif not ns.work_dir:
+            print(f"gpu-check: kept the runs and trainer logs for a look: {work}", file=sys.stderr)
     where = gpu.name if device == "cuda" and gpu else "CPU"
     print_table(rows, f"gpu-check: tier {vram} on {where}, {ns.steps_per_phase} steps per phase, compile "
                       f"{'on' if ns.compile else 'off'}, {time.monotonic() - t0:.0f} s (measured / plan)")
+    if ns.json:
+        body = {"tier": vram, "device": where, "steps_per_phase": ns.steps_per_phase, "compile": ns.compile,
+                "rows": [{"variant": r.variant, "cells": r.cells, "failures": r.failures, **r.figures} for r in rows]}
+        Path(ns.json).write_text(json.dumps(body, indent=2, default=str) + "\n")
     return 1 if any(r.failures for r in rows) else 0
 
 

@@ -4,6 +4,7 @@ downstream shape is its own cold inductor compile (~15-20 s each on CPU), minute
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def test_cpu_check_runs_each_variant_stops_resumes_exactly_and_prints_one_table(
     work = tmp_path / "work"
     proc = run_check("--device", "cpu", "--variants", "baseline,decoupled", "--steps-per-phase", "2",
                      "--no-compile", "--data", str(made_bytes), "--val-frac", "0.05",
-                     "--max-stop-seconds", "600", "--work-dir", str(work))
+                     "--max-stop-seconds", "600", "--work-dir", str(work), "--json", str(tmp_path / "check.json"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gpu-check: tier cpu on CPU, 2 steps per phase, compile off" in proc.stdout
     rows = table_rows(proc.stdout)
@@ -52,6 +53,12 @@ def test_cpu_check_runs_each_variant_stops_resumes_exactly_and_prints_one_table(
         assert cell["recompiles"] in ("off", "n/a") or cell["recompiles"].startswith("0 (eager 0)"), cell
         # The stop landed after step 2 (the first phase's last step) and the resume finished all 4 steps.
         assert (work / name / "stopped" / "last.pt").is_file()
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert [r["variant"] for r in report["rows"]] == ["baseline", "decoupled"] and report["tier"] == "cpu"
+    for r in report["rows"]:
+        assert [p["seq_len"] for p in r["phases"]] == [128, 256]  # the cpu tier's two phases, shortened
+        assert all(p["tok_s"] > 0 and p["tok_s_plan"] > 0 and p["mem_kind"] == "rss" for p in r["phases"])
+        assert "--no-compile" in r["command"] and "--hellaswag" in r["command"] and "--tb" in r["command"]
     # The resume check can fail: two different runs (another variant) are not "exact".
     text, ok = compare_resume(work / "baseline" / "uninterrupted", work / "decoupled" / "uninterrupted", True)
     assert not ok and text.startswith("DIFFERS"), text
