@@ -70,3 +70,49 @@ def test_unknown_variant_is_one_line_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "unknown --variants nope" in proc.stderr and "decoupled" in proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+def _fake_run(d, losses, weight, mem_peak_gb=None):
+    """A run dir as the trainer leaves it, as far as gpu_check reads it: train events and last.pt."""
+    import torch
+
+    d.mkdir(parents=True)
+    mem = {"mem_peak_gb": mem_peak_gb} if mem_peak_gb is not None else {"mem_rss_gb": 1.0}
+    lines = [{"type": "train", "step": i + 1, "loss": v, "tok_s": 100.0, "mfu": 0.3, "seq_len": 8, **mem}
+             for i, v in enumerate(losses)]
+    (d / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    torch.save({"model": {"w": torch.tensor([weight])}, "step": len(losses), "tokens": 64 * len(losses),
+                "sampler": {"epoch": 0, "position": len(losses)}}, d / "last.pt")
+
+
+def test_resume_on_cuda_may_be_close_but_on_cpu_must_be_bitwise(tmp_path):
+    """CUDA kernels are not bitwise reproducible: a 1e-6 difference passes there as "close", never on CPU; a
+    real difference (1 %) fails on both."""
+    _fake_run(tmp_path / "a", [5.0, 4.0], 1.0)
+    _fake_run(tmp_path / "b", [5.0, 4.000004], 1.000001)
+    _fake_run(tmp_path / "c", [5.0, 4.04], 1.01)
+    assert compare_resume(tmp_path / "a", tmp_path / "a", bitwise=True) == ("exact", True)
+    assert compare_resume(tmp_path / "a", tmp_path / "b", bitwise=False)[1] is True
+    assert compare_resume(tmp_path / "a", tmp_path / "b", bitwise=False)[0].startswith("close")
+    assert compare_resume(tmp_path / "a", tmp_path / "b", bitwise=True)[1] is False
+    assert compare_resume(tmp_path / "a", tmp_path / "c", bitwise=False)[1] is False
+
+
+def test_cuda_peak_over_the_plan_fails_the_row_and_cpu_rss_does_not(tmp_path):
+    from argparse import Namespace
+
+    from pretrain.gpu_check import Row, measure
+
+    plan = {"phases": [{"tokens": 1000, "tokens_per_second": 100.0, "tensor_peak_bytes": 2 * 1024**3,
+                        "peak_memory_bytes": 3 * 1024**3}],
+            "estimate": {"effective_mfu": 0.4}, "host_ram_pinned_bytes": 5 * 1024**3}
+    cut = [{"seq_len": 8, "start_step": 0, "end_step": 2}]
+    ns = Namespace(mem_margin=0.10, compile=True)
+    for name, mem, fails in (("over", 2.5, True), ("under", 2.1, False), ("cpu", None, False)):
+        _fake_run(tmp_path / name, [5.0, 4.0], 1.0, mem_peak_gb=mem)
+        row = Row(name)
+        measure(row, plan, cut, tmp_path / name, tmp_path / name, ns)
+        assert bool(row.failures) == fails, (name, row.failures)
+        assert row.cells["host RAM pinned"] == "5.0 GiB" and row.cells["MFU"] == "30% / 40%"
+        assert row.cells["recompiles"] == "n/a"  # no `compile` in the end event: a trainer that does not count
+    assert row.cells["peak mem"] == "1.0 GiB / 3.0 GiB (0.33x, rss)"
