@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test lint demo bench gpu-check clean
 
 $(STAMP): requirements.txt requirements_runtime.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m pretrain.demo
+
+gpu-check: $(STAMP)
+	$(BIN)/python -m pretrain.gpu_check $(ARGS)
 
 bench: $(STAMP)
 	for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
