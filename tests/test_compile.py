@@ -9,8 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from model import ModelConfig
 from pretrain.track.runlog import read_jsonl
-from pretrain.train.config import parse_config
+from pretrain.train import speed
+from pretrain.train.config import TrainConfig, parse_config
 from pretrain.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,3 +53,17 @@ def test_end_event_compile_is_null_without_compile(byte_data, tmp_path):
                                  "--train-seq-len", "16", "--batch-size", "2", "--eval-iters", "1", "--no-compile"]))
     end = next(e for e in read_jsonl(out / "train.jsonl") if e["type"] == "end")
     assert result["compile"] is None and "compile" in end and end["compile"] is None
+
+
+def test_recompile_limit_covers_every_training_shape(monkeypatch):
+    """Every training shape is one more graph of the one Block.forward frame: a schedule with more shapes than the
+    default recompile limit (8) would train its last phases eagerly. (Compiling 9 graphs in a test costs minutes.)"""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    cfg = TrainConfig(steps=100, batch_size=8, grad_accum=1, compile=True)
+    seq_points = [(10 * i, 8 * (i + 1)) for i in range(8)]  # 8 lengths, the last at step 70
+    micro_points = [(0, 8), (75, 4), (100, 2)]  # a micro-batch change within the last length; 100 is past the end
+    assert speed.training_shapes(seq_points, micro_points, cfg) == 9
+    mcfg = ModelConfig(vocab_size=256, block_size=64, n_layer=2, n_head=2, d_model=32, d_ff=64)
+    speed.build_model(mcfg, cfg, torch.device("cpu"), shapes=9)
+    assert torch._dynamo.config.recompile_limit == 9 and torch._dynamo.config.suppress_errors
