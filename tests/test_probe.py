@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from pretrain.plan.probe import probe_phase
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.config import TrainConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64",
          "--seq-schedule", "32@0,64@10", "--steps", "20", "--val-frac", "0.05"]
 
@@ -69,3 +73,16 @@ def test_cpu_time_estimate_is_within_a_sane_factor_of_the_real_run(tmp_path, byt
         real = statistics.median(e["tok_s"] for e in events if e["type"] == "train" and e["seq_len"] == phase.seq_len
                                  and e["step"] > phase.start_step + 5)  # past the first window (start-up, warm-up)
         assert 1 / 3 < phase.tokens_per_second / real < 3, (phase.seq_len, phase.tokens_per_second, real)
+
+
+def test_probe_runs_from_any_directory_and_compiles_as_the_trainer(tmp_path, byte_data):
+    """The probe is a child process (as the trainer) that must import the package from outside the repo, and it
+    builds and compiles the model through the trainer's speed.build_model: one static graph per measured step,
+    no recompile (dynamic shapes used to recompile at the second shape), nothing run eagerly."""
+    argv = [sys.executable, str(ROOT / "run_1b_launch.py"), "--vram", "cpu", *SMALL, "--seq-schedule", "32@0",
+            "--data", str(byte_data), "--compile", "--probe", "--json"]
+    done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    probe = json.loads(done.stdout)["probe"]
+    assert [p["seq_len"] for p in probe] == [32] and probe[0]["picked_micro_batch"] == 8
+    assert [m["compile"] for m in probe[0]["tried"]] == [{"frames": 1, "recompiles": 0, "eager_fallbacks": 0}]

@@ -5,14 +5,17 @@ Used two ways:
     measure peak memory (`torch.cuda.max_memory_allocated()` on a GPU; on CPU the MemTracker figure of the same
     step on real tensors) and tok/s. When the measured peak does not fit (<= FITS of the device), the micro-batch
     halves until it does; when it fits and the doubled micro-batch is predicted to fit too, that is tried (an
-    out-of-memory error counts as "does not fit"), like a batch-size finder. On a GPU the probe runs in a child
-    process (`python -m pretrain.plan.probe`, request on stdin, JSON on stdout) so its CUDA context and cached
-    memory are gone before the trainer starts, and an out-of-memory crash cannot take the launcher with it.
+    out-of-memory error counts as "does not fit"), like a batch-size finder. The probe runs in a child process
+    (`python -m pretrain.plan.probe`, request on stdin, JSON on stdout) on every device, as the trainer does: its
+    CUDA context and cached memory are gone before the trainer starts, an out-of-memory crash cannot take the
+    launcher with it, and it starts from the trainer's process state (allocator setting, no compiled graphs).
   * the time estimate of every CPU plan (`measured_rate`): a matmul peak says little about a whole step on a
     few cores (loss, optimizer, Python overhead), so CPU plans time one warm-up and two real steps per phase.
 
 A probed step runs at most 2 micro-batches: memory depends only on whether earlier gradients are held, and the
 rate then slightly overweights the optimizer step (a conservative figure). Nothing is written to disk here.
+The model is built by the trainer's own `speed.build_model` (dtype, checkpointing, per-block static-shape compile,
+compile errors run eagerly), each measurement from a fresh dynamo state; what dynamo did is in `Measured.compile`.
 """
 
 from __future__ import annotations
@@ -21,19 +24,22 @@ import contextlib
 import functools
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from model import GPT, ModelConfig
+from model import ModelConfig
 from pretrain.plan.fit import FITS, PREDICTION_SLACK, micro_options, with_micro
 from pretrain.plan.memory import allowance, estimate_step_memory
 from pretrain.train import device as dev
+from pretrain.train import speed
 from pretrain.train.config import TrainConfig
 from pretrain.train.optim import build_optimizer, step_unless_nonfinite
 
@@ -42,6 +48,8 @@ MAX_PROBED_ACCUM = 2
 # A CPU plan does not time a step the matmul peak says would take longer than this (e.g. --vram cpu --size 1b):
 # the plan then falls back to the matmul peak and says so.
 MAX_CPU_STEP_SECONDS = 20.0
+# The directory holding the `pretrain` package: the child process imports it from there whatever the launcher's cwd.
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 # The CPU rate is timed on the planned micro-batch when the matmul peak says a step of it takes at most this long:
 # a small model's step is dominated by per-step overhead (optimizer, launch), so a smaller micro-batch understates
 # tok/s several-fold. Larger steps are timed on 2 sequences, where a CPU step is compute-bound anyway.
@@ -62,6 +70,7 @@ class Measured:
     device_bytes: int | None = None  # + the planner's allowance, compared with the device
     error: str | None = None  # "out of memory" when the step did not run
     fixed_bytes: int = 0  # weights + optimizer state + held gradients: what does not grow with the micro-batch
+    compile: dict[str, int] | None = None  # --compile: speed.compile_counts() of this measurement, else None
 
 
 @dataclass
@@ -86,19 +95,24 @@ class PhaseProbe:
         return cls(**(d | {"tried": [Measured(**m) for m in d["tried"]]}))
 
 
+def _fresh_compile_state() -> None:
+    """Dynamo as a trainer process starts with it. The blocks of every model built here are one frame (Block.forward),
+    so earlier measurements' shapes would otherwise count against the recompile limit and their counters add up."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+
 def _train_steps(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, device: torch.device, steps: int,
-                 min_seconds: float = 0.0) -> tuple[float, int | None, int]:
+                 min_seconds: float = 0.0) -> tuple[float, int | None, int, dict[str, int] | None]:
     """Median seconds per step of at least `steps` real optimizer steps (and `min_seconds` of them) after a
-    warm-up, the CUDA peak (None on CPU), and the bytes of weights + optimizer state + gradients held between
-    micro-batches."""
+    warm-up, the CUDA peak (None on CPU), the bytes of weights + optimizer state + gradients held between
+    micro-batches, and with --compile what dynamo did."""
     fp16 = cfg.amp and cfg.amp_dtype == "fp16"
-    torch.manual_seed(0)
-    model = GPT(mcfg).to(device=device, dtype=torch.bfloat16 if cfg.param_dtype == "bf16" else torch.float32)
-    model.grad_checkpoint = cfg.grad_checkpoint
-    model.train()
     if cfg.compile:
-        for block in model.blocks:
-            block.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+        _fresh_compile_state()
+    torch.manual_seed(0)
+    model = speed.build_model(mcfg, cfg, device)  # one training shape here: this seq_len at this micro-batch
+    model.train()
     optimizer = build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     accum = min(cfg.grad_accum, MAX_PROBED_ACCUM)
@@ -138,7 +152,8 @@ def _train_steps(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, device: torc
     weights = sum(p.numel() * p.element_size() for p in params)
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if torch.is_tensor(t))
-    return seconds, peak, weights + state + (weights if accum > 1 else 0)
+    compiled = speed.compile_counts() if cfg.compile else None
+    return seconds, peak, weights + state + (weights if accum > 1 else 0), compiled
 
 
 def measure(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, device: torch.device,
@@ -147,7 +162,7 @@ def measure(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, device: torch.dev
     accum = min(cfg.grad_accum, MAX_PROBED_ACCUM)
     out = Measured(cfg.batch_size)
     try:
-        seconds, peak, out.fixed_bytes = _train_steps(mcfg, cfg, seq_len, device, steps, min_seconds)
+        seconds, peak, out.fixed_bytes, out.compile = _train_steps(mcfg, cfg, seq_len, device, steps, min_seconds)
     except torch.OutOfMemoryError:
         out.error = "out of memory"
         return out
@@ -202,21 +217,18 @@ def probe_phase(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, device: torch
 
 def probe_plan(mcfg: ModelConfig, cfg: TrainConfig, phases: list[tuple[int, int]], capacity: int,
                sequences_per_proc: int) -> list[PhaseProbe]:
-    """Probe each (seq_len, planned micro-batch) on cfg.device; a GPU probe runs in a child process."""
-    if cfg.device == "cpu":
-        device = torch.device("cpu")
-        return [probe_phase(mcfg, with_micro(cfg, b, sequences_per_proc), t, device, capacity, sequences_per_proc)
-                for t, b in phases]
+    """Probe each (seq_len, planned micro-batch) on cfg.device, in a child process (module docstring)."""
     request = {"model": mcfg.to_dict(), "cfg": cfg.to_dict(), "phases": phases, "capacity": capacity,
                "sequences_per_proc": sequences_per_proc}
+    path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)
     done = subprocess.run([sys.executable, "-m", "pretrain.plan.probe"], input=json.dumps(request),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         from pretrain.cli import UserError
 
-        raise UserError(f"--probe failed on {cfg.device} ({tail}); plan without --probe, or check the GPU "
-                        "with nvidia-smi")
+        check = "" if cfg.device == "cpu" else ", or check the GPU with nvidia-smi"
+        raise UserError(f"--probe failed on {cfg.device} ({tail}); plan without --probe{check}")
     return [PhaseProbe.from_dict(d) for d in json.loads(done.stdout)]
 
 
@@ -253,6 +265,8 @@ def _child() -> int:
     """`python -m pretrain.plan.probe`: the GPU probe, request (JSON) on stdin, results (JSON) on stdout."""
     req = json.loads(sys.stdin.read())
     mcfg, cfg = ModelConfig.from_dict(req["model"]), TrainConfig.from_dict(req["cfg"])
+    if cfg.device != "cpu":
+        speed.configure_cuda_allocator()  # as the trainer (loop.train): before the first CUDA allocation
     device = dev.resolve_device(cfg.device)
     dev.setup_device(device)
     per_proc = req["sequences_per_proc"]

@@ -21,6 +21,7 @@ from pretrain.data.loader import ValWindows
 from pretrain.evals.diagnostics import diagnose, probe_rows
 from pretrain.evals.lengths import evaluate_lengths, length_windows, parse_eval_lengths
 from pretrain.train.config import TrainConfig
+from pretrain.train.speed import eagerly
 
 if TYPE_CHECKING:
     from pretrain.train.session import Session
@@ -47,6 +48,7 @@ def build_instruments(cfg: TrainConfig, mcfg: ModelConfig, ds: TokenDataset, eva
     return Instruments(windows, batch, trained_len)
 
 
+@eagerly  # lengths beyond training: not the training step's graphs (speed.py)
 def run_length_eval(s: Session) -> None:
     """Validation loss at every --eval-seq-lens length; called with each regular eval."""
     inst = s.instruments
@@ -59,6 +61,7 @@ def run_length_eval(s: Session) -> None:
     s.console.print(f"eval step {s.prog.step} by length (trained {inst.trained_len}): {text}")
 
 
+@eagerly
 def run_diagnostics(s: Session) -> None:
     """Attention diagnostics on the fixed batch; the loop calls this every --analysis-every steps."""
     inst = s.instruments

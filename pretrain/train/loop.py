@@ -298,7 +298,8 @@ def _finish(s: Session, status: str) -> None:
                         f"rerun the same command to resume")
     result = {"status": status, "saved": saved, "step": prog.step, "tokens": prog.tokens,
               "final_val_loss": final_val, "best_val_loss": prog.best_val, "skipped_steps": prog.skipped_steps,
-              "elapsed_s": prog.elapsed}
+              "elapsed_s": prog.elapsed,
+              "compile": speed.compile_counts() if s.cfg.compile else None}  # what dynamo did (speed.py)
     s.info["result"] = result
     if s.log:
         s.log.event("end", **result)

@@ -49,7 +49,7 @@ from pretrain.train.resume import (
     set_rng_state,
 )
 from pretrain.train.rundir import RunDirLock, check_out_dir, clear_run, set_branch_aside
-from pretrain.train.speed import compile_blocks
+from pretrain.train.speed import build_model, eagerly, training_shapes
 
 # wandb / TensorBoard namespace of each event type (train.jsonl keeps the type itself).
 METRIC_PREFIX = {"train": "train", "eval": "val", "eval_lengths": "val_len", "diagnostics": "diag"}
@@ -120,6 +120,7 @@ class Session:
         """The validation length now: --eval-seq-len, else the longest trained so far (schedule.eval_seq_len_at)."""
         return eval_seq_len_at(self.seq_points, self.prog.step, self.cfg.eval_seq_len)
 
+    @eagerly  # an eval batch under no_grad would be one more compiled graph per length (speed.py)
     def evaluate(self) -> tuple[float, bool]:
         """Mean loss over the fixed validation windows; returns (loss, is_new_best)."""
         seq_len = self.eval_seq_len()
@@ -142,6 +143,7 @@ class Session:
         run_length_eval(self)
         return loss, best
 
+    @eagerly  # the KV cache's position is a guard: one recompile per token
     def sample(self) -> None:
         """Greedy and sampled continuations of the fixed prompts -> train.jsonl and a wandb Table."""
         cfg, step = self.cfg, self.prog.step
@@ -157,6 +159,7 @@ class Session:
         self.console.print(line)
         self._note("sample step", f"{line} (all prompts: `sample` events in train.jsonl)")
 
+    @eagerly
     def downstream(self) -> None:
         """Multiple-choice accuracy on --hellaswag -> train.jsonl, wandb, TensorBoard (downstream/*)."""
         result = downstream_score(self.model, self.codec, self.mc_items, self.device, self.autocast)
@@ -294,16 +297,9 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     seed_everything(cfg.seed)
-    model = GPT(mcfg)
-    model.to(device=device, dtype=torch.bfloat16 if cfg.param_dtype == "bf16" else torch.float32)
+    model = build_model(mcfg, cfg, device, training_shapes(points, micro_points, cfg))  # compiled per block
     if cfg.init_from and not start.resumed:
         load_init_from(model, cfg.init_from)
-    model.grad_checkpoint = cfg.grad_checkpoint
-    if cfg.compile:
-        # A card or driver that inductor cannot compile for should cost speed, not the run: dynamo then
-        # logs the failure once and runs that code eagerly.
-        torch._dynamo.config.suppress_errors = True
-        compile_blocks(model, cfg.compile_mode)  # per block, in place, static shapes
     wrapped = dist_lib.wrap_model(model, cfg.fsdp, cfg.cpu_offload, dist, device,
                                   dev.amp_dtype(cfg.amp_dtype) if cfg.amp else None)
     optimizer = build_optimizer(model, cfg, device)
