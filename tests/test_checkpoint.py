@@ -180,7 +180,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path: Path, warnings_seen)
     evil = tmp_path / "run" / "last.pt"
     evil.parent.mkdir()
     torch.save({"model": {"w": torch.ones(2)}, "step": 9, "x": _Payload(marker)}, evil)
-    with pytest.raises(UserError, match="non-data object"):
+    with pytest.raises(UserError, match="was refused: it holds Python objects"):
         load_checkpoint(evil)
     # find_resume skips it rather than running it, and there is nothing else to resume from.
     assert CheckpointManager(evil.parent, warn=warnings_seen.append).find_resume() is None
