@@ -11,6 +11,7 @@ model.safetensors and the user's README) is never deleted.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -199,10 +200,13 @@ def export(run_dir: Path, out: Path, checkpoint: str = "last", dtype: str | None
                   "reason": why, **info}
         readme = _OUR_README.format(**fields)
     tensors = {k: v.to(to) if v.is_floating_point() else v for k, v in tensors.items()}
-    # Write beside the target, then rename: an interrupted export never leaves a half-written dir.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    tmp = None
     try:
+        # Write beside the target, then rename: an interrupted export never leaves a half-written dir.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        _reserve(tmp / "model.safetensors", need)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(readme)
@@ -210,9 +214,35 @@ def export(run_dir: Path, out: Path, checkpoint: str = "last", dtype: str | None
         _write_marker(tmp, run_dir, ckpt_path, state.get("step"), "llama" if why is None else OUR_FORMAT)
         _open_permissions(tmp)
         _replace(tmp, out)
+    except OSError as e:
+        raise _write_error(e, out, need) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return "llama" if why is None else OUR_FORMAT
+
+
+def _reserve(path: Path, size: int) -> None:
+    """Claim the weights' bytes on disk first: a full disk then raises OSError(ENOSPC) here, while safetensors
+    would report it as its own SafetensorError, which carries no errno."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, max(size, 1))
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # no fallocate here: just write
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_error(e: OSError, out: Path, need: int) -> UserError:
+    """A failed export write in the user's words, decided by errno."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"no space left on the disk of {out} (the weights need {need / 2**20:,.0f} MiB); free disk "
+                         "space or choose another --out")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"cannot write --out {out}: {os.strerror(e.errno)}; choose a writable --out")
+    return UserError(f"cannot write --out {out} ({e.strerror or e}); choose another --out")
 
 
 def load_exported(path: str | Path) -> GPT:

@@ -231,3 +231,23 @@ def test_overwrite_recognises_only_its_own_marker(tmp_path, capsys):
     marker = json.loads((export / ".pretrain-export.json").read_text())
     assert marker["tool"] == "pretrain.export" and marker["run"] == str(run.resolve())
     assert marker["files"] == sorted(p.name for p in export.iterdir() if p.name != ".pretrain-export.json")
+
+
+def test_full_disk_is_one_line_naming_it(tmp_path, capsys):
+    """safetensors reports a full disk as its own SafetensorError (no errno, a traceback); the user must read
+    that the disk is full. Needs a real small filesystem: a 1 MiB tmpfs (root; skipped where mount is refused)."""
+    from pretrain.cli import run_cli
+
+    _, run = fake_run(tmp_path, vocab_size=8192, d_model=128, d_ff=256)  # ~5 MiB of weights
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        assert run_cli(export_main, [str(run), "--out", str(disk / "hf")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: no space left on the disk of") and "hf" in err, err
+        assert list(disk.iterdir()) == []  # nothing half-written left behind
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
