@@ -8,7 +8,6 @@ Loading always uses ``weights_only=True``: a checkpoint is data, never code.
 
 from __future__ import annotations
 
-import errno
 import os
 import pickle
 import re
@@ -28,6 +27,7 @@ import torch
 
 from pretrain.cli import UserError
 from pretrain.fsio import fsync_dir
+from pretrain.train.ckpt_errors import OwnedWriter, refused_globals, why_write_failed
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -188,43 +188,12 @@ def _tmp_path(target: Path) -> Path:
     return target.with_name(f"{_TMP_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}")
 
 
-class _OwnedWriter:
-    """The file object torch.save writes through: every byte or the OSError the OS gave, remembered.
-
-    torch's zip writer turns a failed or short write into its own RuntimeError ("[enforce fail at
-    inline_container.cc:...] unexpected pos"), which names neither the disk nor errno; keeping the OSError
-    lets the caller say what happened (ENOSPC: the disk is full) without reading torch's message text.
-    """
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self.error: OSError | None = None
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        done = 0
-        try:
-            while done < len(view):
-                n = self._f.write(view[done:])
-                if not n:  # a regular file never takes 0 bytes without an error; do not spin on it
-                    raise OSError(errno.EIO, f"write took no bytes of {len(view) - done}")
-                done += n
-        except OSError as e:
-            self.error = self.error or e
-            raise
-        return done
-
-    def flush(self) -> None:
-        self._f.flush()
-
-
 def _atomic_write(target: Path, state: dict) -> int:
     """Serialize state to a temp file beside target, fsync, rename over target. Returns bytes written."""
     tmp = _tmp_path(target)
-    writer = None
     try:
         with open(tmp, "wb") as f:
-            writer = _OwnedWriter(f)
+            writer = OwnedWriter(f)
             try:
                 _write_payload(writer, state)  # type: ignore[arg-type]
             except Exception as e:
@@ -300,7 +269,7 @@ def load_checkpoint(path: Path | str) -> dict:
         if zipfile.is_zipfile(path):
             _verify_crcs(path)
         raise UserError(f"checkpoint {path} was refused: it holds Python objects that weights_only loading does "
-                        f"not allow{_refused_globals(path)}, so it was not made by this trainer or was tampered "
+                        f"not allow{refused_globals(path)}, so it was not made by this trainer or was tampered "
                         "with; nothing in it was run. Delete it or resume from another checkpoint") from None
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, KeyError, ... for broken files
         raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it or resume "
@@ -309,16 +278,6 @@ def load_checkpoint(path: Path | str) -> dict:
         raise UserError(f"checkpoint {path} holds a {type(state).__name__}, not a dict; resume from another")
     _verify_crcs(path)
     return state
-
-
-def _refused_globals(path: Path) -> str:
-    """ " (a.B, c.d)": the Python objects the file names that weights_only loading refuses, read from its
-    pickle without running it; empty when torch cannot list them (a legacy, non-zip file)."""
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # noqa: BLE001 - only a detail of the message
-        return ""
-    return f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
 
 
 def _verify_crcs(path: Path) -> None:
@@ -332,36 +291,6 @@ def _verify_crcs(path: Path) -> None:
     if bad is not None:
         raise UserError(f"checkpoint {path} is corrupt ({bad} fails its CRC check); delete it or resume from "
                         f"another checkpoint")
-
-
-def _os_error(e: BaseException | None) -> OSError | None:
-    """The first OSError with an errno in `e`'s chain (raised from, or while handling, another error)."""
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError) and e.errno:
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _why_write_failed(e: Exception, run_dir: Path) -> tuple[str, str]:
-    """(cause, fix) of a failed write in a user's words, decided by errno (`_OwnedWriter` keeps the OS's
-    error even when torch reports it as its own RuntimeError), never by the wording of a message."""
-    os_error = _os_error(e)
-    code = os_error.errno if os_error else None
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        try:
-            free = f" ({shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free once the partial file was removed)"
-        except OSError:
-            free = ""
-        what = "the disk quota" if code == errno.EDQUOT else "the disk"
-        return f"No space left on device: {what} of {run_dir} is full{free}", "free disk space"
-    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"{run_dir} is not writable: {os.strerror(code)}", f"make {run_dir} writable"
-    if os_error is not None:
-        return f"{os.strerror(code)} (errno {errno.errorcode.get(code, code)})", f"check the disk of {run_dir}"
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "see the error above"
 
 
 # ------------------------------------------------------------------------------------------------ manager
@@ -440,7 +369,7 @@ class CheckpointManager:
             fsync_dir(self.run_dir)
         except Exception as e:  # noqa: BLE001 - any failure must leave training running
             kept = "last.pt was saved" if last_written else "previous checkpoint kept"
-            why, self.last_error_fix = _why_write_failed(e, self.run_dir)
+            why, self.last_error_fix = why_write_failed(e, self.run_dir)
             self._fail(f"checkpoint write for step {step} failed ({why}); {kept}, training goes on", "write")
             return
         self.last_write_seconds = time.perf_counter() - t0
