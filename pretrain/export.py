@@ -3,11 +3,15 @@
 baseline/gqa runs become `LlamaForCausalLM` safetensors + config.json (layout in `pretrain/llama.py`), with
 GPT-2's tokenizer files so `AutoTokenizer` and `pipeline("text-generation")` work offline. bottleneck /
 decoupled attention (and null_attn / learned_temp) have no Llama equivalent: they export as our own
-safetensors + config.json, loadable with `load_exported`. `--overwrite` replaces only a previous export.
+safetensors + config.json, loadable with `load_exported`. Every export carries a marker file
+(`.pretrain-export.json`: this tool, the source run, the files it wrote); `--overwrite` replaces a directory
+only when that marker is there and the directory holds nothing else, so a look-alike (a Llama config.json, a
+model.safetensors and the user's README) is never deleted.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -21,7 +25,6 @@ import torch
 
 from model import GPT, ModelConfig
 from pretrain.cli import ArgumentParser, UserError, script_exit_code
-from pretrain.data.hf_tokenizer import FILES as HF_TOKENIZER_FILES
 from pretrain.data.hf_tokenizer import write_hf_tokenizer
 from pretrain.llama import llama_config, llama_incompatibility, to_llama
 from pretrain.train.checkpoint import load_checkpoint
@@ -79,32 +82,70 @@ Trained with `train_v29.py`, step {step}, from `{ckpt}`. Tokenizer: {tokenizer}.
 """
 
 
-EXPORT_FILES = {"model.safetensors", "config.json", "README.md", *HF_TOKENIZER_FILES}
+MARKER = ".pretrain-export.json"  # written into every export; what --overwrite recognises, and nothing else
+_TOOL = "pretrain.export"
 
 
-def _is_previous_export(out: Path) -> bool:
-    """A directory this command wrote: only export files, and a config.json of ours or of a Llama."""
+def _marker_files(out: Path) -> set[str] | None:
+    """Names this command wrote into `out`, from its marker; None when `out` holds no marker of ours."""
+    marker = out / MARKER
     try:
-        names = {p.name for p in out.iterdir()}
-        config = json.loads((out / "config.json").read_text())
+        if marker.is_symlink() or not marker.is_file():
+            return None
+        info = json.loads(marker.read_text())
     except (OSError, ValueError):
-        return False
-    return names <= EXPORT_FILES and (config.get("format") == OUR_FORMAT or config.get("model_type") == "llama")
+        return None
+    files = info.get("files") if isinstance(info, dict) and info.get("tool") == _TOOL else None
+    if not isinstance(files, list) or not all(isinstance(f, str) and "/" not in f for f in files):
+        return None
+    return set(files)
 
 
 def check_out(run_dir: Path, out: Path, overwrite: bool) -> None:
-    """Refuse an --out that is a file, holds the run, or holds anything but a previous export."""
+    """Refuse an --out that is a file, holds the run, or is anything but a previous export of this command
+    (its marker present, and nothing in it the export did not write)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory to write the export into")
-    if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
+    real = out.resolve()  # a symlink is judged (and replaced) by what it points at
+    if real == run_dir.resolve() or real in run_dir.resolve().parents:
         raise UserError(f"--out {out} would replace the run directory {run_dir}; choose a new directory")
-    if not out.exists() or not any(out.iterdir()):
+    if not real.exists() or not any(real.iterdir()):
         return
-    if not _is_previous_export(out):
-        raise UserError(f"--out {out} holds files that are not an export (--overwrite only replaces a previous "
-                        "export); choose another --out")
+    files = _marker_files(real)
+    if files is None:
+        raise UserError(f"--out {out} holds files and no {MARKER}, so it is not an export made by this command "
+                        "(--overwrite only replaces those); choose another --out, or empty it yourself")
+    other = sorted(p.name for p in real.iterdir()
+                   if p.name != MARKER and (p.name not in files or p.is_symlink() or not p.is_file()))
+    if other:
+        raise UserError(f"--out {out} holds a previous export plus files it did not write ({', '.join(other[:3])}"
+                        f"{', ...' if len(other) > 3 else ''}); move them out or choose another --out")
     if not overwrite:
         raise UserError(f"{out} holds a previous export; pass --overwrite to replace it or choose another --out")
+
+
+def _write_marker(tmp: Path, run_dir: Path, ckpt_path: Path, step: Any, kind: str) -> None:
+    files = sorted(p.name for p in tmp.iterdir())
+    info = {"tool": _TOOL, "format": kind, "run": str(run_dir.resolve()), "checkpoint": str(ckpt_path.resolve()),
+            "step": step, "files": files}
+    (tmp / MARKER).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Put the finished `tmp` at `out`, moving a previous export (checked by check_out) aside first and
+    back should the rename fail, so `out` is never left half old, half new."""
+    old = None
+    try:
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+        tmp.rename(out)
+    except OSError as e:
+        if old is not None and not out.exists():
+            old.rename(out)
+        raise UserError(f"cannot write --out {out} ({e.strerror or e}); choose another --out") from None
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def _write_tokenizer(out: Path, name: str | None, mcfg: ModelConfig) -> None:
@@ -134,6 +175,7 @@ def export(run_dir: Path, out: Path, checkpoint: str = "last", dtype: str | None
 
     ckpt_path = resolve_checkpoint(run_dir, checkpoint)
     check_out(run_dir, out, overwrite)
+    out = out.resolve()  # through a symlink: the export lands where it points, the link stays
     state = load_checkpoint(ckpt_path)
     if "model" not in state or "model_config" not in state:
         raise UserError(f"{ckpt_path} is not a train_v29.py checkpoint (no model / model_config)")
@@ -158,21 +200,49 @@ def export(run_dir: Path, out: Path, checkpoint: str = "last", dtype: str | None
                   "reason": why, **info}
         readme = _OUR_README.format(**fields)
     tensors = {k: v.to(to) if v.is_floating_point() else v for k, v in tensors.items()}
-    # Write beside the target, then rename: an interrupted export never leaves a half-written dir.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    tmp = None
     try:
+        # Write beside the target, then rename: an interrupted export never leaves a half-written dir.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        _reserve(tmp / "model.safetensors", need)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(readme)
         _write_tokenizer(tmp, info.get("tokenizer"), mcfg)
+        _write_marker(tmp, run_dir, ckpt_path, state.get("step"), "llama" if why is None else OUR_FORMAT)
         _open_permissions(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _replace(tmp, out)
+    except OSError as e:
+        raise _write_error(e, out, need) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return "llama" if why is None else OUR_FORMAT
+
+
+def _reserve(path: Path, size: int) -> None:
+    """Claim the weights' bytes on disk first: a full disk then raises OSError(ENOSPC) here, while safetensors
+    would report it as its own SafetensorError, which carries no errno."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, max(size, 1))
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # no fallocate here: just write
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_error(e: OSError, out: Path, need: int) -> UserError:
+    """A failed export write in the user's words, decided by errno."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"no space left on the disk of {out} (the weights need {need / 2**20:,.0f} MiB); free disk "
+                         "space or choose another --out")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"cannot write --out {out}: {os.strerror(e.errno)}; choose a writable --out")
+    return UserError(f"cannot write --out {out} ({e.strerror or e}); choose another --out")
 
 
 def load_exported(path: str | Path) -> GPT:
@@ -203,7 +273,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer whose Hugging Face files to include (default: the run dataset's, e.g. gpt2)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a previous export in --out (never a run dir or a directory holding other files)")
+                   help=f"replace a previous export in --out: a directory holding this command's {MARKER} and "
+                        "nothing else (never a run dir or a directory holding other files)")
     return p
 
 

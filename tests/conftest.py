@@ -38,7 +38,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+import errno  # noqa: E402
 import functools  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -149,3 +151,45 @@ def nan_at_step(monkeypatch, step: int) -> None:
         return out
 
     monkeypatch.setattr(GPT, "forward", forward)
+
+
+class _FillingDiskFile(io.RawIOBase):
+    """A file on a disk with `free` bytes left: a write past them writes what fits and returns the short count,
+    the next one fails with ENOSPC (what the OS does)."""
+
+    def __init__(self, path: str, free: int) -> None:
+        self._f = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close()
+        self.free = free
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if view.nbytes and not self.free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = self._f.write(view[: self.free])
+        self.free -= n
+        return n
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def full_disk(monkeypatch, free_bytes: int) -> None:
+    """Checkpoint files land on a disk with `free_bytes` left: each file the checkpoint writer opens gets that
+    much (then ENOSPC), through a buffered file object like open()'s; reading is untouched."""
+    import builtins
+
+    import pretrain.train.checkpoint as ck
+
+    def open_on_full_disk(path, mode="r", *args, **kwargs):
+        if "w" not in mode:
+            return builtins.open(path, mode, *args, **kwargs)
+        return io.BufferedWriter(_FillingDiskFile(str(path), free_bytes))
+
+    monkeypatch.setattr(ck, "open", open_on_full_disk, raising=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, full_disk
 
 PY = sys.executable
 PREPARE, LAUNCH, TRAIN = str(ROOT / "prepare_fineweb.py"), str(ROOT / "run_1b_launch.py"), str(ROOT / "train_v29.py")
@@ -337,20 +337,22 @@ def test_diverged_weights_are_not_blamed_on_the_disk(world, tmp_path, capsys):
 
 
 def test_full_disk_is_named_not_torch_internals(world, tmp_path, capsys, monkeypatch):
+    """The disk fills during a checkpoint write: torch 2.13's zip writer reports the short write as "[enforce
+    fail at inline_container.cc:672] unexpected pos"; the user must read that the disk is full, and what to do."""
     import errno
 
-    import pretrain.train.checkpoint as ck
     from pretrain.track.runlog import RunLog
 
-    def torch_full_disk(f, state):
-        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
-                           "data/3: file write failed")
-
-    monkeypatch.setattr(ck, "_write_payload", torch_full_disk)
+    full_disk(monkeypatch, free_bytes=100_000)  # the checkpoint is ~300 KB
     argv = ["--data", str(world["data"]), "--out-dir", str(tmp_path / "run"), *TINY, "--steps", "2"]
     assert _train_main(argv) == 1
     out = capsys.readouterr()
-    assert "inline_container" not in out.out + out.err and "no space left" in (out.out + out.err).lower()
+    text = out.out + out.err
+    assert "inline_container" not in text and "unexpected pos" not in text, text
+    warning = [line for line in text.splitlines() if line.startswith("warning: checkpoint write")]
+    assert warning and "No space left on device: the disk of" in warning[0], text
+    final = [line for line in text.splitlines() if line.startswith("error: could not save step 2")]
+    assert final and "free disk space, then rerun" in final[0], text
     # The run log hitting the full disk: one line, exit 2, no traceback.
     monkeypatch.undo()
     real_event = RunLog.event
@@ -365,6 +367,39 @@ def test_full_disk_is_named_not_torch_internals(world, tmp_path, capsys, monkeyp
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err and last.startswith("error: no space left") and "free disk space" in last, err
+
+
+class _ShellPayload:
+    """Unpickling this would run a shell command (creating `marker`); os.* is what real payloads call."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_refused_checkpoint_is_named_refused_not_truncated(world, tmp_path, capsys):
+    """A checkpoint whose pickle calls os.system: weights_only loading refuses it. The trainer (named with
+    --resume, or found as last.pt) and export must say it was refused, not that it is truncated."""
+    import torch
+
+    from pretrain.train.checkpoint import load_checkpoint
+
+    run = _copy_run(world, tmp_path)
+    marker = tmp_path / "ran"
+    torch.save({**load_checkpoint(run / "last.pt"), "x": _ShellPayload(marker)}, run / "evil.pt")
+    argv = ["--data", str(world["data"]), "--out-dir", str(run), *TINY, "--steps", "3"]
+    assert _train_main([*argv, "--resume", str(run / "evil.pt")]) == 2
+    assert _export_main([str(run), "--out", str(tmp_path / "hf"), "--checkpoint", str(run / "evil.pt")]) == 2
+    for line in capsys.readouterr().err.splitlines():
+        assert line.startswith("error: checkpoint") and "evil.pt was refused" in line, line
+        assert "truncated" not in line and "not made by this trainer or was tampered with" in line, line
+    (run / "evil.pt").replace(run / "last.pt")  # the resume point itself: skipped, the step file resumes
+    assert _train_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "skipping unloadable checkpoint: checkpoint" in err and "last.pt was refused" in err, err
+    assert "truncated" not in err and not marker.exists()
 
 
 def test_read_only_run_dir_is_one_line_before_anything_is_written(world, tmp_path, capsys, monkeypatch):

@@ -423,7 +423,7 @@ def test_pickle_payload_checkpoint_is_refused_and_never_runs(byte_data, tmp_path
     result = run_inprocess(byte_data, out, "--steps", "6")
     err = capfd.readouterr().err
     assert result["status"] == "completed" and not marker.exists()
-    assert "non-data object" in err and "nothing in it was executed" in err
+    assert "was refused: it holds Python objects" in err and "nothing in it was run" in err
     assert events(out, "resume")[-1]["step"] == 4
 
     # With every candidate hostile there is nothing to resume: one clear error, nothing overwritten or run.
@@ -436,7 +436,7 @@ def test_pickle_payload_checkpoint_is_refused_and_never_runs(byte_data, tmp_path
     assert err.strip().splitlines()[-1].startswith("error:") and "--overwrite" in err
     assert {p.name: p.read_bytes() for p in out.glob("*.pt")} == before
     assert not marker.exists()
-    with pytest.raises(UserError, match="non-data object"):
+    with pytest.raises(UserError, match="was refused: it holds Python objects"):
         load_checkpoint(out / "last.pt")
     # Control: the planted payload is live, so only the refusal kept it from running.
     torch.load(out / "last.pt", weights_only=False)

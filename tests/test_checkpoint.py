@@ -180,7 +180,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path: Path, warnings_seen)
     evil = tmp_path / "run" / "last.pt"
     evil.parent.mkdir()
     torch.save({"model": {"w": torch.ones(2)}, "step": 9, "x": _Payload(marker)}, evil)
-    with pytest.raises(UserError, match="non-data object"):
+    with pytest.raises(UserError, match="was refused: it holds Python objects"):
         load_checkpoint(evil)
     # find_resume skips it rather than running it, and there is nothing else to resume from.
     assert CheckpointManager(evil.parent, warn=warnings_seen.append).find_resume() is None
@@ -361,3 +361,33 @@ def test_kill_9_during_writes_never_leaves_a_torn_checkpoint(tmp_path: Path) -> 
     resumed.save({"model": {"w": torch.full((4,), float(start))}, "step": start}, step=start)
     resumed.wait()
     assert temp_files(run) == []  # the resumed run's first save clears what the kills left behind
+
+
+def test_tied_embedding_is_stored_once_stays_tied_on_resume_and_matches_the_plan(gpt2_data, tmp_path) -> None:
+    """The launcher's plan, run by the trainer: last.pt holds wte/lm_head once (state_dict() gives each name a
+    fresh tensor object, so an id()-keyed snapshot stored it twice), its size is the plan's checkpoint figure,
+    and the resumed model's lm_head is still wte."""
+    from pretrain.plan import launch
+    from pretrain.train.config import parse_config
+    from pretrain.train.loop import main as train_main
+    from pretrain.train.session import open_session
+
+    small = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64"]
+    _, plan = launch.plan_from_argv(["--vram", "cpu", "--data", str(gpt2_data), "--val-frac", "0.05", "--steps", "2",
+                                     "--run-root", str(tmp_path / "runs"), *small], gpu=None)
+    argv = [*plan.command[2:], "--eval-iters", "1", "--live", "off", "--device", "cpu"]
+    assert train_main(argv) == 0
+    last = Path(plan.cfg.out_dir) / "last.pt"
+    size = last.stat().st_size
+    # GPT-2 vocab at d_model 64: the embedding is most of the model, so storing it twice is ~1/3 of the file.
+    assert abs(size - plan.checkpoint_bytes) < 0.01 * size, (size, plan.checkpoint_bytes)
+    saved = load_checkpoint(last)["model"]
+    assert saved["lm_head.weight"].data_ptr() == saved["wte.weight"].data_ptr()
+
+    session = open_session(parse_config([*argv, "--steps", "3"]))
+    try:
+        assert session.resumed and session.prog.step == 2
+        assert session.model.lm_head.weight is session.model.wte.weight
+        assert torch.equal(session.model.wte.weight.detach(), saved["wte.weight"])
+    finally:
+        session.close()

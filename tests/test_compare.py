@@ -118,3 +118,39 @@ def test_steps_come_from_the_end_event_and_same_names_show_paths(runs, tmp_path)
     a, b = compare_runs([stopped, runs["base"]])
     assert (a["steps"], a["tokens"], a["status"]) == (5, 640, "stopped by signal SIGINT")
     assert (a["run"], b["run"]) == (str(stopped), str(runs["base"]))
+
+
+def test_seed_groups_count_finished_runs_once_per_recorded_seed(runs, byte_data, tmp_path, capsys):
+    """A seed group's mean holds finished runs with distinct recorded seeds: a copy of a run (same seed) and a
+    run killed after its step-0 eval are shown on rows of their own saying why, never averaged in."""
+    import shutil
+
+    seed2 = tmp_path / "base-seed2"
+    train(parse_config(["--data", str(byte_data), "--out-dir", str(seed2), *FAST, "--steps", "6",
+                        "--eval-every", "3", "--save-every", "0", "--seed", "2"]))
+    copy = tmp_path / "zz-copy-of-base"  # the directory name says nothing; the recorded seed does
+    shutil.copytree(runs["base"], copy)
+    killed = tmp_path / "base-seed3"  # killed right after its step-0 eval
+    records = [r for r in read_jsonl(runs["base"] / "train.jsonl") if r["type"] in ("meta", "eval")][:2]
+    records[0]["train_config"]["seed"] = 3
+    killed.mkdir()
+    (killed / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    assert main([str(runs["base"]), str(seed2), str(copy), str(killed), "--json", "--no-plot"]) == 0
+    rows = {r["run"].split(" ")[0]: r for r in json.loads(capsys.readouterr().out)}
+    mean = rows["base"]
+    assert mean["seeds"] == 2 and mean["members"] == ["base", "base-seed2"] and mean["seed_list"] == [2, 1337]
+    finished = compare_runs([runs["base"], seed2])
+    assert mean["best_val_loss"] == pytest.approx(sum(r["best_val_loss"] for r in finished) / 2)
+    assert mean["status"] == "completed"
+    assert "duplicate of base" in rows["zz-copy-of-base"]["note"] and "seed 1337" in rows["zz-copy-of-base"]["note"]
+    assert "unfinished" in rows["base-seed3"]["note"] and rows["base-seed3"]["seeds"] is None
+
+    out = tmp_path / "cmp.png"
+    assert main([str(runs["base"]), str(seed2), str(copy), str(killed), "--out", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[-1] == "note" and out.read_bytes()[:8] == PNG_MAGIC
+    (mean_line,) = [line for line in table if line.startswith("base (+1 seed)")]
+    assert " 2 " in mean_line and "completed" in mean_line and "mixed" not in mean_line
+    (copy_line,) = [line for line in table if line.startswith("zz-copy-of-base")]
+    assert "not in the mean" in copy_line and "*" not in copy_line  # the best mark is for counted rows only

@@ -103,6 +103,8 @@ def test_two_ranks_match_single_process_and_only_rank0_writes(runs, mode):
     assert sorted(p.name for p in run.glob("*.pt")) == ["best.pt", "last.pt", "step_3.pt", "step_6.pt"]
     state = load_checkpoint(run / "last.pt")
     assert state["world_size"] == 2 and not any("_orig_mod" in k or "module." in k for k in state["model"])
+    # The tied embedding is stored once (FSDP's full gather gives each name its own copy).
+    assert state["model"]["lm_head.weight"].data_ptr() == state["model"]["wte.weight"].data_ptr()
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

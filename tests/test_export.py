@@ -186,3 +186,68 @@ def test_overwrite_replaces_only_a_previous_export(tmp_path):
         export_main([str(run), "--out", str(hf), "--dtype", "bf16"])
     assert export_main([str(run), "--out", str(hf), "--dtype", "bf16", "--overwrite"]) == 0
     assert (hf / "model.safetensors").read_bytes() != first
+
+
+def test_overwrite_recognises_only_its_own_marker(tmp_path, capsys):
+    """--overwrite replaces a directory only when this command's marker says it wrote everything in it: never
+    a Llama look-alike (config.json, model.safetensors, the user's README), an export the user added files to,
+    or one whose marker is gone; through a symlink it replaces what the link points at, and keeps the link."""
+    from pretrain.cli import run_cli
+
+    _, run = fake_run(tmp_path)
+    lookalike = tmp_path / "lookalike"
+    lookalike.mkdir()
+    (lookalike / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 250}))
+    (lookalike / "model.safetensors").write_bytes(b"someone else's weights")
+    (lookalike / "README.md").write_text("my notes on this model")
+    export = tmp_path / "export"
+    assert export_main([str(run), "--out", str(export)]) == 0
+    added = tmp_path / "added"
+    assert export_main([str(run), "--out", str(added)]) == 0
+    (added / "notes.txt").write_text("mine")
+    unmarked = tmp_path / "unmarked"
+    assert export_main([str(run), "--out", str(unmarked)]) == 0
+    (unmarked / ".pretrain-export.json").unlink(missing_ok=True)
+    swapped = tmp_path / "swapped"  # a file the export wrote is now the user's directory
+    assert export_main([str(run), "--out", str(swapped)]) == 0
+    (swapped / "README.md").unlink()
+    (swapped / "README.md").mkdir()
+    (swapped / "README.md" / "draft.txt").write_text("mine")
+    capsys.readouterr()
+    for out, needle in [(lookalike, "not an export"), (added, "notes.txt"), (unmarked, "not an export"),
+                        (swapped, "README.md")]:
+        before = _tree(out)
+        assert run_cli(export_main, [str(run), "--out", str(out), "--overwrite"]) == 2, out
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err and "Traceback" not in err, (out, err)
+        assert _tree(out) == before, out
+
+    link = tmp_path / "link"
+    link.symlink_to(export)
+    assert run_cli(export_main, [str(run), "--out", str(link), "--dtype", "bf16", "--overwrite"]) == 0
+    assert link.is_symlink() and link.resolve() == export.resolve()
+    assert json.loads((export / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or moved-aside dir left
+    marker = json.loads((export / ".pretrain-export.json").read_text())
+    assert marker["tool"] == "pretrain.export" and marker["run"] == str(run.resolve())
+    assert marker["files"] == sorted(p.name for p in export.iterdir() if p.name != ".pretrain-export.json")
+
+
+def test_full_disk_is_one_line_naming_it(tmp_path, capsys):
+    """safetensors reports a full disk as its own SafetensorError (no errno, a traceback); the user must read
+    that the disk is full. Needs a real small filesystem: a 1 MiB tmpfs (root; skipped where mount is refused)."""
+    from pretrain.cli import run_cli
+
+    _, run = fake_run(tmp_path, vocab_size=8192, d_model=128, d_ff=256)  # ~5 MiB of weights
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        assert run_cli(export_main, [str(run), "--out", str(disk / "hf")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: no space left on the disk of") and "hf" in err, err
+        assert list(disk.iterdir()) == []  # nothing half-written left behind
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

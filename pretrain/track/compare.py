@@ -23,7 +23,7 @@ from pretrain.cli import ArgumentParser, UserError
 from pretrain.track.kv_plot import plot_quality_vs_kv
 from pretrain.track.plots import events_by_step, new_figure, save_png
 from pretrain.track.runlog import JSONL_NAME, median_tok_s, read_jsonl
-from pretrain.track.seeds import band, group_key, group_rows
+from pretrain.track.seeds import band, group_key, group_rows, seed_groups
 
 # Column key -> header, in print order.
 COLUMNS = {
@@ -114,10 +114,10 @@ def _measured_columns(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
     return cols
 
 
-def run_row(run_dir: Path) -> dict[str, Any]:
+def run_row(run_dir: Path, warn: bool = True) -> dict[str, Any]:
     """One run's figures; missing ones are None (a run killed before its first eval has no val loss)."""
     records = read_jsonl(run_dir / JSONL_NAME)
-    meta = _meta(records, run_dir)
+    meta = _meta(records, run_dir, warn)
     end = next((r for r in reversed(records) if r.get("type") == "end"), None)
     train = events_by_step(records, "train")
     evals = [e for e in events_by_step(records, "eval") if _num(e.get("loss")) is not None]
@@ -164,9 +164,9 @@ def run_row(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def compare_runs(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+def compare_runs(paths: Sequence[str | os.PathLike], warn: bool = True) -> list[dict[str, Any]]:
     """One row per run (see `run_row`); UserError for a path that is not a run directory."""
-    rows = [run_row(p) for p in find_runs(paths)]
+    rows = [run_row(p, warn) for p in find_runs(paths)]
     names = [r["run"] for r in rows]
     for r in rows:
         if names.count(r["run"]) > 1:  # same name under different roots: the path tells them apart
@@ -188,7 +188,7 @@ def _human(n: float) -> str:
 def _cell(key: str, row: dict[str, Any]) -> str:
     value = row.get(key)
     if value is None:
-        return "-"
+        return "" if key == "note" else "-"
     sd = row.get(f"{key}_sd")
     if sd is not None:  # a seed group: mean ± sample sd
         return f"{_one(key, row, value)} ± {_one(key, row, sd)}"
@@ -226,7 +226,10 @@ def table_columns(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
     extra |= length_columns(rows)
     keys = list(COLUMNS)
     cut = keys.index("steps")
-    return {k: COLUMNS.get(k) or extra[k] for k in keys[:cut] + list(extra) + keys[cut:]}
+    columns = {k: COLUMNS.get(k) or extra[k] for k in keys[:cut] + list(extra) + keys[cut:]}
+    if any(r.get("left_out") for r in rows):  # a run a seed group leaves out says why, and the mean says of what
+        columns["note"] = "note"
+    return columns
 
 
 def length_columns(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
@@ -238,16 +241,18 @@ def length_columns(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Plain aligned text (no box characters: it is pasted into issues and notebooks). Best val marked *."""
     columns = table_columns(rows)
-    best = min((r["best_val_loss"] for r in rows if r.get("best_val_loss") is not None), default=None)
+    # The star goes to a counted row: an unfinished or duplicate run is not a result to pick.
+    best = min((r["best_val_loss"] for r in rows if r.get("best_val_loss") is not None and not r.get("left_out")),
+               default=None)
     table = [list(columns.values())]
     for r in rows:
         cells = [_cell(k, r) for k in columns]
-        if best is not None and r.get("best_val_loss") == best and len(rows) > 1:
+        if best is not None and r.get("best_val_loss") == best and len(rows) > 1 and not r.get("left_out"):
             cells[list(columns).index("best_val_loss")] += " *"
         table.append(cells)
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     # Text columns left-aligned, numbers right-aligned so digits line up.
-    left = {"run", "variant", "status"}
+    left = {"run", "variant", "status", "note"}
     lines = []
     for line in table:
         parts = [c.ljust(w) if k in left else c.rjust(w) for c, w, k in zip(line, widths, columns, strict=True)]
@@ -275,37 +280,40 @@ def plot_length_curves(rows: Sequence[dict[str, Any]], out_png: str | os.PathLik
 
 
 def plot_val_curves(paths: Sequence[str | os.PathLike], out_png: str | os.PathLike) -> Path:
-    """Overlay every run's val loss against tokens seen; write `out_png` atomically and return its path."""
+    """Overlay every run's val loss against tokens seen; write `out_png` atomically and return its path.
+    A seed group's counted runs share one line and band; a run it leaves out is a dashed line of its own."""
     fig, ax = new_figure("Validation loss vs tokens", "tokens", "val cross-entropy loss", size=(8, 4.8))
     lows, highs = [], []
-    run_dirs = find_runs(paths)
-    names = [d.name for d in run_dirs]
-    groups: dict[Any, list[tuple[str, str | None, list]]] = {}  # seeds of one config share a line and band
-    for i, run_dir in enumerate(run_dirs):
-        records = read_jsonl(run_dir / JSONL_NAME)
-        meta = _meta(records, run_dir, warn=False)
-        points = [(e["tokens"], e["loss"]) for e in events_by_step(records, "eval")
-                  if _num(e.get("tokens")) is not None and _num(e.get("loss")) is not None]
-        if not points:
-            continue
-        name = run_dir.name if names.count(run_dir.name) == 1 else str(run_dir)
-        key = group_key(meta.get("train_config")) or i
-        groups.setdefault(key, []).append((name, _variant(meta.get("model_config")), points))
-    for members in groups.values():
-        name, variant, points = members[0]
-        label = f"{name} ({variant})" if variant else name
-        if len(members) > 1:
-            xs, ys, sds = band([m[2] for m in members])
-            label = f"{label}, mean ± sd of {len(members)} seeds"
-            line = ax.plot(xs, ys, "o-", ms=3, lw=1.5, label=label)[0]
-            ax.fill_between(xs, [y - d for y, d in zip(ys, sds, strict=True)],
-                            [y + d for y, d in zip(ys, sds, strict=True)], color=line.get_color(), alpha=0.2)
-        else:
-            xs, ys = (list(v) for v in zip(*points, strict=True))
-            sds = [0.0] * len(ys)
-            ax.plot(xs, ys, "o-", ms=3, lw=1.5, label=label)
+    rows = compare_runs(paths, warn=False)  # the table has said what is malformed
+    points: dict[str, list] = {}
+    for r in rows:
+        records = read_jsonl(Path(r["path"]) / JSONL_NAME)
+        points[r["path"]] = [(e["tokens"], e["loss"]) for e in events_by_step(records, "eval")
+                             if _num(e.get("tokens")) is not None and _num(e.get("loss")) is not None]
+    curves: list[tuple[str, list, list[float], list[float], str]] = []  # label, xs, ys, sds, line style
+    for counted, left in seed_groups(rows):
+        counted = [m for m in counted if points[m["path"]]]
+        if counted:
+            first = counted[0]
+            label = f"{first['run']} ({first['variant']})" if first.get("variant") else first["run"]
+            if len(counted) > 1:
+                xs, ys, sds = band([points[m["path"]] for m in counted])
+                curves.append((f"{label}, mean ± sd of {len(counted)} seeds", xs, ys, sds, "o-"))
+            else:
+                xs, ys = (list(v) for v in zip(*points[first["path"]], strict=True))
+                curves.append((label, xs, ys, [0.0] * len(ys), "o-"))
+        for m in left:
+            if points[m["path"]]:
+                xs, ys = (list(v) for v in zip(*points[m["path"]], strict=True))
+                why = m["left_out"].removeprefix("not in the mean: ")
+                curves.append((f"{m['run']} ({why})", xs, ys, [0.0] * len(ys), "o--"))
+    for label, xs, ys, sds, style in curves:
         if not ys:
             continue
+        line = ax.plot(xs, ys, style, ms=3, lw=1.5, label=label)[0]
+        if any(sds):
+            ax.fill_between(xs, [y - d for y, d in zip(ys, sds, strict=True)],
+                            [y + d for y, d in zip(ys, sds, strict=True)], color=line.get_color(), alpha=0.2)
         lows.append(min(y - d for y, d in zip(ys, sds, strict=True)))  # the whole band stays in view
         highs.append(ys[1] if len(ys) > 2 else max(ys))
     if lows:
@@ -342,7 +350,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m pretrain.trac
         _measure([r["path"] for r in compare_runs(args.runs)], args)
     runs = compare_runs(args.runs)
     metrics = GROUP_METRICS + list(_measured_columns(runs)) + list(length_columns(runs))
-    rows = runs if args.per_seed else group_rows(runs, metrics)
+    rows = group_rows(runs, metrics, merge=not args.per_seed)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     if not args.no_plot:
         out = Path(args.out) if args.out else Path(runs[0]["path"]).parent / "compare.png"

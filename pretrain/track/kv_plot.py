@@ -23,7 +23,7 @@ def plot_quality_vs_kv(rows: Sequence[dict[str, Any]], out_png: str | os.PathLik
     for r in rows:
         kv = r.get("kv_measured") or r.get("kv_bytes_per_token")
         loss = r.get("best_val_loss")
-        if kv is None or loss is None:
+        if kv is None or loss is None or r.get("left_out"):  # an unfinished or duplicate run is not a result
             continue
         ax.errorbar([kv], [loss], yerr=[r.get("best_val_loss_sd") or 0.0], fmt="o", capsize=4,
                     label=f"{r['run']} ({r.get('variant') or '?'})")

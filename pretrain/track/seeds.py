@@ -2,6 +2,10 @@
 
 A difference between two variants means little until it is larger than the spread between seeds of one
 variant; grouping makes that spread visible in the table (± sd) and in the plots (a band).
+
+Only finished runs with distinct seeds (the seed each run recorded in its meta event, not its directory name)
+go into a mean. A run still in progress, stopped or killed (a step-0 log beside a finished run) and a second
+run of a seed already counted (a copied run dir) keep their own row, marked with why they are left out.
 """
 
 from __future__ import annotations
@@ -41,32 +45,67 @@ def _num(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def group_rows(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per seed group (in first-seen order). A group of one keeps its row as is; a larger group
-    gets the mean of each metric, `<metric>_sd`, `seeds` (the count) and `members` (its run names)."""
+def seed_groups(rows: Sequence[dict[str, Any]]) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    """Per seed group (first-seen order): (the runs its mean counts, the others each with `left_out` saying
+    why). A group of runs that differ only in --seed counts each finished run once per recorded seed."""
     groups: dict[Any, list[dict[str, Any]]] = {}
     for i, r in enumerate(rows):
         groups.setdefault(r.get("group_key") or ("run", i), []).append(r)
     out = []
     for members in groups.values():
-        if len(members) == 1:
-            out.append(dict(members[0], seeds=1))
+        if len(members) == 1:  # nothing to average it with: shown as it is, whatever its state
+            out.append((members, []))
             continue
-        first = members[0]
-        row = {k: v for k, v in first.items() if k not in metrics}
-        seeds = sorted(m.get("seed") for m in members if m.get("seed") is not None)
-        extra = len(members) - 1
-        row |= {"run": f"{first['run']} (+{extra} seed{'s' if extra > 1 else ''})", "seeds": len(members),
-                "members": [m["run"] for m in members], "seed_list": seeds}
-        for key in metrics:
-            values = [m[key] for m in members if _num(m.get(key))]
-            row[key] = mean_sd(values)[0] if values else None
-            if len(set(values)) > 1:  # identical across seeds (tokens, KV bytes): no spread to show
-                row[f"{key}_sd"] = mean_sd(values)[1]
-        statuses = {m.get("status") for m in members}
-        row["status"] = statuses.pop() if len(statuses) == 1 else "mixed"
-        out.append(row)
+        counted: list[dict[str, Any]] = []
+        left: list[dict[str, Any]] = []
+        first_of: dict[Any, dict[str, Any]] = {}
+        for m in members:
+            seed = m.get("seed")
+            if m.get("status") != "completed":
+                why = f"not in the mean: unfinished at step {m.get('steps')}"
+            elif seed is None:
+                why = "not in the mean: no seed recorded"
+            elif seed in first_of:
+                why = f"not in the mean: seed {seed} again, a duplicate of {first_of[seed]['run']}"
+            else:
+                first_of[seed] = m
+                counted.append(m)
+                continue
+            left.append(dict(m, left_out=why))
+        out.append((counted, left))
     return out
+
+
+def group_rows(rows: Sequence[dict[str, Any]], metrics: Sequence[str], merge: bool = True) -> list[dict[str, Any]]:
+    """One row per seed group (in first-seen order), then a row per run the group leaves out (`left_out`,
+    `note`: why). A group of one keeps its row as is; a larger one gets the mean of each metric,
+    `<metric>_sd`, `seeds` (the count), `members` (its run names), `seed_list`. merge=False (--per-seed): every
+    run its own row, the left-out ones still marked."""
+    out = []
+    for members, left in seed_groups(rows):
+        if not merge or len(members) == 1:
+            out += [dict(m, seeds=1) for m in members]
+        elif members:
+            out.append(_mean_row(members, metrics))
+        out += [dict(m, seeds=None, note=m["left_out"]) for m in left]
+    return out
+
+
+def _mean_row(members: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict[str, Any]:
+    """The mean (± sample sd) row of the counted (finished, one per seed) runs of one seed group."""
+    first = members[0]
+    row = {k: v for k, v in first.items() if k not in metrics}
+    seeds = sorted(m["seed"] for m in members)
+    extra = len(members) - 1
+    row |= {"run": f"{first['run']} (+{extra} seed{'s' if extra > 1 else ''})", "seeds": len(members),
+            "members": [m["run"] for m in members], "seed_list": seeds,
+            "note": f"mean of seeds {', '.join(map(str, seeds))}"}
+    for key in metrics:
+        values = [m[key] for m in members if _num(m.get(key))]
+        row[key] = mean_sd(values)[0] if values else None
+        if len(set(values)) > 1:  # identical across seeds (tokens, KV bytes): no spread to show
+            row[f"{key}_sd"] = mean_sd(values)[1]
+    return row
 
 
 def band(curves: Sequence[Sequence[tuple[float, float]]]) -> tuple[list[float], list[float], list[float]]:

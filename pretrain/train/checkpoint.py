@@ -11,8 +11,8 @@ Loading always uses ``weights_only=True``: a checkpoint is data, never code.
 
 from __future__ import annotations
 
-import errno
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -31,6 +31,7 @@ from pretrain.cli import UserError
 from pretrain.fsio import fsync_dir
 from pretrain.train import device as dev
 from pretrain.train import staging
+from pretrain.train.ckpt_errors import OwnedWriter, refused_globals, why_write_failed
 from pretrain.train.staging import STAGING_BYTES, HostStaging
 
 LAST = "last.pt"
@@ -117,7 +118,13 @@ def _atomic_write(target: Path, state: dict) -> int:
     tmp = _tmp_path(target)
     try:
         with open(tmp, "wb") as f:
-            _write_payload(f, state)
+            writer = OwnedWriter(f)
+            try:
+                _write_payload(writer, state)  # type: ignore[arg-type]
+            except Exception as e:
+                if writer.error is not None and writer.error is not e:
+                    raise writer.error from e  # the OS's reason, not torch's report of it
+                raise
             f.flush()
             os.fsync(f.fileno())
             size = f.tell()
@@ -178,13 +185,20 @@ def load_checkpoint(path: Path | str) -> dict:
         # weights_only=True: only tensors and plain containers are rebuilt, so a pickle payload never runs.
         # Passing it explicitly also wins over TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD in the environment.
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ...
-        bad_global = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if bad_global:
-            why = f"holds a non-data object ({bad_global.group(1)}); refused, nothing in it was executed"
-        else:
-            why = f"is truncated or not a checkpoint ({type(e).__name__})"
-        raise UserError(f"checkpoint {path} {why}; delete it or resume from another checkpoint") from None
+    except OSError as e:  # the file itself cannot be read: permissions, I/O error
+        raise UserError(f"checkpoint {path} cannot be read ({e.strerror or e}); fix its permissions or the disk, "
+                        "or resume from another checkpoint") from None
+    except pickle.UnpicklingError:
+        # The weights-only unpickler refused something. A flipped bit can look like that too, so a file whose
+        # CRCs fail is called corrupt (by _verify_crcs) before it is called refused.
+        if zipfile.is_zipfile(path):
+            _verify_crcs(path)
+        raise UserError(f"checkpoint {path} was refused: it holds Python objects that weights_only loading does "
+                        f"not allow{refused_globals(path)}, so it was not made by this trainer or was tampered "
+                        "with; nothing in it was run. Delete it or resume from another checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, KeyError, ... for broken files
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it or resume "
+                        "from another checkpoint") from None
     if not isinstance(state, dict):
         raise UserError(f"checkpoint {path} holds a {type(state).__name__}, not a dict; resume from another")
     _verify_crcs(path)
@@ -202,21 +216,6 @@ def _verify_crcs(path: Path) -> None:
     if bad is not None:
         raise UserError(f"checkpoint {path} is corrupt ({bad} fails its CRC check); delete it or resume from "
                         f"another checkpoint")
-
-
-def _why_write_failed(e: Exception, run_dir: Path) -> str:
-    """The cause of a failed write in a user's words: torch reports a full disk as an inline_container.cc
-    enforce failure, which names neither the disk nor the fix."""
-    nospace = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-    if nospace or "No space left" in str(e) or "file write failed" in str(e):
-        try:
-            free = f", {shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free"
-        except OSError:
-            free = ""
-        return f"No space left on device: the disk of {run_dir} is full{free}"
-    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"{run_dir} is not writable: {os.strerror(e.errno)}"
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 # ------------------------------------------------------------------------------------------------ manager
@@ -239,6 +238,7 @@ class CheckpointManager:
         self.warn = warn or _stderr  # the trainer can route warnings through its console
         self.last_error: str | None = None  # message of the last failed save; kept after later successes
         self.last_error_kind: str | None = None  # "nonfinite" (diverged weights) or "write" (disk, permissions)
+        self.last_error_fix = "free disk space"  # what the user should do about the last failed write
         self.consecutive_failures = 0  # reset by a successful save; lets the trainer stop cleanly
         self.last_write_seconds: float | None = None
         self.last_saved_step: int | None = None
@@ -329,8 +329,8 @@ class CheckpointManager:
             fsync_dir(self.run_dir)
         except Exception as e:  # noqa: BLE001 - any failure must leave training running
             kept = "last.pt was saved" if last_written else "previous checkpoint kept"
-            self._fail(f"checkpoint write for step {step} failed ({_why_write_failed(e, self.run_dir)}); {kept}, "
-                       "training goes on", "write")
+            why, self.last_error_fix = why_write_failed(e, self.run_dir)
+            self._fail(f"checkpoint write for step {step} failed ({why}); {kept}, training goes on", "write")
             return
         self.last_write_seconds = time.perf_counter() - t0
         self.last_saved_step = step

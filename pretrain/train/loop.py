@@ -288,8 +288,8 @@ def _finish(s: Session, status: str) -> None:
                             f"diverged); {kept}: restart with a lower --lr (--resume never --overwrite) or "
                             "check the data")
         else:
-            s.console.print(f"error: could not save step {prog.step} ({s.ckpt.last_error}); {kept}: free disk "
-                            "space, then rerun the same command to resume")
+            s.console.print(f"error: could not save step {prog.step} ({s.ckpt.last_error}); {kept}: "
+                            f"{s.ckpt.last_error_fix}, then rerun the same command to resume")
         status = f"{status}; final save failed"
     elif untouched:
         s.console.print(f"{status}: nothing new was trained; rerun the same command to continue")
