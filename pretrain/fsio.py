@@ -1,8 +1,10 @@
-"""Crash-safe file writes shared by datasets, run logs and checkpoints: temp file, fsync, rename, fsync dir."""
+"""File safety shared by datasets, run logs and checkpoints: crash-safe writes (temp file, fsync, rename, fsync
+dir), refusing files that are not regular files before opening them, and one-process-per-directory locks."""
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -34,3 +36,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def regular_file_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as a plain file (a FIFO, a device, a directory), or None. Raises
+    FileNotFoundError when it does not exist. A FIFO or device would make open()/read() block or never end."""
+    st = os.stat(path)
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode)
+            else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+    return f"{path} is {kind}, not a regular file"
