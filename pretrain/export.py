@@ -26,6 +26,7 @@ import torch
 from model import GPT, ModelConfig
 from pretrain.cli import ArgumentParser, UserError, script_exit_code
 from pretrain.data.hf_tokenizer import write_hf_tokenizer
+from pretrain.evals.run_model import checked_model_config
 from pretrain.llama import llama_config, llama_incompatibility, to_llama
 from pretrain.train.checkpoint import load_checkpoint
 
@@ -177,9 +178,7 @@ def export(run_dir: Path, out: Path, checkpoint: str = "last", dtype: str | None
     check_out(run_dir, out, overwrite)
     out = out.resolve()  # through a symlink: the export lands where it points, the link stays
     state = load_checkpoint(ckpt_path)
-    if "model" not in state or "model_config" not in state:
-        raise UserError(f"{ckpt_path} is not a train_v29.py checkpoint (no model / model_config)")
-    mcfg = ModelConfig.from_dict(state["model_config"])
+    mcfg = checked_model_config(state, ckpt_path)  # the weights back the config: nothing huge gets allocated
     weights = {k.replace("_orig_mod.", ""): v for k, v in state["model"].items()}
     to = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype or "")
     to = to or weights["wte.weight"].dtype

@@ -449,3 +449,48 @@ def test_help_shows_defaults_and_the_compare_subcommand(capsys):
     assert "(default: 1.0)" in trainer and "(default: 1000)" in trainer and "(default: adamw)" in trainer
     assert "the run" in trainer.split("--max-bad-steps")[-1][:200] and "reload" not in trainer
     assert "compare" in launch_parser().format_help()
+
+
+# --------------------------------------------------------- 19.8: sizes read from files, bounded before allocating
+def _limited_memory() -> None:
+    import resource
+
+    # 6 GB of address space: what these files asked for (hundreds of GB) fails fast instead of swapping the host
+    resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+
+def _run_limited(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limited_memory)
+
+
+@pytest.mark.parametrize("how", ["huge model", "huge block", "shapes differ"])
+def test_generate_refuses_a_checkpoint_whose_model_config_the_weights_do_not_back(world, tmp_path, how):
+    """A 3 KB checkpoint whose model_config describes a huge model made generate allocate until it died."""
+    import torch
+
+    from pretrain.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(world["run"] / "last.pt")
+    change = {"huge model": {"n_layer": 4096, "d_model": 8192, "d_ff": 32768, "n_head": 64, "n_kv_head": 64},
+              "huge block": {"block_size": 1 << 40}, "shapes differ": {"d_ff": 64}}[how]
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({**state, "model_config": {**state["model_config"], **change}}, run / "last.pt")
+    proc = _run_limited(["-m", "pretrain.generate", str(run), "--prompt", "The", "--max-new-tokens", "4",
+                         "--tokenizer", "bytes"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error:") and proc.stderr.count("\n") == 1, proc.stderr
+    assert str(run / "last.pt") in proc.stderr and "model_config" in proc.stderr, proc.stderr
+
+
+def test_a_manifest_with_an_absurd_vocab_is_one_line_before_anything_is_written(tmp_path):
+    """vocab_size 2**31 in a manifest: the trainer wrote its lock, then tried to allocate ~550 GB."""
+    from test_data import make_dataset
+
+    data = make_dataset(tmp_path / "ds", train_sizes=(3_000,), val_sizes=(2_000,), dtype="uint32", vocab=2**31)
+    proc = _run_limited([TRAIN, "--data", str(data), "--out-dir", str(tmp_path / "run"), *TINY, "--steps", "2"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error:") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "vocab_size 2,147,483,648" in proc.stderr and str(data / "manifest.json") in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import ROOT, sample_parquet_dir
+from conftest import ROOT, sample_parquet_dir, sample_texts
 
 from pretrain.cli import run_cli
 from pretrain.data import cli as prepare_fineweb
@@ -243,3 +243,100 @@ def test_a_signal_while_the_interpreter_exits_does_not_turn_a_finished_run_into_
             "sys.exit(code)\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+# ------------------------------------------------------------------- issue 19.3: one output, one prepare, one line
+def test_two_prepares_into_one_output_one_wins_the_other_is_one_line(tmp_path):
+    """Different sources 0.2 s apart: both exited 0 and the dataset was one of them (or a mix)."""
+    jl = tmp_path / "other.jsonl"
+    jl.write_text("".join(json.dumps({"text": f"other document {i}. " * 40}) + "\n" for i in range(400)))
+    out = tmp_path / "ds"
+    procs = []
+    for source in (SAMPLE, jl):
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "prepare_fineweb.py"), "--tokens", "100K",
+                                       "--shard-tokens", "20K", "--source", str(source), "--output", str(out),
+                                       "--workers", "1", "--progress", "none"], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+        time.sleep(0.2)
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    codes = [code for code, _ in results]
+    one_error_line(results[codes.index(2)][1], str(out))
+    m = consistent(out)
+    winner = (SAMPLE, jl)[codes.index(0)]
+    assert m["complete"] and m["source"]["files"][0].startswith(str(winner.resolve())), m["source"]
+
+
+def test_fewer_tokens_after_an_interrupted_prepare_is_refused_and_deletes_nothing(tmp_path, monkeypatch, capsys):
+    """It re-planned for the smaller --tokens: finished train shards deleted, the old 10% validation kept (50%)."""
+    import pretrain.data.prepare as prep
+
+    out, real, calls = tmp_path / "ds", prep._save_shard, []
+
+    def interrupted_after_four(*args, **kwargs):
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        calls.append(1)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(prep, "_save_shard", interrupted_after_four)
+    assert cli(*ARGS, "--output", out, "--workers", 1) == 130
+    monkeypatch.setattr(prep, "_save_shard", real)
+    capsys.readouterr()
+    before = hashes(out)
+    assert len(before) == 4 and not consistent(out)["complete"]
+    assert cli("--tokens", "60K", "--shard-tokens", "40K", "--source", SAMPLE, "--output", out, "--workers", 1) == 2
+    one_error_line(capsys.readouterr().err, str(out), "--tokens 300,000", "new --output")
+    assert hashes(out) == before
+
+
+def test_a_single_txt_source_says_exactly_what_to_do_and_that_works(tmp_path, capsys):
+    """One .txt is one document: it straddles the validation cut and is dropped, so no --val-tokens could help."""
+    from pretrain.data.dataset import open_dataset
+
+    txt = tmp_path / "book.txt"
+    txt.write_text("\n\n".join(sample_texts(200_000)))
+    out = tmp_path / "book"
+    assert cli("--tokens", "20K", "--source", txt, "--output", out, "--workers", 1) == 2
+    err = capsys.readouterr().err
+    one_error_line(err, f"--output {out}.npy", "--val-frac")
+    assert cli("--tokens", "20K", "--source", txt, "--output", f"{out}.npy", "--workers", 1) == 0
+    ds = open_dataset(f"{out}.npy", val_frac=0.05)
+    assert ds.train_tokens + ds.val_tokens == 20_000
+
+
+@pytest.mark.parametrize("where", ["footer", "row group"])
+def test_a_corrupt_parquet_is_one_line_naming_the_file(tmp_path, capsys, where):
+    """A 27-line pyarrow traceback without the file's name."""
+    src = sorted(SAMPLE.glob("*.parquet"))[0]
+    bad = tmp_path / "src" / src.name
+    bad.parent.mkdir()
+    data = bytearray(src.read_bytes())
+    if where == "footer":
+        data = data[: len(data) // 2]
+    else:  # the first row group's pages: the footer (and check()) stay fine, reading the text fails
+        data[100:20_000] = b"\xff" * 19_900
+    bad.write_bytes(bytes(data))
+    assert cli("--tokens", "30K", "--source", bad, "--output", tmp_path / "ds", "--workers", 1) == 2
+    one_error_line(capsys.readouterr().err, str(bad), "corrupt")
+
+
+def test_a_prepare_that_finished_meanwhile_is_not_overwritten(tmp_path, monkeypatch, capsys):
+    """The other order of the race above: the first prepare ends between the second's look at --output (empty)
+    and its first write; the second must not delete the first's shards as "leftovers"."""
+    import pretrain.data.prepare as prep
+
+    jl = tmp_path / "other.jsonl"
+    jl.write_text("".join(json.dumps({"text": f"other document {i}. " * 40}) + "\n" for i in range(400)))
+    out, real = tmp_path / "ds", prep.tokenized
+
+    def another_prepare_first(*args, **kwargs):
+        monkeypatch.setattr(prep, "tokenized", real)
+        prepare(60_000, out, [str(jl)], shard_tokens=20_000, workers=1, progress="none")
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(prep, "tokenized", another_prepare_first)
+    assert cli("--tokens", "60K", "--shard-tokens", "20K", "--source", SAMPLE, "--output", out, "--workers", 1) == 2
+    one_error_line(capsys.readouterr().err, "another prepare wrote", str(out))
+    m = consistent(out)
+    assert m["complete"] and m["source"]["files"] == [str(jl.resolve())]

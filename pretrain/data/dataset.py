@@ -13,13 +13,15 @@ import numpy as np
 from pretrain.cli import UserError
 from pretrain.data.fingerprint import dataset_fingerprint
 from pretrain.data.manifest import MANIFEST, read_manifest, read_meta
+from pretrain.data.shards import Segment, Shard
+from pretrain.fsio import regular_file_problem
 
 
 class TokenDataset:
-    """Train and validation token segments (memmaps or slices of them) plus tokenizer facts."""
+    """Train and validation token segments (read with pread, see shards.py) plus tokenizer facts."""
 
     def __init__(self, path: str, tokenizer: str, vocab_size: int, eot_id: int, dtype: str,
-                 train: list[np.ndarray], val: list[np.ndarray], val_source: str) -> None:
+                 train: list[Segment], val: list[Segment], val_source: str) -> None:
         self.path, self.tokenizer, self.vocab_size, self.eot_id, self.dtype = (
             path, tokenizer, vocab_size, eot_id, dtype)
         self.train, self.val, self.val_source = train, val, val_source
@@ -56,57 +58,39 @@ class TokenDataset:
                 "more data with prepare_fineweb.py --tokens")
 
 
-def window_counts(segments: list[np.ndarray], seq_len: int) -> np.ndarray:
+def window_counts(segments: list[Segment], seq_len: int) -> np.ndarray:
     if seq_len < 1:
         raise UserError(f"seq_len must be >= 1, got {seq_len}")
     return np.array([max(0, (len(s) - 1) // seq_len) for s in segments], dtype=np.int64)
 
 
-def _memmap(path: Path) -> np.ndarray:
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise UserError(f"shard {path} is missing; restore it or re-run prepare_fineweb.py") from None
-    except Exception as e:  # numpy raises ValueError/OSError/EOFError variants for junk files
-        raise UserError(f"shard {path} is not a readable .npy ({e}); re-run prepare_fineweb.py") from None
-    if arr.ndim != 1 or arr.dtype not in (np.uint16, np.uint32):
-        raise UserError(f"shard {path} is {arr.dtype} with shape {arr.shape}; expected a 1-D uint16/uint32 "
-                        "token array (re-run prepare_fineweb.py)")
-    return arr
-
-
-def _max_id(arr: np.ndarray) -> int:
-    """Largest token id in a shard, read in chunks (a 2 GB memmap never becomes a 2 GB array)."""
-    chunk = 1 << 26
-    return max((int(arr[i: i + chunk].max()) for i in range(0, len(arr), chunk)), default=-1)
-
-
-def _check_ids(path: Path, arr: np.ndarray, max_id: int | None, vocab: int, where: str) -> None:
+def _check_ids(shard: Shard, max_id: int | None, vocab: int, where: str) -> None:
     """Every id must index the embedding: an id >= vocab would crash mid-run (or train on garbage rows).
-    `where` names what set the vocab (a manifest, a .meta file, --vocab-size)."""
-    mx = _max_id(arr) if max_id is None else max_id
+    `where` names what set the vocab (a manifest, a .meta file, --vocab-size). From here on every read of the
+    shard checks its ids again (shards.py): a recorded max_token_id that lies is caught when the batch is read."""
+    mx = shard.max_id() if max_id is None else max_id
     if mx >= vocab:
-        raise UserError(f"shard {path} holds token id {mx} but {where} says vocab_size {vocab}; the shard was "
-                        "made with another tokenizer or the vocab is wrong: re-run prepare_fineweb.py for it, "
+        raise UserError(f"shard {shard.path} holds token id {mx} but {where} says vocab_size {vocab}; the shard "
+                        "was made with another tokenizer or the vocab is wrong: re-run prepare_fineweb.py for it, "
                         f"or correct the vocab_size in {where}")
+    shard.set_vocab(vocab, where)
 
 
-def _open_manifest_dir(d: Path) -> tuple[dict, list[tuple[str, np.ndarray]]]:
+def _open_manifest_dir(d: Path) -> tuple[dict, list[tuple[str, Segment]]]:
     m = read_manifest(d / MANIFEST)
     parts = []
     for s in m["shards"]:
-        arr = _memmap(d / s["file"])
+        arr = Shard(d / s["file"])
         # prepare records each shard's largest id; older manifests do not, so those shards are scanned once.
         recorded = s.get("max_token_id", s.get("max_id"))
-        _check_ids(d / s["file"], arr, recorded if isinstance(recorded, int) else None, m["vocab_size"],
-                   str(d / MANIFEST))
+        _check_ids(arr, recorded if isinstance(recorded, int) else None, m["vocab_size"], str(d / MANIFEST))
         if str(arr.dtype) != m["dtype"]:
             raise UserError(f"shard {d / s['file']} is {arr.dtype} but the manifest says {m['dtype']}; "
                             "the dataset mixes shard dtypes: re-run prepare_fineweb.py into a new --output")
         if len(arr) != s["tokens"]:
             raise UserError(f"shard {d / s['file']} holds {len(arr):,} tokens but the manifest says "
                             f"{s['tokens']:,}; the dataset is inconsistent: re-run prepare_fineweb.py")
-        parts.append((s["split"], arr))
+        parts.append((s["split"], Segment(arr)))
     return m, parts
 
 
@@ -127,22 +111,22 @@ def _read_meta(meta_path: Path, vocab_size: int | None) -> dict:
     return meta
 
 
-def _open_files(files: list[Path], where: str, vocab_size: int | None) -> tuple[dict, list[tuple[str, np.ndarray]]]:
+def _open_files(files: list[Path], where: str, vocab_size: int | None) -> tuple[dict, list[tuple[str, Segment]]]:
     """Legacy x.npy (+ x.npy.meta) or a glob of shards (meta beside them or a manifest above)."""
     parent_manifest = files[0].parent / MANIFEST
     meta = read_manifest(parent_manifest) if parent_manifest.exists() else None
     parts, dtypes = [], set()
     for f in files:
-        arr = _memmap(f)
+        arr = Shard(f)
         dtypes.add(str(arr.dtype))
         meta_path = parent_manifest if parent_manifest.exists() else f.with_name(f.name + ".meta")
         if meta is None:
             meta = _read_meta(meta_path, vocab_size)
-        parts.append(("val" if f.name.startswith("val") else "train", arr))
+        parts.append(("val" if f.name.startswith("val") else "train", Segment(arr)))
     if len(dtypes) > 1:
         raise UserError(f"{where} mixes shard dtypes {sorted(dtypes)}; use shards from one prepare run")
-    for f, (_, arr) in zip(files, parts, strict=True):  # no record of max ids in these layouts: scan
-        _check_ids(f, arr, None, int(meta["vocab_size"]), str(meta_path) if meta_path.exists() else "--vocab-size")
+    for _, seg in parts:  # no record of max ids in these layouts: scan
+        _check_ids(seg.shard, None, int(meta["vocab_size"]), str(meta_path) if meta_path.exists() else "--vocab-size")
     meta = dict(meta)
     meta["dtype"] = dtypes.pop()
     return meta, parts
@@ -169,6 +153,8 @@ def open_dataset(path: str | Path, val_frac: float = 0.0, require_val: bool = Tr
             hint = f"pass a glob like '{p}/*.npy'" if list(p.glob("*.npy")) else "run prepare_fineweb.py"
             raise UserError(f"{p} has no {MANIFEST}; {hint} or point --data at a prepared dataset")
         meta, parts = _open_manifest_dir(p)
+    elif p.exists() and not p.is_file():  # a FIFO or a device: opening it would block or never end
+        raise UserError(f"{regular_file_problem(p)}; point --data at a prepared dataset or a .npy file")
     elif p.is_file():
         if p.suffix != ".npy":
             raise UserError(f"{p} is not a dataset (.npy file or directory with {MANIFEST}); fix --data")
@@ -199,7 +185,7 @@ def open_dataset(path: str | Path, val_frac: float = 0.0, require_val: bool = Tr
                         train, val, val_source)
 
 
-def _carve_val(train: list[np.ndarray], frac: float, where: str) -> tuple[list, list]:
+def _carve_val(train: list[Segment], frac: float, where: str) -> tuple[list, list]:
     total = sum(len(a) for a in train)
     n_val = int(round(total * frac))
     if n_val < 2 or n_val >= total:
@@ -209,8 +195,8 @@ def _carve_val(train: list[np.ndarray], frac: float, where: str) -> tuple[list, 
     while n_val > 0:
         last = train.pop()
         take = min(n_val, len(last))
-        val.insert(0, last[len(last) - take:])
+        val.insert(0, last.sub(len(last) - take, len(last)))
         if take < len(last):
-            train.append(last[: len(last) - take])
+            train.append(last.sub(0, len(last) - take))
         n_val -= take
     return train, val

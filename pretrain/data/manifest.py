@@ -30,12 +30,15 @@ from typing import Any
 import numpy as np
 
 from pretrain.cli import UserError
-from pretrain.fsio import atomic_write_bytes, fsync_dir
+from pretrain.fsio import atomic_write_bytes, fsync_dir, regular_file_problem
 
 MANIFEST = "manifest.json"
 FORMAT = "pretrain-tokens"
 VERSION = 1
 SPLITS = ("val", "train")
+# The largest vocabulary a manifest or .meta may declare. Real tokenizers stay below ~300K ids; the trainer sizes
+# the embedding from this number, so a corrupt or hostile 2**31 must stop here (it once asked for 550 GB).
+MAX_VOCAB = 1 << 21
 
 
 def dtype_for_vocab(vocab_size: int) -> str:
@@ -76,6 +79,8 @@ def read_manifest(path: Path) -> dict:
     """Parse and schema-check a manifest.json (files are checked by the reader that opens them)."""
     path = Path(path)
     try:
+        if why := regular_file_problem(path):  # a FIFO would block read_text forever
+            raise UserError(f"{why}; re-run prepare_fineweb.py into a new --output")
         m = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(
@@ -89,6 +94,8 @@ def read_manifest(path: Path) -> dict:
     _need(isinstance(m.get("tokenizer"), str), path, "'tokenizer' missing")
     _need(m.get("dtype") in ("uint16", "uint32"), path, f"'dtype' is {m.get('dtype')!r}")
     _need(m["eot_id"] < m["vocab_size"], path, "eot_id is not below vocab_size")
+    _need(m["vocab_size"] <= MAX_VOCAB, path, f"vocab_size {m['vocab_size']:,} is beyond any tokenizer's "
+          f"(at most {MAX_VOCAB:,})")
     _need(
         m["vocab_size"] <= np.iinfo(m["dtype"]).max + 1, path, f"vocab {m['vocab_size']} overflows {m['dtype']}"
     )
@@ -129,7 +136,9 @@ def _parse_meta(text: str) -> dict:
 def read_meta(path: Path) -> dict:
     """x.npy.meta -> {vocab_size, tokenizer, [eot_id, tokens, ...]}; FileNotFoundError when absent."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8", errors="replace")  # FileNotFoundError: caller decides
+    if why := regular_file_problem(path):  # FileNotFoundError: caller decides; a FIFO would block read_text
+        raise UserError(f"{why}; write the meta file as a regular file or re-run prepare_fineweb.py")
+    text = path.read_text(encoding="utf-8", errors="replace")
     try:
         meta = _parse_meta(text)
     except ValueError as e:  # json.JSONDecodeError is a ValueError too
@@ -138,6 +147,9 @@ def read_meta(path: Path) -> dict:
     if not isinstance(meta.get("vocab_size"), int) or meta["vocab_size"] <= 0:
         raise UserError(f"{path} has no integer vocab_size; add a line 'vocab_size: 50257' (GPT-2) or re-run "
                         "prepare_fineweb.py")
+    if meta["vocab_size"] > MAX_VOCAB:
+        raise UserError(f"{path} says vocab_size {meta['vocab_size']:,}, beyond any tokenizer's (at most "
+                        f"{MAX_VOCAB:,}); correct it or re-run prepare_fineweb.py")
     if "tokenizer" not in meta and "encoding" in meta:  # the original code names it `encoding`
         meta["tokenizer"] = meta["encoding"]
     eot = meta.get("eot_id")

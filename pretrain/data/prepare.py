@@ -44,8 +44,10 @@ from pretrain.data.prepare_report import Progress, print_summary
 from pretrain.data.sources import Source, SourceError, open_source
 from pretrain.data.tokenizer import Tokenizer, resolve_tokenizer
 from pretrain.data.workers import WorkerDied, default_workers, tokenized
+from pretrain.fsio import DirLock
 
 DEFAULT_VAL_TOKENS = 10_000_000
+LOCK_NAME = ".prepare.lock"  # held while a prepare writes the dir; removed when it ends (hidden, never a shard)
 BATCH_CHARS = 1 << 20  # ~250K tokens per work item: large enough to amortise pickling
 SLOW_ENV = "PRETRAIN_PREPARE_SLEEP_AFTER_SHARD"  # tests: seconds to pause after each shard (kill -9 test)
 
@@ -91,7 +93,7 @@ def _open_output(out: Path, tokens: int, tok: Tokenizer, source: Source, shard_t
         if val_tokens is not None:
             _check_same(m, "val_tokens", val_tokens, "--val-tokens")
         return m
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(f.name != LOCK_NAME for f in out.iterdir()):
         raise UserError(f"--output {out} exists, is not empty and has no {MANIFEST} (not a dataset); "
                         "choose a new --output or empty that directory")
     val = min(DEFAULT_VAL_TOKENS, tokens // 10) if val_tokens is None else val_tokens
@@ -136,24 +138,41 @@ def _prepare(tokens: int, output: Path, source: list[str] | Source, name: str | 
             print(f"{legacy} already holds at least {tokens:,} tokens; nothing to do")
             return read_meta(legacy.with_name(legacy.name + ".meta"))
         out, val_tokens = parts, 0
+    seen = _manifest_bytes(out)  # before reading the state: begin() proves nobody changed it since
     m = _open_output(out, tokens, tok, src, shard_tokens, val_tokens)
     have = sum(s["tokens"] for s in m["shards"])
     if m["complete"] and (m["source_exhausted"] or tokens <= have):
         why = "the source is exhausted" if m["source_exhausted"] and tokens > have else "nothing to do"
         print(f"{out} already holds {have:,} tokens ({why}; a smaller dataset needs a new --output)")
         return _disk_full_is_one_line(lambda: finish_legacy(out, m, legacy), m, out) if out != legacy else m
+    if not m["complete"] and tokens < m["target_tokens"]:
+        # Re-planning for fewer tokens would delete finished train shards and keep the validation split sized
+        # for the larger run (half the data or more): refused, as a smaller --tokens is for a complete dataset.
+        raise UserError(f"{out} is an unfinished dataset of --tokens {m['target_tokens']:,} ({have:,} written); "
+                        f"rerun with --tokens {m['target_tokens']:,} (or more) to finish it: a smaller dataset "
+                        "needs a new --output")
     plan = plan_shards(tokens, m["val_tokens"], shard_tokens)
     kept = _kept_shards(m, out, plan)
     m.update(shards=kept, target_tokens=tokens, complete=False, source_exhausted=False)
     begun: list[bool] = []
+    lock = DirLock(out / LOCK_NAME, remove=True)
 
     def begin() -> None:
         """The first write, once the first batch of documents is read and tokenized: a source whose
-        content is wrong (no text field, not JSON) fails before anything exists on disk."""
+        content is wrong (no text field, not JSON) fails before anything exists on disk. One prepare per
+        output: the lock, then proof that the dataset is still the one this run planned from (two prepares
+        started together both read "no dataset yet"; the second would have replaced the first's shards)."""
         if begun:
             return
         begun.append(True)
         out.mkdir(parents=True, exist_ok=True)
+        holder = lock.acquire()
+        if holder is not None:
+            raise UserError(f"--output {out} is being written by another prepare (pid {holder}); wait for it to "
+                            "end, or choose another --output")
+        if _manifest_bytes(out) != seen:
+            raise UserError(f"another prepare wrote --output {out} while this one started; rerun the same command "
+                            "to continue from what it holds now, or choose another --output")
         for f in out.iterdir():  # leftovers of an interrupted run: temp files and unlisted shards
             if f.name.startswith(".") and f.name.endswith(".tmp") or (
                     f.suffix == ".npy" and f.name not in {s["file"] for s in kept}):
@@ -162,20 +181,30 @@ def _prepare(tokens: int, output: Path, source: list[str] | Source, name: str | 
 
     bar = Progress(tokens, progress, already=sum(s["tokens"] for s in kept))
     try:
-        _disk_full_is_one_line(lambda: _write(m, out, plan[len(kept):], src, tok, workers, bar, begin), m, out)
-    except (SourceError, WorkerDied) as e:
-        done = sum(s["tokens"] for s in m["shards"])
-        raise UserError(f"{e}; {done:,} tokens in {len(m['shards'])} complete shards are saved in {out}: "
-                        "rerun the same command to continue") from None
-    except KeyboardInterrupt:
-        bar.close()
-        print(f"interrupted: {len(m['shards'])} complete shards saved in {out}; rerun the same command "
-              "to continue", flush=True)
-        raise
+        try:
+            _disk_full_is_one_line(lambda: _write(m, out, plan[len(kept):], src, tok, workers, bar, begin), m, out)
+        except (SourceError, WorkerDied) as e:
+            done = sum(s["tokens"] for s in m["shards"])
+            raise UserError(f"{e}; {done:,} tokens in {len(m['shards'])} complete shards are saved in {out}: "
+                            "rerun the same command to continue") from None
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"interrupted: {len(m['shards'])} complete shards saved in {out}; rerun the same command "
+                  "to continue", flush=True)
+            raise
+        finally:
+            bar.close()
+        print_summary(m, out, bar.elapsed())
+        return _disk_full_is_one_line(lambda: finish_legacy(out, m, legacy), m, out) if out != legacy else m
     finally:
-        bar.close()
-    print_summary(m, out, bar.elapsed())
-    return _disk_full_is_one_line(lambda: finish_legacy(out, m, legacy), m, out) if out != legacy else m
+        lock.release()  # after finish_legacy: joining the parts into x.npy is part of the one prepare
+
+
+def _manifest_bytes(out: Path) -> bytes | None:
+    try:
+        return (out / MANIFEST).read_bytes() if (out / MANIFEST).is_file() else None
+    except OSError:
+        return None
 
 
 def _disk_full_is_one_line(step: Callable[[], dict | None], m: dict, out: Path) -> dict | None:
@@ -214,6 +243,7 @@ def _write(m: dict, out: Path, todo: list[tuple[str, int, int]], src: Source, to
     chars = int(min(BATCH_CHARS, max(BATCH_CHARS // 16, 4 * sum(t[2] for t in todo) // (8 * workers))))
     split, idx, size = todo.pop(0)
     buf, fill, ndocs = np.empty(size, dtype=dtype), 0, 0
+    straddled = False
 
     with closing(tokenized(src.batches(doc, hint, chars), tok, m["dtype"], workers)) as stream:
         for n_batch, (batch, arr, bounds) in enumerate(stream):
@@ -239,6 +269,7 @@ def _write(m: dict, out: Path, todo: list[tuple[str, int, int]], src: Source, to
                 if not todo:
                     return
                 if split == "val" and todo[0][0] == "train":
+                    straddled = True
                     cur = int(bounds[j + 1])  # drop the rest of the straddling document
                 split, idx, size = todo.pop(0)
                 buf, fill, ndocs = np.empty(size, dtype=dtype), 0, 0
@@ -246,8 +277,7 @@ def _write(m: dict, out: Path, todo: list[tuple[str, int, int]], src: Source, to
             bar.update(sum(s["tokens"] for s in m["shards"]) + fill, batch.first + len(batch.texts) - doc0)
     # the source ran dry before --tokens
     if split == "val" or not fill and not any(s["split"] == "train" for s in m["shards"]):
-        raise UserError(f"the source ran out after {sum(s['tokens'] for s in m['shards']) + fill:,} tokens, "
-                        "leaving no training data after the validation split; lower --val-tokens or add documents")
+        raise UserError(_no_train_data(m, out, sum(s["tokens"] for s in m["shards"]) + fill, straddled))
     if fill:
         pos = {"doc": batch.first + len(batch.texts), "offset": 0, "hint": batch.hint}
         _save_shard(m, out, split, idx, buf[:fill], ndocs, pos, exhausted=True)
@@ -255,6 +285,18 @@ def _write(m: dict, out: Path, todo: list[tuple[str, int, int]], src: Source, to
         begin()
         m.update(complete=True, source_exhausted=True)
         atomic_write_json(out / MANIFEST, m)
+
+
+def _no_train_data(m: dict, out: Path, got: int, straddled: bool) -> str:
+    """The source ended inside (or right after) the validation split. With one long text (a single .txt is
+    one document) no --val-tokens can help: the document straddling the end of validation is dropped whole,
+    so the message names the layout that has no validation cut."""
+    why = " (the document that straddles its end is dropped, so no text is in both splits)" if straddled else ""
+    single = out.with_name(out.name + ".npy")
+    return (f"the source ran out after {got:,} tokens, leaving no training data after the {m['val_tokens']:,}-token "
+            f"validation split{why}; add documents (several .txt files, or .jsonl with one document a line), lower "
+            f"--val-tokens, or for one long text use the single-file layout, which has no validation cut: "
+            f"--output {single} (then train with --val-frac 0.05)")
 
 
 def _save_shard(m: dict, out: Path, split: str, idx: int, buf: np.ndarray, ndocs: int, pos: dict,

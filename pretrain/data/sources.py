@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,13 @@ def _open_text(path: Path) -> IO[str]:
     return opener(path, "rt", encoding="utf-8", errors="replace")  # type: ignore[operator]
 
 
+def unreadable(path: Path, e: BaseException, where: str = "") -> UserError:
+    """A corrupt or truncated source file as one line naming it (pyarrow's own error is a long traceback)."""
+    what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UserError(f"cannot read {path}{where}: {what}; the file is corrupt or truncated: replace it, or "
+                     "remove it from --source")
+
+
 class LocalFiles:
     """Documents from local files; restarting at document n skips whole files and parquet row
     groups using metadata, and only scans lines of the one jsonl file that holds n."""
@@ -71,7 +79,10 @@ class LocalFiles:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
+        try:
+            pf = pq.ParquetFile(path)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise unreadable(path, e) from None
         n = pf.metadata.num_rows
         if skip >= n:
             return n
@@ -90,7 +101,10 @@ class LocalFiles:
                 if left >= rows_in:
                     left -= rows_in
                     continue
-                col = pf.read_row_group(rg, columns=[self.text_column]).column(0).to_pylist()
+                try:
+                    col = pf.read_row_group(rg, columns=[self.text_column]).column(0).to_pylist()
+                except (OSError, ValueError, pa.ArrowException) as e:
+                    raise unreadable(path, e, f" (row group {rg})") from None
                 for t in col[left:]:
                     yield t or ""
                 left = 0
@@ -141,19 +155,22 @@ class LocalFiles:
         skip = start
         for f in self.files:
             name = f.name.lower()
-            if name.endswith((".txt", ".txt.gz")):
-                if skip:
-                    skip -= 1
+            try:
+                if name.endswith((".txt", ".txt.gz")):
+                    if skip:
+                        skip -= 1
+                        continue
+                    with _open_text(f) as fh:
+                        yield fh.read()
                     continue
-                with _open_text(f) as fh:
-                    yield fh.read()
-                continue
-            rows = self._parquet(f, skip) if name.endswith(".parquet") else self._json_lines(f, skip)
-            if isinstance(rows, int):
-                skip -= rows
-                continue
-            skip = 0
-            yield from rows
+                rows = self._parquet(f, skip) if name.endswith(".parquet") else self._json_lines(f, skip)
+                if isinstance(rows, int):
+                    skip -= rows
+                    continue
+                skip = 0
+                yield from rows
+            except (OSError, EOFError, ValueError, zlib.error) as e:  # truncated .gz, bad JSON array, I/O error
+                raise unreadable(f, e) from None
 
     def batches(self, start: int, hint: dict | None, max_chars: int) -> Iterator[DocBatch]:
         yield from _batched(self._docs(start), start, max_chars, lambda: None)
@@ -278,7 +295,8 @@ def _expand(arg: str) -> list[Path]:
         found = sorted(f for f in p.rglob("*") if f.is_file())
     else:
         found = [p] if p.is_file() else []
-    return [f for f in found if f.name.lower().endswith(EXTENSIONS)]
+    # regular files only: a FIFO that matches a glob would block prepare on open
+    return [f for f in found if f.name.lower().endswith(EXTENSIONS) and f.is_file()]
 
 
 def is_local(arg: str) -> bool:

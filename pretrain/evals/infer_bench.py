@@ -145,12 +145,12 @@ def record_in_run(run_dir: Path, step: int | None, summary: dict[str, Any]) -> N
 def bench_run(run_dir: Path, lengths: Sequence[int], decode_tokens: int, device: torch.device,
               dtype: str | None, write: bool = True) -> dict[str, Any]:
     """Measure a trained run's checkpoint; record the figures in the run unless write=False."""
-    from pretrain.evals.run_model import find_checkpoint
+    from pretrain.evals.run_model import checked_model_config, find_checkpoint
     from pretrain.train.checkpoint import load_checkpoint
 
     path = find_checkpoint(run_dir, "auto")
     state = load_checkpoint(path)
-    model = GPT(ModelConfig.from_dict(state["model_config"]))
+    model = GPT(checked_model_config(state, path))
     model.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in state["model"].items()})
     model.to(device=device, dtype=DTYPES[dtype or "bf16"])  # the usual inference dtype, as the KV formula column
     summary = summarize(measure(model, lengths, decode_tokens, device))

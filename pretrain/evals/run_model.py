@@ -16,8 +16,10 @@ from model import GPT, ModelConfig
 from pretrain.cli import UserError
 from pretrain.evals.samples import TextCodec, text_codec
 from pretrain.train.checkpoint import checkpoint_paths, load_checkpoint
+from pretrain.train.ckpt_check import model_shapes
 
 _BY_VOCAB = {256: "bytes", 50257: "gpt2"}
+MAX_BLOCK = 1 << 20  # longest context a checkpoint may declare (no weight is sized by it, so no other check holds)
 
 
 def find_checkpoint(run_dir: Path, which: str = "auto") -> Path:
@@ -40,6 +42,45 @@ def find_checkpoint(run_dir: Path, which: str = "auto") -> Path:
                     "or pass --checkpoint with another choice")
 
 
+def _stored_bytes(weights: dict[str, Any]) -> int:
+    """Bytes the checkpoint's weight tensors really hold: each storage once (tied weights share one, and a
+    crafted file could make many large-looking views, even stride-0 ones, of one tiny storage)."""
+    seen: dict[int, int] = {}
+    for t in weights.values():
+        if isinstance(t, torch.Tensor):
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def checked_model_config(state: dict[str, Any], path: Path) -> ModelConfig:
+    """The checkpoint's ModelConfig, proven to describe the weights the file holds before anything is built.
+
+    model_config is a few numbers anyone can edit: a 3 KB checkpoint describing a 100B-parameter model made
+    generate allocate until the process died. Its parameter count (arithmetic only) must fit in the bytes the
+    weights hold (2 bytes a parameter at least: bf16), which also bounds the layer count, so the shape check
+    below (a model built on the meta device) is cheap; block_size, which sizes no weight, gets a fixed bound.
+    """
+    weights, raw = state.get("model"), state.get("model_config")
+    if not isinstance(weights, dict) or not isinstance(raw, dict):
+        raise UserError(f"{path} is not a train_v29.py checkpoint (no model / model_config)")
+    try:
+        mcfg = ModelConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} has a malformed model_config ({e}); use another checkpoint") from None
+    need, have = mcfg.num_params(), _stored_bytes(weights)
+    if 2 * need > have or mcfg.block_size > MAX_BLOCK:
+        what = (f"a {need:,}-parameter model but holds {have:,} bytes of weights" if 2 * need > have
+                else f"block_size {mcfg.block_size:,} (at most {MAX_BLOCK:,})")
+        raise UserError(f"{path}: its model_config describes {what}; the checkpoint is damaged or was edited: "
+                        "use another checkpoint (--checkpoint last / best / a step_<N>.pt)")
+    shapes = {k.replace("_orig_mod.", ""): tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    if shapes != model_shapes(mcfg):
+        raise UserError(f"{path}: its weights do not have the shapes its model_config describes; the checkpoint "
+                        "is damaged or was edited: use another checkpoint")
+    return mcfg
+
+
 def _tokenizer_name(train_config: dict[str, Any], vocab_size: int) -> str | None:
     try:
         from pretrain.data.dataset import open_dataset
@@ -54,9 +95,7 @@ def load_run_model(run_dir: Path, which: str = "auto", device: torch.device | st
     """(model in eval mode on `device`, codec, {"path", "step", "model_config"}) of a run's checkpoint."""
     path = find_checkpoint(run_dir, which)
     state = load_checkpoint(path)
-    if "model" not in state or "model_config" not in state:
-        raise UserError(f"{path} is not a train_v29.py checkpoint (no model / model_config)")
-    mcfg = ModelConfig.from_dict(state["model_config"])
+    mcfg = checked_model_config(state, path)
     model = GPT(mcfg)
     weights = {k.replace("_orig_mod.", ""): v for k, v in state["model"].items()}
     model.load_state_dict(weights)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from pretrain.cli import UserError
+from pretrain.data.shards import ShardChanged
 from pretrain.schedule import lr_at, micro_batch_at, seq_len_at
 from pretrain.track.plots import write_plots
 from pretrain.track.summary import write_summary
@@ -140,6 +141,8 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
         try:
             status = _loop(s, stop)
             _finish(s, status)
+        except ShardChanged as e:  # a shard changed under the run: keep the last full step, then one line
+            raise _saved_before_stopping(s, e) from None
         finally:
             s.close()
             dist_lib.cleanup(s.dist)
@@ -195,7 +198,11 @@ def _loop(s: Session, stop: StopRequested) -> str:
         step_loss = torch.zeros((), device=s.device)
         for micro in range(accum):
             t0 = time.perf_counter()
-            x, y = s.loader.next(micro_batch, seq_len)
+            try:
+                x, y = s.loader.next(micro_batch, seq_len)
+            except ShardChanged as e:
+                e.data_state = data_state  # type: ignore[attr-defined]  # where the unfinished step began
+                raise
             meter.data_s += time.perf_counter() - t0
             with dist_lib.maybe_no_sync(s.wrapped, sync=micro == accum - 1):
                 with s.autocast:
@@ -262,6 +269,17 @@ def _loop(s: Session, stop: StopRequested) -> str:
             s.save()
             return stop.describe()
     return "completed"
+
+
+def _saved_before_stopping(s: Session, e: ShardChanged) -> UserError:
+    """Save the state after the last full step (as a stop request does), log the end, return the one line."""
+    s.optimizer.zero_grad(set_to_none=True)
+    s.save(data_state=getattr(e, "data_state", None))  # None: between steps, the loader's state is exact
+    _finish(s, f"stopped: {e}")
+    step = s.prog.step
+    kept = (f"step {step} is saved in {s.run_dir / 'last.pt'}" if s.ckpt.last_saved_step == step
+            else f"could not save step {step} ({s.ckpt.last_error})")
+    return UserError(f"{e}; {kept}: then rerun the same command to resume")
 
 
 def _finish(s: Session, status: str) -> None:

@@ -6,8 +6,6 @@ The lock is an OS lock (flock) on `train.lock`: the kernel drops it when the pro
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import shutil
 import tempfile
@@ -16,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.cli import UserError
-from pretrain.fsio import fsync_dir
+from pretrain.fsio import DirLock, fsync_dir
 from pretrain.track.plots import PLOT_FILES
 from pretrain.track.runlog import JSONL_NAME, read_jsonl
 from pretrain.train.checkpoint import _TMP_PREFIX, BEST, LAST, checkpoint_paths
@@ -63,28 +61,17 @@ class RunDirLock:
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK_NAME
-        self._fd: int | None = None
+        self._lock = DirLock(self.path)
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
+        holder = self._lock.acquire()
+        if holder is not None:
             raise UserError(f"{self.path.parent} is in use by another trainer (pid {holder}); wait for it to end, "
-                            f"stop it with kill -TERM {holder} (it saves first), or choose another --out-dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
+                            f"stop it with kill -TERM {holder} (it saves first), or choose another --out-dir")
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
+        self._lock.release()
 
 
 def trainer_files(run_dir: Path) -> list[Path]:
