@@ -328,6 +328,42 @@ def test_sigterm_at_random_moments_loses_no_step_and_ends_bit_identical(byte_dat
     assert_matches_reference(out, reference)
 
 
+@pytest.mark.parametrize("where", ["eval", "sample"])
+def test_sigterm_inside_an_eval_or_sample_saves_that_step_and_resumes_bit_identical(
+        byte_data, tmp_path, reference, monkeypatch, where) -> None:
+    """SIGTERM while step 10's eval (or text sampling, which reseeds the RNG) runs: the pass stops at once, step
+    10 is saved, and the rerun ends bit-identical to the uninterrupted run. The cut eval is not run again."""
+    from model.gpt import GPT
+    from pretrain.data.loader import ValWindows
+
+    extra = ["--sample-every", "10", "--sample-tokens", "8"] if where == "sample" else []
+    cls, name = (ValWindows, "__iter__") if where == "eval" else (GPT, "generate")
+    real, calls = getattr(cls, name), {"n": 0}
+
+    def signal_inside(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == (2 if where == "eval" else 1):  # step 0's eval is the first; samples start at step 10
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, signal_inside)
+    out = tmp_path / "run"
+    assert run_cli(main, argv(byte_data, out, *extra)) == EXIT_STOPPED
+    assert load_checkpoint(out / "last.pt")["step"] == 10 and events(out, "end")[-1]["step"] == 10
+    assert 10 not in [e["step"] for e in events(out, where)], "the pass ran to its end"
+    monkeypatch.undo()
+
+    result = run_inprocess(byte_data, out, *extra)
+    assert result["status"] == "completed" and events(out, "resume")[-1]["step"] == 10
+    state = load_checkpoint(out / "last.pt")
+    for key in ("model", "optimizer", "sampler", "tokens"):
+        assert_same(reference["state"][key], state[key], key)
+    assert [e["step"] for e in events(out, "train")] == list(range(1, STEPS + 1))
+    assert {e["step"]: e["last_loss"] for e in events(out, "train")} == reference["losses"]
+    cut = [10] if where == "eval" else []
+    assert [e["step"] for e in events(out, "eval")] == [s for s in reference["evals"] if s not in cut]
+
+
 # ------------------------------------------------------------------------------------------- write failures
 @pytest.mark.parametrize("failure", ["enospc", "exception"])
 def test_failed_checkpoint_write_keeps_previous_and_training_goes_on(
