@@ -12,6 +12,10 @@ In-pass stops are off until the loop `arm`s them: a command that never installed
 (`python -m pretrain.evals.downstream`) is never stopped this way, and under torchrun, where every rank must
 stop after the same step, the loop only checks the flag at step boundaries (all ranks agree there).
 Signals are process-wide, so is this state.
+
+A raise from a signal handler lands wherever the main thread is, and Python drops an exception raised inside a
+weakref callback or `__del__` (torch.compile runs those often: "Exception ignored in ..."). So while the
+request is not yet served and a region is open, a timer (SIGALRM every RETRY_S) raises StopNow again.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 class StopNow(BaseException):
@@ -26,14 +31,18 @@ class StopNow(BaseException):
     Exception (torch.compile's suppress_errors, tracker clients) must not swallow it."""
 
 
+RETRY_S = 0.25
+
 _signum: int | None = None
 _armed = False
 _regions = 0  # depth of interruptible() regions the main thread is in
+_previous_alarm: Any = None  # the SIGALRM handler before ours, while the retry timer runs
 
 
 def reset() -> None:
     """Forget any request and disarm (a trainer starting or ending in this process)."""
     global _signum, _armed, _regions
+    _stop_retrying()
     _signum, _armed, _regions = None, False, 0
 
 
@@ -46,10 +55,31 @@ def arm(on: bool = True) -> None:
 def request(signum: int) -> None:
     """Record a stop request (called from the signal handler); raises StopNow inside an interruptible region."""
     global _signum
-    first = _signum is None
     _signum = signum
-    if first and _armed and _regions:
+    if _armed and _regions:
+        _retry()
         raise StopNow(describe())
+
+
+def _retry() -> None:
+    """Raise again every RETRY_S while a region is open, in case Python dropped the raise (see the docstring)."""
+    global _previous_alarm
+    if _previous_alarm is None:
+        _previous_alarm = signal.signal(signal.SIGALRM, _on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, RETRY_S, RETRY_S)
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    if _signum is not None and _armed and _regions:
+        raise StopNow(describe())
+
+
+def _stop_retrying() -> None:
+    global _previous_alarm
+    if _previous_alarm is not None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, _previous_alarm)
+        _previous_alarm = None
 
 
 def requested() -> bool:
@@ -79,3 +109,5 @@ def interruptible() -> Iterator[None]:
         yield
     finally:
         _regions -= 1
+        if not _regions:
+            _stop_retrying()  # out of the region: the loop's own checks see the request from here on
