@@ -48,7 +48,7 @@ class Trainer:
     def events(self) -> list[dict]:
         return read_jsonl(self.out / "train.jsonl") if (self.out / "train.jsonl").exists() else []
 
-    def wait_for(self, kind: str, step: int) -> None:
+    def wait_for(self, kind: str, step: int | None) -> None:
         """Until train.jsonl logs a `kind` event at `step` (training step N: the passes due at N start next)."""
         deadline = time.monotonic() + TIMEOUT
         while not any(e["type"] == kind and e.get("step") == step for e in self.events()):
@@ -111,30 +111,28 @@ def _hellaswag(path: Path, n: int) -> str:
     return str(path)
 
 
-# (signal, the pass, the step it runs at and is stopped in, flags making it long). At step 2: 8 x 20,000
-# generated tokens; 20,000 multiple-choice items; the long eval again (SIGHUP: a closed SSH session). Step 0's
-# diagnostics, run right after step 0's eval, probe 8 layers on 4 x 1024 tokens (~10 s on 2 loaded cores).
+# (signal, the pass, the step it runs at and is stopped in, the event after which it starts, flags making it
+# long). At step 2: 8 x 20,000 generated tokens; 20,000 multiple-choice items (SIGHUP: a closed SSH session;
+# SIGINT is the demo's Ctrl-C test). Step 0's diagnostics, run right after step 0's eval, probe 8 layers on
+# 4 x 1024 tokens (~10 s on 2 loaded cores). With --compile, step 0's eval compiles the model first (~15 s on CPU).
 PASSES = {
-    "sample": (signal.SIGTERM, "sample", 2, ["--sample-every", "2", "--sample-tokens", "20000"]),
-    "downstream": (signal.SIGINT, "downstream", 2, ["--hellaswag", "{items}", "--downstream-every", "2",
-                                                    "--downstream-items", "0"]),
-    "eval-sighup": (signal.SIGHUP, "eval", 2, LONG_EVAL),
-    "diagnostics-at-start": (signal.SIGUSR1, "diagnostics", 0, ["--analysis-every", "2", "--layers", "8",
-                                                                "--block", "1024", "--eval-seq-len", "1024"]),
+    "sample": (signal.SIGTERM, "sample", 2, "train", ["--sample-every", "2", "--sample-tokens", "20000"]),
+    "downstream-sighup": (signal.SIGHUP, "downstream", 2, "train", ["--hellaswag", "{items}", "--downstream-every",
+                                                                    "2", "--downstream-items", "0"]),
+    "diagnostics-at-start": (signal.SIGUSR1, "diagnostics", 0, "eval", ["--analysis-every", "2", "--layers", "8",
+                                                                        "--block", "1024", "--eval-seq-len", "1024"]),
+    "first-compile": (signal.SIGTERM, "eval", 0, "meta", ["--compile"]),
 }
 
 
 @pytest.mark.parametrize("case", list(PASSES))
 def test_a_stop_ends_any_pass_within_seconds(byte_data, tmp_path, case):
-    sig, kind, step, extra = PASSES[case]
+    sig, kind, step, after, extra = PASSES[case]
     extra = [_hellaswag(tmp_path / "items.jsonl", 20_000) if a == "{items}" else a for a in extra]
     out = tmp_path / "run"
     trainer = Trainer(byte_data, out, "--steps", "100", "--train-seq-len", "16", "--eval-iters", "1", *extra)
-    if step:
-        trainer.wait_for("train", step)  # the passes due at this step start next
-    else:
-        trainer.wait_for("eval", 0)  # the first diagnostics start next
-    time.sleep(0.3)
+    trainer.wait_for(after, None if after == "meta" else step)
+    time.sleep(1.0 if after == "meta" else 0.3)  # into the compile / the pass
     code, seconds, err = trainer.stop(sig)
     assert code == EXIT_STOPPED, err
     assert not [e for e in read_jsonl(out / "train.jsonl") if e["type"] == kind and e["step"] == step], \
