@@ -1,12 +1,13 @@
-"""A stop request ends any long pass of the trainer within ~2 s: the flag those passes poll, and the exception.
+"""A stop request ends any long pass of the trainer within ~2 s: the request, the regions it cuts short, the exception.
 
 The trainer's signal handler (pretrain/train/loop.py `StopRequested`: SIGTERM, SIGINT, SIGUSR1, SIGHUP) records
-the request here. Passes that only read the model (evals, diagnostics, samples, downstream) call `check()` once
-per batch / token / item: it raises `StopNow`, which unwinds to the training loop; the loop saves the state of
-the last full step and the trainer exits `EXIT_STOPPED` (pretrain/cli.py). A call that cannot poll (the first
-forward of a compiled model compiles for up to minutes) runs inside `interruptible()`, where the handler
-raises `StopNow` itself; the loop opens such a region only where no training state is mid-update (never around
-the optimizer step or a checkpoint snapshot).
+the request here. Long work runs inside `interruptible()` regions: the eval batches, the multi-length eval,
+diagnostics, sampling, downstream scoring, and each micro-batch's forward/backward (whose first call compiles
+for up to minutes and cannot poll a flag). Inside a region the handler raises `StopNow` at once; it unwinds to
+the training loop, which saves the state of the last full step, and the trainer exits `EXIT_STOPPED`
+(pretrain/cli.py). A region holds only work that changes no state the checkpoint holds, or whose partial
+effects the stop path discards (a micro-batch's gradients): never the optimizer step, a checkpoint snapshot,
+or a train.jsonl write. A request that came outside any region raises on entering the next one (`check`).
 
 In-pass stops are off until the loop `arm`s them: a command that never installed the trainer's handler
 (`python -m pretrain.evals.downstream`) is never stopped this way, and under torchrun, where every rank must
@@ -93,7 +94,7 @@ def describe() -> str:
 
 
 def check() -> None:
-    """Raise StopNow when a stop was requested and passes may stop mid-way; cheap, call it per batch/token/item."""
+    """Raise StopNow when a stop was requested and passes may stop mid-way (on entering a region; cheap)."""
     if _signum is not None and _armed:
         raise StopNow(describe())
 

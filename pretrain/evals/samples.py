@@ -88,8 +88,8 @@ def write_samples(model: torch.nn.Module, codec: TextCodec, prompts: list[str], 
     cpu_state = torch.random.get_rng_state()
     cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
-        # A stop request ends the sampling within a token (the trainer's stopping.StopNow); the RNG is
-        # restored below, outside the region, so the checkpoint then saved holds the training stream.
+        # A stop request ends the sampling at once (the trainer's stopping.StopNow); the RNG is restored
+        # below, outside the region, so the checkpoint then saved holds the training stream.
         with stopping.interruptible():
             for i, prompt in enumerate(prompts):
                 ids = codec.encode(prompt) or [0]
