@@ -9,6 +9,12 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
+# A trainer stopped by a stop request (SIGTERM, SIGINT, SIGUSR1, SIGHUP) before it finished: its state is saved;
+# rerun the same command to resume. EX_TEMPFAIL of sysexits.h ("temporary failure, retry"), distinct from 0
+# (finished, or nothing to do), 1 (failed), 2 (a user error) and 130 (an interrupted prepare), so retry loops
+# and job schedulers can rerun exactly this case.
+EXIT_STOPPED = 75
+
 
 class UserError(Exception):
     """A problem the user caused and can fix; the message names the problem and the fix."""

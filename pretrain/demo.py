@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pretrain.cli import ArgumentParser, UserError
+from pretrain.cli import EXIT_STOPPED, ArgumentParser, UserError
 from pretrain.track.compare import run_row
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.config import format_command
@@ -92,7 +92,9 @@ def _run_direct(steps: int, variant: str, run_root: Path, data: Path) -> tuple[P
             *TIER_FLAGS, amp, *VARIANTS[variant], *DEMO_FLAGS]
     print("running: " + format_command(["python", "train_v29.py", *argv]), flush=True)
     result = train(parse_config(argv), command=format_command(["python", "train_v29.py", *argv]))
-    return run_dir, 1 if result["status"].startswith("stopped:") else 0, ""
+    status = result["status"]
+    code = EXIT_STOPPED if status.startswith("stopped by signal") else 1 if status.startswith("stopped:") else 0
+    return run_dir, code, ""
 
 
 def report(run_dir: Path, variant: str, elapsed: float) -> dict[str, Any]:
@@ -149,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_dir, code, note = _run_direct(args.steps, args.variant, run_root, data)
     if note:
         print(f"\n{note}")
+    if code == EXIT_STOPPED:
+        print(f"demo: stopped before the end, its last step saved (exit code {code}); rerun the same command to "
+              "resume", file=sys.stderr)
+        return code
     if code != 0:
         print(f"demo: the trainer exited with code {code}; rerun the same command to resume", file=sys.stderr)
         return code

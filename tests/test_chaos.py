@@ -24,7 +24,7 @@ import torch
 from conftest import ROOT
 
 import pretrain.train.checkpoint as ck
-from pretrain.cli import UserError, run_cli
+from pretrain.cli import EXIT_STOPPED, UserError, run_cli
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.checkpoint import checkpoint_paths, load_checkpoint
 from pretrain.train.config import parse_config
@@ -279,7 +279,7 @@ def test_sigterm_while_the_session_opens_stops_cleanly_and_the_command_reruns(by
     trainer.wait_for(lambda: trainer.start_step() is not None, "the run log opened", poll=0.0005)
     trainer.proc.send_signal(signal.SIGTERM)
     code = trainer.wait()
-    assert code == 0 and "Traceback" not in trainer.stderr(), (code, trainer.stderr())
+    assert code == EXIT_STOPPED and "Traceback" not in trainer.stderr(), (code, trainer.stderr())
     capfd.readouterr()
     assert run_cli(main, argv(byte_data, out, "--steps", "4")) == 0, capfd.readouterr().err
     assert [e["step"] for e in events(out, "train")] == [1, 2, 3, 4]
@@ -296,7 +296,8 @@ def corrupt_last(out: Path, how: str, rng: random.Random) -> int:
 
 # ------------------------------------------------------------------------------------------------- SIGTERM
 def test_sigterm_at_random_moments_loses_no_step_and_ends_bit_identical(byte_data, tmp_path, reference) -> None:
-    """3 SIGTERMs (one while a checkpoint write is in flight): each exits 0 having saved its last full step."""
+    """3 SIGTERMs (one while a checkpoint write is in flight): each exits 75 (EXIT_STOPPED: rerun) having saved
+    its last full step."""
     rng = random.Random(15)
     out = tmp_path / "run"
     saved: int | None = None
@@ -313,7 +314,7 @@ def test_sigterm_at_random_moments_loses_no_step_and_ends_bit_identical(byte_dat
         if saved is not None:  # resumed from exactly the step the previous SIGTERM saved, from last.pt
             assert start == saved and f"resuming from {out / 'last.pt'} at step {saved}" in trainer.stderr()
         trainer.proc.send_signal(signal.SIGTERM)
-        assert trainer.wait() == 0, trainer.stderr()
+        assert trainer.wait() == EXIT_STOPPED, trainer.stderr()
         saved = load_checkpoint(out / "last.pt")["step"]
         # Zero steps lost: every step this process completed (logged) is in the checkpoint.
         assert saved == trainer.trained_to() > start
@@ -325,6 +326,42 @@ def test_sigterm_at_random_moments_loses_no_step_and_ends_bit_identical(byte_dat
     result = run_inprocess(byte_data, out)
     assert result["status"] == "completed" and events(out, "resume")[-1]["step"] == saved
     assert_matches_reference(out, reference)
+
+
+@pytest.mark.parametrize("where", ["eval", "sample"])
+def test_sigterm_inside_an_eval_or_sample_saves_that_step_and_resumes_bit_identical(
+        byte_data, tmp_path, reference, monkeypatch, where) -> None:
+    """SIGTERM while step 10's eval (or text sampling, which reseeds the RNG) runs: the pass stops at once, step
+    10 is saved, and the rerun ends bit-identical to the uninterrupted run. The cut eval is not run again."""
+    from model.gpt import GPT
+    from pretrain.data.loader import ValWindows
+
+    extra = ["--sample-every", "10", "--sample-tokens", "8"] if where == "sample" else []
+    cls, name = (ValWindows, "__iter__") if where == "eval" else (GPT, "generate")
+    real, calls = getattr(cls, name), {"n": 0}
+
+    def signal_inside(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == (2 if where == "eval" else 1):  # step 0's eval is the first; samples start at step 10
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, signal_inside)
+    out = tmp_path / "run"
+    assert run_cli(main, argv(byte_data, out, *extra)) == EXIT_STOPPED
+    assert load_checkpoint(out / "last.pt")["step"] == 10 and events(out, "end")[-1]["step"] == 10
+    assert 10 not in [e["step"] for e in events(out, where)], "the pass ran to its end"
+    monkeypatch.undo()
+
+    result = run_inprocess(byte_data, out, *extra)
+    assert result["status"] == "completed" and events(out, "resume")[-1]["step"] == 10
+    state = load_checkpoint(out / "last.pt")
+    for key in ("model", "optimizer", "sampler", "tokens"):
+        assert_same(reference["state"][key], state[key], key)
+    assert [e["step"] for e in events(out, "train")] == list(range(1, STEPS + 1))
+    assert {e["step"]: e["last_loss"] for e in events(out, "train")} == reference["losses"]
+    cut = [10] if where == "eval" else []
+    assert [e["step"] for e in events(out, "eval")] == [s for s in reference["evals"] if s not in cut]
 
 
 # ------------------------------------------------------------------------------------------- write failures
@@ -492,7 +529,7 @@ def test_precision_modes_resume_bit_identical(byte_data, tmp_path, mode) -> None
     trainer = Trainer(byte_data, out, tmp_path / "kill.err", *steps, *flags)
     trainer.wait_for_step(random.Random(mode).randint(3, 6))
     trainer.proc.send_signal(sig)
-    assert trainer.wait() == (0 if sig == signal.SIGTERM else -sig), trainer.stderr()
+    assert trainer.wait() == (EXIT_STOPPED if sig == signal.SIGTERM else -sig), trainer.stderr()
     assert load_checkpoint(out / "last.pt")["step"] < 10
     result = run_inprocess(byte_data, out, *steps, *flags)
     assert result["status"] == "completed" and events(out, "resume")

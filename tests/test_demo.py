@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import pytest
 from conftest import ROOT
 
 from pretrain import demo
-from pretrain.cli import run_cli
+from pretrain.cli import EXIT_STOPPED, run_cli
 from pretrain.data.dataset import open_dataset
 from pretrain.track.runlog import read_jsonl
 
@@ -97,3 +98,23 @@ def test_demo_bad_input_is_one_line(tmp_path, capsys, argv, needle):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and needle in err and "\n" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_demo_stopped_by_ctrl_c_says_how_to_resume_and_exits_75(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (SIGINT) mid-run: the trainer saves, the demo says to rerun and exits EXIT_STOPPED, not 0."""
+    from pretrain.data import loader as data_mod
+
+    original, calls = data_mod.Prefetcher.next, {"n": 0}
+
+    def next_then_ctrl_c(self, batch_size, seq_len):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch_size, seq_len)
+
+    monkeypatch.setattr(demo, "launch", None)
+    monkeypatch.setattr(data_mod.Prefetcher, "next", next_then_ctrl_c)
+    assert demo.main(["--steps", "6", "--run-root", str(tmp_path)]) == EXIT_STOPPED
+    out, err = capsys.readouterr()
+    assert "saved step 2" in out + err and "demo: stopped before the end" in err, out + err
+    assert err.rstrip().endswith("rerun the same command to resume"), err

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
+from pretrain.cli import EXIT_STOPPED
 from pretrain.plan import launch
 from pretrain.plan.view import render_plan
 from pretrain.track.runlog import read_jsonl
@@ -71,7 +72,7 @@ def test_run_forwards_sigterm_then_the_same_command_resumes(tmp_path, byte_data,
     _wait_for(lambda: log.exists() and '"type": "train"' in log.read_text(), first)
     first.send_signal(signal.SIGTERM)  # to the launcher only: it must pass it on so the trainer saves
     out, err = first.communicate(timeout=120)
-    assert first.returncode == 0, err[-3000:]
+    assert first.returncode == EXIT_STOPPED, err[-3000:]  # the trainer's "stopped: rerun", passed through
     assert (runs / "tiny-baseline" / "last.pt").exists()
     stopped = [e for e in read_jsonl(log) if e["type"] == "end"]
     assert stopped and stopped[-1]["status"].startswith("stopped by signal") and stopped[-1]["step"] < 100

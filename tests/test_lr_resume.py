@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from test_track_trust import FAST, events, sigterm_at_batch, trainer
 
+from pretrain.cli import EXIT_STOPPED
 from pretrain.schedule import lr_at
 
 PEAK, MIN = 3e-3, 3e-4
@@ -37,7 +38,7 @@ def test_lr_is_continuous_when_a_resume_changes_the_run_length(byte_data, tmp_pa
              "--save-every", "0"]
     if stop_batch:
         sigterm_at_batch(monkeypatch, stop_batch)
-    assert trainer(byte_data, out, *flags, "--steps", str(first)) == 0
+    assert trainer(byte_data, out, *flags, "--steps", str(first)) == (EXIT_STOPPED if stop_batch else 0)
     monkeypatch.undo()
     assert trainer(byte_data, out, *flags, "--steps", str(then)) == 0
 

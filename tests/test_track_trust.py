@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import nan_at_step
 
+from pretrain.cli import EXIT_STOPPED
 from pretrain.track.plots import events_by_step
 from pretrain.track.runlog import read_jsonl
 from pretrain.track.summary import _human
@@ -52,7 +53,7 @@ def test_every_event_reaches_wandb_at_its_step_across_a_resume(byte_data, tmp_pa
     out = tmp_path / "r"
     flags = ["--steps", "6", "--eval-every", "2", "--save-every", "2", "--wandb", "--wandb-mode", "offline", "--tb"]
     sigterm_at_batch(monkeypatch, 4)  # stops inside step 4: saved at step 3
-    assert trainer(byte_data, out, *flags) == 0
+    assert trainer(byte_data, out, *flags) == EXIT_STOPPED
     monkeypatch.undo()
     assert trainer(byte_data, out, *flags) == 0
     console = capsys.readouterr().out.strip().splitlines()

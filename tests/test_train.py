@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, nan_at_step
 
 from model import GPT, ModelConfig
-from pretrain.cli import UserError
+from pretrain.cli import EXIT_STOPPED, UserError
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.checkpoint import load_checkpoint
 from pretrain.train.config import parse_config
@@ -105,7 +105,7 @@ def test_sigterm_inside_accumulation_saves_last_full_step(byte_data, tmp_path, m
     assert resumed["status"] == "completed" and resumed["step"] == 4
 
 
-def test_sigterm_subprocess_exits_zero_quickly(byte_data, tmp_path):
+def test_sigterm_subprocess_exits_75_quickly(byte_data, tmp_path):
     out = tmp_path / "r"
     cmd = [sys.executable, str(ROOT / "train_v29.py"), "--data", str(byte_data), "--out-dir", str(out), *FAST,
            "--steps", "100000", "--eval-every", "0", "--save-every", "0"]
@@ -117,7 +117,7 @@ def test_sigterm_subprocess_exits_zero_quickly(byte_data, tmp_path):
         time.sleep(0.05)
     t0 = time.time()
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == EXIT_STOPPED, proc.stderr.read().decode()
     assert time.time() - t0 < 30
     state = load_checkpoint(out / "last.pt")
     assert state["step"] >= 1

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from pretrain import stopping
 from pretrain.cli import UserError
 
 DEFAULT_PROMPTS = (
@@ -87,15 +88,18 @@ def write_samples(model: torch.nn.Module, codec: TextCodec, prompts: list[str], 
     cpu_state = torch.random.get_rng_state()
     cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
-        for i, prompt in enumerate(prompts):
-            ids = codec.encode(prompt) or [0]
-            idx = torch.tensor([ids], dtype=torch.long, device=device)
-            row: dict[str, Any] = {"prompt": prompt}
-            for mode, temp in (("greedy", 0.0), ("sampled", temperature)):
-                torch.manual_seed(seed + i)
-                out = model.generate(idx, max_new_tokens, temperature=temp)
-                row[mode] = codec.decode(out[0, len(ids):].tolist())
-            rows.append(row)
+        # A stop request ends the sampling at once (the trainer's stopping.StopNow); the RNG is restored
+        # below, outside the region, so the checkpoint then saved holds the training stream.
+        with stopping.interruptible():
+            for i, prompt in enumerate(prompts):
+                ids = codec.encode(prompt) or [0]
+                idx = torch.tensor([ids], dtype=torch.long, device=device)
+                row: dict[str, Any] = {"prompt": prompt}
+                for mode, temp in (("greedy", 0.0), ("sampled", temperature)):
+                    torch.manual_seed(seed + i)
+                    out = model.generate(idx, max_new_tokens, temperature=temp)
+                    row[mode] = codec.decode(out[0, len(ids):].tolist())
+                rows.append(row)
     finally:
         torch.random.set_rng_state(cpu_state)
         if cuda_state is not None:

@@ -267,7 +267,9 @@ def add_config_flags(parser: argparse.ArgumentParser, show_defaults: bool = True
 
 
 def build_parser(prog: str = "train_v29.py") -> ArgumentParser:
-    parser = ArgumentParser(prog=prog, description="Pretrain a decoder LM on a token dataset.")
+    parser = ArgumentParser(prog=prog, description="Pretrain a decoder LM on a token dataset.",
+                            epilog="Exit codes: 0 finished (or nothing to do), 2 a user error, 75 stopped by a signal "
+                            "before the end with its last step saved: rerun the same command to resume.")
     add_config_flags(parser)
     return parser
 

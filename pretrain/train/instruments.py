@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from model import ModelConfig
+from pretrain import stopping
 from pretrain.data.dataset import TokenDataset
 from pretrain.data.loader import ValWindows
 from pretrain.evals.diagnostics import diagnose, probe_rows
@@ -54,7 +55,8 @@ def run_length_eval(s: Session) -> None:
     inst = s.instruments
     if not inst.lengths or not s.dist.is_main:
         return
-    fields = evaluate_lengths(s.model, inst.lengths, s.device, s.autocast, inst.trained_len)
+    with stopping.interruptible():
+        fields = evaluate_lengths(s.model, inst.lengths, s.device, s.autocast, inst.trained_len)
     s.info["eval_lengths"] = fields
     s.emit("eval_lengths", **fields)
     text = ", ".join(f"{n} {loss:.4f}" for n, loss in fields["loss"].items())
@@ -68,6 +70,7 @@ def run_diagnostics(s: Session) -> None:
     if inst.probe_batch is None or not s.dist.is_main:
         return
     x, y = (t.to(s.device) for t in inst.probe_batch)
-    fields = diagnose(s.model, x, y, s.autocast)
+    with stopping.interruptible():
+        fields = diagnose(s.model, x, y, s.autocast)
     s.info["diagnostics"] = fields
     s.emit("diagnostics", **fields)

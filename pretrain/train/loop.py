@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from pretrain.cli import UserError
+from pretrain import stopping
+from pretrain.cli import EXIT_STOPPED, UserError
 from pretrain.data.shards import ShardChanged
 from pretrain.schedule import lr_at, micro_batch_at, seq_len_at
 from pretrain.track.plots import write_plots
@@ -27,15 +28,17 @@ from pretrain.train.session import RunComplete, Session, open_session
 
 
 class StopRequested:
-    """Turns SIGTERM / SIGINT / SIGUSR1 into a flag the loop checks after every micro-batch."""
+    """Turns SIGTERM / SIGINT / SIGUSR1 / SIGHUP into a flag the loop checks after every micro-batch, and that
+    stops evals, diagnostics, samples, downstream and compiles mid-way (pretrain/stopping.py)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
+        stopping.reset()
         for s in self.SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
 
@@ -43,10 +46,14 @@ class StopRequested:
         self.signum = signum
         # A second Ctrl-C while we save should still kill the process.
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signum == signal.SIGHUP:
+            _detach_from_terminal()
+        stopping.request(signum)  # raises StopNow when a pass or compile is under way (stopping.interruptible)
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        stopping.reset()
 
     def __bool__(self) -> bool:
         return self.signum is not None
@@ -54,6 +61,16 @@ class StopRequested:
     def describe(self) -> str:
         name = signal.Signals(self.signum).name if self.signum else "on another rank"
         return f"stopped by signal {name}"
+
+
+def _detach_from_terminal() -> None:
+    """A hung-up terminal (closed SSH session) fails every write with EIO: send the rest of the output to
+    /dev/null, so the save, the end event and exit code EXIT_STOPPED still happen."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        if os.isatty(fd):
+            os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def lr_for(cfg: TrainConfig, step: int, horizon: int) -> float:
@@ -180,10 +197,14 @@ def _loop(s: Session, stop: StopRequested) -> str:
     cfg, prog = s.cfg, s.prog
     if dist_lib.any_rank(bool(stop), s.dist):  # a signal while the session opened: nothing to save yet
         return f"{stop.describe()} before its first step"
-    if not s.resumed:
-        s.evaluate()
-        if cfg.analysis_every:
-            run_diagnostics(s)
+    stopping.arm(not s.dist.enabled)  # under torchrun ranks must agree: they check at step boundaries only
+    try:
+        if not s.resumed:
+            s.evaluate()
+            if cfg.analysis_every:
+                run_diagnostics(s)
+    except stopping.StopNow:  # nothing trained yet: the rerun starts here again
+        return f"{stop.describe()} before its first step"
     meter = s.meter = Meter(s.device, prog.step, prog.skipped_steps, prog.train_window)
     skipped_before = prog.skipped_steps
     last_save = time.monotonic()
@@ -204,13 +225,18 @@ def _loop(s: Session, stop: StopRequested) -> str:
                 e.data_state = data_state  # type: ignore[attr-defined]  # where the unfinished step began
                 raise
             meter.data_s += time.perf_counter() - t0
-            with dist_lib.maybe_no_sync(s.wrapped, sync=micro == accum - 1):
-                with s.autocast:
-                    loss = s.wrapped(x, y) / accum
-                # Outside autocast, as the memory estimate assumes: its bf16 weight-cast cache is freed
-                # on leaving the context instead of living through backward.
-                s.scaler.scale(loss).backward()
-            step_loss += loss.detach().float()
+            try:
+                # A stop may cut the micro-batch short (a first call compiles for minutes): its gradients
+                # are dropped below, as for a stop between micro-batches.
+                with stopping.interruptible(), dist_lib.maybe_no_sync(s.wrapped, sync=micro == accum - 1):
+                    with s.autocast:
+                        loss = s.wrapped(x, y) / accum
+                    # Outside autocast, as the memory estimate assumes: its bf16 weight-cast cache is freed
+                    # on leaving the context instead of living through backward.
+                    s.scaler.scale(loss).backward()
+                step_loss += loss.detach().float()
+            except stopping.StopNow:
+                pass
             if dist_lib.any_rank(bool(stop), s.dist):
                 # Drop the partial step: the checkpoint holds the state after the last full step.
                 s.optimizer.zero_grad(set_to_none=True)
@@ -248,16 +274,20 @@ def _loop(s: Session, stop: StopRequested) -> str:
             break
         pause = time.perf_counter()
         best = False
-        if cfg.eval_every and prog.step % cfg.eval_every == 0:
-            best = s.evaluate()[1]
-            if s.log:
-                write_plots(s.run_dir)
-        if cfg.analysis_every and prog.step % cfg.analysis_every == 0:
-            run_diagnostics(s)
-        if cfg.sample_every and prog.step % cfg.sample_every == 0:
-            s.sample()
-        if cfg.downstream_every and prog.step % cfg.downstream_every == 0:
-            s.downstream()
+        try:
+            if cfg.eval_every and prog.step % cfg.eval_every == 0:
+                best = s.evaluate()[1]
+                if s.log:
+                    write_plots(s.run_dir)
+            if cfg.analysis_every and prog.step % cfg.analysis_every == 0:
+                run_diagnostics(s)
+            if cfg.sample_every and prog.step % cfg.sample_every == 0:
+                s.sample()
+            if cfg.downstream_every and prog.step % cfg.downstream_every == 0:
+                s.downstream()
+        except stopping.StopNow:  # step prog.step is whole: save it (an interrupted pass is not run again)
+            s.save(best=best)
+            return stop.describe()
         late = bool(cfg.save_minutes) and time.monotonic() - last_save > 60 * cfg.save_minutes
         # Saving is a collective (RNG states, replica check, FSDP gathers): ranks must agree on the clock.
         due = (cfg.save_every and prog.step % cfg.save_every == 0) or dist_lib.any_rank(late, s.dist)
@@ -286,13 +316,17 @@ def _finish(s: Session, status: str) -> None:
     prog = s.prog
     final_val = None
     if status == "completed":
-        final_val, best = s.evaluate()
-        if s.cfg.analysis_every:
-            run_diagnostics(s)
-        if s.cfg.sample_every:
-            s.sample()
-        if s.cfg.hellaswag:
-            s.downstream()
+        best = False
+        try:
+            final_val, best = s.evaluate()
+            if s.cfg.analysis_every:
+                run_diagnostics(s)
+            if s.cfg.sample_every:
+                s.sample()
+            if s.cfg.hellaswag:
+                s.downstream()
+        except stopping.StopNow:  # the last step is whole; the rerun resumes at it and runs the final passes again
+            status, final_val = stopping.describe(), None
         s.save(best=best)
     s.ckpt.wait()
     # Only rank 0 writes; a stop for non-finite steps deliberately saves nothing.
@@ -321,7 +355,8 @@ def _finish(s: Session, status: str) -> None:
     s.info["result"] = result
     if s.log:
         s.log.event("end", **result)
-        write_plots(s.run_dir)
+        if not status.startswith("stopped by signal"):  # seconds of matplotlib a preemption may not have; the
+            write_plots(s.run_dir)  # plots of the last eval stay, and the rerun draws them again
         write_summary(s.run_dir, s.info | result | {"steps": prog.step, "total_steps": s.cfg.steps})
 
 
@@ -332,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
                         "or a quoted glob of .npy shards")
     args = sys.argv[1:] if argv is None else argv
     result = train(cfg, command=format_command(["python", "train_v29.py", *args]))
-    ok = result["saved"] and (result["status"] in ("completed", "complete")
-                              or result["status"].startswith("stopped by signal"))
-    return 0 if ok else 1
+    if not result["saved"]:
+        return 1
+    if result["status"] in ("completed", "complete"):
+        return 0
+    if not result["status"].startswith("stopped by signal"):
+        return 1
+    # torchrun turns any non-zero worker code into its own failure (exit 1 and a ChildFailedError report), so
+    # its ranks end a stopped run with 0, as they always did; train.jsonl's `end` event still says "stopped".
+    return EXIT_STOPPED if int(os.environ.get("WORLD_SIZE", "1")) <= 1 else 0

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from model import GPT, ModelConfig
+from pretrain import stopping
 from pretrain.cli import UserError
 from pretrain.data.dataset import open_dataset
 from pretrain.data.loader import Prefetcher, TrainSampler, ValWindows
@@ -127,7 +128,7 @@ class Session:
         windows = self.val_by_len[seq_len]
         self.model.eval()
         total = torch.zeros((), device=self.device)
-        with torch.no_grad(), self.autocast:
+        with torch.no_grad(), self.autocast, stopping.interruptible():  # a stop ends the eval (and its compile)
             for batch in windows:  # each rank scores its share of the global eval batch
                 x, y = (t.chunk(self.dist.world_size)[self.dist.rank].to(self.device) for t in batch)
                 total += self.wrapped(x, y).float()
@@ -162,7 +163,8 @@ class Session:
     @eagerly
     def downstream(self) -> None:
         """Multiple-choice accuracy on --hellaswag -> train.jsonl, wandb, TensorBoard (downstream/*)."""
-        result = downstream_score(self.model, self.codec, self.mc_items, self.device, self.autocast)
+        with stopping.interruptible():
+            result = downstream_score(self.model, self.codec, self.mc_items, self.device, self.autocast)
         task = "hellaswag" if self.cfg.hellaswag == "hf" else Path(str(self.cfg.hellaswag)).stem
         self.emit("downstream", task=task, **result)
         if self.dist.is_main:

@@ -1,0 +1,114 @@
+"""A stop request ends any long pass of the trainer within ~2 s: the request, the regions it cuts short, the exception.
+
+The trainer's signal handler (pretrain/train/loop.py `StopRequested`: SIGTERM, SIGINT, SIGUSR1, SIGHUP) records
+the request here. Long work runs inside `interruptible()` regions: the eval batches, the multi-length eval,
+diagnostics, sampling, downstream scoring, and each micro-batch's forward/backward (whose first call compiles
+for up to minutes and cannot poll a flag). Inside a region the handler raises `StopNow` at once; it unwinds to
+the training loop, which saves the state of the last full step, and the trainer exits `EXIT_STOPPED`
+(pretrain/cli.py). A region holds only work that changes no state the checkpoint holds, or whose partial
+effects the stop path discards (a micro-batch's gradients): never the optimizer step, a checkpoint snapshot,
+or a train.jsonl write. A request that came outside any region raises on entering the next one (`check`).
+
+In-pass stops are off until the loop `arm`s them: a command that never installed the trainer's handler
+(`python -m pretrain.evals.downstream`) is never stopped this way, and under torchrun, where every rank must
+stop after the same step, the loop only checks the flag at step boundaries (all ranks agree there).
+Signals are process-wide, so is this state.
+
+A raise from a signal handler lands wherever the main thread is, and Python drops an exception raised inside a
+weakref callback or `__del__` (torch.compile runs those often: "Exception ignored in ..."). So while the
+request is not yet served and a region is open, a timer (SIGALRM every RETRY_S) raises StopNow again.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+class StopNow(BaseException):
+    """A stop request cut a long pass short. BaseException, like KeyboardInterrupt: library code that catches
+    Exception (torch.compile's suppress_errors, tracker clients) must not swallow it."""
+
+
+RETRY_S = 0.25
+
+_signum: int | None = None
+_armed = False
+_regions = 0  # depth of interruptible() regions the main thread is in
+_previous_alarm: Any = None  # the SIGALRM handler before ours, while the retry timer runs
+
+
+def reset() -> None:
+    """Forget any request and disarm (a trainer starting or ending in this process)."""
+    global _signum, _armed, _regions
+    _stop_retrying()
+    _signum, _armed, _regions = None, False, 0
+
+
+def arm(on: bool = True) -> None:
+    """Let passes stop mid-way (single-process runs) from now on; a request that already came applies at once."""
+    global _armed
+    _armed = on
+
+
+def request(signum: int) -> None:
+    """Record a stop request (called from the signal handler); raises StopNow inside an interruptible region."""
+    global _signum
+    _signum = signum
+    if _armed and _regions:
+        _retry()
+        raise StopNow(describe())
+
+
+def _retry() -> None:
+    """Raise again every RETRY_S while a region is open, in case Python dropped the raise (see the docstring)."""
+    global _previous_alarm
+    if _previous_alarm is None:
+        _previous_alarm = signal.signal(signal.SIGALRM, _on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, RETRY_S, RETRY_S)
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    if _signum is not None and _armed and _regions:
+        raise StopNow(describe())
+
+
+def _stop_retrying() -> None:
+    global _previous_alarm
+    if _previous_alarm is not None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, _previous_alarm)
+        _previous_alarm = None
+
+
+def requested() -> bool:
+    return _signum is not None
+
+
+def describe() -> str:
+    """The run's end status for this request, as train.jsonl's `end` event has always written it."""
+    name = signal.Signals(_signum).name if _signum else "on another rank"
+    return f"stopped by signal {name}"
+
+
+def check() -> None:
+    """Raise StopNow when a stop was requested and passes may stop mid-way (on entering a region; cheap)."""
+    if _signum is not None and _armed:
+        raise StopNow(describe())
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """A region the signal handler may leave by raising StopNow: only for work that changes no state the
+    checkpoint holds, or whose partial effects the stop path discards (a micro-batch's gradients)."""
+    global _regions
+    check()
+    _regions += 1
+    try:
+        yield
+    finally:
+        _regions -= 1
+        if not _regions:
+            _stop_retrying()  # out of the region: the loop's own checks see the request from here on
