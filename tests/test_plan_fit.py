@@ -93,3 +93,25 @@ def test_run_refuses_a_plan_that_does_not_fit_unless_force(tmp_path, byte_data, 
     assert not ran and not (tmp_path / "runs").exists()
     assert run_cli(launch.main, [*argv, "--force"]) == 0
     assert len(ran) == 1 and "--batch-size" in ran[0]
+
+
+def test_ddp_gradient_buckets_are_counted_where_they_add_memory():
+    """DDP allocates its gradient buckets when it wraps the model and keeps them (the gradients are views into
+    them): without accumulation that is a gradient's worth more than a single process holds during the forward;
+    with accumulation the gradients were held anyway; FSDP has no such buckets."""
+    mcfg, cfg = _probe_model()
+    no_accum, accum = with_micro(cfg, 16, 16), with_micro(cfg, 8, 16)
+    single, est = step_peak_bytes(mcfg, no_accum, 256, 1)
+    ddp, ddp_est = step_peak_bytes(mcfg, no_accum, 256, 2)
+    assert ddp_est.breakdown.get("grads") == est.grad_bytes and ddp > single
+    assert step_peak_bytes(mcfg, accum, 256, 2)[0] == step_peak_bytes(mcfg, accum, 256, 1)[0]  # cpu: no NCCL
+    assert step_peak_bytes(mcfg, replace(no_accum, fsdp=True), 256, 2)[0] == single
+
+
+def test_ddp_plan_without_accumulation_shows_the_buckets(tmp_path, capsys):
+    # 8 processes on the 80 GB tier: 32 sequences each, one micro-batch, no accumulation in any phase.
+    assert launch.main(["--vram", "80", "--nproc", "8", "--size", "tiny", "--json", "--run-root", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [ph["grad_accum"] for ph in out["phases"]] == [1, 1, 1]
+    for ph in out["phases"]:
+        assert ph["breakdown"]["grads"] == 4 * out["params"], ph["breakdown"]  # fp32 buckets, before the forward
