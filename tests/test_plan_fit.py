@@ -115,3 +115,20 @@ def test_ddp_plan_without_accumulation_shows_the_buckets(tmp_path, capsys):
     assert [ph["grad_accum"] for ph in out["phases"]] == [1, 1, 1]
     for ph in out["phases"]:
         assert ph["breakdown"]["grads"] == 4 * out["params"], ph["breakdown"]  # fp32 buckets, before the forward
+
+
+def test_plan_peak_is_the_largest_pass_and_names_it(tmp_path, capsys):
+    # A narrow model on long sequences with many heads: the diagnostics' explicit-softmax probe ((rows, heads, T, T)
+    # fp32 scores) outweighs the training step; the plan's peak and verdict are theirs, and it says so.
+    argv = ["--vram", "cpu", "--size", "tiny", "--d-model", "128", "--n-head", "16", "--layers", "2", "--d-ff", "256",
+            "--block", "1024", "--seq-schedule", "1024@0", "--batch-size", "2", "--grad-accum", "8", "--steps", "5",
+            "--no-amp", "--vocab-size", "256", "--run-root", str(tmp_path)]
+    assert launch.main([*argv, "--analysis-every", "5", "--json"]) == 0
+    phase = json.loads(capsys.readouterr().out)["phases"][0]
+    assert phase["peak_of"] == "diagnostics" and set(phase["peaks"]) == {"training step", "eval", "diagnostics"}
+    assert phase["peak_memory_bytes"] == phase["peaks"]["diagnostics"] > phase["peaks"]["training step"]
+    assert launch.main([*argv, "--analysis-every", "5"]) == 0
+    assert "memory: estimated peak of the diagnostics pass" in capsys.readouterr().out
+    assert launch.main([*argv, "--analysis-every", "0", "--json"]) == 0
+    phase = json.loads(capsys.readouterr().out)["phases"][0]
+    assert phase["peak_of"] == "training step" and set(phase["peaks"]) == {"training step", "eval"}
