@@ -36,6 +36,9 @@ def test_every_gpu_tiers_default_1b_plan_fits_every_variant(tier, variant, tmp_p
         assert ph["tokens_per_step"] == GLOBAL_BATCH * ph["seq_len"]
     micro = [ph["micro_batch"] for ph in phases]
     assert micro == sorted(micro, reverse=True)  # shorter sequences never get a smaller micro-batch
+    for ph in phases:  # the eval and the diagnostics (on by default) never need more than the step beside them
+        assert ph["peak_of"] == "training step" and set(ph["peaks"]) == {"training step", "eval", "diagnostics"}, \
+            (tier, variant, ph["peaks"])
     s = out["settings"]
     opt = "lion" if tier == "16" else "adamw"
     assert s["optimizer"]["value"] == opt and s["lr"]["value"] == PEAK_LR[("1b", opt)][0]

@@ -234,11 +234,10 @@ def _measure(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake: bool, reco
                                              _relevant(cfg, batch_size=1, grad_accum=1))
     else:
         mode, model, optimizer = _steady_state(mcfg, cfg, fake)
-    if work is None and cfg.grad_accum > 1:
-        with mode:  # with accumulation the gradients of the earlier micro-batches are held while this one runs
-            for p in model.parameters():
-                p.grad = torch.zeros_like(p)
     with mode:
+        held = work is None and cfg.grad_accum > 1
+        for p in model.parameters():  # with accumulation the earlier micro-batches' gradients are held throughout
+            p.grad = torch.zeros_like(p) if held else None
         model.train()
         model.loss_workspace.clear()
         scaler = torch.amp.GradScaler("cpu", enabled=cfg.amp and cfg.amp_dtype == "fp16")
