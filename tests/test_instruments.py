@@ -131,3 +131,45 @@ def test_bad_instrument_flags_are_one_line_exit_2(byte_data, tmp_path, flags, wo
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert all(w in proc.stderr for w in words), proc.stderr
     assert not out.exists()
+
+
+def test_diagnostics_need_no_more_memory_than_the_training_step(byte_data, tmp_path, monkeypatch):
+    """Through the trainer with every tensor it allocates tracked (torch's MemTracker on real CPU tensors): under
+    --grad-checkpoint the diagnostics' gradient pass recomputes activations as the step does, so running them
+    never needs more memory than training itself (in eval mode it kept every block's activations)."""
+    from pretrain.plan.memory import _PeakTracker
+    from pretrain.train import loop
+
+    tracker: _PeakTracker | None = None
+    diag_spans: list[tuple[int, int]] = []
+    real_loop, real_diagnostics = loop._loop, loop.run_diagnostics
+
+    def tracked_loop(s, stop):
+        nonlocal tracker
+        tracker = _PeakTracker(record=True)
+        tracker.track_external(s.model, s.optimizer)
+        with tracker:
+            return real_loop(s, stop)
+
+    def marked_diagnostics(s):
+        start = len(tracker.ops)
+        real_diagnostics(s)
+        diag_spans.append((start, len(tracker.ops)))
+
+    monkeypatch.setattr(loop, "_loop", tracked_loop)
+    monkeypatch.setattr(loop, "run_diagnostics", marked_diagnostics)
+    out = tmp_path / "run"
+    assert loop.main(["--data", str(byte_data), "--out-dir", str(out), "--size", "tiny", "--d-model", "64",
+                      "--n-head", "4", "--layers", "6", "--d-ff", "256", "--block", "64", "--batch-size", "8",
+                      "--val-frac", "0.05", "--eval-iters", "1", "--device", "cpu", "--live", "off",
+                      "--save-minutes", "0", "--save-every", "0", "--steps", "5", "--eval-every", "0",
+                      "--analysis-every", "2", "--grad-checkpoint"]) == 0
+    assert [d["step"] for d in events(out, "diagnostics")] == [0, 2, 4, 5]
+    totals = [total for _, total in tracker.ops]
+    tracked = [(a, b) for a, b in diag_spans if b > a]
+    assert len(tracked) == 3  # steps 0, 2, 4 ran inside the tracked loop; step 5's after it, with the final save
+    in_diag = set().union(*(range(a, b) for a, b in tracked))
+    diagnostics = max(totals[i] for i in in_diag)
+    training = max(t for i, t in enumerate(totals) if i not in in_diag)
+    print(f"peak bytes: diagnostics {diagnostics:,}, training {training:,}")
+    assert diagnostics <= training, (diagnostics, training)

@@ -5,7 +5,25 @@ from __future__ import annotations
 import pytest
 
 from model import ModelConfig
-from pretrain.plan.memory import CUDA_CONTEXT_BYTES, FRAGMENTATION, allowance, estimate_step_memory
+from pretrain.plan.fit import step_peak_bytes
+from pretrain.plan.instrument_memory import (
+    DiagnosticsPass,
+    DownstreamPass,
+    EvalPass,
+    LengthsPass,
+    SamplesPass,
+    pass_peak_bytes,
+    run_passes,
+)
+from pretrain.plan.memory import (
+    CUDA_CONTEXT_BYTES,
+    FRAGMENTATION,
+    GiB,
+    allowance,
+    estimate_pass_memory,
+    estimate_step_memory,
+)
+from pretrain.plan.tiers import TIERS
 from pretrain.train.config import TrainConfig
 
 TINY = dict(vocab_size=256)
@@ -81,3 +99,40 @@ def test_1b_estimate_respects_dtype_and_optimizer_and_is_cached():
 def test_allowance_is_context_plus_fragmentation():
     assert allowance(10 * 1024**3) == CUDA_CONTEXT_BYTES + int(FRAGMENTATION * 10 * 1024**3)
     assert allowance(0, "cpu") < CUDA_CONTEXT_BYTES
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What the trainer runs beside the step (pretrain/plan/instrument_memory.py), estimated by running its own code.
+
+PASSES = [EvalPass(2, 32), LengthsPass(((16, 4), (32, 2), (128, 1))), DiagnosticsPass(2, 32), SamplesPass(0.8),
+          DownstreamPass()]
+
+
+@pytest.mark.parametrize("work", PASSES, ids=lambda w: type(w).__name__)
+def test_pass_estimates_match_real_tensors_and_full_tracking(work):
+    cfg = TrainConfig(grad_checkpoint=True)
+    mcfg = tiny(n_layer=5, attn="decoupled", null_attn=True, block_size=64)
+    fake = estimate_pass_memory(mcfg, cfg, work)
+    full = estimate_pass_memory(mcfg, cfg, work, extrapolate=False)
+    assert fake.extrapolated and fake.tensor_peak_bytes == full.tensor_peak_bytes
+    real = estimate_pass_memory(mcfg, cfg, work, fake=False)
+    assert abs(fake.tensor_peak_bytes - real.tensor_peak_bytes) <= 0.10 * real.tensor_peak_bytes
+    # a pass starts between steps: weights and optimizer state, no gradients
+    assert fake.tensor_peak_bytes > fake.param_bytes + fake.optimizer_bytes
+
+
+def test_every_pass_of_the_16gb_tier_1b_run_fits_under_its_training_step():
+    """The 16 GB tier's planned 1b run (docs/tiers.md: Lion, bf16 weights, checkpointing, micro-batch 2 x 128 at
+    seq 2048) with every instrument on: none may need more than the step the plan fits to the card."""
+    tier = TIERS["16"]
+    mcfg = ModelConfig.from_preset("1b", vocab_size=50257)
+    cfg = TrainConfig(size="1b", device="cuda", batch_size=2, grad_accum=128, param_dtype=tier.param_dtype,
+                      optimizer=tier.optimizer, grad_checkpoint=tier.grad_checkpoint, analysis_every=200,
+                      eval_seq_lens="512,1024,2048,4096", sample_every=200, hellaswag="hf")
+    step, _ = step_peak_bytes(mcfg, cfg, 2048, 1)
+    passes = run_passes(mcfg, cfg, 2048, 2048)
+    assert set(passes) == {"eval", "eval_lengths", "diagnostics", "samples", "downstream"}
+    peaks = {name: pass_peak_bytes(mcfg, cfg, work, 1)[0] for name, work in passes.items()}
+    assert all(peak <= step for peak in peaks.values()), (step / GiB, {k: v / GiB for k, v in peaks.items()})
+    # the diagnostics' gradient pass is the heaviest: a real forward + backward, not a no_grad eval
+    assert max(peaks, key=peaks.get) == "diagnostics" and peaks["diagnostics"] > peaks["eval"]

@@ -36,6 +36,9 @@ def test_every_gpu_tiers_default_1b_plan_fits_every_variant(tier, variant, tmp_p
         assert ph["tokens_per_step"] == GLOBAL_BATCH * ph["seq_len"]
     micro = [ph["micro_batch"] for ph in phases]
     assert micro == sorted(micro, reverse=True)  # shorter sequences never get a smaller micro-batch
+    for ph in phases:  # the eval and the diagnostics (on by default) never need more than the step beside them
+        assert ph["peak_of"] == "training step" and set(ph["peaks"]) == {"training step", "eval", "diagnostics"}, \
+            (tier, variant, ph["peaks"])
     s = out["settings"]
     opt = "lion" if tier == "16" else "adamw"
     assert s["optimizer"]["value"] == opt and s["lr"]["value"] == PEAK_LR[("1b", opt)][0]
@@ -93,3 +96,42 @@ def test_run_refuses_a_plan_that_does_not_fit_unless_force(tmp_path, byte_data, 
     assert not ran and not (tmp_path / "runs").exists()
     assert run_cli(launch.main, [*argv, "--force"]) == 0
     assert len(ran) == 1 and "--batch-size" in ran[0]
+
+
+def test_ddp_gradient_buckets_are_counted_where_they_add_memory():
+    """DDP allocates its gradient buckets when it wraps the model and keeps them (the gradients are views into
+    them): without accumulation that is a gradient's worth more than a single process holds during the forward;
+    with accumulation the gradients were held anyway; FSDP has no such buckets."""
+    mcfg, cfg = _probe_model()
+    no_accum, accum = with_micro(cfg, 16, 16), with_micro(cfg, 8, 16)
+    single, est = step_peak_bytes(mcfg, no_accum, 256, 1)
+    ddp, ddp_est = step_peak_bytes(mcfg, no_accum, 256, 2)
+    assert ddp_est.breakdown.get("grads") == est.grad_bytes and ddp > single
+    assert step_peak_bytes(mcfg, accum, 256, 2)[0] == step_peak_bytes(mcfg, accum, 256, 1)[0]  # cpu: no NCCL
+    assert step_peak_bytes(mcfg, replace(no_accum, fsdp=True), 256, 2)[0] == single
+
+
+def test_ddp_plan_without_accumulation_shows_the_buckets(tmp_path, capsys):
+    # 8 processes on the 80 GB tier: 32 sequences each, one micro-batch, no accumulation in any phase.
+    assert launch.main(["--vram", "80", "--nproc", "8", "--size", "tiny", "--json", "--run-root", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [ph["grad_accum"] for ph in out["phases"]] == [1, 1, 1]
+    for ph in out["phases"]:
+        assert ph["breakdown"]["grads"] == 4 * out["params"], ph["breakdown"]  # fp32 buckets, before the forward
+
+
+def test_plan_peak_is_the_largest_pass_and_names_it(tmp_path, capsys):
+    # A narrow model on long sequences with many heads: the diagnostics' explicit-softmax probe ((rows, heads, T, T)
+    # fp32 scores) outweighs the training step; the plan's peak and verdict are theirs, and it says so.
+    argv = ["--vram", "cpu", "--size", "tiny", "--d-model", "128", "--n-head", "16", "--layers", "2", "--d-ff", "256",
+            "--block", "1024", "--seq-schedule", "1024@0", "--batch-size", "2", "--grad-accum", "8", "--steps", "5",
+            "--no-amp", "--vocab-size", "256", "--run-root", str(tmp_path)]
+    assert launch.main([*argv, "--analysis-every", "5", "--json"]) == 0
+    phase = json.loads(capsys.readouterr().out)["phases"][0]
+    assert phase["peak_of"] == "diagnostics" and set(phase["peaks"]) == {"training step", "eval", "diagnostics"}
+    assert phase["peak_memory_bytes"] == phase["peaks"]["diagnostics"] > phase["peaks"]["training step"]
+    assert launch.main([*argv, "--analysis-every", "5"]) == 0
+    assert "memory: estimated peak of the diagnostics pass" in capsys.readouterr().out
+    assert launch.main([*argv, "--analysis-every", "0", "--json"]) == 0
+    phase = json.loads(capsys.readouterr().out)["phases"][0]
+    assert phase["peak_of"] == "training step" and set(phase["peaks"]) == {"training step", "eval"}

@@ -12,7 +12,8 @@ an explicit softmax), reduced to numbers as each layer passes so only one layer'
                 excluded; compare with key_width / value_width, the most it could be
   cos_in_out    mean cosine similarity of each token's residual stream before and after the block
   grad_norm     L2 norm of the block's gradient of the val loss on this batch (embedding: embed_grad_norm),
-                from a separate ordinary forward/backward; .grad of the training step is left untouched
+                from a separate forward/backward in training mode (so with --grad-checkpoint it recomputes
+                activations as the training step does, and needs no more memory); .grad is left untouched
 
 Per head (entropy, null_mass) as well when n_layer * n_head <= HEAD_DETAIL_MAX, so small models show which
 heads sink. Everything is computed in at least fp32 whatever the autocast / parameter dtype.
@@ -40,14 +41,16 @@ def probe_rows(n_head: int, seq_len: int, batch_size: int) -> int:
     return max(1, min(4, batch_size, SCORE_BUDGET // per_row))
 
 
-def effective_rank(m: torch.Tensor) -> float:
-    """exp(H(sigma / sum sigma)) of a 2-D matrix: 1 for rank one, its width for equal singular values."""
+def _erank(m: torch.Tensor) -> torch.Tensor:
+    """effective_rank as a 0-d tensor (no host sync)."""
     s = torch.linalg.svdvals(m.to(torch.promote_types(m.dtype, torch.float32)))
     total = s.sum()
-    if total <= 0:
-        return 0.0
-    p = s / total
-    return float(torch.exp(torch.special.entr(p).sum()))
+    return torch.where(total > 0, torch.exp(torch.special.entr(s / total).sum()), 0.0)
+
+
+def effective_rank(m: torch.Tensor) -> float:
+    """exp(H(sigma / sum sigma)) of a 2-D matrix: 1 for rank one, its width for equal singular values."""
+    return float(_erank(m))
 
 
 def _tokens_by_features(t: torch.Tensor) -> torch.Tensor:
@@ -56,44 +59,84 @@ def _tokens_by_features(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 1, 3).reshape(B * S, H * hd)
 
 
-def layer_stats(trace: AttentionTrace, x_in: torch.Tensor, x_out: torch.Tensor) -> dict[str, Any]:
-    """One layer's diagnostics (see the module docstring); per-head values under "heads"."""
+def layer_tensors(trace: AttentionTrace, x_in: torch.Tensor, x_out: torch.Tensor) -> dict[str, Any]:
+    """One layer's diagnostics as small tensors (per-head vectors, 0-d sums); `_numbers` turns them into numbers.
+
+    Tensors, not floats: nothing here waits for the device, and the planner's memory estimate
+    (pretrain/plan/instrument_memory.py) runs this very code on fake tensors, which hold no values.
+    """
     p = trace.probs
-    entropy = torch.special.entr(p).sum(-1)  # (B, H, T); masked keys have p = 0 and add 0
-    stats: dict[str, Any] = {"entropy": float(entropy.mean())}
-    heads: dict[str, Any] = {"entropy": entropy.mean(dim=(0, 2)).tolist()}
+    entropy = torch.special.entr(p).sum(-1).mean(dim=(0, 2))  # (H,); masked keys have p = 0 and add 0
+    out: dict[str, Any] = {"entropy": entropy}
     keys, values = trace.keys, trace.values
     if trace.null_slot:
-        null = p[..., 0].mean(dim=(0, 2))
-        stats["null_mass"] = float(null.mean())
-        heads["null_mass"] = null.tolist()
+        out["null_mass"] = p[..., 0].mean(dim=(0, 2))
         keys, values = keys[:, :, 1:], values[:, :, 1:]
     if trace.sem_scores is not None and trace.geo_scores is not None:
         visible = trace.mask.to(trace.sem_scores.dtype)
-        sem = (trace.sem_scores.abs() * visible).sum()
-        geo = (trace.geo_scores.abs() * visible).sum()
-        stats["sem_share"] = float(sem / (sem + geo)) if sem + geo > 0 else None
+        out["sem_geo"] = torch.stack(((trace.sem_scores.abs() * visible).sum(),
+                                      (trace.geo_scores.abs() * visible).sum()))
     k2, v2 = _tokens_by_features(keys), _tokens_by_features(values)
-    stats.update(key_erank=effective_rank(k2), key_width=min(k2.shape), value_erank=effective_rank(v2),
-                 value_width=min(v2.shape))
-    stats["cos_in_out"] = float(F.cosine_similarity(x_in.float(), x_out.float(), dim=-1).mean())
-    stats["heads"] = heads
+    out.update(key_erank=_erank(k2), key_width=min(k2.shape), value_erank=_erank(v2), value_width=min(v2.shape))
+    out["cos_in_out"] = F.cosine_similarity(x_in.float(), x_out.float(), dim=-1).mean()
+    return out
+
+
+def _numbers(t: dict[str, Any]) -> dict[str, Any]:
+    """layer_tensors' output as one layer's numbers (see the module docstring), per-head lists under "heads"."""
+    heads = {"entropy": t["entropy"].tolist()}
+    stats: dict[str, Any] = {"entropy": float(t["entropy"].mean())}
+    if "null_mass" in t:
+        heads["null_mass"] = t["null_mass"].tolist()
+        stats["null_mass"] = float(t["null_mass"].mean())
+    if "sem_geo" in t:
+        sem, geo = t["sem_geo"].tolist()
+        stats["sem_share"] = sem / (sem + geo) if sem + geo > 0 else None
+    stats.update(key_erank=float(t["key_erank"]), key_width=t["key_width"], value_erank=float(t["value_erank"]),
+                 value_width=t["value_width"], cos_in_out=float(t["cos_in_out"]), heads=heads)
     return stats
 
 
-def gradient_norms(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast: Any) -> tuple[list[float], float]:
-    """Per-block and embedding L2 norms of d(val loss)/d(params) on (x, y), without touching any .grad."""
+def gradient_sq_norms(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast: Any) -> torch.Tensor:
+    """Squared L2 norms of d(val loss)/d(params) on (x, y) per block, then the embedding's, without touching .grad.
+
+    The pass runs in training mode, so it recomputes activations exactly as training does (--grad-checkpoint):
+    in eval mode every block's activations would be kept, more memory than the training step it sits beside.
+    """
     groups = [list(b.parameters()) for b in model.blocks] + [[model.wte.weight]]
     flat = [p for g in groups for p in g]
-    with torch.enable_grad(), autocast:
-        loss = model(x, y)
-    grads = torch.autograd.grad(loss, flat, allow_unused=True)
-    norms, i = [], 0
+    was_training = model.training
+    model.train()
+    try:
+        with torch.enable_grad(), autocast:
+            loss = model(x, y)
+        grads = torch.autograd.grad(loss, flat, allow_unused=True)
+    finally:
+        model.train(was_training)
+    del loss
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    sq, i = [], 0
     for g in groups:
-        sq = sum(float(grads[i + j].float().pow(2).sum()) for j in range(len(g)) if grads[i + j] is not None)
-        norms.append(math.sqrt(sq))
+        # vector_norm accumulates in fp32 without an fp32 copy of each (bf16) gradient
+        sq.append(sum((torch.linalg.vector_norm(grads[i + j], dtype=torch.float32).square()
+                       for j in range(len(g)) if grads[i + j] is not None), zero))
         i += len(g)
-    return norms[:-1], norms[-1]
+    return torch.stack(sq)
+
+
+@torch.no_grad()
+def diagnostic_tensors(model: GPT, x: torch.Tensor, y: torch.Tensor,
+                       autocast: Any) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    """The device work of `diagnose`: per-layer `layer_tensors` and `gradient_sq_norms`, small tensors only."""
+    was_training = model.training
+    model.eval()
+    per_layer: list[dict[str, Any]] = []
+    try:
+        with autocast:
+            model.probe(x, lambda i, trace, x_in, x_out: per_layer.append(layer_tensors(trace, x_in, x_out)))
+    finally:
+        model.train(was_training)
+    return per_layer, gradient_sq_norms(model, x, y, autocast)
 
 
 @torch.no_grad()
@@ -104,13 +147,10 @@ def diagnose(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast: Any) -> dic
     {"entropy": {"h0": ...}}} (small models only), "embed_grad_norm", "seq_len", "rows", "seconds"}.
     """
     t0 = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    per_layer: list[dict[str, Any]] = []
-    with autocast:
-        model.probe(x, lambda i, trace, x_in, x_out: per_layer.append(layer_stats(trace, x_in, x_out)))
-    block_norms, embed_norm = gradient_norms(model, x, y, autocast)
-    model.train(was_training)
+    tensors, grad_sq = diagnostic_tensors(model, x, y, autocast)
+    per_layer = [_numbers(t) for t in tensors]
+    norms = [math.sqrt(v) for v in grad_sq.tolist()]
+    block_norms, embed_norm = norms[:-1], norms[-1]
     cfg = model.config
     detail = cfg.n_layer * cfg.n_head <= HEAD_DETAIL_MAX
     layers, heads = {}, {}

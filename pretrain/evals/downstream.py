@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from pretrain.cli import ArgumentParser, UserError, script_exit_code
+from pretrain.evals.lengths import token_losses
 
 HF_NAME = "Rowan/hellaswag"
+MC_ROWS = 4  # endings scored in one forward at most (HellaSwag's count): bounds memory for any item file
 
 
 @dataclass
@@ -87,7 +88,9 @@ def ending_loglik(model: torch.nn.Module, context: list[int], endings: list[list
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed, mean per token) log-likelihood of each ending after `context`, in float64 sums.
 
-    Rows longer than the model's block are cut from the left (the context's start), never in the ending.
+    Rows longer than the model's block are cut from the left (the context's start), never in the ending. At most
+    MC_ROWS rows go through the model at once, and their log-probabilities are taken a slice of logits at a time
+    (lengths.token_losses), so memory stays that of a small no_grad forward whatever the item file holds.
     """
     block = model.config.block_size
     rows, masks = [], []
@@ -96,18 +99,22 @@ def ending_loglik(model: torch.nn.Module, context: list[int], endings: list[list
         row = (context + end)[-block:]
         rows.append(row)
         masks.append([0] * (len(row) - len(end)) + [1] * len(end))
-    width = max(len(r) for r in rows)
-    idx = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, (r, m) in enumerate(zip(rows, masks, strict=True)):
-        idx[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
-    idx, mask = idx.to(device), mask.to(device)
-    logp = F.log_softmax(model(idx).float(), dim=-1)
-    # Token t is predicted by position t-1: shift, and score only the ending's tokens.
-    token_lp = logp[:, :-1].gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1) * mask[:, 1:]
-    total = token_lp.double().sum(dim=1)
-    return total, total / mask[:, 1:].sum(dim=1).clamp(min=1)
+    totals, means = [], []
+    for g in range(0, len(rows), MC_ROWS):
+        group, group_masks = rows[g:g + MC_ROWS], masks[g:g + MC_ROWS]
+        width = max(len(r) for r in group)
+        idx = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.bool)
+        for i, (r, m) in enumerate(zip(group, group_masks, strict=True)):
+            idx[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+        idx, mask = idx.to(device), mask.to(device)
+        # Token t is predicted by position t-1: score only the ending's tokens.
+        token_lp = -token_losses(model, idx[:, :-1], idx[:, 1:]) * mask[:, 1:]
+        total = token_lp.double().sum(dim=1)
+        totals.append(total)
+        means.append(total / mask[:, 1:].sum(dim=1).clamp(min=1))
+    return torch.cat(totals), torch.cat(means)
 
 
 def score(model: torch.nn.Module, codec: Any, items: Sequence[MCItem], device: torch.device,

@@ -55,9 +55,15 @@ def length_windows(ds: TokenDataset, lengths: list[int], tokens_per_batch: int,
             raise UserError(f"--eval-seq-lens {n}: the validation split ({ds.val_tokens:,} tokens) holds no "
                             f"window of {n + 1} tokens; drop {n} from --eval-seq-lens, or prepare more "
                             "validation data (--val-tokens) / raise --val-frac")
-        rows = max(1, min(have, tokens_per_batch // n))
-        out[n] = ValWindows(ds, n, rows, n_batches)
+        out[n] = ValWindows(ds, n, window_rows(tokens_per_batch, n, have), n_batches)
     return out
+
+
+def window_rows(tokens_per_batch: int, n: int, have: int | None = None) -> int:
+    """Windows of length n per eval batch: about tokens_per_batch tokens, at least one, at most `have` (the
+    validation split's windows; None: not known, as when the planner bounds the eval's memory)."""
+    rows = max(1, tokens_per_batch // n)
+    return rows if have is None else max(1, min(have, rows))
 
 
 def token_losses(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

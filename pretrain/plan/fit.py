@@ -34,9 +34,20 @@ def device_kind(cfg: TrainConfig) -> str:
     return "cpu" if cfg.device == "cpu" else "cuda"
 
 
+def ddp_buckets(cfg: TrainConfig, nproc: int) -> bool:
+    """Whether the run keeps DDP's gradient buckets: one gradient-sized allocation made when DDP wraps the model
+    and held for the whole run (zero_grad(set_to_none) frees .grad, not the buckets it is a view of)."""
+    return nproc > 1 and not cfg.fsdp
+
+
 def step_peak_bytes(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, nproc: int) -> tuple[int, MemoryEstimate]:
-    """Device bytes of one step at seq_len, with allowance; torchrun adds NCCL's buffers (DDP's gradient buckets
-    are the gradients themselves: gradient_as_bucket_view)."""
+    """Device bytes of one step at seq_len, with allowance; torchrun adds NCCL's buffers.
+
+    Under DDP the gradients are views into its buckets (gradient_as_bucket_view), which exist before the forward
+    whether or not gradients are accumulated: the step is estimated with gradients held through the forward, as
+    accumulation holds them (without accumulation a single process frees them between steps; DDP does not)."""
+    if ddp_buckets(cfg, nproc) and cfg.grad_accum == 1:
+        cfg = replace(cfg, grad_accum=2)  # memory-wise: gradients present during the forward; nothing else differs
     est = estimate_step_memory(mcfg, cfg, seq_len)
     return est.device_bytes(device_kind(cfg)) + comm_bytes(nproc, device_kind(cfg)), est
 

@@ -132,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     too_big = [p for p in plan.phases if not p.fits]
     if too_big and not ns.force:
         p = max(too_big, key=lambda p: p.peak_memory_bytes)
-        raise UserError(f"the plan does not fit: seq {p.seq_len} is estimated at {p.peak_memory_bytes / 1024**3:.1f} "
+        what = "" if p.peak_of == "training step" else f" ({p.peak_of})"
+        raise UserError(f"the plan does not fit: seq {p.seq_len}{what} is estimated at "
+                        f"{p.peak_memory_bytes / 1024**3:.1f} "
                         f"of {plan.memory_capacity_bytes / 1024**3:.1f} GiB; apply the fix it shows "
                         f"({plan.suggestion}), or add --force to run it anyway")
     if plan.probes:

@@ -24,10 +24,12 @@ The device needs more than that; `allowance` adds a stated amount for what tenso
   * caching-allocator rounding and fragmentation: FRAGMENTATION (10 %) of the tensor peak (reserved memory
     usually runs 3-15 % above allocated in steady training; expandable_segments lowers it).
 Not modelled: torch.compile (usually lowers activation memory by fusing pointwise ops, so eager is the safer
-figure), evaluation (no_grad, smaller than a training step) and FSDP sharding (the estimate is per unsharded
-replica, an upper bound). Under torchrun on CUDA the planner adds `comm_bytes`: NCCL's communicator buffers.
-DDP's gradient buckets cost nothing extra: the trainer builds DDP with gradient_as_bucket_view=True, so the
-gradients the estimate already counts are views into the buckets.
+figure) and FSDP sharding (the estimate is per unsharded replica, an upper bound). Under torchrun on CUDA the
+planner adds `comm_bytes`: NCCL's communicator buffers, and DDP's gradient buckets (pretrain/plan/fit.py).
+
+What the trainer runs beside the step (evaluation, diagnostics, samples, downstream) is estimated the same way by
+`estimate_pass_memory`: the pass (pretrain/plan/instrument_memory.py) runs the trainer's own code on the fake
+model, in the steady state the trainer calls it in (optimizer state present, gradients freed).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import contextlib
 import functools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -57,6 +59,9 @@ NCCL_BYTES = int(0.5 * GiB)
 CPU_PROCESS_BYTES = int(0.5 * GiB)
 
 EXTRAPOLATE_FROM = 3  # deeper models are rebuilt from runs with 3 and 4 blocks
+# A pass the trainer runs beside the training step: called with the model (in training mode, no gradients) and
+# the autocast context of the run, inside the tracker; hashable (a frozen dataclass), so estimates are cached.
+Pass = Callable[[GPT, contextlib.AbstractContextManager], None]
 # TrainConfig fields that change what one training step allocates (everything else is irrelevant to memory).
 MEMORY_FIELDS = ("batch_size", "grad_accum", "param_dtype", "amp", "amp_dtype", "grad_checkpoint", "optimizer",
                  "opt_fused")
@@ -109,6 +114,16 @@ class _PeakTracker(MemTracker):
 
     def total(self) -> int:
         return sum(snap["Total"] for snap in self._curr_mem_snap.values())
+
+    def _pre_fw_hook(self, module, inputs) -> None:  # type: ignore[no-untyped-def]
+        # The stock tracker refuses a module called again from the top level (its per-module stats assume one
+        # iteration); passes call the LM head once per slice of logits, or the model once per eval length, and
+        # only the global figures are kept here.
+        if module in self.memory_tracking and not self._mod_tracker.is_bw:
+            name = self._mod_tracker.get_known_fqn(module)
+            if set(self._mod_tracker.parents) - {name} == {"Global"}:
+                return
+        super()._pre_fw_hook(module, inputs)
 
     def _update_peak_stats(self, peak_state) -> None:  # type: ignore[no-untyped-def]
         for dev, snap in self._curr_mem_snap.items():
@@ -182,51 +197,87 @@ def _bytes_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple
     return _nbytes(iter(params)), _nbytes(iter(params)), _nbytes(iter(state))
 
 
-def _measure(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake: bool, record: bool = False) -> _Run:
-    """One steady-state training step of `cfg` at `seq_len`, tracked; real tensors when fake=False."""
+def _steady_state(mcfg: ModelConfig, cfg: TrainConfig, fake: bool) -> tuple:
+    """(tensor mode, model, optimizer) as between two steps after the first: the optimizer state exists (it is
+    created lazily by the first step(), so take one on zero gradients), the gradients are freed."""
     param_dtype = torch.bfloat16 if cfg.param_dtype == "bf16" else torch.float32
-    amp_dtype = torch.float16 if cfg.amp_dtype == "fp16" else torch.bfloat16
-    fp16 = cfg.amp and cfg.amp_dtype == "fp16"
     mode = FakeTensorMode() if fake else contextlib.nullcontext()
     with mode:
         with _default_dtype(param_dtype):
             model = GPT(mcfg)
         model.grad_checkpoint = cfg.grad_checkpoint
-        model.train()
         optimizer = build_optimizer(model, cfg, torch.device("cpu"))
-        scaler = torch.amp.GradScaler("cpu", enabled=fp16)
-        params = list(model.parameters())
-        # Steady state, as on every step after the first: the optimizer state exists (it is created lazily by
-        # the first step(), so take one on zero gradients), and with accumulation the gradients of the
-        # earlier micro-batches are held while this one runs.
-        for p in params:
+        for p in model.parameters():
             p.grad = torch.zeros_like(p)
         optimizer.step()
-        if cfg.grad_accum == 1:
-            optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
+    return mode, model, optimizer
+
+
+@functools.lru_cache(maxsize=16)
+def _fake_state(model_json: str, cfg_json: str) -> tuple:
+    """The fake steady state, built once per model and memory-relevant settings: the optimizer's first step on
+    fake tensors is a large part of an estimate's time, and a tracked step or pass leaves the state as it found
+    it (gradients freed again; each run starts in train mode with the chunked loss's kept buffers dropped, so it
+    allocates them under the tracker)."""
+    mcfg = ModelConfig.from_dict(json.loads(model_json))
+    return _steady_state(mcfg, TrainConfig.from_dict(json.loads(cfg_json)), fake=True)
+
+
+def _measure(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake: bool, record: bool = False,
+             work: Pass | None = None) -> _Run:
+    """One steady-state training step of `cfg` at `seq_len` (or the pass `work`, which runs between steps:
+    gradients freed), tracked; real tensors when fake=False."""
+    amp_dtype = torch.float16 if cfg.amp_dtype == "fp16" else torch.bfloat16
+    if fake:
+        mode, model, optimizer = _fake_state(json.dumps(mcfg.to_dict(), sort_keys=True),
+                                             _relevant(cfg, batch_size=1, grad_accum=1))
+    else:
+        mode, model, optimizer = _steady_state(mcfg, cfg, fake)
+    with mode:
+        held = work is None and cfg.grad_accum > 1
+        for p in model.parameters():  # with accumulation the earlier micro-batches' gradients are held throughout
+            p.grad = torch.zeros_like(p) if held else None
+        model.train()
+        model.loss_workspace.clear()
+        scaler = torch.amp.GradScaler("cpu", enabled=cfg.amp and cfg.amp_dtype == "fp16")
+        autocast = torch.autocast("cpu", dtype=amp_dtype) if cfg.amp else contextlib.nullcontext()
         tracker = _PeakTracker(record)
         tracker.track_external(model, optimizer)
+        # Name every module from the root now: passes call parts of the model (hidden_states, lm_head) directly,
+        # and a block first met on its own would otherwise be named "Block", not "GPT.blocks.<i>".
+        tracker._mod_tracker._get_mod_name(model)
         with tracker:
             level0 = tracker.total()
-            x = torch.randint(0, mcfg.vocab_size, (cfg.batch_size, seq_len))
-            y = torch.randint(0, mcfg.vocab_size, (cfg.batch_size, seq_len))
-            with torch.autocast("cpu", dtype=amp_dtype) if cfg.amp else contextlib.nullcontext():
-                loss = model(x, y) / cfg.grad_accum
-            scaler.scale(loss).backward()
-            del loss, x, y
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
-            if fp16:
-                # What scaler.step() runs for finite gradients; its own found-inf check calls .item(), which fake
-                # tensors cannot answer, and scaler.update() only touches two scalars.
-                optimizer.step()
+            if work is not None:
+                work(model, autocast)
             else:
-                step_unless_nonfinite(optimizer, (~torch.isfinite(grad_norm)).float())
-            del grad_norm
-            optimizer.zero_grad(set_to_none=True)
+                _train_step(model, optimizer, scaler, cfg, autocast, (cfg.batch_size, seq_len))
         peak, breakdown = tracker.peak()
         sizes = _bytes_of(model, optimizer)
     return _Run(level0, tracker.ops, peak, breakdown, *sizes)
+
+
+def _train_step(model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: TrainConfig,
+                autocast: contextlib.AbstractContextManager, shape: tuple[int, int]) -> None:
+    """The trainer's step (pretrain/train/loop.py) on one micro-batch of random tokens."""
+    params = list(model.parameters())
+    x = torch.randint(0, model.config.vocab_size, shape)
+    y = torch.randint(0, model.config.vocab_size, shape)
+    with autocast:
+        loss = model(x, y) / cfg.grad_accum
+    scaler.scale(loss).backward()
+    del loss, x, y
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
+    if scaler.is_enabled():
+        # What scaler.step() runs for finite gradients; its own found-inf check calls .item(), which fake
+        # tensors cannot answer, and scaler.update() only touches two scalars.
+        optimizer.step()
+    else:
+        step_unless_nonfinite(optimizer, (~torch.isfinite(grad_norm)).float())
+    del grad_norm
+    optimizer.zero_grad(set_to_none=True)
 
 
 Segment = tuple[tuple[bool, int | None], int, int]  # (in backward?, block or None), highest rise, net change
@@ -251,16 +302,25 @@ def _extrapolate(a: _Run, b: _Run, n_a: int, n_layer: int) -> int | None:
     """Peak of the step with `n_layer` blocks from the timelines of runs with n_a and n_a + 1 blocks.
 
     Blocks are identical, so the deep timeline is the shallow one with the middle block's forward and backward
-    segments repeated. Everything else may grow with depth (the level at the start: weights, optimizer state,
-    held gradients; the autocast cast cache freed when the forward ends; per-parameter optimizer work), and it
-    grows linearly, so each other segment is extrapolated from the two runs. Returns None when the timelines
-    do not have the expected shape (the caller then tracks the full model).
+    segments repeated (a pass may run several forwards, each with or without a backward, e.g. no_grad evals).
+    Everything else may grow with depth (the level at the start: weights, optimizer state, held gradients; the
+    autocast cast cache freed when the forward ends; per-parameter optimizer work), and it grows linearly, so each
+    other segment is extrapolated from the two runs. Returns None when the timelines do not have the expected
+    shape (the caller then tracks the full model).
     """
     sa, sb = _segments(a), _segments(b)
 
     def shape(segs: list[Segment], n: int) -> bool:
         blocks = [k for k, _, _ in segs if k[1] is not None]
-        return blocks == [(False, i) for i in range(n)] + [(True, i) for i in range(n - 1, -1, -1)]
+        forward, backward = [(False, i) for i in range(n)], [(True, i) for i in range(n - 1, -1, -1)]
+        i = 0
+        while i < len(blocks):
+            if blocks[i:i + n] != forward:
+                return False
+            i += n
+            if blocks[i:i + n] == backward:
+                i += n
+        return bool(blocks)
 
     others_a = [s for s in sa if s[0][1] is None]
     others_b = [s for s in sb if s[0][1] is None]
@@ -282,32 +342,38 @@ def _extrapolate(a: _Run, b: _Run, n_a: int, n_layer: int) -> int | None:
 
 
 def _estimate(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake: bool = True,
-              extrapolate: bool = True) -> MemoryEstimate:
+              extrapolate: bool = True, work: Pass | None = None) -> MemoryEstimate:
     t0 = time.perf_counter()
     n = EXTRAPOLATE_FROM
     if extrapolate and mcfg.n_layer > n + 1:
-        a, b = (_measure(ModelConfig.from_dict(mcfg.to_dict() | {"n_layer": k}), cfg, seq_len, fake, record=True)
-                for k in (n, n + 1))
+        a, b = (_measure(ModelConfig.from_dict(mcfg.to_dict() | {"n_layer": k}), cfg, seq_len, fake, record=True,
+                         work=work) for k in (n, n + 1))
         peak = _extrapolate(a, b, n, mcfg.n_layer)
         if peak is not None:
             extra = mcfg.n_layer - n
             pb, gb, ob = (x + extra * (y - x) for x, y in zip((a.param_bytes, a.grad_bytes, a.optimizer_bytes),
                                                                 (b.param_bytes, b.grad_bytes, b.optimizer_bytes)))
-            held = gb if cfg.grad_accum > 1 else 0
+            held = gb if cfg.grad_accum > 1 and work is None else 0
             breakdown = {"params": pb, "optimizer": ob, "grads": held,
                          "activations_and_temporaries": peak - pb - ob - held}
             return MemoryEstimate(peak, pb, gb, ob, {k: v for k, v in breakdown.items() if v},
                                   time.perf_counter() - t0, extrapolated=True)
-    run = _measure(mcfg, cfg, seq_len, fake)
+    run = _measure(mcfg, cfg, seq_len, fake, work=work)
     return MemoryEstimate(run.peak, run.param_bytes, run.grad_bytes, run.optimizer_bytes,
                           {k: v for k, v in run.breakdown.items() if v}, time.perf_counter() - t0)
 
 
 @functools.lru_cache(maxsize=256)
-def _cached(model_json: str, cfg_json: str, seq_len: int) -> MemoryEstimate:
+def _cached(model_json: str, cfg_json: str, seq_len: int, work: Pass | None = None) -> MemoryEstimate:
     mcfg = ModelConfig.from_dict(json.loads(model_json))
     cfg = TrainConfig.from_dict(json.loads(cfg_json))
-    return _estimate(mcfg, cfg, seq_len)
+    return _estimate(mcfg, cfg, seq_len, work=work)
+
+
+def _relevant(cfg: TrainConfig, **fixed: object) -> str:
+    """`cfg` reduced to what changes memory (MEMORY_FIELDS), as a cache key."""
+    relevant = {name: getattr(cfg, name) for name in MEMORY_FIELDS} | fixed
+    return json.dumps(replace(TrainConfig(), **relevant).to_dict(), sort_keys=True)
 
 
 def estimate_step_memory(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake: bool = True,
@@ -317,8 +383,17 @@ def estimate_step_memory(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake
     Fake-tensor results are cached per (model, memory-relevant settings, seq_len)."""
     if not fake or not extrapolate:
         return _estimate(mcfg, cfg, seq_len, fake, extrapolate)
-    relevant = {name: getattr(cfg, name) for name in MEMORY_FIELDS}
     # Only whether accumulation happens matters (gradients held during the forward), not how many micro-batches.
-    relevant["grad_accum"] = min(cfg.grad_accum, 2)
-    base = replace(TrainConfig(), **relevant)
-    return _cached(json.dumps(mcfg.to_dict(), sort_keys=True), json.dumps(base.to_dict(), sort_keys=True), seq_len)
+    return _cached(json.dumps(mcfg.to_dict(), sort_keys=True), _relevant(cfg, grad_accum=min(cfg.grad_accum, 2)),
+                   seq_len)
+
+
+def estimate_pass_memory(mcfg: ModelConfig, cfg: TrainConfig, work: Pass, fake: bool = True,
+                         extrapolate: bool = True) -> MemoryEstimate:
+    """Peak memory while the trainer runs `work` (an eval, the diagnostics...: pretrain/plan/instrument_memory.py)
+    between steps: weights and optimizer state of `cfg`'s run, no gradients, plus what the pass allocates. The
+    pass carries its own shapes; from `cfg` only dtypes, checkpointing and the optimizer matter. Cached like
+    `estimate_step_memory`; `grads` in the figures are the weights' size (what a pass's backward produces)."""
+    if not fake or not extrapolate:
+        return _estimate(mcfg, cfg, 0, fake, extrapolate, work)
+    return _cached(json.dumps(mcfg.to_dict(), sort_keys=True), _relevant(cfg, batch_size=1, grad_accum=1), 0, work)

@@ -14,11 +14,13 @@ from typing import Any
 
 from model import PRESETS
 from pretrain.plan.fit import choose_execution, step_peak_bytes, suggest_fix, verdict, with_micro
+from pretrain.plan.instrument_memory import pass_peak_bytes, run_passes, turn_down
 from pretrain.plan.memory import GiB
 from pretrain.plan.probe import PhaseProbe, measured_rate, probe_plan
 from pretrain.plan.resolve import MFU_SOURCE, Request, Resolved
 from pretrain.plan.tiers import GpuInfo, Tier, memory_capacity, peak_flops, tier_cards
 from pretrain.schedule import (
+    eval_seq_len_at,
     format_step_schedule,
     micro_batch_at,
     parse_micro_batch_schedule,
@@ -53,6 +55,10 @@ class PhasePlan:
     seconds: float
     breakdown: dict[str, int] = field(default_factory=dict)
     flops_tokens_per_second: float = 0.0  # peak FLOP/s x MFU / FLOPs per token, whatever tok/s the plan uses
+    # The peak (and its tensors and breakdown above) is the largest of the training step and of every pass the
+    # run makes beside it (instrument_memory.py): which one, and each one's device bytes.
+    peak_of: str = "training step"
+    peaks: dict[str, int] = field(default_factory=dict)
 
     @property
     def fits(self) -> bool:
@@ -237,11 +243,19 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
     seqs = res.sequences_per_step
     out: list[PhasePlan] = []
     rate_how = f"{flops_how} x MFU"
-    est = None
+    state_bytes = 0
+    # The trainer's diagnostics and --eval-seq-lens use one length: --eval-seq-len, else the longest trained.
+    instrument_len = cfg.eval_seq_len or max(ph.seq_len for ph in phases(res.points, cfg.steps))
     for i, ph in enumerate(phases(res.points, cfg.steps)):
         micro, accum = micro_batch_at(micro_points, ph.start_step, cfg.batch_size, cfg.grad_accum)
         phase_cfg = with_micro(cfg, micro, per_proc)
         peak, est = step_peak_bytes(mcfg, phase_cfg, ph.seq_len, res.nproc)
+        state_bytes = est.state_bytes
+        passes = run_passes(mcfg, cfg, eval_seq_len_at(res.points, ph.end_step, cfg.eval_seq_len), instrument_len)
+        peaks = {"training step": (peak, est)} | {name: pass_peak_bytes(mcfg, cfg, work, res.nproc)
+                                                   for name, work in passes.items()}
+        peak_of = max(peaks, key=lambda name: peaks[name][0])
+        peak, est = peaks[peak_of]
         tok_s = flops_tok_s = res.nproc * flops * mfu / mcfg.flops_per_token(ph.seq_len)
         measured = probes[i].picked if probes else None
         if measured is not None and measured.tok_s:
@@ -255,18 +269,20 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
         tokens = ph.steps * ph.seq_len * seqs
         out.append(PhasePlan(ph.start_step, ph.end_step, ph.seq_len, micro, accum, ph.seq_len * seqs, tokens,
                              est.tensor_peak_bytes, peak, verdict(peak, capacity), tok_s, tokens / tok_s,
-                             est.breakdown, flops_tok_s))
+                             est.breakdown, flops_tok_s, peak_of, {k: v[0] for k, v in peaks.items()}))
     worst = max(out, key=lambda p: p.peak_memory_bytes)
     suggestion = None
-    if worst.verdict != "fits":
+    if worst.verdict != "fits" and worst.peak_of != "training step" and \
+            verdict(worst.peaks["training step"], capacity) == "fits":
+        suggestion = turn_down(worst.peak_of)
+    elif worst.verdict != "fits":
         worst_cfg = with_micro(cfg, worst.micro_batch, per_proc)
         suggestion = suggest_fix(mcfg, worst_cfg, worst.seq_len, capacity, res.nproc) or \
             nothing_fits(worst_cfg, mcfg.vocab_size, capacity, res.nproc, gpu)
     if worst.verdict == "won't fit":
         warnings.append(f"estimated peak {worst.peak_memory_bytes / GiB:.1f} GiB exceeds {capacity / GiB:.1f} GiB: "
                         f"the trainer will likely run out of memory; {suggestion}")
-    assert est is not None
-    checkpoint_bytes = est.state_bytes
+    checkpoint_bytes = state_bytes
     host_ram = host_ram_bytes(checkpoint_bytes, cfg.device)
     # last.pt and the newest step_<N>.pt are one file (hard link); best.pt may pin one older save, and one
     # write is in flight at a time: at most keep_last + 2 distinct copies on disk.

@@ -80,7 +80,7 @@ def _probe_table(out: _Out, plan: Plan) -> None:
             planned = est.get(pr.seq_len)
             same = planned is not None and planned.micro_batch == m.micro_batch
             rows.append([pr.seq_len, m.micro_batch,
-                         fmt_bytes(planned.peak_memory_bytes) if same else "-",
+                         fmt_bytes(planned.peaks.get("training step", planned.peak_memory_bytes)) if same else "-",
                          m.error or fmt_bytes(m.device_bytes or 0),
                          fmt_count(planned.flops_tokens_per_second) if same else "-",
                          fmt_count(m.tok_s) if m.tok_s else "-",
@@ -135,9 +135,12 @@ def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -
     worst = max(plan.phases, key=lambda p: p.peak_memory_bytes)
     parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(worst.breakdown.items(), key=lambda kv: -kv[1]))
     extra = "CUDA context and allocator" if cfg.device != "cpu" else "the Python process"
-    out.line(f"  memory: estimated peak of one training step (fake-tensor run of the real step), seq {worst.seq_len}: "
+    what = "one training step (fake-tensor run of the real step)" if worst.peak_of == "training step" else \
+        f"the {worst.peak_of} pass (fake-tensor run of the trainer's code; above its training step)"
+    out.line(f"  memory: estimated peak of {what}, seq {worst.seq_len}: "
              f"tensors {fmt_bytes(worst.tensor_peak_bytes)} [{parts}] + allowance for {extra} "
              f"= {fmt_bytes(worst.peak_memory_bytes)}")
+    out.line("          each, at that phase: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in worst.peaks.items()))
     if plan.suggestion:
         out.line(f"  to fit: {plan.suggestion}", style="bold yellow")
     ckpt = f" x {CHECKPOINT_RECOMPUTE} (checkpointing recomputes the forward)" if cfg.grad_checkpoint else ""
