@@ -10,6 +10,7 @@ import torch
 from conftest import nan_at_step
 from test_track_trust import FAST, events, sigterm_at_batch, trainer
 
+from pretrain.cli import EXIT_STOPPED
 from pretrain.train.checkpoint import load_checkpoint
 
 QUIET = ["--eval-every", "0", "--save-every", "0"]
@@ -64,7 +65,7 @@ def test_train_loss_and_skipped_count_do_not_depend_on_where_the_run_was_interru
 
     nan_at_step(monkeypatch, 5)
     sigterm_at_batch(monkeypatch, 7)  # stops inside step 7: saved after step 6, mid-window (5..8)
-    assert trainer(byte_data, tmp_path / "resumed", *flags) == 0
+    assert trainer(byte_data, tmp_path / "resumed", *flags) == EXIT_STOPPED
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 6
     assert trainer(byte_data, tmp_path / "resumed", *flags) == 0
@@ -93,7 +94,7 @@ def test_writing_a_default_out_is_the_same_run_and_overwrite_says_why_it_resumes
     # What the launcher prints: every default written out (tiny adamw: lr 6e-4, beta2 0.95, min-lr lr/10).
     explicit = ["--lr", "6e-4", "--beta2", "0.95", "--min-lr", "6e-5", "--kv-head", "4"]
     sigterm_at_batch(monkeypatch, 3)
-    assert main([*base, *explicit]) == 0
+    assert main([*base, *explicit]) == EXIT_STOPPED
     monkeypatch.undo()
     capsys.readouterr()
     # The same run typed by hand, leaving the defaults out; --overwrite cannot wipe a run a rerun must continue.
@@ -107,7 +108,7 @@ def test_writing_a_default_out_is_the_same_run_and_overwrite_says_why_it_resumes
 def test_a_new_batch_split_of_the_same_global_batch_is_recorded(byte_data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "r"
     sigterm_at_batch(monkeypatch, 3)
-    assert trainer(byte_data, out, *QUIET, "--steps", "4") == 0  # --batch-size 4 --grad-accum 1
+    assert trainer(byte_data, out, *QUIET, "--steps", "4") == EXIT_STOPPED  # --batch-size 4 --grad-accum 1
     monkeypatch.undo()
     assert trainer(byte_data, out, *QUIET, "--steps", "4", "--batch-size", "2", "--grad-accum", "2") == 0
     change = {"batch_size": [4, 2], "grad_accum": [1, 2], "world_size": [1, 1]}
