@@ -229,20 +229,10 @@ def load_model_state(model: nn.Module, state: dict[str, Any], dist: Dist) -> Non
     set_model_state_dict(model, state, options=_options(dist))
 
 
-def _by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
-    """Convert `optimizer.state_dict()`'s positional format (older checkpoints) to the by-name one."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
-    return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
-
-
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
                          dist: Dist) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    if any(isinstance(k, int) for k in state.get("state", {})):
-        state = _by_name(model, optimizer, state)
     # A state saved by the other AdamW implementation (--opt-fused may change on resume) has group keys
     # (amsgrad, fused, ...) this optimizer lacks, which set_optimizer_state_dict cannot map: keep ours.
     known = set().union(*(g.keys() for g in optimizer.param_groups))
