@@ -22,7 +22,7 @@ from pretrain.train.resume import check_compatible
 
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "model": dict, "optimizer": dict, "sampler": dict, "rng": dict, "train_config": dict, "step": int,
-    "tokens": int, "elapsed": (int, float),
+    "tokens": int, "elapsed": (int, float), "world_size": int, "lr_horizon": int,
 }
 
 

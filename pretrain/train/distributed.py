@@ -259,7 +259,7 @@ def saved_config_for(state: dict[str, Any], cfg: Any, dist: Dist, path: Any) -> 
     state, the sampler one global order) as long as the global batch, batch x accum x ranks, stays the same.
     """
     saved = dict(state["train_config"])
-    world = int(state.get("world_size", 1))  # checkpoints before torchrun support were single-process
+    world = state["world_size"]
     old = (saved.get("batch_size", cfg.batch_size), saved.get("grad_accum", cfg.grad_accum), world)
     new = (cfg.batch_size, cfg.grad_accum, dist.world_size)
     if old[0] * old[1] * old[2] != new[0] * new[1] * new[2]:

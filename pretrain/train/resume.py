@@ -128,7 +128,7 @@ def batch_split_change(state: dict[str, Any], cfg: TrainConfig, world_size: int)
     "world_size": [...]}, or None when it does not. The resume check already holds the product equal."""
     saved = state["train_config"]
     before = (saved.get("batch_size", cfg.batch_size), saved.get("grad_accum", cfg.grad_accum),
-              int(state.get("world_size", 1)))
+              state["world_size"])
     now = (cfg.batch_size, cfg.grad_accum, world_size)
     if before == now:
         return None
