@@ -26,28 +26,12 @@ import torch
 from model import GPT, ModelConfig
 from pretrain.cli import ArgumentParser, UserError, script_exit_code
 from pretrain.data.hf_tokenizer import write_hf_tokenizer
-from pretrain.evals.run_model import checked_model_config
+from pretrain.evals.run_model import CHECKPOINT_HELP, DEFAULT_CHECKPOINT, find_checkpoint, open_checkpoint
 from pretrain.llama import llama_config, llama_incompatibility, to_llama
-from pretrain.train.checkpoint import load_checkpoint
 
 OUR_FORMAT = "pretrain-gpt"
 
 # ------------------------------------------------------------------------------------------------ export
-def resolve_checkpoint(run_dir: Path, which: str) -> Path:
-    if which in ("best", "last"):
-        if not run_dir.is_dir():
-            raise UserError(f"{run_dir} is not a run directory; pass runs/<name> as written by train_v29.py")
-        path = run_dir / f"{which}.pt"
-        if not path.is_file():
-            other = "last" if which == "best" else "best"
-            raise UserError(f"{path} does not exist; train the run first, or pass --checkpoint {other} or a .pt path")
-        return path
-    path = Path(which)
-    if not path.is_file():
-        raise UserError(f"--checkpoint {which}: no such file; use best, last or a path to a .pt checkpoint")
-    return path
-
-
 def _dataset_info(train_config: dict[str, Any]) -> dict[str, Any]:
     """Tokenizer name and EOT id of the run's dataset, when it is still where training read it."""
     try:
@@ -169,17 +153,16 @@ def _open_permissions(path: Path) -> None:
         f.chmod(0o666 & ~umask)
 
 
-def export(run_dir: Path, out: Path, checkpoint: str = "last", dtype: str | None = None,
+def export(run_dir: Path, out: Path, checkpoint: str = DEFAULT_CHECKPOINT, dtype: str | None = None,
            overwrite: bool = False, tokenizer: str | None = None) -> str:
     """Write `out` from a run's checkpoint; returns "llama" or our format's name."""
     from safetensors.torch import save_file
 
-    ckpt_path = resolve_checkpoint(run_dir, checkpoint)
+    ckpt_path = find_checkpoint(run_dir, checkpoint)
     check_out(run_dir, out, overwrite)
     out = out.resolve()  # through a symlink: the export lands where it points, the link stays
-    state = load_checkpoint(ckpt_path)
-    mcfg = checked_model_config(state, ckpt_path)  # the weights back the config: nothing huge gets allocated
-    weights = {k.replace("_orig_mod.", ""): v for k, v in state["model"].items()}
+    ckpt = open_checkpoint(ckpt_path)  # the weights back the config: nothing huge gets allocated
+    state, mcfg, weights = ckpt.state, ckpt.model_config, ckpt.weights
     to = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype or "")
     to = to or weights["wte.weight"].dtype
     info = _dataset_info(state.get("train_config", {}))
@@ -266,7 +249,7 @@ def build_parser() -> ArgumentParser:
                        description="Export a run to a Hugging Face dir (Llama for baseline/gqa, our format otherwise).")
     p.add_argument("run_dir", help="run directory, runs/<name>")
     p.add_argument("--out", required=True, help="directory to write")
-    p.add_argument("--checkpoint", default="last", help="best, last (default) or a path to a .pt checkpoint")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=CHECKPOINT_HELP)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="tensor dtype to write (default: as trained)")
     p.add_argument("--tokenizer", default=None,

@@ -3,7 +3,8 @@
     python -m pretrain.generate runs/<name> --prompt "Once upon a time" [--max-new-tokens 200]
         [--temperature 0.8] [--top-k 50] [--checkpoint auto|best|last|PATH] [--seed 0]
 
-Loads best.pt (else last.pt) of any attention variant and decodes with the model's KV cache.
+Loads best.pt (else last.pt, else the newest step_<N>.pt) of any attention variant and decodes with the model's
+KV cache.
 Temperature 0 is greedy.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from pretrain.cli import ArgumentParser, UserError, script_exit_code
-from pretrain.evals.run_model import load_run_model
+from pretrain.evals.run_model import CHECKPOINT_HELP, DEFAULT_CHECKPOINT, load_run_model
 
 
 def build_parser() -> ArgumentParser:
@@ -28,7 +29,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
-    p.add_argument("--checkpoint", default="auto", help="auto (best, else last), best, last, or a .pt path")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=CHECKPOINT_HELP)
     p.add_argument("--tokenizer", default=None, help="tokenizer name when the run's dataset has moved")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, mps)")

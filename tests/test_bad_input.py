@@ -294,11 +294,15 @@ def _break(state: dict, how: str) -> dict:
         s["model"][k] = torch.full_like(s["model"][k], float("nan"))
     elif how == "absurd step":
         s["step"] = 10**9
+    elif how == "no lr_horizon":  # every checkpoint this trainer writes holds it
+        del s["lr_horizon"]
+    elif how == "positional optimizer state":  # optimizer.state_dict()'s own layout; checkpoints key by name
+        s["optimizer"] = {**s["optimizer"], "state": dict(enumerate(s["optimizer"]["state"].values()))}
     return s
 
 
 @pytest.mark.parametrize("how", ["missing optimizer", "wrong shape", "negative sampler index", "nan weights",
-                                 "absurd step"])
+                                 "absurd step", "positional optimizer state", "no lr_horizon"])
 def test_malformed_checkpoint_is_skipped_for_the_newest_good_one(world, tmp_path, capsys, how):
     import torch
 

@@ -7,13 +7,13 @@ import dataclasses
 import pytest
 
 from pretrain.cli import UserError
+from pretrain.plan.plan import trainer_argv
 from pretrain.train.config import (
     TrainConfig,
     build_parser,
     config_differences,
     model_config_from,
     parse_config,
-    to_argv,
 )
 
 
@@ -24,9 +24,10 @@ def test_every_field_has_a_flag():
 
 
 def test_argv_round_trip():
+    """The launcher's printed trainer command (plan.trainer_argv) reproduces the config."""
     cfg = parse_config(["--size", "small", "--attn-mode", "gqa", "--kv-head", "4", "--no-amp", "--lr", "3e-4",
                         "--seq-schedule", "256@0,1024@100", "--grad-checkpoint", "--wandb-tags", "a,b"])
-    assert parse_config(to_argv(cfg)) == cfg
+    assert parse_config(trainer_argv(cfg)) == cfg
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -22,7 +22,6 @@ import pytest
 import torch
 from conftest import ROOT
 
-from model import GPT, ModelConfig
 from pretrain.cli import UserError
 from pretrain.track.runlog import read_jsonl
 from pretrain.train import distributed as dist_lib
@@ -179,25 +178,6 @@ def test_single_process_fsdp_matches_plain(byte_data, tmp_path):
     assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "plain"), range(1, 4))
     with pytest.raises(UserError, match="--cpu-offload needs --fsdp"):
         train(parse_config([*flags, "--out-dir", str(tmp_path / "x"), "--cpu-offload"]))
-
-
-def test_positional_optimizer_state_of_older_checkpoints_still_loads():
-    def model_and_opt():
-        torch.manual_seed(0)
-        m = GPT(ModelConfig.from_preset("tiny", vocab_size=256, d_model=32, n_head=2, n_layer=1, d_ff=64))
-        return m, torch.optim.AdamW([{"params": list(m.blocks.parameters())},
-                                     {"params": [m.wte.weight, m.norm_f.weight], "weight_decay": 0.0}])
-
-    model, opt = model_and_opt()
-    model(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))).backward()
-    opt.step()
-    old = opt.state_dict()  # keyed by position, as checkpoints were before torchrun support
-    model2, opt2 = model_and_opt()
-    dist_lib.load_optimizer_state(model2, opt2, old, dist_lib.Dist())
-    new = dist_lib.optimizer_state(model2, opt2, dist_lib.Dist())
-    wte_index = len(opt.param_groups[0]["params"])  # first of the second group
-    assert torch.equal(new["state"]["wte.weight"]["exp_avg"], old["state"][wte_index]["exp_avg"])
-    assert new["param_groups"][1]["weight_decay"] == 0.0
 
 
 # train_v29.py, except that each rank's global generators are seeded differently after the trainer seeds

@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 from conftest import ROOT, write_legacy_dataset
+from wandb_records import read_wandb_history
 
 from pretrain.track.runlog import read_jsonl
-from pretrain.track.wandb_run import read_wandb_history
 from pretrain.train.loop import main as train_main
 
 SUBJECTS = ["the old man", "a small dog", "my sister", "the farmer", "our teacher", "the king",

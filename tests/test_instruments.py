@@ -86,7 +86,7 @@ def test_instruments_reach_tensorboard_summary_and_plots(decoupled_run):
 
 
 def test_instruments_reach_the_offline_wandb_file(decoupled_run):
-    from pretrain.track.wandb_run import read_wandb_history
+    from wandb_records import read_wandb_history
 
     files = list(decoupled_run.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1

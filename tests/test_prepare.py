@@ -20,7 +20,7 @@ from conftest import GPT2_RANKS, ROOT, sample_parquet_dir
 from pretrain.cli import UserError, run_cli
 from pretrain.data import cli as prepare_fineweb
 from pretrain.data.dataset import open_dataset
-from pretrain.data.prepare import SLOW_ENV, prepare
+from pretrain.data.prepare import prepare
 from pretrain.data.sources import HubDataset
 from pretrain.data.tokenizer import resolve_tokenizer
 
@@ -114,9 +114,9 @@ def test_output_independent_of_workers_and_extension_keeps_shards(tmp_path, refe
 
 def test_kill9_mid_prepare_then_rerun_is_identical(tmp_path, reference):
     d = tmp_path / "killed"
-    argv = [sys.executable, str(ROOT / "prepare_fineweb.py"), "--tokens", "300K", "--shard-tokens", "40K",
-            "--source", str(FINEWEB_SAMPLE), "--output", str(d), "--workers", "2"]
-    proc = subprocess.Popen(argv, env={**os.environ, SLOW_ENV: "0.5"}, stdout=subprocess.DEVNULL,
+    argv = [sys.executable, str(ROOT / "tests" / "slow_prepare.py"), "0.5", "--tokens", "300K", "--shard-tokens",
+            "40K", "--source", str(FINEWEB_SAMPLE), "--output", str(d), "--workers", "2"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 60
     while time.time() < deadline:

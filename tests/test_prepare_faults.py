@@ -22,7 +22,7 @@ from conftest import ROOT, sample_parquet_dir, sample_texts
 
 from pretrain.cli import run_cli
 from pretrain.data import cli as prepare_fineweb
-from pretrain.data.prepare import SLOW_ENV, prepare
+from pretrain.data.prepare import prepare
 
 SAMPLE = sample_parquet_dir()
 ARGS = ["--tokens", "300K", "--shard-tokens", "40K", "--source", str(SAMPLE)]
@@ -76,8 +76,8 @@ def left_in_group(pgid: int, wait: float = 3.0) -> list[int]:
 
 
 def spawn(out: Path, slow: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "prepare_fineweb.py"), *ARGS, "--output", str(out),
-                             "--workers", "2", "--progress", "plain"], env={**os.environ, SLOW_ENV: str(slow)},
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "slow_prepare.py"), str(slow), *ARGS, "--output",
+                             str(out), "--workers", "2", "--progress", "plain"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 

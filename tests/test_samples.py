@@ -8,9 +8,9 @@ import sys
 import pytest
 from conftest import ROOT
 from test_train import FAST
+from wandb_records import read_wandb_history
 
 from pretrain.track.runlog import read_jsonl
-from pretrain.track.wandb_run import read_wandb_history
 from pretrain.train.loop import main as train_main
 
 

@@ -122,7 +122,7 @@ def test_prefetch_thread_sets_its_cuda_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.append((d, threading.current_thread().name)))
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
     pf = Prefetcher(Sampler(), torch.device("cuda", 1))
-    assert pf._pin == speed.speed_choices(torch.device("cuda"), TrainConfig(), False).pin_memory
+    assert pf._pin  # batches for a CUDA device are pinned, so the host-to-device copy overlaps compute
     stop, q = threading.Event(), __import__("queue").Queue(1)
     thread = threading.Thread(target=pf._produce, args=((1, 4), stop, q), name="batch-prefetch")
     thread.start()
@@ -132,13 +132,22 @@ def test_prefetch_thread_sets_its_cuda_device(monkeypatch):
     assert seen == [(torch.device("cuda", 1), "batch-prefetch")]
 
 
-def test_cuda_choices_fused_adamw_flash_static_compile():
+def test_cuda_choices_fused_adamw_flash_static_compile(monkeypatch):
+    """What the trainer builds: fused AdamW on CUDA, SDPA without a mask (flash / cuDNN eligible) unless
+    null-attn, and --compile as one static-shape graph per block."""
     cuda = torch.device("cuda")
-    choices = speed.speed_choices(cuda, TrainConfig(compile=True), null_attn=False)
-    assert (choices.fused_adamw, choices.pin_memory, choices.sdpa_flash_eligible, choices.compile_scope,
-            choices.compile_dynamic) == (True, True, True, "block", False)
-    assert build_optimizer(GPT(tiny()), TrainConfig(), cuda).defaults["fused"] is True  # what the trainer builds
-    assert not speed.speed_choices(cuda, TrainConfig(), null_attn=True).sdpa_flash_eligible
+    assert build_optimizer(GPT(tiny()), TrainConfig(), cuda).defaults["fused"] is True
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: masks.append((kw.get("attn_mask"), kw.get("is_causal"))) or sdpa(*a, **kw))
+    GPT(tiny())(torch.zeros(1, 8, dtype=torch.long))
+    assert masks and all(m is None and causal for m, causal in masks)
+    compiled = []
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", torch._dynamo.config.suppress_errors)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append((type(self).__name__, kw)))
+    speed.build_model(tiny(n_layer=2), TrainConfig(compile=True), torch.device("cpu"))
+    assert compiled == [("Block", {"mode": None, "dynamic": False})] * 2
 
 
 def test_ddp_uses_gradient_bucket_views():

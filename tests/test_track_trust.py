@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 from conftest import nan_at_step
+from wandb_records import iter_wandb_records, read_wandb_history
 
 from pretrain.cli import EXIT_STOPPED
 from pretrain.track.plots import events_by_step
 from pretrain.track.runlog import read_jsonl
 from pretrain.track.summary import _human
-from pretrain.track.wandb_run import iter_wandb_records, read_wandb_history
 from pretrain.train.loop import main
 
 FAST = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64",

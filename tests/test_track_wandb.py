@@ -6,8 +6,9 @@ from __future__ import annotations
 import struct
 
 import pytest
+from wandb_records import iter_wandb_records, read_wandb_history
 
-from pretrain.track.wandb_run import RUN_ID_FILE, WandbRun, iter_wandb_records, read_wandb_history
+from pretrain.track.wandb_run import RUN_ID_FILE, WandbRun
 
 pytest.importorskip("wandb")
 

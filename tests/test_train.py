@@ -196,7 +196,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
 
 
 def test_wandb_offline_file_holds_train_jsonl_losses(byte_data, tmp_path):
-    from pretrain.track.wandb_run import iter_wandb_records
+    from wandb_records import iter_wandb_records
 
     out = tmp_path / "r"
     run(byte_data, out, "--steps", "5", "--eval-every", "0", "--wandb", "--wandb-mode", "offline")

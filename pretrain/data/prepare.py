@@ -21,7 +21,6 @@ import os
 import shutil
 import signal
 import threading
-import time
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -49,7 +48,6 @@ from pretrain.fsio import DirLock
 DEFAULT_VAL_TOKENS = 10_000_000
 LOCK_NAME = ".prepare.lock"  # held while a prepare writes the dir; removed when it ends (hidden, never a shard)
 BATCH_CHARS = 1 << 20  # ~250K tokens per work item: large enough to amortise pickling
-SLOW_ENV = "PRETRAIN_PREPARE_SLEEP_AFTER_SHARD"  # tests: seconds to pause after each shard (kill -9 test)
 
 
 def plan_shards(total: int, val: int, shard: int) -> list[tuple[str, int, int]]:
@@ -238,7 +236,6 @@ def _write(m: dict, out: Path, todo: list[tuple[str, int, int]], src: Source, to
     if m["shards"] and m["shards"][-1]["split"] == "val" and todo[0][0] == "train":
         doc, offset = doc + 1, 0  # train starts after the document that straddles the end of val
     dtype, doc0 = np.dtype(m["dtype"]), doc
-    slow = float(os.environ.get(SLOW_ENV, "0") or 0)
     # a few work items per worker even for tiny runs; ~1M chars each (amortises pickling) for big ones
     chars = int(min(BATCH_CHARS, max(BATCH_CHARS // 16, 4 * sum(t[2] for t in todo) // (8 * workers))))
     split, idx, size = todo.pop(0)
@@ -264,8 +261,6 @@ def _write(m: dict, out: Path, todo: list[tuple[str, int, int]], src: Source, to
                 pos = {"doc": batch.first + j, "offset": cur - int(bounds[j]), "hint": hint}
                 _save_shard(m, out, split, idx, buf, ndocs, pos)
                 bar.shard_done(m["shards"][-1]["file"], sum(s["tokens"] for s in m["shards"]), pos["doc"] - doc0)
-                if slow:
-                    time.sleep(slow)
                 if not todo:
                     return
                 if split == "val" and todo[0][0] == "train":

@@ -1,6 +1,6 @@
 """Downstream accuracy: HellaSwag-style multiple choice scored by completion likelihood.
 
-    python -m pretrain.evals.downstream runs/<name> --hellaswag items.jsonl [--checkpoint best]
+    python -m pretrain.evals.downstream runs/<name> --hellaswag items.jsonl [--checkpoint auto|best|last|PATH]
     python -m pretrain.evals.downstream runs/<name> --hellaswag hf          # Rowan/hellaswag validation
 
 Each item is a context and N candidate endings, one of them right. Every ending is appended to the
@@ -143,11 +143,13 @@ def score(model: torch.nn.Module, codec: Any, items: Sequence[MCItem], device: t
 
 # ------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> ArgumentParser:
+    from pretrain.evals.run_model import CHECKPOINT_HELP, DEFAULT_CHECKPOINT  # lazy, as in main
+
     p = ArgumentParser(prog="python -m pretrain.evals.downstream",
                        description="HellaSwag-style multiple-choice accuracy of a run's checkpoint.")
     p.add_argument("run_dir", help="run directory, runs/<name>")
     p.add_argument("--hellaswag", required=True, help="jsonl of {ctx, endings, label} items, or 'hf'")
-    p.add_argument("--checkpoint", default="best", help="best (default), last, or a path to a .pt checkpoint")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=CHECKPOINT_HELP)
     p.add_argument("--items", type=int, default=0, help="score only the first N items (0: all)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, mps)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

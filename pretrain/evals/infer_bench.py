@@ -145,18 +145,14 @@ def record_in_run(run_dir: Path, step: int | None, summary: dict[str, Any]) -> N
 def bench_run(run_dir: Path, lengths: Sequence[int], decode_tokens: int, device: torch.device,
               dtype: str | None, write: bool = True) -> dict[str, Any]:
     """Measure a trained run's checkpoint; record the figures in the run unless write=False."""
-    from pretrain.evals.run_model import checked_model_config, find_checkpoint
-    from pretrain.train.checkpoint import load_checkpoint
+    from pretrain.evals.run_model import load_run_checkpoint
 
-    path = find_checkpoint(run_dir, "auto")
-    state = load_checkpoint(path)
-    model = GPT(checked_model_config(state, path))
-    model.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in state["model"].items()})
-    model.to(device=device, dtype=DTYPES[dtype or "bf16"])  # the usual inference dtype, as the KV formula column
+    ckpt = load_run_checkpoint(run_dir)
+    model = ckpt.model(device).to(dtype=DTYPES[dtype or "bf16"])  # the usual inference dtype, as the KV formula
     summary = summarize(measure(model, lengths, decode_tokens, device))
-    summary |= {"variant": model.config.attn, "checkpoint": path.name}
+    summary |= {"variant": model.config.attn, "checkpoint": ckpt.path.name}
     if write:
-        record_in_run(run_dir, state.get("step"), summary)
+        record_in_run(run_dir, ckpt.state.get("step"), summary)
     return {"run": run_dir.name, **summary}
 
 
@@ -187,7 +183,8 @@ def format_rows(results: Sequence[dict[str, Any]]) -> str:
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m pretrain.infer_bench",
                        description="Measure KV-cache bytes, prefill/decode tokens/s and peak memory per variant.")
-    p.add_argument("runs", nargs="*", help="run directories (their best/last checkpoint is measured)")
+    p.add_argument("runs", nargs="*", help="run directories; their best.pt, else last.pt, else newest "
+                   "step_<N>.pt is measured (the default of generate, downstream and export)")
     p.add_argument("--preset", choices=list(PRESETS), default=None, help="measure a preset with random weights")
     p.add_argument("--variants", default=",".join(ATTN_VARIANTS), help="with --preset: comma-separated variants")
     p.add_argument("--lengths", default="1K,4K,16K", help="context lengths (default 1K,4K,16K)")
@@ -213,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pretrain.evals.run_model import find_checkpoint
 
     for run in a.runs:
-        find_checkpoint(Path(run), "auto")  # every run checked before the first (slow) measurement
+        find_checkpoint(Path(run))  # every run checked before the first (slow) measurement
     device = torch.device(a.device)
     results = [bench_run(Path(r), lengths, a.decode_tokens, device, a.dtype, not a.no_write) for r in a.runs]
     if a.preset:

@@ -1,12 +1,16 @@
-"""A trained run as something to evaluate: its checkpoint's model (any variant) and its tokenizer's codec.
+"""A trained run as something to evaluate or ship: the one checkpoint finder and loader of generate, downstream,
+export and infer_bench, giving the checkpoint's model (any variant) and its tokenizer's codec.
 
 Checkpoints hold the ModelConfig, so every variant rebuilds without knowing the flags it was trained with.
+Checkpoints hold plain parameter names (CheckpointManager.save strips torch.compile's `_orig_mod`), so nothing
+here renames weights.
 The tokenizer comes from the run's dataset (the manifest names it) or, when the data has moved, from the
 vocabulary size (256 = bytes, 50257 = GPT-2); `tokenizer` overrides both.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,15 @@ _BY_VOCAB = {256: "bytes", 50257: "gpt2"}
 MAX_BLOCK = 1 << 20  # longest context a checkpoint may declare (no weight is sized by it, so no other check holds)
 
 
-def find_checkpoint(run_dir: Path, which: str = "auto") -> Path:
+# The one default of every command that reads a finished run (generate, downstream, export, infer_bench):
+# best.pt holds the weights with the lowest validation loss, the ones worth sampling, scoring or publishing;
+# a run without evals has no best.pt, so last.pt, and when even that is gone the newest step_<N>.pt.
+DEFAULT_CHECKPOINT = "auto"
+CHECKPOINT_HELP = ("which checkpoint: auto (default: best.pt, else last.pt, else the newest step_<N>.pt), "
+                   "best, last, or a .pt path")
+
+
+def find_checkpoint(run_dir: Path, which: str = DEFAULT_CHECKPOINT) -> Path:
     """auto: best.pt, else last.pt, else the newest step_<N>.pt; best / last; or a .pt path."""
     if which not in ("auto", "best", "last"):
         path = Path(which)
@@ -74,7 +86,7 @@ def checked_model_config(state: dict[str, Any], path: Path) -> ModelConfig:
                 else f"block_size {mcfg.block_size:,} (at most {MAX_BLOCK:,})")
         raise UserError(f"{path}: its model_config describes {what}; the checkpoint is damaged or was edited: "
                         "use another checkpoint (--checkpoint last / best / a step_<N>.pt)")
-    shapes = {k.replace("_orig_mod.", ""): tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    shapes = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
     if shapes != model_shapes(mcfg):
         raise UserError(f"{path}: its weights do not have the shapes its model_config describes; the checkpoint "
                         "is damaged or was edited: use another checkpoint")
@@ -90,16 +102,42 @@ def _tokenizer_name(train_config: dict[str, Any], vocab_size: int) -> str | None
         return _BY_VOCAB.get(vocab_size)
 
 
-def load_run_model(run_dir: Path, which: str = "auto", device: torch.device | str = "cpu",
+@dataclass
+class RunCheckpoint:
+    """A loaded checkpoint whose model_config the weights back (checked_model_config)."""
+
+    path: Path
+    state: dict[str, Any]
+    model_config: ModelConfig
+
+    @property
+    def weights(self) -> dict[str, Any]:
+        return self.state["model"]
+
+    def model(self, device: torch.device | str = "cpu") -> GPT:
+        """The checkpoint's model in eval mode on `device` (fp32 parameters; the weights are copied in)."""
+        model = GPT(self.model_config)
+        model.load_state_dict(self.weights)
+        return model.to(device).eval()
+
+
+def open_checkpoint(path: Path) -> RunCheckpoint:
+    """Load `path` (weights_only) and check its model_config before anything is built from it."""
+    state = load_checkpoint(path)
+    return RunCheckpoint(path, state, checked_model_config(state, path))
+
+
+def load_run_checkpoint(run_dir: Path, which: str = DEFAULT_CHECKPOINT) -> RunCheckpoint:
+    """The run's checkpoint chosen by `which` (see find_checkpoint), loaded and checked."""
+    return open_checkpoint(find_checkpoint(run_dir, which))
+
+
+def load_run_model(run_dir: Path, which: str = DEFAULT_CHECKPOINT, device: torch.device | str = "cpu",
                    tokenizer: str | None = None) -> tuple[GPT, TextCodec, dict[str, Any]]:
     """(model in eval mode on `device`, codec, {"path", "step", "model_config"}) of a run's checkpoint."""
-    path = find_checkpoint(run_dir, which)
-    state = load_checkpoint(path)
-    mcfg = checked_model_config(state, path)
-    model = GPT(mcfg)
-    weights = {k.replace("_orig_mod.", ""): v for k, v in state["model"].items()}
-    model.load_state_dict(weights)
-    model.to(device).eval()
+    ckpt = load_run_checkpoint(run_dir, which)
+    path, state, mcfg = ckpt.path, ckpt.state, ckpt.model_config
+    model = ckpt.model(device)
     name = tokenizer or _tokenizer_name(state.get("train_config", {}), mcfg.vocab_size)
     if name is None:
         raise UserError(f"cannot tell which tokenizer {path} was trained with (its dataset is gone and vocab "

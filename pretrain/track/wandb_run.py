@@ -1,12 +1,12 @@
 """wandb for the trainer: one run per run dir, continued across resumes, never fatal.
 
-Also a reader for the offline `run-<id>.wandb` files, so tests (and curious users) can check what was
-actually recorded without a wandb server. wandb 0.31 no longer ships a Python reader for them.
+`finish` waits until the offline `run-<id>.wandb` file holds its exit record, which takes a reader of that
+binary format (wandb 0.31 ships none for Python): `iter_wandb_records`. What tests read back from those files
+(history rows) is in tests/wandb_records.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shlex
@@ -176,7 +176,7 @@ class WandbRun:
                 pass
 
 
-# ------------------------------------------------------------- offline .wandb reader
+# ------------------------------------------------------------- offline .wandb reader (finish waits with it)
 # Layout (wandb-core's store): a 7-byte file header "<4sHB" = (b":W&B", 0xBEE1, version 0), then
 # leveldb-log records in 32 KiB blocks: header "<IHB" = (checksum, length, type), type FULL=1 FIRST=2
 # MIDDLE=3 LAST=4; a block tail shorter than 7 bytes is zero padding. The checksum is zlib's CRC-32
@@ -239,19 +239,3 @@ def wait_for_exit_record(path: str | os.PathLike, timeout_s: float) -> bool:
             return False
         time.sleep(delay)
         delay = min(delay * 2, 0.5)
-
-
-def read_wandb_history(path: str | os.PathLike) -> list[dict]:
-    """History rows of a .wandb file as dicts: {"_step": 3, "train/loss": 4.2, ...}."""
-    rows = []
-    for record in iter_wandb_records(path):
-        if record.WhichOneof("record_type") != "history":
-            continue
-        row: dict[str, Any] = {}
-        for item in record.history.item:
-            key = item.key or "/".join(item.nested_key)
-            row[key] = json.loads(item.value_json)
-        if "_step" not in row and record.history.HasField("step"):
-            row["_step"] = record.history.step.num
-        rows.append(row)
-    return rows

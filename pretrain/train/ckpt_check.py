@@ -22,7 +22,7 @@ from pretrain.train.resume import check_compatible
 
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "model": dict, "optimizer": dict, "sampler": dict, "rng": dict, "train_config": dict, "step": int,
-    "tokens": int, "elapsed": (int, float),
+    "tokens": int, "elapsed": (int, float), "world_size": int, "lr_horizon": int,
 }
 
 
@@ -64,6 +64,8 @@ def problem(state: dict[str, Any], shapes: dict[str, tuple[int, ...]],
     opt = state["optimizer"]
     if not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
         return "its optimizer state is malformed"
+    if not all(isinstance(k, str) for k in opt["state"]):  # optimizer_state() keys it by parameter name
+        return "its optimizer state is not keyed by parameter name"
     if not isinstance(state["rng"].get("torch"), torch.Tensor):
         return "its RNG state is malformed"
     sampler = state["sampler"]

@@ -355,21 +355,6 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--resume takes auto, never or a .pt path, got {cfg.resume!r}")
 
 
-def to_argv(cfg: TrainConfig) -> list[str]:
-    """Flags that reproduce `cfg` (only those differing from the defaults)."""
-    argv: list[str] = []
-    default = TrainConfig()
-    for f in fields(TrainConfig):
-        value = getattr(cfg, f.name)
-        if value == getattr(default, f.name):
-            continue
-        if isinstance(value, bool):
-            argv.append(flag_name(f.name) if value else "--no-" + f.name.replace("_", "-"))
-        else:
-            argv += [flag_name(f.name), str(value)]
-    return argv
-
-
 def format_command(argv: Sequence[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 

@@ -9,7 +9,6 @@ import contextlib
 import os
 import resource
 import sys
-from collections.abc import Iterator
 
 import torch
 
@@ -152,12 +151,6 @@ def peak_flops_for_name(name: str) -> float | None:
     return None
 
 
-def total_memory_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return None
-
-
 def rss_bytes() -> int:
     """Peak resident set size of this process (what CPU runs report as memory)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -179,12 +172,3 @@ def memory_stats(device: torch.device) -> dict[str, float]:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def sdpa_math_only() -> Iterator[None]:
-    """The plain math SDPA kernel: lets FLOP counters see attention as matmuls."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        yield

@@ -229,20 +229,10 @@ def load_model_state(model: nn.Module, state: dict[str, Any], dist: Dist) -> Non
     set_model_state_dict(model, state, options=_options(dist))
 
 
-def _by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
-    """Convert `optimizer.state_dict()`'s positional format (older checkpoints) to the by-name one."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
-    return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
-
-
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
                          dist: Dist) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    if any(isinstance(k, int) for k in state.get("state", {})):
-        state = _by_name(model, optimizer, state)
     # A state saved by the other AdamW implementation (--opt-fused may change on resume) has group keys
     # (amsgrad, fused, ...) this optimizer lacks, which set_optimizer_state_dict cannot map: keep ours.
     known = set().union(*(g.keys() for g in optimizer.param_groups))
@@ -269,7 +259,7 @@ def saved_config_for(state: dict[str, Any], cfg: Any, dist: Dist, path: Any) -> 
     state, the sampler one global order) as long as the global batch, batch x accum x ranks, stays the same.
     """
     saved = dict(state["train_config"])
-    world = int(state.get("world_size", 1))  # checkpoints before torchrun support were single-process
+    world = state["world_size"]
     old = (saved.get("batch_size", cfg.batch_size), saved.get("grad_accum", cfg.grad_accum), world)
     new = (cfg.batch_size, cfg.grad_accum, dist.world_size)
     if old[0] * old[1] * old[2] != new[0] * new[1] * new[2]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,6 @@ from pretrain.train.checkpoint import CheckpointManager, checkpoint_paths, load_
 from pretrain.train.config import TrainConfig, config_differences
 from pretrain.train.rundir import has_run
 
-STATE_VERSION = 1
 # --overwrite with --resume auto: rerunning a command after a preemption must continue its run, never wipe it.
 OVERWRITE_IGNORED = ("--overwrite is ignored: {} holds a run that --resume auto continues (a rerun after a "
                      "preemption must never wipe it); to replace it, pass --resume never --overwrite")
@@ -130,7 +128,7 @@ def batch_split_change(state: dict[str, Any], cfg: TrainConfig, world_size: int)
     "world_size": [...]}, or None when it does not. The resume check already holds the product equal."""
     saved = state["train_config"]
     before = (saved.get("batch_size", cfg.batch_size), saved.get("grad_accum", cfg.grad_accum),
-              int(state.get("world_size", 1)))
+              state["world_size"])
     now = (cfg.batch_size, cfg.grad_accum, world_size)
     if before == now:
         return None
@@ -165,17 +163,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         }
     )
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        if "cuda_device" in state:  # this rank's device, saved by this rank
-            torch.cuda.set_rng_state(state["cuda"][0])
-        elif len(state["cuda"]) == torch.cuda.device_count():  # older checkpoints: every device's state
-            torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # this rank's device, saved by this rank
+        torch.cuda.set_rng_state(state["cuda"][0])
 
 
 def rng_for_rank(state: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
     """The RNG state this rank saved. Each rank (its own CUDA device) advances its own generators, so rank 0's
     state restored everywhere would set rank 1's device to whatever rank 0 knew of it. A checkpoint from
-    another world size (or from before per-rank states) gives each rank rank 0's state."""
+    another world size gives each rank rank 0's state."""
     ranks = state.get("rng_ranks")
     if ranks and len(ranks) == world_size:
         return ranks[rank]
@@ -187,11 +182,3 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-
-def clean_state_dict(sd: dict[str, Any]) -> dict[str, Any]:
-    """Model weights without torch.compile's `_orig_mod.` wrapper prefix, so any model can load them."""
-    return {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
-
-
-def warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr, flush=True)

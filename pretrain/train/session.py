@@ -323,7 +323,7 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
                         st.get("train_window"))
         wandb_id = wandb_id or st.get("wandb_run_id")
         saved_steps = int(st["train_config"].get("steps", cfg.steps))
-        saved_horizon = int(st.get("lr_horizon", saved_steps))  # checkpoints before the horizon was kept
+        saved_horizon = st["lr_horizon"]
         lr_horizon = lr_horizon_on_resume(cfg.lr_schedule, saved_horizon, cfg.steps, prog.step, cfg.decay_frac)
         resume_fields = {"from": str(start.path), "steps_before": saved_steps, "steps": cfg.steps,
                          "lr_horizon": lr_horizon}

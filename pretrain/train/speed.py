@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -31,28 +30,6 @@ from pretrain.train.config import TrainConfig
 F = TypeVar("F", bound=Callable[..., Any])
 
 ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
-
-
-@dataclass(frozen=True)
-class SpeedChoices:
-    fused_adamw: bool  # one kernel for the whole AdamW step (fp32 weights; bf16 weights use optim.AdamWSR)
-    pin_memory: bool  # the prefetcher pins batches so the host-to-device copy overlaps compute
-    sdpa_flash_eligible: bool  # no explicit attention mask: flash / cuDNN kernels with causal block skipping
-    compile_scope: str  # "block": one graph per block shape, reused n_layer times; "off"
-    compile_dynamic: bool  # False: one static graph per sequence length (a schedule has a handful)
-
-
-def speed_choices(device: torch.device, cfg: TrainConfig, null_attn: bool) -> SpeedChoices:
-    """What the trainer does on `device` under `cfg` (read by tests; the trainer's code follows the same rules)."""
-    cuda = device.type == "cuda"
-    return SpeedChoices(
-        fused_adamw=cfg.optimizer == "adamw" and cfg.param_dtype != "bf16" and cfg.opt_fused
-        and device.type in ("cuda", "cpu"),
-        pin_memory=cuda,
-        sdpa_flash_eligible=not null_attn,
-        compile_scope="block" if cfg.compile else "off",
-        compile_dynamic=False,
-    )
 
 
 def compile_blocks(model: nn.Module, mode: str = "default") -> None:
