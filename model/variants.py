@@ -61,15 +61,15 @@ def _gqa_kv_heads(n_head: int) -> int:
 
 
 _ENTRIES = (
-    AttentionVariant("baseline", "multi-head attention: q, k, v d -> d, RoPE on q and k",
+    AttentionVariant("baseline", "multi-head, q/k/v d -> d",
                      CausalSelfAttention, _model_heads, (("d_model", True),)),
-    AttentionVariant("gqa", "grouped-query: n_kv_head k/v heads shared by groups of query heads",
+    AttentionVariant("gqa", "n_kv_head k/v heads, each shared by a group of query heads",
                      CausalSelfAttention, _model_heads, (("d_model", True),),
                      default_kv_heads=_gqa_kv_heads, kv_heads_settable=True),
-    AttentionVariant("bottleneck", "q, k, v d -> attn_dim, out attn_dim -> d",
+    AttentionVariant("bottleneck", "q/k/v d -> attn_dim",
                      CausalSelfAttention, _bottleneck_heads, (("attn_dim", True),)),
-    AttentionVariant("decoupled", "semantic q/k of sem_dim without RoPE + geometric q/k of geo_dim with RoPE, "
-                     "v of attn_dim", DecoupledAttention, _decoupled_heads,
+    AttentionVariant("decoupled", "q/k of sem_dim without RoPE + geo_dim with RoPE, v of attn_dim",
+                     DecoupledAttention, _decoupled_heads,
                      (("sem_dim", False), ("geo_dim", True), ("attn_dim", False))),
 )
 ATTENTION_VARIANTS: dict[str, AttentionVariant] = {v.name: v for v in _ENTRIES}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from model import PAPER_PRESETS, ModelConfig
+from model.variants import ATTENTION_VARIANTS
 from pretrain.cli import ArgumentParser, UserError
 from pretrain.schedule import parse_micro_batch_schedule
 
@@ -38,7 +39,8 @@ class TrainConfig:
     block: int | None = _opt(None, "maximum sequence length (RoPE/context size)", group="model", check="(0,inf)")
     vocab_size: int | None = _opt(None, "vocabulary size (default: the dataset's)", group="model", check="(0,inf)")
     attn_mode: str = _opt(
-        "baseline", "attention variant", ["baseline", "gqa", "bottleneck", "decoupled"], "model"
+        "baseline", "attention variant: " + "; ".join(f"{v.name} = {v.summary}" for v in ATTENTION_VARIANTS.values()),
+        list(ATTENTION_VARIANTS), "model"
     )
     exp: str | None = _opt(None, "the paper's configuration: sets --attn-mode and its options (docs/paper_presets.md)",
                            list(PAPER_PRESETS), "model")
