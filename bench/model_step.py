@@ -20,8 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import GPT, ModelConfig  # noqa: E402
+from model.variants import ATTENTION_VARIANTS  # noqa: E402
 
-VARIANTS = ("baseline", "gqa", "bottleneck", "decoupled")
+VARIANTS = tuple(ATTENTION_VARIANTS)
 
 
 def matmul_flops_per_second(n: int = 2048, reps: int = 5) -> float:

@@ -1,4 +1,4 @@
-"""Causal self-attention in four variants, one class, one SDPA call per layer.
+"""Causal self-attention: the registered variants' modules (model/variants.py), one SDPA call per layer.
 
   baseline    H heads of d/H; q, k, v: d -> d; RoPE on q and k.
   gqa         k, v: d -> n_kv_head * d/H (Ainslie et al. 2023); SDPA broadcasts each k/v head over
@@ -8,6 +8,9 @@
               with RoPE (position); v: d -> attn_dim. score = q_s.k_s/sqrt(hd_s) + q_g.k_g/sqrt(hd_g),
               done as ONE SDPA call of cat[q_s/sqrt(hd_s), q_g/sqrt(hd_g)] against cat[k_s, k_g] with
               scale=1, so each path is scaled exactly once, by its own head dim.
+
+CausalSelfAttention serves the first three (one q and one k projection, sized by cfg.head_dims);
+DecoupledAttention overrides only how q/k are built and how a score splits into its two paths.
 
 Options: null_attn (a learned per-layer null key/value every query may attend to, an "attention
 sink": prepended to K/V and admitted by the mask; see "null key and position" below), tie_qk (k reuses
@@ -29,13 +32,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
 from .rope import RotaryEmbedding, apply_rotary
+
+if TYPE_CHECKING:  # config.py imports the registry, which imports this file
+    from .config import ModelConfig
 
 try:  # FlexAttention appeared in torch 2.5; the floor is 2.6, but a stripped build may lack it.
     from torch.nn.attention import flex_attention as _flex
@@ -87,24 +93,17 @@ class AttentionTrace:
 
 
 class CausalSelfAttention(nn.Module):
+    """Attention with one q and one k projection (baseline, gqa, bottleneck: widths from cfg.head_dims)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.variant = cfg.attn
         self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
         self.qk_head_dim, self.v_head_dim, rotary_dim = cfg.head_dims
         self.tie_qk = cfg.tie_qk
         d, h, kv = cfg.d_model, cfg.n_head, cfg.n_kv_head
-        if self.variant == "decoupled":
-            self.sem_head_dim, self.geo_head_dim = cfg.sem_dim // h, cfg.geo_dim // h
-            self.q_sem_proj = nn.Linear(d, cfg.sem_dim, bias=False)
-            self.q_geo_proj = nn.Linear(d, cfg.geo_dim, bias=False)
-            if not self.tie_qk:
-                self.k_sem_proj = nn.Linear(d, cfg.sem_dim, bias=False)
-                self.k_geo_proj = nn.Linear(d, cfg.geo_dim, bias=False)
-        else:
-            self.q_proj = nn.Linear(d, h * self.qk_head_dim, bias=False)
-            if not self.tie_qk:
-                self.k_proj = nn.Linear(d, kv * self.qk_head_dim, bias=False)
+        # Parameters are created in this order (q/k, v, o, null, temp): it fixes the init RNG stream and
+        # the checkpoint's keys, so a subclass builds its q/k in _build_qk and nowhere else.
+        self._build_qk(cfg)
         self.v_proj = nn.Linear(d, kv * self.v_head_dim, bias=False)
         self.o_proj = nn.Linear(h * self.v_head_dim, d, bias=False)
         self.o_proj.is_residual_out = True  # GPT scales its init by 1/sqrt(2 * n_layer)
@@ -117,6 +116,12 @@ class CausalSelfAttention(nn.Module):
             self.null_k = self.null_v = None
         self.log_temp = nn.Parameter(torch.zeros(h)) if cfg.learned_temp else None
 
+    def _build_qk(self, cfg: ModelConfig) -> None:
+        """The query/key projections (no key projection when tie_qk)."""
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * self.qk_head_dim, bias=False)
+        if not self.tie_qk:
+            self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * self.qk_head_dim, bias=False)
+
     def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
         """(B, T, n*hd) -> (B, n, T, hd)."""
         B, T, _ = t.shape
@@ -124,25 +129,17 @@ class CausalSelfAttention(nn.Module):
 
     def _qk(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float | None]:
         """Queries and keys in head layout with RoPE applied, plus the scale SDPA should use."""
-        h, kv = self.n_head, self.n_kv_head
         cos, sin = self.rope(positions)
-        if self.variant != "decoupled":
-            q = self._heads(self.q_proj(x), h)
-            k = q if self.tie_qk else self._heads(self.k_proj(x), kv)
-            q = apply_rotary(q, cos, sin)
-            k = q if self.tie_qk else apply_rotary(k, cos, sin)
-            return q, k, None  # SDPA's default scale 1/sqrt(head_dim)
-        q_s = self._heads(self.q_sem_proj(x), h)
-        q_g = apply_rotary(self._heads(self.q_geo_proj(x), h), cos, sin)
-        if self.tie_qk:
-            k_s, k_g = q_s, q_g
-        else:
-            k_s = self._heads(self.k_sem_proj(x), kv)
-            k_g = apply_rotary(self._heads(self.k_geo_proj(x), kv), cos, sin)
-        # Scale each path by its own head dim here, and tell SDPA not to scale again.
-        q = torch.cat((q_s / math.sqrt(self.sem_head_dim), q_g / math.sqrt(self.geo_head_dim)), dim=-1)
-        k = torch.cat((k_s, k_g), dim=-1)
-        return q, k, 1.0
+        q = self._heads(self.q_proj(x), self.n_head)
+        k = q if self.tie_qk else self._heads(self.k_proj(x), self.n_kv_head)
+        q = apply_rotary(q, cos, sin)
+        k = q if self.tie_qk else apply_rotary(k, cos, sin)
+        return q, k, None  # SDPA's default scale 1/sqrt(head_dim)
+
+    def _score_parts(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
+        """Pre-softmax scores of (B, H, T, hd) q against (B, H, S, hd) k, plus the semantic and geometric
+        parts of them (None here: one path)."""
+        return q @ k.transpose(-1, -2) * scale, None, None
 
     def _project(self, x: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, ...]:
         """The shared front half of attention: q (B, H, T, *), k and v (B, Hkv, S[+1], *) with the cache and
@@ -209,15 +206,8 @@ class CausalSelfAttention(nn.Module):
         qf, kf = q.to(dtype), kh.to(dtype)
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
-        sem = geo = None
         with torch.autocast(q.device.type, enabled=False):  # autocast would run these matmuls in bf16
-            if self.variant == "decoupled":
-                h_s = self.sem_head_dim
-                sem = qf[..., :h_s] @ kf[..., :h_s].transpose(-1, -2) * scale
-                geo = qf[..., h_s:] @ kf[..., h_s:].transpose(-1, -2) * scale
-                scores = sem + geo
-            else:
-                scores = qf @ kf.transpose(-1, -2) * scale
+            scores, sem, geo = self._score_parts(qf, kf, scale)
             probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
             y = probs @ vh.to(dtype)
         probe(AttentionTrace(probs=probs, mask=mask, keys=k, values=v, sem_scores=sem, geo_scores=geo,
@@ -226,6 +216,42 @@ class CausalSelfAttention(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         return KVCache(batch, self.n_kv_head, max_len, self.qk_head_dim, self.v_head_dim, device, dtype)
+
+
+class DecoupledAttention(CausalSelfAttention):
+    """decoupled: semantic q_s/k_s (no RoPE) and geometric q_g/k_g (RoPE) projections, one SDPA call."""
+
+    def _build_qk(self, cfg: ModelConfig) -> None:
+        d, h = cfg.d_model, cfg.n_head
+        self.sem_head_dim, self.geo_head_dim = cfg.sem_dim // h, cfg.geo_dim // h
+        self.q_sem_proj = nn.Linear(d, cfg.sem_dim, bias=False)
+        self.q_geo_proj = nn.Linear(d, cfg.geo_dim, bias=False)
+        if not self.tie_qk:
+            self.k_sem_proj = nn.Linear(d, cfg.sem_dim, bias=False)
+            self.k_geo_proj = nn.Linear(d, cfg.geo_dim, bias=False)
+
+    def _qk(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        """Per-head [q_s | q_g] and [k_s | k_g], geometric halves rotated, each path pre-scaled (scale 1)."""
+        h, kv = self.n_head, self.n_kv_head
+        cos, sin = self.rope(positions)
+        q_s = self._heads(self.q_sem_proj(x), h)
+        q_g = apply_rotary(self._heads(self.q_geo_proj(x), h), cos, sin)
+        if self.tie_qk:
+            k_s, k_g = q_s, q_g
+        else:
+            k_s = self._heads(self.k_sem_proj(x), kv)
+            k_g = apply_rotary(self._heads(self.k_geo_proj(x), kv), cos, sin)
+        # Scale each path by its own head dim here, and tell SDPA not to scale again.
+        q = torch.cat((q_s / math.sqrt(self.sem_head_dim), q_g / math.sqrt(self.geo_head_dim)), dim=-1)
+        k = torch.cat((k_s, k_g), dim=-1)
+        return q, k, 1.0
+
+    def _score_parts(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
+        """Splitting each per-head dot product at sem_head_dim gives the two paths' exact shares of the score."""
+        h_s = self.sem_head_dim
+        sem = q[..., :h_s] @ k[..., :h_s].transpose(-1, -2) * scale
+        geo = q[..., h_s:] @ k[..., h_s:].transpose(-1, -2) * scale
+        return sem + geo, sem, geo
 
 
 def causal_mask(T: int, S: int, start: int, device: torch.device, null_slot: bool = False) -> torch.Tensor:

@@ -11,7 +11,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-ATTN_VARIANTS = ("baseline", "gqa", "bottleneck", "decoupled")
+from .variants import ATTENTION_VARIANTS, AttentionVariant, attention_variant
+
+ATTN_VARIANTS = tuple(ATTENTION_VARIANTS)  # the registered names (model/variants.py), in order
 
 # Presets. For bottleneck/decoupled the dims are chosen so every per-head size is a multiple of 8
 # (small and 1b: semantic 8, geometric 16, value 24 per head), which fast SDPA kernels (flash / memory-efficient)
@@ -43,9 +45,9 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
 class ModelConfig:
     """Hyper-parameters of the decoder. Optional dims (None) are resolved in __post_init__.
 
-    attn: "baseline" (MHA), "gqa" (n_kv_head key/value heads), "bottleneck" (q, k, v: d -> attn_dim),
-    "decoupled" (semantic q_s/k_s of sem_dim without RoPE + geometric q_g/k_g of geo_dim with RoPE,
-    v of attn_dim). Defaults: sem_dim = d/16, geo_dim = d/8, attn_dim = sem_dim + geo_dim,
+    attn: a registered variant (model/variants.py): "baseline" (MHA), "gqa" (n_kv_head key/value heads),
+    "bottleneck" (q, k, v: d -> attn_dim), "decoupled" (semantic q_s/k_s of sem_dim without RoPE + geometric
+    q_g/k_g of geo_dim with RoPE, v of attn_dim). Defaults: sem_dim = d/16, geo_dim = d/8, attn_dim = sem_dim + geo_dim,
     n_kv_head = n_head (gqa: n_head/4, or 1 when 4 does not divide n_head). Presets keep
     bottleneck/decoupled per-head sizes multiples of 8 so fast SDPA kernels apply.
     Options: null_attn (learned null key/value per layer), tie_qk (k reuses q's projection),
@@ -71,8 +73,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        if self.attn not in ATTN_VARIANTS:
-            raise ValueError(f"unknown attn={self.attn!r}; use one of {', '.join(ATTN_VARIANTS)}")
+        variant = attention_variant(self.attn)
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -81,8 +82,7 @@ class ModelConfig:
             raise ValueError(f"rope_base={self.rope_base} must be > 0 (10000 is the usual value)")
         d, h = self.d_model, self.n_head
         if self.n_kv_head is None:
-            # gqa default: 4 query heads per key/value head, or one shared k/v head (MQA) otherwise.
-            self.n_kv_head = (h // 4 if h % 4 == 0 else 1) if self.attn == "gqa" else h
+            self.n_kv_head = variant.default_kv_heads(h)
         if self.sem_dim is None:
             self.sem_dim = d // 16
         if self.geo_dim is None:
@@ -92,23 +92,19 @@ class ModelConfig:
         self._validate()
 
     def _validate(self) -> None:
-        h, kv = self.n_head, self.n_kv_head
-        if self.attn == "gqa":
+        h, kv, variant = self.n_head, self.n_kv_head, self.variant
+        if variant.kv_heads_settable:
             if kv <= 0 or h % kv != 0:
                 raise ValueError(f"n_kv_head={kv} must divide n_head={h}; pick a divisor of {h}")
-            if self.tie_qk and kv != h:
-                raise ValueError(f"tie_qk needs k shaped like q, but gqa has n_kv_head={kv} != n_head={h}; "
-                                 f"set n_kv_head={h} or drop tie_qk")
-        elif kv != h:
-            raise ValueError(f"n_kv_head={kv} only applies to attn='gqa'; set attn='gqa' or n_kv_head={h}")
-        if self.attn in ("baseline", "gqa"):
-            self._check_heads("d_model", self.d_model, rotary=True)
-        elif self.attn == "bottleneck":
-            self._check_heads("attn_dim", self.attn_dim, rotary=True)
-        else:
-            self._check_heads("sem_dim", self.sem_dim, rotary=False)
-            self._check_heads("geo_dim", self.geo_dim, rotary=True)
-            self._check_heads("attn_dim", self.attn_dim, rotary=False)
+        elif kv != variant.default_kv_heads(h):
+            settable = " or ".join(f"attn={v.name!r}" for v in ATTENTION_VARIANTS.values() if v.kv_heads_settable)
+            raise ValueError(f"n_kv_head={kv} only applies to {settable}; set {settable} or "
+                             f"n_kv_head={variant.default_kv_heads(h)}")
+        if self.tie_qk and (kv != h or not variant.ties_qk):
+            raise ValueError(f"tie_qk needs k shaped like q, but {self.attn} has n_kv_head={kv} != n_head={h}; "
+                             f"set n_kv_head={h} or drop tie_qk")
+        for name, rotary in variant.widths:
+            self._check_heads(name, getattr(self, name), rotary)
 
     def _check_heads(self, name: str, dim: int, rotary: bool) -> None:
         h = self.n_head
@@ -154,17 +150,15 @@ class ModelConfig:
         return (self.vocab_size + 63) // 64 * 64
 
     @property
+    def variant(self) -> AttentionVariant:
+        """The registry entry of `attn` (model/variants.py)."""
+        return ATTENTION_VARIANTS[self.attn]
+
+    @property
     def head_dims(self) -> tuple[int, int, int]:
-        """Per-head (qk dim, v dim, rotary dim). For decoupled qk = hd_s + hd_g and rotary = hd_g:
-        q/k heads hold [semantic | geometric] side by side."""
-        h = self.n_head
-        if self.attn in ("baseline", "gqa"):
-            hd = self.d_model // h
-            return hd, hd, hd
-        if self.attn == "bottleneck":
-            hd = self.attn_dim // h
-            return hd, hd, hd
-        return (self.sem_dim + self.geo_dim) // h, self.attn_dim // h, self.geo_dim // h
+        """Per-head (qk dim, v dim, rotary dim), as the variant splits its widths (model/variants.py). For
+        decoupled qk = hd_s + hd_g and rotary = hd_g: q/k heads hold [semantic | geometric] side by side."""
+        return self.variant.head_dims(self)
 
     def _attn_weights(self) -> int:
         """Parameters of one layer's attention projection matrices (all used in matmuls)."""

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from model.variants import ATTENTION_VARIANTS
 from pretrain.cli import EXIT_STOPPED, ArgumentParser, UserError
 from pretrain.track.compare import run_row
 from pretrain.track.runlog import read_jsonl
@@ -33,9 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 DEFAULT_STEPS = 150
 STEPS_ENV = "PRETRAIN_DEMO_STEPS"
-VARIANTS = {"baseline": ["--attn-mode", "baseline"], "gqa": ["--attn-mode", "gqa"],
-            "gqa_kv2": ["--attn-mode", "gqa", "--kv-head", "2"], "bottleneck": ["--attn-mode", "bottleneck"],
-            "decoupled": ["--attn-mode", "decoupled"]}
+VARIANTS = {**{name: ["--attn-mode", name] for name in ATTENTION_VARIANTS},
+            "gqa_kv2": ["--attn-mode", "gqa", "--kv-head", "2"]}
 
 # What the demo changes from the cpu tier, and why: seq 128 throughout (the tier's switch to 256 doubles the
 # cost of the GPT-2-vocab LM head, which dominates a tiny model's step), a higher LR than the 1B default

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pretrain.cli import UserError
@@ -156,6 +157,47 @@ def steps_for_tokens(points: list[tuple[int, int]], target_tokens: int, sequence
     return step
 
 
+def _constant(step: int, lr: float, min_lr: float, total_steps: int, warmup_steps: int, decay_frac: float) -> float:
+    return lr
+
+
+def _cosine(step: int, lr: float, min_lr: float, total_steps: int, warmup_steps: int, decay_frac: float) -> float:
+    span = max(1, total_steps - 1 - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def _wsd_decay_start(total_steps: int, decay_frac: float) -> int:
+    return total_steps - max(1, round(total_steps * decay_frac))
+
+
+def _wsd(step: int, lr: float, min_lr: float, total_steps: int, warmup_steps: int, decay_frac: float) -> float:
+    decay_start = _wsd_decay_start(total_steps, decay_frac)
+    if step < decay_start:
+        return lr
+    progress = min(1.0, (step - decay_start + 1) / (total_steps - decay_start))
+    return lr + (min_lr - lr) * progress
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """One --lr-schedule: its LR after warmup (step, lr, min_lr, total_steps, warmup_steps, decay_frac), and for a
+    schedule that holds the LR before it decays, the step its decay starts at (total_steps, decay_frac)."""
+
+    name: str
+    summary: str  # one line for --help
+    after_warmup: Callable[[int, float, float, int, int, float], float]
+    decay_start: Callable[[int, float], int] | None = None
+
+
+LR_SCHEDULES: dict[str, LRSchedule] = {s.name: s for s in (
+    LRSchedule("cosine", "half-cosine from lr to min_lr at the last step", _cosine),
+    LRSchedule("wsd", "warmup-stable-decay: constant, then linear to min_lr over the last --decay-frac", _wsd,
+               decay_start=_wsd_decay_start),
+    LRSchedule("constant", "lr throughout", _constant),
+)}
+
+
 def lr_at(
     step: int,
     *,
@@ -175,20 +217,9 @@ def lr_at(
     """
     if warmup_steps > 0 and step < warmup_steps:
         return lr * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return lr
-    if schedule == "cosine":
-        span = max(1, total_steps - 1 - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-    if schedule == "wsd":
-        decay_steps = max(1, round(total_steps * decay_frac))
-        decay_start = total_steps - decay_steps
-        if step < decay_start:
-            return lr
-        progress = min(1.0, (step - decay_start + 1) / decay_steps)
-        return lr + (min_lr - lr) * progress
-    raise ValueError(f"unknown lr schedule {schedule!r}")
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}")
+    return LR_SCHEDULES[schedule].after_warmup(step, lr, min_lr, total_steps, warmup_steps, decay_frac)
 
 
 def lr_horizon_on_resume(schedule: str, horizon: int, steps: int, step: int, decay_frac: float = 0.2) -> int:
@@ -198,13 +229,11 @@ def lr_horizon_on_resume(schedule: str, horizon: int, steps: int, step: int, dec
     extended past it continues at min_lr) with one exception: a wsd run still in its stable phase under both
     horizons takes the new one, so it simply decays later (or earlier), as if it had been planned that way.
     """
-    if steps == horizon or schedule != "wsd":
+    entry = LR_SCHEDULES.get(schedule)
+    if steps == horizon or entry is None or entry.decay_start is None:
         return horizon
-
-    def decay_start(total: int) -> int:
-        return total - max(1, round(total * decay_frac))
-
-    return steps if step <= min(decay_start(horizon), decay_start(steps)) else horizon
+    start = entry.decay_start
+    return steps if step <= min(start(horizon, decay_frac), start(steps, decay_frac)) else horizon
 
 
 def describe_lr_extension(schedule: str, horizon: int, steps: int, step: int, decay_frac: float = 0.2) -> str:

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from model import ModelConfig
+from model.variants import ATTENTION_VARIANTS
 from pretrain.cli import run_cli
 from pretrain.plan import launch
 from pretrain.plan.fit import FITS, choose_execution, step_peak_bytes, with_micro
@@ -17,7 +18,7 @@ from pretrain.plan.tiers import GLOBAL_BATCH
 from pretrain.train.config import TrainConfig, parse_config
 from pretrain.train.optim import PEAK_LR, peak_lr
 
-VARIANTS = ("baseline", "gqa", "bottleneck", "decoupled")
+VARIANTS = tuple(ATTENTION_VARIANTS)
 
 
 @pytest.mark.slow

@@ -12,14 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from model import PAPER_PRESETS, ModelConfig
+from model.variants import ATTENTION_VARIANTS
 from pretrain.cli import ArgumentParser
 from pretrain.fsio import atomic_write_text
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "paper_presets.md"
 SIZES = ("small", "1b")
 # Rows: the plain variants for reference, then the paper's presets (name -> ModelConfig fields).
-ROWS: dict[str, dict] = {"baseline": {"attn": "baseline"}, "gqa": {"attn": "gqa"},
-                         "bottleneck": {"attn": "bottleneck"}, "decoupled": {"attn": "decoupled"}, **PAPER_PRESETS}
+ROWS: dict[str, dict] = {**{name: {"attn": name} for name in ATTENTION_VARIANTS}, **PAPER_PRESETS}
 FLAGS = {"attn": "--attn-mode", "tie_qk": "--tie-qk", "null_attn": "--null-attn", "learned_temp": "--learned-temp"}
 
 

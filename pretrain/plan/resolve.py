@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from model import PAPER_PRESETS, ModelConfig
+from model.variants import ATTENTION_VARIANTS
 from pretrain.cli import UserError
 from pretrain.plan.tiers import OPTIMIZER_WHY, GpuInfo, Tier
 from pretrain.schedule import (
@@ -24,8 +25,7 @@ from pretrain.train.device import cpu_has_fast_bf16
 from pretrain.train.optim import DEFAULT_BETA2, default_lr, default_lr_source
 
 VARIANTS: dict[str, tuple[str, int | None]] = {  # --variant -> (attn mode, kv heads; None = the model's default)
-    "baseline": ("baseline", None), "gqa": ("gqa", None), "gqa_kv2": ("gqa", 2),
-    "bottleneck": ("bottleneck", None), "decoupled": ("decoupled", None),
+    **{name: (name, None) for name in ATTENTION_VARIANTS}, "gqa_kv2": ("gqa", 2),
 }
 DEFAULT_VOCAB = ModelConfig.__dataclass_fields__["vocab_size"].default  # GPT-2's, used when there is no data
 DEFAULT_TOKENS_PER_PARAM = 20.0  # compute-optimal ratio of Hoffmann et al. 2022 (Chinchilla)

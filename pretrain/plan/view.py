@@ -111,10 +111,7 @@ def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -
         out.line("  data      none (see warnings)")
     hd_qk, hd_v, _ = m.head_dims
     dims = f"heads {m.n_head} q / {m.n_kv_head} kv, head dim {hd_qk} qk / {hd_v} v"
-    if m.attn == "bottleneck":
-        dims += f", attn_dim {m.attn_dim}"
-    elif m.attn == "decoupled":
-        dims += f", sem_dim {m.sem_dim} + geo_dim {m.geo_dim}, v {m.attn_dim}"
+    dims += "".join(f", {name} {getattr(m, name)}" for name, _ in m.variant.widths if name != "d_model")
     extras = [o for o, on in (("null attn", m.null_attn), ("tied q/k", m.tie_qk)) if on]
     out.line(f"  model     {cfg.size} {m.attn}{' + ' + ', '.join(extras) if extras else ''}: "
              f"{fmt_count(m.num_params())} params ({fmt_count(m.num_params(non_embedding=True))} non-embedding), "

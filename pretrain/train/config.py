@@ -14,8 +14,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from model import PAPER_PRESETS, ModelConfig
+from model.variants import ATTENTION_VARIANTS
 from pretrain.cli import ArgumentParser, UserError
-from pretrain.schedule import parse_micro_batch_schedule
+from pretrain.schedule import LR_SCHEDULES, parse_micro_batch_schedule
+from pretrain.train.optim import OPTIMIZERS
 
 
 def _opt(default: Any, help: str, choices: Sequence[str] | None = None, group: str = "misc",
@@ -38,7 +40,8 @@ class TrainConfig:
     block: int | None = _opt(None, "maximum sequence length (RoPE/context size)", group="model", check="(0,inf)")
     vocab_size: int | None = _opt(None, "vocabulary size (default: the dataset's)", group="model", check="(0,inf)")
     attn_mode: str = _opt(
-        "baseline", "attention variant", ["baseline", "gqa", "bottleneck", "decoupled"], "model"
+        "baseline", "attention variant: " + "; ".join(f"{v.name} = {v.summary}" for v in ATTENTION_VARIANTS.values()),
+        list(ATTENTION_VARIANTS), "model"
     )
     exp: str | None = _opt(None, "the paper's configuration: sets --attn-mode and its options (docs/paper_presets.md)",
                            list(PAPER_PRESETS), "model")
@@ -70,7 +73,8 @@ class TrainConfig:
     steps: int = _opt(1000, "optimizer steps in total", group="batch", check="(0,inf)")
 
     # optimizer
-    optimizer: str = _opt("adamw", "optimizer", ["adamw", "lion"], "optim")
+    optimizer: str = _opt("adamw", "optimizer: " + "; ".join(f"{o.name} = {o.summary}" for o in OPTIMIZERS.values()),
+                          list(OPTIMIZERS), "optim")
     lr: float | None = _opt(None, "peak learning rate (default per --size and --optimizer: adamw 6e-4 tiny/small, "
                                   "3e-4 1b; lion ~6x lower; sources in docs/tiers.md)", group="optim", check="(0,inf)")
     beta1: float = _opt(0.9, "first-moment decay", group="optim", check="[0,1)")
@@ -81,7 +85,8 @@ class TrainConfig:
     opt_fused: bool = _opt(True, "fused AdamW kernel on CUDA", group="optim")
 
     # learning-rate schedule
-    lr_schedule: str = _opt("cosine", "learning-rate schedule", ["cosine", "wsd", "constant"], "schedule")
+    lr_schedule: str = _opt("cosine", "learning-rate schedule: " + "; ".join(
+        f"{s.name} = {s.summary}" for s in LR_SCHEDULES.values()), list(LR_SCHEDULES), "schedule")
     warmup_steps: int = _opt(100, "linear warmup steps", group="schedule", check="[0,inf)")
     min_lr: float | None = _opt(None, "final learning rate (default: lr/10)", group="schedule", check="[0,inf)")
     decay_frac: float = _opt(0.2, "wsd: fraction of steps spent decaying", group="schedule", check="(0,1]")
