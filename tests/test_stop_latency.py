@@ -114,14 +114,13 @@ def _hellaswag(path: Path, n: int) -> str:
 # (signal, the pass, the step it runs at and is stopped in, the event after which it starts, flags making it
 # long). At step 2: 8 x 20,000 generated tokens; 20,000 multiple-choice items (SIGHUP: a closed SSH session;
 # SIGINT is the demo's Ctrl-C test). Step 0's diagnostics, run right after step 0's eval, probe 8 layers on
-# 4 x 1024 tokens (~10 s on 2 loaded cores). With --compile, step 0's eval compiles the model first (~15 s on CPU).
+# 4 x 1024 tokens (~10 s on 2 loaded cores).
 PASSES = {
     "sample": (signal.SIGTERM, "sample", 2, "train", ["--sample-every", "2", "--sample-tokens", "20000"]),
     "downstream-sighup": (signal.SIGHUP, "downstream", 2, "train", ["--hellaswag", "{items}", "--downstream-every",
                                                                     "2", "--downstream-items", "0"]),
     "diagnostics-at-start": (signal.SIGUSR1, "diagnostics", 0, "eval", ["--analysis-every", "2", "--layers", "8",
                                                                         "--block", "1024", "--eval-seq-len", "1024"]),
-    "first-compile": (signal.SIGTERM, "eval", 0, "meta", ["--compile"]),
 }
 
 
@@ -131,11 +130,27 @@ def test_a_stop_ends_any_pass_within_seconds(byte_data, tmp_path, case):
     extra = [_hellaswag(tmp_path / "items.jsonl", 20_000) if a == "{items}" else a for a in extra]
     out = tmp_path / "run"
     trainer = Trainer(byte_data, out, "--steps", "100", "--train-seq-len", "16", "--eval-iters", "1", *extra)
-    trainer.wait_for(after, None if after == "meta" else step)
-    time.sleep(1.0 if after == "meta" else 0.3)  # into the compile / the pass
+    trainer.wait_for(after, step)
+    time.sleep(0.3)  # into the pass
     code, seconds, err = trainer.stop(sig)
     assert code == EXIT_STOPPED, err
     assert not [e for e in read_jsonl(out / "train.jsonl") if e["type"] == kind and e["step"] == step], \
         f"the step-{step} {kind} ran to its end before the trainer stopped"
     assert seconds < STOP_WITHIN, f"{seconds:.1f} s from {signal.Signals(sig).name} to exit"
     assert_stopped_at(out, step, sig, err)
+
+
+def test_a_stop_during_the_first_compile_ends_within_seconds(byte_data, tmp_path):
+    """Evals run eagerly, so with --compile the first training micro-batch compiles (~15 s on CPU): a SIGTERM
+    then drops that micro-batch and saves step 0 within seconds instead of waiting for the compile."""
+    out = tmp_path / "run"
+    trainer = Trainer(byte_data, out, "--steps", "100", "--train-seq-len", "16", "--eval-iters", "1", "--compile")
+    trainer.wait_for("eval", 0)  # the first training step compiles next
+    time.sleep(0.5)
+    code, seconds, err = trainer.stop(signal.SIGTERM)
+    assert code == EXIT_STOPPED, err
+    events = read_jsonl(out / "train.jsonl")
+    assert not [e for e in events if e["type"] == "train"], "the first step's compile ran to its end first"
+    assert seconds < STOP_WITHIN, f"{seconds:.1f} s from SIGTERM to exit"
+    assert events[-1]["type"] == "end" and events[-1]["status"] == "stopped by signal SIGTERM", events[-1]
+    assert events[-1]["step"] == 0 and events[-1]["saved"] and "Traceback" not in err
