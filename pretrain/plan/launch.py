@@ -22,7 +22,7 @@ from model import PAPER_PRESETS
 from pretrain.cli import ArgumentParser, UserError
 from pretrain.data.dataset import open_dataset
 from pretrain.plan.plan import Plan, build_plan
-from pretrain.plan.resolve import VARIANTS, Request, resolve
+from pretrain.plan.resolve import VARIANTS, Origin, Request, Source, derived, resolve
 from pretrain.plan.rundirs import PROBE_FILE, resolve_run_dir, run_name
 from pretrain.plan.tiers import VRAM_CHOICES, GpuInfo, card_named, detect_gpu, select_tier
 from pretrain.plan.view import render_plan
@@ -213,10 +213,10 @@ def make_plan(ns: argparse.Namespace, flags: dict[str, Any], gpu: GpuInfo | None
         res.warnings[:0] = kept
         res.warnings.append("kept from the run being resumed: " +
                             ", ".join(f"{k}={v!r}" for k, v in rd.adopted.items()))
-    res.values["out_dir"], res.sources["out_dir"] = str(rd.path), "derived: --run-root / run name"
+    res.values["out_dir"], res.sources["out_dir"] = str(rd.path), derived("--run-root / run name")
     if rd.overwrite:
-        res.values["overwrite"], res.sources["overwrite"] = True, "--if-exists overwrite"
-        res.values["resume"], res.sources["resume"] = "never", "--if-exists overwrite"
+        res.values["overwrite"], res.sources["overwrite"] = True, Source(Origin.OPTION, "--if-exists overwrite")
+        res.values["resume"], res.sources["resume"] = "never", Source(Origin.OPTION, "--if-exists overwrite")
     if rd.action == "resume" and rd.end and rd.end.get("status") == "completed" \
             and rd.end.get("step", 0) >= res.values["steps"]:
         rd.action, rd.note = "complete", (f"{rd.path} already completed {rd.end['step']} steps; add --extend with "

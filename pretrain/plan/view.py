@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from pretrain.plan.plan import ALWAYS_SHOWN, CHECKPOINT_RECOMPUTE, Plan
-from pretrain.plan.resolve import MFU_SOURCE
+from pretrain.plan.resolve import MFU_SOURCE, source_of
 from pretrain.plan.tiers import cards_text
 from pretrain.train.config import format_command
 
@@ -159,7 +159,7 @@ def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -
     out.line()
     shown = [k for k in cfg.to_dict() if src.get(k, "default") != "default" or k in ALWAYS_SHOWN]
     values = cfg.to_dict() | {"vocab_size": m.vocab_size, "data": cfg.data or "(none)", "kv_head": m.n_kv_head}
-    out.table("settings", ["setting", "value", "source"], [[k, values[k], src.get(k, "default")] for k in shown])
+    out.table("settings", ["setting", "value", "source"], [[k, values[k], source_of(src, k)] for k in shown])
     if plan.warnings:
         out.line()
         for w in plan.warnings:
