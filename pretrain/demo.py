@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.cli import EXIT_STOPPED, ArgumentParser, UserError
+from pretrain.runstatus import COMPLETED, Ending, RunStatus
 from pretrain.track.compare import run_row
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.config import format_command
@@ -63,7 +64,7 @@ def launcher_argv(steps: int, variant: str, run_root: Path, data: Path) -> list[
 
 def _completed(run_dir: Path, steps: int) -> bool:
     ends = [e for e in read_jsonl(run_dir / "train.jsonl") if e.get("type") == "end"]
-    return bool(ends) and ends[-1].get("status") == "completed" and ends[-1].get("step", 0) >= steps
+    return bool(ends) and RunStatus.parse(ends[-1].get("status")) == COMPLETED and ends[-1].get("step", 0) >= steps
 
 
 def _run_with_launcher(argv: list[str]) -> tuple[Path, int, str]:
@@ -92,8 +93,8 @@ def _run_direct(steps: int, variant: str, run_root: Path, data: Path) -> tuple[P
             *TIER_FLAGS, amp, *VARIANTS[variant], *DEMO_FLAGS]
     print("running: " + format_command(["python", "train_v29.py", *argv]), flush=True)
     result = train(parse_config(argv), command=format_command(["python", "train_v29.py", *argv]))
-    status = result["status"]
-    code = EXIT_STOPPED if status.startswith("stopped by signal") else 1 if status.startswith("stopped:") else 0
+    status = RunStatus.parse(result["status"])
+    code = EXIT_STOPPED if status and status.by_signal else 1 if status and status.kind is Ending.STOPPED_ERROR else 0
     return run_dir, code, ""
 
 

@@ -26,6 +26,7 @@ from pretrain.plan.resolve import VARIANTS, Origin, Request, Source, derived, re
 from pretrain.plan.rundirs import PROBE_FILE, resolve_run_dir, run_name
 from pretrain.plan.tiers import VRAM_CHOICES, GpuInfo, card_named, detect_gpu, select_tier
 from pretrain.plan.view import render_plan
+from pretrain.runstatus import COMPLETED, RunStatus
 from pretrain.train.config import TrainConfig, add_config_flags, format_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,7 +218,7 @@ def make_plan(ns: argparse.Namespace, flags: dict[str, Any], gpu: GpuInfo | None
     if rd.overwrite:
         res.values["overwrite"], res.sources["overwrite"] = True, Source(Origin.OPTION, "--if-exists overwrite")
         res.values["resume"], res.sources["resume"] = "never", Source(Origin.OPTION, "--if-exists overwrite")
-    if rd.action == "resume" and rd.end and rd.end.get("status") == "completed" \
+    if rd.action == "resume" and rd.end and RunStatus.parse(rd.end.get("status")) == COMPLETED \
             and rd.end.get("step", 0) >= res.values["steps"]:
         rd.action, rd.note = "complete", (f"{rd.path} already completed {rd.end['step']} steps; add --extend with "
                                           "a larger --steps or token budget to extend it, or use another --tag "

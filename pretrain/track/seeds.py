@@ -16,6 +16,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from pretrain.runstatus import COMPLETED, RunStatus
+
 # Settings that do not change what is trained (cadences, tracking, paths, device, speed knobs): two runs
 # differing only in these and in the seed are seeds of one experiment.
 _IGNORED = frozenset({
@@ -61,7 +63,7 @@ def seed_groups(rows: Sequence[dict[str, Any]]) -> list[tuple[list[dict[str, Any
         first_of: dict[Any, dict[str, Any]] = {}
         for m in members:
             seed = m.get("seed")
-            if m.get("status") != "completed":
+            if RunStatus.parse(m.get("status")) != COMPLETED:
                 why = f"not in the mean: unfinished at step {m.get('steps')}"
             elif seed is None:
                 why = "not in the mean: no seed recorded"
