@@ -21,14 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from model import GPT, ModelConfig
 from pretrain.cli import ArgumentParser, UserError, script_exit_code
 from pretrain.data.hf_tokenizer import write_hf_tokenizer
 from pretrain.evals.run_model import checked_model_config
 from pretrain.llama import llama_config, llama_incompatibility, to_llama
 from pretrain.train.checkpoint import load_checkpoint
+from pretrain.units import DTYPE_NAMES, torch_dtype
 
 OUR_FORMAT = "pretrain-gpt"
 
@@ -180,8 +179,7 @@ def export(run_dir: Path, out: Path, checkpoint: str = "last", dtype: str | None
     state = load_checkpoint(ckpt_path)
     mcfg = checked_model_config(state, ckpt_path)  # the weights back the config: nothing huge gets allocated
     weights = {k.replace("_orig_mod.", ""): v for k, v in state["model"].items()}
-    to = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype or "")
-    to = to or weights["wte.weight"].dtype
+    to = torch_dtype(dtype) if dtype else weights["wte.weight"].dtype
     info = _dataset_info(state.get("train_config", {}))
     if tokenizer:
         info["tokenizer"] = tokenizer
@@ -267,7 +265,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("run_dir", help="run directory, runs/<name>")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--checkpoint", default="last", help="best, last (default) or a path to a .pt checkpoint")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None,
                    help="tensor dtype to write (default: as trained)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer whose Hugging Face files to include (default: the run dataset's, e.g. gpt2)")

@@ -291,7 +291,7 @@ def stop_and_resume(row: Row, argv: list[str], run_dir: Path, log: Path, stop_at
 
 def measure(row: Row, plan: dict[str, Any], cut: list[dict[str, Any]], ref: Path, stopped: Path, ns: Any) -> None:
     """The row's measured-vs-plan cells (tok/s, MFU, peak memory, host RAM, recompiles) and their checks."""
-    from pretrain.plan.view import fmt_bytes, fmt_count
+    from pretrain.units import fmt_bytes, fmt_count
 
     phases = measured_phases(ref, cut, plan)
     row.figures["phases"] = phases

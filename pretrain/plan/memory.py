@@ -46,6 +46,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from model import GPT, ModelConfig
 from pretrain.train.config import TrainConfig
 from pretrain.train.optim import build_optimizer, step_unless_nonfinite
+from pretrain.units import torch_dtype
 
 GiB = 1024**3
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)
@@ -184,8 +185,7 @@ def _bytes_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple
 
 def _measure(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake: bool, record: bool = False) -> _Run:
     """One steady-state training step of `cfg` at `seq_len`, tracked; real tensors when fake=False."""
-    param_dtype = torch.bfloat16 if cfg.param_dtype == "bf16" else torch.float32
-    amp_dtype = torch.float16 if cfg.amp_dtype == "fp16" else torch.bfloat16
+    param_dtype, amp_dtype = torch_dtype(cfg.param_dtype), torch_dtype(cfg.amp_dtype)
     fp16 = cfg.amp and cfg.amp_dtype == "fp16"
     mode = FakeTensorMode() if fake else contextlib.nullcontext()
     with mode:

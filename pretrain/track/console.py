@@ -14,6 +14,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
+from pretrain.units import fmt_duration as format_duration  # the one duration format (eta)
+
 MODES = ("auto", "rich", "basic", "off")
 _MEM_KEYS = ("mem_peak_gb", "mem_reserved_gb", "mem_alloc_gb", "mem_rss_gb", "mem_gb")
 
@@ -34,14 +36,6 @@ def format_rate(tok_s: float) -> str:
     if tok_s >= 1e3:
         return f"{tok_s / 1e3:.1f}k"
     return f"{tok_s:.0f}"
-
-
-def format_duration(seconds: float) -> str:
-    """3725 -> '1h02m', 95 -> '1m35s'."""
-    s = max(0, int(seconds))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def metric_parts(metrics: Mapping[str, Any]) -> list[str]:
