@@ -17,6 +17,9 @@ from model import PAPER_PRESETS, ModelConfig
 from pretrain.cli import UserError
 from pretrain.plan.tiers import OPTIMIZER_WHY, GpuInfo, Tier
 from pretrain.schedule import (
+    LAUNCHER_WARMUP,
+    default_min_lr,
+    default_warmup_steps,
     parse_count,
     parse_seq_schedule,
     steps_for_tokens,
@@ -213,9 +216,8 @@ def resolve(req: Request, tier: Tier, gpu: GpuInfo | None, data_vocab: int | Non
               Source(Origin.DEFAULT, f"default for {size} {opt}: {default_lr_source(size, opt)}"))
     pick("beta2", DEFAULT_BETA2[opt], Source(Origin.DEFAULT, f"default for {opt}"))
     peak = lr if lr is not None else default_lr(size, opt)  # None (a resumed trainer-only run): its default
-    pick("min_lr", float(f"{peak / 10:.6g}"), Source(Origin.DEFAULT, "default: lr / 10"))
-    pick("warmup_steps", min(2000, math.ceil(0.02 * values["steps"])),
-         Source(Origin.DEFAULT, "default: 2% of steps, at most 2000"))
+    pick("min_lr", float(f"{default_min_lr(peak):.6g}"), Source(Origin.DEFAULT, "default: lr / 10"))
+    pick("warmup_steps", default_warmup_steps(values["steps"]), Source(Origin.DEFAULT, f"default: {LAUNCHER_WARMUP}"))
     every = pick("eval_every", TrainConfig.eval_every, DEFAULT)
     # Diagnostics with every eval: on the bench they cost well under 2 % of training time at this cadence
     # (bench/diagnostics.py). FSDP cannot run them (rank 0 alone), so they stay off there.

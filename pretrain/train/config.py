@@ -15,7 +15,7 @@ from typing import Any
 
 from model import PAPER_PRESETS, ModelConfig
 from pretrain.cli import ArgumentParser, UserError
-from pretrain.schedule import parse_micro_batch_schedule
+from pretrain.schedule import LAUNCHER_WARMUP, TRAINER_WARMUP_STEPS, default_min_lr, parse_micro_batch_schedule
 
 
 def _opt(default: Any, help: str, choices: Sequence[str] | None = None, group: str = "misc",
@@ -82,7 +82,8 @@ class TrainConfig:
 
     # learning-rate schedule
     lr_schedule: str = _opt("cosine", "learning-rate schedule", ["cosine", "wsd", "constant"], "schedule")
-    warmup_steps: int = _opt(100, "linear warmup steps", group="schedule", check="[0,inf)")
+    warmup_steps: int = _opt(TRAINER_WARMUP_STEPS, f"linear warmup steps (run_1b_launch.py: {LAUNCHER_WARMUP})",
+                             group="schedule", check="[0,inf)")
     min_lr: float | None = _opt(None, "final learning rate (default: lr/10)", group="schedule", check="[0,inf)")
     decay_frac: float = _opt(0.2, "wsd: fraction of steps spent decaying", group="schedule", check="(0,1]")
 
@@ -186,7 +187,7 @@ def resolved_values(values: dict[str, Any], vocab_size: int | None = None) -> di
     try:
         lr = cfg.lr if cfg.lr is not None else default_lr(cfg.size, cfg.optimizer)
         out.update(lr=lr, beta2=cfg.beta2 if cfg.beta2 is not None else DEFAULT_BETA2[cfg.optimizer],
-                   min_lr=cfg.min_lr if cfg.min_lr is not None else lr / 10)
+                   min_lr=cfg.min_lr if cfg.min_lr is not None else default_min_lr(lr))
         m = model_config_from(cfg, vocab_size or cfg.vocab_size or ModelConfig().vocab_size)
     except (KeyError, UserError):  # a config of an older or damaged run: compare it as written
         return out
@@ -256,7 +257,7 @@ def add_config_flags(parser: argparse.ArgumentParser, show_defaults: bool = True
         meta = f.metadata
         g = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         tp = _base_type(hints[f.name])
-        help = _help_with_default(f.name, meta["help"], f.default) if show_defaults else meta["help"]
+        help = _help_with_default(f.name, meta["help"], f.default) if show_defaults else meta["help"].replace("%", "%%")
         if tp is bool:
             g.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                            default=f.default, help=help)

@@ -16,7 +16,7 @@ from pretrain import stopping
 from pretrain.cli import EXIT_STOPPED, UserError
 from pretrain.data.shards import ShardChanged
 from pretrain.runstatus import COMPLETE, COMPLETED, Ending, RunStatus, stopped, stopped_by_signal
-from pretrain.schedule import lr_at, micro_batch_at, seq_len_at
+from pretrain.schedule import default_min_lr, lr_at, micro_batch_at, seq_len_at
 from pretrain.track.plots import write_plots
 from pretrain.track.summary import write_summary
 from pretrain.train import device as dev
@@ -77,7 +77,8 @@ def _detach_from_terminal() -> None:
 def lr_for(cfg: TrainConfig, step: int, horizon: int) -> float:
     """The LR of `step` on a schedule decaying over `horizon` steps (cfg.steps unless a resume kept another)."""
     peak = peak_lr(cfg)
-    return lr_at(step, lr=peak, min_lr=cfg.min_lr if cfg.min_lr is not None else peak / 10, total_steps=horizon,
+    return lr_at(step, lr=peak, min_lr=cfg.min_lr if cfg.min_lr is not None else default_min_lr(peak),
+                 total_steps=horizon,
                  warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule, decay_frac=cfg.decay_frac)
 
 
