@@ -24,7 +24,7 @@ from pretrain.schedule import (
     parse_seq_schedule,
     steps_for_tokens,
 )
-from pretrain.train.config import TrainConfig, model_config_from, paper_preset_fields, validate
+from pretrain.train.config import TrainConfig, check_number, model_config_from, paper_preset_fields, validate
 from pretrain.train.device import cpu_has_fast_bf16
 from pretrain.train.optim import DEFAULT_BETA2, default_lr, default_lr_source
 
@@ -165,8 +165,7 @@ def resolve(req: Request, tier: Tier, gpu: GpuInfo | None, data_vocab: int | Non
         pick("kv_head", kv, by_variant if kv is not None else DEFAULT)
     pick("device", "cuda" if tier.is_gpu else "cpu", t)
     micro = pick("batch_size", tier.micro_batch, t)
-    if micro <= 0:
-        raise UserError(f"--batch-size must be a positive integer, got {micro}")
+    check_number("batch_size", micro)  # before it divides the global batch; validate() checks the rest
     global_batch = req.global_batch or tier.global_batch
     if global_batch <= 0:
         raise UserError(f"--global-batch must be a positive integer, got {global_batch}")
@@ -240,8 +239,7 @@ def _resolve_steps(req: Request, tier: Tier, mcfg: ModelConfig, points: list[tup
         raise UserError(f"{' and '.join(given)} both set the run length; give only one of them")
     if "steps" in req.flags:
         values["steps"], sources["steps"] = req.flags["steps"], FLAG
-        if values["steps"] <= 0:
-            raise UserError(f"--steps must be a positive integer, got {values['steps']}")
+        check_number("steps", values["steps"])
         return
     if req.target_tokens is not None:
         target = parse_count(req.target_tokens, "--target-tokens")

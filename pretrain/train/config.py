@@ -300,17 +300,22 @@ def in_interval(value: float, interval: str) -> bool:
     return math.isfinite(value) and above and below
 
 
+def check_number(name: str, value: Any) -> None:
+    """One TrainConfig field's value against the interval declared next to the field (UserError if outside)."""
+    interval = TrainConfig.__dataclass_fields__[name].metadata["check"]
+    if interval is None or value is None or isinstance(value, bool):
+        return
+    if not in_interval(value, interval):
+        lo, hi = interval[1:-1].split(",")
+        want = (f"> {lo}" if interval[0] == "(" else f">= {lo}") if hi == "inf" else f"in {interval}"
+        kind = "an integer" if isinstance(value, int) else "a finite number"
+        raise UserError(f"{flag_name(name)} must be {kind} {want}, got {value}")
+
+
 def check_numbers(cfg: TrainConfig) -> None:
     """Every numeric flag against the interval declared next to its field: NaN, inf, negatives refused."""
     for f in fields(TrainConfig):
-        value, interval = getattr(cfg, f.name), f.metadata["check"]
-        if interval is None or value is None or isinstance(value, bool):
-            continue
-        if not in_interval(value, interval):
-            lo, hi = interval[1:-1].split(",")
-            want = (f"> {lo}" if interval[0] == "(" else f">= {lo}") if hi == "inf" else f"in {interval}"
-            kind = "an integer" if isinstance(value, int) else "a finite number"
-            raise UserError(f"{flag_name(f.name)} must be {kind} {want}, got {value}")
+        check_number(f.name, getattr(cfg, f.name))
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -321,12 +326,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.cpu_offload and not cfg.fsdp:
         raise UserError("--cpu-offload needs --fsdp (it offloads FSDP2's sharded parameters); add --fsdp")
     if cfg.fsdp and cfg.param_dtype == "bf16":
+        # optim.py's stochastic rounding reinterprets plain tensors' bits; FSDP2's parameters are DTensors.
         raise UserError("--fsdp needs fp32 parameters: drop --param-dtype bf16 (with --amp, FSDP2 already "
                         "all-gathers and computes in bf16)")
     if cfg.fsdp and cfg.amp and cfg.amp_dtype == "fp16":
+        # GradScaler would judge inf/nan on each rank's gradient shard alone and skip steps on some ranks only.
         raise UserError("--fsdp does not support --amp-dtype fp16: use --amp-dtype bf16, or DDP (drop --fsdp)")
-    if cfg.analysis_every < 0:
-        raise UserError(f"--analysis-every must be >= 0 (0 turns diagnostics off), got {cfg.analysis_every}")
     if cfg.eval_seq_lens:
         from pretrain.evals.lengths import parse_eval_lengths  # lazy: config stays cheap to import
 
@@ -342,8 +347,6 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"{cfg.exp} means {wanted}, but {', '.join(clash)} was given; drop "
                             f"{', '.join(clash)}, or set the attention flags yourself instead of {cfg.exp}")
     parse_micro_batch_schedule(cfg.micro_batch_schedule, cfg.batch_size * cfg.grad_accum)
-    if cfg.sample_tokens <= 0 or cfg.sample_temperature < 0:
-        raise UserError("--sample-tokens must be positive and --sample-temperature >= 0 (0 is greedy)")
     if cfg.sample_prompts and not os.path.isfile(cfg.sample_prompts):
         raise UserError(f"--sample-prompts {cfg.sample_prompts}: no such file; pass a text file with one prompt "
                         "per line, or drop the flag for the built-in prompts")
