@@ -25,7 +25,7 @@ from pretrain.schedule import (
     phases,
     planned_tokens,
 )
-from pretrain.train.config import TrainConfig, flag_name, model_config_from
+from pretrain.train.config import TrainConfig, flag_args, flag_name, model_config_from
 from pretrain.train.staging import host_ram_bytes
 
 CHECKPOINT_RECOMPUTE = 0.75  # activation checkpointing re-runs the forward: 6N model FLOPs cost 8N on hardware
@@ -134,7 +134,7 @@ def trainer_argv(cfg: TrainConfig) -> list[str]:
         if value is None or (value == getattr(default, f.name) and f.name not in ALWAYS_SHOWN):
             continue
         if isinstance(value, bool):
-            argv.append(flag_name(f.name) if value else "--no-" + f.name.replace("_", "-"))
+            argv += flag_args(f.name, value)
         elif value != "" or f.name not in ALWAYS_SHOWN:
             argv += [flag_name(f.name), str(value)]
     return argv

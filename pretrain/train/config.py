@@ -222,11 +222,15 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _flag_text(name: str, value: Any) -> str:
-    """How a value is written on the command line: --tie-qk, --no-tie-qk, --attn-mode decoupled."""
+def flag_args(name: str, value: Any) -> list[str]:
+    """How a field's value is written on the command line: [--tie-qk], [--no-tie-qk], [--attn-mode, decoupled]."""
     if isinstance(value, bool):
-        return flag_name(name) if value else "--no-" + name.replace("_", "-")
-    return f"{flag_name(name)} {value}"
+        return [flag_name(name) if value else "--no-" + name.replace("_", "-")]
+    return [flag_name(name), str(value)]
+
+
+def _flag_text(name: str, value: Any) -> str:
+    return " ".join(flag_args(name, value))
 
 
 def _base_type(tp: Any) -> Any:
