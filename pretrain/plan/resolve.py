@@ -27,6 +27,7 @@ from pretrain.schedule import (
 from pretrain.train.config import TrainConfig, check_number, model_config_from, paper_preset_fields, validate
 from pretrain.train.device import cpu_has_fast_bf16
 from pretrain.train.optim import DEFAULT_BETA2, default_lr, default_lr_source
+from pretrain.units import finite_number
 
 VARIANTS: dict[str, tuple[str, int | None]] = {  # --variant -> (attn mode, kv heads; None = the model's default)
     "baseline": ("baseline", None), "gqa": ("gqa", None), "gqa_kv2": ("gqa", 2),
@@ -65,6 +66,9 @@ class Source(str):
         self = super().__new__(cls, kind.value if text is None else text)
         self.kind = kind
         return self
+
+    def __getnewargs__(self) -> tuple[Origin, str]:  # copy and pickle rebuild it with its kind
+        return self.kind, str(self)
 
     @property
     def planner_chose(self) -> bool:
@@ -246,7 +250,7 @@ def _resolve_steps(req: Request, tier: Tier, mcfg: ModelConfig, points: list[tup
         how = derived(f"fewest steps reaching --target-tokens {req.target_tokens}")
     elif req.tokens_per_param is not None or tier.steps is None:
         tpp = req.tokens_per_param if req.tokens_per_param is not None else DEFAULT_TOKENS_PER_PARAM
-        if not (isinstance(tpp, int | float) and math.isfinite(tpp) and tpp > 0):
+        if (finite_number(tpp) or 0) <= 0:
             raise UserError(f"--tokens-per-param must be a positive number, got {tpp}")
         target = max(1, round(tpp * mcfg.num_params()))
         how = derived(f"{tpp:g} tokens/param ({'flag' if req.tokens_per_param is not None else 'default'})")
