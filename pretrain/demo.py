@@ -20,15 +20,10 @@ from typing import Any
 
 from model.variants import ATTENTION_VARIANTS
 from pretrain.cli import EXIT_STOPPED, ArgumentParser, UserError
+from pretrain.plan import launch
+from pretrain.plan.view import render_plan
 from pretrain.track.compare import run_row
 from pretrain.track.runlog import read_jsonl
-from pretrain.train.config import format_command
-
-try:  # the launcher plans the run; without it (an older checkout) the demo calls the trainer directly
-    from pretrain.plan import launch
-    from pretrain.plan.view import render_plan
-except ImportError:
-    launch = None  # type: ignore[assignment]
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
@@ -43,9 +38,6 @@ VARIANTS = {**{name: ["--attn-mode", name] for name in ATTENTION_VARIANTS},
 # steps so loss.png has a curve, checkpoints as often so an interrupted demo resumes close to where it was.
 DEMO_FLAGS = ["--seq-schedule", "128@0", "--lr", "3e-3", "--warmup-steps", "20", "--eval-every", "50",
               "--eval-iters", "10", "--log-every", "10", "--save-every", "50"]
-# The cpu tier's choices, spelled out for the direct-trainer path (the launcher supplies them itself).
-TIER_FLAGS = ["--size", "tiny", "--batch-size", "8", "--grad-accum", "1", "--param-dtype", "fp32",
-              "--no-compile", "--device", "cpu"]
 
 
 def _shown(path: Path) -> str:
@@ -61,11 +53,6 @@ def launcher_argv(steps: int, variant: str, run_root: Path, data: Path) -> list[
             "--variant", variant, "--steps", str(steps), *DEMO_FLAGS]
 
 
-def _completed(run_dir: Path, steps: int) -> bool:
-    ends = [e for e in read_jsonl(run_dir / "train.jsonl") if e.get("type") == "end"]
-    return bool(ends) and ends[-1].get("status") == "completed" and ends[-1].get("step", 0) >= steps
-
-
 def _run_with_launcher(argv: list[str]) -> tuple[Path, int, str]:
     """Plan with the launcher and run its trainer command: (run dir, exit code, note)."""
     _, plan = launch.plan_from_argv(argv)
@@ -75,26 +62,6 @@ def _run_with_launcher(argv: list[str]) -> tuple[Path, int, str]:
         return run_dir, 0, plan.run["note"]
     print(flush=True)
     return run_dir, launch.run_trainer(plan.command), ""
-
-
-def _run_direct(steps: int, variant: str, run_root: Path, data: Path) -> tuple[Path, int, str]:
-    """The same run through the trainer alone (pretrain/plan/launch.py absent): the cpu tier's settings, no plan."""
-    from pretrain.train.config import parse_config
-    from pretrain.train.loop import train
-
-    run_dir = run_root / f"tiny-{variant}-demo"  # the launcher's name, so either path resumes the other's run
-    if _completed(run_dir, steps):
-        return run_dir, 0, f"{_shown(run_dir)} already completed {steps} steps"
-    from pretrain.train.device import cpu_has_fast_bf16
-
-    amp = "--amp" if cpu_has_fast_bf16() else "--no-amp"  # as the cpu tier decides (pretrain/plan/plan.py)
-    argv = ["--data", _shown(data), "--out-dir", _shown(run_dir), "--steps", str(steps),
-            *TIER_FLAGS, amp, *VARIANTS[variant], *DEMO_FLAGS]
-    print("running: " + format_command(["python", "train_v29.py", *argv]), flush=True)
-    result = train(parse_config(argv), command=format_command(["python", "train_v29.py", *argv]))
-    status = result["status"]
-    code = EXIT_STOPPED if status.startswith("stopped by signal") else 1 if status.startswith("stopped:") else 0
-    return run_dir, code, ""
 
 
 def report(run_dir: Path, variant: str, elapsed: float) -> dict[str, Any]:
@@ -145,10 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"{data} holds no token dataset (manifest.json); restore data/sample with "
                         "`git checkout -- data/sample` or pass --data DIR")
     t0 = time.monotonic()
-    if launch is not None:
-        run_dir, code, note = _run_with_launcher(launcher_argv(args.steps, args.variant, run_root, data))
-    else:
-        run_dir, code, note = _run_direct(args.steps, args.variant, run_root, data)
+    run_dir, code, note = _run_with_launcher(launcher_argv(args.steps, args.variant, run_root, data))
     if note:
         print(f"\n{note}")
     if code == EXIT_STOPPED:

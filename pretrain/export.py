@@ -21,13 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from model import GPT, ModelConfig
 from pretrain.cli import ArgumentParser, UserError, script_exit_code
 from pretrain.data.hf_tokenizer import write_hf_tokenizer
 from pretrain.evals.run_model import CHECKPOINT_HELP, DEFAULT_CHECKPOINT, find_checkpoint, open_checkpoint
 from pretrain.llama import llama_config, llama_incompatibility, to_llama
+from pretrain.units import DTYPE_NAMES, torch_dtype
 
 OUR_FORMAT = "pretrain-gpt"
 
@@ -163,8 +162,7 @@ def export(run_dir: Path, out: Path, checkpoint: str = DEFAULT_CHECKPOINT, dtype
     out = out.resolve()  # through a symlink: the export lands where it points, the link stays
     ckpt = open_checkpoint(ckpt_path)  # the weights back the config: nothing huge gets allocated
     state, mcfg, weights = ckpt.state, ckpt.model_config, ckpt.weights
-    to = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype or "")
-    to = to or weights["wte.weight"].dtype
+    to = torch_dtype(dtype) if dtype else weights["wte.weight"].dtype
     info = _dataset_info(state.get("train_config", {}))
     if tokenizer:
         info["tokenizer"] = tokenizer
@@ -250,7 +248,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("run_dir", help="run directory, runs/<name>")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=CHECKPOINT_HELP)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None,
                    help="tensor dtype to write (default: as trained)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer whose Hugging Face files to include (default: the run dataset's, e.g. gpt2)")

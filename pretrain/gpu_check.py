@@ -36,6 +36,7 @@ from typing import Any
 
 from model.config import ATTN_VARIANTS
 from pretrain.cli import ArgumentParser, UserError
+from pretrain.runstatus import RunStatus
 from pretrain.track.runlog import JSONL_NAME, median_tok_s, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,7 +273,8 @@ def stop_and_resume(row: Row, argv: list[str], run_dir: Path, log: Path, stop_at
           flush=True)
     code, latency = run(trainer_argv(argv), run_dir, log, stop_after_step=stop_at)
     ends = [e for e in read_jsonl(run_dir / JSONL_NAME) if e.get("type") == "end"]
-    by_signal = bool(ends) and str(ends[-1].get("status", "")).startswith("stopped by signal")
+    status = RunStatus.parse(ends[-1].get("status")) if ends else None
+    by_signal = status is not None and status.by_signal
     if latency is None:
         row.cells["stop"] = f"no stop (exit {code})"
         row.failures.append(f"the run to stop ended (exit {code}) before logging step {stop_at}")
@@ -290,7 +292,7 @@ def stop_and_resume(row: Row, argv: list[str], run_dir: Path, log: Path, stop_at
 
 def measure(row: Row, plan: dict[str, Any], cut: list[dict[str, Any]], ref: Path, stopped: Path, ns: Any) -> None:
     """The row's measured-vs-plan cells (tok/s, MFU, peak memory, host RAM, recompiles) and their checks."""
-    from pretrain.plan.view import fmt_bytes, fmt_count
+    from pretrain.units import fmt_bytes, fmt_count
 
     phases = measured_phases(ref, cut, plan)
     row.figures["phases"] = phases

@@ -198,6 +198,22 @@ LR_SCHEDULES: dict[str, LRSchedule] = {s.name: s for s in (
 )}
 
 
+TRAINER_WARMUP_STEPS = 100  # train_v29.py used directly: a fixed warmup, as before
+LAUNCHER_WARMUP = "2% of steps, at most 2000"
+
+
+def default_warmup_steps(steps: int) -> int:
+    """The launcher's warmup: 2 % of the run, at most 2000 steps, so a short run reaches its peak LR and a long
+    one does not spend thousands of steps warming up. The trainer alone keeps TRAINER_WARMUP_STEPS (its
+    --warmup-steps default); the launcher always passes this value explicitly."""
+    return min(2000, math.ceil(0.02 * steps))
+
+
+def default_min_lr(lr: float) -> float:
+    """The final LR when --min-lr is not given: a tenth of the peak."""
+    return lr / 10
+
+
 def lr_at(
     step: int,
     *,

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from pretrain.runstatus import RunStatus, stopped_by_signal
+
 
 class StopNow(BaseException):
     """A stop request cut a long pass short. BaseException, like KeyboardInterrupt: library code that catches
@@ -87,10 +89,14 @@ def requested() -> bool:
     return _signum is not None
 
 
+def status() -> RunStatus:
+    """The run's end status for this request."""
+    return stopped_by_signal(_signum)
+
+
 def describe() -> str:
     """The run's end status for this request, as train.jsonl's `end` event has always written it."""
-    name = signal.Signals(_signum).name if _signum else "on another rank"
-    return f"stopped by signal {name}"
+    return str(status())
 
 
 def check() -> None:

@@ -64,3 +64,18 @@ def test_resume_differences_allow_cadence_not_model():
     assert config_differences(saved, TrainConfig(steps=99, eval_every=5, wandb=True)) == []
     diffs = config_differences(saved, TrainConfig(d_model=256, lr=1e-3))
     assert len(diffs) == 2 and any("d_model" in d for d in diffs)
+
+
+def test_warmup_default_rule_is_in_both_helps(capsys):
+    """The trainer alone warms up 100 steps; the launcher 2 % of steps (at most 2000): both --help say so."""
+    from pretrain.plan import launch
+    from pretrain.schedule import default_warmup_steps
+
+    rule = "--warmup-steps WARMUP_STEPS linear warmup steps (run_1b_launch.py: 2% of steps, at most 2000)"
+    for main, tail in ((parse_config, " (default: 100)"), (launch.main, "")):
+        with pytest.raises(SystemExit) as e:
+            main(["--help"])
+        assert e.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert rule + tail in text
+    assert [default_warmup_steps(n) for n in (20, 5000, 10**6)] == [1, 100, 2000]

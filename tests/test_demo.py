@@ -65,6 +65,8 @@ def test_demo_command_trains_reports_and_reruns_as_complete(tmp_path):
         assert (run_dir / name).exists() and f"runs/tiny-baseline-demo/{name}" in first.stdout, name  # cwd-relative
     end = [e for e in read_jsonl(run_dir / "train.jsonl") if e["type"] == "end"][-1]
     assert end["status"] == "completed" and end["step"] == 30
+    meta = next(e for e in read_jsonl(run_dir / "train.jsonl") if e["type"] == "meta")
+    assert meta["train_config"]["seq_schedule"] == "128@0" and meta["train_config"]["lr"] == 3e-3
     losses = _evals(run_dir)
     assert losses[-1] < losses[0] - 1.5, losses  # ~10.8 (= ln 50257) at init
     assert re.search(r"val loss \d+\.\d+ -> \d+\.\d+", first.stdout)
@@ -74,21 +76,6 @@ def test_demo_command_trains_reports_and_reruns_as_complete(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already completed" in again.stdout
     assert _evals(run_dir) == losses  # nothing retrained
-
-
-def test_demo_without_launcher_calls_the_trainer(tmp_path, monkeypatch, capsys):
-    """An older checkout without pretrain/plan/launch.py: same settings, same run name, straight to the trainer."""
-    monkeypatch.setattr(demo, "launch", None)
-    argv = ["--steps", "4", "--run-root", str(tmp_path), "--variant", "gqa"]
-    assert demo.main(argv) == 0
-    run_dir = tmp_path / "tiny-gqa-demo"
-    meta = next(e for e in read_jsonl(run_dir / "train.jsonl") if e["type"] == "meta")
-    assert meta["model_config"]["attn"] == "gqa" and meta["train_config"]["seq_schedule"] == "128@0"
-    assert meta["train_config"]["batch_size"] == 8 and meta["train_config"]["lr"] == 3e-3
-    assert (run_dir / "loss.png").exists()
-    capsys.readouterr()
-    assert demo.main(argv) == 0
-    assert "already completed" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, needle", [(["--data", "{tmp}"], "manifest.json"), (["--steps", "0"], "--steps")])
@@ -112,7 +99,10 @@ def test_demo_stopped_by_ctrl_c_says_how_to_resume_and_exits_75(tmp_path, monkey
             os.kill(os.getpid(), signal.SIGINT)
         return original(self, batch_size, seq_len)
 
-    monkeypatch.setattr(demo, "launch", None)
+    from pretrain.train import loop
+
+    # the launcher's trainer command, run in this process so the Ctrl-C lands mid-run: ["python", "train_v29.py", ...]
+    monkeypatch.setattr(demo.launch, "run_trainer", lambda command: loop.main(command[2:]))
     monkeypatch.setattr(data_mod.Prefetcher, "next", next_then_ctrl_c)
     assert demo.main(["--steps", "6", "--run-root", str(tmp_path)]) == EXIT_STOPPED
     out, err = capsys.readouterr()

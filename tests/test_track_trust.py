@@ -17,8 +17,8 @@ from wandb_records import iter_wandb_records, read_wandb_history
 from pretrain.cli import EXIT_STOPPED
 from pretrain.track.plots import events_by_step
 from pretrain.track.runlog import read_jsonl
-from pretrain.track.summary import _human
 from pretrain.train.loop import main
+from pretrain.units import fmt_count
 
 FAST = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64",
         "--batch-size", "4", "--train-seq-len", "32", "--val-frac", "0.05", "--eval-iters", "2", "--log-every", "1",
@@ -118,7 +118,7 @@ def test_console_shows_skipped_steps_and_summary_holds_median_and_resumes(byte_d
     assert trainer(byte_data, out, "--steps", "6", "--eval-every", "0", "--save-every", "0") == 0
     summary = (out / "summary.md").read_text()
     train = events(out, "train")
-    median = _human(statistics.median(e["tok_s"] for e in train))  # what `compare` shows
+    median = fmt_count(statistics.median(e["tok_s"] for e in train))  # what `compare` shows
     assert f"| throughput | {median} tok/s (median of 6 train lines) |" in summary
     resume = next(e for e in read_jsonl(out / "train.jsonl") if e["type"] == "resume")
     assert (resume["step"], resume["steps_before"], resume["steps"]) == (4, 4, 6)

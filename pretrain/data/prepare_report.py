@@ -6,17 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _si(x: float, bytes_: bool = False) -> str:
-    for unit, div in (("T", 1e12), ("G" if bytes_ else "B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= div:
-            return f"{x / div:.2f}{unit}"
-    return f"{x:.0f}"
-
-
-def _dur(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+from pretrain.units import fmt_bytes, fmt_count, fmt_duration
 
 
 class Progress:
@@ -45,9 +35,9 @@ class Progress:
     def _line(self) -> str:
         dt = max(self.elapsed(), 1e-9)
         rate = (self.done - self.already) / dt
-        eta = _dur((self.total - self.done) / rate) if rate > 0 else "?"
-        return (f"{_si(self.done)}/{_si(self.total)} tokens | {_si(rate)} tok/s | {_si(self.docs / dt)} docs/s "
-                f"| ETA {eta}")
+        eta = fmt_duration((self.total - self.done) / rate) if rate > 0 else "?"
+        return (f"{fmt_count(self.done)}/{fmt_count(self.total)} tokens | {fmt_count(rate)} tok/s | "
+                f"{fmt_count(self.docs / dt)} docs/s | ETA {eta}")
 
     def update(self, done: int, docs: int) -> None:
         self.done, self.docs = done, docs
@@ -82,8 +72,8 @@ def print_summary(m: dict, out: Path, seconds: float) -> None:
     where = src.get("path") if src.get("kind") == "hub" else f"{len(src.get('files', []))} local file(s)"
     print(f"prepared {out}: {total:,} tokens (val {tok['val']:,} in {len(by['val'])} shard(s), train "
           f"{tok['train']:,} in {len(by['train'])} shard(s)), "
-          f"{sum(s.get('documents', 0) for s in m['shards']):,} documents, {_si(size, bytes_=True)}B on disk, "
-          f"{_dur(seconds)} this run")
+          f"{sum(s.get('documents', 0) for s in m['shards']):,} documents, {fmt_bytes(size)} on disk, "
+          f"{fmt_duration(seconds)} this run")
     print(f"  tokenizer {m['tokenizer']} (vocab {m['vocab_size']}, {m['dtype']}); source {where}"
           + (f" {src.get('name')}" if src.get("name") else ""))
     if m.get("source_exhausted"):

@@ -28,9 +28,9 @@ import torch
 from model import GPT, ModelConfig
 from model.config import ATTN_VARIANTS, PRESETS
 from pretrain.cli import ArgumentParser, UserError, script_exit_code
+from pretrain.units import DTYPE_NAMES, torch_dtype
 
 DEFAULT_LENGTHS = (1024, 4096, 16384)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -148,7 +148,7 @@ def bench_run(run_dir: Path, lengths: Sequence[int], decode_tokens: int, device:
     from pretrain.evals.run_model import load_run_checkpoint
 
     ckpt = load_run_checkpoint(run_dir)
-    model = ckpt.model(device).to(dtype=DTYPES[dtype or "bf16"])  # the usual inference dtype, as the KV formula
+    model = ckpt.model(device).to(dtype=torch_dtype(dtype or "bf16"))  # the usual inference dtype, as the KV formula
     summary = summarize(measure(model, lengths, decode_tokens, device))
     summary |= {"variant": model.config.attn, "checkpoint": ckpt.path.name}
     if write:
@@ -161,7 +161,7 @@ def bench_preset(preset: str, variant: str, lengths: Sequence[int], decode_token
     """Measure a preset's shape with random weights (a GPT-2 vocabulary)."""
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_preset(preset, attn=variant, vocab_size=50257)).to(device=device,
-                                                                                   dtype=DTYPES[dtype or "bf16"])
+                                                                                   dtype=torch_dtype(dtype or "bf16"))
     return {"run": f"{preset}-{variant}", "variant": variant,
             **summarize(measure(model, lengths, decode_tokens, device))}
 
@@ -189,7 +189,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--variants", default=",".join(ATTN_VARIANTS), help="with --preset: comma-separated variants")
     p.add_argument("--lengths", default="1K,4K,16K", help="context lengths (default 1K,4K,16K)")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per length")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="weights/cache dtype (default bf16)")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None, help="weights/cache dtype (default bf16)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--no-write", action="store_true", help="do not record the figures in the runs' train.jsonl")
     p.add_argument("--json", action="store_true", help="print results as JSON")

@@ -18,7 +18,7 @@ from typing import Any
 
 from model import ModelConfig
 from pretrain.plan.memory import GiB, MemoryEstimate, allowance, comm_bytes, estimate_step_memory
-from pretrain.train.config import TrainConfig, flag_name
+from pretrain.train.config import TrainConfig, flag_args
 
 FITS, TIGHT = 0.90, 1.00  # peak / device memory: <= 0.90 fits, <= 1.00 tight, above: won't fit
 # A doubled micro-batch is estimated when its proportional prediction is below this times the fit limit: the
@@ -162,7 +162,7 @@ def suggest_fix(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, capacity: int
     modes += [modes[-1] | {"optimizer": "lion"}]
 
     def describe(change: dict[str, Any], b: int, peak: int, note: str = "") -> str:
-        flags = [f for k, v in change.items() if getattr(cfg, k) != v for f in _flag(k, v)]
+        flags = [f for k, v in change.items() if getattr(cfg, k) != v for f in flag_args(k, v)]
         if b != cfg.batch_size:
             flags += ["--batch-size", str(b), "--grad-accum", str(max(1, total // b))]
         return f"{' '.join(flags)} (est. {peak / GiB:.1f} GiB{note})"
@@ -193,9 +193,3 @@ def suggest_fix(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, capacity: int
             lo, hi = (lo, mid) if fits(change, options[mid])[0] else (mid + 1, hi)
         return describe(change, options[lo], fits(change, options[lo])[1])
     return closest[2] if closest else None
-
-
-def _flag(name: str, value: Any) -> list[str]:
-    if isinstance(value, bool):
-        return [flag_name(name) if value else "--no-" + name.replace("_", "-")]
-    return [flag_name(name), str(value)]

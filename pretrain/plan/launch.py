@@ -22,10 +22,11 @@ from model import PAPER_PRESETS
 from pretrain.cli import ArgumentParser, UserError
 from pretrain.data.dataset import open_dataset
 from pretrain.plan.plan import Plan, build_plan
-from pretrain.plan.resolve import VARIANTS, Request, resolve
+from pretrain.plan.resolve import VARIANTS, Origin, Request, Source, derived, resolve
 from pretrain.plan.rundirs import PROBE_FILE, resolve_run_dir, run_name
 from pretrain.plan.tiers import VRAM_CHOICES, GpuInfo, card_named, detect_gpu, select_tier
 from pretrain.plan.view import render_plan
+from pretrain.runstatus import COMPLETED, RunStatus
 from pretrain.train.config import TrainConfig, add_config_flags, format_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -215,11 +216,11 @@ def make_plan(ns: argparse.Namespace, flags: dict[str, Any], gpu: GpuInfo | None
         res.warnings[:0] = kept
         res.warnings.append("kept from the run being resumed: " +
                             ", ".join(f"{k}={v!r}" for k, v in rd.adopted.items()))
-    res.values["out_dir"], res.sources["out_dir"] = str(rd.path), "derived: --run-root / run name"
+    res.values["out_dir"], res.sources["out_dir"] = str(rd.path), derived("--run-root / run name")
     if rd.overwrite:
-        res.values["overwrite"], res.sources["overwrite"] = True, "--if-exists overwrite"
-        res.values["resume"], res.sources["resume"] = "never", "--if-exists overwrite"
-    if rd.action == "resume" and rd.end and rd.end.get("status") == "completed" \
+        res.values["overwrite"], res.sources["overwrite"] = True, Source(Origin.OPTION, "--if-exists overwrite")
+        res.values["resume"], res.sources["resume"] = "never", Source(Origin.OPTION, "--if-exists overwrite")
+    if rd.action == "resume" and rd.end and RunStatus.parse(rd.end.get("status")) == COMPLETED \
             and rd.end.get("step", 0) >= res.values["steps"]:
         rd.action, rd.note = "complete", (f"{rd.path} already completed {rd.end['step']} steps; add --extend with "
                                           "a larger --steps or token budget to extend it, or use another --tag "

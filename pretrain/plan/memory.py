@@ -48,6 +48,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from model import GPT, ModelConfig
 from pretrain.train.config import TrainConfig
 from pretrain.train.optim import build_optimizer, step_unless_nonfinite
+from pretrain.units import torch_dtype
 
 GiB = 1024**3
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)
@@ -200,7 +201,7 @@ def _bytes_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple
 def _steady_state(mcfg: ModelConfig, cfg: TrainConfig, fake: bool) -> tuple:
     """(tensor mode, model, optimizer) as between two steps after the first: the optimizer state exists (it is
     created lazily by the first step(), so take one on zero gradients), the gradients are freed."""
-    param_dtype = torch.bfloat16 if cfg.param_dtype == "bf16" else torch.float32
+    param_dtype = torch_dtype(cfg.param_dtype)
     mode = FakeTensorMode() if fake else contextlib.nullcontext()
     with mode:
         with _default_dtype(param_dtype):
@@ -228,7 +229,7 @@ def _measure(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake: bool, reco
              work: Pass | None = None) -> _Run:
     """One steady-state training step of `cfg` at `seq_len` (or the pass `work`, which runs between steps:
     gradients freed), tracked; real tensors when fake=False."""
-    amp_dtype = torch.float16 if cfg.amp_dtype == "fp16" else torch.bfloat16
+    amp_dtype = torch_dtype(cfg.amp_dtype)
     if fake:
         mode, model, optimizer = _fake_state(json.dumps(mcfg.to_dict(), sort_keys=True),
                                              _relevant(cfg, batch_size=1, grad_accum=1))

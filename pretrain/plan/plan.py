@@ -17,7 +17,7 @@ from pretrain.plan.fit import choose_execution, step_peak_bytes, suggest_fix, ve
 from pretrain.plan.instrument_memory import pass_peak_bytes, run_passes, turn_down
 from pretrain.plan.memory import GiB
 from pretrain.plan.probe import PhaseProbe, measured_rate, probe_plan
-from pretrain.plan.resolve import MFU_SOURCE, Request, Resolved
+from pretrain.plan.resolve import DEFAULT, MFU_SOURCE, Origin, Request, Resolved, Source, derived, source_of
 from pretrain.plan.tiers import GpuInfo, Tier, memory_capacity, peak_flops, tier_cards
 from pretrain.schedule import (
     eval_seq_len_at,
@@ -27,7 +27,7 @@ from pretrain.schedule import (
     phases,
     planned_tokens,
 )
-from pretrain.train.config import TrainConfig, flag_name, model_config_from
+from pretrain.train.config import TrainConfig, flag_args, flag_name, model_config_from
 from pretrain.train.staging import host_ram_bytes
 
 CHECKPOINT_RECOMPUTE = 0.75  # activation checkpointing re-runs the forward: 6N model FLOPs cost 8N on hardware
@@ -125,7 +125,7 @@ class Plan:
             "host_ram_bytes": self.host_ram_bytes,
             "cards": [{"name": c.name, "memory_bytes": c.total_bytes, "bf16": c.has_bf16}
                       for c in tier_cards(self.tier.name)],
-            "settings": {k: {"value": self.cfg.to_dict()[k], "source": self.resolved.sources.get(k, "default")}
+            "settings": {k: {"value": self.cfg.to_dict()[k], "source": source_of(self.resolved.sources, k)}
                          for k in self.cfg.to_dict()},
             "warnings": self.warnings, "command": self.command, "nproc": self.nproc,
         }
@@ -140,7 +140,7 @@ def trainer_argv(cfg: TrainConfig) -> list[str]:
         if value is None or (value == getattr(default, f.name) and f.name not in ALWAYS_SHOWN):
             continue
         if isinstance(value, bool):
-            argv.append(flag_name(f.name) if value else "--no-" + f.name.replace("_", "-"))
+            argv += flag_args(f.name, value)
         elif value != "" or f.name not in ALWAYS_SHOWN:
             argv += [flag_name(f.name), str(value)]
     return argv
@@ -156,7 +156,7 @@ def choose_micro_batches(res: Resolved, tier: Tier, capacity: int) -> None:
     """Apply the planner's execution rules (pretrain/plan/fit.py) to settings no flag or resumed run fixed:
     checkpointing off when every phase fits without it, the largest fitting micro-batch per phase."""
     v, src = res.values, res.sources
-    mine = lambda k: src.get(k, "default").startswith(("tier", "derived", "default"))  # noqa: E731
+    mine = lambda k: source_of(src, k).planner_chose  # noqa: E731
     split_free = all(mine(k) for k in ("batch_size", "grad_accum", "micro_batch_schedule"))
     if not split_free and not mine("grad_checkpoint"):
         return
@@ -173,21 +173,22 @@ def choose_micro_batches(res: Resolved, tier: Tier, capacity: int) -> None:
     if choice is None:
         return  # nothing fits: the tier's values stay and the plan says "won't fit" with a suggestion
     if mine("grad_checkpoint"):
-        v["grad_checkpoint"], src["grad_checkpoint"] = choice.grad_checkpoint, choice.why_checkpoint
+        v["grad_checkpoint"] = choice.grad_checkpoint
+        src["grad_checkpoint"] = Source(Origin.DERIVED, choice.why_checkpoint)  # fit.py's text says "derived: "
     if split_free:
         _set_micro(res, [(ph.start_step, choice.micro[ph.seq_len]) for ph in phases(res.points, cfg.steps)],
-                   per_proc, "derived: the largest micro-batch whose estimate fits each phase")
+                   per_proc, derived("the largest micro-batch whose estimate fits each phase"))
 
 
-def _set_micro(res: Resolved, points: list[tuple[int, int]], per_proc: int, how: str) -> None:
+def _set_micro(res: Resolved, points: list[tuple[int, int]], per_proc: int, how: Source) -> None:
     """Write per-phase micro-batches as --batch-size/--grad-accum (the last phase) + --micro-batch-schedule."""
     merged = [pt for i, pt in enumerate(points) if i == 0 or pt[1] != points[i - 1][1]]
     last = merged[-1][1]
     v, src = res.values, res.sources
     v["batch_size"], src["batch_size"] = last, how
-    v["grad_accum"], src["grad_accum"] = per_proc // last, f"derived: {per_proc} sequences per step / {last}"
+    v["grad_accum"], src["grad_accum"] = per_proc // last, derived(f"{per_proc} sequences per step / {last}")
     v["micro_batch_schedule"] = format_step_schedule(merged) if len(merged) > 1 else ""
-    src["micro_batch_schedule"] = how if len(merged) > 1 else "default"
+    src["micro_batch_schedule"] = how if len(merged) > 1 else DEFAULT
 
 
 def nothing_fits(cfg: TrainConfig, vocab: int, capacity: int, nproc: int, gpu: GpuInfo | None) -> str:
@@ -224,14 +225,14 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
                    for ph in phases(res.points, cfg.steps)]
         probes = probe_plan(mcfg, cfg, planned, capacity, per_proc)
         picked = [p.picked_micro_batch or p.planned_micro_batch for p in probes]
-        fixed = not all(res.sources.get(k, "default").startswith(("tier", "derived", "default"))
+        fixed = not all(source_of(res.sources, k).planner_chose
                         for k in ("batch_size", "grad_accum", "micro_batch_schedule"))
         if picked != [b for _, b in planned] and fixed:
             warnings.append("--probe would use micro-batches " + ", ".join(map(str, picked)) + " per phase, but the "
                             "split was given (flag or the run being resumed): kept")
         elif picked != [b for _, b in planned]:
             _set_micro(res, [(ph.start_step, b) for ph, b in zip(phases(res.points, cfg.steps), picked)], per_proc,
-                       "probe: the largest micro-batch whose measured peak fits each phase")
+                       Source(Origin.PROBE, "probe: the largest micro-batch whose measured peak fits each phase"))
             cfg = res.cfg
             micro_points = parse_micro_batch_schedule(cfg.micro_batch_schedule, per_proc)
         for p in probes:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.cli import UserError
-from pretrain.plan.resolve import Resolved
+from pretrain.plan.resolve import Origin, Resolved, source_of
 from pretrain.schedule import describe_lr_extension
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.checkpoint import checkpoint_paths
@@ -109,12 +109,12 @@ def _match(saved: dict, res: Resolved) -> tuple[list[str], dict[str, Any], list[
     conflicts, adopt, warnings = [], {}, []
     for k in keys:
         # A different network is always a different experiment, whoever chose it.
-        explicit = res.sources.get(k, "").startswith("flag") or _GROUP.get(k) == "model"
+        explicit = source_of(res.sources, k).kind is Origin.FLAG or _GROUP.get(k) == "model"
         if k in EXECUTION_FIELDS and same_batch and explicit:
             warnings.append(f"resuming with {k} {saved[k]!r} -> {getattr(cfg, k)!r}: same experiment, but the "
                             "trainer may refuse a changed value on resume")
         elif explicit or (k in EXECUTION_FIELDS and not same_batch and any(
-                res.sources.get(f) == "flag" for f in ("batch_size", "grad_accum"))):
+                source_of(res.sources, f).kind is Origin.FLAG for f in ("batch_size", "grad_accum"))):
             conflicts.append(k)
         else:
             adopt[k] = saved[k]

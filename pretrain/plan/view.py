@@ -8,31 +8,10 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from pretrain.plan.plan import ALWAYS_SHOWN, CHECKPOINT_RECOMPUTE, Plan
-from pretrain.plan.resolve import MFU_SOURCE
+from pretrain.plan.resolve import MFU_SOURCE, source_of
 from pretrain.plan.tiers import cards_text
 from pretrain.train.config import format_command
-
-GiB = 1024**3
-
-
-def fmt_bytes(n: float) -> str:
-    return f"{n / GiB:.1f} GiB" if n >= GiB / 10 else f"{n / 1024**2:.1f} MiB"
-
-
-def fmt_count(n: float) -> str:
-    """10_000_000_000 -> '10.00B', 131072 -> '131.1K'."""
-    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{suffix}"
-    return f"{n:.0f}"
-
-
-def fmt_time(seconds: float) -> str:
-    s = int(seconds)
-    d, s = divmod(s, 86400)
-    h, s = divmod(s, 3600)
-    m, s = divmod(s, 60)
-    return f"{d}d {h}h" if d else f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+from pretrain.units import fmt_bytes, fmt_count, fmt_duration
 
 
 class _Out:
@@ -126,7 +105,7 @@ def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -
     procs = f" x {plan.nproc} proc" if plan.nproc > 1 else ""
     rows = [[f"{p.start_step}-{p.end_step}", p.seq_len, f"{p.micro_batch} x {p.grad_accum}{procs}",
              f"{p.tokens_per_step:,}", fmt_count(p.tokens), fmt_bytes(p.peak_memory_bytes), p.verdict,
-             fmt_count(p.tokens_per_second), fmt_time(p.seconds)] for p in plan.phases]
+             fmt_count(p.tokens_per_second), fmt_duration(p.seconds)] for p in plan.phases]
     out.table("phases", ["steps", "seq", "micro x accum", "tokens/step", "tokens", "peak mem", "verdict",
                          "tok/s (est)", "time (est)"], rows)
     worst = max(plan.phases, key=lambda p: p.peak_memory_bytes)
@@ -145,10 +124,10 @@ def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -
     flops = plan.peak_flops
     rate = f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"
     if plan.rate_how.startswith("measured"):
-        out.line(f"  time: ESTIMATE {fmt_time(total)} = tokens / tok/s {plan.rate_how} (training steps only: "
+        out.line(f"  time: ESTIMATE {fmt_duration(total)} = tokens / tok/s {plan.rate_how} (training steps only: "
                  "evals, checkpoints and start-up come on top)")
     else:
-        out.line(f"  time: ESTIMATE {fmt_time(total)} = tokens x FLOPs/token / ({rate} "
+        out.line(f"  time: ESTIMATE {fmt_duration(total)} = tokens x FLOPs/token / ({rate} "
                  f"[{plan.peak_flops_how}] x MFU {plan.mfu / (CHECKPOINT_RECOMPUTE if cfg.grad_checkpoint else 1):g}"
                  f" [{MFU_SOURCE}]{ckpt}{' x ' + str(plan.nproc) + ' procs' if plan.nproc > 1 else ''})")
     if plan.probes:
@@ -159,7 +138,7 @@ def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -
     out.line()
     shown = [k for k in cfg.to_dict() if src.get(k, "default") != "default" or k in ALWAYS_SHOWN]
     values = cfg.to_dict() | {"vocab_size": m.vocab_size, "data": cfg.data or "(none)", "kv_head": m.n_kv_head}
-    out.table("settings", ["setting", "value", "source"], [[k, values[k], src.get(k, "default")] for k in shown])
+    out.table("settings", ["setting", "value", "source"], [[k, values[k], source_of(src, k)] for k in shown])
     if plan.warnings:
         out.line()
         for w in plan.warnings:

@@ -12,7 +12,6 @@ summary.md and the plots are drawn from, so a run still in progress or killed co
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from pretrain.track.kv_plot import plot_quality_vs_kv
 from pretrain.track.plots import events_by_step, new_figure, save_png
 from pretrain.track.runlog import JSONL_NAME, median_tok_s, read_jsonl
 from pretrain.track.seeds import band, group_key, group_rows, seed_groups
+from pretrain.units import finite_number, fmt_count
 
 # Column key -> header, in print order.
 COLUMNS = {
@@ -51,11 +51,6 @@ def find_runs(paths: Sequence[str | os.PathLike]) -> list[Path]:
                             "runs are made by train_v29.py / run_1b_launch.py --run")
         found += children
     return found
-
-
-def _num(value: Any) -> float | None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    return value if ok else None
 
 
 def _kv_bytes(model_config: dict | None) -> int | None:
@@ -120,7 +115,7 @@ def run_row(run_dir: Path, warn: bool = True) -> dict[str, Any]:
     meta = _meta(records, run_dir, warn)
     end = next((r for r in reversed(records) if r.get("type") == "end"), None)
     train = events_by_step(records, "train")
-    evals = [e for e in events_by_step(records, "eval") if _num(e.get("loss")) is not None]
+    evals = [e for e in events_by_step(records, "eval") if finite_number(e.get("loss")) is not None]
     mcfg = meta.get("model_config")
     steps = max([r["step"] for r in train + evals], default=0)
     if end and isinstance(end.get("step"), int):
@@ -134,11 +129,11 @@ def run_row(run_dir: Path, warn: bool = True) -> dict[str, Any]:
     lengths = events_by_step(records, "eval_lengths")
     last_lengths = lengths[-1] if lengths else {}
     tokens = (end or {}).get("tokens")
-    if _num(tokens) is None:
-        tokens = max([r["tokens"] for r in train + evals if _num(r.get("tokens")) is not None], default=None)
+    if finite_number(tokens) is None:
+        tokens = max([r["tokens"] for r in train + evals if finite_number(r.get("tokens")) is not None], default=None)
     tcfg = meta.get("train_config") or {}
     infer = next((r for r in reversed(records) if r.get("type") == "infer"), {})
-    downstream = [e for e in events_by_step(records, "downstream") if _num(e.get("acc_norm")) is not None]
+    downstream = [e for e in events_by_step(records, "downstream") if finite_number(e.get("acc_norm")) is not None]
     return {
         "run": run_dir.name,
         "path": str(run_dir),
@@ -157,10 +152,10 @@ def run_row(run_dir: Path, warn: bool = True) -> dict[str, Any]:
         "planned_steps": planned,
         "status": status,
         # --eval-seq-lens: {length: val loss} at the last eval, and the longest trained length
-        "length_loss": {int(n): v for n, v in (last_lengths.get("loss") or {}).items() if _num(v) is not None},
+        "length_loss": {int(n): v for n, v in (last_lengths.get("loss") or {}).items() if finite_number(v) is not None},
         "trained_len": last_lengths.get("trained_len"),
         # the same losses as flat `val@<length>` columns, so seed groups average them like other metrics
-        **{f"val@{n}": v for n, v in (last_lengths.get("loss") or {}).items() if _num(v) is not None},
+        **{f"val@{n}": v for n, v in (last_lengths.get("loss") or {}).items() if finite_number(v) is not None},
     }
 
 
@@ -178,13 +173,6 @@ def _length(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
-def _human(n: float) -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{suffix}"
-    return f"{n:.0f}"
-
-
 def _cell(key: str, row: dict[str, Any]) -> str:
     value = row.get(key)
     if value is None:
@@ -199,7 +187,7 @@ def _one(key: str, row: dict[str, Any], value: Any) -> str:
     if key in ("best_val_loss", "final_val_loss"):
         return f"{value:.4f}"
     if key in ("params", "tokens", "tok_s"):
-        return _human(value)
+        return fmt_count(value)
     if key in ("kv_bytes_per_token", "kv_measured"):
         return f"{value:,.0f}"
     if key == "acc_norm":
@@ -209,7 +197,7 @@ def _one(key: str, row: dict[str, Any], value: Any) -> str:
     if key.startswith("peak_mem_bytes@"):
         return f"{value / 2**20:,.1f}"
     if key.startswith(("decode_tok_s@", "prefill_tok_s@")):
-        return _human(value) if value >= 1000 else f"{value:.1f}"
+        return fmt_count(value) if value >= 1000 else f"{value:.1f}"
     if key == "steps" and row.get("planned_steps"):
         return f"{value}/{row['planned_steps']}"
     return str(value)
@@ -289,7 +277,7 @@ def plot_val_curves(paths: Sequence[str | os.PathLike], out_png: str | os.PathLi
     for r in rows:
         records = read_jsonl(Path(r["path"]) / JSONL_NAME)
         points[r["path"]] = [(e["tokens"], e["loss"]) for e in events_by_step(records, "eval")
-                             if _num(e.get("tokens")) is not None and _num(e.get("loss")) is not None]
+                             if finite_number(e.get("tokens")) is not None and finite_number(e.get("loss")) is not None]
     curves: list[tuple[str, list, list[float], list[float], str]] = []  # label, xs, ys, sds, line style
     for counted, left in seed_groups(rows):
         counted = [m for m in counted if points[m["path"]]]

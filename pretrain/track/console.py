@@ -14,17 +14,24 @@ import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
+from pretrain.units import finite_number
+from pretrain.units import fmt_duration as format_duration  # the one duration format (eta)
+
 MODES = ("auto", "rich", "basic", "off")
 _MEM_KEYS = ("mem_peak_gb", "mem_reserved_gb", "mem_alloc_gb", "mem_rss_gb", "mem_gb")
 
 
 def _get(metrics: Mapping[str, Any], *keys: str) -> float | None:
-    """First finite number among keys (NaN loss is shown as nan, so it is handled by the caller)."""
+    """First number among keys, NaN/inf included (a NaN loss is shown as nan); rates use `_finite`."""
     for key in keys:
         value = metrics.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
     return None
+
+
+def _finite(metrics: Mapping[str, Any], key: str) -> float | None:
+    return finite_number(metrics.get(key))
 
 
 def format_rate(tok_s: float) -> str:
@@ -36,14 +43,6 @@ def format_rate(tok_s: float) -> str:
     return f"{tok_s:.0f}"
 
 
-def format_duration(seconds: float) -> str:
-    """3725 -> '1h02m', 95 -> '1m35s'."""
-    s = max(0, int(seconds))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 def metric_parts(metrics: Mapping[str, Any]) -> list[str]:
     """The ' | '-separated pieces after the step counter, in a fixed order."""
     parts = []
@@ -53,17 +52,17 @@ def metric_parts(metrics: Mapping[str, Any]) -> list[str]:
         parts.append(f"lr {lr:.2e}")
     if (gnorm := _get(metrics, "grad_norm", "gnorm")) is not None:
         parts.append(f"gnorm {gnorm:.2f}")
-    if (tok_s := _get(metrics, "tok_s")) is not None and math.isfinite(tok_s):
+    if (tok_s := _finite(metrics, "tok_s")) is not None:
         parts.append(f"{format_rate(tok_s)} tok/s")
-    if (mfu := _get(metrics, "mfu")) is not None and math.isfinite(mfu):
+    if (mfu := _finite(metrics, "mfu")) is not None:
         parts.append(f"mfu {100 * mfu:.1f}%")
-    if (ms := _get(metrics, "step_ms")) is not None and math.isfinite(ms):
+    if (ms := _finite(metrics, "step_ms")) is not None:
         parts.append(f"{ms:.0f}ms")
     if (mem := _get(metrics, *_MEM_KEYS)) is not None:
         parts.append(f"mem {mem:.1f}GB")
     if (skipped := _get(metrics, "skipped_steps", "skipped")) is not None and skipped > 0:
         parts.append(f"skipped {int(skipped)}")
-    if (eta := _get(metrics, "eta_s")) is not None and math.isfinite(eta):
+    if (eta := _finite(metrics, "eta_s")) is not None:
         parts.append(f"eta {format_duration(eta)}")
     return parts
 

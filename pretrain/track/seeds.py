@@ -11,10 +11,12 @@ run of a seed already counted (a copied run dir) keep their own row, marked with
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections.abc import Sequence
 from typing import Any
+
+from pretrain.runstatus import COMPLETED, RunStatus
+from pretrain.units import finite_number
 
 # Settings that do not change what is trained (cadences, tracking, paths, device, speed knobs): two runs
 # differing only in these and in the seed are seeds of one experiment.
@@ -41,10 +43,6 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return mean, statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _num(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def seed_groups(rows: Sequence[dict[str, Any]]) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
     """Per seed group (first-seen order): (the runs its mean counts, the others each with `left_out` saying
     why). A group of runs that differ only in --seed counts each finished run once per recorded seed."""
@@ -61,7 +59,7 @@ def seed_groups(rows: Sequence[dict[str, Any]]) -> list[tuple[list[dict[str, Any
         first_of: dict[Any, dict[str, Any]] = {}
         for m in members:
             seed = m.get("seed")
-            if m.get("status") != "completed":
+            if RunStatus.parse(m.get("status")) != COMPLETED:
                 why = f"not in the mean: unfinished at step {m.get('steps')}"
             elif seed is None:
                 why = "not in the mean: no seed recorded"
@@ -101,7 +99,7 @@ def _mean_row(members: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict
             "members": [m["run"] for m in members], "seed_list": seeds,
             "note": f"mean of seeds {', '.join(map(str, seeds))}"}
     for key in metrics:
-        values = [m[key] for m in members if _num(m.get(key))]
+        values = [m[key] for m in members if finite_number(m.get(key)) is not None]
         row[key] = mean_sd(values)[0] if values else None
         if len(set(values)) > 1:  # identical across seeds (tokens, KV bytes): no spread to show
             row[f"{key}_sd"] = mean_sd(values)[1]

@@ -14,6 +14,7 @@ from typing import Any
 from pretrain.fsio import atomic_write_text
 from pretrain.track.plots import PLOT_TITLES, events_by_step
 from pretrain.track.runlog import JSONL_NAME, _jsonable, median_tok_s, read_jsonl
+from pretrain.units import finite_number, fmt_bytes, fmt_count, fmt_duration
 
 SUMMARY_NAME = "summary.md"
 
@@ -29,36 +30,9 @@ changes are read from run_dir/train.jsonl when it exists.
 """
 
 
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _human(n: float, unit: str = "") -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{suffix}{unit}"
-    return f"{n:g}{unit}"
-
-
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h {m:02d}m {s:02d}s" if h else (f"{m}m {s:02d}s" if m else f"{s}s")
-
-
 def _loss_ppl(loss: float) -> str:
     ppl = math.exp(loss) if loss < 700 else float("inf")  # exp overflows past ~709
     return f"{loss:.4f} (ppl {ppl:.2f})"
-
-
-def _size(nbytes: int) -> str:
-    for scale, suffix in ((1 << 30, "GB"), (1 << 20, "MB"), (1 << 10, "KB")):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {suffix}"
-    return f"{nbytes} B"
 
 
 def _config_table(cfg: Mapping[str, Any]) -> list[str]:
@@ -92,7 +66,7 @@ def _history(records: list[dict]) -> list[str]:
     for r in records:
         if r.get("type") != "resume":
             continue
-        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(r["time"])) if _num(r.get("time")) else "?"
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(r["time"])) if finite_number(r.get("time")) else "?"
         line = f"- {when}: resumed at step {r.get('step')}"
         if r.get("from"):
             line += f" from `{Path(str(r['from'])).name}`"
@@ -118,7 +92,7 @@ def _lengths_section(fields: Any) -> list[str]:
              "(longer lengths test RoPE extrapolation).", "", "| length | val loss |", "|---:|---|"]
     for n, loss in sorted(fields["loss"].items(), key=lambda kv: int(kv[0])):
         mark = " (extrapolated)" if isinstance(trained, int) and int(n) > trained else ""
-        if (v := _num(loss)) is not None:
+        if (v := finite_number(loss)) is not None:
             lines.append(f"| {n}{mark} | {_loss_ppl(v)} |")
     return lines + [""]
 
@@ -131,7 +105,7 @@ def _diagnostics_section(fields: Any) -> list[str]:
             ("key_erank", "key eff. rank"), ("value_erank", "value eff. rank"), ("cos_in_out", "cos in/out"),
             ("grad_norm", "grad norm")]
     layers = fields["layer"]
-    cols = [(k, t) for k, t in cols if any(_num(row.get(k)) is not None for row in layers.values())]
+    cols = [(k, t) for k, t in cols if any(finite_number(row.get(k)) is not None for row in layers.values())]
     lines = ["## Attention diagnostics", "",
              f"Last analysis, on a fixed validation batch of {fields.get('rows')} x {fields.get('seq_len')} "
              "tokens; effective ranks out of the width in brackets.", "",
@@ -139,7 +113,7 @@ def _diagnostics_section(fields: Any) -> list[str]:
     for name, row in sorted(layers.items()):
         cells = []
         for k, _ in cols:
-            v = _num(row.get(k))
+            v = finite_number(row.get(k))
             text = "-" if v is None else f"{v:.3g}"
             width = row.get(k.replace("erank", "width"))
             cells.append(f"{text} ({width})" if k.endswith("erank") and width else text)
@@ -157,10 +131,10 @@ def write_summary(run_dir: str | os.PathLike, info: Mapping[str, Any]) -> Path:
     steps, total = info.get("steps"), info.get("total_steps")
     if isinstance(steps, int):
         status.append(f"{steps}/{total} steps" if isinstance(total, int) and total else f"{steps} steps")
-    if (tokens := _num(info.get("tokens"))) is not None:
-        status.append(f"{_human(tokens)} tokens")
-    if (elapsed := _num(info.get("elapsed_s"))) is not None:
-        status.append(_duration(elapsed))
+    if (tokens := finite_number(info.get("tokens"))) is not None:
+        status.append(f"{fmt_count(tokens)} tokens")
+    if (elapsed := finite_number(info.get("elapsed_s"))) is not None:
+        status.append(fmt_duration(elapsed))
     if status:
         out += ["**" + " · ".join(status) + "**", ""]
 
@@ -170,23 +144,24 @@ def write_summary(run_dir: str | os.PathLike, info: Mapping[str, Any]) -> Path:
         out += ["## Command", "", "```bash", text, "```", ""]
 
     rows: list[tuple[str, str]] = []
-    if (v := _num(info.get("final_val_loss"))) is not None:
+    if (v := finite_number(info.get("final_val_loss"))) is not None:
         rows.append(("final val loss", _loss_ppl(v)))
-    if (v := _num(info.get("best_val_loss"))) is not None:
+    if (v := finite_number(info.get("best_val_loss"))) is not None:
         at = f" at step {info['best_step']}" if isinstance(info.get("best_step"), int) else ""
         rows.append(("best val loss", _loss_ppl(v) + at))
     for key, label in (("params", "parameters"), ("non_embedding_params", "non-embedding parameters")):
-        if (v := _num(info.get(key))) is not None:
-            rows.append((label, f"{_human(v)} ({int(v):,})"))
+        if (v := finite_number(info.get(key))) is not None:
+            rows.append((label, f"{fmt_count(v)} ({int(v):,})"))
     records = read_jsonl(run_dir / JSONL_NAME)
     train = events_by_step(records, "train")
-    if (v := median_tok_s(train) if train else _num(info.get("tok_s"))) is not None:
-        rows.append(("throughput", f"{_human(v)} tok/s" + (f" (median of {len(train)} train lines)" if train else "")))
-    if (v := _num(info.get("mfu"))) is not None:
+    if (v := median_tok_s(train) if train else finite_number(info.get("tok_s"))) is not None:
+        median = f" (median of {len(train)} train lines)" if train else ""
+        rows.append(("throughput", f"{fmt_count(v)} tok/s{median}"))
+    if (v := finite_number(info.get("mfu"))) is not None:
         rows.append(("MFU", f"{100 * v:.1f}%"))
     if elapsed is not None:
-        rows.append(("elapsed", _duration(elapsed)))
-    if (v := _num(info.get("skipped_steps"))) is not None:
+        rows.append(("elapsed", fmt_duration(elapsed)))
+    if (v := finite_number(info.get("skipped_steps"))) is not None:
         rows.append(("skipped steps (non-finite)", str(int(v))))
     if info.get("wandb_url"):
         rows.append(("wandb", str(info["wandb_url"])))
@@ -223,7 +198,7 @@ def write_summary(run_dir: str | os.PathLike, info: Mapping[str, Any]) -> Path:
         out += ["## Files", ""]
         for p in listed:
             try:  # keep-last-k may delete a step_<N>.pt while we list
-                out.append(f"- [`{p.name}`]({p.name}) ({_size(p.stat().st_size)})")
+                out.append(f"- [`{p.name}`]({p.name}) ({fmt_bytes(p.stat().st_size)})")
             except FileNotFoundError:
                 continue
         out += [f"- `{d}`" for d in dirs]

@@ -16,7 +16,13 @@ from typing import Any
 from model import PAPER_PRESETS, ModelConfig
 from model.variants import ATTENTION_VARIANTS
 from pretrain.cli import ArgumentParser, UserError
-from pretrain.schedule import LR_SCHEDULES, parse_micro_batch_schedule
+from pretrain.schedule import (
+    LAUNCHER_WARMUP,
+    LR_SCHEDULES,
+    TRAINER_WARMUP_STEPS,
+    default_min_lr,
+    parse_micro_batch_schedule,
+)
 from pretrain.train.optim import OPTIMIZERS
 
 
@@ -87,7 +93,8 @@ class TrainConfig:
     # learning-rate schedule
     lr_schedule: str = _opt("cosine", "learning-rate schedule: " + "; ".join(
         f"{s.name} = {s.summary}" for s in LR_SCHEDULES.values()), list(LR_SCHEDULES), "schedule")
-    warmup_steps: int = _opt(100, "linear warmup steps", group="schedule", check="[0,inf)")
+    warmup_steps: int = _opt(TRAINER_WARMUP_STEPS, f"linear warmup steps (run_1b_launch.py: {LAUNCHER_WARMUP})",
+                             group="schedule", check="[0,inf)")
     min_lr: float | None = _opt(None, "final learning rate (default: lr/10)", group="schedule", check="[0,inf)")
     decay_frac: float = _opt(0.2, "wsd: fraction of steps spent decaying", group="schedule", check="(0,1]")
 
@@ -191,7 +198,7 @@ def resolved_values(values: dict[str, Any], vocab_size: int | None = None) -> di
     try:
         lr = cfg.lr if cfg.lr is not None else default_lr(cfg.size, cfg.optimizer)
         out.update(lr=lr, beta2=cfg.beta2 if cfg.beta2 is not None else DEFAULT_BETA2[cfg.optimizer],
-                   min_lr=cfg.min_lr if cfg.min_lr is not None else lr / 10)
+                   min_lr=cfg.min_lr if cfg.min_lr is not None else default_min_lr(lr))
         m = model_config_from(cfg, vocab_size or cfg.vocab_size or ModelConfig().vocab_size)
     except (KeyError, UserError):  # a config of an older or damaged run: compare it as written
         return out
@@ -226,11 +233,15 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _flag_text(name: str, value: Any) -> str:
-    """How a value is written on the command line: --tie-qk, --no-tie-qk, --attn-mode decoupled."""
+def flag_args(name: str, value: Any) -> list[str]:
+    """How a field's value is written on the command line: [--tie-qk], [--no-tie-qk], [--attn-mode, decoupled]."""
     if isinstance(value, bool):
-        return flag_name(name) if value else "--no-" + name.replace("_", "-")
-    return f"{flag_name(name)} {value}"
+        return [flag_name(name) if value else "--no-" + name.replace("_", "-")]
+    return [flag_name(name), str(value)]
+
+
+def _flag_text(name: str, value: Any) -> str:
+    return " ".join(flag_args(name, value))
 
 
 def _base_type(tp: Any) -> Any:
@@ -261,7 +272,7 @@ def add_config_flags(parser: argparse.ArgumentParser, show_defaults: bool = True
         meta = f.metadata
         g = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         tp = _base_type(hints[f.name])
-        help = _help_with_default(f.name, meta["help"], f.default) if show_defaults else meta["help"]
+        help = _help_with_default(f.name, meta["help"], f.default) if show_defaults else meta["help"].replace("%", "%%")
         if tp is bool:
             g.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                            default=f.default, help=help)
@@ -304,17 +315,22 @@ def in_interval(value: float, interval: str) -> bool:
     return math.isfinite(value) and above and below
 
 
+def check_number(name: str, value: Any) -> None:
+    """One TrainConfig field's value against the interval declared next to the field (UserError if outside)."""
+    interval = TrainConfig.__dataclass_fields__[name].metadata["check"]
+    if interval is None or value is None or isinstance(value, bool):
+        return
+    if not in_interval(value, interval):
+        lo, hi = interval[1:-1].split(",")
+        want = (f"> {lo}" if interval[0] == "(" else f">= {lo}") if hi == "inf" else f"in {interval}"
+        kind = "an integer" if isinstance(value, int) else "a finite number"
+        raise UserError(f"{flag_name(name)} must be {kind} {want}, got {value}")
+
+
 def check_numbers(cfg: TrainConfig) -> None:
     """Every numeric flag against the interval declared next to its field: NaN, inf, negatives refused."""
     for f in fields(TrainConfig):
-        value, interval = getattr(cfg, f.name), f.metadata["check"]
-        if interval is None or value is None or isinstance(value, bool):
-            continue
-        if not in_interval(value, interval):
-            lo, hi = interval[1:-1].split(",")
-            want = (f"> {lo}" if interval[0] == "(" else f">= {lo}") if hi == "inf" else f"in {interval}"
-            kind = "an integer" if isinstance(value, int) else "a finite number"
-            raise UserError(f"{flag_name(f.name)} must be {kind} {want}, got {value}")
+        check_number(f.name, getattr(cfg, f.name))
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -325,12 +341,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.cpu_offload and not cfg.fsdp:
         raise UserError("--cpu-offload needs --fsdp (it offloads FSDP2's sharded parameters); add --fsdp")
     if cfg.fsdp and cfg.param_dtype == "bf16":
+        # optim.py's stochastic rounding reinterprets plain tensors' bits; FSDP2's parameters are DTensors.
         raise UserError("--fsdp needs fp32 parameters: drop --param-dtype bf16 (with --amp, FSDP2 already "
                         "all-gathers and computes in bf16)")
     if cfg.fsdp and cfg.amp and cfg.amp_dtype == "fp16":
+        # GradScaler would judge inf/nan on each rank's gradient shard alone and skip steps on some ranks only.
         raise UserError("--fsdp does not support --amp-dtype fp16: use --amp-dtype bf16, or DDP (drop --fsdp)")
-    if cfg.analysis_every < 0:
-        raise UserError(f"--analysis-every must be >= 0 (0 turns diagnostics off), got {cfg.analysis_every}")
     if cfg.eval_seq_lens:
         from pretrain.evals.lengths import parse_eval_lengths  # lazy: config stays cheap to import
 
@@ -346,8 +362,6 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"{cfg.exp} means {wanted}, but {', '.join(clash)} was given; drop "
                             f"{', '.join(clash)}, or set the attention flags yourself instead of {cfg.exp}")
     parse_micro_batch_schedule(cfg.micro_batch_schedule, cfg.batch_size * cfg.grad_accum)
-    if cfg.sample_tokens <= 0 or cfg.sample_temperature < 0:
-        raise UserError("--sample-tokens must be positive and --sample-temperature >= 0 (0 is greedy)")
     if cfg.sample_prompts and not os.path.isfile(cfg.sample_prompts):
         raise UserError(f"--sample-prompts {cfg.sample_prompts}: no such file; pass a text file with one prompt "
                         "per line, or drop the flag for the built-in prompts")

@@ -13,6 +13,7 @@ import sys
 import torch
 
 from pretrain.cli import UserError
+from pretrain.units import torch_dtype
 
 # Dense bf16 tensor-core peak FLOP/s (no sparsity), from vendor datasheets. Matched by substring of
 # torch.cuda.get_device_name(); the first match wins, so more specific names come first.
@@ -128,7 +129,7 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def amp_dtype(name: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return torch_dtype(name)
 
 
 def autocast(device: torch.device, enabled: bool, dtype: torch.dtype) -> contextlib.AbstractContextManager:

@@ -72,9 +72,8 @@ def wrap_model(model: nn.Module, fsdp: bool, cpu_offload: bool, dist: Dist, devi
     would cast them for the matmuls anyway) and reduce gradients in fp32. `cast_forward_inputs=False`
     and a full-precision root keep the residual stream in fp32, as single-process autocast does: the
     embedding output would otherwise be bf16 and every residual add rounded to bf16.
+    config.validate has refused the settings FSDP2 cannot train (--cpu-offload alone, bf16 parameters, fp16).
     """
-    if cpu_offload and not fsdp:
-        raise UserError("--cpu-offload needs --fsdp (it offloads FSDP2's sharded parameters); add --fsdp")
     if not fsdp:
         if not dist.enabled:
             return model
@@ -85,13 +84,6 @@ def wrap_model(model: nn.Module, fsdp: bool, cpu_offload: bool, dist: Dist, devi
 
     if device.type not in ("cuda", "cpu"):
         raise UserError(f"--fsdp runs on cuda or cpu, not {device.type}; drop --fsdp or use --device cpu")
-    if next(model.parameters()).dtype == torch.bfloat16:
-        # optim.py's stochastic rounding reinterprets plain tensors' bits; FSDP2's parameters are DTensors.
-        raise UserError("--fsdp needs fp32 parameters: drop --param-dtype bf16 (with --amp, FSDP2 already "
-                        "all-gathers and computes in bf16)")
-    if amp_dtype == torch.float16:
-        # GradScaler would judge inf/nan on each rank's gradient shard alone and skip steps on some ranks only.
-        raise UserError("--fsdp does not support --amp-dtype fp16: use --amp-dtype bf16, or DDP (drop --fsdp)")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 

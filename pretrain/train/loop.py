@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -14,7 +15,8 @@ import torch
 from pretrain import stopping
 from pretrain.cli import EXIT_STOPPED, UserError
 from pretrain.data.shards import ShardChanged
-from pretrain.schedule import lr_at, micro_batch_at, seq_len_at
+from pretrain.runstatus import COMPLETE, COMPLETED, Ending, RunStatus, stopped, stopped_by_signal
+from pretrain.schedule import default_min_lr, lr_at, micro_batch_at, seq_len_at
 from pretrain.track.plots import write_plots
 from pretrain.track.summary import write_summary
 from pretrain.train import device as dev
@@ -58,9 +60,8 @@ class StopRequested:
     def __bool__(self) -> bool:
         return self.signum is not None
 
-    def describe(self) -> str:
-        name = signal.Signals(self.signum).name if self.signum else "on another rank"
-        return f"stopped by signal {name}"
+    def status(self) -> RunStatus:
+        return stopped_by_signal(self.signum)
 
 
 def _detach_from_terminal() -> None:
@@ -76,7 +77,8 @@ def _detach_from_terminal() -> None:
 def lr_for(cfg: TrainConfig, step: int, horizon: int) -> float:
     """The LR of `step` on a schedule decaying over `horizon` steps (cfg.steps unless a resume kept another)."""
     peak = peak_lr(cfg)
-    return lr_at(step, lr=peak, min_lr=cfg.min_lr if cfg.min_lr is not None else peak / 10, total_steps=horizon,
+    return lr_at(step, lr=peak, min_lr=cfg.min_lr if cfg.min_lr is not None else default_min_lr(peak),
+                 total_steps=horizon,
                  warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule, decay_frac=cfg.decay_frac)
 
 
@@ -154,7 +156,7 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
             s = open_session(cfg, command)
         except RunComplete as done:
             print(done, file=sys.stderr, flush=True)
-            return {"status": "complete", "saved": True, "step": cfg.steps}
+            return {"status": str(COMPLETE), "saved": True, "step": cfg.steps}
         try:
             status = _loop(s, stop)
             _finish(s, status)
@@ -193,10 +195,10 @@ def disk_error(e: OSError, out_dir: str) -> Exception:
     return e
 
 
-def _loop(s: Session, stop: StopRequested) -> str:
+def _loop(s: Session, stop: StopRequested) -> RunStatus:
     cfg, prog = s.cfg, s.prog
     if dist_lib.any_rank(bool(stop), s.dist):  # a signal while the session opened: nothing to save yet
-        return f"{stop.describe()} before its first step"
+        return replace(stop.status(), before_first_step=True)
     stopping.arm(not s.dist.enabled)  # under torchrun ranks must agree: they check at step boundaries only
     try:
         if not s.resumed:
@@ -204,7 +206,7 @@ def _loop(s: Session, stop: StopRequested) -> str:
             if cfg.analysis_every:
                 run_diagnostics(s)
     except stopping.StopNow:  # nothing trained yet: the rerun starts here again
-        return f"{stop.describe()} before its first step"
+        return replace(stop.status(), before_first_step=True)
     meter = s.meter = Meter(s.device, prog.step, prog.skipped_steps, prog.train_window)
     skipped_before = prog.skipped_steps
     last_save = time.monotonic()
@@ -242,7 +244,7 @@ def _loop(s: Session, stop: StopRequested) -> str:
                 s.optimizer.zero_grad(set_to_none=True)
                 prog.elapsed = time.monotonic() - t_start
                 s.save(data_state=data_state)
-                return stop.describe()
+                return stop.status()
 
         s.scaler.unscale_(s.optimizer)
         grad_norm = dist_lib.clip_grad_norm(s.model, cfg.grad_clip or float("inf"), s.dist)
@@ -269,7 +271,7 @@ def _loop(s: Session, stop: StopRequested) -> str:
                 why = f"{int(meter.bad_streak.item())} non-finite steps in a row at step {prog.step}"
                 s.console.print(f"error: {why}; the last good checkpoint is kept in {s.run_dir}: lower --lr "
                                 f"(with --resume never --overwrite) or check the data")
-                return f"stopped: {why}"
+                return stopped(why)
         if prog.step >= cfg.steps:
             break
         pause = time.perf_counter()
@@ -287,7 +289,7 @@ def _loop(s: Session, stop: StopRequested) -> str:
                 s.downstream()
         except stopping.StopNow:  # step prog.step is whole: save it (an interrupted pass is not run again)
             s.save(best=best)
-            return stop.describe()
+            return stop.status()
         late = bool(cfg.save_minutes) and time.monotonic() - last_save > 60 * cfg.save_minutes
         # Saving is a collective (RNG states, replica check, FSDP gathers): ranks must agree on the clock.
         due = (cfg.save_every and prog.step % cfg.save_every == 0) or dist_lib.any_rank(late, s.dist)
@@ -297,25 +299,25 @@ def _loop(s: Session, stop: StopRequested) -> str:
         meter.pause(time.perf_counter() - pause)
         if dist_lib.any_rank(bool(stop), s.dist):
             s.save()
-            return stop.describe()
-    return "completed"
+            return stop.status()
+    return COMPLETED
 
 
 def _saved_before_stopping(s: Session, e: ShardChanged) -> UserError:
     """Save the state after the last full step (as a stop request does), log the end, return the one line."""
     s.optimizer.zero_grad(set_to_none=True)
     s.save(data_state=getattr(e, "data_state", None))  # None: between steps, the loader's state is exact
-    _finish(s, f"stopped: {e}")
+    _finish(s, stopped(str(e)))
     step = s.prog.step
     kept = (f"step {step} is saved in {s.run_dir / 'last.pt'}" if s.ckpt.last_saved_step == step
             else f"could not save step {step} ({s.ckpt.last_error})")
     return UserError(f"{e}; {kept}: then rerun the same command to resume")
 
 
-def _finish(s: Session, status: str) -> None:
+def _finish(s: Session, status: RunStatus) -> None:
     prog = s.prog
     final_val = None
-    if status == "completed":
+    if status.kind is Ending.COMPLETED:
         best = False
         try:
             final_val, best = s.evaluate()
@@ -326,12 +328,13 @@ def _finish(s: Session, status: str) -> None:
             if s.cfg.hellaswag:
                 s.downstream()
         except stopping.StopNow:  # the last step is whole; the rerun resumes at it and runs the final passes again
-            status, final_val = stopping.describe(), None
+            status, final_val = stopping.status(), None
         s.save(best=best)
     s.ckpt.wait()
     # Only rank 0 writes; a stop for non-finite steps deliberately saves nothing.
-    untouched = status.endswith("before its first step")  # the run dir's checkpoint (if any) is still current
-    saved = not s.dist.is_main or status.startswith("stopped:") or untouched or s.ckpt.last_saved_step == prog.step
+    untouched = status.before_first_step  # the run dir's checkpoint (if any) is still current
+    saved = (not s.dist.is_main or status.kind is Ending.STOPPED_ERROR or untouched
+             or s.ckpt.last_saved_step == prog.step)
     if not saved:
         step = latest_step(s.run_dir)
         kept = "no checkpoint was saved" if step is None else f"the newest checkpoint is step {step}"
@@ -342,20 +345,20 @@ def _finish(s: Session, status: str) -> None:
         else:
             s.console.print(f"error: could not save step {prog.step} ({s.ckpt.last_error}); {kept}: "
                             f"{s.ckpt.last_error_fix}, then rerun the same command to resume")
-        status = f"{status}; final save failed"
+        status = status.with_failed_save()
     elif untouched:
         s.console.print(f"{status}: nothing new was trained; rerun the same command to continue")
-    elif status.startswith("stopped by signal"):
+    elif status.by_signal:
         s.console.print(f"{status}: saved step {prog.step} to {s.run_dir / 'last.pt'}; "
                         f"rerun the same command to resume")
-    result = {"status": status, "saved": saved, "step": prog.step, "tokens": prog.tokens,
+    result = {"status": str(status), "saved": saved, "step": prog.step, "tokens": prog.tokens,
               "final_val_loss": final_val, "best_val_loss": prog.best_val, "skipped_steps": prog.skipped_steps,
               "elapsed_s": prog.elapsed,
               "compile": speed.compile_counts() if s.cfg.compile else None}  # what dynamo did (speed.py)
     s.info["result"] = result
     if s.log:
         s.log.event("end", **result)
-        if not status.startswith("stopped by signal"):  # seconds of matplotlib a preemption may not have; the
+        if not status.by_signal:  # seconds of matplotlib a preemption may not have; the
             write_plots(s.run_dir)  # plots of the last eval stay, and the rerun draws them again
         write_summary(s.run_dir, s.info | result | {"steps": prog.step, "total_steps": s.cfg.steps})
 
@@ -369,9 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     result = train(cfg, command=format_command(["python", "train_v29.py", *args]))
     if not result["saved"]:
         return 1
-    if result["status"] in ("completed", "complete"):
+    status = RunStatus.parse(result["status"])
+    if status is not None and status.finished:
         return 0
-    if not result["status"].startswith("stopped by signal"):
+    if status is None or not status.by_signal:
         return 1
     # torchrun turns any non-zero worker code into its own failure (exit 1 and a ChildFailedError report), so
     # its ranks end a stopped run with 0, as they always did; train.jsonl's `end` event still says "stopped".

@@ -21,6 +21,7 @@ from pretrain.evals.downstream import load_items
 from pretrain.evals.downstream import score as downstream_score
 from pretrain.evals.samples import load_prompts, samples_table, text_codec, write_samples
 from pretrain.llama import check_init_from, load_init_from
+from pretrain.runstatus import COMPLETED, RunStatus
 from pretrain.schedule import (
     describe_lr_extension,
     eval_seq_len_at,
@@ -229,7 +230,7 @@ class RunComplete(Exception):
 def _completed_at(run_dir: Path) -> int | None:
     """The step of the run's `end` event when it completed (not when it was stopped), else None."""
     ends = [r for r in read_jsonl(run_dir / JSONL_NAME) if r.get("type") == "end"]
-    return ends[-1].get("step") if ends and ends[-1].get("status") == "completed" else None
+    return ends[-1].get("step") if ends and RunStatus.parse(ends[-1].get("status")) == COMPLETED else None
 
 
 def open_session(cfg: TrainConfig, command: str = "") -> Session:

@@ -26,6 +26,7 @@ from torch import nn
 from model import GPT, ModelConfig
 from pretrain.schedule import micro_batch_at, seq_len_at
 from pretrain.train.config import TrainConfig
+from pretrain.units import torch_dtype
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -55,7 +56,7 @@ def build_model(mcfg: ModelConfig, cfg: TrainConfig, device: torch.device, shape
     training shapes (see training_shapes). The trainer and `--probe` both build it here, so the probe times what the
     trainer runs. Seed the RNG before calling it: the weights are initialised here."""
     model = GPT(mcfg)
-    model.to(device=device, dtype=torch.bfloat16 if cfg.param_dtype == "bf16" else torch.float32)
+    model.to(device=device, dtype=torch_dtype(cfg.param_dtype))
     model.grad_checkpoint = cfg.grad_checkpoint
     if cfg.compile:
         # A card or driver that inductor cannot compile for should cost speed, not the run: dynamo then
