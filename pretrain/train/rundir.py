@@ -1,6 +1,6 @@
 """The run directory as the trainer owns it: can it be written, one trainer at a time, which files are its own.
 
-The lock is an OS lock (flock) on `train.lock`: the kernel drops it when the process ends, however it ends
+The lock is an OS lock (flock) on `.train.lock`: the kernel drops it when the process ends, however it ends
 (kill -9 included), so a stale lock cannot exist; the file itself is left behind and only names the pid.
 """
 

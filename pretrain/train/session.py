@@ -1,6 +1,6 @@
 """Everything one training run holds, built from a TrainConfig: data, model, optimizer, resume state, trackers.
 
-`open_session` does all the checking and building; the loop in `train.py` then only steps, logs and saves.
+`open_session` does all the checking and building; the loop in `loop.py` then only steps, logs and saves.
 """
 
 from __future__ import annotations
