@@ -55,15 +55,16 @@ def test_end_event_compile_is_null_without_compile(byte_data, tmp_path):
     assert result["compile"] is None and "compile" in end and end["compile"] is None
 
 
-def test_recompile_limit_covers_every_training_shape(monkeypatch):
+def test_recompile_limit_covers_every_training_shape():
     """Every training shape is one more graph of the one Block.forward frame: a schedule with more shapes than the
     default recompile limit (8) would train its last phases eagerly. (Compiling 9 graphs in a test costs minutes.)"""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
     cfg = TrainConfig(steps=100, batch_size=8, grad_accum=1, compile=True)
     seq_points = [(10 * i, 8 * (i + 1)) for i in range(8)]  # 8 lengths, the last at step 70
     micro_points = [(0, 8), (75, 4), (100, 2)]  # a micro-batch change within the last length; 100 is past the end
     assert speed.training_shapes(seq_points, micro_points, cfg) == 9
     mcfg = ModelConfig(vocab_size=256, block_size=64, n_layer=2, n_head=2, d_model=32, d_ff=64)
-    speed.build_model(mcfg, cfg, torch.device("cpu"), shapes=9)
-    assert torch._dynamo.config.recompile_limit == 9 and torch._dynamo.config.suppress_errors
+    # torch's own patch, not monkeypatch: undoing a monkeypatch on dynamo's config module hides the key for every
+    # later test in the process ("torch._dynamo.config.recompile_limit does not exist").
+    with torch._dynamo.config.patch(recompile_limit=8, suppress_errors=False):
+        speed.build_model(mcfg, cfg, torch.device("cpu"), shapes=9)
+        assert torch._dynamo.config.recompile_limit == 9 and torch._dynamo.config.suppress_errors

@@ -72,9 +72,9 @@ def _kept_shards(m: dict, out: Path, plan: list[tuple[str, int, int]]) -> list[d
     return kept
 
 
-def _check_same(m: dict, key: str, new: object, flag: str) -> None:
+def _check_same(m: dict, key: str, new: object, flag: str, out: Path) -> None:
     if m.get(key) != new:
-        raise UserError(f"{flag} {new} differs from the existing dataset's {m.get(key)}; rerun with the "
+        raise UserError(f"{flag} {new} differs from the existing dataset's {m.get(key)} in {out}; rerun with the "
                         "original value to continue/extend it, or choose a new --output")
 
 
@@ -85,11 +85,11 @@ def _open_output(out: Path, tokens: int, tok: Tokenizer, source: Source, shard_t
         raise UserError(f"--output {out} exists and is not a directory; choose another --output")
     if out.is_dir() and (out / MANIFEST).exists():
         m = read_manifest(out / MANIFEST)
-        _check_same(m, "tokenizer", tok.name, "--tokenizer")
-        _check_same(m, "source", source.spec, "--source")
-        _check_same(m, "shard_tokens", shard_tokens, "--shard-tokens")
+        _check_same(m, "tokenizer", tok.name, "--tokenizer", out)
+        _check_same(m, "source", source.spec, "--source", out)
+        _check_same(m, "shard_tokens", shard_tokens, "--shard-tokens", out)
         if val_tokens is not None:
-            _check_same(m, "val_tokens", val_tokens, "--val-tokens")
+            _check_same(m, "val_tokens", val_tokens, "--val-tokens", out)
         return m
     if out.is_dir() and any(f.name != LOCK_NAME for f in out.iterdir()):
         raise UserError(f"--output {out} exists, is not empty and has no {MANIFEST} (not a dataset); "
