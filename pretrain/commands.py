@@ -17,7 +17,7 @@ def prepare() -> int:
 
 
 def train() -> int:
-    return _run("pretrain.train.loop")
+    return _run("pretrain.train.cli")
 
 
 def launch() -> int:
