@@ -21,7 +21,7 @@ def train() -> int:
 
 
 def launch() -> int:
-    return _run("pretrain.plan.launch")
+    return _run("pretrain.plan.cli")
 
 
 def compare() -> int:
