@@ -27,8 +27,8 @@ ENTRIES = {
     "run_1b_launch.py": ["run_1b_launch.py", "--help"],
     "prepare_fineweb.py": ["prepare_fineweb.py", "--help"],
     **{f"-m {m}": ["-m", m, "--help"] for m in ("pretrain.train", "pretrain.plan", "pretrain.data",
-                                                 "pretrain.track.compare")},
-    **{f"pretrain-{c}": _console(c) for c in ("train", "launch", "prepare", "compare")},
+                                                 "pretrain.track.compare", "pretrain.export", "pretrain.generate")},
+    **{f"pretrain-{c}": _console(c) for c in ("train", "launch", "prepare", "compare", "export", "generate")},
 }
 
 
