@@ -18,17 +18,20 @@ HEAVY = {"torch", "numpy", "datasets", "wandb", "matplotlib", "transformers", "p
 
 def _console(name: str) -> list[str]:
     """The console script pretrain-<name> as pip's wrapper runs it: pretrain.commands.<name>() with sys.argv."""
-    return ["-c", f"import sys; from pretrain.commands import {name}; sys.argv = ['pretrain-{name}', '--help']; "
+    script = "pretrain-" + name.replace("_", "-")
+    return ["-c", f"import sys; from pretrain.commands import {name}; sys.argv = [{script!r}, '--help']; "
                   f"sys.exit({name}())"]
 
 
+COMMANDS = ("train", "launch", "prepare", "compare", "export", "generate", "downstream", "infer_bench")
+MODULES = ("pretrain.train", "pretrain.plan", "pretrain.data", "pretrain.track.compare", "pretrain.export",
+           "pretrain.generate", "pretrain.evals.downstream", "pretrain.infer_bench", "pretrain.evals.infer_bench")
 ENTRIES = {
     "train_v29.py": ["train_v29.py", "--help"],
     "run_1b_launch.py": ["run_1b_launch.py", "--help"],
     "prepare_fineweb.py": ["prepare_fineweb.py", "--help"],
-    **{f"-m {m}": ["-m", m, "--help"] for m in ("pretrain.train", "pretrain.plan", "pretrain.data",
-                                                 "pretrain.track.compare", "pretrain.export", "pretrain.generate")},
-    **{f"pretrain-{c}": _console(c) for c in ("train", "launch", "prepare", "compare", "export", "generate")},
+    **{f"-m {m}": ["-m", m, "--help"] for m in MODULES},
+    **{"pretrain-" + c.replace("_", "-"): _console(c) for c in COMMANDS},
 }
 
 
