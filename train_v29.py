@@ -6,7 +6,7 @@ Re-running the same command resumes from `<out-dir>/last.pt`. Flags: `python tra
 import sys
 
 from pretrain.cli import script_exit_code
-from pretrain.train.loop import main
+from pretrain.train.cli import main
 
 if __name__ == "__main__":
     sys.exit(script_exit_code(main))

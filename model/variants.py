@@ -12,15 +12,14 @@ Adding a variant is one entry here (plus its module in attention.py when its pro
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from torch import nn
-
-from .attention import CausalSelfAttention, DecoupledAttention
-
 if TYPE_CHECKING:
+    from torch import nn
+
     from .config import ModelConfig
 
 
@@ -31,12 +30,17 @@ class AttentionVariant:
 
     name: str
     summary: str  # one line for --help and docs
-    module: type[nn.Module]  # built once per block as module(cfg)
+    module_name: str  # class in model/attention.py, built once per block as module(cfg)
     head_dims: Callable[[ModelConfig], tuple[int, int, int]]
     widths: tuple[tuple[str, bool], ...]
     default_kv_heads: Callable[[int], int] = lambda n_head: n_head  # n_kv_head when unset, from n_head
     kv_heads_settable: bool = False  # n_kv_head may be set to any divisor of n_head
     ties_qk: bool = True  # tie_qk is possible: k can have q's shape
+
+    @property
+    def module(self) -> type[nn.Module]:
+        # Imported on use: the registry (--attn-mode's choices, --help) must load without torch.
+        return getattr(importlib.import_module(".attention", __package__), self.module_name)
 
 
 def _model_heads(cfg: ModelConfig) -> tuple[int, int, int]:
@@ -62,14 +66,14 @@ def _gqa_kv_heads(n_head: int) -> int:
 
 _ENTRIES = (
     AttentionVariant("baseline", "multi-head, q/k/v d -> d",
-                     CausalSelfAttention, _model_heads, (("d_model", True),)),
+                     "CausalSelfAttention", _model_heads, (("d_model", True),)),
     AttentionVariant("gqa", "n_kv_head k/v heads, each shared by a group of query heads",
-                     CausalSelfAttention, _model_heads, (("d_model", True),),
+                     "CausalSelfAttention", _model_heads, (("d_model", True),),
                      default_kv_heads=_gqa_kv_heads, kv_heads_settable=True),
     AttentionVariant("bottleneck", "q/k/v d -> attn_dim",
-                     CausalSelfAttention, _bottleneck_heads, (("attn_dim", True),)),
+                     "CausalSelfAttention", _bottleneck_heads, (("attn_dim", True),)),
     AttentionVariant("decoupled", "q/k of sem_dim without RoPE + geo_dim with RoPE, v of attn_dim",
-                     DecoupledAttention, _decoupled_heads,
+                     "DecoupledAttention", _decoupled_heads,
                      (("sem_dim", False), ("geo_dim", True), ("attn_dim", False))),
 )
 ATTENTION_VARIANTS: dict[str, AttentionVariant] = {v.name: v for v in _ENTRIES}

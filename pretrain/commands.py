@@ -17,11 +17,11 @@ def prepare() -> int:
 
 
 def train() -> int:
-    return _run("pretrain.train.loop")
+    return _run("pretrain.train.cli")
 
 
 def launch() -> int:
-    return _run("pretrain.plan.launch")
+    return _run("pretrain.plan.cli")
 
 
 def compare() -> int:

@@ -19,14 +19,16 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from model import GPT, ModelConfig
+from model import ModelConfig
 from pretrain.cli import ArgumentParser, UserError, script_exit_code
-from pretrain.data.hf_tokenizer import write_hf_tokenizer
 from pretrain.evals.run_model import CHECKPOINT_HELP, DEFAULT_CHECKPOINT, find_checkpoint, open_checkpoint
-from pretrain.llama import llama_config, llama_incompatibility, to_llama
 from pretrain.units import DTYPE_NAMES, torch_dtype
+
+if TYPE_CHECKING:
+    from model import GPT
+# GPT, pretrain.llama (torch) and the tokenizer files (tiktoken) are imported where used, so --help is instant.
 
 OUR_FORMAT = "pretrain-gpt"
 
@@ -134,6 +136,8 @@ def _replace(tmp: Path, out: Path) -> None:
 
 def _write_tokenizer(out: Path, name: str | None, mcfg: ModelConfig) -> None:
     """Tokenizer files beside the weights when the run's tokenizer is known and GPT-2; otherwise say why not."""
+    from pretrain.data.hf_tokenizer import write_hf_tokenizer
+
     why = None
     if name is None:
         why = "the run's dataset is not where it was trained (pass --tokenizer gpt2 if it was GPT-2)"
@@ -156,6 +160,8 @@ def export(run_dir: Path, out: Path, checkpoint: str = DEFAULT_CHECKPOINT, dtype
            overwrite: bool = False, tokenizer: str | None = None) -> str:
     """Write `out` from a run's checkpoint; returns "llama" or our format's name."""
     from safetensors.torch import save_file
+
+    from pretrain.llama import llama_config, llama_incompatibility, to_llama
 
     ckpt_path = find_checkpoint(run_dir, checkpoint)
     check_out(run_dir, out, overwrite)
@@ -228,6 +234,8 @@ def _write_error(e: OSError, out: Path, need: int) -> UserError:
 def load_exported(path: str | Path) -> GPT:
     """A GPT from a directory written by `export` in our own format (bottleneck / decoupled runs)."""
     from safetensors.torch import load_file
+
+    from model import GPT
 
     path = Path(path)
     config = json.loads((path / "config.json").read_text())

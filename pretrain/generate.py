@@ -15,8 +15,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from pretrain.cli import ArgumentParser, UserError, script_exit_code
 from pretrain.evals.run_model import CHECKPOINT_HELP, DEFAULT_CHECKPOINT, load_run_model
 
@@ -42,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--max-new-tokens must be positive, got {a.max_new_tokens}")
     if a.temperature < 0:
         raise UserError(f"--temperature must be >= 0 (0 is greedy), got {a.temperature}")
+    import torch  # here, not at the top: --help and flag errors answer without loading it
+
     device = torch.device(a.device)
     model, codec, info = load_run_model(Path(a.run_dir), a.checkpoint, device, a.tokenizer)
     ids = codec.encode(a.prompt)

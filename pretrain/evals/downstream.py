@@ -18,12 +18,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pretrain.cli import ArgumentParser, UserError, script_exit_code
-from pretrain.evals.lengths import token_losses
+
+if TYPE_CHECKING:
+    import torch
+# torch (and lengths.token_losses, which needs it) are imported where used, so --help answers without them.
 
 HF_NAME = "Rowan/hellaswag"
 MC_ROWS = 4  # endings scored in one forward at most (HellaSwag's count): bounds memory for any item file
@@ -83,7 +84,6 @@ def load_items(spec: str, limit: int = 0) -> list[MCItem]:
     return items
 
 
-@torch.no_grad()
 def ending_loglik(model: torch.nn.Module, context: list[int], endings: list[list[int]],
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed, mean per token) log-likelihood of each ending after `context`, in float64 sums.
@@ -92,6 +92,18 @@ def ending_loglik(model: torch.nn.Module, context: list[int], endings: list[list
     MC_ROWS rows go through the model at once, and their log-probabilities are taken a slice of logits at a time
     (lengths.token_losses), so memory stays that of a small no_grad forward whatever the item file holds.
     """
+    import torch
+
+    with torch.no_grad():
+        return _ending_loglik(model, context, endings, device)
+
+
+def _ending_loglik(model: torch.nn.Module, context: list[int], endings: list[list[int]],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    from pretrain.evals.lengths import token_losses
+
     block = model.config.block_size
     rows, masks = [], []
     for end in endings:
@@ -160,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pretrain.evals.run_model import load_run_model
 
     a = build_parser().parse_args(argv)
+    import torch  # after parsing: --help and flag errors answer without loading it
+
     items = load_items(a.hellaswag, a.items)
     model, codec, info = load_run_model(Path(a.run_dir), a.checkpoint, torch.device(a.device))
     result = score(model, codec, items, torch.device(a.device))

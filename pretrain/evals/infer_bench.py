@@ -21,14 +21,18 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from model import GPT, ModelConfig
+from model import ModelConfig
 from model.config import ATTN_VARIANTS, PRESETS
 from pretrain.cli import ArgumentParser, UserError, script_exit_code
 from pretrain.units import DTYPE_NAMES, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+    from model import GPT
+# torch and GPT are imported where used, so --help answers without loading them.
 
 DEFAULT_LENGTHS = (1024, 4096, 16384)
 
@@ -51,11 +55,14 @@ def parse_lengths(text: str) -> list[int]:
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 
 def _peak_cpu_bytes(model: GPT, length: int, decode_tokens: int) -> int:
     """Peak bytes of live tensors (weights included) over one prefill + a few decode steps, traced on CPU."""
+    import torch
     from torch.distributed._tools.mem_tracker import MemTracker
 
     tracker = MemTracker()
@@ -72,11 +79,19 @@ def _peak_cpu_bytes(model: GPT, length: int, decode_tokens: int) -> int:
     return int(sum(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values()))
 
 
-@torch.no_grad()
 def measure(model: GPT, lengths: Sequence[int], decode_tokens: int = 32, device: torch.device | str = "cpu",
             peak_memory: bool = True) -> list[dict[str, Any]]:
     """One row of measured figures per context length (see the module docstring)."""
-    device = torch.device(device)
+    import torch
+
+    with torch.no_grad():
+        return _measure(model, lengths, decode_tokens, torch.device(device), peak_memory)
+
+
+def _measure(model: GPT, lengths: Sequence[int], decode_tokens: int, device: torch.device,
+             peak_memory: bool) -> list[dict[str, Any]]:
+    import torch
+
     model.eval()
     mcfg = model.config
     dtype = next(model.parameters()).dtype
@@ -159,6 +174,10 @@ def bench_run(run_dir: Path, lengths: Sequence[int], decode_tokens: int, device:
 def bench_preset(preset: str, variant: str, lengths: Sequence[int], decode_tokens: int, device: torch.device,
                  dtype: str | None) -> dict[str, Any]:
     """Measure a preset's shape with random weights (a GPT-2 vocabulary)."""
+    import torch
+
+    from model import GPT
+
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_preset(preset, attn=variant, vocab_size=50257)).to(device=device,
                                                                                    dtype=torch_dtype(dtype or "bf16"))
@@ -211,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for run in a.runs:
         find_checkpoint(Path(run))  # every run checked before the first (slow) measurement
+    import torch
+
     device = torch.device(a.device)
     results = [bench_run(Path(r), lengths, a.decode_tokens, device, a.dtype, not a.no_write) for r in a.runs]
     if a.preset:

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from model import GPT, ModelConfig
+from model import ModelConfig
 from pretrain.cli import UserError
-from pretrain.evals.samples import TextCodec, text_codec
-from pretrain.train.checkpoint import checkpoint_paths, load_checkpoint
-from pretrain.train.ckpt_check import model_shapes
+
+if TYPE_CHECKING:
+    import torch
+
+    from model import GPT
+    from pretrain.evals.samples import TextCodec
+
+# torch and what needs it are imported where used: the commands reading a run build their --help from the
+# constants here and must answer it without loading torch.
 
 _BY_VOCAB = {256: "bytes", 50257: "gpt2"}
 MAX_BLOCK = 1 << 20  # longest context a checkpoint may declare (no weight is sized by it, so no other check holds)
@@ -43,6 +47,8 @@ def find_checkpoint(run_dir: Path, which: str = DEFAULT_CHECKPOINT) -> Path:
         return path
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a run directory; pass runs/<name> as written by train_v29.py")
+    from pretrain.train.checkpoint import checkpoint_paths
+
     found = checkpoint_paths(run_dir)
     order = {"auto": [found["best"], found["last"], *reversed(found["numbered"])],
              "best": [found["best"]], "last": [found["last"]]}[which]
@@ -57,6 +63,8 @@ def find_checkpoint(run_dir: Path, which: str = DEFAULT_CHECKPOINT) -> Path:
 def _stored_bytes(weights: dict[str, Any]) -> int:
     """Bytes the checkpoint's weight tensors really hold: each storage once (tied weights share one, and a
     crafted file could make many large-looking views, even stride-0 ones, of one tiny storage)."""
+    import torch
+
     seen: dict[int, int] = {}
     for t in weights.values():
         if isinstance(t, torch.Tensor):
@@ -73,6 +81,10 @@ def checked_model_config(state: dict[str, Any], path: Path) -> ModelConfig:
     weights hold (2 bytes a parameter at least: bf16), which also bounds the layer count, so the shape check
     below (a model built on the meta device) is cheap; block_size, which sizes no weight, gets a fixed bound.
     """
+    import torch
+
+    from pretrain.train.ckpt_check import model_shapes
+
     weights, raw = state.get("model"), state.get("model_config")
     if not isinstance(weights, dict) or not isinstance(raw, dict):
         raise UserError(f"{path} is not a train_v29.py checkpoint (no model / model_config)")
@@ -116,6 +128,8 @@ class RunCheckpoint:
 
     def model(self, device: torch.device | str = "cpu") -> GPT:
         """The checkpoint's model in eval mode on `device` (fp32 parameters; the weights are copied in)."""
+        from model import GPT
+
         model = GPT(self.model_config)
         model.load_state_dict(self.weights)
         return model.to(device).eval()
@@ -123,6 +137,8 @@ class RunCheckpoint:
 
 def open_checkpoint(path: Path) -> RunCheckpoint:
     """Load `path` (weights_only) and check its model_config before anything is built from it."""
+    from pretrain.train.checkpoint import load_checkpoint
+
     state = load_checkpoint(path)
     return RunCheckpoint(path, state, checked_model_config(state, path))
 
@@ -135,6 +151,8 @@ def load_run_checkpoint(run_dir: Path, which: str = DEFAULT_CHECKPOINT) -> RunCh
 def load_run_model(run_dir: Path, which: str = DEFAULT_CHECKPOINT, device: torch.device | str = "cpu",
                    tokenizer: str | None = None) -> tuple[GPT, TextCodec, dict[str, Any]]:
     """(model in eval mode on `device`, codec, {"path", "step", "model_config"}) of a run's checkpoint."""
+    from pretrain.evals.samples import text_codec
+
     ckpt = load_run_checkpoint(run_dir, which)
     path, state, mcfg = ckpt.path, ckpt.state, ckpt.model_config
     model = ckpt.model(device)

@@ -3,6 +3,6 @@
 import sys
 
 from pretrain.cli import script_exit_code
-from pretrain.plan.launch import main
+from pretrain.plan.cli import main
 
 sys.exit(script_exit_code(main))

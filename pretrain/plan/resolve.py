@@ -26,13 +26,21 @@ from pretrain.schedule import (
     steps_for_tokens,
 )
 from pretrain.train.config import TrainConfig, check_number, model_config_from, paper_preset_fields, validate
-from pretrain.train.device import cpu_has_fast_bf16
-from pretrain.train.optim import DEFAULT_BETA2, default_lr, default_lr_source
+from pretrain.train.optim_registry import DEFAULT_BETA2, default_lr, default_lr_source
 from pretrain.units import finite_number
 
 VARIANTS: dict[str, tuple[str, int | None]] = {  # --variant -> (attn mode, kv heads; None = the model's default)
     **{name: (name, None) for name in ATTENTION_VARIANTS}, "gqa_kv2": ("gqa", 2),
 }
+
+
+def cpu_has_fast_bf16() -> bool:
+    """pretrain.train.device's check, imported on use: it loads torch, which the launcher's --help must not."""
+    from pretrain.train.device import cpu_has_fast_bf16 as check
+
+    return check()
+
+
 DEFAULT_VOCAB = ModelConfig.__dataclass_fields__["vocab_size"].default  # GPT-2's, used when there is no data
 DEFAULT_TOKENS_PER_PARAM = 20.0  # compute-optimal ratio of Hoffmann et al. 2022 (Chinchilla)
 # The planner's default model FLOPs utilisation for GPU time estimates. Published MFU of large bf16 training

@@ -15,10 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 
-import torch
-
 from pretrain.cli import UserError
-from pretrain.train import device as dev
 
 GiB = 1024**3
 # Sequences per optimizer step on every GPU tier: 256 x 2048 = 524,288 tokens at the 1b block size, the
@@ -100,10 +97,14 @@ class GpuInfo:
     @property
     def has_bf16(self) -> bool:
         # The trainer's rule too (pretrain/train/device.py): T4 (7.5) and V100 (7.0) need fp16 + GradScaler.
+        from pretrain.train import device as dev  # torch: on use, so the launcher's --help stays light
+
         return dev.capability_has_bf16(self.capability)
 
     @property
     def peak_flops(self) -> float | None:
+        from pretrain.train import device as dev
+
         return dev.peak_flops_for_name(self.name)
 
 
@@ -160,6 +161,8 @@ def cards_text(tier_name: str) -> str:
 
 def detect_gpu() -> GpuInfo | None:
     """The first CUDA device, or None on a machine without one."""
+    import torch
+
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(0)
@@ -196,6 +199,8 @@ def cpu_matmul_flops(seconds: float = 0.1) -> float:
     One thread, because a multi-threaded measurement collapses when other processes load the cores (OpenMP
     threads spin-wait), which says more about this moment than about the machine.
     """
+    import torch
+
     threads = torch.get_num_threads()
     n = 256
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -234,6 +239,10 @@ def peak_flops(peak_tflops: float | None, tier: Tier, gpu: GpuInfo | None) -> tu
         if peak_tflops <= 0:
             raise UserError(f"--peak-tflops must be positive, got {peak_tflops}")
         return peak_tflops * 1e12, "--peak-tflops"
+    import torch
+
+    from pretrain.train import device as dev
+
     if not tier.is_gpu:
         return cpu_matmul_flops(), f"measured: this CPU's 1-thread fp32 matmul rate x {torch.get_num_threads()} threads"
     if gpu is not None and gpu.peak_flops:

@@ -3,6 +3,6 @@
 import sys
 
 from pretrain.cli import script_exit_code
-from pretrain.train.loop import main
+from pretrain.train.cli import main
 
 sys.exit(script_exit_code(main))

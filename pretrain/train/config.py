@@ -23,7 +23,7 @@ from pretrain.schedule import (
     default_min_lr,
     parse_micro_batch_schedule,
 )
-from pretrain.train.optim import OPTIMIZERS
+from pretrain.train.optim_registry import OPTIMIZERS
 
 
 def _opt(default: Any, help: str, choices: Sequence[str] | None = None, group: str = "misc",

@@ -20,23 +20,23 @@ bytes, versus 16 / 12 with fp32 weights and grads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:  # config.py derives --optimizer's choices from OPTIMIZERS here
+# The registry is torch-free in optim_registry.py (the parsers read it); its names stay importable from here.
+from pretrain.train.optim_registry import (  # noqa: F401
+    DEFAULT_BETA2,
+    OPTIMIZERS,
+    PEAK_LR,
+    default_lr,
+    default_lr_source,
+)
+
+if TYPE_CHECKING:
     from pretrain.train.config import TrainConfig
-
-def default_lr(size: str, optimizer: str) -> float:
-    """The peak LR a run of this preset and optimizer gets when --lr is not given."""
-    return PEAK_LR[(size, optimizer)][0]
-
-
-def default_lr_source(size: str, optimizer: str) -> str:
-    return PEAK_LR[(size, optimizer)][1]
 
 
 def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator | None = None) -> None:
@@ -233,41 +233,6 @@ def _build_adamw(groups: list[dict], lr: float, betas: tuple[float, float], cfg:
 def _build_lion(groups: list[dict], lr: float, betas: tuple[float, float], cfg: TrainConfig, device: torch.device,
                 gen: torch.Generator | None) -> torch.optim.Optimizer:
     return Lion(groups, lr=lr, betas=betas, generator=gen)
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """One --optimizer: its builder (param groups, lr, betas, cfg, device, stochastic-rounding generator or None
-    for fp32 weights), default beta2, and peak LR per model preset with where the figure comes from."""
-
-    name: str
-    summary: str  # one line for --help
-    build: Callable[..., torch.optim.Optimizer]
-    beta2: float
-    peak_lr: dict[str, tuple[float, str]]
-
-
-# The peak LRs are cited in docs/tiers.md too; the trainer (run directly) and the launcher's plan both read this
-# one table. Lion takes ~6x less than AdamW at every size: its sign update has a larger norm per element
-# (Chen et al. 2023 advise 3-10x lower).
-_LION_LR_SOURCE = "(Lion: 3-10x lower, Chen et al. 2023)"
-OPTIMIZERS: dict[str, OptimizerSpec] = {o.name: o for o in (
-    OptimizerSpec("adamw", "AdamW, 8 bytes of fp32 state per parameter", _build_adamw, 0.95, {
-        "tiny": (6e-4, "GPT-3 Small 125M, Brown et al. 2020 Table 2.1 (kept for the ~3M smoke model)"),
-        "small": (6e-4, "GPT-3 Small 125M, Brown et al. 2020 Table 2.1; Pythia-160M 6e-4"),
-        "1b": (3e-4, "Pythia-1B 3e-4 (Biderman et al. 2023); TinyLlama-1.1B and OLMo-1B use 4e-4 with "
-                     "a 4-8x larger batch"),
-    }),
-    OptimizerSpec("lion", "Lion (sign update), 4 bytes of fp32 state per parameter", _build_lion, 0.99, {
-        "tiny": (1e-4, f"AdamW's 6e-4 / 6 {_LION_LR_SOURCE}"),
-        "small": (1e-4, f"AdamW's 6e-4 / 6 {_LION_LR_SOURCE}"),
-        "1b": (5e-5, f"AdamW's 3e-4 / 6 {_LION_LR_SOURCE}"),
-    }),
-)}
-# Views of the registry by (preset, optimizer) and by optimizer, as the planner and tests read them.
-PEAK_LR: dict[tuple[str, str], tuple[float, str]] = {
-    (size, o.name): v for o in OPTIMIZERS.values() for size, v in o.peak_lr.items()}
-DEFAULT_BETA2 = {o.name: o.beta2 for o in OPTIMIZERS.values()}
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
