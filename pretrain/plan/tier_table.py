@@ -61,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="only check that the section is current")
     args = p.parse_args(argv)
     current = DOC.read_text()
+    if BEGIN not in current or END not in current:
+        print(f"{DOC} has lost the generated table's markers: put back {BEGIN} and {END}", file=sys.stderr)
+        return 1
     text = _with_section(current, render())
     if args.check:
         if current != text:
