@@ -100,3 +100,15 @@ def test_unknown_gpu_name_is_one_line(name, tmp_path, capsys) -> None:
     assert run_cli(launch.main, ["--gpu", name, "--run-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown --gpu" in err[0] and "T4" in err[0]
+
+
+def test_docs_tier_estimates_and_commands_are_the_plans() -> None:
+    """docs/tiers.md's estimates table and exact commands are generated from the plan (no hand-copied figure);
+    one plan per tier the table lists."""
+    from pretrain.plan import tier_table
+
+    assert tier_table.main(["--check"]) == 0, "run python -m pretrain.plan.tier_table"
+    section = tier_table.DOC.read_text().split(tier_table.BEGIN, 1)[1].split(tier_table.END, 1)[0]
+    assert [r.split("|")[1].strip() for r in section.splitlines() if re.match(r"\| \d+ \|", r)] == \
+        list(tier_table.TABLE_TIERS)
+    assert section.count("python train_v29.py --size 1b ") == len(tier_table.TABLE_TIERS)

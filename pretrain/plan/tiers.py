@@ -65,17 +65,17 @@ class Tier:
 _GPU_SCHEDULE = ((0.25, 0), (0.5, 500), (1.0, 1500))
 
 TIERS: dict[str, Tier] = {
-    # Planner estimates for the 1b baseline at seq 2048 incl. allowance (docs/tiers.md): 80 -> 47 GiB (micro 8
-    # would be 69: tight), 48 -> 36, 40 -> 30 (micro 2: 36, tight), 24 -> 20 (tight; other variants fit). On 24
-    # the peak is the bf16-weight AdamW update (fp32 temporaries of the embedding), so micro 8 costs nothing
-    # over micro 1. 16 does not fit with AdamW (weights, grads and fp32 state are 13.8 GiB): the plan says so.
+    # Micro-batch and checkpointing here are the planner's starting point (kept only when nothing fits): fit.py
+    # picks each phase's largest micro-batch whose estimate fits 90 % of the card, and checkpointing only where a
+    # phase does not fit without it. What that gives per tier: `--json`, or docs/tiers.md's table generated from
+    # it (plan/tier_table.py).
     "80": Tier("80", "1b", 4, GLOBAL_BATCH, False, "fp32", True, _GPU_SCHEDULE, "A100 80GB"),
     "48": Tier("48", "1b", 2, GLOBAL_BATCH, False, "fp32", True, _GPU_SCHEDULE, "RTX A6000"),
     "40": Tier("40", "1b", 1, GLOBAL_BATCH, False, "fp32", True, _GPU_SCHEDULE, "A100 40GB"),
     "24": Tier("24", "1b", 8, GLOBAL_BATCH, True, "bf16", True, _GPU_SCHEDULE, "RTX 4090"),
-    # 16: AdamW cannot fit (bf16 weights + grads + fp32 AdamW state are 13.8 GiB of 14.7), so the tier trains
-    # with Lion (4 instead of 8 bytes of state per parameter), the original research code's answer for small
-    # cards; the same tokens per step as every GPU tier. docs/tiers.md: 13.0 GiB for baseline, fits.
+    # 16: AdamW cannot fit (bf16 weights + grads + fp32 AdamW state, 2 + 2 + 8 bytes per parameter, leave no room
+    # for activations on a 16 GB card), so the tier trains with Lion (4 instead of 8 bytes of state per parameter),
+    # the original research code's answer for small cards; the same tokens per step as every GPU tier.
     "16": Tier("16", "1b", 2, GLOBAL_BATCH, True, "bf16", True, _GPU_SCHEDULE, "RTX 4080", optimizer="lion"),
     # Smoke tier: tiny preset, no compile (a cold compile costs more than a short CPU run).
     "cpu": Tier("cpu", "tiny", 8, 8, False, "fp32", False, ((0.5, 0), (1.0, 50)), "cpu", steps=100),
