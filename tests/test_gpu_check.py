@@ -11,7 +11,8 @@ import sys
 
 from conftest import ROOT
 
-from pretrain.gpu_check import COLUMNS, compare_resume
+from pretrain.gpu_check import COLUMNS
+from pretrain.gpu_check_runs import compare_resume
 
 
 def run_check(*args: str) -> subprocess.CompletedProcess:
