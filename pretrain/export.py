@@ -1,9 +1,13 @@
 """`python -m pretrain.export RUN --out DIR`: a run's checkpoint as a Hugging Face directory.
 
-baseline/gqa runs become `LlamaForCausalLM` safetensors + config.json (layout in `pretrain/llama.py`), with
-GPT-2's tokenizer files so `AutoTokenizer` and `pipeline("text-generation")` work offline. bottleneck /
-decoupled attention (and null_attn / learned_temp) have no Llama equivalent: they export as our own
-safetensors + config.json, loadable with `load_exported`. Every export carries a marker file
+baseline/gqa runs become `LlamaForCausalLM` safetensors + config.json (layout in `pretrain/llama.py`).
+bottleneck / decoupled attention (and null_attn / learned_temp) have no Llama equivalent: they export as a
+`trust_remote_code` model carrying model/'s own code (`pretrain/export_remote.py`), which
+`AutoModelForCausalLM` loads, and `load_exported` too. Both get GPT-2's tokenizer files (a fast
+tokenizer.json, pad token) so `AutoTokenizer` and `pipeline("text-generation")` work offline, a
+generation_config.json and a model card with Hub metadata (`pretrain/export_hub.py`); `--push-to-hub REPO`
+uploads the result. The checkpoint is run_model's shared default (auto: best.pt, else last.pt, else the newest
+step_<N>.pt), the same one generate and downstream read. Every export carries a marker file
 (`.pretrain-export.json`: this tool, the source run, the files it wrote); `--overwrite` replaces a directory
 only when that marker is there and the directory holds nothing else, so a look-alike (a Llama config.json, a
 model.safetensors and the user's README) is never deleted.
@@ -24,13 +28,14 @@ from typing import TYPE_CHECKING, Any
 from model import ModelConfig
 from pretrain.cli import ArgumentParser, UserError, script_exit_code
 from pretrain.evals.run_model import CHECKPOINT_HELP, DEFAULT_CHECKPOINT, find_checkpoint, open_checkpoint
+from pretrain.export_hub import DEFAULT_LICENSE
+from pretrain.export_remote import FORMAT as OUR_FORMAT
 from pretrain.units import DTYPE_NAMES, torch_dtype
 
 if TYPE_CHECKING:
     from model import GPT
 # GPT, pretrain.llama (torch) and the tokenizer files (tiktoken) are imported where used, so --help is instant.
 
-OUR_FORMAT = "pretrain-gpt"
 
 # ------------------------------------------------------------------------------------------------ export
 def _dataset_info(train_config: dict[str, Any]) -> dict[str, Any]:
@@ -42,30 +47,6 @@ def _dataset_info(train_config: dict[str, Any]) -> dict[str, Any]:
         return {"tokenizer": ds.tokenizer, "eot_id": int(ds.eot_id)}
     except Exception:  # noqa: BLE001 - optional metadata; the weights do not depend on it
         return {}
-
-
-_LLAMA_README = """# {name}: a Llama-architecture export
-
-Trained with `train_v29.py` ({attn} attention), step {step}, from `{ckpt}`.
-Loads with `transformers.LlamaForCausalLM.from_pretrained("<this dir>")`; logits match the original model.
-Tokenizer: {tokenizer} (vocab_size {vocab}, embedding padding removed); for GPT-2 its files are included, so
-`AutoTokenizer.from_pretrained("<this dir>")` and `pipeline("text-generation", "<this dir>")` work offline.
-"""
-
-_OUR_README = """# {name}: NOT a Llama model
-
-This run uses {attn} attention: {why}.
-`LlamaForCausalLM` (or any stock Hugging Face architecture) cannot hold these weights; loading this
-directory with transformers will fail or silently compute something else.
-
-Files: `model.safetensors` (our parameter names; with tied embeddings only `wte.weight` is stored) and
-`config.json` (`format: {fmt}`, our ModelConfig under `model_config`). Load with:
-
-    from pretrain.export import load_exported
-    model = load_exported("<this dir>")   # a model.GPT, same logits as the trained model
-
-Trained with `train_v29.py`, step {step}, from `{ckpt}`. Tokenizer: {tokenizer}.
-"""
 
 
 MARKER = ".pretrain-export.json"  # written into every export; what --overwrite recognises, and nothing else
@@ -157,10 +138,12 @@ def _open_permissions(path: Path) -> None:
 
 
 def export(run_dir: Path, out: Path, checkpoint: str = DEFAULT_CHECKPOINT, dtype: str | None = None,
-           overwrite: bool = False, tokenizer: str | None = None) -> str:
+           overwrite: bool = False, tokenizer: str | None = None, license: str = DEFAULT_LICENSE) -> str:
     """Write `out` from a run's checkpoint; returns "llama" or our format's name."""
     from safetensors.torch import save_file
 
+    from pretrain.export_hub import generation_config, hub_dataset, model_card, run_metrics
+    from pretrain.export_remote import remote_config, to_remote, write_remote_code
     from pretrain.llama import llama_config, llama_incompatibility, to_llama
 
     ckpt_path = find_checkpoint(run_dir, checkpoint)
@@ -173,18 +156,17 @@ def export(run_dir: Path, out: Path, checkpoint: str = DEFAULT_CHECKPOINT, dtype
     if tokenizer:
         info["tokenizer"] = tokenizer
     why = llama_incompatibility(mcfg)
-    fields = dict(name=run_dir.name, attn=mcfg.attn, step=state.get("step"), ckpt=ckpt_path, why=why,
-                  tokenizer=info.get("tokenizer", "unknown"), vocab=mcfg.vocab_size, fmt=OUR_FORMAT)
+    eot = info.get("eot_id")
     if why is None:
         tensors = to_llama(weights, mcfg)
-        config = llama_config(mcfg, to, info.get("eot_id"))
-        readme = _LLAMA_README.format(**fields)
+        config = llama_config(mcfg, to, eot)
     else:
-        skip = {"lm_head.weight"} if mcfg.tie_embeddings else set()
-        tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items() if k not in skip}
-        config = {"format": OUR_FORMAT, "model_config": mcfg.to_dict(), "llama_compatible": False,
-                  "reason": why, **info}
-        readme = _OUR_README.format(**fields)
+        tensors = to_remote(weights, mcfg)
+        ids = {} if eot is None else {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
+        config = remote_config(mcfg, to, why, {**info, **ids})
+    readme = model_card(run_dir.name, mcfg, run_metrics(run_dir, ckpt_path, state), remote=why is not None,
+                        why=why, checkpoint=ckpt_path.name, tokenizer=info.get("tokenizer", "unknown"),
+                        dataset=hub_dataset(state.get("train_config", {})), license=license)
     tensors = {k: v.to(to) if v.is_floating_point() else v for k, v in tensors.items()}
     need = sum(t.numel() * t.element_size() for t in tensors.values())
     tmp = None
@@ -195,7 +177,11 @@ def export(run_dir: Path, out: Path, checkpoint: str = DEFAULT_CHECKPOINT, dtype
         _reserve(tmp / "model.safetensors", need)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        gen = generation_config(eot, remote=why is not None)
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         (tmp / "README.md").write_text(readme)
+        if why is not None:
+            write_remote_code(tmp)
         _write_tokenizer(tmp, info.get("tokenizer"), mcfg)
         _write_marker(tmp, run_dir, ckpt_path, state.get("step"), "llama" if why is None else OUR_FORMAT)
         _open_permissions(tmp)
@@ -236,13 +222,14 @@ def load_exported(path: str | Path) -> GPT:
     from safetensors.torch import load_file
 
     from model import GPT
+    from pretrain.export_remote import from_remote
 
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
     if config.get("format") != OUR_FORMAT:
         raise UserError(f"{path} is not in our export format; Llama dirs load with transformers")
     model = GPT(ModelConfig.from_dict(config["model_config"]))
-    state = load_file(str(path / "model.safetensors"))
+    state = from_remote(load_file(str(path / "model.safetensors")))
     if model.config.tie_embeddings:
         state["lm_head.weight"] = state["wte.weight"]
     model.load_state_dict(state)
@@ -252,7 +239,8 @@ def load_exported(path: str | Path) -> GPT:
 # ------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m pretrain.export",
-                       description="Export a run to a Hugging Face dir (Llama for baseline/gqa, our format otherwise).")
+                       description="Export a run to a Hugging Face dir (Llama for baseline/gqa, a "
+                                   "trust_remote_code model otherwise), optionally pushed to the Hub.")
     p.add_argument("run_dir", help="run directory, runs/<name>")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=CHECKPOINT_HELP)
@@ -263,17 +251,32 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help=f"replace a previous export in --out: a directory holding this command's {MARKER} and "
                         "nothing else (never a run dir or a directory holding other files)")
+    p.add_argument("--license", default=DEFAULT_LICENSE,
+                   help="license in the model card's metadata (a Hub license id, e.g. apache-2.0, mit, other)")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="then upload the export to this Hub model repo (NAMESPACE/NAME; created if missing; "
+                        "needs `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    kind = export(Path(a.run_dir), Path(a.out), a.checkpoint, a.dtype, a.overwrite, a.tokenizer)
+    if a.push_to_hub:
+        from pretrain.export_hub import check_repo_id
+
+        check_repo_id(a.push_to_hub)
+    kind = export(Path(a.run_dir), Path(a.out), a.checkpoint, a.dtype, a.overwrite, a.tokenizer, a.license)
     if kind == "llama":
         print(f"wrote {a.out}: LlamaForCausalLM.from_pretrained({str(a.out)!r}) loads it")
     else:
-        print(f"wrote {a.out} in our own format: Llama cannot hold this attention variant "
-              "(see its README.md); load it with pretrain.export.load_exported")
+        print(f"wrote {a.out}: Llama cannot hold this attention variant (see its README.md); "
+              f"AutoModelForCausalLM.from_pretrained({str(a.out)!r}, trust_remote_code=True) loads it")
+    if a.push_to_hub:
+        from pretrain.export_hub import push_to_hub
+
+        url = push_to_hub(Path(a.out).resolve(), a.push_to_hub, MARKER, a.private)
+        print(f"uploaded {a.out} to {url}")
     return 0
 
 

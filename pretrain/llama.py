@@ -107,7 +107,7 @@ def llama_config(mcfg: ModelConfig, dtype: torch.dtype, eot_id: int | None = Non
         "use_cache": True, "torch_dtype": dtype_name, "dtype": dtype_name,
     }
     if eot_id is not None:
-        cfg |= {"bos_token_id": eot_id, "eos_token_id": eot_id}
+        cfg |= {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id}
     return cfg
 
 

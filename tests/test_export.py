@@ -105,7 +105,7 @@ def test_decoupled_exports_our_format_and_says_llama_cannot_hold_it(tmp_path):
     assert export_main([str(run), "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["format"] == "pretrain-gpt" and config["llama_compatible"] is False
-    assert "model_type" not in config  # transformers must not mistake it for a Llama
+    assert config["model_type"] != "llama"  # transformers must not mistake it for a Llama
     assert "cannot hold" in (out / "README.md").read_text()
     idx = torch.randint(0, 250, (2, 16))
     with torch.no_grad():

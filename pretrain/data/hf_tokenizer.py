@@ -1,9 +1,13 @@
-"""GPT-2 tokenizer files for Hugging Face (vocab.json, merges.txt, configs), built from the tiktoken ranks.
+"""GPT-2 tokenizer files for Hugging Face (tokenizer.json, vocab.json, merges.txt, configs), built from the
+tiktoken ranks, offline.
 
 An exported model is only usable in `transformers` with its tokenizer beside it. tiktoken's ranks file holds
 every token's bytes and rank; GPT-2's BPE files hold the same vocabulary with each byte mapped to a printable
 character, and the merge list. A token of rank r is the one merge that BPE, allowed only merges of rank < r,
 leaves as exactly two parts, so the merges are recovered by running that restricted BPE on each token.
+`tokenizer.json` (what `AutoTokenizer` loads as a fast tokenizer) is the same vocabulary and merges in the
+`tokenizers` library's byte-level BPE, whose pre-tokenizer regex is GPT-2's (tiktoken's r50k_pat_str), so its
+ids equal tiktoken's. GPT-2 has no padding token; <|endoftext|> stands in (batched generation, lm-eval).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from tiktoken.load import load_tiktoken_bpe
 
 from pretrain.data.tokenizer import EOT, resolve_tokenizer
 
-FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 SUPPORTED = ("gpt2", "r50k_base")
 
 
@@ -60,8 +64,25 @@ def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return merges
 
 
+def _write_fast(path: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> bool:
+    """tokenizer.json: byte-level BPE with GPT-2's pre-tokenizer, <|endoftext|> a special token. False when the
+    `tokenizers` library (installed with transformers) is missing: the slow files still load."""
+    try:
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    except ImportError:
+        return False
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+    tok.save(str(path))
+    return True
+
+
 def write_hf_tokenizer(out: Path, tokenizer: str, model_max_length: int) -> list[str]:
-    """Write GPT-2 BPE files that `AutoTokenizer.from_pretrained(out)` reads offline; the files written.
+    """Write GPT-2 BPE files that `AutoTokenizer.from_pretrained(out)` reads offline (fast); the files written.
 
     Only GPT-2 (r50k) vocabularies are written; for another tokenizer nothing is written (returns [])."""
     if tokenizer not in SUPPORTED:
@@ -72,13 +93,14 @@ def write_hf_tokenizer(out: Path, tokenizer: str, model_max_length: int) -> list
     text = lambda b: "".join(char[x] for x in b)  # noqa: E731
     vocab = {text(t): r for t, r in ranks.items()}
     vocab[EOT] = tok.eot_id
-    merges = merges_from_ranks(ranks)
+    merges = [(text(a), text(b)) for a, b in merges_from_ranks(ranks)]
     out.mkdir(parents=True, exist_ok=True)
+    fast = _write_fast(out / "tokenizer.json", vocab, merges)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{text(a)} {text(b)}\n" for a, b in merges))
-    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": EOT}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length,
               "add_prefix_space": False, "add_bos_token": False, **special}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return list(FILES)
+    return [f for f in FILES if fast or f != "tokenizer.json"]
