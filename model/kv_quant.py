@@ -74,7 +74,7 @@ def quantize(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor | No
         codes = _pack((y.round().clamp(-8, 7) + 8).to(torch.uint8).flatten(-2))
     else:  # nf4: nearest level, found between the midpoints (no (n, 16) distance tensor)
         levels = torch.tensor(NF4_LEVELS, device=x.device)
-        idx = torch.bucketize(y.clamp(-1, 1), (levels[1:] + levels[:-1]) / 2)
+        idx = torch.bucketize(y.clamp(-1, 1).contiguous(), (levels[1:] + levels[:-1]) / 2)
         codes = _pack(idx.to(torch.uint8).flatten(-2))
     return codes, scale
 
