@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kv_formats import KVSetting
+from .kv_quant import QuantKVCache, new_kv_cache
 from .rope import RotaryEmbedding, apply_rotary
 
 if TYPE_CHECKING:  # config.py imports the registry, which imports this file
@@ -71,6 +73,10 @@ class KVCache:
         self.v[:, :, self.pos:end] = v
         self.pos = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors this cache holds (model/kv_quant.py's caches answer the same)."""
+        return self.k.nbytes + self.v.nbytes
 
 
 @dataclass
@@ -214,8 +220,13 @@ class CausalSelfAttention(nn.Module):
                              null_slot=self.null_k is not None))
         return y.to(q.dtype)
 
-    def new_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        return KVCache(batch, self.n_kv_head, max_len, self.qk_head_dim, self.v_head_dim, device, dtype)
+    def new_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype,
+                  setting: KVSetting | None = None) -> KVCache | QuantKVCache:
+        """The layer's cache in the model's dtype, or in a KV setting's formats (model/kv_quant.py)."""
+        quant = None if setting is None else new_kv_cache(batch, self.n_kv_head, max_len, self.qk_head_dim,
+                                                          self.v_head_dim, device, dtype, setting,
+                                                          getattr(self, "sem_head_dim", None))
+        return quant or KVCache(batch, self.n_kv_head, max_len, self.qk_head_dim, self.v_head_dim, device, dtype)
 
 
 class DecoupledAttention(CausalSelfAttention):

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionTrace, CausalSelfAttention, KVCache
 from .config import ModelConfig
+from .kv_formats import KVSetting
 
 
 class RMSNorm(nn.Module):
@@ -255,31 +256,33 @@ class GPT(nn.Module):
                                      # CUDA's caching allocator already reuses blocks; glibc does not.
                                      self.loss_workspace if h.device.type == "cpu" else None)
 
-    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+    def new_caches(self, batch: int, max_len: int, kv_cache: KVSetting | None = None) -> list[KVCache]:
+        """One KV cache per layer in the model's dtype, or in `kv_cache`'s formats (model/kv_quant.py)."""
         p = next(self.parameters())
-        return [b.attn.new_cache(batch, max_len, p.device, p.dtype) for b in self.blocks]
+        return [b.attn.new_cache(batch, max_len, p.device, p.dtype, kv_cache) for b in self.blocks]
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None) -> torch.Tensor:
+                 top_k: int | None = None, kv_cache: KVSetting | None = None) -> torch.Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k))
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, kv_cache))
         return torch.cat((idx, *new), dim=1)
 
     @torch.no_grad()
     def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-               top_k: int | None = None) -> Iterator[torch.Tensor]:
+               top_k: int | None = None, kv_cache: KVSetting | None = None) -> Iterator[torch.Tensor]:
         """Yield max_new_tokens sampled (B, 1) tokens one at a time, continuing idx (B, T).
 
-        Uses a KV cache of block_size tokens. Once the sequence outgrows it, the cache is rebuilt
-        from the last block_size tokens (the same context a cropping full recompute would see).
+        Uses a KV cache of block_size tokens (in `kv_cache`'s formats when given). Once the sequence outgrows
+        it, the cache is rebuilt from the last block_size tokens (the same context a cropping full recompute
+        would see).
         """
         block_size = self.config.block_size
         caches: list[KVCache] | None = None
         for _ in range(max_new_tokens):
             if caches is None or caches[0].pos >= block_size:
                 context = idx[:, -block_size:]
-                caches = self.new_caches(idx.shape[0], block_size)
+                caches = self.new_caches(idx.shape[0], block_size, kv_cache)
             else:
                 context = idx[:, -1:]
             logits = self.lm_head(self.hidden_states(context, caches)[:, -1])[:, : self.config.vocab_size]

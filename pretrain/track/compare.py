@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.cli import ArgumentParser, UserError
-from pretrain.track.kv_plot import plot_quality_vs_kv
+from pretrain.evals.infer_bench import add_kv_cache_flags, kv_settings_arg
+from pretrain.track.kv_plot import format_kv_table, kv_setting_fields, kv_setting_metrics, plot_quality_vs_kv
 from pretrain.track.plots import events_by_step, new_figure, save_png
 from pretrain.track.runlog import JSONL_NAME, median_tok_s, read_jsonl
 from pretrain.track.seeds import band, group_key, group_rows, seed_groups
@@ -92,7 +93,7 @@ def measured_fields(infer: dict[str, Any]) -> dict[str, Any]:
         return {}
     out = {"kv_measured": infer.get("kv_bytes_per_token")}
     out |= {k: v for k, v in infer.items() if "@" in k}
-    return out
+    return out | kv_setting_fields(infer)
 
 
 def _measured_columns(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
@@ -328,6 +329,7 @@ def build_parser(prog: str = "python -m pretrain.track.compare") -> ArgumentPars
     p.add_argument("--measure-lengths", default="1K,4K,16K", help="context lengths for --measure")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per length for --measure")
     p.add_argument("--device", default="cpu", help="device for --measure (cpu, cuda)")
+    add_kv_cache_flags(p)  # --kv-cache / --quality-tokens for --measure
     return p
 
 
@@ -337,9 +339,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m pretrain.trac
     if args.measure:
         _measure([r["path"] for r in compare_runs(args.runs)], args)
     runs = compare_runs(args.runs)
-    metrics = GROUP_METRICS + list(_measured_columns(runs)) + list(length_columns(runs))
+    metrics = GROUP_METRICS + list(_measured_columns(runs)) + list(length_columns(runs)) + kv_setting_metrics(runs)
     rows = group_rows(runs, metrics, merge=not args.per_seed)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    kv_table = "" if args.json else format_kv_table(rows)
+    if kv_table:
+        print(f"\nKV cache settings (measured; decoded val = held-out text decoded through the cache):\n{kv_table}")
     if not args.no_plot:
         out = Path(args.out) if args.out else Path(runs[0]["path"]).parent / "compare.png"
         plot_val_curves([r["path"] for r in runs], out)
@@ -366,10 +371,12 @@ def _measure(paths: Sequence[str], args: Any) -> None:
     from pretrain.evals.run_model import find_checkpoint
 
     lengths = parse_lengths(args.measure_lengths)
+    settings = kv_settings_arg(args)
     for p in paths:
         find_checkpoint(Path(p), "auto")  # all checked before the first measurement
     for p in paths:
-        bench_run(Path(p), lengths, args.decode_tokens, torch.device(args.device), None)
+        bench_run(Path(p), lengths, args.decode_tokens, torch.device(args.device), None, True, settings,
+                  args.quality_tokens)
 
 
 if __name__ == "__main__":
