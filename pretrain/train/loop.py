@@ -205,13 +205,7 @@ def train_step(s: RunState, stop: StopRequested, meter: Meter, data_state: dict[
     set_lr(s.optimizer, lr)
     step_loss = torch.zeros((), device=s.device)
     for micro in range(accum):
-        t0 = time.perf_counter()
-        try:
-            x, y = s.loader.next(micro_batch, seq_len)
-        except ShardChanged as e:
-            e.data_state = data_state  # type: ignore[attr-defined]  # where the unfinished step began
-            raise
-        meter.data_s += time.perf_counter() - t0
+        x, y = _next_batch(s, meter, micro_batch, seq_len, data_state)
         try:
             # A stop may cut the micro-batch short (a first call compiles for minutes): its gradients
             # are dropped below, as for a stop between micro-batches.
@@ -241,6 +235,20 @@ def train_step(s: RunState, stop: StopRequested, meter: Meter, data_state: dict[
     prog.step += 1
     prog.tokens += cfg.batch_size * cfg.grad_accum * s.dist.world_size * seq_len
     return Step(seq_len, lr, step_loss, grad_norm)
+
+
+def _next_batch(s: RunState, meter: Meter, micro_batch: int, seq_len: int,
+                data_state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next micro-batch, its wait counted as data time; a shard changed under the run carries where the
+    unfinished step began, so the save that follows resumes at it."""
+    t0 = time.perf_counter()
+    try:
+        x, y = s.loader.next(micro_batch, seq_len)
+    except ShardChanged as e:
+        e.data_state = data_state  # type: ignore[attr-defined]
+        raise
+    meter.data_s += time.perf_counter() - t0
+    return x, y
 
 
 def _log_step(s: RunState, meter: Meter, step: Step, skipped_before: int) -> RunStatus | None:
@@ -290,22 +298,30 @@ def _saved_before_stopping(s: RunState, e: ShardChanged) -> UserError:
     return UserError(f"{e}; {kept}: then rerun the same command to resume")
 
 
+def _final_passes(s: RunState, status: RunStatus) -> tuple[RunStatus, float | None]:
+    """A completed run's last eval, diagnostics, sample and downstream, then its final save; returns the status
+    (a stop if one came meanwhile) and the final validation loss."""
+    best, final_val = False, None
+    try:
+        final_val, best = evaluate(s)
+        if s.cfg.analysis_every:
+            run_diagnostics(s)
+        if s.cfg.sample_every:
+            sample(s)
+        if s.cfg.hellaswag:
+            downstream(s)
+    except stopping.StopNow:  # the last step is whole; the rerun resumes at it and runs the final passes again
+        status, final_val = stopping.status(), None
+    save(s, best=best)
+    return status, final_val
+
+
 def _finish(s: RunState, status: RunStatus) -> None:
+    """Wait for the last save, say what was kept, write the `end` event, plots and summary.md."""
     prog = s.prog
     final_val = None
     if status.kind is Ending.COMPLETED:
-        best = False
-        try:
-            final_val, best = evaluate(s)
-            if s.cfg.analysis_every:
-                run_diagnostics(s)
-            if s.cfg.sample_every:
-                sample(s)
-            if s.cfg.hellaswag:
-                downstream(s)
-        except stopping.StopNow:  # the last step is whole; the rerun resumes at it and runs the final passes again
-            status, final_val = stopping.status(), None
-        save(s, best=best)
+        status, final_val = _final_passes(s, status)
     s.ckpt.wait()
     # Only rank 0 writes; a stop for non-finite steps deliberately saves nothing.
     untouched = status.before_first_step  # the run dir's checkpoint (if any) is still current

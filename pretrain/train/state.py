@@ -1,8 +1,8 @@
 """What one training run holds while it runs: `RunState` and the small records it is made of.
 
-Only data and the two ways it reports (`emit`, `close`). `session.py` builds a RunState (fresh or from a
-checkpoint) and saves it; `loop.py` steps it; `instruments.py` evaluates it. None of them import each other's
-state: they all import this file.
+Data, plus how it reports (`emit`, `note`) and lets go (`close`). `session.py` builds a RunState (fresh or
+from a checkpoint) and saves it; `instruments.py` evaluates it; `loop.py` steps it and calls the other two.
+session.py and instruments.py never import each other: both import this file.
 """
 
 from __future__ import annotations
@@ -82,6 +82,8 @@ class Trackers:
 
 @dataclass
 class RunState:
+    """One run: its settings, the model and optimizer, data, schedules, eval inputs, trackers and counters."""
+
     cfg: TrainConfig
     mcfg: ModelConfig
     dist: dist_lib.Dist
