@@ -242,7 +242,7 @@ def _open_trackers(cfg: TrainConfig, ds: TokenDataset, dist: dist_lib.Dist, star
                                            "val_tokens": ds.val_tokens})
     if main and start.resumed:
         _print_resume(console, start, prog, cfg, resume_fields)
-    wandb_id = cfg.wandb_id or (start.state.get("wandb_run_id") if start.resumed else None)
+    wandb_id = cfg.wandb_id or start.state.get("wandb_run_id") if start.resumed else cfg.wandb_id
     wb = WandbRun(run_dir, info, enabled=cfg.wandb and main, project=cfg.wandb_project, entity=cfg.wandb_entity,
                   name=cfg.wandb_name or run_dir.name, group=cfg.wandb_group,
                   tags=cfg.wandb_tags.split(",") if cfg.wandb_tags else None, mode=cfg.wandb_mode,
