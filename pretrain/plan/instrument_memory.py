@@ -33,7 +33,7 @@ def _tokens(model: GPT, rows: int, seq_len: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class EvalPass:
-    """Session.evaluate: the loss of one batch of `rows` validation windows of `seq_len` tokens, under no_grad."""
+    """instruments.evaluate: the loss of one batch of `rows` validation windows of `seq_len` tokens, under no_grad."""
 
     rows: int
     seq_len: int

@@ -88,7 +88,7 @@ class WandbRun:
             # A run resumed online already holds history up to its last step; wandb rejects lower steps.
             self._last_step = int(getattr(self._run, "step", 0) or 0) - 1
             # Charts default to tokens on the x-axis (runs with other batch or seq-len schedules line up);
-            # wandb's own Step stays selectable. Every row carries "tokens" (see Session.emit).
+            # wandb's own Step stays selectable. Every row carries "tokens" (see RunState.emit).
             self._run.define_metric("tokens")
             self._run.define_metric("train/*", step_metric="tokens")
             self._run.define_metric("val/*", step_metric="tokens")

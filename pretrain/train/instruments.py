@@ -1,76 +1,110 @@
-"""The research instruments a run may carry, wired to the session: validation loss at several lengths
-(`--eval-seq-lens`, with every eval) and attention diagnostics (`--analysis-every N`).
+"""What a run measures besides its training loss, each a function of the `RunState`: validation loss (and at
+every `--eval-seq-lens` length), attention diagnostics (`--analysis-every`), samples and downstream accuracy.
 
-`build_instruments` reads and checks everything they need before the run directory is touched, so a bad
-length is one line and exit 2 with nothing on disk changed. The computations live in pretrain/evals/;
-this file only decides when they run and sends their figures to train.jsonl, wandb, TensorBoard and
-summary.md through `Session.emit`. Rank 0 computes them alone (no collectives), so DDP runs are fine;
-FSDP shards the weights across ranks, and `validate` refuses these flags with --fsdp.
+`session.py` reads and checks their inputs before the run directory is touched (`state.EvalInputs`); the
+loop decides when they run. The computations live in pretrain/evals/; this file sends their figures to
+train.jsonl, wandb, TensorBoard, the console and summary.md through `RunState.emit`. All run eagerly (one
+compiled graph per training shape, speed.py) and inside `stopping.interruptible()`, so a stop ends them.
+Length evals and diagnostics run on rank 0 alone (no collectives), so DDP runs are fine; FSDP shards the
+weights across ranks, and `validate` refuses those flags with --fsdp.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import math
+from pathlib import Path
 
 import torch
 
-from model import ModelConfig
 from pretrain import stopping
-from pretrain.data.dataset import TokenDataset
-from pretrain.data.loader import ValWindows
-from pretrain.evals.diagnostics import diagnose, probe_rows
-from pretrain.evals.lengths import evaluate_lengths, length_windows, parse_eval_lengths
-from pretrain.train.config import TrainConfig
+from pretrain.evals.diagnostics import diagnose
+from pretrain.evals.downstream import score as downstream_score
+from pretrain.evals.lengths import evaluate_lengths
+from pretrain.evals.samples import samples_table, write_samples
+from pretrain.schedule import eval_seq_len_at
+from pretrain.track.console import format_eval_line
+from pretrain.train import distributed as dist_lib
 from pretrain.train.speed import eagerly
-
-if TYPE_CHECKING:
-    from pretrain.train.session import Session
+from pretrain.train.state import RunState
 
 
-@dataclass
-class Instruments:
-    lengths: dict[int, ValWindows]  # empty: no multi-length eval
-    probe_batch: tuple[torch.Tensor, torch.Tensor] | None  # the fixed diagnostics batch (CPU), None: off
-    trained_len: int  # longest training sequence length, the start of extrapolation
-
-
-def build_instruments(cfg: TrainConfig, mcfg: ModelConfig, ds: TokenDataset, eval_seq_len: int,
-                      trained_len: int) -> Instruments:
-    """Check and prepare what --eval-seq-lens and --analysis-every need (UserError for bad settings)."""
-    windows = {}
-    if cfg.eval_seq_lens:
-        windows = length_windows(ds, parse_eval_lengths(cfg.eval_seq_lens), cfg.batch_size * eval_seq_len,
-                                 cfg.eval_iters)
-    batch = None
-    if cfg.analysis_every:
-        rows = probe_rows(mcfg.n_head, eval_seq_len, cfg.batch_size)
-        batch = next(iter(ValWindows(ds, eval_seq_len, rows, 1)))
-    return Instruments(windows, batch, trained_len)
+@eagerly  # an eval batch under no_grad would be one more compiled graph per length (speed.py)
+def evaluate(s: RunState) -> tuple[float, bool]:
+    """Mean loss over the fixed validation windows, then the length evals; returns (loss, is_new_best)."""
+    # The explicit --eval-seq-len, else the longest length trained so far (schedule.eval_seq_len_at).
+    seq_len = eval_seq_len_at(s.sched.seq_points, s.prog.step, s.cfg.eval_seq_len)
+    windows = s.evals.val_by_len[seq_len]
+    s.model.eval()
+    total = torch.zeros((), device=s.device)
+    with torch.no_grad(), s.autocast, stopping.interruptible():  # a stop ends the eval (and its compile)
+        for batch in windows:  # each rank scores its share of the global eval batch
+            x, y = (t.chunk(s.dist.world_size)[s.dist.rank].to(s.device) for t in batch)
+            total += s.wrapped(x, y).float()
+    s.model.train()
+    loss = dist_lib.mean_across_ranks(total, s.dist).item() / max(len(windows), 1)
+    best = s.prog.best_val is None or loss < s.prog.best_val
+    if best:
+        s.prog.best_val = loss
+    s.emit("eval", loss=loss, ppl=math.exp(min(loss, 30)), tokens=s.prog.tokens, seq_len=seq_len)
+    if s.dist.is_main:
+        s.track.console.print(format_eval_line(s.prog.step, {"seq_len": seq_len, "loss": loss,
+                                                             "best": s.prog.best_val}))
+    run_length_eval(s)
+    return loss, best
 
 
 @eagerly  # lengths beyond training: not the training step's graphs (speed.py)
-def run_length_eval(s: Session) -> None:
+def run_length_eval(s: RunState) -> None:
     """Validation loss at every --eval-seq-lens length; called with each regular eval."""
-    inst = s.instruments
-    if not inst.lengths or not s.dist.is_main:
+    ev = s.evals
+    if not ev.lengths or not s.dist.is_main:
         return
     with stopping.interruptible():
-        fields = evaluate_lengths(s.model, inst.lengths, s.device, s.autocast, inst.trained_len)
+        fields = evaluate_lengths(s.model, ev.lengths, s.device, s.autocast, ev.trained_len)
     s.info["eval_lengths"] = fields
     s.emit("eval_lengths", **fields)
     text = ", ".join(f"{n} {loss:.4f}" for n, loss in fields["loss"].items())
-    s.console.print(f"eval step {s.prog.step} by length (trained {inst.trained_len}): {text}")
+    s.track.console.print(f"eval step {s.prog.step} by length (trained {ev.trained_len}): {text}")
 
 
 @eagerly
-def run_diagnostics(s: Session) -> None:
+def run_diagnostics(s: RunState) -> None:
     """Attention diagnostics on the fixed batch; the loop calls this every --analysis-every steps."""
-    inst = s.instruments
-    if inst.probe_batch is None or not s.dist.is_main:
+    if s.evals.probe_batch is None or not s.dist.is_main:
         return
-    x, y = (t.to(s.device) for t in inst.probe_batch)
+    x, y = (t.to(s.device) for t in s.evals.probe_batch)
     with stopping.interruptible():
         fields = diagnose(s.model, x, y, s.autocast)
     s.info["diagnostics"] = fields
     s.emit("diagnostics", **fields)
+
+
+@eagerly  # the KV cache's position is a guard: one recompile per token
+def sample(s: RunState) -> None:
+    """Greedy and sampled continuations of the fixed prompts -> train.jsonl and a wandb Table."""
+    cfg, step = s.cfg, s.prog.step
+    rows = write_samples(s.model, s.evals.codec, s.evals.prompts, cfg.sample_tokens, cfg.sample_temperature,
+                         cfg.seed, s.device)
+    if not s.dist.is_main:
+        return
+    if s.track.log:
+        s.track.log.event("sample", step=step, temperature=cfg.sample_temperature, samples=rows)
+    if s.track.wb.enabled:
+        s.track.wb.log({"samples": samples_table(step, rows)}, step=step)
+    line = f"sample step {step}: {rows[0]['prompt']!r} -> {rows[0]['greedy']!r}"
+    s.track.console.print(line)
+    s.note("sample step", f"{line} (all prompts: `sample` events in train.jsonl)")
+
+
+@eagerly
+def downstream(s: RunState) -> None:
+    """Multiple-choice accuracy on --hellaswag -> train.jsonl, wandb, TensorBoard (downstream/*)."""
+    with stopping.interruptible():
+        result = downstream_score(s.model, s.evals.codec, s.evals.mc_items, s.device, s.autocast)
+    task = "hellaswag" if s.cfg.hellaswag == "hf" else Path(str(s.cfg.hellaswag)).stem
+    s.emit("downstream", task=task, **result)
+    if s.dist.is_main:
+        line = (f"downstream step {s.prog.step}: {task} acc {result['acc']:.3f} "
+                f"acc_norm {result['acc_norm']:.3f} (n={result['n']}, chance {result['chance']:.3f})")
+        s.track.console.print(line)
+        s.note("downstream step", line)
