@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import fields
+from typing import Any
 
 from model import PAPER_PRESETS
 from pretrain.cli import ArgumentParser
+from pretrain.config_file import FILE_FLAGS, add_file_flags
 from pretrain.plan.resolve import VARIANTS
 from pretrain.plan.tiers import VRAM_CHOICES
 from pretrain.train.config import TrainConfig, add_config_flags
@@ -76,4 +78,16 @@ def build_parser() -> ArgumentParser:
     for action in p._actions:  # the launcher sets these itself
         if action.dest in OWN_FIELDS:
             action.help = argparse.SUPPRESS
+    add_file_flags(p, "the launcher options and the trainer flags given")
     return p
+
+
+CONFIG_HEADER = ("run_1b_launch.py settings: every launcher option and the trainer flags given (the tier decides\n"
+                 "the rest). Feed it back with --config FILE; flags given with it override it.")
+
+
+def config_sections(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """What the launcher's --print-config prints; fed back with --config, the same plan."""
+    trainer = [f.name for f in fields(TrainConfig)]
+    return {"launcher": {k: v for k, v in vars(ns).items() if k not in trainer and k not in FILE_FLAGS},
+            "trainer": {k: getattr(ns, k) for k in trainer}}

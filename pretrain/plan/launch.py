@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.cli import UserError
+from pretrain.config_file import parse_with_file
 from pretrain.data.dataset import open_dataset
 from pretrain.plan.flags import OWN_FIELDS, SUBCOMMANDS, build_parser
 from pretrain.plan.plan import Plan, build_plan
@@ -120,7 +121,7 @@ def plan_from_argv(argv: Sequence[str], gpu: GpuInfo | None | str = "detect",
                    seed_offset: int = 0) -> tuple[argparse.Namespace, Plan]:
     """Parse launcher arguments and plan; `gpu` lets tests stand in for a GPU (None: no GPU).
     With --seeds N, seed_offset picks which of the N seeds to plan (seed + offset, run dir -s<seed>)."""
-    ns = build_parser().parse_args(list(argv))
+    ns = parse_with_file(build_parser(), list(argv))
     flags = {f.name: getattr(ns, f.name) for f in fields(TrainConfig) if getattr(ns, f.name) is not None}
     for name, instead in OWN_FIELDS.items():
         if name in flags:

@@ -50,6 +50,7 @@ from pretrain.train.resume import (
     seed_everything,
     set_rng_state,
 )
+from pretrain.train.run_config import write_run_config
 from pretrain.train.rundir import RunDirLock, check_out_dir, clear_run, set_branch_aside
 from pretrain.train.speed import build_model, eagerly, training_shapes
 
@@ -348,6 +349,8 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
     if log and not start.resumed:
         log.event("meta", **info, dataset={"path": cfg.data, "train_tokens": ds.train_tokens,
                                            "val_tokens": ds.val_tokens})
+    if main:
+        write_run_config(run_dir, cfg, mcfg.vocab_size)  # config.toml: this start's settings, for --config
     if main and start.resumed:
         console.print(f"resuming from {start.path} at step {prog.step}")
         if "lr_note" in resume_fields:
