@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from model import ModelConfig
 from model.config import ATTN_VARIANTS, PRESETS
 from pretrain.cli import ArgumentParser, UserError, script_exit_code
+from pretrain.track.progress import Progress
 from pretrain.units import DTYPE_NAMES, torch_dtype
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ def _measure(model: GPT, lengths: Sequence[int], decode_tokens: int, device: tor
     mcfg = model.config
     dtype = next(model.parameters()).dtype
     rows = []
+    progress = Progress("inference benchmark", len(lengths), "lengths")
     warm = model.new_caches(1, 16)  # first calls pay one-off dispatch/kernel setup: keep them out of the figures
     model.hidden_states(torch.zeros(1, 8, dtype=torch.long, device=device), warm)
     model.hidden_states(torch.zeros(1, 1, dtype=torch.long, device=device), warm)
@@ -128,6 +130,8 @@ def _measure(model: GPT, lengths: Sequence[int], decode_tokens: int, device: tor
             "prefill_tok_s": length / (t1 - t0), "decode_tok_s": decode_tokens / (t2 - t1) if decode_tokens else None,
             "peak_mem_bytes": peak, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
         })
+        progress.step(len(rows))  # between lengths, never inside a timed region
+    progress.close()
     return rows
 
 

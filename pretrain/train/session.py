@@ -31,6 +31,7 @@ from pretrain.schedule import (
     phases,
 )
 from pretrain.track.console import Console, format_eval_line
+from pretrain.track.progress import tracked
 from pretrain.track.runlog import JSONL_NAME, RunLog, read_jsonl, to_metrics
 from pretrain.track.summary import describe_batch_change, describe_branch
 from pretrain.track.tensorboard import TBWriter
@@ -131,7 +132,7 @@ class Session:
         self.model.eval()
         total = torch.zeros((), device=self.device)
         with torch.no_grad(), self.autocast, stopping.interruptible():  # a stop ends the eval (and its compile)
-            for batch in windows:  # each rank scores its share of the global eval batch
+            for batch in tracked(windows, "eval", "batches", show=self.dist.is_main):  # each rank: its share
                 x, y = (t.chunk(self.dist.world_size)[self.dist.rank].to(self.device) for t in batch)
                 total += self.wrapped(x, y).float()
         self.model.train()
@@ -166,7 +167,8 @@ class Session:
     def downstream(self) -> None:
         """Multiple-choice accuracy on --hellaswag -> train.jsonl, wandb, TensorBoard (downstream/*)."""
         with stopping.interruptible():
-            result = downstream_score(self.model, self.codec, self.mc_items, self.device, self.autocast)
+            result = downstream_score(self.model, self.codec, self.mc_items, self.device, self.autocast,
+                                      show_progress=self.dist.is_main)
         task = "hellaswag" if self.cfg.hellaswag == "hf" else Path(str(self.cfg.hellaswag)).stem
         self.emit("downstream", task=task, **result)
         if self.dist.is_main:
