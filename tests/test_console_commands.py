@@ -11,7 +11,6 @@ from pathlib import Path
 
 from conftest import ROOT
 
-from pretrain import entry
 from pretrain.plan import launch
 
 SMALL = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--layers", "1", "--d-ff", "64", "--block", "32",
@@ -60,6 +59,8 @@ def test_python_m_launcher_prints_python_m_trainer(tmp_path):
 
 
 def test_an_installed_package_without_repo_scripts_prints_python_m(tmp_path, monkeypatch):
+    from pretrain import entry
+
     monkeypatch.setattr(entry, "ROOT", tmp_path)  # the installed layout: no train_v29.py beside the package
     _, plan = launch.plan_from_argv(["--vram", "cpu", "--run-root", str(tmp_path), *SMALL], gpu=None)
     assert plan.command[:3] == ["python", "-m", "pretrain.train"]

@@ -13,7 +13,6 @@ from conftest import ROOT
 from pretrain.cli import run_cli
 from pretrain.evals.downstream import main as downstream_main
 from pretrain.evals.infer_bench import main as bench_main
-from pretrain.track import progress
 from pretrain.train.cli import main as train_main
 
 FAST = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--layers", "1", "--d-ff", "64", "--block", "32",
@@ -25,8 +24,10 @@ ITEMS = [{"ctx": "In the beginning", "endings": ["God created", "zq xv", "blorp"
 
 
 @pytest.fixture
-def always_show(monkeypatch):
+def always_show(monkeypatch) -> None:
     """Progress from the first item on (the real threshold is seconds; these runs take less)."""
+    from pretrain.track import progress
+
     monkeypatch.setattr(progress, "AFTER_SECONDS", 0.0)
     monkeypatch.setattr(progress, "EVERY_SECONDS", 0.0)
 
@@ -55,7 +56,9 @@ def test_tb_hint_and_progress_of_evals_downstream_and_bench(byte_data, tmp_path,
 def test_colab_resume_survives_a_runtime_reset():
     nb = json.loads((ROOT / "notebooks" / "colab_quickstart.ipynb").read_text())
     cells = nb["cells"]
-    i = next(i for i, c in enumerate(cells) if "".join(c["source"]).startswith("## Resume"))
-    text, code = "".join(cells[i]["source"]), "".join(cells[i + 1]["source"])
+    text = next("".join(c["source"]) for c in cells if "".join(c["source"]).startswith("## Resume"))
     assert "/content" in text and "DATA" in text and "Drive" in text and "prepare" in text
-    assert 'manifest.json").exists()' in code and "prepare_fineweb.py" in code and "launch()" in code
+    # launch(), which the launch and resume cells call, makes the dataset again when a reset deleted it
+    launch = next("".join(c["source"]) for c in cells if "def launch(" in "".join(c["source"]))
+    body = launch[launch.index("def launch("):]
+    assert body.index('manifest.json").exists()') < body.index("prepare_fineweb.py") < body.index('"--run")')
