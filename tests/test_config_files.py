@@ -88,7 +88,8 @@ def test_a_missing_file_is_one_line(tmp_path, capsys):
 
 def test_launcher_print_config_round_trips_the_plan(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["--vram", "24", "--target-tokens", "50M", "--variant", "gqa", "--tag", "t1", "--lr", "4e-4", "--json"]
+    args = ["--vram", "24", "--size", "tiny", "--target-tokens", "1M", "--variant", "gqa", "--tag", "t1",
+            "--lr", "4e-4", "--json"]
     assert launch_main([*args]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert launch_main([*args, "--print-config"]) == 0
