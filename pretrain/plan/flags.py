@@ -12,13 +12,14 @@ from dataclasses import fields
 from typing import Any
 
 from model import PAPER_PRESETS
+from pretrain import entry
 from pretrain.cli import ArgumentParser
 from pretrain.config_file import FILE_FLAGS, add_file_flags
 from pretrain.plan.resolve import VARIANTS
 from pretrain.plan.tiers import VRAM_CHOICES
 from pretrain.train.config import TrainConfig, add_config_flags
 
-DESCRIPTION = "run_1b_launch.py: VRAM tier + token budget in, a plan that fits and the exact trainer command out."
+DESCRIPTION = "The launcher: VRAM tier + token budget in, a plan that fits and the exact trainer command out."
 # Trainer fields the launcher sets itself: --variant picks the attention, --run-root/--tag the run dir,
 # --if-exists overwrite allows replacing one.
 OWN_FIELDS = {"attn_mode": "--variant", "exp": "--variant paper_decoupled (or paper_bottleneck)",
@@ -43,7 +44,8 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"compare": _compare}
 def build_parser() -> ArgumentParser:
     """Launcher options plus every trainer flag (generated from TrainConfig; None = not given)."""
     p = ArgumentParser(prog="run_1b_launch.py", description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=COMPARE_HELP)
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=COMPARE_HELP.replace("run_1b_launch.py", entry.prog("launch")))  # as the user typed it
     g = p.add_argument_group("launcher")
     g.add_argument("--vram", default="auto", help=f"VRAM tier: {' | '.join(VRAM_CHOICES)} (auto reads the GPU)")
     g.add_argument("--variant", default=None, help=f"attention variant: {' | '.join([*VARIANTS, *PAPER_PRESETS])} "
