@@ -33,7 +33,7 @@ def test_usage_and_error_lines_name_the_console_command(tmp_path):
     assert "prepare_fineweb.py [" not in proc.stdout
     proc = console("launch", ["pretrain-launch", "--help"], tmp_path)
     assert proc.stdout.startswith("usage: pretrain-launch ") and "pretrain-launch compare RUN" in proc.stdout
-    assert "run_1b_launch.py" not in proc.stdout
+    assert "run_1b_launch.py [" not in proc.stdout and "run_1b_launch.py compare" not in proc.stdout
     proc = console("train", ["pretrain-train", "--no-such-flag"], tmp_path)
     assert proc.returncode == 2 and "see pretrain-train --help" in proc.stderr, proc.stderr
 

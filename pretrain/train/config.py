@@ -94,7 +94,7 @@ class TrainConfig:
     # learning-rate schedule
     lr_schedule: str = _opt("cosine", "learning-rate schedule: " + "; ".join(
         f"{s.name} = {s.summary}" for s in LR_SCHEDULES.values()), list(LR_SCHEDULES), "schedule")
-    warmup_steps: int = _opt(TRAINER_WARMUP_STEPS, f"linear warmup steps (the launcher: {LAUNCHER_WARMUP})",
+    warmup_steps: int = _opt(TRAINER_WARMUP_STEPS, f"linear warmup steps (run_1b_launch.py: {LAUNCHER_WARMUP})",
                              group="schedule", check="[0,inf)")
     min_lr: float | None = _opt(None, "final learning rate (default: lr/10)", group="schedule", check="[0,inf)")
     decay_frac: float = _opt(0.2, "wsd: fraction of steps spent decaying", group="schedule", check="(0,1]")
