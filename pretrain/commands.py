@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib
 
 from pretrain.cli import script_exit_code
+from pretrain.entry import CONSOLE, set_started_as
 
 
 def _run(module: str) -> int:
     """Import the CLI's module only when its command runs (torch and friends load once, for that command)."""
+    set_started_as(CONSOLE)  # printed commands and usage lines then name pretrain-* commands
     return script_exit_code(importlib.import_module(module).main)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pretrain.cli import ArgumentParser, UserError, script_exit_code
+from pretrain.track.progress import tracked
 
 if TYPE_CHECKING:
     import torch
@@ -130,13 +131,14 @@ def _ending_loglik(model: torch.nn.Module, context: list[int], endings: list[lis
 
 
 def score(model: torch.nn.Module, codec: Any, items: Sequence[MCItem], device: torch.device,
-          autocast: Any = None) -> dict[str, Any]:
-    """Accuracy by summed (acc) and length-normalised (acc_norm) ending log-likelihood, plus chance level."""
+          autocast: Any = None, show_progress: bool = True) -> dict[str, Any]:
+    """Accuracy by summed (acc) and length-normalised (acc_norm) ending log-likelihood, plus chance level.
+    A long set reports its progress on stderr (pretrain/track/progress.py)."""
     was_training = model.training
     model.eval()
     right_sum = right_norm = 0
     try:
-        for item in items:
+        for item in tracked(items, "downstream", "items", show=show_progress):
             ctx = codec.encode(item.context)
             ends = [codec.encode(" " + e) for e in item.endings]  # endings continue the sentence after a space
             if autocast is not None:

@@ -34,6 +34,7 @@ from model.config import ATTN_VARIANTS, PRESETS
 from model.kv_formats import DEFAULT_KV_SETTINGS, KVSetting, parse_kv_settings
 from pretrain.cli import ArgumentParser, UserError, script_exit_code
 from pretrain.evals.kv_quality import DEFAULT_QUALITY_TOKENS
+from pretrain.track.progress import Progress
 from pretrain.units import DTYPE_NAMES, torch_dtype
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ def _measure(model: GPT, lengths: Sequence[int], decode_tokens: int, device: tor
     mcfg = model.config
     dtype = next(model.parameters()).dtype
     rows = []
+    progress = Progress("inference benchmark", len(lengths), "lengths")
     warm = model.new_caches(1, 16)  # first calls pay one-off dispatch/kernel setup: keep them out of the figures
     model.hidden_states(torch.zeros(1, 8, dtype=torch.long, device=device), warm)
     model.hidden_states(torch.zeros(1, 1, dtype=torch.long, device=device), warm)
@@ -165,6 +167,8 @@ def _measure(model: GPT, lengths: Sequence[int], decode_tokens: int, device: tor
             "prefill_tok_s": length / prefill, "decode_tok_s": decode_tokens / decode if decode_tokens else None,
             "peak_mem_bytes": peak, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
         })
+        progress.step(len(rows))  # between lengths, never inside a timed region
+    progress.close()
     return rows
 
 

@@ -22,6 +22,7 @@ from model import GPT
 from pretrain.cli import UserError
 from pretrain.data.dataset import TokenDataset
 from pretrain.data.loader import ValWindows
+from pretrain.track.progress import Progress
 
 CURVE_POINTS = 128
 LOGIT_ROWS = 2048  # token rows of logits alive at once while scoring
@@ -111,6 +112,7 @@ def evaluate_lengths(model: GPT, windows: dict[int, ValWindows], device: torch.d
     losses: dict[str, float] = {}
     longest = max(windows)
     pos_sum = None
+    progress = Progress("eval at lengths", sum(len(v) for v in windows.values()), "batches")
     for n, val in windows.items():
         total, count = 0.0, 0
         for x, y in val:
@@ -121,7 +123,9 @@ def evaluate_lengths(model: GPT, windows: dict[int, ValWindows], device: torch.d
             if n == longest:
                 batch_sum = per_token.sum(0).double()
                 pos_sum = batch_sum if pos_sum is None else pos_sum + batch_sum
+            progress.step(progress.done + 1)
         losses[str(n)] = total / max(count, 1)
+    progress.close()
     model.train(was_training)
     rows = windows[longest].batch_size * len(windows[longest])
     position_loss = (pos_sum / rows).tolist()

@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import fields
+from typing import Any
 
 from model import PAPER_PRESETS
+from pretrain import entry
 from pretrain.cli import ArgumentParser
+from pretrain.config_file import FILE_FLAGS, add_file_flags
 from pretrain.plan.resolve import VARIANTS
 from pretrain.plan.tiers import VRAM_CHOICES
 from pretrain.train.config import TrainConfig, add_config_flags
 
-DESCRIPTION = "run_1b_launch.py: VRAM tier + token budget in, a plan that fits and the exact trainer command out."
+DESCRIPTION = "The launcher: VRAM tier + token budget in, a plan that fits and the exact trainer command out."
 # Trainer fields the launcher sets itself: --variant picks the attention, --run-root/--tag the run dir,
 # --if-exists overwrite allows replacing one.
 OWN_FIELDS = {"attn_mode": "--variant", "exp": "--variant paper_decoupled (or paper_bottleneck)",
@@ -41,7 +44,8 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"compare": _compare}
 def build_parser() -> ArgumentParser:
     """Launcher options plus every trainer flag (generated from TrainConfig; None = not given)."""
     p = ArgumentParser(prog="run_1b_launch.py", description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=COMPARE_HELP)
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=COMPARE_HELP.replace("run_1b_launch.py", entry.prog("launch")))  # as the user typed it
     g = p.add_argument_group("launcher")
     g.add_argument("--vram", default="auto", help=f"VRAM tier: {' | '.join(VRAM_CHOICES)} (auto reads the GPU)")
     g.add_argument("--variant", default=None, help=f"attention variant: {' | '.join([*VARIANTS, *PAPER_PRESETS])} "
@@ -76,4 +80,16 @@ def build_parser() -> ArgumentParser:
     for action in p._actions:  # the launcher sets these itself
         if action.dest in OWN_FIELDS:
             action.help = argparse.SUPPRESS
+    add_file_flags(p, "the launcher options and the trainer flags given")
     return p
+
+
+CONFIG_HEADER = ("run_1b_launch.py settings: every launcher option and the trainer flags given (the tier decides\n"
+                 "the rest). Feed it back with --config FILE; flags given with it override it.")
+
+
+def config_sections(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """What the launcher's --print-config prints; fed back with --config, the same plan."""
+    trainer = [f.name for f in fields(TrainConfig)]
+    return {"launcher": {k: v for k, v in vars(ns).items() if k not in trainer and k not in FILE_FLAGS},
+            "trainer": {k: getattr(ns, k) for k in trainer}}

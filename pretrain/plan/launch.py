@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.cli import UserError
+from pretrain.config_file import parse_with_file
 from pretrain.data.dataset import open_dataset
 from pretrain.plan.flags import OWN_FIELDS, SUBCOMMANDS, build_parser
 from pretrain.plan.plan import Plan, build_plan
@@ -120,7 +121,7 @@ def plan_from_argv(argv: Sequence[str], gpu: GpuInfo | None | str = "detect",
                    seed_offset: int = 0) -> tuple[argparse.Namespace, Plan]:
     """Parse launcher arguments and plan; `gpu` lets tests stand in for a GPU (None: no GPU).
     With --seeds N, seed_offset picks which of the N seeds to plan (seed + offset, run dir -s<seed>)."""
-    ns = build_parser().parse_args(list(argv))
+    ns = parse_with_file(build_parser(), list(argv))
     flags = {f.name: getattr(ns, f.name) for f in fields(TrainConfig) if getattr(ns, f.name) is not None}
     for name, instead in OWN_FIELDS.items():
         if name in flags:
@@ -178,14 +179,20 @@ def run_trainer(command: list[str]) -> int:
     """Run the planned command in the foreground; pass signals on; return its exit code."""
     argv = list(command)
     # The repo's script by absolute path (works from any directory); an installed package has no script, so the
-    # trainer module of this interpreter's package runs instead.
+    # trainer module of this interpreter's package runs instead. The printed command may name either, or the
+    # pretrain-train console script (pretrain/entry.py): all run this interpreter's trainer.
     trainer = [str(TRAINER)] if TRAINER.is_file() else ["-m", "pretrain.train"]
-    if argv[0] == "python":
-        argv[:2] = [sys.executable, *trainer]
-    else:  # torchrun from this interpreter's environment
+    if argv[0] == "torchrun":  # torchrun from this interpreter's environment
         argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
-        i = argv.index("train_v29.py")
-        argv[i:i + 1] = trainer
+        if "train_v29.py" in argv:
+            i = argv.index("train_v29.py")
+            argv[i:i + 1] = trainer
+    elif argv[0] == "pretrain-train":
+        argv[:1] = [sys.executable, "-m", "pretrain.train"]
+    elif argv[:3] == ["python", "-m", "pretrain.train"]:
+        argv[:1] = [sys.executable]
+    else:
+        argv[:2] = [sys.executable, *trainer]
     print(f"running: {format_command(command)}", file=sys.stderr, flush=True)
     # Own process group: a terminal Ctrl-C reaches only this process, which passes it on exactly once
     # (a second SIGINT would interrupt the trainer's save). Handlers go in before the child starts, so a signal

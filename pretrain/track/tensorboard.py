@@ -26,6 +26,9 @@ class TBWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=purge_step)
+        except ImportError as e:  # torch.utils.tensorboard needs the tensorboard package
+            print(f"warning: --tb needs the tensorboard package, which did not import ({e}); install it with "
+                  "`pip install tensorboard` (this run goes on without TensorBoard files)", file=sys.stderr)
         except Exception as e:  # tensorboard missing or unwritable dir: tracking must not stop training
             print(f"warning: TensorBoard disabled ({type(e).__name__}: {e})", file=sys.stderr)
 

@@ -16,6 +16,7 @@ from typing import Any
 from model import PAPER_PRESETS, ModelConfig
 from model.variants import ATTENTION_VARIANTS
 from pretrain.cli import ArgumentParser, UserError
+from pretrain.config_file import FILE_FLAGS, add_file_flags, parse_with_file
 from pretrain.schedule import (
     LAUNCHER_WARMUP,
     LR_SCHEDULES,
@@ -287,6 +288,7 @@ def build_parser(prog: str = "train_v29.py") -> ArgumentParser:
                             epilog="Exit codes: 0 finished (or nothing to do), 2 a user error, 75 stopped by a signal "
                             "before the end with its last step saved: rerun the same command to resume.")
     add_config_flags(parser)
+    add_file_flags(parser, "the resolved settings (those the run dir's config.toml holds)")
     return parser
 
 
@@ -297,12 +299,12 @@ def paper_preset_fields(exp: str) -> dict[str, Any]:
 
 def parse_config(argv: Sequence[str] | None = None, prog: str = "train_v29.py") -> TrainConfig:
     parser = build_parser(prog)
-    ns = parser.parse_args(argv)
+    ns = parse_with_file(parser, argv)
     if ns.exp:
         # The preset becomes the defaults, so a flag given explicitly still shows (and validate refuses it).
         parser.set_defaults(**paper_preset_fields(ns.exp))
-        ns = parser.parse_args(argv)
-    cfg = TrainConfig(**vars(ns))
+        ns = parse_with_file(parser, argv)  # a --config file's values stay over the preset's, like flags
+    cfg = TrainConfig(**{k: v for k, v in vars(ns).items() if k not in FILE_FLAGS})
     validate(cfg)
     return cfg
 

@@ -23,6 +23,7 @@ from pretrain.evals.lengths import evaluate_lengths
 from pretrain.evals.samples import samples_table, write_samples
 from pretrain.schedule import eval_seq_len_at
 from pretrain.track.console import format_eval_line
+from pretrain.track.progress import tracked
 from pretrain.train import distributed as dist_lib
 from pretrain.train.speed import eagerly
 from pretrain.train.state import RunState
@@ -37,7 +38,7 @@ def evaluate(s: RunState) -> tuple[float, bool]:
     s.model.eval()
     total = torch.zeros((), device=s.device)
     with torch.no_grad(), s.autocast, stopping.interruptible():  # a stop ends the eval (and its compile)
-        for batch in windows:  # each rank scores its share of the global eval batch
+        for batch in tracked(windows, "eval", "batches", show=s.dist.is_main):  # each rank: its share
             x, y = (t.chunk(s.dist.world_size)[s.dist.rank].to(s.device) for t in batch)
             total += s.wrapped(x, y).float()
     s.model.train()
@@ -100,7 +101,8 @@ def sample(s: RunState) -> None:
 def downstream(s: RunState) -> None:
     """Multiple-choice accuracy on --hellaswag -> train.jsonl, wandb, TensorBoard (downstream/*)."""
     with stopping.interruptible():
-        result = downstream_score(s.model, s.evals.codec, s.evals.mc_items, s.device, s.autocast)
+        result = downstream_score(s.model, s.evals.codec, s.evals.mc_items, s.device, s.autocast,
+                                  show_progress=s.dist.is_main)
     task = "hellaswag" if s.cfg.hellaswag == "hf" else Path(str(s.cfg.hellaswag)).stem
     s.emit("downstream", task=task, **result)
     if s.dist.is_main:

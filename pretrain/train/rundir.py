@@ -22,7 +22,7 @@ from pretrain.train.checkpoint import _TMP_PREFIX, BEST, LAST, checkpoint_paths
 LOCK_NAME = ".train.lock"  # hidden: summary.md lists a run dir's visible files
 # Files and directories a trainer writes into its run dir: what a fresh start (--overwrite) may remove.
 # Anything else there (the user's notes, their own .pt or .png files) is never touched.
-RUN_FILES = ("train.jsonl", "summary.md", "wandb_run_id.txt", LAST, BEST, *PLOT_FILES)
+RUN_FILES = ("train.jsonl", "summary.md", "wandb_run_id.txt", LAST, BEST, *PLOT_FILES, "config.toml")
 ABANDONED = "abandoned"  # checkpoints of branches a rollback left, one folder per rollback
 RUN_DIRS = ("wandb", "tb", ABANDONED)
 

@@ -51,6 +51,7 @@ from pretrain.train.resume import (
     seed_everything,
     set_rng_state,
 )
+from pretrain.train.run_config import write_run_config
 from pretrain.train.rundir import RunDirLock, check_out_dir, clear_run, set_branch_aside
 from pretrain.train.speed import build_model, training_shapes
 from pretrain.train.state import EvalInputs, Progress, RunState, Schedules, Trackers
@@ -240,6 +241,8 @@ def _open_trackers(cfg: TrainConfig, ds: TokenDataset, dist: dist_lib.Dist, star
     if log and not start.resumed:
         log.event("meta", **info, dataset={"path": cfg.data, "train_tokens": ds.train_tokens,
                                            "val_tokens": ds.val_tokens})
+    if main:
+        write_run_config(run_dir, cfg, ds.vocab_size)  # config.toml: this start's settings, for --config
     if main and start.resumed:
         _print_resume(console, start, prog, cfg, resume_fields)
     wandb_id = cfg.wandb_id or start.state.get("wandb_run_id") if start.resumed else cfg.wandb_id
