@@ -30,6 +30,7 @@ from pretrain.schedule import (
     parse_seq_schedule,
     phases,
 )
+from pretrain.stats import standard_error
 from pretrain.track.console import Console, format_eval_line
 from pretrain.track.runlog import JSONL_NAME, RunLog, read_jsonl, to_metrics
 from pretrain.track.summary import describe_batch_change, describe_branch
@@ -128,17 +129,19 @@ class Session:
         seq_len = self.eval_seq_len()
         windows = self.val_by_len[seq_len]
         self.model.eval()
-        total = torch.zeros((), device=self.device)
+        batch_losses = []
         with torch.no_grad(), self.autocast, stopping.interruptible():  # a stop ends the eval (and its compile)
             for batch in windows:  # each rank scores its share of the global eval batch
                 x, y = (t.chunk(self.dist.world_size)[self.dist.rank].to(self.device) for t in batch)
-                total += self.wrapped(x, y).float()
+                batch_losses.append(self.wrapped(x, y).float())
         self.model.train()
-        loss = dist_lib.mean_across_ranks(total, self.dist).item() / max(len(windows), 1)
+        per_batch = dist_lib.mean_across_ranks(torch.stack(batch_losses), self.dist).tolist() if batch_losses else []
+        loss = sum(per_batch) / max(len(per_batch), 1)
         best = self.prog.best_val is None or loss < self.prog.best_val
         if best:
             self.prog.best_val = loss
-        self.emit("eval", loss=loss, ppl=math.exp(min(loss, 30)), tokens=self.prog.tokens, seq_len=seq_len)
+        self.emit("eval", loss=loss, ppl=math.exp(min(loss, 30)), tokens=self.prog.tokens, seq_len=seq_len,
+                  loss_se=standard_error(per_batch))  # over eval batches: compare's error bar
         if self.dist.is_main:
             self.console.print(format_eval_line(self.prog.step, {"seq_len": seq_len, "loss": loss,
                                                                  "best": self.prog.best_val}))
@@ -347,7 +350,7 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
         if main else None
     if log and not start.resumed:
         log.event("meta", **info, dataset={"path": cfg.data, "train_tokens": ds.train_tokens,
-                                           "val_tokens": ds.val_tokens})
+                                           "val_tokens": ds.val_tokens, "fingerprint": fingerprint})
     if main and start.resumed:
         console.print(f"resuming from {start.path} at step {prog.step}")
         if "lr_note" in resume_fields:
