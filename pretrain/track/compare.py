@@ -281,7 +281,7 @@ def plot_length_curves(rows: Sequence[dict[str, Any]], out_png: str | os.PathLik
         trained = r.get("trained_len")
         if isinstance(trained, int):
             ax.axvline(trained, color=line.get_color(), ls=":", lw=1)
-    ax.legend(title="dotted: trained length")
+    ax.legend(title="dotted: length trained so far")
     return save_png(fig, out_png)
 
 

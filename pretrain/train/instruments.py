@@ -10,7 +10,7 @@ FSDP shards the weights across ranks, and `validate` refuses these flags with --
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +21,7 @@ from pretrain.data.dataset import TokenDataset
 from pretrain.data.loader import ValWindows
 from pretrain.evals.diagnostics import diagnose, probe_rows
 from pretrain.evals.lengths import evaluate_lengths, length_windows, parse_eval_lengths
+from pretrain.schedule import eval_seq_len_at
 from pretrain.train.config import TrainConfig
 from pretrain.train.speed import eagerly
 
@@ -30,23 +31,24 @@ if TYPE_CHECKING:
 
 @dataclass
 class Instruments:
-    lengths: dict[int, ValWindows]  # empty: no multi-length eval
+    lengths: dict[int, ValWindows]  # {longest --eval-seq-lens length: its windows}, which every length scores
     probe_batch: tuple[torch.Tensor, torch.Tensor] | None  # the fixed diagnostics batch (CPU), None: off
-    trained_len: int  # longest training sequence length, the start of extrapolation
+    trained_len: int  # longest length the schedule trains at (an eval reports the longest trained so far)
+    eval_lengths: list[int] = field(default_factory=list)  # --eval-seq-lens, parsed
 
 
 def build_instruments(cfg: TrainConfig, mcfg: ModelConfig, ds: TokenDataset, eval_seq_len: int,
                       trained_len: int) -> Instruments:
     """Check and prepare what --eval-seq-lens and --analysis-every need (UserError for bad settings)."""
     windows = {}
-    if cfg.eval_seq_lens:
-        windows = length_windows(ds, parse_eval_lengths(cfg.eval_seq_lens), cfg.batch_size * eval_seq_len,
-                                 cfg.eval_iters)
+    lengths = parse_eval_lengths(cfg.eval_seq_lens) if cfg.eval_seq_lens else []
+    if lengths:
+        windows = length_windows(ds, lengths, cfg.batch_size * eval_seq_len, cfg.eval_iters)
     batch = None
     if cfg.analysis_every:
         rows = probe_rows(mcfg.n_head, eval_seq_len, cfg.batch_size)
         batch = next(iter(ValWindows(ds, eval_seq_len, rows, 1)))
-    return Instruments(windows, batch, trained_len)
+    return Instruments(windows, batch, trained_len, lengths)
 
 
 @eagerly  # lengths beyond training: not the training step's graphs (speed.py)
@@ -55,12 +57,14 @@ def run_length_eval(s: Session) -> None:
     inst = s.instruments
     if not inst.lengths or not s.dist.is_main:
         return
+    trained = eval_seq_len_at(s.seq_points, s.prog.step)  # trained so far: not yet the schedule's longest
     with stopping.interruptible():
-        fields = evaluate_lengths(s.model, inst.lengths, s.device, s.autocast, inst.trained_len)
+        fields = evaluate_lengths(s.model, inst.lengths, inst.eval_lengths, s.device, s.autocast, trained)
     s.info["eval_lengths"] = fields
     s.emit("eval_lengths", **fields)
     text = ", ".join(f"{n} {loss:.4f}" for n, loss in fields["loss"].items())
-    s.console.print(f"eval step {s.prog.step} by length (trained {inst.trained_len}): {text}")
+    s.console.print(f"eval step {s.prog.step} by length (trained so far {trained}; same {fields['targets']:,} "
+                    f"targets at each): {text}")
 
 
 @eagerly
