@@ -7,6 +7,8 @@ how one picks between baseline, GQA, bottleneck and decoupled.
 
 Everything is read back from each run's train.jsonl (meta / train / eval / end events), the same record
 summary.md and the plots are drawn from, so a run still in progress or killed compares as far as it got.
+Under the table: what ± means, and whether the runs are on equal footing and their best is outside the noise
+(compare_checks.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from pretrain.cli import ArgumentParser, UserError
 from pretrain.stats import binomial_se
-from pretrain.track.compare_checks import ranking
+from pretrain.track.compare_checks import ranking, verdict
 from pretrain.track.kv_plot import plot_quality_vs_kv
 from pretrain.track.plots import events_by_step, new_figure, save_png
 from pretrain.track.runlog import JSONL_NAME, median_tok_s, read_jsonl
@@ -256,15 +258,6 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append("  ".join(parts).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def verdict(rows: Sequence[dict[str, Any]]) -> str:
-    """The lines under the table: what ± means, then whether and how the runs were ranked."""
-    return "\n".join([ERROR_LEGEND, *ranking(rows)[2]])
-
-
-ERROR_LEGEND = ("± se: standard error of one run's figure (val loss over its eval batches, accuracy binomial "
-                "over its items); ± sd: spread over a seed group's runs (n in the seeds column)")
 
 
 def plot_length_curves(rows: Sequence[dict[str, Any]], out_png: str | os.PathLike) -> Path:

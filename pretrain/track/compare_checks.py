@@ -93,3 +93,12 @@ def ranking(rows: Sequence[dict[str, Any]]) -> tuple[str | None, str, list[str]]
                                   f"difference = {NOISE_SIGMAS * se:.4f}){caveat}: marked ~, not a winner"]
     return best["run"], "*", [f"best val: {lead}, {diff / se:.1f} standard errors of the difference{caveat}: "
                               "marked *"]
+
+
+ERROR_LEGEND = ("± se: standard error of one run's figure (val loss over its eval batches, accuracy binomial "
+                "over its items); ± sd: spread over a seed group's runs (n in the seeds column)")
+
+
+def verdict(rows: Sequence[dict[str, Any]]) -> str:
+    """The lines under compare's table: what ± means, then whether and how the runs were ranked."""
+    return "\n".join([ERROR_LEGEND, *ranking(rows)[2]])
