@@ -33,12 +33,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# The paper's attention configurations, by the names the original research code gave them (its EXP_PRESETS):
-# ModelConfig fields layered over a size preset. The original trained every variant with its learned
-# per-head temperature on (learned_temp defaulted to True there), so both presets turn it on.
+# The paper's comparison, one preset per registered variant (`paper_<variant>`): ModelConfig fields layered over a
+# size preset. A comparison gives every variant the same options except the attention under study, so the options
+# are one table all of them share: the original research code trained every mode, standard and gqa included, with
+# its learned per-head temperature (learned_temp defaulted to True there) and the null key/value. PAPER_ATTENTION
+# holds what belongs to a variant's own attention beyond `attn`: decoupled's tied q/k projections, as in the
+# original's paper_decoupled (EXP_PRESETS). docs/paper_presets.md is generated from these two tables.
+PAPER_OPTIONS: dict[str, Any] = dict(null_attn=True, learned_temp=True)
+PAPER_ATTENTION: dict[str, dict[str, Any]] = {"decoupled": dict(tie_qk=True)}
 PAPER_PRESETS: dict[str, dict[str, Any]] = {
-    "paper_decoupled": dict(attn="decoupled", tie_qk=True, null_attn=True, learned_temp=True),
-    "paper_bottleneck": dict(attn="bottleneck", null_attn=True, learned_temp=True),
+    f"paper_{name}": dict(attn=name, **PAPER_ATTENTION.get(name, {}), **PAPER_OPTIONS) for name in ATTENTION_VARIANTS
 }
 
 @dataclass

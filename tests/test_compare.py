@@ -47,7 +47,7 @@ def test_table_lists_every_run_and_marks_the_best(runs):
     lines = format_table(rows).splitlines()
     assert lines[0].split()[:3] == ["run", "variant", "params"] and "KV B/tok" in lines[0]
     assert len(lines) == 4 and lines[2].startswith("base") and lines[3].startswith("gqa")
-    assert sum("*" in line for line in lines) == 1
+    assert sum(line.rstrip().endswith((" *", " ~")) or " * " in line or " ~ " in line for line in lines) == 1
     assert "6/6" in lines[2] and "completed" in lines[2]
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pretrain.cli import ArgumentParser, UserError, script_exit_code
+from pretrain.stats import binomial_se
 from pretrain.track.progress import tracked
 
 if TYPE_CHECKING:
@@ -152,7 +154,20 @@ def score(model: torch.nn.Module, codec: Any, items: Sequence[MCItem], device: t
         model.train(was_training)
     n = len(items)
     chance = sum(1 / len(i.endings) for i in items) / max(n, 1)
-    return {"acc": right_sum / max(n, 1), "acc_norm": right_norm / max(n, 1), "n": n, "chance": chance}
+    acc, acc_norm = right_sum / max(n, 1), right_norm / max(n, 1)
+    # Binomial standard errors: 0.30 on 60 items is 0.30 ± 0.06, which a reader must see next to it.
+    return {"acc": acc, "acc_norm": acc_norm, "n": n, "chance": chance,
+            "acc_se": binomial_se(acc, n), "acc_norm_se": binomial_se(acc_norm, n)}
+
+
+def record_in_run(run_dir: Path, result: dict[str, Any]) -> None:
+    """Append the result as a `downstream` event to the run's train.jsonl, at its checkpoint's step, so
+    summary-reading tools and `compare` show a standalone score as they show one taken during training."""
+    from pretrain.track.runlog import JSONL_NAME
+
+    event = {"type": "downstream", "time": round(time.time(), 3), "standalone": True, **result}
+    with open(run_dir / JSONL_NAME, "a", encoding="utf-8") as f:
+        f.write(json.dumps(event, default=str) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -167,6 +182,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--items", type=int, default=0, help="score only the first N items (0: all)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, mps)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-record", action="store_true",
+                   help="do not append the result to the run's train.jsonl (by default compare shows it)")
     return p
 
 
@@ -179,12 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     items = load_items(a.hellaswag, a.items)
     model, codec, info = load_run_model(Path(a.run_dir), a.checkpoint, torch.device(a.device))
     result = score(model, codec, items, torch.device(a.device))
-    result |= {"checkpoint": info["path"], "step": info["step"], "task": Path(a.hellaswag).stem}
+    task = "hellaswag" if a.hellaswag == "hf" else Path(a.hellaswag).stem  # the name the trainer records
+    result |= {"checkpoint": str(info["path"]), "step": info["step"], "task": task}
+    if not a.no_record:
+        record_in_run(Path(a.run_dir), result)
     if a.json:
         print(json.dumps(result))
     else:
-        print(f"{a.run_dir} step {result['step']}: acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}  "
-              f"(n={result['n']}, chance {result['chance']:.4f})")
+        print(f"{a.run_dir} step {result['step']}: acc {result['acc']:.4f} ± {result['acc_se'] or 0:.4f}  "
+              f"acc_norm {result['acc_norm']:.4f} ± {result['acc_norm_se'] or 0:.4f}  "
+              f"(± binomial standard error, n={result['n']}, chance {result['chance']:.4f})")
     return 0
 
 

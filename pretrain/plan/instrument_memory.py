@@ -103,9 +103,9 @@ def run_passes(mcfg: ModelConfig, cfg: TrainConfig, eval_len: int, instrument_le
     Per rank: the eval batch is split across ranks, cfg.batch_size rows each."""
     passes: dict[str, Pass] = {"eval": EvalPass(cfg.batch_size, eval_len)}
     if cfg.eval_seq_lens:
-        tokens = cfg.batch_size * instrument_len
-        passes["eval_lengths"] = LengthsPass(tuple((n, window_rows(tokens, n))
-                                                   for n in parse_eval_lengths(cfg.eval_seq_lens)))
+        tokens, lengths = cfg.batch_size * instrument_len, parse_eval_lengths(cfg.eval_seq_lens)
+        rows = window_rows(tokens, max(lengths))  # the longest length's windows, cut into n-token pieces
+        passes["eval_lengths"] = LengthsPass(tuple((n, rows * max(1, max(lengths) // n)) for n in lengths))
     if cfg.analysis_every:
         passes["diagnostics"] = DiagnosticsPass(probe_rows(mcfg.n_head, instrument_len, cfg.batch_size),
                                                 instrument_len)

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from model import PRESETS
+from model import PRESETS, ModelConfig
 from pretrain import entry
 from pretrain.plan.fit import choose_execution, step_peak_bytes, suggest_fix, verdict, with_micro
 from pretrain.plan.instrument_memory import pass_peak_bytes, run_passes, turn_down
@@ -90,6 +90,7 @@ class Plan:
     rate_how: str = ""  # where the time estimate's tok/s comes from
     probes: list[PhaseProbe] = field(default_factory=list)
     host_ram_bytes: int = 0  # host RAM a checkpoint save needs (snapshot + staging: pretrain/train/staging.py)
+    eval_lengths_seconds: float = 0.0  # --eval-seq-lens at every eval (length_eval_seconds), on top of the steps
 
     @property
     def nproc(self) -> int:
@@ -119,7 +120,8 @@ class Plan:
                          "assumed_mfu": round(self.mfu / (CHECKPOINT_RECOMPUTE if self.cfg.grad_checkpoint else 1), 9),
                          "mfu_source": MFU_SOURCE, "effective_mfu": self.mfu,
                          "grad_checkpoint_factor": CHECKPOINT_RECOMPUTE if self.cfg.grad_checkpoint else 1.0,
-                         "rate_how": self.rate_how, "seconds": sum(p.seconds for p in self.phases)},
+                         "rate_how": self.rate_how, "seconds": sum(p.seconds for p in self.phases),
+                         "eval_lengths_seconds": self.eval_lengths_seconds},
             "fits": all(p.fits for p in self.phases),
             "probe": [p.to_dict() for p in self.probes] or None,
             "checkpoint_bytes": self.checkpoint_bytes, "disk_bytes": self.disk_bytes,
@@ -299,4 +301,19 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
                             "help less); prepare more data with prepare_fineweb.py --tokens or lower the budget")
     return Plan(res, cfg, tier, tier_how, out, capacity, capacity_how, flops, flops_how, mfu, suggestion,
                 checkpoint_bytes, disk_bytes, command_for(cfg, res.nproc), run, data, warnings, rate_how, probes,
-                host_ram)
+                host_ram, length_eval_seconds(cfg, mcfg, out, instrument_len, res.nproc))
+
+
+def length_eval_seconds(cfg: TrainConfig, mcfg: ModelConfig, out: list[PhasePlan], instrument_len: int,
+                        nproc: int) -> float:
+    """Time --eval-seq-lens adds: at every eval (step 0, every --eval-every, the end) rank 0 alone scores every
+    length over the longest length's windows, at the FLOP rate one process trains at in the last phase."""
+    if not cfg.eval_seq_lens:
+        return 0.0
+    from pretrain.evals.lengths import length_eval_flops, parse_eval_lengths  # torch: only when it is used
+
+    flops = length_eval_flops(mcfg, parse_eval_lengths(cfg.eval_seq_lens), cfg.batch_size * instrument_len,
+                              cfg.eval_iters)
+    evals = len({0, cfg.steps} | set(range(cfg.eval_every, cfg.steps, cfg.eval_every) if cfg.eval_every else []))
+    last = out[-1]
+    return evals * flops / (last.tokens_per_second / nproc * mcfg.flops_per_token(last.seq_len))

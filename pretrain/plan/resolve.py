@@ -8,6 +8,7 @@ into a costed plan.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass, field, fields
@@ -242,6 +243,12 @@ def resolve(req: Request, tier: Tier, gpu: GpuInfo | None, data_vocab: int | Non
     return Resolved(values, sources, mcfg, points, warnings, req.nproc)
 
 
+def reference_model(mcfg: ModelConfig) -> ModelConfig:
+    """The comparison group's reference: the plain baseline (no attention options) with `mcfg`'s shape."""
+    return dataclasses.replace(mcfg, attn="baseline", n_kv_head=None, tie_qk=False, null_attn=False,
+                               learned_temp=False)
+
+
 def _resolve_steps(req: Request, tier: Tier, mcfg: ModelConfig, points: list[tuple[int, int]], seqs: int,
                    values: dict[str, Any], sources: dict[str, Source]) -> None:
     """--steps, or the fewest steps reaching --target-tokens / --tokens-per-param under the seq schedule."""
@@ -256,12 +263,19 @@ def _resolve_steps(req: Request, tier: Tier, mcfg: ModelConfig, points: list[tup
     if req.target_tokens is not None:
         target = parse_count(req.target_tokens, "--target-tokens")
         how = derived(f"fewest steps reaching --target-tokens {req.target_tokens}")
-    elif req.tokens_per_param is not None or tier.steps is None:
-        tpp = req.tokens_per_param if req.tokens_per_param is not None else DEFAULT_TOKENS_PER_PARAM
+    elif req.tokens_per_param is not None:
+        tpp = req.tokens_per_param
         if (finite_number(tpp) or 0) <= 0:
             raise UserError(f"--tokens-per-param must be a positive number, got {tpp}")
         target = max(1, round(tpp * mcfg.num_params()))
-        how = derived(f"{tpp:g} tokens/param ({'flag' if req.tokens_per_param is not None else 'default'})")
+        how = derived(f"{tpp:g} tokens/param (flag)")
+    elif tier.steps is None:
+        # Every variant of one shape gets one budget, from the plain baseline of that shape: a variant with fewer
+        # parameters trained on fewer tokens would lose for its budget, not its attention (compare flags that).
+        reference = reference_model(mcfg)
+        target = max(1, round(DEFAULT_TOKENS_PER_PARAM * reference.num_params()))
+        how = derived(f"{DEFAULT_TOKENS_PER_PARAM:g} tokens/param of the plain baseline of this shape "
+                      f"({reference.num_params() / 1e6:,.1f}M params), the same for every variant (default)")
     else:
         values["steps"], sources["steps"] = tier.steps, tier_source(tier)
         return

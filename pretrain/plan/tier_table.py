@@ -12,8 +12,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from pretrain.cli import ArgumentParser
-from pretrain.fsio import atomic_write_text
+from pretrain.cli import UserError
+from pretrain.plan.generated_doc import generated_doc_main
 from pretrain.units import fmt_bytes, fmt_count, fmt_duration
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "tiers.md"
@@ -51,28 +51,16 @@ def render() -> str:
         "The exact commands:", "", "```bash", *commands, "```", "", END])
 
 
-def _with_section(text: str, section: str) -> str:
+def _with_section(text: str) -> str:
+    """`text` (docs/tiers.md) with the section between the markers regenerated."""
+    if BEGIN not in text or END not in text:
+        raise UserError(f"the generated table's markers are lost: put back {BEGIN} and {END}")
     head, rest = text.split(BEGIN, 1)
-    return head + section + rest.split(END, 1)[1]
+    return head + render() + rest.split(END, 1)[1]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m pretrain.plan.tier_table", description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="only check that the section is current")
-    args = p.parse_args(argv)
-    current = DOC.read_text()
-    if BEGIN not in current or END not in current:
-        print(f"{DOC} has lost the generated table's markers: put back {BEGIN} and {END}", file=sys.stderr)
-        return 1
-    text = _with_section(current, render())
-    if args.check:
-        if current != text:
-            print(f"{DOC}'s generated table is out of date: run python -m pretrain.plan.tier_table", file=sys.stderr)
-            return 1
-        return 0
-    atomic_write_text(DOC, text)
-    print(f"wrote {DOC}")
-    return 0
+    return generated_doc_main(argv, "pretrain.plan.tier_table", __doc__.splitlines()[0], DOC, _with_section)
 
 
 if __name__ == "__main__":

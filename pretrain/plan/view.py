@@ -130,6 +130,10 @@ def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -
         out.line(f"  time: ESTIMATE {fmt_duration(total)} = tokens x FLOPs/token / ({rate} "
                  f"[{plan.peak_flops_how}] x MFU {plan.mfu / (CHECKPOINT_RECOMPUTE if cfg.grad_checkpoint else 1):g}"
                  f" [{MFU_SOURCE}]{ckpt}{' x ' + str(plan.nproc) + ' procs' if plan.nproc > 1 else ''})")
+    if plan.eval_lengths_seconds:
+        with_lengths = fmt_duration(total + plan.eval_lengths_seconds)
+        out.line(f"  + --eval-seq-lens: ESTIMATE {fmt_duration(plan.eval_lengths_seconds)} on top (every length "
+                 f"scores the longest windows at each eval, forward only, rank 0): {with_lengths} in all")
     if plan.probes:
         _probe_table(out, plan)
     out.line(f"  checkpoints: {fmt_bytes(plan.checkpoint_bytes)} each (weights + optimizer state); up to "

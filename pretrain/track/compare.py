@@ -7,6 +7,8 @@ how one picks between baseline, GQA, bottleneck and decoupled.
 
 Everything is read back from each run's train.jsonl (meta / train / eval / end events), the same record
 summary.md and the plots are drawn from, so a run still in progress or killed compares as far as it got.
+Under the table: what ± means, and whether the runs are on equal footing and their best is outside the noise
+(compare_checks.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 
 from pretrain.cli import ArgumentParser, UserError
 from pretrain.evals.infer_bench import add_kv_cache_flags, kv_settings_arg
+from pretrain.stats import binomial_se
+from pretrain.track.compare_checks import ranking, verdict
 from pretrain.track.kv_plot import format_kv_table, kv_setting_fields, kv_setting_metrics, plot_quality_vs_kv
 from pretrain.track.plots import events_by_step, new_figure, save_png
 from pretrain.track.runlog import JSONL_NAME, median_tok_s, read_jsonl
@@ -135,6 +139,7 @@ def run_row(run_dir: Path, warn: bool = True) -> dict[str, Any]:
     tcfg = meta.get("train_config") or {}
     infer = next((r for r in reversed(records) if r.get("type") == "infer"), {})
     downstream = [e for e in events_by_step(records, "downstream") if finite_number(e.get("acc_norm")) is not None]
+    best_eval = min(evals, key=lambda e: e["loss"], default={})
     return {
         "run": run_dir.name,
         "path": str(run_dir),
@@ -142,6 +147,10 @@ def run_row(run_dir: Path, warn: bool = True) -> dict[str, Any]:
         "group_key": group_key(tcfg),
         **measured_fields(infer),
         "acc_norm": downstream[-1]["acc_norm"] if downstream else None,
+        "acc_norm_se": binomial_se(downstream[-1]["acc_norm"], downstream[-1].get("n") or 0) if downstream else None,
+        "data_fingerprint": (meta.get("dataset") or {}).get("fingerprint"),
+        "best_val_loss_se": finite_number(best_eval.get("loss_se")),  # over eval batches (session.evaluate)
+        "final_val_loss_se": finite_number(evals[-1].get("loss_se")) if evals else None,
         "variant": _variant(mcfg),
         "params": meta.get("params"),
         "kv_bytes_per_token": _kv_bytes(mcfg),
@@ -180,7 +189,10 @@ def _cell(key: str, row: dict[str, Any]) -> str:
         return "" if key == "note" else "-"
     sd = row.get(f"{key}_sd")
     if sd is not None:  # a seed group: mean ± sample sd
-        return f"{_one(key, row, value)} ± {_one(key, row, sd)}"
+        return f"{_one(key, row, value)} ± {_one(key, row, sd)} sd"
+    se = row.get(f"{key}_se")
+    if se is not None and (row.get("seeds") or 1) == 1:  # one run: ± its standard error
+        return f"{_one(key, row, value)} ± {_one(key, row, se)} se"
     return _one(key, row, value)
 
 
@@ -230,14 +242,13 @@ def length_columns(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Plain aligned text (no box characters: it is pasted into issues and notebooks). Best val marked *."""
     columns = table_columns(rows)
-    # The star goes to a counted row: an unfinished or duplicate run is not a result to pick.
-    best = min((r["best_val_loss"] for r in rows if r.get("best_val_loss") is not None and not r.get("left_out")),
-               default=None)
+    # The mark goes to a counted row on equal footing (compare_checks): * a lead outside the noise, ~ inside it.
+    marked, mark, _ = ranking(rows)
     table = [list(columns.values())]
     for r in rows:
         cells = [_cell(k, r) for k in columns]
-        if best is not None and r.get("best_val_loss") == best and len(rows) > 1 and not r.get("left_out"):
-            cells[list(columns).index("best_val_loss")] += " *"
+        if marked is not None and r["run"] == marked and not r.get("left_out"):
+            cells[list(columns).index("best_val_loss")] += f" {mark}"
         table.append(cells)
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     # Text columns left-aligned, numbers right-aligned so digits line up.
@@ -264,7 +275,7 @@ def plot_length_curves(rows: Sequence[dict[str, Any]], out_png: str | os.PathLik
         trained = r.get("trained_len")
         if isinstance(trained, int):
             ax.axvline(trained, color=line.get_color(), ls=":", lw=1)
-    ax.legend(title="dotted: trained length")
+    ax.legend(title="dotted: length trained so far")
     return save_png(fig, out_png)
 
 
@@ -341,7 +352,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m pretrain.trac
     runs = compare_runs(args.runs)
     metrics = GROUP_METRICS + list(_measured_columns(runs)) + list(length_columns(runs)) + kv_setting_metrics(runs)
     rows = group_rows(runs, metrics, merge=not args.per_seed)
-    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows) + "\n\n" + verdict(rows))
     kv_table = "" if args.json else format_kv_table(rows)
     if kv_table:
         print(f"\nKV cache settings (measured; decoded val = held-out text decoded through the cache):\n{kv_table}")

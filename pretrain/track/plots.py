@@ -137,11 +137,16 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
     position = lengths[-1].get("position") if lengths else None
     if isinstance(position, dict) and position.get("x"):
         fig, ax = new_figure(PLOT_TITLES["position_loss"], "position in the window", "val cross-entropy loss")
-        ax.plot(position["x"], position["loss"], lw=1.2, label=f"step {lengths[-1]['step']}, "
-                f"window {position.get('seq_len')}")
+        line = ax.plot(position["x"], position["loss"], "o-", ms=3, lw=1.2, label=f"step {lengths[-1]['step']}, "
+                       f"window {position.get('seq_len')}")[0]
+        se, tokens = position.get("se"), position.get("tokens")
+        if isinstance(se, list) and len(se) == len(position["loss"]):  # each bin ± its standard error
+            ax.fill_between(position["x"], [y - e for y, e in zip(position["loss"], se, strict=True)],
+                            [y + e for y, e in zip(position["loss"], se, strict=True)], color=line.get_color(),
+                            alpha=0.2, label=f"± se, >= {min(tokens):,} tokens a bin" if tokens else "± se")
         trained = lengths[-1].get("trained_len")
         if _is_num(trained) and trained < position.get("seq_len", 0):
-            ax.axvline(trained, color="grey", ls="--", lw=1, label=f"trained length {trained}")
+            ax.axvline(trained, color="grey", ls="--", lw=1, label=f"trained so far: {trained}")
         ax.legend()
         written.append(save_png(fig, run_dir / "position_loss.png"))
     return written

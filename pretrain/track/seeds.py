@@ -11,6 +11,7 @@ run of a seed already counted (a copied run dir) keep their own row, marked with
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -92,7 +93,7 @@ def group_rows(rows: Sequence[dict[str, Any]], metrics: Sequence[str], merge: bo
 def _mean_row(members: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict[str, Any]:
     """The mean (± sample sd) row of the counted (finished, one per seed) runs of one seed group."""
     first = members[0]
-    row = {k: v for k, v in first.items() if k not in metrics}
+    row = {k: v for k, v in first.items() if k not in metrics and k.removesuffix("_se") not in metrics}
     seeds = sorted(m["seed"] for m in members)
     extra = len(members) - 1
     row |= {"run": f"{first['run']} (+{extra} seed{'s' if extra > 1 else ''})", "seeds": len(members),
@@ -103,6 +104,12 @@ def _mean_row(members: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict
         row[key] = mean_sd(values)[0] if values else None
         if len(set(values)) > 1:  # identical across seeds (tokens, KV bytes): no spread to show
             row[f"{key}_sd"] = mean_sd(values)[1]
+        errors = [m.get(f"{key}_se") for m in members]
+        if values and all(finite_number(e) is not None for e in errors):
+            # The mean's own measurement error: n independent estimates, each with its standard error.
+            row[f"{key}_se"] = math.sqrt(sum(e * e for e in errors)) / len(errors)
+    prints = {m.get("data_fingerprint") for m in members}
+    row["data_fingerprint"] = prints.pop() if len(prints) == 1 else "mixed"  # one text, or compare flags it
     return row
 
 

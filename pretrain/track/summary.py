@@ -88,8 +88,9 @@ def _lengths_section(fields: Any) -> list[str]:
     if not isinstance(fields, Mapping) or not isinstance(fields.get("loss"), Mapping):
         return []
     trained = fields.get("trained_len")
-    lines = ["## Validation loss by length", "", f"Last eval; trained on sequences of {trained} tokens "
-             "(longer lengths test RoPE extrapolation).", "", "| length | val loss |", "|---:|---|"]
+    same = f"; every length scores the same {fields['targets']:,} target tokens" if fields.get("targets") else ""
+    lines = ["## Validation loss by length", "", f"Last eval; trained so far on sequences of up to {trained} tokens "
+             f"(longer lengths test RoPE extrapolation){same}.", "", "| length | val loss |", "|---:|---|"]
     for n, loss in sorted(fields["loss"].items(), key=lambda kv: int(kv[0])):
         mark = " (extrapolated)" if isinstance(trained, int) and int(n) > trained else ""
         if (v := finite_number(loss)) is not None:

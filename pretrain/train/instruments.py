@@ -22,6 +22,7 @@ from pretrain.evals.downstream import score as downstream_score
 from pretrain.evals.lengths import evaluate_lengths
 from pretrain.evals.samples import samples_table, write_samples
 from pretrain.schedule import eval_seq_len_at
+from pretrain.stats import standard_error
 from pretrain.track.console import format_eval_line
 from pretrain.track.progress import tracked
 from pretrain.train import distributed as dist_lib
@@ -36,17 +37,19 @@ def evaluate(s: RunState) -> tuple[float, bool]:
     seq_len = eval_seq_len_at(s.sched.seq_points, s.prog.step, s.cfg.eval_seq_len)
     windows = s.evals.val_by_len[seq_len]
     s.model.eval()
-    total = torch.zeros((), device=s.device)
+    batch_losses = []
     with torch.no_grad(), s.autocast, stopping.interruptible():  # a stop ends the eval (and its compile)
         for batch in tracked(windows, "eval", "batches", show=s.dist.is_main):  # each rank: its share
             x, y = (t.chunk(s.dist.world_size)[s.dist.rank].to(s.device) for t in batch)
-            total += s.wrapped(x, y).float()
+            batch_losses.append(s.wrapped(x, y).float())
     s.model.train()
-    loss = dist_lib.mean_across_ranks(total, s.dist).item() / max(len(windows), 1)
+    per_batch = dist_lib.mean_across_ranks(torch.stack(batch_losses), s.dist).tolist() if batch_losses else []
+    loss = sum(per_batch) / max(len(per_batch), 1)
     best = s.prog.best_val is None or loss < s.prog.best_val
     if best:
         s.prog.best_val = loss
-    s.emit("eval", loss=loss, ppl=math.exp(min(loss, 30)), tokens=s.prog.tokens, seq_len=seq_len)
+    s.emit("eval", loss=loss, ppl=math.exp(min(loss, 30)), tokens=s.prog.tokens, seq_len=seq_len,
+           loss_se=standard_error(per_batch))  # over eval batches: compare's error bar
     if s.dist.is_main:
         s.track.console.print(format_eval_line(s.prog.step, {"seq_len": seq_len, "loss": loss,
                                                              "best": s.prog.best_val}))
@@ -60,12 +63,14 @@ def run_length_eval(s: RunState) -> None:
     ev = s.evals
     if not ev.lengths or not s.dist.is_main:
         return
+    trained = eval_seq_len_at(s.sched.seq_points, s.prog.step)  # trained so far: not yet the schedule's longest
     with stopping.interruptible():
-        fields = evaluate_lengths(s.model, ev.lengths, s.device, s.autocast, ev.trained_len)
+        fields = evaluate_lengths(s.model, ev.lengths, ev.eval_lengths, s.device, s.autocast, trained)
     s.info["eval_lengths"] = fields
     s.emit("eval_lengths", **fields)
     text = ", ".join(f"{n} {loss:.4f}" for n, loss in fields["loss"].items())
-    s.track.console.print(f"eval step {s.prog.step} by length (trained {ev.trained_len}): {text}")
+    s.track.console.print(f"eval step {s.prog.step} by length (trained so far {trained}; same "
+                          f"{fields['targets']:,} targets at each): {text}")
 
 
 @eagerly

@@ -85,7 +85,7 @@ def open_session(cfg: TrainConfig, command: str = "") -> RunState:
     info = {"command": command, "train_config": cfg.to_dict(), "model_config": mcfg.to_dict(),
             "params": mcfg.num_params(), "non_embedding_params": mcfg.num_params(non_embedding=True),
             "device": str(device), "world_size": dist.world_size, "host": host}
-    track = _open_trackers(cfg, ds, dist, start, prog, info, resume_fields)
+    track = _open_trackers(cfg, ds, dist, start, prog, info, resume_fields, fingerprint)
     return RunState(cfg=cfg, mcfg=mcfg, dist=dist, device=device, run_dir=run_dir, model=model, wrapped=wrapped,
                     optimizer=optimizer, scaler=scaler, loader=Prefetcher(sampler, device), sched=sched,
                     evals=evals, ckpt=ckpt, track=track, info=info, resumed=start.resumed, prog=prog,
@@ -116,10 +116,8 @@ def _read_eval_inputs(cfg: TrainConfig, mcfg: ModelConfig, ds: TokenDataset, dis
                   for n in sorted(eval_lens)}
     # Instruments use one fixed length: the explicit --eval-seq-len, else the longest the schedule trains at.
     eval_seq_len, trained_len = max(eval_lens), max(p[1] for p in points)
-    lengths = {}
-    if cfg.eval_seq_lens:
-        lengths = length_windows(ds, parse_eval_lengths(cfg.eval_seq_lens), cfg.batch_size * eval_seq_len,
-                                 cfg.eval_iters)
+    eval_lengths = parse_eval_lengths(cfg.eval_seq_lens) if cfg.eval_seq_lens else []
+    lengths = length_windows(ds, eval_lengths, cfg.batch_size * eval_seq_len, cfg.eval_iters) if eval_lengths else {}
     probe_batch = None
     if cfg.analysis_every:
         rows = probe_rows(mcfg.n_head, eval_seq_len, cfg.batch_size)
@@ -127,7 +125,8 @@ def _read_eval_inputs(cfg: TrainConfig, mcfg: ModelConfig, ds: TokenDataset, dis
     return EvalInputs(val_by_len, lengths, probe_batch, trained_len,
                       codec=text_codec(ds.tokenizer, ds.vocab_size) if cfg.sample_every or cfg.hellaswag else None,
                       prompts=load_prompts(cfg.sample_prompts) if cfg.sample_every else [],
-                      mc_items=load_items(cfg.hellaswag, cfg.downstream_items) if cfg.hellaswag else [])
+                      mc_items=load_items(cfg.hellaswag, cfg.downstream_items) if cfg.hellaswag else [],
+                      eval_lengths=eval_lengths)
 
 
 def _check_bf16(cfg: TrainConfig, device: torch.device) -> None:
@@ -230,7 +229,7 @@ def _resumed_progress(cfg: TrainConfig, start: StartPoint, sched: Schedules, dis
 
 
 def _open_trackers(cfg: TrainConfig, ds: TokenDataset, dist: dist_lib.Dist, start: StartPoint, prog: Progress,
-                   info: dict[str, Any], resume_fields: dict[str, Any]) -> Trackers:
+                   info: dict[str, Any], resume_fields: dict[str, Any], fingerprint: str) -> Trackers:
     """Console, train.jsonl (its `meta` or `resume` event), wandb (the same run on a resume) and TensorBoard."""
     main, run_dir = dist.is_main, Path(cfg.out_dir)
     console = Console(cfg.live if main else "off", total_steps=cfg.steps, start_step=prog.step)
@@ -240,7 +239,7 @@ def _open_trackers(cfg: TrainConfig, ds: TokenDataset, dist: dist_lib.Dist, star
         if main else None
     if log and not start.resumed:
         log.event("meta", **info, dataset={"path": cfg.data, "train_tokens": ds.train_tokens,
-                                           "val_tokens": ds.val_tokens})
+                                           "val_tokens": ds.val_tokens, "fingerprint": fingerprint})
     if main:
         write_run_config(run_dir, cfg, ds.vocab_size)  # config.toml: this start's settings, for --config
     if main and start.resumed:

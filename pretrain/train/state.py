@@ -55,12 +55,13 @@ class EvalInputs:
     """Everything the evals and instruments read, read and checked before the run dir is touched."""
 
     val_by_len: dict[int, ValWindows]  # fixed validation windows per eval length
-    lengths: dict[int, ValWindows]  # --eval-seq-lens windows; empty: no multi-length eval
+    lengths: dict[int, ValWindows]  # {longest --eval-seq-lens length: its windows}, which every length scores
     probe_batch: tuple[torch.Tensor, torch.Tensor] | None  # the fixed diagnostics batch (CPU), None: off
-    trained_len: int  # longest training sequence length, the start of extrapolation
+    trained_len: int  # longest length the schedule trains at (an eval reports the longest trained so far)
     codec: Any = None  # token ids <-> text, when samples or downstream evals are on
     prompts: list[str] = field(default_factory=list)
     mc_items: list[Any] = field(default_factory=list)
+    eval_lengths: list[int] = field(default_factory=list)  # --eval-seq-lens, parsed
 
 
 @dataclass
