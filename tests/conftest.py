@@ -250,3 +250,41 @@ def chaos_reference(byte_data, tmp_path_factory) -> dict:
     from chaos_run import reference_run
 
     return reference_run(byte_data, tmp_path_factory.mktemp("reference") / "run")
+
+
+def _unrendered_png(fig, path) -> Path:
+    """plots.save_png without the drawing: the file is written (empty), the figure is not rasterized."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+@pytest.fixture
+def rendered_plots() -> None:
+    """Ask for this in a test whose in-process trainer runs must draw real PNGs (see _trainer_plots_unrendered)."""
+
+
+@pytest.fixture(autouse=True)
+def _trainer_plots_unrendered(request, monkeypatch) -> None:
+    """The trainer redraws its four plots at every eval and at the end: ~0.7 s of CPU each time, mostly
+    matplotlib's layout and rasterizing, in every in-process trainer run of the suite. Here an in-process trainer
+    still builds every figure from train.jsonl (plots.write_plots runs whole) and writes each file, but does not
+    rasterize it. Real PNGs: plots.write_plots called directly (test_track.py), compare's plots, trainers run as a
+    process or in a module/session fixture (set up before this fixture), and tests that ask for rendered_plots."""
+    if "rendered_plots" in request.fixturenames:
+        return
+    plots = sys.modules.get("pretrain.track.plots")
+    if plots is None:
+        return
+    real_write = plots.write_plots
+
+    def write_unrendered(run_dir):
+        with monkeypatch.context() as m:
+            m.setattr(plots, "save_png", _unrendered_png)
+            return real_write(run_dir)
+
+    # Wherever the trainer imported write_plots by name (pretrain/train/loop.py today).
+    for name, module in list(sys.modules.items()):
+        if name.startswith("pretrain.train") and getattr(module, "write_plots", None) is real_write:
+            monkeypatch.setattr(module, "write_plots", write_unrendered)
