@@ -121,6 +121,8 @@ CASES = {
                                                                 "--resume", "never", *TINY], "--overwrite"),
     "train: incompatible resume": (train_main, lambda w, m: ["--data", str(w["data"]), "--out-dir", str(w["run"]),
                                                              *TINY, "--d-ff", "256", "--steps", "4"], "d_ff"),
+    "train: resume with another --lr": (train_main, lambda w, m: ["--data", str(w["data"]), "--out-dir", str(w["run"]),
+                                                                  *TINY, "--steps", "4", "--lr", "1e-2"], "lr"),
     "train: fp16 with bf16 weights": (train_main, lambda w, m: ["--param-dtype", "bf16", "--amp-dtype", "fp16"],
                                       "GradScaler"),
     # 12.7: every numeric flag checked at parse time, naming the flag

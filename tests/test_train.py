@@ -1,7 +1,8 @@
-"""The trainer end to end on CPU: a stop inside accumulation, bf16 weights learn and stay bf16, refusals.
+"""The trainer end to end on CPU: a stop inside accumulation, bf16 weights learn and stay bf16.
 
-Kill -9, SIGTERM and damaged checkpoints: test_chaos.py; NaN steps and precision paths: test_precision.py;
-learning on GPT-2 tokens: test_demo.py (the demo run) and test_notebook.py."""
+Elsewhere: kill -9, SIGTERM and damaged checkpoints in test_chaos.py; NaN steps and precision paths in
+test_precision.py; refused fresh starts and resumes in test_bad_input.py; learning on GPT-2 tokens in
+test_demo.py (the demo run) and test_notebook.py."""
 
 from __future__ import annotations
 
@@ -9,10 +10,8 @@ import os
 import signal
 from pathlib import Path
 
-import pytest
 import torch
 
-from pretrain.cli import UserError
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.checkpoint import load_checkpoint
 from pretrain.train.config import parse_config
@@ -66,15 +65,3 @@ def test_bf16_params_train_and_stay_bf16(byte_data, tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in state["model"].values())
     evals = [e["loss"] for e in read_jsonl(out / "train.jsonl") if e["type"] == "eval"]
     assert result["final_val_loss"] < evals[0] - 1.0
-
-
-def test_fresh_start_into_existing_run_is_refused(byte_data, tmp_path):
-    out = tmp_path / "r"
-    run(byte_data, out, "--steps", "2", "--eval-every", "0")
-    before = (out / "last.pt").read_bytes()
-    with pytest.raises(UserError, match="--overwrite"):
-        run(byte_data, out, "--steps", "2", "--resume", "never")
-    with pytest.raises(UserError, match="lr"):
-        run(byte_data, out, "--steps", "4", "--lr", "1e-2")
-    assert (out / "last.pt").read_bytes() == before
-    run(byte_data, out, "--steps", "2", "--resume", "never", "--overwrite")
