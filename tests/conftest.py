@@ -135,6 +135,55 @@ def made_bytes(tmp_path_factory) -> Path:
     return write_legacy_dataset(tmp_path_factory.mktemp("made") / "bytes.npy", tokens, 256, 0, "bytes")
 
 
+def cli_exit(main, argv: list[str]) -> int:
+    """The exit code of a CLI's main run in this process as its script runs it (pretrain.cli.run_cli: a UserError
+    is one line and 2), an argparse SystemExit taken as its code, as the interpreter takes it."""
+    from pretrain.cli import run_cli
+
+    try:
+        return run_cli(main, argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+
+
+# The smallest trainer flags: one layer, no eval between steps; what a test of bad input or a refused resume needs.
+TINY_TRAIN = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "1", "--d-ff", "128", "--block", "64",
+              "--batch-size", "2", "--train-seq-len", "32", "--val-frac", "0.05", "--eval-iters", "1", "--device",
+              "cpu", "--live", "off", "--save-minutes", "0", "--eval-every", "0"]
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory, byte_data) -> dict[str, Path]:
+    """Things a user might point a CLI at: a finished 2-step run, a non-dataset dir, broken datasets. Tests only
+    read it (the bad-input table asserts that nothing in it changed)."""
+    from pretrain.train.config import parse_config
+    from pretrain.train.loop import train
+
+    base = tmp_path_factory.mktemp("bad")
+    run = base / "runs" / "done"
+    train(parse_config(["--data", str(byte_data), "--out-dir", str(run), "--steps", "2", *TINY_TRAIN]))
+    notes = base / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("user file")
+    broken = base / "broken_manifest"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    mixed = base / "mixed"
+    mixed.mkdir()
+    np.save(mixed / "train_a.npy", np.arange(1000, dtype=np.uint16))
+    np.save(mixed / "train_b.npy", np.arange(1000, dtype=np.uint32))
+    for f in ("train_a.npy", "train_b.npy"):
+        (mixed / (f + ".meta")).write_text(json.dumps({"tokenizer": "bytes", "vocab_size": 256, "eot_id": 0}))
+    small = base / "small.npy"
+    np.save(small, np.arange(40, dtype=np.uint16) % 256)
+    Path(str(small) + ".meta").write_text(json.dumps({"tokenizer": "bytes", "vocab_size": 256, "eot_id": 0}))
+    hf_out = base / "hf_out"
+    hf_out.mkdir()
+    (hf_out / "config.json").write_text("{}")
+    return {"base": base, "run": run, "notes": notes, "broken": broken, "mixed": mixed, "small": small,
+            "data": byte_data, "hf_out": hf_out}
+
+
 def nan_at_step(monkeypatch, step: int) -> None:
     """Make the training forward pass of optimizer step `step` (grad-accum 1) return a NaN loss."""
     from model import GPT
@@ -193,3 +242,49 @@ def full_disk(monkeypatch, free_bytes: int) -> None:
         return io.BufferedWriter(_FillingDiskFile(str(path), free_bytes))
 
     monkeypatch.setattr(ck, "open", open_on_full_disk, raising=False)
+
+
+@pytest.fixture(scope="session")
+def chaos_reference(byte_data, tmp_path_factory) -> dict:
+    """One uninterrupted run of the chaos configuration (tests/chaos_run.py), shared by the chaos tests."""
+    from chaos_run import reference_run
+
+    return reference_run(byte_data, tmp_path_factory.mktemp("reference") / "run")
+
+
+def _unrendered_png(fig, path) -> Path:
+    """plots.save_png without the drawing: the file is written (empty), the figure is not rasterized."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+@pytest.fixture
+def rendered_plots() -> None:
+    """Ask for this in a test whose in-process trainer runs must draw real PNGs (see _trainer_plots_unrendered)."""
+
+
+@pytest.fixture(autouse=True)
+def _trainer_plots_unrendered(request, monkeypatch) -> None:
+    """The trainer redraws its four plots at every eval and at the end: ~0.7 s of CPU each time, mostly
+    matplotlib's layout and rasterizing, in every in-process trainer run of the suite. Here an in-process trainer
+    still builds every figure from train.jsonl (plots.write_plots runs whole) and writes each file, but does not
+    rasterize it. Real PNGs: plots.write_plots called directly (test_track.py), compare's plots, trainers run as a
+    process or in a module/session fixture (set up before this fixture), and tests that ask for rendered_plots."""
+    if "rendered_plots" in request.fixturenames:
+        return
+    plots = sys.modules.get("pretrain.track.plots")
+    if plots is None:
+        return
+    real_write = plots.write_plots
+
+    def write_unrendered(run_dir):
+        with monkeypatch.context() as m:
+            m.setattr(plots, "save_png", _unrendered_png)
+            return real_write(run_dir)
+
+    # Wherever the trainer imported write_plots by name (pretrain/train/loop.py today).
+    for name, module in list(sys.modules.items()):
+        if name.startswith("pretrain.train") and getattr(module, "write_plots", None) is real_write:
+            monkeypatch.setattr(module, "write_plots", write_unrendered)

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, write_legacy_dataset
+from conftest import cli_exit, write_legacy_dataset
 from wandb_records import read_wandb_history
 
 from pretrain.track.runlog import read_jsonl
@@ -54,7 +52,9 @@ ARGS = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "
         "--warmup-steps", "5", "--lr", "1e-2", "--device", "cpu", "--live", "off", "--save-minutes", "0"]
 
 
-def test_trained_model_beats_chance_in_loop_and_standalone(mc_set, tmp_path):
+def test_trained_model_beats_chance_in_loop_and_standalone(mc_set, tmp_path, capsys):
+    from pretrain.evals.downstream import main as downstream_main
+
     data, items = mc_set
     out = tmp_path / "run"
     code = train_main(["--data", str(data), "--out-dir", str(out), *ARGS, "--steps", "80", "--eval-every", "0",
@@ -72,10 +72,9 @@ def test_trained_model_beats_chance_in_loop_and_standalone(mc_set, tmp_path):
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert "downstream step 80: mc acc" in (out / "summary.md").read_text()
 
-    p = subprocess.run([sys.executable, "-m", "pretrain.evals.downstream", str(out), "--hellaswag", str(items),
-                        "--checkpoint", "last", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    standalone = json.loads(p.stdout)
+    capsys.readouterr()
+    assert cli_exit(downstream_main, [str(out), "--hellaswag", str(items), "--checkpoint", "last", "--json"]) == 0
+    standalone = json.loads(capsys.readouterr().out)
     assert standalone["step"] == 80 and standalone["n"] == 8 and standalone["acc_norm"] >= 0.75
 
 
@@ -89,20 +88,22 @@ def test_untrained_model_is_near_chance(mc_set, tmp_path):
     assert final["acc_norm"] <= 0.5
 
 
-def test_bad_multiple_choice_inputs_are_one_line_exit_2(mc_set, tmp_path):
+def test_bad_multiple_choice_inputs_are_one_line_exit_2(mc_set, tmp_path, capsys):
+    from pretrain.evals.downstream import main as downstream_main
+    from pretrain.train.cli import main as trainer
+
     data, items = mc_set
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"ctx": "x", "endings": ["a", "b"], "label": 5}\n')
     cases = [
-        [str(ROOT / "train_v29.py"), "--data", str(data), "--out-dir", str(tmp_path / "r1"), *ARGS,
-         "--hellaswag", str(tmp_path / "missing.jsonl")],
-        [str(ROOT / "train_v29.py"), "--data", str(data), "--out-dir", str(tmp_path / "r2"), *ARGS,
-         "--downstream-every", "5"],
-        [str(ROOT / "train_v29.py"), "--data", str(data), "--out-dir", str(tmp_path / "r3"), *ARGS,
-         "--hellaswag", str(bad)],
-        ["-m", "pretrain.evals.downstream", str(tmp_path), "--hellaswag", str(items)],
+        (trainer, ["--data", str(data), "--out-dir", str(tmp_path / "r1"), *ARGS,
+                   "--hellaswag", str(tmp_path / "missing.jsonl")]),
+        (trainer, ["--data", str(data), "--out-dir", str(tmp_path / "r2"), *ARGS, "--downstream-every", "5"]),
+        (trainer, ["--data", str(data), "--out-dir", str(tmp_path / "r3"), *ARGS, "--hellaswag", str(bad)]),
+        (downstream_main, [str(tmp_path), "--hellaswag", str(items)]),
     ]
-    for argv in cases:
-        p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
+    for main, argv in cases:
+        code = cli_exit(main, argv)
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert not any((tmp_path / r).exists() for r in ("r1", "r2", "r3"))

@@ -6,12 +6,11 @@ import json
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import cli_exit
 
 from model import GPT, ModelConfig
 from pretrain.cli import UserError
@@ -112,24 +111,6 @@ def test_decoupled_exports_our_format_and_says_llama_cannot_hold_it(tmp_path):
         assert torch.equal(load_exported(out).eval()(idx), model(idx))
 
 
-def test_export_refuses_to_overwrite(tmp_path):
-    _, run = fake_run(tmp_path)
-    out = tmp_path / "hf"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="--overwrite"):
-        export_main([str(run), "--out", str(out)])
-    assert (out / "keep.txt").read_text() == "mine"
-
-
-def test_export_of_missing_run_dir_is_one_line_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pretrain.export", str(tmp_path / "nope"), "--out",
-                           str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and "nope" in proc.stderr
-    assert not (tmp_path / "hf").exists()
-
-
 def test_gpt2_export_carries_a_tokenizer_transformers_reads_offline(tmp_path, gpt2_encoding):
     """AutoTokenizer gives tiktoken's ids, pipeline() generates, and files get ordinary permissions."""
     old = os.umask(0o022)
@@ -161,7 +142,7 @@ def _tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def test_overwrite_replaces_only_a_previous_export(tmp_path):
+def test_overwrite_replaces_only_a_previous_export(tmp_path, capsys):
     """--overwrite never deletes a run dir, a parent of runs, a file, or a directory holding other files."""
     _, run = fake_run(tmp_path)
     (run / "train.jsonl").write_text('{"type": "meta"}\n')
@@ -174,10 +155,10 @@ def test_overwrite_replaces_only_a_previous_export(tmp_path):
     before = _tree(tmp_path)
     for out, needle in [(run, "run directory"), (tmp_path, "run directory"), (other, "not an export"),
                         (afile, "is a file")]:
-        proc = subprocess.run([sys.executable, "-m", "pretrain.export", str(run), "--out", str(out), "--overwrite"],
-                              cwd=ROOT, capture_output=True, text=True)
-        assert proc.returncode == 2, (out, proc.stderr)
-        assert proc.stderr.count("\n") == 1 and needle in proc.stderr and "Traceback" not in proc.stderr
+        code = cli_exit(export_main, [str(run), "--out", str(out), "--overwrite"])
+        err = capsys.readouterr().err
+        assert code == 2, (out, err)
+        assert err.count("\n") == 1 and needle in err and "Traceback" not in err
         assert _tree(tmp_path) == before, out
     hf = tmp_path / "hf"
     assert export_main([str(run), "--out", str(hf)]) == 0

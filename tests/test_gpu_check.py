@@ -34,15 +34,17 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_cpu_check_runs_each_variant_stops_resumes_exactly_and_prints_one_table(tmp_path, made_bytes):
+def test_cpu_check_runs_a_variant_stops_resumes_exactly_and_prints_one_table(tmp_path, made_bytes):
+    """The whole check for one variant as a process (decoupled: the variant with most of its own code; the loop
+    over several variants: test_every_listed_variant_gets_a_row_in_order)."""
     work = tmp_path / "work"
-    proc = run_check("--device", "cpu", "--variants", "baseline,decoupled", "--steps-per-phase", "2",
+    proc = run_check("--device", "cpu", "--variants", "decoupled", "--steps-per-phase", "2",
                      "--data", str(made_bytes), "--val-frac", "0.05", "--max-stop-seconds", "60",
                      "--work-dir", str(work), "--json", str(tmp_path / "check.json"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gpu-check: tier cpu on CPU, 2 steps per phase, compile on" in proc.stdout
     rows = table_rows(proc.stdout)
-    assert sorted(rows) == ["baseline", "decoupled"]
+    assert sorted(rows) == ["decoupled"]
     for name, cells in rows.items():
         cell = dict(zip(COLUMNS, cells))
         assert cell["resume"] == "exact", cell
@@ -56,14 +58,40 @@ def test_cpu_check_runs_each_variant_stops_resumes_exactly_and_prints_one_table(
         # The stop landed after step 2 (the first phase's last step) and the resume finished all 4 steps.
         assert (work / name / "stopped" / "last.pt").is_file()
     report = json.loads((tmp_path / "check.json").read_text())
-    assert [r["variant"] for r in report["rows"]] == ["baseline", "decoupled"] and report["tier"] == "cpu"
+    assert [r["variant"] for r in report["rows"]] == ["decoupled"] and report["tier"] == "cpu"
     for r in report["rows"]:
         assert [p["seq_len"] for p in r["phases"]] == [128, 256]  # the cpu tier's two phases, shortened
         assert all(p["tok_s"] > 0 and p["tok_s_plan"] > 0 and p["mem_kind"] == "rss" for p in r["phases"])
         assert "--compile" in r["command"] and "--hellaswag" in r["command"] and "--tb" in r["command"]
-    # The resume check can fail: two different runs (another variant) are not "exact".
-    text, ok = compare_resume(work / "baseline" / "uninterrupted", work / "decoupled" / "uninterrupted", True)
-    assert not ok and text.startswith("DIFFERS"), text
+
+
+def test_every_listed_variant_gets_a_row_in_order_and_one_failure_fails_the_check(tmp_path, made_bytes,
+                                                                                 monkeypatch, capsys):
+    """--variants a,b checks each in turn (each check itself: the test above): one table row and one JSON row per
+    variant in the order given, each failure printed under the table, exit 1 when any row failed."""
+    import pretrain.gpu_check as gc
+
+    checked = []
+
+    def check_variant(variant, launcher, work, ns):
+        checked.append(variant)
+        row = gc.Row(variant, cells={"resume": "exact"})
+        if variant == "gqa":
+            row.failures.append("resume not exact: DIFFERS")
+        return row
+
+    monkeypatch.setattr(gc, "check_variant", check_variant)
+    argv = ["--device", "cpu", "--variants", "baseline,gqa,decoupled", "--data", str(made_bytes), "--work-dir",
+            str(tmp_path / "w"), "--json", str(tmp_path / "check.json")]
+    assert gc.main(argv) == 1
+    out = capsys.readouterr().out
+    assert checked == ["baseline", "gqa", "decoupled"]
+    rows = table_rows(out)
+    assert list(rows) == checked and [rows[v][-1] for v in checked] == ["ok", "FAIL", "ok"]
+    assert "FAIL gqa: resume not exact: DIFFERS" in out
+    assert [r["variant"] for r in json.loads((tmp_path / "check.json").read_text())["rows"]] == checked
+    monkeypatch.setattr(gc, "check_variant", lambda v, *a: gc.Row(v))
+    assert gc.main([*argv[:3], "baseline", *argv[4:]]) == 0
 
 
 def test_unknown_variant_is_one_line_exit_2(tmp_path):
@@ -98,6 +126,8 @@ def test_resume_on_cuda_may_be_close_but_on_cpu_must_be_bitwise(tmp_path):
     assert compare_resume(tmp_path / "a", tmp_path / "b", bitwise=False)[0].startswith("close")
     assert compare_resume(tmp_path / "a", tmp_path / "b", bitwise=True)[1] is False
     assert compare_resume(tmp_path / "a", tmp_path / "c", bitwise=False)[1] is False
+    text, ok = compare_resume(tmp_path / "a", tmp_path / "c", bitwise=True)
+    assert not ok and text.startswith("DIFFERS"), text
 
 
 def test_cuda_peak_over_the_plan_fails_the_row_and_cpu_rss_does_not(tmp_path):

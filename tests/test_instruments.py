@@ -4,13 +4,11 @@ train.jsonl, TensorBoard, summary.md, the plots and `compare`; their bad input i
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import cli_exit
 
 from pretrain.evals.diagnostics import effective_rank
 from pretrain.track.compare import main as compare_main
@@ -123,13 +121,15 @@ def test_effective_rank_extremes():
     (["--analysis-every", "-1"], ["--analysis-every"]),
     (["--exp", "paper_decoupled", "--attn-mode", "baseline"], ["paper_decoupled means", "--attn-mode baseline"]),
 ])
-def test_bad_instrument_flags_are_one_line_exit_2(byte_data, tmp_path, flags, words):
+def test_bad_instrument_flags_are_one_line_exit_2(byte_data, tmp_path, flags, words, capsys):
+    from pretrain.train.cli import main
+
     out = tmp_path / "r"
-    proc = subprocess.run([sys.executable, str(ROOT / "train_v29.py"), "--data", str(byte_data), "--out-dir",
-                           str(out), *TINY, *flags], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert all(w in proc.stderr for w in words), proc.stderr
+    code = cli_exit(main, ["--data", str(byte_data), "--out-dir", str(out), *TINY, *flags])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert all(w in err for w in words), err
     assert not out.exists()
 
 

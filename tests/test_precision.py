@@ -57,19 +57,6 @@ def test_nan_step_is_skipped_and_counted_on_every_optimizer_path(byte_data, tmp_
     assert all(torch.isfinite(t.float()).all() for t in last["model"].values())
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "lion"])
-def test_bf16_resume_keeps_fp32_optimizer_state(byte_data, tmp_path, optimizer):
-    """torch's Optimizer.load_state_dict casts float state to the parameter dtype (bf16): not for ours."""
-    out = tmp_path / "r"
-    flags = ["--param-dtype", "bf16", "--optimizer", optimizer, "--save-every", "2"]
-    run(byte_data, out, "--steps", "2", *flags)
-    run(byte_data, out, "--steps", "4", *flags)
-    state = load_checkpoint(out / "last.pt")
-    assert state["step"] == 4 and state["model"]["wte.weight"].dtype == torch.bfloat16
-    dtypes = {t.dtype for st in state["optimizer"]["state"].values() for k, t in st.items() if k != "step"}
-    assert dtypes == {torch.float32}
-
-
 def test_resume_across_fused_and_unfused_adamw_keeps_skipping(byte_data, tmp_path, monkeypatch):
     """--opt-fused may change on resume: torch's fused AdamW loading our AdamW's state must stay fused (its
     foreach fallback would refuse the non-finite-step flag), and the reverse must load too."""

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-from conftest import ROOT
+from conftest import cli_exit
 from test_train import FAST
 from wandb_records import read_wandb_history
 
@@ -16,10 +13,6 @@ from pretrain.train.loop import main as train_main
 
 def _train(data, out, *flags) -> int:
     return train_main(["--data", str(data), "--out-dir", str(out), *FAST, *flags])
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -46,27 +39,33 @@ def test_samples_go_to_train_jsonl_and_a_wandb_table(sampled_run):
     assert "sample step 4: 'In the beginning' -> " in (sampled_run / "summary.md").read_text()
 
 
-def test_generate_streams_a_continuation_from_the_run(sampled_run):
-    p = _cli("-m", "pretrain.generate", str(sampled_run), "--prompt", "And God", "--max-new-tokens", "10",
-             "--temperature", "0")
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.startswith("And God") and len(p.stdout) > len("And God")
-    assert "best.pt" in p.stderr and "step 4" in p.stderr
-    again = _cli("-m", "pretrain.generate", str(sampled_run), "--prompt", "And God", "--max-new-tokens", "10",
-                 "--temperature", "0", "--checkpoint", "last")
-    assert again.stdout == p.stdout  # greedy: best.pt and last.pt are the same step here
+def test_generate_streams_a_continuation_from_the_run(sampled_run, capsys):
+    from pretrain.generate import main
+
+    argv = [str(sampled_run), "--prompt", "And God", "--max-new-tokens", "10", "--temperature", "0"]
+    assert cli_exit(main, argv) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("And God") and len(out) > len("And God")
+    assert "best.pt" in err and "step 4" in err
+    assert cli_exit(main, [*argv, "--checkpoint", "last"]) == 0
+    assert capsys.readouterr().out == out  # greedy: best.pt and last.pt are the same step here
 
 
-def test_generate_without_a_checkpoint_is_one_line_exit_2(tmp_path):
-    p = _cli("-m", "pretrain.generate", str(tmp_path), "--prompt", "hi")
-    assert p.returncode == 2 and p.stdout == ""
-    assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1 and "no checkpoint" in p.stderr
+def test_generate_without_a_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+    from pretrain.generate import main
+
+    assert cli_exit(main, [str(tmp_path), "--prompt", "hi"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1 and "no checkpoint" in err
 
 
-def test_missing_prompt_file_stops_the_trainer_before_it_writes(made_bytes, tmp_path):
+def test_missing_prompt_file_stops_the_trainer_before_it_writes(made_bytes, tmp_path, capsys):
+    from pretrain.train.cli import main
+
     out = tmp_path / "run"
-    p = _cli(str(ROOT / "train_v29.py"), "--data", str(made_bytes), "--out-dir", str(out), *FAST, "--steps", "2",
-             "--sample-every", "1", "--sample-prompts", str(tmp_path / "nope.txt"))
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert p.stderr.startswith("error: --sample-prompts") and p.stderr.count("\n") == 1
+    code = cli_exit(main, ["--data", str(made_bytes), "--out-dir", str(out), *FAST, "--steps", "2",
+                           "--sample-every", "1", "--sample-prompts", str(tmp_path / "nope.txt")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("error: --sample-prompts") and err.count("\n") == 1
     assert not out.exists()
