@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pretrain.entry import shown_prog
+from pretrain.invocation import shown_prog
 
 # A trainer stopped by a stop request (SIGTERM, SIGINT, SIGUSR1, SIGHUP) before it finished: its state is saved;
 # rerun the same command to resume. EX_TEMPFAIL of sysexits.h ("temporary failure, retry"), distinct from 0
@@ -27,7 +27,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (no usage dump) and exits 2."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if kwargs.get("prog"):  # usage and error lines name the command the user typed (pretrain/entry.py)
+        if kwargs.get("prog"):  # usage and error lines name the command the user typed (pretrain/invocation.py)
             kwargs["prog"] = shown_prog(kwargs["prog"])
         super().__init__(*args, **kwargs)
 

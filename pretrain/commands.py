@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from pretrain.cli import script_exit_code
-from pretrain.entry import CONSOLE, set_started_as
+from pretrain.invocation import CONSOLE, set_started_as
 
 
 def _run(module: str) -> int:

@@ -61,9 +61,9 @@ def test_python_m_launcher_prints_python_m_trainer(tmp_path):
 
 
 def test_an_installed_package_without_repo_scripts_prints_python_m(tmp_path, monkeypatch):
-    from pretrain import entry
+    from pretrain import invocation
 
-    monkeypatch.setattr(entry, "ROOT", tmp_path)  # the installed layout: no train_v29.py beside the package
+    monkeypatch.setattr(invocation, "ROOT", tmp_path)  # the installed layout: no train_v29.py beside the package
     _, plan = launch.plan_from_argv(["--vram", "cpu", "--run-root", str(tmp_path), *SMALL], gpu=None)
     assert plan.command[:3] == ["python", "-m", "pretrain.train"]
     _, plan = launch.plan_from_argv(["--vram", "cpu", "--run-root", str(tmp_path), "--nproc", "2", *SMALL], gpu=None)

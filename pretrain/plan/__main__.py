@@ -3,7 +3,7 @@
 import sys
 
 from pretrain.cli import script_exit_code
-from pretrain.entry import MODULE, set_started_as
+from pretrain.invocation import MODULE, set_started_as
 from pretrain.plan.cli import main
 
 set_started_as(MODULE)  # printed commands and usage lines then name `python -m` modules

@@ -12,7 +12,7 @@ from dataclasses import fields
 from typing import Any
 
 from model import PAPER_PRESETS
-from pretrain import entry
+from pretrain import invocation
 from pretrain.cli import ArgumentParser
 from pretrain.config_file import FILE_FLAGS, add_file_flags
 from pretrain.plan.resolve import VARIANTS
@@ -45,7 +45,8 @@ def build_parser() -> ArgumentParser:
     """Launcher options plus every trainer flag (generated from TrainConfig; None = not given)."""
     p = ArgumentParser(prog="run_1b_launch.py", description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=COMPARE_HELP.replace("run_1b_launch.py", entry.prog("launch")))  # as the user typed it
+                       # the compare help names the launcher as the user typed it
+                       epilog=COMPARE_HELP.replace("run_1b_launch.py", invocation.prog("launch")))
     g = p.add_argument_group("launcher")
     g.add_argument("--vram", default="auto", help=f"VRAM tier: {' | '.join(VRAM_CHOICES)} (auto reads the GPU)")
     g.add_argument("--variant", default=None, help=f"attention variant: {' | '.join([*VARIANTS, *PAPER_PRESETS])} "

@@ -180,7 +180,7 @@ def run_trainer(command: list[str]) -> int:
     argv = list(command)
     # The repo's script by absolute path (works from any directory); an installed package has no script, so the
     # trainer module of this interpreter's package runs instead. The printed command may name either, or the
-    # pretrain-train console script (pretrain/entry.py): all run this interpreter's trainer.
+    # pretrain-train console script (pretrain/invocation.py): all run this interpreter's trainer.
     trainer = [str(TRAINER)] if TRAINER.is_file() else ["-m", "pretrain.train"]
     if argv[0] == "torchrun":  # torchrun from this interpreter's environment
         argv[:1] = [sys.executable, "-m", "torch.distributed.run"]

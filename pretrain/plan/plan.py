@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from model import PRESETS, ModelConfig
-from pretrain import entry
+from pretrain import invocation
 from pretrain.plan.fit import choose_execution, step_peak_bytes, suggest_fix, verdict, with_micro
 from pretrain.plan.instrument_memory import pass_peak_bytes, run_passes, turn_down
 from pretrain.plan.memory import GiB
@@ -151,9 +151,9 @@ def trainer_argv(cfg: TrainConfig) -> list[str]:
 
 def command_for(cfg: TrainConfig, nproc: int) -> list[str]:
     """The full command line, naming the trainer as the launcher was started (python train_v29.py, pretrain-train,
-    python -m pretrain.train: see pretrain/entry.py), or torchrun for several processes."""
-    prefix = entry.command("train") if nproc == 1 else \
-        ["torchrun", "--standalone", "--nproc-per-node", str(nproc), *entry.torchrun_target("train")]
+    python -m pretrain.train: see pretrain/invocation.py), or torchrun for several processes."""
+    prefix = invocation.command("train") if nproc == 1 else \
+        ["torchrun", "--standalone", "--nproc-per-node", str(nproc), *invocation.torchrun_target("train")]
     return prefix + trainer_argv(cfg)
 
 

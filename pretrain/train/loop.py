@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from pretrain import entry, stopping
+from pretrain import invocation, stopping
 from pretrain.cli import EXIT_STOPPED, UserError
 from pretrain.data.shards import ShardChanged
 from pretrain.runstatus import COMPLETE, COMPLETED, Ending, RunStatus, stopped, stopped_by_signal
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--data is required: a dataset dir made by prepare_fineweb.py --output, a legacy .npy "
                         "or a quoted glob of .npy shards")
     args = sys.argv[1:] if argv is None else argv
-    result = train(cfg, command=format_command([*entry.command("train"), *args]))  # as the user can rerun it
+    result = train(cfg, command=format_command([*invocation.command("train"), *args]))  # as the user can rerun it
     if not result["saved"]:
         return 1
     status = RunStatus.parse(result["status"])
