@@ -142,6 +142,9 @@ class TrainConfig:
                            "continue is resumed instead: use --resume never --overwrite)", group="ckpt")
     max_bad_steps: int = _opt(5, "stop the run after this many non-finite (skipped) steps in a row; the last "
                               "good checkpoint is kept (0: never stop)", group="ckpt", check="[0,inf)")
+    mirror: str | None = _opt(None, "copy every checkpoint (+ train.jsonl, summary.md) in the background to "
+                              "URL/<run name>/ (s3://, gs://, hf://, a mounted dir); an empty run dir resumes from "
+                              "it", group="ckpt")
     seed: int = _opt(1337, "seed for weights and data order", group="ckpt", check="[0,4294967296)")
     device: str = _opt("auto", "device", ["auto", "cuda", "cpu", "mps"], "ckpt")
 
@@ -179,7 +182,7 @@ RESUMABLE_CHANGES = frozenset(
         "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "wandb_tags", "wandb_mode",
         "wandb_id", "opt_fused", "out_dir", "data", "allow_data_change", "cpu_offload", "grad_checkpoint",
         "init_from", "sample_every", "sample_prompts", "sample_tokens", "sample_temperature", "hellaswag",
-        "downstream_every", "downstream_items",
+        "downstream_every", "downstream_items", "mirror",
     }
 )
 

@@ -21,6 +21,7 @@ from pretrain.track.plots import write_plots
 from pretrain.track.summary import write_summary
 from pretrain.train import device as dev
 from pretrain.train import distributed as dist_lib
+from pretrain.train import mirror as mirror_lib
 from pretrain.train import speed
 from pretrain.train.checkpoint import latest_step
 from pretrain.train.config import TrainConfig, format_command, parse_config
@@ -331,6 +332,8 @@ def _finish(s: Session, status: RunStatus) -> None:
             status, final_val = stopping.status(), None
         s.save(best=best)
     s.ckpt.wait()
+    if s.mirror:  # summary.md reports what reached the mirror
+        s.info["mirror"] = s.mirror.drain(mirror_lib.FINAL_WAIT_S if status.finished else mirror_lib.STOP_WAIT_S)
     # Only rank 0 writes; a stop for non-finite steps deliberately saves nothing.
     untouched = status.before_first_step  # the run dir's checkpoint (if any) is still current
     saved = (not s.dist.is_main or status.kind is Ending.STOPPED_ERROR or untouched

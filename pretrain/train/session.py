@@ -37,6 +37,7 @@ from pretrain.track.tensorboard import TBWriter
 from pretrain.track.wandb_run import WandbRun
 from pretrain.train import device as dev
 from pretrain.train import distributed as dist_lib
+from pretrain.train import mirror as mirror_lib
 from pretrain.train.checkpoint import CheckpointManager
 from pretrain.train.ckpt_check import check_same_run, missing_part, model_shapes, problem
 from pretrain.train.config import TrainConfig, model_config_from
@@ -100,6 +101,7 @@ class Session:
     mc_items: list[Any] = field(default_factory=list)
     micro_points: list[tuple[int, int]] = field(default_factory=list)  # --micro-batch-schedule, parsed
     meter: Any = None  # the loop's loop.Meter while it runs: checkpoints carry its open window
+    mirror: mirror_lib.Mirror | None = None  # --mirror: checkpoints copied off the machine (mirror.py)
 
     @property
     def autocast(self) -> Any:
@@ -213,6 +215,8 @@ class Session:
         self.ckpt.wait()
         if self.log:
             self.log.close()
+        if self.mirror:
+            self.mirror.close()  # train.jsonl and summary.md as they end
         self.wb.finish()
         self.tb.close()
         self.console.close()
@@ -283,12 +287,15 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
                        ds.tokenizer, fingerprint)
         return problem(state, shapes, TrainSampler(ds, cfg.seed, world_size=dist.world_size).load_state_dict)
 
+    mirror = mirror_lib.open_and_pull(cfg, run_dir, dist, usable)  # an empty run dir resumes from the mirror
     start = find_start(cfg, ckpt, usable)
     dist_lib.check_same_start(start.state["step"] if start.resumed else None, dist)
     if start.resumed and start.state["step"] >= cfg.steps and _completed_at(run_dir) == start.state["step"]:
         raise RunComplete(f"{run_dir} is complete ({start.state['step']} of {cfg.steps} steps); nothing to do. "
                           "Raise --steps to extend it, or use another --out-dir for a new run"
                           + (" (--overwrite replaces a run only with --resume never)" if cfg.overwrite else ""))
+    if mirror:
+        mirror.check_start(start.state["step"] if start.resumed else None, bool(start.abandon), cfg.overwrite)
     lock = RunDirLock(run_dir)
     branch: dict[str, Any] | None = None
     if dist.is_main:
@@ -297,6 +304,8 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
             clear_run(run_dir)
         if start.abandon:
             branch = set_branch_aside(run_dir, start.abandon, start.state["step"])
+        if mirror:
+            mirror.begin(ckpt)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     seed_everything(cfg.seed)
@@ -368,4 +377,4 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
                    val_by_len=val_by_len, ckpt=ckpt, log=log, wb=wb,
                    tb=tb, console=console, seq_points=points, lr_horizon=lr_horizon, resumed=start.resumed,
                    info=info, instruments=instruments, prog=prog, lock=lock, fingerprint=fingerprint, codec=codec,
-                   prompts=prompts, mc_items=mc_items, micro_points=micro_points)
+                   prompts=prompts, mc_items=mc_items, micro_points=micro_points, mirror=mirror)
