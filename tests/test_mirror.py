@@ -158,12 +158,17 @@ def test_mirror_failing_mid_upload_leaves_training_alone_and_the_next_resume_cor
 
 
 def test_a_hanging_mirror_never_holds_up_training(s3, byte_data, straight, tmp_path, monkeypatch, capfd):
-    out, url = tmp_path / "run", f"s3://{BUCKET}/hang"
-    release = threading.Event()
+    out, url, remote = tmp_path / "run", f"s3://{BUCKET}/hang", f"{BUCKET}/hang/run"
+    release, stuck, hanging = threading.Event(), set(), [True]
     original = mirror_lib._upload
 
     def hangs(fs, src, path):
-        release.wait(60)  # the mirror stops answering from the first upload on
+        me = threading.current_thread()
+        if hanging[0]:  # the mirror stops answering (the first run's upload thread), then times out
+            stuck.add(me)
+        if me in stuck:
+            release.wait(60)
+            raise TimeoutError("read timed out")
         return original(fs, src, path)
 
     monkeypatch.setattr(mirror_lib, "_upload", hangs)
@@ -171,14 +176,22 @@ def test_a_hanging_mirror_never_holds_up_training(s3, byte_data, straight, tmp_p
     monkeypatch.setattr(mirror_lib, "FILES_WAIT_S", 0.5)
     try:
         result = run(byte_data, out, "--mirror", url)
+        assert result["status"] == "completed" and result["saved"]
+        assert losses(out) == losses(straight) and same_weights(out, straight)
+        summary = (out / "summary.md").read_text()
+        assert "0 checkpoint(s) copied" in summary and f"step {STEPS} NOT mirrored" in summary
+        assert "skipped for a newer one" in summary  # steps 8 and 12 waited behind the hung upload of step 4
+        assert f"step {STEPS} is not on" in capfd.readouterr().err
+
+        # The mirror answers again; the run is extended: it first uploads the step it resumed from.
+        hanging[0] = False
+        result = run(byte_data, out, "--mirror", url, "--steps", str(STEPS + 4))
     finally:
         release.set()
-    assert result["status"] == "completed" and result["saved"]
-    assert losses(out) == losses(straight) and same_weights(out, straight)
-    summary = (out / "summary.md").read_text()
-    assert "0 checkpoint(s) copied" in summary and f"step {STEPS} NOT mirrored" in summary
-    assert "skipped for a newer one" in summary  # steps 8 and 12 waited behind the hung upload of step 4
-    assert f"step {STEPS} is not on" in capfd.readouterr().err
+    assert result["step"] == STEPS + 4
+    names = listing(s3, remote)
+    assert [n for n in names if n.startswith("step_")] == [f"step_{STEPS}.json", f"step_{STEPS}.pt",
+                                                          f"step_{STEPS + 4}.json", f"step_{STEPS + 4}.pt"]
 
 
 def test_local_path_mirror_prunes_skips_a_damaged_checkpoint_and_refuses_a_fresh_start(byte_data, tmp_path, capfd):
@@ -210,3 +223,20 @@ def test_local_path_mirror_prunes_skips_a_damaged_checkpoint_and_refuses_a_fresh
     with pytest.raises(UserError, match="holds checkpoints of a run.*--overwrite"):
         run(byte_data, tmp_path / "other" / "run", "--mirror", str(mirror), "--resume", "never")
     assert sorted(p.name for p in (mirror / "run").iterdir()) == before
+
+
+def test_launcher_passes_mirror_on_and_shows_it_in_the_plan(tmp_path, capsys):
+    from pretrain.cli import run_cli
+    from pretrain.plan import launch
+
+    root = ["--vram", "cpu", "--steps", "5", "--run-root", str(tmp_path / "runs")]
+    assert launch.main([*root, "--mirror", "s3://bucket/pretrain"]) == 0
+    out = capsys.readouterr().out
+    command = out.split("command:")[1].split()
+    assert command[command.index("--mirror") + 1] == "s3://bucket/pretrain"
+    name = command[command.index("--out-dir") + 1].rsplit("/", 1)[-1]
+    assert f"mirror: every checkpoint, train.jsonl and summary.md copied in the background to " \
+           f"s3://bucket/pretrain/{name} " in out
+    assert run_cli(launch.main, [*root, "--mirror", "nosuch://bucket/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --mirror nosuch://bucket/x: Protocol not known") and "\n" not in err

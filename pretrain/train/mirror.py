@@ -289,32 +289,33 @@ class Mirror:
             tmp.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------------------------------------- upload
-    def check_start(self, resumed_step: int | None, rollback: bool, overwrite: bool) -> None:
-        """Before the run dir's first write: what the mirror must do first, or a UserError.
+    def check_start(self, start: Any, overwrite: bool) -> None:
+        """Before the run dir's first write, given where training starts (resume.StartPoint): what the mirror
+        must do first, or a UserError.
 
         A fresh start where the mirror holds this run's checkpoints would replace them: only with --overwrite
         (they are removed first). A rollback removes the mirrored steps past the resumed one (the run dir keeps
         them in abandoned/). A resumed run makes sure the mirror holds the checkpoint it resumed from.
         """
-        if resumed_step is None:
+        if not start.resumed:
             if self.holds_checkpoints():
                 if not overwrite:
                     raise UserError(f"--mirror {self.url} holds checkpoints of a run that this command would start "
                                     "afresh and replace; pass --overwrite to replace them, or use another --mirror "
                                     "URL or --out-dir")
                 self._first = lambda: self._remove_steps(None)
-        elif rollback:
-            self._first = lambda: self._remove_steps(resumed_step)
+        elif start.abandon:
+            self._first = lambda: self._remove_steps(start.state["step"])
         elif self.status.pulled_step is None:
-            self._first = lambda: self._ensure(resumed_step)
+            self._first = lambda: self._ensure(start.state["step"], Path(start.path))
 
-    def _ensure(self, step: int) -> None:
+    def _ensure(self, step: int, path: Path) -> None:
         """Queue the resumed checkpoint when the mirror lacks it (the last session's upload did not finish)."""
         if any(s == step for s, _ in self._markers(self._listing())):
             return
         with self._cond:
             if self._job is None:
-                self._job = _Job(step, False, open(self.run_dir / "last.pt", "rb"))  # noqa: SIM115 - closed by _run
+                self._job = _Job(step, False, open(path, "rb"))  # noqa: SIM115 - closed by _run
 
     def begin(self, ckpt: Any) -> None:
         """Start the upload thread and have `ckpt` (a CheckpointManager) hand it every checkpoint it saves."""
@@ -418,9 +419,11 @@ class Mirror:
             self._closing = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(FILES_WAIT_S)
+            # Behind an upload that drain() already gave up on, these small files would wait for it: do not.
+            wait = FILES_WAIT_S if self.status.pending_step is None else min(FILES_WAIT_S, 1.0)
+            self._thread.join(wait)
             if self._thread.is_alive():
-                self.warn(f"mirror: train.jsonl / summary.md not copied to {self.url} within {FILES_WAIT_S:g} s")
+                self.warn(f"mirror: train.jsonl / summary.md not copied to {self.url} within {wait:g} s")
         with self._cond:
             if self._job is not None:
                 self._job.file.close()

@@ -295,7 +295,7 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
                           "Raise --steps to extend it, or use another --out-dir for a new run"
                           + (" (--overwrite replaces a run only with --resume never)" if cfg.overwrite else ""))
     if mirror:
-        mirror.check_start(start.state["step"] if start.resumed else None, bool(start.abandon), cfg.overwrite)
+        mirror.check_start(start, cfg.overwrite)
     lock = RunDirLock(run_dir)
     branch: dict[str, Any] | None = None
     if dist.is_main:
