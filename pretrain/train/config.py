@@ -154,8 +154,10 @@ class TrainConfig:
 
     # tracking
     wandb: bool = _opt(False, "log to Weights & Biases", group="track")
-    wandb_project: str = _opt("pretrain-1b", "wandb project", group="track")
-    wandb_entity: str | None = _opt(None, "wandb entity", group="track")
+    wandb_project: str | None = _opt(None, "wandb project (default: $WANDB_PROJECT, else pretrain-1b)",
+                                     group="track")
+    wandb_entity: str | None = _opt(None, "wandb entity (default: $WANDB_ENTITY, else your wandb default)",
+                                    group="track")
     wandb_name: str | None = _opt(None, "wandb run name (default: run dir name)", group="track")
     wandb_group: str | None = _opt(None, "wandb group", group="track")
     wandb_tags: str | None = _opt(None, "comma-separated wandb tags", group="track")

@@ -19,6 +19,7 @@ from pretrain.runstatus import COMPLETE, COMPLETED, Ending, RunStatus, stopped, 
 from pretrain.schedule import default_min_lr, lr_at, micro_batch_at, seq_len_at
 from pretrain.track.plots import write_plots
 from pretrain.track.summary import write_summary
+from pretrain.track.wandb_run import wandb_location
 from pretrain.train import device as dev
 from pretrain.train import distributed as dist_lib
 from pretrain.train import mirror as mirror_lib
@@ -177,11 +178,7 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
 
 
 def _wandb_line(info: dict[str, Any]) -> str | None:
-    if info.get("wandb_url"):
-        return f"wandb: {info['wandb_url']}"
-    if info.get("wandb_sync"):
-        return f"wandb (offline): upload every session of this run with: {info['wandb_sync']}"
-    return None
+    return wandb_location(info.get("wandb_url"), info.get("wandb_sync"))
 
 
 def disk_error(e: OSError, out_dir: str) -> Exception:

@@ -19,7 +19,7 @@ from pretrain.data.dataset import open_dataset
 from pretrain.data.loader import Prefetcher, TrainSampler, ValWindows
 from pretrain.evals.downstream import load_items
 from pretrain.evals.downstream import score as downstream_score
-from pretrain.evals.samples import load_prompts, samples_table, text_codec, write_samples
+from pretrain.evals.samples import SAMPLE_COLUMNS, load_prompts, samples_table_rows, text_codec, write_samples
 from pretrain.llama import check_init_from, load_init_from
 from pretrain.runstatus import COMPLETED, RunStatus
 from pretrain.schedule import (
@@ -34,7 +34,7 @@ from pretrain.track.console import Console, format_eval_line
 from pretrain.track.runlog import JSONL_NAME, RunLog, read_jsonl, to_metrics
 from pretrain.track.summary import describe_batch_change, describe_branch
 from pretrain.track.tensorboard import TBWriter
-from pretrain.track.wandb_run import WandbRun
+from pretrain.track.wandb_run import WandbRun, wandb_location
 from pretrain.train import device as dev
 from pretrain.train import distributed as dist_lib
 from pretrain.train import mirror as mirror_lib
@@ -157,8 +157,9 @@ class Session:
             return
         if self.log:
             self.log.event("sample", step=step, temperature=cfg.sample_temperature, samples=rows)
-        if self.wb.enabled:
-            self.wb.log({"samples": samples_table(step, rows)}, step=step)
+        if self.wb.enabled:  # one table that grows round by round, on the tokens axis like every metric
+            self.wb.add_table_rows("samples", SAMPLE_COLUMNS, samples_table_rows(step, rows), step=step,
+                                   tokens=self.prog.tokens)
         line = f"sample step {step}: {rows[0]['prompt']!r} -> {rows[0]['greedy']!r}"
         self.console.print(line)
         self._note("sample step", f"{line} (all prompts: `sample` events in train.jsonl)")
@@ -371,6 +372,8 @@ def open_session(cfg: TrainConfig, command: str = "") -> Session:
                   tags=cfg.wandb_tags.split(",") if cfg.wandb_tags else None, mode=cfg.wandb_mode,
                   run_id=wandb_id, fresh=not start.resumed, warn=console.print)
     info.update(wandb_url=wb.url, wandb_sync=wb.sync_command)
+    if wb.enabled and (where := wandb_location(wb.url, wb.sync_command)):
+        console.print(where)  # at the start too: the dashboard can be opened while the run trains
     tb = TBWriter(run_dir, enabled=cfg.tb and main, purge_step=prog.step + 1 if start.resumed else None)
     return Session(cfg=cfg, mcfg=mcfg, dist=dist, device=device, run_dir=run_dir, model=model, wrapped=wrapped,
                    optimizer=optimizer, scaler=scaler, loader=Prefetcher(sampler, device),
