@@ -218,6 +218,12 @@ def test_local_path_mirror_prunes_skips_a_damaged_checkpoint_and_refuses_a_fresh
     steps = [e["step"] for e in read_jsonl(out / "train.jsonl") if e["type"] == "train"]
     assert steps == list(range(1, 11))  # the mirrored train.jsonl came back with the checkpoint
 
+    # A rollback to step 8 abandons step 10 on the mirror too: a new machine must never pull the abandoned branch.
+    run(byte_data, out, "--mirror", str(mirror), "--steps", "9", "--save-every", "2", "--resume",
+        str(out / "step_8.pt"))
+    assert sorted(p.name for p in (mirror / "run").iterdir() if p.name.startswith("step_")) == \
+        ["step_8.json", "step_8.pt", "step_9.json", "step_9.pt"]
+
     # A fresh start over a mirrored run would replace it: refused in one line, nothing on the mirror touched.
     before = sorted(p.name for p in (mirror / "run").iterdir())
     with pytest.raises(UserError, match="holds checkpoints of a run.*--overwrite"):
