@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pretrain.track.runlog import read_jsonl  # noqa: E402
-from pretrain.train import mirror as mirror_lib  # noqa: E402
+from pretrain.train import mirror_store  # noqa: E402
 from pretrain.train.config import parse_config  # noqa: E402
 from pretrain.train.loop import train  # noqa: E402
 
@@ -55,7 +55,7 @@ def start_moto() -> subprocess.Popen:
 
 def one_run(name: str, args: list[str], work: Path, mirror: str | None, save_every: int) -> None:
     uploads: list[tuple[float, int]] = []
-    original = mirror_lib._upload
+    original = mirror_store._upload
 
     def timed(fs, src, path):
         t0 = time.perf_counter()
@@ -64,13 +64,13 @@ def one_run(name: str, args: list[str], work: Path, mirror: str | None, save_eve
             uploads.append((time.perf_counter() - t0, out[0]))
         return out
 
-    mirror_lib._upload = timed
+    mirror_store._upload = timed
     out = work / name / "run"
     t0 = time.perf_counter()
     try:
         train(parse_config([*args, "--out-dir", str(out), *(["--mirror", mirror] if mirror else [])]))
     finally:
-        mirror_lib._upload = original
+        mirror_store._upload = original
     wall = time.perf_counter() - t0
     lines = [e for e in read_jsonl(out / "train.jsonl") if e["type"] == "train" and e["step"] > 1]
     after = [e["step_ms"] for e in lines if (e["step"] - 1) % save_every == 0]

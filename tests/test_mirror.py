@@ -22,6 +22,7 @@ from conftest import ROOT
 from pretrain.cli import UserError
 from pretrain.track.runlog import read_jsonl
 from pretrain.train import mirror as mirror_lib
+from pretrain.train import mirror_store
 from pretrain.train.checkpoint import load_checkpoint
 from pretrain.train.config import parse_config
 from pretrain.train.loop import train
@@ -129,7 +130,7 @@ def test_mirror_failing_mid_upload_leaves_training_alone_and_the_next_resume_cor
     """The final checkpoint's upload dies half-way every time (a dropped connection after half the bytes)."""
     out, url, remote = tmp_path / "run", f"s3://{BUCKET}/fail", f"{BUCKET}/fail/run"
     monkeypatch.setattr(mirror_lib, "BACKOFF_S", (0.01, 0.01))
-    original = mirror_lib._upload
+    original = mirror_store._upload
 
     def dies_half_way(fs, src, path):
         if path.endswith(f"step_{STEPS}.pt"):
@@ -138,7 +139,7 @@ def test_mirror_failing_mid_upload_leaves_training_alone_and_the_next_resume_cor
             raise ConnectionError("connection reset by peer")
         return original(fs, src, path)
 
-    monkeypatch.setattr(mirror_lib, "_upload", dies_half_way)
+    monkeypatch.setattr(mirror_store, "_upload", dies_half_way)
     result = run(byte_data, out, "--mirror", url)
     assert result["status"] == "completed" and result["saved"]
     assert losses(out) == losses(straight) and same_weights(out, straight)
@@ -149,7 +150,7 @@ def test_mirror_failing_mid_upload_leaves_training_alone_and_the_next_resume_cor
     names = listing(s3, remote)
     assert f"step_{STEPS}.pt" in names and f"step_{STEPS}.json" not in names  # half a file, no marker
 
-    monkeypatch.setattr(mirror_lib, "_upload", original)
+    monkeypatch.setattr(mirror_store, "_upload", original)
     shutil.rmtree(out)
     result = run(byte_data, out, "--mirror", url)
     assert result["status"] == "completed"
@@ -160,7 +161,7 @@ def test_mirror_failing_mid_upload_leaves_training_alone_and_the_next_resume_cor
 def test_a_hanging_mirror_never_holds_up_training(s3, byte_data, straight, tmp_path, monkeypatch, capfd):
     out, url, remote = tmp_path / "run", f"s3://{BUCKET}/hang", f"{BUCKET}/hang/run"
     release, stuck, hanging = threading.Event(), set(), [True]
-    original = mirror_lib._upload
+    original = mirror_store._upload
 
     def hangs(fs, src, path):
         me = threading.current_thread()
@@ -171,7 +172,7 @@ def test_a_hanging_mirror_never_holds_up_training(s3, byte_data, straight, tmp_p
             raise TimeoutError("read timed out")
         return original(fs, src, path)
 
-    monkeypatch.setattr(mirror_lib, "_upload", hangs)
+    monkeypatch.setattr(mirror_store, "_upload", hangs)
     monkeypatch.setattr(mirror_lib, "FINAL_WAIT_S", 0.5)
     monkeypatch.setattr(mirror_lib, "FILES_WAIT_S", 0.5)
     try:
@@ -185,6 +186,8 @@ def test_a_hanging_mirror_never_holds_up_training(s3, byte_data, straight, tmp_p
 
         # The mirror answers again; the run is extended: it first uploads the step it resumed from.
         hanging[0] = False
+        monkeypatch.undo()  # the real waits again: the extension's last upload must be awaited
+        monkeypatch.setattr(mirror_store, "_upload", hangs)  # the first run's thread stays hung
         result = run(byte_data, out, "--mirror", url, "--steps", str(STEPS + 4))
     finally:
         release.set()

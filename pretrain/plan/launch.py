@@ -28,7 +28,7 @@ from pretrain.plan.tiers import GpuInfo, card_named, detect_gpu, select_tier
 from pretrain.plan.view import render_plan
 from pretrain.runstatus import COMPLETED, RunStatus
 from pretrain.train.config import TrainConfig, format_command
-from pretrain.train.mirror import mirror_problem
+from pretrain.train.mirror_store import mirror_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINER = ROOT / "train_v29.py"

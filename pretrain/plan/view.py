@@ -11,7 +11,7 @@ from pretrain.plan.plan import ALWAYS_SHOWN, CHECKPOINT_RECOMPUTE, Plan
 from pretrain.plan.resolve import MFU_SOURCE, source_of
 from pretrain.plan.tiers import cards_text
 from pretrain.train.config import format_command
-from pretrain.train.mirror import mirror_url
+from pretrain.train.mirror_store import mirror_url
 from pretrain.units import fmt_bytes, fmt_count, fmt_duration
 
 
