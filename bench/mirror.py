@@ -5,7 +5,7 @@ on loopback, through s3fs) and prints, per run: checkpoint size, each upload's s
 upload), the median train step (train.jsonl's step_ms) overall and for the steps right after a save (while its
 upload runs), and the wall time. A step that stalled on the mirror would show in the after-save median.
 
-    .venv/bin/python bench/mirror.py [--steps 40 --save-every 4 --d-model 256]
+    .venv/bin/python bench/mirror.py [--steps 12 --save-every 3 --d-model 256]
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def one_run(name: str, args: list[str], work: Path, mirror: str | None, save_eve
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--save-every", type=int, default=4)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--save-every", type=int, default=3)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--data", default=str(ROOT / "data" / "sample"))
     a = p.parse_args()
