@@ -106,6 +106,7 @@ class WandbRun:
             (run_dir / RUN_ID_FILE).write_text(self._run_id + "\n")
             # A run resumed online already holds history up to its last step; wandb rejects lower steps.
             self._last_step = int(getattr(self._run, "step", 0) or 0) - 1
+            # Charts default to tokens on the x-axis (each family is defined as it first appears, _on_tokens_axis);
             # wandb's own Step stays selectable. Every row carries "tokens" (see Session.emit).
             self._run.define_metric(STEP_METRIC)
             self._run.define_metric("val/loss", step_metric=STEP_METRIC, summary="min")
