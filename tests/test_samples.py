@@ -32,8 +32,8 @@ def test_samples_go_to_train_jsonl_and_a_wandb_table(sampled_run):
         assert [r["prompt"] for r in e["samples"]] == ["In the beginning", "And God said"]
         assert all(isinstance(r["greedy"], str) and isinstance(r["sampled"], str) for r in e["samples"])
     rows = [r for f in sampled_run.glob("wandb/offline-run-*/run-*.wandb") for r in read_wandb_history(f)]
-    tables = {r["_step"]: r for r in rows if r.get("samples/_type") == "table-file"}
-    assert sorted(tables) == [2, 4] and tables[4]["samples/nrows"] == 2
+    tables = {r["_step"]: r for r in rows if r.get("samples/_type") == "incremental-table-file"}
+    assert sorted(tables) == [2, 4] and tables[4]["samples/nrows"] == 4  # one table, grown by each round
     # The final eval shares step 4 with the last train line and the samples: all three reach wandb.
     assert any(r["_step"] == 4 and "val/loss" in r for r in rows)
     assert "sample step 4: 'In the beginning' -> " in (sampled_run / "summary.md").read_text()

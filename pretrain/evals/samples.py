@@ -108,11 +108,9 @@ def write_samples(model: torch.nn.Module, codec: TextCodec, prompts: list[str], 
     return rows
 
 
-def samples_table(step: int, rows: list[dict[str, Any]]) -> Any:
-    """A wandb.Table (step, prompt, greedy, sampled) of one sampling round, or None without wandb."""
-    try:
-        import wandb
-    except ImportError:
-        return None
-    return wandb.Table(columns=["step", "prompt", "greedy", "sampled"],
-                       data=[[step, r["prompt"], r["greedy"], r["sampled"]] for r in rows])
+SAMPLE_COLUMNS = ("step", "prompt", "greedy", "sampled")  # the wandb table's columns, one row per prompt per round
+
+
+def samples_table_rows(step: int, rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """One sampling round as rows of the wandb samples table (SAMPLE_COLUMNS)."""
+    return [[step, r["prompt"], r["greedy"], r["sampled"]] for r in rows]

@@ -29,6 +29,7 @@ from pretrain.plan.tiers import GpuInfo, card_named, detect_gpu, select_tier
 from pretrain.plan.view import render_plan
 from pretrain.runstatus import COMPLETED, RunStatus
 from pretrain.train.config import TrainConfig, format_command
+from pretrain.train.mirror_store import mirror_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINER = ROOT / "train_v29.py"
@@ -147,6 +148,8 @@ def make_plan(ns: argparse.Namespace, flags: dict[str, Any], gpu: GpuInfo | None
     res = resolve(req, tier, gpu_info, vocab)  # type: ignore[arg-type]
     if ds is not None:
         ds.check_vocab(res.mcfg.vocab_size)
+    if flags.get("mirror") and (why := mirror_problem(flags["mirror"])):
+        raise UserError(why)
     name = run_name(res.values, ns.variant, ns.tag, flags.get("kv_head"), seeded=ns.seeds > 1)
     rd = resolve_run_dir(Path(ns.run_root), name, ns.if_exists, res, ns.extend)
     if rd.adopted:

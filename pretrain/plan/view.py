@@ -11,6 +11,7 @@ from pretrain.plan.plan import ALWAYS_SHOWN, CHECKPOINT_RECOMPUTE, Plan
 from pretrain.plan.resolve import MFU_SOURCE, source_of
 from pretrain.plan.tiers import cards_text
 from pretrain.train.config import format_command
+from pretrain.train.mirror_store import mirror_url
 from pretrain.units import fmt_bytes, fmt_count, fmt_duration
 
 
@@ -139,6 +140,11 @@ def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -
     out.line(f"  checkpoints: {fmt_bytes(plan.checkpoint_bytes)} each (weights + optimizer state); up to "
              f"{fmt_bytes(plan.disk_bytes)} of disk (keep_last {cfg.keep_last} + best + one write in flight); "
              f"{fmt_bytes(plan.host_ram_bytes)} of host RAM while one is saved (less: saves turn synchronous)")
+    if cfg.mirror:
+        out.line(f"  mirror: every checkpoint, train.jsonl and summary.md copied in the background to "
+                 f"{mirror_url(cfg.mirror, plan.run['dir'])} (its newest {max(cfg.keep_last, 1)} kept); a run dir "
+                 "without a checkpoint resumes from it; a failing mirror is warned, retried and reported in "
+                 "summary.md, never stops training")
     out.line()
     shown = [k for k in cfg.to_dict() if src.get(k, "default") != "default" or k in ALWAYS_SHOWN]
     values = cfg.to_dict() | {"vocab_size": m.vocab_size, "data": cfg.data or "(none)", "kv_head": m.n_kv_head}

@@ -24,7 +24,7 @@ SUMMARY_KEYS = """Keys of `info` for write_summary (all optional; missing ones a
   train_config dict; model_config dict; params int; non_embedding_params int;
   steps int (done); total_steps int (planned); tokens int (seen); final_val_loss float;
   best_val_loss float; best_step int; tok_s float; mfu float (fraction 0..1, None off-GPU);
-  elapsed_s float; skipped_steps int; wandb_url str; wandb_sync str; notes list[str].
+  elapsed_s float; skipped_steps int; wandb_url str; wandb_sync str; mirror str (--mirror's status); notes list[str].
 Throughput (the median over train lines, as `compare` shows) and the history of resumes and run-length
 changes are read from run_dir/train.jsonl when it exists.
 """
@@ -168,6 +168,8 @@ def write_summary(run_dir: str | os.PathLike, info: Mapping[str, Any]) -> Path:
         rows.append(("wandb", str(info["wandb_url"])))
     elif info.get("wandb_sync"):
         rows.append(("wandb (offline)", f"upload every session with `{info['wandb_sync']}`"))
+    if info.get("mirror"):
+        rows.append(("mirror", str(info["mirror"])))
     if rows:
         out += ["## Results", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
 

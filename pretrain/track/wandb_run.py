@@ -15,11 +15,13 @@ import struct
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 RUN_ID_FILE = "wandb_run_id.txt"
+DEFAULT_PROJECT = "pretrain-1b"  # when neither --wandb-project nor WANDB_PROJECT names one
+STEP_METRIC = "tokens"  # every chart's x-axis: runs with other batch or seq-len schedules line up
 
 
 def _warn(message: str) -> None:
@@ -30,6 +32,15 @@ def new_run_id() -> str:
     """An 8-character id like wandb's own (its generator moved between wandb versions)."""
     alphabet = string.ascii_lowercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def wandb_location(url: str | None, sync_command: str | None) -> str | None:
+    """The line naming where the run is: its URL, or offline the command that uploads it."""
+    if url:
+        return f"wandb: {url}"
+    if sync_command:
+        return f"wandb (offline): upload every session of this run with: {sync_command}"
+    return None
 
 
 def stored_run_id(run_dir: str | os.PathLike) -> str | None:
@@ -51,10 +62,14 @@ class WandbRun:
     The run id is, in order: `run_id` (from the checkpoint), the id in run_dir/wandb_run_id.txt (unless
     fresh=True, for a --overwrite restart), or a new id. Any failure at init prints one warning and turns
     this object into a no-op: a wandb outage must never stop a paid-for training run.
+
+    Project and entity: the flag, else WANDB_PROJECT / WANDB_ENTITY as wandb users set them, else
+    DEFAULT_PROJECT (and wandb's default entity). Every metric family is charted against STEP_METRIC: each new
+    family (`diag/*`, `downstream/*`, a table) gets its define_metric before its first row is sent.
     """
 
     def __init__(self, run_dir: str | os.PathLike, config: Mapping[str, Any], enabled: bool,
-                 project: str, entity: str | None = None, name: str | None = None,
+                 project: str | None, entity: str | None = None, name: str | None = None,
                  group: str | None = None, tags: list[str] | None = None, mode: str | None = None,
                  run_id: str | None = None, *, fresh: bool = False,
                  warn: Callable[[str], None] | None = None) -> None:
@@ -67,6 +82,8 @@ class WandbRun:
         self._wandb_dir = Path(run_dir) / "wandb"
         self._run_id: str | None = None
         self._sync_file: Path | None = None
+        self._defined: set[str] = set()  # metric families already put on the tokens axis
+        self._tables: dict[str, Any] = {}  # incremental tables by key: each round adds rows, none is re-sent
         if not enabled or mode == "disabled":
             return
         run_dir = Path(run_dir)
@@ -76,7 +93,9 @@ class WandbRun:
             run_id = run_id or (None if fresh else stored_run_id(run_dir)) or new_run_id()
             run_dir.mkdir(parents=True, exist_ok=True)
             self._run = wandb.init(
-                dir=str(run_dir), id=run_id, resume="allow", project=project, entity=entity, name=name,
+                dir=str(run_dir), id=run_id, resume="allow", name=name,
+                project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+                entity=entity or os.environ.get("WANDB_ENTITY") or None,
                 group=group, tags=list(tags) if tags else None, mode=mode, config=dict(config),
                 allow_val_change=True,  # steps and cadences may legitimately change on resume
             )
@@ -87,12 +106,10 @@ class WandbRun:
             (run_dir / RUN_ID_FILE).write_text(self._run_id + "\n")
             # A run resumed online already holds history up to its last step; wandb rejects lower steps.
             self._last_step = int(getattr(self._run, "step", 0) or 0) - 1
-            # Charts default to tokens on the x-axis (runs with other batch or seq-len schedules line up);
+            # Charts default to tokens on the x-axis (each family is defined as it first appears, _on_tokens_axis);
             # wandb's own Step stays selectable. Every row carries "tokens" (see RunState.emit).
-            self._run.define_metric("tokens")
-            self._run.define_metric("train/*", step_metric="tokens")
-            self._run.define_metric("val/*", step_metric="tokens")
-            self._run.define_metric("val/loss", step_metric="tokens", summary="min")
+            self._run.define_metric(STEP_METRIC)
+            self._run.define_metric("val/loss", step_metric=STEP_METRIC, summary="min")
         except Exception as e:  # any wandb problem (network, auth, bad flags) is non-fatal
             self._warn(f"wandb disabled, training continues without it ({type(e).__name__}: {e})")
             self._finish_quietly()
@@ -139,11 +156,39 @@ class WandbRun:
         row, step = self._pending, self._pending_step
         self._pending, self._pending_step = {}, None
         try:
+            self._on_tokens_axis(row)
             self._run.log(row, step=step, commit=True)
             self._last_step = step
         except Exception as e:
             self._warn(f"wandb log failed, disabling wandb for this run ({type(e).__name__}: {e})")
             self._finish_quietly()
+
+    def _on_tokens_axis(self, row: Mapping[str, Any]) -> None:
+        for key in row:
+            family = key.split("/", 1)[0]
+            if key != STEP_METRIC and family not in self._defined:
+                self._run.define_metric(f"{family}/*" if "/" in key else key, step_metric=STEP_METRIC)
+                self._defined.add(family)
+
+    def add_table_rows(self, key: str, columns: Sequence[str], rows: list[list[Any]], step: int, tokens: int) -> None:
+        """Append rows to the run's incremental table `key` and log it at `step`: one table that grows, each log
+        sending only the rows added since the last (wandb's INCREMENTAL log mode)."""
+        if self._run is None:
+            return
+        if self._pending_step is not None and step > self._pending_step:
+            self.flush()  # an earlier step's row holds this table: it must be sent before the table grows
+        try:
+            table = self._tables.get(key)
+            if table is None:
+                import wandb
+
+                table = self._tables[key] = wandb.Table(columns=list(columns), log_mode="INCREMENTAL")
+            for r in rows:
+                table.add_data(*r)
+        except Exception as e:
+            self._warn(f"wandb table {key} failed, left out ({type(e).__name__}: {e})")
+            return
+        self.log({key: table, STEP_METRIC: tokens}, step=step)
 
     @property
     def sync_file(self) -> Path | None:

@@ -242,6 +242,7 @@ class CheckpointManager:
         self.consecutive_failures = 0  # reset by a successful save; lets the trainer stop cleanly
         self.last_write_seconds: float | None = None
         self.last_saved_step: int | None = None
+        self.on_saved: Callable[[int, bool], None] | None = None  # (step, best) after each good write: the mirror
         self._thread: threading.Thread | None = None
         self._cleaned = False
         self._staging: HostStaging | None = HostStaging(staging_bytes)  # None once pinning it failed
@@ -335,6 +336,8 @@ class CheckpointManager:
         self.last_write_seconds = time.perf_counter() - t0
         self.last_saved_step = step
         self.consecutive_failures = 0
+        if self.on_saved is not None:
+            self.on_saved(step, best)
 
     def _fail(self, msg: str, kind: str) -> None:
         self.last_error, self.last_error_kind = msg, kind

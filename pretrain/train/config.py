@@ -143,6 +143,9 @@ class TrainConfig:
                            "continue is resumed instead: use --resume never --overwrite)", group="ckpt")
     max_bad_steps: int = _opt(5, "stop the run after this many non-finite (skipped) steps in a row; the last "
                               "good checkpoint is kept (0: never stop)", group="ckpt", check="[0,inf)")
+    mirror: str | None = _opt(None, "copy every checkpoint (+ train.jsonl, summary.md) in the background to "
+                              "URL/<run name>/ (s3://, gs://, hf://, a mounted dir); an empty run dir resumes from "
+                              "it", group="ckpt")
     seed: int = _opt(1337, "seed for weights and data order", group="ckpt", check="[0,4294967296)")
     device: str = _opt("auto", "device", ["auto", "cuda", "cpu", "mps"], "ckpt")
 
@@ -152,8 +155,10 @@ class TrainConfig:
 
     # tracking
     wandb: bool = _opt(False, "log to Weights & Biases", group="track")
-    wandb_project: str = _opt("pretrain-1b", "wandb project", group="track")
-    wandb_entity: str | None = _opt(None, "wandb entity", group="track")
+    wandb_project: str | None = _opt(None, "wandb project (default: $WANDB_PROJECT, else pretrain-1b)",
+                                     group="track")
+    wandb_entity: str | None = _opt(None, "wandb entity (default: $WANDB_ENTITY, else your wandb default)",
+                                    group="track")
     wandb_name: str | None = _opt(None, "wandb run name (default: run dir name)", group="track")
     wandb_group: str | None = _opt(None, "wandb group", group="track")
     wandb_tags: str | None = _opt(None, "comma-separated wandb tags", group="track")
@@ -180,7 +185,7 @@ RESUMABLE_CHANGES = frozenset(
         "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "wandb_tags", "wandb_mode",
         "wandb_id", "opt_fused", "out_dir", "data", "allow_data_change", "cpu_offload", "grad_checkpoint",
         "init_from", "sample_every", "sample_prompts", "sample_tokens", "sample_temperature", "hellaswag",
-        "downstream_every", "downstream_items",
+        "downstream_every", "downstream_items", "mirror",
     }
 )
 

@@ -20,7 +20,7 @@ from pretrain import stopping
 from pretrain.evals.diagnostics import diagnose
 from pretrain.evals.downstream import score as downstream_score
 from pretrain.evals.lengths import evaluate_lengths
-from pretrain.evals.samples import samples_table, write_samples
+from pretrain.evals.samples import SAMPLE_COLUMNS, samples_table_rows, write_samples
 from pretrain.schedule import eval_seq_len_at
 from pretrain.stats import standard_error
 from pretrain.track.console import format_eval_line
@@ -96,7 +96,9 @@ def sample(s: RunState) -> None:
     if s.track.log:
         s.track.log.event("sample", step=step, temperature=cfg.sample_temperature, samples=rows)
     if s.track.wb.enabled:
-        s.track.wb.log({"samples": samples_table(step, rows)}, step=step)
+        # one table that grows round by round, on the tokens axis like every metric
+        s.track.wb.add_table_rows("samples", SAMPLE_COLUMNS, samples_table_rows(step, rows), step=step,
+                                  tokens=s.prog.tokens)
     line = f"sample step {step}: {rows[0]['prompt']!r} -> {rows[0]['greedy']!r}"
     s.track.console.print(line)
     s.note("sample step", f"{line} (all prompts: `sample` events in train.jsonl)")

@@ -23,7 +23,9 @@ from pretrain.runstatus import COMPLETE, COMPLETED, Ending, RunStatus, stopped, 
 from pretrain.schedule import default_min_lr, lr_at, micro_batch_at, seq_len_at
 from pretrain.track.plots import write_plots
 from pretrain.track.summary import write_summary
+from pretrain.track.wandb_run import wandb_location
 from pretrain.train import distributed as dist_lib
+from pretrain.train import mirror as mirror_lib
 from pretrain.train import speed
 from pretrain.train.checkpoint import latest_step
 from pretrain.train.config import TrainConfig, format_command, parse_config
@@ -120,11 +122,7 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
 
 
 def _wandb_line(info: dict[str, Any]) -> str | None:
-    if info.get("wandb_url"):
-        return f"wandb: {info['wandb_url']}"
-    if info.get("wandb_sync"):
-        return f"wandb (offline): upload every session of this run with: {info['wandb_sync']}"
-    return None
+    return wandb_location(info.get("wandb_url"), info.get("wandb_sync"))
 
 
 def disk_error(e: OSError, out_dir: str) -> Exception:
@@ -323,6 +321,8 @@ def _finish(s: RunState, status: RunStatus) -> None:
     if status.kind is Ending.COMPLETED:
         status, final_val = _final_passes(s, status)
     s.ckpt.wait()
+    if s.mirror:  # summary.md reports what reached the mirror
+        s.info["mirror"] = s.mirror.drain(mirror_lib.FINAL_WAIT_S if status.finished else mirror_lib.STOP_WAIT_S)
     # Only rank 0 writes; a stop for non-finite steps deliberately saves nothing.
     untouched = status.before_first_step  # the run dir's checkpoint (if any) is still current
     saved = (not s.dist.is_main or status.kind is Ending.STOPPED_ERROR or untouched

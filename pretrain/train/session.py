@@ -35,9 +35,10 @@ from pretrain.track.console import Console
 from pretrain.track.runlog import JSONL_NAME, RunLog, read_jsonl
 from pretrain.track.summary import describe_batch_change, describe_branch
 from pretrain.track.tensorboard import TBWriter
-from pretrain.track.wandb_run import WandbRun
+from pretrain.track.wandb_run import WandbRun, wandb_location
 from pretrain.train import device as dev
 from pretrain.train import distributed as dist_lib
+from pretrain.train import mirror as mirror_lib
 from pretrain.train.checkpoint import CheckpointManager
 from pretrain.train.ckpt_check import check_same_run, missing_part, model_shapes, problem
 from pretrain.train.config import TrainConfig, model_config_from
@@ -78,8 +79,8 @@ def open_session(cfg: TrainConfig, command: str = "") -> RunState:
     if cfg.init_from:
         check_init_from(cfg.init_from, mcfg)
     fingerprint = ds.fingerprint()
-    start = _find_start(cfg, mcfg, ds, dist, ckpt, fingerprint)
-    lock, branch = _claim_run_dir(run_dir, start, dist)  # the first write
+    start, mirror = _find_start(cfg, mcfg, ds, dist, ckpt, fingerprint)
+    lock, branch = _claim_run_dir(run_dir, start, dist, ckpt, mirror)  # the first write
     model, wrapped, optimizer, scaler, sampler = _build_training(cfg, mcfg, device, dist, ds, sched, start)
     prog, resume_fields = _resumed_progress(cfg, start, sched, dist, branch)
     info = {"command": command, "train_config": cfg.to_dict(), "model_config": mcfg.to_dict(),
@@ -89,7 +90,7 @@ def open_session(cfg: TrainConfig, command: str = "") -> RunState:
     return RunState(cfg=cfg, mcfg=mcfg, dist=dist, device=device, run_dir=run_dir, model=model, wrapped=wrapped,
                     optimizer=optimizer, scaler=scaler, loader=Prefetcher(sampler, device), sched=sched,
                     evals=evals, ckpt=ckpt, track=track, info=info, resumed=start.resumed, prog=prog,
-                    fingerprint=fingerprint, lock=lock)
+                    fingerprint=fingerprint, lock=lock, mirror=mirror)
 
 
 def _read_data(cfg: TrainConfig, dist: dist_lib.Dist) -> tuple[TokenDataset, ModelConfig, Schedules]:
@@ -138,8 +139,9 @@ def _check_bf16(cfg: TrainConfig, device: torch.device) -> None:
 
 
 def _find_start(cfg: TrainConfig, mcfg: ModelConfig, ds: TokenDataset, dist: dist_lib.Dist,
-                ckpt: CheckpointManager, fingerprint: str) -> StartPoint:
-    """Fresh or which checkpoint (resume.find_start), refusing another experiment's; RunComplete when done."""
+                ckpt: CheckpointManager, fingerprint: str) -> tuple[StartPoint, mirror_lib.Mirror | None]:
+    """Fresh or which checkpoint (resume.find_start), refusing another experiment's; RunComplete when done.
+    With --mirror and an empty run dir, the mirror's newest good checkpoint is pulled first."""
     shapes = model_shapes(mcfg)
 
     def usable(state: dict, path: Path) -> str | None:
@@ -150,14 +152,17 @@ def _find_start(cfg: TrainConfig, mcfg: ModelConfig, ds: TokenDataset, dist: dis
                        ds.tokenizer, fingerprint)
         return problem(state, shapes, TrainSampler(ds, cfg.seed, world_size=dist.world_size).load_state_dict)
 
+    run_dir = Path(cfg.out_dir)
+    mirror = mirror_lib.open_and_pull(cfg, run_dir, dist, usable)  # an empty run dir resumes from the mirror
     start = find_start(cfg, ckpt, usable)
     dist_lib.check_same_start(start.state["step"] if start.resumed else None, dist)
-    run_dir = Path(cfg.out_dir)
     if start.resumed and start.state["step"] >= cfg.steps and _completed_at(run_dir) == start.state["step"]:
         raise RunComplete(f"{run_dir} is complete ({start.state['step']} of {cfg.steps} steps); nothing to do. "
                           "Raise --steps to extend it, or use another --out-dir for a new run"
                           + (" (--overwrite replaces a run only with --resume never)" if cfg.overwrite else ""))
-    return start
+    if mirror:
+        mirror.check_start(start, cfg.overwrite)
+    return start, mirror
 
 
 def _completed_at(run_dir: Path) -> int | None:
@@ -166,7 +171,8 @@ def _completed_at(run_dir: Path) -> int | None:
     return ends[-1].get("step") if ends and RunStatus.parse(ends[-1].get("status")) == COMPLETED else None
 
 
-def _claim_run_dir(run_dir: Path, start: StartPoint, dist: dist_lib.Dist) -> tuple[RunDirLock, dict | None]:
+def _claim_run_dir(run_dir: Path, start: StartPoint, dist: dist_lib.Dist, ckpt: CheckpointManager,
+                   mirror: mirror_lib.Mirror | None) -> tuple[RunDirLock, dict | None]:
     """Lock the run dir (the first write), then clear it or set a rolled-back branch aside as `start` says."""
     lock = RunDirLock(run_dir)
     branch: dict[str, Any] | None = None
@@ -176,6 +182,8 @@ def _claim_run_dir(run_dir: Path, start: StartPoint, dist: dist_lib.Dist) -> tup
             clear_run(run_dir)
         if start.abandon:
             branch = set_branch_aside(run_dir, start.abandon, start.state["step"])
+        if mirror:
+            mirror.begin(ckpt)
     run_dir.mkdir(parents=True, exist_ok=True)
     return lock, branch
 
@@ -250,6 +258,8 @@ def _open_trackers(cfg: TrainConfig, ds: TokenDataset, dist: dist_lib.Dist, star
                   tags=cfg.wandb_tags.split(",") if cfg.wandb_tags else None, mode=cfg.wandb_mode,
                   run_id=wandb_id, fresh=not start.resumed, warn=console.print)
     info.update(wandb_url=wb.url, wandb_sync=wb.sync_command)
+    if wb.enabled and (where := wandb_location(wb.url, wb.sync_command)):
+        console.print(where)  # at the start too: the dashboard can be opened while the run trains
     tb = TBWriter(run_dir, enabled=cfg.tb and main, purge_step=prog.step + 1 if start.resumed else None)
     return Trackers(log, wb, tb, console)
 

@@ -23,6 +23,7 @@ from pretrain.train import device as dev
 from pretrain.train import distributed as dist_lib
 from pretrain.train.checkpoint import CheckpointManager
 from pretrain.train.config import TrainConfig
+from pretrain.train.mirror import Mirror
 from pretrain.train.rundir import RunDirLock
 
 # wandb / TensorBoard namespace of each event type (train.jsonl keeps the type itself).
@@ -104,6 +105,7 @@ class RunState:
     prog: Progress = field(default_factory=Progress)
     fingerprint: str = ""  # the dataset's, checked on resume
     lock: RunDirLock | None = None
+    mirror: Mirror | None = None  # --mirror: checkpoints copied off the machine (mirror.py)
     meter: Any = None  # the loop's meter.Meter while it runs: checkpoints carry its open window
 
     @property
@@ -131,6 +133,8 @@ class RunState:
     def close(self) -> None:
         self.ckpt.wait()
         self.track.close()
+        if self.mirror:
+            self.mirror.close()  # train.jsonl and summary.md as they end
         self.loader.close()
         if self.lock:
             self.lock.release()
