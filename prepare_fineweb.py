@@ -9,8 +9,8 @@ Flags: `python prepare_fineweb.py --help`; the work happens in pretrain/data/pre
 
 import sys
 
-from pretrain.cli import script_exit_code
-from pretrain.data.cli import main
+from pretrain.data.entry import main
+from pretrain.errors import script_exit_code
 
 if __name__ == "__main__":
     sys.exit(script_exit_code(main))

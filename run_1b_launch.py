@@ -6,8 +6,8 @@ same line again after a preemption resumes. Flags: `python run_1b_launch.py --he
 
 import sys
 
-from pretrain.cli import script_exit_code
-from pretrain.plan.cli import main
+from pretrain.errors import script_exit_code
+from pretrain.plan.entry import main
 
 if __name__ == "__main__":
     sys.exit(script_exit_code(main))

@@ -5,8 +5,8 @@ Re-running the same command resumes from `<out-dir>/last.pt`. Flags: `python tra
 
 import sys
 
-from pretrain.cli import script_exit_code
-from pretrain.train.cli import main
+from pretrain.errors import script_exit_code
+from pretrain.train.entry import main
 
 if __name__ == "__main__":
     sys.exit(script_exit_code(main))

@@ -5,7 +5,7 @@
 
 For each variant: the median wall (and CPU) seconds of one training step like the trainer's (forward +
 backward, AdamW step; fp32 unless --amp) and of one `diagnose` call on the fixed batch the trainer would use
-(probe_rows sequences of the eval length: reference attention with explicit softmax, K/V SVDs, one extra
+(diagnostic_rows sequences of the eval length: reference attention with explicit softmax, K/V SVDs, one extra
 forward + backward for per-layer gradient norms). The overhead at cadence N is diag / (N * step), the share
 of training time the diagnostics add when they run every N steps; the launcher's default is every eval
 (--eval-every, 200 steps). CPU seconds are printed too: on a shared box they survive time-slicing.
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import GPT, PAPER_PRESETS, ModelConfig  # noqa: E402
-from pretrain.evals.diagnostics import diagnose, probe_rows  # noqa: E402
+from pretrain.evals.diagnostics import diagnose, diagnostic_rows  # noqa: E402
 
 VARIANTS = {"baseline": {"attn": "baseline"}, "gqa": {"attn": "gqa"}, **PAPER_PRESETS}
 
@@ -56,7 +56,7 @@ def measure(cfg: ModelConfig, args: argparse.Namespace, autocast: Any) -> tuple[
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    px = x[:probe_rows(cfg.n_head, args.seq_len, args.batch)]
+    px = x[:diagnostic_rows(cfg.n_head, args.seq_len, args.batch)]
     return (*timed(step, args.warmup, args.iters),
             *timed(lambda: diagnose(model, px, px, autocast), args.warmup, args.iters))
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8, help="training micro-batch (the probe uses up to 4 rows)")
+    p.add_argument("--batch", type=int, default=8, help="training micro-batch (diagnostics use up to 4 rows)")
     p.add_argument("--every", type=int, default=200, help="diagnostics cadence in steps (launcher: --eval-every)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)

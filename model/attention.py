@@ -23,7 +23,7 @@ as in the original code. Kept deliberately, so results compare with the original
 semantic half of its score is position-free, only the geometric half sees the distance. The optimizer
 gives the null key/value no weight decay (pretrain/train/optim.py).
 
-Reference path: forward(x, probe=f) computes the same attention with an explicit softmax (after the same
+Reference path: forward(x, on_trace=f) computes the same attention with an explicit softmax (after the same
 projection code) and hands f an AttentionTrace of probabilities and score parts, for diagnostics.
 """
 
@@ -170,17 +170,17 @@ class CausalSelfAttention(nn.Module):
         return q, k, v, scale, mask
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
-                probe: Callable[[AttentionTrace], None] | None = None) -> torch.Tensor:
+                on_trace: Callable[[AttentionTrace], None] | None = None) -> torch.Tensor:
         """x (B, T, d) -> (B, T, d). With a cache, x holds the tokens after the cached ones.
 
-        With `probe`, attention runs through the explicit reference path (`_attend_reference`) and the probe
+        With `on_trace`, attention runs through the explicit reference path (`_attend_reference`) and on_trace
         receives the probabilities and score parts; the projections are the same code either way."""
         B, T, _ = x.shape
         start = cache.pos if cache is not None else 0
         q, k, v, scale, mask = self._project(x, cache)
         gqa = self.n_kv_head != self.n_head
-        if probe is not None:
-            y = self._attend_reference(q, k, v, scale, mask, start, probe)
+        if on_trace is not None:
+            y = self._attend_reference(q, k, v, scale, mask, start, on_trace)
         elif self.null_k is not None and attention_backend(x.device.type, True,
                                                            torch.compiler.is_compiling()) == "flex":
             y = null_slot_flex_attention(q, k, v, start, scale, gqa)
@@ -195,7 +195,7 @@ class CausalSelfAttention(nn.Module):
 
     def _attend_reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
                           mask: torch.Tensor | None, start: int,
-                          probe: Callable[[AttentionTrace], None]) -> torch.Tensor:
+                          on_trace: Callable[[AttentionTrace], None]) -> torch.Tensor:
         """softmax(q k^T * scale + mask) v written out, in at least fp32, so the probabilities can be seen.
 
         Equals the SDPA path up to rounding (tests/test_model_attention.py). For decoupled, q and k are the
@@ -216,7 +216,7 @@ class CausalSelfAttention(nn.Module):
             scores, sem, geo = self._score_parts(qf, kf, scale)
             probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
             y = probs @ vh.to(dtype)
-        probe(AttentionTrace(probs=probs, mask=mask, keys=k, values=v, sem_scores=sem, geo_scores=geo,
+        on_trace(AttentionTrace(probs=probs, mask=mask, keys=k, values=v, sem_scores=sem, geo_scores=geo,
                              null_slot=self.null_k is not None))
         return y.to(q.dtype)
 

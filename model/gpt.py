@@ -59,8 +59,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
-                probe: Callable[[AttentionTrace], None] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cache, probe)
+                on_trace: Callable[[AttentionTrace], None] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache, on_trace)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -228,7 +228,7 @@ class GPT(nn.Module):
                 x = block(x)
         return self.norm_f(x)
 
-    def probe(self, idx: torch.Tensor,
+    def trace_attention(self, idx: torch.Tensor,
               on_layer: Callable[[int, AttentionTrace, torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
         """Forward through the reference attention path: on_layer(i, trace, x_in, x_out) is called per block
         with its AttentionTrace and the residual stream before and after it. Returns final-normed hidden states.
@@ -238,7 +238,7 @@ class GPT(nn.Module):
         x = self.wte(idx)
         for i, block in enumerate(self.blocks):
             traces: list[AttentionTrace] = []
-            out = block.forward(x, probe=traces.append)
+            out = block.forward(x, on_trace=traces.append)
             on_layer(i, traces[0], x, out)
             x = out
         return self.norm_f(x)

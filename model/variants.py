@@ -3,7 +3,7 @@
 An entry names the module a block builds, how the variant splits its widths into heads (per-head q/k, v
 and rotary dims), which ModelConfig widths must split evenly over the heads, how many key/value heads it
 keeps, and a one-line summary. ModelConfig's validation, parameter / FLOP / KV-cache arithmetic, the
-trainer's --attn-mode choices, the launcher's --variant names, the demo, the paper table, benches and the
+trainer's --attn choices, the launcher's --variant names, the demo, the paper table, benches and the
 tests' parametrization all read ATTENTION_VARIANTS. The KV cache holds n_kv_head keys and values per
 layer and token, so an entry's head dims and kv heads are its KV-bytes rule (ModelConfig.kv_cache_bytes_per_token).
 
@@ -39,7 +39,7 @@ class AttentionVariant:
 
     @property
     def module(self) -> type[nn.Module]:
-        # Imported on use: the registry (--attn-mode's choices, --help) must load without torch.
+        # Imported on use: the registry (--attn's choices, --help) must load without torch.
         return getattr(importlib.import_module(".attention", __package__), self.module_name)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from pretrain.cli import script_exit_code
+from pretrain.errors import script_exit_code
 from pretrain.invocation import CONSOLE, set_started_as
 
 
@@ -15,15 +15,15 @@ def _run(module: str) -> int:
 
 
 def prepare() -> int:
-    return _run("pretrain.data.cli")
+    return _run("pretrain.data.entry")
 
 
 def train() -> int:
-    return _run("pretrain.train.cli")
+    return _run("pretrain.train.entry")
 
 
 def launch() -> int:
-    return _run("pretrain.plan.cli")
+    return _run("pretrain.plan.entry")
 
 
 def compare() -> int:

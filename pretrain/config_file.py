@@ -1,6 +1,6 @@
 """Settings kept in a file: `--config FILE` (TOML, YAML or JSON) for the trainer and the launcher, and TOML out.
 
-A file's keys are the flags' names (`attn_mode` or `attn-mode`); tables (`[model]`, `[optim]`, ...) only group
+A file's keys are the flags' names (`attn` or `attn-mode`); tables (`[model]`, `[optim]`, ...) only group
 them. The file's values become the parser's defaults, so every flag given on the command line overrides the file.
 Values are checked as the flag would check them (type, choices); an unknown key is one line naming the closest
 valid one. Torch-free: the launcher and the trainer read their file before anything heavy loads.
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 
 CONFIG_NAME = "config.toml"  # what the trainer writes into its run dir; `--config RUN_DIR` reads it
 FILE_FLAGS = ("config", "print_config")  # parser dests that are about the file, not settings

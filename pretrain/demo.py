@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from model.variants import ATTENTION_VARIANTS
-from pretrain.cli import EXIT_STOPPED, ArgumentParser, UserError
+from pretrain.errors import EXIT_STOPPED, ArgumentParser, UserError
 from pretrain.plan import launch
 from pretrain.plan.view import render_plan
 from pretrain.track.compare import run_row
@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 DEFAULT_STEPS = 150
 STEPS_ENV = "PRETRAIN_DEMO_STEPS"
-VARIANTS = {**{name: ["--attn-mode", name] for name in ATTENTION_VARIANTS},
-            "gqa_kv2": ["--attn-mode", "gqa", "--kv-head", "2"]}
+VARIANTS = {**{name: ["--attn", name] for name in ATTENTION_VARIANTS},
+            "gqa_kv2": ["--attn", "gqa", "--n-kv-head", "2"]}
 
 # What the demo changes from the cpu tier, and why: seq 128 throughout (the tier's switch to 256 doubles the
 # cost of the GPT-2-vocab LM head, which dominates a tiny model's step), a higher LR than the 1B default
@@ -127,6 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pretrain.cli import script_exit_code
+    from pretrain.errors import script_exit_code
 
     sys.exit(script_exit_code(main))

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model import ModelConfig
-from pretrain.cli import ArgumentParser, UserError, script_exit_code
+from pretrain.errors import ArgumentParser, UserError, script_exit_code
 from pretrain.evals.run_model import CHECKPOINT_HELP, DEFAULT_CHECKPOINT, find_checkpoint, open_checkpoint
 from pretrain.export_hub import DEFAULT_LICENSE
 from pretrain.export_remote import FORMAT as OUR_FORMAT

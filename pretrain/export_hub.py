@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from model import ModelConfig
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 
 DEFAULT_LICENSE = "apache-2.0"
 GENERATE_TEMPERATURE = 0.8  # python -m pretrain.generate's default, so both sample alike

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from model.kv_formats import parse_kv_setting
-from pretrain.cli import ArgumentParser, UserError, script_exit_code
+from pretrain.errors import ArgumentParser, UserError, script_exit_code
 from pretrain.evals.run_model import CHECKPOINT_HELP, DEFAULT_CHECKPOINT, load_run_model
 
 

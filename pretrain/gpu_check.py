@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import ATTN_VARIANTS
-from pretrain.cli import EXIT_STOPPED, ArgumentParser, UserError
+from pretrain.errors import EXIT_STOPPED, ArgumentParser, UserError
 from pretrain.gpu_check_runs import compare_resume, compile_counts, measured_phases, overall_rate, run, trainer_argv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,6 +306,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pretrain.cli import script_exit_code
+    from pretrain.errors import script_exit_code
 
     sys.exit(script_exit_code(main))

@@ -21,7 +21,7 @@ TOOLS: dict[str, tuple[str | None, str, str]] = {
     "export": (None, "pretrain-export", "pretrain.export"),
     "generate": (None, "pretrain-generate", "pretrain.generate"),
     "downstream": (None, "pretrain-downstream", "pretrain.evals.downstream"),
-    "infer_bench": (None, "pretrain-infer-bench", "pretrain.infer_bench"),
+    "infer_bench": (None, "pretrain-infer-bench", "pretrain.evals.infer_bench"),
 }
 _started = [SCRIPT]
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from model import GPT, ModelConfig
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 
 # (our name, Llama name) per parameter; {i} is the layer index.
 _NAMES = [
@@ -134,18 +134,18 @@ def check_init_from(path: str | Path, mcfg: ModelConfig) -> None:
     why = llama_incompatibility(mcfg)
     if why is not None:
         raise UserError(f"--init-from loads Llama weights, which only baseline/gqa models hold ({why}); "
-                        "use --attn-mode baseline or gqa")
+                        "use --attn baseline or gqa")
     hf = _read_llama_config(path)
     if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file():
         raise UserError(f"--init-from {path}: no model.safetensors (or index) there; save the model with "
                         "save_pretrained(..., safe_serialization=True) first")
     heads = hf.get("num_attention_heads")
     kv = hf.get("num_key_value_heads") or heads
-    want = [("hidden_size", mcfg.d_model, "--d-model"), ("num_hidden_layers", mcfg.n_layer, "--layers"),
+    want = [("hidden_size", mcfg.d_model, "--d-model"), ("num_hidden_layers", mcfg.n_layer, "--n-layer"),
             ("num_attention_heads", mcfg.n_head, "--n-head"), ("intermediate_size", mcfg.d_ff, "--d-ff")]
     fixes = [f"{flag} {hf.get(key)}" for key, ours, flag in want if hf.get(key) != ours]
     if kv != mcfg.n_kv_head:
-        fixes.append(f"--attn-mode gqa --kv-head {kv}" if kv != heads else "--attn-mode baseline")
+        fixes.append(f"--attn gqa --n-kv-head {kv}" if kv != heads else "--attn baseline")
     if hf.get("vocab_size") not in (mcfg.vocab_size, mcfg.padded_vocab_size):
         fixes.append(f"data tokenized with the checkpoint's tokenizer (vocab {hf.get('vocab_size')}, "
                      f"this data has {mcfg.vocab_size})")

@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def parse_seq_schedule(spec: str, default_seq_len: int, block_size: int) -> list
         if length > block_size:
             raise UserError(
                 f"--seq-schedule length {length} exceeds the model's block size {block_size}; "
-                f"raise --block to at least {length} or shorten the schedule"
+                f"raise --block-size to at least {length} or shorten the schedule"
             )
     return points
 

@@ -5,7 +5,7 @@ the request here. Long work runs inside `interruptible()` regions: the eval batc
 diagnostics, sampling, downstream scoring, and each micro-batch's forward/backward (whose first call compiles
 for up to minutes and cannot poll a flag). Inside a region the handler raises `StopNow` at once; it unwinds to
 the training loop, which saves the state of the last full step, and the trainer exits `EXIT_STOPPED`
-(pretrain/cli.py). A region holds only work that changes no state the checkpoint holds, or whose partial
+(pretrain/errors.py). A region holds only work that changes no state the checkpoint holds, or whose partial
 effects the stop path discards (a micro-batch's gradients): never the optimizer step, a checkpoint snapshot,
 or a train.jsonl write. A request that came outside any region raises on entering the next one (`check`).
 

@@ -23,7 +23,7 @@ from pretrain.train.loop import train
 
 STEPS = 30
 # Tiny model, grad-accum 2 (so signals can land mid-accumulation), a save every 2 steps, evals in between.
-FLAGS = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64",
+FLAGS = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--d-ff", "128", "--block-size", "64",
          "--batch-size", "4", "--grad-accum", "2", "--train-seq-len", "32", "--val-frac", "0.05",
          "--eval-iters", "2", "--eval-every", "10", "--log-every", "1", "--warmup-steps", "2", "--lr", "3e-3",
          "--device", "cpu", "--live", "off", "--save-minutes", "0", "--save-every", "2", "--keep-last", "2",

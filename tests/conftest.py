@@ -136,9 +136,9 @@ def made_bytes(tmp_path_factory) -> Path:
 
 
 def cli_exit(main, argv: list[str]) -> int:
-    """The exit code of a CLI's main run in this process as its script runs it (pretrain.cli.run_cli: a UserError
+    """The exit code of a CLI's main run in this process as its script runs it (pretrain.errors.run_cli: a UserError
     is one line and 2), an argparse SystemExit taken as its code, as the interpreter takes it."""
-    from pretrain.cli import run_cli
+    from pretrain.errors import run_cli
 
     try:
         return run_cli(main, argv)
@@ -147,9 +147,9 @@ def cli_exit(main, argv: list[str]) -> int:
 
 
 # The smallest trainer flags: one layer, no eval between steps; what a test of bad input or a refused resume needs.
-TINY_TRAIN = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "1", "--d-ff", "128", "--block", "64",
-              "--batch-size", "2", "--train-seq-len", "32", "--val-frac", "0.05", "--eval-iters", "1", "--device",
-              "cpu", "--live", "off", "--save-minutes", "0", "--eval-every", "0"]
+TINY_TRAIN = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "1", "--d-ff", "128",
+              "--block-size", "64", "--batch-size", "2", "--train-seq-len", "32", "--val-frac", "0.05",
+              "--eval-iters", "1", "--device", "cpu", "--live", "off", "--save-minutes", "0", "--eval-every", "0"]
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import script_exit_code  # noqa: E402
 from pretrain.data import cli, prepare  # noqa: E402
+from pretrain.errors import script_exit_code  # noqa: E402
 
 
 def _pausing(save_shard: Callable[..., None], pause: float) -> Callable[..., None]:

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY_TRAIN, cli_exit
 
-from pretrain.data.cli import main as prepare_main
-from pretrain.plan.cli import main as launch_main
-from pretrain.train.cli import main as train_main
+from pretrain.data.entry import main as prepare_main
+from pretrain.plan.entry import main as launch_main
+from pretrain.train.entry import main as train_main
 
 PY = sys.executable
 TRAIN = str(ROOT / "train_v29.py")
@@ -93,7 +93,7 @@ CASES = {
     "launch: junk token budget": (launch_main, lambda w, m: _launch(w, "--val-frac", "0.05", "--target-tokens", "ten"),
                                   "not a number"),
     "launch: schedule beyond block": (launch_main, lambda w, m: _launch(w, "--seq-schedule", "8192@0"), "block"),
-    "launch: kv heads not dividing": (launch_main, lambda w, m: _launch(w, "--variant", "gqa", "--kv-head", "3"),
+    "launch: kv heads not dividing": (launch_main, lambda w, m: _launch(w, "--variant", "gqa", "--n-kv-head", "3"),
                                       "divide"),
     "launch: odd RoPE dim": (launch_main, lambda w, m: _launch(w, "--d-model", "36", "--n-head", "4"), "RoPE"),
     "launch: missing data with --run": (launch_main, lambda w, m: ["--vram", "cpu", "--data",
@@ -208,12 +208,12 @@ def test_each_script_reports_bad_input_in_one_line_exit_2(script, tmp_path):
 def test_read_only_run_dir_is_one_line_before_anything_is_written(world, tmp_path, capsys, monkeypatch):
     import errno
 
-    import pretrain.train.rundir as rundir
+    import pretrain.train.run_dir as run_dir
 
-    def read_only(*a, **k):  # root ignores chmod, so the probe's failure stands in for a read-only mount
+    def read_only(*a, **k):  # root ignores chmod, so the temp file's failure stands in for a read-only mount
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(rundir.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(run_dir.tempfile, "mkstemp", read_only)
     assert cli_exit(train_main, ["--data", str(world["data"]), "--out-dir", str(tmp_path / "run"), *TINY]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "not writable" in err and err.count("\n") == 1, err

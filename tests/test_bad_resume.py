@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import TINY_TRAIN, full_disk
 
-from pretrain.cli import run_cli
+from pretrain.errors import run_cli
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.checkpoint import checkpoint_paths, load_checkpoint
 

@@ -32,7 +32,7 @@ from chaos_run import (
 )
 from conftest import ROOT
 
-from pretrain.cli import EXIT_STOPPED, run_cli
+from pretrain.errors import EXIT_STOPPED, run_cli
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.checkpoint import load_checkpoint
 from pretrain.train.loop import main

@@ -13,7 +13,7 @@ import pytest
 from chaos_run import STEPS, TMP_PREFIX, argv, assert_matches_reference, events, run_inprocess
 
 import pretrain.train.checkpoint as ck
-from pretrain.cli import run_cli
+from pretrain.errors import run_cli
 from pretrain.train.checkpoint import load_checkpoint
 from pretrain.train.loop import main
 

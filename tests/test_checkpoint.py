@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pretrain.train.checkpoint as ck
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.train.checkpoint import (
     CheckpointManager,
     checkpoint_paths,
@@ -376,7 +376,8 @@ def test_tied_embedding_is_stored_once_stays_tied_on_resume_and_matches_the_plan
     from pretrain.train.loop import main as train_main
     from pretrain.train.session import open_session
 
-    small = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64"]
+    small = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--d-ff", "128",
+             "--block-size", "64"]
     _, plan = launch.plan_from_argv(["--vram", "cpu", "--data", str(gpt2_data), "--val-frac", "0.05", "--steps", "2",
                                      "--run-root", str(tmp_path / "runs"), *small], gpu=None)
     argv = [*plan.command[2:], "--eval-iters", "1", "--live", "off", "--device", "cpu"]

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.cli import run_cli
+from pretrain.errors import run_cli
 from pretrain.train import device as dev
 from pretrain.train.checkpoint import CheckpointManager, load_checkpoint
 from pretrain.train.loop import main
 
-TINY = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--layers", "1", "--d-ff", "64", "--block", "32",
+TINY = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--n-layer", "1", "--d-ff", "64", "--block-size", "32",
         "--batch-size", "2", "--train-seq-len", "16", "--val-frac", "0.05", "--eval-iters", "1", "--eval-every", "4",
         "--log-every", "1", "--steps", "4", "--save-every", "2", "--device", "cpu", "--live", "off", "--no-amp"]
 

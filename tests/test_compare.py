@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_train import FAST
 
-from pretrain.cli import run_cli
+from pretrain.errors import run_cli
 from pretrain.track.compare import compare_runs, format_table, main, plot_val_curves
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.config import parse_config
@@ -21,7 +21,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def runs(byte_data, tmp_path_factory) -> dict[str, Path]:
     """A baseline run with --tb and a GQA run, 6 steps each, evals at 0, 3 and 6."""
     root = tmp_path_factory.mktemp("runs")
-    variants = {"base": ["--tb"], "gqa": ["--attn-mode", "gqa", "--kv-head", "2"]}
+    variants = {"base": ["--tb"], "gqa": ["--attn", "gqa", "--n-kv-head", "2"]}
     for name, flags in variants.items():
         cfg = parse_config(["--data", str(byte_data), "--out-dir", str(root / name), *FAST, "--steps", "6",
                             "--eval-every", "3", "--save-every", "0", *flags])

@@ -26,9 +26,9 @@ def runs(byte_data, made_bytes, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("footing")
     return {
         "base": _train(byte_data, root / "base", "--steps", "6"),
-        "gqa-short": _train(byte_data, root / "gqa-short", "--steps", "3", "--attn-mode", "gqa", "--kv-head", "2"),
-        "gqa-other-text": _train(made_bytes, root / "gqa-other-text", "--steps", "6", "--attn-mode", "gqa",
-                                 "--kv-head", "2"),
+        "gqa-short": _train(byte_data, root / "gqa-short", "--steps", "3", "--attn", "gqa", "--n-kv-head", "2"),
+        "gqa-other-text": _train(made_bytes, root / "gqa-other-text", "--steps", "6", "--attn", "gqa",
+                                 "--n-kv-head", "2"),
         "base-seed2": _train(byte_data, root / "base-seed2", "--steps", "6", "--seed", "2"),
     }
 
@@ -79,8 +79,9 @@ def test_launcher_default_budget_is_the_same_for_every_variant():
     plans = {}
     for variant in ("baseline", "bottleneck"):
         with tempfile.TemporaryDirectory() as root:
-            _, plans[variant] = launch.plan_from_argv(["--vram", "24", "--size", "tiny", "--attn-dim", "32", "--block",
-                                                       "64", "--variant", variant, "--run-root", root], gpu=None)
+            _, plans[variant] = launch.plan_from_argv(["--vram", "24", "--size", "tiny", "--attn-dim", "32",
+                                                       "--block-size", "64", "--variant", variant, "--run-root", root],
+                                                      gpu=None)
     base, other = plans["baseline"], plans["bottleneck"]
     assert other.resolved.mcfg.num_params() < base.resolved.mcfg.num_params()
     assert other.planned_tokens == base.planned_tokens and other.steps == base.steps

@@ -1,5 +1,5 @@
 """Seeds and measured inference cost, as a user gets them: run_1b_launch.py --seeds N --run trains one run dir
-per seed; python -m pretrain.infer_bench / compare --measure measure each variant; compare shows seed groups
+per seed; python -m pretrain.evals.infer_bench / compare --measure measure each variant; compare shows seed groups
 as mean ± sd (and bands), the measured columns, and the val-loss-vs-KV-bytes scatter."""
 
 from __future__ import annotations
@@ -9,15 +9,15 @@ import json
 import pytest
 
 from model.variants import ATTENTION_VARIANTS
-from pretrain.cli import run_cli
+from pretrain.errors import run_cli
 from pretrain.evals.infer_bench import main as bench_main
 from pretrain.plan.launch import main as launch_main
 from pretrain.track.compare import main as compare_main
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.loop import main as train_main
 
-SMALL = ["--vram", "cpu", "--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128",
-         "--block", "64", "--batch-size", "4", "--grad-accum", "1", "--train-seq-len", "32", "--steps", "4",
+SMALL = ["--vram", "cpu", "--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--d-ff", "128",
+         "--block-size", "64", "--batch-size", "4", "--grad-accum", "1", "--train-seq-len", "32", "--steps", "4",
          "--eval-iters", "2", "--eval-every", "2", "--log-every", "1", "--save-every", "0", "--save-minutes", "0",
          "--live", "off", "--val-frac", "0.05", "--no-compile", "--no-grad-checkpoint", "--param-dtype", "fp32"]
 
@@ -32,7 +32,7 @@ def runs(made_bytes, tmp_path_factory):
     root = tmp_path_factory.mktemp("cmp") / "runs"
     assert _launch("--data", str(made_bytes), *SMALL, "--seeds", "2", "--seed", "5", "--run-root", str(root),
                    "--run") == 0
-    gqa = ["--attn-mode", "gqa", "--kv-head", "1", "--out-dir", str(root / "tiny-gqa_kv1"), "--data", str(made_bytes)]
+    gqa = ["--attn", "gqa", "--n-kv-head", "1", "--out-dir", str(root / "tiny-gqa_kv1"), "--data", str(made_bytes)]
     assert train_main([*gqa, *SMALL[2:], "--device", "cpu"]) == 0
     return root
 

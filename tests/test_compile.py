@@ -19,7 +19,7 @@ from pretrain.train.config import TrainConfig, parse_config
 from pretrain.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--layers", "2", "--d-ff", "64", "--block", "64",
+TINY = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--n-layer", "2", "--d-ff", "64", "--block-size", "64",
         "--val-frac", "0.05", "--device", "cpu", "--live", "off", "--save-every", "0", "--save-minutes", "0",
         "--log-every", "1"]
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.plan.plan import trainer_argv
 from pretrain.train.config import (
     TrainConfig,
@@ -25,7 +25,7 @@ def test_every_field_has_a_flag():
 
 def test_argv_round_trip():
     """The launcher's printed trainer command (plan.trainer_argv) reproduces the config."""
-    cfg = parse_config(["--size", "small", "--attn-mode", "gqa", "--kv-head", "4", "--no-amp", "--lr", "3e-4",
+    cfg = parse_config(["--size", "small", "--attn", "gqa", "--n-kv-head", "4", "--no-amp", "--lr", "3e-4",
                         "--seq-schedule", "256@0,1024@100", "--grad-checkpoint", "--wandb-tags", "a,b"])
     assert parse_config(trainer_argv(cfg)) == cfg
 
@@ -53,10 +53,10 @@ def test_bad_flag_exits_2_with_one_line(capsys):
 
 
 def test_model_config_overrides_and_errors():
-    m = model_config_from(parse_config(["--size", "tiny", "--attn-mode", "gqa", "--kv-head", "2"]), 50257)
+    m = model_config_from(parse_config(["--size", "tiny", "--attn", "gqa", "--n-kv-head", "2"]), 50257)
     assert (m.attn, m.n_kv_head, m.vocab_size) == ("gqa", 2, 50257)
     with pytest.raises(UserError, match="n_kv_head|kv"):
-        model_config_from(parse_config(["--attn-mode", "gqa", "--kv-head", "3"]), 256)
+        model_config_from(parse_config(["--attn", "gqa", "--n-kv-head", "3"]), 256)
 
 
 def test_resume_differences_allow_cadence_not_model():

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.cli import run_cli
-from pretrain.plan.cli import main as launch_main
-from pretrain.train.cli import main as train_main
+from pretrain.errors import run_cli
+from pretrain.plan.entry import main as launch_main
+from pretrain.train.entry import main as train_main
 
-FAST = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--layers", "1", "--d-ff", "64", "--block", "32",
+FAST = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--n-layer", "1", "--d-ff", "64", "--block-size", "32",
         "--batch-size", "2", "--val-frac", "0.05", "--eval-iters", "1", "--eval-every", "2", "--log-every", "1",
         "--warmup-steps", "1", "--device", "cpu", "--live", "off", "--save-minutes", "0", "--steps", "3"]
 
@@ -60,15 +60,15 @@ def test_yaml_and_a_run_dir_are_accepted(tmp_path, capsys):
     f.write_text("lr: 6e-4\nattn_mode: gqa\nkv_head: 2\nn_head: 4\n")  # YAML reads 6e-4 as a string
     assert run_cli(train_main, ["--config", str(f), "--print-config"]) == 0
     printed = tomllib.loads(capsys.readouterr().out)
-    assert printed["optim"]["lr"] == 6e-4 and printed["model"]["kv_head"] == 2
+    assert printed["optim"]["lr"] == 6e-4 and printed["model"]["n_kv_head"] == 2
 
 
 @pytest.mark.parametrize("text, words", [
     ("learning_rate = 1e-3\n", ["unknown key 'learning_rate'", "did you mean 'lr'"]),
-    ("atn_mode = 'gqa'\n", ["unknown key 'atn_mode'", "did you mean 'attn_mode'"]),
+    ("atn_mode = 'gqa'\n", ["unknown key 'atn_mode'", "did you mean 'attn'"]),
     ("steps = 'many'\n", ["steps = 'many'", "not a valid int"]),
     ("tie_qk = 1\n", ["tie_qk = 1", "true or false"]),
-    ("attn_mode = 'flash'\n", ["attn_mode = 'flash'", "use one of"]),
+    ("attn = 'flash'\n", ["attn = 'flash'", "use one of"]),
     ("steps = \n", ["not readable as TOML"]),
 ])
 def test_a_bad_file_is_one_line_and_exit_2(tmp_path, capsys, text, words):

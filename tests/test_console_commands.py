@@ -13,7 +13,7 @@ from conftest import ROOT
 
 from pretrain.plan import launch
 
-SMALL = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--layers", "1", "--d-ff", "64", "--block", "32",
+SMALL = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--n-layer", "1", "--d-ff", "64", "--block-size", "32",
          "--eval-iters", "1", "--eval-every", "0", "--log-every", "1", "--save-every", "0", "--save-minutes", "0",
          "--live", "off", "--steps", "2", "--batch-size", "2", "--grad-accum", "1"]
 

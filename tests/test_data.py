@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.cli import UserError, run_cli
 from pretrain.data.dataset import open_dataset
 from pretrain.data.loader import Prefetcher, TrainSampler, ValWindows
 from pretrain.data.manifest import FORMAT, MANIFEST, VERSION, atomic_write_json, shard_name
 from pretrain.data.permutation import FeistelPermutation
+from pretrain.errors import UserError, run_cli
 
 VOCAB = 60000  # > token count, so every token value is unique
 
@@ -246,7 +246,7 @@ def test_other_user_errors(tmp_path):
 
 ORIGINAL_META = ("tokens: {n}\ndocuments: 97\nencoding: gpt2\nvocab_size: 50257\n"
                  "source: HuggingFaceFW/fineweb-edu\nformat: npy\n")
-TINY = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--layers", "1", "--d-ff", "64", "--block", "32",
+TINY = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--n-layer", "1", "--d-ff", "64", "--block-size", "32",
         "--batch-size", "2", "--train-seq-len", "32", "--eval-iters", "1", "--steps", "2",
         "--device", "cpu", "--live", "off", "--save-minutes", "0", "--val-frac", "0.1"]
 

@@ -16,10 +16,10 @@ import pytest
 from conftest import ROOT
 from test_data import make_dataset
 
-from pretrain.cli import run_cli
+from pretrain.errors import run_cli
 from pretrain.train.checkpoint import load_checkpoint
 
-TINY = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--layers", "1", "--d-ff", "64", "--block", "32",
+TINY = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--n-layer", "1", "--d-ff", "64", "--block-size", "32",
         "--batch-size", "4", "--train-seq-len", "32", "--eval-iters", "1", "--device", "cpu", "--live", "off",
         "--save-minutes", "0", "--eval-every", "0", "--log-every", "1"]
 

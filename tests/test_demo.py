@@ -14,8 +14,8 @@ import pytest
 from conftest import ROOT
 
 from pretrain import demo
-from pretrain.cli import EXIT_STOPPED, run_cli
 from pretrain.data.dataset import open_dataset
+from pretrain.errors import EXIT_STOPPED, run_cli
 from pretrain.track.runlog import read_jsonl
 
 SAMPLE = ROOT / "data" / "sample"

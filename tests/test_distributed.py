@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.track.runlog import read_jsonl
 from pretrain.train import distributed as dist_lib
 from pretrain.train.checkpoint import load_checkpoint
@@ -32,7 +32,7 @@ from pretrain.train.loop import train
 LOSS_TOL = 1e-4
 B = 2  # micro-batch per rank; the single-process reference uses 2 * B
 # Constant LR after warmup: a resumed run may then use another --steps without changing the schedule.
-COMMON = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64",
+COMMON = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--d-ff", "128", "--block-size", "64",
           "--train-seq-len", "32", "--val-frac", "0.05", "--eval-iters", "2", "--log-every", "1", "--warmup-steps",
           "2", "--lr", "3e-3", "--lr-schedule", "constant", "--device", "cpu", "--live", "off", "--save-minutes",
           "0", "--no-amp", "--eval-every", "3", "--save-every", "3"]
@@ -189,7 +189,7 @@ import os, sys
 import torch
 sys.path.insert(0, {root!r})
 import pretrain.train.session as session
-from pretrain.cli import run_cli
+from pretrain.errors import run_cli
 from pretrain.train.loop import main
 
 seed_all = session.seed_everything

@@ -47,7 +47,7 @@ def mc_set(tmp_path_factory):
     return data, path
 
 
-ARGS = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64",
+ARGS = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--d-ff", "128", "--block-size", "64",
         "--batch-size", "8", "--train-seq-len", "64", "--val-frac", "0.05", "--eval-iters", "1", "--log-every", "10",
         "--warmup-steps", "5", "--lr", "1e-2", "--device", "cpu", "--live", "off", "--save-minutes", "0"]
 
@@ -90,7 +90,7 @@ def test_untrained_model_is_near_chance(mc_set, tmp_path):
 
 def test_bad_multiple_choice_inputs_are_one_line_exit_2(mc_set, tmp_path, capsys):
     from pretrain.evals.downstream import main as downstream_main
-    from pretrain.train.cli import main as trainer
+    from pretrain.train.entry import main as trainer
 
     data, items = mc_set
     bad = tmp_path / "bad.jsonl"

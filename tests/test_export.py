@@ -13,7 +13,7 @@ import torch
 from conftest import cli_exit
 
 from model import GPT, ModelConfig
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.export import load_exported
 from pretrain.export import main as export_main
 from pretrain.train import distributed as dist_lib
@@ -58,10 +58,10 @@ def test_llama_logits_match_ours(tmp_path, overrides):
 
 
 def test_export_then_init_from_gives_identical_weights(byte_data, tmp_path):
-    flags = ["--data", str(byte_data), "--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2",
-             "--d-ff", "128", "--block", "64", "--batch-size", "4", "--train-seq-len", "32", "--val-frac", "0.05",
+    flags = ["--data", str(byte_data), "--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2",
+             "--d-ff", "128", "--block-size", "64", "--batch-size", "4", "--train-seq-len", "32", "--val-frac", "0.05",
              "--eval-iters", "1", "--warmup-steps", "1", "--lr", "3e-3", "--device", "cpu", "--live", "off",
-             "--save-minutes", "0", "--eval-every", "0", "--attn-mode", "gqa", "--kv-head", "2"]
+             "--save-minutes", "0", "--eval-every", "0", "--attn", "gqa", "--n-kv-head", "2"]
     train(parse_config([*flags, "--out-dir", str(tmp_path / "a"), "--steps", "3"]))
     trained = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
     export_main([str(tmp_path / "a"), "--out", str(tmp_path / "hf"), "--checkpoint", "best"])
@@ -173,7 +173,7 @@ def test_overwrite_recognises_only_its_own_marker(tmp_path, capsys):
     """--overwrite replaces a directory only when this command's marker says it wrote everything in it: never
     a Llama look-alike (config.json, model.safetensors, the user's README), an export the user added files to,
     or one whose marker is gone; through a symlink it replaces what the link points at, and keeps the link."""
-    from pretrain.cli import run_cli
+    from pretrain.errors import run_cli
 
     _, run = fake_run(tmp_path)
     lookalike = tmp_path / "lookalike"
@@ -217,7 +217,7 @@ def test_overwrite_recognises_only_its_own_marker(tmp_path, capsys):
 def test_full_disk_is_one_line_naming_it(tmp_path, capsys):
     """safetensors reports a full disk as its own SafetensorError (no errno, a traceback); the user must read
     that the disk is full. Needs a real small filesystem: a 1 MiB tmpfs (root; skipped where mount is refused)."""
-    from pretrain.cli import run_cli
+    from pretrain.errors import run_cli
 
     _, run = fake_run(tmp_path, vocab_size=8192, d_model=128, d_ff=256)  # ~5 MiB of weights
     disk = tmp_path / "disk"

@@ -49,7 +49,7 @@ def runs(hub_data, tmp_path_factory):
 
     def get(variant: str) -> Path:
         if variant not in made:
-            flags = VARIANTS.get(variant, ["--attn-mode", variant])
+            flags = VARIANTS.get(variant, ["--attn", variant])
             made[variant] = tiny_run(hub_data, tmp_path_factory.mktemp(variant) / "run", *flags)
         return made[variant]
     return get

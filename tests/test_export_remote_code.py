@@ -24,17 +24,17 @@ from pretrain.train.loop import train
 transformers = pytest.importorskip("transformers")
 
 VARIANTS = {
-    "decoupled": ["--attn-mode", "decoupled", "--attn-dim", "32", "--sem-dim", "16", "--geo-dim", "16",
+    "decoupled": ["--attn", "decoupled", "--attn-dim", "32", "--sem-dim", "16", "--geo-dim", "16",
                   "--null-attn"],
-    "bottleneck": ["--attn-mode", "bottleneck", "--attn-dim", "32", "--learned-temp"],
+    "bottleneck": ["--attn", "bottleneck", "--attn-dim", "32", "--learned-temp"],
 }
 TOLERANCE = 1e-5  # fp32, the same code on the same device: in practice the difference is exactly 0
 
 
 def tiny_run(data: Path, out_dir: Path, *flags: str) -> Path:
     """A 3-step run of a 2-layer, d_model 64, block 64 model on `data`, evaluated at start and end."""
-    train(parse_config(["--data", str(data), "--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2",
-                        "--d-ff", "128", "--block", "64", "--batch-size", "4", "--train-seq-len", "32",
+    train(parse_config(["--data", str(data), "--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2",
+                        "--d-ff", "128", "--block-size", "64", "--batch-size", "4", "--train-seq-len", "32",
                         "--val-frac", "0.05", "--eval-iters", "1", "--warmup-steps", "1", "--lr", "3e-3",
                         "--device", "cpu", "--live", "off", "--save-minutes", "0", "--eval-every", "0",
                         "--steps", "3", "--out-dir", str(out_dir), *flags]))

@@ -25,7 +25,7 @@ def _console(name: str) -> list[str]:
 
 COMMANDS = ("train", "launch", "prepare", "compare", "export", "generate", "downstream", "infer_bench")
 MODULES = ("pretrain.train", "pretrain.plan", "pretrain.data", "pretrain.track.compare", "pretrain.export",
-           "pretrain.generate", "pretrain.evals.downstream", "pretrain.infer_bench", "pretrain.evals.infer_bench")
+           "pretrain.generate", "pretrain.evals.downstream", "pretrain.evals.infer_bench")
 ENTRIES = {
     "train_v29.py": ["train_v29.py", "--help"],
     "run_1b_launch.py": ["run_1b_launch.py", "--help"],

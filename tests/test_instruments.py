@@ -16,7 +16,7 @@ from pretrain.track.runlog import read_jsonl
 from pretrain.train.config import parse_config
 from pretrain.train.loop import train
 
-TINY = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "96", "--block", "64",
+TINY = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--d-ff", "96", "--block-size", "64",
         "--batch-size", "2", "--train-seq-len", "32", "--val-frac", "0.05", "--eval-iters", "1", "--log-every", "2",
         "--warmup-steps", "1", "--lr", "3e-3", "--device", "cpu", "--live", "off", "--save-minutes", "0",
         "--steps", "4", "--eval-every", "2"]
@@ -119,10 +119,10 @@ def test_effective_rank_extremes():
     (["--eval-seq-lens", "64,0"], ["'0'", "--eval-seq-lens"]),
     (["--eval-seq-lens", "64,100000000"], ["100000000", "validation split"]),
     (["--analysis-every", "-1"], ["--analysis-every"]),
-    (["--exp", "paper_decoupled", "--attn-mode", "baseline"], ["paper_decoupled means", "--attn-mode baseline"]),
+    (["--exp", "paper_decoupled", "--attn", "baseline"], ["paper_decoupled means", "--attn baseline"]),
 ])
 def test_bad_instrument_flags_are_one_line_exit_2(byte_data, tmp_path, flags, words, capsys):
-    from pretrain.train.cli import main
+    from pretrain.train.entry import main
 
     out = tmp_path / "r"
     code = cli_exit(main, ["--data", str(byte_data), "--out-dir", str(out), *TINY, *flags])
@@ -160,7 +160,7 @@ def test_diagnostics_need_no_more_memory_than_the_training_step(byte_data, tmp_p
     monkeypatch.setattr(loop, "run_diagnostics", marked_diagnostics)
     out = tmp_path / "run"
     assert loop.main(["--data", str(byte_data), "--out-dir", str(out), "--size", "tiny", "--d-model", "64",
-                      "--n-head", "4", "--layers", "6", "--d-ff", "256", "--block", "64", "--batch-size", "8",
+                      "--n-head", "4", "--n-layer", "6", "--d-ff", "256", "--block-size", "64", "--batch-size", "8",
                       "--val-frac", "0.05", "--eval-iters", "1", "--device", "cpu", "--live", "off",
                       "--save-minutes", "0", "--save-every", "0", "--steps", "5", "--eval-every", "0",
                       "--analysis-every", "2", "--grad-checkpoint"]) == 0

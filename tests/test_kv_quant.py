@@ -1,6 +1,6 @@
 """Quantized KV caches (issue 21.6): the q8_0 / q4_0 / nf4 block quantizers against a float64 reference, the
 bytes a cache really holds, decoding through each cache, and the user's path: generate --kv-cache,
-python -m pretrain.infer_bench --kv-cache and compare --measure showing bytes, decode tok/s and val-loss change
+python -m pretrain.evals.infer_bench --kv-cache and compare --measure showing bytes, decode tok/s and val-loss change
 per setting (and a point per setting on the quality-vs-KV plot)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from model import GPT, ModelConfig
 from model.kv_formats import parse_kv_setting, parse_kv_settings
 from model.kv_quant import NF4_LEVELS, QuantKVCache, block_layout, dequantize, quantize
-from pretrain.cli import run_cli
+from pretrain.errors import run_cli
 from pretrain.evals.infer_bench import main as bench_main
 from pretrain.evals.kv_quality import decode_loss
 from pretrain.generate import main as generate_main
@@ -22,7 +22,7 @@ from pretrain.track.kv_plot import quality_kv_points
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.loop import main as train_main
 
-SMALL = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64",
+SMALL = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--d-ff", "128", "--block-size", "64",
          "--batch-size", "4", "--grad-accum", "1", "--train-seq-len", "32", "--steps", "6", "--eval-iters", "2",
          "--eval-every", "3", "--log-every", "1", "--save-every", "0", "--save-minutes", "0", "--live", "off",
          "--val-frac", "0.05", "--no-compile", "--no-grad-checkpoint", "--param-dtype", "fp32", "--device", "cpu"]
@@ -146,7 +146,7 @@ def runs(made_bytes, tmp_path_factory):
     """A tiny baseline and a tiny decoupled run of the made-up byte data."""
     root = tmp_path_factory.mktemp("kvq") / "runs"
     for attn in ("baseline", "decoupled"):
-        assert train_main(["--data", str(made_bytes), "--attn-mode", attn, "--out-dir", str(root / attn), *SMALL]) == 0
+        assert train_main(["--data", str(made_bytes), "--attn", attn, "--out-dir", str(root / attn), *SMALL]) == 0
     return root
 
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from pretrain.cli import UserError, run_cli
+from pretrain.errors import UserError, run_cli
 from pretrain.plan import launch
 from pretrain.plan.tiers import GLOBAL_BATCH, TIERS, GpuInfo, select_tier, tier_for_memory
 from pretrain.schedule import parse_seq_schedule, planned_tokens, seq_len_at, steps_for_tokens
@@ -16,7 +16,7 @@ from pretrain.track.runlog import read_jsonl
 from pretrain.train.config import config_differences, parse_config
 
 GB = 10**9
-SMALL = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64"]
+SMALL = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--d-ff", "128", "--block-size", "64"]
 
 
 def plan(*argv: str, gpu=None, tmp=None):
@@ -132,7 +132,7 @@ def test_json_has_the_contract_keys(tmp_path, capsys):
 
 
 def test_verdict_and_fix_when_the_model_does_not_fit(tmp_path):
-    big = ["--vram", "16", "--size", "tiny", "--d-model", "2048", "--n-head", "16", "--d-ff", "8192", "--block",
+    big = ["--vram", "16", "--size", "tiny", "--d-model", "2048", "--n-head", "16", "--d-ff", "8192", "--block-size",
            "1024", "--steps", "5", "--seq-schedule", "1024@0", "--param-dtype", "fp32", "--no-grad-checkpoint",
            "--optimizer", "adamw"]
     p = plan(*big, "--batch-size", "32", gpu=None, tmp=tmp_path)
@@ -203,7 +203,7 @@ def test_resume_keeps_the_runs_tier_choices(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--vram", "cpu", "--seq-schedule", "128@0,512@10"], "exceeds the model's block size"),
-    (["--vram", "cpu", "--variant", "gqa", "--kv-head", "3"], "must divide n_head"),
+    (["--vram", "cpu", "--variant", "gqa", "--n-kv-head", "3"], "must divide n_head"),
     (["--vram", "cpu", "--variant", "bottleneck", "--attn-dim", "12"], "RoPE needs an even head dim"),
     (["--vram", "cpu", "--target-tokens", "lots"], "is not a number"),
     (["--vram", "cpu", "--target-tokens", "1B", "--steps", "5"], "give only one"),

@@ -9,8 +9,8 @@ from pretrain.plan import launch
 from pretrain.schedule import lr_at
 from pretrain.track.runlog import read_jsonl
 
-SMALL = ["--vram", "cpu", "--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128",
-         "--block", "64", "--batch-size", "4", "--seq-schedule", "32@0", "--eval-iters", "2", "--eval-every", "0",
+SMALL = ["--vram", "cpu", "--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--d-ff", "128",
+         "--block-size", "64", "--batch-size", "4", "--seq-schedule", "32@0", "--eval-iters", "2", "--eval-every", "0",
          "--save-every", "0", "--log-every", "1", "--live", "off", "--lr", "1e-3", "--min-lr", "1e-4",
          "--warmup-steps", "1"]
 

@@ -14,14 +14,14 @@ from pathlib import Path
 
 from conftest import ROOT
 
-from pretrain.cli import EXIT_STOPPED
+from pretrain.errors import EXIT_STOPPED
 from pretrain.plan import launch
 from pretrain.plan.view import render_plan
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.config import parse_config
 
 LAUNCHER = str(ROOT / "run_1b_launch.py")
-SMALL = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64",
+SMALL = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--d-ff", "128", "--block-size", "64",
          "--eval-iters", "2", "--eval-every", "0", "--log-every", "1", "--save-every", "0", "--save-minutes", "0",
          "--live", "off"]
 

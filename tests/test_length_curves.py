@@ -21,7 +21,7 @@ from pretrain.track.runlog import read_jsonl
 from pretrain.train.config import parse_config
 from pretrain.train.loop import train
 
-TINY = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "96", "--block", "64",
+TINY = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--d-ff", "96", "--block-size", "64",
         "--batch-size", "4", "--val-frac", "0.05", "--eval-iters", "2", "--log-every", "2", "--no-amp",
         "--warmup-steps", "1", "--lr", "3e-3", "--device", "cpu", "--live", "off", "--save-minutes", "0",
         "--steps", "4", "--eval-every", "2", "--seq-schedule", "16@0,32@2"]
@@ -70,7 +70,7 @@ def test_trained_length_is_the_one_trained_so_far(run):
 
 
 def test_plan_counts_the_length_evals_time(capsys):
-    argv = ["--vram", "cpu", "--size", "tiny", "--block", "64", "--steps", "10", "--eval-every", "5"]
+    argv = ["--vram", "cpu", "--size", "tiny", "--block-size", "64", "--steps", "10", "--eval-every", "5"]
     with tempfile.TemporaryDirectory() as root:
         _, plain = launch.plan_from_argv([*argv, "--run-root", root], gpu=None)
         _, with_lengths = launch.plan_from_argv([*argv, "--eval-seq-lens", "16,64,256", "--run-root", root], gpu=None)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from test_track_trust import FAST, events, sigterm_at_batch, trainer
 
-from pretrain.cli import EXIT_STOPPED
+from pretrain.errors import EXIT_STOPPED
 from pretrain.schedule import lr_at
 
 PEAK, MIN = 3e-3, 3e-4

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.cli import run_cli
+from pretrain.errors import run_cli
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.config import parse_config
 from pretrain.train.loop import main as train_main
 from pretrain.train.loop import train
 
-FAST = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--layers", "1", "--d-ff", "64", "--block", "64",
+FAST = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--n-layer", "1", "--d-ff", "64", "--block-size", "64",
         "--batch-size", "2", "--grad-accum", "4", "--seq-schedule", "32@0,64@3", "--val-frac", "0.05",
         "--eval-iters", "1", "--eval-every", "0", "--log-every", "1", "--lr", "3e-3", "--lr-schedule", "constant",
         "--warmup-steps", "0", "--no-amp", "--device", "cpu", "--live", "off", "--save-minutes", "0"]

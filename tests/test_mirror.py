@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.track.runlog import read_jsonl
 from pretrain.train import mirror as mirror_lib
 from pretrain.train import mirror_store
@@ -32,7 +32,7 @@ moto_server = pytest.importorskip("moto.server")
 
 BUCKET = "mirror-test"
 STEPS = 16
-FLAGS = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64",
+FLAGS = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--d-ff", "128", "--block-size", "64",
          "--batch-size", "4", "--train-seq-len", "32", "--val-frac", "0.05", "--eval-iters", "2", "--log-every", "1",
          "--warmup-steps", "2", "--lr", "3e-3", "--device", "cpu", "--live", "off", "--save-minutes", "0",
          "--steps", str(STEPS), "--save-every", "4", "--keep-last", "2", "--eval-every", "8"]
@@ -235,7 +235,7 @@ def test_local_path_mirror_prunes_skips_a_damaged_checkpoint_and_refuses_a_fresh
 
 
 def test_launcher_passes_mirror_on_and_shows_it_in_the_plan(tmp_path, capsys):
-    from pretrain.cli import run_cli
+    from pretrain.errors import run_cli
     from pretrain.plan import launch
 
     root = ["--vram", "cpu", "--steps", "5", "--run-root", str(tmp_path / "runs")]

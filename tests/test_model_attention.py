@@ -130,20 +130,20 @@ def test_sdpa_matches_naive_reference(attn, option):
 
 @pytest.mark.parametrize("attn,option", CASES)
 def test_reference_path_probabilities_match_float64(attn, option):
-    """The probe path (explicit softmax after the model's own projections) gives the probabilities and
+    """The reference path (explicit softmax after the model's own projections) gives the probabilities and
     semantic/geometric score parts of an independent float64 computation, and the same output as SDPA."""
     model = make_model(attn, option).double()
     block = model.blocks[0].attn
     x = torch.randn(2, 24, model.config.d_model, dtype=torch.float64)
     traces = []
     with torch.no_grad():
-        probed = block(x, probe=traces.append)
+        traced = block(x, on_trace=traces.append)
         fast = block(x)
         want = reference_parts(block, model.config, x)
     trace = traces[0]
     # RoPE angles are always fp32 (model/rope.py), so a float64 model agrees with the reference to ~1e-7.
-    torch.testing.assert_close(probed, want["y"], atol=1e-6, rtol=0)
-    torch.testing.assert_close(fast, probed, atol=1e-10, rtol=0)
+    torch.testing.assert_close(traced, want["y"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(fast, traced, atol=1e-10, rtol=0)
     torch.testing.assert_close(trace.probs, want["probs"], atol=1e-6, rtol=0)
     assert trace.probs.sum(-1).sub(1).abs().max() < 1e-12
     if attn == "decoupled":

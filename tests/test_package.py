@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["pretrain-prepare", "pretrain-train", "pretrain-launch", "pretrain-compare", "pretrain-export",
             "pretrain-generate", "pretrain-downstream", "pretrain-infer-bench"]
 MODULES = ["pretrain.data", "pretrain.train", "pretrain.plan", "pretrain.export", "pretrain.demo",
-           "pretrain.track.compare", "pretrain.generate", "pretrain.infer_bench", "pretrain.evals.downstream"]
+           "pretrain.track.compare", "pretrain.generate", "pretrain.evals.infer_bench", "pretrain.evals.downstream"]
 
 
 @pytest.fixture(scope="module")

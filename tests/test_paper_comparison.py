@@ -15,12 +15,12 @@ from pretrain.track.runlog import read_jsonl
 from pretrain.train.loop import main as train_main
 
 # TrainConfig fields that are the attention itself (the thing a paper comparison varies).
-ATTENTION_FIELDS = {"attn_mode", "tie_qk", "kv_head", "attn_dim", "sem_dim", "geo_dim"}
+ATTENTION_FIELDS = {"attn", "tie_qk", "n_kv_head", "attn_dim", "sem_dim", "geo_dim"}
 
 
 def _plan(variant: str):
     with tempfile.TemporaryDirectory() as root:
-        _, plan = launch.plan_from_argv(["--vram", "24", "--size", "tiny", "--attn-dim", "32", "--block", "64",
+        _, plan = launch.plan_from_argv(["--vram", "24", "--size", "tiny", "--attn-dim", "32", "--block-size", "64",
                                          "--variant", variant, "--run-root", root], gpu=None)
     return plan
 
@@ -29,7 +29,7 @@ def test_paper_baseline_and_paper_decoupled_differ_only_in_attention():
     base, dec = _plan("paper_baseline"), _plan("paper_decoupled")
     a, b = dataclasses.asdict(base.cfg), dataclasses.asdict(dec.cfg)
     differ = {k for k in a if a[k] != b[k]}
-    assert differ - {"exp", "out_dir"} <= ATTENTION_FIELDS and "attn_mode" in differ
+    assert differ - {"exp", "out_dir"} <= ATTENTION_FIELDS and "attn" in differ
     assert base.cfg.learned_temp and base.cfg.null_attn  # the original trained every mode with them
     assert (base.steps, base.planned_tokens) == (dec.steps, dec.planned_tokens)
     ma, mb = base.resolved.mcfg.to_dict(), dec.resolved.mcfg.to_dict()
@@ -42,7 +42,7 @@ def test_every_registered_variant_has_a_paper_preset_with_the_shared_options(byt
         assert PAPER_OPTIONS.items() <= fields.items()
     out = tmp_path / "gqa"
     assert train_main(["--data", str(byte_data), "--out-dir", str(out), "--exp", "paper_gqa", "--size", "tiny",
-                       "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "96", "--block", "32",
+                       "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--d-ff", "96", "--block-size", "32",
                        "--batch-size", "2", "--val-frac", "0.05", "--eval-iters", "1", "--steps", "1",
                        "--device", "cpu", "--live", "off", "--save-minutes", "0"]) == 0
     meta = next(e for e in read_jsonl(out / "train.jsonl") if e["type"] == "meta")["model_config"]

@@ -3,13 +3,13 @@ generated docs table being current."""
 
 from __future__ import annotations
 
-from pretrain.cli import run_cli
+from pretrain.errors import run_cli
 from pretrain.plan import launch, paper_table
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.config import parse_config
 from pretrain.train.loop import train
 
-TINY = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "96", "--block", "32",
+TINY = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--d-ff", "96", "--block-size", "32",
         "--attn-dim", "32", "--batch-size", "2", "--val-frac", "0.05", "--eval-iters", "1", "--steps", "1",
         "--device", "cpu", "--live", "off", "--save-minutes", "0"]
 
@@ -22,7 +22,7 @@ def test_trainer_exp_builds_the_papers_model(byte_data, tmp_path):
     assert (m["attn"], m["null_attn"], m["learned_temp"], m["tie_qk"]) == ("bottleneck", True, True, False)
     assert meta["train_config"]["exp"] == "paper_bottleneck"
     cfg = parse_config(["--exp", "paper_decoupled"])
-    assert (cfg.attn_mode, cfg.tie_qk, cfg.null_attn, cfg.learned_temp) == ("decoupled", True, True, True)
+    assert (cfg.attn, cfg.tie_qk, cfg.null_attn, cfg.learned_temp) == ("decoupled", True, True, True)
 
 
 def test_launcher_variant_plans_the_paper_preset(tmp_path):

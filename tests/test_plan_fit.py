@@ -11,7 +11,7 @@ import pytest
 
 from model import ModelConfig
 from model.variants import ATTENTION_VARIANTS
-from pretrain.cli import run_cli
+from pretrain.errors import run_cli
 from pretrain.plan import launch
 from pretrain.plan.fit import FITS, choose_execution, step_peak_bytes, with_micro
 from pretrain.plan.tiers import GLOBAL_BATCH
@@ -53,7 +53,7 @@ def test_every_gpu_tiers_default_1b_plan_fits_every_variant(tier, variant, tmp_p
     assert peak_lr(cfg) == PEAK_LR[("1b", opt)][0]
 
 
-def _probe_model() -> tuple[ModelConfig, TrainConfig]:
+def _fit_model() -> tuple[ModelConfig, TrainConfig]:
     mcfg = ModelConfig.from_preset("tiny", vocab_size=256, d_model=64, n_head=4, n_layer=2, d_ff=128, block_size=256)
     return mcfg, TrainConfig(size="tiny", batch_size=1, grad_accum=16, device="cpu", amp=False)
 
@@ -63,7 +63,7 @@ def _peak(mcfg, cfg, micro, seq, ckpt=False):
 
 
 def test_largest_micro_batch_per_phase_and_checkpointing_only_when_needed():
-    mcfg, cfg = _probe_model()
+    mcfg, cfg = _fit_model()
     # A device where micro-batch 4 fits at seq 256 without checkpointing but 8 does not.
     cap = int((_peak(mcfg, cfg, 4, 256) + _peak(mcfg, cfg, 8, 256)) / 2 / FITS)
     choice = choose_execution(mcfg, cfg, [64, 128, 256], cap, 1, 16, guess=1, checkpoint=None, micro=None)
@@ -81,9 +81,9 @@ def test_largest_micro_batch_per_phase_and_checkpointing_only_when_needed():
     assert choose_execution(mcfg, cfg, [256], cap, 1, 16, 4, checkpoint=False, micro=None) is None
 
 
-BIG = ["--vram", "16", "--size", "tiny", "--d-model", "4096", "--n-head", "32", "--d-ff", "16384", "--block", "1024",
-       "--steps", "5", "--seq-schedule", "1024@0", "--param-dtype", "fp32", "--no-grad-checkpoint",
-       "--batch-size", "32", "--val-frac", "0.05", "--optimizer", "adamw"]
+BIG = ["--vram", "16", "--size", "tiny", "--d-model", "4096", "--n-head", "32", "--d-ff", "16384",
+       "--block-size", "1024", "--steps", "5", "--seq-schedule", "1024@0", "--param-dtype", "fp32",
+       "--no-grad-checkpoint", "--batch-size", "32", "--val-frac", "0.05", "--optimizer", "adamw"]
 
 
 def test_run_refuses_a_plan_that_does_not_fit_unless_force(tmp_path, byte_data, capsys, monkeypatch):
@@ -103,7 +103,7 @@ def test_ddp_gradient_buckets_are_counted_where_they_add_memory():
     """DDP allocates its gradient buckets when it wraps the model and keeps them (the gradients are views into
     them): without accumulation that is a gradient's worth more than a single process holds during the forward;
     with accumulation the gradients were held anyway; FSDP has no such buckets."""
-    mcfg, cfg = _probe_model()
+    mcfg, cfg = _fit_model()
     no_accum, accum = with_micro(cfg, 16, 16), with_micro(cfg, 8, 16)
     single, est = step_peak_bytes(mcfg, no_accum, 256, 1)
     ddp, ddp_est = step_peak_bytes(mcfg, no_accum, 256, 2)
@@ -122,11 +122,11 @@ def test_ddp_plan_without_accumulation_shows_the_buckets(tmp_path, capsys):
 
 
 def test_plan_peak_is_the_largest_pass_and_names_it(tmp_path, capsys):
-    # A narrow model on long sequences with many heads: the diagnostics' explicit-softmax probe ((rows, heads, T, T)
+    # A narrow model on long sequences with many heads: the diagnostics' explicit-softmax pass ((rows, heads, T, T)
     # fp32 scores) outweighs the training step; the plan's peak and verdict are theirs, and it says so.
-    argv = ["--vram", "cpu", "--size", "tiny", "--d-model", "128", "--n-head", "16", "--layers", "2", "--d-ff", "256",
-            "--block", "1024", "--seq-schedule", "1024@0", "--batch-size", "2", "--grad-accum", "8", "--steps", "5",
-            "--no-amp", "--vocab-size", "256", "--run-root", str(tmp_path)]
+    argv = ["--vram", "cpu", "--size", "tiny", "--d-model", "128", "--n-head", "16", "--n-layer", "2", "--d-ff", "256",
+            "--block-size", "1024", "--seq-schedule", "1024@0", "--batch-size", "2", "--grad-accum", "8",
+            "--steps", "5", "--no-amp", "--vocab-size", "256", "--run-root", str(tmp_path)]
     assert launch.main([*argv, "--analysis-every", "5", "--json"]) == 0
     phase = json.loads(capsys.readouterr().out)["phases"][0]
     assert phase["peak_of"] == "diagnostics" and set(phase["peaks"]) == {"training step", "eval", "diagnostics"}

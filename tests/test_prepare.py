@@ -17,12 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import GPT2_RANKS, ROOT, sample_parquet_dir
 
-from pretrain.cli import UserError, run_cli
 from pretrain.data import cli as prepare_fineweb
 from pretrain.data.dataset import open_dataset
 from pretrain.data.prepare import prepare
 from pretrain.data.sources import HubDataset
 from pretrain.data.tokenizer import resolve_tokenizer
+from pretrain.errors import UserError, run_cli
 
 ENC = resolve_tokenizer("gpt2").build()
 EOT = 50256

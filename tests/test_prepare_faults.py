@@ -20,9 +20,9 @@ import psutil
 import pytest
 from conftest import ROOT, sample_parquet_dir, sample_texts
 
-from pretrain.cli import run_cli
 from pretrain.data import cli as prepare_fineweb
 from pretrain.data.prepare import prepare
+from pretrain.errors import run_cli
 
 SAMPLE = sample_parquet_dir()
 ARGS = ["--tokens", "300K", "--shard-tokens", "40K", "--source", str(SAMPLE)]
@@ -236,7 +236,7 @@ def test_full_disk_while_joining_a_single_file_output(tmp_path, monkeypatch, cap
 def test_a_signal_while_the_interpreter_exits_does_not_turn_a_finished_run_into_a_death_by_signal():
     """The group test above caught this: prepare done, Ctrl-C lands during shutdown -> exit -2, no message."""
     code = ("import os, signal, sys\n"
-            "from pretrain.cli import script_exit_code\n"
+            "from pretrain.errors import script_exit_code\n"
             "code = script_exit_code(lambda argv: 0)\n"
             "os.kill(os.getpid(), signal.SIGINT)\n"  # what arrives after main returned: ignored, not fatal
             "os.kill(os.getpid(), signal.SIGTERM)\n"

@@ -21,7 +21,7 @@ from pretrain.track.runlog import read_jsonl
 from pretrain.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64",
+SMALL = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--d-ff", "128", "--block-size", "64",
          "--seq-schedule", "32@0,64@10", "--steps", "20", "--val-frac", "0.05"]
 
 

@@ -10,7 +10,7 @@ import torch
 from conftest import nan_at_step
 from test_track_trust import FAST, events, sigterm_at_batch, trainer
 
-from pretrain.cli import EXIT_STOPPED
+from pretrain.errors import EXIT_STOPPED
 from pretrain.train.checkpoint import load_checkpoint
 
 QUIET = ["--eval-every", "0", "--save-every", "0"]
@@ -92,7 +92,7 @@ def test_writing_a_default_out_is_the_same_run_and_overwrite_says_why_it_resumes
     out = tmp_path / "r"
     base = ["--data", str(byte_data), "--out-dir", str(out), *without_lr(FAST), *QUIET, "--steps", "4"]
     # What the launcher prints: every default written out (tiny adamw: lr 6e-4, beta2 0.95, min-lr lr/10).
-    explicit = ["--lr", "6e-4", "--beta2", "0.95", "--min-lr", "6e-5", "--kv-head", "4"]
+    explicit = ["--lr", "6e-4", "--beta2", "0.95", "--min-lr", "6e-5", "--n-kv-head", "4"]
     sigterm_at_batch(monkeypatch, 3)
     assert main([*base, *explicit]) == EXIT_STOPPED
     monkeypatch.undo()

@@ -60,7 +60,7 @@ def test_generate_without_a_checkpoint_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_missing_prompt_file_stops_the_trainer_before_it_writes(made_bytes, tmp_path, capsys):
-    from pretrain.train.cli import main
+    from pretrain.train.entry import main
 
     out = tmp_path / "run"
     code = cli_exit(main, ["--data", str(made_bytes), "--out-dir", str(out), *FAST, "--steps", "2",

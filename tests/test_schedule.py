@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.schedule import (
     lr_at,
     parse_count,

@@ -10,12 +10,12 @@ import sys
 import pytest
 from conftest import ROOT
 
-from pretrain.cli import run_cli
+from pretrain.errors import run_cli
 from pretrain.evals.downstream import main as downstream_main
 from pretrain.evals.infer_bench import main as bench_main
-from pretrain.train.cli import main as train_main
+from pretrain.train.entry import main as train_main
 
-FAST = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--layers", "1", "--d-ff", "64", "--block", "32",
+FAST = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--n-layer", "1", "--d-ff", "64", "--block-size", "32",
         "--batch-size", "2", "--val-frac", "0.05", "--log-every", "1", "--warmup-steps", "1", "--device", "cpu",
         "--live", "off", "--save-minutes", "0"]
 ITEMS = [{"ctx": "In the beginning", "endings": ["God created", "zq xv", "blorp"], "label": 0},

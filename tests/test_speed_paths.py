@@ -27,7 +27,7 @@ from pretrain.train.loop import train
 from pretrain.train.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64",
+FAST = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--d-ff", "128", "--block-size", "64",
         "--batch-size", "4", "--train-seq-len", "32", "--val-frac", "0.05", "--eval-iters", "1", "--log-every", "1",
         "--device", "cpu", "--live", "off", "--save-minutes", "0"]
 

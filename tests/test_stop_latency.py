@@ -1,6 +1,6 @@
 """A stop request ends whatever the trainer runs within seconds (issue 18.7): an eval, samples, diagnostics, a
 downstream eval. The trainer runs as a subprocess, as a spot instance's SIGTERM or a closed SSH session's SIGHUP
-reaches it; each test reads back what a user or a job scheduler sees: the exit code (75, pretrain.cli.EXIT_STOPPED:
+reaches it; each test reads back what a user or a job scheduler sees: the exit code (75, pretrain.errors.EXIT_STOPPED:
 rerun the same command), the time from signal to exit, last.pt and train.jsonl.
 
 Each pass is made long on purpose (thousands of eval windows, tokens or items) so that a trainer that lets it
@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from pretrain.cli import EXIT_STOPPED
+from pretrain.errors import EXIT_STOPPED
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.checkpoint import load_checkpoint
 
-TINY = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "256",
+TINY = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--d-ff", "128", "--block-size", "256",
         "--batch-size", "4", "--val-frac", "0.2", "--log-every", "1", "--warmup-steps", "2", "--lr", "3e-3",
         "--device", "cpu", "--live", "off", "--save-minutes", "0", "--save-every", "0", "--no-amp"]
 STOP_WITHIN = 5.0  # seconds from the signal to the process's exit, the save and the end event included
@@ -113,14 +113,15 @@ def _hellaswag(path: Path, n: int) -> str:
 
 # (signal, the pass, the step it runs at and is stopped in, the event after which it starts, flags making it
 # long). At step 2: 8 x 20,000 generated tokens; 20,000 multiple-choice items (SIGHUP: a closed SSH session;
-# SIGINT is the demo's Ctrl-C test). Step 0's diagnostics, run right after step 0's eval, probe 8 layers on
+# SIGINT is the demo's Ctrl-C test). Step 0's diagnostics, run right after step 0's eval, trace 8 layers on
 # 4 x 1024 tokens (~10 s on 2 loaded cores).
 PASSES = {
     "sample": (signal.SIGTERM, "sample", 2, "train", ["--sample-every", "2", "--sample-tokens", "20000"]),
     "downstream-sighup": (signal.SIGHUP, "downstream", 2, "train", ["--hellaswag", "{items}", "--downstream-every",
                                                                     "2", "--downstream-items", "0"]),
-    "diagnostics-at-start": (signal.SIGUSR1, "diagnostics", 0, "eval", ["--analysis-every", "2", "--layers", "8",
-                                                                        "--block", "1024", "--eval-seq-len", "1024"]),
+    "diagnostics-at-start": (signal.SIGUSR1, "diagnostics", 0, "eval", ["--analysis-every", "2", "--n-layer", "8",
+                                                                        "--block-size", "1024",
+                                                                        "--eval-seq-len", "1024"]),
 }
 
 

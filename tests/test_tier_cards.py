@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT
 
 import pretrain.plan.launch as launch
-from pretrain.cli import run_cli
+from pretrain.errors import run_cli
 from pretrain.plan.tiers import TIERS, card_named
 from pretrain.plan.view import fmt_bytes, render_plan
 from pretrain.train import device as dev

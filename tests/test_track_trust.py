@@ -14,13 +14,13 @@ import pytest
 from conftest import nan_at_step
 from wandb_records import iter_wandb_records, read_wandb_history
 
-from pretrain.cli import EXIT_STOPPED
+from pretrain.errors import EXIT_STOPPED
 from pretrain.track.plots import events_by_step
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.loop import main
 from pretrain.units import fmt_count
 
-FAST = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--layers", "2", "--d-ff", "128", "--block", "64",
+FAST = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--d-ff", "128", "--block-size", "64",
         "--batch-size", "4", "--train-seq-len", "32", "--val-frac", "0.05", "--eval-iters", "2", "--log-every", "1",
         "--warmup-steps", "2", "--lr", "3e-3", "--device", "cpu", "--live", "basic", "--save-minutes", "0"]
 
@@ -88,7 +88,7 @@ def test_every_event_reaches_wandb_at_its_step_across_a_resume(byte_data, tmp_pa
 
 def test_eval_uses_the_longest_length_trained_so_far(byte_data, tmp_path, capsys):
     out = tmp_path / "sched"
-    assert trainer(byte_data, out, "--block", "256", "--seq-schedule", "64@0,256@1000", "--steps", "4",
+    assert trainer(byte_data, out, "--block-size", "256", "--seq-schedule", "64@0,256@1000", "--steps", "4",
                    "--eval-every", "2", "--save-every", "0") == 0
     assert [(e["step"], e["seq_len"]) for e in events(out, "eval")] == [(0, 64), (2, 64), (4, 64)]
     eval_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("eval step")]

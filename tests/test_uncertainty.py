@@ -29,7 +29,7 @@ def _train(data: Path, out: Path, *flags: str) -> Path:
 def grid(byte_data, tmp_path_factory) -> Path:
     """2 variants x 2 seeds, tiny, on CPU."""
     root = tmp_path_factory.mktemp("grid")
-    for variant, flags in (("base", []), ("gqa", ["--attn-mode", "gqa", "--kv-head", "2"])):
+    for variant, flags in (("base", []), ("gqa", ["--attn", "gqa", "--n-kv-head", "2"])):
         for seed in (1, 2):
             _train(byte_data, root / f"{variant}-s{seed}", "--seed", str(seed), *flags)
     return root

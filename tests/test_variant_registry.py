@@ -19,7 +19,7 @@ from pretrain.train.optim import OPTIMIZERS, build_optimizer
 def test_every_registered_variant_reaches_launcher_trainer_demo_and_docs(name, tmp_path):
     _, p = launch.plan_from_argv(["--vram", "cpu", "--variant", name, "--run-root", str(tmp_path)], gpu=None)
     assert p.resolved.mcfg.attn == name
-    assert parse_config(p.command[2:]).attn_mode == name  # the printed trainer command accepts it
+    assert parse_config(p.command[2:]).attn == name  # the printed trainer command accepts it
     assert demo.build_parser().parse_args(["--variant", name]).variant == name
     assert f"| `{name}` |" in paper_table.DOC.read_text()
 
@@ -36,7 +36,7 @@ def test_blocks_build_the_entrys_module_with_its_head_dims(name):
 
 def test_unknown_variant_names_the_registered_ones(capsys):
     with pytest.raises(SystemExit) as exc:
-        parse_config(["--attn-mode", "nope"])
+        parse_config(["--attn", "nope"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and all(name in err for name in ATTENTION_VARIANTS)

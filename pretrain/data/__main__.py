@@ -2,8 +2,8 @@
 
 import sys
 
-from pretrain.cli import script_exit_code
-from pretrain.data.cli import main
+from pretrain.data.entry import main
+from pretrain.errors import script_exit_code
 from pretrain.invocation import MODULE, set_started_as
 
 set_started_as(MODULE)  # printed commands and usage lines then name `python -m` modules

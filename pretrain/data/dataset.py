@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.cli import UserError
 from pretrain.data.fingerprint import dataset_fingerprint
 from pretrain.data.manifest import MANIFEST, read_manifest, read_meta
 from pretrain.data.shards import Segment, Shard
+from pretrain.errors import UserError
 from pretrain.fsio import regular_file_problem
 
 

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.cli import UserError
 from pretrain.data.dataset import TokenDataset, window_counts
 from pretrain.data.permutation import FeistelPermutation
+from pretrain.errors import UserError
 
 STATE_VERSION = 1
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.fsio import atomic_write_bytes, fsync_dir, regular_file_problem
 
 MANIFEST = "manifest.json"

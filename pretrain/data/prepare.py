@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.cli import UserError
 from pretrain.data.manifest import (
     FORMAT,
     MANIFEST,
@@ -43,6 +42,7 @@ from pretrain.data.prepare_report import Progress, print_summary
 from pretrain.data.sources import Source, SourceError, open_source
 from pretrain.data.tokenizer import Tokenizer, resolve_tokenizer
 from pretrain.data.workers import WorkerDied, default_workers, tokenized
+from pretrain.errors import UserError
 from pretrain.fsio import DirLock
 
 DEFAULT_VAL_TOKENS = 10_000_000

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.fsio import regular_file_problem
 
 

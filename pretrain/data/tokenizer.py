@@ -19,7 +19,7 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 
 EOT = "<|endoftext|>"
 GPT2_RANKS = Path(__file__).resolve().parent / "assets" / "gpt2.tiktoken"

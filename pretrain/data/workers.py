@@ -24,9 +24,9 @@ from multiprocessing.connection import Connection, wait
 
 import numpy as np
 
-from pretrain.cli import UserError
 from pretrain.data.sources import DocBatch
 from pretrain.data.tokenizer import Tokenizer
+from pretrain.errors import UserError
 
 _ENC = None
 _DTYPE = None

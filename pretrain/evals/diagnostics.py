@@ -1,6 +1,6 @@
 """Attention diagnostics (`--analysis-every N`): what each layer's attention does on one fixed validation batch.
 
-Per layer, from the model's own reference attention path (`GPT.probe`, the same projections as training with
+Per layer, from the model's own reference attention path (`GPT.trace_attention`, the same projections as training with
 an explicit softmax), reduced to numbers as each layer passes so only one layer's probabilities are alive:
 
   entropy       mean over queries of -sum p log p (nats) of the attention row; ln(keys) would be uniform
@@ -32,10 +32,10 @@ from model import GPT
 from model.attention import AttentionTrace
 
 HEAD_DETAIL_MAX = 64  # layers x heads up to this get per-head series (each is a wandb chart)
-SCORE_BUDGET = 2**28  # bytes of one (rows, H, T, S) fp32 score tensor the probe may hold
+SCORE_BUDGET = 2**28  # bytes of one (rows, H, T, S) fp32 score tensor the reference attention may hold
 
 
-def probe_rows(n_head: int, seq_len: int, batch_size: int) -> int:
+def diagnostic_rows(n_head: int, seq_len: int, batch_size: int) -> int:
     """Sequences in the fixed batch: up to 4, fewer when one layer's scores would pass SCORE_BUDGET."""
     per_row = n_head * seq_len * (seq_len + 1) * 4
     return max(1, min(4, batch_size, SCORE_BUDGET // per_row))
@@ -133,7 +133,7 @@ def diagnostic_tensors(model: GPT, x: torch.Tensor, y: torch.Tensor,
     per_layer: list[dict[str, Any]] = []
     try:
         with autocast:
-            model.probe(x, lambda i, trace, x_in, x_out: per_layer.append(layer_tensors(trace, x_in, x_out)))
+            model.trace_attention(x, lambda i, trace, x_in, x_out: per_layer.append(layer_tensors(trace, x_in, x_out)))
     finally:
         model.train(was_training)
     return per_layer, gradient_sq_norms(model, x, y, autocast)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pretrain.cli import ArgumentParser, UserError, script_exit_code
+from pretrain.errors import ArgumentParser, UserError, script_exit_code
 from pretrain.stats import binomial_se
 from pretrain.track.progress import tracked
 

@@ -1,9 +1,9 @@
 """Measured inference cost per attention variant: KV-cache bytes, prefill and decode speed, peak memory.
 
-    python -m pretrain.infer_bench runs/base runs/gqa                      # trained runs (their checkpoints)
-    python -m pretrain.infer_bench --preset small --variants baseline,gqa   # random weights, no run needed
-    python -m pretrain.infer_bench runs/base --lengths 128,512 --decode-tokens 8    # small, for CPU
-    python -m pretrain.infer_bench runs/dec --kv-cache bf16,q8_0,sem=q4_0/geo=q8_0/v=q4_0,q4_0:residual=64
+    python -m pretrain.evals.infer_bench runs/base runs/gqa                      # trained runs (their checkpoints)
+    python -m pretrain.evals.infer_bench --preset small --variants baseline,gqa   # random weights, no run needed
+    python -m pretrain.evals.infer_bench runs/base --lengths 128,512 --decode-tokens 8    # small, for CPU
+    python -m pretrain.evals.infer_bench runs/dec --kv-cache bf16,q8_0,sem=q4_0/geo=q8_0/v=q4_0,q4_0:residual=64
 
 For each context length L: the model's KV caches are allocated for L + decode tokens and their real
 bytes counted (cross-checked against ModelConfig.kv_cache_bytes_per_token: `kv_match`), L random
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from model import ModelConfig
 from model.config import ATTN_VARIANTS, PRESETS
 from model.kv_formats import DEFAULT_KV_SETTINGS, KVSetting, parse_kv_settings
-from pretrain.cli import ArgumentParser, UserError, script_exit_code
+from pretrain.errors import ArgumentParser, UserError, script_exit_code
 from pretrain.evals.kv_quality import DEFAULT_QUALITY_TOKENS
 from pretrain.track.progress import Progress
 from pretrain.units import DTYPE_NAMES, torch_dtype
@@ -263,7 +263,7 @@ def format_rows(results: Sequence[dict[str, Any]]) -> str:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m pretrain.infer_bench",
+    p = ArgumentParser(prog="python -m pretrain.evals.infer_bench",
                        description="Measure KV-cache bytes, prefill/decode tokens/s and peak memory per variant.")
     p.add_argument("runs", nargs="*", help="run directories; their best.pt, else last.pt, else newest "
                    "step_<N>.pt is measured (the default of generate, downstream and export)")

@@ -46,8 +46,8 @@ def held_out_rows(run_dir: Path, block_size: int, n_tokens: int, device: torch.d
     import numpy as np
     import torch
 
-    from pretrain.cli import UserError
     from pretrain.data.dataset import open_dataset
+    from pretrain.errors import UserError
     from pretrain.track.runlog import JSONL_NAME, read_jsonl
 
     meta = next((r for r in read_jsonl(run_dir / JSONL_NAME) if r.get("type") == "meta"), {})

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, ModelConfig
-from pretrain.cli import UserError
 from pretrain.data.dataset import TokenDataset
 from pretrain.data.loader import ValWindows
+from pretrain.errors import UserError
 from pretrain.stats import standard_error
 from pretrain.track.progress import Progress
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model import ModelConfig
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 
 if TYPE_CHECKING:
     import torch

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pretrain import stopping
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 
 DEFAULT_PROMPTS = (
     "The meaning of life is",

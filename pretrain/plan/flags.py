@@ -1,7 +1,7 @@
 """The launcher's command line: its flags (plus every trainer flag) and subcommands, built from torch-free modules.
 
 Kept apart from launch.py (which plans, and so loads torch and the memory estimator) so `run_1b_launch.py --help`
-and a mistyped flag answer at once (pretrain/plan/cli.py parses here first).
+and a mistyped flag answer at once (pretrain/plan/entry.py parses here first).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 from model import PAPER_PRESETS
 from pretrain import invocation
-from pretrain.cli import ArgumentParser
 from pretrain.config_file import FILE_FLAGS, add_file_flags
+from pretrain.errors import ArgumentParser
 from pretrain.plan.resolve import VARIANTS
 from pretrain.plan.tiers import VRAM_CHOICES
 from pretrain.train.config import TrainConfig, add_config_flags
@@ -22,7 +22,7 @@ from pretrain.train.config import TrainConfig, add_config_flags
 DESCRIPTION = "The launcher: VRAM tier + token budget in, a plan that fits and the exact trainer command out."
 # Trainer fields the launcher sets itself: --variant picks the attention, --run-root/--tag the run dir,
 # --if-exists overwrite allows replacing one.
-OWN_FIELDS = {"attn_mode": "--variant", "exp": "--variant paper_decoupled (or paper_bottleneck)",
+OWN_FIELDS = {"attn": "--variant", "exp": "--variant paper_decoupled (or paper_bottleneck)",
               "out_dir": "--run-root / --tag", "overwrite": "--if-exists overwrite"}
 
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pretrain.cli import ArgumentParser, UserError
+from pretrain.errors import ArgumentParser, UserError
 from pretrain.fsio import atomic_write_text
 
 

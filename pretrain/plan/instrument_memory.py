@@ -2,7 +2,7 @@
 diagnostics (--analysis-every), text samples (--sample-every) and downstream scoring (--hellaswag).
 
 Each is a pass: a frozen (hashable, so cached) description of one call at the shapes the trainer uses, taken
-from the trainer's own rules (the eval batch, `probe_rows`, `window_rows`), whose __call__ runs the trainer's
+from the trainer's own rules (the eval batch, `diagnostic_rows`, `window_rows`), whose __call__ runs the trainer's
 own code for it (`diagnostic_tensors`, `token_losses`, `GPT.generate`, `ending_loglik`) on the planner's fake
 model: pretrain/plan/memory.py `estimate_pass_memory` tracks it like the training step. Samples and downstream
 are taken at their worst case, a full block of context, whatever the prompts or items. `pass_peak_bytes` turns
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from model import GPT, ModelConfig
-from pretrain.evals.diagnostics import diagnostic_tensors, probe_rows
+from pretrain.evals.diagnostics import diagnostic_rows, diagnostic_tensors
 from pretrain.evals.downstream import MC_ROWS, ending_loglik
 from pretrain.evals.lengths import parse_eval_lengths, token_losses, window_rows
 from pretrain.plan.fit import ddp_buckets, device_kind
@@ -62,7 +62,7 @@ class LengthsPass:
 
 @dataclass(frozen=True)
 class DiagnosticsPass:
-    """diagnose: the probe forward and the gradient-norm forward + backward on the fixed batch."""
+    """diagnose: the reference-attention forward and the gradient-norm forward + backward on the fixed batch."""
 
     rows: int
     seq_len: int
@@ -107,7 +107,7 @@ def run_passes(mcfg: ModelConfig, cfg: TrainConfig, eval_len: int, instrument_le
         rows = window_rows(tokens, max(lengths))  # the longest length's windows, cut into n-token pieces
         passes["eval_lengths"] = LengthsPass(tuple((n, rows * max(1, max(lengths) // n)) for n in lengths))
     if cfg.analysis_every:
-        passes["diagnostics"] = DiagnosticsPass(probe_rows(mcfg.n_head, instrument_len, cfg.batch_size),
+        passes["diagnostics"] = DiagnosticsPass(diagnostic_rows(mcfg.n_head, instrument_len, cfg.batch_size),
                                                 instrument_len)
     if cfg.sample_every:
         passes["samples"] = SamplesPass(cfg.sample_temperature)

@@ -4,7 +4,7 @@ A dry run (the default) prints the plan and writes nothing. `--run` runs the tra
 child process, passes SIGTERM / SIGINT / SIGUSR1 (and SIGHUP, as SIGTERM) on to it so it saves before exiting,
 and exits with its exit code. Re-running the same command finds the same run directory and resumes it.
 
-How the run directory is chosen (fresh, resume, --extend, --if-exists): pretrain/plan/rundirs.py.
+How the run directory is chosen (fresh, resume, --extend, --if-exists): pretrain/plan/run_dir_choice.py.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from pretrain.cli import UserError
 from pretrain.config_file import parse_with_file
 from pretrain.data.dataset import open_dataset
+from pretrain.errors import UserError
 from pretrain.plan.flags import OWN_FIELDS, SUBCOMMANDS, build_parser
 from pretrain.plan.plan import Plan, build_plan
 from pretrain.plan.resolve import Origin, Request, Source, derived, resolve
-from pretrain.plan.rundirs import PROBE_FILE, resolve_run_dir, run_name
+from pretrain.plan.run_dir_choice import PROBE_FILE, resolve_run_dir, run_name
 from pretrain.plan.tiers import GpuInfo, card_named, detect_gpu, select_tier
 from pretrain.plan.view import render_plan
 from pretrain.runstatus import COMPLETED, RunStatus
@@ -150,7 +150,7 @@ def make_plan(ns: argparse.Namespace, flags: dict[str, Any], gpu: GpuInfo | None
         ds.check_vocab(res.mcfg.vocab_size)
     if flags.get("mirror") and (why := mirror_problem(flags["mirror"])):
         raise UserError(why)
-    name = run_name(res.values, ns.variant, ns.tag, flags.get("kv_head"), seeded=ns.seeds > 1)
+    name = run_name(res.values, ns.variant, ns.tag, flags.get("n_kv_head"), seeded=ns.seeds > 1)
     rd = resolve_run_dir(Path(ns.run_root), name, ns.if_exists, res, ns.extend)
     if rd.adopted:
         kept = res.warnings

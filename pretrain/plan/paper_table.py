@@ -21,7 +21,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "paper_presets.md"
 SIZES = ("small", "1b")
 # Rows: the plain variants for reference, then the paper's presets (name -> ModelConfig fields).
 ROWS: dict[str, dict] = {**{name: {"attn": name} for name in ATTENTION_VARIANTS}, **PAPER_PRESETS}
-FLAGS = {"attn": "--attn-mode", "tie_qk": "--tie-qk", "null_attn": "--null-attn", "learned_temp": "--learned-temp"}
+FLAGS = {"attn": "--attn", "tie_qk": "--tie-qk", "null_attn": "--null-attn", "learned_temp": "--learned-temp"}
 OPTIONS = ("tie_qk", "null_attn", "learned_temp")  # the ModelConfig switches a preset may set
 
 
@@ -45,7 +45,7 @@ def _differs() -> list[str]:
     return out + ["", f"Every preset sets {shared} (PAPER_OPTIONS in `model/config.py`): the original research code "
                   "trained every mode, standard and gqa included, with its learned per-head temperature (a log-scale "
                   "on q, initialised to 0) and the null key/value. **What differs is the attention alone**: "
-                  f"`--attn-mode`, and what belongs to a variant's own attention (PAPER_ATTENTION: {own}, its "
+                  f"`--attn`, and what belongs to a variant's own attention (PAPER_ATTENTION: {own}, its "
                   "original form). With no budget given, the launcher trains every variant of a size on the same "
                   "tokens (20 per parameter of the plain baseline of that shape), so the presets also share their "
                   "steps and data."]

@@ -206,7 +206,7 @@ def nothing_fits(cfg: TrainConfig, vocab: int, capacity: int, nproc: int, gpu: G
         why = f"; {card} has no bf16: it trains with fp16 autocast and fp32 weights"
     sizes = list(PRESETS)  # smallest first
     for size in reversed(sizes[:sizes.index(cfg.size)] if cfg.size in sizes else []):
-        trial = dataclasses.replace(cfg, size=size, block=None, grad_checkpoint=True)
+        trial = dataclasses.replace(cfg, size=size, block_size=None, grad_checkpoint=True)
         small = model_config_from(trial, vocab)
         peak, _ = step_peak_bytes(small, trial, small.block_size, nproc)
         if verdict(peak, capacity) == "fits":

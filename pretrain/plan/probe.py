@@ -225,7 +225,7 @@ def probe_plan(mcfg: ModelConfig, cfg: TrainConfig, phases: list[tuple[int, int]
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        from pretrain.cli import UserError
+        from pretrain.errors import UserError
 
         check = "" if cfg.device == "cpu" else ", or check the GPU with nvidia-smi"
         raise UserError(f"--probe failed on {cfg.device} ({tail}); plan without --probe{check}")

@@ -16,7 +16,7 @@ from typing import Any
 
 from model import PAPER_PRESETS, ModelConfig
 from model.variants import ATTENTION_VARIANTS
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.plan.tiers import OPTIMIZER_WHY, GpuInfo, Tier
 from pretrain.schedule import (
     LAUNCHER_WARMUP,
@@ -170,12 +170,12 @@ def resolve(req: Request, tier: Tier, gpu: GpuInfo | None, data_vocab: int | Non
         values["exp"], sources["exp"] = variant, by_variant
         for name, value in paper_preset_fields(variant).items():
             pick(name, value, by_variant)
-        pick("kv_head", None, DEFAULT)
+        pick("n_kv_head", None, DEFAULT)
     else:
         attn, kv = VARIANTS[variant]
         by_variant = Source(Origin.FLAG, f"flag (--variant {variant})")
-        values["attn_mode"], sources["attn_mode"] = attn, by_variant if req.variant else DEFAULT
-        pick("kv_head", kv, by_variant if kv is not None else DEFAULT)
+        values["attn"], sources["attn"] = attn, by_variant if req.variant else DEFAULT
+        pick("n_kv_head", kv, by_variant if kv is not None else DEFAULT)
     pick("device", "cuda" if tier.is_gpu else "cpu", t)
     micro = pick("batch_size", tier.micro_batch, t)
     check_number("batch_size", micro)  # before it divides the global batch; validate() checks the rest
@@ -215,7 +215,7 @@ def resolve(req: Request, tier: Tier, gpu: GpuInfo | None, data_vocab: int | Non
     seq_len = pick("train_seq_len", None, DEFAULT)
     if seq_len is not None and not 0 < seq_len <= block:
         raise UserError(f"--train-seq-len {seq_len} must be in 1..{block} (the model's block size); "
-                        f"raise --block or lower --train-seq-len")
+                        f"raise --block-size or lower --train-seq-len")
     tier_schedule = "" if "train_seq_len" in req.flags else tier.seq_schedule(block)
     schedule = pick("seq_schedule", tier_schedule, t if tier_schedule else DEFAULT)
     points = parse_seq_schedule(schedule, seq_len or block, block)

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.plan.generated_doc import generated_doc_main
 from pretrain.units import fmt_bytes, fmt_count, fmt_duration
 

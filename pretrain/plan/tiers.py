@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 
 GiB = 1024**3
 # Sequences per optimizer step on every GPU tier: 256 x 2048 = 524,288 tokens at the 1b block size, the

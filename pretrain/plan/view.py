@@ -147,7 +147,7 @@ def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -
                  "summary.md, never stops training")
     out.line()
     shown = [k for k in cfg.to_dict() if src.get(k, "default") != "default" or k in ALWAYS_SHOWN]
-    values = cfg.to_dict() | {"vocab_size": m.vocab_size, "data": cfg.data or "(none)", "kv_head": m.n_kv_head}
+    values = cfg.to_dict() | {"vocab_size": m.vocab_size, "data": cfg.data or "(none)", "n_kv_head": m.n_kv_head}
     out.table("settings", ["setting", "value", "source"], [[k, values[k], source_of(src, k)] for k in shown])
     if plan.warnings:
         out.line()

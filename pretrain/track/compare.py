@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pretrain.cli import ArgumentParser, UserError
+from pretrain.errors import ArgumentParser, UserError
 from pretrain.evals.infer_bench import add_kv_cache_flags, kv_settings_arg
 from pretrain.stats import binomial_se
 from pretrain.track.compare_checks import ranking, verdict
@@ -91,7 +91,7 @@ def _meta(records: list[dict], run_dir: Path, warn: bool = True) -> dict[str, An
 
 
 def measured_fields(infer: dict[str, Any]) -> dict[str, Any]:
-    """Figures of a run's latest `infer` event (python -m pretrain.infer_bench): measured KV bytes per token,
+    """Figures of a run's latest `infer` event (python -m pretrain.evals.infer_bench): measured KV bytes per token,
     and per context length decode/prefill tokens/s and peak memory."""
     if not infer:
         return {}
@@ -336,7 +336,7 @@ def build_parser(prog: str = "python -m pretrain.track.compare") -> ArgumentPars
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.add_argument("--per-seed", action="store_true", help="one row per run instead of mean ± sd per seed group")
     p.add_argument("--measure", action="store_true",
-                   help="first measure each run's inference cost (python -m pretrain.infer_bench) and add it")
+                   help="first measure each run's inference cost (python -m pretrain.evals.infer_bench) and add it")
     p.add_argument("--measure-lengths", default="1K,4K,16K", help="context lengths for --measure")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per length for --measure")
     p.add_argument("--device", default="cpu", help="device for --measure (cpu, cuda)")
@@ -391,6 +391,6 @@ def _measure(paths: Sequence[str], args: Any) -> None:
 
 
 if __name__ == "__main__":
-    from pretrain.cli import script_exit_code
+    from pretrain.errors import script_exit_code
 
     sys.exit(script_exit_code(main))

@@ -2,7 +2,7 @@
 cache setting, as compare's second table and its scatter plot.
 
 A variant is worth its KV saving when its point sits left of baseline without rising much. The KV bytes
-are the measured ones (python -m pretrain.infer_bench / compare --measure) when present, else the
+are the measured ones (python -m pretrain.evals.infer_bench / compare --measure) when present, else the
 formula's (bf16). Seed groups are one point with a ± sd error bar. Each measured KV setting (bf16, q8_0,
 q4_0, nf4, ...) adds a point at its measured bytes per token and the run's best val loss plus the val-loss
 change of decoding held-out text through that cache (pretrain/evals/kv_quality.py).

@@ -2,9 +2,9 @@
 
 import sys
 
-from pretrain.cli import script_exit_code
+from pretrain.errors import script_exit_code
 from pretrain.invocation import MODULE, set_started_as
-from pretrain.train.cli import main
+from pretrain.train.entry import main
 
 set_started_as(MODULE)  # printed commands and usage lines then name `python -m` modules
 sys.exit(script_exit_code(main))

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.fsio import fsync_dir
 from pretrain.train import device as dev
 from pretrain.train import staging

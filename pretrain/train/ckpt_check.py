@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from model import GPT, ModelConfig
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.train.checkpoint import is_finite_state
 from pretrain.train.config import TrainConfig
 from pretrain.train.resume import check_compatible

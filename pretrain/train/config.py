@@ -15,8 +15,8 @@ from typing import Any
 
 from model import PAPER_PRESETS, ModelConfig
 from model.variants import ATTENTION_VARIANTS
-from pretrain.cli import ArgumentParser, UserError
 from pretrain.config_file import FILE_FLAGS, add_file_flags, parse_with_file
+from pretrain.errors import ArgumentParser, UserError
 from pretrain.schedule import (
     LAUNCHER_WARMUP,
     LR_SCHEDULES,
@@ -40,17 +40,17 @@ class TrainConfig:
     # model: a preset plus overrides (None keeps the preset's value)
     size: str = _opt("tiny", "model preset", ["tiny", "small", "1b"], "model")
     d_model: int | None = _opt(None, "model width (overrides the preset)", group="model", check="(0,inf)")
-    layers: int | None = _opt(None, "number of transformer blocks", group="model", check="(0,inf)")
+    n_layer: int | None = _opt(None, "number of transformer blocks", group="model", check="(0,inf)")
     n_head: int | None = _opt(None, "attention heads", group="model", check="(0,inf)")
-    kv_head: int | None = _opt(None, "key/value heads for gqa (must divide --n-head)", group="model", check="(0,inf)")
+    n_kv_head: int | None = _opt(None, "key/value heads for gqa (must divide --n-head)", group="model", check="(0,inf)")
     d_ff: int | None = _opt(None, "SwiGLU hidden size", group="model", check="(0,inf)")
-    block: int | None = _opt(None, "maximum sequence length (RoPE/context size)", group="model", check="(0,inf)")
+    block_size: int | None = _opt(None, "maximum sequence length (RoPE/context size)", group="model", check="(0,inf)")
     vocab_size: int | None = _opt(None, "vocabulary size (default: the dataset's)", group="model", check="(0,inf)")
-    attn_mode: str = _opt(
+    attn: str = _opt(
         "baseline", "attention variant: " + "; ".join(f"{v.name} = {v.summary}" for v in ATTENTION_VARIANTS.values()),
         list(ATTENTION_VARIANTS), "model"
     )
-    exp: str | None = _opt(None, "the paper's configuration: sets --attn-mode and its options (docs/paper_presets.md)",
+    exp: str | None = _opt(None, "the paper's configuration: sets --attn and its options (docs/paper_presets.md)",
                            list(PAPER_PRESETS), "model")
     attn_dim: int | None = _opt(None, "attention width for bottleneck/decoupled", group="model", check="(0,inf)")
     sem_dim: int | None = _opt(None, "semantic (no-RoPE) q/k width for decoupled", group="model", check="[0,inf)")
@@ -72,7 +72,7 @@ class TrainConfig:
     batch_size: int = _opt(8, "micro-batch size (sequences per forward pass, per process)",
                            group="batch", check="(0,inf)")
     grad_accum: int = _opt(1, "micro-batches per optimizer step", group="batch", check="(0,inf)")
-    train_seq_len: int | None = _opt(None, "training sequence length (default: --block)",
+    train_seq_len: int | None = _opt(None, "training sequence length (default: --block-size)",
                                      group="batch", check="(0,inf)")
     seq_schedule: str = _opt("", 'sequence-length schedule, e.g. "512@0,1024@2000"', group="batch")
     micro_batch_schedule: str = _opt("", 'micro-batch per step range, e.g. "16@0,8@500": the sequences per step '
@@ -115,7 +115,7 @@ class TrainConfig:
     eval_seq_len: int | None = _opt(None, "validation length (default: longest trained so far)",
                                     group="eval", check="(0,inf)")
     eval_seq_lens: str = _opt("", "also report val loss at these lengths with every eval, e.g. 512,1024,2048,4096 "
-                              "(may exceed --block: RoPE extrapolation)", group="eval")
+                              "(may exceed --block-size: RoPE extrapolation)", group="eval")
     analysis_every: int = _opt(0, "attention diagnostics on a fixed val batch every N steps (0: off)", group="eval",
                                check="[0,inf)")
     log_every: int = _opt(10, "log a train line every N steps", group="eval", check="(0,inf)")
@@ -194,7 +194,7 @@ def resolved_values(values: dict[str, Any], vocab_size: int | None = None) -> di
     """A TrainConfig dict with each None default replaced by the value the trainer uses for it.
 
     `--lr 6e-4` on a size whose default is 6e-4 is the same run as no --lr; likewise --beta2, --min-lr (lr/10),
-    --train-seq-len (--block) and the model overrides (--kv-head, --d-model, ...: the preset's or derived
+    --train-seq-len (--block-size) and the model overrides (--n-kv-head, --d-model, ...: the preset's or derived
     value). `vocab_size` stands in for the dataset's vocabulary when the dict leaves it None.
     """
     from pretrain.train.optim import DEFAULT_BETA2, default_lr  # lazy: optim imports this module
@@ -208,8 +208,8 @@ def resolved_values(values: dict[str, Any], vocab_size: int | None = None) -> di
         m = model_config_from(cfg, vocab_size or cfg.vocab_size or ModelConfig().vocab_size)
     except (KeyError, UserError):  # a config of an older or damaged run: compare it as written
         return out
-    out.update(d_model=m.d_model, layers=m.n_layer, n_head=m.n_head, kv_head=m.n_kv_head, d_ff=m.d_ff,
-               block=m.block_size, attn_dim=m.attn_dim, sem_dim=m.sem_dim, geo_dim=m.geo_dim,
+    out.update(d_model=m.d_model, n_layer=m.n_layer, n_head=m.n_head, n_kv_head=m.n_kv_head, d_ff=m.d_ff,
+               block_size=m.block_size, attn_dim=m.attn_dim, sem_dim=m.sem_dim, geo_dim=m.geo_dim,
                vocab_size=m.vocab_size, train_seq_len=cfg.train_seq_len or m.block_size)
     out["exp"] = None  # --exp only names the attention fields it sets, and those are compared themselves
     return out
@@ -240,7 +240,7 @@ def flag_name(name: str) -> str:
 
 
 def flag_args(name: str, value: Any) -> list[str]:
-    """How a field's value is written on the command line: [--tie-qk], [--no-tie-qk], [--attn-mode, decoupled]."""
+    """How a field's value is written on the command line: [--tie-qk], [--no-tie-qk], [--attn, decoupled]."""
     if isinstance(value, bool):
         return [flag_name(name) if value else "--no-" + name.replace("_", "-")]
     return [flag_name(name), str(value)]
@@ -257,7 +257,9 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
-_PRESET_FIELDS = ("d_model", "layers", "n_head", "kv_head", "d_ff", "block")
+_PRESET_FIELDS = ("d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "block_size")
+# Earlier spellings of flags renamed to ModelConfig's words, still accepted (commands written before 0.1).
+FORMER_FLAGS = {"n_layer": "--layers", "block_size": "--block", "n_kv_head": "--kv-head", "attn": "--attn-mode"}
 
 
 def _help_with_default(name: str, help: str, default: Any) -> str:
@@ -283,7 +285,8 @@ def add_config_flags(parser: argparse.ArgumentParser, show_defaults: bool = True
             g.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                            default=f.default, help=help)
         else:
-            g.add_argument(flag_name(f.name), dest=f.name, type=tp, default=f.default,
+            g.add_argument(flag_name(f.name), *FORMER_FLAGS.get(f.name, '').split(), dest=f.name, type=tp,
+                           default=f.default,
                            choices=meta["choices"], help=help, metavar=None if meta["choices"] else
                            f.name.upper())
 
@@ -298,8 +301,8 @@ def build_parser(prog: str = "train_v29.py") -> ArgumentParser:
 
 
 def paper_preset_fields(exp: str) -> dict[str, Any]:
-    """TrainConfig fields an --exp name sets (the ModelConfig fields of PAPER_PRESETS, attn -> attn_mode)."""
-    return {("attn_mode" if k == "attn" else k): v for k, v in PAPER_PRESETS[exp].items()}
+    """TrainConfig fields an --exp name sets: the ModelConfig fields of PAPER_PRESETS (the same names)."""
+    return dict(PAPER_PRESETS[exp])
 
 
 def parse_config(argv: Sequence[str] | None = None, prog: str = "train_v29.py") -> TrainConfig:
@@ -388,12 +391,12 @@ def format_command(argv: Sequence[str]) -> str:
 def model_config_from(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
     """The network `cfg` asks for: the preset, then every override given on the command line."""
     overrides = {
-        "d_model": cfg.d_model, "n_layer": cfg.layers, "n_head": cfg.n_head, "n_kv_head": cfg.kv_head,
-        "d_ff": cfg.d_ff, "block_size": cfg.block, "attn_dim": cfg.attn_dim, "sem_dim": cfg.sem_dim,
+        "d_model": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head,
+        "d_ff": cfg.d_ff, "block_size": cfg.block_size, "attn_dim": cfg.attn_dim, "sem_dim": cfg.sem_dim,
         "geo_dim": cfg.geo_dim,
     }
     given = {k: v for k, v in overrides.items() if v is not None}
-    given |= {"vocab_size": cfg.vocab_size or vocab_size, "attn": cfg.attn_mode, "null_attn": cfg.null_attn,
+    given |= {"vocab_size": cfg.vocab_size or vocab_size, "attn": cfg.attn, "null_attn": cfg.null_attn,
               "tie_qk": cfg.tie_qk, "learned_temp": cfg.learned_temp}
     try:
         return ModelConfig.from_preset(cfg.size, **given)

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.units import torch_dtype
 
 # Dense bf16 tensor-core peak FLOP/s (no sparsity), from vendor datasheets. Matched by substring of

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 
 # A rank that dies leaves the others blocked in a collective; torchrun kills them as soon as it notices,
 # so this only bounds the truly stuck cases (a hung node). 30 min is gloo's default, too long on a rented GPU.

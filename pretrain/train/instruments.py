@@ -76,9 +76,9 @@ def run_length_eval(s: RunState) -> None:
 @eagerly
 def run_diagnostics(s: RunState) -> None:
     """Attention diagnostics on the fixed batch; the loop calls this every --analysis-every steps."""
-    if s.evals.probe_batch is None or not s.dist.is_main:
+    if s.evals.diagnostic_batch is None or not s.dist.is_main:
         return
-    x, y = (t.to(s.device) for t in s.evals.probe_batch)
+    x, y = (t.to(s.device) for t in s.evals.diagnostic_batch)
     with stopping.interruptible():
         fields = diagnose(s.model, x, y, s.autocast)
     s.info["diagnostics"] = fields

@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 import torch
 
 from pretrain import invocation, stopping
-from pretrain.cli import EXIT_STOPPED, UserError
 from pretrain.data.shards import ShardChanged
+from pretrain.errors import EXIT_STOPPED, UserError
 from pretrain.runstatus import COMPLETE, COMPLETED, Ending, RunStatus, stopped, stopped_by_signal
 from pretrain.schedule import default_min_lr, lr_at, micro_batch_at, seq_len_at
 from pretrain.track.plots import write_plots

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pretrain import stopping
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.train.mirror_store import MirrorStore, mirror_problem
 from pretrain.units import fmt_bytes
 

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.track.runlog import JSONL_NAME, read_jsonl
 from pretrain.train.checkpoint import CheckpointManager, checkpoint_paths, load_checkpoint
 from pretrain.train.config import TrainConfig, config_differences
-from pretrain.train.rundir import has_run
+from pretrain.train.run_dir import has_run
 
 # --overwrite with --resume auto: rerunning a command after a preemption must continue its run, never wipe it.
 OVERWRITE_IGNORED = ("--overwrite is ignored: {} holds a run that --resume auto continues (a rerun after a "
@@ -29,7 +29,7 @@ class StartPoint:
     `clear`: a fresh start that must first remove a previous trainer's files (done by the caller, once it
     holds the run-dir lock and every check has passed, so a refused command changes nothing).
     `abandon`: an explicit --resume of a checkpoint older than the run dir's newest is a rollback; these are
-    the newer checkpoints, which the caller sets aside (rundir.set_branch_aside) at the same moment.
+    the newer checkpoints, which the caller sets aside (run_dir.set_branch_aside) at the same moment.
     """
 
     state: dict[str, Any] | None

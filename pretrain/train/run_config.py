@@ -48,8 +48,8 @@ def dataset_vocab(cfg: TrainConfig) -> int | None:
     """The vocabulary of --data when it can be read (None otherwise: --print-config then leaves it unresolved)."""
     if not cfg.data:
         return None
-    from pretrain.cli import UserError
     from pretrain.data.dataset import open_dataset  # lazy: numpy, only for --print-config with --data
+    from pretrain.errors import UserError
 
     try:
         return open_dataset(cfg.data, cfg.val_frac, require_val=False, vocab_size=cfg.vocab_size).vocab_size

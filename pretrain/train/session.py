@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from model import GPT, ModelConfig
-from pretrain.cli import UserError
 from pretrain.data.dataset import TokenDataset, open_dataset
 from pretrain.data.loader import Prefetcher, TrainSampler, ValWindows
-from pretrain.evals.diagnostics import probe_rows
+from pretrain.errors import UserError
+from pretrain.evals.diagnostics import diagnostic_rows
 from pretrain.evals.downstream import load_items
 from pretrain.evals.lengths import length_windows, parse_eval_lengths
 from pretrain.evals.samples import load_prompts, text_codec
@@ -53,7 +53,7 @@ from pretrain.train.resume import (
     set_rng_state,
 )
 from pretrain.train.run_config import write_run_config
-from pretrain.train.rundir import RunDirLock, check_out_dir, clear_run, set_branch_aside
+from pretrain.train.run_dir import RunDirLock, check_out_dir, clear_run, set_branch_aside
 from pretrain.train.speed import build_model, training_shapes
 from pretrain.train.state import EvalInputs, Progress, RunState, Schedules, Trackers
 
@@ -101,7 +101,7 @@ def _read_data(cfg: TrainConfig, dist: dist_lib.Dist) -> tuple[TokenDataset, Mod
     points = parse_seq_schedule(cfg.seq_schedule, cfg.train_seq_len or mcfg.block_size, mcfg.block_size)
     if cfg.eval_seq_len and cfg.eval_seq_len > mcfg.block_size:
         raise UserError(f"--eval-seq-len {cfg.eval_seq_len} exceeds the model's block size {mcfg.block_size}; "
-                        f"lower it or raise --block")
+                        f"lower it or raise --block-size")
     micro_points = parse_micro_batch_schedule(cfg.micro_batch_schedule, cfg.batch_size * cfg.grad_accum)
     ds.check_enough(max([cfg.batch_size] + [m for _, m in micro_points]), max(p[1] for p in points), dist.world_size)
     return ds, mcfg, Schedules(points, micro_points, lr_horizon=cfg.steps)
@@ -119,11 +119,11 @@ def _read_eval_inputs(cfg: TrainConfig, mcfg: ModelConfig, ds: TokenDataset, dis
     eval_seq_len, trained_len = max(eval_lens), max(p[1] for p in points)
     eval_lengths = parse_eval_lengths(cfg.eval_seq_lens) if cfg.eval_seq_lens else []
     lengths = length_windows(ds, eval_lengths, cfg.batch_size * eval_seq_len, cfg.eval_iters) if eval_lengths else {}
-    probe_batch = None
+    diagnostic_batch = None
     if cfg.analysis_every:
-        rows = probe_rows(mcfg.n_head, eval_seq_len, cfg.batch_size)
-        probe_batch = next(iter(ValWindows(ds, eval_seq_len, rows, 1)))
-    return EvalInputs(val_by_len, lengths, probe_batch, trained_len,
+        rows = diagnostic_rows(mcfg.n_head, eval_seq_len, cfg.batch_size)
+        diagnostic_batch = next(iter(ValWindows(ds, eval_seq_len, rows, 1)))
+    return EvalInputs(val_by_len, lengths, diagnostic_batch, trained_len,
                       codec=text_codec(ds.tokenizer, ds.vocab_size) if cfg.sample_every or cfg.hellaswag else None,
                       prompts=load_prompts(cfg.sample_prompts) if cfg.sample_every else [],
                       mc_items=load_items(cfg.hellaswag, cfg.downstream_items) if cfg.hellaswag else [],

@@ -24,7 +24,7 @@ from pretrain.train import distributed as dist_lib
 from pretrain.train.checkpoint import CheckpointManager
 from pretrain.train.config import TrainConfig
 from pretrain.train.mirror import Mirror
-from pretrain.train.rundir import RunDirLock
+from pretrain.train.run_dir import RunDirLock
 
 # wandb / TensorBoard namespace of each event type (train.jsonl keeps the type itself).
 METRIC_PREFIX = {"train": "train", "eval": "val", "eval_lengths": "val_len", "diagnostics": "diag"}
@@ -57,7 +57,7 @@ class EvalInputs:
 
     val_by_len: dict[int, ValWindows]  # fixed validation windows per eval length
     lengths: dict[int, ValWindows]  # {longest --eval-seq-lens length: its windows}, which every length scores
-    probe_batch: tuple[torch.Tensor, torch.Tensor] | None  # the fixed diagnostics batch (CPU), None: off
+    diagnostic_batch: tuple[torch.Tensor, torch.Tensor] | None  # the fixed diagnostics batch (CPU), None: off
     trained_len: int  # longest length the schedule trains at (an eval reports the longest trained so far)
     codec: Any = None  # token ids <-> text, when samples or downstream evals are on
     prompts: list[str] = field(default_factory=list)

@@ -1,4 +1,4 @@
-"""prepare's command line (prepare_fineweb.py, `pretrain-prepare`, `python -m pretrain.data`).
+"""prepare's process entry and flags (prepare_fineweb.py, `pretrain-prepare`, `python -m pretrain.data`).
 
 Stream FineWeb-Edu (or local parquet/jsonl/json/txt files), tokenize, write .npy token shards.
 
@@ -16,7 +16,7 @@ import signal
 import threading
 from collections.abc import Sequence
 
-from pretrain.cli import ArgumentParser, UserError
+from pretrain.errors import ArgumentParser, UserError
 
 
 def _count(text: str) -> int:

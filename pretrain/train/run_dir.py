@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.fsio import DirLock, fsync_dir
 from pretrain.track.plots import PLOT_FILES
 from pretrain.track.runlog import JSONL_NAME, read_jsonl
@@ -30,7 +30,7 @@ RUN_DIRS = ("wandb", "tb", ABANDONED)
 def writable_problem(path: Path) -> str | None:
     """Why nothing can be written at `path` (a dir, maybe not yet created), or None.
 
-    Probes with a real temp file: os.access says yes to root even on a read-only mount.
+    Tries a real temp file: os.access says yes to root even on a read-only mount.
     """
     existing = path
     while not existing.exists():
@@ -38,9 +38,9 @@ def writable_problem(path: Path) -> str | None:
     if not existing.is_dir():
         return f"{existing} is a file, not a directory"
     try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-probe-")
+        fd, scratch = tempfile.mkstemp(dir=existing, prefix=".write-check-")
         os.close(fd)
-        os.unlink(probe)
+        os.unlink(scratch)
     except OSError as e:
         return f"{existing} is not writable ({os.strerror(e.errno) if e.errno else e})"
     return None

@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: user errors become one readable line and exit code 2, never a traceback."""
+"""Errors and exit codes of every command: a UserError becomes one line and exit code 2, never a traceback."""
 
 from __future__ import annotations
 

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.plan.resolve import Origin, Resolved, source_of
 from pretrain.schedule import describe_lr_extension
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.checkpoint import checkpoint_paths
 from pretrain.train.config import TrainConfig, config_differences
-from pretrain.train.rundir import LOCK_NAME
+from pretrain.train.run_dir import LOCK_NAME
 
 # How a step is computed, not what it computes: changing these keeps the experiment (same sequences per step).
 EXECUTION_FIELDS = ("batch_size", "grad_accum", "grad_checkpoint", "micro_batch_schedule")
@@ -37,7 +37,7 @@ _GROUP = {f.name: f.metadata["group"] for f in fields(TrainConfig)}
 
 
 @dataclass
-class RunDir:
+class RunDirChoice:
     """Where the run goes and what happens there: fresh | resume | complete | skip."""
 
     name: str
@@ -57,8 +57,8 @@ def run_name(values: dict[str, Any], variant: str | None, tag: str | None, kv_fl
     apart on a dashboard at a glance.
     """
     label = variant or "baseline"
-    if kv_flag is not None and values["attn_mode"] == "gqa":
-        label = f"gqa_kv{kv_flag}"  # --variant gqa --kv-head 2 is the same experiment as --variant gqa_kv2
+    if kv_flag is not None and values["attn"] == "gqa":
+        label = f"gqa_kv{kv_flag}"  # --variant gqa --n-kv-head 2 is the same experiment as --variant gqa_kv2
     # A paper preset's name already implies its options, so they are not repeated in the run name.
     options = [] if values.get("exp") else ["null"] * bool(values["null_attn"]) + ["tieqk"] * bool(values["tie_qk"])
     parts = [values["size"], label] + options
@@ -121,16 +121,16 @@ def _match(saved: dict, res: Resolved) -> tuple[list[str], dict[str, Any], list[
     return conflicts, adopt, warnings
 
 
-def resolve_run_dir(root: Path, name: str, if_exists: str, res: Resolved, extend: bool = False) -> RunDir:
+def resolve_run_dir(root: Path, name: str, if_exists: str, res: Resolved, extend: bool = False) -> RunDirChoice:
     """Pick the run directory (see the module docstring); reads the disk, writes nothing."""
     resume = res.values["resume"]
     if resume not in ("auto", "never"):
-        return RunDir(name, root / name, "resume", f"from {resume}")
+        return RunDirChoice(name, root / name, "resume", f"from {resume}")
     for i in range(1, 1000):
         n = name if i == 1 else f"{name}-{i}"
         d = root / n
         if not d.exists() or (d.is_dir() and not any(p.name not in (LOCK_NAME, PROBE_FILE) for p in d.iterdir())):
-            return RunDir(n, d, "fresh")
+            return RunDirChoice(n, d, "fresh")
         if not d.is_dir():
             raise UserError(f"{d} exists and is not a directory; move it or choose another --run-root / --tag")
         saved, end = _saved_run(d)
@@ -146,7 +146,7 @@ def resolve_run_dir(root: Path, name: str, if_exists: str, res: Resolved, extend
                 lr = describe_lr_extension(res.values["lr_schedule"], horizon or steps, planned, at,
                                            res.values["decay_frac"])
                 note = f"--extend: run length {steps:,} -> {planned:,} steps from step {at:,}; {lr}"
-            return RunDir(n, d, "resume", note, adopt, end=end)
+            return RunDirChoice(n, d, "resume", note, adopt, end=end)
         why = (f"holds a different run ({', '.join(conflicts)} differ)" if conflicts else
                f"holds a run of {steps:,} steps and this plan has {planned:,} (another token budget; pass "
                f"--extend to continue that run instead)" if has_ckpt and other_length and resume == "auto" else
@@ -155,8 +155,8 @@ def resolve_run_dir(root: Path, name: str, if_exists: str, res: Resolved, extend
         if if_exists == "error":
             raise UserError(f"{d} {why}; use another --tag, or --if-exists suffix|skip|overwrite")
         if if_exists == "skip":
-            return RunDir(n, d, "skip", f"{d} {why}; --if-exists skip: nothing to do")
+            return RunDirChoice(n, d, "skip", f"{d} {why}; --if-exists skip: nothing to do")
         if if_exists == "overwrite":
-            return RunDir(n, d, "fresh", f"{why}; --if-exists overwrite replaces it", overwrite=True)
+            return RunDirChoice(n, d, "fresh", f"{why}; --if-exists overwrite replaces it", overwrite=True)
         res.warnings.append(f"{d} {why}; trying the next name (--if-exists suffix)")
     raise UserError(f"no free run name under {root} for {name}; use another --tag")
