@@ -1,9 +1,10 @@
 """The original paper's attention instruments (issue 21.5): each metric against a numpy reference on constructed
 attention, then through the trainer (--analysis-every): the diag keys in train.jsonl, attn_maps/*.npz + heatmap,
-diagnostics.png and summary.md's links; bad map flags are one line and exit 2."""
+diagnostics.png and summary.md's links, compare's columns; bad map flags are one line and exit 2."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 from pretrain.cli import run_cli
 from pretrain.evals import paper_metrics as pm
+from pretrain.track.compare import main as compare_main
 from pretrain.track.runlog import read_jsonl, to_metrics
 from pretrain.train.loop import main as train_main
 
@@ -146,3 +148,13 @@ def test_bad_attention_map_flags_are_one_line_exit_2(byte_data, tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and all(w in err for w in words), err
     assert not out.exists()
+
+
+def test_compare_shows_the_last_diagnostics_per_run(mapped_run, capsys):
+    assert compare_main([str(mapped_run), "--no-plot", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["diag:topk_mass"] == pytest.approx(1.0, abs=1e-5)  # --analysis-topk 64 covers every key
+    assert 1 < row["diag:stable_rank"] <= 64 and 0 < row["diag:share_sem_msq"] < 1
+    assert compare_main([str(mapped_run), "--no-plot"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "top-k mass" in header and "sem share msq" in header and "stable rank" in header
