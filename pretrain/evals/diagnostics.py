@@ -15,14 +15,20 @@ an explicit softmax), reduced to numbers as each layer passes so only one layer'
                 from a separate forward/backward in training mode (so with --grad-checkpoint it recomputes
                 activations as the training step does, and needs no more memory); .grad is left untouched
 
-Per head (entropy, null_mass) as well when n_layer * n_head <= HEAD_DETAIL_MAX, so small models show which
-heads sink. Everything is computed in at least fp32 whatever the autocast / parameter dtype.
+The original paper's instruments (top-k mass, local-window mass, attention rank and effective rank, its
+mean-squared-logit semantic share `share_sem_msq`, projection stable ranks `stable_rank_<proj>`) are defined in
+pretrain/evals/paper_metrics.py; `diagnose` also hands back chosen heads' attention maps (--attn-map-layers/-heads).
+
+Per head (entropy, null_mass, topk_mass, local_mass, attn_rank, attn_erank) as well when
+n_layer * n_head <= HEAD_DETAIL_MAX, so small models show which heads sink. Everything is computed in at least
+fp32 whatever the autocast / parameter dtype.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +36,7 @@ import torch.nn.functional as F
 
 from model import GPT
 from model.attention import AttentionTrace
+from pretrain.evals import paper_metrics as pm
 
 HEAD_DETAIL_MAX = 64  # layers x heads up to this get per-head series (each is a wandb chart)
 SCORE_BUDGET = 2**28  # bytes of one (rows, H, T, S) fp32 score tensor the reference attention may hold
@@ -59,7 +66,8 @@ def _tokens_by_features(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 1, 3).reshape(B * S, H * hd)
 
 
-def layer_tensors(trace: AttentionTrace, x_in: torch.Tensor, x_out: torch.Tensor) -> dict[str, Any]:
+def layer_tensors(trace: AttentionTrace, x_in: torch.Tensor, x_out: torch.Tensor, topk: int = pm.TOPK,
+                  window: int = pm.LOCAL_WINDOW, map_heads: Sequence[int] = ()) -> dict[str, Any]:
     """One layer's diagnostics as small tensors (per-head vectors, 0-d sums); `_numbers` turns them into numbers.
 
     Tensors, not floats: nothing here waits for the device, and the planner's memory estimate
@@ -67,7 +75,11 @@ def layer_tensors(trace: AttentionTrace, x_in: torch.Tensor, x_out: torch.Tensor
     """
     p = trace.probs
     entropy = torch.special.entr(p).sum(-1).mean(dim=(0, 2))  # (H,); masked keys have p = 0 and add 0
-    out: dict[str, Any] = {"entropy": entropy}
+    out: dict[str, Any] = {"entropy": entropy, "topk_mass": pm.topk_mass(p, topk),
+                           "local_mass": pm.local_mass(p, window, trace.null_slot)}
+    out["attn_rank"], out["attn_erank"] = pm.rank_and_erank(pm.corner(p, trace.null_slot))
+    if map_heads:  # rows sum to 1: the null column stays in the map
+        out["maps"] = {h: pm.corner(p, trace.null_slot, keep_null=True)[h].to(torch.float16) for h in map_heads}
     keys, values = trace.keys, trace.values
     if trace.null_slot:
         out["null_mass"] = p[..., 0].mean(dim=(0, 2))
@@ -76,6 +88,7 @@ def layer_tensors(trace: AttentionTrace, x_in: torch.Tensor, x_out: torch.Tensor
         visible = trace.mask.to(trace.sem_scores.dtype)
         out["sem_geo"] = torch.stack(((trace.sem_scores.abs() * visible).sum(),
                                       (trace.geo_scores.abs() * visible).sum()))
+        out["share_sem_msq"] = pm.share_msq(trace.sem_scores, trace.geo_scores, trace.null_slot)
     k2, v2 = _tokens_by_features(keys), _tokens_by_features(values)
     out.update(key_erank=_erank(k2), key_width=min(k2.shape), value_erank=_erank(v2), value_width=min(v2.shape))
     out["cos_in_out"] = F.cosine_similarity(x_in.float(), x_out.float(), dim=-1).mean()
@@ -84,14 +97,16 @@ def layer_tensors(trace: AttentionTrace, x_in: torch.Tensor, x_out: torch.Tensor
 
 def _numbers(t: dict[str, Any]) -> dict[str, Any]:
     """layer_tensors' output as one layer's numbers (see the module docstring), per-head lists under "heads"."""
-    heads = {"entropy": t["entropy"].tolist()}
-    stats: dict[str, Any] = {"entropy": float(t["entropy"].mean())}
+    heads = {k: t[k].tolist() for k in ("entropy", "topk_mass", "local_mass", "attn_rank", "attn_erank")}
+    stats: dict[str, Any] = {k: float(v.mean()) for k, v in t.items() if k in heads}
     if "null_mass" in t:
         heads["null_mass"] = t["null_mass"].tolist()
         stats["null_mass"] = float(t["null_mass"].mean())
     if "sem_geo" in t:
         sem, geo = t["sem_geo"].tolist()
         stats["sem_share"] = sem / (sem + geo) if sem + geo > 0 else None
+        stats["share_sem_msq"] = float(t["share_sem_msq"])
+    stats.update({k: float(v) for k, v in t.items() if k.startswith("stable_rank_")})
     stats.update(key_erank=float(t["key_erank"]), key_width=t["key_width"], value_erank=float(t["value_erank"]),
                  value_width=t["value_width"], cos_in_out=float(t["cos_in_out"]), heads=heads)
     return stats
@@ -125,29 +140,44 @@ def gradient_sq_norms(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast: An
 
 
 @torch.no_grad()
-def diagnostic_tensors(model: GPT, x: torch.Tensor, y: torch.Tensor,
-                       autocast: Any) -> tuple[list[dict[str, Any]], torch.Tensor]:
-    """The device work of `diagnose`: per-layer `layer_tensors` and `gradient_sq_norms`, small tensors only."""
+def diagnostic_tensors(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast: Any, topk: int = pm.TOPK,
+                       window: int = pm.LOCAL_WINDOW, maps: Mapping[int, Sequence[int]] | None = None,
+                       ) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    """The device work of `diagnose`: per-layer `layer_tensors` (with the attention maps of `maps`, layer ->
+    heads, and the projections' stable ranks) and `gradient_sq_norms`, small tensors only."""
+    maps = maps or {}
+    per_layer: list[dict[str, Any]] = []
+
+    def on_layer(i: int, trace: AttentionTrace, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+        t = layer_tensors(trace, x_in, x_out, topk, window, maps.get(i, ()))
+        per_layer.append(t | pm.projection_stable_ranks(model.blocks[i].attn))
+
     was_training = model.training
     model.eval()
-    per_layer: list[dict[str, Any]] = []
     try:
         with autocast:
-            model.trace_attention(x, lambda i, trace, x_in, x_out: per_layer.append(layer_tensors(trace, x_in, x_out)))
+            model.trace_attention(x, on_layer)
     finally:
         model.train(was_training)
     return per_layer, gradient_sq_norms(model, x, y, autocast)
 
 
 @torch.no_grad()
-def diagnose(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast: Any) -> dict[str, Any]:
-    """Every diagnostic of `model` on the batch (x, y), as the fields of one `diagnostics` event:
+def diagnose(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast: Any, topk: int = pm.TOPK,
+             window: int = pm.LOCAL_WINDOW, maps: Mapping[int, Sequence[int]] | None = None,
+             maps_out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every diagnostic of `model` on the batch (x, y), as the fields of one `diagnostics` event
+    (`maps`: layer -> heads whose attention maps go into `maps_out` as {"L0_H1": float16 array}):
 
     {"layer": {"00": {"entropy": ..., ...}, ...}, "mean": {metric: mean over layers}, "head": {"00":
     {"entropy": {"h0": ...}}} (small models only), "embed_grad_norm", "seq_len", "rows", "seconds"}.
     """
     t0 = time.perf_counter()
-    tensors, grad_sq = diagnostic_tensors(model, x, y, autocast)
+    tensors, grad_sq = diagnostic_tensors(model, x, y, autocast, topk, window, maps)
+    for i, t in enumerate(tensors):
+        for h, a in t.pop("maps", {}).items():
+            if maps_out is not None:
+                maps_out[f"L{i}_H{h}"] = a.float().cpu().numpy().astype("float16")
     per_layer = [_numbers(t) for t in tensors]
     norms = [math.sqrt(v) for v in grad_sq.tolist()]
     block_norms, embed_norm = norms[:-1], norms[-1]

@@ -24,6 +24,7 @@ from pretrain.errors import ArgumentParser, UserError
 from pretrain.evals.infer_bench import add_kv_cache_flags, kv_settings_arg
 from pretrain.stats import binomial_se
 from pretrain.track.compare_checks import ranking, verdict
+from pretrain.track.diag_columns import diag_columns, diag_fields
 from pretrain.track.kv_plot import format_kv_table, kv_setting_fields, kv_setting_metrics, plot_quality_vs_kv
 from pretrain.track.plots import events_by_step, new_figure, save_png
 from pretrain.track.runlog import JSONL_NAME, median_tok_s, read_jsonl
@@ -166,6 +167,7 @@ def run_row(run_dir: Path, warn: bool = True) -> dict[str, Any]:
         "trained_len": last_lengths.get("trained_len"),
         # the same losses as flat `val@<length>` columns, so seed groups average them like other metrics
         **{f"val@{n}": v for n, v in (last_lengths.get("loss") or {}).items() if finite_number(v) is not None},
+        **diag_fields(records),  # --analysis-every: the last diagnostics' layer means
     }
 
 
@@ -207,6 +209,8 @@ def _one(key: str, row: dict[str, Any], value: Any) -> str:
         return f"{value:.3f}"
     if key.startswith("val@"):
         return f"{value:.4f}"
+    if key.startswith("diag:"):
+        return f"{value:.3g}"
     if key.startswith("peak_mem_bytes@"):
         return f"{value / 2**20:,.1f}"
     if key.startswith(("decode_tok_s@", "prefill_tok_s@")):
@@ -225,6 +229,7 @@ def table_columns(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
         extra["acc_norm"] = "acc_norm"
     extra |= _measured_columns(rows)
     extra |= length_columns(rows)
+    extra |= diag_columns(rows)
     keys = list(COLUMNS)
     cut = keys.index("steps")
     columns = {k: COLUMNS.get(k) or extra[k] for k in keys[:cut] + list(extra) + keys[cut:]}
@@ -350,7 +355,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m pretrain.trac
     if args.measure:
         _measure([r["path"] for r in compare_runs(args.runs)], args)
     runs = compare_runs(args.runs)
-    metrics = GROUP_METRICS + list(_measured_columns(runs)) + list(length_columns(runs)) + kv_setting_metrics(runs)
+    metrics = (GROUP_METRICS + list(_measured_columns(runs)) + list(length_columns(runs)) + list(diag_columns(runs))
+               + kv_setting_metrics(runs))
     rows = group_rows(runs, metrics, merge=not args.per_seed)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows) + "\n\n" + verdict(rows))
     kv_table = "" if args.json else format_kv_table(rows)

@@ -19,6 +19,13 @@ PLOT_TITLES = {
     "throughput": "Throughput (tok/s)",
     "grad_norm": "Gradient norm (pre-clip)",
     "position_loss": "Val loss vs position in the window (longest --eval-seq-lens)",
+    "diagnostics": "Attention diagnostics over time (--analysis-every, mean over layers)",
+}
+# diagnostics.png panels: title -> the layer-mean keys drawn in it (pretrain/evals/diagnostics.py defines them).
+DIAG_PANELS = {
+    "entropy (nats)": ("entropy",), "top-k / local-window mass": ("topk_mass", "local_mass", "null_mass"),
+    "attention rank": ("attn_rank", "attn_erank"), "semantic share": ("sem_share", "share_sem_msq"),
+    "projection stable rank": ("stable_rank_*",), "K/V effective rank": ("key_erank", "value_erank"),
 }
 # Every PNG write_plots may write: what a fresh start (--overwrite) may remove from a run dir.
 PLOT_FILES = tuple(f"{stem}.png" for stem in PLOT_TITLES)
@@ -76,7 +83,8 @@ def new_figure(title: str, xlabel: str, ylabel: str, size: tuple[float, float] =
 
 def write_plots(run_dir: str | os.PathLike) -> list[Path]:
     """Draw loss.png (train + val vs tokens, val per eval length), lr.png, throughput.png, grad_norm.png from
-    train.jsonl, and position_loss.png from the last multi-length eval when there is one.
+    train.jsonl, position_loss.png from the last multi-length eval when there is one, and diagnostics.png (the
+    attention diagnostics' layer means over time) once --analysis-every has logged one.
 
     Plots without data (e.g. no grad_norm logged yet) are skipped. Returns the paths written.
     """
@@ -149,4 +157,33 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
             ax.axvline(trained, color="grey", ls="--", lw=1, label=f"trained so far: {trained}")
         ax.legend()
         written.append(save_png(fig, run_dir / "position_loss.png"))
+    diag = [r for r in events_by_step(records, "diagnostics") if isinstance(r.get("mean"), dict)]
+    if diag:
+        written.append(save_png(diagnostics_figure(diag, x_of, xlabel), run_dir / "diagnostics.png"))
     return written
+
+
+def diagnostics_figure(diag: list[dict], x_of: Any, xlabel: str) -> Any:
+    """One panel per DIAG_PANELS entry that has data, each layer-mean series against tokens (or steps)."""
+    from matplotlib.figure import Figure
+
+    keys_seen = {k for r in diag for k in r["mean"]}
+    panels = []
+    for title, keys in DIAG_PANELS.items():
+        names = [k for k in sorted(keys_seen) for p in keys if k == p or (p.endswith("*") and k.startswith(p[:-1]))]
+        if names:
+            panels.append((title, names))
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
+    fig.suptitle(PLOT_TITLES["diagnostics"])
+    for i, (title, names) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.grid(True, alpha=0.3)
+        for name in names:
+            xs, ys = _series([r["mean"] | {"step": r["step"], "tokens": r.get("tokens")} for r in diag], x_of, name)
+            ax.plot(xs, ys, "o-", ms=3, lw=1.2, label=name)
+        ax.legend(fontsize=7)
+    return fig

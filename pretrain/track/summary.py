@@ -102,7 +102,9 @@ def _diagnostics_section(fields: Any) -> list[str]:
     """The last attention diagnostics, one row per layer (see pretrain/evals/diagnostics.py)."""
     if not isinstance(fields, Mapping) or not isinstance(fields.get("layer"), Mapping):
         return []
-    cols = [("entropy", "entropy (nats)"), ("null_mass", "null mass"), ("sem_share", "semantic share"),
+    cols = [("entropy", "entropy (nats)"), ("null_mass", "null mass"), ("topk_mass", "top-k mass"),
+            ("local_mass", "local mass"), ("attn_erank", "attn eff. rank"), ("sem_share", "semantic share"),
+            ("share_sem_msq", "sem. share (msq)"),
             ("key_erank", "key eff. rank"), ("value_erank", "value eff. rank"), ("cos_in_out", "cos in/out"),
             ("grad_norm", "grad norm")]
     layers = fields["layer"]
@@ -119,7 +121,12 @@ def _diagnostics_section(fields: Any) -> list[str]:
             width = row.get(k.replace("erank", "width"))
             cells.append(f"{text} ({width})" if k.endswith("erank") and width else text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    lines.append("")
+    if isinstance(fields.get("attn_map"), str):  # written by --attn-map-layers (pretrain/track/attn_maps.py)
+        npz = fields["attn_map"].removesuffix(".png") + ".npz"
+        lines += [f"Attention maps of the last analysis ([{npz}]({npz})):", "",
+                  f"![attention maps]({fields['attn_map']})", ""]
+    return lines
 
 
 def write_summary(run_dir: str | os.PathLike, info: Mapping[str, Any]) -> Path:

@@ -118,6 +118,13 @@ class TrainConfig:
                               "(may exceed --block-size: RoPE extrapolation)", group="eval")
     analysis_every: int = _opt(0, "attention diagnostics on a fixed val batch every N steps (0: off)", group="eval",
                                check="[0,inf)")
+    analysis_topk: int = _opt(8, "diagnostics: top-k attention mass uses the k largest probabilities of a row",
+                              group="eval", check="(0,inf)")
+    analysis_local_window: int = _opt(32, "diagnostics: local mass is the attention on the last N+1 keys (q-N..q)",
+                                      group="eval", check="[0,inf)")
+    attn_map_layers: str = _opt("", "diagnostics: save attention maps of these layers (e.g. 0,-1) to "
+                                "attn_maps/step_N.npz + .png at each analysis", group="eval")
+    attn_map_heads: str = _opt("0", "heads of --attn-map-layers whose maps are saved, e.g. 0,3", group="eval")
     log_every: int = _opt(10, "log a train line every N steps", group="eval", check="(0,inf)")
     sample_every: int = _opt(0, "write text samples (greedy + sampled) every N steps and at the end (0: off)",
                              group="eval", check="[0,inf)")
@@ -179,7 +186,8 @@ class TrainConfig:
 # Settings that may change when a run resumes; anything else changing means a different experiment.
 RESUMABLE_CHANGES = frozenset(
     {
-        "steps", "eval_every", "eval_iters", "eval_seq_lens", "analysis_every", "log_every", "save_every",
+        "steps", "eval_every", "eval_iters", "eval_seq_lens", "analysis_every", "log_every",
+        "analysis_topk", "analysis_local_window", "attn_map_layers", "attn_map_heads", "save_every",
         "save_minutes", "keep_last",
         "resume", "overwrite", "max_bad_steps", "device", "live", "tb", "compile", "compile_mode",
         "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "wandb_tags", "wandb_mode",

@@ -23,6 +23,7 @@ from pretrain.evals.lengths import evaluate_lengths
 from pretrain.evals.samples import SAMPLE_COLUMNS, samples_table_rows, write_samples
 from pretrain.schedule import eval_seq_len_at
 from pretrain.stats import standard_error
+from pretrain.track.attn_maps import ATTN_MAP_DIR, save_attention_maps
 from pretrain.track.console import format_eval_line
 from pretrain.track.progress import tracked
 from pretrain.train import distributed as dist_lib
@@ -80,7 +81,12 @@ def run_diagnostics(s: RunState) -> None:
         return
     x, y = (t.to(s.device) for t in s.evals.diagnostic_batch)
     with stopping.interruptible():
-        fields = diagnose(s.model, x, y, s.autocast)
+        maps: dict = {}
+        fields = diagnose(s.model, x, y, s.autocast, s.cfg.analysis_topk, s.cfg.analysis_local_window, s.evals.maps,
+                          maps)
+    if maps and s.track.log:
+        png = save_attention_maps(s.run_dir, s.prog.step, maps, s.model.config.null_attn)
+        fields["attn_map"] = f"{ATTN_MAP_DIR}/{png.name}"  # a string: in train.jsonl and summary.md, not wandb
     s.info["diagnostics"] = fields
     s.emit("diagnostics", **fields)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from pretrain.errors import UserError
 from pretrain.fsio import DirLock, fsync_dir
+from pretrain.track.attn_maps import ATTN_MAP_DIR
 from pretrain.track.plots import PLOT_FILES
 from pretrain.track.runlog import JSONL_NAME, read_jsonl
 from pretrain.train.checkpoint import _TMP_PREFIX, BEST, LAST, checkpoint_paths
@@ -24,7 +25,7 @@ LOCK_NAME = ".train.lock"  # hidden: summary.md lists a run dir's visible files
 # Anything else there (the user's notes, their own .pt or .png files) is never touched.
 RUN_FILES = ("train.jsonl", "summary.md", "wandb_run_id.txt", LAST, BEST, *PLOT_FILES, "config.toml")
 ABANDONED = "abandoned"  # checkpoints of branches a rollback left, one folder per rollback
-RUN_DIRS = ("wandb", "tb", ABANDONED)
+RUN_DIRS = ("wandb", "tb", ABANDONED, ATTN_MAP_DIR)
 
 
 def writable_problem(path: Path) -> str | None:

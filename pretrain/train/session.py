@@ -31,6 +31,7 @@ from pretrain.schedule import (
     parse_seq_schedule,
     phases,
 )
+from pretrain.track.attn_maps import attention_map_choice
 from pretrain.track.console import Console
 from pretrain.track.runlog import JSONL_NAME, RunLog, read_jsonl
 from pretrain.track.summary import describe_batch_change, describe_branch
@@ -127,7 +128,9 @@ def _read_eval_inputs(cfg: TrainConfig, mcfg: ModelConfig, ds: TokenDataset, dis
                       codec=text_codec(ds.tokenizer, ds.vocab_size) if cfg.sample_every or cfg.hellaswag else None,
                       prompts=load_prompts(cfg.sample_prompts) if cfg.sample_every else [],
                       mc_items=load_items(cfg.hellaswag, cfg.downstream_items) if cfg.hellaswag else [],
-                      eval_lengths=eval_lengths)
+                      eval_lengths=eval_lengths,
+                      maps=attention_map_choice(cfg.attn_map_layers, cfg.attn_map_heads, cfg.analysis_every,
+                                                mcfg.n_layer, mcfg.n_head))
 
 
 def _check_bf16(cfg: TrainConfig, device: torch.device) -> None:

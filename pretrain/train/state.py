@@ -63,6 +63,7 @@ class EvalInputs:
     prompts: list[str] = field(default_factory=list)
     mc_items: list[Any] = field(default_factory=list)
     eval_lengths: list[int] = field(default_factory=list)  # --eval-seq-lens, parsed
+    maps: dict[int, tuple[int, ...]] = field(default_factory=dict)  # layer -> heads whose attention maps are saved
 
 
 @dataclass
