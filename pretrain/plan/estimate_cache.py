@@ -50,7 +50,7 @@ def code_fingerprint() -> str:
 
 def key(*parts: str) -> str:
     """The cache key of an estimate whose arguments are `parts` (exact strings: sorted JSON, reprs)."""
-    return hashlib.sha256("\0".join((code_fingerprint(), *parts)).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([code_fingerprint(), *parts]).encode()).hexdigest()
 
 
 def load(k: str) -> dict[str, Any] | None:
