@@ -28,6 +28,7 @@ for key, value in {
     "WANDB_CACHE_DIR": str(_cache / "wandb-cache"),
     "WANDB_CONFIG_DIR": str(_cache / "wandb-config"),
     "TORCHINDUCTOR_CACHE_DIR": str(_cache / "inductor"),
+    "PRETRAIN_CACHE_DIR": str(_cache / "pretrain"),  # the plan's memory estimates: never the user's cache
     "MPLBACKEND": "Agg",
     # One thread: OpenMP barriers spin badly when the other core is busy (subprocess runs, CI).
     "OMP_NUM_THREADS": "1",

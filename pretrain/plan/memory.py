@@ -3,7 +3,7 @@
 How: build the planned model and the trainer's own optimizer inside `FakeTensorMode` on device cpu (fake
 tensors carry shapes and dtypes but allocate nothing), then run one real training step as the trainer does it
 (autocast forward with the chunked loss, backward, grad clipping, optimizer step) under
-`torch.distributed._tools.mem_tracker.MemTracker`, which follows every tensor storage as it is created and freed
+torch's MemTracker (pretrain/plan/peak_tracker.py), which follows every tensor storage as it is created and freed
 and records the highest total. Fake cuda tensors abort on backward in a CPU-only torch, so the tensors are cpu
 ones; CPU scaled_dot_product_attention runs a flash kernel whose saved tensors (output + logsumexp) match CUDA
 flash attention, and bf16/fp16 autocast casts the same matmuls on both devices.
@@ -15,7 +15,11 @@ throughout (the last micro-batch of a step is the fullest one).
 Speed: a 22-layer model is not tracked block by block. Blocks are identical, so models with 3 and 4 blocks
 are tracked op by op and the 22-block timeline is rebuilt from them (see `_extrapolate`). This is exact, not a
 fit: tests/test_memory.py compares it byte for byte with full runs; a timeline of unexpected shape falls back
-to tracking the full model. The 1b preset takes ~2 s instead of ~5 s per estimate.
+to tracking the full model. The 1b preset takes ~2 s instead of ~5 s per estimate (most of it fake-tensor and
+tracker dispatch, ~0.3 ms per op whatever the model's width). Estimates are kept on disk
+(pretrain/plan/estimate_cache.py, keyed by their arguments and the code), and the tracker
+(pretrain/plan/peak_tracker.py, ~1.5 s of imports) is imported only when one is computed: a dry run that was
+made before costs about an `import torch`.
 
 What the figure is. `tensor_peak` is what `torch.cuda.max_memory_allocated()` should report for the step.
 The device needs more than that; `allowance` adds a stated amount for what tensors do not show:
@@ -39,13 +43,12 @@ import functools
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed._tools.mem_tracker import MemTracker
 
 from model import GPT, ModelConfig
+from pretrain.plan import estimate_cache
 from pretrain.train.config import TrainConfig
 from pretrain.train.optim import build_optimizer, step_unless_nonfinite
 from pretrain.units import torch_dtype
@@ -100,61 +103,6 @@ def comm_bytes(nproc: int, device: str = "cuda") -> int:
     return NCCL_BYTES if nproc > 1 and device == "cuda" else 0
 
 
-class _PeakTracker(MemTracker):
-    """MemTracker keeping only the global peak, and optionally the total after every op with its segment.
-
-    The stock tracker also updates a per-module peak for every active module on every op, which is O(modules)
-    per op and makes a 1B step take a minute instead of seconds; the global figures are the same. A segment is
-    (in backward?, index of the block running or None).
-    """
-
-    def __init__(self, record: bool = False) -> None:
-        super().__init__()
-        self.record = record
-        self.ops: list[tuple[tuple[bool, int | None], int]] = []
-
-    def total(self) -> int:
-        return sum(snap["Total"] for snap in self._curr_mem_snap.values())
-
-    def _pre_fw_hook(self, module, inputs) -> None:  # type: ignore[no-untyped-def]
-        # The stock tracker refuses a module called again from the top level (its per-module stats assume one
-        # iteration); passes call the LM head once per slice of logits, or the model once per eval length, and
-        # only the global figures are kept here.
-        if module in self.memory_tracking and not self._mod_tracker.is_bw:
-            name = self._mod_tracker.get_known_fqn(module)
-            if set(self._mod_tracker.parents) - {name} == {"Global"}:
-                return
-        super()._pre_fw_hook(module, inputs)
-
-    def _update_peak_stats(self, peak_state) -> None:  # type: ignore[no-untyped-def]
-        for dev, snap in self._curr_mem_snap.items():
-            if self._peak_mem.get(dev, 0) < snap["Total"]:
-                self._peak_mem[dev] = snap["Total"]
-                self._peak_mem_snap[dev] = dict(snap)
-        if self.record:
-            block = None
-            for name in self._mod_tracker.parents:
-                head, _, index = name.rpartition(".")
-                if head.endswith(".blocks") and index.isdigit():
-                    block = int(index)
-            self.ops.append(((self._mod_tracker.is_bw, block), self.total()))
-
-    def peak(self) -> tuple[int, dict[str, int]]:
-        """(total, breakdown by category) of the highest point so far."""
-        total, snap = 0, {}
-        for dev_snap in self._peak_mem_snap.values():
-            total += dev_snap["Total"]
-            for k, v in dev_snap.items():
-                if k != "Total":
-                    name = _CATEGORY.get(str(getattr(k, "value", k)), str(k))
-                    snap[name] = snap.get(name, 0) + v
-        return total, snap
-
-
-_CATEGORY = {"Parameter": "params", "Buffer": "buffers", "Gradient": "grads", "Activation": "activations",
-             "Temp": "backward_temp", "Optstate": "optimizer", "Other": "other"}
-
-
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     # Built directly in the parameter dtype: Module.to() cannot swap fake parameters, and the result is the
@@ -202,6 +150,8 @@ def _steady_state(mcfg: ModelConfig, cfg: TrainConfig, fake: bool) -> tuple:
     """(tensor mode, model, optimizer) as between two steps after the first: the optimizer state exists (it is
     created lazily by the first step(), so take one on zero gradients), the gradients are freed."""
     param_dtype = torch_dtype(cfg.param_dtype)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     mode = FakeTensorMode() if fake else contextlib.nullcontext()
     with mode:
         with _default_dtype(param_dtype):
@@ -243,7 +193,9 @@ def _measure(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake: bool, reco
         model.loss_workspace.clear()
         scaler = torch.amp.GradScaler("cpu", enabled=cfg.amp and cfg.amp_dtype == "fp16")
         autocast = torch.autocast("cpu", dtype=amp_dtype) if cfg.amp else contextlib.nullcontext()
-        tracker = _PeakTracker(record)
+        from pretrain.plan.peak_tracker import PeakTracker  # 1.5 s of imports: only when an estimate runs
+
+        tracker = PeakTracker(record)
         tracker.track_external(model, optimizer)
         # Name every module from the root now: passes call parts of the model (hidden_states, lm_head) directly,
         # and a block first met on its own would otherwise be named "Block", not "GPT.blocks.<i>".
@@ -366,9 +318,19 @@ def _estimate(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake: bool = Tr
 
 @functools.lru_cache(maxsize=256)
 def _cached(model_json: str, cfg_json: str, seq_len: int, work: Pass | None = None) -> MemoryEstimate:
-    mcfg = ModelConfig.from_dict(json.loads(model_json))
-    cfg = TrainConfig.from_dict(json.loads(cfg_json))
-    return _estimate(mcfg, cfg, seq_len, work=work)
+    """The fake-tensor estimate, from this process's cache, else the disk's (pretrain/plan/estimate_cache.py),
+    else computed and stored there. A pass is a frozen dataclass: its repr names its class and every field."""
+    k = estimate_cache.key(model_json, cfg_json, str(seq_len), repr(work))
+    hit = estimate_cache.load(k)
+    if hit is not None:
+        try:
+            return MemoryEstimate(**hit)
+        except TypeError:  # not a MemoryEstimate's fields: recompute and replace it
+            pass
+    est = _estimate(ModelConfig.from_dict(json.loads(model_json)), TrainConfig.from_dict(json.loads(cfg_json)),
+                    seq_len, work=work)
+    estimate_cache.store(k, asdict(est))
+    return est
 
 
 def _relevant(cfg: TrainConfig, **fixed: object) -> str:
@@ -398,3 +360,12 @@ def estimate_pass_memory(mcfg: ModelConfig, cfg: TrainConfig, work: Pass, fake: 
     if not fake or not extrapolate:
         return _estimate(mcfg, cfg, 0, fake, extrapolate, work)
     return _cached(json.dumps(mcfg.to_dict(), sort_keys=True), _relevant(cfg, batch_size=1, grad_accum=1), 0, work)
+
+
+def __getattr__(name: str) -> object:
+    # The tracker moved to pretrain/plan/peak_tracker.py (imported only when an estimate runs); the old name stays.
+    if name == "_PeakTracker":
+        from pretrain.plan.peak_tracker import PeakTracker
+
+        return PeakTracker
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,6 +31,8 @@ from pretrain.schedule import (
 from pretrain.train.config import TrainConfig, flag_args, flag_name, model_config_from
 from pretrain.train.staging import host_ram_bytes
 
+FLOPS_CONVENTION = ("model FLOPs, PaLM convention (6N + full S x S attention, no causal halving); the time "
+                    "estimate is peak x MFU / these")
 CHECKPOINT_RECOMPUTE = 0.75  # activation checkpointing re-runs the forward: 6N model FLOPs cost 8N on hardware
 # Printed in the trainer command even at their trainer defaults, so the command documents the run.
 ALWAYS_SHOWN = ("size", "data", "out_dir", "device", "batch_size", "grad_accum", "steps", "seq_schedule",
@@ -121,7 +123,13 @@ class Plan:
                          "mfu_source": MFU_SOURCE, "effective_mfu": self.mfu,
                          "grad_checkpoint_factor": CHECKPOINT_RECOMPUTE if self.cfg.grad_checkpoint else 1.0,
                          "rate_how": self.rate_how, "seconds": sum(p.seconds for p in self.phases),
-                         "eval_lengths_seconds": self.eval_lengths_seconds},
+                         "eval_lengths_seconds": self.eval_lengths_seconds,
+                         # Per phase length: model FLOPs (PaLM's convention, full attention: the time and MFU use
+                         # these) beside the causal count of what the attention kernels actually run.
+                         "flops_convention": FLOPS_CONVENTION,
+                         "flops_per_token": {p.seq_len: m.flops_per_token(p.seq_len) for p in self.phases},
+                         "causal_flops_per_token": {p.seq_len: m.flops_per_token(p.seq_len, causal=True)
+                                                    for p in self.phases}},
             "fits": all(p.fits for p in self.phases),
             "probe": [p.to_dict() for p in self.probes] or None,
             "checkpoint_bytes": self.checkpoint_bytes, "disk_bytes": self.disk_bytes,

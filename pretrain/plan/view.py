@@ -98,7 +98,8 @@ def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -
              f"d_model {m.d_model}, {m.n_layer} layers, {dims}")
     last = plan.phases[-1]
     out.line(f"            KV cache {m.kv_cache_bytes_per_token(2):,} bytes/token (bf16); "
-             f"{m.flops_per_token(last.seq_len) / 1e9:.2f} GFLOP/token at seq {last.seq_len}")
+             f"{m.flops_per_token(last.seq_len) / 1e9:.2f} GFLOP/token at seq {last.seq_len} (model FLOPs, "
+             f"PaLM convention; {m.flops_per_token(last.seq_len, causal=True) / 1e9:.2f} counting causal attention)")
     tpp = plan.planned_tokens / m.num_params()
     out.line(f"  budget    {plan.steps:,} steps ({src['steps']}); {fmt_count(plan.planned_tokens)} tokens "
              f"({plan.planned_tokens:,}); {tpp:.1f} tokens/param; {last.tokens_per_step:,} tokens/step at the end")

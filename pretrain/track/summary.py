@@ -23,7 +23,7 @@ SUMMARY_KEYS = """Keys of `info` for write_summary (all optional; missing ones a
   run_name str; status str ("finished", "interrupted", "failed", ...); command str | list[str];
   train_config dict; model_config dict; params int; non_embedding_params int;
   steps int (done); total_steps int (planned); tokens int (seen); final_val_loss float;
-  best_val_loss float; best_step int; tok_s float; mfu float (fraction 0..1, None off-GPU);
+  best_val_loss float; best_step int; tok_s float; mfu float (fraction 0..1, None off-GPU); mfu_causal float;
   elapsed_s float; skipped_steps int; wandb_url str; wandb_sync str; mirror str (--mirror's status); notes list[str].
 Throughput (the median over train lines, as `compare` shows) and the history of resumes and run-length
 changes are read from run_dir/train.jsonl when it exists.
@@ -166,7 +166,9 @@ def write_summary(run_dir: str | os.PathLike, info: Mapping[str, Any]) -> Path:
         median = f" (median of {len(train)} train lines)" if train else ""
         rows.append(("throughput", f"{fmt_count(v)} tok/s{median}"))
     if (v := finite_number(info.get("mfu"))) is not None:
-        rows.append(("MFU", f"{100 * v:.1f}%"))
+        causal = finite_number(info.get("mfu_causal"))
+        rows.append(("MFU", f"{100 * v:.1f}% on model FLOPs (PaLM convention: full attention)"
+                     + (f"; {100 * causal:.1f}% counting causal attention" if causal is not None else "")))
     if elapsed is not None:
         rows.append(("elapsed", fmt_duration(elapsed)))
     if (v := finite_number(info.get("skipped_steps"))) is not None:

@@ -256,7 +256,7 @@ def _log_step(s: RunState, meter: Meter, step: Step, skipped_before: int) -> Run
     prog.skipped_steps = skipped_before + fields["skipped_steps"]
     fields["skipped_steps"] = prog.skipped_steps
     s.emit("train", **fields)
-    s.info.update(tok_s=fields["tok_s"], mfu=fields["mfu"])
+    s.info.update(tok_s=fields["tok_s"], mfu=fields["mfu"], mfu_causal=fields["mfu_causal"])
     s.track.console.update(prog.step, fields)
     if s.cfg.max_bad_steps and meter.bad_streak.item() >= s.cfg.max_bad_steps:
         why = f"{int(meter.bad_streak.item())} non-finite steps in a row at step {prog.step}"

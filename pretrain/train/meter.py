@@ -65,6 +65,9 @@ class Meter:
         fields = {"tokens": s.prog.tokens, "loss": mean_loss, "last_loss": last, "lr": lr,
                   "grad_norm": grad_norm.item(), "tok_s": tok_s,
                   "mfu": tok_s * s.mcfg.flops_per_token(seq_len) / (peak * s.dist.world_size) if peak else None,
+                  # The causal figure counts only unmasked attention (what the kernels run): both are reported.
+                  "mfu_causal": tok_s * s.mcfg.flops_per_token(seq_len, causal=True) / (peak * s.dist.world_size)
+                  if peak else None,
                   "seq_len": seq_len, "tokens_per_step": tokens_per_step, "step_ms": 1000 * (now - self.t0) / n,
                   "data_ms": 1000 * self.data_s / n, "skipped_steps": int(self.skipped.item()),
                   **dev.memory_stats(s.device)}
