@@ -1,11 +1,12 @@
 """The attention variants, registered once: what each is, from which everything else derives.
 
-An entry names the module a block builds, how the variant splits its widths into heads (per-head q/k, v
-and rotary dims), which ModelConfig widths must split evenly over the heads, how many key/value heads it
-keeps, and a one-line summary. ModelConfig's validation, parameter / FLOP / KV-cache arithmetic, the
-trainer's --attn choices, the launcher's --variant names, the demo, the paper table, benches and the
-tests' parametrization all read ATTENTION_VARIANTS. The KV cache holds n_kv_head keys and values per
-layer and token, so an entry's head dims and kv heads are its KV-bytes rule (ModelConfig.kv_cache_bytes_per_token).
+An entry names the module a block builds, how the variant splits its widths into heads (per-head q/k, v and
+rotary dims), which ModelConfig widths must split evenly over the heads, how many key/value heads it keeps,
+whether Llama's layout holds it (the export: pretrain/llama.py), and a one-line summary. ModelConfig's
+validation, parameter / FLOP / KV-cache arithmetic, the trainer's --attn choices, the launcher's --variant
+names, the demo, the paper table, benches and the tests' parametrization all read ATTENTION_VARIANTS. The KV
+cache holds n_kv_head keys and values per layer and token, so an entry's head dims and kv heads are its KV-
+bytes rule (ModelConfig.kv_cache_bytes_per_token).
 
 Adding a variant is one entry here (plus its module in attention.py when its projections differ).
 """
@@ -36,6 +37,7 @@ class AttentionVariant:
     default_kv_heads: Callable[[int], int] = lambda n_head: n_head  # n_kv_head when unset, from n_head
     kv_heads_settable: bool = False  # n_kv_head may be set to any divisor of n_head
     ties_qk: bool = True  # tie_qk is possible: k can have q's shape
+    llama_layout: bool = False  # q/k/v are Llama's (d_model/n_head heads): exports as LlamaForCausalLM
 
     @property
     def module(self) -> type[nn.Module]:
@@ -66,10 +68,10 @@ def _gqa_kv_heads(n_head: int) -> int:
 
 _ENTRIES = (
     AttentionVariant("baseline", "multi-head, q/k/v d -> d",
-                     "CausalSelfAttention", _model_heads, (("d_model", True),)),
+                     "CausalSelfAttention", _model_heads, (("d_model", True),), llama_layout=True),
     AttentionVariant("gqa", "n_kv_head k/v heads, each shared by a group of query heads",
                      "CausalSelfAttention", _model_heads, (("d_model", True),),
-                     default_kv_heads=_gqa_kv_heads, kv_heads_settable=True),
+                     default_kv_heads=_gqa_kv_heads, kv_heads_settable=True, llama_layout=True),
     AttentionVariant("bottleneck", "q/k/v d -> attn_dim",
                      "CausalSelfAttention", _bottleneck_heads, (("attn_dim", True),)),
     AttentionVariant("decoupled", "q/k of sem_dim without RoPE + geo_dim with RoPE, v of attn_dim",

@@ -1,6 +1,7 @@
 """`python -m pretrain.export RUN --out DIR`: a run's checkpoint as a Hugging Face directory.
 
-baseline/gqa runs become `LlamaForCausalLM` safetensors + config.json (layout in `pretrain/llama.py`).
+Runs of a variant Llama's layout holds (`llama_layout` in model/variants.py: baseline, gqa) become
+`LlamaForCausalLM` safetensors + config.json (layout in `pretrain/llama.py`).
 bottleneck / decoupled attention (and null_attn / learned_temp) have no Llama equivalent: they export as a
 `trust_remote_code` model carrying model/'s own code (`pretrain/export_remote.py`), which
 `AutoModelForCausalLM` loads, and `load_exported` too. Both get GPT-2's tokenizer files (a fast
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model import ModelConfig
+from model.variants import ATTENTION_VARIANTS
 from pretrain.errors import ArgumentParser, UserError, script_exit_code
 from pretrain.evals.run_model import CHECKPOINT_HELP, DEFAULT_CHECKPOINT, find_checkpoint, open_checkpoint
 from pretrain.export_hub import DEFAULT_LICENSE
@@ -35,6 +37,9 @@ from pretrain.units import DTYPE_NAMES, torch_dtype
 if TYPE_CHECKING:
     from model import GPT
 # GPT, pretrain.llama (torch) and the tokenizer files (tiktoken) are imported where used, so --help is instant.
+
+
+LLAMA_VARIANTS = "/".join(v.name for v in ATTENTION_VARIANTS.values() if v.llama_layout)  # model/variants.py
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -239,7 +244,7 @@ def load_exported(path: str | Path) -> GPT:
 # ------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m pretrain.export",
-                       description="Export a run to a Hugging Face dir (Llama for baseline/gqa, a "
+                       description=f"Export a run to a Hugging Face dir (Llama for {LLAMA_VARIANTS}, a "
                                    "trust_remote_code model otherwise), optionally pushed to the Hub.")
     p.add_argument("run_dir", help="run directory, runs/<name>")
     p.add_argument("--out", required=True, help="directory to write")

@@ -1,11 +1,11 @@
 """Llama's layout, both ways: our parameter names <-> LlamaForCausalLM's, its config.json, and `--init-from`.
 
-Our GPT is Llama's architecture (pre-norm RMSNorm, rotate-half RoPE, SwiGLU, no biases), so baseline and
-gqa checkpoints map name for name onto `LlamaForCausalLM`; our RoPE already pairs dim i with i + d/2 as
-HF's `rotate_half` does, so q/k need no permutation. The embedding is padded to a multiple of 64 rows;
-the export trims it to the real vocabulary (padded rows are never predicted nor looked up), and
-`--init-from` pads it back. bottleneck / decoupled attention (and null_attn / learned_temp) have no Llama
-equivalent.
+Our GPT is Llama's architecture (pre-norm RMSNorm, rotate-half RoPE, SwiGLU, no biases), so the variants
+registered with `llama_layout` (model/variants.py: baseline, gqa) map name for name onto `LlamaForCausalLM`; our
+RoPE already pairs dim i with i + d/2 as HF's `rotate_half` does, so q/k need no permutation. The embedding is
+padded to a multiple of 64 rows; the export trims it to the real vocabulary (padded rows are never predicted nor
+looked up), and `--init-from` pads it back. bottleneck / decoupled attention (and null_attn / learned_temp) have
+no Llama equivalent.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from model import GPT, ModelConfig
+from model.variants import ATTENTION_VARIANTS
 from pretrain.errors import UserError
 
 # (our name, Llama name) per parameter; {i} is the layer index.
@@ -35,7 +36,7 @@ _NAMES = [
 
 def llama_incompatibility(mcfg: ModelConfig) -> str | None:
     """Why `LlamaForCausalLM` cannot hold this model, or None when it can."""
-    if mcfg.attn not in ("baseline", "gqa"):
+    if not mcfg.variant.llama_layout:
         return f"attn={mcfg.attn} projects q/k/v to other widths than Llama's d_model/n_head heads"
     if mcfg.null_attn:
         return "null_attn adds a learned null key/value that Llama has no slot for"
@@ -128,13 +129,22 @@ def _read_llama_config(path: Path) -> dict[str, Any]:
     return hf
 
 
+def _attn_flags(kv: int, heads: int) -> str:
+    """The trainer flags of a Llama-layout variant with `kv` key/value heads for `heads` query heads."""
+    llama = [v for v in ATTENTION_VARIANTS.values() if v.llama_layout]
+    if kv == heads:
+        return f"--attn {next(v.name for v in llama if v.default_kv_heads(heads) == heads)}"
+    return f"--attn {next(v.name for v in llama if v.kv_heads_settable)} --n-kv-head {kv}"
+
+
 def check_init_from(path: str | Path, mcfg: ModelConfig) -> None:
     """Refuse, in one line naming the flags to change, a Llama dir that does not fit this run's model."""
     path = Path(path)
     why = llama_incompatibility(mcfg)
     if why is not None:
-        raise UserError(f"--init-from loads Llama weights, which only baseline/gqa models hold ({why}); "
-                        "use --attn baseline or gqa")
+        names = [v.name for v in ATTENTION_VARIANTS.values() if v.llama_layout]
+        raise UserError(f"--init-from loads Llama weights, which only {'/'.join(names)} models hold ({why}); "
+                        f"use --attn {' or '.join(names)}")
     hf = _read_llama_config(path)
     if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file():
         raise UserError(f"--init-from {path}: no model.safetensors (or index) there; save the model with "
@@ -145,7 +155,7 @@ def check_init_from(path: str | Path, mcfg: ModelConfig) -> None:
             ("num_attention_heads", mcfg.n_head, "--n-head"), ("intermediate_size", mcfg.d_ff, "--d-ff")]
     fixes = [f"{flag} {hf.get(key)}" for key, ours, flag in want if hf.get(key) != ours]
     if kv != mcfg.n_kv_head:
-        fixes.append(f"--attn gqa --n-kv-head {kv}" if kv != heads else "--attn baseline")
+        fixes.append(_attn_flags(kv, heads))
     if hf.get("vocab_size") not in (mcfg.vocab_size, mcfg.padded_vocab_size):
         fixes.append(f"data tokenized with the checkpoint's tokenizer (vocab {hf.get('vocab_size')}, "
                      f"this data has {mcfg.vocab_size})")

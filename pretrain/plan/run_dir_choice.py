@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from model.variants import ATTENTION_VARIANTS
 from pretrain.errors import UserError
 from pretrain.plan.resolve import Origin, Resolved, source_of
 from pretrain.schedule import describe_lr_extension
@@ -57,8 +58,9 @@ def run_name(values: dict[str, Any], variant: str | None, tag: str | None, kv_fl
     apart on a dashboard at a glance.
     """
     label = variant or "baseline"
-    if kv_flag is not None and values["attn"] == "gqa":
-        label = f"gqa_kv{kv_flag}"  # --variant gqa --n-kv-head 2 is the same experiment as --variant gqa_kv2
+    variant_entry = ATTENTION_VARIANTS.get(values["attn"])
+    if kv_flag is not None and variant_entry is not None and variant_entry.kv_heads_settable:
+        label = f"{values['attn']}_kv{kv_flag}"  # --variant gqa --n-kv-head 2 is the same experiment as gqa_kv2
     # A paper preset's name already implies its options, so they are not repeated in the run name.
     options = [] if values.get("exp") else ["null"] * bool(values["null_attn"]) + ["tieqk"] * bool(values["tie_qk"])
     parts = [values["size"], label] + options

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from model.variants import ATTENTION_VARIANTS
 from pretrain.errors import ArgumentParser, UserError
 from pretrain.evals.infer_bench import add_kv_cache_flags, kv_settings_arg
 from pretrain.stats import binomial_se
@@ -74,8 +75,9 @@ def _variant(model_config: dict | None) -> str | None:
     if not model_config:
         return None
     attn = model_config.get("attn", "?")
-    if attn == "gqa":
-        return f"gqa kv{model_config.get('n_kv_head')}"
+    variant = ATTENTION_VARIANTS.get(attn) if isinstance(attn, str) else None
+    if variant is not None and variant.kv_heads_settable:  # gqa: its kv heads tell two of its runs apart
+        return f"{attn} kv{model_config.get('n_kv_head')}"
     return str(attn)
 
 
