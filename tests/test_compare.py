@@ -107,6 +107,19 @@ def test_tb_writes_readable_event_files(runs):
     assert not (runs["gqa"] / "tb").exists()  # off unless asked for
 
 
+def test_an_extended_run_shows_its_new_length(runs, byte_data, tmp_path, capsys):
+    """A run extended from 6 to 9 steps (same command, higher --steps) has done 9 of 9, not 9 of 6."""
+    import shutil
+
+    run = tmp_path / "base"
+    shutil.copytree(runs["base"], run)
+    train(parse_config(["--data", str(byte_data), "--out-dir", str(run), *FAST, "--steps", "9", "--eval-every", "3",
+                        "--save-every", "0", "--tb"]))
+    assert main([str(run), "--no-plot"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "base" in line)
+    assert " 9/9 " in f" {row} " and "9/6" not in row
+
+
 def test_steps_come_from_the_end_event_and_same_names_show_paths(runs, tmp_path):
     """A signal-stopped run saved one step past its last train line; two roots may hold the same run name."""
     stopped = tmp_path / "a" / "base"

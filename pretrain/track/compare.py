@@ -128,7 +128,9 @@ def run_row(run_dir: Path, warn: bool = True) -> dict[str, Any]:
     steps = max([r["step"] for r in train + evals], default=0)
     if end and isinstance(end.get("step"), int):
         steps = end["step"]  # a run stopped by a signal saved one step past its last logged line
-    planned = (meta.get("train_config") or {}).get("steps")
+    # An extended run's `resume` event holds its new length; the meta line keeps the first start's.
+    resumed = [r["steps"] for r in records if r.get("type") == "resume" and isinstance(r.get("steps"), int)]
+    planned = resumed[-1] if resumed else (meta.get("train_config") or {}).get("steps")
     if end:
         status = str(end.get("status", "ended"))
     else:
