@@ -7,7 +7,7 @@ bench/train_step.py --floor prints the step against it, in fp32 and (on a host w
 
 GEMMs of a baseline/gqa/bottleneck block (M = micro-batch x T rows), linear y = x W^T (K -> N):
   forward  (M, K) @ (K, N);   backward dX = dY W: (M, N) @ (N, K);   dW = dY^T X: (N, M) @ (M, K)
-for q, k, v, o, gate, up, down, and the LM head (chunked loss: logits, grad_h, grad_w). Attention per layer
+for q, k, v, o, gate_up (fused), down, and the LM head (chunked loss: logits, grad_h, grad_w). Attention per layer
 as (B*H) batched matmuls: forward QK^T and PV, backward dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q,
 full T x S (no causal halving, as ModelConfig.flops_per_token counts; a causal kernel may skip half).
 """
@@ -57,8 +57,7 @@ def step_gemms(cfg: ModelConfig, batch: int, seq_len: int) -> list[Gemm]:
         out += _linear("k", rows, d, kv * hd_qk, L)
     out += _linear("v", rows, d, kv * hd_v, L)
     out += _linear("o", rows, h * hd_v, d, L)
-    out += _linear("gate", rows, d, cfg.d_ff, L)
-    out += _linear("up", rows, d, cfg.d_ff, L)
+    out += _linear("gate_up", rows, d, 2 * cfg.d_ff, L)  # fused in model/gpt.py SwiGLU
     out += _linear("down", rows, cfg.d_ff, d, L)
     bh = batch * h
     out += [Gemm("attn QK^T", bh, seq_len, hd_qk, keys, L), Gemm("attn PV", bh, seq_len, keys, hd_v, L),
