@@ -24,8 +24,9 @@ from pretrain.train.float8 import check_float8
 
 pytest.importorskip("torchao")
 
-# float8 e4m3 keeps 3 mantissa bits: over 8 steps of a tiny model the per-step loss moves by well under 2 %.
-TOLERANCE = 0.02
+# float8 e4m3 keeps 3 mantissa bits; over 8 steps of this tiny model the per-step loss moved by at most 0.03 %
+# (measured): 0.5 % leaves room for other seeds and torch builds while still catching a broken scale.
+TOLERANCE = 0.005
 
 
 def test_float8_loss_is_within_tolerance_of_bf16_and_recorded(byte_data, tmp_path):
