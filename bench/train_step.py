@@ -4,6 +4,12 @@
     .venv/bin/python bench/train_step.py --presets tiny --iters 10 --no-stall
     .venv/bin/python bench/train_step.py --presets S --no-stall   # issue 15's config S (8 x 256, vocab 50304)
     .venv/bin/python bench/train_step.py --presets S --no-stall --no-amp --threads 1 --iters 5 --repeat 2
+    .venv/bin/python bench/train_step.py --presets S --floor --iters 3       # step vs its GEMM floor, fp32 + bf16
+    .venv/bin/python bench/train_step.py --presets S --floor --profile       # + where the non-GEMM time goes
+
+GEMM floor (--floor): in one process per preset, the step (fp32, and bf16 autocast where the host has native
+bf16) against the sum of its own GEMMs, each timed alone at its real shape (bench/gemm_floor.py), in CPU
+seconds and wall seconds, with the host's ISA. --profile adds torch.profiler's top ops by self CPU time.
 
 Throughput: for each preset, with and without activation checkpointing (--grad-checkpoint) and with and
 without torch.compile (per block, as pretrain/train/session.py does), one optimizer step like the trainer's
@@ -45,6 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.gemm_floor import gemm_floor, host_isa, native_bf16  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 from pretrain.train import device as dev  # noqa: E402
 from pretrain.train.checkpoint import CheckpointManager  # noqa: E402
@@ -166,6 +173,47 @@ def child_stall(spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "plain_s": statistics.median(plain), "ckpt_mb": size / 1e6, "rows": rows}
 
 
+def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
+    """The step in each precision the host runs natively, against its GEMM floor timed in this process."""
+    precisions = ("fp32", "bf16") if native_bf16() else ("fp32",)
+    rows = []
+    for name in precisions:
+        amp = name == "bf16"
+        step = Step(spec["preset"], spec["batch"], spec["seq_len"], False, False, amp)
+        for _ in range(1 + spec["warmup"]):  # the first step allocates the AdamW state and loss buffers
+            step()
+        walls, cpus = [], []
+        for _ in range(spec["iters"]):
+            walls.append(step())
+            cpus.append(step.cpu_s)
+        floor = gemm_floor(step.cfg, spec["batch"], spec["seq_len"], torch.bfloat16 if amp else torch.float32)
+        row = {"precision": name, "step_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
+               "floor": floor, "load": os.getloadavg()[0]}
+        if spec.get("profile"):
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step()
+            row["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        rows.append(row)
+    return {**spec, "isa": host_isa(), "rows": rows}
+
+
+def print_floor(res: dict[str, Any]) -> None:
+    print(f"GEMM floor, preset {res['preset']} {res['batch']} x {res['seq_len']}, host ISA: {res['isa']}")
+    for r in res["rows"]:
+        fl = r["floor"]
+        print(f"  {r['precision']}: step {r['cpu_s']:.3f} CPU-s ({r['step_s']:.3f} s wall), GEMM floor "
+              f"{fl['cpu_s']:.3f} CPU-s ({fl['wall_s']:.3f} s wall), {fl['flops'] / 1e9:.1f} GFLOP: "
+              f"step at {fl['cpu_s'] / r['cpu_s']:.1%} of its GEMM floor by CPU time "
+              f"({fl['wall_s'] / r['step_s']:.1%} wall), non-GEMM {r['cpu_s'] - fl['cpu_s']:.3f} CPU-s, "
+              f"load {r['load']:.1f}")
+        for g in fl["rows"]:
+            print(f"      {g['name']:<16}{g['shape']:>18} x{g['count']:<3}{g['cpu_s'] * 1e3:>8.1f} CPU-ms "
+                  f"{g['flops'] / g['cpu_s'] / 1e9 if g['cpu_s'] else 0:>7.0f} GFLOP/CPU-s")
+        if "profile" in r:
+            print(r["profile"])
+
+
 def run_child(kind: str, spec: dict[str, Any], threads: int) -> dict[str, Any]:
     """One measurement in a fresh process: clean memory peak, cold inductor cache, fixed thread count."""
     with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
@@ -232,16 +280,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="measure each configuration this many times")
     ap.add_argument("--stall-reps", type=int, default=None, help="saves per mode (default: 3 tiny, 1 small)")
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the stall benchmark writes checkpoints")
+    ap.add_argument("--floor", action="store_true",
+                    help="the step against its GEMM floor (fp32, + bf16 where native), instead of the sweep")
+    ap.add_argument("--profile", action="store_true", help="with --floor: torch.profiler's top ops per precision")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.child:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         kind, spec = args.child[0], json.loads(args.child[1])
-        print(json.dumps(child_throughput(spec) if kind == "throughput" else child_stall(spec)), flush=True)
+        child = {"throughput": child_throughput, "stall": child_stall, "floor": child_floor}[kind]
+        print(json.dumps(child(spec)), flush=True)
         return 0
 
     presets = args.presets.split(",")
+    if args.floor:
+        for preset in presets:
+            batch = args.s_batch if preset in CONFIGS else args.small_batch if preset != "tiny" else args.tiny_batch
+            print_floor(run_child("floor", {"preset": preset, "batch": batch, "seq_len": args.seq_len,
+                                            "iters": args.iters or 3, "warmup": 1, "profile": args.profile},
+                                  args.threads))
+        return 0
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "
           f"{'fp32' if args.no_amp else 'bf16 autocast'}, load average {os.getloadavg()[0]:.1f} at start")
     rows = []

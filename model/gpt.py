@@ -35,17 +35,21 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """MLP of Shazeer 2020 / Llama: down(silu(gate(x)) * up(x))."""
+    """MLP of Shazeer 2020 / Llama: down(silu(gate(x)) * up(x)).
+
+    gate and up are one (2 d_ff x d) weight, rows [gate; up]: one GEMM reads x once, forward and backward (dX of
+    both in one matmul), instead of two narrower ones. pretrain/llama.py splits it into Llama's gate_proj/up_proj.
+    """
 
     def __init__(self, d_model: int, d_ff: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.gate_up_proj = nn.Linear(d_model, 2 * d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
         self.down_proj.is_residual_out = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

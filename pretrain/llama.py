@@ -32,6 +32,16 @@ _NAMES = [
     *[(f"blocks.{{i}}.mlp.{p}.weight", f"model.layers.{{i}}.mlp.{p}.weight")
       for p in ("gate_proj", "up_proj", "down_proj")],
 ]
+# Ours holds gate and up as one fused weight, rows [gate; up] (model/gpt.py SwiGLU); Llama's are separate.
+_FUSED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def _fused_part(name: str) -> tuple[str, int] | None:
+    """(our fused tensor's name, which half) for a Llama-split name of ours, else None."""
+    for part, (fused, half) in _FUSED.items():
+        if f".{part}." in name:
+            return name.replace(part, fused), half
+    return None
 
 
 def llama_incompatibility(mcfg: ModelConfig) -> str | None:
@@ -61,7 +71,8 @@ def to_llama(state: dict[str, torch.Tensor], mcfg: ModelConfig) -> dict[str, tor
             continue  # tie_word_embeddings: HF ties lm_head to embed_tokens itself
         if ours.endswith("k_proj.weight") and mcfg.tie_qk:
             ours = ours.replace("k_proj", "q_proj")  # k reuses q's projection: Llama gets a copy
-        t = state[ours]
+        fused = _fused_part(ours)
+        t = state[ours] if fused is None else state[fused[0]].chunk(2, dim=0)[fused[1]]
         if ours in ("wte.weight", "lm_head.weight"):
             t = t[: mcfg.vocab_size]
         out[hf] = t.detach().cpu().contiguous().clone()
@@ -87,6 +98,9 @@ def from_llama(tensors: dict[str, torch.Tensor], mcfg: ModelConfig, pad_from: di
         if ours in ("wte.weight", "lm_head.weight") and t.shape[0] < mcfg.padded_vocab_size:
             t = torch.cat((t, pad_from[ours][t.shape[0]:].to(t.dtype)))
         state[ours] = t
+    for name in [n for n in state if _fused_part(n) and _fused_part(n)[1] == 0]:  # [gate; up] -> one weight
+        fused = _fused_part(name)[0]
+        state[fused] = torch.cat((state.pop(name), state.pop(name.replace("gate_proj", "up_proj"))))
     if mcfg.tie_embeddings:
         state["lm_head.weight"] = state["wte.weight"]
     return state

@@ -189,6 +189,10 @@ def resolve(req: Request, tier: Tier, gpu: GpuInfo | None, data_vocab: int | Non
                         f"{req.nproc} processes; using {micro * accum * req.nproc}")
     pick("grad_checkpoint", tier.grad_checkpoint, t)
     pick("compile", tier.compile, t)
+    if gpu is not None and tier.is_gpu and gpu.has_float8:
+        pick("float8", True, Source(Origin.HARDWARE, f"gpu: {gpu.name} has float8 tensor cores (sm_89+)"))
+    else:
+        pick("float8", False, DEFAULT)
     if not tier.is_gpu and not cpu_has_fast_bf16():
         amp = pick("amp", False, Source(Origin.HARDWARE, "cpu: no native bf16 (AVX2 only): bf16 autocast is "
                                                           "emulated, ~4-20x slower than fp32"))

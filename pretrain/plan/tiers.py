@@ -102,6 +102,12 @@ class GpuInfo:
         return dev.capability_has_bf16(self.capability)
 
     @property
+    def has_float8(self) -> bool:
+        from pretrain.train import device as dev
+
+        return dev.capability_has_float8(self.capability)
+
+    @property
     def peak_flops(self) -> float | None:
         from pretrain.train import device as dev
 

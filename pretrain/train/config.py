@@ -105,6 +105,8 @@ class TrainConfig:
     amp_dtype: str = _opt("bf16", "autocast dtype (fp16 adds a GradScaler)", ["bf16", "fp16"], "prec")
     grad_checkpoint: bool = _opt(False, "activation checkpointing per block", group="prec")
     compile: bool = _opt(False, "torch.compile each block", group="prec")
+    float8: bool = _opt(False, "float8 training of the block linears (torchao, as torchtitan): needs a GPU of "
+                        "compute capability 8.9+ (L4, L40S, RTX 4090, H100); CPU emulates it", group="prec")
     compile_mode: str = _opt(
         "default", "torch.compile mode", ["default", "reduce-overhead", "max-autotune"], "prec"
     )
@@ -189,7 +191,7 @@ RESUMABLE_CHANGES = frozenset(
         "steps", "eval_every", "eval_iters", "eval_seq_lens", "analysis_every", "log_every",
         "analysis_topk", "analysis_local_window", "attn_map_layers", "attn_map_heads", "save_every",
         "save_minutes", "keep_last",
-        "resume", "overwrite", "max_bad_steps", "device", "live", "tb", "compile", "compile_mode",
+        "resume", "overwrite", "max_bad_steps", "device", "live", "tb", "compile", "compile_mode", "float8",
         "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "wandb_tags", "wandb_mode",
         "wandb_id", "opt_fused", "out_dir", "data", "allow_data_change", "cpu_offload", "grad_checkpoint",
         "init_from", "sample_every", "sample_prompts", "sample_tokens", "sample_temperature", "hellaswag",

@@ -84,6 +84,15 @@ def capability_has_bf16(capability: tuple[int, int] | None) -> bool:
     return capability is None or tuple(capability) >= BF16_MIN_CAPABILITY
 
 
+# float8 tensor cores (e4m3/e5m2 matmuls, what torchao's float8 training runs on) arrived with Ada/Hopper (sm_89).
+FLOAT8_MIN_CAPABILITY = (8, 9)
+
+
+def capability_has_float8(capability: tuple[int, int] | None) -> bool:
+    """Whether a GPU of this compute capability multiplies float8 natively (L4, L40S, RTX 4090, H100)."""
+    return capability is not None and tuple(capability) >= FLOAT8_MIN_CAPABILITY
+
+
 def compute_capability(device: torch.device) -> tuple[int, int] | None:
     """The CUDA compute capability (major, minor) of `device`, None for CPU / MPS. Tests fake a card here."""
     if device.type != "cuda":

@@ -43,6 +43,7 @@ from pretrain.train import mirror as mirror_lib
 from pretrain.train.checkpoint import CheckpointManager
 from pretrain.train.ckpt_check import check_same_run, missing_part, model_shapes, problem
 from pretrain.train.config import TrainConfig, model_config_from
+from pretrain.train.float8 import check_float8
 from pretrain.train.optim import build_optimizer, load_rounding_rng_state, rounding_rng_state
 from pretrain.train.resume import (
     StartPoint,
@@ -76,6 +77,7 @@ def open_session(cfg: TrainConfig, command: str = "") -> RunState:
     ds, mcfg, sched = _read_data(cfg, dist)
     evals = _read_eval_inputs(cfg, mcfg, ds, dist, sched.seq_points)
     _check_bf16(cfg, device)
+    check_float8(cfg, device)
     ckpt = CheckpointManager(run_dir, keep_last=cfg.keep_last, enabled=dist.is_main)
     if cfg.init_from:
         check_init_from(cfg.init_from, mcfg)

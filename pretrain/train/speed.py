@@ -26,6 +26,7 @@ from torch import nn
 from model import GPT, ModelConfig
 from pretrain.schedule import micro_batch_at, seq_len_at
 from pretrain.train.config import TrainConfig
+from pretrain.train.float8 import float8_linears
 from pretrain.units import torch_dtype
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -58,6 +59,8 @@ def build_model(mcfg: ModelConfig, cfg: TrainConfig, device: torch.device, shape
     model = GPT(mcfg)
     model.to(device=device, dtype=torch_dtype(cfg.param_dtype))
     model.grad_checkpoint = cfg.grad_checkpoint
+    if cfg.float8:  # before compile, so inductor fuses the float8 casts with their neighbours
+        float8_linears(model, emulate=device.type != "cuda")
     if cfg.compile:
         # A card or driver that inductor cannot compile for should cost speed, not the run: dynamo then
         # logs the failure once and runs that code eagerly (compile_counts counts it).

@@ -1,0 +1,116 @@
+"""The GEMM floor of a training step: every matmul of forward + backward, each timed alone at its real shape.
+
+A 2048^3 matmul is the wrong limit for a small model: a (2048 x 384) @ (384 x 1024) GEMM runs far below the
+square peak. The floor here is the sum of the step's own GEMMs, each timed alone (best of a few runs, CPU
+seconds of this process, so time-slicing by other processes stays out) in the same process as the step.
+bench/train_step.py --floor prints the step against it, in fp32 and (on a host with native bf16) in bf16.
+
+GEMMs of a baseline/gqa/bottleneck block (M = micro-batch x T rows), linear y = x W^T (K -> N):
+  forward  (M, K) @ (K, N);   backward dX = dY W: (M, N) @ (N, K);   dW = dY^T X: (N, M) @ (M, K)
+for q, k, v, o, gate_up (fused), down, and the LM head (chunked loss: logits, grad_h, grad_w). Attention per layer
+as (B*H) batched matmuls: forward QK^T and PV, backward dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q,
+full T x S (no causal halving, as ModelConfig.flops_per_token counts; a causal kernel may skip half).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model import ModelConfig
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """One (batched) matmul of the step: `count` of (batch, m, k) @ (batch, k, n)."""
+
+    name: str
+    batch: int
+    m: int
+    k: int
+    n: int
+    count: int  # how often the step runs it (layers)
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.batch * self.m * self.k * self.n * self.count
+
+
+def _linear(name: str, rows: int, k: int, n: int, count: int) -> list[Gemm]:
+    return [Gemm(f"{name} fwd", 1, rows, k, n, count), Gemm(f"{name} dX", 1, rows, n, k, count),
+            Gemm(f"{name} dW", 1, n, rows, k, count)]
+
+
+def step_gemms(cfg: ModelConfig, batch: int, seq_len: int) -> list[Gemm]:
+    """Every GEMM of one forward + backward of GPT(cfg) on a (batch, seq_len) micro-batch (not decoupled)."""
+    if cfg.attn == "decoupled":  # two q/k paths: its own shapes, not listed here
+        raise ValueError("the GEMM list covers baseline, gqa and bottleneck attention, not decoupled")
+    rows, d, L = batch * seq_len, cfg.d_model, cfg.n_layer
+    hd_qk, hd_v, _ = cfg.head_dims
+    h, kv = cfg.n_head, cfg.n_kv_head
+    keys = seq_len + (1 if cfg.null_attn else 0)
+    out: list[Gemm] = []
+    out += _linear("q", rows, d, h * hd_qk, L)
+    if not cfg.tie_qk:
+        out += _linear("k", rows, d, kv * hd_qk, L)
+    out += _linear("v", rows, d, kv * hd_v, L)
+    out += _linear("o", rows, h * hd_v, d, L)
+    out += _linear("gate_up", rows, d, 2 * cfg.d_ff, L)  # fused in model/gpt.py SwiGLU
+    out += _linear("down", rows, cfg.d_ff, d, L)
+    bh = batch * h
+    out += [Gemm("attn QK^T", bh, seq_len, hd_qk, keys, L), Gemm("attn PV", bh, seq_len, keys, hd_v, L),
+            Gemm("attn dV=P^T dO", bh, keys, seq_len, hd_v, L), Gemm("attn dP=dO V^T", bh, seq_len, hd_v, keys, L),
+            Gemm("attn dQ=dS K", bh, seq_len, keys, hd_qk, L), Gemm("attn dK=dS^T Q", bh, keys, seq_len, hd_qk, L)]
+    out += _linear("lm_head", rows, d, cfg.padded_vocab_size, 1)
+    return out
+
+
+def time_gemm(g: Gemm, dtype: torch.dtype, reps: int = 5) -> tuple[float, float]:
+    """(wall s, CPU s) of one run of `g` (count 1), best of `reps` after a warm-up."""
+    a = torch.randn(g.batch, g.m, g.k, dtype=dtype).squeeze(0)
+    b = torch.randn(g.batch, g.k, g.n, dtype=dtype).squeeze(0)
+    out = torch.empty(g.batch, g.m, g.n, dtype=dtype).squeeze(0)
+    mm = torch.bmm if g.batch > 1 else torch.mm
+    mm(a, b, out=out)
+    wall = cpu = float("inf")
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        mm(a, b, out=out)
+        wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+    return wall, cpu
+
+
+def gemm_floor(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype, reps: int = 5) -> dict:
+    """The step's GEMMs timed alone: per-GEMM rows and the floor (sum over GEMMs x count), wall and CPU s.
+
+    Each distinct shape is timed once (best of `reps`) and reused: q/k/v/o share a shape, and timing it
+    four times under load only adds noise between identical GEMMs."""
+    timed: dict[tuple[int, int, int, int], tuple[float, float]] = {}
+    rows = []
+    for g in step_gemms(cfg, batch, seq_len):
+        key = (g.batch, g.m, g.k, g.n)
+        if key not in timed:
+            timed[key] = time_gemm(g, dtype, reps)
+        wall, cpu = timed[key]
+        rows.append({"name": g.name, "shape": "x".join(map(str, key if g.batch > 1 else key[1:])),
+                     "count": g.count, "flops": g.flops, "wall_s": wall * g.count, "cpu_s": cpu * g.count})
+    return {"rows": rows, "flops": sum(r["flops"] for r in rows), "wall_s": sum(r["wall_s"] for r in rows),
+            "cpu_s": sum(r["cpu_s"] for r in rows)}
+
+
+def host_isa() -> str:
+    """The host's matmul-relevant ISA flags (x86 /proc/cpuinfo); bf16 is native with avx512_bf16 or amx_bf16."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    keep = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return " ".join(keep) or "unknown (no x86 flags)"
+
+
+def native_bf16() -> bool:
+    isa = host_isa().split()
+    return "avx512_bf16" in isa or "amx_bf16" in isa
