@@ -15,7 +15,7 @@ from test_launch import plan
 from test_track_trust import events, trainer
 
 from model import GPT, ModelConfig
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.plan.tiers import card_named
 from pretrain.track.runlog import read_jsonl
 from pretrain.train import device as dev

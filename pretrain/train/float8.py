@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pretrain.cli import UserError
+from pretrain.errors import UserError
 from pretrain.train import device as dev
 from pretrain.train.config import TrainConfig
 
