@@ -16,7 +16,10 @@ Speed: a 22-layer model is not tracked block by block. Blocks are identical, so 
 are tracked op by op and the 22-block timeline is rebuilt from them (see `_extrapolate`). This is exact, not a
 fit: tests/test_memory.py compares it byte for byte with full runs; a timeline of unexpected shape falls back
 to tracking the full model. The 1b preset takes ~2 s instead of ~5 s per estimate (most of it fake-tensor and
-tracker dispatch, ~0.3 ms per op whatever the model's width). Estimates are kept on disk
+tracker dispatch, ~0.3 ms per op whatever the model's width). The update after the backward (unscale, clip,
+optimizer step: about half of a step's ops) allocates the same whatever the micro-batch, sequence length or
+checkpointing, so it is tracked once per model and optimizer settings and its timeline appended to each step's
+forward and backward (`_update_ops`; tests/test_plan_fast.py holds it equal op for op). Estimates are kept on disk
 (pretrain/plan/estimate_cache.py, keyed by their arguments and the code), and the tracker
 (pretrain/plan/peak_tracker.py, ~1.5 s of imports) is imported only when one is computed: a dry run that was
 made before costs about an `import torch`.
@@ -175,14 +178,68 @@ def _fake_state(model_json: str, cfg_json: str) -> tuple:
     return _steady_state(mcfg, TrainConfig.from_dict(json.loads(cfg_json)), fake=True)
 
 
+def _state_key(mcfg: ModelConfig, cfg: TrainConfig) -> tuple[str, str]:
+    """The key of `_fake_state` (and of `_update_ops`): the model, and the settings that shape weights and
+    optimizer state. Checkpointing is a flag the step reads, set on the shared model before each run."""
+    return json.dumps(mcfg.to_dict(), sort_keys=True), _relevant(cfg, batch_size=1, grad_accum=1,
+                                                                 grad_checkpoint=False)
+
+
+def _update(model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: TrainConfig) -> None:
+    """The update after the backward (pretrain/train/loop.py): unscale, clip, optimizer step, gradients freed."""
+    params = list(model.parameters())
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
+    if scaler.is_enabled():
+        # What scaler.step() runs for finite gradients; its own found-inf check calls .item(), which fake
+        # tensors cannot answer, and scaler.update() only touches two scalars.
+        optimizer.step()
+    else:
+        step_unless_nonfinite(optimizer, (~torch.isfinite(grad_norm)).float())
+    del grad_norm
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _scaler(cfg: TrainConfig) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cpu", enabled=cfg.amp and cfg.amp_dtype == "fp16")
+
+
+@functools.lru_cache(maxsize=16)
+def _update_ops(model_json: str, cfg_json: str) -> tuple[tuple[tuple[bool, int | None], int], ...]:
+    """The update's op timeline as (segment key, bytes above the level it starts from), tracked once per fake
+    state. It allocates the same whatever the micro-batch, sequence length or checkpointing (its inputs are the
+    weights, their gradients and the optimizer state), and it is about half of a step's ops, so a recorded step
+    runs only the forward and backward and appends this (`_measure`); tests/test_plan_fast.py holds the result
+    equal to tracking the whole step."""
+    mode, model, optimizer = _fake_state(model_json, cfg_json)
+    cfg = TrainConfig.from_dict(json.loads(cfg_json))
+    with mode:
+        for p in model.parameters():  # as the backward leaves them
+            p.grad = torch.zeros_like(p)
+        scaler = _scaler(cfg)
+        if scaler.is_enabled():
+            scaler.scale(torch.ones(()))  # the scale tensor the step's scaler.scale(loss) creates
+        from pretrain.plan.peak_tracker import PeakTracker
+
+        tracker = PeakTracker(record=True)
+        tracker.track_external(model, optimizer)
+        with tracker:
+            level0 = tracker.total()
+            _update(model, optimizer, scaler, cfg)
+    return tuple((k, total - level0) for k, total in tracker.ops)
+
+
 def _measure(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake: bool, record: bool = False,
-             work: Pass | None = None) -> _Run:
+             work: Pass | None = None, reuse_update: bool = True) -> _Run:
     """One steady-state training step of `cfg` at `seq_len` (or the pass `work`, which runs between steps:
-    gradients freed), tracked; real tensors when fake=False."""
+    gradients freed), tracked; real tensors when fake=False. A recorded fake step takes its update's timeline from
+    `_update_ops` (the peak and breakdown then cover the forward and backward only; `_extrapolate` reads the ops)."""
     amp_dtype = torch_dtype(cfg.amp_dtype)
+    reuse_update = reuse_update and fake and record and work is None
     if fake:
-        mode, model, optimizer = _fake_state(json.dumps(mcfg.to_dict(), sort_keys=True),
-                                             _relevant(cfg, batch_size=1, grad_accum=1))
+        mode, model, optimizer = _fake_state(*_state_key(mcfg, cfg))
+        model.grad_checkpoint = cfg.grad_checkpoint
+        update_ops = _update_ops(*_state_key(mcfg, cfg)) if reuse_update else ()  # before this step's tracker
     else:
         mode, model, optimizer = _steady_state(mcfg, cfg, fake)
     with mode:
@@ -191,7 +248,7 @@ def _measure(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake: bool, reco
             p.grad = torch.zeros_like(p) if held else None
         model.train()
         model.loss_workspace.clear()
-        scaler = torch.amp.GradScaler("cpu", enabled=cfg.amp and cfg.amp_dtype == "fp16")
+        scaler = _scaler(cfg)
         autocast = torch.autocast("cpu", dtype=amp_dtype) if cfg.amp else contextlib.nullcontext()
         from pretrain.plan.peak_tracker import PeakTracker  # 1.5 s of imports: only when an estimate runs
 
@@ -205,32 +262,32 @@ def _measure(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake: bool, reco
             if work is not None:
                 work(model, autocast)
             else:
-                _train_step(model, optimizer, scaler, cfg, autocast, (cfg.batch_size, seq_len))
+                _train_step(model, optimizer, scaler, cfg, autocast, (cfg.batch_size, seq_len),
+                            update=not reuse_update)
+            if reuse_update:
+                level = tracker.total()
+                tracker.ops.extend((k, level + rise) for k, rise in update_ops)
+        if reuse_update:
+            optimizer.zero_grad(set_to_none=True)  # after the tracker: its own ops are in update_ops already
         peak, breakdown = tracker.peak()
+        if reuse_update:
+            peak = max([peak] + [total for _, total in tracker.ops])
         sizes = _bytes_of(model, optimizer)
     return _Run(level0, tracker.ops, peak, breakdown, *sizes)
 
 
 def _train_step(model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: TrainConfig,
-                autocast: contextlib.AbstractContextManager, shape: tuple[int, int]) -> None:
-    """The trainer's step (pretrain/train/loop.py) on one micro-batch of random tokens."""
-    params = list(model.parameters())
+                autocast: contextlib.AbstractContextManager, shape: tuple[int, int], update: bool = True) -> None:
+    """The trainer's step (pretrain/train/loop.py) on one micro-batch of random tokens; update=False stops after
+    the backward (the caller appends the update's recorded timeline)."""
     x = torch.randint(0, model.config.vocab_size, shape)
     y = torch.randint(0, model.config.vocab_size, shape)
     with autocast:
         loss = model(x, y) / cfg.grad_accum
     scaler.scale(loss).backward()
     del loss, x, y
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
-    if scaler.is_enabled():
-        # What scaler.step() runs for finite gradients; its own found-inf check calls .item(), which fake
-        # tensors cannot answer, and scaler.update() only touches two scalars.
-        optimizer.step()
-    else:
-        step_unless_nonfinite(optimizer, (~torch.isfinite(grad_norm)).float())
-    del grad_norm
-    optimizer.zero_grad(set_to_none=True)
+    if update:
+        _update(model, optimizer, scaler, cfg)
 
 
 Segment = tuple[tuple[bool, int | None], int, int]  # (in backward?, block or None), highest rise, net change
