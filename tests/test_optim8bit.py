@@ -15,7 +15,7 @@ from model import ModelConfig
 from pretrain.cli import EXIT_STOPPED, run_cli
 from pretrain.plan.memory import estimate_step_memory
 from pretrain.train.checkpoint import load_checkpoint
-from pretrain.train.config import parse_config
+from pretrain.train.config import model_config_from, parse_config
 from pretrain.train.loop import main
 
 pytest.importorskip("torchao")
@@ -51,14 +51,20 @@ def test_adamw8bit_with_bf16_weights_stops_and_resumes_bit_identical(byte_data, 
 def test_plan_counts_the_state_bytes_the_real_adamw8bit_holds(byte_data, tmp_path):
     """The planner's fake-tensor estimate builds the trainer's optimizer: its state bytes equal what a real
     run's checkpoint holds, and are about a quarter of AdamW's (1 byte per moment + a scale per 256 values)."""
+    from torchao.optim import subclass_8bit
+
+    # The planner may be the first to build the optimizer in a process (its quantization maps not cached yet).
+    subclass_8bit.get_qmap_signed.cache_clear()
+    subclass_8bit.get_qmap_unsigned.cache_clear()
+    cfg = parse_config(["--data", str(byte_data), *FAST, "--optimizer", "adamw8bit"])
+    mcfg = model_config_from(cfg, 256)
+    est = estimate_step_memory(mcfg, cfg, 32)
     out = tmp_path / "r"
     assert trainer(byte_data, out, *EIGHT_BIT, "--steps", "1") == 0
     ckpt = load_checkpoint(out / "last.pt")
+    assert ModelConfig.from_dict(ckpt["model_config"]) == mcfg
     real = state_bytes(ckpt["optimizer"])
-    cfg = parse_config(["--data", str(byte_data), *FAST, "--optimizer", "adamw8bit"])
-    mcfg = ModelConfig.from_dict(ckpt["model_config"])
     n_params = sum(t.numel() for t in ckpt["model"].values())
-    est = estimate_step_memory(mcfg, cfg, 32)
     assert est.optimizer_bytes == real
     adamw = estimate_step_memory(mcfg, parse_config(["--data", str(byte_data), *FAST, "--optimizer", "adamw"]), 32)
     assert adamw.optimizer_bytes > 3 * real

@@ -195,10 +195,14 @@ class AdamW8bit(_SkipAwareOptimizer):
     def __init__(self, params, lr: float = 6e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.0, generator: torch.Generator | None = None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), generator)
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
         from torchao.optim import quant_utils, subclass_8bit  # optional dependency: checked by validate()
 
         self._q = quant_utils
-        self._maps = {True: subclass_8bit.get_qmap_signed(), False: subclass_8bit.get_qmap_unsigned()}
+        # The maps are constants torchao computes with torch ops and reads back as floats: the planner builds this
+        # optimizer on fake tensors (pretrain/plan/memory.py), where reading a value back is impossible.
+        with unset_fake_temporarily():
+            self._maps = {True: subclass_8bit.get_qmap_signed(), False: subclass_8bit.get_qmap_unsigned()}
         self._qmaps: dict[tuple[torch.device, bool], Tensor] = {}
 
     def _qmap(self, device: torch.device, signed: bool) -> Tensor:
