@@ -47,7 +47,7 @@ def run(optimizer: str, out: Path, steps: int, lr: float | None) -> tuple[float,
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     evals = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines() if '"eval"' in line]
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
-    n_params = sum(t.numel() for t in ckpt["model"].values())
+    n_params = sum(t.numel() for t in {t.data_ptr(): t for t in ckpt["model"].values()}.values())  # tied: once
     state = sum(t.numel() * t.element_size() for st in ckpt["optimizer"]["state"].values() for t in st.values()
                 if torch.is_tensor(t))
     return evals[-1]["loss"], state / n_params
