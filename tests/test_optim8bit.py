@@ -105,6 +105,11 @@ def test_16gb_tier_takes_the_first_optimizer_that_fits_and_says_why(tmp_path, ca
     small = json.loads(capsys.readouterr().out)["settings"]
     assert small["optimizer"]["value"] == "adamw"
     assert "adamw, adamw8bit, lion; took adamw" in small["optimizer"]["source"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "torchao", None)  # not installed: the 8-bit entry is skipped, and the line says so
+        assert launch.main([*PLAN_16, "--size", "small", "--run-root", str(tmp_path), "--json"]) == 0
+    assert "adamw8bit needs torchao (not installed)" in json.loads(capsys.readouterr().out)["settings"][
+        "optimizer"]["source"]
 
     assert launch.main([*PLAN_16, "--size", "small", "--optimizer", "lion", "--run-root", str(tmp_path), "--json"]) == 0
     given = json.loads(capsys.readouterr().out)["settings"]["optimizer"]
