@@ -17,6 +17,7 @@ from pretrain import invocation
 from pretrain.plan.fit import choose_execution, step_peak_bytes, suggest_fix, verdict, with_micro
 from pretrain.plan.instrument_memory import pass_peak_bytes, run_passes, turn_down
 from pretrain.plan.memory import GiB
+from pretrain.plan.pick_optimizer import choose_optimizer
 from pretrain.plan.probe import PhaseProbe, measured_rate, probe_plan
 from pretrain.plan.resolve import DEFAULT, MFU_SOURCE, Origin, Request, Resolved, Source, derived, source_of
 from pretrain.plan.tiers import GpuInfo, Tier, memory_capacity, peak_flops, tier_cards
@@ -228,6 +229,7 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
     """Execution choices, phases with memory and time, checkpoint disk, and the trainer command."""
     warnings = list(res.warnings)
     capacity, capacity_how = memory_capacity(tier, tier_how, gpu)
+    choose_optimizer(res, tier, capacity)
     choose_micro_batches(res, tier, capacity)
     cfg, mcfg = res.cfg, res.mcfg
     per_proc = cfg.batch_size * cfg.grad_accum

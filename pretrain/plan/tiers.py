@@ -46,6 +46,9 @@ class Tier:
     reference_gpu: str  # whose peak FLOP/s the time estimate assumes when no GPU is detected
     steps: int | None = None  # None: the token budget decides (default 20 tokens per parameter)
     optimizer: str = "adamw"
+    # When set, the planner takes the first of these whose step fits the card (pretrain/plan/pick_optimizer.py),
+    # and `optimizer` is only the fallback when none does.
+    optimizers: tuple[str, ...] = ()
 
     @property
     def is_gpu(self) -> bool:
@@ -73,10 +76,12 @@ TIERS: dict[str, Tier] = {
     "48": Tier("48", "1b", 2, GLOBAL_BATCH, False, "fp32", True, _GPU_SCHEDULE, "RTX A6000"),
     "40": Tier("40", "1b", 1, GLOBAL_BATCH, False, "fp32", True, _GPU_SCHEDULE, "A100 40GB"),
     "24": Tier("24", "1b", 8, GLOBAL_BATCH, True, "bf16", True, _GPU_SCHEDULE, "RTX 4090"),
-    # 16: AdamW cannot fit (bf16 weights + grads + fp32 AdamW state, 2 + 2 + 8 bytes per parameter, leave no room
-    # for activations on a 16 GB card), so the tier trains with Lion (4 instead of 8 bytes of state per parameter),
-    # the original research code's answer for small cards; the same tokens per step as every GPU tier.
-    "16": Tier("16", "1b", 2, GLOBAL_BATCH, True, "bf16", True, _GPU_SCHEDULE, "RTX 4080", optimizer="lion"),
+    # 16: picks by what fits, in this order: AdamW (bf16 weights + grads + fp32 state, 2 + 2 + 8 bytes per parameter:
+    # the 1b step leaves no room for activations on a 16 GB card), AdamW with 8-bit moments (~2 bytes of state), Lion
+    # (4 bytes; the original research code's answer for small cards, and the fallback when nothing fits). The plan
+    # says which fit and which it took; the same tokens per step as every GPU tier.
+    "16": Tier("16", "1b", 2, GLOBAL_BATCH, True, "bf16", True, _GPU_SCHEDULE, "RTX 4080", optimizer="lion",
+               optimizers=("adamw", "adamw8bit", "lion")),
     # Smoke tier: tiny preset, no compile (a cold compile costs more than a short CPU run).
     "cpu": Tier("cpu", "tiny", 8, 8, False, "fp32", False, ((0.5, 0), (1.0, 50)), "cpu", steps=100),
 }

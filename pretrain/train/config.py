@@ -358,6 +358,9 @@ def validate(cfg: TrainConfig) -> None:
     check_numbers(cfg)
     if cfg.amp_dtype == "fp16" and cfg.param_dtype == "bf16":
         raise UserError("--amp-dtype fp16 needs fp32 weights for its GradScaler: use --param-dtype fp32")
+    OPTIMIZERS[cfg.optimizer].check_available()
+    if cfg.fsdp and cfg.optimizer == "adamw8bit":  # its 8-bit state slices plain tensors; FSDP2's are DTensors
+        raise UserError("--optimizer adamw8bit does not support --fsdp: use DDP (drop --fsdp) or --optimizer adamw")
     if cfg.cpu_offload and not cfg.fsdp:
         raise UserError("--cpu-offload needs --fsdp (it offloads FSDP2's sharded parameters); add --fsdp")
     if cfg.fsdp and cfg.param_dtype == "bf16":

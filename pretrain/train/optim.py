@@ -20,7 +20,7 @@ bytes, versus 16 / 12 with fp32 weights and grads.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -174,6 +174,107 @@ class AdamWSR(_SkipAwareOptimizer):
                 _write_back(p_s, new_w, self.generator)
 
 
+class AdamW8bit(_SkipAwareOptimizer):
+    """AdamW whose two moments are stored in 8 bits: block-wise dynamic quantization (Dettmers et al. 2022,
+    "8-bit Optimizers via Block-wise Quantization"), with torchao's quantization maps and kernels.
+
+    State per parameter: 1 byte per moment plus one fp32 scale per BLOCK values, ~2.03 bytes instead of AdamW's
+    8. The update itself runs in fp32 from the unquantized new moments (as torchao's AdamW8bit does); only what
+    is kept between steps is 8-bit. Tensors smaller than MIN_NUMEL or not a multiple of BLOCK keep fp32 moments
+    (norms, gains: a negligible share), as torchao and bitsandbytes do.
+
+    Why not torchao's own AdamW8bit class: it torch.compiles its step per parameter shape (minutes of Inductor
+    C++ builds on a CPU), cannot skip a step on the device (`found_inf`), needs a tensor lr, and rounds bf16
+    weights with the global generator instead of the optimizer's own. The state here is plain uint8/fp32
+    tensors, so checkpoints, resume and the planner's fake-tensor estimate need nothing special.
+    """
+
+    BLOCK = 256
+    MIN_NUMEL = 4096
+
+    def __init__(self, params, lr: float = 6e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.0, generator: torch.Generator | None = None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), generator)
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        from torchao.optim import quant_utils, subclass_8bit  # optional dependency: checked by validate()
+
+        self._q = quant_utils
+        # The maps are constants torchao computes with torch ops and reads back as floats: the planner builds this
+        # optimizer on fake tensors (pretrain/plan/memory.py), where reading a value back is impossible.
+        with unset_fake_temporarily():
+            self._maps = {True: subclass_8bit.get_qmap_signed(), False: subclass_8bit.get_qmap_unsigned()}
+        self._qmaps: dict[tuple[torch.device, bool], Tensor] = {}
+
+    def _qmap(self, device: torch.device, signed: bool) -> Tensor:
+        key = (device, signed)
+        if key not in self._qmaps:
+            self._qmaps[key] = torch.tensor(self._maps[signed], dtype=torch.float32, device=device)
+        return self._qmaps[key]
+
+    def quantized(self, p: Tensor) -> bool:
+        return p.numel() >= self.MIN_NUMEL and p.numel() % self.BLOCK == 0
+
+    def _init_state(self, p: Tensor, state: dict) -> None:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        for name in ("exp_avg", "exp_avg_sq"):
+            if self.quantized(p):
+                state[f"{name}_codes"] = torch.zeros_like(p, dtype=torch.uint8)
+                state[f"{name}_scale"] = torch.zeros(p.numel() // self.BLOCK, dtype=torch.float32, device=p.device)
+            else:
+                state[name] = torch.zeros_like(p, dtype=torch.float32)
+
+    def _moments(self, p: Tensor, state: dict) -> Iterator[tuple[Tensor, Callable, Callable]]:
+        """Per slice of `p`: (param slice, grad slice, read() -> (m, v) fp32, write(m, v, keep))."""
+        if not self.quantized(p):
+            for p_s, g_s, m, v in _slices(p, state["exp_avg"], state["exp_avg_sq"]):
+                def write(new_m: Tensor, new_v: Tensor, flag: Tensor | None, m=m, v=v) -> None:
+                    m.copy_(new_m if flag is None else torch.where(flag, new_m, m))
+                    v.copy_(new_v if flag is None else torch.where(flag, new_v, v))
+                yield p_s, g_s, (lambda m=m, v=v: (m, v)), write
+            return
+        qm, qv = self._qmap(p.device, True), self._qmap(p.device, False)
+        cm_all, cv_all = state["exp_avg_codes"].view(-1), state["exp_avg_sq_codes"].view(-1)
+        for i, (p_s, g_s, cm, cv) in enumerate(_slices(p, cm_all, cv_all)):
+            lo = i * CHUNK // self.BLOCK  # CHUNK is a multiple of BLOCK: slices hold whole blocks
+            sm = state["exp_avg_scale"][lo:lo + cm.numel() // self.BLOCK]
+            sv = state["exp_avg_sq_scale"][lo:lo + cv.numel() // self.BLOCK]
+
+            def read(cm=cm, cv=cv, sm=sm, sv=sv) -> tuple[Tensor, Tensor]:
+                return self._q.dequant_with_qmap(cm, qm, sm), self._q.dequant_with_qmap(cv, qv, sv)
+
+            def write(new_m: Tensor, new_v: Tensor, flag: Tensor | None, cm=cm, cv=cv, sm=sm, sv=sv) -> None:
+                # A skipped step keeps the old codes and scales as they are (requantizing would not be exact).
+                for codes, scale, new, qmap in ((cm, sm, new_m, qm), (cv, sv, new_v, qv)):
+                    scaled, s = self._q.scale_tensor(new, self.BLOCK)
+                    new_codes = self._q.quantize_8bit_with_qmap(scaled, qmap)
+                    codes.copy_(new_codes if flag is None else torch.where(flag, new_codes, codes))
+                    scale.copy_(s if flag is None else torch.where(flag, s, scale))
+            yield p_s, g_s, read, write
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        keep = _keep(self.found_inf)
+        for group, p, state in self._params_with_grad():
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            if not state:
+                self._init_state(p, state)
+            state["step"] += 1.0 if keep is None else keep.to(p.device)
+            t = state["step"].clamp(min=1)
+            for p_s, g_s, read, write in self._moments(p, state):
+                g, w = g_s.float(), p_s.float()
+                m, v = read()
+                new_m = m * beta1 + g * (1 - beta1)
+                new_v = v * beta2 + g * g * (1 - beta2)
+                step_dir = (new_m / (1 - beta1**t)) / ((new_v / (1 - beta2**t)).sqrt_() + eps)
+                new_w = w * (1 - lr * wd) - lr * step_dir
+                flag = None if keep is None else keep.bool()
+                if flag is not None:
+                    new_w = torch.where(flag, new_w, w)
+                write(new_m, new_v, flag)
+                _write_back(p_s, new_w, self.generator)
+
+
 class FusedAdamW(torch.optim.AdamW):
     """torch's fused AdamW (fp32 weights on CPU/CUDA), the only torch AdamW path that takes `found_inf`.
 
@@ -233,6 +334,11 @@ def _build_adamw(groups: list[dict], lr: float, betas: tuple[float, float], cfg:
 def _build_lion(groups: list[dict], lr: float, betas: tuple[float, float], cfg: TrainConfig, device: torch.device,
                 gen: torch.Generator | None) -> torch.optim.Optimizer:
     return Lion(groups, lr=lr, betas=betas, generator=gen)
+
+
+def _build_adamw8bit(groups: list[dict], lr: float, betas: tuple[float, float], cfg: TrainConfig,
+                     device: torch.device, gen: torch.Generator | None) -> torch.optim.Optimizer:
+    return AdamW8bit(groups, lr=lr, betas=betas, eps=cfg.eps, generator=gen)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -6,6 +6,7 @@ Torch-free, so the trainer's and launcher's parsers (--optimizer's choices, --he
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -33,6 +34,15 @@ class OptimizerSpec:
     builder: str  # function in pretrain/train/optim.py
     beta2: float
     peak_lr: dict[str, tuple[float, str]]
+    requires: str = ""  # an optional package the optimizer needs ("" = torch alone)
+
+    def check_available(self) -> None:
+        """UserError (one line, naming the install) when the package this optimizer needs is missing."""
+        if self.requires and importlib.util.find_spec(self.requires) is None:
+            from pretrain.errors import UserError
+
+            raise UserError(f"--optimizer {self.name} needs {self.requires}, which is not installed: "
+                            f"pip install {self.requires} (or choose --optimizer adamw or lion)")
 
     @property
     def build(self) -> Callable[..., torch.optim.Optimizer]:
@@ -56,6 +66,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {o.name: o for o in (
         "small": (1e-4, f"AdamW's 6e-4 / 6 {_LION_LR_SOURCE}"),
         "1b": (5e-5, f"AdamW's 3e-4 / 6 {_LION_LR_SOURCE}"),
     }),
+    # Same update as AdamW, so the same LRs (Dettmers et al. 2022 keep AdamW's hyperparameters for 8-bit Adam).
+    OptimizerSpec("adamw8bit", "AdamW with block-wise 8-bit moments (torchao), ~2 bytes of state per parameter",
+                  "_build_adamw8bit", 0.95, {
+                      "tiny": (6e-4, "AdamW's (8-bit state keeps AdamW's hyperparameters, Dettmers et al. 2022)"),
+                      "small": (6e-4, "AdamW's (8-bit state keeps AdamW's hyperparameters, Dettmers et al. 2022)"),
+                      "1b": (3e-4, "AdamW's (8-bit state keeps AdamW's hyperparameters, Dettmers et al. 2022)"),
+                  }, requires="torchao"),
 )}
 # Views of the registry by (preset, optimizer) and by optimizer, as the planner and tests read them.
 PEAK_LR: dict[tuple[str, str], tuple[float, str]] = {
