@@ -33,7 +33,8 @@ from pretrain.plan.memory import _steady_state  # noqa: E402
 from pretrain.train.config import TrainConfig, model_config_from  # noqa: E402
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lion")
-MODEL = ["--size", "tiny", "--d-model", "128", "--n-head", "4", "--n-layer", "2", "--d-ff", "256", "--block-size", "128"]
+MODEL = ["--size", "tiny", "--d-model", "128", "--n-head", "4", "--n-layer", "2", "--d-ff", "256",
+         "--block-size", "128"]
 
 
 def run(optimizer: str, out: Path, steps: int, lr: float | None) -> tuple[float, float]:
