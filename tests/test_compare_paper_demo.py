@@ -10,6 +10,7 @@ import pytest
 from test_kv_quant import SMALL
 
 from pretrain.track.compare import main as compare_main
+from pretrain.track.runlog import read_jsonl
 from pretrain.train.loop import main as train_main
 
 
@@ -19,7 +20,7 @@ def seed_pair(made_bytes, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo") / "runs"
     for seed in ("1", "2"):
         assert train_main(["--data", str(made_bytes), "--out-dir", str(root / f"base-s{seed}"), "--seed", seed,
-                           *SMALL]) == 0
+                           *SMALL, "--eval-seq-lens", "16,32"]) == 0
     return root
 
 
@@ -38,3 +39,14 @@ def test_kv_table_spread_of_a_seed_group_is_an_unsigned_sd(seed_pair, capsys):
     # the change keeps its sign, its spread over the seeds has none and says it is one
     assert re.fullmatch(r"[+-]\d\.\d{4} ± \d\.\d{4} sd", q4[-1]), q4
     assert re.fullmatch(r"\d+\.\d{4} ± \d\.\d{4} sd", q4[-2]), q4
+
+
+def test_per_length_loss_carries_its_standard_error(seed_pair, capsys):
+    """One run's val@<length> is ± its standard error over the same targets, as its best val is."""
+    assert compare_main([str(seed_pair), "--no-plot", "--per-seed"]) == 0
+    lines = capsys.readouterr().out.partition("\n\n")[0].splitlines()
+    header = re.split(r"\s{2,}", lines[0].strip())
+    row = dict(zip(header, re.split(r"\s{2,}", lines[2].strip()), strict=True))
+    last = [e for e in read_jsonl(seed_pair / "base-s1" / "train.jsonl") if e["type"] == "eval_lengths"][-1]
+    for n in ("16", "32"):
+        assert row[f"val@{n}"] == f"{last['loss'][n]:.4f} ± {last['loss_se'][n]:.4f} se", row
