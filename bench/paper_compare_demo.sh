@@ -7,7 +7,8 @@
 #     bash bench/paper_compare_demo.sh DIR        # in DIR (kept: runs/, items.jsonl, compare*.png)
 #
 # Val loss, accuracy, KV bytes and the quality change are deterministic; tok/s are the host's (noise on a busy one).
-# About 4 CPU-minutes on 2 cores of AMD EPYC (AVX-512-BF16); the CPU seconds are printed at the end.
+# About 6 CPU-minutes on 2 cores of AMD EPYC (AVX-512-BF16): 5m28s user + 0m19s sys measured, 14 min wall at load ~10;
+# the CPU seconds are printed at the end.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 py="${PYTHON:-python}"
@@ -38,4 +39,4 @@ echo "\$ python run_1b_launch.py compare runs --measure --measure-lengths 128 --
 echo "    --kv-cache bf16,q8_0,q4_0"
 "$py" "$repo/run_1b_launch.py" compare runs --measure --measure-lengths 128 --decode-tokens 8 --quality-tokens 256 \
   --kv-cache bf16,q8_0,q4_0 2> compare.err
-times  # user and system CPU seconds: this shell, then its children (the training and compare processes)
+echo; echo "CPU time (user, sys): this shell, then its children (training and compare):"; times
