@@ -27,6 +27,7 @@ from pretrain.stats import binomial_se
 from pretrain.track.compare_checks import ranking, verdict
 from pretrain.track.diag_columns import diag_columns, diag_fields
 from pretrain.track.kv_plot import format_kv_table, kv_setting_fields, kv_setting_metrics, plot_quality_vs_kv
+from pretrain.track.length_columns import length_columns, length_fields, plot_length_curves
 from pretrain.track.plots import events_by_step, new_figure, save_png
 from pretrain.track.runlog import JSONL_NAME, median_tok_s, read_jsonl
 from pretrain.track.seeds import band, group_key, group_rows, seed_groups
@@ -169,8 +170,7 @@ def run_row(run_dir: Path, warn: bool = True) -> dict[str, Any]:
         # --eval-seq-lens: {length: val loss} at the last eval, and the longest trained length
         "length_loss": {int(n): v for n, v in (last_lengths.get("loss") or {}).items() if finite_number(v) is not None},
         "trained_len": last_lengths.get("trained_len"),
-        # the same losses as flat `val@<length>` columns, so seed groups average them like other metrics
-        **{f"val@{n}": v for n, v in (last_lengths.get("loss") or {}).items() if finite_number(v) is not None},
+        **length_fields(last_lengths),  # the same losses (± se) as flat `val@<length>` columns
         **diag_fields(records),  # --analysis-every: the last diagnostics' layer means
     }
 
@@ -242,12 +242,6 @@ def table_columns(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
     return columns
 
 
-def length_columns(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """One `val@<length>` column per --eval-seq-lens length any run evaluated, shortest first."""
-    lengths = sorted({int(k[4:]) for r in rows for k in r if k.startswith("val@") and not k.endswith("_sd")})
-    return {f"val@{n}": f"val@{n}" for n in lengths}
-
-
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Plain aligned text (no box characters: it is pasted into issues and notebooks). Best val marked *."""
     columns = table_columns(rows)
@@ -268,24 +262,6 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append("  ".join(parts).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def plot_length_curves(rows: Sequence[dict[str, Any]], out_png: str | os.PathLike) -> Path:
-    """Val loss against eval length (last eval), one line per run, its trained length marked on the line."""
-    fig, ax = new_figure("Validation loss vs eval length (last eval)", "eval sequence length (tokens)",
-                         "val cross-entropy loss", size=(8, 4.8))
-    ax.set_xscale("log", base=2)
-    for r in rows:
-        points = sorted((r.get("length_loss") or {}).items())
-        if not points:
-            continue
-        xs, ys = zip(*points, strict=True)
-        line = ax.plot(xs, ys, "o-", ms=4, lw=1.5, label=f"{r['run']} ({r['variant']})")[0]
-        trained = r.get("trained_len")
-        if isinstance(trained, int):
-            ax.axvline(trained, color=line.get_color(), ls=":", lw=1)
-    ax.legend(title="dotted: length trained so far")
-    return save_png(fig, out_png)
 
 
 def plot_val_curves(paths: Sequence[str | os.PathLike], out_png: str | os.PathLike) -> Path:

@@ -50,7 +50,8 @@ def _num(row: dict[str, Any], key: str, fmt: str) -> str:
     if value is None:
         return "-"
     sd = row.get(f"{key}_sd")
-    return format(value, fmt) + ("" if sd is None else f" ± {format(sd, fmt)}")
+    # A spread has no sign: "+.4f" is for the change itself, never for its ± sd.
+    return format(value, fmt) + ("" if sd is None else f" ± {format(sd, fmt.lstrip('+'))} sd")
 
 
 def format_kv_table(rows: Sequence[dict[str, Any]]) -> str:
