@@ -85,16 +85,19 @@ def read_file(path: str) -> dict[str, Any]:
 def file_values(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     """The settings of the file at `path`, typed and checked against `parser`'s flags (UserError naming the key)."""
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", *FILE_FLAGS)}
+    # A key is any spelling of the flag without -- (a former spelling too, e.g. attn_mode for --attn-mode).
+    names = {opt[2:].replace("-", "_"): a for a in actions.values() for opt in a.option_strings
+             if opt.startswith("--") and not opt.startswith("--no-")} | actions
     out = {}
     for key, value in read_file(path).items():
-        action = actions.get(key)
+        action = names.get(key)
         if action is None:
             close = [OTHER_NAMES[key]] if OTHER_NAMES.get(key) in actions else \
-                difflib.get_close_matches(key, list(actions), n=1, cutoff=0.6)
+                [names[k].dest for k in difflib.get_close_matches(key, list(names), n=1, cutoff=0.6)]
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise UserError(f"--config {path}: unknown key {key!r}; {hint}keys are the flag names without -- "
                             f"(see {parser.prog} --help)")
-        out[key] = _typed(action, key, value, path)
+        out[action.dest] = _typed(action, key, value, path)
     return out
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.data import cli, prepare  # noqa: E402
+from pretrain.data import entry, prepare  # noqa: E402
 from pretrain.errors import script_exit_code  # noqa: E402
 
 
@@ -29,4 +29,4 @@ def _pausing(save_shard: Callable[..., None], pause: float) -> Callable[..., Non
 if __name__ == "__main__":
     prepare._save_shard = _pausing(prepare._save_shard, float(sys.argv[1]))
     sys.argv = [sys.argv[0], *sys.argv[2:]]
-    sys.exit(script_exit_code(cli.main))
+    sys.exit(script_exit_code(entry.main))

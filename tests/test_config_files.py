@@ -50,7 +50,7 @@ def test_flags_override_the_file_and_print_config_runs_nothing(tmp_path, capsys)
     out = tmp_path / "never"
     assert run_cli(train_main, ["--config", str(f), "--lr", "2e-3", "--out-dir", str(out), "--print-config"]) == 0
     printed = tomllib.loads(capsys.readouterr().out)
-    assert printed["optim"]["lr"] == 2e-3 and printed["model"]["layers"] == 3
+    assert printed["optim"]["lr"] == 2e-3 and printed["model"]["n_layer"] == 3
     assert printed["eval"]["eval_seq_lens"] == "64,128" and printed["schedule"]["min_lr"] == pytest.approx(2e-4)
     assert not out.exists()
 

@@ -86,6 +86,20 @@ def listing(fs, prefix: str) -> list[str]:
         return []
 
 
+def mirror_keeps_up(monkeypatch) -> None:
+    """Each save first waits (bounded) for the mirror to finish the upload before it: a mirror faster than
+    training, so which checkpoints reach it is the same on a loaded machine (where a slow upload would have the
+    next save supersede it, as it should in production)."""
+    original = mirror_lib.Mirror.push
+
+    def push(self, step: int, best: bool) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._job is None and not self._busy, timeout=60)
+        original(self, step, best)
+
+    monkeypatch.setattr(mirror_lib.Mirror, "push", push)
+
+
 @pytest.fixture(scope="module")
 def straight(byte_data, tmp_path_factory) -> Path:
     """The same run without a mirror and without interruption: what every resumed run must equal."""
@@ -94,7 +108,8 @@ def straight(byte_data, tmp_path_factory) -> Path:
     return out
 
 
-def test_kill9_delete_run_dir_and_resume_from_s3_bit_identical(s3, byte_data, straight, tmp_path, capfd):
+def test_kill9_delete_run_dir_and_resume_from_s3_bit_identical(s3, byte_data, straight, tmp_path, capfd,
+                                                               monkeypatch):
     out, url = tmp_path / "run", f"s3://{BUCKET}/kill"
     remote = f"{BUCKET}/kill/run"
     cmd = [sys.executable, str(ROOT / "train_v29.py"), "--data", str(byte_data), "--out-dir", str(out), *FLAGS,
@@ -110,6 +125,7 @@ def test_kill9_delete_run_dir_and_resume_from_s3_bit_identical(s3, byte_data, st
     assert "step_8.json" in listing(s3, remote)
 
     shutil.rmtree(out)  # the machine, and its disk, are gone
+    mirror_keeps_up(monkeypatch)
     result = run(byte_data, out, "--mirror", url)  # the same command on a new machine
     assert result["status"] == "completed" and result["step"] == STEPS
     pulled = [e for e in read_jsonl(out / "train.jsonl") if e["type"] == "resume"]
@@ -140,6 +156,7 @@ def test_mirror_failing_mid_upload_leaves_training_alone_and_the_next_resume_cor
         return original(fs, src, path)
 
     monkeypatch.setattr(mirror_store, "_upload", dies_half_way)
+    mirror_keeps_up(monkeypatch)
     result = run(byte_data, out, "--mirror", url)
     assert result["status"] == "completed" and result["saved"]
     assert losses(out) == losses(straight) and same_weights(out, straight)
@@ -188,6 +205,7 @@ def test_a_hanging_mirror_never_holds_up_training(s3, byte_data, straight, tmp_p
         hanging[0] = False
         monkeypatch.undo()  # the real waits again: the extension's last upload must be awaited
         monkeypatch.setattr(mirror_store, "_upload", hangs)  # the first run's thread stays hung
+        mirror_keeps_up(monkeypatch)
         result = run(byte_data, out, "--mirror", url, "--steps", str(STEPS + 4))
     finally:
         release.set()
@@ -197,8 +215,10 @@ def test_a_hanging_mirror_never_holds_up_training(s3, byte_data, straight, tmp_p
                                                           f"step_{STEPS + 4}.json", f"step_{STEPS + 4}.pt"]
 
 
-def test_local_path_mirror_prunes_skips_a_damaged_checkpoint_and_refuses_a_fresh_start(byte_data, tmp_path, capfd):
+def test_local_path_mirror_prunes_skips_a_damaged_checkpoint_and_refuses_a_fresh_start(byte_data, tmp_path, capfd,
+                                                                                       monkeypatch):
     out, mirror = tmp_path / "run", tmp_path / "mounted"
+    mirror_keeps_up(monkeypatch)
     short = ["--steps", "8", "--save-every", "2"]
     run(byte_data, out, "--mirror", str(mirror), *short)
     names = sorted(p.name for p in (mirror / "run").iterdir())

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import GPT2_RANKS, ROOT, sample_parquet_dir
 
-from pretrain.data import cli as prepare_fineweb
+from pretrain.data import entry as prepare_fineweb
 from pretrain.data.dataset import open_dataset
 from pretrain.data.prepare import prepare
 from pretrain.data.sources import HubDataset

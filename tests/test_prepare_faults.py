@@ -20,7 +20,7 @@ import psutil
 import pytest
 from conftest import ROOT, sample_parquet_dir, sample_texts
 
-from pretrain.data import cli as prepare_fineweb
+from pretrain.data import entry as prepare_fineweb
 from pretrain.data.prepare import prepare
 from pretrain.errors import run_cli
 
