@@ -110,7 +110,8 @@ class CausalSelfAttention(nn.Module):
         # Parameters are created in this order (q/k, v, o, null, temp): it fixes the init RNG stream and
         # the checkpoint's keys, so a subclass builds its q/k in _build_qk and nowhere else.
         self._build_qk(cfg)
-        self.v_proj = nn.Linear(d, kv * self.v_head_dim, bias=False)
+        if "qkv_proj" not in self._modules:
+            self.v_proj = nn.Linear(d, kv * self.v_head_dim, bias=False)
         self.o_proj = nn.Linear(h * self.v_head_dim, d, bias=False)
         self.o_proj.is_residual_out = True  # GPT scales its init by 1/sqrt(2 * n_layer)
         self.rope = RotaryEmbedding(rotary_dim, cfg.rope_base)
@@ -123,10 +124,26 @@ class CausalSelfAttention(nn.Module):
         self.log_temp = nn.Parameter(torch.zeros(h)) if cfg.learned_temp else None
 
     def _build_qk(self, cfg: ModelConfig) -> None:
-        """The query/key projections (no key projection when tie_qk)."""
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * self.qk_head_dim, bias=False)
-        if not self.tie_qk:
-            self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * self.qk_head_dim, bias=False)
+        """The query/key projections: with tie_qk one q_proj (k is q); otherwise q, k and v fused into one
+        qkv_proj, rows [q; k; v], so the block runs one wider GEMM instead of three (issue 23.5).
+        pretrain/llama.py splits it into Llama's q_proj/k_proj/v_proj."""
+        if self.tie_qk:
+            self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * self.qk_head_dim, bias=False)
+            return
+        self.qkv_widths = (cfg.n_head * self.qk_head_dim, cfg.n_kv_head * self.qk_head_dim,
+                           cfg.n_kv_head * self.v_head_dim)
+        self.qkv_proj = nn.Linear(cfg.d_model, sum(self.qkv_widths), bias=False)
+
+    def projections(self) -> dict[str, torch.Tensor]:
+        """Each projection's weight by short name (q, k, v, o, q_sem, ...), the fused qkv_proj cut into its
+        q/k/v rows (views), so per-projection metrics and tests read the same matrices either layout."""
+        out = {}
+        for name, m in self.named_children():
+            if name == "qkv_proj":
+                out |= dict(zip("qkv", m.weight.split(self.qkv_widths), strict=True))
+            elif isinstance(m, nn.Linear):
+                out[name.removesuffix("_proj")] = m.weight
+        return out
 
     def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
         """(B, T, n*hd) -> (B, n, T, hd)."""
@@ -134,13 +151,21 @@ class CausalSelfAttention(nn.Module):
         return t.view(B, T, n, -1).transpose(1, 2)
 
     def _qk(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float | None]:
-        """Queries and keys in head layout with RoPE applied, plus the scale SDPA should use."""
+        """Queries and keys (tie_qk: k is q) in head layout with RoPE applied, plus the scale SDPA should use."""
         cos, sin = self.rope(positions)
-        q = self._heads(self.q_proj(x), self.n_head)
-        k = q if self.tie_qk else self._heads(self.k_proj(x), self.n_kv_head)
-        q = apply_rotary(q, cos, sin)
-        k = q if self.tie_qk else apply_rotary(k, cos, sin)
-        return q, k, None  # SDPA's default scale 1/sqrt(head_dim)
+        q = apply_rotary(self._heads(self.q_proj(x), self.n_head), cos, sin)
+        return q, q, None  # SDPA's default scale 1/sqrt(head_dim)
+
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k (RoPE applied) and v in head layout, plus the scale SDPA should use."""
+        if "qkv_proj" not in self._modules:
+            q, k, scale = self._qk(x, positions)
+            return q, k, self._heads(self.v_proj(x), self.n_kv_head), scale
+        q, k, v = self.qkv_proj(x).split(self.qkv_widths, dim=-1)
+        cos, sin = self.rope(positions)
+        q = apply_rotary(self._heads(q, self.n_head), cos, sin)
+        k = apply_rotary(self._heads(k, self.n_kv_head), cos, sin)
+        return q, k, self._heads(v, self.n_kv_head), None  # SDPA's default scale 1/sqrt(head_dim)
 
     def _score_parts(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
         """Pre-softmax scores of (B, H, T, hd) q against (B, H, S, hd) k, plus the semantic and geometric
@@ -153,8 +178,7 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         start = cache.pos if cache is not None else 0
         positions = torch.arange(start, start + T, device=x.device)
-        q, k, scale = self._qk(x, positions)
-        v = self._heads(self.v_proj(x), self.n_kv_head)
+        q, k, v, scale = self._qkv(x, positions)
         if self.log_temp is not None:
             q = q * self.log_temp.exp().to(q.dtype).view(1, -1, 1, 1)
         if cache is not None:

@@ -32,15 +32,24 @@ _NAMES = [
     *[(f"blocks.{{i}}.mlp.{p}.weight", f"model.layers.{{i}}.mlp.{p}.weight")
       for p in ("gate_proj", "up_proj", "down_proj")],
 ]
-# Ours holds gate and up as one fused weight, rows [gate; up] (model/gpt.py SwiGLU); Llama's are separate.
-_FUSED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+# Ours holds gate and up as one fused weight, rows [gate; up] (model/gpt.py SwiGLU), and q, k, v as one, rows
+# [q; k; v] (model/attention.py, unless tie_qk); Llama's are separate. Llama name part -> (our fused name, index).
+_FUSED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+          "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2)}
 
 
-def _fused_part(name: str) -> tuple[str, int] | None:
-    """(our fused tensor's name, which half) for a Llama-split name of ours, else None."""
-    for part, (fused, half) in _FUSED.items():
-        if f".{part}." in name:
-            return name.replace(part, fused), half
+def _fused_widths(mcfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Row widths of each fused weight's parts, in _FUSED's index order (Llama layout: head_dim d/n_head)."""
+    hd = mcfg.d_model // mcfg.n_head
+    return {"gate_up_proj": (mcfg.d_ff, mcfg.d_ff),
+            "qkv_proj": (mcfg.n_head * hd, mcfg.n_kv_head * hd, mcfg.n_kv_head * hd)}
+
+
+def _fused_part(name: str, mcfg: ModelConfig) -> tuple[str, int] | None:
+    """(our fused tensor's name, which part) for a Llama-split name of ours, else None (tie_qk keeps q apart)."""
+    for part, (fused, index) in _FUSED.items():
+        if f".{part}." in name and not (fused == "qkv_proj" and mcfg.tie_qk):
+            return name.replace(part, fused), index
     return None
 
 
@@ -71,8 +80,11 @@ def to_llama(state: dict[str, torch.Tensor], mcfg: ModelConfig) -> dict[str, tor
             continue  # tie_word_embeddings: HF ties lm_head to embed_tokens itself
         if ours.endswith("k_proj.weight") and mcfg.tie_qk:
             ours = ours.replace("k_proj", "q_proj")  # k reuses q's projection: Llama gets a copy
-        fused = _fused_part(ours)
-        t = state[ours] if fused is None else state[fused[0]].chunk(2, dim=0)[fused[1]]
+        fused = _fused_part(ours, mcfg)
+        if fused is None:
+            t = state[ours]
+        else:
+            t = state[fused[0]].split(_fused_widths(mcfg)[fused[0].rsplit(".", 2)[-2]], dim=0)[fused[1]]
         if ours in ("wte.weight", "lm_head.weight"):
             t = t[: mcfg.vocab_size]
         out[hf] = t.detach().cpu().contiguous().clone()
@@ -98,9 +110,12 @@ def from_llama(tensors: dict[str, torch.Tensor], mcfg: ModelConfig, pad_from: di
         if ours in ("wte.weight", "lm_head.weight") and t.shape[0] < mcfg.padded_vocab_size:
             t = torch.cat((t, pad_from[ours][t.shape[0]:].to(t.dtype)))
         state[ours] = t
-    for name in [n for n in state if _fused_part(n) and _fused_part(n)[1] == 0]:  # [gate; up] -> one weight
-        fused = _fused_part(name)[0]
-        state[fused] = torch.cat((state.pop(name), state.pop(name.replace("gate_proj", "up_proj"))))
+    groups: dict[str, dict[int, torch.Tensor]] = {}
+    for name in [n for n in state if _fused_part(n, mcfg)]:  # [gate; up] and [q; k; v] -> one weight each
+        fused, index = _fused_part(name, mcfg)
+        groups.setdefault(fused, {})[index] = state.pop(name)
+    for fused, parts in groups.items():
+        state[fused] = torch.cat([parts[i] for i in sorted(parts)])
     if mcfg.tie_embeddings:
         state["lm_head.weight"] = state["wte.weight"]
     return state

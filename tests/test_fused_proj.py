@@ -36,8 +36,8 @@ def test_a_forward_runs_one_linear_per_projection_group():
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
         model(idx)
     linears = sum(e.count for e in prof.key_averages() if e.key == "aten::linear")
-    # q, k, v, o, gate_up, down per block, plus the LM head (was 7 per block with gate and up apart)
-    assert linears == 6 * CFG.n_layer + 1
+    # qkv, o, gate_up, down per block, plus the LM head (was 7 per block with q, k, v and gate, up apart)
+    assert linears == 4 * CFG.n_layer + 1
 
 
 def test_llama_export_splits_gate_and_up_and_init_from_fuses_them_back(tmp_path):

@@ -63,6 +63,17 @@ def _rope(x: torch.Tensor, base: float) -> torch.Tensor:
     return torch.cat((x1 * theta.cos() - x2 * theta.sin(), x2 * theta.cos() + x1 * theta.sin()), dim=-1)
 
 
+def split_projections(attn, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The q/k/v weights by name: rows [q; k; v] of a fused qkv_proj, cut at widths computed here from cfg (not
+    the module's), else the separate q_proj (k is q under tie_qk; decoupled has none) and v_proj."""
+    if not hasattr(attn, "qkv_proj"):
+        return {name: getattr(attn, f"{name}_proj").weight for name in "qv" if hasattr(attn, f"{name}_proj")}
+    qk_hd, v_hd, _ = cfg.head_dims
+    widths = (cfg.n_head * qk_hd, cfg.n_kv_head * qk_hd, cfg.n_kv_head * v_hd)
+    assert attn.qkv_proj.weight.shape[0] == sum(widths)
+    return dict(zip("qkv", attn.qkv_proj.weight.split(widths), strict=True))
+
+
 def reference_attention(attn, cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
     """Explicit einsum/softmax attention in float64 from the module's own weights."""
     return reference_parts(attn, cfg, x)["y"]
@@ -74,6 +85,8 @@ def reference_parts(attn, cfg: ModelConfig, x: torch.Tensor) -> dict[str, torch.
     x = x.double()
     H, KV, tie = cfg.n_head, cfg.n_kv_head, cfg.tie_qk
     lin = lambda m: x @ m.weight.double().t()
+    w = split_projections(attn, cfg)
+    proj = lambda name: x @ w[name].double().t()
     rep = lambda t: t.repeat_interleave(H // KV, dim=1)  # the reference may copy K/V per query head
     null_k = attn.null_k.double()[None] if cfg.null_attn else None
     if cfg.attn == "decoupled":
@@ -92,14 +105,14 @@ def reference_parts(attn, cfg: ModelConfig, x: torch.Tensor) -> dict[str, torch.
         else:
             scores = sem + geo
     else:
-        q = _rope(_heads(lin(attn.q_proj), H), cfg.rope_base)
-        k = q if tie else _rope(_heads(lin(attn.k_proj), KV), cfg.rope_base)
+        q = _rope(_heads(proj("q"), H), cfg.rope_base)
+        k = q if tie else _rope(_heads(proj("k"), KV), cfg.rope_base)
         scale = 1 / math.sqrt(q.shape[-1])
         scores = torch.einsum("bhtd,bhsd->bhts", q, rep(k)) * scale
         if null_k is not None:
             null_scores = torch.einsum("bhtd,bhsd->bhts", q, rep(null_k)) * scale
         sem = geo = None
-    v = rep(_heads(lin(attn.v_proj), KV))
+    v = rep(_heads(proj("v"), KV))
     T = x.shape[1]
     scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
     if null_k is not None:

@@ -81,7 +81,7 @@ def test_null_key_and_value_get_no_weight_decay(byte_data, tmp_path):
     decay_of = {name: g["weight_decay"] for g in groups for name in g["params"]}
     nulls = [n for n in decay_of if n.endswith(("null_k", "null_v"))]
     assert len(nulls) == 4 and all(decay_of[n] == 0.0 for n in nulls)
-    assert decay_of["blocks.0.attn.q_proj.weight"] == 0.1 and decay_of["blocks.0.attn_norm.weight"] == 0.0
+    assert decay_of["blocks.0.attn.qkv_proj.weight"] == 0.1 and decay_of["blocks.0.attn_norm.weight"] == 0.0
 
 
 def test_null_key_scores_as_a_key_at_position_zero():
@@ -94,7 +94,7 @@ def test_null_key_scores_as_a_key_at_position_zero():
         hd = attn.qk_head_dim
 
         def query(pos: int) -> torch.Tensor:
-            return attn._qk(x, torch.tensor([pos]))[0][0, :, 0]  # (heads, hd)
+            return attn._qkv(x, torch.tensor([pos]))[0][0, :, 0]  # (heads, hd)
 
         def rotated_null(pos: int) -> torch.Tensor:
             cos, sin = attn.rope(torch.tensor([pos]))

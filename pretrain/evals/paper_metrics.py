@@ -85,6 +85,6 @@ def stable_rank(w: torch.Tensor) -> torch.Tensor:
 
 
 def projection_stable_ranks(attn: nn.Module) -> dict[str, torch.Tensor]:
-    """stable_rank of every nn.Linear of one attention module: {"stable_rank_q": ..., "stable_rank_o": ...}."""
-    return {f"stable_rank_{name.removesuffix('_proj')}": stable_rank(m.weight)
-            for name, m in attn.named_children() if isinstance(m, nn.Linear)}
+    """stable_rank of every projection of one attention module: {"stable_rank_q": ..., "stable_rank_o": ...}
+    (a fused qkv_proj counts as its q, k and v rows, model/attention.py `projections`)."""
+    return {f"stable_rank_{name}": stable_rank(w) for name, w in attn.projections().items()}
