@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .attention import AttentionTrace, CausalSelfAttention, KVCache
 from .config import ModelConfig
@@ -185,6 +186,30 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     return total / (targets != ignore_index).sum()
 
 
+# Ops whose outputs selective checkpointing keeps: the matmuls and attention kernels (the FLOPs); everything else
+# (norms, activations, rotary, adds) is recomputed in backward, which costs memory bandwidth, not matmul FLOPs.
+_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              *(getattr(torch.ops.aten, n).default for n in ("_scaled_dot_product_flash_attention",
+                                                             "_scaled_dot_product_flash_attention_for_cpu",
+                                                             "_scaled_dot_product_efficient_attention",
+                                                             "_scaled_dot_product_cudnn_attention")
+                if hasattr(torch.ops.aten, n))}
+
+
+def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_kwargs(policy: str) -> dict[str, Any]:
+    """Extra arguments of torch's checkpoint for a policy: "full" recomputes the whole block, "selective" only
+    what is not a matmul (torch.utils.checkpoint.create_selective_checkpoint_contexts)."""
+    if policy == "full":
+        return {}
+    if policy == "selective":
+        return {"context_fn": lambda: create_selective_checkpoint_contexts(_selective_policy)}
+    raise ValueError(f"unknown checkpoint policy {policy!r} (full or selective)")
+
+
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -196,6 +221,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.grad_checkpoint = False  # recompute each block in backward (saves activation memory)
+        self.checkpoint_policy = "full"  # "selective": keep the matmul outputs, recompute only the elementwise ops
         self.loss_chunk_rows = 2048  # rows of logits alive at once in the chunked loss
         self.loss_workspace = LossWorkspace()  # those rows' buffers, kept between steps
         self.apply(self._init_weights)
@@ -227,7 +253,7 @@ class GPT(nn.Module):
             if caches is not None:
                 x = block(x, caches[i])
             elif use_checkpoint:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False, **checkpoint_kwargs(self.checkpoint_policy))
             else:
                 x = block(x)
         return self.norm_f(x)

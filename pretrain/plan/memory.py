@@ -71,6 +71,7 @@ EXTRAPOLATE_FROM = 3  # deeper models are rebuilt from runs with 3 and 4 blocks
 Pass = Callable[[GPT, contextlib.AbstractContextManager], None]
 # TrainConfig fields that change what one training step allocates (everything else is irrelevant to memory).
 MEMORY_FIELDS = ("batch_size", "grad_accum", "param_dtype", "amp", "amp_dtype", "grad_checkpoint", "optimizer",
+                 "checkpoint_policy",
                  "opt_fused")
 
 
@@ -160,6 +161,7 @@ def _steady_state(mcfg: ModelConfig, cfg: TrainConfig, fake: bool) -> tuple:
         with _default_dtype(param_dtype):
             model = GPT(mcfg)
         model.grad_checkpoint = cfg.grad_checkpoint
+        model.checkpoint_policy = cfg.checkpoint_policy
         optimizer = build_optimizer(model, cfg, torch.device("cpu"))
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
@@ -239,6 +241,7 @@ def _measure(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake: bool, reco
     if fake:
         mode, model, optimizer = _fake_state(*_state_key(mcfg, cfg))
         model.grad_checkpoint = cfg.grad_checkpoint
+        model.checkpoint_policy = cfg.checkpoint_policy
         update_ops = _update_ops(*_state_key(mcfg, cfg)) if reuse_update else ()  # before this step's tracker
     else:
         mode, model, optimizer = _steady_state(mcfg, cfg, fake)

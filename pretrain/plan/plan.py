@@ -34,7 +34,17 @@ from pretrain.train.staging import host_ram_bytes
 
 FLOPS_CONVENTION = ("model FLOPs, PaLM convention (6N + full S x S attention, no causal halving); the time "
                     "estimate is peak x MFU / these")
-CHECKPOINT_RECOMPUTE = 0.75  # activation checkpointing re-runs the forward: 6N model FLOPs cost 8N on hardware
+# Share of a training step's matmul FLOPs (6N: forward 2N, backward 4N) that each policy runs again in backward:
+# full re-runs the blocks' forward (2N of 6N); selective keeps every matmul output and re-runs only elementwise ops,
+# whose cost is memory bandwidth, not FLOPs. tests/test_selective_checkpoint.py counts both with FlopCounterMode.
+RECOMPUTED_FLOPS = {"full": 1 / 3, "selective": 0.0}
+
+
+def recompute_factor(cfg: TrainConfig) -> float:
+    """What the MFU is multiplied by for the FLOPs checkpointing runs again: 6N / (6N + recomputed)."""
+    if not cfg.grad_checkpoint:
+        return 1.0
+    return 1.0 / (1.0 + RECOMPUTED_FLOPS[cfg.checkpoint_policy])
 # Printed in the trainer command even at their trainer defaults, so the command documents the run.
 ALWAYS_SHOWN = ("size", "data", "out_dir", "device", "batch_size", "grad_accum", "steps", "seq_schedule",
                 "optimizer", "lr", "min_lr", "lr_schedule", "warmup_steps", "weight_decay", "grad_clip",
@@ -120,9 +130,10 @@ class Plan:
             "memory_capacity_bytes": self.memory_capacity_bytes, "memory_capacity_how": self.memory_capacity_how,
             "suggestion": self.suggestion,
             "estimate": {"peak_flops": self.peak_flops, "peak_flops_how": self.peak_flops_how,
-                         "assumed_mfu": round(self.mfu / (CHECKPOINT_RECOMPUTE if self.cfg.grad_checkpoint else 1), 9),
+                         "assumed_mfu": round(self.mfu / recompute_factor(self.cfg), 9),
                          "mfu_source": MFU_SOURCE, "effective_mfu": self.mfu,
-                         "grad_checkpoint_factor": CHECKPOINT_RECOMPUTE if self.cfg.grad_checkpoint else 1.0,
+                         "grad_checkpoint_factor": recompute_factor(self.cfg),
+                         "checkpoint_policy": self.cfg.checkpoint_policy if self.cfg.grad_checkpoint else None,
                          "rate_how": self.rate_how, "seconds": sum(p.seconds for p in self.phases),
                          "eval_lengths_seconds": self.eval_lengths_seconds,
                          # Per phase length: model FLOPs (PaLM's convention, full attention: the time and MFU use
@@ -255,7 +266,7 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
                 warnings.append(f"--probe: seq {p.seq_len} did not fit even at micro-batch {p.tried[-1].micro_batch} "
                                 "(measured); the trainer will run out of memory")
     flops, flops_how = peak_flops(req.peak_tflops, tier, gpu)
-    mfu = req.assume_mfu * (CHECKPOINT_RECOMPUTE if cfg.grad_checkpoint else 1.0)
+    mfu = req.assume_mfu * recompute_factor(cfg)
     seqs = res.sequences_per_step
     out: list[PhasePlan] = []
     rate_how = f"{flops_how} x MFU"

@@ -31,7 +31,7 @@ from pretrain.train.config import TrainConfig, config_differences
 from pretrain.train.run_dir import LOCK_NAME
 
 # How a step is computed, not what it computes: changing these keeps the experiment (same sequences per step).
-EXECUTION_FIELDS = ("batch_size", "grad_accum", "grad_checkpoint", "micro_batch_schedule")
+EXECUTION_FIELDS = ("batch_size", "grad_accum", "grad_checkpoint", "checkpoint_policy", "micro_batch_schedule")
 PROBE_FILE = "probe.json"  # what --probe measured, beside the run it planned
 DEFAULT_SEED = TrainConfig().seed
 _GROUP = {f.name: f.metadata["group"] for f in fields(TrainConfig)}

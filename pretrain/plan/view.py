@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from pretrain.plan.plan import ALWAYS_SHOWN, CHECKPOINT_RECOMPUTE, Plan
+from pretrain.plan.plan import ALWAYS_SHOWN, Plan, recompute_factor
 from pretrain.plan.resolve import MFU_SOURCE, source_of
 from pretrain.plan.tiers import cards_text
 from pretrain.train.config import format_command
@@ -121,7 +121,9 @@ def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -
     out.line("          each, at that phase: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in worst.peaks.items()))
     if plan.suggestion:
         out.line(f"  to fit: {plan.suggestion}", style="bold yellow")
-    ckpt = f" x {CHECKPOINT_RECOMPUTE} (checkpointing recomputes the forward)" if cfg.grad_checkpoint else ""
+    ckpt = (f" x {recompute_factor(cfg):g} ({cfg.checkpoint_policy} checkpointing recomputes "
+            f"{'the forward' if cfg.checkpoint_policy == 'full' else 'only elementwise ops'})"
+            if cfg.grad_checkpoint else "")
     total = sum(p.seconds for p in plan.phases)
     flops = plan.peak_flops
     rate = f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"
@@ -130,7 +132,7 @@ def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -
                  "evals, checkpoints and start-up come on top)")
     else:
         out.line(f"  time: ESTIMATE {fmt_duration(total)} = tokens x FLOPs/token / ({rate} "
-                 f"[{plan.peak_flops_how}] x MFU {plan.mfu / (CHECKPOINT_RECOMPUTE if cfg.grad_checkpoint else 1):g}"
+                 f"[{plan.peak_flops_how}] x MFU {plan.mfu / recompute_factor(cfg):g}"
                  f" [{MFU_SOURCE}]{ckpt}{' x ' + str(plan.nproc) + ' procs' if plan.nproc > 1 else ''})")
     if plan.eval_lengths_seconds:
         with_lengths = fmt_duration(total + plan.eval_lengths_seconds)

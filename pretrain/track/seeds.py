@@ -24,6 +24,7 @@ from pretrain.units import finite_number
 _IGNORED = frozenset({
     "seed", "out_dir", "resume", "overwrite", "data", "device", "live", "tb", "compile", "compile_mode",
     "opt_fused", "cpu_offload", "grad_checkpoint", "eval_every", "log_every", "save_every", "save_minutes",
+    "checkpoint_policy",
     "keep_last", "max_bad_steps", "sample_every", "sample_prompts", "sample_tokens", "sample_temperature",
     "hellaswag", "downstream_every", "downstream_items", "wandb", "wandb_project", "wandb_entity", "wandb_name",
     "wandb_group", "wandb_tags", "wandb_mode", "wandb_id", "mirror",

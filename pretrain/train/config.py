@@ -104,6 +104,9 @@ class TrainConfig:
     amp: bool = _opt(True, "autocast mixed precision", group="prec")
     amp_dtype: str = _opt("bf16", "autocast dtype (fp16 adds a GradScaler)", ["bf16", "fp16"], "prec")
     grad_checkpoint: bool = _opt(False, "activation checkpointing per block", group="prec")
+    checkpoint_policy: str = _opt("full", "with --grad-checkpoint: full recomputes each block in backward; selective "
+                                  "keeps the matmul outputs and recomputes only the elementwise ops (more memory, "
+                                  "~no recomputed FLOPs)", ["full", "selective"], "prec")
     compile: bool = _opt(False, "torch.compile each block", group="prec")
     float8: bool = _opt(False, "float8 training of the block linears (torchao, as torchtitan): needs a GPU of "
                         "compute capability 8.9+ (L4, L40S, RTX 4090, H100); CPU emulates it", group="prec")
@@ -194,6 +197,7 @@ RESUMABLE_CHANGES = frozenset(
         "resume", "overwrite", "max_bad_steps", "device", "live", "tb", "compile", "compile_mode", "float8",
         "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "wandb_tags", "wandb_mode",
         "wandb_id", "opt_fused", "out_dir", "data", "allow_data_change", "cpu_offload", "grad_checkpoint",
+        "checkpoint_policy",
         "init_from", "sample_every", "sample_prompts", "sample_tokens", "sample_temperature", "hellaswag",
         "downstream_every", "downstream_items", "mirror",
     }

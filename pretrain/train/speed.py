@@ -59,6 +59,7 @@ def build_model(mcfg: ModelConfig, cfg: TrainConfig, device: torch.device, shape
     model = GPT(mcfg)
     model.to(device=device, dtype=torch_dtype(cfg.param_dtype))
     model.grad_checkpoint = cfg.grad_checkpoint
+    model.checkpoint_policy = cfg.checkpoint_policy
     if cfg.float8:  # before compile, so inductor fuses the float8 casts with their neighbours
         float8_linears(model, emulate=device.type != "cuda")
     if cfg.compile:
