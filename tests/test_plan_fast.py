@@ -50,3 +50,27 @@ def test_fast_deep_estimate_equals_tracking_every_block_of_the_whole_step():
     fast = memory.estimate_step_memory(mcfg, cfg, 32)
     full = memory.estimate_step_memory(mcfg, cfg, 32, extrapolate=False)
     assert fast.extrapolated and fast.tensor_peak_bytes == full.tensor_peak_bytes
+
+
+def test_search_gives_up_after_the_smallest_micro_batch_fails_and_finds_the_same_one_otherwise(monkeypatch):
+    """A tier that needs checkpointing first tries without it: when the guess does not fit, the smallest
+    micro-batch is estimated before the ones in between, and when it does not fit either the search stops
+    (memory grows with the micro-batch). Where something fits, the answer is the linear walk's."""
+    from pretrain.plan import fit
+
+    def search(limit: int) -> tuple[int | None, list[int]]:
+        seen: list[int] = []
+
+        def peak(mcfg, cfg, seq_len, nproc):  # monotone in the micro-batch, as real estimates are
+            seen.append(cfg.batch_size)
+            return cfg.batch_size * fit.GiB, None
+
+        monkeypatch.setattr(fit, "step_peak_bytes", peak)
+        capacity = int((limit + 0.5) * fit.GiB / fit.FITS)  # fits: micro-batches up to `limit`
+        got = fit.largest_fitting(tiny("baseline", 1), TrainConfig(), 64, capacity, 1, 32, guess=16)
+        return got, seen
+
+    assert search(0) == (None, [16, 8, 1])  # the walk estimated 16, 8, 4, 2, 1
+    for limit, want in [(12, 8), (6, 4), (3, 2), (1, 1)]:
+        got, seen = search(limit)
+        assert got == want and len(set(seen)) == len(seen)

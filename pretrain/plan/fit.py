@@ -82,10 +82,17 @@ def largest_fitting(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, capacity:
 
     p, est = peak(i)
     if verdict(p, capacity) != "fits":
-        while i > 0:
-            i -= 1
-            if verdict(peak(i)[0], capacity) == "fits":
-                return opts[i]
+        # Walk down; after one step, try the smallest option first: when it does not fit either (the no-checkpointing
+        # trial of a tier that needs checkpointing) nothing between does (memory grows with the micro-batch), which
+        # saves the estimates of every option in between. Same answer as walking all the way down.
+        floor_fits = False
+        for k in range(i - 1, -1, -1):
+            if k == i - 2 > 0:
+                if verdict(peak(0)[0], capacity) != "fits":
+                    return None
+                floor_fits = True
+            if (k == 0 and floor_fits) or verdict(peak(k)[0], capacity) == "fits":
+                return opts[k]
         return None
     ddp_extra = comm_bytes(nproc, device_kind(cfg))
     while i + 1 < len(opts):
