@@ -84,6 +84,12 @@ def test_every_event_reaches_wandb_at_its_step_across_a_resume(byte_data, tmp_pa
     sync = re.search(r"`(wandb sync [^`]+)`", (out / "summary.md").read_text()).group(1)
     assert console[-1].endswith(sync)
     assert sorted(glob.glob(sync.split(" ", 2)[2])) == [str(f.parent) for f in files]
+    # A session started in the same second as the one before gets wandb's "-1" suffix; another run's dir is
+    # not swept in.
+    same_second = Path(f"{files[0].parent}-1")
+    same_second.mkdir(exist_ok=True)
+    (files[0].parent.parent / "offline-run-20260101_000000-otherrun").mkdir()
+    assert sorted(glob.glob(sync.split(" ", 2)[2])) == sorted({str(f.parent) for f in files} | {str(same_second)})
 
 
 def test_eval_uses_the_longest_length_trained_so_far(byte_data, tmp_path, capsys):

@@ -128,10 +128,13 @@ class WandbRun:
 
     @property
     def sync_command(self) -> str | None:
-        """Offline: the `wandb sync` command uploading every session of this run (one dir per session)."""
+        """Offline: the `wandb sync` command uploading every session of this run (one dir per session).
+
+        The trailing `*` matters: a session started within the same second as the one before gets wandb's
+        `-1` suffix (`offline-run-<time>-<id>-1`)."""
         if self._run_id is None or not self._offline:
             return None
-        return f"wandb sync {shlex.quote(str(self._wandb_dir))}/offline-run-*-{self._run_id}"
+        return f"wandb sync {shlex.quote(str(self._wandb_dir))}/offline-run-*-{self._run_id}*"
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         """Add metrics to the row of `step`; the row is sent once a later step arrives (or at flush/finish).
