@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .attention import AttentionTrace, CausalSelfAttention, KVCache
+from .attention import AttentionTrace, CausalSelfAttention, KVCache, shared_block_mask
 from .config import ModelConfig
 from .kv_formats import KVSetting
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 class RMSNorm(nn.Module):
@@ -64,8 +67,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
-                on_trace: Callable[[AttentionTrace], None] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cache, on_trace)
+                on_trace: Callable[[AttentionTrace], None] | None = None,
+                block_mask: BlockMask | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache, on_trace, block_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -249,14 +253,26 @@ class GPT(nn.Module):
         """(B, T) token ids -> (B, T, d) final-normed hidden states."""
         x = self.wte(idx)
         use_checkpoint = self.grad_checkpoint and self.training and torch.is_grad_enabled()
+        # One FlexAttention block mask for every layer (None where they use SDPA); checkpoint's recompute reuses it.
+        flex = caches is None and self.config.null_attn
+        mask = shared_block_mask(x, True, self._blocks_compiled()) if flex else None
         for i, block in enumerate(self.blocks):
             if caches is not None:
                 x = block(x, caches[i])
             elif use_checkpoint:
-                x = checkpoint(block, x, use_reentrant=False, **checkpoint_kwargs(self.checkpoint_policy))
+                x = checkpoint(block, x, block_mask=mask, use_reentrant=False,
+                               **checkpoint_kwargs(self.checkpoint_policy))
             else:
-                x = block(x)
+                x = block(x, block_mask=mask)
         return self.norm_f(x)
+
+    def _blocks_compiled(self) -> bool:
+        """Whether the blocks run as compiled graphs now: the whole model is being compiled, or the blocks were
+        compiled in place (Module.compile, pretrain/train/speed.py) and no force_eager stance is set."""
+        if torch.compiler.is_compiling():
+            return True
+        stance = getattr(getattr(torch._dynamo.eval_frame, "_stance", None), "stance", "default")
+        return getattr(self.blocks[0], "_compiled_call_impl", None) is not None and stance != "force_eager"
 
     def trace_attention(self, idx: torch.Tensor,
               on_layer: Callable[[int, AttentionTrace, torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
