@@ -8,6 +8,7 @@ forward nor the backward pass holds the full (B*T, vocab) fp32 logits.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -112,13 +113,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                 ignore_index: int, chunk_rows: int, compute_grad: bool,
-                workspace: LossWorkspace | None) -> torch.Tensor:
+                workspace: LossWorkspace | None, compiled: bool = False) -> torch.Tensor:
         want_h, want_w = compute_grad and ctx.needs_input_grad[0], compute_grad and ctx.needs_input_grad[1]
         dev = h.device
         mm_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else weight.dtype
         # Cast once per call, not per chunk; explicit casts because out= matmuls do not autocast.
         with torch.autocast(dev.type, enabled=False):
             w, hh = weight.to(mm_dtype), h.to(mm_dtype)
+            if compiled:  # the same sums, each chunk's softmax and gradient one compiled graph
+                total, grad_h, grad_w = _compiled_chunk_loop(hh, w, targets, vocab_size, ignore_index, chunk_rows,
+                                                             want_h, want_w, h.dtype)
+                ctx.weight_dtype = weight.dtype
+                ctx.save_for_backward(grad_h, grad_w)
+                return total
             rows, vocab = h.shape[0], weight.shape[0]
             n_buf = min(chunk_rows, rows)
             ws = workspace or LossWorkspace()
@@ -175,18 +182,84 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h * grad_total.to(grad_h.dtype)
         if grad_w is not None:  # in place: the saved gradient is ours and backward runs once
             grad_w = grad_w.mul_(grad_total).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
+
+
+def chunk_loss_and_logit_grad(h_c: torch.Tensor, w: torch.Tensor, t_c: torch.Tensor, vocab_size: int,
+                              ignore_index: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk of the loss between its matmuls: the summed CE of logits = h_c @ w.T over rows whose target is not
+    ignore_index, and d(sum CE)/d logits (softmax - onehot, ignored rows 0) in w's dtype, or None.
+
+    Written without out= buffers or in-place ops so torch.compile turns it into the LM-head GEMM plus a few fused
+    kernels (eager: ~20 kernels a chunk, each reading and writing chunk x vocab floats); softmax in fp32.
+    """
+    logits = (h_c @ w.t()).float()
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    if logits.shape[1] > vocab_size:
+        logits = logits.masked_fill(cols >= vocab_size, float("-inf"))
+    valid = t_c != ignore_index
+    safe_t = torch.where(valid, t_c, 0).unsqueeze(1)
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = ((lse - logits.gather(1, safe_t).squeeze(1)) * valid).sum()
+    if not want_grad:
+        return loss, None
+    # Elementwise (no scatter into a materialised softmax): one fused pass from the logits to the gradient.
+    g = (torch.exp(logits - lse.unsqueeze(1)) - (cols == safe_t).float()) * valid.unsqueeze(1)
+    return loss, g.to(w.dtype)
+
+
+_compiled_chunk: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
+
+
+def _compiled_chunk_loop(hh: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                         ignore_index: int, chunk_rows: int, want_h: bool, want_w: bool,
+                         h_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """ChunkedLinearCrossEntropy's loop with chunk_loss_and_logit_grad compiled (static shapes): the rows are cut
+    into equal chunks of at most chunk_rows, the last padded with ignored rows (fewer than the number of chunks),
+    so every chunk of a step, and every step of that shape, runs one graph. Returns (summed loss, grad_h, grad_w)."""
+    global _compiled_chunk
+    if _compiled_chunk is None:  # here, not at import: importing dynamo costs every CLI start a second
+        _compiled_chunk = torch.compile(chunk_loss_and_logit_grad, dynamic=False)
+    rows = hh.shape[0]
+    n_chunks = max(1, -(-rows // chunk_rows))
+    size = max(1, -(-rows // n_chunks))
+    pad = n_chunks * size - rows
+    if pad:
+        hh = torch.cat((hh, hh.new_zeros(pad, hh.shape[1])))
+        targets = torch.cat((targets, targets.new_full((pad,), ignore_index)))
+    total = torch.zeros((), dtype=torch.float32, device=hh.device)
+    grad_h = torch.empty(hh.shape, dtype=h_dtype, device=hh.device) if want_h else None
+    grad_w = None
+    for i in range(0, rows + pad, size):
+        h_c = hh[i:i + size]
+        loss, g = _compiled_chunk(h_c, w, targets[i:i + size], vocab_size, ignore_index, want_h or want_w)
+        total += loss
+        if want_h:
+            if g.dtype == h_dtype:
+                torch.mm(g, w, out=grad_h[i:i + size])
+            else:
+                grad_h[i:i + size] = g @ w
+        if want_w:
+            if grad_w is None:
+                grad_w = (g.t() @ h_c).float()
+            elif g.dtype == torch.float32:
+                grad_w.addmm_(g.t(), h_c)
+            else:
+                grad_w += g.t() @ h_c
+    if want_w and grad_w is None:  # no rows
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=hh.device)
+    return total, None if grad_h is None else grad_h[:rows], grad_w
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                           ignore_index: int = -100, chunk_rows: int = 2048,
-                          workspace: LossWorkspace | None = None) -> torch.Tensor:
+                          workspace: LossWorkspace | None = None, compiled: bool = False) -> torch.Tensor:
     """Mean CE of logits = h @ weight.T (columns >= vocab_size excluded) over rows whose target is
     not ignore_index; equals F.cross_entropy on the full logits, NaN when every target is ignored."""
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1).long()  # gather wants int64
     compute_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     total = ChunkedLinearCrossEntropy.apply(h, weight, targets, vocab_size, ignore_index, chunk_rows,
-                                            compute_grad, workspace)
+                                            compute_grad, workspace, compiled)
     return total / (targets != ignore_index).sum()
 
 
@@ -228,6 +301,7 @@ class GPT(nn.Module):
         self.checkpoint_policy = "full"  # "selective": keep the matmul outputs, recompute only the elementwise ops
         self.loss_chunk_rows = 2048  # rows of logits alive at once in the chunked loss
         self.loss_workspace = LossWorkspace()  # those rows' buffers, kept between steps
+        self.compile_loss = False  # each loss chunk one compiled graph (the trainer's --compile)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -271,8 +345,7 @@ class GPT(nn.Module):
         compiled in place (Module.compile, pretrain/train/speed.py) and no force_eager stance is set."""
         if torch.compiler.is_compiling():
             return True
-        stance = getattr(getattr(torch._dynamo.eval_frame, "_stance", None), "stance", "default")
-        return getattr(self.blocks[0], "_compiled_call_impl", None) is not None and stance != "force_eager"
+        return getattr(self.blocks[0], "_compiled_call_impl", None) is not None and not _force_eager()
 
     def trace_attention(self, idx: torch.Tensor,
               on_layer: Callable[[int, AttentionTrace, torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
@@ -300,7 +373,8 @@ class GPT(nn.Module):
         return chunked_cross_entropy(h, self.lm_head.weight, targets, self.config.vocab_size,
                                      ignore_index, self.loss_chunk_rows,
                                      # CUDA's caching allocator already reuses blocks; glibc does not.
-                                     self.loss_workspace if h.device.type == "cpu" else None)
+                                     self.loss_workspace if h.device.type == "cpu" else None,
+                                     self.compile_loss and not _force_eager())
 
     def new_caches(self, batch: int, max_len: int, kv_cache: KVSetting | None = None) -> list[KVCache]:
         """One KV cache per layer in the model's dtype, or in `kv_cache`'s formats (model/kv_quant.py)."""
@@ -335,6 +409,14 @@ class GPT(nn.Module):
             token = sample(logits.float(), temperature, top_k)
             idx = torch.cat((idx, token), dim=1)
             yield token
+
+def _force_eager() -> bool:
+    """Whether torch.compiler.set_stance("force_eager") is on (pretrain/train/speed.py's `eagerly`): compiled code
+    runs its Python then, so the compiled loss would run its allocating form and the blocks would not use flex."""
+    if "torch._dynamo" not in sys.modules:  # nothing compiled in this process
+        return False
+    return getattr(getattr(sys.modules["torch._dynamo"].eval_frame, "_stance", None), "stance", "") == "force_eager"
+
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
     """(B, V) logits -> (B, 1) token ids; temperature 0 is argmax."""
