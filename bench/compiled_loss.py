@@ -9,6 +9,7 @@ autocast, eager (in place into kept buffers on CPU) against compiled (one induct
 alternating in one process, best of --reps, in CPU seconds on CPU (time-slicing by other processes stays out) or
 CUDA-synced wall seconds on a card. With --step: config S's model (6 layers, T 256, micro-batch rows/256) built
 as the trainer builds it with --compile (pretrain/train/speed.py), model.compile_loss switched per step.
+Page faults: minor faults per step (the median), memory the allocator handed back and faults in again.
 Kernels per step: profiler events, with inductor's CPU kernels recorded (cpp.enable_kernel_profile); on CUDA the
 device kernels launched.
 """
@@ -16,6 +17,7 @@ device kernels launched.
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -107,14 +109,15 @@ def main() -> None:
         for p in params:
             p.grad = None
         run(compiled)  # warm-up (and the compile)
-        results[compiled] = {"grads": [g.clone() for g in grads()], "best": float("inf")}
+        results[compiled] = {"grads": [g.clone() for g in grads()], "best": float("inf"), "faults": []}
     for _ in range(args.reps):
         for compiled in (False, True):
             for p in params:
                 p.grad = None
-            t0 = clock(dev)
+            f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, clock(dev)
             run(compiled)
             results[compiled]["best"] = min(results[compiled]["best"], clock(dev) - t0)
+            results[compiled]["faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     counts = {c: kernels(lambda c=c: run(c), dev) for c in (False, True)}
     e, c = results[False], results[True]
     unit = "CPU s" if dev.type == "cpu" else "s"
@@ -123,7 +126,7 @@ def main() -> None:
           f"threads {torch.get_num_threads()}; {what}: rows {args.rows}, d {args.d}, vocab {args.vocab}, bf16")
     for name, r, k in (("eager", e, counts[False]), ("compiled", c, counts[True])):
         print(f"{name:9s} {r['best'] * 1e3:8.1f} ms ({unit})  {args.rows / r['best']:9.0f} tok/s  "
-              f"kernels/step {k}")
+              f"kernels/step {k}  page faults/step {sorted(r['faults'])[len(r['faults']) // 2]}")
     diffs = ", ".join(f"{(a - b).abs().max().item():.2e}" for a, b in zip(c["grads"], e["grads"], strict=True))
     print(f"compiled/eager time {c['best'] / e['best']:.3f}; max |grad diff| (first, last param) {diffs}")
 

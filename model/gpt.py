@@ -122,7 +122,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             w, hh = weight.to(mm_dtype), h.to(mm_dtype)
             if compiled:  # the same sums, each chunk's softmax and gradient one compiled graph
                 total, grad_h, grad_w = _compiled_chunk_loop(hh, w, targets, vocab_size, ignore_index, chunk_rows,
-                                                             want_h, want_w, h.dtype)
+                                                             want_h, want_w, h.dtype, workspace or LossWorkspace())
                 ctx.weight_dtype = weight.dtype
                 ctx.save_for_backward(grad_h, grad_w)
                 return total
@@ -185,41 +185,41 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None, None, None
 
 
-def chunk_loss_and_logit_grad(h_c: torch.Tensor, w: torch.Tensor, t_c: torch.Tensor, vocab_size: int,
-                              ignore_index: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunk of the loss between its matmuls: the summed CE of logits = h_c @ w.T over rows whose target is not
-    ignore_index, and d(sum CE)/d logits (softmax - onehot, ignored rows 0) in w's dtype, or None.
+def chunk_loss_and_logit_grad_(logits: torch.Tensor, t_c: torch.Tensor, vocab_size: int, ignore_index: int,
+                               want_grad: bool) -> torch.Tensor:
+    """One chunk of the loss between its matmuls: the summed CE of `logits` (rows x padded vocab, the matmul dtype)
+    over rows whose target is not ignore_index; with want_grad, `logits` is overwritten in place by d(sum CE)/d
+    logits (softmax - onehot, ignored rows and padded columns 0).
 
-    Written without out= buffers or in-place ops so torch.compile turns it into the LM-head GEMM plus a few fused
-    kernels (eager: ~20 kernels a chunk, each reading and writing chunk x vocab floats); softmax in fp32.
-    """
-    logits = (h_c @ w.t()).float()
-    cols = torch.arange(logits.shape[1], device=logits.device)
-    if logits.shape[1] > vocab_size:
-        logits = logits.masked_fill(cols >= vocab_size, float("-inf"))
+    Written as one expression, without the eager loop's in-place steps, so torch.compile makes it one fused kernel
+    (eager: ~15 passes over chunk x vocab floats); softmax in fp32. Writing the gradient into the caller's buffer
+    keeps the chunk-sized memory the caller's (kept between steps on CPU, no page faults)."""
+    x = logits.float()
+    cols = torch.arange(x.shape[1], device=x.device)
+    if x.shape[1] > vocab_size:
+        x = x.masked_fill(cols >= vocab_size, float("-inf"))
     valid = t_c != ignore_index
     safe_t = torch.where(valid, t_c, 0).unsqueeze(1)
-    lse = torch.logsumexp(logits, dim=-1)
-    loss = ((lse - logits.gather(1, safe_t).squeeze(1)) * valid).sum()
-    if not want_grad:
-        return loss, None
-    # Elementwise (no scatter into a materialised softmax): one fused pass from the logits to the gradient.
-    g = (torch.exp(logits - lse.unsqueeze(1)) - (cols == safe_t).float()) * valid.unsqueeze(1)
-    return loss, g.to(w.dtype)
+    lse = torch.logsumexp(x, dim=-1)
+    loss = ((lse - x.gather(1, safe_t).squeeze(1)) * valid).sum()
+    if want_grad:
+        logits.copy_((torch.exp(x - lse.unsqueeze(1)) - (cols == safe_t).float()) * valid.unsqueeze(1))
+    return loss
 
 
-_compiled_chunk: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
+_compiled_chunk: Callable[..., torch.Tensor] | None = None
 
 
 def _compiled_chunk_loop(hh: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                         ignore_index: int, chunk_rows: int, want_h: bool, want_w: bool,
-                         h_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """ChunkedLinearCrossEntropy's loop with chunk_loss_and_logit_grad compiled (static shapes): the rows are cut
-    into equal chunks of at most chunk_rows, the last padded with ignored rows (fewer than the number of chunks),
-    so every chunk of a step, and every step of that shape, runs one graph. Returns (summed loss, grad_h, grad_w)."""
+                         ignore_index: int, chunk_rows: int, want_h: bool, want_w: bool, h_dtype: torch.dtype,
+                         ws: LossWorkspace) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """ChunkedLinearCrossEntropy's loop with chunk_loss_and_logit_grad_ compiled (static shapes) between the GEMMs:
+    the rows are cut into equal chunks of at most chunk_rows, the last padded with ignored rows (fewer than the
+    number of chunks), so every chunk of a step, and every step of that shape, runs one graph.
+    Returns (summed loss, grad_h, grad_w)."""
     global _compiled_chunk
     if _compiled_chunk is None:  # here, not at import: importing dynamo costs every CLI start a second
-        _compiled_chunk = torch.compile(chunk_loss_and_logit_grad, dynamic=False)
+        _compiled_chunk = torch.compile(chunk_loss_and_logit_grad_, dynamic=False)
     rows = hh.shape[0]
     n_chunks = max(1, -(-rows // chunk_rows))
     size = max(1, -(-rows // n_chunks))
@@ -227,13 +227,14 @@ def _compiled_chunk_loop(hh: torch.Tensor, w: torch.Tensor, targets: torch.Tenso
     if pad:
         hh = torch.cat((hh, hh.new_zeros(pad, hh.shape[1])))
         targets = torch.cat((targets, targets.new_full((pad,), ignore_index)))
+    buf = ws.get("logits_mm", size, w.shape[0], w.dtype, hh.device)
     total = torch.zeros((), dtype=torch.float32, device=hh.device)
     grad_h = torch.empty(hh.shape, dtype=h_dtype, device=hh.device) if want_h else None
     grad_w = None
     for i in range(0, rows + pad, size):
         h_c = hh[i:i + size]
-        loss, g = _compiled_chunk(h_c, w, targets[i:i + size], vocab_size, ignore_index, want_h or want_w)
-        total += loss
+        g = torch.mm(h_c, w.t(), out=buf)
+        total += _compiled_chunk(g, targets[i:i + size], vocab_size, ignore_index, want_h or want_w)
         if want_h:
             if g.dtype == h_dtype:
                 torch.mm(g, w, out=grad_h[i:i + size])

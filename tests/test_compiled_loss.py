@@ -35,8 +35,9 @@ def fresh_dynamo() -> None:
 def test_compiled_chunks_equal_eager_with_one_graph(monkeypatch):
     fresh_dynamo()
     shapes = []
-    compiled_chunk = torch.compile(gpt.chunk_loss_and_logit_grad, dynamic=False)  # as _compiled_chunk_loop does
-    monkeypatch.setattr(gpt, "_compiled_chunk", lambda h_c, *a: shapes.append(h_c.shape[0]) or compiled_chunk(h_c, *a))
+    compiled_chunk = torch.compile(gpt.chunk_loss_and_logit_grad_, dynamic=False)  # as _compiled_chunk_loop does
+    monkeypatch.setattr(gpt, "_compiled_chunk", lambda logits, *a: shapes.append(tuple(logits.shape))
+                        or compiled_chunk(logits, *a))
     torch.manual_seed(0)
     h, w = torch.randn(37, 16), torch.randn(64, 16)  # 64 columns, the last 14 padding (vocab 50)
     for _ in range(2):
@@ -47,7 +48,7 @@ def test_compiled_chunks_equal_eager_with_one_graph(monkeypatch):
         for got, want in zip(compiled, eager, strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # 37 rows in chunks of at most 10: four of 10 (three rows of padding), one graph for both steps.
-    assert shapes == [10] * 8
+    assert shapes == [(10, 64)] * 8
     assert speed.compile_counts() == {"frames": 1, "recompiles": 0, "eager_fallbacks": 0}
     fresh_dynamo()
 
