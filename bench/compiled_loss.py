@@ -6,7 +6,7 @@
 
 Forward + backward of model/gpt.py's chunked_cross_entropy (LM head + CE, chunks of 2048 rows) under bf16
 autocast, eager (in place into kept buffers on CPU) against compiled (one inductor graph per chunk shape),
-alternating in one process, best of --reps, in CPU seconds on CPU (time-slicing by other processes stays out) or
+alternating (ABBA) in one process, best of --reps, in CPU seconds on CPU (time-slicing by other processes stays out) or
 CUDA-synced wall seconds on a card. With --step: config S's model (6 layers, T 256, micro-batch rows/256) built
 as the trainer builds it with --compile (pretrain/train/speed.py), model.compile_loss switched per step.
 Page faults: minor faults per step (the median), memory the allocator handed back and faults in again.
@@ -110,8 +110,8 @@ def main() -> None:
             p.grad = None
         run(compiled)  # warm-up (and the compile)
         results[compiled] = {"grads": [g.clone() for g in grads()], "best": float("inf"), "faults": []}
-    for _ in range(args.reps):
-        for compiled in (False, True):
+    for rep in range(args.reps):
+        for compiled in ((False, True) if rep % 2 == 0 else (True, False)):  # ABBA: neither always runs first
             for p in params:
                 p.grad = None
             f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, clock(dev)
