@@ -2,16 +2,16 @@
 
     .venv/bin/python bench/compiled_loss.py                  # config S's loss alone: 8 x 256 rows, d 384, vocab 50304
     .venv/bin/python bench/compiled_loss.py --step           # config S's whole step (fwd + bwd), blocks compiled
-    .venv/bin/python bench/compiled_loss.py --device cuda --step --rows 16384 --d 2048   # on a card
+    .venv/bin/python bench/compiled_loss.py --device cuda --rows 8192 --d 2048   # on a card: the 1b's loss, 80 tier
 
 Forward + backward of model/gpt.py's chunked_cross_entropy (LM head + CE, chunks of 2048 rows) under bf16
 autocast, eager (in place into kept buffers on CPU) against compiled (one inductor graph per chunk shape),
-alternating (ABBA) in one process, best of --reps, in CPU seconds on CPU (time-slicing by other processes stays out) or
-CUDA-synced wall seconds on a card. With --step: config S's model (6 layers, T 256, micro-batch rows/256) built
-as the trainer builds it with --compile (pretrain/train/speed.py), model.compile_loss switched per step.
-Page faults: minor faults per step (the median), memory the allocator handed back and faults in again.
-Kernels per step: profiler events, with inductor's CPU kernels recorded (cpp.enable_kernel_profile); on CUDA the
-device kernels launched.
+alternating (ABBA) in one process, best of --reps, in CPU seconds on CPU (time-slicing by other processes stays
+out) or CUDA-synced wall seconds on a card. With --step: a model of 6 layers of width --d (heads of 64, T 256,
+micro-batch rows/256) built as the trainer builds it with --compile (pretrain/train/speed.py), model.compile_loss
+switched per step. Page faults: minor faults per step (the median), memory the allocator handed back and faults
+in again. Kernels per step: profiler events, with inductor's CPU kernels recorded (cpp.enable_kernel_profile); on
+CUDA the device kernels launched.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main() -> None:
         from pretrain.train.config import TrainConfig
         from pretrain.train.speed import build_model
 
-        mcfg = ModelConfig(vocab_size=args.vocab, block_size=256, n_layer=6, n_head=6, d_model=args.d,
+        mcfg = ModelConfig(vocab_size=args.vocab, block_size=256, n_layer=6, n_head=args.d // 64, d_model=args.d,
                            d_ff=int(args.d * 8 / 3) // 64 * 64)
         model = build_model(mcfg, TrainConfig(compile=True), dev)
         x = torch.randint(0, args.vocab, (args.rows // 256, 256), device=dev)
