@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 import model.gpt as gpt
+import model.loss_chunk as loss_chunk
 from model.gpt import chunked_cross_entropy
 from pretrain.track.runlog import read_jsonl
 from pretrain.train import speed
@@ -35,8 +36,8 @@ def fresh_dynamo() -> None:
 def test_compiled_chunks_equal_eager_with_one_graph(monkeypatch):
     fresh_dynamo()
     shapes = []
-    compiled_chunk = torch.compile(gpt.chunk_loss_and_logit_grad_, dynamic=False)  # as _compiled_chunk_loop does
-    monkeypatch.setattr(gpt, "_compiled_chunk", lambda logits, *a: shapes.append(tuple(logits.shape))
+    compiled_chunk = torch.compile(loss_chunk.chunk_loss_and_logit_grad_, dynamic=False)  # as compiled_chunk_loop does
+    monkeypatch.setattr(loss_chunk, "_compiled_chunk", lambda logits, *a: shapes.append(tuple(logits.shape))
                         or compiled_chunk(logits, *a))
     torch.manual_seed(0)
     h, w = torch.randn(37, 16), torch.randn(64, 16)  # 64 columns, the last 14 padding (vocab 50)
@@ -55,8 +56,8 @@ def test_compiled_chunks_equal_eager_with_one_graph(monkeypatch):
 
 def test_trainer_compiles_the_loss_chunk_once(monkeypatch, byte_data, tmp_path):
     calls = []
-    real = gpt._compiled_chunk_loop
-    monkeypatch.setattr(gpt, "_compiled_chunk_loop", lambda hh, *a: calls.append(hh.shape[0]) or real(hh, *a))
+    real = gpt.compiled_chunk_loop
+    monkeypatch.setattr(gpt, "compiled_chunk_loop", lambda hh, *a: calls.append(hh.shape[0]) or real(hh, *a))
     init = gpt.GPT.__init__
 
     def small_chunks(self, config):  # 2 x 16 = 32 rows a micro-batch: three chunks of 11 (one row of padding)
