@@ -108,7 +108,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     logits and the LM head matmul is not re-run. Backward only scales the saved gradients.
     Padded vocab columns (>= vocab_size) are set to -inf: they can never be predicted.
     Matmuls run in the autocast dtype when autocast is on (as F.linear would), softmax in fp32; the
-    logit buffers come from `workspace` when given.
+    logit buffers come from `workspace` when given. With `compiled` (the trainer's --compile) the chunks run through
+    model/loss_chunk.py: the same sums, each chunk's softmax and gradient one compiled kernel.
     """
 
     @staticmethod
@@ -121,7 +122,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # Cast once per call, not per chunk; explicit casts because out= matmuls do not autocast.
         with torch.autocast(dev.type, enabled=False):
             w, hh = weight.to(mm_dtype), h.to(mm_dtype)
-            if compiled:  # the same sums, each chunk's softmax and gradient one compiled graph (loss_chunk.py)
+            if compiled:
                 ws = workspace or LossWorkspace()
                 total, grad_h, grad_w = compiled_chunk_loop(
                     hh, w, targets, vocab_size, ignore_index, chunk_rows, want_h, want_w, h.dtype,
@@ -346,6 +347,7 @@ class GPT(nn.Module):
             token = sample(logits.float(), temperature, top_k)
             idx = torch.cat((idx, token), dim=1)
             yield token
+
 
 def _force_eager() -> bool:
     """Whether torch.compiler.set_stance("force_eager") is on (pretrain/train/speed.py's `eagerly`): compiled code
