@@ -50,6 +50,9 @@ try:  # FlexAttention appeared in torch 2.5; the floor is 2.6, but a stripped bu
 except ImportError:  # pragma: no cover - depends on the torch build
     _flex = None
 
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
 
 class KVCache:
     """Keys and values of the tokens seen so far, for one layer, preallocated to max_len.
@@ -194,20 +197,22 @@ class CausalSelfAttention(nn.Module):
         return q, k, v, scale, mask
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
-                on_trace: Callable[[AttentionTrace], None] | None = None) -> torch.Tensor:
+                on_trace: Callable[[AttentionTrace], None] | None = None,
+                block_mask: BlockMask | None = None) -> torch.Tensor:
         """x (B, T, d) -> (B, T, d). With a cache, x holds the tokens after the cached ones.
 
         With `on_trace`, attention runs through the explicit reference path (`_attend_reference`) and on_trace
-        receives the probabilities and score parts; the projections are the same code either way."""
+        receives the probabilities and score parts; the projections are the same code either way. `block_mask`
+        (shared_block_mask, built once per forward for every layer) selects FlexAttention with that mask."""
         B, T, _ = x.shape
         start = cache.pos if cache is not None else 0
         q, k, v, scale, mask = self._project(x, cache)
         gqa = self.n_kv_head != self.n_head
         if on_trace is not None:
             y = self._attend_reference(q, k, v, scale, mask, start, on_trace)
-        elif self.null_k is not None and attention_backend(x.device.type, True,
-                                                           torch.compiler.is_compiling()) == "flex":
-            y = null_slot_flex_attention(q, k, v, start, scale, gqa)
+        elif block_mask is not None or (self.null_k is not None and attention_backend(
+                x.device.type, True, torch.compiler.is_compiling()) == "flex"):
+            y = null_slot_flex_attention(q, k, v, start, scale, gqa, block_mask)
         else:
             # Decided without T: under torch.compile with a dynamic T, `T > 1` would be a symbolic bool and
             # break every block's graph. start == 0 is causal for any T (one query at 0 sees its one key); a
@@ -312,15 +317,38 @@ def attention_backend(device_type: str, null_attn: bool, compiling: bool) -> str
     return "flex"
 
 
-def null_slot_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
-                             scale: float | None, enable_gqa: bool) -> torch.Tensor:
-    """Attention of q (B, H, T, hd) over [null | keys] (S + 1 slots) with FlexAttention.
+def _null_slot_visible(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    # Module level, not a closure: a compiled block guards on the mask function it is handed, and this one is the
+    # same object every forward (one graph for all steps).
+    return (kv_idx == 0) | (kv_idx - 1 <= q_idx)
 
-    Same result as SDPA with causal_mask(T, S, start, null_slot=True): slot 0 (the null key) is
-    visible to every query, slot j >= 1 (key position j - 1) to queries at positions >= j - 1.
-    """
+
+def null_slot_block_mask(T: int, S: int, start: int, device: torch.device) -> BlockMask:
+    """FlexAttention's block mask for T queries at positions start.. over S slots [null | keys]: slot 0 (the null
+    key) is visible to every query, slot j >= 1 (key position j - 1) to queries at positions >= j - 1."""
     def visible(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return (kv_idx == 0) | (kv_idx - 1 <= q_idx + start)
 
-    block_mask = _flex.create_block_mask(visible, None, None, q.shape[2], k.shape[2], device=q.device)
+    return _flex.create_block_mask(_null_slot_visible if start == 0 else visible, None, None, T, S, device=device)
+
+
+def shared_block_mask(x: torch.Tensor, null_attn: bool, compiled: bool) -> BlockMask | None:
+    """The block mask every layer of one forward over x (B, T, d), no cache, hands to FlexAttention, or None where
+    the layers use SDPA (attention_backend). Built once per forward instead of once per layer: inside each
+    compiled block it was n_layer (2 n_layer with checkpointing) rounds of the same small kernels per micro-step."""
+    if attention_backend(x.device.type, null_attn, compiled) != "flex":
+        return None
+    return null_slot_block_mask(x.shape[1], x.shape[1] + 1, 0, x.device)
+
+
+def null_slot_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                             scale: float | None, enable_gqa: bool,
+                             block_mask: BlockMask | None = None) -> torch.Tensor:
+    """Attention of q (B, H, T, hd) over [null | keys] (S + 1 slots) with FlexAttention.
+
+    Same result as SDPA with causal_mask(T, S, start, null_slot=True). `block_mask` is null_slot_block_mask's for
+    these shapes when the caller built it once for all layers; None builds it here.
+    """
+    if block_mask is None:
+        block_mask = null_slot_block_mask(q.shape[2], k.shape[2], start, q.device)
     return _flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)

@@ -8,17 +8,22 @@ forward nor the backward pass holds the full (B*T, vocab) fp32 logits.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .attention import AttentionTrace, CausalSelfAttention, KVCache
+from .attention import AttentionTrace, CausalSelfAttention, KVCache, shared_block_mask
 from .config import ModelConfig
 from .kv_formats import KVSetting
+from .loss_chunk import compiled_chunk_loop
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 class RMSNorm(nn.Module):
@@ -64,8 +69,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
-                on_trace: Callable[[AttentionTrace], None] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cache, on_trace)
+                on_trace: Callable[[AttentionTrace], None] | None = None,
+                block_mask: BlockMask | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache, on_trace, block_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -102,19 +108,28 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     logits and the LM head matmul is not re-run. Backward only scales the saved gradients.
     Padded vocab columns (>= vocab_size) are set to -inf: they can never be predicted.
     Matmuls run in the autocast dtype when autocast is on (as F.linear would), softmax in fp32; the
-    logit buffers come from `workspace` when given.
+    logit buffers come from `workspace` when given. With `compiled` (the trainer's --compile) the chunks run through
+    model/loss_chunk.py: the same sums, each chunk's softmax and gradient one compiled kernel.
     """
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                 ignore_index: int, chunk_rows: int, compute_grad: bool,
-                workspace: LossWorkspace | None) -> torch.Tensor:
+                workspace: LossWorkspace | None, compiled: bool = False) -> torch.Tensor:
         want_h, want_w = compute_grad and ctx.needs_input_grad[0], compute_grad and ctx.needs_input_grad[1]
         dev = h.device
         mm_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else weight.dtype
         # Cast once per call, not per chunk; explicit casts because out= matmuls do not autocast.
         with torch.autocast(dev.type, enabled=False):
             w, hh = weight.to(mm_dtype), h.to(mm_dtype)
+            if compiled:
+                ws = workspace or LossWorkspace()
+                total, grad_h, grad_w = compiled_chunk_loop(
+                    hh, w, targets, vocab_size, ignore_index, chunk_rows, want_h, want_w, h.dtype,
+                    lambda n: ws.get("logits_mm", n, w.shape[0], mm_dtype, dev))
+                ctx.weight_dtype = weight.dtype
+                ctx.save_for_backward(grad_h, grad_w)
+                return total
             rows, vocab = h.shape[0], weight.shape[0]
             n_buf = min(chunk_rows, rows)
             ws = workspace or LossWorkspace()
@@ -171,18 +186,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h * grad_total.to(grad_h.dtype)
         if grad_w is not None:  # in place: the saved gradient is ours and backward runs once
             grad_w = grad_w.mul_(grad_total).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                           ignore_index: int = -100, chunk_rows: int = 2048,
-                          workspace: LossWorkspace | None = None) -> torch.Tensor:
+                          workspace: LossWorkspace | None = None, compiled: bool = False) -> torch.Tensor:
     """Mean CE of logits = h @ weight.T (columns >= vocab_size excluded) over rows whose target is
     not ignore_index; equals F.cross_entropy on the full logits, NaN when every target is ignored."""
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1).long()  # gather wants int64
     compute_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     total = ChunkedLinearCrossEntropy.apply(h, weight, targets, vocab_size, ignore_index, chunk_rows,
-                                            compute_grad, workspace)
+                                            compute_grad, workspace, compiled)
     return total / (targets != ignore_index).sum()
 
 
@@ -224,6 +239,7 @@ class GPT(nn.Module):
         self.checkpoint_policy = "full"  # "selective": keep the matmul outputs, recompute only the elementwise ops
         self.loss_chunk_rows = 2048  # rows of logits alive at once in the chunked loss
         self.loss_workspace = LossWorkspace()  # those rows' buffers, kept between steps
+        self.compile_loss = False  # each loss chunk one compiled graph (the trainer's --compile)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -249,14 +265,25 @@ class GPT(nn.Module):
         """(B, T) token ids -> (B, T, d) final-normed hidden states."""
         x = self.wte(idx)
         use_checkpoint = self.grad_checkpoint and self.training and torch.is_grad_enabled()
+        # One FlexAttention block mask for every layer (None where they use SDPA); checkpoint's recompute reuses it.
+        flex = caches is None and self.config.null_attn
+        mask = shared_block_mask(x, True, self._blocks_compiled()) if flex else None
         for i, block in enumerate(self.blocks):
             if caches is not None:
                 x = block(x, caches[i])
             elif use_checkpoint:
-                x = checkpoint(block, x, use_reentrant=False, **checkpoint_kwargs(self.checkpoint_policy))
+                x = checkpoint(block, x, block_mask=mask, use_reentrant=False,
+                               **checkpoint_kwargs(self.checkpoint_policy))
             else:
-                x = block(x)
+                x = block(x, block_mask=mask)
         return self.norm_f(x)
+
+    def _blocks_compiled(self) -> bool:
+        """Whether the blocks run as compiled graphs now: the whole model is being compiled, or the blocks were
+        compiled in place (Module.compile, pretrain/train/speed.py) and no force_eager stance is set."""
+        if torch.compiler.is_compiling():
+            return True
+        return getattr(self.blocks[0], "_compiled_call_impl", None) is not None and not _force_eager()
 
     def trace_attention(self, idx: torch.Tensor,
               on_layer: Callable[[int, AttentionTrace, torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
@@ -284,7 +311,8 @@ class GPT(nn.Module):
         return chunked_cross_entropy(h, self.lm_head.weight, targets, self.config.vocab_size,
                                      ignore_index, self.loss_chunk_rows,
                                      # CUDA's caching allocator already reuses blocks; glibc does not.
-                                     self.loss_workspace if h.device.type == "cpu" else None)
+                                     self.loss_workspace if h.device.type == "cpu" else None,
+                                     self.compile_loss and not _force_eager())
 
     def new_caches(self, batch: int, max_len: int, kv_cache: KVSetting | None = None) -> list[KVCache]:
         """One KV cache per layer in the model's dtype, or in `kv_cache`'s formats (model/kv_quant.py)."""
@@ -319,6 +347,15 @@ class GPT(nn.Module):
             token = sample(logits.float(), temperature, top_k)
             idx = torch.cat((idx, token), dim=1)
             yield token
+
+
+def _force_eager() -> bool:
+    """Whether torch.compiler.set_stance("force_eager") is on (pretrain/train/speed.py's `eagerly`): compiled code
+    runs its Python then, so the compiled loss would run its allocating form and the blocks would not use flex."""
+    if "torch._dynamo" not in sys.modules:  # nothing compiled in this process
+        return False
+    return getattr(getattr(sys.modules["torch._dynamo"].eval_frame, "_stance", None), "stance", "") == "force_eager"
+
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
     """(B, V) logits -> (B, 1) token ids; temperature 0 is argmax."""

@@ -45,7 +45,8 @@ def test_compile_is_one_graph_per_training_phase_with_every_instrument_on(byte_d
     assert {"eval", "eval_lengths", "diagnostics", "sample", "downstream"} <= kinds  # every instrument ran
     assert sorted({e["seq_len"] for e in events if e["type"] == "train"}) == [16, 64]
     end = next(e for e in events if e["type"] == "end")
-    assert end["compile"] == {"frames": 2, "recompiles": 1, "eager_fallbacks": 0}
+    # The block's two shapes, plus the loss chunk's one (4 x 16 and 1 x 64 rows are both one 64-row chunk).
+    assert end["compile"] == {"frames": 3, "recompiles": 1, "eager_fallbacks": 0}
     # The compiled run's checkpoint is a plain model's: no _orig_mod. keys, loads strictly into an uncompiled GPT.
     state = load_checkpoint(out / "last.pt")
     assert not any("_orig_mod" in k for k in state["model"])

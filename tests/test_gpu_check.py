@@ -53,8 +53,8 @@ def test_cpu_check_runs_a_variant_stops_resumes_exactly_and_prints_one_table(tmp
         assert latency and 0 < float(latency.group(1)) < 60, cell
         assert re.fullmatch(r"\S+ / \S+ \(\d+\.\d\dx\)", cell["tok/s (plan)"]), cell  # measured / plan
         assert re.fullmatch(r"\S+ [GM]iB / \S+ [GM]iB \(\d+\.\d\dx, rss\)", cell["peak mem (plan)"]), cell
-        # Two phases of the cpu tier: two graphs, none beyond them, nothing eager.
-        assert cell["recompiles"] == "0 (eager 0; 2 graphs/2)", cell
+        # Two phases of the cpu tier: two graphs each (block, loss chunk), none beyond them, nothing eager.
+        assert cell["recompiles"] == "0 (eager 0; 4 graphs/4)", cell
         # The stop landed after step 2 (the first phase's last step) and the resume finished all 4 steps.
         assert (work / name / "stopped" / "last.pt").is_file()
     report = json.loads((tmp_path / "check.json").read_text())

@@ -74,6 +74,7 @@ def build_model(mcfg: ModelConfig, cfg: TrainConfig, device: torch.device, shape
         name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), shapes))
         compile_blocks(model, cfg.compile_mode)  # per block, in place, static shapes
+        model.compile_loss = True  # and each chunk of the loss: one graph per chunk shape (model/gpt.py)
     return model
 
 

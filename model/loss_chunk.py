@@ -1,0 +1,78 @@
+"""The chunked loss's compiled chunk (the trainer's --compile): between the LM-head GEMMs, each chunk's softmax,
+cross-entropy and logit gradient as one torch.compile'd function, which inductor makes one fused kernel writing the
+gradient in place into the logits buffer (model/gpt.py's ChunkedLinearCrossEntropy runs this loop instead of its
+eager one). Static shapes: equal chunks, the last padded with ignored rows, one graph per step shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def chunk_loss_and_logit_grad_(logits: torch.Tensor, t_c: torch.Tensor, vocab_size: int, ignore_index: int,
+                               want_grad: bool) -> torch.Tensor:
+    """One chunk of the loss between its matmuls: the summed CE of `logits` (rows x padded vocab, the matmul dtype)
+    over rows whose target is not ignore_index; with want_grad, `logits` is overwritten in place by d(sum CE)/d
+    logits (softmax - onehot, ignored rows and padded columns 0).
+
+    Written as one expression, without the eager loop's in-place steps, so torch.compile makes it one fused kernel
+    (eager: ~15 passes over chunk x vocab floats); softmax in fp32. Writing the gradient into the caller's buffer
+    keeps the chunk-sized memory the caller's (kept between steps on CPU, no page faults)."""
+    x = logits.float()
+    cols = torch.arange(x.shape[1], device=x.device)
+    if x.shape[1] > vocab_size:
+        x = x.masked_fill(cols >= vocab_size, float("-inf"))
+    valid = t_c != ignore_index
+    safe_t = torch.where(valid, t_c, 0).unsqueeze(1)
+    lse = torch.logsumexp(x, dim=-1)
+    loss = ((lse - x.gather(1, safe_t).squeeze(1)) * valid).sum()
+    if want_grad:
+        logits.copy_((torch.exp(x - lse.unsqueeze(1)) - (cols == safe_t).float()) * valid.unsqueeze(1))
+    return loss
+
+
+_compiled_chunk: Callable[..., torch.Tensor] | None = None
+
+
+def compiled_chunk_loop(hh: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                        ignore_index: int, chunk_rows: int, want_h: bool, want_w: bool, h_dtype: torch.dtype,
+                        logits_buffer: Callable[[int], torch.Tensor],
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """ChunkedLinearCrossEntropy's loop with chunk_loss_and_logit_grad_ compiled (static shapes) between the GEMMs:
+    the rows are cut into equal chunks of at most chunk_rows, the last padded with ignored rows (fewer than the
+    number of chunks), so every chunk of a step, and every step of that shape, runs one graph.
+    `logits_buffer(rows)` gives the (rows, padded vocab) matmul-dtype buffer each chunk's logits and then gradient
+    live in. Returns (summed loss, grad_h, grad_w) as ChunkedLinearCrossEntropy saves them."""
+    global _compiled_chunk
+    if _compiled_chunk is None:  # here, not at import: importing dynamo costs every CLI start a second
+        _compiled_chunk = torch.compile(chunk_loss_and_logit_grad_, dynamic=False)
+    rows = hh.shape[0]
+    n_chunks = max(1, -(-rows // chunk_rows))
+    size = max(1, -(-rows // n_chunks))
+    pad = n_chunks * size - rows  # no rows at all: one padded row, so grad_w comes out zeros of its shape
+    if pad:
+        hh = torch.cat((hh, hh.new_zeros(pad, hh.shape[1])))
+        targets = torch.cat((targets, targets.new_full((pad,), ignore_index)))
+    buf = logits_buffer(size)
+    total = torch.zeros((), dtype=torch.float32, device=hh.device)
+    grad_h = torch.empty(hh.shape, dtype=h_dtype, device=hh.device) if want_h else None
+    grad_w = None
+    for i in range(0, rows + pad, size):
+        h_c = hh[i:i + size]
+        g = torch.mm(h_c, w.t(), out=buf)
+        total += _compiled_chunk(g, targets[i:i + size], vocab_size, ignore_index, want_h or want_w)
+        if want_h:
+            if g.dtype == h_dtype:
+                torch.mm(g, w, out=grad_h[i:i + size])
+            else:
+                grad_h[i:i + size] = g @ w
+        if want_w:
+            if grad_w is None:
+                grad_w = (g.t() @ h_c).float()
+            elif g.dtype == torch.float32:
+                grad_w.addmm_(g.t(), h_c)
+            else:
+                grad_w += g.t() @ h_c
+    return total, None if grad_h is None else grad_h[:rows], grad_w
