@@ -357,6 +357,13 @@ def check_numbers(cfg: TrainConfig) -> None:
         check_number(f.name, getattr(cfg, f.name))
 
 
+def check_checkpoint_policy(policy: str, grad_checkpoint: bool) -> None:
+    """A policy other than the default means nothing without checkpointing: refused rather than ignored."""
+    if policy != TrainConfig.checkpoint_policy and not grad_checkpoint:
+        raise UserError(f"--checkpoint-policy {policy} needs --grad-checkpoint (it says what checkpointing "
+                        "recomputes): add --grad-checkpoint, or drop --checkpoint-policy")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Reject settings that cannot work, before anything is built or written."""
     check_numbers(cfg)
@@ -365,6 +372,7 @@ def validate(cfg: TrainConfig) -> None:
     OPTIMIZERS[cfg.optimizer].check_available()
     if cfg.fsdp and cfg.optimizer == "adamw8bit":  # its 8-bit state slices plain tensors; FSDP2's are DTensors
         raise UserError("--optimizer adamw8bit does not support --fsdp: use DDP (drop --fsdp) or --optimizer adamw")
+    check_checkpoint_policy(cfg.checkpoint_policy, cfg.grad_checkpoint)
     if cfg.cpu_offload and not cfg.fsdp:
         raise UserError("--cpu-offload needs --fsdp (it offloads FSDP2's sharded parameters); add --fsdp")
     if cfg.fsdp and cfg.param_dtype == "bf16":
