@@ -211,7 +211,7 @@ def suggest_fix(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, capacity: int
     modes: list[dict[str, Any]] = [{}, {"grad_checkpoint": True, "checkpoint_policy": "selective"},
                                    {"grad_checkpoint": True, "checkpoint_policy": "full"}]
     if not (cfg.amp and cfg.amp_dtype == "fp16"):  # fp16 needs fp32 weights for its GradScaler
-        modes += [{"grad_checkpoint": True, "param_dtype": "bf16"}]
+        modes += [modes[-1] | {"param_dtype": "bf16"}]
     modes += [modes[-1] | {"optimizer": "lion"}]
 
     def describe(change: dict[str, Any], b: int, peak: int, note: str = "") -> str:
