@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from model.variants import ATTENTION_VARIANTS
 from pretrain.errors import EXIT_STOPPED, ArgumentParser, UserError
 from pretrain.plan import launch
+from pretrain.plan.resolve import VARIANTS  # the launcher's --variant names: the demo's choices
 from pretrain.plan.view import render_plan
 from pretrain.track.compare import run_row
 from pretrain.track.runlog import read_jsonl
@@ -29,8 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 DEFAULT_STEPS = 150
 STEPS_ENV = "PRETRAIN_DEMO_STEPS"
-VARIANTS = {**{name: ["--attn", name] for name in ATTENTION_VARIANTS},
-            "gqa_kv2": ["--attn", "gqa", "--n-kv-head", "2"]}
 
 # What the demo changes from the cpu tier, and why: seq 128 throughout (the tier's switch to 256 doubles the
 # cost of the GPT-2-vocab LM head, which dominates a tiny model's step), a higher LR than the 1B default

@@ -95,8 +95,8 @@ def test_16gb_tier_takes_the_first_optimizer_that_fits_and_says_why(tmp_path, ca
     settings = plan["settings"]
     assert settings["optimizer"]["value"] == "adamw8bit" and plan["fits"]
     # The source is the settings table's line for the optimizer (view.py prints the same string).
-    assert re.fullmatch(r"tier 16: fits [\d.]+ GiB at micro-batch 1 with checkpointing: adamw8bit, lion; adamw does "
-                        r"not \(est\. [\d.]+ GiB\); took adamw8bit \(order: adamw, adamw8bit, lion\)",
+    assert re.fullmatch(r"tier 16: fits [\d.]+ GiB at micro-batch 1 with full checkpointing: adamw8bit, lion; adamw "
+                        r"does not \(est\. [\d.]+ GiB\); took adamw8bit \(order: adamw, adamw8bit, lion\)",
                         settings["optimizer"]["source"]), settings["optimizer"]["source"]
     assert settings["lr"]["value"] == 3e-4 and settings["beta2"]["value"] == 0.95
     assert plan["command"][plan["command"].index("--optimizer") + 1] == "adamw8bit"

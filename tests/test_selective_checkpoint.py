@@ -99,6 +99,6 @@ def test_plan_shows_the_policy_and_its_factor(tmp_path, capsys):
     assert est["effective_mfu"] == est["assumed_mfu"]
     assert launch.main([*argv, "--checkpoint-policy", "selective"]) == 0
     assert "x 1 (selective checkpointing recomputes only elementwise ops)" in capsys.readouterr().out
-    assert launch.main([*argv, "--json"]) == 0
+    assert launch.main([*argv, "--checkpoint-policy", "full", "--json"]) == 0  # without: the planner picks
     est = json.loads(capsys.readouterr().out)["estimate"]
     assert est["checkpoint_policy"] == "full" and est["grad_checkpoint_factor"] == 0.75

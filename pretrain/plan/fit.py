@@ -2,8 +2,10 @@
 
 The planner's rules for how a step is executed (what is trained never changes: the sequences per optimizer step
 are fixed, accumulation = sequences per step / micro-batch):
-  * activation checkpointing is off whenever every phase fits without it: recomputing the forward costs ~25 %
-    of the step (6N -> 8N FLOPs per token);
+  * of the executions that fit (no checkpointing, selective checkpointing, full checkpointing) the one with the
+    lowest estimated step time: full recomputes the forward (6N -> 8N FLOPs per token, `recompute_factor`),
+    selective only elementwise ops (no matmul FLOPs) but keeps more activations, so it is tried first and
+    checkpointing stays off whenever every phase fits without it;
   * each phase of the sequence schedule gets the largest micro-batch whose estimated peak "fits" (<= 90 % of
     the device): fewer, larger kernels run the same tokens faster. Short phases thus take larger micro-batches.
 Estimates cost ~2 s each for the 1b preset, so the search starts from a guess (the tier's micro-batch at the
@@ -24,6 +26,17 @@ FITS, TIGHT = 0.90, 1.00  # peak / device memory: <= 0.90 fits, <= 1.00 tight, a
 # A doubled micro-batch is estimated when its proportional prediction is below this times the fit limit: the
 # prediction scales everything above weights + optimizer state, which overstates growth when part is constant.
 PREDICTION_SLACK = 1.10
+# Share of a training step's matmul FLOPs (6N: forward 2N, backward 4N) that each policy runs again in backward:
+# full re-runs the blocks' forward (2N of 6N); selective keeps every matmul output and re-runs only elementwise ops,
+# whose cost is memory bandwidth, not FLOPs. tests/test_selective_checkpoint.py counts both with FlopCounterMode.
+RECOMPUTED_FLOPS = {"full": 1 / 3, "selective": 0.0}
+
+
+def recompute_factor(cfg: TrainConfig) -> float:
+    """What the MFU is multiplied by for the FLOPs checkpointing runs again: 6N / (6N + recomputed)."""
+    if not cfg.grad_checkpoint:
+        return 1.0
+    return 1.0 / (1.0 + RECOMPUTED_FLOPS[cfg.checkpoint_policy])
 
 
 def verdict(peak: int, capacity: int) -> str:
@@ -107,29 +120,45 @@ def largest_fitting(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, capacity:
 
 @dataclass
 class Execution:
-    """The planner's choice: checkpointing, and the micro-batch of each distinct sequence length."""
+    """The planner's choice: checkpointing and its policy, and the micro-batch of each distinct sequence length."""
 
     grad_checkpoint: bool
     micro: dict[int, int]  # seq_len -> micro-batch
     why_checkpoint: str
+    checkpoint_policy: str = "full"  # what checkpointing recomputes (full when it is off: the trainer's default)
+    why_policy: str = ""
+
+
+def execution_trials(cfg: TrainConfig, checkpoint: bool | None, policy: str | None) -> list[TrainConfig]:
+    """The executions the planner may use, fastest estimated step first (ties: the order below).
+
+    `checkpoint` / `policy` are given (a flag) or None (the planner's to choose). The plan's step time is tokens x
+    FLOPs / (peak x MFU x recompute_factor): the micro-batch does not enter it, so the first of these that fits
+    is the fitting execution with the lowest estimated step time. Without checkpointing the policy stays the
+    trainer's default (the trainer refuses selective without --grad-checkpoint)."""
+    trials = [replace(cfg, grad_checkpoint=False, checkpoint_policy="full")] if checkpoint is not True else []
+    if checkpoint is not False:
+        trials += [replace(cfg, grad_checkpoint=True, checkpoint_policy=p) for p in RECOMPUTED_FLOPS
+                   if policy in (None, p)]
+    return sorted(trials, key=lambda t: 1 / recompute_factor(t))  # stable: off before selective at equal time
 
 
 def choose_execution(mcfg: ModelConfig, cfg: TrainConfig, seq_lens: list[int], capacity: int, nproc: int,
                      sequences_per_proc: int, guess: int, checkpoint: bool | None,
-                     micro: dict[int, int] | None) -> Execution | None:
-    """Checkpointing (unless `checkpoint` is given) and per-length micro-batches (unless `micro` is given).
+                     micro: dict[int, int] | None, policy: str | None = "full") -> Execution | None:
+    """Checkpointing (unless `checkpoint` is given), its policy (unless `policy` is given) and per-length
+    micro-batches (unless `micro` is given): the fitting execution with the lowest estimated step time
+    (`execution_trials`), each phase at its largest fitting micro-batch.
 
     Returns None when nothing fits even at micro-batch 1 with checkpointing (the caller keeps its defaults and
     the plan says "won't fit" with a suggestion).
     """
     lengths = sorted(set(seq_lens), reverse=True)  # longest first: it needs the most memory
-    modes = [checkpoint] if checkpoint is not None else [False, True]
-    for ckpt in modes:
-        trial = replace(cfg, grad_checkpoint=ckpt)
+    for trial in execution_trials(cfg, checkpoint, policy):
         if micro is not None:  # given: only checkpointing is decided
             if all(verdict(step_peak_bytes(mcfg, with_micro(trial, micro[t], sequences_per_proc), t, nproc)[0],
                            capacity) == "fits" for t in lengths):
-                return Execution(ckpt, dict(micro), _why(ckpt, checkpoint, lengths[0]))
+                return _chosen(trial, dict(micro), checkpoint, policy, lengths[0])
             continue
         chosen: dict[int, int] = {}
         prev_t, prev_b = lengths[0], guess
@@ -140,32 +169,49 @@ def choose_execution(mcfg: ModelConfig, cfg: TrainConfig, seq_lens: list[int], c
                 break
             chosen[t], prev_t, prev_b = b, t, b
         if len(chosen) == len(lengths):
-            return Execution(ckpt, chosen, _why(ckpt, checkpoint, lengths[0]))
+            return _chosen(trial, chosen, checkpoint, policy, lengths[0])
     return None
 
 
-def _why(ckpt: bool, given: bool | None, longest: int) -> str:
-    if given is not None:
-        return "flag"
-    if not ckpt:
-        return "derived: off, every phase fits without it (recomputing costs ~25 %)"
-    return f"derived: on, seq {longest} does not fit without it even at micro-batch 1"
+def _chosen(trial: TrainConfig, micro: dict[int, int], checkpoint: bool | None, policy: str | None,
+            longest: int) -> Execution:
+    """The Execution of `trial`, with the plan's "why" for checkpointing and for its policy: the rule is the
+    lowest estimated step time among the executions that fit (`execution_trials`)."""
+    full = f"x{1 + RECOMPUTED_FLOPS['full']:.2f}"
+    if checkpoint is not None:
+        why = "flag"
+    elif not trial.grad_checkpoint:
+        why = (f"derived: off, every phase fits without it: the fastest execution (checkpointing would cost up to "
+               f"{full} step time)")
+    else:
+        why = f"derived: on, seq {longest} does not fit without it even at micro-batch 1"
+    why_policy = ""
+    if trial.grad_checkpoint and policy is None:
+        if trial.checkpoint_policy == "selective":
+            why_policy = ("derived: the fitting execution with the lowest estimated step time: selective recomputes "
+                          f"only elementwise ops (step time x1), full the forward ({full})")
+        else:
+            why_policy = (f"derived: selective does not fit (seq {longest}, even at micro-batch 1): full, which "
+                          f"recomputes the forward ({full} step time)")
+    return Execution(trial.grad_checkpoint, micro, why, trial.checkpoint_policy, why_policy)
 
 
 def suggest_fix(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, capacity: int, nproc: int) -> str | None:
     """The cheapest flag change (in speed) whose estimate fits; else the closest "tight" one; else None.
 
     Changes are tried in order: a smaller micro-batch (accumulation keeps the sequences per step), then
-    activation checkpointing, then bf16 weights, then Lion (half of AdamW's state); within each, the largest
-    micro-batch that fits (memory only grows with it, so a bisection over the halvings finds it).
+    selective then full activation checkpointing, then bf16 weights, then Lion (half of AdamW's state); within
+    each, the largest micro-batch that fits (memory only grows with it, so a bisection over the halvings finds it).
     """
     total = cfg.batch_size * cfg.grad_accum
     micro = [cfg.batch_size]
     while micro[-1] > 1:
         micro.append(micro[-1] // 2 if micro[-1] % 2 == 0 else 1)
-    modes: list[dict[str, Any]] = [{}, {"grad_checkpoint": True}]
+    # Checkpointing: selective first (it recomputes no matmul), then full (the least activation memory).
+    modes: list[dict[str, Any]] = [{}, {"grad_checkpoint": True, "checkpoint_policy": "selective"},
+                                   {"grad_checkpoint": True, "checkpoint_policy": "full"}]
     if not (cfg.amp and cfg.amp_dtype == "fp16"):  # fp16 needs fp32 weights for its GradScaler
-        modes += [{"grad_checkpoint": True, "param_dtype": "bf16"}]
+        modes += [modes[-1] | {"param_dtype": "bf16"}]
     modes += [modes[-1] | {"optimizer": "lion"}]
 
     def describe(change: dict[str, Any], b: int, peak: int, note: str = "") -> str:

@@ -1,5 +1,7 @@
 """The optimizer a tier picks by what fits: the first of the tier's preference order whose training step fits the
-card in the most memory-frugal execution (micro-batch 1, activation checkpointing), with the reason as its source.
+card in the most memory-frugal execution the planner may then use (micro-batch 1, full activation checkpointing,
+unless a flag fixes them), with the reason as its source. pretrain/plan/fit.py then picks, for that optimizer, the
+fastest execution that fits (no checkpointing, selective, full): it exists whenever the frugal one fits.
 
 AdamW is preferred (the best-known update), then AdamW with 8-bit moments (the same update, ~2 instead of 8 bytes
 of state per parameter: bench/optim_state.py measures the loss gap), then Lion (4 bytes, a different update
@@ -16,6 +18,7 @@ from pretrain.plan.memory import GiB
 from pretrain.plan.resolve import Origin, Resolved, Source, source_of, tier_source
 from pretrain.plan.tiers import Tier
 from pretrain.schedule import default_min_lr
+from pretrain.train.config import TrainConfig
 from pretrain.train.optim_registry import DEFAULT_BETA2, OPTIMIZERS, default_lr, default_lr_source
 
 
@@ -24,9 +27,8 @@ def choose_optimizer(res: Resolved, tier: Tier, capacity: int) -> None:
     fits, unless a flag or the resumed run fixed the optimizer. Nothing fitting keeps the tier's fallback."""
     if not tier.optimizers or not source_of(res.sources, "optimizer").planner_chose:
         return
-    cfg = res.cfg
-    per_proc = cfg.batch_size * cfg.grad_accum
     longest = max(t for _, t in res.points)
+    frugal, how = _frugal(res)
     fits, notes = [], []
     for name in tier.optimizers:
         try:
@@ -34,8 +36,7 @@ def choose_optimizer(res: Resolved, tier: Tier, capacity: int) -> None:
         except UserError:
             notes.append(f"{name} needs {OPTIMIZERS[name].requires} (not installed)")
             continue
-        frugal = with_micro(replace(cfg, optimizer=name, grad_checkpoint=True), 1, per_proc)
-        peak, _ = step_peak_bytes(res.mcfg, frugal, longest, res.nproc)
+        peak, _ = step_peak_bytes(res.mcfg, replace(frugal, optimizer=name), longest, res.nproc)
         if verdict(peak, capacity) == "fits":
             fits.append(name)
         else:
@@ -43,9 +44,24 @@ def choose_optimizer(res: Resolved, tier: Tier, capacity: int) -> None:
     if not fits:
         return  # the tier's fallback stays; the plan says "won't fit" with a suggestion
     chosen = fits[0]
-    why = (f"fits {capacity / GiB:.1f} GiB at micro-batch 1 with checkpointing: {', '.join(fits)}"
+    why = (f"fits {capacity / GiB:.1f} GiB {how}: {', '.join(fits)}"
            + (f"; {'; '.join(notes)}" if notes else "") + f"; took {chosen} (order: {', '.join(tier.optimizers)})")
     _set(res, chosen, tier_source(tier, why))
+
+
+def _frugal(res: Resolved) -> tuple[TrainConfig, str]:
+    """The execution using the least memory that the planner may choose for `res` (what a flag or the resumed run
+    fixed stays: --no-grad-checkpoint, --checkpoint-policy, the micro-batch), and how the plan says it."""
+    mine = lambda k: source_of(res.sources, k).planner_chose  # noqa: E731
+    cfg = res.cfg
+    if mine("grad_checkpoint"):
+        cfg = replace(cfg, grad_checkpoint=True)
+    if cfg.grad_checkpoint and mine("checkpoint_policy"):
+        cfg = replace(cfg, checkpoint_policy="full")
+    if all(mine(k) for k in ("batch_size", "grad_accum", "micro_batch_schedule")):
+        cfg = with_micro(cfg, 1, cfg.batch_size * cfg.grad_accum)
+    ckpt = f"{cfg.checkpoint_policy} checkpointing" if cfg.grad_checkpoint else "no checkpointing"
+    return cfg, f"at micro-batch {cfg.batch_size} with {ckpt}"
 
 
 def _set(res: Resolved, name: str, source: Source) -> None:

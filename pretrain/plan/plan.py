@@ -14,7 +14,7 @@ from typing import Any
 
 from model import PRESETS, ModelConfig
 from pretrain import invocation
-from pretrain.plan.fit import choose_execution, step_peak_bytes, suggest_fix, verdict, with_micro
+from pretrain.plan.fit import choose_execution, recompute_factor, step_peak_bytes, suggest_fix, verdict, with_micro
 from pretrain.plan.instrument_memory import pass_peak_bytes, run_passes, turn_down
 from pretrain.plan.memory import GiB
 from pretrain.plan.pick_optimizer import choose_optimizer
@@ -34,17 +34,6 @@ from pretrain.train.staging import host_ram_bytes
 
 FLOPS_CONVENTION = ("model FLOPs, PaLM convention (6N + full S x S attention, no causal halving); the time "
                     "estimate is peak x MFU / these")
-# Share of a training step's matmul FLOPs (6N: forward 2N, backward 4N) that each policy runs again in backward:
-# full re-runs the blocks' forward (2N of 6N); selective keeps every matmul output and re-runs only elementwise ops,
-# whose cost is memory bandwidth, not FLOPs. tests/test_selective_checkpoint.py counts both with FlopCounterMode.
-RECOMPUTED_FLOPS = {"full": 1 / 3, "selective": 0.0}
-
-
-def recompute_factor(cfg: TrainConfig) -> float:
-    """What the MFU is multiplied by for the FLOPs checkpointing runs again: 6N / (6N + recomputed)."""
-    if not cfg.grad_checkpoint:
-        return 1.0
-    return 1.0 / (1.0 + RECOMPUTED_FLOPS[cfg.checkpoint_policy])
 # Printed in the trainer command even at their trainer defaults, so the command documents the run.
 ALWAYS_SHOWN = ("size", "data", "out_dir", "device", "batch_size", "grad_accum", "steps", "seq_schedule",
                 "optimizer", "lr", "min_lr", "lr_schedule", "warmup_steps", "weight_decay", "grad_clip",
@@ -179,11 +168,13 @@ def command_for(cfg: TrainConfig, nproc: int) -> list[str]:
 
 def choose_micro_batches(res: Resolved, tier: Tier, capacity: int) -> None:
     """Apply the planner's execution rules (pretrain/plan/fit.py) to settings no flag or resumed run fixed:
-    checkpointing off when every phase fits without it, the largest fitting micro-batch per phase."""
+    of no checkpointing, selective and full checkpointing the one that fits with the lowest estimated step time,
+    the largest fitting micro-batch per phase."""
     v, src = res.values, res.sources
     mine = lambda k: source_of(src, k).planner_chose  # noqa: E731
     split_free = all(mine(k) for k in ("batch_size", "grad_accum", "micro_batch_schedule"))
-    if not split_free and not mine("grad_checkpoint"):
+    policy_free = mine("checkpoint_policy") and (mine("grad_checkpoint") or res.values["grad_checkpoint"])
+    if not split_free and not mine("grad_checkpoint") and not policy_free:
         return
     cfg = res.cfg
     per_proc = cfg.batch_size * cfg.grad_accum
@@ -194,12 +185,16 @@ def choose_micro_batches(res: Resolved, tier: Tier, capacity: int) -> None:
         given = {ph.seq_len: micro_batch_at(points, ph.start_step, cfg.batch_size, cfg.grad_accum)[0]
                  for ph in phases(res.points, cfg.steps)}
     choice = choose_execution(res.mcfg, cfg, lengths, capacity, res.nproc, per_proc, tier.micro_batch,
-                              None if mine("grad_checkpoint") else cfg.grad_checkpoint, given)
+                              None if mine("grad_checkpoint") else cfg.grad_checkpoint, given,
+                              None if policy_free else cfg.checkpoint_policy)
     if choice is None:
         return  # nothing fits: the tier's values stay and the plan says "won't fit" with a suggestion
     if mine("grad_checkpoint"):
         v["grad_checkpoint"] = choice.grad_checkpoint
         src["grad_checkpoint"] = Source(Origin.DERIVED, choice.why_checkpoint)  # fit.py's text says "derived: "
+    if policy_free and choice.grad_checkpoint:
+        v["checkpoint_policy"] = choice.checkpoint_policy
+        src["checkpoint_policy"] = Source(Origin.DERIVED, choice.why_policy)
     if split_free:
         _set_micro(res, [(ph.start_step, choice.micro[ph.seq_len]) for ph in phases(res.points, cfg.steps)],
                    per_proc, derived("the largest micro-batch whose estimate fits each phase"))
@@ -226,7 +221,8 @@ def nothing_fits(cfg: TrainConfig, vocab: int, capacity: int, nproc: int, gpu: G
         why = f"; {card} has no bf16: it trains with fp16 autocast and fp32 weights"
     sizes = list(PRESETS)  # smallest first
     for size in reversed(sizes[:sizes.index(cfg.size)] if cfg.size in sizes else []):
-        trial = dataclasses.replace(cfg, size=size, block_size=None, grad_checkpoint=True)
+        trial = dataclasses.replace(cfg, size=size, block_size=None, grad_checkpoint=True,
+                                    checkpoint_policy="full")
         small = model_config_from(trial, vocab)
         peak, _ = step_peak_bytes(small, trial, small.block_size, nproc)
         if verdict(peak, capacity) == "fits":

@@ -26,7 +26,14 @@ from pretrain.schedule import (
     parse_seq_schedule,
     steps_for_tokens,
 )
-from pretrain.train.config import TrainConfig, check_number, model_config_from, paper_preset_fields, validate
+from pretrain.train.config import (
+    TrainConfig,
+    check_checkpoint_policy,
+    check_number,
+    model_config_from,
+    paper_preset_fields,
+    validate,
+)
 from pretrain.train.optim_registry import DEFAULT_BETA2, default_lr, default_lr_source
 from pretrain.units import finite_number
 
@@ -243,6 +250,9 @@ def resolve(req: Request, tier: Tier, gpu: GpuInfo | None, data_vocab: int | Non
     for f in fields(TrainConfig):
         if f.name not in values:
             pick(f.name, f.default, DEFAULT)
+    # A policy the user gave needs checkpointing they gave: the planner may turn a tier's checkpointing off.
+    check_checkpoint_policy(values["checkpoint_policy"],
+                            values["grad_checkpoint"] and not sources["grad_checkpoint"].planner_chose)
     validate(TrainConfig(**values))
     return Resolved(values, sources, mcfg, points, warnings, req.nproc)
 

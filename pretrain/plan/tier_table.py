@@ -35,7 +35,8 @@ def render() -> str:
             _, plan = plan_from_argv(["--vram", name, *ARGS, "--run-root", root], gpu=None)
             split = " / ".join(f"{p.micro_batch} x {p.grad_accum}" for p in plan.phases)
             top = max(plan.phases, key=lambda p: p.peak_memory_bytes)
-            rows.append(f"| {name} | {plan.cfg.optimizer} | {split} | {'on' if plan.cfg.grad_checkpoint else 'off'} | "
+            ckpt = plan.cfg.checkpoint_policy if plan.cfg.grad_checkpoint else "off"
+            rows.append(f"| {name} | {plan.cfg.optimizer} | {split} | {ckpt} | "
                         f"{fmt_bytes(top.tensor_peak_bytes)} | {fmt_bytes(top.peak_memory_bytes)} | "
                         f"{fmt_bytes(plan.memory_capacity_bytes)} | {top.verdict} | "
                         f"{fmt_duration(sum(p.seconds for p in plan.phases))} |")

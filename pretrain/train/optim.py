@@ -106,6 +106,33 @@ class _SkipAwareOptimizer(torch.optim.Optimizer):
                     yield group, p, self.state[p]
 
 
+class _Adam(_SkipAwareOptimizer):
+    """What both AdamWs share: the per-parameter prologue (state created on first use, the step counter advanced
+    unless the step is skipped) and the update itself; they differ only in how the moments are stored."""
+
+    def _init_state(self, p: Tensor, state: dict) -> None:
+        raise NotImplementedError
+
+    def _adam_params(self, keep: Tensor | None) -> Iterator[tuple[dict, Tensor, dict, Tensor]]:
+        """(group, parameter, state, bias-correction step t) per parameter with a gradient; `keep` 0 (a skipped
+        step) leaves the counter where it was."""
+        for group, p, state in self._params_with_grad():
+            if not state:
+                self._init_state(p, state)
+            state["step"] += 1.0 if keep is None else keep.to(p.device)
+            yield group, p, state, state["step"].clamp(min=1)
+
+
+def _adam_update(group: dict, t: Tensor, w: Tensor, g: Tensor, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """AdamW's new (weights, first moment, second moment) from fp32 weights, gradient and moments at step t."""
+    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    beta1, beta2 = group["betas"]
+    new_m = m * beta1 + g * (1 - beta1)
+    new_v = v * beta2 + g * g * (1 - beta2)
+    step_dir = (new_m / (1 - beta1**t)) / ((new_v / (1 - beta2**t)).sqrt_() + eps)
+    return w * (1 - lr * wd) - lr * step_dir, new_m, new_v
+
+
 class Lion(_SkipAwareOptimizer):
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), bf16-safe and skip-aware.
 
@@ -137,7 +164,7 @@ class Lion(_SkipAwareOptimizer):
                 _write_back(p_s, new_w, self.generator)
 
 
-class AdamWSR(_SkipAwareOptimizer):
+class AdamWSR(_Adam):
     """AdamW (Loshchilov & Hutter) with fp32 state; bf16 weights are written back by stochastic rounding.
 
     On fp32 weights it is plain AdamW: the path for --no-opt-fused and MPS, where torch's own AdamW cannot
@@ -148,24 +175,18 @@ class AdamWSR(_SkipAwareOptimizer):
                  weight_decay: float = 0.0, generator: torch.Generator | None = None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), generator)
 
+    def _init_state(self, p: Tensor, state: dict) -> None:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         keep = _keep(self.found_inf)
-        for group, p, state in self._params_with_grad():
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            beta1, beta2 = group["betas"]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-            state["step"] += 1.0 if keep is None else keep.to(p.device)
-            t = state["step"].clamp(min=1)
+        for group, p, state, t in self._adam_params(keep):
             for p_s, g_s, m, v in _slices(p, state["exp_avg"], state["exp_avg_sq"]):
-                g, w = g_s.float(), p_s.float()
-                new_m = m * beta1 + g * (1 - beta1)
-                new_v = v * beta2 + g * g * (1 - beta2)
-                step_dir = (new_m / (1 - beta1**t)) / ((new_v / (1 - beta2**t)).sqrt_() + eps)
-                new_w = w * (1 - lr * wd) - lr * step_dir
+                w = p_s.float()
+                new_w, new_m, new_v = _adam_update(group, t, w, g_s.float(), m, v)
                 if keep is not None:
                     flag = keep.bool()
                     new_w, new_m, new_v = (torch.where(flag, a, b) for a, b in ((new_w, w), (new_m, m), (new_v, v)))
@@ -174,7 +195,7 @@ class AdamWSR(_SkipAwareOptimizer):
                 _write_back(p_s, new_w, self.generator)
 
 
-class AdamW8bit(_SkipAwareOptimizer):
+class AdamW8bit(_Adam):
     """AdamW whose two moments are stored in 8 bits: block-wise dynamic quantization (Dettmers et al. 2022,
     "8-bit Optimizers via Block-wise Quantization"), with torchao's quantization maps and kernels.
 
@@ -254,20 +275,10 @@ class AdamW8bit(_SkipAwareOptimizer):
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         keep = _keep(self.found_inf)
-        for group, p, state in self._params_with_grad():
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            beta1, beta2 = group["betas"]
-            if not state:
-                self._init_state(p, state)
-            state["step"] += 1.0 if keep is None else keep.to(p.device)
-            t = state["step"].clamp(min=1)
+        for group, p, state, t in self._adam_params(keep):
             for p_s, g_s, read, write in self._moments(p, state):
-                g, w = g_s.float(), p_s.float()
-                m, v = read()
-                new_m = m * beta1 + g * (1 - beta1)
-                new_v = v * beta2 + g * g * (1 - beta2)
-                step_dir = (new_m / (1 - beta1**t)) / ((new_v / (1 - beta2**t)).sqrt_() + eps)
-                new_w = w * (1 - lr * wd) - lr * step_dir
+                w = p_s.float()
+                new_w, new_m, new_v = _adam_update(group, t, w, g_s.float(), *read())
                 flag = None if keep is None else keep.bool()
                 if flag is not None:
                     new_w = torch.where(flag, new_w, w)
