@@ -64,16 +64,17 @@ def pytest_unconfigure(config) -> None:
         shutil.rmtree(_shared, ignore_errors=True)
 
 
-# The files with the suite's longest tests, longest first (measured; --durations=0 on 2 cores). `make test` hands
-# whole files to the two workers in collection order (--dist loadfile: a file's module fixtures are built once), so
-# these go first and the short files fill in the end: a long file started last would run alone while the other
-# worker idles. A file missing here only runs later; nothing depends on the order.
-RUN_FIRST = ("test_plan_fit.py", "test_chaos.py", "test_gpu_check.py", "test_compile.py", "test_probe.py",
-             "test_notebook.py", "test_compare_instruments.py", "test_distributed.py", "test_launch.py",
-             "test_memory.py", "test_tier_cards.py", "test_compare_footing.py", "test_optim8bit.py",
-             "test_stop_latency.py", "test_demo.py", "test_launch_run.py", "test_float8.py", "test_paper_comparison.py",
-             "test_launch_identity.py", "test_selective_checkpoint.py", "test_console_commands.py", "test_mirror.py",
-             "test_flops_causal.py")
+# The files with the suite's longest tests, longest first (per-file sums of a whole run's --durations=0 on 2 cores:
+# /work/wt/durations_start.txt, session of issue 20.9). `make test` hands whole files to the two workers in
+# collection order (--dist loadfile: a file's module fixtures are built once), so these go first and the short files
+# fill in the end: a long file started last would run alone while the other worker idles. A file missing here only
+# runs later; nothing depends on the order.
+RUN_FIRST = ("test_plan_fit.py", "test_tier_cards.py", "test_gpu_check.py", "test_optim8bit.py", "test_probe.py",
+             "test_chaos.py", "test_memory.py", "test_plan_fast.py", "test_stop_latency.py", "test_compile.py",
+             "test_demo.py", "test_launch.py", "test_launch_run.py", "test_compare_instruments.py", "test_notebook.py",
+             "test_paper_comparison.py", "test_plan_cache.py", "test_selective_checkpoint.py", "test_distributed.py",
+             "test_bad_input.py", "test_float8.py", "test_compare_footing.py", "test_mirror.py", "test_speed_paths.py",
+             "test_console_commands.py", "test_data_damage.py", "test_launch_identity.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
