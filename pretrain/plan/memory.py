@@ -54,6 +54,7 @@ from model import GPT, ModelConfig
 from pretrain.plan import estimate_cache
 from pretrain.train.config import TrainConfig
 from pretrain.train.optim import build_optimizer, step_unless_nonfinite
+from pretrain.train.weight_cache import cache_dtype, weights_cast_once
 from pretrain.units import torch_dtype
 
 GiB = 1024**3
@@ -72,7 +73,7 @@ Pass = Callable[[GPT, contextlib.AbstractContextManager], None]
 # TrainConfig fields that change what one training step allocates (everything else is irrelevant to memory).
 MEMORY_FIELDS = ("batch_size", "grad_accum", "param_dtype", "amp", "amp_dtype", "grad_checkpoint", "optimizer",
                  "checkpoint_policy",
-                 "opt_fused")
+                 "opt_fused", "bf16_weight_cache")
 
 
 @dataclass(frozen=True)
@@ -285,10 +286,11 @@ def _train_step(model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.
     the backward (the caller appends the update's recorded timeline)."""
     x = torch.randint(0, model.config.vocab_size, shape)
     y = torch.randint(0, model.config.vocab_size, shape)
-    with autocast:
-        loss = model(x, y) / cfg.grad_accum
-    scaler.scale(loss).backward()
-    del loss, x, y
+    with weights_cast_once(model, cache_dtype(cfg)):  # --bf16-weight-cache: held through forward and backward
+        with autocast:
+            loss = model(x, y) / cfg.grad_accum
+        scaler.scale(loss).backward()
+        del loss, x, y
     if update:
         _update(model, optimizer, scaler, cfg)
 
