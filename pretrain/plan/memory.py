@@ -185,7 +185,7 @@ def _state_key(mcfg: ModelConfig, cfg: TrainConfig) -> tuple[str, str]:
     """The key of `_fake_state` (and of `_update_ops`): the model, and the settings that shape weights and
     optimizer state. Checkpointing is a flag the step reads, set on the shared model before each run."""
     return json.dumps(mcfg.to_dict(), sort_keys=True), _relevant(cfg, batch_size=1, grad_accum=1,
-                                                                 grad_checkpoint=False)
+                                                                 grad_checkpoint=False, bf16_weight_cache=False)
 
 
 def _update(model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: TrainConfig) -> None:
