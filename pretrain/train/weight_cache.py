@@ -12,8 +12,8 @@ hand back its gradient the same way (`_Cast`): losses and gradients are bit-iden
 (tests/test_bf16_weight_cache.py).
 
 How: for the step's micro-batches (forwards and backwards, so a checkpointed recompute sees it too) every plain
-nn.Linear but the LM head runs F.linear with its weight's cast (an instance `forward` set for the step); autocast
-then casts only the input. The Parameters themselves stay in place: optimizer, gradient hooks, DDP and the memory
+nn.Linear but the LM head runs F.linear with its weight's cast (`weights_cast_once`); autocast then casts only the
+input. The Parameters themselves stay in place: optimizer, gradient hooks, DDP and the memory
 tracker see the same leaf tensors. The LM head stays: the chunked
 loss casts it once per call itself and hands back an fp32 gradient. Before the update the Parameters are put
 back and the casts dropped: 2 bytes per cached parameter held through the step's forwards and backwards
@@ -23,7 +23,7 @@ back and the casts dropped: 2 bytes per cached parameter held through the step's
 from __future__ import annotations
 
 import contextlib
-import functools
+import types
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -72,14 +72,21 @@ class _Cast(torch.autograd.Function):
         return grad.to(ctx.weight_dtype), None
 
 
-def _forward_with(module: nn.Linear, cast: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, _Cast.apply(module.weight, cast), module.bias)
+def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's forward, with the weight's cast while the cache is on (`_weight_cast` set)."""
+    cast = module._weight_cast
+    weight = module.weight if cast is None else _Cast.apply(module.weight, cast)
+    return F.linear(x, weight, module.bias)
 
 
 @contextlib.contextmanager
 def weights_cast_once(model: nn.Module, dtype: torch.dtype | None) -> Iterator[int]:
     """Within the block, the cached linears compute with their weight's `dtype` cast, made here once; gradients
-    still reach the fp32 Parameters. Yields how many linears use a cast. dtype None: nothing changes."""
+    still reach the fp32 Parameters. Yields how many linears use a cast. dtype None: nothing changes.
+
+    The first use gives each cached linear an instance `forward` (`_forward`), kept for the rest of the run: a
+    compiled block guards on the forward object, so one made per step would recompile every step. Outside the
+    block its `_weight_cast` is None and it is nn.Linear's forward."""
     if dtype is None:
         yield 0
         return
@@ -92,9 +99,11 @@ def weights_cast_once(model: nn.Module, dtype: torch.dtype | None) -> Iterator[i
                 continue
             if id(weight) not in casts:
                 casts[id(weight)] = weight.detach().to(dtype)
-            module.forward = functools.partial(_forward_with, module, casts[id(weight)])
+            if "forward" not in module.__dict__:
+                module.forward = types.MethodType(_forward, module)
+            module._weight_cast = casts[id(weight)]
             patched.append(module)
         yield len(patched)
     finally:
         for module in patched:
-            del module.forward  # the class's forward again
+            module._weight_cast = None
