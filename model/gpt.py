@@ -135,13 +135,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 # logsumexp by hand, in place: torch.logsumexp allocates a chunk-sized temporary (412 MB at
                 # 2048 x 50304 fp32) every call. Same formula: max + log(sum(exp(x - max))).
                 picked = logits.gather(1, safe_t).squeeze(1)
-                top_at = logits.argmax(dim=-1, keepdim=True)
-                top = logits.gather(1, top_at)
+                top = logits.amax(dim=-1, keepdim=True)
                 # Softmax in place, one fused kernel (max, exp, sum and scaling while each row is in cache) instead
-                # of five passes over chunk x vocab floats. The top logit's probability is exp(0) / sum, so
-                # logsumexp = top - log(p_top), and p_top >= 1 / vocab never underflows.
+                # of five passes over chunk x vocab floats. The top logit's probability is exp(0) / sum, the row's
+                # largest, so logsumexp = top - log(max p), and max p >= 1 / vocab never underflows.
                 torch.ops.aten._softmax.out(logits, -1, False, out=logits)
-                lse = (top - logits.gather(1, top_at).log()).squeeze(1)
+                lse = (top - logits.amax(dim=-1, keepdim=True).log()).squeeze(1)
                 total += ((lse - picked) * valid).sum()
                 if want_h or want_w:
                     # d(sum CE)/d logits = softmax - onehot(target), built in place; rows of ignored targets are 0.
