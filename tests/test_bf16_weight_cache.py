@@ -154,3 +154,19 @@ def test_bench_floor_with_accumulation_times_the_cache(capsys):
     out = capsys.readouterr().out
     assert "2 micro-batches per step" in out
     assert ("  bf16+cache: step " in out) == native_bf16()
+
+
+@pytest.mark.slow
+def test_compiled_blocks_take_the_cast_without_recompiling(byte_data, tmp_path):
+    """--compile: one graph for every step's micro-batches (a forward object made per step recompiled each step)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    argv = [sys.executable, str(root / "train_v29.py"), "--data", str(byte_data), "--out-dir", str(out), *FAST,
+            "--steps", "4", "--compile", "--bf16-weight-cache"]
+    done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    end = next(e for e in read_jsonl(out / "train.jsonl") if e["type"] == "end")
+    assert end["compile"] == {"frames": 1, "recompiles": 0, "eager_fallbacks": 0}
