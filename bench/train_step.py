@@ -6,10 +6,13 @@
     .venv/bin/python bench/train_step.py --presets S --no-stall --no-amp --threads 1 --iters 5 --repeat 2
     .venv/bin/python bench/train_step.py --presets S --floor --iters 3       # step vs its GEMM floor, fp32 + bf16
     .venv/bin/python bench/train_step.py --presets S --floor --profile       # + where the non-GEMM time goes
+    .venv/bin/python bench/train_step.py --presets S --floor --grad-accum 4  # + bf16 with --bf16-weight-cache
 
 GEMM floor (--floor): in one process per preset, the step (fp32, and bf16 autocast where the host has native
 bf16) against the sum of its own GEMMs, each timed alone at its real shape (bench/gemm_floor.py), in CPU
 seconds and wall seconds, with the host's ISA. --profile adds torch.profiler's top ops by self CPU time.
+--grad-accum N runs N micro-batches per optimizer step (floor x N) and adds "bf16+cache", the bf16 step with
+the trainer's --bf16-weight-cache (pretrain/train/weight_cache.py); the precisions' steps alternate.
 
 Throughput: for each preset, with and without activation checkpointing (--grad-checkpoint) and with and
 without torch.compile (per block, as pretrain/train/session.py does), one optimizer step like the trainer's
@@ -57,6 +60,7 @@ from pretrain.train import device as dev  # noqa: E402
 from pretrain.train.checkpoint import CheckpointManager  # noqa: E402
 from pretrain.train.config import TrainConfig  # noqa: E402
 from pretrain.train.optim import build_optimizer, step_unless_nonfinite  # noqa: E402
+from pretrain.train.weight_cache import weights_cast_once  # noqa: E402
 
 
 def matmul_peaks(dtypes: tuple[str, ...], n: int = 2048, reps: int = 5) -> dict[str, float]:
@@ -87,7 +91,7 @@ class Step:
     """One trainer-like optimizer step on a fixed random batch."""
 
     def __init__(self, preset: str, batch: int, seq_len: int, grad_checkpoint: bool, compile_: bool,
-                 amp: bool) -> None:
+                 amp: bool, grad_accum: int = 1, weight_cache: bool = False) -> None:
         torch.manual_seed(0)
         self.cfg = model_config(preset)
         self.model = GPT(self.cfg).train()
@@ -100,15 +104,19 @@ class Step:
         self.amp = amp
         self.x = torch.randint(0, self.cfg.vocab_size, (batch, seq_len))
         self.y = torch.randint(0, self.cfg.vocab_size, (batch, seq_len))
-        self.tokens = batch * seq_len
+        self.tokens = batch * seq_len * grad_accum
         self.step = 0
+        self.grad_accum = grad_accum
+        self.cache_dtype = torch.bfloat16 if amp and weight_cache else None  # --bf16-weight-cache
 
     def __call__(self) -> float:
         """Run one step; returns its wall time in seconds (its CPU time is left in `cpu_s`)."""
         t0, c0 = time.perf_counter(), time.process_time()
-        with dev.autocast(torch.device("cpu"), self.amp, torch.bfloat16):
-            loss = self.model(self.x, self.y)
-        loss.backward()
+        with weights_cast_once(self.model, self.cache_dtype):  # as pretrain/train/loop.py's train_step
+            for _ in range(self.grad_accum):
+                with dev.autocast(torch.device("cpu"), self.amp, torch.bfloat16):
+                    loss = self.model(self.x, self.y) / self.grad_accum
+                loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         step_unless_nonfinite(self.optimizer, (~torch.isfinite(grad_norm)).float())
         self.optimizer.zero_grad(set_to_none=True)
@@ -175,18 +183,28 @@ def child_stall(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
     """The step in each precision the host runs natively, against its GEMM floor timed in this process."""
-    precisions = ("fp32", "bf16") if native_bf16() else ("fp32",)
+    precisions = ["fp32", "bf16"] if native_bf16() else ["fp32"]
+    accum = spec.get("grad_accum", 1)
+    if accum > 1 and native_bf16():
+        precisions.append("bf16+cache")  # --bf16-weight-cache: the weights cast once per step, not per micro-batch
     rows = []
+    steps = {}
     for name in precisions:
-        amp = name == "bf16"
-        step = Step(spec["preset"], spec["batch"], spec["seq_len"], False, False, amp)
+        steps[name] = Step(spec["preset"], spec["batch"], spec["seq_len"], False, False, name != "fp32", accum,
+                           name.endswith("+cache"))
         for _ in range(1 + spec["warmup"]):  # the first step allocates the AdamW state and loss buffers
-            step()
-        walls, cpus = [], []
-        for _ in range(spec["iters"]):
-            walls.append(step())
-            cpus.append(step.cpu_s)
+            steps[name]()
+    timed: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in precisions}
+    for _ in range(spec["iters"]):  # alternating: load from other processes shifts every precision alike
+        for name, step in steps.items():
+            timed[name][0].append(step())
+            timed[name][1].append(step.cpu_s)
+    for name, step in steps.items():
+        amp = name != "fp32"
+        walls, cpus = timed[name]
         floor = gemm_floor(step.cfg, spec["batch"], spec["seq_len"], torch.bfloat16 if amp else torch.float32)
+        floor = {**floor, "cpu_s": floor["cpu_s"] * accum, "wall_s": floor["wall_s"] * accum,
+                 "flops": floor["flops"] * accum}
         row = {"precision": name, "step_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
                "floor": floor, "load": os.getloadavg()[0]}
         if spec.get("profile"):
@@ -199,7 +217,8 @@ def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_floor(res: dict[str, Any]) -> None:
-    print(f"GEMM floor, preset {res['preset']} {res['batch']} x {res['seq_len']}, host ISA: {res['isa']}")
+    accum = f", {res['grad_accum']} micro-batches per step" if res.get("grad_accum", 1) > 1 else ""
+    print(f"GEMM floor, preset {res['preset']} {res['batch']} x {res['seq_len']}{accum}, host ISA: {res['isa']}")
     for r in res["rows"]:
         fl = r["floor"]
         print(f"  {r['precision']}: step {r['cpu_s']:.3f} CPU-s ({r['step_s']:.3f} s wall), GEMM floor "
@@ -283,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--floor", action="store_true",
                     help="the step against its GEMM floor (fp32, + bf16 where native), instead of the sweep")
     ap.add_argument("--profile", action="store_true", help="with --floor: torch.profiler's top ops per precision")
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="with --floor: micro-batches per optimizer step; > 1 adds bf16 with --bf16-weight-cache")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -298,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         for preset in presets:
             batch = args.s_batch if preset in CONFIGS else args.small_batch if preset != "tiny" else args.tiny_batch
             print_floor(run_child("floor", {"preset": preset, "batch": batch, "seq_len": args.seq_len,
-                                            "iters": args.iters or 3, "warmup": 1, "profile": args.profile},
+                                            "iters": args.iters or 3, "warmup": 1, "profile": args.profile,
+                                            "grad_accum": args.grad_accum},
                                   args.threads))
         return 0
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "

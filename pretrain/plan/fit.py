@@ -246,3 +246,21 @@ def suggest_fix(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, capacity: int
             lo, hi = (lo, mid) if fits(change, options[mid])[0] else (mid + 1, hi)
         return describe(change, options[lo], fits(change, options[lo])[1])
     return closest[2] if closest else None
+
+
+def weight_cache_reason(mcfg: ModelConfig, cfg: TrainConfig, micro: dict[int, int], capacity: int, nproc: int,
+                        sequences_per_proc: int) -> str | None:
+    """Why --bf16-weight-cache should be on (None: off). On when some phase runs several micro-batches a step (the
+    casts it saves: accumulation - 1 per weight, twice with checkpointing) and every phase still fits with the cast
+    weights held through the step (2 bytes per block parameter; pretrain/train/weight_cache.py)."""
+    if not cfg.amp or cfg.param_dtype != "fp32" or cfg.fsdp or cfg.float8:
+        return None  # nothing to cache (validate() refuses the flag there)
+    accum = {t: max(1, sequences_per_proc // b) for t, b in micro.items()}
+    if max(accum.values(), default=1) == 1:
+        return None
+    cached = replace(cfg, bf16_weight_cache=True)
+    for t, b in micro.items():
+        if verdict(step_peak_bytes(mcfg, with_micro(cached, b, sequences_per_proc), t, nproc)[0], capacity) != "fits":
+            return None
+    return (f"derived: on, {max(accum.values())} micro-batches a step cast each block weight once, not per "
+            "micro-batch, and every phase still fits")

@@ -14,7 +14,15 @@ from typing import Any
 
 from model import PRESETS, ModelConfig
 from pretrain import invocation
-from pretrain.plan.fit import choose_execution, recompute_factor, step_peak_bytes, suggest_fix, verdict, with_micro
+from pretrain.plan.fit import (
+    choose_execution,
+    recompute_factor,
+    step_peak_bytes,
+    suggest_fix,
+    verdict,
+    weight_cache_reason,
+    with_micro,
+)
 from pretrain.plan.instrument_memory import pass_peak_bytes, run_passes, turn_down
 from pretrain.plan.memory import GiB
 from pretrain.plan.pick_optimizer import choose_optimizer
@@ -200,6 +208,21 @@ def choose_micro_batches(res: Resolved, tier: Tier, capacity: int) -> None:
                    per_proc, derived("the largest micro-batch whose estimate fits each phase"))
 
 
+def choose_weight_cache(res: Resolved, capacity: int) -> None:
+    """--bf16-weight-cache, unless a flag or the resumed run fixed it: on where a step has several micro-batches and
+    every phase fits with the cast weights held (pretrain/plan/fit.py weight_cache_reason)."""
+    if not source_of(res.sources, "bf16_weight_cache").planner_chose:
+        return
+    cfg = res.cfg
+    per_proc = cfg.batch_size * cfg.grad_accum
+    points = parse_micro_batch_schedule(cfg.micro_batch_schedule, per_proc)
+    micro = {ph.seq_len: micro_batch_at(points, ph.start_step, cfg.batch_size, cfg.grad_accum)[0]
+             for ph in phases(res.points, cfg.steps)}
+    why = weight_cache_reason(res.mcfg, cfg, micro, capacity, res.nproc, per_proc)
+    res.values["bf16_weight_cache"] = why is not None
+    res.sources["bf16_weight_cache"] = Source(Origin.DERIVED, why) if why else DEFAULT
+
+
 def _set_micro(res: Resolved, points: list[tuple[int, int]], per_proc: int, how: Source) -> None:
     """Write per-phase micro-batches as --batch-size/--grad-accum (the last phase) + --micro-batch-schedule."""
     merged = [pt for i, pt in enumerate(points) if i == 0 or pt[1] != points[i - 1][1]]
@@ -238,6 +261,7 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
     capacity, capacity_how = memory_capacity(tier, tier_how, gpu)
     choose_optimizer(res, tier, capacity)
     choose_micro_batches(res, tier, capacity)
+    choose_weight_cache(res, capacity)
     cfg, mcfg = res.cfg, res.mcfg
     per_proc = cfg.batch_size * cfg.grad_accum
     micro_points = parse_micro_batch_schedule(cfg.micro_batch_schedule, per_proc)

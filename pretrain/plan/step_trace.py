@@ -33,6 +33,7 @@ import torch
 from model import GPT, ModelConfig
 from pretrain.train.config import TrainConfig
 from pretrain.train.optim import AdamW8bit, build_optimizer, step_unless_nonfinite
+from pretrain.train.weight_cache import cache_dtype, weights_cast_once
 from pretrain.units import torch_dtype
 
 # A pass the trainer runs beside the training step: called with the model (in training mode, no gradients) and
@@ -41,7 +42,7 @@ Pass = Callable[[GPT, contextlib.AbstractContextManager], None]
 # TrainConfig fields that change what one training step allocates (everything else is irrelevant to memory).
 MEMORY_FIELDS = ("batch_size", "grad_accum", "param_dtype", "amp", "amp_dtype", "grad_checkpoint", "optimizer",
                  "checkpoint_policy",
-                 "opt_fused")
+                 "opt_fused", "bf16_weight_cache")
 
 
 def _relevant(cfg: TrainConfig, **fixed: object) -> str:
@@ -148,7 +149,7 @@ def _state_key(mcfg: ModelConfig, cfg: TrainConfig) -> tuple[str, str]:
     """The key of `_fake_state` (and of `_update_ops`): the model, and the settings that shape weights and
     optimizer state. Checkpointing is a flag the step reads, set on the shared model before each run."""
     return json.dumps(mcfg.to_dict(), sort_keys=True), _relevant(cfg, batch_size=1, grad_accum=1,
-                                                                 grad_checkpoint=False)
+                                                                 grad_checkpoint=False, bf16_weight_cache=False)
 
 
 def _update(model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: TrainConfig) -> None:
@@ -249,9 +250,10 @@ def _train_step(model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.
     the backward (the caller appends the update's recorded timeline)."""
     x = torch.randint(0, model.config.vocab_size, shape)
     y = torch.randint(0, model.config.vocab_size, shape)
-    with autocast:
-        loss = model(x, y) / cfg.grad_accum
-    scaler.scale(loss).backward()
-    del loss, x, y
+    with weights_cast_once(model, cache_dtype(cfg)):  # --bf16-weight-cache: held through forward and backward
+        with autocast:
+            loss = model(x, y) / cfg.grad_accum
+        scaler.scale(loss).backward()
+        del loss, x, y
     if update:
         _update(model, optimizer, scaler, cfg)

@@ -43,6 +43,7 @@ RESUMABLE_CHANGES = frozenset(
         "checkpoint_policy",
         "init_from", "sample_every", "sample_prompts", "sample_tokens", "sample_temperature", "hellaswag",
         "downstream_every", "downstream_items", "mirror",
+        "bf16_weight_cache",
     }
 )
 
@@ -186,6 +187,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.fsdp and cfg.amp and cfg.amp_dtype == "fp16":
         # GradScaler would judge inf/nan on each rank's gradient shard alone and skip steps on some ranks only.
         raise UserError("--fsdp does not support --amp-dtype fp16: use --amp-dtype bf16, or DDP (drop --fsdp)")
+    if cfg.bf16_weight_cache and (not cfg.amp or cfg.param_dtype != "fp32" or cfg.fsdp or cfg.float8):
+        why = ("there is no autocast to cast for (--no-amp)" if not cfg.amp else
+               "the weights are bf16 already" if cfg.param_dtype != "fp32" else
+               "FSDP2 all-gathers the weights in the autocast dtype itself" if cfg.fsdp else
+               "float8 casts the block weights itself")
+        raise UserError(f"--bf16-weight-cache has nothing to cache: {why}; drop --bf16-weight-cache")
     if cfg.eval_seq_lens:
         from pretrain.evals.lengths import parse_eval_lengths  # lazy: config stays cheap to import
 

@@ -105,6 +105,9 @@ class TrainConfig:
     compile_mode: str = _opt(
         "default", "torch.compile mode", ["default", "reduce-overhead", "max-autotune"], "prec"
     )
+    bf16_weight_cache: bool = _opt(False, "with --grad-accum > 1: cast the fp32 block weights to the autocast dtype "
+                                   "once per optimizer step instead of every micro-batch (same numbers; +2 bytes per "
+                                   "parameter through the step's forwards and backwards)", group="prec")
 
     # eval and logging
     eval_every: int = _opt(200, "evaluate every N steps (0: only at start and end)", group="eval", check="[0,inf)")

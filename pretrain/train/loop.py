@@ -34,6 +34,7 @@ from pretrain.train.meter import Meter
 from pretrain.train.optim import peak_lr, set_lr, step_unless_nonfinite
 from pretrain.train.session import RunComplete, open_session, save
 from pretrain.train.state import RunState
+from pretrain.train.weight_cache import cache_dtype, weights_cast_once
 
 
 class StopRequested:
@@ -202,23 +203,25 @@ def train_step(s: RunState, stop: StopRequested, meter: Meter, data_state: dict[
     lr = lr_for(cfg, prog.step, s.sched.lr_horizon)
     set_lr(s.optimizer, lr)
     step_loss = torch.zeros((), device=s.device)
-    for micro in range(accum):
-        x, y = _next_batch(s, meter, micro_batch, seq_len, data_state)
-        try:
-            # A stop may cut the micro-batch short (a first call compiles for minutes): its gradients
-            # are dropped below, as for a stop between micro-batches.
-            with stopping.interruptible(), dist_lib.maybe_no_sync(s.wrapped, sync=micro == accum - 1):
-                with s.autocast:
-                    loss = s.wrapped(x, y) / accum
-                # Outside autocast, as the memory estimate assumes: its bf16 weight-cast cache is freed
-                # on leaving the context instead of living through backward.
-                s.scaler.scale(loss).backward()
-            step_loss += loss.detach().float()
-        except stopping.StopNow:
-            pass
-        if dist_lib.any_rank(bool(stop), s.dist):
-            s.optimizer.zero_grad(set_to_none=True)
-            return None
+    # --bf16-weight-cache: the weights cast once for all micro-batches, the Parameters back before the update.
+    with weights_cast_once(s.model, cache_dtype(cfg)):
+        for micro in range(accum):
+            x, y = _next_batch(s, meter, micro_batch, seq_len, data_state)
+            try:
+                # A stop may cut the micro-batch short (a first call compiles for minutes): its gradients
+                # are dropped below, as for a stop between micro-batches.
+                with stopping.interruptible(), dist_lib.maybe_no_sync(s.wrapped, sync=micro == accum - 1):
+                    with s.autocast:
+                        loss = s.wrapped(x, y) / accum
+                    # Outside autocast, as the memory estimate assumes: its bf16 weight-cast cache is freed
+                    # on leaving the context instead of living through backward.
+                    s.scaler.scale(loss).backward()
+                step_loss += loss.detach().float()
+            except stopping.StopNow:
+                pass
+            if dist_lib.any_rank(bool(stop), s.dist):
+                s.optimizer.zero_grad(set_to_none=True)
+                return None
 
     s.scaler.unscale_(s.optimizer)
     grad_norm = dist_lib.clip_grad_norm(s.model, cfg.grad_clip or float("inf"), s.dist)
