@@ -20,7 +20,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from .attention import AttentionTrace, CausalSelfAttention, KVCache, shared_block_mask
 from .config import ModelConfig
 from .kv_formats import KVSetting
-from .loss_chunk import compiled_chunk_loop
+from .loss_chunk import backprop_chunk, compiled_chunk_loop
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -162,19 +162,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                     g = logits.mul_(valid.unsqueeze(1))
                     g.scatter_add_(1, safe_t, -valid.unsqueeze(1).to(g.dtype))
                     g = g if buf32 is None else out_mm.copy_(g)  # round to the matmul dtype in place
-                    if want_h:
-                        if g.dtype == grad_h.dtype:
-                            torch.mm(g, w, out=grad_h[i:i + n])
-                        else:
-                            grad_h[i:i + n] = g @ w
-                    if want_w:
-                        # Accumulate in fp32 without a weight-sized temporary per chunk where dtypes allow.
-                        if grad_w is None:
-                            grad_w = (g.t() @ h_c).float()
-                        elif g.dtype == torch.float32:
-                            grad_w.addmm_(g.t(), h_c)
-                        else:
-                            grad_w += g.t() @ h_c
+                    grad_w = backprop_chunk(g, w, h_c, None if grad_h is None else grad_h[i:i + n], grad_w, want_w)
             if want_w and grad_w is None:  # no rows
                 grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
         ctx.weight_dtype = weight.dtype

@@ -36,6 +36,26 @@ def chunk_loss_and_logit_grad_(logits: torch.Tensor, t_c: torch.Tensor, vocab_si
 _compiled_chunk: Callable[..., torch.Tensor] | None = None
 
 
+
+def backprop_chunk(g: torch.Tensor, w: torch.Tensor, h_c: torch.Tensor, grad_h_rows: torch.Tensor | None,
+                   grad_w: torch.Tensor | None, want_w: bool) -> torch.Tensor | None:
+    """From one chunk's logit gradient `g`: write its rows of the hidden states' gradient into `grad_h_rows` and
+    return the weight's gradient accumulated in fp32 (without a weight-sized temporary per chunk where the dtypes
+    allow it). Shared by the eager loop (model/gpt.py) and the compiled one."""
+    if grad_h_rows is not None:
+        if g.dtype == grad_h_rows.dtype:
+            torch.mm(g, w, out=grad_h_rows)
+        else:
+            grad_h_rows.copy_(g @ w)
+    if want_w:
+        if grad_w is None:
+            grad_w = (g.t() @ h_c).float()
+        elif g.dtype == torch.float32:
+            grad_w.addmm_(g.t(), h_c)
+        else:
+            grad_w += g.t() @ h_c
+    return grad_w
+
 def compiled_chunk_loop(hh: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                         ignore_index: int, chunk_rows: int, want_h: bool, want_w: bool, h_dtype: torch.dtype,
                         logits_buffer: Callable[[int], torch.Tensor],
@@ -63,16 +83,5 @@ def compiled_chunk_loop(hh: torch.Tensor, w: torch.Tensor, targets: torch.Tensor
         h_c = hh[i:i + size]
         g = torch.mm(h_c, w.t(), out=buf)
         total += _compiled_chunk(g, targets[i:i + size], vocab_size, ignore_index, want_h or want_w)
-        if want_h:
-            if g.dtype == h_dtype:
-                torch.mm(g, w, out=grad_h[i:i + size])
-            else:
-                grad_h[i:i + size] = g @ w
-        if want_w:
-            if grad_w is None:
-                grad_w = (g.t() @ h_c).float()
-            elif g.dtype == torch.float32:
-                grad_w.addmm_(g.t(), h_c)
-            else:
-                grad_w += g.t() @ h_c
+        grad_w = backprop_chunk(g, w, h_c, None if grad_h is None else grad_h[i:i + size], grad_w, want_w)
     return total, None if grad_h is None else grad_h[:rows], grad_w
