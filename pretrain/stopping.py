@@ -22,6 +22,7 @@ request is not yet served and a region is open, a timer (SIGALRM every RETRY_S) 
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -112,9 +113,41 @@ def interruptible() -> Iterator[None]:
     global _regions
     check()
     _regions += 1
+    modes = _dispatch_modes()
     try:
         yield
+    except StopNow:
+        _restore_dispatch_modes(modes)
+        raise
     finally:
         _regions -= 1
         if not _regions:
             _stop_retrying()  # out of the region: the loop's own checks see the request from here on
+
+
+def _dispatch_modes() -> tuple[int, int, tuple[bool, ...]] | None:
+    """torch's thread-local mode stacks on entering a region (None before torch is imported: nothing to restore)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    keys = torch._C._TorchDispatchModeKey
+    return (torch._C._len_torch_dispatch_stack(), torch._C._len_torch_function_stack(),
+            tuple(torch._C._get_dispatch_mode(k) is not None for k in (keys.FAKE, keys.FUNCTIONAL, keys.PROXY)))
+
+
+def _restore_dispatch_modes(entered: tuple[int, int, tuple[bool, ...]] | None) -> None:
+    """Pop the modes a StopNow left pushed. A raise can land between a mode's push and the `try` that pops it (a
+    compile traces under ProxyTorchDispatchMode), and the next op then aborts the process in C++ ("trying to set
+    the current ProxyTorchDispatchMode, but one already exists") instead of letting the stop path save."""
+    torch = sys.modules.get("torch")
+    if entered is None or torch is None:
+        return
+    dispatch_len, function_len, infra = entered
+    while torch._C._len_torch_dispatch_stack() > dispatch_len:
+        torch._C._pop_torch_dispatch_stack(None)
+    while torch._C._len_torch_function_stack() > function_len:
+        torch._C._pop_torch_function_stack()
+    keys = torch._C._TorchDispatchModeKey
+    for key, was_set in zip((keys.FAKE, keys.FUNCTIONAL, keys.PROXY), infra, strict=True):
+        if not was_set and torch._C._get_dispatch_mode(key) is not None:
+            torch._C._unset_dispatch_mode(key)
