@@ -51,9 +51,11 @@ if str(ROOT) not in sys.path:
 
 import errno  # noqa: E402
 import functools  # noqa: E402
+import gc  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -323,3 +325,12 @@ def _trainer_plots_unrendered(request, monkeypatch) -> None:
     for name, module in list(sys.modules.items()):
         if name.startswith("pretrain.train") and getattr(module, "write_plots", None) is real_write:
             monkeypatch.setattr(module, "write_plots", write_unrendered)
+
+
+@pytest.fixture
+def no_gc() -> Iterator[None]:
+    """Op for op, a timeline is reproducible only without the cycle collector freeing tensors at random ops."""
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()

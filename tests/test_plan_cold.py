@@ -4,9 +4,6 @@ without its first update equals the state a real first step leaves."""
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterator
-
 import pytest
 
 from model import ModelConfig
@@ -22,15 +19,6 @@ SETTINGS = [(False, "full", "adamw", "fp32", 1), (True, "full", "lion", "bf16", 
 
 def tiny(attn: str, n_layer: int) -> ModelConfig:
     return ModelConfig.from_preset("tiny", vocab_size=256, attn=attn, n_layer=n_layer, null_attn=attn == "gqa")
-
-
-@pytest.fixture
-def no_gc() -> Iterator[None]:
-    """Op for op, a timeline is reproducible only without the cycle collector freeing tensors at random ops."""
-    gc.collect()
-    gc.disable()
-    yield
-    gc.enable()
 
 
 @pytest.mark.parametrize("ckpt,policy,optimizer,dtype,accum", SETTINGS, ids=lambda v: str(v))

@@ -3,9 +3,6 @@ model and optimizer settings (pretrain/plan/memory.py `_update_ops`), and must e
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterator
-
 import pytest
 
 from model import ModelConfig
@@ -16,15 +13,6 @@ from pretrain.train.config import TrainConfig
 
 def tiny(attn: str, n_layer: int) -> ModelConfig:
     return ModelConfig.from_preset("tiny", vocab_size=256, attn=attn, n_layer=n_layer)
-
-
-@pytest.fixture
-def no_gc() -> Iterator[None]:
-    """Op for op, a timeline is reproducible only without the cycle collector freeing tensors at random ops."""
-    gc.collect()
-    gc.disable()
-    yield
-    gc.enable()
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "lion"])
