@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_attention import causal_attention_cpu, cpu_attention_applies
 from .kv_formats import KVSetting
 from .kv_quant import QuantKVCache, new_kv_cache
 from .rope import RotaryEmbedding, apply_rotary
@@ -218,8 +219,11 @@ class CausalSelfAttention(nn.Module):
             # break every block's graph. start == 0 is causal for any T (one query at 0 sees its one key); a
             # cached single new token (start > 0, no mask) sees every key. No explicit mask keeps flash eligible.
             is_causal = mask is None and start == 0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                               enable_gqa=gqa)
+            if cpu_attention_applies(q, k, v):  # bf16 on CPU: GEMMs + fused softmax, not the flash kernel
+                y = causal_attention_cpu(q, k, v, mask, scale)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                                   enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def _attend_reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
