@@ -1,23 +1,30 @@
-"""Causal attention on CPU as batched GEMMs and fused softmax passes, one autograd node (issue 23.1).
+"""bf16 attention on CPU as blocked GEMMs and fused softmax passes, one autograd node (issue 23.1).
 
-Why: torch's CPU flash-attention kernel (what scaled_dot_product_attention runs on CPU) is far from the GEMMs it
-does. At config S (B 8, H 6, T 256, head 64, bf16 on AVX-512-BF16) its forward + backward took ~100 CPU-ms per
-layer, ~25x the six attention matmuls it performs; the backward alone ~85 %. Here the same attention is a few
-whole-tensor GEMMs (oneDNN/MKL) and row-wise passes, ~5x less CPU time (bench/attention_cpu.py).
+Why: torch's CPU flash-attention kernel (what scaled_dot_product_attention runs on CPU) spends most of its time
+outside the GEMMs it does. At config S (B 8, H 6, T 256, head 64, bf16, AVX-512-BF16) its forward + backward took
+~40 CPU-ms per layer against ~7 for the six attention matmuls at full T x T; the backward ~70 % of it. Here the
+same attention is a few whole-batch GEMMs (oneDNN) and row-wise fused passes per block of 64 queries: ~0.5-0.65x
+its CPU time for every variant (bench/attention_cpu.py; the figures are in bench/README.md).
 
-Precision is the flash kernel's: the scores q k^T and the backward's dO v^T are fp32 GEMMs (autocast's bf16 GEMM
-would round every score to 8 bits before the softmax), the softmax is fp32, and the probabilities / score
-gradients enter the bf16 GEMMs P v, P^T dO, dS k, dS^T q rounded to the input dtype, as flash rounds them.
-Memory is flash's too: forward saves q, k, v and the per-row log-sum-exp (no T x S matrix); backward recomputes
-the probabilities from them. The T x S score matrix exists only inside one call.
+Causal blocks: a block of queries reads only the keys up to its last query (4 blocks at T 256: 5/8 of the T x S
+work), only the diagonal square gets a -inf bias, and the block's scores stay in cache between the GEMM, the
+softmax and the GEMM that use them. T not a multiple of 64 (and above it) keeps SDPA, so a block stays bounded.
 
-GQA (fewer k/v heads): each k/v head's query group is stacked along the rows, (B, Hkv, group*T, hd), so one
-GEMM serves the group and k/v are never repeated.
+Precision is the flash kernel's: the scores q k^T and the backward's dO v^T are fp32 sums of exact bf16 products
+(autocast's bf16 GEMM would round every score to 8 bits before the softmax), the softmax and its backward are
+fp32, and the probabilities / score gradients enter the bf16 GEMMs P v, P^T dO, dS k, dS^T q rounded to bf16, as
+flash rounds them; dK and dV sum over query blocks in fp32. Memory is flash's: forward saves q, k, v; backward
+recomputes each block's probabilities (bit-identical: same GEMM, same softmax). No T x S tensor outlives a block.
 
-Where it runs (cpu_attention_applies): real CPU tensors outside torch.compile and outside every dispatch mode.
-Under FakeTensorMode / the memory tracker (the planner's CUDA memory estimate, pretrain/plan/step_trace.py), under
-selective checkpointing's caching mode, and on every other device, attention stays torch's SDPA, so the memory a
-trace models and everything a GPU runs are unchanged.
+GQA (fewer k/v heads): each k/v head's query group is stacked along a block's rows, so one GEMM serves the group
+and k/v are never repeated.
+
+Where it runs (cpu_attention_applies): bf16 plain CPU tensors, eager, outside every dispatch mode, on a host with
+native bf16 GEMMs. Under FakeTensorMode / the memory tracker (the planner's CUDA memory estimate,
+pretrain/plan/step_trace.py), under selective checkpointing's caching mode, for fp32 (fp32 GEMMs make this path
+slower than flash), a single query (decoding) and on every other device, attention stays torch's SDPA: the memory
+a trace models and everything a GPU runs are unchanged. While it runs it sets oneDNN's fp32 matmul precision to
+bf16 (process-wide, restored after; its fp32 operands are exact bf16 values, so nothing is rounded).
 """
 
 from __future__ import annotations
@@ -40,9 +47,10 @@ def _native_bf16() -> bool:
 
 
 def cpu_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """True where causal_attention_cpu replaces SDPA: plain bf16 CPU tensors on a host with native bf16 GEMMs,
-    eager, no dispatch mode active (fp32 stays on SDPA's flash kernel: with fp32 GEMMs this path is slower)."""
-    if torch.compiler.is_compiling() or q.device.type != "cpu" or q.shape[2] == 1:  # one query: SDPA's decode step
+    """True where causal_attention_cpu replaces SDPA (module docstring): plain bf16 CPU tensors, eager, no dispatch
+    mode active, native bf16 GEMMs, more than one query, T at most one block or a multiple of it."""
+    T = q.shape[2]
+    if torch.compiler.is_compiling() or q.device.type != "cpu" or T == 1 or (T > BLOCK_QUERIES and _n_blocks(T) == 1):
         return False
     return (all(type(t) is torch.Tensor and t.dtype == torch.bfloat16 for t in (q, k, v))
             and not is_in_torch_dispatch_mode() and _native_bf16())
@@ -76,9 +84,7 @@ def _exact_bf16_products() -> Iterator[None]:
         mm.fp32_precision = before
 
 
-# Queries per block (T a multiple of it, else one block). Causal blocks skip the keys after their last query: at
-# T 256, 4 blocks do 5/8 of the T x S work, and a block's scores (3 MB at config S) stay in cache between the GEMM,
-# the softmax and the GEMM that use them.
+# Queries per block (T a multiple of it, else one block); a block's fp32 scores are 3 MB at config S.
 BLOCK_QUERIES = 64
 
 

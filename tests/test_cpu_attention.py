@@ -159,13 +159,17 @@ class _Recorder(TorchDispatchMode):
 
 def test_fake_tensors_and_dispatch_modes_keep_sdpa(native_bf16):
     """The planner traces a step on fake CPU tensors under a memory tracker (a dispatch mode) to model CUDA memory:
-    there, under any dispatch mode (also selective checkpointing's), for fp32 and for one query, attention stays SDPA."""
+    there, under any dispatch mode (also selective checkpointing's), for fp32, for one query and for a length that
+    is neither one block nor a multiple of it (its scores would not be bounded by a block), attention stays SDPA."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     q, k, v = (t.detach() for t in _qkv(1, 2, 2, 64, 64, 16, 16))
     assert cpu_attention_applies(q, k, v)
     assert not cpu_attention_applies(q.float(), k.float(), v.float())
     assert not cpu_attention_applies(q[:, :, :1], k, v)
+    assert cpu_attention_applies(q[:, :, :24], k[:, :, :24], v[:, :, :24])
+    long = torch.zeros(1, 2, 100, 16, dtype=torch.bfloat16)
+    assert not cpu_attention_applies(long, long, long)
     with FakeTensorMode() as mode:
         fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
         assert not cpu_attention_applies(fq, fk, fv)
