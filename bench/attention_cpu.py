@@ -3,17 +3,29 @@ model/cpu_attention.py's causal_attention_cpu, forward and forward + backward, p
 
     .venv/bin/python bench/attention_cpu.py                         # all variants, bf16 (where native) + fp32
     .venv/bin/python bench/attention_cpu.py --variants baseline --precisions bf16 --rounds 9 --threads 1
+    .venv/bin/python bench/attention_cpu.py --step --rounds 6 --threads 2   # the whole bf16 config S step, A/B
 
 Inputs are what a block hands attention: q and k contiguous (RoPE writes new tensors), v a strided view of the
 fused QKV projection's output. The kernels alternate within each round (load from other processes shifts them
 alike); reported is the best round per kernel in CPU milliseconds (process CPU time, so time-slicing stays out),
 with the ratio to SDPA, and each kernel's relative error against a float64 reference for the output and q's,
 k's and v's gradients. Shapes: micro-batch 8 x T 256, heads from ModelConfig (6 heads, d 384).
+
+--step: the trainer-like bf16 config S step (bench/train_step.py's Step: autocast forward + backward, clipping,
+fused AdamW), alternating in one process between attention on SDPA (what main ran) and on the CPU path: median
+CPU seconds and tok/s per step, and from one profiled step each, the attention records' time (forward + backward,
+6 layers). Same process, same weights and batch, so load from other processes shifts both alike.
+
+On a shared host, CPU time is not immune to load: OpenMP threads spin while a descheduled partner is waited for,
+once per parallel region. The flash kernel is one region per call, the CPU path ~100 (GEMMs and passes per block),
+so with more runnable threads than cores the CPU path's time inflates far more; run with --threads 1 or
+OMP_WAIT_POLICY=PASSIVE there (bench/README.md shows all three).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,6 +91,44 @@ def timed(fn, q, k, v, go, backward: bool) -> float:
     return cpu
 
 
+def step_ab(rounds: int) -> None:
+    """The bf16 config S training step, SDPA vs the CPU path, alternating in this process."""
+    import statistics
+
+    from torch.profiler import profile
+
+    import model.attention as attention
+    from bench.train_step import Step
+
+    applies = attention.cpu_attention_applies
+    step = Step("S", 8, 256, False, False, True)
+    for _ in range(2):  # the first step allocates the optimizer state
+        step()
+    paths = {"sdpa (flash)": lambda q, k, v: False, "cpu_attention": applies}
+    cpu: dict[str, list[float]] = {n: [] for n in paths}
+    wall: dict[str, list[float]] = {n: [] for n in paths}
+    for _ in range(rounds):
+        for name, rule in paths.items():
+            attention.cpu_attention_applies = rule
+            wall[name].append(step())
+            cpu[name].append(step.cpu_s)
+    records = {"sdpa (flash)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                                "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+               "cpu_attention": ("_CausalAttention", "_CausalAttentionBackward")}
+    for name, rule in paths.items():
+        attention.cpu_attention_applies = rule
+        with profile() as prof:
+            step()
+        ev = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages()}
+        fwd, bwd = (ev.get(r, 0.0) for r in records[name])
+        print(f"  {name:<14} step {statistics.median(cpu[name]):.3f} CPU-s (median of {rounds}), "
+              f"{step.tokens / statistics.median(wall[name]):.0f} tok/s; profiled step: attention fwd {fwd:.0f} + "
+              f"bwd {bwd:.0f} = {fwd + bwd:.0f} ms (6 layers)")
+    attention.cpu_attention_applies = applies
+    ratio = statistics.median(cpu["cpu_attention"]) / statistics.median(cpu["sdpa (flash)"])
+    print(f"  step CPU time, cpu_attention / sdpa: {ratio:.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(ATTENTION_VARIANTS))
@@ -87,8 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--step", action="store_true", help="the whole bf16 config S step, SDPA vs the CPU path")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.step:
+        print(f"host ISA: {host_isa()}, {args.threads} threads, bf16 config S step (8 x 256), load "
+              f"{os.getloadavg()[0]:.1f}")
+        step_ab(args.rounds)
+        return 0
     print(f"host ISA: {host_isa()}, {args.threads} threads, B {args.batch} x T {args.seq_len}, causal; "
           f"best of {args.rounds} alternating rounds, CPU ms per layer call")
     for name in args.variants.split(","):
