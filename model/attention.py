@@ -23,6 +23,10 @@ as in the original code. Kept deliberately, so results compare with the original
 semantic half of its score is position-free, only the geometric half sees the distance. The optimizer
 gives the null key/value no weight decay (pretrain/train/optim.py).
 
+Kernel: SDPA (flash / cuDNN / memory-efficient on a card, the flash kernel on CPU), except bf16 on a CPU with native
+bf16 GEMMs, where model/cpu_attention.py computes the same attention in 0.5-0.65x the flash kernel's CPU time (fake
+tensors, dispatch modes, fp32, compiled graphs and every other device keep SDPA).
+
 Reference path: forward(x, on_trace=f) computes the same attention with an explicit softmax (after the same
 projection code) and hands f an AttentionTrace of probabilities and score parts, for diagnostics.
 """
@@ -38,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_attention import causal_attention_cpu, cpu_attention_applies
 from .kv_formats import KVSetting
 from .kv_quant import QuantKVCache, new_kv_cache
 from .rope import RotaryEmbedding, apply_rotary
@@ -218,8 +223,11 @@ class CausalSelfAttention(nn.Module):
             # break every block's graph. start == 0 is causal for any T (one query at 0 sees its one key); a
             # cached single new token (start > 0, no mask) sees every key. No explicit mask keeps flash eligible.
             is_causal = mask is None and start == 0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                               enable_gqa=gqa)
+            if cpu_attention_applies(q, k, v):  # bf16 on CPU: GEMMs + fused softmax, not the flash kernel
+                y = causal_attention_cpu(q, k, v, mask, scale)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                                   enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def _attend_reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,

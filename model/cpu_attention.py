@@ -1,0 +1,210 @@
+"""bf16 attention on CPU as blocked GEMMs and fused softmax passes, one autograd node (issue 23.1).
+
+Why: torch's CPU flash-attention kernel (what scaled_dot_product_attention runs on CPU) spends most of its time
+outside the GEMMs it does. At config S (B 8, H 6, T 256, head 64, bf16, AVX-512-BF16) its forward + backward took
+~40 CPU-ms per layer against ~7 for the six attention matmuls at full T x T; the backward ~70 % of it. Here the
+same attention is a few whole-batch GEMMs (oneDNN) and row-wise fused passes per block of 64 queries: ~0.5-0.65x
+its CPU time for every variant (bench/attention_cpu.py; the figures are in bench/README.md).
+
+Causal blocks: a block of queries reads only the keys up to its last query (4 blocks at T 256: 5/8 of the T x S
+work), only the diagonal square gets a -inf bias, and the block's scores stay in cache between the GEMM, the
+softmax and the GEMM that use them. T not a multiple of 64 (and above it) keeps SDPA, so a block stays bounded.
+
+Precision is the flash kernel's: the scores q k^T and the backward's dO v^T are fp32 sums of exact bf16 products
+(autocast's bf16 GEMM would round every score to 8 bits before the softmax), the softmax and its backward are
+fp32, and the probabilities / score gradients enter the bf16 GEMMs P v, P^T dO, dS k, dS^T q rounded to bf16, as
+flash rounds them; dK and dV sum over query blocks in fp32. Memory is flash's: forward saves q, k, v; backward
+recomputes each block's probabilities (bit-identical: same GEMM, same softmax). No T x S tensor outlives a block.
+
+GQA (fewer k/v heads): each k/v head's query group is stacked along a block's rows, so one GEMM serves the group
+and k/v are never repeated.
+
+Where it runs (cpu_attention_applies): bf16 plain CPU tensors, eager, outside every dispatch mode, on a host with
+native bf16 GEMMs. Under FakeTensorMode / the memory tracker (the planner's CUDA memory estimate,
+pretrain/plan/step_trace.py), under selective checkpointing's caching mode, for fp32 (fp32 GEMMs make this path
+slower than flash), a single query (decoding) and on every other device, attention stays torch's SDPA: the memory
+a trace models and everything a GPU runs are unchanged. While it runs it sets oneDNN's fp32 matmul precision to
+bf16 (process-wide, restored after; its fp32 operands are exact bf16 values, so nothing is rounded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+
+@functools.cache
+def _native_bf16() -> bool:
+    """Whether oneDNN multiplies bf16 natively here (AVX512-BF16 / AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """True where causal_attention_cpu replaces SDPA (module docstring): plain bf16 CPU tensors, eager, no dispatch
+    mode active, native bf16 GEMMs, more than one query, T at most one block or a multiple of it."""
+    T = q.shape[2]
+    if torch.compiler.is_compiling() or q.device.type != "cpu" or T == 1 or (T > BLOCK_QUERIES and _n_blocks(T) == 1):
+        return False
+    return (all(type(t) is torch.Tensor and t.dtype == torch.bfloat16 for t in (q, k, v))
+            and not is_in_torch_dispatch_mode() and _native_bf16())
+
+
+def causal_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float | None) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v for bf16 q (B, H, T, hd), k (B, Hkv, S, hd), v (B, Hkv, S, hd_v).
+
+    mask (T, S) bool, True = may attend, or None for causal with queries at the last T key positions (S == T in
+    training). scale None = 1/sqrt(hd). Returns (B, H, T, hd_v) bf16."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if mask is None:
+        T, S = q.shape[2], k.shape[2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    return _CausalAttention.apply(q, k, v, mask, scale)
+
+
+@contextlib.contextmanager
+def _exact_bf16_products() -> Iterator[None]:
+    """fp32 GEMMs computed by oneDNN from bf16 products with fp32 accumulation and fp32 output. The operands here
+    are bf16 values held in fp32, so nothing is rounded: the same sums as an fp32 GEMM, at ~3x its speed."""
+    mm = torch.backends.mkldnn.matmul
+    before = mm.fp32_precision
+    mm.fp32_precision = "bf16"
+    try:
+        with torch.autocast("cpu", enabled=False):  # the bf16 GEMMs here choose their dtypes themselves
+            yield
+    finally:
+        mm.fp32_precision = before
+
+
+# Queries per block (T a multiple of it, else one block); a block's fp32 scores are 3 MB at config S.
+BLOCK_QUERIES = 64
+
+
+def _n_blocks(T: int) -> int:
+    return T // BLOCK_QUERIES if T % BLOCK_QUERIES == 0 else 1
+
+
+def _block_rows(x: torch.Tensor, n_kv: int, nb: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, T, d), any strides -> contiguous (nb, B*Hkv, rows, d) in `dtype`, one copy: block i's rows are its
+    positions x the query heads of one k/v head, ordered (position, head in group), so each k/v head serves its
+    whole group in one GEMM (SDPA's enable_gqa: query head h uses k/v head h // group) and a block's operand is
+    contiguous (bmm copies a strided one first)."""
+    B, H, T, d = x.shape
+    g = H // n_kv
+    src = x.unflatten(1, (n_kv, g)).unflatten(3, (nb, T // nb)).permute(3, 0, 1, 4, 2, 5)
+    return torch.empty(src.shape, dtype=dtype, device=x.device).copy_(src).view(nb, B * n_kv, (T // nb) * g, d)
+
+
+def _unblock(xb: torch.Tensor, B: int, H: int, heads_outer: bool) -> torch.Tensor:
+    """_block_rows' inverse: (nb, B*Hkv, rows, d) -> (B, H, T, d), one copy, laid out (B, H, T, d) in memory or,
+    with heads_outer False, (B, T, H, d) (SDPA's CPU output layout: the caller's transpose(1, 2).reshape is a view)."""
+    nb, N, R, d = xb.shape
+    n_kv = N // B
+    g = H // n_kv
+    src = xb.view(nb, B, n_kv, R // g, g, d)  # (block, B, kv head, position in block, head in group, d)
+    if heads_outer:
+        out = torch.empty(B, n_kv, g, nb, R // g, d, dtype=xb.dtype, device=xb.device)
+        return out.copy_(src.permute(1, 2, 4, 0, 3, 5)).view(B, H, nb * R // g, d)
+    out = torch.empty(B, nb, R // g, n_kv, g, d, dtype=xb.dtype, device=xb.device)
+    return out.copy_(src.permute(1, 0, 3, 2, 4, 5)).view(B, nb * R // g, H, d).transpose(1, 2)
+
+
+def _blocks(mask: torch.Tensor, group: int, nb: int) -> list[tuple[int, int, torch.Tensor | None]]:
+    """Per query block of a (T, S) mask: (keys to read, first masked key, fp32 bias of the keys from there or
+    None). A block reads keys up to its rows' last visible one; its bias (0 visible, -inf masked; rows (position,
+    head in group)) covers only the keys from the first one any of its rows may not see (causal: the block's
+    diagonal square), so the score GEMM's output is not filled with a broadcast bias first."""
+    T, S = mask.shape
+    last = torch.where(mask, torch.arange(1, S + 1, device=mask.device), 0).amax(dim=1).tolist()
+    out = []
+    for t0 in range(0, T, T // nb):
+        t1 = t0 + T // nb
+        keys = max(1, max(last[t0:t1]))
+        hidden = ~mask[t0:t1, :keys]
+        first, bias = keys, None
+        if bool(hidden.any()):
+            first = int(hidden.any(dim=0).nonzero()[0])
+            bias = torch.zeros(hidden[:, first:].shape, dtype=torch.float32, device=mask.device)
+            bias.masked_fill_(hidden[:, first:], float("-inf"))
+            bias = bias.repeat_interleave(group, dim=0) if group > 1 else bias
+        out.append((keys, first, bias))
+    return out
+
+
+def _gemm_f32(a32: torch.Tensor, b32: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 scale * a @ b^T for a (N, R, K), b (N, C, K) holding bf16 values: exact products, fp32 sums, the scale
+    applied to the sums by the GEMM itself."""
+    out = torch.empty(a32.shape[0], a32.shape[1], b32.shape[1], dtype=torch.float32, device=a32.device)
+    return torch.baddbmm(out, a32, b32.transpose(1, 2), beta=0.0, alpha=scale, out=out)
+
+
+def _probs(q32: torch.Tensor, k32: torch.Tensor, first: int, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """fp32 softmax(scale * q k^T + bias) of one block, q32 (N, rows, d), k32 (N, keys, d): the score GEMM, the bias
+    added to keys first: on, then the softmax in place (one fused pass per row: max, exp, sum and scaling while the
+    row is in cache; masked -inf scores cost nothing extra there)."""
+    s = _gemm_f32(q32, k32, scale)
+    if bias is not None:
+        s[:, :, first:].add_(bias)
+    return torch.ops.aten._softmax.out(s, -1, False, out=s)
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """k or v (B, Hkv, S, d), any strides, as contiguous fp32 (B*Hkv, S, d): one pass."""
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x).flatten(0, 1)
+
+
+class _CausalAttention(torch.autograd.Function):
+    """Forward saves q, k, v (as SDPA's flash kernel does, without its output); backward recomputes each block's
+    probabilities from them (bit-identical to the forward's: the same GEMM and softmax), so no block's T x S
+    tensor outlives its block."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        B, H, T, _ = q.shape
+        n_kv = k.shape[1]
+        nb = _n_blocks(T)
+        blocks = _blocks(mask, H // n_kv, nb)
+        q32, k32, v16 = _block_rows(q, n_kv, nb, torch.float32), _f32(k), v.flatten(0, 1)
+        out = torch.empty(q32.shape[:-1] + v.shape[-1:], dtype=v.dtype, device=v.device)
+        with _exact_bf16_products():
+            for i, (keys, first, bias) in enumerate(blocks):
+                p = _probs(q32[i], k32[:, :keys], first, bias, scale)
+                torch.bmm(p.to(v.dtype), v16[:, :keys], out=out[i])
+        ctx.save_for_backward(q, k, v)
+        ctx.blocks, ctx.scale = blocks, scale
+        return _unblock(out, B, H, heads_outer=False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v = ctx.saved_tensors
+        scale, blocks = ctx.scale, ctx.blocks
+        B, H = q.shape[:2]
+        n_kv = k.shape[1]
+        nb = len(blocks)
+        q16, do16 = _block_rows(q, n_kv, nb, q.dtype), _block_rows(grad, n_kv, nb, v.dtype)
+        q32, do32 = q16.float(), do16.float()
+        k16, k32, v32 = k.flatten(0, 1), _f32(k), _f32(v)
+        # dK, dV sum over query blocks in fp32; each dQ row belongs to one block.
+        dk = torch.zeros(k32.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v32.shape, dtype=torch.float32, device=v.device)
+        dq = torch.empty(q16.shape, dtype=q.dtype, device=q.device)
+        with _exact_bf16_products():
+            for i, (keys, first, bias) in enumerate(blocks):
+                p = _probs(q32[i], k32[:, :keys], first, bias, scale)
+                dv[:, :keys] += torch.bmm(p.to(v.dtype).transpose(1, 2), do16[i])
+                # fp32 GEMM: dS takes dP minus its row mean, which cancels; the score scale applied to its sums.
+                dp = _gemm_f32(do32[i], v32[:, :keys], scale)
+                ds = torch.ops.aten._softmax_backward_data.out(dp, p, -1, torch.float32, grad_input=dp).to(q.dtype)
+                torch.bmm(ds, k16[:, :keys], out=dq[i])
+                dk[:, :keys] += torch.bmm(ds.transpose(1, 2), q16[i])
+        return (_unblock(dq, B, H, heads_outer=True), dk.to(k.dtype).view(k.shape), dv.to(v.dtype).view(v.shape),
+                None, None)

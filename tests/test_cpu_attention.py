@@ -1,0 +1,182 @@
+"""bf16 attention on CPU through GEMMs + fused softmax (model/cpu_attention.py) instead of SDPA's flash kernel.
+
+Held against float64: outputs and q/k/v gradients at least as close as SDPA's own bf16 kernel is (causal, GQA,
+null slot, KV-cache masks, more than one query block); through the model, every registered variant and option
+gives SDPA's outputs and parameter gradients within bf16 rounding. Where it must not run (fake tensors and the
+memory tracker's dispatch modes, fp32, compiled graphs, other devices) attention stays SDPA, so the planner's
+traced CUDA memory is unchanged; and what it saves for backward holds no T x S tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import model.attention as attention
+import model.cpu_attention as cpu_attention
+from model.cpu_attention import causal_attention_cpu, cpu_attention_applies
+from tests.test_model_attention import CASES, make_model
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """Run the CPU path whatever the host: without native bf16 it is only slower (oneDNN emulates), not different."""
+    monkeypatch.setattr(cpu_attention, "_native_bf16", lambda: True)
+
+
+def _qkv(B: int, H: int, n_kv: int, T: int, S: int, hd: int, hd_v: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, H, T, hd, generator=g) * 1.5).bfloat16().requires_grad_()
+    k = (torch.randn(B, n_kv, S, hd, generator=g) * 1.5).bfloat16().requires_grad_()
+    # v as a block hands it over: a strided view into a wider projection output
+    wide = torch.randn(B, S, n_kv * (hd_v + 5), generator=g).bfloat16()
+    v = wide[..., : n_kv * hd_v].view(B, S, n_kv, hd_v).transpose(1, 2).detach().requires_grad_()
+    return q, k, v
+
+
+def _reference(q, k, v, mask, scale):
+    """float64 softmax(q k^T * scale, mask) v with each k/v head repeated over its query group."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    g = q.shape[1] // k.shape[1]
+    s = q @ k.repeat_interleave(g, 1).transpose(-1, -2) * scale
+    y = s.masked_fill(~mask, float("-inf")).softmax(-1) @ v.repeat_interleave(g, 1)
+    return (q, k, v), y
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+def _errors(fn, q, k, v, go, ref_leaves, ref_y):
+    y = fn(q, k, v)
+    y.backward(go)
+    grads = [t.grad for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    return [_rel(y, ref_y)] + [_rel(g, r.grad) for g, r in zip(grads, ref_leaves, strict=True)]
+
+
+KERNEL_CASES = {
+    # name: (B, H, Hkv, T, start, null slot, head dim, v head dim, scale)
+    "mha, 2 query blocks": (2, 4, 4, 128, 0, False, 32, 32, None),
+    "gqa 2 of 4, 2 blocks": (2, 4, 2, 128, 0, False, 32, 32, None),
+    "mqa, one block": (2, 6, 1, 24, 0, False, 16, 16, None),
+    "null slot, 2 blocks": (2, 4, 4, 128, 0, True, 32, 32, None),
+    "kv cache chunk": (2, 4, 2, 64, 40, False, 32, 32, None),
+    "decoupled widths, scale 1": (2, 4, 4, 128, 0, False, 12, 8, 1.0),
+}
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES)
+def test_kernel_as_close_to_float64_as_sdpa(case, native_bf16):
+    """Output and gradients no further from float64 than SDPA's bf16 flash kernel is (1.5x + a bf16 ulp's worth:
+    both round to bf16 at the same places); a wrong mask, scale or head grouping misses by O(1)."""
+    B, H, n_kv, T, start, null, hd, hd_v, scale = KERNEL_CASES[case]
+    S = start + T + (1 if null else 0)
+    q, k, v = _qkv(B, H, n_kv, T, S, hd, hd_v)
+    mask = attention.causal_mask(T, start + T, start, torch.device("cpu"), null_slot=null)
+    go = torch.randn(B, H, T, hd_v).bfloat16()
+    leaves, ref_y = _reference(q, k, v, mask, scale or 1 / math.sqrt(hd))
+    ref_y.backward(go.double())
+    implicit_causal = start == 0 and not null  # the model passes no mask then
+    new = _errors(lambda q, k, v: causal_attention_cpu(q, k, v, None if implicit_causal else mask, scale),
+                  q, k, v, go, leaves, ref_y)
+    sdpa = _errors(lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=None if implicit_causal else mask, is_causal=implicit_causal, scale=scale,
+        enable_gqa=n_kv != H), q, k, v, go, leaves, ref_y)
+    for name, got, base in zip(("y", "dq", "dk", "dv"), new, sdpa, strict=True):
+        assert got <= 1.5 * base + 2e-3, f"{name}: {got:.2e} vs SDPA {base:.2e}"
+        assert got < 1e-2
+
+
+@pytest.mark.parametrize("attn,option", CASES)
+def test_model_as_close_to_float64_as_sdpa_every_variant(attn, option, native_bf16, monkeypatch):
+    """The trainer's forward + backward (bf16 autocast) with the CPU path is as close to the same model in float64
+    as with SDPA (logits and every parameter's gradient), for every registered variant and option; the path did
+    run in that model, once per layer."""
+    model = make_model(attn, option).train()
+    x = torch.randint(0, model.config.vocab_size, (2, 24))
+
+    def step(m, autocast: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = m(x)
+        logits.double().logsumexp(-1).mean().backward()
+        return logits.double(), {n: p.grad.double() for n, p in m.named_parameters()}
+
+    calls = []
+    monkeypatch.setattr(attention, "causal_attention_cpu", lambda *a: calls.append(1) or causal_attention_cpu(*a))
+    ref_logits, ref_grads = step(copy.deepcopy(model).double(), autocast=False)  # float64: SDPA's math, no CPU path
+    assert not calls
+    got_logits, got_grads = step(model, autocast=True)
+    assert len(calls) == model.config.n_layer
+    monkeypatch.setattr(attention, "cpu_attention_applies", lambda q, k, v: False)
+    sdpa_logits, sdpa_grads = step(model, autocast=True)
+    assert len(calls) == model.config.n_layer
+    assert _rel(got_logits, ref_logits) <= 1.5 * _rel(sdpa_logits, ref_logits) + 2e-3
+    flat = lambda grads: torch.cat([g.flatten() for g in grads.values()])
+    assert _rel(flat(got_grads), flat(ref_grads)) <= 1.5 * _rel(flat(sdpa_grads), flat(ref_grads)) + 2e-3
+    for name, ref in ref_grads.items():  # each parameter too; a few scalars (log_temp) are noisy sums, so looser
+        if ref.norm() > 0:
+            got, base = _rel(got_grads[name], ref), _rel(sdpa_grads[name], ref)
+            assert got <= 3 * base + 1e-2, f"{name}: {got:.2e} vs SDPA {base:.2e}"
+
+
+def test_mask_offset_would_be_caught(native_bf16):
+    """The kernel test's tolerance is not loose: attending one key further (an off-by-one mask) misses it."""
+    q, k, v = _qkv(2, 4, 4, 128, 128, 32, 32)
+    mask = torch.ones(128, 128, dtype=torch.bool).tril()
+    leaves, ref_y = _reference(q, k, v, mask, 1 / math.sqrt(32))
+    with torch.no_grad():
+        wrong = causal_attention_cpu(q, k, v, torch.ones(128, 128, dtype=torch.bool).tril(1), None)
+        right = causal_attention_cpu(q, k, v, None, None)
+    assert _rel(right, ref_y) < 1e-2 < _rel(wrong, ref_y)
+
+
+def test_saves_no_score_matrix(native_bf16):
+    """Memory like flash attention's: what backward keeps is q, k, v (no T x S probabilities)."""
+    q, k, v = _qkv(2, 4, 4, 128, 128, 32, 32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        causal_attention_cpu(q, k, v, None, None)
+    assert saved and all(math.prod(s) <= q.numel() for s in saved), saved
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_fake_tensors_and_dispatch_modes_keep_sdpa(native_bf16):
+    """The planner traces a step on fake CPU tensors under a memory tracker (a dispatch mode) to model CUDA memory:
+    there, under any dispatch mode (also selective checkpointing's), for fp32, for one query and for a length that
+    is neither one block nor a multiple of it (its scores would not be bounded by a block), attention stays SDPA."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = (t.detach() for t in _qkv(1, 2, 2, 64, 64, 16, 16))
+    assert cpu_attention_applies(q, k, v)
+    assert not cpu_attention_applies(q.float(), k.float(), v.float())
+    assert not cpu_attention_applies(q[:, :, :1], k, v)
+    assert cpu_attention_applies(q[:, :, :24], k[:, :, :24], v[:, :, :24])
+    long = torch.zeros(1, 2, 100, 16, dtype=torch.bfloat16)
+    assert not cpu_attention_applies(long, long, long)
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        assert not cpu_attention_applies(fq, fk, fv)
+    model = make_model("baseline", "plain").bfloat16()
+    idx = torch.randint(0, model.config.vocab_size, (1, 24))
+    with _Recorder() as rec:
+        assert not cpu_attention_applies(q, k, v)
+        model(idx)
+    assert any("flash_attention" in op for op in rec.ops)
+    assert not any("bmm" in op for op in rec.ops)
