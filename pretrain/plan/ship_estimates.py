@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pretrain.fsio import atomic_write_text
 from pretrain.plan import estimate_cache
 
 ROOT = estimate_cache.ROOT
@@ -190,7 +191,8 @@ def shipped_text(records: dict[estimate_cache.Parts, dict[str, Any]], files: lis
     lines.append(f'"imports":{dump(body["imports"])}')
     lines.append(f'"settings":{dump(base)}')
     lines.append('"models":{\n' + ",\n".join(f"{dump(k)}:{dump(models[k])}" for k in sorted(models)) + "}")
-    lines.append('"estimates":[\n' + ",\n".join(dump(e) for e in entries) + "]")
+    # An estimate keeps its keys' order (the breakdown's shows in the plan); the rest is sorted already.
+    lines.append('"estimates":[\n' + ",\n".join(json.dumps(e, separators=(",", ":")) for e in entries) + "]")
     return "{" + ",\n".join(lines) + "}\n"
 
 
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         records: dict[estimate_cache.Parts, dict[str, Any]] = {}
         for c in caches:
             records |= _records(c)
-    Path(args.out).write_text(shipped_text(records, files))
+    atomic_write_text(Path(args.out), shipped_text(records, files))  # a dry run meanwhile reads old or new
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     print(f"{args.out}: {len(records)} estimates of {len(specs)} dry runs, {len(files)} files; "
