@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench gpu-check clean
+.PHONY: venv test lint demo bench gpu-check plan-estimates clean
 
 $(STAMP): requirements.txt requirements_runtime.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: $(STAMP)
 
 gpu-check: $(STAMP)
 	$(BIN)/python -m pretrain.gpu_check $(ARGS)
+
+# The memory estimates shipped in the repo (pretrain/plan/shipped_estimates.json): rerun after changing model/, the
+# optimizers or the step tracing (tests/test_shipped_estimates.py says when). Prints how long it took.
+plan-estimates: $(STAMP)
+	$(BIN)/python -m pretrain.plan.ship_estimates
 
 bench: $(STAMP)
 	for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

@@ -3,12 +3,15 @@
     .venv/bin/python bench/plan_dry_run.py                  # every tier, cold and warm estimate cache (~2-3 min)
     .venv/bin/python bench/plan_dry_run.py --tiers 80 16 --no-cold
     .venv/bin/python bench/plan_dry_run.py --tiers 24 --ref main     # before (git ref `main`) and after (this tree)
+    .venv/bin/python bench/plan_dry_run.py --tiers 16 --no-shipped   # cold = every estimate traced, in this tree too
 
 Each figure is one fresh process (`python run_1b_launch.py --vram T --target-tokens 10B --data data/sample --json`),
 timed as wall seconds and as CPU seconds (user + sys of the child: on a shared machine the CPU figure is the one to
-compare). "cold" runs with an empty estimate cache, so every fake-tensor memory estimate is computed (what the first
-dry run of a model and settings costs); "warm" is the same command again, served from the cache that run filled
-(pretrain/plan/estimate_cache.py). The cpu tier also times real steps (measured_rate), which no cache serves.
+compare). "cold" runs with an empty estimate cache (a user's first dry run: each tier's own cache dir): the GPU tiers'
+estimates then come from the file shipped in the repo (pretrain/plan/shipped_estimates.json), or are all traced on
+fake tensors with --no-shipped (the first dry run of settings the repo does not ship); "warm" is the same command
+again, served from the cache that run filled (pretrain/plan/estimate_cache.py). The cpu tier also times real steps
+(measured_rate), which no cache serves.
 With --ref, the same commands also run in a copy of that git ref (`git archive`), printed as rows "<ref>" above
 this tree's, so a change to the estimate is timed before and after on the same load; the --json output of both is
 compared and any difference reported (on the cpu tier, the fields derived from its timed steps aside: MEASURED).
@@ -28,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TIERS = ("80", "40", "24", "16", "cpu")
+TIERS = ("80", "48", "40", "24", "16", "cpu")
 # --json fields the cpu tier derives from real steps it times (they differ run to run; everything else must not).
 MEASURED = ("seconds", "tokens_per_second", "flops_tokens_per_second", "peak_flops")
 
@@ -66,15 +69,17 @@ def main() -> int:
     p.add_argument("--no-cold", action="store_true", help="skip the cold runs (every estimate computed)")
     p.add_argument("--repeat", type=int, default=3, help="bare import torch runs (the best is the reference)")
     p.add_argument("--ref", help="also time this git ref (e.g. main), for before/after figures")
+    p.add_argument("--no-shipped", action="store_true", help="cold runs trace every estimate (shipped file off)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        env = os.environ | {"PRETRAIN_CACHE_DIR": str(Path(tmp) / "cache")}
+        env = os.environ | ({"PRETRAIN_SHIPPED_ESTIMATES": "off"} if args.no_shipped else {})
         base = [timed([sys.executable, "-c", "import torch"], env) for _ in range(args.repeat)]
         ref_wall, ref_cpu = min(w for w, _, _ in base), min(c for _, c, _ in base)
         print(f"bare import torch: {ref_wall:.2f} s wall, {ref_cpu:.2f} s CPU (best of {args.repeat})")
         trees = [("this", ROOT)] + ([(args.ref, checkout(args.ref, Path(tmp) / "ref"))] if args.ref else [])
         print(f"{'tier':>5} {'tree':>8} {'run':>5} {'wall s':>8} {'CPU s':>8} {'CPU / import torch':>19}")
         for tier in args.tiers:
+            env["PRETRAIN_CACHE_DIR"] = str(Path(tmp) / f"cache-{tier}")  # cold: nothing another tier estimated
             outputs = {}
             for name, tree in reversed(trees):
                 argv = [sys.executable, "run_1b_launch.py", "--vram", tier, "--target-tokens", "10B", "--data",

@@ -7,10 +7,11 @@ not show, and keeps estimates on disk.
 Depth: a 22-layer model is not tracked block by block. Blocks are identical, so models with a few blocks are
 tracked op by op and the 22-block timeline is rebuilt from them (see `_extrapolate`). This is exact, not a
 fit: tests/test_memory.py and tests/test_plan_cold.py compare it byte for byte with full runs; a timeline of
-unexpected shape falls back to tracking the full model. Estimates are kept on disk
-(pretrain/plan/estimate_cache.py, keyed by their arguments and the code), and the tracker
-(pretrain/plan/peak_tracker.py, ~1.5 s of imports) is imported only when one is computed: a dry run that was
-made before costs about an `import torch`.
+unexpected shape falls back to tracking the full model. Estimates are kept on disk, and those of every GPU tier's
+default dry run with each --variant ship in the repo (both: pretrain/plan/estimate_cache.py, keyed by their
+arguments, torch and the code an estimate runs; an edited model or optimizer, or another torch, falls back to
+tracing: correct, slower). The tracker (pretrain/plan/peak_tracker.py, ~1.5 s of imports) is imported only when one
+is traced: a dry run of a shipped tier, or one made before, costs about an `import torch`.
 
 What the figure is. `tensor_peak` is what `torch.cuda.max_memory_allocated()` should report for the step.
 The device needs more than that; `allowance` adds a stated amount for what tensors do not show:
@@ -182,19 +183,43 @@ def _estimate(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake: bool = Tr
 
 @functools.lru_cache(maxsize=256)
 def _cached(model_json: str, cfg_json: str, seq_len: int, work: Pass | None = None) -> MemoryEstimate:
-    """The fake-tensor estimate, from this process's cache, else the disk's (pretrain/plan/estimate_cache.py),
-    else computed and stored there. A pass is a frozen dataclass: its repr names its class and every field."""
-    k = estimate_cache.key(model_json, cfg_json, str(seq_len), repr(work))
-    hit = estimate_cache.load(k)
+    """The fake-tensor estimate, from this process's cache, else the user's disk cache, else the estimates shipped
+    with the repo (both: pretrain/plan/estimate_cache.py), else traced and stored on disk. A pass is a frozen
+    dataclass: its repr names its class and every field."""
+    parts = (model_json, cfg_json, str(seq_len), repr(work), _packages(cfg_json))
+    hit = estimate_cache.load(parts)
     if hit is not None:
         try:
             return MemoryEstimate(**hit)
         except TypeError:  # not a MemoryEstimate's fields: recompute and replace it
             pass
-    est = _estimate(ModelConfig.from_dict(json.loads(model_json)), TrainConfig.from_dict(json.loads(cfg_json)),
-                    seq_len, work=work)
-    estimate_cache.store(k, asdict(est))
+    est = _trace(model_json, cfg_json, seq_len, work)
+    estimate_cache.store(parts, asdict(est))
     return est
+
+
+def _trace(model_json: str, cfg_json: str, seq_len: int, work: Pass | None) -> MemoryEstimate:
+    """The estimate of these key parts, traced on fake tensors (pretrain/plan/ship_estimates.py watches this call to
+    find the files an estimate executes)."""
+    return _estimate(ModelConfig.from_dict(json.loads(model_json)), TrainConfig.from_dict(json.loads(cfg_json)),
+                     seq_len, work=work)
+
+
+def _packages(cfg_json: str) -> str:
+    """The optional package the settings' optimizer runs (torchao for adamw8bit) with its installed version: a
+    key part, so an estimate is not reused under another version of code that is neither torch nor the repo's."""
+    from pretrain.train.optim_registry import OPTIMIZERS
+
+    spec = OPTIMIZERS.get(json.loads(cfg_json).get("optimizer"))
+    if spec is None or not spec.requires:
+        return "{}"
+    from importlib import metadata
+
+    try:
+        version: str | None = metadata.version(spec.requires)
+    except metadata.PackageNotFoundError:
+        version = None
+    return json.dumps({spec.requires: version}, sort_keys=True)
 
 
 def estimate_step_memory(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, fake: bool = True,

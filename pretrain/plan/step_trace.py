@@ -147,9 +147,10 @@ def _fake_state(model_json: str, cfg_json: str) -> tuple:
 
 def _state_key(mcfg: ModelConfig, cfg: TrainConfig) -> tuple[str, str]:
     """The key of `_fake_state` (and of `_update_ops`): the model, and the settings that shape weights and
-    optimizer state. Checkpointing is a flag the step reads, set on the shared model before each run."""
-    return json.dumps(mcfg.to_dict(), sort_keys=True), _relevant(cfg, batch_size=1, grad_accum=1,
-                                                                 grad_checkpoint=False, bf16_weight_cache=False)
+    optimizer state. Checkpointing (on or off, and its policy) is a flag the step reads, set on the shared model
+    before each run, and the update after the backward does not read it."""
+    return json.dumps(mcfg.to_dict(), sort_keys=True), _relevant(cfg, batch_size=1, grad_accum=1, grad_checkpoint=False,
+                                                                 checkpoint_policy="full", bf16_weight_cache=False)
 
 
 def _update(model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: TrainConfig) -> None:
