@@ -45,8 +45,9 @@ def test_probe_measures_each_phase_next_to_the_estimate_and_records_it(tmp_path,
     assert "probe: real steps on cpu" in text and "measured peak" in text
     saved = json.loads((tmp_path / "runs" / "tiny-baseline" / "probe.json").read_text())
     assert [p["seq_len"] for p in saved["probe"]] == [32, 64] and saved["command"] == ran[0]
-    # The probe file alone does not make the run dir "another run": the same line still plans a fresh run there.
-    _, again = launch.plan_from_argv(argv, gpu=None)
+    # The probe file alone does not make the run dir "another run": the same line still plans a fresh run there
+    # (planned without --probe: where a run goes does not depend on it, and a third probe would only cost time).
+    _, again = launch.plan_from_argv([a for a in argv if a != "--probe"], gpu=None)
     assert again.run["action"] == "fresh" and again.run["dir"] == str(tmp_path / "runs" / "tiny-baseline")
 
 
