@@ -76,7 +76,7 @@ def pytest_unconfigure(config) -> None:
 # fill in the end: a long file started last would run alone while the other worker idles. A file missing here only
 # runs later; nothing depends on the order.
 RUN_FIRST = ("test_plan_fit.py", "test_tier_cards.py", "test_gpu_check.py", "test_optim8bit.py", "test_probe.py",
-             "test_chaos.py", "test_memory.py", "test_plan_fast.py", "test_stop_latency.py", "test_compile.py",
+             "test_chaos.py", "test_memory.py", "test_plan_fast.py", "test_stop_latency.py",
              "test_demo.py", "test_launch.py", "test_launch_run.py", "test_compare_instruments.py", "test_notebook.py",
              "test_paper_comparison.py", "test_plan_cache.py", "test_selective_checkpoint.py", "test_distributed.py",
              "test_bad_input.py", "test_float8.py", "test_compare_footing.py", "test_mirror.py", "test_speed_paths.py",
