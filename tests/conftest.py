@@ -74,7 +74,8 @@ def pytest_unconfigure(config) -> None:
 # /work/wt/durations_start.txt, session of issue 20.9). `make test` hands whole files to the two workers in
 # collection order (--dist loadfile: a file's module fixtures are built once), so these go first and the short files
 # fill in the end: a long file started last would run alone while the other worker idles. A file missing here only
-# runs later; nothing depends on the order.
+# runs later; nothing depends on the order (only speed: test_probe.py's compiled step builds the inductor kernels that
+# the compiled runs of test_bf16_weight_cache.py and test_compiled_loss.py, later, load from the shared cache).
 RUN_FIRST = ("test_plan_fit.py", "test_tier_cards.py", "test_gpu_check.py", "test_optim8bit.py", "test_probe.py",
              "test_chaos.py", "test_memory.py", "test_plan_fast.py", "test_stop_latency.py",
              "test_demo.py", "test_launch.py", "test_launch_run.py", "test_compare_instruments.py", "test_notebook.py",
