@@ -224,6 +224,8 @@ def test_bf16_param_replicas_stay_identical_across_a_resume(byte_data, tmp_path)
                 assert torch.equal(t, other), name
             else:
                 assert all(torch.equal(v, other[k]) and v.dtype == other[k].dtype for k, v in t.items()), name
+    # bf16 weights keep fp32 AdamW moments (and the rounding RNG: resumed bit-identical above).
+    assert {t.dtype for st in b["optimizer"]["state"].values() for k, t in st.items() if k != "step"} == {torch.float32}
     saves = [e for e in read_jsonl(resumed / "train.jsonl") if e["type"] == "checkpoint"]
     assert saves and all(e["replicas_match"] for e in saves)
     ranks = a["rng_ranks"]

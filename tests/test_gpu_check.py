@@ -1,6 +1,9 @@
 """`python -m pretrain.gpu_check` (make gpu-check) on CPU: the same script a card runs, at tiny size, so the
 script is known to work before a GPU sees it. Compile is on, as on a card: instruments run eagerly, so each
-process compiles one graph per training shape (~15-20 s each on CPU, cached by inductor after the first)."""
+process compiles one graph per training shape (~15-20 s each on CPU, cached by inductor after the first).
+
+Its uninterrupted run is also the suite's compiled trainer run with every instrument on (what torch.compile covers:
+the training step only, read back from dynamo's counters in the run's `end` event): one cold compile serves both."""
 
 from __future__ import annotations
 
@@ -11,8 +14,11 @@ import sys
 
 from conftest import ROOT
 
+from model import GPT, ModelConfig
 from pretrain.gpu_check import COLUMNS
 from pretrain.gpu_check_runs import compare_resume
+from pretrain.track.runlog import read_jsonl
+from pretrain.train.checkpoint import load_checkpoint
 
 
 def run_check(*args: str) -> subprocess.CompletedProcess:
@@ -57,6 +63,22 @@ def test_cpu_check_runs_a_variant_stops_resumes_exactly_and_prints_one_table(tmp
         assert cell["recompiles"] == "0 (eager 0; 4 graphs/4)", cell
         # The stop landed after step 2 (the first phase's last step) and the resume finished all 4 steps.
         assert (work / name / "stopped" / "last.pt").is_file()
+    # The trainer under --compile, every instrument on between its two phases (evals at the other length, length
+    # evals, diagnostics at the longest, KV-cache sampling, downstream scoring): one static graph per training shape,
+    # the block's and the loss chunk's, nothing recompiled beyond them and nothing run eagerly.
+    ref = work / "decoupled" / "uninterrupted"
+    events = read_jsonl(ref / "train.jsonl")
+    assert {"eval", "eval_lengths", "diagnostics", "sample", "downstream"} <= {e["type"] for e in events}
+    assert sorted({e["seq_len"] for e in events if e["type"] == "train"}) == [128, 256]
+    end = next(e for e in events if e["type"] == "end")
+    assert end["compile"] == {"frames": 4, "recompiles": 2, "eager_fallbacks": 0}
+    log = (work / "decoupled.log").read_text()
+    # Dynamo's one warning line when a frame hits the limit, after which every new shape runs eagerly.
+    assert "recompile_limit" not in log and "cache_size_limit" not in log, log[-3000:]
+    # The compiled run's checkpoint is a plain model's: no _orig_mod. keys, loads strictly into an uncompiled GPT.
+    state = load_checkpoint(ref / "last.pt")
+    assert not any("_orig_mod" in k for k in state["model"])
+    GPT(ModelConfig.from_dict(state["model_config"])).load_state_dict(state["model"])
     report = json.loads((tmp_path / "check.json").read_text())
     assert [r["variant"] for r in report["rows"]] == ["decoupled"] and report["tier"] == "cpu"
     for r in report["rows"]:

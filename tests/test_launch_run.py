@@ -63,7 +63,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
         time.sleep(0.05)
 
 
-def test_run_forwards_sigterm_then_the_same_command_resumes(tmp_path, byte_data, capsys, monkeypatch):
+def test_run_forwards_sigterm_then_the_same_command_resumes(tmp_path, byte_data, capfd, monkeypatch):
     runs = tmp_path / "runs"
     cmd = [sys.executable, LAUNCHER, "--vram", "cpu", "--data", str(byte_data), "--val-frac", "0.05",
            "--run-root", str(runs), "--steps", "100", "--run", *SMALL]
@@ -77,10 +77,13 @@ def test_run_forwards_sigterm_then_the_same_command_resumes(tmp_path, byte_data,
     stopped = [e for e in read_jsonl(log) if e["type"] == "end"]
     assert stopped and stopped[-1]["status"].startswith("stopped by signal") and stopped[-1]["step"] < 100
 
-    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    # The same command again, its main in this process (the signal path above needed the launcher as a process);
+    # it still runs the trainer as its child.
     monkeypatch.chdir(tmp_path)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resume" in second.stdout + second.stderr
+    capfd.readouterr()
+    assert launch.main(cmd[2:]) == 0
+    second = capfd.readouterr()
+    assert "resume" in second.out + second.err, second.err[-3000:]
     events = read_jsonl(log)
     assert [e["type"] for e in events].count("meta") == 1  # one run, continued, not started over
     steps = [e["step"] for e in events if e["type"] == "train"]
@@ -89,4 +92,4 @@ def test_run_forwards_sigterm_then_the_same_command_resumes(tmp_path, byte_data,
     assert not (runs / "tiny-baseline-2").exists()
 
     assert launch.main(cmd[2:]) == 0  # a third time: complete, nothing runs
-    assert "already completed 100 steps" in capsys.readouterr().err
+    assert "already completed 100 steps" in capfd.readouterr().err

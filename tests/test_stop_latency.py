@@ -11,6 +11,7 @@ tells a stopped pass from a finished one whatever the machine's speed.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -38,12 +39,12 @@ LONG_EVAL = ["--seq-schedule", "16@0,256@1", "--batch-size", "16", "--val-frac",
 class Trainer:
     """`python train_v29.py ...` as a subprocess, watched through its train.jsonl."""
 
-    def __init__(self, data: Path, out: Path, *flags: str) -> None:
+    def __init__(self, data: Path, out: Path, *flags: str, env: dict[str, str] | None = None) -> None:
         self.out = out
         self.cmd = [sys.executable, str(ROOT / "train_v29.py"), "--data", str(data), "--out-dir", str(out), *TINY,
                     *flags]
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)
+                                     text=True, env=None if env is None else {**os.environ, **env})
 
     def events(self) -> list[dict]:
         return read_jsonl(self.out / "train.jsonl") if (self.out / "train.jsonl").exists() else []
@@ -145,7 +146,11 @@ def test_a_stop_during_the_first_compile_ends_within_seconds(byte_data, tmp_path
     """Evals run eagerly, so with --compile the first training micro-batch compiles (~15 s on CPU): a SIGTERM
     then drops that micro-batch and saves step 0 within seconds instead of waiting for the compile."""
     out = tmp_path / "run"
-    trainer = Trainer(byte_data, out, "--steps", "100", "--train-seq-len", "16", "--eval-iters", "1", "--compile")
+    # An empty inductor cache: the session's shared one (conftest) may hold this graph, and a compile loaded from it
+    # can end before the signal.
+    cold = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    trainer = Trainer(byte_data, out, "--steps", "100", "--train-seq-len", "16", "--eval-iters", "1", "--compile",
+                      env=cold)
     trainer.wait_for("eval", 0)  # the first training step compiles next
     time.sleep(0.5)
     code, seconds, err = trainer.stop(signal.SIGTERM)
