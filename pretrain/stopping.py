@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -36,6 +37,10 @@ class StopNow(BaseException):
 
 
 RETRY_S = 0.25
+# Autograd's anomaly mode (AOTAutograd turns it on while it traces a compiled backward) warns with the forward's
+# traceback when an error leaves a backward node: after a stop request that error is StopNow unwinding, and the
+# user would read a traceback where the run stopped cleanly. Ignored from the request until reset().
+_ANOMALY_MESSAGE = r"Error detected in \w+\. Traceback of forward call"
 
 _signum: int | None = None
 _armed = False
@@ -48,6 +53,7 @@ def reset() -> None:
     global _signum, _armed, _regions
     _stop_retrying()
     _signum, _armed, _regions = None, False, 0
+    _quiet_anomaly_warning(False)
 
 
 def arm(on: bool = True) -> None:
@@ -60,9 +66,19 @@ def request(signum: int) -> None:
     """Record a stop request (called from the signal handler); raises StopNow inside an interruptible region."""
     global _signum
     _signum = signum
+    _quiet_anomaly_warning(True)
     if _armed and _regions:
         _retry()
         raise StopNow(describe())
+
+
+def _quiet_anomaly_warning(on: bool) -> None:
+    ours = [f for f in warnings.filters if f[0] == "ignore" and getattr(f[1], "pattern", None) == _ANOMALY_MESSAGE]
+    if on and not ours:
+        warnings.filterwarnings("ignore", _ANOMALY_MESSAGE, UserWarning)
+    elif not on and ours:
+        warnings.filters[:] = [f for f in warnings.filters if f not in ours]
+        warnings._filters_mutated()  # what filterwarnings() itself calls: drops the per-module "already warned" caches
 
 
 def _retry() -> None:
