@@ -16,8 +16,8 @@ seconds and wall seconds, with the host's ISA. --profile adds torch.profiler's t
 the trainer's --bf16-weight-cache (pretrain/train/weight_cache.py); the precisions' steps alternate.
 --ref DIR times another checkout's model and trainer code (e.g. `git archive HEAD~1 | tar -x -C DIR`) with this
 bench, one process each, alternating --rounds times, and prints the medians side by side. Each child runs with
-its checkout's process settings: this one's with huge pages (pretrain/train/host_alloc.py), the ref's without
-unless that checkout has the module too.
+its checkout's process settings: this one's host memory settings (pretrain/train/host_alloc.py), the ref's
+none unless that checkout has the module too.
 
 Throughput: for each preset, with and without activation checkpointing (--grad-checkpoint) and with and
 without torch.compile (per block, as pretrain/train/session.py does), one optimizer step like the trainer's
@@ -265,7 +265,7 @@ def run_child(kind: str, spec: dict[str, Any], threads: int, ref: str | None = N
         if ref:
             env["BENCH_CODE_ROOT"] = str(Path(ref).resolve())
         if ref is None or (Path(ref) / "pretrain/train/host_alloc.py").exists():
-            # The trainer's allocator setting, which its entry makes before torch loads (pretrain/train/host_alloc.py).
+            # The trainer's huge-page setting, which its entry makes before torch loads (pretrain/train/host_alloc.py).
             from pretrain.train.host_alloc import with_huge_pages
 
             env = with_huge_pages(env)
@@ -344,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        try:  # the trainer's host memory settings, where the checkout timed has them (see run_child)
+            from pretrain.train.host_alloc import configure_host_memory
+        except ImportError:
+            pass
+        else:
+            configure_host_memory()
         kind, spec = args.child[0], json.loads(args.child[1])
         child = {"throughput": child_throughput, "stall": child_stall, "floor": child_floor}[kind]
         print(json.dumps(child(spec)), flush=True)

@@ -41,7 +41,7 @@ from pretrain.plan.memory import allowance, estimate_step_memory
 from pretrain.train import device as dev
 from pretrain.train import speed
 from pretrain.train.config import TrainConfig
-from pretrain.train.host_alloc import with_huge_pages
+from pretrain.train.host_alloc import configure_host_memory, with_huge_pages
 from pretrain.train.optim import build_optimizer, step_unless_nonfinite
 
 WARMUP_STEPS, TIMED_STEPS = 1, 2
@@ -264,6 +264,7 @@ def measured_rate(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, matmul_flop
 
 def _child() -> int:
     """`python -m pretrain.plan.probe`: the GPU probe, request (JSON) on stdin, results (JSON) on stdout."""
+    configure_host_memory()  # as the trainer's entry (huge pages come with the environment, set before torch)
     req = json.loads(sys.stdin.read())
     mcfg, cfg = ModelConfig.from_dict(req["model"]), TrainConfig.from_dict(req["cfg"])
     if cfg.device != "cpu":
