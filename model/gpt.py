@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .attention import AttentionTrace, CausalSelfAttention, KVCache, shared_block_mask
@@ -325,10 +326,12 @@ class GPT(nn.Module):
 
     def _hands_over_tied_grad(self) -> bool:
         """Whether the loss hands the tied weight's gradient to the embedding's backward (model/tied_grad.py):
-        eager CPU training with tied fp32 weights (CUDA's index_add_ is nondeterministic)."""
+        eager CPU training with tied fp32 weights (CUDA's index_add_ is nondeterministic). Not on fake tensors: the
+        planner's memory trace runs on fake cpu tensors for every device, and on CUDA autograd's path stays (on CPU
+        the estimate then holds one vocab x d gradient too many)."""
         w = self.wte.weight
         return (w is self.lm_head.weight and w.requires_grad and torch.is_grad_enabled() and w.device.type == "cpu"
-                and w.dtype == torch.float32 and not torch.compiler.is_compiling())
+                and w.dtype == torch.float32 and not torch.compiler.is_compiling() and not is_fake(w))
 
     def new_caches(self, batch: int, max_len: int, kv_cache: KVSetting | None = None) -> list[KVCache]:
         """One KV cache per layer in the model's dtype, or in `kv_cache`'s formats (model/kv_quant.py)."""
