@@ -7,12 +7,17 @@
     .venv/bin/python bench/train_step.py --presets S --floor --iters 3       # step vs its GEMM floor, fp32 + bf16
     .venv/bin/python bench/train_step.py --presets S --floor --profile       # + where the non-GEMM time goes
     .venv/bin/python bench/train_step.py --presets S --floor --grad-accum 4  # + bf16 with --bf16-weight-cache
+    .venv/bin/python bench/train_step.py --presets S --floor --ref ../parent --rounds 3   # before/after, alternating
 
 GEMM floor (--floor): in one process per preset, the step (fp32, and bf16 autocast where the host has native
 bf16) against the sum of its own GEMMs, each timed alone at its real shape (bench/gemm_floor.py), in CPU
 seconds and wall seconds, with the host's ISA. --profile adds torch.profiler's top ops by self CPU time.
 --grad-accum N runs N micro-batches per optimizer step (floor x N) and adds "bf16+cache", the bf16 step with
 the trainer's --bf16-weight-cache (pretrain/train/weight_cache.py); the precisions' steps alternate.
+--ref DIR times another checkout's model and trainer code (e.g. `git archive HEAD~1 | tar -x -C DIR`) with this
+bench, one process each, alternating --rounds times, and prints the medians side by side. Each child runs with
+its checkout's process settings: this one's host memory settings (pretrain/train/host_alloc.py), the ref's
+none unless that checkout has the module too.
 
 Throughput: for each preset, with and without activation checkpointing (--grad-checkpoint) and with and
 without torch.compile (per block, as pretrain/train/session.py does), one optimizer step like the trainer's
@@ -52,7 +57,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# BENCH_CODE_ROOT (set by --ref for its children): time another checkout's model and trainer with this bench.
+sys.path.insert(0, os.environ.get("BENCH_CODE_ROOT") or str(Path(__file__).resolve().parents[1]))
 
 from bench.gemm_floor import gemm_floor, host_isa, native_bf16  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
@@ -110,8 +116,10 @@ class Step:
         self.cache_dtype = torch.bfloat16 if amp and weight_cache else None  # --bf16-weight-cache
 
     def __call__(self) -> float:
-        """Run one step; returns its wall time in seconds (its CPU time is left in `cpu_s`)."""
+        """Run one step; returns its wall time in seconds (its CPU time is left in `cpu_s`, its minor page faults
+        in `faults`)."""
         t0, c0 = time.perf_counter(), time.process_time()
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         with weights_cast_once(self.model, self.cache_dtype):  # as pretrain/train/loop.py's train_step
             for _ in range(self.grad_accum):
                 with dev.autocast(torch.device("cpu"), self.amp, torch.bfloat16):
@@ -122,6 +130,7 @@ class Step:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.cpu_s = time.process_time() - c0
+        self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
         return time.perf_counter() - t0
 
     def state(self) -> dict[str, Any]:
@@ -194,18 +203,20 @@ def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
                            name.endswith("+cache"))
         for _ in range(1 + spec["warmup"]):  # the first step allocates the AdamW state and loss buffers
             steps[name]()
-    timed: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in precisions}
+    timed: dict[str, tuple[list[float], list[float], list[int]]] = {name: ([], [], []) for name in precisions}
     for _ in range(spec["iters"]):  # alternating: load from other processes shifts every precision alike
         for name, step in steps.items():
             timed[name][0].append(step())
             timed[name][1].append(step.cpu_s)
+            timed[name][2].append(step.faults)
     for name, step in steps.items():
         amp = name != "fp32"
-        walls, cpus = timed[name]
+        walls, cpus, faults = timed[name]
         floor = gemm_floor(step.cfg, spec["batch"], spec["seq_len"], torch.bfloat16 if amp else torch.float32)
         floor = {**floor, "cpu_s": floor["cpu_s"] * accum, "wall_s": floor["wall_s"] * accum,
                  "flops": floor["flops"] * accum}
         row = {"precision": name, "step_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
+               "faults": statistics.median(faults), "tok_s": step.tokens / statistics.median(walls),
                "floor": floor, "load": os.getloadavg()[0]}
         if spec.get("profile"):
             from torch.profiler import ProfilerActivity, profile
@@ -225,7 +236,7 @@ def print_floor(res: dict[str, Any]) -> None:
               f"{fl['cpu_s']:.3f} CPU-s ({fl['wall_s']:.3f} s wall), {fl['flops'] / 1e9:.1f} GFLOP: "
               f"step at {fl['cpu_s'] / r['cpu_s']:.1%} of its GEMM floor by CPU time "
               f"({fl['wall_s'] / r['step_s']:.1%} wall), non-GEMM {r['cpu_s'] - fl['cpu_s']:.3f} CPU-s, "
-              f"load {r['load']:.1f}")
+              f"{r['tok_s']:.0f} tok/s, {r['faults']:.0f} page faults/step, load {r['load']:.1f}")
         for g in fl["rows"]:
             print(f"      {g['name']:<16}{g['shape']:>18} x{g['count']:<3}{g['cpu_s'] * 1e3:>8.1f} CPU-ms "
                   f"{g['flops'] / g['cpu_s'] / 1e9 if g['cpu_s'] else 0:>7.0f} GFLOP/CPU-s")
@@ -233,10 +244,31 @@ def print_floor(res: dict[str, Any]) -> None:
             print(r["profile"])
 
 
-def run_child(kind: str, spec: dict[str, Any], threads: int) -> dict[str, Any]:
-    """One measurement in a fresh process: clean memory peak, cold inductor cache, fixed thread count."""
+def print_floor_summary(by_code: dict[str, list[dict[str, Any]]]) -> None:
+    """--ref: per precision, the median over rounds of each checkout's GEMM-floor ratio (CPU time) and tok/s."""
+    isa = next(iter(by_code.values()))[0]["isa"]
+    print(f"summary over {len(by_code['this'])} alternating rounds (medians), host ISA: {isa}")
+    for code, results in by_code.items():
+        for name in [r["precision"] for r in results[0]["rows"]]:
+            rows = [r for res in results for r in res["rows"] if r["precision"] == name]
+            ratio = statistics.median(r["floor"]["cpu_s"] / r["cpu_s"] for r in rows)
+            print(f"  {code:<5}{name:<11} step {statistics.median(r['cpu_s'] for r in rows):.3f} CPU-s, "
+                  f"{ratio:.1%} of its GEMM floor, {statistics.median(r['tok_s'] for r in rows):.0f} tok/s, "
+                  f"{statistics.median(r['faults'] for r in rows):.0f} page faults/step")
+
+
+def run_child(kind: str, spec: dict[str, Any], threads: int, ref: str | None = None) -> dict[str, Any]:
+    """One measurement in a fresh process: clean memory peak, cold inductor cache, fixed thread count; with `ref`,
+    of that checkout's code (its process environment as its trainer sets it: none of this checkout's settings)."""
     with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TORCHINDUCTOR_CACHE_DIR": cache}
+        if ref:
+            env["BENCH_CODE_ROOT"] = str(Path(ref).resolve())
+        if ref is None or (Path(ref) / "pretrain/train/host_alloc.py").exists():
+            # The trainer's huge-page setting, which its entry makes before torch loads (pretrain/train/host_alloc.py).
+            from pretrain.train.host_alloc import with_huge_pages
+
+            env = with_huge_pages(env)
         proc = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], env=env,
                               stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -304,11 +336,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="with --floor: torch.profiler's top ops per precision")
     ap.add_argument("--grad-accum", type=int, default=1,
                     help="with --floor: micro-batches per optimizer step; > 1 adds bf16 with --bf16-weight-cache")
+    ap.add_argument("--ref", help="with --floor: also time the checkout at REF (e.g. the parent commit), alternating "
+                                  "processes with this one, and print both and a summary")
+    ap.add_argument("--rounds", type=int, default=1, help="with --ref: alternating rounds (default 1)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.child:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        try:  # the trainer's host memory settings, where the checkout timed has them (see run_child)
+            from pretrain.train.host_alloc import configure_host_memory
+        except ImportError:
+            pass
+        else:
+            configure_host_memory()
         kind, spec = args.child[0], json.loads(args.child[1])
         child = {"throughput": child_throughput, "stall": child_stall, "floor": child_floor}[kind]
         print(json.dumps(child(spec)), flush=True)
@@ -318,10 +359,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.floor:
         for preset in presets:
             batch = args.s_batch if preset in CONFIGS else args.small_batch if preset != "tiny" else args.tiny_batch
-            print_floor(run_child("floor", {"preset": preset, "batch": batch, "seq_len": args.seq_len,
-                                            "iters": args.iters or 3, "warmup": 1, "profile": args.profile,
-                                            "grad_accum": args.grad_accum},
-                                  args.threads))
+            spec = {"preset": preset, "batch": batch, "seq_len": args.seq_len, "iters": args.iters or 3, "warmup": 1,
+                    "profile": args.profile, "grad_accum": args.grad_accum}
+            if not args.ref:
+                print_floor(run_child("floor", spec, args.threads))
+                continue
+            by_code: dict[str, list[dict[str, Any]]] = {"ref": [], "this": []}
+            for _ in range(args.rounds):  # alternating processes: load from other processes shifts both alike
+                for code in by_code:
+                    res = run_child("floor", spec, args.threads, args.ref if code == "ref" else None)
+                    print(f"[{code}: {args.ref if code == 'ref' else 'this checkout'}]")
+                    print_floor(res)
+                    by_code[code].append(res)
+            print_floor_summary(by_code)
         return 0
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "
           f"{'fp32' if args.no_amp else 'bf16 autocast'}, load average {os.getloadavg()[0]:.1f} at start")

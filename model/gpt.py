@@ -15,29 +15,39 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .attention import AttentionTrace, CausalSelfAttention, KVCache, shared_block_mask
 from .config import ModelConfig
+from .fused import rms_norm, rms_norm_reference, swiglu, swiglu_reference
 from .kv_formats import KVSetting
 from .loss_chunk import backprop_chunk, compiled_chunk_loop
+from .tied_grad import TiedGrad, tied_embedding
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019), statistics in fp32 whatever the input dtype."""
+    """Root-mean-square norm (Zhang & Sennrich 2019), statistics in fp32 whatever the input dtype.
 
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    Eagerly one autograd node (model/fused.py). With `feeds_matmul` (a block's norms: their output only enters a
+    projection), under autocast the output is written in the autocast dtype, the cast the projection would make.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, feeds_matmul: bool = False) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.feeds_matmul = feeds_matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight.to(x.dtype)
+        if torch.compiler.is_compiling():  # inductor fuses the op-by-op form into one kernel
+            return rms_norm_reference(x, self.weight, self.eps)
+        dev = x.device.type
+        cast = self.feeds_matmul and torch.is_autocast_enabled(dev)
+        return rms_norm(x, self.weight, self.eps, torch.get_autocast_dtype(dev) if cast else None)
 
 
 class SwiGLU(nn.Module):
@@ -54,8 +64,9 @@ class SwiGLU(nn.Module):
         self.down_proj.is_residual_out = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        # Eagerly one autograd node (model/fused.py); inductor fuses the op-by-op form itself.
+        return self.down_proj(swiglu_reference(gate_up) if torch.compiler.is_compiling() else swiglu(gate_up))
 
 
 class Block(nn.Module):
@@ -63,9 +74,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, feeds_matmul=True)
         self.attn = cfg.variant.module(cfg)  # the variant's attention (model/variants.py)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, feeds_matmul=True)
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
@@ -115,7 +126,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                 ignore_index: int, chunk_rows: int, compute_grad: bool,
-                workspace: LossWorkspace | None, compiled: bool = False) -> torch.Tensor:
+                workspace: LossWorkspace | None, compiled: bool = False, tied: TiedGrad | None = None) -> torch.Tensor:
         want_h, want_w = compute_grad and ctx.needs_input_grad[0], compute_grad and ctx.needs_input_grad[1]
         dev = h.device
         mm_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else weight.dtype
@@ -127,7 +138,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 total, grad_h, grad_w = compiled_chunk_loop(
                     hh, w, targets, vocab_size, ignore_index, chunk_rows, want_h, want_w, h.dtype,
                     lambda n: ws.get("logits_mm", n, w.shape[0], mm_dtype, dev))
-                ctx.weight_dtype = weight.dtype
+                ctx.weight_dtype, ctx.tied = weight.dtype, tied
                 ctx.save_for_backward(grad_h, grad_w)
                 return total
             rows, vocab = h.shape[0], weight.shape[0]
@@ -158,14 +169,16 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 lse = (top - logits.amax(dim=-1, keepdim=True).log()).squeeze(1)
                 total += ((lse - picked) * valid).sum()
                 if want_h or want_w:
-                    # d(sum CE)/d logits = softmax - onehot(target), built in place; rows of ignored targets are 0.
-                    g = logits.mul_(valid.unsqueeze(1))
-                    g.scatter_add_(1, safe_t, -valid.unsqueeze(1).to(g.dtype))
+                    # d(sum CE)/d logits = softmax - onehot(target), built in place. Rows of ignored targets should
+                    # be 0: instead of a pass over chunk x vocab, backprop_chunk zeroes their h rows (for grad_w)
+                    # and grad_h rows, which gives the same sums exactly.
+                    g = logits.scatter_add_(1, safe_t, -valid.unsqueeze(1).to(logits.dtype))
                     g = g if buf32 is None else out_mm.copy_(g)  # round to the matmul dtype in place
-                    grad_w = backprop_chunk(g, w, h_c, None if grad_h is None else grad_h[i:i + n], grad_w, want_w)
+                    grad_w = backprop_chunk(g, w, h_c, None if grad_h is None else grad_h[i:i + n], grad_w, want_w,
+                                            valid)
             if want_w and grad_w is None:  # no rows
                 grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.tied = weight.dtype, tied
         ctx.save_for_backward(grad_h, grad_w)
         return total
 
@@ -176,18 +189,23 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h * grad_total.to(grad_h.dtype)
         if grad_w is not None:  # in place: the saved gradient is ours and backward runs once
             grad_w = grad_w.mul_(grad_total).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None, None, None, None
+            if ctx.tied is not None:  # the tied embedding's backward adds its rows and returns the sum
+                ctx.tied.hand_over(grad_w)
+                grad_w = None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                           ignore_index: int = -100, chunk_rows: int = 2048,
-                          workspace: LossWorkspace | None = None, compiled: bool = False) -> torch.Tensor:
+                          workspace: LossWorkspace | None = None, compiled: bool = False,
+                          tied: TiedGrad | None = None) -> torch.Tensor:
     """Mean CE of logits = h @ weight.T (columns >= vocab_size excluded) over rows whose target is
-    not ignore_index; equals F.cross_entropy on the full logits, NaN when every target is ignored."""
+    not ignore_index; equals F.cross_entropy on the full logits, NaN when every target is ignored.
+    With `tied`, weight's gradient is handed to the tied embedding's backward (model/tied_grad.py)."""
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1).long()  # gather wants int64
     compute_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     total = ChunkedLinearCrossEntropy.apply(h, weight, targets, vocab_size, ignore_index, chunk_rows,
-                                            compute_grad, workspace, compiled)
+                                            compute_grad, workspace, compiled, tied)
     return total / (targets != ignore_index).sum()
 
 
@@ -251,9 +269,10 @@ class GPT(nn.Module):
         """Real parameter count (tied weights once); equals config.num_params()."""
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, d) final-normed hidden states."""
-        x = self.wte(idx)
+    def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None,
+                      tied: TiedGrad | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, d) final-normed hidden states; `tied`: see model/tied_grad.py."""
+        x = self.wte(idx) if tied is None else tied_embedding(idx, self.wte.weight, tied)
         use_checkpoint = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         # One FlexAttention block mask for every layer (None where they use SDPA); checkpoint's recompute reuses it.
         flex = caches is None and self.config.null_attn
@@ -295,14 +314,24 @@ class GPT(nn.Module):
         """Logits (B, T, vocab_size) without targets; mean cross-entropy (scalar) with them."""
         if idx.shape[1] > self.config.block_size:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds block_size={self.config.block_size}")
-        h = self.hidden_states(idx)
+        tied = TiedGrad() if targets is not None and self._hands_over_tied_grad() else None
+        h = self.hidden_states(idx, tied=tied)
         if targets is None:
             return self.lm_head(h)[..., : self.config.vocab_size]
         return chunked_cross_entropy(h, self.lm_head.weight, targets, self.config.vocab_size,
                                      ignore_index, self.loss_chunk_rows,
                                      # CUDA's caching allocator already reuses blocks; glibc does not.
                                      self.loss_workspace if h.device.type == "cpu" else None,
-                                     self.compile_loss and not _force_eager())
+                                     self.compile_loss and not _force_eager(), tied)
+
+    def _hands_over_tied_grad(self) -> bool:
+        """Whether the loss hands the tied weight's gradient to the embedding's backward (model/tied_grad.py):
+        eager CPU training with tied fp32 weights (CUDA's index_add_ is nondeterministic). Not on fake tensors: the
+        planner's memory trace runs on fake cpu tensors for every device, and on CUDA autograd's path stays (on CPU
+        the estimate then holds one vocab x d gradient too many)."""
+        w = self.wte.weight
+        return (w is self.lm_head.weight and w.requires_grad and torch.is_grad_enabled() and w.device.type == "cpu"
+                and w.dtype == torch.float32 and not torch.compiler.is_compiling() and not is_fake(w))
 
     def new_caches(self, batch: int, max_len: int, kv_cache: KVSetting | None = None) -> list[KVCache]:
         """One KV cache per layer in the model's dtype, or in `kv_cache`'s formats (model/kv_quant.py)."""

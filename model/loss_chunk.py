@@ -38,16 +38,24 @@ _compiled_chunk: Callable[..., torch.Tensor] | None = None
 
 
 def backprop_chunk(g: torch.Tensor, w: torch.Tensor, h_c: torch.Tensor, grad_h_rows: torch.Tensor | None,
-                   grad_w: torch.Tensor | None, want_w: bool) -> torch.Tensor | None:
+                   grad_w: torch.Tensor | None, want_w: bool, valid: torch.Tensor | None = None) -> torch.Tensor | None:
     """From one chunk's logit gradient `g`: write its rows of the hidden states' gradient into `grad_h_rows` and
     return the weight's gradient accumulated in fp32 (without a weight-sized temporary per chunk where the dtypes
-    allow it). Shared by the eager loop (model/gpt.py) and the compiled one."""
+    allow it). Shared by the eager loop (model/gpt.py) and the compiled one.
+
+    `valid` (rows,): rows whose gradient counts although their row of `g` is not zero (the eager loop's ignored
+    targets). Zeroing their h rows and grad_h rows gives exactly the products of zeroed g rows, for a pass over
+    rows x d instead of rows x vocab."""
     if grad_h_rows is not None:
         if g.dtype == grad_h_rows.dtype:
             torch.mm(g, w, out=grad_h_rows)
         else:
             grad_h_rows.copy_(g @ w)
+        if valid is not None:
+            grad_h_rows.mul_(valid.unsqueeze(1))
     if want_w:
+        if valid is not None:
+            h_c = h_c * valid.unsqueeze(1).to(h_c.dtype)
         if grad_w is None:
             grad_w = (g.t() @ h_c).float()
         elif g.dtype == torch.float32:

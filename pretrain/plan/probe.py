@@ -41,6 +41,7 @@ from pretrain.plan.memory import allowance, estimate_step_memory
 from pretrain.train import device as dev
 from pretrain.train import speed
 from pretrain.train.config import TrainConfig
+from pretrain.train.host_alloc import configure_host_memory, with_huge_pages
 from pretrain.train.optim import build_optimizer, step_unless_nonfinite
 
 WARMUP_STEPS, TIMED_STEPS = 1, 2
@@ -222,7 +223,7 @@ def probe_plan(mcfg: ModelConfig, cfg: TrainConfig, phases: list[tuple[int, int]
                "sequences_per_proc": sequences_per_proc}
     path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)
     done = subprocess.run([sys.executable, "-m", "pretrain.plan.probe"], input=json.dumps(request),
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
+                          capture_output=True, text=True, env=with_huge_pages({**os.environ, "PYTHONPATH": path}))
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         from pretrain.errors import UserError
@@ -263,6 +264,7 @@ def measured_rate(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, matmul_flop
 
 def _child() -> int:
     """`python -m pretrain.plan.probe`: the GPU probe, request (JSON) on stdin, results (JSON) on stdout."""
+    configure_host_memory()  # as the trainer's entry (huge pages come with the environment, set before torch)
     req = json.loads(sys.stdin.read())
     mcfg, cfg = ModelConfig.from_dict(req["model"]), TrainConfig.from_dict(req["cfg"])
     if cfg.device != "cpu":

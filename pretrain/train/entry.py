@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from pretrain.config_file import parse_with_file
 from pretrain.train.config import build_parser, parse_config
+from pretrain.train.host_alloc import configure_host_memory
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,6 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = parse_config(argv)
         print(config_text(cfg, dataset_vocab(cfg)), end="")
         return 0
+    configure_host_memory()  # before torch's first CPU allocation (pretrain/train/host_alloc.py)
     from pretrain.train.loop import main as train_main
 
     return train_main(None if argv is None else list(argv))

@@ -1,0 +1,25 @@
+"""bench/train_step.py --floor --ref: another checkout's step timed with this bench, alternating processes, and the
+medians side by side (the before/after of issue 23.1 in one run); page faults and tok/s per precision."""
+
+from __future__ import annotations
+
+import subprocess
+
+from conftest import ROOT
+
+from bench import train_step
+
+
+def test_ref_times_both_checkouts_and_prints_the_summary(tmp_path, capsys):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD", "model", "pretrain", "bench"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(ref)], input=archive, check=True)
+    assert train_step.main(["--presets", "tiny", "--floor", "--iters", "1", "--tiny-batch", "1", "--seq-len", "16",
+                            "--threads", "1", "--ref", str(ref)]) == 0
+    out = capsys.readouterr().out
+    assert f"[ref: {ref}]" in out and "[this: this checkout]" in out
+    assert "summary over 1 alternating rounds (medians), host ISA:" in out
+    assert out.count("  ref  fp32") == 1 and out.count("  this fp32") == 1
+    assert "page faults/step" in out and "tok/s" in out

@@ -1,0 +1,86 @@
+"""Host memory settings (pretrain/train/host_alloc.py): a trainer process reuses freed CPU tensors instead of
+page-faulting them in again every step, and maps its large ones on huge pages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from pretrain.train.host_alloc import THP_ENV, with_huge_pages
+
+# In a fresh process: the trainer's entry with its loop replaced by a probe that counts the minor page faults of
+# CPU tensors allocated (and freed) one after another, as a training step's are every step.
+PROBE = """
+import json, os, resource, sys, types
+
+def faults(nbytes):
+    import torch
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.ones(nbytes // 4)
+    del t
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+def main(argv):
+    print(json.dumps({"thp": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+                      "small": [faults(8 << 20) for _ in range(3)], "large": [faults(64 << 20) for _ in range(2)]}))
+    return 0
+
+sys.modules["pretrain.train.loop"] = types.SimpleNamespace(main=main)
+from pretrain.train.entry import main as entry
+sys.exit(entry([]))
+"""
+
+
+def _probe(env: dict[str, str]) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _thp_never() -> bool:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return not path.exists() or "[never]" in path.read_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and Linux page faults")
+def test_trainer_process_reuses_freed_tensors_and_maps_large_ones_on_huge_pages():
+    env = {k: v for k, v in os.environ.items() if k != THP_ENV}
+    got = _probe(env)
+    assert got["thp"] == "1"
+    # An 8 MiB tensor is 2048 pages: faulted in once, then the freed block is reused (glibc kept it).
+    assert got["small"][1] < 100 and got["small"][2] < 100, got
+    if not _thp_never():
+        assert max(got["large"]) < 64 * 256 // 4, got  # 16384 pages of 4 KiB; huge pages: a few hundred faults
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page faults")
+def test_a_users_thp_setting_is_kept():
+    got = _probe({**os.environ, THP_ENV: "0"})
+    assert got["thp"] == "0"
+    assert min(got["large"]) >= 64 * 256 * 9 // 10, got  # every 4 KiB page of 64 MiB faulted: no huge pages
+    assert with_huge_pages({THP_ENV: "0"})[THP_ENV] == "0" and with_huge_pages({})[THP_ENV] == "1"
+
+
+def test_probe_child_gets_the_trainers_settings(monkeypatch):
+    """The launcher's --probe times steps in a child process: it starts with the trainer's host memory settings."""
+    import pretrain.plan.probe as probe
+
+    seen = {}
+
+    def run(argv, **kw):
+        seen.update(kw["env"])
+        return subprocess.CompletedProcess(argv, 0, stdout="[]", stderr="")
+
+    monkeypatch.delenv(THP_ENV, raising=False)
+    monkeypatch.setattr(probe.subprocess, "run", run)
+    from model import ModelConfig
+    from pretrain.train.config import TrainConfig
+
+    assert probe.probe_plan(ModelConfig.from_preset("tiny"), TrainConfig(size="tiny"), [], 1 << 30, 1) == []
+    assert seen[THP_ENV] == "1"
