@@ -110,8 +110,8 @@ def test_trainer_builds_one_mask_per_forward_through_checkpointing(monkeypatch, 
     assert mask_builds == []  # CPU: SDPA with the explicit null-slot mask
     forwards = []
     real_hidden = GPT.hidden_states
-    monkeypatch.setattr(GPT, "hidden_states", lambda self, idx, caches=None: forwards.append(idx.shape[1])
-                        or real_hidden(self, idx, caches))
+    monkeypatch.setattr(GPT, "hidden_states", lambda self, idx, *a, **kw: forwards.append(idx.shape[1])
+                        or real_hidden(self, idx, *a, **kw))
     flex_on_cpu(monkeypatch)
     monkeypatch.setattr(flex, "flex_attention", dense_flex)
     assert train_main([*argv, "--out-dir", str(tmp_path / "flex")]) == 0

@@ -5,6 +5,7 @@ refusing a plan estimated not to fit unless --force."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -93,7 +94,8 @@ def test_run_refuses_a_plan_that_does_not_fit_unless_force(tmp_path, byte_data, 
     assert run_cli(launch.main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: the plan does not fit") and "--force" in err[0]
-    assert "apply the fix it shows (--batch-size 2 --grad-accum 128" in err[0]
+    fix = re.search(r"apply the fix it shows \(--batch-size (\d+) --grad-accum (\d+)", err[0])
+    assert fix and int(fix[1]) * int(fix[2]) == GLOBAL_BATCH, err[0]  # the plan's fix: a smaller micro-batch
     assert not ran and not (tmp_path / "runs").exists()
     assert run_cli(launch.main, [*argv, "--force"]) == 0
     assert len(ran) == 1 and "--batch-size" in ran[0]

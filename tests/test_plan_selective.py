@@ -98,7 +98,7 @@ def test_full_checkpointing_where_selective_does_not_fit(tmp_path):
 def test_optimizer_pick_assumes_the_execution_that_will_be_used(tmp_path):
     """--no-grad-checkpoint on 16 GB: AdamW fits only with checkpointing, so the pick is AdamW 8-bit (which fits
     without), not AdamW planned as "won't fit"."""
-    code, text = _launch(["--vram", "16", "--n-layer", "12", "--no-grad-checkpoint", "--seq-schedule", "2048@0",
+    code, text = _launch(["--vram", "16", "--n-layer", "16", "--no-grad-checkpoint", "--seq-schedule", "2048@0",
                           "--steps", "10", "--run-root", str(tmp_path), "--json"])
     assert code == 0
     plan = json.loads(text)
