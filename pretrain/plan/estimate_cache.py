@@ -45,11 +45,35 @@ SHIPPED = Path(__file__).with_name("shipped_estimates.json")
 Parts = tuple[str, ...]  # an estimate's key parts, exact strings (sorted JSON, reprs)
 
 
+def cache_root() -> Path:
+    """The user's cache of the planner: $PRETRAIN_CACHE_DIR, else $XDG_CACHE_HOME/pretrain, else ~/.cache/pretrain."""
+    return Path(os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pretrain"))
+
+
 def cache_dir() -> Path:
     """Where estimates are kept (see the module docstring)."""
-    base = os.environ.get(CACHE_ENV) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pretrain")
-    return Path(base) / "plan-memory"
+    return cache_root() / "plan-memory"
+
+
+def read_entry(folder: Path, k: str) -> dict[str, Any] | None:
+    """The body stored under key `k` in `folder` when it is a JSON object recording that key; else None (absent,
+    damaged, or another key's file)."""
+    try:
+        body = json.loads((folder / f"{k}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return body if isinstance(body, dict) and body.get("key") == k else None
+
+
+def write_entry(folder: Path, k: str, body: dict[str, Any]) -> None:
+    """Keep `body` (with its key) under key `k` in `folder`, atomically; a cache that cannot be written is skipped.
+    The user's estimates and measured CPU rates (pretrain/plan/rate_cache.py) are both kept this way."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / f"{k}.json", json.dumps({"key": k, **body}) + "\n")
+    except OSError:
+        pass
 
 
 def shipped_path() -> Path | None:
@@ -143,12 +167,8 @@ def entry_parts(body: dict[str, Any], entry: list[Any]) -> Parts:
 
 def load(parts: Parts) -> dict[str, Any] | None:
     """The stored estimate of `parts`: the user's cache, else the shipped file; None when neither has it."""
-    k = key(*parts)
-    try:
-        body = json.loads((cache_dir() / f"{k}.json").read_text())
-    except (OSError, ValueError):
-        body = None
-    if isinstance(body, dict) and body.get("key") == k and isinstance(body.get("estimate"), dict):
+    body = read_entry(cache_dir(), key(*parts))
+    if body is not None and isinstance(body.get("estimate"), dict):
         return body["estimate"]
     path = shipped_path()
     return None if path is None else _shipped_index(path).get(parts)
@@ -157,10 +177,4 @@ def load(parts: Parts) -> dict[str, Any] | None:
 def store(parts: Parts, estimate: dict[str, Any]) -> None:
     """Keep `estimate` in the user's cache, with its key parts (make plan-estimates ships them from there);
     atomically, and a cache that cannot be written is skipped."""
-    k = key(*parts)
-    try:
-        d = cache_dir()
-        d.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(d / f"{k}.json", json.dumps({"key": k, "parts": list(parts), "estimate": estimate}) + "\n")
-    except OSError:
-        pass
+    write_entry(cache_dir(), key(*parts), {"parts": list(parts), "estimate": estimate})
