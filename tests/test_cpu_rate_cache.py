@@ -27,10 +27,15 @@ SMALL = ["--vram", "cpu", "--size", "tiny", "--vocab-size", "256", "--d-model", 
 
 @pytest.fixture
 def timings(tmp_path, monkeypatch) -> list:
-    """A cold user cache in tmp_path, no rate in this process's memory, and every timing of steps counted."""
+    """A cold rate cache in tmp_path, no rate in this process's memory, and every timing of steps counted. The memory
+    estimates are the session's (tests/conftest.py; not what these tests are about)."""
+    estimate_cache.cache_dir().mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "plan-memory").symlink_to(estimate_cache.cache_dir(), target_is_directory=True)
     monkeypatch.setenv(estimate_cache.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setenv(THP_ENV, os.environ.get(THP_ENV, "1"))  # as the launcher's entry sets it (a key part)
     monkeypatch.setattr(cpu_rate, "_timed", {})
+    monkeypatch.setattr(cpu_rate, "_load", lambda: 0.0)  # a quiet machine, whatever else the host runs now
     cpu_rate._host_and_code.cache_clear()
     calls: list = []
     real = cpu_rate._time
@@ -106,6 +111,20 @@ def test_a_rate_from_another_host_threads_or_code_is_not_used(timings, tmp_path,
     dry_run(tmp_path, capsys, monkeypatch)
     assert len(timings) == 5  # back on this host, code and threads: its own rate is still there
     assert len(list((tmp_path / "cache" / cpu_rate.FOLDER).glob("*.json"))) == 5
+
+
+def test_a_rate_timed_on_a_busy_machine_is_reused_only_while_it_is_busy(timings, tmp_path, capsys, monkeypatch):
+    busy = 4.0 * (os.cpu_count() or 1)
+    monkeypatch.setattr(cpu_rate, "_load", lambda: busy)
+    plan = dry_run(tmp_path, capsys, monkeypatch)
+    assert len(timings) == 1 and "while the machine was busy" in plan["estimate"]["rate_how"]
+    plan = dry_run(tmp_path, capsys, monkeypatch)
+    assert len(timings) == 1 and f"(timed while busy: load {busy:.1f}" in plan["estimate"]["rate_how"]
+    monkeypatch.setattr(cpu_rate, "_load", lambda: 0.0)
+    plan = dry_run(tmp_path, capsys, monkeypatch)  # quiet now: its own figure, which replaces the busy one
+    assert len(timings) == 2 and "timed by this dry run (kept" in plan["estimate"]["rate_how"]
+    dry_run(tmp_path, capsys, monkeypatch)
+    assert len(timings) == 2
 
 
 def test_every_repo_file_a_timed_step_runs_is_in_the_rate_key():

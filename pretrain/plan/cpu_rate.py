@@ -20,9 +20,11 @@ $PRETRAIN_CACHE_DIR, else $XDG_CACHE_HOME/pretrain, else ~/.cache/pretrain), key
     (with its build) and the CPU kernels it dispatches to, the huge-page setting;
   * the code a step runs (RATE_CODE: every .py file under model/ and pretrain/train/, and the files that time it);
   * the step: model, training settings, sequence length, micro-batch, timed steps, the optimizer's optional package.
-A rate timed on another host, by other code or with another thread count is never used. The plan's time line says
-which rates were timed by this dry run and which come from the cache (when, on which host). A rate timed while the
-machine was busy stays until the code or settings change: delete the folder to time again.
+A rate timed on another host, by other code or with another thread count is never used. A rate timed while the
+machine was busy (1-minute load average above its logical CPUs: other processes took cores the steps wanted) is
+reused only while the machine is busy again, so a quiet machine times its own. The plan's time line says which
+rates were timed by this dry run and which come from the cache (when, on which host, busy or not). Delete the folder
+to time again.
 """
 
 from __future__ import annotations
@@ -66,7 +68,24 @@ class Rate:
     tok_s: float
     measured_at: str  # UTC, to the minute
     host: str
+    load: float = 0.0  # the 1-minute load average when it was timed
     cached: bool = False
+
+    @property
+    def busy(self) -> bool:
+        """Timed while more processes wanted the CPUs than there are (module docstring)."""
+        return _busy(self.load)
+
+
+def _busy(load: float) -> bool:
+    return load > (os.cpu_count() or 1)
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return 0.0
 
 
 def _cpuinfo() -> tuple[str, str]:
@@ -153,7 +172,7 @@ _timed: dict[str, Rate] = {}  # this process's rates by key (the disk may be unw
 
 def _time(mcfg: ModelConfig, specs: list[_Spec]) -> list[Rate]:
     """Time `specs` (the same settings but for the micro-batch) on one model, largest step first."""
-    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    when, load = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), _load()
     order = sorted(range(len(specs)), key=lambda i: -specs[i].cfg.batch_size * specs[i].seq_len)
     first = specs[order[0]]
     stepper = Stepper(mcfg, first.cfg, torch.device("cpu"), shapes=len(specs))
@@ -166,7 +185,7 @@ def _time(mcfg: ModelConfig, specs: list[_Spec]) -> list[Rate]:
         s = specs[i]
         seconds = statistics.median(stepper.timed(s.cfg.batch_size, s.seq_len, 1, s.steps,
                                                   RATE_MIN_SECONDS if s.steps > 1 else 0.0))
-        out[i] = Rate(s.cfg.batch_size * s.seq_len / seconds, when, platform.node())
+        out[i] = Rate(s.cfg.batch_size * s.seq_len / seconds, when, platform.node(), load)
     return [out[i] for i in range(len(specs))]
 
 
@@ -175,13 +194,18 @@ def measured_rates(mcfg: ModelConfig, phases: list[tuple[TrainConfig, int]], mat
     process, else the user's cache, else timed now (and kept); None for a phase whose step would take too long."""
     folder = estimate_cache.cache_root() / FOLDER
 
+    busy_now = _busy(_load())
+
     def cached(k: str) -> bool:
         if k not in _timed:
             body = estimate_cache.read_entry(folder, k)
             try:
-                _timed[k] = replace(Rate(**body["rate"]), cached=True)  # type: ignore[index]
+                rate = replace(Rate(**body["rate"]), cached=True)  # type: ignore[index]
             except (TypeError, KeyError):  # absent, or not a Rate's fields: timed again and replaced
                 return False
+            if rate.busy and not busy_now:  # timed on a busy machine: not the figure of a quiet one
+                return False
+            _timed[k] = rate
         return True
 
     specs: list[_Spec | None] = []
@@ -206,11 +230,20 @@ def measured_rates(mcfg: ModelConfig, phases: list[tuple[TrainConfig, int]], mat
 
 
 def rate_source(rates: list[Rate]) -> str:
-    """Where a plan's measured rates come from, for its time line: timed by this dry run, or cached (when, where)."""
-    now = any(not r.cached for r in rates)
-    cached = sorted({f"{r.measured_at} on {r.host}" for r in rates if r.cached})
-    parts = ["timed by this dry run, the first of these settings on this host and code (later ones read the "
-             "cache)"] if now else []
+    """Where a plan's measured rates come from, for its time line: timed by this dry run, or cached (when, where),
+    and whether the machine was busy then."""
+    def load(r: Rate) -> str:
+        return f"load {r.load:.1f} on {os.cpu_count()} CPUs"
+
+    parts = []
+    now = [r for r in rates if not r.cached]
+    if now and now[0].busy:
+        parts.append(f"timed by this dry run while the machine was busy ({load(now[0])}; kept for later dry runs "
+                     "while it stays busy)")
+    elif now:
+        parts.append("timed by this dry run (kept: later dry runs of these settings on this host read it)")
+    cached = sorted({f"{r.measured_at} on {r.host}" + (f" (timed while busy: {load(r)})" if r.busy else "")
+                     for r in rates if r.cached})
     if cached:
         parts.append(f"cached from {', '.join(cached)}")
     return "; ".join(parts)
