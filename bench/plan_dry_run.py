@@ -10,8 +10,9 @@ timed as wall seconds and as CPU seconds (user + sys of the child: on a shared m
 compare). "cold" runs with an empty estimate cache (a user's first dry run: each tier's own cache dir): the GPU tiers'
 estimates then come from the file shipped in the repo (pretrain/plan/shipped_estimates.json), or are all traced on
 fake tensors with --no-shipped (the first dry run of settings the repo does not ship); "warm" is the same command
-again, served from the cache that run filled (pretrain/plan/estimate_cache.py). The cpu tier also times real steps
-(measured_rate), which no cache serves.
+again, served from the cache that run filled (pretrain/plan/estimate_cache.py). The cpu tier's time estimate is
+real steps timed on this CPU (pretrain/plan/cpu_rate.py): a cold run times them (no file can ship another machine's
+rate), a warm one reads them from the same cache.
 With --ref, the same commands also run in a copy of that git ref (`git archive`), printed as rows "<ref>" above
 this tree's, so a change to the estimate is timed before and after on the same load; the --json output of both is
 compared and any difference reported (on the cpu tier, the fields derived from its timed steps aside: MEASURED).
@@ -32,8 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TIERS = ("80", "48", "40", "24", "16", "cpu")
-# --json fields the cpu tier derives from real steps it times (they differ run to run; everything else must not).
-MEASURED = ("seconds", "tokens_per_second", "flops_tokens_per_second", "peak_flops")
+# --json fields the cpu tier derives from real steps it times (they differ run to run; everything else must not),
+# and where its rate came from (timed by this run, or cached: when, where).
+MEASURED = ("seconds", "tokens_per_second", "flops_tokens_per_second", "peak_flops", "rate_how")
 
 
 def plan_of(out: bytes, tier: str) -> object:

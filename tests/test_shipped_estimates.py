@@ -1,6 +1,6 @@
 """The memory estimates shipped in the repo (pretrain/plan/shipped_estimates.json, made by `make plan-estimates`):
 fresh, exactly what a trace gives, ignored when they do not hold for this checkout, and enough for a user's first dry
-run of every GPU tier and --variant to trace nothing."""
+run of every GPU tier and --variant, and of the cpu tier, to trace nothing."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from model import ModelConfig
-from pretrain.plan import estimate_cache, launch, memory
+from pretrain.plan import cpu_rate, estimate_cache, launch, memory
 from pretrain.plan.ship_estimates import _records, imported_files, shipped_plans, shipped_text
 from pretrain.train.config import TrainConfig
 
@@ -25,7 +25,12 @@ TINY = ["--vram", "24", "--size", "tiny", "--d-model", "64", "--n-head", "4", "-
 
 @pytest.fixture
 def traces(monkeypatch, tmp_path) -> list:
-    """A cold user cache and no estimate in this process's; every fake-tensor trace is counted."""
+    """A cold user cache and no estimate in this process's; every fake-tensor trace is counted. The CPU step rates
+    the cpu tier's plan times are the session's (pretrain/plan/cpu_rate.py; not what these tests are about)."""
+    rates = estimate_cache.cache_root() / cpu_rate.FOLDER
+    rates.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cold-cache").mkdir()
+    (tmp_path / "cold-cache" / cpu_rate.FOLDER).symlink_to(rates)
     monkeypatch.setenv(estimate_cache.CACHE_ENV, str(tmp_path / "cold-cache"))
     memory._cached.cache_clear()
     calls: list = []
@@ -58,7 +63,7 @@ def test_the_shipped_file_is_fresh():
 
 @pytest.mark.skipif(not HOLDS_HERE, reason="the shipped estimates were made under another torch / Python / machine")
 def test_a_first_dry_run_of_every_shipped_tier_and_variant_traces_nothing(traces, tmp_path, capsys):
-    assert "16" in {t for t, _ in shipped_plans()} and len({v for _, v in shipped_plans()}) >= 4
+    assert {"16", "cpu"} <= {t for t, _ in shipped_plans()} and len({v for _, v in shipped_plans()}) >= 4
     for tier, variant in shipped_plans():
         dry_run(["--vram", tier, "--variant", variant, "--json"], tmp_path / "runs", capsys)
         if traces:

@@ -14,6 +14,7 @@ from typing import Any
 
 from model import PRESETS, ModelConfig
 from pretrain import invocation
+from pretrain.plan.cpu_rate import Rate, measured_rates, rate_source
 from pretrain.plan.fit import (
     choose_execution,
     recompute_factor,
@@ -26,7 +27,7 @@ from pretrain.plan.fit import (
 from pretrain.plan.instrument_memory import pass_peak_bytes, run_passes, turn_down
 from pretrain.plan.memory import GiB
 from pretrain.plan.pick_optimizer import choose_optimizer
-from pretrain.plan.probe import PhaseProbe, measured_rate, probe_plan
+from pretrain.plan.probe import PhaseProbe, probe_plan
 from pretrain.plan.resolve import DEFAULT, MFU_SOURCE, Origin, Request, Resolved, Source, derived, source_of
 from pretrain.plan.tiers import GpuInfo, Tier, memory_capacity, peak_flops, tier_cards
 from pretrain.schedule import (
@@ -293,6 +294,7 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
     state_bytes = 0
     # The trainer's diagnostics and --eval-seq-lens use one length: --eval-seq-len, else the longest trained.
     instrument_len = cfg.eval_seq_len or max(ph.seq_len for ph in phases(res.points, cfg.steps))
+    cpu_rates = _cpu_rates(mcfg, cfg, res, probes, flops)
     for i, ph in enumerate(phases(res.points, cfg.steps)):
         micro, accum = micro_batch_at(micro_points, ph.start_step, cfg.batch_size, cfg.grad_accum)
         phase_cfg = with_micro(cfg, micro, per_proc)
@@ -308,15 +310,17 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
         if measured is not None and measured.tok_s:
             tok_s, rate_how = res.nproc * measured.tok_s, "measured by --probe (real steps on this device)"
         elif cfg.device == "cpu":
-            rate = measured_rate(mcfg, phase_cfg, ph.seq_len, flops)
+            rate = cpu_rates[i]
             if rate is not None:
-                tok_s, rate_how = rate, "measured: timed real steps of each phase on this CPU after a warm-up"
+                tok_s, rate_how = rate.tok_s, "measured: timed real steps of each phase on this CPU after a warm-up"
             else:
                 rate_how = f"{flops_how} x MFU (a real step would take too long to time)"
         tokens = ph.steps * ph.seq_len * seqs
         out.append(PhasePlan(ph.start_step, ph.end_step, ph.seq_len, micro, accum, ph.seq_len * seqs, tokens,
                              est.tensor_peak_bytes, peak, verdict(peak, capacity), tok_s, tokens / tok_s,
                              est.breakdown, flops_tok_s, peak_of, {k: v[0] for k, v in peaks.items()}))
+    if rate_how.startswith("measured: timed"):
+        rate_how += f": {rate_source([r for r in cpu_rates if r is not None])}"
     worst = max(out, key=lambda p: p.peak_memory_bytes)
     suggestion = None
     if worst.verdict != "fits" and worst.peak_of != "training step" and \
@@ -343,6 +347,24 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
     return Plan(res, cfg, tier, tier_how, out, capacity, capacity_how, flops, flops_how, mfu, suggestion,
                 checkpoint_bytes, disk_bytes, command_for(cfg, res.nproc), run, data, warnings, rate_how, probes,
                 host_ram, length_eval_seconds(cfg, mcfg, out, instrument_len, res.nproc))
+
+
+def _cpu_rates(mcfg: ModelConfig, cfg: TrainConfig, res: Resolved, probes: list[PhaseProbe],
+               flops: float) -> list[Rate | None]:
+    """A CPU plan's measured tok/s per phase (pretrain/plan/cpu_rate.py), for the phases --probe did not time;
+    all None on a GPU."""
+    per_proc = cfg.batch_size * cfg.grad_accum
+    points = parse_micro_batch_schedule(cfg.micro_batch_schedule, per_proc)
+    todo = [(i, ph) for i, ph in enumerate(phases(res.points, cfg.steps))
+            if cfg.device == "cpu" and not (probes and probes[i].picked and probes[i].picked.tok_s)]
+    out: list[Rate | None] = [None] * len(phases(res.points, cfg.steps))
+    if todo:
+        rates = measured_rates(mcfg, [(with_micro(cfg, micro_batch_at(points, ph.start_step, cfg.batch_size,
+                                                                       cfg.grad_accum)[0], per_proc), ph.seq_len)
+                                      for _, ph in todo], flops)
+        for (i, _), rate in zip(todo, rates):
+            out[i] = rate
+    return out
 
 
 def length_eval_seconds(cfg: TrainConfig, mcfg: ModelConfig, out: list[PhasePlan], instrument_len: int,

@@ -9,8 +9,8 @@ Used two ways:
     (`python -m pretrain.plan.probe`, request on stdin, JSON on stdout) on every device, as the trainer does: its
     CUDA context and cached memory are gone before the trainer starts, an out-of-memory crash cannot take the
     launcher with it, and it starts from the trainer's process state (allocator setting, no compiled graphs).
-  * the time estimate of every CPU plan (`measured_rate`): a matmul peak says little about a whole step on a
-    few cores (loss, optimizer, Python overhead), so CPU plans time one warm-up and two real steps per phase.
+  * the time estimate of every CPU plan (pretrain/plan/cpu_rate.py) steps the same `Stepper`, in the launcher's
+    process, one model for every phase.
 
 A probed step runs at most 2 micro-batches: memory depends only on whether earlier gradients are held, and the
 rate then slightly overweights the optimizer step (a conservative figure). Nothing is written to disk here.
@@ -21,7 +21,6 @@ compile errors run eagerly), each measurement from a fresh dynamo state; what dy
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -29,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,18 +45,9 @@ from pretrain.train.optim import build_optimizer, step_unless_nonfinite
 
 WARMUP_STEPS, TIMED_STEPS = 1, 2
 MAX_PROBED_ACCUM = 2
-# A CPU plan does not time a step the matmul peak says would take longer than this (e.g. --vram cpu --size 1b):
-# the plan then falls back to the matmul peak and says so.
-MAX_CPU_STEP_SECONDS = 20.0
 # The directory holding the `pretrain` package: the child process imports it from there whatever the launcher's cwd.
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-# The CPU rate is timed on the planned micro-batch when the matmul peak says a step of it takes at most this long:
-# a small model's step is dominated by per-step overhead (optimizer, launch), so a smaller micro-batch understates
-# tok/s several-fold. Larger steps are timed on 2 sequences, where a CPU step is compute-bound anyway.
-RATE_STEP_SECONDS = 0.5
-RATE_TIMED_STEPS = 3
-# ...and for at least this long: a millisecond step timed 3 times is at the mercy of one scheduler time slice.
-RATE_MIN_SECONDS, MAX_TIMED_STEPS = 0.5, 200
+MAX_TIMED_STEPS = 200  # a timed measurement with a minimum duration stops here whatever the step takes
 
 
 @dataclass
@@ -103,55 +93,71 @@ def _fresh_compile_state() -> None:
     torch._dynamo.utils.counters.clear()
 
 
-def _train_steps(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, device: torch.device, steps: int,
-                 min_seconds: float = 0.0) -> tuple[float, int | None, int, dict[str, int] | None]:
-    """Median seconds per step of at least `steps` real optimizer steps (and `min_seconds` of them) after a
-    warm-up, the CUDA peak (None on CPU), the bytes of weights + optimizer state + gradients held between
-    micro-batches, and with --compile what dynamo did."""
-    fp16 = cfg.amp and cfg.amp_dtype == "fp16"
-    if cfg.compile:
-        _fresh_compile_state()
-    torch.manual_seed(0)
-    model = speed.build_model(mcfg, cfg, device)  # one training shape here: this seq_len at this micro-batch
-    model.train()
-    optimizer = build_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    accum = min(cfg.grad_accum, MAX_PROBED_ACCUM)
-    autocast = dev.autocast(device, cfg.amp, dev.amp_dtype(cfg.amp_dtype))
+class Stepper:
+    """The trainer's model, optimizer and step for `cfg` on `device` (built by speed.build_model), stepped at any
+    micro-batch and sequence length: --probe times one shape per model, the CPU rate (pretrain/plan/cpu_rate.py)
+    every phase's shape on one model."""
 
-    def step() -> None:
+    def __init__(self, mcfg: ModelConfig, cfg: TrainConfig, device: torch.device, shapes: int = 1) -> None:
+        if cfg.compile:
+            _fresh_compile_state()
+        torch.manual_seed(0)
+        self.mcfg, self.cfg, self.device = mcfg, cfg, device
+        self.fp16 = cfg.amp and cfg.amp_dtype == "fp16"
+        self.model = speed.build_model(mcfg, cfg, device, shapes)  # shapes: compiled graphs it will run
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.fp16)
+        self.autocast = dev.autocast(device, cfg.amp, dev.amp_dtype(cfg.amp_dtype))
+
+    def step(self, micro: int, seq_len: int, accum: int) -> None:
+        """One optimizer step of `accum` micro-batches of `micro` random sequences of `seq_len` tokens."""
+        model, optimizer, scaler, device = self.model, self.optimizer, self.scaler, self.device
         for _ in range(accum):
-            x = torch.randint(0, mcfg.vocab_size, (cfg.batch_size, seq_len), device=device)
-            y = torch.randint(0, mcfg.vocab_size, (cfg.batch_size, seq_len), device=device)
-            with autocast:
+            x = torch.randint(0, self.mcfg.vocab_size, (micro, seq_len), device=device)
+            y = torch.randint(0, self.mcfg.vocab_size, (micro, seq_len), device=device)
+            with self.autocast:
                 loss = model(x, y) / accum
             scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        if fp16:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip or math.inf)
+        if self.fp16:
             scaler.step(optimizer)
             scaler.update()
         else:
             step_unless_nonfinite(optimizer, (~torch.isfinite(norm)).float())
         optimizer.zero_grad(set_to_none=True)
 
+    def timed(self, micro: int, seq_len: int, accum: int, steps: int, min_seconds: float = 0.0) -> list[float]:
+        """Seconds of each of at least `steps` steps (and `min_seconds` of them, at most MAX_TIMED_STEPS)."""
+        dev.synchronize(self.device)
+        times: list[float] = []
+        while len(times) < steps or (sum(times) < min_seconds and len(times) < MAX_TIMED_STEPS):
+            t0 = time.perf_counter()
+            self.step(micro, seq_len, accum)
+            dev.synchronize(self.device)
+            times.append(time.perf_counter() - t0)
+        return times
+
+
+def _train_steps(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, device: torch.device, steps: int,
+                 min_seconds: float = 0.0) -> tuple[float, int | None, int, dict[str, int] | None]:
+    """Median seconds per step of at least `steps` real optimizer steps (and `min_seconds` of them) after a
+    warm-up, the CUDA peak (None on CPU), the bytes of weights + optimizer state + gradients held between
+    micro-batches, and with --compile what dynamo did."""
+    stepper = Stepper(mcfg, cfg, device)  # one training shape here: this seq_len at this micro-batch
+    accum = min(cfg.grad_accum, MAX_PROBED_ACCUM)
     for _ in range(WARMUP_STEPS):  # compiles, creates the optimizer state
-        step()
+        stepper.step(cfg.batch_size, seq_len, accum)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    dev.synchronize(device)
-    times: list[float] = []
-    while len(times) < steps or (sum(times) < min_seconds and len(times) < MAX_TIMED_STEPS):
-        t0 = time.perf_counter()
-        step()
-        dev.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    seconds = statistics.median(times)  # one step slowed by another process on the host does not set the rate
+    # The median: one step slowed by another process on the host does not set the rate.
+    seconds = statistics.median(stepper.timed(cfg.batch_size, seq_len, accum, steps, min_seconds))
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
-    params = {id(p): p for p in model.parameters()}.values()
+    params = {id(p): p for p in stepper.model.parameters()}.values()
     weights = sum(p.numel() * p.element_size() for p in params)
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+    state = sum(t.numel() * t.element_size() for s in stepper.optimizer.state.values() for t in s.values()
                 if torch.is_tensor(t))
     compiled = speed.compile_counts() if cfg.compile else None
     return seconds, peak, weights + state + (weights if accum > 1 else 0), compiled
@@ -231,35 +237,6 @@ def probe_plan(mcfg: ModelConfig, cfg: TrainConfig, phases: list[tuple[int, int]
         check = "" if cfg.device == "cpu" else ", or check the GPU with nvidia-smi"
         raise UserError(f"--probe failed on {cfg.device} ({tail}); plan without --probe{check}")
     return [PhaseProbe.from_dict(d) for d in json.loads(done.stdout)]
-
-
-@functools.lru_cache(maxsize=64)
-def _rate(model_json: str, cfg_json: str, seq_len: int, steps: int) -> Measured:
-    cfg = TrainConfig.from_dict(json.loads(cfg_json))
-    return measure(ModelConfig.from_dict(json.loads(model_json)), cfg, seq_len, torch.device("cpu"), False, steps,
-                   RATE_MIN_SECONDS if steps > 1 else 0.0)
-
-
-def measured_rate(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, matmul_flops: float) -> float | None:
-    """Tokens per second of whole real CPU steps of `cfg` at seq_len (None when a step would take too long).
-
-    Timed after a warm-up on the planned micro-batch when its step is cheap (the median step of at least
-    RATE_TIMED_STEPS steps and RATE_MIN_SECONDS), else on one step of at most 2 sequences: a big CPU step is
-    compute-bound, so tok/s barely depends on the micro-batch, and the optimizer's share is then overweighted
-    (a slower, safer figure). Cached per configuration for the life of the process.
-    """
-    def predicted(micro: int) -> float:
-        return micro * seq_len * mcfg.flops_per_token(seq_len) / matmul_flops
-
-    micro = min(cfg.batch_size, 2)
-    if predicted(micro) > MAX_CPU_STEP_SECONDS:
-        return None
-    cheap = predicted(cfg.batch_size) <= RATE_STEP_SECONDS
-    if cheap:
-        micro = cfg.batch_size
-    relevant = replace(cfg, batch_size=micro, grad_accum=1, steps=1, out_dir="", data="", micro_batch_schedule="")
-    return _rate(json.dumps(mcfg.to_dict(), sort_keys=True), json.dumps(relevant.to_dict(), sort_keys=True),
-                 seq_len, RATE_TIMED_STEPS if cheap else 1).tok_s
 
 
 def _child() -> int:

@@ -1,7 +1,7 @@
 """`make plan-estimates`: regenerate pretrain/plan/shipped_estimates.json, the memory estimates shipped in the repo.
 
-It plans every GPU tier (pretrain/plan/tiers.py) with every --variant and the default flags, each estimate traced
-on fake tensors (a cold cache, the shipped file off), and writes their key parts and results
+It plans every GPU tier (pretrain/plan/tiers.py) with every --variant, and the cpu tier's default, with the default
+flags, each estimate traced on fake tensors (a cold cache, the shipped file off), and writes their key parts and results
 (pretrain/plan/estimate_cache.py says how they are looked up and when they are not used). Beside them it records
 the files an estimate executes: a fresh process traces one small estimate of each kind (every optimizer, dtype,
 checkpointing policy, attention variant and pass) with a profiler on, and lists every file of pretrain/ a function
@@ -33,12 +33,17 @@ ROOT = estimate_cache.ROOT
 
 
 def shipped_plans() -> list[tuple[str, str]]:
-    """(tier, --variant) of every dry run whose estimates ship: each GPU tier with each variant."""
+    """(tier, --variant) of every dry run whose estimates ship: each GPU tier with each variant, and the cpu tier's
+    default plan. The cpu tier fits the machine's RAM, not a card, but its default micro-batch fits any machine with
+    a few GiB, so its estimates are the same everywhere; its other variants' (the tiny model: ~0.1 s each, after
+    the tracker's import) are traced on first use."""
     from model import PAPER_PRESETS
+    from model.variants import ATTENTION_VARIANTS
     from pretrain.plan.resolve import VARIANTS
     from pretrain.plan.tiers import TIERS
 
-    return [(t.name, v) for v in (*VARIANTS, *PAPER_PRESETS) for t in TIERS.values() if t.is_gpu]
+    gpu = [(t.name, v) for v in (*VARIANTS, *PAPER_PRESETS) for t in TIERS.values() if t.is_gpu]
+    return [*gpu, ("cpu", next(iter(ATTENTION_VARIANTS)))]
 
 
 def plan_argv(tier: str, variant: str, run_root: str) -> list[str]:
