@@ -7,7 +7,8 @@ bench/train_step.py --floor prints the step against it, in fp32 and (on a host w
 
 GEMMs of a baseline/gqa/bottleneck block (M = micro-batch x T rows), linear y = x W^T (K -> N):
   forward  (M, K) @ (K, N);   backward dX = dY W: (M, N) @ (N, K);   dW = dY^T X: (N, M) @ (M, K)
-for q, k, v, o, gate_up (fused), down, and the LM head (chunked loss: logits, grad_h, grad_w). Attention per layer
+for the projections as the model runs them: qkv (one fused GEMM; q and v when tie_qk), o, gate_up (fused), down,
+and the LM head (chunked loss: logits, grad_h, grad_w). Attention per layer
 as (B*H) batched matmuls: forward QK^T and PV, backward dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q,
 full T x S (no causal halving, as ModelConfig.flops_per_token counts; a causal kernel may skip half).
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from model import ModelConfig
+from model.cpu_attention import native_bf16 as cpu_native_bf16
 
 
 @dataclass(frozen=True)
@@ -52,10 +54,10 @@ def step_gemms(cfg: ModelConfig, batch: int, seq_len: int) -> list[Gemm]:
     h, kv = cfg.n_head, cfg.n_kv_head
     keys = seq_len + (1 if cfg.null_attn else 0)
     out: list[Gemm] = []
-    out += _linear("q", rows, d, h * hd_qk, L)
-    if not cfg.tie_qk:
-        out += _linear("k", rows, d, kv * hd_qk, L)
-    out += _linear("v", rows, d, kv * hd_v, L)
+    if cfg.tie_qk:  # k is q: q and v are two projections
+        out += _linear("q", rows, d, h * hd_qk, L) + _linear("v", rows, d, kv * hd_v, L)
+    else:  # one fused qkv_proj (model/attention.py): one wider GEMM per direction, not three
+        out += _linear("qkv", rows, d, (h + kv) * hd_qk + kv * hd_v, L)
     out += _linear("o", rows, h * hd_v, d, L)
     out += _linear("gate_up", rows, d, 2 * cfg.d_ff, L)  # fused in model/gpt.py SwiGLU
     out += _linear("down", rows, cfg.d_ff, d, L)
@@ -85,8 +87,8 @@ def time_gemm(g: Gemm, dtype: torch.dtype, reps: int = 5) -> tuple[float, float]
 def gemm_floor(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype, reps: int = 5) -> dict:
     """The step's GEMMs timed alone: per-GEMM rows and the floor (sum over GEMMs x count), wall and CPU s.
 
-    Each distinct shape is timed once (best of `reps`) and reused: q/k/v/o share a shape, and timing it
-    four times under load only adds noise between identical GEMMs."""
+    Each distinct shape is timed once (best of `reps`) and reused: forward and dX of a square projection share
+    a shape, and timing it twice under load only adds noise between identical GEMMs."""
     timed: dict[tuple[int, int, int, int], tuple[float, float]] = {}
     rows = []
     for g in step_gemms(cfg, batch, seq_len):
@@ -112,5 +114,5 @@ def host_isa() -> str:
 
 
 def native_bf16() -> bool:
-    isa = host_isa().split()
-    return "avx512_bf16" in isa or "amx_bf16" in isa
+    """Whether the host multiplies bf16 natively: model/'s answer (oneDNN's), the one the step's own paths use."""
+    return cpu_native_bf16()

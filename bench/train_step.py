@@ -16,8 +16,8 @@ seconds and wall seconds, with the host's ISA. --profile adds torch.profiler's t
 the trainer's --bf16-weight-cache (pretrain/train/weight_cache.py); the precisions' steps alternate.
 --ref DIR times another checkout's model and trainer code (e.g. `git archive HEAD~1 | tar -x -C DIR`) with this
 bench, one process each, alternating --rounds times, and prints the medians side by side. Each child runs with
-its checkout's process settings: this one's host memory settings (pretrain/train/host_alloc.py), the ref's
-none unless that checkout has the module too.
+its checkout's process settings: this one's host memory and OpenMP settings (pretrain/train/host_alloc.py,
+host_threads.py), the ref's none unless that checkout has the modules too.
 
 Throughput: for each preset, with and without activation checkpointing (--grad-checkpoint) and with and
 without torch.compile (per block, as pretrain/train/session.py does), one optimizer step like the trainer's
@@ -239,6 +239,11 @@ def run_child(kind: str, spec: dict[str, Any], threads: int, ref: str | None = N
             from pretrain.train.host_alloc import with_huge_pages
 
             env = with_huge_pages(env)
+        if ref is None or (Path(ref) / "pretrain/train/host_threads.py").exists():
+            # The trainer's OpenMP setting, also made before torch loads (pretrain/train/host_threads.py).
+            from pretrain.train.host_threads import with_idle_threads_asleep
+
+            env = with_idle_threads_asleep(env)
         proc = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], env=env,
                               stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])

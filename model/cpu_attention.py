@@ -38,8 +38,10 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 
 @functools.cache
-def _native_bf16() -> bool:
-    """Whether oneDNN multiplies bf16 natively here (AVX512-BF16 / AMX); elsewhere bf16 is emulated and slow."""
+def native_bf16() -> bool:
+    """Whether oneDNN multiplies bf16 natively on this CPU (AVX512-BF16 / AMX). Elsewhere bf16 is emulated: ~4x
+    slower per tiny training step and ~20x per large matmul than fp32. The one answer this path, the trainer's
+    device record, the planner's cpu tier and the benches use (pretrain/train/device.py: cpu_has_fast_bf16)."""
     try:
         return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -53,7 +55,7 @@ def cpu_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     if torch.compiler.is_compiling() or q.device.type != "cpu" or T == 1 or (T > BLOCK_QUERIES and _n_blocks(T) == 1):
         return False
     return (all(type(t) is torch.Tensor and t.dtype == torch.bfloat16 for t in (q, k, v))
-            and not is_in_torch_dispatch_mode() and _native_bf16())
+            and not is_in_torch_dispatch_mode() and native_bf16())
 
 
 def causal_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -26,7 +26,7 @@ from tests.test_model_attention import CASES, make_model
 @pytest.fixture
 def native_bf16(monkeypatch):
     """Run the CPU path whatever the host: without native bf16 it is only slower (oneDNN emulates), not different."""
-    monkeypatch.setattr(cpu_attention, "_native_bf16", lambda: True)
+    monkeypatch.setattr(cpu_attention, "native_bf16", lambda: True)
 
 
 def _qkv(B: int, H: int, n_kv: int, T: int, S: int, hd: int, hd_v: int, seed: int = 0):

@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from model.cpu_attention import native_bf16
 from pretrain.errors import UserError
 from pretrain.units import torch_dtype
 
@@ -129,12 +130,9 @@ def available_host_memory() -> int | None:
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 / AMX). Without it (AVX2 laptops and many cloud
-    hosts) torch falls back to a scalar bf16 path measured 4x slower per tiny training step and ~20x per large
-    matmul than fp32, so the cpu tier trains in fp32 there."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    hosts) bf16 is emulated and far slower than fp32, so the cpu tier trains in fp32 there. model/'s answer, the
+    one its CPU attention path uses."""
+    return native_bf16()
 
 
 def amp_dtype(name: str) -> torch.dtype:
