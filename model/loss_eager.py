@@ -22,6 +22,10 @@ from .loss_chunk import backprop_chunk
 # more Python calls per chunk (6 a block), more spill the block to L3 (measured on config S: 8 rows ~25 % faster
 # than the whole chunk, 16 rows no faster than the whole chunk).
 BLOCK_BYTES_PER_THREAD = 1 << 20
+# Weight-sized bf16 blocks (the weight's cast, its gradient's GEMM output) are kept between steps from this size:
+# glibc's largest mmap threshold (pretrain/train/host_alloc.py), above which each step maps and faults them in again
+# (38 MB each at config S); smaller ones its heap reuses as they are, and the planner's trace stays exact for them.
+KEEP_WEIGHT_BYTES = 32 << 20
 
 
 def softmax_block_rows(vocab: int, threads: int) -> int:
@@ -64,9 +68,9 @@ def chunk_loss_and_logit_grad_eager_(out_mm: torch.Tensor, t_c: torch.Tensor, vo
 
 
 def cast_weight(weight: torch.Tensor, dtype: torch.dtype, kept: Callable[..., torch.Tensor] | None) -> torch.Tensor:
-    """`weight` in the matmul dtype; with `kept` (LossWorkspace.get) into a buffer kept between steps: a new
-    weight-sized block each step is mapped and faulted in again on CPU (above glibc's largest mmap threshold)."""
-    if weight.dtype == dtype or kept is None:
+    """`weight` in the matmul dtype; with `kept` (LossWorkspace.get) into a buffer kept between steps when it is at
+    least KEEP_WEIGHT_BYTES."""
+    if weight.dtype == dtype or kept is None or weight.numel() * dtype.itemsize < KEEP_WEIGHT_BYTES:
         return weight.to(dtype)
     return kept("weight_mm", weight.shape[0], weight.shape[1], dtype, weight.device).copy_(weight)
 
@@ -74,16 +78,19 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype, kept: Callable[..., to
 def eager_chunk_loop(hh: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: int, ignore_index: int,
                      chunk_rows: int, want_h: bool, want_w: bool, h_dtype: torch.dtype,
                      buffer: Callable[[str, int, int, torch.dtype], torch.Tensor], cpu_blocks: bool,
-                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                     count: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """ChunkedLinearCrossEntropy's eager loop over `hh` (rows x d) and `w` (padded vocab x d), both in the matmul
     dtype. `buffer(name, rows, cols, dtype)` gives kept buffers. `cpu_blocks`: softmax over blocks of rows
     (softmax_block_rows) and the weight gradient's GEMM output in a kept buffer; else one op per step over the whole
-    chunk. Returns (summed loss, grad_h in h_dtype, grad_w in fp32 or None) as ChunkedLinearCrossEntropy saves them."""
+    chunk. With `count` the gradients are those of the mean over `count` rows: 1 / count is the gradient GEMMs'
+    alpha, applied in fp32 before their one rounding, instead of a pass over the weight-sized gradient in backward.
+    Returns (summed loss, grad_h in h_dtype, grad_w in fp32 or None) as ChunkedLinearCrossEntropy saves them."""
     rows, (vocab, d) = hh.shape[0], w.shape
     dev, mm_dtype = hh.device, hh.dtype
     n_buf = min(chunk_rows, rows)
     block = min(softmax_block_rows(vocab, torch.get_num_threads()), n_buf) if cpu_blocks else n_buf
-    w_out = buffer("grad_w_mm", vocab, d, mm_dtype) if cpu_blocks and want_w and mm_dtype != torch.float32 else None
+    keep_w = cpu_blocks and want_w and mm_dtype != torch.float32 and w.numel() * w.itemsize >= KEEP_WEIGHT_BYTES
+    w_out = buffer("grad_w_mm", vocab, d, mm_dtype) if keep_w else None
     buf_mm = buffer("logits_mm", n_buf, vocab, mm_dtype)
     # The fp32 buffer is named for its size: a whole chunk's (kept between steps) or a block's.
     name = "logits_fp32" if block == n_buf else "softmax_block_fp32"
@@ -100,7 +107,7 @@ def eager_chunk_loop(hh: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, v
         total += loss
         if want_h or want_w:
             grad_w = backprop_chunk(out_mm, w, h_c, None if grad_h is None else grad_h[i:i + n], grad_w, want_w,
-                                    valid, w_out)
+                                    valid, w_out, 1.0 if count is None else 1.0 / count)
     if want_w and grad_w is None:  # no rows
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=dev)
     return total, grad_h, grad_w
