@@ -120,8 +120,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     logits and the LM head matmul is not re-run. Backward only scales the saved gradients.
     Padded vocab columns (>= vocab_size) are set to -inf: they can never be predicted.
     Matmuls run in the autocast dtype when autocast is on (as F.linear would), softmax in fp32; the
-    logit buffers come from `workspace` when given. With `compiled` (the trainer's --compile) the chunks run through
-    model/loss_chunk.py: the same sums, each chunk's softmax and gradient one compiled kernel.
+    logit buffers come from `workspace` when given. The eager chunks run model/loss_eager.py (on CPU with kept
+    buffers, in row blocks, and with `count` the mean's gradients scaled inside the GEMMs). With `compiled` (the
+    trainer's --compile) they run through model/loss_chunk.py: the same sums, each chunk's softmax and gradient one
+    compiled kernel.
     """
 
     @staticmethod

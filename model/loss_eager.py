@@ -4,10 +4,11 @@ LM-head GEMM, the chunk's cross-entropy and logit gradient (softmax - onehot) in
 
 Between the GEMMs the work is elementwise over rows x vocab (206 MB of bf16 logits at config S) and bound by
 memory traffic around one exp per logit. Run over the whole chunk, each step (fp32 copy, max, softmax, max, copy
-back) is a pass over a 412 MB fp32 copy in memory. With `block_rows` (CPU) the same steps run over a few rows at a
-time in a small fp32 buffer that stays in the core's cache: the logits are read once and the gradient written once,
-the same ops on the same rows giving the same values bit for bit. Other devices run one kernel per step over the
-whole chunk (a kernel launch per block of rows would cost more than it saves there).
+back) is a pass over a 412 MB fp32 copy in memory. On CPU the same steps run over a few rows at a time in a small
+fp32 buffer that stays in the core's cache: the logits are read once and the gradient written once, the same ops on
+the same rows giving the same values bit for bit. The exp of each logit (Sleef's 1-ulp exp inside the softmax kernel)
+remains: ~55 ms of the ~85 ms this takes at config S on one AVX-512 (Zen 4) core. Other devices run one kernel per
+step over the whole chunk (a kernel launch per block of rows would cost more than it saves there).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import torch
 
 from .loss_chunk import backprop_chunk
 
-# fp32 bytes of a softmax block per thread: at a 50K vocab 5 rows (1 MiB, a Zen 4 core's L2). Fewer rows make
-# more Python calls per chunk (6 a block), more spill the block to L3 (measured on config S: 8 rows ~25 % faster
-# than the whole chunk, 16 rows no faster than the whole chunk).
-BLOCK_BYTES_PER_THREAD = 1 << 20
+# fp32 bytes of a softmax block per thread: 7 rows at a 50K vocab (a Zen 4 core's L2 is 1 MiB). Fewer rows make
+# more Python calls per chunk (6 a block), more spill the block further out (config S, 1 thread, loaded host:
+# 5 rows 113 CPU-ms, 8 rows 107, 16 rows 123, the whole chunk 143).
+BLOCK_BYTES_PER_THREAD = 3 << 19
 # Weight-sized bf16 blocks (the weight's cast, its gradient's GEMM output) are kept between steps from this size:
 # glibc's largest mmap threshold (pretrain/train/host_alloc.py), above which each step maps and faults them in again
 # (38 MB each at config S); smaller ones its heap reuses as they are, and the planner's trace stays exact for them.
