@@ -121,7 +121,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     Padded vocab columns (>= vocab_size) are set to -inf: they can never be predicted.
     Matmuls run in the autocast dtype when autocast is on (as F.linear would), softmax in fp32; the
     logit buffers come from `workspace` when given. The eager chunks run model/loss_eager.py (on CPU with kept
-    buffers, in row blocks, and with `count` the mean's gradients scaled inside the GEMMs). With `compiled` (the
+    buffers and the softmax in row blocks). With `compiled` (the
     trainer's --compile) they run through model/loss_chunk.py: the same sums, each chunk's softmax and gradient one
     compiled kernel.
     """
@@ -129,8 +129,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                 ignore_index: int, chunk_rows: int, compute_grad: bool,
-                workspace: LossWorkspace | None, compiled: bool = False, tied: TiedGrad | None = None,
-                count: int | None = None) -> torch.Tensor:
+                workspace: LossWorkspace | None, compiled: bool = False, tied: TiedGrad | None = None) -> torch.Tensor:
         want_h, want_w = compute_grad and ctx.needs_input_grad[0], compute_grad and ctx.needs_input_grad[1]
         dev = h.device
         mm_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else weight.dtype
@@ -146,25 +145,22 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             else:
                 total, grad_h, grad_w = eager_chunk_loop(
                     hh, w, targets, vocab_size, ignore_index, chunk_rows, want_h, want_w, h.dtype,
-                    lambda name, n, cols, dtype: ws.get(name, n, cols, dtype, dev), kept, count)
-        ctx.weight_dtype, ctx.tied, ctx.scaled = weight.dtype, tied, count is not None
+                    lambda name, n, cols, dtype: ws.get(name, n, cols, dtype, dev), kept)
+        ctx.weight_dtype, ctx.tied = weight.dtype, tied
         ctx.save_for_backward(grad_h, grad_w)
-        return total if count is None else total / count
+        return total
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        # With `count` (CPU) the gradients of the mean came out of the GEMMs already scaled: a backward seed of 1
-        # (no accumulation or loss scaling) needs no pass over the weight-sized gradient (.item() is free on CPU).
-        unit = ctx.scaled and grad_total.item() == 1.0
-        if grad_h is not None and not unit:
+        if grad_h is not None:
             grad_h = grad_h * grad_total.to(grad_h.dtype)
         if grad_w is not None:  # in place: the saved gradient is ours and backward runs once
-            grad_w = (grad_w if unit else grad_w.mul_(grad_total)).to(ctx.weight_dtype)
+            grad_w = grad_w.mul_(grad_total).to(ctx.weight_dtype)
             if ctx.tied is not None:  # the tied embedding's backward adds its rows and returns the sum
                 ctx.tied.hand_over(grad_w)
                 grad_w = None
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
@@ -176,17 +172,14 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     With `tied`, weight's gradient is handed to the tied embedding's backward (model/tied_grad.py)."""
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1).long()  # gather wants int64
     compute_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    count = (targets != ignore_index).sum()
-    # Eager on CPU the mean's 1 / count goes into the gradient GEMMs (model/loss_eager.py); int() is free there.
-    n = int(count) if compute_grad and not compiled and _keeps_buffers(h, workspace) else 0
     total = ChunkedLinearCrossEntropy.apply(h, weight, targets, vocab_size, ignore_index, chunk_rows,
-                                            compute_grad, workspace, compiled, tied, n or None)
-    return total if n else total / count
+                                            compute_grad, workspace, compiled, tied)
+    return total / (targets != ignore_index).sum()
 
 
 def _keeps_buffers(h: torch.Tensor, workspace: LossWorkspace | None) -> bool:
-    """Whether the chunked loss runs its CPU form (model/loss_eager.py: kept buffers, softmax in row blocks, the mean
-    folded into the GEMMs). Not on fake tensors: the planner's memory trace (fake cpu tensors for every device, and
+    """Whether the chunked loss runs its CPU form (model/loss_eager.py: kept buffers, softmax in row blocks). Not on
+    fake tensors: the planner's memory trace (fake cpu tensors for every device, and
     dynamo's tracing) keeps the whole-chunk buffers and per-call casts other devices use."""
     return workspace is not None and h.device.type == "cpu" and not is_fake(h)
 

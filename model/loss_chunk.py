@@ -39,7 +39,7 @@ _compiled_chunk: Callable[..., torch.Tensor] | None = None
 
 def backprop_chunk(g: torch.Tensor, w: torch.Tensor, h_c: torch.Tensor, grad_h_rows: torch.Tensor | None,
                    grad_w: torch.Tensor | None, want_w: bool, valid: torch.Tensor | None = None,
-                   w_out: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor | None:
+                   w_out: torch.Tensor | None = None) -> torch.Tensor | None:
     """From one chunk's logit gradient `g`: write its rows of the hidden states' gradient into `grad_h_rows` and
     return the weight's gradient accumulated in fp32 (without a weight-sized temporary per chunk where the dtypes
     allow it). Shared by the eager loop (model/gpt.py) and the compiled one.
@@ -47,27 +47,20 @@ def backprop_chunk(g: torch.Tensor, w: torch.Tensor, h_c: torch.Tensor, grad_h_r
     `valid` (rows,): rows whose gradient counts although their row of `g` is not zero (the eager loop's ignored
     targets). Zeroing their h rows and grad_h rows gives exactly the products of zeroed g rows, for a pass over
     rows x d instead of rows x vocab. `w_out` (weight-shaped, g's dtype): a kept buffer for the weight gradient's
-    GEMM output when it is not fp32, instead of a new weight-sized block per chunk. `alpha`: both gradients are of
-    alpha x the loss, scaled inside the GEMMs (in fp32, before their output's rounding)."""
-    if alpha != 1.0:  # addmm with beta 0 ignores its input: no zero fill
-        def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-            out = a.new_empty(a.shape[0], b.shape[1]) if out is None else out
-            return torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
-    else:
-        mm = torch.mm
+    GEMM output when it is not fp32, instead of a new weight-sized block per chunk."""
     if grad_h_rows is not None:
         if g.dtype == grad_h_rows.dtype:
-            mm(g, w, out=grad_h_rows)
+            torch.mm(g, w, out=grad_h_rows)
         else:
-            grad_h_rows.copy_(mm(g, w))
+            grad_h_rows.copy_(g @ w)
         if valid is not None:
             grad_h_rows.mul_(valid.unsqueeze(1))
     if want_w:
         if valid is not None:
             h_c = h_c * valid.unsqueeze(1).to(h_c.dtype)
         if g.dtype == torch.float32:
-            return mm(g.t(), h_c) if grad_w is None else grad_w.addmm_(g.t(), h_c, alpha=alpha)
-        part = mm(g.t(), h_c, out=w_out)
+            return (g.t() @ h_c) if grad_w is None else grad_w.addmm_(g.t(), h_c)
+        part = g.t() @ h_c if w_out is None else torch.mm(g.t(), h_c, out=w_out)
         if grad_w is None:
             grad_w = part.float()
         else:

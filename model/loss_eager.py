@@ -79,13 +79,11 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype, kept: Callable[..., to
 def eager_chunk_loop(hh: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: int, ignore_index: int,
                      chunk_rows: int, want_h: bool, want_w: bool, h_dtype: torch.dtype,
                      buffer: Callable[[str, int, int, torch.dtype], torch.Tensor], cpu_blocks: bool,
-                     count: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """ChunkedLinearCrossEntropy's eager loop over `hh` (rows x d) and `w` (padded vocab x d), both in the matmul
     dtype. `buffer(name, rows, cols, dtype)` gives kept buffers. `cpu_blocks`: softmax over blocks of rows
     (softmax_block_rows) and the weight gradient's GEMM output in a kept buffer; else one op per step over the whole
-    chunk. With `count` the gradients are those of the mean over `count` rows: 1 / count is the gradient GEMMs'
-    alpha, applied in fp32 before their one rounding, instead of a pass over the weight-sized gradient in backward.
-    Returns (summed loss, grad_h in h_dtype, grad_w in fp32 or None) as ChunkedLinearCrossEntropy saves them."""
+    chunk. Returns (summed loss, grad_h in h_dtype, grad_w in fp32 or None) as ChunkedLinearCrossEntropy saves them."""
     rows, (vocab, d) = hh.shape[0], w.shape
     dev, mm_dtype = hh.device, hh.dtype
     n_buf = min(chunk_rows, rows)
@@ -108,7 +106,7 @@ def eager_chunk_loop(hh: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, v
         total += loss
         if want_h or want_w:
             grad_w = backprop_chunk(out_mm, w, h_c, None if grad_h is None else grad_h[i:i + n], grad_w, want_w,
-                                    valid, w_out, 1.0 if count is None else 1.0 / count)
+                                    valid, w_out)
     if want_w and grad_w is None:  # no rows
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=dev)
     return total, grad_h, grad_w

@@ -43,7 +43,7 @@ def _blocks_of(monkeypatch, rows: int) -> None:
 @pytest.mark.parametrize("amp", [True, False])
 def test_row_blocks_equal_one_block_bit_for_bit(monkeypatch, amp):
     """Blocks of 3 rows per thread (a chunk has 7: several blocks, the last partial) give the values of one block
-    per chunk exactly, and the workspace keeps a block-sized fp32 buffer, not a chunk-sized one."""
+    per chunk, and of other devices' path, exactly; the workspace keeps a block-sized fp32 buffer, not a chunk's."""
     h, w, t = _inputs()
     runs = []
     for rows in (3, 1000):
@@ -55,8 +55,9 @@ def test_row_blocks_equal_one_block_bit_for_bit(monkeypatch, amp):
                 and k[0] != "logits_mm"]
         runs.append((got, fp32))
     (blocks, blocks_fp32), (whole, _) = runs
-    for a, b in zip(blocks, whole, strict=True):
-        assert torch.equal(a, b)
+    device_path = _loss_and_grads(h, w, t, None, amp)  # no workspace: other devices' form, one op over the chunk
+    for a, b, c in zip(blocks, whole, device_path, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
     assert blocks_fp32 == ([("softmax_block_fp32", (min(3 * torch.get_num_threads(), 7), PADDED))] if amp else [])
 
 
@@ -64,8 +65,8 @@ def test_row_blocks_equal_one_block_bit_for_bit(monkeypatch, amp):
 def test_bf16_loss_and_gradients_against_float64(monkeypatch, kept):
     """fp32 softmax and loss: the loss within fp32 rounding of float64 cross-entropy over the same bf16 logits; each
     gradient element within a bf16 rounding of the logit gradient and one of the GEMM's output (operands bf16 under
-    autocast) of float64's, relative to the sum of its products' magnitudes: on CPU (kept buffers, row blocks, the
-    mean's scale inside the GEMMs) as on other devices' path (no workspace)."""
+    autocast) of float64's, relative to the sum of its products' magnitudes: on CPU (kept buffers, row blocks) as on
+    other devices' path (no workspace)."""
     _blocks_of(monkeypatch, 3)
     h, w, t = _inputs(1)
     loss, gh, gw = _loss_and_grads(h, w, t, LossWorkspace() if kept else None, amp=True)
@@ -111,33 +112,3 @@ def test_no_new_bf16_weight_sized_blocks_per_step(monkeypatch):
     assert allocs.seen == []
     assert grad.dtype == torch.float32 and grad.abs().sum() > 0
 
-
-class _WeightSizedMul(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if "mul" in str(func) and isinstance(out, torch.Tensor) and tuple(out.shape) == (PADDED, D):
-            self.seen.append(str(func))
-        return out
-
-
-@pytest.mark.parametrize("amp", [True, False])
-def test_mean_scaled_inside_the_gemms(amp):
-    """On CPU the mean's 1 / count is the gradient GEMMs' alpha: a backward seed of 1 runs no pass over the
-    weight-sized gradient; another seed (loss / accumulation steps) still scales both gradients."""
-    h, w, t = _inputs(2)
-    ws = LossWorkspace()
-    grads = []
-    for seed in (1.0, 0.25):
-        hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss = chunked_cross_entropy(hh, ww, t, VOCAB, chunk_rows=7, workspace=ws)
-        with _WeightSizedMul() as muls:
-            (loss * seed).backward()
-        grads.append((hh.grad, ww.grad, muls.seen))
-    (gh1, gw1, muls1), (gh4, gw4, muls4) = grads
-    assert muls1 == [] and muls4 != []
-    assert torch.equal(gh4, gh1 * 0.25) and torch.equal(gw4, gw1 * 0.25)
