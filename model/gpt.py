@@ -22,7 +22,8 @@ from .attention import AttentionTrace, CausalSelfAttention, KVCache, shared_bloc
 from .config import ModelConfig
 from .fused import rms_norm, rms_norm_reference, swiglu, swiglu_reference
 from .kv_formats import KVSetting
-from .loss_chunk import backprop_chunk, compiled_chunk_loop
+from .loss_chunk import compiled_chunk_loop
+from .loss_eager import cast_weight, eager_chunk_loop
 from .tied_grad import TiedGrad, tied_embedding
 
 if TYPE_CHECKING:
@@ -119,8 +120,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     logits and the LM head matmul is not re-run. Backward only scales the saved gradients.
     Padded vocab columns (>= vocab_size) are set to -inf: they can never be predicted.
     Matmuls run in the autocast dtype when autocast is on (as F.linear would), softmax in fp32; the
-    logit buffers come from `workspace` when given. With `compiled` (the trainer's --compile) the chunks run through
-    model/loss_chunk.py: the same sums, each chunk's softmax and gradient one compiled kernel.
+    logit buffers come from `workspace` when given. The eager chunks run model/loss_eager.py (on CPU with kept
+    buffers and the softmax in row blocks). With `compiled` (the
+    trainer's --compile) they run through model/loss_chunk.py: the same sums, each chunk's softmax and gradient one
+    compiled kernel.
     """
 
     @staticmethod
@@ -130,54 +133,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         want_h, want_w = compute_grad and ctx.needs_input_grad[0], compute_grad and ctx.needs_input_grad[1]
         dev = h.device
         mm_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else weight.dtype
+        kept = _keeps_buffers(h, workspace)
+        ws = workspace or LossWorkspace()
         # Cast once per call, not per chunk; explicit casts because out= matmuls do not autocast.
         with torch.autocast(dev.type, enabled=False):
-            w, hh = weight.to(mm_dtype), h.to(mm_dtype)
+            w, hh = cast_weight(weight, mm_dtype, ws.get if kept else None), h.to(mm_dtype)
             if compiled:
-                ws = workspace or LossWorkspace()
                 total, grad_h, grad_w = compiled_chunk_loop(
                     hh, w, targets, vocab_size, ignore_index, chunk_rows, want_h, want_w, h.dtype,
                     lambda n: ws.get("logits_mm", n, w.shape[0], mm_dtype, dev))
-                ctx.weight_dtype, ctx.tied = weight.dtype, tied
-                ctx.save_for_backward(grad_h, grad_w)
-                return total
-            rows, vocab = h.shape[0], weight.shape[0]
-            n_buf = min(chunk_rows, rows)
-            ws = workspace or LossWorkspace()
-            buf_mm = ws.get("logits_mm", n_buf, vocab, mm_dtype, dev)
-            buf32 = ws.get("logits_fp32", n_buf, vocab, torch.float32, dev) if mm_dtype != torch.float32 else None
-            grad_h = torch.empty_like(h) if want_h else None
-            grad_w = None
-            total = torch.zeros((), dtype=torch.float32, device=dev)
-            for i in range(0, rows, chunk_rows):
-                h_c, t_c = hh[i:i + chunk_rows], targets[i:i + chunk_rows]
-                n = h_c.shape[0]
-                out_mm = torch.mm(h_c, w.t(), out=buf_mm[:n])
-                logits = out_mm if buf32 is None else buf32[:n].copy_(out_mm)
-                if vocab > vocab_size:
-                    logits[:, vocab_size:] = float("-inf")
-                valid = t_c != ignore_index
-                safe_t = torch.where(valid, t_c, 0).unsqueeze(1)
-                # logsumexp by hand, in place: torch.logsumexp allocates a chunk-sized temporary (412 MB at
-                # 2048 x 50304 fp32) every call. Same formula: max + log(sum(exp(x - max))).
-                picked = logits.gather(1, safe_t).squeeze(1)
-                top = logits.amax(dim=-1, keepdim=True)
-                # Softmax in place, one fused kernel (max, exp, sum and scaling while each row is in cache) instead
-                # of five passes over chunk x vocab floats. The top logit's probability is exp(0) / sum, the row's
-                # largest, so logsumexp = top - log(max p), and max p >= 1 / vocab never underflows.
-                torch.ops.aten._softmax.out(logits, -1, False, out=logits)
-                lse = (top - logits.amax(dim=-1, keepdim=True).log()).squeeze(1)
-                total += ((lse - picked) * valid).sum()
-                if want_h or want_w:
-                    # d(sum CE)/d logits = softmax - onehot(target), built in place. Rows of ignored targets should
-                    # be 0: instead of a pass over chunk x vocab, backprop_chunk zeroes their h rows (for grad_w)
-                    # and grad_h rows, which gives the same sums exactly.
-                    g = logits.scatter_add_(1, safe_t, -valid.unsqueeze(1).to(logits.dtype))
-                    g = g if buf32 is None else out_mm.copy_(g)  # round to the matmul dtype in place
-                    grad_w = backprop_chunk(g, w, h_c, None if grad_h is None else grad_h[i:i + n], grad_w, want_w,
-                                            valid)
-            if want_w and grad_w is None:  # no rows
-                grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
+            else:
+                total, grad_h, grad_w = eager_chunk_loop(
+                    hh, w, targets, vocab_size, ignore_index, chunk_rows, want_h, want_w, h.dtype,
+                    lambda name, n, cols, dtype: ws.get(name, n, cols, dtype, dev), kept)
         ctx.weight_dtype, ctx.tied = weight.dtype, tied
         ctx.save_for_backward(grad_h, grad_w)
         return total
@@ -207,6 +175,13 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     total = ChunkedLinearCrossEntropy.apply(h, weight, targets, vocab_size, ignore_index, chunk_rows,
                                             compute_grad, workspace, compiled, tied)
     return total / (targets != ignore_index).sum()
+
+
+def _keeps_buffers(h: torch.Tensor, workspace: LossWorkspace | None) -> bool:
+    """Whether the chunked loss runs its CPU form (model/loss_eager.py: kept buffers, softmax in row blocks). Not on
+    fake tensors: the planner's memory trace (fake cpu tensors for every device, and
+    dynamo's tracing) keeps the whole-chunk buffers and per-call casts other devices use."""
+    return workspace is not None and h.device.type == "cpu" and not is_fake(h)
 
 
 # Ops whose outputs selective checkpointing keeps: the matmuls and attention kernels (the FLOPs); everything else

@@ -1,0 +1,114 @@
+"""The chunked loss on CPU (model/loss_eager.py): softmax over blocks of rows in a small fp32 buffer instead of a
+chunk-sized fp32 copy, the same values bit for bit as the whole-chunk form other devices run, held against float64;
+and the LM head's bf16 weight cast and weight-gradient GEMM output written into kept buffers, not new weight-sized
+blocks each step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import model.loss_eager as loss_eager
+from model import GPT, ModelConfig
+from model.gpt import LossWorkspace, chunked_cross_entropy
+
+VOCAB, PADDED, D = 100, 128, 32
+
+
+def _inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(60, D, generator=g)
+    w = torch.randn(PADDED, D, generator=g) * 0.5
+    t = torch.randint(0, VOCAB, (60,), generator=g)
+    t[:6] = -100  # ignored rows, inside the first chunk
+    t[40:47] = -100  # a whole chunk of them
+    return h, w, t
+
+
+def _loss_and_grads(h, w, t, workspace, amp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        loss = chunked_cross_entropy(h, w, t, VOCAB, chunk_rows=7, workspace=workspace)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def _blocks_of(monkeypatch, rows: int) -> None:
+    """Softmax blocks of `rows` rows per thread."""
+    monkeypatch.setattr(loss_eager, "BLOCK_BYTES_PER_THREAD", rows * 4 * PADDED)
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_row_blocks_equal_one_block_bit_for_bit(monkeypatch, amp):
+    """Blocks of 3 rows per thread (a chunk has 7: several blocks, the last partial) give the values of one block
+    per chunk, and of other devices' path, exactly; the workspace keeps a block-sized fp32 buffer, not a chunk's."""
+    h, w, t = _inputs()
+    runs = []
+    for rows in (3, 1000):
+        _blocks_of(monkeypatch, rows)
+        ws = LossWorkspace()
+        for _ in range(2):  # the second step reuses the kept buffers
+            got = _loss_and_grads(h, w, t, ws, amp)
+        fp32 = [(k[0], tuple(b.shape)) for k, b in ws._buffers.items() if b.dtype == torch.float32
+                and k[0] != "logits_mm"]
+        runs.append((got, fp32))
+    (blocks, blocks_fp32), (whole, _) = runs
+    device_path = _loss_and_grads(h, w, t, None, amp)  # no workspace: other devices' form, one op over the chunk
+    for a, b, c in zip(blocks, whole, device_path, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert blocks_fp32 == ([("softmax_block_fp32", (min(3 * torch.get_num_threads(), 7), PADDED))] if amp else [])
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_bf16_loss_and_gradients_against_float64(monkeypatch, kept):
+    """fp32 softmax and loss: the loss within fp32 rounding of float64 cross-entropy over the same bf16 logits; each
+    gradient element within a bf16 rounding of the logit gradient and one of the GEMM's output (operands bf16 under
+    autocast) of float64's, relative to the sum of its products' magnitudes: on CPU (kept buffers, row blocks) as on
+    other devices' path (no workspace)."""
+    _blocks_of(monkeypatch, 3)
+    h, w, t = _inputs(1)
+    loss, gh, gw = _loss_and_grads(h, w, t, LossWorkspace() if kept else None, amp=True)
+    h64, w64 = h.bfloat16().double(), w.bfloat16().double()
+    logits = (h64 @ w64.t()).bfloat16().double()  # the GEMM writes bf16 logits
+    logits[:, VOCAB:] = float("-inf")
+    want = F.cross_entropy(logits, t)
+    assert abs(loss.item() - want.item()) < 1e-6 * want.item()
+    g64 = (logits.softmax(-1) - F.one_hot(t.clamp_min(0), PADDED)) * (t != -100).unsqueeze(1) / (t != -100).sum()
+    for got, exact, bound in ((gh, g64 @ w64, g64.abs() @ w64.abs()), (gw, g64.t() @ h64, g64.abs().t() @ h64.abs())):
+        assert ((got.double() - exact).abs() <= 2**-7 * bound + 1e-12).all()
+
+
+class _Allocs(TorchDispatchMode):
+    """Ops that return a new tensor (not a view, not an out= or in-place op's) of `shape` and `dtype`."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.shape, self.dtype, self.seen = shape, dtype, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape and out.dtype == self.dtype
+                and not func._schema.is_mutable and not func.is_view):
+            self.seen.append(str(func))
+        return out
+
+
+def test_no_new_bf16_weight_sized_blocks_per_step(monkeypatch):
+    """A bf16 step of GPT on CPU casts the tied weight and takes its gradient's GEMM output into buffers kept between
+    steps: 2 weight-sized blocks fewer to map and fault in per step (above glibc's largest mmap threshold at a 50K
+    vocab). The fp32 gradient stays a new tensor: it becomes the parameter's .grad."""
+    monkeypatch.setattr(loss_eager, "KEEP_WEIGHT_BYTES", PADDED * D * 2)  # this weight's size: kept from there up
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=VOCAB, block_size=32, n_layer=1, n_head=4, d_model=D, d_ff=48))
+    idx, targets = torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))
+    for _ in range(2):
+        with _Allocs((PADDED, D), torch.bfloat16) as allocs, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(idx, targets)
+        loss.backward()
+        grad = model.wte.weight.grad
+        model.zero_grad(set_to_none=True)
+    assert allocs.seen == []
+    assert grad.dtype == torch.float32 and grad.abs().sum() > 0
+
