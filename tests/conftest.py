@@ -74,10 +74,11 @@ def pytest_unconfigure(config) -> None:
 # /work/wt/durations_start.txt, session of issue 20.9). `make test` hands whole files to the two workers in
 # collection order (--dist loadfile: a file's module fixtures are built once), so these go first and the short files
 # fill in the end: a long file started last would run alone while the other worker idles. A file missing here only
-# runs later; nothing depends on the order (only speed: test_probe.py's compiled step builds the inductor kernels that
-# the compiled runs of test_bf16_weight_cache.py and test_compiled_loss.py, later, load from the shared cache).
-RUN_FIRST = ("test_plan_fit.py", "test_tier_cards.py", "test_gpu_check.py", "test_optim8bit.py", "test_probe.py",
-             "test_chaos.py", "test_memory.py", "test_plan_fast.py", "test_stop_latency.py",
+# runs later; nothing depends on the order (only speed: test_gpu_check.py's first compile builds the inductor kernels
+# of COMPILED_SHAPE that test_probe.py's compiled step, a file later on the other worker, and the compiled runs of
+# test_bf16_weight_cache.py and test_compiled_loss.py, at the end, load from the shared cache).
+RUN_FIRST = ("test_gpu_check.py", "test_plan_fit.py", "test_tier_cards.py", "test_optim8bit.py", "test_chaos.py",
+             "test_probe.py", "test_memory.py", "test_plan_fast.py", "test_stop_latency.py",
              "test_demo.py", "test_launch.py", "test_launch_run.py", "test_compare_instruments.py", "test_notebook.py",
              "test_paper_comparison.py", "test_plan_cache.py", "test_selective_checkpoint.py", "test_distributed.py",
              "test_bad_input.py", "test_float8.py", "test_compare_footing.py", "test_mirror.py", "test_speed_paths.py",
@@ -186,6 +187,25 @@ def cli_exit(main, argv: list[str]) -> int:
         return run_cli(main, argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
+
+
+# The one compiled shape of the suite: the model and first phase of `make gpu-check`'s cpu tier (the tiny preset's
+# decoupled variant, 8 x 128 tokens; tests/test_gpu_check.py), so the other compiled runs (test_probe.py,
+# test_bf16_weight_cache.py, test_compiled_loss.py) load inductor's kernels for it from the session's shared cache
+# instead of building their own (~1 CPU-s of g++ per kernel, ~20 kernels a shape). RUN_FIRST starts test_gpu_check.py
+# first and these files after its first compile.
+COMPILED_SHAPE = ["--size", "tiny", "--attn", "decoupled", "--batch-size", "8", "--train-seq-len", "128"]
+COMPILED_SHAPE_PLAN = ["--vram", "cpu", "--variant", "decoupled", "--seq-schedule", "128@0"]  # the same, planned
+
+
+def trainers_in_process(monkeypatch) -> None:
+    """The launcher's `--run` trains in this process instead of a child (the trainer's command without "python
+    train_v29.py", through the script's exit-code wiring): for tests of what a launched run does, not of the
+    process (tests/test_launch_run.py forwards SIGTERM to a real child; test_launch.py pins run_trainer's command)."""
+    from pretrain.plan import launch
+    from pretrain.train.loop import main
+
+    monkeypatch.setattr(launch, "run_trainer", lambda command: cli_exit(main, command[2:]))
 
 
 # The smallest trainer flags: one layer, no eval between steps; what a test of bad input or a refused resume needs.

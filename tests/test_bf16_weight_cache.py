@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, cli_exit
+from conftest import COMPILED_SHAPE, TINY_TRAIN, cli_exit
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import GPT, ModelConfig
@@ -159,15 +159,16 @@ def test_bench_floor_with_accumulation_times_the_cache(capsys):
 @pytest.mark.slow
 def test_compiled_blocks_take_the_cast_without_recompiling(byte_data, tmp_path):
     """--compile: one block graph (plus the loss chunk's) for every step's micro-batches (a forward object made per
-    step recompiled the block each step). Micro-batches of 8: the block shape of the suite's other compiled runs
-    (test_probe.py, test_compiled_loss.py), whose inductor kernels the session's shared cache then holds."""
+    step recompiled the block each step). Micro-batches of the suite's one compiled shape (conftest.COMPILED_SHAPE),
+    whose inductor kernels the session's shared cache holds (the cast weights' kernels are this test's own)."""
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
-    argv = [sys.executable, str(root / "train_v29.py"), "--data", str(byte_data), "--out-dir", str(out), *FAST,
-            "--steps", "4", "--batch-size", "8", "--grad-accum", "2", "--compile", "--bf16-weight-cache"]
+    argv = [sys.executable, str(root / "train_v29.py"), "--data", str(byte_data), "--out-dir", str(out),
+            *COMPILED_SHAPE, *FAST[FAST.index("--val-frac"):], "--steps", "4", "--grad-accum", "2", "--compile",
+            "--bf16-weight-cache"]
     done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     end = next(e for e in read_jsonl(out / "train.jsonl") if e["type"] == "end")

@@ -12,15 +12,12 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from chaos_run import (
     STEPS,
-    TIMEOUT,
     Trainer,
     argv,
     assert_checkpoints_whole,
@@ -30,7 +27,6 @@ from chaos_run import (
     events,
     run_inprocess,
 )
-from conftest import ROOT
 
 from pretrain.errors import EXIT_STOPPED, run_cli
 from pretrain.track.runlog import read_jsonl
@@ -108,18 +104,21 @@ def test_kill9_before_the_first_checkpoint_then_the_same_command_starts_it_afres
 
 
 # ------------------------------------------------------------------------------------ two trainers, early stop
-def test_second_trainer_on_a_live_run_dir_is_refused_and_kill9_leaves_no_stale_lock(byte_data, tmp_path) -> None:
-    """One process per run dir (issue 12.2): the second gets one line naming the holder's pid and changes
-    nothing; after a kill -9 of the holder the same dir is usable at once (the OS dropped the lock)."""
+def test_second_trainer_on_a_live_run_dir_is_refused_and_kill9_leaves_no_stale_lock(byte_data, tmp_path,
+                                                                                     capfd) -> None:
+    """One process per run dir (issue 12.2): the second (this process: the lock is per process, and a script's
+    exit-2 wiring is tests/test_bad_input.py's) gets one line naming the holder's pid and changes nothing; after a
+    kill -9 of the holder the same dir is usable at once (the OS dropped the lock)."""
     out = tmp_path / "run"
     forever = ["--steps", "100000"]
     holder = Trainer(byte_data, out, tmp_path / "holder.err", *forever)
     holder.wait_for_step(3)
-    second = subprocess.run([sys.executable, str(ROOT / "train_v29.py"), *argv(byte_data, out, *forever)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
-    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
-    assert second.stderr.startswith("error:") and second.stderr.strip().count("\n") == 0, second.stderr
-    assert f"pid {holder.proc.pid}" in second.stderr, second.stderr
+    capfd.readouterr()
+    code = run_cli(main, argv(byte_data, out, *forever))
+    err = capfd.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.startswith("error:") and err.strip().count("\n") == 0, err
+    assert f"pid {holder.proc.pid}" in err, err
     reached = holder.trained_to()
     holder.wait_for(lambda: holder.trained_to() >= reached + 2, "the holder to keep training")
     assert holder.proc.poll() is None

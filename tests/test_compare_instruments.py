@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import trainers_in_process
 
 from model.variants import ATTENTION_VARIANTS
 from pretrain.errors import run_cli
@@ -28,10 +29,12 @@ def _launch(*args: str) -> int:
 
 @pytest.fixture(scope="module")
 def runs(made_bytes, tmp_path_factory):
-    """runs/: two seeds of baseline (one --seeds 2 launch, trainers as child processes) and one gqa run."""
+    """runs/: two seeds of baseline (one --seeds 2 launch, its trainers run in this process) and one gqa run."""
     root = tmp_path_factory.mktemp("cmp") / "runs"
-    assert _launch("--data", str(made_bytes), *SMALL, "--seeds", "2", "--seed", "5", "--run-root", str(root),
-                   "--run") == 0
+    with pytest.MonkeyPatch.context() as m:
+        trainers_in_process(m)
+        assert _launch("--data", str(made_bytes), *SMALL, "--seeds", "2", "--seed", "5", "--run-root", str(root),
+                       "--run") == 0
     gqa = ["--attn", "gqa", "--n-kv-head", "1", "--out-dir", str(root / "tiny-gqa_kv1"), "--data", str(made_bytes)]
     assert train_main([*gqa, *SMALL[2:], "--device", "cpu"]) == 0
     return root

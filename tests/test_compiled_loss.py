@@ -5,6 +5,7 @@ trainer's end event counts it: one more graph, no recompiles, no eager fallbacks
 from __future__ import annotations
 
 import torch
+from conftest import COMPILED_SHAPE
 
 import model.gpt as gpt
 import model.loss_chunk as loss_chunk
@@ -13,10 +14,8 @@ from pretrain.track.runlog import read_jsonl
 from pretrain.train import speed
 from train_v29 import main as train_main
 
-# The block shape of the suite's other compiled runs (8 x 32 tokens of d_model 64, 4 heads, d_ff 128: test_probe.py,
-# test_bf16_weight_cache.py): inductor's kernels for it are built once per session (conftest's shared cache).
-TINY = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "1", "--d-ff", "128", "--block-size", "64",
-        "--batch-size", "8", "--train-seq-len", "32", "--val-frac", "0.05", "--eval-iters", "1", "--log-every", "1",
+# The suite's one compiled shape (conftest.COMPILED_SHAPE): inductor's kernels for its block are built once per session.
+TINY = [*COMPILED_SHAPE, "--val-frac", "0.05", "--eval-iters", "1", "--log-every", "1",
         "--device", "cpu", "--live", "off", "--save-every", "0", "--save-minutes", "0", "--eval-every", "0"]
 
 
@@ -62,9 +61,9 @@ def test_trainer_compiles_the_loss_chunk_once(monkeypatch, byte_data, tmp_path):
     monkeypatch.setattr(gpt, "compiled_chunk_loop", lambda hh, *a: calls.append(hh.shape[0]) or real(hh, *a))
     init = gpt.GPT.__init__
 
-    def small_chunks(self, config):  # 8 x 32 = 256 rows a micro-batch: three chunks of 86 (two rows of padding)
+    def small_chunks(self, config):  # 8 x 128 = 1024 rows a micro-batch: three chunks of 342 (two rows of padding)
         init(self, config)
-        self.loss_chunk_rows = 100
+        self.loss_chunk_rows = 400
 
     monkeypatch.setattr(gpt.GPT, "__init__", small_chunks)
     fresh_dynamo()
@@ -72,7 +71,7 @@ def test_trainer_compiles_the_loss_chunk_once(monkeypatch, byte_data, tmp_path):
     assert train_main([*TINY, "--data", str(byte_data), "--out-dir", str(out), "--steps", "3", "--grad-accum", "2",
                        "--compile"]) == 0
     fresh_dynamo()
-    assert calls == [256] * 6  # every training micro-batch; the evals (run eagerly) use the eager loss
+    assert calls == [1024] * 6  # every training micro-batch; the evals (run eagerly) use the eager loss
     events = read_jsonl(out / "train.jsonl")
     # The block's graph and the loss chunk's: no recompile over 3 steps x 2 micro-batches x 3 chunks.
     assert next(e for e in events if e["type"] == "end")["compile"] == {"frames": 2, "recompiles": 0,

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, trainers_in_process
 
 from pretrain import demo
 from pretrain.data.dataset import open_dataset
@@ -99,10 +99,7 @@ def test_demo_stopped_by_ctrl_c_says_how_to_resume_and_exits_75(tmp_path, monkey
             os.kill(os.getpid(), signal.SIGINT)
         return original(self, batch_size, seq_len)
 
-    from pretrain.train import loop
-
-    # the launcher's trainer command, run in this process so the Ctrl-C lands mid-run: ["python", "train_v29.py", ...]
-    monkeypatch.setattr(demo.launch, "run_trainer", lambda command: loop.main(command[2:]))
+    trainers_in_process(monkeypatch)  # the launcher's trainer in this process, so the Ctrl-C lands mid-run
     monkeypatch.setattr(data_mod.Prefetcher, "next", next_then_ctrl_c)
     assert demo.main(["--steps", "6", "--run-root", str(tmp_path)]) == EXIT_STOPPED
     out, err = capsys.readouterr()

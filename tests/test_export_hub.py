@@ -6,16 +6,13 @@ exit 2, nothing sent; online: huggingface_hub's upload of exactly the export fol
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SAMPLE_DATASET
+from conftest import SAMPLE_DATASET, cli_exit
 from test_export_remote_code import VARIANTS, tiny_run
 
 from pretrain.export import MARKER
@@ -101,19 +98,23 @@ def test_export_loads_generates_and_has_a_card(variant, runs, tmp_path, gpt2_enc
     assert ("trust_remote_code=True" in card) == remote
 
 
-def test_push_to_hub_offline_is_one_line_and_leaves_the_folder_it_would_upload(runs, tmp_path):
+def test_push_to_hub_offline_is_one_line_and_leaves_the_folder_it_would_upload(runs, tmp_path, capsys):
+    """In this process, offline as every test session is (conftest: HF_HUB_OFFLINE=1); `python -m pretrain.export`
+    as a process, one line and exit 2: tests/test_bad_input.py's SCRIPTS."""
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE
     run, out = runs("baseline"), tmp_path / "hf"
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "pretrain.export", str(run), "--out", str(out), "--push-to-hub", "me/tiny-model"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert "nothing was uploaded" in proc.stderr and f"hf upload me/tiny-model {out}" in proc.stderr
+    argv = [str(run), "--out", str(out), "--push-to-hub", "me/tiny-model"]
+    assert cli_exit(export_main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "nothing was uploaded" in err and f"hf upload me/tiny-model {out}" in err
     assert upload_files(out, MARKER) == HUB_FILES  # the marker (local paths) stays home
 
-    bad = subprocess.run([*cmd[:5], str(tmp_path / "hf2"), "--push-to-hub", "not a repo!"], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "NAMESPACE/NAME" in bad.stderr
+    assert cli_exit(export_main, [str(run), "--out", str(tmp_path / "hf2"), "--push-to-hub", "not a repo!"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "NAMESPACE/NAME" in err
     assert not (tmp_path / "hf2").exists()  # refused before anything was written
 
 

@@ -12,8 +12,9 @@ import re
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, cli_exit
 
+import pretrain.gpu_check as gpu_check
 from model import GPT, ModelConfig
 from pretrain.gpu_check import COLUMNS
 from pretrain.gpu_check_runs import compare_resume
@@ -40,16 +41,18 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_cpu_check_runs_a_variant_stops_resumes_exactly_and_prints_one_table(tmp_path, made_bytes):
-    """The whole check for one variant as a process (decoupled: the variant with most of its own code; the loop
-    over several variants: test_every_listed_variant_gets_a_row_in_order)."""
+def test_cpu_check_runs_a_variant_stops_resumes_exactly_and_prints_one_table(tmp_path, made_bytes, capsys):
+    """The whole check for one variant (decoupled: the variant with most of its own code; the loop over several
+    variants: test_every_listed_variant_gets_a_row_in_order). Its main runs in this process (the trainers it starts
+    are processes); `python -m pretrain.gpu_check` as a process: test_unknown_variant_is_one_line_exit_2."""
     work = tmp_path / "work"
-    proc = run_check("--device", "cpu", "--variants", "decoupled", "--steps-per-phase", "2",
-                     "--data", str(made_bytes), "--val-frac", "0.05", "--max-stop-seconds", "60",
-                     "--work-dir", str(work), "--json", str(tmp_path / "check.json"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "gpu-check: tier cpu on CPU, 2 steps per phase, compile on" in proc.stdout
-    rows = table_rows(proc.stdout)
+    code = cli_exit(gpu_check.main, ["--device", "cpu", "--variants", "decoupled", "--steps-per-phase", "2",
+                                     "--data", str(made_bytes), "--val-frac", "0.05", "--max-stop-seconds", "60",
+                                     "--work-dir", str(work), "--json", str(tmp_path / "check.json")])
+    out, err = capsys.readouterr()
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert "gpu-check: tier cpu on CPU, 2 steps per phase, compile on" in out
+    rows = table_rows(out)
     assert sorted(rows) == ["decoupled"]
     for name, cells in rows.items():
         cell = dict(zip(COLUMNS, cells))

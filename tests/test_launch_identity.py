@@ -4,6 +4,7 @@ another run unless --extend, and the plan says what an extension does to the lea
 from __future__ import annotations
 
 import pytest
+from conftest import trainers_in_process
 
 from pretrain.plan import launch
 from pretrain.schedule import lr_at
@@ -15,7 +16,8 @@ SMALL = ["--vram", "cpu", "--size", "tiny", "--d-model", "64", "--n-head", "4", 
          "--warmup-steps", "1"]
 
 
-def test_seed_and_budget_identify_a_run_and_only_extend_names_an_extension(tmp_path, byte_data, capsys):
+def test_seed_and_budget_identify_a_run_and_only_extend_names_an_extension(tmp_path, byte_data, capsys, monkeypatch):
+    trainers_in_process(monkeypatch)
     base = [*SMALL, "--data", str(byte_data), "--val-frac", "0.05", "--run-root", str(tmp_path), "--seed", "7"]
     assert launch.main([*base, "--steps", "4", "--run"]) == 0
     run = tmp_path / "tiny-baseline-s7"

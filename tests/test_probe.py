@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import COMPILED_SHAPE_PLAN
 
 from model import ModelConfig
 from pretrain.plan import launch
@@ -79,14 +80,13 @@ def test_cpu_time_estimate_is_within_a_sane_factor_of_the_real_run(tmp_path, byt
 def test_probe_runs_from_any_directory_and_compiles_as_the_trainer(tmp_path, byte_data):
     """The probe is a child process (as the trainer) that must import the package from outside the repo, and it
     builds and compiles the model through the trainer's speed.build_model: one static graph per measured step,
-    no recompile (dynamic shapes used to recompile at the second shape), nothing run eagerly. Its step (8 x 32
-    tokens) is the block shape of the suite's other compiled runs (test_bf16_weight_cache.py, test_compiled_loss.py):
-    inductor's kernels for it are built once per session (conftest's shared cache)."""
-    argv = [sys.executable, str(ROOT / "run_1b_launch.py"), "--vram", "cpu", *SMALL, "--seq-schedule", "32@0",
-            "--data", str(byte_data), "--compile", "--probe", "--json"]
+    no recompile (dynamic shapes used to recompile at the second shape), nothing run eagerly. Its step is the suite's
+    one compiled shape (conftest.COMPILED_SHAPE: inductor's kernels for it are built once per session)."""
+    argv = [sys.executable, str(ROOT / "run_1b_launch.py"), *COMPILED_SHAPE_PLAN, "--data", str(byte_data),
+            "--val-frac", "0.05", "--compile", "--probe", "--json"]
     done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     probe = json.loads(done.stdout)["probe"]
-    assert [p["seq_len"] for p in probe] == [32] and probe[0]["picked_micro_batch"] == 8
+    assert [p["seq_len"] for p in probe] == [128] and probe[0]["picked_micro_batch"] == 8
     # The block's graph and the loss chunk's (model/gpt.py compiles it under --compile too).
     assert [m["compile"] for m in probe[0]["tried"]] == [{"frames": 2, "recompiles": 0, "eager_fallbacks": 0}]
