@@ -19,7 +19,8 @@ CPU seconds and tok/s per step, and from one profiled step each, the attention r
 On a shared host, CPU time is not immune to load: OpenMP threads spin while a descheduled partner is waited for,
 once per parallel region. The flash kernel is one region per call, the CPU path ~100 (GEMMs and passes per block),
 so with more runnable threads than cores the CPU path's time inflates far more; run with --threads 1 or
-OMP_WAIT_POLICY=PASSIVE there (bench/README.md shows all three).
+OMP_WAIT_POLICY=PASSIVE there (bench/README.md shows all three; the product itself sets GOMP_SPINCOUNT=3000,
+pretrain/train/host_threads.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """OpenMP settings of a training process (pretrain/train/host_threads.py): between parallel regions the idle team
-thread sleeps instead of spinning, so serial stretches of a step (Python, autograd, small ops) cost one core, not
-two; a policy the user set is kept, and the launcher's --probe child starts with the trainer's setting."""
+thread sleeps after a short spin instead of spinning for a millisecond, so serial stretches of a step (Python,
+autograd, small ops) cost one core, not two; a setting the user chose is kept, and the launcher's --probe child
+starts with the trainer's setting."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from pretrain.train.host_threads import WAIT_POLICY_ENV, with_idle_threads_asleep
+from pretrain.train.host_threads import SPIN, SPIN_ENV, WAIT_POLICY_ENV, with_idle_threads_asleep
 
 # In a fresh process with 2 OpenMP threads: the trainer's entry with its loop replaced by a probe that alternates a
 # parallel op with a serial stretch of Python, as a step does thousands of times, and reads back how much CPU time
@@ -40,7 +41,8 @@ def main(argv):
     after = cpu_by_thread()
     me = str(os.getpid())
     others = sum(after[t] - before.get(t, 0.0) for t in after if t != me)
-    print(json.dumps({"policy": os.environ.get("OMP_WAIT_POLICY"), "threads": torch.get_num_threads(),
+    print(json.dumps({"policy": os.environ.get("OMP_WAIT_POLICY"), "spin": os.environ.get("GOMP_SPINCOUNT"),
+                      "threads": torch.get_num_threads(),
                       "main": after[me] - before[me], "others": others}))
     return 0
 
@@ -62,9 +64,9 @@ needs_two = pytest.mark.skipif(not sys.platform.startswith("linux") or (os.cpu_c
 
 @needs_two
 def test_trainer_process_lets_idle_openmp_threads_sleep():
-    env = {k: v for k, v in os.environ.items() if k != WAIT_POLICY_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in (WAIT_POLICY_ENV, SPIN_ENV)}
     got = _probe(env)
-    assert got["policy"] == "PASSIVE" and got["threads"] == 2, got
+    assert got["policy"] is None and got["spin"] == SPIN and got["threads"] == 2, got
     # The serial stretches are ~0.3 CPU-s of the main thread; a spinning team thread burns about as much again
     # (compared with the main thread's time, so load from other processes scales both alike).
     assert got["others"] < 0.3 * got["main"], got
@@ -75,7 +77,8 @@ def test_a_users_wait_policy_is_kept():
     got = _probe({**os.environ, WAIT_POLICY_ENV: "ACTIVE"})
     assert got["policy"] == "ACTIVE"
     assert got["others"] > 0.5 * got["main"], got  # what the setting saves: the team thread spun through the gaps
-    assert with_idle_threads_asleep({WAIT_POLICY_ENV: "ACTIVE"})[WAIT_POLICY_ENV] == "ACTIVE"
+    assert with_idle_threads_asleep({WAIT_POLICY_ENV: "ACTIVE"}) == {WAIT_POLICY_ENV: "ACTIVE"}
+    assert with_idle_threads_asleep({SPIN_ENV: "0"}) == {SPIN_ENV: "0"}
 
 
 def test_probe_child_gets_the_trainers_thread_setting(monkeypatch):
@@ -89,9 +92,10 @@ def test_probe_child_gets_the_trainers_thread_setting(monkeypatch):
         return subprocess.CompletedProcess(argv, 0, stdout="[]", stderr="")
 
     monkeypatch.delenv(WAIT_POLICY_ENV, raising=False)
+    monkeypatch.delenv(SPIN_ENV, raising=False)
     monkeypatch.setattr(probe.subprocess, "run", run)
     from model import ModelConfig
     from pretrain.train.config import TrainConfig
 
     assert probe.probe_plan(ModelConfig.from_preset("tiny"), TrainConfig(size="tiny"), [], 1 << 30, 1) == []
-    assert seen[WAIT_POLICY_ENV] == "PASSIVE"
+    assert seen[SPIN_ENV] == SPIN and WAIT_POLICY_ENV not in seen
