@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT
 
 from pretrain.train.host_alloc import THP_ENV, with_huge_pages
+from pretrain.train.host_threads import SPIN, SPIN_ENV, WAIT_POLICY_ENV
 
 # In a fresh process: the trainer's entry with its loop replaced by a probe that counts the minor page faults of
 # CPU tensors allocated (and freed) one after another, as a training step's are every step.
@@ -75,7 +76,8 @@ def test_a_users_thp_setting_is_kept():
 
 
 def test_probe_child_gets_the_trainers_settings(monkeypatch):
-    """The launcher's --probe times steps in a child process: it starts with the trainer's host memory settings."""
+    """The launcher's --probe times steps in a child process: it starts with the trainer's host memory and OpenMP
+    settings (pretrain/train/host_alloc.py, host_threads.py)."""
     import pretrain.plan.probe as probe
 
     seen = {}
@@ -84,10 +86,12 @@ def test_probe_child_gets_the_trainers_settings(monkeypatch):
         seen.update(kw["env"])
         return subprocess.CompletedProcess(argv, 0, stdout="[]", stderr="")
 
-    monkeypatch.delenv(THP_ENV, raising=False)
+    for name in (THP_ENV, WAIT_POLICY_ENV, SPIN_ENV):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(probe.subprocess, "run", run)
     from model import ModelConfig
     from pretrain.train.config import TrainConfig
 
     assert probe.probe_plan(ModelConfig.from_preset("tiny"), TrainConfig(size="tiny"), [], 1 << 30, 1) == []
     assert seen[THP_ENV] == "1"
+    assert seen[SPIN_ENV] == SPIN and WAIT_POLICY_ENV not in seen

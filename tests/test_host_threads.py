@@ -1,7 +1,7 @@
 """OpenMP settings of a training process (pretrain/train/host_threads.py): between parallel regions the idle team
 thread sleeps after a short spin instead of spinning for a millisecond, so serial stretches of a step (Python,
 autograd, small ops) cost one core, not two; a setting the user chose is kept, and the launcher's --probe child
-starts with the trainer's setting."""
+starts with the trainer's setting (tests/test_host_alloc.py::test_probe_child_gets_the_trainers_settings)."""
 
 from __future__ import annotations
 
@@ -81,23 +81,3 @@ def test_a_users_wait_policy_is_kept():
     assert got["others"] > 0.5 * got["main"], got  # what the setting saves: the team thread spun through the gaps
     assert with_idle_threads_asleep({WAIT_POLICY_ENV: "ACTIVE"}) == {WAIT_POLICY_ENV: "ACTIVE"}
     assert with_idle_threads_asleep({SPIN_ENV: "0"}) == {SPIN_ENV: "0"}
-
-
-def test_probe_child_gets_the_trainers_thread_setting(monkeypatch):
-    """The launcher's --probe times steps in a child process: it starts with the trainer's OpenMP setting."""
-    import pretrain.plan.probe as probe
-
-    seen = {}
-
-    def run(argv, **kw):
-        seen.update(kw["env"])
-        return subprocess.CompletedProcess(argv, 0, stdout="[]", stderr="")
-
-    monkeypatch.delenv(WAIT_POLICY_ENV, raising=False)
-    monkeypatch.delenv(SPIN_ENV, raising=False)
-    monkeypatch.setattr(probe.subprocess, "run", run)
-    from model import ModelConfig
-    from pretrain.train.config import TrainConfig
-
-    assert probe.probe_plan(ModelConfig.from_preset("tiny"), TrainConfig(size="tiny"), [], 1 << 30, 1) == []
-    assert seen[SPIN_ENV] == SPIN and WAIT_POLICY_ENV not in seen
