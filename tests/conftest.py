@@ -189,6 +189,18 @@ def cli_exit(main, argv: list[str]) -> int:
         return e.code if isinstance(e.code, int) else 1
 
 
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Replace `owner.name` by a pass-through that records each call's positional arguments; returns the record."""
+    calls: list = []
+    real = getattr(owner, name)
+
+    def count(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, count)
+    return calls
+
+
 # The one compiled shape of the suite: the model and first phase of `make gpu-check`'s cpu tier (the tiny preset's
 # decoupled variant, 8 x 128 tokens; tests/test_gpu_check.py), so the other compiled runs (test_probe.py,
 # test_bf16_weight_cache.py, test_compiled_loss.py) load inductor's kernels for it from the session's shared cache

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import count_calls
 
 from model import ModelConfig
 from pretrain.plan import cpu_rate, estimate_cache, launch
@@ -37,14 +38,7 @@ def timings(tmp_path, monkeypatch) -> list:
     monkeypatch.setattr(cpu_rate, "_timed", {})
     monkeypatch.setattr(cpu_rate, "_load", lambda: 0.0)  # a quiet machine, whatever else the host runs now
     cpu_rate._host_and_code.cache_clear()
-    calls: list = []
-    real = cpu_rate._time
-
-    def count(*args, **kwargs):
-        calls.append(args)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(cpu_rate, "_time", count)
-    yield calls
+    yield count_calls(monkeypatch, cpu_rate, "_time")
     cpu_rate._host_and_code.cache_clear()
 
 

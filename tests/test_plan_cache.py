@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import count_calls
 
 from model import ModelConfig
 from pretrain.plan import estimate_cache, launch, memory
@@ -53,14 +54,7 @@ def cache(warm, tmp_path, monkeypatch) -> Path:
 
 
 def counting(monkeypatch) -> list:
-    calls: list = []
-    real = memory._estimate
-
-    def count(*args, **kwargs):
-        calls.append(args)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(memory, "_estimate", count)
-    return calls
+    return count_calls(monkeypatch, memory, "_estimate")
 
 
 def test_second_dry_run_is_served_from_the_cache(warm, cache, tmp_path, capsys, monkeypatch):

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from conftest import count_calls
 
 from model import ModelConfig
 from pretrain.plan import cpu_rate, estimate_cache, launch, memory
@@ -33,14 +34,7 @@ def traces(monkeypatch, tmp_path) -> list:
     (tmp_path / "cold-cache" / cpu_rate.FOLDER).symlink_to(rates)
     monkeypatch.setenv(estimate_cache.CACHE_ENV, str(tmp_path / "cold-cache"))
     memory._cached.cache_clear()
-    calls: list = []
-    real = memory._trace
-
-    def count(*args, **kwargs):
-        calls.append(args)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(memory, "_trace", count)
-    yield calls
+    yield count_calls(monkeypatch, memory, "_trace")
     memory._cached.cache_clear()
 
 
