@@ -28,5 +28,8 @@ def _pausing(save_shard: Callable[..., None], pause: float) -> Callable[..., Non
 
 if __name__ == "__main__":
     prepare._save_shard = _pausing(prepare._save_shard, float(sys.argv[1]))
+    # Imports done, main (which installs the SIGTERM handler first) next: a signal test starts its clock here, as
+    # a signal during the interpreter's own start-up can only take the signal's default action.
+    print("started", file=sys.stderr, flush=True)
     sys.argv = [sys.argv[0], *sys.argv[2:]]
     sys.exit(script_exit_code(entry.main))

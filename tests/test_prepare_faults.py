@@ -86,7 +86,8 @@ def test_group_signals_at_random_moments_end_quickly_and_rerun_is_identical(tmp_
     out, rng = tmp_path / "ds", random.Random(12)
     for trial in range(5):
         proc = spawn(out, slow=0.3)
-        time.sleep(rng.uniform(0.3, 3.0))  # start-up, forkserver, tokenizing, writing or between shards
+        assert proc.stderr is not None and proc.stderr.readline().strip() == "started"
+        time.sleep(rng.uniform(0.0, 2.7))  # argument parsing, forkserver, tokenizing, writing or between shards
         sig = (signal.SIGINT, signal.SIGTERM)[trial % 2]
         t0 = time.monotonic()
         if proc.poll() is None:
@@ -104,6 +105,20 @@ def test_group_signals_at_random_moments_end_quickly_and_rerun_is_identical(tmp_
             consistent(out)
     assert cli(*ARGS, "--output", out, "--workers", 2) == 0
     assert hashes(out) == reference
+
+
+def test_stopped_while_writing_its_first_manifest_the_same_command_starts_it(tmp_path, reference):
+    """A group signal between the first manifest's temp write and its rename left a directory the rerun refused
+    as "not a dataset"."""
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / ".manifest.json.tmp").write_text('{"shards": [')
+    assert cli(*ARGS, "--output", out, "--workers", 2) == 0
+    assert hashes(out) == reference
+    consistent(out)
+    (other := tmp_path / "other").mkdir()
+    (other / "notes.txt").write_text("mine")  # anything else is still refused, and kept
+    assert cli(*ARGS, "--output", other) == 2 and (other / "notes.txt").read_text() == "mine"
 
 
 def test_killed_tokenizer_worker_is_one_line_within_seconds(tmp_path, reference):

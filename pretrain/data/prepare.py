@@ -91,7 +91,9 @@ def _open_output(out: Path, tokens: int, tok: Tokenizer, source: Source, shard_t
         if val_tokens is not None:
             _check_same(m, "val_tokens", val_tokens, "--val-tokens", out)
         return m
-    if out.is_dir() and any(f.name != LOCK_NAME for f in out.iterdir()):
+    # A prepare stopped while writing its first manifest leaves only that temp file (and, killed, its lock): still
+    # no dataset, and the same command must start it (begin() removes the temp file).
+    if out.is_dir() and any(f.name not in (LOCK_NAME, f".{MANIFEST}.tmp") for f in out.iterdir()):
         raise UserError(f"--output {out} exists, is not empty and has no {MANIFEST} (not a dataset); "
                         "choose a new --output or empty that directory")
     val = min(DEFAULT_VAL_TOKENS, tokens // 10) if val_tokens is None else val_tokens
