@@ -1,5 +1,5 @@
 """`--probe` on CPU (real steps per phase: measured next to estimated, recorded in the plan JSON and the run dir),
-its batch-size finder, and the CPU time estimate checked against a real run of the planned command."""
+its batch-size finder, and its CPU time estimate checked against a real run of the planned command."""
 
 from __future__ import annotations
 
@@ -67,8 +67,8 @@ def test_cpu_time_estimate_is_within_a_sane_factor_of_the_real_run(tmp_path, byt
     argv = ["--vram", "cpu", *SMALL, "--data", str(byte_data), "--run-root", str(tmp_path / "runs"),
             "--seq-schedule", "32@0,64@40", "--steps", "80", "--log-every", "5", "--eval-every", "0",
             "--save-every", "0", "--live", "off"]
-    _, plan = launch.plan_from_argv(argv, gpu=None)
-    assert plan.rate_how.startswith("measured")
+    _, plan = launch.plan_from_argv([*argv, "--probe"], gpu=None)
+    assert plan.rate_measured
     assert launch.main([*argv, "--run"]) == 0
     events = read_jsonl(tmp_path / "runs" / "tiny-baseline" / "train.jsonl")
     for phase in plan.phases:
