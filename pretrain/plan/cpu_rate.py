@@ -8,9 +8,11 @@ rate the plan says its time is the FLOP estimate (matmul peak x MFU, pretrain/pl
 Why measured at all: a matmul peak says little about a whole step on a few cores (loss, optimizer, Python
 overhead: a small model's step can be several times slower than its FLOPs).
 
-Who times it: `--probe` (pretrain/plan/probe.py), in its child process, the median of at least CPU_TIMED_STEPS
+Who times it: `--probe` (pretrain/plan/probe.py), in its child process: the median of at least CPU_TIMED_STEPS
 steps and CPU_MIN_SECONDS of each phase's planned step after a warm-up (one step slowed by another process does not
-set it); the launcher keeps what it measured (`keep_rates`), and a later dry run reads it (`kept_rates`).
+set it); and the trainer itself, when the launcher's --run ran it: the median tok/s of its train lines per phase
+(`run_rates`), which replaces the probe's figure. The launcher keeps what was measured (`keep_rates`), and a later
+dry run reads it (`kept_rates`).
 
 Kept where: one small JSON file per phase in plan-rate/ of the planner's cache folder (estimate_cache.cache_root:
 $PRETRAIN_CACHE_DIR, else $XDG_CACHE_HOME/pretrain, else ~/.cache/pretrain), keyed by everything the rate depends on:
@@ -33,9 +35,11 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from functools import cache
+from typing import Any
 
 import torch
 
@@ -60,6 +64,7 @@ class Rate:
     host: str
     load: float = 0.0  # the 1-minute load average when timing began
     cached: bool = False
+    by: str = "--probe"  # what timed it: --probe, or a run of the launcher's --run (`run_rates`)
 
     @property
     def busy(self) -> bool:
@@ -141,14 +146,15 @@ def _step_parts(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int) -> tuple[str,
 _kept: dict[str, Rate] = {}  # this process's rates by key (the disk may be unwritable)
 
 
-def keep_rates(mcfg: ModelConfig, measured: list[tuple[TrainConfig, int, float]], load: float) -> None:
-    """Keep the tok/s of each (phase settings, seq_len, tok/s) timed now, `load` the load average when timing
-    began, for later dry runs of the same step on this host and code."""
+def keep_rates(mcfg: ModelConfig, measured: list[tuple[TrainConfig, int, float]], load: float,
+               by: str = "--probe") -> None:
+    """Keep the tok/s of each (phase settings, seq_len, tok/s) timed now by `by`, `load` the load average when
+    timing began, for later dry runs of the same step on this host and code."""
     folder = estimate_cache.cache_root() / FOLDER
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     for cfg, seq_len, tok_s in measured:
         parts = _step_parts(mcfg, cfg, seq_len)
-        k, rate = key(*parts), Rate(tok_s, when, platform.node(), load)
+        k, rate = key(*parts), Rate(tok_s, when, platform.node(), load, by=by)
         _kept[k] = rate
         estimate_cache.write_entry(folder, k, {"parts": list(parts), "host": host(), "rate": asdict(rate)})
 
@@ -176,10 +182,22 @@ def kept_rates(mcfg: ModelConfig, phases: list[tuple[TrainConfig, int]]) -> list
 
 
 def rate_source(rates: list[Rate]) -> str:
-    """When and where kept rates were timed, and whether the machine was busy then, for the plan's time line."""
+    """What timed kept rates, when and where, and whether the machine was busy then, for the plan's time line."""
     def load(r: Rate) -> str:
         return f"load {r.load:.1f} on {os.cpu_count()} CPUs"
 
-    return "cached from " + ", ".join(sorted({f"{r.measured_at} on {r.host}" +
-                                              (f" (timed while busy: {load(r)})" if r.busy else "")
-                                              for r in rates}))
+    return "; ".join(f"by {by}: cached from " + ", ".join(sorted({
+        f"{r.measured_at} on {r.host}" + (f" (timed while busy: {load(r)})" if r.busy else "")
+        for r in rates if r.by == by})) for by in sorted({r.by for r in rates}))
+
+
+def run_rates(events: list[dict[str, Any]], phases: list[tuple[int, int, int]]) -> list[float | None]:
+    """The trainer's own tok/s of each (start step, end step, seq_len) phase, from a run's train.jsonl events:
+    the median of its train lines (evals and checkpoints are not in them: pretrain/train/meter.py) but the first,
+    whose window holds the phase's first steps (warm-up, the previous length); None without two lines."""
+    out: list[float | None] = []
+    for start, end, seq_len in phases:
+        lines = [e["tok_s"] for e in events if e.get("type") == "train" and e.get("seq_len") == seq_len
+                 and start < e.get("step", 0) <= end and isinstance(e.get("tok_s"), int | float) and e["tok_s"] > 0]
+        out.append(statistics.median(lines[1:]) if len(lines) > 1 else None)
+    return out

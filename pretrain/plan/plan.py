@@ -319,7 +319,7 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
             rate_how, rate_measured = rate_how + (f"; {CPU_KEPT}" if cfg.device == "cpu" else ""), True
         elif cpu_rates:
             tok_s, rate_measured = cpu_rates[i].tok_s, True
-            rate_how = f"measured: real steps of each phase timed on this CPU by --probe: {rate_source(cpu_rates)}"
+            rate_how = f"measured: real steps of each phase timed on this CPU {rate_source(cpu_rates)}"
         elif cfg.device == "cpu":
             rate_how, rate_measured = f"{flops_how} x MFU: {CPU_NOT_TIMED}", False
         tokens = ph.steps * ph.seq_len * seqs
