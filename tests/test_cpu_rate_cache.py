@@ -75,7 +75,8 @@ def test_a_cold_dry_run_times_no_step_and_says_its_time_is_the_flop_estimate(pro
     assert "= tokens x FLOPs/token / (" in line and "x MFU 0.4 [" in line
     assert line.endswith("; not timed on this CPU, and a small model's step can be several times slower than its "
                          "FLOPs (loss, optimizer, Python overhead): add --probe to time real steps of each phase; "
-                         "later dry runs of these settings on this host show that rate")
+                         "later dry runs of these settings on this host show that rate (after --run, the trainer's "
+                         "own)")
     assert estimated(dry_run(tmp_path, capsys, monkeypatch))
     assert not probes and not (tmp_path / "cache" / cpu_rate.FOLDER).exists()
 

@@ -44,7 +44,7 @@ from pretrain.train.staging import host_ram_bytes
 # A CPU plan's time without a kept measured rate (pretrain/plan/cpu_rate.py): the FLOP estimate, and how to measure.
 CPU_NOT_TIMED = ("not timed on this CPU, and a small model's step can be several times slower than its FLOPs (loss, "
                  "optimizer, Python overhead): add --probe to time real steps of each phase; later dry runs of these "
-                 "settings on this host show that rate")
+                 "settings on this host show that rate (after --run, the trainer's own)")
 CPU_KEPT = "kept: later dry runs of these settings on this host show it"
 FLOPS_CONVENTION = ("model FLOPs, PaLM convention (6N + full S x S attention, no causal halving); the time "
                     "estimate is peak x MFU / these")
