@@ -11,11 +11,12 @@ compare). "cold" runs with an empty estimate cache (a user's first dry run: each
 estimates then come from the file shipped in the repo (pretrain/plan/shipped_estimates.json), or are all traced on
 fake tensors with --no-shipped (the first dry run of settings the repo does not ship); "warm" is the same command
 again, served from the cache that run filled (pretrain/plan/estimate_cache.py). The cpu tier's time estimate is
-real steps timed on this CPU (pretrain/plan/cpu_rate.py): a cold run times them (no file can ship another machine's
-rate), a warm one reads them from the same cache.
+the FLOP estimate (this CPU's matmul rate x MFU) unless --probe kept a measured rate (pretrain/plan/cpu_rate.py):
+a dry run of this tree times no step (a ref before that change timed them on a cold run).
 With --ref, the same commands also run in a copy of that git ref (`git archive`), printed as rows "<ref>" above
 this tree's, so a change to the estimate is timed before and after on the same load; the --json output of both is
-compared and any difference reported (on the cpu tier, the fields derived from its timed steps aside: MEASURED).
+compared and any difference reported (on the cpu tier, the fields derived from this CPU's measured speed aside:
+MEASURED).
 Write the host's ISA next to the figures (e.g. AMD EPYC, AVX-512-BF16, 2 cores).
 """
 
@@ -33,8 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TIERS = ("80", "48", "40", "24", "16", "cpu")
-# --json fields the cpu tier derives from real steps it times (they differ run to run; everything else must not),
-# and where its rate came from (timed by this run, or cached: when, where).
+# --json fields the cpu tier derives from this CPU's measured speed (its matmul rate, or steps a ref before the change
+# timed: they differ run to run; everything else must not), and where its rate came from.
 MEASURED = ("seconds", "tokens_per_second", "flops_tokens_per_second", "peak_flops", "rate_how")
 
 

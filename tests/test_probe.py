@@ -1,5 +1,6 @@
 """`--probe` on CPU (real steps per phase: measured next to estimated, recorded in the plan JSON and the run dir),
-its batch-size finder, and the CPU time estimate checked against a real run of the planned command."""
+its batch-size finder, its CPU time estimate checked against a real run of the planned command, and that run's
+own rate shown by later dry runs."""
 
 from __future__ import annotations
 
@@ -62,19 +63,27 @@ def test_probe_halves_the_micro_batch_until_the_measured_step_fits():
     assert result.picked_micro_batch == 4 and result.picked.device_bytes <= FITS * capacity
 
 
-def test_cpu_time_estimate_is_within_a_sane_factor_of_the_real_run(tmp_path, byte_data, capsys):
+def test_cpu_time_estimate_is_within_a_sane_factor_of_the_real_run_which_later_plans_show(tmp_path, byte_data,
+                                                                                            capsys):
     # 40 steps per phase logged every 5: a few-millisecond step needs several windows for a stable median.
     argv = ["--vram", "cpu", *SMALL, "--data", str(byte_data), "--run-root", str(tmp_path / "runs"),
             "--seq-schedule", "32@0,64@40", "--steps", "80", "--log-every", "5", "--eval-every", "0",
             "--save-every", "0", "--live", "off"]
-    _, plan = launch.plan_from_argv(argv, gpu=None)
-    assert plan.rate_how.startswith("measured")
+    _, plan = launch.plan_from_argv([*argv, "--probe"], gpu=None)
+    assert plan.rate_measured
     assert launch.main([*argv, "--run"]) == 0
     events = read_jsonl(tmp_path / "runs" / "tiny-baseline" / "train.jsonl")
+    reals = []
     for phase in plan.phases:
         real = statistics.median(e["tok_s"] for e in events if e["type"] == "train" and e["seq_len"] == phase.seq_len
                                  and e["step"] > phase.start_step + 5)  # past the first window (start-up, warm-up)
         assert 1 / 3 < phase.tokens_per_second / real < 3, (phase.seq_len, phase.tokens_per_second, real)
+        reals.append(real)
+    # The run's own rate is kept: a later dry run of the same settings shows it, and says so.
+    _, after = launch.plan_from_argv(argv, gpu=None)
+    assert after.rate_measured and [p.tokens_per_second for p in after.phases] == pytest.approx(reals)
+    assert f"timed on this CPU by the trainer (--run {tmp_path / 'runs' / 'tiny-baseline'}): cached from " \
+        in after.rate_how
 
 
 def test_probe_runs_from_any_directory_and_compiles_as_the_trainer(tmp_path, byte_data):

@@ -12,7 +12,7 @@ import pytest
 from conftest import count_calls
 
 from model import ModelConfig
-from pretrain.plan import cpu_rate, estimate_cache, launch, memory
+from pretrain.plan import estimate_cache, launch, memory
 from pretrain.plan.ship_estimates import _records, imported_files, shipped_plans, shipped_text
 from pretrain.train.config import TrainConfig
 
@@ -26,12 +26,7 @@ TINY = ["--vram", "24", "--size", "tiny", "--d-model", "64", "--n-head", "4", "-
 
 @pytest.fixture
 def traces(monkeypatch, tmp_path) -> list:
-    """A cold user cache and no estimate in this process's; every fake-tensor trace is counted. The CPU step rates
-    the cpu tier's plan times are the session's (pretrain/plan/cpu_rate.py; not what these tests are about)."""
-    rates = estimate_cache.cache_root() / cpu_rate.FOLDER
-    rates.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "cold-cache").mkdir()
-    (tmp_path / "cold-cache" / cpu_rate.FOLDER).symlink_to(rates)
+    """A cold user cache and no estimate in this process's; every fake-tensor trace is counted."""
     monkeypatch.setenv(estimate_cache.CACHE_ENV, str(tmp_path / "cold-cache"))
     memory._cached.cache_clear()
     yield count_calls(monkeypatch, memory, "_trace")

@@ -1,30 +1,32 @@
-"""The time estimate of a CPU plan: tokens per second of real training steps of each phase, timed on this CPU, and
-kept in the user's cache so that the next dry run on the same host, code and settings does not time them again.
+"""The measured time estimate of a CPU plan: tokens per second of real training steps of each phase, timed on this
+CPU by `--probe` and kept in the user's cache, so that every later dry run of the same settings on the same host
+and code shows a measured rate without timing anything.
 
-Why measured: a matmul peak says little about a whole step on a few cores (loss, optimizer, Python overhead).
+Why not timed by every dry run: a dry run must cost about an `import torch` (issue 20.8), and timing real steps
+(a model, a warm-up step, then a median of several steps per phase) cost 2-4 times that on 2 cores. Without a kept
+rate the plan says its time is the FLOP estimate (matmul peak x MFU, pretrain/plan/plan.py) and how to measure it.
+Why measured at all: a matmul peak says little about a whole step on a few cores (loss, optimizer, Python
+overhead: a small model's step can be several times slower than its FLOPs).
 
-What is timed (`measured_rates`): the trainer's model and optimizer (pretrain/plan/probe.py's Stepper), built once
-for every phase of the plan. The step is timed on the planned micro-batch when the matmul peak says it takes at most
-RATE_STEP_SECONDS (a small model's step is dominated by per-step overhead, so a smaller micro-batch would understate
-tok/s several-fold), else on one step of at most 2 sequences (a big CPU step is compute-bound, and the optimizer's
-share is then overweighted: a slower, safer figure); not at all when even that would take MAX_CPU_STEP_SECONDS
-(the plan then uses the matmul peak and says so). One warm-up step at the phase with the most tokens per step
-creates the optimizer state and the heap the largest step needs (host memory is kept between steps:
-pretrain/train/host_alloc.py), so the smaller phases reuse it; under --compile each shape is warmed up (compiled)
-first, as the trainer's first step of a phase compiles it. A phase's rate is the median of at least RATE_TIMED_STEPS
-steps and RATE_MIN_SECONDS (one step slowed by another process does not set it).
+Who times it: `--probe` (pretrain/plan/probe.py), in its child process: the median of at least CPU_TIMED_STEPS
+steps and CPU_MIN_SECONDS of each phase's planned step after a warm-up (one step slowed by another process does not
+set it); and the trainer itself, when the launcher's --run ran it: the median tok/s of its train lines per phase
+(`run_rates`), which replaces the probe's figure. The launcher keeps what was measured (`keep_rates`), and a later
+dry run reads it (`kept_rates`).
 
 Kept where: one small JSON file per phase in plan-rate/ of the planner's cache folder (estimate_cache.cache_root:
 $PRETRAIN_CACHE_DIR, else $XDG_CACHE_HOME/pretrain, else ~/.cache/pretrain), keyed by everything the rate depends on:
   * the host (`host`): its name, CPU model and ISA flags, logical CPUs, torch's thread count, torch's full version
     (with its build) and the CPU kernels it dispatches to, the huge-page setting;
   * the code a step runs (RATE_CODE: every .py file under model/ and pretrain/train/, and the files that time it);
-  * the step: model, training settings, sequence length, micro-batch, timed steps, the optimizer's optional package.
-A rate timed on another host, by other code or with another thread count is never used. A rate timed while the
-machine was busy (1-minute load average above its logical CPUs: other processes took cores the steps wanted) is
-reused only while the machine is busy again, so a quiet machine times its own. The plan's time line says which
-rates were timed by this dry run and which come from the cache (when, on which host, busy or not). Delete the folder
-to time again.
+  * the step: model, training settings (micro-batch and accumulation included), sequence length, the optimizer's
+    optional package.
+A rate timed on another host, by other code, with another thread count or for another micro-batch is never used.
+A rate timed while the machine was busy (1-minute load average above its logical CPUs: other processes took cores
+the steps wanted) is used only while the machine is busy again: a quiet machine shows the estimate until --probe
+times its own. A plan uses kept rates only when every phase has one (one total from one kind of figure). The
+plan's time line says when and on which host they were timed, and whether the machine was busy. Delete the folder
+to forget them.
 """
 
 from __future__ import annotations
@@ -37,27 +39,19 @@ import statistics
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from functools import cache
+from typing import Any
 
 import torch
 
 from model import ModelConfig
 from pretrain.plan import estimate_cache
 from pretrain.plan.memory import _packages
-from pretrain.plan.probe import Stepper
 from pretrain.train.config import TrainConfig
 from pretrain.train.host_alloc import THP_ENV
 
-# A CPU plan does not time a step the matmul peak says would take longer than this (e.g. --vram cpu --size 1b).
-MAX_CPU_STEP_SECONDS = 20.0
-# Steps predicted to take at most this long are timed on the planned micro-batch (module docstring).
-RATE_STEP_SECONDS = 0.5
-# Per phase: the median of at least RATE_TIMED_STEPS steps and RATE_MIN_SECONDS of them (at most MAX_TIMED_STEPS):
-# a millisecond step timed 3 times is at the mercy of one scheduler time slice.
-RATE_TIMED_STEPS = 3
-RATE_MIN_SECONDS = 0.5
 FOLDER = "plan-rate"
-# The repo code a timed step runs (folders: every .py file in them). tests/test_cpu_rate_cache.py checks that a
-# timed step runs no repo file outside these.
+# The repo code a timed step runs (folders: every .py file in them), and the files that time and key it.
+# tests/test_cpu_rate_cache.py checks that a timed step runs no repo file outside these.
 RATE_CODE = ("model", "pretrain/train", "pretrain/units.py", "pretrain/plan/probe.py", "pretrain/plan/cpu_rate.py")
 
 
@@ -68,8 +62,9 @@ class Rate:
     tok_s: float
     measured_at: str  # UTC, to the minute
     host: str
-    load: float = 0.0  # the 1-minute load average when it was timed
+    load: float = 0.0  # the 1-minute load average when timing began
     cached: bool = False
+    by: str = "--probe"  # what timed it: --probe, or a run of the launcher's --run (`run_rates`)
 
     @property
     def busy(self) -> bool:
@@ -86,6 +81,11 @@ def _load() -> float:
         return os.getloadavg()[0]
     except OSError:  # not available on this platform
         return 0.0
+
+
+def load_now() -> float:
+    """The 1-minute load average (0 where there is none): taken before timing begins, kept with the rate."""
+    return _load()
 
 
 def _cpuinfo() -> tuple[str, str]:
@@ -135,115 +135,69 @@ def key(*parts: str) -> str:
     return hashlib.sha256(json.dumps([_host_and_code(), *parts]).encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class _Spec:
-    """One phase's timed step: the settings it runs (micro-batch included), its length and how many steps."""
-
-    cfg: TrainConfig
-    seq_len: int
-    steps: int
-
-    def parts(self, mcfg: ModelConfig) -> tuple[str, ...]:
-        cfg_json = json.dumps(self.cfg.to_dict(), sort_keys=True)
-        return (json.dumps(mcfg.to_dict(), sort_keys=True), cfg_json, str(self.seq_len), str(self.steps),
-                _packages(cfg_json))
+def _step_parts(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int) -> tuple[str, ...]:
+    """What a phase's step is, as key parts: `cfg` is the phase's settings (its micro-batch and accumulation); what
+    does not change a step (where it writes, which data, how many steps) is left out."""
+    step = replace(cfg, steps=1, out_dir="", data="", micro_batch_schedule="")
+    cfg_json = json.dumps(step.to_dict(), sort_keys=True)
+    return json.dumps(mcfg.to_dict(), sort_keys=True), cfg_json, str(seq_len), _packages(cfg_json)
 
 
-def _candidates(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, matmul_flops: float) -> list[_Spec]:
-    """The steps a phase's rate may come from, best first: the planned micro-batch, then one step of at most 2
-    sequences; [] when even that would take too long. The matmul peak picks which one is timed (module docstring),
-    but a cached rate of the planned micro-batch is taken whatever this run's peak says: the peak is timed in 0.1 s
-    on a busy machine, and would otherwise flip between the two from one dry run to the next."""
-    def predicted(micro: int) -> float:
-        return micro * seq_len * mcfg.flops_per_token(seq_len) / matmul_flops
-
-    def spec(micro: int, steps: int) -> _Spec:
-        return _Spec(replace(cfg, batch_size=micro, grad_accum=1, steps=1, out_dir="", data="",
-                             micro_batch_schedule=""), seq_len, steps)
-
-    if predicted(min(cfg.batch_size, 2)) > MAX_CPU_STEP_SECONDS:
-        return []
-    planned, small = spec(cfg.batch_size, RATE_TIMED_STEPS), spec(min(cfg.batch_size, 2), 1)
-    return [planned, small] if predicted(cfg.batch_size) <= RATE_STEP_SECONDS else [small, planned]
+_kept: dict[str, Rate] = {}  # this process's rates by key (the disk may be unwritable)
 
 
-_timed: dict[str, Rate] = {}  # this process's rates by key (the disk may be unwritable)
-
-
-def _time(mcfg: ModelConfig, specs: list[_Spec]) -> list[Rate]:
-    """Time `specs` (the same settings but for the micro-batch) on one model, largest step first."""
-    when, load = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), _load()
-    order = sorted(range(len(specs)), key=lambda i: -specs[i].cfg.batch_size * specs[i].seq_len)
-    first = specs[order[0]]
-    stepper = Stepper(mcfg, first.cfg, torch.device("cpu"), shapes=len(specs))
-    warm = {(s.cfg.batch_size, s.seq_len) for s in specs} if first.cfg.compile else {(first.cfg.batch_size,
-                                                                                      first.seq_len)}
-    for micro, seq_len in sorted(warm, key=lambda shape: -shape[0] * shape[1]):
-        stepper.step(micro, seq_len, 1)  # creates the optimizer state (and, compiled, this shape's graph)
-    out: dict[int, Rate] = {}
-    for i in order:
-        s = specs[i]
-        seconds = statistics.median(stepper.timed(s.cfg.batch_size, s.seq_len, 1, s.steps,
-                                                  RATE_MIN_SECONDS if s.steps > 1 else 0.0))
-        out[i] = Rate(s.cfg.batch_size * s.seq_len / seconds, when, platform.node(), load)
-    return [out[i] for i in range(len(specs))]
-
-
-def measured_rates(mcfg: ModelConfig, phases: list[tuple[TrainConfig, int]], matmul_flops: float) -> list[Rate | None]:
-    """Tokens per second of whole real CPU steps of each (settings, seq_len) phase (module docstring): from this
-    process, else the user's cache, else timed now (and kept); None for a phase whose step would take too long."""
+def keep_rates(mcfg: ModelConfig, measured: list[tuple[TrainConfig, int, float]], load: float,
+               by: str = "--probe") -> None:
+    """Keep the tok/s of each (phase settings, seq_len, tok/s) timed now by `by`, `load` the load average when
+    timing began, for later dry runs of the same step on this host and code."""
     folder = estimate_cache.cache_root() / FOLDER
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    for cfg, seq_len, tok_s in measured:
+        parts = _step_parts(mcfg, cfg, seq_len)
+        k, rate = key(*parts), Rate(tok_s, when, platform.node(), load, by=by)
+        _kept[k] = rate
+        estimate_cache.write_entry(folder, k, {"parts": list(parts), "host": host(), "rate": asdict(rate)})
 
+
+def kept_rates(mcfg: ModelConfig, phases: list[tuple[TrainConfig, int]]) -> list[Rate] | None:
+    """The kept rate of each (phase settings, seq_len), from this process or the user's cache; None unless every
+    phase has one that holds here and now (module docstring)."""
+    folder = estimate_cache.cache_root() / FOLDER
     busy_now = _busy(_load())
-
-    def cached(k: str) -> bool:
-        if k not in _timed:
+    out: list[Rate] = []
+    for cfg, seq_len in phases:
+        k = key(*_step_parts(mcfg, cfg, seq_len))
+        rate = _kept.get(k)
+        if rate is None:
             body = estimate_cache.read_entry(folder, k)
             try:
                 rate = replace(Rate(**body["rate"]), cached=True)  # type: ignore[index]
-            except (TypeError, KeyError):  # absent, or not a Rate's fields: timed again and replaced
-                return False
-            if rate.busy and not busy_now:  # timed on a busy machine: not the figure of a quiet one
-                return False
-            _timed[k] = rate
-        return True
-
-    specs: list[_Spec | None] = []
-    keys: list[str | None] = []
-    for cfg, seq_len in phases:
-        options = {key(*s.parts(mcfg)): s for s in _candidates(mcfg, cfg, seq_len, matmul_flops)}
-        ranked = sorted(options, key=lambda k: (options[k].cfg.batch_size, options[k].steps) !=
-                        (cfg.batch_size, RATE_TIMED_STEPS))  # the planned micro-batch first
-        k = next((k for k in ranked if cached(k)), next(iter(options), None))  # else the one to time
-        keys.append(k)
-        specs.append(None if k is None else options[k])
-    missing = {k: s for k, s in zip(keys, specs) if k is not None and s is not None and k not in _timed}
-    groups: dict[str, dict[str, _Spec]] = {}
-    for k, s in missing.items():  # phases differing only in their micro-batch share one model
-        groups.setdefault(json.dumps(replace(s.cfg, batch_size=1).to_dict(), sort_keys=True), {})[k] = s
-    for group in groups.values():
-        for k, rate in zip(group, _time(mcfg, list(group.values()))):
-            _timed[k] = rate
-            estimate_cache.write_entry(folder, k, {"parts": list(group[k].parts(mcfg)), "host": host(),
-                                                   "rate": asdict(rate)})
-    return [None if k is None else _timed[k] for k in keys]
+            except (TypeError, KeyError):  # absent, or not a Rate's fields: --probe times it again
+                return None
+        if rate.busy and not busy_now:  # timed on a busy machine: not the figure of a quiet one
+            return None
+        _kept[k] = rate
+        out.append(rate)
+    return out
 
 
 def rate_source(rates: list[Rate]) -> str:
-    """Where a plan's measured rates come from, for its time line: timed by this dry run, or cached (when, where),
-    and whether the machine was busy then."""
+    """What timed kept rates, when and where, and whether the machine was busy then, for the plan's time line."""
     def load(r: Rate) -> str:
         return f"load {r.load:.1f} on {os.cpu_count()} CPUs"
 
-    parts = []
-    now = [r for r in rates if not r.cached]
-    if now and now[0].busy:
-        parts.append(f"timed by this dry run while the machine was busy ({load(now[0])}; kept for later dry runs "
-                     "while it stays busy)")
-    elif now:
-        parts.append("timed by this dry run (kept: later dry runs of these settings on this host read it)")
-    cached = sorted({f"{r.measured_at} on {r.host}" + (f" (timed while busy: {load(r)})" if r.busy else "")
-                     for r in rates if r.cached})
-    if cached:
-        parts.append(f"cached from {', '.join(cached)}")
-    return "; ".join(parts)
+    return "; ".join(f"by {by}: cached from " + ", ".join(sorted({
+        f"{r.measured_at} on {r.host}" + (f" (timed while busy: {load(r)})" if r.busy else "")
+        for r in rates if r.by == by})) for by in sorted({r.by for r in rates}))
+
+
+def run_rates(events: list[dict[str, Any]], phases: list[tuple[int, int, int]]) -> list[float | None]:
+    """The trainer's own tok/s of each (start step, end step, seq_len) phase, from a run's train.jsonl events:
+    the median of its train lines (evals and checkpoints are not in them: pretrain/train/meter.py) but the first,
+    whose window holds the phase's first steps (warm-up, the previous length); None without two lines."""
+    out: list[float | None] = []
+    for start, end, seq_len in phases:
+        lines = [e["tok_s"] for e in events if e.get("type") == "train" and e.get("seq_len") == seq_len
+                 and start < e.get("step", 0) <= end and isinstance(e.get("tok_s"), int | float) and e["tok_s"] > 0]
+        out.append(statistics.median(lines[1:]) if len(lines) > 1 else None)
+    return out

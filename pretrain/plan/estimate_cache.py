@@ -69,7 +69,7 @@ def read_entry(folder: Path, k: str) -> dict[str, Any] | None:
 
 def write_entry(folder: Path, k: str, body: dict[str, Any]) -> None:
     """Keep `body` (with its key) under key `k` in `folder`, atomically; a cache that cannot be written is skipped.
-    The user's estimates and measured CPU rates (pretrain/plan/rate_cache.py) are both kept this way."""
+    The user's estimates and measured CPU rates (pretrain/plan/cpu_rate.py) are both kept this way."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / f"{k}.json", json.dumps({"key": k, **body}) + "\n")

@@ -21,6 +21,8 @@ from typing import Any
 from pretrain.config_file import parse_with_file
 from pretrain.data.dataset import open_dataset
 from pretrain.errors import UserError
+from pretrain.plan.cpu_rate import keep_rates, load_now, run_rates
+from pretrain.plan.fit import with_micro
 from pretrain.plan.flags import OWN_FIELDS, SUBCOMMANDS, build_parser
 from pretrain.plan.plan import Plan, build_plan
 from pretrain.plan.resolve import Origin, Request, Source, derived, resolve
@@ -80,7 +82,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"({plan.suggestion}), or add --force to run it anyway")
     if plan.probes:
         record_probe(plan)
-    return run_trainer(plan.command)
+    return run_and_keep_rate(plan)
+
+
+def run_and_keep_rate(plan: Plan) -> int:
+    """Run the plan's trainer; on CPU keep the tok/s it measured per phase (pretrain/plan/cpu_rate.py), so a later
+    dry run of these settings on this host shows the real rate instead of an estimate."""
+    load = load_now()  # before the trainer's own threads count in it
+    code = run_trainer(plan.command)
+    if plan.cfg.device == "cpu":
+        from pretrain.track.runlog import read_jsonl
+
+        events = read_jsonl(Path(plan.run["dir"]) / "train.jsonl")  # [] when the trainer wrote none
+        per_proc = plan.cfg.batch_size * plan.cfg.grad_accum
+        tok_s = run_rates(events, [(p.start_step, p.end_step, p.seq_len) for p in plan.phases])
+        keep_rates(plan.resolved.mcfg, [(with_micro(plan.cfg, p.micro_batch, per_proc), p.seq_len, t)
+                                        for p, t in zip(plan.phases, tok_s) if t is not None], load,
+                   by=f"the trainer (--run {plan.run['dir']})")
+    return code
 
 
 def record_probe(plan: Plan) -> None:
@@ -112,7 +131,7 @@ def _seeds_main(args: list[str], ns: argparse.Namespace) -> int:
         if p.run["action"] in ("skip", "complete"):
             print(p.run["note"], file=sys.stderr)
             continue
-        code = run_trainer(p.command)
+        code = run_and_keep_rate(p)
         if code != 0:
             return code  # rerunning the same command resumes this seed and runs the rest
     return 0

@@ -14,7 +14,7 @@ from typing import Any
 
 from model import PRESETS, ModelConfig
 from pretrain import invocation
-from pretrain.plan.cpu_rate import Rate, measured_rates, rate_source
+from pretrain.plan.cpu_rate import Rate, keep_rates, kept_rates, load_now, rate_source
 from pretrain.plan.fit import (
     choose_execution,
     recompute_factor,
@@ -41,6 +41,11 @@ from pretrain.schedule import (
 from pretrain.train.config import TrainConfig, flag_args, flag_name, model_config_from
 from pretrain.train.staging import host_ram_bytes
 
+# A CPU plan's time without a kept measured rate (pretrain/plan/cpu_rate.py): the FLOP estimate, and how to measure.
+CPU_NOT_TIMED = ("not timed on this CPU, and a small model's step can be several times slower than its FLOPs (loss, "
+                 "optimizer, Python overhead): add --probe to time real steps of each phase; later dry runs of these "
+                 "settings on this host show that rate (after --run, the trainer's own)")
+CPU_KEPT = "kept: later dry runs of these settings on this host show it"
 FLOPS_CONVENTION = ("model FLOPs, PaLM convention (6N + full S x S attention, no causal halving); the time "
                     "estimate is peak x MFU / these")
 # Printed in the trainer command even at their trainer defaults, so the command documents the run.
@@ -99,6 +104,7 @@ class Plan:
     data: dict[str, Any] | None
     warnings: list[str]
     rate_how: str = ""  # where the time estimate's tok/s comes from
+    rate_measured: bool = False  # tok/s of real steps (--probe, or kept from one on CPU), not peak x MFU
     probes: list[PhaseProbe] = field(default_factory=list)
     host_ram_bytes: int = 0  # host RAM a checkpoint save needs (snapshot + staging: pretrain/train/staging.py)
     eval_lengths_seconds: float = 0.0  # --eval-seq-lens at every eval (length_eval_seconds), on top of the steps
@@ -267,6 +273,7 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
     per_proc = cfg.batch_size * cfg.grad_accum
     micro_points = parse_micro_batch_schedule(cfg.micro_batch_schedule, per_proc)
     probes: list[PhaseProbe] = []
+    load = load_now()  # before --probe's steps: whether other processes were taking the CPUs
     if req.probe:
         planned = [(ph.seq_len, micro_batch_at(micro_points, ph.start_step, cfg.batch_size, cfg.grad_accum)[0])
                    for ph in phases(res.points, cfg.steps)]
@@ -290,11 +297,11 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
     mfu = req.assume_mfu * recompute_factor(cfg)
     seqs = res.sequences_per_step
     out: list[PhasePlan] = []
-    rate_how = f"{flops_how} x MFU"
+    rate_how, rate_measured = f"{flops_how} x MFU", False
     state_bytes = 0
     # The trainer's diagnostics and --eval-seq-lens use one length: --eval-seq-len, else the longest trained.
     instrument_len = cfg.eval_seq_len or max(ph.seq_len for ph in phases(res.points, cfg.steps))
-    cpu_rates = _cpu_rates(mcfg, cfg, res, probes, flops)
+    cpu_rates = _cpu_rates(mcfg, cfg, res, probes, load)
     for i, ph in enumerate(phases(res.points, cfg.steps)):
         micro, accum = micro_batch_at(micro_points, ph.start_step, cfg.batch_size, cfg.grad_accum)
         phase_cfg = with_micro(cfg, micro, per_proc)
@@ -309,18 +316,16 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
         measured = probes[i].picked if probes else None
         if measured is not None and measured.tok_s:
             tok_s, rate_how = res.nproc * measured.tok_s, "measured by --probe (real steps on this device)"
+            rate_how, rate_measured = rate_how + (f"; {CPU_KEPT}" if cfg.device == "cpu" else ""), True
+        elif cpu_rates:
+            tok_s, rate_measured = cpu_rates[i].tok_s, True
+            rate_how = f"measured: real steps of each phase timed on this CPU {rate_source(cpu_rates)}"
         elif cfg.device == "cpu":
-            rate = cpu_rates[i]
-            if rate is not None:
-                tok_s, rate_how = rate.tok_s, "measured: timed real steps of each phase on this CPU after a warm-up"
-            else:
-                rate_how = f"{flops_how} x MFU (a real step would take too long to time)"
+            rate_how, rate_measured = f"{flops_how} x MFU: {CPU_NOT_TIMED}", False
         tokens = ph.steps * ph.seq_len * seqs
         out.append(PhasePlan(ph.start_step, ph.end_step, ph.seq_len, micro, accum, ph.seq_len * seqs, tokens,
                              est.tensor_peak_bytes, peak, verdict(peak, capacity), tok_s, tokens / tok_s,
                              est.breakdown, flops_tok_s, peak_of, {k: v[0] for k, v in peaks.items()}))
-    if rate_how.startswith("measured: timed"):
-        rate_how += f": {rate_source([r for r in cpu_rates if r is not None])}"
     worst = max(out, key=lambda p: p.peak_memory_bytes)
     suggestion = None
     if worst.verdict != "fits" and worst.peak_of != "training step" and \
@@ -345,26 +350,28 @@ def build_plan(res: Resolved, req: Request, tier: Tier, tier_how: str, gpu: GpuI
             warnings.append(f"the plan reads the training data {data['passes']:.2f} times (repeated tokens "
                             "help less); prepare more data with prepare_fineweb.py --tokens or lower the budget")
     return Plan(res, cfg, tier, tier_how, out, capacity, capacity_how, flops, flops_how, mfu, suggestion,
-                checkpoint_bytes, disk_bytes, command_for(cfg, res.nproc), run, data, warnings, rate_how, probes,
-                host_ram, length_eval_seconds(cfg, mcfg, out, instrument_len, res.nproc))
+                checkpoint_bytes, disk_bytes, command_for(cfg, res.nproc), run, data, warnings, rate_how,
+                rate_measured, probes, host_ram,
+                length_eval_seconds(cfg, mcfg, out, instrument_len, res.nproc))
 
 
 def _cpu_rates(mcfg: ModelConfig, cfg: TrainConfig, res: Resolved, probes: list[PhaseProbe],
-               flops: float) -> list[Rate | None]:
-    """A CPU plan's measured tok/s per phase (pretrain/plan/cpu_rate.py), for the phases --probe did not time;
-    all None on a GPU."""
+               load: float) -> list[Rate]:
+    """A CPU plan's measured tok/s per phase (pretrain/plan/cpu_rate.py): what --probe timed now is kept for later
+    dry runs; without --probe, the rates kept for these very steps, when every phase has one. [] when there are
+    none (the plan uses the FLOP estimate) and on a GPU."""
+    if cfg.device != "cpu":
+        return []
     per_proc = cfg.batch_size * cfg.grad_accum
     points = parse_micro_batch_schedule(cfg.micro_batch_schedule, per_proc)
-    todo = [(i, ph) for i, ph in enumerate(phases(res.points, cfg.steps))
-            if cfg.device == "cpu" and not (probes and probes[i].picked and probes[i].picked.tok_s)]
-    out: list[Rate | None] = [None] * len(phases(res.points, cfg.steps))
-    if todo:
-        rates = measured_rates(mcfg, [(with_micro(cfg, micro_batch_at(points, ph.start_step, cfg.batch_size,
-                                                                       cfg.grad_accum)[0], per_proc), ph.seq_len)
-                                      for _, ph in todo], flops)
-        for (i, _), rate in zip(todo, rates):
-            out[i] = rate
-    return out
+    steps = [(with_micro(cfg, micro_batch_at(points, ph.start_step, cfg.batch_size, cfg.grad_accum)[0], per_proc),
+              ph.seq_len) for ph in phases(res.points, cfg.steps)]
+    if probes:
+        timed = [(with_micro(cfg, p.picked_micro_batch, per_proc), seq_len, p.picked.tok_s)  # the step it timed
+                 for (_, seq_len), p in zip(steps, probes) if p.picked is not None and p.picked.tok_s]
+        keep_rates(mcfg, timed, load)
+        return []
+    return kept_rates(mcfg, steps) or []
 
 
 def length_eval_seconds(cfg: TrainConfig, mcfg: ModelConfig, out: list[PhasePlan], instrument_len: int,

@@ -9,8 +9,8 @@ Used two ways:
     (`python -m pretrain.plan.probe`, request on stdin, JSON on stdout) on every device, as the trainer does: its
     CUDA context and cached memory are gone before the trainer starts, an out-of-memory crash cannot take the
     launcher with it, and it starts from the trainer's process state (allocator setting, no compiled graphs).
-  * the time estimate of every CPU plan (pretrain/plan/cpu_rate.py) steps the same `Stepper`, in the launcher's
-    process, one model for every phase.
+  * on CPU the launcher keeps the probe's tok/s per phase (pretrain/plan/cpu_rate.py): later dry runs of the same
+    settings on this host show it instead of the FLOP estimate.
 
 A probed step runs at most 2 micro-batches: memory depends only on whether earlier gradients are held, and the
 rate then slightly overweights the optimizer step (a conservative figure). Nothing is written to disk here.
@@ -45,6 +45,10 @@ from pretrain.train.host_threads import with_idle_threads_asleep
 from pretrain.train.optim import build_optimizer, step_unless_nonfinite
 
 WARMUP_STEPS, TIMED_STEPS = 1, 2
+# On CPU a phase's rate is the median of at least CPU_TIMED_STEPS steps and CPU_MIN_SECONDS of them (at most
+# MAX_TIMED_STEPS): a millisecond step timed twice is at the mercy of one scheduler time slice, and the launcher keeps
+# this figure for later dry runs (pretrain/plan/cpu_rate.py).
+CPU_TIMED_STEPS, CPU_MIN_SECONDS = 3, 0.5
 MAX_PROBED_ACCUM = 2
 # The directory holding the `pretrain` package: the child process imports it from there whatever the launcher's cwd.
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
@@ -96,16 +100,15 @@ def _fresh_compile_state() -> None:
 
 class Stepper:
     """The trainer's model, optimizer and step for `cfg` on `device` (built by speed.build_model), stepped at any
-    micro-batch and sequence length: --probe times one shape per model, the CPU rate (pretrain/plan/cpu_rate.py)
-    every phase's shape on one model."""
+    micro-batch and sequence length (--probe times one shape per model)."""
 
-    def __init__(self, mcfg: ModelConfig, cfg: TrainConfig, device: torch.device, shapes: int = 1) -> None:
+    def __init__(self, mcfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> None:
         if cfg.compile:
             _fresh_compile_state()
         torch.manual_seed(0)
         self.mcfg, self.cfg, self.device = mcfg, cfg, device
         self.fp16 = cfg.amp and cfg.amp_dtype == "fp16"
-        self.model = speed.build_model(mcfg, cfg, device, shapes)  # shapes: compiled graphs it will run
+        self.model = speed.build_model(mcfg, cfg, device)  # one compiled shape: each probed step has a model
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.fp16)
@@ -194,8 +197,11 @@ def probe_phase(mcfg: ModelConfig, cfg: TrainConfig, seq_len: int, device: torch
     opts = micro_options(sequences_per_proc)
     i = opts.index(cfg.batch_size) if cfg.batch_size in opts else 0
 
+    steps, min_seconds = (CPU_TIMED_STEPS, CPU_MIN_SECONDS) if device.type == "cpu" else (TIMED_STEPS, 0.0)
+
     def run(k: int) -> Measured:
-        m = measure(mcfg, with_micro(cfg, opts[k], sequences_per_proc), seq_len, device)
+        m = measure(mcfg, with_micro(cfg, opts[k], sequences_per_proc), seq_len, device, steps=steps,
+                    min_seconds=min_seconds)
         result.tried.append(m)
         return m
 

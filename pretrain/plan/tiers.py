@@ -205,10 +205,14 @@ def select_tier(vram: str, gpu: GpuInfo | None) -> tuple[Tier, str]:
 
 
 def cpu_matmul_flops(seconds: float = 0.1) -> float:
-    """This CPU's fp32 matmul FLOP/s: measured on one thread, times torch's thread count.
+    """This CPU's fp32 matmul FLOP/s: measured on one thread, per second of that thread's CPU time, times torch's
+    thread count.
 
     One thread, because a multi-threaded measurement collapses when other processes load the cores (OpenMP
-    threads spin-wait), which says more about this moment than about the machine.
+    threads spin-wait), which says more about this moment than about the machine. CPU time, not wall time, for the
+    same reason: the time the thread waits for a core is the other processes' (24 fresh processes each, 2 busy cores,
+    load 3-5: wall 83-240 GFLOP/s, CPU time 135-232, for the same 0.1 s of CPU). A cpu plan's time rests on this
+    figure until real steps are timed (pretrain/plan/cpu_rate.py).
     """
     import torch
 
@@ -218,8 +222,8 @@ def cpu_matmul_flops(seconds: float = 0.1) -> float:
     torch.set_num_threads(1)
     try:
         a @ b
-        iters, t0 = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - t0) < seconds:
+        iters, t0 = 0, time.thread_time()
+        while (elapsed := time.thread_time() - t0) < seconds:
             a @ b
             iters += 1
     finally:
@@ -255,7 +259,8 @@ def peak_flops(peak_tflops: float | None, tier: Tier, gpu: GpuInfo | None) -> tu
     from pretrain.train import device as dev
 
     if not tier.is_gpu:
-        return cpu_matmul_flops(), f"measured: this CPU's 1-thread fp32 matmul rate x {torch.get_num_threads()} threads"
+        how = f"measured: this CPU's 1-thread fp32 matmul rate (per CPU second) x {torch.get_num_threads()} threads"
+        return cpu_matmul_flops(), how
     if gpu is not None and gpu.peak_flops:
         return gpu.peak_flops, f"{gpu.name} datasheet peak (pretrain/train/device.py)"
     why = f"no GPU here; assumes the tier's reference {tier.reference_gpu}" if gpu is None else \

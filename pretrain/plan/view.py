@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from pretrain.plan.plan import ALWAYS_SHOWN, Plan, recompute_factor
+from pretrain.plan.plan import ALWAYS_SHOWN, CPU_NOT_TIMED, Plan, recompute_factor
 from pretrain.plan.resolve import MFU_SOURCE, source_of
 from pretrain.plan.tiers import cards_text
 from pretrain.train.config import format_command
@@ -127,13 +127,14 @@ def render_plan(plan: Plan, running: bool = False, file: TextIO | None = None) -
     total = sum(p.seconds for p in plan.phases)
     flops = plan.peak_flops
     rate = f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"
-    if plan.rate_how.startswith("measured"):
+    if plan.rate_measured:
         out.line(f"  time: ESTIMATE {fmt_duration(total)} = tokens / tok/s {plan.rate_how} (training steps only: "
                  "evals, checkpoints and start-up come on top)")
     else:
         out.line(f"  time: ESTIMATE {fmt_duration(total)} = tokens x FLOPs/token / ({rate} "
                  f"[{plan.peak_flops_how}] x MFU {plan.mfu / recompute_factor(cfg):g}"
-                 f" [{MFU_SOURCE}]{ckpt}{' x ' + str(plan.nproc) + ' procs' if plan.nproc > 1 else ''})")
+                 f" [{MFU_SOURCE}]{ckpt}{' x ' + str(plan.nproc) + ' procs' if plan.nproc > 1 else ''})"
+                 f"{'; ' + CPU_NOT_TIMED if cfg.device == 'cpu' else ''}")
     if plan.eval_lengths_seconds:
         with_lengths = fmt_duration(total + plan.eval_lengths_seconds)
         out.line(f"  + --eval-seq-lens: ESTIMATE {fmt_duration(plan.eval_lengths_seconds)} on top (every length "
