@@ -198,6 +198,18 @@ def _sdpa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
                                               scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
+def _accumulate(total: torch.Tensor | None, part: torch.Tensor, keys: int) -> torch.Tensor:
+    """total (N, keys, d) fp32 plus part (N, part's keys, d) over its first keys. The first part, if it spans every
+    key, becomes the total (one conversion instead of a zero fill and an add: ~2 of the backward's ~30 CPU-ms at
+    config S, where the last query block reads all keys)."""
+    if total is None:
+        if part.shape[1] == keys:
+            return part.float()
+        total = torch.zeros(part.shape[0], keys, part.shape[2], dtype=torch.float32, device=part.device)
+    total[:, :part.shape[1]] += part
+    return total
+
+
 class _CausalAttention(torch.autograd.Function):
     """Forward saves q, k, v (as SDPA's flash kernel does, without its output); backward recomputes each block's
     probabilities from them, so no block's T x S tensor outlives its block. The forward is the blocked one below,
@@ -233,18 +245,19 @@ class _CausalAttention(torch.autograd.Function):
         q16, do16 = _block_rows(q, n_kv, nb, q.dtype), _block_rows(grad, n_kv, nb, v.dtype)
         q32, do32 = q16.float(), do16.float()
         k16, kt32, vt32 = k.flatten(0, 1), _f32_t(k), _f32_t(v)
-        # dK, dV sum over query blocks in fp32; each dQ row belongs to one block.
-        dk = torch.zeros(k16.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros(vt32.shape[0], vt32.shape[2], vt32.shape[1], dtype=torch.float32, device=v.device)
+        S = k.shape[2]
+        # dK, dV sum over query blocks in fp32 (widest block first: it starts the sums); each dQ row is one block's.
+        dk = dv = None
         dq = torch.empty(q16.shape, dtype=q.dtype, device=q.device)
         with _exact_bf16_products():
-            for i, (keys, first, bias) in enumerate(blocks):
+            for i in sorted(range(nb), key=lambda i: -blocks[i][0]):
+                keys, first, bias = blocks[i]
                 p = _probs(q32[i], kt32[:, :, :keys], first, bias, scale)
-                dv[:, :keys] += torch.bmm(p.to(v.dtype).transpose(1, 2), do16[i])
+                dv = _accumulate(dv, torch.bmm(p.to(v.dtype).transpose(1, 2), do16[i]), S)
                 # fp32 GEMM: dS takes dP minus its row mean, which cancels; the score scale applied to its sums.
                 dp = _gemm_f32(do32[i], vt32[:, :, :keys], scale)
                 ds = torch.ops.aten._softmax_backward_data.out(dp, p, -1, torch.float32, grad_input=dp).to(q.dtype)
                 torch.bmm(ds, k16[:, :keys], out=dq[i])
-                dk[:, :keys] += torch.bmm(ds.transpose(1, 2), q16[i])
+                dk = _accumulate(dk, torch.bmm(ds.transpose(1, 2), q16[i]), S)
         return (_unblock(dq, B, H, heads_outer=True), dk.to(k.dtype).view(k.shape), dv.to(v.dtype).view(v.shape),
                 None, None, None)
