@@ -76,9 +76,21 @@ def causal_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         scale = q.shape[-1] ** -0.5
     T, S = q.shape[2], k.shape[2]
     causal = mask is None and S == T  # SDPA's is_causal aligns queries with the first keys
+    group = q.shape[1] // k.shape[1]
     if mask is None:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    return _CausalAttention.apply(q, k, v, mask, causal, scale)
+        mask, blocks = _causal_blocks(T, S, group, q.device)
+    else:
+        blocks = _blocks(mask, group, _n_blocks(T))
+    return _CausalAttention.apply(q, k, v, mask, blocks, causal, scale)
+
+
+@functools.lru_cache(maxsize=32)
+def _causal_blocks(T: int, S: int, group: int,
+                   device: torch.device) -> tuple[torch.Tensor, list[tuple[int, int, torch.Tensor | None]]]:
+    """The implicit causal mask and its blocks (_blocks), made once per shape, not per layer call and again in its
+    backward (~1 CPU-ms a layer at config S); their bias tensors are only read."""
+    mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+    return mask, _blocks(mask, group, _n_blocks(T))
 
 
 @functools.cache
@@ -216,16 +228,15 @@ class _CausalAttention(torch.autograd.Function):
     or on an AMX host SDPA's flash kernel itself (amx_tiles: there it is ~2.5x faster than the blocks)."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, causal: bool,
-                scale: float) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                blocks: list[tuple[int, int, torch.Tensor | None]], causal: bool, scale: float) -> torch.Tensor:
         ctx.save_for_backward(q, k, v)
-        ctx.mask, ctx.scale = mask, scale
+        ctx.blocks, ctx.scale = blocks, scale
         if amx_tiles():
             return _sdpa_forward(q, k, v, mask, causal, scale)
         B, H, T, _ = q.shape
         n_kv = k.shape[1]
-        nb = _n_blocks(T)
-        blocks = _blocks(mask, H // n_kv, nb)
+        nb = len(blocks)
         q32, kt32, v16 = _block_rows(q, n_kv, nb, torch.float32), _f32_t(k), v.flatten(0, 1)
         out = torch.empty(q32.shape[:-1] + v.shape[-1:], dtype=v.dtype, device=v.device)
         with _exact_bf16_products():
@@ -240,8 +251,8 @@ class _CausalAttention(torch.autograd.Function):
         scale = ctx.scale
         B, H = q.shape[:2]
         n_kv = k.shape[1]
-        nb = _n_blocks(q.shape[2])
-        blocks = _blocks(ctx.mask, H // n_kv, nb)
+        blocks = ctx.blocks
+        nb = len(blocks)
         q16, do16 = _block_rows(q, n_kv, nb, q.dtype), _block_rows(grad, n_kv, nb, v.dtype)
         q32, do32 = q16.float(), do16.float()
         k16, kt32, vt32 = k.flatten(0, 1), _f32_t(k), _f32_t(v)
@@ -260,4 +271,4 @@ class _CausalAttention(torch.autograd.Function):
                 torch.bmm(ds, k16[:, :keys], out=dq[i])
                 dk = _accumulate(dk, torch.bmm(ds.transpose(1, 2), q16[i]), S)
         return (_unblock(dq, B, H, heads_outer=True), dk.to(k.dtype).view(k.shape), dv.to(v.dtype).view(v.shape),
-                None, None, None)
+                None, None, None, None)
