@@ -78,19 +78,24 @@ def causal_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     causal = mask is None and S == T  # SDPA's is_causal aligns queries with the first keys
     group = q.shape[1] // k.shape[1]
     if mask is None:
-        mask, blocks = _causal_blocks(T, S, group, q.device)
+        blocks = _causal_blocks(T, S, group, q.device)
+        mask = None if causal else _causal_mask(T, S, q.device)  # only the flash forward reads it, and not if causal
     else:
         blocks = _blocks(mask, group, _n_blocks(T))
     return _CausalAttention.apply(q, k, v, mask, blocks, causal, scale)
 
 
-@functools.lru_cache(maxsize=32)
-def _causal_blocks(T: int, S: int, group: int,
-                   device: torch.device) -> tuple[torch.Tensor, list[tuple[int, int, torch.Tensor | None]]]:
-    """The implicit causal mask and its blocks (_blocks), made once per shape, not per layer call and again in its
-    backward (~1 CPU-ms a layer at config S); their bias tensors are only read."""
-    mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
-    return mask, _blocks(mask, group, _n_blocks(T))
+def _causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
+    """(T, S) bool, True = may attend: queries at the last T of S key positions."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_blocks(T: int, S: int, group: int, device: torch.device) -> list[tuple[int, int, torch.Tensor | None]]:
+    """The implicit causal mask's blocks (_blocks), made once per shape, not per layer call and again in its
+    backward (~1 CPU-ms a layer at config S). Only the blocks are kept (each bias at most 64 x 64 per head in a
+    group), not the T x S mask; their bias tensors are only read."""
+    return _blocks(_causal_mask(T, S, device), group, _n_blocks(T))
 
 
 @functools.cache
@@ -202,7 +207,7 @@ def _f32_t(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(B, n, d, S, dtype=torch.float32, device=x.device).copy_(x.transpose(2, 3)).view(B * n, d, S)
 
 
-def _sdpa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, causal: bool,
+def _sdpa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
                   scale: float) -> torch.Tensor:
     """SDPA's own forward (the CPU flash kernel) of the same attention, bit for bit what the model ran before."""
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
@@ -228,7 +233,7 @@ class _CausalAttention(torch.autograd.Function):
     or on an AMX host SDPA's flash kernel itself (amx_tiles: there it is ~2.5x faster than the blocks)."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 blocks: list[tuple[int, int, torch.Tensor | None]], causal: bool, scale: float) -> torch.Tensor:
         ctx.save_for_backward(q, k, v)
         ctx.blocks, ctx.scale = blocks, scale
