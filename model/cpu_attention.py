@@ -20,8 +20,8 @@ once per call ((B*Hkv, d, S) fp32), so no call copies its operand.
 
 Per host (amx_tiles): with AMX tiles the forward is SDPA's flash kernel itself (its forward uses AMX and beat the
 blocks ~2.5x; its backward did not) and the fp32 score GEMMs run as plain fp32 GEMMs; without AMX the blocked
-forward and oneDNN's bf16 mode below were the faster ones. Config S bf16 step on an AMX host, 1 thread, in one
-process against main's model code: 0.95x the CPU time.
+forward and oneDNN's bf16 mode below were the faster ones. Config S, AMX host, 1 thread: forward + backward ~39
+CPU-ms a layer against ~49 for the all-blocked form and ~44 for flash (bench/README.md).
 
 GQA (fewer k/v heads): each k/v head's query group is stacked along a block's rows, so one GEMM serves the group
 and k/v are never repeated.
