@@ -217,3 +217,15 @@ def test_fake_tensors_and_dispatch_modes_keep_sdpa(native_bf16):
         model(idx)
     assert any("flash_attention" in op for op in rec.ops)
     assert not any("bmm" in op for op in rec.ops)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_score_gemms_use_onednn_bf16_mode_only_without_amx(amx, monkeypatch):
+    """Without AMX the fp32 score GEMMs run in oneDNN's bf16 mode (~3x plain fp32 there); with AMX plain fp32, which
+    is faster there (the mode converts the operands per call). Either way the setting is restored after."""
+    monkeypatch.setattr(cpu_attention, "amx_tiles", lambda: amx)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with cpu_attention._exact_bf16_products():
+        inside = torch.backends.mkldnn.matmul.fp32_precision
+    assert inside == (before if amx else "bf16")
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
