@@ -24,8 +24,9 @@ semantic half of its score is position-free, only the geometric half sees the di
 gives the null key/value no weight decay (pretrain/train/optim.py).
 
 Kernel: SDPA (flash / cuDNN / memory-efficient on a card, the flash kernel on CPU), except bf16 on a CPU with native
-bf16 GEMMs, where model/cpu_attention.py computes the same attention in 0.5-0.65x the flash kernel's CPU time (fake
-tensors, dispatch modes, fp32, compiled graphs and every other device keep SDPA).
+bf16 GEMMs, where model/cpu_attention.py computes the same attention in 0.5-0.65x the flash kernel's CPU time (with
+AMX its forward is the flash kernel's, its backward blocked GEMMs; fake tensors, dispatch modes, fp32, compiled
+graphs and every other device keep SDPA).
 
 Reference path: forward(x, on_trace=f) computes the same attention with an explicit softmax (after the same
 projection code) and hands f an AttentionTrace of probabilities and score parts, for diagnostics.

@@ -14,7 +14,14 @@ Precision is the flash kernel's: the scores q k^T and the backward's dO v^T are 
 (autocast's bf16 GEMM would round every score to 8 bits before the softmax), the softmax and its backward are
 fp32, and the probabilities / score gradients enter the bf16 GEMMs P v, P^T dO, dS k, dS^T q rounded to bf16, as
 flash rounds them; dK and dV sum over query blocks in fp32. Memory is flash's: forward saves q, k, v; backward
-recomputes each block's probabilities (bit-identical: same GEMM, same softmax). No T x S tensor outlives a block.
+recomputes each block's probabilities (bit-identical to the blocked forward's: same GEMM, same softmax; equal to the
+flash forward's within fp32 rounding). No T x S tensor outlives a block. The score GEMMs read K and V transposed
+once per call ((B*Hkv, d, S) fp32), so no call copies its operand.
+
+Per host (amx_tiles): with AMX tiles the forward is SDPA's flash kernel itself (its forward uses AMX and beat the
+blocks ~2.5x; its backward did not) and the fp32 score GEMMs run as plain fp32 GEMMs; without AMX the blocked
+forward and oneDNN's bf16 mode below were the faster ones. Config S, AMX host, 1 thread: forward + backward ~39
+CPU-ms a layer against ~49 for the all-blocked form and ~44 for flash (bench/README.md).
 
 GQA (fewer k/v heads): each k/v head's query group is stacked along a block's rows, so one GEMM serves the group
 and k/v are never repeated.
@@ -23,8 +30,8 @@ Where it runs (cpu_attention_applies): bf16 plain CPU tensors, eager, outside ev
 native bf16 GEMMs. Under FakeTensorMode / the memory tracker (the planner's CUDA memory estimate,
 pretrain/plan/step_trace.py), under selective checkpointing's caching mode, for fp32 (fp32 GEMMs make this path
 slower than flash), a single query (decoding) and on every other device, attention stays torch's SDPA: the memory
-a trace models and everything a GPU runs are unchanged. While it runs it sets oneDNN's fp32 matmul precision to
-bf16 (process-wide, restored after; its fp32 operands are exact bf16 values, so nothing is rounded).
+a trace models and everything a GPU runs are unchanged. While it runs (without AMX) it sets oneDNN's fp32 matmul
+precision to bf16 (process-wide, restored after; its fp32 operands are exact bf16 values, so nothing is rounded).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import functools
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 
@@ -66,19 +74,51 @@ def causal_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     training). scale None = 1/sqrt(hd). Returns (B, H, T, hd_v) bf16."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    T, S = q.shape[2], k.shape[2]
+    causal = mask is None and S == T  # SDPA's is_causal aligns queries with the first keys
+    group = q.shape[1] // k.shape[1]
     if mask is None:
-        T, S = q.shape[2], k.shape[2]
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    return _CausalAttention.apply(q, k, v, mask, scale)
+        blocks = _causal_blocks(T, S, group, q.device)
+        mask = None if causal else _causal_mask(T, S, q.device)  # only the flash forward reads it, and not if causal
+    else:
+        blocks = _blocks(mask, group, _n_blocks(T))
+    return _CausalAttention.apply(q, k, v, mask, blocks, causal, scale)
+
+
+def _causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
+    """(T, S) bool, True = may attend: queries at the last T of S key positions."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_blocks(T: int, S: int, group: int, device: torch.device) -> list[tuple[int, int, torch.Tensor | None]]:
+    """The implicit causal mask's blocks (_blocks), made once per shape, not per layer call and again in its
+    backward (~1 CPU-ms a layer at config S). Only the blocks are kept (each bias at most 64 x 64 per head in a
+    group), not the T x S mask; their bias tensors are only read."""
+    return _blocks(_causal_mask(T, S, device), group, _n_blocks(T))
+
+
+@functools.cache
+def amx_tiles() -> bool:
+    """Whether this CPU has AMX tiles (Sapphire Rapids and later), which changes two choices here (issue 23.1,
+    bench/attention_cpu.py, config S, 1 thread): the forward is SDPA's flash kernel, whose GEMMs run on AMX (~6
+    CPU-ms per layer against ~15 for the blocked forward; its backward stays slower than the blocks, ~50 vs ~37),
+    and the fp32 score GEMMs run as plain fp32 GEMMs (oneDNN's bf16 mode converts the operands per call: 1.5x
+    slower there). Without AMX (AVX-512-BF16 only) the blocked forward and the bf16 mode were the faster ones."""
+    try:
+        return bool(torch._C._cpu._init_amx())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @contextlib.contextmanager
 def _exact_bf16_products() -> Iterator[None]:
     """fp32 GEMMs computed by oneDNN from bf16 products with fp32 accumulation and fp32 output. The operands here
-    are bf16 values held in fp32, so nothing is rounded: the same sums as an fp32 GEMM, at ~3x its speed."""
+    are bf16 values held in fp32, so nothing is rounded: the same sums as an fp32 GEMM, at ~3x its speed without AMX
+    (with AMX plain fp32 GEMMs are faster: amx_tiles)."""
     mm = torch.backends.mkldnn.matmul
     before = mm.fp32_precision
-    mm.fp32_precision = "bf16"
+    mm.fp32_precision = before if amx_tiles() else "bf16"
     try:
         with torch.autocast("cpu", enabled=False):  # the bf16 GEMMs here choose their dtypes themselves
             yield
@@ -141,72 +181,99 @@ def _blocks(mask: torch.Tensor, group: int, nb: int) -> list[tuple[int, int, tor
     return out
 
 
-def _gemm_f32(a32: torch.Tensor, b32: torch.Tensor, scale: float) -> torch.Tensor:
-    """fp32 scale * a @ b^T for a (N, R, K), b (N, C, K) holding bf16 values: exact products, fp32 sums, the scale
-    applied to the sums by the GEMM itself."""
-    out = torch.empty(a32.shape[0], a32.shape[1], b32.shape[1], dtype=torch.float32, device=a32.device)
-    return torch.baddbmm(out, a32, b32.transpose(1, 2), beta=0.0, alpha=scale, out=out)
+def _gemm_f32(a32: torch.Tensor, bt32: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 scale * a @ bt for a (N, R, K), bt (N, K, C) holding bf16 values: exact products, fp32 sums, the scale
+    applied to the sums by the GEMM itself. bt is a column slice of a contiguous (N, K, S) tensor: oneDNN reads it
+    in place, where a transposed (N, C, K) operand was first copied whole by every call (issue 23.1, AMX host)."""
+    out = torch.empty(a32.shape[0], a32.shape[1], bt32.shape[2], dtype=torch.float32, device=a32.device)
+    return torch.baddbmm(out, a32, bt32, beta=0.0, alpha=scale, out=out)
 
 
-def _probs(q32: torch.Tensor, k32: torch.Tensor, first: int, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """fp32 softmax(scale * q k^T + bias) of one block, q32 (N, rows, d), k32 (N, keys, d): the score GEMM, the bias
-    added to keys first: on, then the softmax in place (one fused pass per row: max, exp, sum and scaling while the
-    row is in cache; masked -inf scores cost nothing extra there)."""
-    s = _gemm_f32(q32, k32, scale)
+def _probs(q32: torch.Tensor, kt32: torch.Tensor, first: int, bias: torch.Tensor | None,
+           scale: float) -> torch.Tensor:
+    """fp32 softmax(scale * q k^T + bias) of one block, q32 (N, rows, d), kt32 (N, d, keys): the score GEMM, the
+    bias added to keys first: on, then the softmax in place (one fused pass per row: max, exp, sum and scaling while
+    the row is in cache; masked -inf scores cost nothing extra there)."""
+    s = _gemm_f32(q32, kt32, scale)
     if bias is not None:
         s[:, :, first:].add_(bias)
     return torch.ops.aten._softmax.out(s, -1, False, out=s)
 
 
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    """k or v (B, Hkv, S, d), any strides, as contiguous fp32 (B*Hkv, S, d): one pass."""
-    return torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x).flatten(0, 1)
+def _f32_t(x: torch.Tensor) -> torch.Tensor:
+    """k or v (B, Hkv, S, d), any strides, as contiguous fp32 (B*Hkv, d, S), the layout the score GEMMs read in
+    place: one pass."""
+    B, n, S, d = x.shape
+    return torch.empty(B, n, d, S, dtype=torch.float32, device=x.device).copy_(x.transpose(2, 3)).view(B * n, d, S)
+
+
+def _sdpa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                  scale: float) -> torch.Tensor:
+    """SDPA's own forward (the CPU flash kernel) of the same attention, bit for bit what the model ran before."""
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                              scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _accumulate(total: torch.Tensor | None, part: torch.Tensor, keys: int) -> torch.Tensor:
+    """total (N, keys, d) fp32 plus part (N, part's keys, d) over its first keys. The first part, if it spans every
+    key, becomes the total (one conversion instead of a zero fill and an add: ~2 of the backward's ~30 CPU-ms at
+    config S, where the last query block reads all keys)."""
+    if total is None:
+        if part.shape[1] == keys:
+            return part.float()
+        total = torch.zeros(part.shape[0], keys, part.shape[2], dtype=torch.float32, device=part.device)
+    total[:, :part.shape[1]] += part
+    return total
 
 
 class _CausalAttention(torch.autograd.Function):
     """Forward saves q, k, v (as SDPA's flash kernel does, without its output); backward recomputes each block's
-    probabilities from them (bit-identical to the forward's: the same GEMM and softmax), so no block's T x S
-    tensor outlives its block."""
+    probabilities from them, so no block's T x S tensor outlives its block. The forward is the blocked one below,
+    or on an AMX host SDPA's flash kernel itself (amx_tiles: there it is ~2.5x faster than the blocks)."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                scale: float) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                blocks: list[tuple[int, int, torch.Tensor | None]], causal: bool, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(q, k, v)
+        ctx.blocks, ctx.scale = blocks, scale
+        if amx_tiles():
+            return _sdpa_forward(q, k, v, mask, causal, scale)
         B, H, T, _ = q.shape
         n_kv = k.shape[1]
-        nb = _n_blocks(T)
-        blocks = _blocks(mask, H // n_kv, nb)
-        q32, k32, v16 = _block_rows(q, n_kv, nb, torch.float32), _f32(k), v.flatten(0, 1)
+        nb = len(blocks)
+        q32, kt32, v16 = _block_rows(q, n_kv, nb, torch.float32), _f32_t(k), v.flatten(0, 1)
         out = torch.empty(q32.shape[:-1] + v.shape[-1:], dtype=v.dtype, device=v.device)
         with _exact_bf16_products():
             for i, (keys, first, bias) in enumerate(blocks):
-                p = _probs(q32[i], k32[:, :keys], first, bias, scale)
+                p = _probs(q32[i], kt32[:, :, :keys], first, bias, scale)
                 torch.bmm(p.to(v.dtype), v16[:, :keys], out=out[i])
-        ctx.save_for_backward(q, k, v)
-        ctx.blocks, ctx.scale = blocks, scale
         return _unblock(out, B, H, heads_outer=False)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v = ctx.saved_tensors
-        scale, blocks = ctx.scale, ctx.blocks
+        scale = ctx.scale
         B, H = q.shape[:2]
         n_kv = k.shape[1]
+        blocks = ctx.blocks
         nb = len(blocks)
         q16, do16 = _block_rows(q, n_kv, nb, q.dtype), _block_rows(grad, n_kv, nb, v.dtype)
         q32, do32 = q16.float(), do16.float()
-        k16, k32, v32 = k.flatten(0, 1), _f32(k), _f32(v)
-        # dK, dV sum over query blocks in fp32; each dQ row belongs to one block.
-        dk = torch.zeros(k32.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros(v32.shape, dtype=torch.float32, device=v.device)
+        k16, kt32, vt32 = k.flatten(0, 1), _f32_t(k), _f32_t(v)
+        S = k.shape[2]
+        # dK, dV sum over query blocks in fp32 (widest block first: it starts the sums); each dQ row is one block's.
+        dk = dv = None
         dq = torch.empty(q16.shape, dtype=q.dtype, device=q.device)
         with _exact_bf16_products():
-            for i, (keys, first, bias) in enumerate(blocks):
-                p = _probs(q32[i], k32[:, :keys], first, bias, scale)
-                dv[:, :keys] += torch.bmm(p.to(v.dtype).transpose(1, 2), do16[i])
+            for i in sorted(range(nb), key=lambda i: -blocks[i][0]):
+                keys, first, bias = blocks[i]
+                p = _probs(q32[i], kt32[:, :, :keys], first, bias, scale)
+                dv = _accumulate(dv, torch.bmm(p.to(v.dtype).transpose(1, 2), do16[i]), S)
                 # fp32 GEMM: dS takes dP minus its row mean, which cancels; the score scale applied to its sums.
-                dp = _gemm_f32(do32[i], v32[:, :keys], scale)
+                dp = _gemm_f32(do32[i], vt32[:, :, :keys], scale)
                 ds = torch.ops.aten._softmax_backward_data.out(dp, p, -1, torch.float32, grad_input=dp).to(q.dtype)
                 torch.bmm(ds, k16[:, :keys], out=dq[i])
-                dk[:, :keys] += torch.bmm(ds.transpose(1, 2), q16[i])
+                dk = _accumulate(dk, torch.bmm(ds.transpose(1, 2), q16[i]), S)
         return (_unblock(dq, B, H, heads_outer=True), dk.to(k.dtype).view(k.shape), dv.to(v.dtype).view(v.shape),
-                None, None)
+                None, None, None, None)

@@ -29,6 +29,14 @@ def native_bf16(monkeypatch):
     monkeypatch.setattr(cpu_attention, "native_bf16", lambda: True)
 
 
+@pytest.fixture(params=[True, False], ids=["amx", "no-amx"])
+def either_host(request, native_bf16, monkeypatch):
+    """Both hosts' kernels on every host: with AMX tiles the forward is SDPA's flash kernel and the score GEMMs plain
+    fp32; without, the blocked forward and oneDNN's bf16 mode (cpu_attention.amx_tiles). Either runs anywhere."""
+    monkeypatch.setattr(cpu_attention, "amx_tiles", lambda: request.param)
+    return request.param
+
+
 def _qkv(B: int, H: int, n_kv: int, T: int, S: int, hd: int, hd_v: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     q = (torch.randn(B, H, T, hd, generator=g) * 1.5).bfloat16().requires_grad_()
@@ -73,7 +81,7 @@ KERNEL_CASES = {
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES)
-def test_kernel_as_close_to_float64_as_sdpa(case, native_bf16):
+def test_kernel_as_close_to_float64_as_sdpa(case, either_host):
     """Output and gradients no further from float64 than SDPA's bf16 flash kernel is (1.5x + a bf16 ulp's worth:
     both round to bf16 at the same places); a wrong mask, scale or head grouping misses by O(1)."""
     B, H, n_kv, T, start, null, hd, hd_v, scale = KERNEL_CASES[case]
@@ -95,7 +103,7 @@ def test_kernel_as_close_to_float64_as_sdpa(case, native_bf16):
 
 
 @pytest.mark.parametrize("attn,option", CASES)
-def test_model_as_close_to_float64_as_sdpa_every_variant(attn, option, native_bf16, monkeypatch):
+def test_model_as_close_to_float64_as_sdpa_every_variant(attn, option, either_host, monkeypatch):
     """The trainer's forward + backward (bf16 autocast) with the CPU path is as close to the same model in float64
     as with SDPA (logits and every parameter's gradient), for every registered variant and option; the path did
     run in that model, once per layer."""
@@ -127,7 +135,7 @@ def test_model_as_close_to_float64_as_sdpa_every_variant(attn, option, native_bf
             assert got <= 3 * base + 1e-2, f"{name}: {got:.2e} vs SDPA {base:.2e}"
 
 
-def test_mask_offset_would_be_caught(native_bf16):
+def test_mask_offset_would_be_caught(either_host):
     """The kernel test's tolerance is not loose: attending one key further (an off-by-one mask) misses it."""
     q, k, v = _qkv(2, 4, 4, 128, 128, 32, 32)
     mask = torch.ones(128, 128, dtype=torch.bool).tril()
@@ -138,13 +146,42 @@ def test_mask_offset_would_be_caught(native_bf16):
     assert _rel(right, ref_y) < 1e-2 < _rel(wrong, ref_y)
 
 
-def test_saves_no_score_matrix(native_bf16):
+def test_saves_no_score_matrix(either_host):
     """Memory like flash attention's: what backward keeps is q, k, v (no T x S probabilities)."""
     q, k, v = _qkv(2, 4, 4, 128, 128, 32, 32)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         causal_attention_cpu(q, k, v, None, None)
     assert saved and all(math.prod(s) <= q.numel() for s in saved), saved
+
+
+@pytest.mark.parametrize("case", ["mha, 2 query blocks", "gqa 2 of 4, 2 blocks", "null slot, 2 blocks",
+                                  "kv cache chunk"])
+def test_amx_forward_is_sdpa_bit_for_bit_and_elsewhere_no_flash(case, native_bf16, monkeypatch):
+    """The kernel choice per host (amx_tiles): with AMX the forward is SDPA's own output, bit for bit (what the model
+    computed before this path existed), and its backward is the blocks' (no flash backward op runs); without AMX the
+    forward runs no flash kernel at all (the blocks: faster there)."""
+    B, H, n_kv, T, start, null, hd, hd_v, scale = KERNEL_CASES[case]
+    q, k, v = _qkv(B, H, n_kv, T, start + T + (1 if null else 0), hd, hd_v)
+    mask = None if start == 0 and not null else attention.causal_mask(T, start + T, start, torch.device("cpu"),
+                                                                        null_slot=null)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                          enable_gqa=n_kv != H)
+    for amx in (True, False):
+        monkeypatch.setattr(cpu_attention, "amx_tiles", lambda amx=amx: amx)
+        with _Recorder() as rec:
+            got = causal_attention_cpu(q, k, v, mask, scale)
+            got.backward(torch.ones_like(got))
+        flash = [op for op in rec.ops if "flash" in op]
+        assert not any("backward" in op for op in flash), flash
+        assert q.grad is not None and k.grad is not None and v.grad is not None
+        for t in (q, k, v):
+            t.grad = None
+        if amx:
+            assert flash and torch.equal(got, want)
+        else:
+            assert not flash and not torch.equal(got, want)  # the blocks round differently: truly the other path
+            torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
 class _Recorder(TorchDispatchMode):
@@ -180,3 +217,15 @@ def test_fake_tensors_and_dispatch_modes_keep_sdpa(native_bf16):
         model(idx)
     assert any("flash_attention" in op for op in rec.ops)
     assert not any("bmm" in op for op in rec.ops)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_score_gemms_use_onednn_bf16_mode_only_without_amx(amx, monkeypatch):
+    """Without AMX the fp32 score GEMMs run in oneDNN's bf16 mode (~3x plain fp32 there); with AMX plain fp32, which
+    is faster there (the mode converts the operands per call). Either way the setting is restored after."""
+    monkeypatch.setattr(cpu_attention, "amx_tiles", lambda: amx)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with cpu_attention._exact_bf16_products():
+        inside = torch.backends.mkldnn.matmul.fp32_precision
+    assert inside == (before if amx else "bf16")
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
