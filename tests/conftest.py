@@ -220,6 +220,29 @@ def trainers_in_process(monkeypatch) -> None:
     monkeypatch.setattr(launch, "run_trainer", lambda command: cli_exit(main, command[2:]))
 
 
+@pytest.fixture
+def untraced_plan_memory(monkeypatch) -> None:
+    """The plan's memory estimates from the model's size instead of a fake-tensor trace (0.3-4 CPU-s each, several
+    per plan): for tests of what a plan decides other than memory, on models that fit their tier by far either way.
+    Nothing is stored in the session's estimate cache. What the estimates are: tests/test_memory.py,
+    test_plan_fit.py, test_shipped_estimates.py; a plan that does not fit: test_launch.py's verdict test."""
+    from model import ModelConfig
+    from pretrain.plan import memory
+    from pretrain.train.config import TrainConfig
+
+    def from_size(model_json: str, cfg_json: str, seq_len: int, work=None) -> memory.MemoryEstimate:
+        mcfg, cfg = ModelConfig.from_dict(json.loads(model_json)), TrainConfig.from_dict(json.loads(cfg_json))
+        n = mcfg.num_params()
+        params = n * (4 if cfg.param_dtype == "fp32" else 2)
+        grads = 0 if work is not None else params
+        optimizer = 8 * n
+        activations = 64 * cfg.batch_size * max(seq_len, 1) * mcfg.d_model * mcfg.n_layer
+        parts = {"params": params, "optimizer": optimizer, "grads": grads, "activations_and_temporaries": activations}
+        return memory.MemoryEstimate(sum(parts.values()), params, grads, optimizer, parts)
+
+    monkeypatch.setattr(memory, "_cached", from_size)
+
+
 # The smallest trainer flags: one layer, no eval between steps; what a test of bad input or a refused resume needs.
 TINY_TRAIN = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "1", "--d-ff", "128",
               "--block-size", "64", "--batch-size", "2", "--train-seq-len", "32", "--val-frac", "0.05",
