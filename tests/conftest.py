@@ -369,8 +369,14 @@ def _trainer_plots_unrendered(request, monkeypatch) -> None:
     still builds every figure from train.jsonl (plots.write_plots runs whole) and writes each file, but does not
     rasterize it. Real PNGs: plots.write_plots called directly (test_track.py), compare's plots, trainers run as a
     process or in a module/session fixture (set up before this fixture), and tests that ask for rendered_plots."""
-    if "rendered_plots" in request.fixturenames:
-        return
+    if "rendered_plots" not in request.fixturenames:
+        plots_unrendered(monkeypatch)
+
+
+def plots_unrendered(monkeypatch) -> None:
+    """In-process trainers build their plots but do not rasterize them (see _trainer_plots_unrendered); for a module
+    or session fixture that trains runs whose PNGs no test looks at: `with pytest.MonkeyPatch.context() as m:
+    plots_unrendered(m)`."""
     plots = sys.modules.get("pretrain.track.plots")
     if plots is None:
         return
