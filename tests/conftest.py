@@ -75,8 +75,8 @@ def pytest_unconfigure(config) -> None:
 # collection order (--dist loadfile: a file's module fixtures are built once), so these go first and the short files
 # fill in the end: a long file started last would run alone while the other worker idles. A file missing here only
 # runs later; nothing depends on the order (only speed: test_gpu_check.py's first compile builds the inductor kernels
-# of COMPILED_SHAPE that test_probe.py's compiled step, a file later on the other worker, and the compiled runs of
-# test_bf16_weight_cache.py and test_compiled_loss.py, at the end, load from the shared cache).
+# of COMPILED_SHAPE that test_probe.py's compiled step, a file later on the other worker, and the compiled run of
+# test_compiled_loss.py, at the end, load from the shared cache).
 RUN_FIRST = ("test_gpu_check.py", "test_plan_fit.py", "test_tier_cards.py", "test_optim8bit.py", "test_chaos.py",
              "test_probe.py", "test_memory.py", "test_plan_fast.py", "test_stop_latency.py",
              "test_demo.py", "test_launch.py", "test_launch_run.py", "test_compare_instruments.py", "test_notebook.py",
@@ -203,7 +203,7 @@ def count_calls(monkeypatch, owner, name: str) -> list:
 
 # The one compiled shape of the suite: the model and first phase of `make gpu-check`'s cpu tier (the tiny preset's
 # decoupled variant, 8 x 128 tokens; tests/test_gpu_check.py), so the other compiled runs (test_probe.py,
-# test_bf16_weight_cache.py, test_compiled_loss.py) load inductor's kernels for it from the session's shared cache
+# test_compiled_loss.py's, with --bf16-weight-cache) load inductor's kernels for it from the session's shared cache
 # instead of building their own (~1 CPU-s of g++ per kernel, ~20 kernels a shape). RUN_FIRST starts test_gpu_check.py
 # first and these files after its first compile.
 COMPILED_SHAPE = ["--size", "tiny", "--attn", "decoupled", "--batch-size", "8", "--train-seq-len", "128"]

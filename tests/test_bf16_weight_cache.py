@@ -1,7 +1,8 @@
 """--bf16-weight-cache (pretrain/train/weight_cache.py): the block weights cast once per optimizer step give the same
 losses and weights as autocast's cast per micro-batch, with and without checkpointing and across a resume; the
 casts really happen once; the flag is refused where there is nothing to cache; the memory estimate counts it and
-the planner turns it on where a step has several micro-batches and memory allows."""
+the planner turns it on where a step has several micro-batches and memory allows. Under --compile (one block graph
+for every step's micro-batches): tests/test_compiled_loss.py's trainer run."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COMPILED_SHAPE, TINY_TRAIN, cli_exit
+from conftest import TINY_TRAIN, cli_exit
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import GPT, ModelConfig
@@ -154,22 +155,3 @@ def test_bench_floor_with_accumulation_times_the_cache(capsys):
     out = capsys.readouterr().out
     assert "2 micro-batches per step" in out
     assert ("  bf16+cache: step " in out) == native_bf16()
-
-
-@pytest.mark.slow
-def test_compiled_blocks_take_the_cast_without_recompiling(byte_data, tmp_path):
-    """--compile: one block graph (plus the loss chunk's) for every step's micro-batches (a forward object made per
-    step recompiled the block each step). Micro-batches of the suite's one compiled shape (conftest.COMPILED_SHAPE),
-    whose inductor kernels the session's shared cache holds (the cast weights' kernels are this test's own)."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "run"
-    argv = [sys.executable, str(root / "train_v29.py"), "--data", str(byte_data), "--out-dir", str(out),
-            *COMPILED_SHAPE, *FAST[FAST.index("--val-frac"):], "--steps", "4", "--grad-accum", "2", "--compile",
-            "--bf16-weight-cache"]
-    done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    end = next(e for e in read_jsonl(out / "train.jsonl") if e["type"] == "end")
-    assert end["compile"] == {"frames": 2, "recompiles": 0, "eager_fallbacks": 0}
