@@ -2,7 +2,8 @@
 losses and weights as autocast's cast per micro-batch, with and without checkpointing and across a resume; the
 casts really happen once; the flag is refused where there is nothing to cache; the memory estimate counts it and
 the planner turns it on where a step has several micro-batches and memory allows. Under --compile (one block graph
-for every step's micro-batches): tests/test_compiled_loss.py's trainer run."""
+for every step's micro-batches): tests/test_compiled_loss.py's trainer run; bench/train_step.py --floor --grad-accum
+timing it beside plain bf16: tests/test_bench_ref.py."""
 
 from __future__ import annotations
 
@@ -143,15 +144,3 @@ def test_planner_turns_it_on_with_accumulation_and_a_flag_keeps_it_off(tmp_path)
     assert str(plan.resolved.sources["bf16_weight_cache"]).startswith("derived: on")
     _, plan = plan_from_argv([*args, "--no-bf16-weight-cache"], gpu=None)
     assert not plan.cfg.bf16_weight_cache and "--bf16-weight-cache" not in plan.command
-
-
-def test_bench_floor_with_accumulation_times_the_cache(capsys):
-    """bench/train_step.py --floor --grad-accum 2 prints the bf16 step with the trainer's cache beside plain bf16."""
-    from bench import train_step
-    from bench.gemm_floor import native_bf16
-
-    assert train_step.main(["--presets", "tiny", "--floor", "--iters", "1", "--tiny-batch", "1", "--seq-len", "16",
-                            "--threads", "1", "--grad-accum", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "2 micro-batches per step" in out
-    assert ("  bf16+cache: step " in out) == native_bf16()
