@@ -368,7 +368,8 @@ def _trainer_plots_unrendered(request, monkeypatch) -> None:
     matplotlib's layout and rasterizing, in every in-process trainer run of the suite. Here an in-process trainer
     still builds every figure from train.jsonl (plots.write_plots runs whole) and writes each file, but does not
     rasterize it. Real PNGs: plots.write_plots called directly (test_track.py), compare's plots, trainers run as a
-    process or in a module/session fixture (set up before this fixture), and tests that ask for rendered_plots."""
+    process or in a module/session fixture (set up before this fixture) unless it calls plots_unrendered, and tests
+    that ask for rendered_plots."""
     if "rendered_plots" not in request.fixturenames:
         plots_unrendered(monkeypatch)
 
