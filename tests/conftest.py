@@ -75,8 +75,8 @@ def pytest_unconfigure(config) -> None:
 # collection order (--dist loadfile: a file's module fixtures are built once), so these go first and the short files
 # fill in the end: a long file started last would run alone while the other worker idles. A file missing here only
 # runs later; nothing depends on the order (only speed: test_gpu_check.py's first compile builds the inductor kernels
-# of COMPILED_SHAPE that test_probe.py's compiled step, a file later on the other worker, and the compiled runs of
-# test_bf16_weight_cache.py and test_compiled_loss.py, at the end, load from the shared cache).
+# of COMPILED_SHAPE that test_probe.py's compiled step, a file later on the other worker, and the compiled run of
+# test_compiled_loss.py, at the end, load from the shared cache).
 RUN_FIRST = ("test_gpu_check.py", "test_plan_fit.py", "test_tier_cards.py", "test_optim8bit.py", "test_chaos.py",
              "test_probe.py", "test_memory.py", "test_plan_fast.py", "test_stop_latency.py",
              "test_demo.py", "test_launch.py", "test_launch_run.py", "test_compare_instruments.py", "test_notebook.py",
@@ -203,7 +203,7 @@ def count_calls(monkeypatch, owner, name: str) -> list:
 
 # The one compiled shape of the suite: the model and first phase of `make gpu-check`'s cpu tier (the tiny preset's
 # decoupled variant, 8 x 128 tokens; tests/test_gpu_check.py), so the other compiled runs (test_probe.py,
-# test_bf16_weight_cache.py, test_compiled_loss.py) load inductor's kernels for it from the session's shared cache
+# test_compiled_loss.py's, with --bf16-weight-cache) load inductor's kernels for it from the session's shared cache
 # instead of building their own (~1 CPU-s of g++ per kernel, ~20 kernels a shape). RUN_FIRST starts test_gpu_check.py
 # first and these files after its first compile.
 COMPILED_SHAPE = ["--size", "tiny", "--attn", "decoupled", "--batch-size", "8", "--train-seq-len", "128"]
@@ -218,6 +218,29 @@ def trainers_in_process(monkeypatch) -> None:
     from pretrain.train.loop import main
 
     monkeypatch.setattr(launch, "run_trainer", lambda command: cli_exit(main, command[2:]))
+
+
+@pytest.fixture
+def untraced_plan_memory(monkeypatch) -> None:
+    """The plan's memory estimates from the model's size instead of a fake-tensor trace (0.3-4 CPU-s each, several
+    per plan): for tests of what a plan decides other than memory, on models that fit their tier by far either way.
+    Nothing is stored in the session's estimate cache. What the estimates are: tests/test_memory.py,
+    test_plan_fit.py, test_shipped_estimates.py; a plan that does not fit: test_launch.py's verdict test."""
+    from model import ModelConfig
+    from pretrain.plan import memory
+    from pretrain.train.config import TrainConfig
+
+    def from_size(model_json: str, cfg_json: str, seq_len: int, work=None) -> memory.MemoryEstimate:
+        mcfg, cfg = ModelConfig.from_dict(json.loads(model_json)), TrainConfig.from_dict(json.loads(cfg_json))
+        n = mcfg.num_params()
+        params = n * (4 if cfg.param_dtype == "fp32" else 2)
+        grads = 0 if work is not None else params
+        optimizer = 8 * n
+        activations = 64 * cfg.batch_size * max(seq_len, 1) * mcfg.d_model * mcfg.n_layer
+        parts = {"params": params, "optimizer": optimizer, "grads": grads, "activations_and_temporaries": activations}
+        return memory.MemoryEstimate(sum(parts.values()), params, grads, optimizer, parts)
+
+    monkeypatch.setattr(memory, "_cached", from_size)
 
 
 # The smallest trainer flags: one layer, no eval between steps; what a test of bad input or a refused resume needs.
@@ -345,9 +368,16 @@ def _trainer_plots_unrendered(request, monkeypatch) -> None:
     matplotlib's layout and rasterizing, in every in-process trainer run of the suite. Here an in-process trainer
     still builds every figure from train.jsonl (plots.write_plots runs whole) and writes each file, but does not
     rasterize it. Real PNGs: plots.write_plots called directly (test_track.py), compare's plots, trainers run as a
-    process or in a module/session fixture (set up before this fixture), and tests that ask for rendered_plots."""
-    if "rendered_plots" in request.fixturenames:
-        return
+    process or in a module/session fixture (set up before this fixture) unless it calls plots_unrendered, and tests
+    that ask for rendered_plots."""
+    if "rendered_plots" not in request.fixturenames:
+        plots_unrendered(monkeypatch)
+
+
+def plots_unrendered(monkeypatch) -> None:
+    """In-process trainers build their plots but do not rasterize them (see _trainer_plots_unrendered); for a module
+    or session fixture that trains runs whose PNGs no test looks at: `with pytest.MonkeyPatch.context() as m:
+    plots_unrendered(m)`."""
     plots = sys.modules.get("pretrain.track.plots")
     if plots is None:
         return

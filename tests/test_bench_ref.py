@@ -1,5 +1,6 @@
 """bench/train_step.py --floor --ref: another checkout's step timed with this bench, alternating processes, and the
-medians side by side (the before/after of issue 23.1 in one run); page faults and tok/s per precision."""
+medians side by side (the before/after of issue 23.1 in one run); page faults and tok/s per precision; with
+--grad-accum, bf16 with --bf16-weight-cache beside plain bf16."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 from conftest import ROOT
 
 from bench import train_step
+from bench.gemm_floor import native_bf16
 
 
 def test_ref_times_both_checkouts_and_prints_the_summary(tmp_path, capsys):
@@ -17,8 +19,12 @@ def test_ref_times_both_checkouts_and_prints_the_summary(tmp_path, capsys):
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(ref)], input=archive, check=True)
     assert train_step.main(["--presets", "tiny", "--floor", "--iters", "1", "--tiny-batch", "1", "--seq-len", "16",
-                            "--threads", "1", "--ref", str(ref)]) == 0
+                            "--threads", "1", "--grad-accum", "2", "--ref", str(ref)]) == 0
     out = capsys.readouterr().out
+    # With accumulation, the bf16 step with the trainer's weight cache is timed beside plain bf16 (where bf16 is
+    # native), for both checkouts.
+    assert out.count("2 micro-batches per step") >= 2
+    assert (out.count("  bf16+cache: step ") >= 2) == native_bf16()
     assert f"[ref: {ref}]" in out and "[this: this checkout]" in out
     assert "summary over 1 alternating rounds (medians), host ISA:" in out
     assert out.count("  ref  fp32") == 1 and out.count("  this fp32") == 1

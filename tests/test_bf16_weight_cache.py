@@ -1,7 +1,9 @@
 """--bf16-weight-cache (pretrain/train/weight_cache.py): the block weights cast once per optimizer step give the same
 losses and weights as autocast's cast per micro-batch, with and without checkpointing and across a resume; the
 casts really happen once; the flag is refused where there is nothing to cache; the memory estimate counts it and
-the planner turns it on where a step has several micro-batches and memory allows."""
+the planner turns it on where a step has several micro-batches and memory allows. Under --compile (one block graph
+for every step's micro-batches): tests/test_compiled_loss.py's trainer run; bench/train_step.py --floor --grad-accum
+timing it beside plain bf16: tests/test_bench_ref.py."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COMPILED_SHAPE, TINY_TRAIN, cli_exit
+from conftest import TINY_TRAIN, cli_exit
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import GPT, ModelConfig
@@ -142,34 +144,3 @@ def test_planner_turns_it_on_with_accumulation_and_a_flag_keeps_it_off(tmp_path)
     assert str(plan.resolved.sources["bf16_weight_cache"]).startswith("derived: on")
     _, plan = plan_from_argv([*args, "--no-bf16-weight-cache"], gpu=None)
     assert not plan.cfg.bf16_weight_cache and "--bf16-weight-cache" not in plan.command
-
-
-def test_bench_floor_with_accumulation_times_the_cache(capsys):
-    """bench/train_step.py --floor --grad-accum 2 prints the bf16 step with the trainer's cache beside plain bf16."""
-    from bench import train_step
-    from bench.gemm_floor import native_bf16
-
-    assert train_step.main(["--presets", "tiny", "--floor", "--iters", "1", "--tiny-batch", "1", "--seq-len", "16",
-                            "--threads", "1", "--grad-accum", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "2 micro-batches per step" in out
-    assert ("  bf16+cache: step " in out) == native_bf16()
-
-
-@pytest.mark.slow
-def test_compiled_blocks_take_the_cast_without_recompiling(byte_data, tmp_path):
-    """--compile: one block graph (plus the loss chunk's) for every step's micro-batches (a forward object made per
-    step recompiled the block each step). Micro-batches of the suite's one compiled shape (conftest.COMPILED_SHAPE),
-    whose inductor kernels the session's shared cache holds (the cast weights' kernels are this test's own)."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "run"
-    argv = [sys.executable, str(root / "train_v29.py"), "--data", str(byte_data), "--out-dir", str(out),
-            *COMPILED_SHAPE, *FAST[FAST.index("--val-frac"):], "--steps", "4", "--grad-accum", "2", "--compile",
-            "--bf16-weight-cache"]
-    done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    end = next(e for e in read_jsonl(out / "train.jsonl") if e["type"] == "end")
-    assert end["compile"] == {"frames": 2, "recompiles": 0, "eager_fallbacks": 0}

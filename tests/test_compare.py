@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import plots_unrendered
 from test_train import FAST
 
 from pretrain.errors import run_cli
@@ -22,10 +23,12 @@ def runs(byte_data, tmp_path_factory) -> dict[str, Path]:
     """A baseline run with --tb and a GQA run, 6 steps each, evals at 0, 3 and 6."""
     root = tmp_path_factory.mktemp("runs")
     variants = {"base": ["--tb"], "gqa": ["--attn", "gqa", "--n-kv-head", "2"]}
-    for name, flags in variants.items():
-        cfg = parse_config(["--data", str(byte_data), "--out-dir", str(root / name), *FAST, "--steps", "6",
-                            "--eval-every", "3", "--save-every", "0", *flags])
-        train(cfg)
+    with pytest.MonkeyPatch.context() as m:
+        plots_unrendered(m)  # compare draws its own plots from train.jsonl
+        for name, flags in variants.items():
+            cfg = parse_config(["--data", str(byte_data), "--out-dir", str(root / name), *FAST, "--steps", "6",
+                                "--eval-every", "3", "--save-every", "0", *flags])
+            train(cfg)
     return {name: root / name for name in variants}
 
 

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import plots_unrendered
 from test_train import FAST
 
 from pretrain.plan import launch
@@ -24,13 +25,15 @@ def _train(data: Path, out: Path, *flags: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(byte_data, made_bytes, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("footing")
-    return {
-        "base": _train(byte_data, root / "base", "--steps", "6"),
-        "gqa-short": _train(byte_data, root / "gqa-short", "--steps", "3", "--attn", "gqa", "--n-kv-head", "2"),
-        "gqa-other-text": _train(made_bytes, root / "gqa-other-text", "--steps", "6", "--attn", "gqa",
-                                 "--n-kv-head", "2"),
-        "base-seed2": _train(byte_data, root / "base-seed2", "--steps", "6", "--seed", "2"),
-    }
+    with pytest.MonkeyPatch.context() as m:
+        plots_unrendered(m)  # compare reads train.jsonl, not the runs' PNGs
+        return {
+            "base": _train(byte_data, root / "base", "--steps", "6"),
+            "gqa-short": _train(byte_data, root / "gqa-short", "--steps", "3", "--attn", "gqa", "--n-kv-head", "2"),
+            "gqa-other-text": _train(made_bytes, root / "gqa-other-text", "--steps", "6", "--attn", "gqa",
+                                     "--n-kv-head", "2"),
+            "base-seed2": _train(byte_data, root / "base-seed2", "--steps", "6", "--seed", "2"),
+        }
 
 
 def _compare(capsys, *runs: Path) -> tuple[list[str], str]:
@@ -73,7 +76,7 @@ def test_equal_footing_is_ranked_with_its_noise_said(runs, capsys):
     assert len(_marked(table.splitlines())) == 1
 
 
-def test_launcher_default_budget_is_the_same_for_every_variant():
+def test_launcher_default_budget_is_the_same_for_every_variant(untraced_plan_memory):
     """With no --target-tokens, a variant with fewer parameters is not given fewer tokens (tiny with a 32-wide
     bottleneck: 3.31M vs the baseline's 3.33M parameters)."""
     plans = {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import trainers_in_process
+from conftest import plots_unrendered, trainers_in_process
 
 from model.variants import ATTENTION_VARIANTS
 from pretrain.errors import run_cli
@@ -33,10 +33,11 @@ def runs(made_bytes, tmp_path_factory):
     root = tmp_path_factory.mktemp("cmp") / "runs"
     with pytest.MonkeyPatch.context() as m:
         trainers_in_process(m)
+        plots_unrendered(m)  # compare draws its own plots from train.jsonl
         assert _launch("--data", str(made_bytes), *SMALL, "--seeds", "2", "--seed", "5", "--run-root", str(root),
                        "--run") == 0
-    gqa = ["--attn", "gqa", "--n-kv-head", "1", "--out-dir", str(root / "tiny-gqa_kv1"), "--data", str(made_bytes)]
-    assert train_main([*gqa, *SMALL[2:], "--device", "cpu"]) == 0
+        gqa = ["--attn", "gqa", "--n-kv-head", "1", "--out-dir", str(root / "tiny-gqa_kv1"), "--data", str(made_bytes)]
+        assert train_main([*gqa, *SMALL[2:], "--device", "cpu"]) == 0
     return root
 
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import plots_unrendered
 from test_kv_quant import SMALL
 
 from pretrain.track.compare import main as compare_main
@@ -18,9 +19,11 @@ from pretrain.train.loop import main as train_main
 def seed_pair(made_bytes, tmp_path_factory) -> Path:
     """Two seeds of one tiny baseline, measured with bf16, q8_0 and q4_0 caches."""
     root = tmp_path_factory.mktemp("demo") / "runs"
-    for seed in ("1", "2"):
-        assert train_main(["--data", str(made_bytes), "--out-dir", str(root / f"base-s{seed}"), "--seed", seed,
-                           *SMALL, "--eval-seq-lens", "16,32"]) == 0
+    with pytest.MonkeyPatch.context() as m:
+        plots_unrendered(m)  # compare measures the checkpoints and reads train.jsonl
+        for seed in ("1", "2"):
+            assert train_main(["--data", str(made_bytes), "--out-dir", str(root / f"base-s{seed}"), "--seed", seed,
+                               *SMALL, "--eval-seq-lens", "16,32"]) == 0
     return root
 
 

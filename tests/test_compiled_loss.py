@@ -55,7 +55,10 @@ def test_compiled_chunks_equal_eager_with_one_graph(monkeypatch):
     fresh_dynamo()
 
 
-def test_trainer_compiles_the_loss_chunk_once(monkeypatch, byte_data, tmp_path):
+def test_trainer_compiles_the_loss_chunk_and_the_cast_blocks_once(monkeypatch, byte_data, tmp_path):
+    """Also the compiled run of --bf16-weight-cache (tests/test_bf16_weight_cache.py): one block graph for every
+    step's micro-batches takes the weights cast once per step (a forward object made per step recompiled the block
+    each step); the eager run beside it casts the same way. Plain weights compiled: tests/test_gpu_check.py."""
     calls = []
     real = gpt.compiled_chunk_loop
     monkeypatch.setattr(gpt, "compiled_chunk_loop", lambda hh, *a: calls.append(hh.shape[0]) or real(hh, *a))
@@ -69,16 +72,16 @@ def test_trainer_compiles_the_loss_chunk_once(monkeypatch, byte_data, tmp_path):
     fresh_dynamo()
     out = tmp_path / "run"
     assert train_main([*TINY, "--data", str(byte_data), "--out-dir", str(out), "--steps", "3", "--grad-accum", "2",
-                       "--compile"]) == 0
+                       "--compile", "--bf16-weight-cache"]) == 0
     fresh_dynamo()
     assert calls == [1024] * 6  # every training micro-batch; the evals (run eagerly) use the eager loss
     events = read_jsonl(out / "train.jsonl")
-    # The block's graph and the loss chunk's: no recompile over 3 steps x 2 micro-batches x 3 chunks.
+    # The block's graph and the loss chunk's: no recompile over 3 steps x 2 micro-batches x 3 chunks, nor per step.
     assert next(e for e in events if e["type"] == "end")["compile"] == {"frames": 2, "recompiles": 0,
                                                                         "eager_fallbacks": 0}
     eager = tmp_path / "eager"
     assert train_main([*TINY, "--data", str(byte_data), "--out-dir", str(eager), "--steps", "3",
-                       "--grad-accum", "2"]) == 0
+                       "--grad-accum", "2", "--bf16-weight-cache"]) == 0
     losses = [[e["loss"] for e in read_jsonl(d / "train.jsonl") if e["type"] == "train"] for d in (out, eager)]
     assert len(losses[0]) == 3
     torch.testing.assert_close(losses[0], losses[1], atol=1e-4, rtol=1e-4)

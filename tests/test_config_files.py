@@ -86,7 +86,7 @@ def test_a_missing_file_is_one_line(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
-def test_launcher_print_config_round_trips_the_plan(tmp_path, capsys, monkeypatch):
+def test_launcher_print_config_round_trips_the_plan(tmp_path, capsys, monkeypatch, untraced_plan_memory):
     monkeypatch.chdir(tmp_path)
     args = ["--vram", "24", "--size", "tiny", "--target-tokens", "1M", "--variant", "gqa", "--tag", "t1",
             "--lr", "4e-4", "--json"]

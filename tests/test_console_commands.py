@@ -9,8 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, cli_exit
 
+from pretrain import invocation
 from pretrain.plan import launch
 
 SMALL = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--n-layer", "1", "--d-ff", "64", "--block-size", "32",
@@ -38,16 +39,20 @@ def test_usage_and_error_lines_name_the_console_command(tmp_path):
     assert proc.returncode == 2 and "see pretrain-train --help" in proc.stderr, proc.stderr
 
 
-def test_the_launchers_printed_command_runs_where_the_user_is(tmp_path, byte_data):
-    launcher = ["pretrain-launch", "--vram", "cpu", "--data", str(byte_data), "--val-frac", "0.05", *SMALL]
-    proc = console("launch", [*launcher, "--json"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    command = json.loads(proc.stdout)["command"]
+def test_the_launchers_printed_command_runs_where_the_user_is(tmp_path, byte_data, monkeypatch, capsys):
+    """The launcher and the trainer started as console scripts, their mains in this process (what a console script
+    sets before its main runs, and its usage lines and exit code as a process: the test above)."""
+    from pretrain.train.loop import main as train_main  # what pretrain.train.entry runs (after host settings)
+
+    monkeypatch.setattr(invocation, "_started", [invocation.CONSOLE])  # what pretrain.commands sets first
+    monkeypatch.chdir(tmp_path)
+    launcher = ["--vram", "cpu", "--data", str(byte_data), "--val-frac", "0.05", *SMALL]
+    assert cli_exit(launch.main, [*launcher, "--json"]) == 0
+    command = json.loads(capsys.readouterr().out)["command"]
     assert command[0] == "pretrain-train" and "train_v29.py" not in command, command
 
     # Pasted where the user is (no train_v29.py here), the command trains; its log records it as typed.
-    ran = console("train", command, tmp_path)
-    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert cli_exit(train_main, command[1:]) == 0, capsys.readouterr().err[-2000:]
     meta = json.loads((tmp_path / "runs" / "tiny-baseline" / "train.jsonl").read_text().splitlines()[0])
     assert meta["type"] == "meta" and meta["command"].startswith("pretrain-train --size tiny"), meta["command"]
 

@@ -34,7 +34,7 @@ def test_causal_flops_are_the_model_flops_minus_the_masked_pairs_counted_by_hand
     assert cfg.flops_per_token(T) == pytest.approx(6 * linear + 6 * cfg.n_layer * width * full_pairs / T, rel=1e-12)
 
 
-def test_plan_shows_both_figures_and_times_with_model_flops(tmp_path, capsys):
+def test_plan_shows_both_figures_and_times_with_model_flops(tmp_path, capsys, untraced_plan_memory):
     argv = ["--vram", "80", *SMALL, "--run-root", str(tmp_path)]
     assert launch.main([*argv, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -42,7 +42,7 @@ def test_planned_tokens_and_minimal_steps_match_brute_force():
         assert brute_tokens(points, n, seqs) >= target > brute_tokens(points, n - 1, seqs)
 
 
-def test_target_tokens_gives_the_fewest_steps_under_the_tier_schedule(tmp_path):
+def test_target_tokens_gives_the_fewest_steps_under_the_tier_schedule(tmp_path, untraced_plan_memory):
     p = plan("--vram", "24", "--target-tokens", "10B", "--size", "tiny", gpu=None, tmp=tmp_path)
     seqs = p.resolved.sequences_per_step
     assert seqs == GLOBAL_BATCH and len(p.phases) == 3  # 64@0,128@500,256@1500 for tiny's block 256
@@ -70,7 +70,7 @@ def test_auto_without_gpu_is_cpu_and_small_cards_are_refused():
         select_tier("12", None)
 
 
-def test_explicit_flags_beat_the_tier_and_sources_say_where_values_came_from(tmp_path):
+def test_explicit_flags_beat_the_tier_and_sources_say_where_values_came_from(tmp_path, untraced_plan_memory):
     p = plan("--vram", "24", "--size", "tiny", "--batch-size", "2", "--no-compile", "--steps", "9", gpu=None,
              tmp=tmp_path)
     src, cfg = p.resolved.sources, p.cfg
@@ -87,7 +87,7 @@ def test_explicit_flags_beat_the_tier_and_sources_say_where_values_came_from(tmp
     assert q.resolved.sources["batch_size"] == "tier 24"
 
 
-def test_gpu_tiers_keep_tokens_per_step_and_gpus_without_bf16_get_fp16(tmp_path):
+def test_gpu_tiers_keep_tokens_per_step_and_gpus_without_bf16_get_fp16(tmp_path, untraced_plan_memory):
     per_step = {name: plan("--vram", name, "--size", "tiny", "--steps", "10", gpu=None, tmp=tmp_path)
                 .phases[-1].tokens_per_step for name in TIERS if name != "cpu"}
     assert len(set(per_step.values())) == 1, per_step
@@ -107,7 +107,7 @@ def test_gpu_tiers_keep_tokens_per_step_and_gpus_without_bf16_get_fp16(tmp_path)
     ["--vram", "80", "--size", "tiny", "--variant", "bottleneck", "--steps", "7", "--nproc", "2", "--optimizer",
      "lion"],
 ])
-def test_printed_command_parses_back_to_the_planned_config(argv, tmp_path):
+def test_printed_command_parses_back_to_the_planned_config(argv, tmp_path, untraced_plan_memory):
     p = plan(*argv, gpu=None, tmp=tmp_path)
     cmd = p.command
     args = cmd[2:] if cmd[0] == "python" else cmd[5:]
@@ -120,7 +120,7 @@ def test_printed_command_parses_back_to_the_planned_config(argv, tmp_path):
         assert p.phases[-1].tokens_per_step == p.cfg.batch_size * p.cfg.grad_accum * 2 * p.phases[-1].seq_len
 
 
-def test_json_has_the_contract_keys(tmp_path, capsys):
+def test_json_has_the_contract_keys(tmp_path, capsys, untraced_plan_memory):
     assert launch.main(["--vram", "cpu", "--json", "--run-root", str(tmp_path)]) == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("params", "steps", "planned_tokens", "tokens_per_step", "phases", "command"):
@@ -153,7 +153,7 @@ def _fake_run(d, cfg, ckpt=True, end_step=None):
         (d / "last.pt").write_bytes(b"x")
 
 
-def test_run_dir_resume_suffix_skip_error_overwrite_and_complete(tmp_path, byte_data):
+def test_run_dir_resume_suffix_skip_error_overwrite_and_complete(tmp_path, byte_data, untraced_plan_memory):
     base = ["--vram", "cpu", "--steps", "20", *SMALL, "--data", str(byte_data), "--val-frac", "0.05"]
     first = plan(*base, gpu=None, tmp=tmp_path)
     d = tmp_path / "tiny-baseline"
@@ -182,7 +182,7 @@ def test_run_dir_resume_suffix_skip_error_overwrite_and_complete(tmp_path, byte_
     assert launch.main([*base, "--run-root", str(tmp_path / "c"), "--run"]) == 0  # nothing to do, no trainer
 
 
-def test_resume_keeps_the_runs_tier_choices(tmp_path):
+def test_resume_keeps_the_runs_tier_choices(tmp_path, untraced_plan_memory):
     """A run started with another micro-batch split (e.g. on another GPU) is continued with its own values."""
     base = ["--vram", "cpu", "--steps", "20", *SMALL]
     first = plan(*base, gpu=None, tmp=tmp_path)
@@ -239,7 +239,7 @@ def test_run_trainer_uses_this_python_and_torchrun_module_and_returns_the_exit_c
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_cpu_tier_autocasts_only_where_the_cpu_has_native_bf16(fast, monkeypatch, tmp_path):
+def test_cpu_tier_autocasts_only_where_the_cpu_has_native_bf16(fast, monkeypatch, tmp_path, untraced_plan_memory):
     """Emulated bf16 (AVX2-only CPUs) is several times slower than fp32: the cpu tier trains in fp32 there,
     and says why; a flag still wins."""
     from pretrain.plan import resolve

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import plots_unrendered
 
 from pretrain.data.dataset import open_dataset
 from pretrain.data.loader import ValWindows
@@ -31,8 +32,10 @@ LENGTHS = [16, 32, 128]  # 128: past the block, RoPE extrapolation
 @pytest.fixture(scope="module")
 def run(byte_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lengths") / "r"
-    train(parse_config(["--data", str(byte_data), "--out-dir", str(out), *TINY,
-                        "--eval-seq-lens", ",".join(map(str, LENGTHS))]))
+    with pytest.MonkeyPatch.context() as m:
+        plots_unrendered(m)  # read here: train.jsonl and the checkpoint
+        train(parse_config(["--data", str(byte_data), "--out-dir", str(out), *TINY,
+                            "--eval-seq-lens", ",".join(map(str, LENGTHS))]))
     return out
 
 

@@ -25,7 +25,7 @@ def _plan(variant: str):
     return plan
 
 
-def test_paper_baseline_and_paper_decoupled_differ_only_in_attention():
+def test_paper_baseline_and_paper_decoupled_differ_only_in_attention(untraced_plan_memory):
     base, dec = _plan("paper_baseline"), _plan("paper_decoupled")
     a, b = dataclasses.asdict(base.cfg), dataclasses.asdict(dec.cfg)
     differ = {k for k in a if a[k] != b[k]}

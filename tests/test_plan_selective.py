@@ -122,7 +122,7 @@ def test_trainer_refuses_policy_without_checkpointing(byte_data, tmp_path, capsy
 
 
 @pytest.mark.parametrize("vram", ["80", "24"])  # 24: the tier's checkpointing is the planner's, it may turn it off
-def test_launcher_refuses_policy_without_checkpointing(vram, tmp_path, capsys):
+def test_launcher_refuses_policy_without_checkpointing(vram, tmp_path, capsys, untraced_plan_memory):
     argv = ["--vram", vram, "--size", "tiny", "--steps", "2", "--run-root", str(tmp_path / "runs"),
             "--checkpoint-policy", "selective"]
     assert run_cli(launch.main, argv) == 2

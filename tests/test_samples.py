@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import cli_exit
+from conftest import cli_exit, plots_unrendered
 from test_train import FAST
 from wandb_records import read_wandb_history
 
@@ -20,8 +20,10 @@ def sampled_run(made_bytes, tmp_path_factory):
     out = tmp_path_factory.mktemp("samples") / "run"
     prompts = out.parent / "prompts.txt"
     prompts.write_text("In the beginning\n\nAnd God said\n")
-    assert _train(made_bytes, out, "--steps", "4", "--sample-every", "2", "--sample-prompts", str(prompts),
-                  "--sample-tokens", "12", "--wandb", "--wandb-mode", "offline") == 0
+    with pytest.MonkeyPatch.context() as m:
+        plots_unrendered(m)  # read here: train.jsonl and the .wandb file
+        assert _train(made_bytes, out, "--steps", "4", "--sample-every", "2", "--sample-prompts", str(prompts),
+                      "--sample-tokens", "12", "--wandb", "--wandb-mode", "offline") == 0
     return out
 
 

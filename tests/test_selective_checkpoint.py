@@ -91,7 +91,7 @@ def test_trainer_runs_and_resumes_with_selective_policy(byte_data, tmp_path, cap
     assert all(torch.isfinite(torch.tensor(d["loss"])) for d in lines if d["type"] == "train")
 
 
-def test_plan_shows_the_policy_and_its_factor(tmp_path, capsys):
+def test_plan_shows_the_policy_and_its_factor(tmp_path, capsys, untraced_plan_memory):
     argv = ["--vram", "80", "--size", "tiny", "--grad-checkpoint", "--run-root", str(tmp_path)]
     assert launch.main([*argv, "--checkpoint-policy", "selective", "--json"]) == 0
     est = json.loads(capsys.readouterr().out)["estimate"]

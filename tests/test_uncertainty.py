@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from conftest import plots_unrendered
 from test_train import FAST
 
 from pretrain.evals import downstream
@@ -29,9 +30,11 @@ def _train(data: Path, out: Path, *flags: str) -> Path:
 def grid(byte_data, tmp_path_factory) -> Path:
     """2 variants x 2 seeds, tiny, on CPU."""
     root = tmp_path_factory.mktemp("grid")
-    for variant, flags in (("base", []), ("gqa", ["--attn", "gqa", "--n-kv-head", "2"])):
-        for seed in (1, 2):
-            _train(byte_data, root / f"{variant}-s{seed}", "--seed", str(seed), *flags)
+    with pytest.MonkeyPatch.context() as m:
+        plots_unrendered(m)  # what is read here: train.jsonl, compare's table
+        for variant, flags in (("base", []), ("gqa", ["--attn", "gqa", "--n-kv-head", "2"])):
+            for seed in (1, 2):
+                _train(byte_data, root / f"{variant}-s{seed}", "--seed", str(seed), *flags)
     return root
 
 

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import plots_unrendered
 from wandb_records import iter_wandb_records, read_wandb_history
 
 from pretrain.train.config import parse_config
@@ -70,7 +71,8 @@ def instrumented_run(made_bytes, tmp_path_factory):
     from contextlib import redirect_stderr
 
     err = io.StringIO()
-    with redirect_stderr(err):
+    with redirect_stderr(err), pytest.MonkeyPatch.context() as m:
+        plots_unrendered(m)  # the .wandb file is what is read
         run(made_bytes, out, "--steps", "4", "--eval-every", "2", "--analysis-every", "2", "--eval-seq-lens", "16,32",
             "--sample-every", "2", "--sample-prompts", str(prompts), "--sample-tokens", "4", "--hellaswag",
             str(items), "--downstream-every", "2")
