@@ -58,41 +58,61 @@ def chunk_loss_and_logit_grad_eager_(out_mm: torch.Tensor, t_c: torch.Tensor, vo
         out_mm[:, vocab_size:] = float("-inf")
     valid = t_c != ignore_index
     safe_t = torch.where(valid, t_c, 0).unsqueeze(1)
-    from_target = block_fp32 is not None and out_mm.device.type == "cpu" and not is_fake(out_mm)
-    picked = None if from_target else out_mm.gather(1, safe_t).squeeze(1).float()
-    top = None if from_target else torch.empty((n, 1), dtype=torch.float32, device=out_mm.device)
-    p_row = torch.empty((n, 1), dtype=torch.float32, device=out_mm.device)  # p(target) or max p
     minus_one = -valid.unsqueeze(1).float()
-    exact: list[tuple[int, torch.Tensor]] = []
+    if block_fp32 is not None and out_mm.device.type == "cpu" and not is_fake(out_mm):
+        return _ce_from_target_cpu(out_mm, safe_t, valid, minus_one, want_grad, block_rows, block_fp32), valid
+    picked = out_mm.gather(1, safe_t).squeeze(1).float()
+    top = torch.empty((n, 1), dtype=torch.float32, device=out_mm.device)
+    p_max = torch.empty_like(top)
     for i in range(0, n, block_rows):
         rows = slice(i, i + block_rows)
         m = min(block_rows, n - i)
         blk = out_mm[rows] if block_fp32 is None else block_fp32[:m].copy_(out_mm[rows])
-        if top is not None:
-            torch.amax(blk, -1, True, out=top[rows])
+        torch.amax(blk, -1, True, out=top[rows])
         torch.ops.aten._softmax.out(blk, -1, False, out=blk)  # one kernel: max, exp, sum and scale per row in cache
-        if from_target:
-            torch.gather(blk, 1, safe_t[rows], out=p_row[rows])
-            exact += _underflowed(p_row[rows], valid[rows], out_mm, i, safe_t)
-        else:
-            torch.amax(blk, -1, True, out=p_row[rows])
+        torch.amax(blk, -1, True, out=p_max[rows])
         if want_grad:
             blk.scatter_add_(1, safe_t[rows], minus_one[rows])  # - onehot(target), in fp32 before the one rounding
             if block_fp32 is not None:
                 out_mm[rows].copy_(blk)
-    if not from_target:
-        return (((top - p_row.log()).squeeze(1) - picked) * valid).sum(), valid
-    ce = torch.where(valid, p_row.squeeze(1).log().neg_(), 0.0)  # ignored rows' p may be 0: where, not * valid
+    lse = (top - p_max.log()).squeeze(1)
+    return ((lse - picked) * valid).sum(), valid
+
+
+def _ce_from_target_cpu(out_mm: torch.Tensor, safe_t: torch.Tensor, valid: torch.Tensor, minus_one: torch.Tensor,
+                        want_grad: bool, block_rows: int, block_fp32: torch.Tensor) -> torch.Tensor:
+    """chunk_loss_and_logit_grad_eager_'s CPU form: the summed CE as -log p(target), the rare underflowed rows from
+    their logits (see there). The per-block views come from one split each: a block is a few rows (~300 blocks a
+    chunk on one thread), so per-op Python overhead counts."""
+    p_target = torch.empty((out_mm.shape[0], 1), dtype=torch.float32, device=out_mm.device)
+    exact: list[tuple[int, torch.Tensor]] = []
+    first = 0
+    for rows, t_b, minus_b, p_b in zip(out_mm.split(block_rows), safe_t.split(block_rows),
+                                        minus_one.split(block_rows), p_target.split(block_rows), strict=True):
+        blk = block_fp32[:rows.shape[0]].copy_(rows)
+        torch.ops.aten._softmax.out(blk, -1, False, out=blk)  # one kernel: max, exp, sum and scale per row in cache
+        torch.gather(blk, 1, t_b, out=p_b)
+        if p_b.min().item() < TINY:  # before the gradient overwrites these rows' logits
+            exact += _underflowed(p_b, valid[first:first + rows.shape[0]], out_mm, first, safe_t)
+        if want_grad:
+            blk.scatter_add_(1, t_b, minus_b)  # - onehot(target), in fp32 before the one rounding
+            rows.copy_(blk)
+        first += rows.shape[0]
+    ce = torch.where(valid, p_target.squeeze(1).log().neg_(), 0.0)  # ignored rows' p may be 0: where, not * valid
     for r, row_ce in exact:
         ce[r] = row_ce
-    return ce.sum(), valid
+    return ce.sum()
+
+
+# fp32's smallest normal number: a target probability below it has lost precision (or is 0).
+TINY = torch.finfo(torch.float32).tiny
 
 
 def _underflowed(p_target: torch.Tensor, valid: torch.Tensor, logits: torch.Tensor, first: int,
                  safe_t: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """(row, logsumexp - logit of `logits`' row) for the valid rows of a block (rows first.. of `logits`) whose
     target probability is below fp32's smallest normal number."""
-    low = ((p_target.squeeze(1) < torch.finfo(torch.float32).tiny) & valid).nonzero().squeeze(1)
+    low = ((p_target.squeeze(1) < TINY) & valid).nonzero().squeeze(1)
     rows = [] if low.numel() == 0 else (low + first).tolist()
     return [(r, torch.logsumexp(logits[r].float(), 0) - logits[r, safe_t[r, 0]].float()) for r in rows]
 
