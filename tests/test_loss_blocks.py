@@ -1,7 +1,8 @@
 """The chunked loss on CPU (model/loss_eager.py): softmax over blocks of rows in a small fp32 buffer instead of a
-chunk-sized fp32 copy, the same values bit for bit as the whole-chunk form other devices run, held against float64;
-and the LM head's bf16 weight cast and weight-gradient GEMM output written into kept buffers, not new weight-sized
-blocks each step."""
+chunk-sized fp32 copy, the same values bit for bit as one block per chunk, held against float64; the CE from
+p(target) without a max pass (from the logits where p(target) underflows); the weight gradient's GEMM on row-major
+operands; and the LM head's bf16 weight cast and weight-gradient GEMM output written into kept buffers, not new
+weight-sized blocks each step."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def _blocks_of(monkeypatch, rows: int) -> None:
 @pytest.mark.parametrize("amp", [True, False])
 def test_row_blocks_equal_one_block_bit_for_bit(monkeypatch, amp):
     """Blocks of 3 rows per thread (a chunk has 7: several blocks, the last partial) give the values of one block
-    per chunk, and of other devices' path, exactly; the workspace keeps a block-sized fp32 buffer, not a chunk's."""
+    per chunk, and of the path without a workspace (other devices' whole-chunk ops; run here on CPU it takes the CE
+    from p(target) too), exactly; the workspace keeps a block-sized fp32 buffer, not a chunk's."""
     h, w, t = _inputs()
     runs = []
     for rows in (3, 1000):
