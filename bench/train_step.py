@@ -63,6 +63,7 @@ sys.path.insert(0, os.environ.get("BENCH_CODE_ROOT") or str(Path(__file__).resol
 from bench.gemm_floor import gemm_floor, host_isa, native_bf16  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 from pretrain.train import device as dev  # noqa: E402
+from pretrain.train import distributed as dist_lib  # noqa: E402
 from pretrain.train.checkpoint import CheckpointManager  # noqa: E402
 from pretrain.train.config import TrainConfig  # noqa: E402
 from pretrain.train.optim import build_optimizer, step_unless_nonfinite  # noqa: E402
@@ -125,7 +126,7 @@ class Step:
                 with dev.autocast(torch.device("cpu"), self.amp, torch.bfloat16):
                     loss = self.model(self.x, self.y) / self.grad_accum
                 loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        grad_norm = dist_lib.clip_grad_norm(self.model, 1.0, dist_lib.Dist())  # the trainer's (loop.py)
         step_unless_nonfinite(self.optimizer, (~torch.isfinite(grad_norm)).float())
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

@@ -38,16 +38,15 @@ _compiled_chunk: Callable[..., torch.Tensor] | None = None
 
 
 def backprop_chunk(g: torch.Tensor, w: torch.Tensor, h_c: torch.Tensor, grad_h_rows: torch.Tensor | None,
-                   grad_w: torch.Tensor | None, want_w: bool, valid: torch.Tensor | None = None,
-                   w_out: torch.Tensor | None = None) -> torch.Tensor | None:
+                   grad_w: torch.Tensor | None, want_w: bool, valid: torch.Tensor | None = None) -> torch.Tensor | None:
     """From one chunk's logit gradient `g`: write its rows of the hidden states' gradient into `grad_h_rows` and
     return the weight's gradient accumulated in fp32 (without a weight-sized temporary per chunk where the dtypes
     allow it). Shared by the eager loop (model/gpt.py) and the compiled one.
 
     `valid` (rows,): rows whose gradient counts although their row of `g` is not zero (the eager loop's ignored
     targets). Zeroing their h rows and grad_h rows gives exactly the products of zeroed g rows, for a pass over
-    rows x d instead of rows x vocab. `w_out` (weight-shaped, g's dtype): a kept buffer for the weight gradient's
-    GEMM output when it is not fp32, instead of a new weight-sized block per chunk."""
+    rows x d instead of rows x vocab. (The eager CPU loop takes bf16 weight gradients its own way:
+    model/loss_eager.py weight_grad_transposed.)"""
     if grad_h_rows is not None:
         if g.dtype == grad_h_rows.dtype:
             torch.mm(g, w, out=grad_h_rows)
@@ -60,7 +59,7 @@ def backprop_chunk(g: torch.Tensor, w: torch.Tensor, h_c: torch.Tensor, grad_h_r
             h_c = h_c * valid.unsqueeze(1).to(h_c.dtype)
         if g.dtype == torch.float32:
             return (g.t() @ h_c) if grad_w is None else grad_w.addmm_(g.t(), h_c)
-        part = g.t() @ h_c if w_out is None else torch.mm(g.t(), h_c, out=w_out)
+        part = g.t() @ h_c
         if grad_w is None:
             grad_w = part.float()
         else:

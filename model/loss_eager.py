@@ -1,14 +1,14 @@
 """The chunked loss's eager loop (model/gpt.py ChunkedLinearCrossEntropy without --compile): per chunk of rows, the
 LM-head GEMM, the chunk's cross-entropy and logit gradient (softmax - onehot) in place, then the gradient GEMMs
-(model/loss_chunk.py backprop_chunk).
+(model/loss_chunk.py backprop_chunk; on CPU the weight gradient's as weight_grad_transposed).
 
 Between the GEMMs the work is elementwise over rows x vocab (206 MB of bf16 logits at config S) and bound by
-memory traffic around one exp per logit. Run over the whole chunk, each step (fp32 copy, max, softmax, max, copy
-back) is a pass over a 412 MB fp32 copy in memory. On CPU the same steps run over a few rows at a time in a small
-fp32 buffer that stays in the core's cache: the logits are read once and the gradient written once, the same ops on
-the same rows giving the same values bit for bit. The exp of each logit (Sleef's 1-ulp exp inside the softmax kernel)
-remains: ~55 ms of the ~85 ms this takes at config S on one AVX-512 (Zen 4) core. Other devices run one kernel per
-step over the whole chunk (a kernel launch per block of rows would cost more than it saves there).
+memory traffic around one exp per logit. Run over the whole chunk, each step (fp32 copy, softmax, copy back) is a
+pass over a 412 MB fp32 copy in memory. On CPU the same steps run over a few rows at a time in a small fp32 buffer
+that stays in the core's cache: the logits are read once and the gradient written once, the same ops on the same
+rows giving the same values bit for bit. The exp of each logit (Sleef's 1-ulp exp inside the softmax kernel)
+remains. Other devices run one kernel per step over the whole chunk (a kernel launch per block of rows would cost
+more than it saves there).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .loss_chunk import backprop_chunk
 
@@ -40,25 +41,35 @@ def chunk_loss_and_logit_grad_eager_(out_mm: torch.Tensor, t_c: torch.Tensor, vo
     """(summed CE of the chunk's logits `out_mm`, its rows' valid mask); with want_grad `out_mm` is overwritten in
     place by d(sum CE)/d logits rounded once to its dtype, except rows whose target is ignored (backprop_chunk masks
     them on rows x d instead). Softmax in fp32: through `block_fp32` (at least block_rows x vocab) when `out_mm` is
-    not fp32, in place otherwise. Padded vocab columns (>= vocab_size) are set to -inf: never predicted."""
+    not fp32, in place otherwise. Padded vocab columns (>= vocab_size) are set to -inf: never predicted.
+
+    The CE comes from the softmax the gradient needs anyway. On CPU through `block_fp32` (the logits intact in
+    `out_mm` until the block's gradient is written back): a row's CE is -log p(target), with no pass over the row
+    for its max or its logsumexp (two of five passes over each block). While p(target) is a normal fp32 number its
+    relative error is the softmax's own (a few ulp), so the CE's absolute error is a few 1e-7 (lse - logit rounds
+    lse at the logits' magnitude too). A target probability below fp32's smallest normal (CE > ~87: an extremely
+    confident wrong prediction) has lost precision or underflowed to 0: such rows, found per block before its
+    gradient overwrites its logits, take logsumexp - logit from the logits (on CPU looking at a block's few
+    probabilities is free; on CUDA it would be a host sync per chunk, and fake tensors have no values). Elsewhere
+    (other devices, fake tensors, fp32 softmax in place) the CE is logsumexp - logit, logsumexp = top - log(max p)
+    from the row's largest logit and probability (max p = exp(0) / sum >= 1 / vocab never underflows)."""
     n, vocab = out_mm.shape
     if vocab > vocab_size:
         out_mm[:, vocab_size:] = float("-inf")
     valid = t_c != ignore_index
     safe_t = torch.where(valid, t_c, 0).unsqueeze(1)
+    minus_one = -valid.unsqueeze(1).float()
+    if block_fp32 is not None and out_mm.device.type == "cpu" and not is_fake(out_mm):
+        return _ce_from_target_cpu(out_mm, safe_t, valid, minus_one, want_grad, block_rows, block_fp32), valid
     picked = out_mm.gather(1, safe_t).squeeze(1).float()
     top = torch.empty((n, 1), dtype=torch.float32, device=out_mm.device)
     p_max = torch.empty_like(top)
-    minus_one = -valid.unsqueeze(1).float()
     for i in range(0, n, block_rows):
         rows = slice(i, i + block_rows)
         m = min(block_rows, n - i)
         blk = out_mm[rows] if block_fp32 is None else block_fp32[:m].copy_(out_mm[rows])
-        # logsumexp by hand: torch.logsumexp allocates a temporary the size of its input. The softmax kernel is one
-        # pass (max, exp, sum and scaling while a row is in cache); the top logit's probability is exp(0) / sum, the
-        # row's largest, so logsumexp = top - log(max p), and max p >= 1 / vocab never underflows.
         torch.amax(blk, -1, True, out=top[rows])
-        torch.ops.aten._softmax.out(blk, -1, False, out=blk)
+        torch.ops.aten._softmax.out(blk, -1, False, out=blk)  # one kernel: max, exp, sum and scale per row in cache
         torch.amax(blk, -1, True, out=p_max[rows])
         if want_grad:
             blk.scatter_add_(1, safe_t[rows], minus_one[rows])  # - onehot(target), in fp32 before the one rounding
@@ -66,6 +77,44 @@ def chunk_loss_and_logit_grad_eager_(out_mm: torch.Tensor, t_c: torch.Tensor, vo
                 out_mm[rows].copy_(blk)
     lse = (top - p_max.log()).squeeze(1)
     return ((lse - picked) * valid).sum(), valid
+
+
+def _ce_from_target_cpu(out_mm: torch.Tensor, safe_t: torch.Tensor, valid: torch.Tensor, minus_one: torch.Tensor,
+                        want_grad: bool, block_rows: int, block_fp32: torch.Tensor) -> torch.Tensor:
+    """chunk_loss_and_logit_grad_eager_'s CPU form: the summed CE as -log p(target), the rare underflowed rows from
+    their logits (see there). The per-block views come from one split each: a block is a few rows (~300 blocks a
+    chunk on one thread), so per-op Python overhead counts."""
+    p_target = torch.empty((out_mm.shape[0], 1), dtype=torch.float32, device=out_mm.device)
+    exact: list[tuple[int, torch.Tensor]] = []
+    first = 0
+    for rows, t_b, minus_b, p_b in zip(out_mm.split(block_rows), safe_t.split(block_rows),
+                                        minus_one.split(block_rows), p_target.split(block_rows), strict=True):
+        blk = block_fp32[:rows.shape[0]].copy_(rows)
+        torch.ops.aten._softmax.out(blk, -1, False, out=blk)  # one kernel: max, exp, sum and scale per row in cache
+        torch.gather(blk, 1, t_b, out=p_b)
+        if p_b.min().item() < TINY:  # before the gradient overwrites these rows' logits
+            exact += _underflowed(p_b, valid[first:first + rows.shape[0]], out_mm, first, safe_t)
+        if want_grad:
+            blk.scatter_add_(1, t_b, minus_b)  # - onehot(target), in fp32 before the one rounding
+            rows.copy_(blk)
+        first += rows.shape[0]
+    ce = torch.where(valid, p_target.squeeze(1).log().neg_(), 0.0)  # ignored rows' p may be 0: where, not * valid
+    for r, row_ce in exact:
+        ce[r] = row_ce
+    return ce.sum()
+
+
+# fp32's smallest normal number: a target probability below it has lost precision (or is 0).
+TINY = torch.finfo(torch.float32).tiny
+
+
+def _underflowed(p_target: torch.Tensor, valid: torch.Tensor, logits: torch.Tensor, first: int,
+                 safe_t: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(row, logsumexp - logit of `logits`' row) for the valid rows of a block (rows first.. of `logits`) whose
+    target probability is below fp32's smallest normal number."""
+    low = ((p_target.squeeze(1) < TINY) & valid).nonzero().squeeze(1)
+    rows = [] if low.numel() == 0 else (low + first).tolist()
+    return [(r, torch.logsumexp(logits[r].float(), 0) - logits[r, safe_t[r, 0]].float()) for r in rows]
 
 
 def cast_weight(weight: torch.Tensor, dtype: torch.dtype, kept: Callable[..., torch.Tensor] | None) -> torch.Tensor:
@@ -76,20 +125,43 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype, kept: Callable[..., to
     return kept("weight_mm", weight.shape[0], weight.shape[1], dtype, weight.device).copy_(weight)
 
 
+def weight_grad_transposed(g: torch.Tensor, h_c: torch.Tensor, valid: torch.Tensor, grad_w: torch.Tensor | None,
+                           out: torch.Tensor | None) -> torch.Tensor:
+    """`grad_w` (vocab x d, fp32; None: a new one) plus the chunk's weight gradient g^T h (g: rows x vocab logit
+    gradient, h_c: rows x d, both bf16; rows not `valid` left out), its GEMM run as h^T g into `out` (d x vocab, g's
+    dtype; None: a new one).
+
+    On CPU the GEMM g^T h with g^T a transposed view (g is rows x vocab, row-major) makes oneDNN's bf16 kernel
+    reorder the whole 206 MB logit gradient first (config S): 1.4-1.7x the time of the same GEMM on contiguous
+    operands, the LM head's costliest GEMM. h^T g has both operands row-major (h^T is a copy of rows x d, 1.5 MB)
+    and writes the gradient transposed; turning that into vocab x d costs a strided fp32 copy (~25 ms more than the
+    plain fp32 conversion it replaces) against ~80-100 CPU-ms saved (1 thread, config S). The sums are the same
+    products in another order of accumulation inside the GEMM: each value within a bf16 rounding of the other
+    form's, held against float64 (tests/test_loss_blocks.py)."""
+    h_t = torch.empty((h_c.shape[1], h_c.shape[0]), dtype=h_c.dtype, device=h_c.device)
+    torch.mul(h_c.t(), valid.to(h_c.dtype), out=h_t)
+    part_t = torch.mm(h_t, g) if out is None else torch.mm(h_t, g, out=out)
+    if grad_w is None:
+        return torch.empty(part_t.shape[::-1], dtype=torch.float32, device=g.device).copy_(part_t.t())
+    return grad_w.add_(part_t.t())
+
+
 def eager_chunk_loop(hh: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: int, ignore_index: int,
                      chunk_rows: int, want_h: bool, want_w: bool, h_dtype: torch.dtype,
                      buffer: Callable[[str, int, int, torch.dtype], torch.Tensor], cpu_blocks: bool,
                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """ChunkedLinearCrossEntropy's eager loop over `hh` (rows x d) and `w` (padded vocab x d), both in the matmul
     dtype. `buffer(name, rows, cols, dtype)` gives kept buffers. `cpu_blocks`: softmax over blocks of rows
-    (softmax_block_rows) and the weight gradient's GEMM output in a kept buffer; else one op per step over the whole
-    chunk. Returns (summed loss, grad_h in h_dtype, grad_w in fp32 or None) as ChunkedLinearCrossEntropy saves them."""
+    (softmax_block_rows) and a bf16 weight gradient's GEMM run transposed (weight_grad_transposed) into a kept
+    buffer; else one op per step over the whole chunk. Returns (summed loss, grad_h in h_dtype, grad_w in fp32 or
+    None) as ChunkedLinearCrossEntropy saves them."""
     rows, (vocab, d) = hh.shape[0], w.shape
     dev, mm_dtype = hh.device, hh.dtype
     n_buf = min(chunk_rows, rows)
     block = min(softmax_block_rows(vocab, torch.get_num_threads()), n_buf) if cpu_blocks else n_buf
-    keep_w = cpu_blocks and want_w and mm_dtype != torch.float32 and w.numel() * w.itemsize >= KEEP_WEIGHT_BYTES
-    w_out = buffer("grad_w_mm", vocab, d, mm_dtype) if keep_w else None
+    transposed_w = cpu_blocks and want_w and mm_dtype != torch.float32
+    keep_w = transposed_w and w.numel() * w.itemsize >= KEEP_WEIGHT_BYTES
+    w_out = buffer("grad_wT_mm", d, vocab, mm_dtype) if keep_w else None
     buf_mm = buffer("logits_mm", n_buf, vocab, mm_dtype)
     # The fp32 buffer is named for its size: a whole chunk's (kept between steps) or a block's.
     name = "logits_fp32" if block == n_buf else "softmax_block_fp32"
@@ -105,8 +177,12 @@ def eager_chunk_loop(hh: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, v
                                                        want_h or want_w, block, block_fp32)
         total += loss
         if want_h or want_w:
-            grad_w = backprop_chunk(out_mm, w, h_c, None if grad_h is None else grad_h[i:i + n], grad_w, want_w,
-                                    valid, w_out)
+            grad_h_rows = None if grad_h is None else grad_h[i:i + n]
+            if transposed_w:
+                backprop_chunk(out_mm, w, h_c, grad_h_rows, None, False, valid)
+                grad_w = weight_grad_transposed(out_mm, h_c, valid, grad_w, w_out)
+            else:
+                grad_w = backprop_chunk(out_mm, w, h_c, grad_h_rows, grad_w, want_w, valid)
     if want_w and grad_w is None:  # no rows
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=dev)
     return total, grad_h, grad_w

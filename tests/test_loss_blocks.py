@@ -1,7 +1,8 @@
 """The chunked loss on CPU (model/loss_eager.py): softmax over blocks of rows in a small fp32 buffer instead of a
-chunk-sized fp32 copy, the same values bit for bit as the whole-chunk form other devices run, held against float64;
-and the LM head's bf16 weight cast and weight-gradient GEMM output written into kept buffers, not new weight-sized
-blocks each step."""
+chunk-sized fp32 copy, the same values bit for bit as one block per chunk, held against float64; the CE from
+p(target) without a max pass (from the logits where p(target) underflows); the weight gradient's GEMM on row-major
+operands; and the LM head's bf16 weight cast and weight-gradient GEMM output written into kept buffers, not new
+weight-sized blocks each step."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def _blocks_of(monkeypatch, rows: int) -> None:
 @pytest.mark.parametrize("amp", [True, False])
 def test_row_blocks_equal_one_block_bit_for_bit(monkeypatch, amp):
     """Blocks of 3 rows per thread (a chunk has 7: several blocks, the last partial) give the values of one block
-    per chunk, and of other devices' path, exactly; the workspace keeps a block-sized fp32 buffer, not a chunk's."""
+    per chunk, and of the path without a workspace (other devices' whole-chunk ops; run here on CPU it takes the CE
+    from p(target) too), exactly; the workspace keeps a block-sized fp32 buffer, not a chunk's."""
     h, w, t = _inputs()
     runs = []
     for rows in (3, 1000):
@@ -96,19 +98,71 @@ class _Allocs(TorchDispatchMode):
 
 
 def test_no_new_bf16_weight_sized_blocks_per_step(monkeypatch):
-    """A bf16 step of GPT on CPU casts the tied weight and takes its gradient's GEMM output into buffers kept between
-    steps: 2 weight-sized blocks fewer to map and fault in per step (above glibc's largest mmap threshold at a 50K
-    vocab). The fp32 gradient stays a new tensor: it becomes the parameter's .grad."""
+    """A bf16 step of GPT on CPU casts the tied weight and takes its gradient's GEMM output (d x vocab, transposed)
+    into buffers kept between steps: 2 weight-sized blocks fewer to map and fault in per step (above glibc's largest
+    mmap threshold at a 50K vocab). The fp32 gradient stays a new tensor: it becomes the parameter's .grad."""
     monkeypatch.setattr(loss_eager, "KEEP_WEIGHT_BYTES", PADDED * D * 2)  # this weight's size: kept from there up
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=VOCAB, block_size=32, n_layer=1, n_head=4, d_model=D, d_ff=48))
     idx, targets = torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))
     for _ in range(2):
-        with _Allocs((PADDED, D), torch.bfloat16) as allocs, torch.autocast("cpu", dtype=torch.bfloat16):
+        with (_Allocs((PADDED, D), torch.bfloat16) as allocs, _Allocs((D, PADDED), torch.bfloat16) as allocs_t,
+              torch.autocast("cpu", dtype=torch.bfloat16)):
             loss = model(idx, targets)
         loss.backward()
         grad = model.wte.weight.grad
         model.zero_grad(set_to_none=True)
-    assert allocs.seen == []
+    assert allocs.seen == [] and allocs_t.seen == []
     assert grad.dtype == torch.float32 and grad.abs().sum() > 0
 
+
+
+class _Ops(TorchDispatchMode):
+    """Every op with its tensor arguments' (shape, stride)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, list[tuple[tuple[int, ...], tuple[int, ...]]]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [(tuple(a.shape), a.stride()) for a in args if isinstance(a, torch.Tensor)]
+        self.seen.append((func.__name__.split(".")[0], tensors))
+        return func(*args, **(kwargs or {}))
+
+
+def test_cpu_chunk_reads_its_rows_twice_and_runs_its_gemms_on_row_major_operands(monkeypatch):
+    """The bf16 CPU loop's work over rows x vocab (loss_eager.py): per block a copy in, the softmax, the target's
+    -1 and a copy back, no max pass (the CE is -log p(target)); and the weight gradient's GEMM takes the logit
+    gradient row-major (h^T g), not as a transposed view (g^T h), which oneDNN would reorder first."""
+    _blocks_of(monkeypatch, 3)
+    h, w, t = _inputs()
+    with _Ops() as ops:
+        _loss_and_grads(h, w, t, LossWorkspace(), amp=True)
+    wide = [name for name, args in ops.seen if any(shape[-1:] == (PADDED,) and len(shape) == 2 and shape[0] <= 7
+                                                    for shape, _ in args) and name != "mm"]
+    blocks = sum(-(-rows // min(3 * torch.get_num_threads(), rows)) for rows in (7,) * 8 + (4,))  # 60 rows, chunks of 7
+    assert "amax" not in wide and "logsumexp" not in wide
+    assert wide.count("_softmax") == blocks and wide.count("copy_") == 2 * blocks
+    mms = [args for name, args in ops.seen if name == "mm"]
+    assert not [args for args in mms if any(shape[0] == PADDED and stride == (1, PADDED) for shape, stride in args)]
+    assert sum(args[0][0][0] == D and args[1][1] == (PADDED, 1) for args in mms) == 9  # h^T g, one per chunk
+
+
+def test_ce_of_an_underflowing_target_probability_from_the_logits():
+    """A target probability below fp32's smallest normal (a CE of ~200 here, where p(target) is 0 in fp32) takes
+    the CE from its row's logits, not -log p: finite and within fp32 rounding of float64's, with and without
+    gradients; the other rows keep -log p."""
+    torch.manual_seed(0)
+    h = torch.eye(D)[:8].clone()  # row r's logits are w[:, r]
+    w = torch.randn(PADDED, D) * 2
+    t = torch.randint(0, VOCAB, (8,))
+    w[:, 2] = 0.0
+    w[t[2], 2], w[(t[2] + 1) % VOCAB, 2] = -100.0, 100.0
+    w[t[5], 5] = -40.0  # CE ~ 45: p(target) ~ 1e-20, still normal
+    logits64 = (h.double() @ w.bfloat16().double().t())
+    logits64[:, VOCAB:] = float("-inf")
+    want = F.cross_entropy(logits64, t)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = chunked_cross_entropy(h.requires_grad_(grad), w, t, VOCAB, chunk_rows=7, workspace=LossWorkspace())
+        assert torch.isfinite(loss) and abs(loss.item() - want.item()) < 1e-6 * want.item()

@@ -21,6 +21,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from pretrain.errors import UserError
+from pretrain.train.grad_clip import clip_grad_norm_cpu_
 
 # A rank that dies leaves the others blocked in a collective; torchrun kills them as soon as it notices,
 # so this only bounds the truly stuck cases (a hung node). 30 min is gloo's default, too long on a rented GPU.
@@ -175,8 +176,11 @@ def clip_grad_norm(model: nn.Module, max_norm: float, dist: Dist) -> torch.Tenso
     """Clip the global gradient norm; returns it as a plain (replicated) tensor.
 
     Under FSDP2 the gradients are DTensor shards and torch's clip returns a DTensor norm; its full value
-    is the same on every rank, so non-finite steps are skipped by all ranks alike.
+    is the same on every rank, so non-finite steps are skipped by all ranks alike. A single process with its
+    gradients on CPU skips the multiply when it would be by 1.0 (pretrain/train/grad_clip.py).
     """
+    if not dist.enabled and all(p.grad is None or p.grad.device.type == "cpu" for p in model.parameters()):
+        return clip_grad_norm_cpu_(model.parameters(), max_norm)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     full = getattr(norm, "full_tensor", None)
     return full() if full is not None else norm
