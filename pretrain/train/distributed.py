@@ -179,9 +179,12 @@ def clip_grad_norm(model: nn.Module, max_norm: float, dist: Dist) -> torch.Tenso
     is the same on every rank, so non-finite steps are skipped by all ranks alike. A single process with its
     gradients on CPU skips the multiply when it would be by 1.0 (pretrain/train/grad_clip.py).
     """
-    if not dist.enabled and all(p.grad is None or p.grad.device.type == "cpu" for p in model.parameters()):
-        return clip_grad_norm_cpu_(model.parameters(), max_norm)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    # FSDP2 in one process (--fsdp --cpu-offload) has DTensor gradients on CPU: torch's clip handles those.
+    if not dist.enabled and all(g.device.type == "cpu" and type(g) is torch.Tensor for g in grads):
+        norm = clip_grad_norm_cpu_(model.parameters(), max_norm)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     full = getattr(norm, "full_tensor", None)
     return full() if full is not None else norm
 
