@@ -15,17 +15,32 @@ stop after the same step, the loop only checks the flag at step boundaries (all 
 Signals are process-wide, so is this state.
 
 A raise from a signal handler lands wherever the main thread is, and Python drops an exception raised inside a
-weakref callback or `__del__` (torch.compile runs those often: "Exception ignored in ..."). So while the
-request is not yet served and a region is open, a timer (SIGALRM every RETRY_S) raises StopNow again.
+weakref callback or `__del__` (torch.compile runs those often). So while the request is not yet served and a
+region is open, a timer (SIGALRM every RETRY_S) raises StopNow again, and Python's report of a dropped StopNow
+("Exception ignored in ...", a traceback on a clean stop) is silenced (`sys.unraisablehook`, other reports kept).
+
+Nor may it land in Python that C++ called through pybind11 on a path that cannot carry an exception: seen in CI, a
+SIGTERM during the first compile arrived in torch/_library's `find_torch_dispatch_rule` (called by torch's C++
+dispatcher) and the trainer died in `std::terminate` instead of saving. So the handler raises only when the
+interrupted frame is in code that Python called: not in installed packages, except this repo's own and torch's
+tracing and compiling packages (their errors reach the caller as exceptions), and not
+inside a `__torch_dispatch__` handler, where unwinding meets the dispatcher's C++ mode guards (also seen: "trying
+to set the current FakeTensorMode, but one already exists", then std::terminate). Anywhere else it waits for the
+timer's next tick, a quarter second later.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import signal
+import site
 import sys
+import sysconfig
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 from pretrain.runstatus import RunStatus, stopped_by_signal
@@ -46,6 +61,16 @@ _signum: int | None = None
 _armed = False
 _regions = 0  # depth of interruptible() regions the main thread is in
 _previous_alarm: Any = None  # the SIGALRM handler before ours, while the retry timer runs
+# Library code where a raise may land: this repo's packages (wherever installed) and torch's tracing/compiling ones
+# (not torch/_library, torch/_ops, sympy, ...: Python the dispatcher calls from C++). Filled on first use, again
+# once torch is imported.
+_OWN = ("pretrain", "model")
+# Prefixes of paths: "fx/graph" is graph.py and graph_module.py; fx/experimental's SymNode is called from C++.
+_TORCH = ("_dynamo/", "_inductor/", "_functorch/", "fx/graph", "fx/interpreter.py", "fx/proxy.py",
+          "fx/experimental/proxy_tensor.py", "nn/", "_subclasses/")
+_prefixes: tuple[str, ...] | None = None
+_previous_unraisable: Any = None  # sys.unraisablehook before ours, from a request until reset()
+_entered_in_handler = False  # whether the outermost region was entered inside a dispatch handler (never, in practice)
 
 
 def reset() -> None:
@@ -54,6 +79,7 @@ def reset() -> None:
     _stop_retrying()
     _signum, _armed, _regions = None, False, 0
     _quiet_anomaly_warning(False)
+    _quiet_dropped_stops(False)
 
 
 def arm(on: bool = True) -> None:
@@ -62,14 +88,66 @@ def arm(on: bool = True) -> None:
     _armed = on
 
 
-def request(signum: int) -> None:
-    """Record a stop request (called from the signal handler); raises StopNow inside an interruptible region."""
+def request(signum: int, frame: FrameType | None = None) -> None:
+    """Record a stop request (called from the signal handler with the frame it interrupted); raises StopNow
+    inside an interruptible region when that frame may carry it (the timer retries otherwise)."""
     global _signum
     _signum = signum
     _quiet_anomaly_warning(True)
+    _quiet_dropped_stops(True)
     if _armed and _regions:
         _retry()
-        raise StopNow(describe())
+        if _may_raise_in(frame):
+            raise StopNow(describe())
+
+
+def _may_raise_in(frame: FrameType | None) -> bool:
+    """Whether a StopNow raised in `frame` reaches the region as an exception (see the module docstring)."""
+    if frame is None:
+        return True
+    path = frame.f_code.co_filename
+    allowed = not path.startswith(_library_prefixes()) or path.startswith(_raise_prefixes())
+    return allowed and _in_dispatch_handler() == _entered_in_handler
+
+
+@functools.cache
+def _library_prefixes() -> tuple[str, ...]:
+    """The installed packages' folders. The standard library stays allowed: waiting on a child process (inductor
+    compiling a kernel with the C++ compiler) is a stretch of seconds with nothing but subprocess.py on top."""
+    paths = sysconfig.get_paths()
+    dirs = {paths["purelib"], paths["platlib"], *site.getsitepackages(), site.getusersitepackages()}
+    return tuple(os.path.join(d, "") for d in dirs)
+
+
+def _in_dispatch_handler() -> bool:
+    """Whether torch's dispatcher is running a Python handler: it excludes the keys after Python's while it does."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.PythonTLSSnapshot)
+
+
+def _raise_prefixes() -> tuple[str, ...]:
+    global _prefixes
+    torch = sys.modules.get("torch")
+    if _prefixes is None or (torch is not None and len(_prefixes) == len(_OWN)):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        own = tuple(os.path.join(root, d) + os.sep for d in _OWN)
+        torch_dir = os.path.dirname(torch.__file__) if torch is not None else None
+        _prefixes = own + (tuple(f"{torch_dir}{os.sep}{d}" for d in _TORCH) if torch_dir else ())
+    return _prefixes
+
+
+def _quiet_dropped_stops(on: bool) -> None:
+    global _previous_unraisable
+    if on and _previous_unraisable is None:
+        _previous_unraisable = sys.unraisablehook
+        sys.unraisablehook = _unraisable
+    elif not on and _previous_unraisable is not None:
+        sys.unraisablehook, _previous_unraisable = _previous_unraisable, None
+
+
+def _unraisable(report: Any) -> None:
+    if not isinstance(report.exc_value, StopNow):  # a dropped StopNow is retried by the timer
+        (_previous_unraisable or sys.__unraisablehook__)(report)
 
 
 def _quiet_anomaly_warning(on: bool) -> None:
@@ -89,8 +167,8 @@ def _retry() -> None:
         signal.setitimer(signal.ITIMER_REAL, RETRY_S, RETRY_S)
 
 
-def _on_alarm(signum: int, frame: Any) -> None:
-    if _signum is not None and _armed and _regions:
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    if _signum is not None and _armed and _regions and _may_raise_in(frame):
         raise StopNow(describe())
 
 
@@ -126,8 +204,10 @@ def check() -> None:
 def interruptible() -> Iterator[None]:
     """A region the signal handler may leave by raising StopNow: only for work that changes no state the
     checkpoint holds, or whose partial effects the stop path discards (a micro-batch's gradients)."""
-    global _regions
+    global _regions, _entered_in_handler
     check()
+    if not _regions:
+        _entered_in_handler = _in_dispatch_handler()
     _regions += 1
     modes = _dispatch_modes()
     try:

@@ -1,5 +1,5 @@
-"""A stop that lands while a compile traces must not leave torch's dispatch modes pushed, nor print autograd's
-anomaly-mode traceback for the backward it cuts short (pretrain/stopping.py).
+"""A stop that lands while a compile traces must not raise in Python that C++ called, leave torch's dispatch modes
+pushed, nor print autograd's anomaly-mode traceback for the backward it cuts short (pretrain/stopping.py).
 
 Seen in CI: SIGTERM during the first `--compile` step left dynamo's ProxyTorchDispatchMode set, and the next op
 aborted the trainer in C++ ("trying to set the current ProxyTorchDispatchMode, but one already exists") instead
@@ -8,8 +8,11 @@ of saving step 0 and exiting 75. Landing a signal at that exact bytecode is timi
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain import stopping
+from pretrain.train.loop import StopRequested
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Passthrough(TorchDispatchMode):
@@ -75,3 +81,118 @@ def test_a_stop_unwinding_a_backward_prints_no_forward_traceback():
         stopping.reset()
     # Only while stopping: a real error in a backward still shows where its forward ran.
     assert [m for m in _backward_stopped_under_anomaly_mode(stop=False) if "Traceback of forward" in m]
+
+
+def _function_in(path: Path, source: str):
+    """A function whose frames carry `path` as their file: where a signal lands is decided by that name."""
+    namespace: dict = {}
+    exec(compile(source, str(path), "exec"), namespace)
+    return next(v for k, v in namespace.items() if not k.startswith("__"))
+
+
+def test_a_stop_waits_while_the_dispatcher_runs_python_and_raises_in_our_code_next():
+    # Seen in CI: SIGTERM during the first --compile step landed in torch/_library's find_torch_dispatch_rule,
+    # which torch's C++ dispatcher calls through pybind11; the raise ended the trainer in std::terminate.
+    called_from_cpp = _function_in(Path(torch.__file__).parent / "_library" / "simple_registry.py", """
+def busy(n):
+    os.kill(os.getpid(), signal.SIGUSR1)  # the stop arrives while this frame runs
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+""")
+    called_from_cpp.__globals__.update(os=os, signal=signal)
+    ours = _function_in(ROOT / "model" / "stop_probe.py", """
+def spin(deadline):
+    while time.monotonic() < deadline:
+        pass
+""")
+    ours.__globals__["time"] = time
+    handler = StopRequested()
+    handler.install()
+    stopping.arm()
+    returned, t0 = None, time.monotonic()
+    try:
+        with pytest.raises(stopping.StopNow), stopping.interruptible():
+            returned = called_from_cpp(300_000)
+            t0 = time.monotonic()
+            ours(t0 + 5.0)
+        waited = time.monotonic() - t0
+    finally:
+        handler.restore()
+    assert returned == sum(range(300_000)), "the stop was raised inside the frame C++ called"
+    assert waited < 1.0, f"the retry timer raised {waited:.2f} s after the region reached our code"
+
+
+def test_a_stop_waits_while_a_dispatch_handler_runs_and_raises_after_it_returns():
+    # Also seen in CI: a raise inside FakeTensorMode's handler unwound into the dispatcher's C++ mode guard, which
+    # aborted ("trying to set the current FakeTensorMode, but one already exists"). The handler here is in a file
+    # where raising is allowed, so only being inside the dispatcher holds the stop back.
+    handle = _function_in(ROOT / "model" / "stop_probe.py", """
+def handle(func, args, kwargs, n):
+    os.kill(os.getpid(), signal.SIGUSR1)
+    total = 0
+    for i in range(n):
+        total += i
+    return func(*args, **kwargs), total
+""")
+    handle.__globals__.update(os=os, signal=signal)
+    ours = _function_in(ROOT / "model" / "stop_probe.py", """
+def spin(deadline):
+    while time.monotonic() < deadline:
+        pass
+""")
+    ours.__globals__["time"] = time
+    totals: list[int] = []
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out, total = handle(func, args, kwargs or {}, 300_000)
+            totals.append(total)
+            return out
+
+    handler = StopRequested()
+    handler.install()
+    stopping.arm()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(stopping.StopNow), stopping.interruptible():
+            with Mode():
+                torch.ones(2).add_(1)
+            t0 = time.monotonic()
+            ours(t0 + 5.0)
+        waited = time.monotonic() - t0
+    finally:
+        handler.restore()
+    assert totals == [sum(range(300_000))] * len(totals) and totals, "the stop was raised inside the handler"
+    assert torch._C._len_torch_dispatch_stack() == 0
+    assert waited < 1.0, f"the retry timer raised {waited:.2f} s after the region left the dispatcher"
+
+
+def test_a_stop_dropped_in_a_weakref_callback_prints_nothing_and_other_errors_still_do(monkeypatch):
+    # Seen in CI: the raise landed in a dynamo weakref callback; Python dropped it (the timer raises again) and
+    # printed "Exception ignored in ... Traceback" on what ended as a clean stop.
+    import weakref
+
+    reported: list[BaseException] = []
+    monkeypatch.setattr("sys.unraisablehook", lambda report: reported.append(report.exc_value))
+
+    class Owner:
+        pass
+
+    def drop(error: BaseException) -> None:
+        owner = Owner()
+        ref = weakref.ref(owner, lambda _: (_ for _ in ()).throw(error))
+        del owner
+        assert ref() is None
+
+    stopping.reset()
+    try:
+        stopping.request(signal.SIGTERM)  # not armed: records the request only
+        drop(stopping.StopNow("stopped by signal SIGTERM"))
+        drop(RuntimeError("a real error"))
+        assert [type(e) for e in reported] == [RuntimeError]
+    finally:
+        stopping.reset()
+    drop(stopping.StopNow("after the stop was served"))  # reported again once reset
+    assert [type(e) for e in reported] == [RuntimeError, stopping.StopNow]

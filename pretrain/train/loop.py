@@ -58,7 +58,7 @@ class StopRequested:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         if signum == signal.SIGHUP:
             _detach_from_terminal()
-        stopping.request(signum)  # raises StopNow when a pass or compile is under way (stopping.interruptible)
+        stopping.request(signum, frame)  # raises StopNow when a pass or compile is under way (stopping.interruptible)
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
