@@ -83,44 +83,55 @@ def test_a_stop_unwinding_a_backward_prints_no_forward_traceback():
     assert [m for m in _backward_stopped_under_anomaly_mode(stop=False) if "Traceback of forward" in m]
 
 
-def _function_in(path: Path, source: str):
-    """A function whose frames carry `path` as their file: where a signal lands is decided by that name."""
-    namespace: dict = {}
+# A stop arrives while `busy` runs; `spin` runs until it is raised.
+_BUSY = """
+def busy(n):
+    os.kill(os.getpid(), signal.SIGUSR1)
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+"""
+_SPIN = """
+def spin(deadline):
+    while time.monotonic() < deadline:
+        pass
+"""
+N = 300_000
+
+
+def _function_in(path: Path, source: str, name: str):
+    """`name` from `source`, its frames carrying `path` as their file: where a signal lands is decided by that."""
+    namespace = {"os": os, "signal": signal, "time": time}
     exec(compile(source, str(path), "exec"), namespace)
-    return next(v for k, v in namespace.items() if not k.startswith("__"))
+    return namespace[name]
+
+
+def _seconds_to_the_stop(first) -> float:
+    """With the trainer's handler installed, run `first` (which signals) in a region, then spin in this repo's code
+    until StopNow; the seconds from the spin's start to the raise."""
+    spin = _function_in(ROOT / "model" / "stop_probe.py", _SPIN, "spin")
+    handler = StopRequested()
+    handler.install()
+    stopping.arm()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(stopping.StopNow), stopping.interruptible():
+            first()
+            t0 = time.monotonic()
+            spin(t0 + 5.0)
+        return time.monotonic() - t0
+    finally:
+        handler.restore()
 
 
 def test_a_stop_waits_while_the_dispatcher_runs_python_and_raises_in_our_code_next():
     # Seen in CI: SIGTERM during the first --compile step landed in torch/_library's find_torch_dispatch_rule,
     # which torch's C++ dispatcher calls through pybind11; the raise ended the trainer in std::terminate.
-    called_from_cpp = _function_in(Path(torch.__file__).parent / "_library" / "simple_registry.py", """
-def busy(n):
-    os.kill(os.getpid(), signal.SIGUSR1)  # the stop arrives while this frame runs
-    total = 0
-    for i in range(n):
-        total += i
-    return total
-""")
-    called_from_cpp.__globals__.update(os=os, signal=signal)
-    ours = _function_in(ROOT / "model" / "stop_probe.py", """
-def spin(deadline):
-    while time.monotonic() < deadline:
-        pass
-""")
-    ours.__globals__["time"] = time
-    handler = StopRequested()
-    handler.install()
-    stopping.arm()
-    returned, t0 = None, time.monotonic()
-    try:
-        with pytest.raises(stopping.StopNow), stopping.interruptible():
-            returned = called_from_cpp(300_000)
-            t0 = time.monotonic()
-            ours(t0 + 5.0)
-        waited = time.monotonic() - t0
-    finally:
-        handler.restore()
-    assert returned == sum(range(300_000)), "the stop was raised inside the frame C++ called"
+    busy = _function_in(Path(torch.__file__).parent / "_library" / "simple_registry.py", _BUSY, "busy")
+    totals: list[int] = []
+    waited = _seconds_to_the_stop(lambda: totals.append(busy(N)))
+    assert totals == [sum(range(N))], "the stop was raised inside the frame C++ called"
     assert waited < 1.0, f"the retry timer raised {waited:.2f} s after the region reached our code"
 
 
@@ -128,43 +139,20 @@ def test_a_stop_waits_while_a_dispatch_handler_runs_and_raises_after_it_returns(
     # Also seen in CI: a raise inside FakeTensorMode's handler unwound into the dispatcher's C++ mode guard, which
     # aborted ("trying to set the current FakeTensorMode, but one already exists"). The handler here is in a file
     # where raising is allowed, so only being inside the dispatcher holds the stop back.
-    handle = _function_in(ROOT / "model" / "stop_probe.py", """
-def handle(func, args, kwargs, n):
-    os.kill(os.getpid(), signal.SIGUSR1)
-    total = 0
-    for i in range(n):
-        total += i
-    return func(*args, **kwargs), total
-""")
-    handle.__globals__.update(os=os, signal=signal)
-    ours = _function_in(ROOT / "model" / "stop_probe.py", """
-def spin(deadline):
-    while time.monotonic() < deadline:
-        pass
-""")
-    ours.__globals__["time"] = time
+    busy = _function_in(ROOT / "model" / "stop_probe.py", _BUSY, "busy")
     totals: list[int] = []
 
     class Mode(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out, total = handle(func, args, kwargs or {}, 300_000)
-            totals.append(total)
-            return out
+            totals.append(busy(N))
+            return func(*args, **(kwargs or {}))
 
-    handler = StopRequested()
-    handler.install()
-    stopping.arm()
-    t0 = time.monotonic()
-    try:
-        with pytest.raises(stopping.StopNow), stopping.interruptible():
-            with Mode():
-                torch.ones(2).add_(1)
-            t0 = time.monotonic()
-            ours(t0 + 5.0)
-        waited = time.monotonic() - t0
-    finally:
-        handler.restore()
-    assert totals == [sum(range(300_000))] * len(totals) and totals, "the stop was raised inside the handler"
+    def dispatch() -> None:
+        with Mode():
+            torch.ones(2).add_(1)
+
+    waited = _seconds_to_the_stop(dispatch)
+    assert totals and totals == [sum(range(N))] * len(totals), "the stop was raised inside the handler"
     assert torch._C._len_torch_dispatch_stack() == 0
     assert waited < 1.0, f"the retry timer raised {waited:.2f} s after the region left the dispatcher"
 
