@@ -23,10 +23,10 @@ Nor may it land in Python that C++ called through pybind11 on a path that cannot
 SIGTERM during the first compile arrived in torch/_library's `find_torch_dispatch_rule` (called by torch's C++
 dispatcher) and the trainer died in `std::terminate` instead of saving. So the handler raises only when the
 interrupted frame is in code that Python called: not in installed packages, except this repo's own and torch's
-tracing and compiling packages (their errors reach the caller as exceptions), and not
-inside a `__torch_dispatch__` handler, where unwinding meets the dispatcher's C++ mode guards (also seen: "trying
-to set the current FakeTensorMode, but one already exists", then std::terminate). Anywhere else it waits for the
-timer's next tick, a quarter second later.
+tracing and compiling packages (their errors reach the caller as exceptions), and not inside a `__torch_dispatch__`
+handler, where unwinding meets the dispatcher's C++ mode guards (also seen: "trying to set the current
+FakeTensorMode, but one already exists", then std::terminate). Anywhere else it waits for the timer's next tick, a
+quarter second later.
 """
 
 from __future__ import annotations
@@ -61,16 +61,13 @@ _signum: int | None = None
 _armed = False
 _regions = 0  # depth of interruptible() regions the main thread is in
 _previous_alarm: Any = None  # the SIGALRM handler before ours, while the retry timer runs
-# Library code where a raise may land: this repo's packages (wherever installed) and torch's tracing/compiling ones
-# (not torch/_library, torch/_ops, sympy, ...: Python the dispatcher calls from C++). Filled on first use, again
-# once torch is imported.
+_previous_unraisable: Any = None  # sys.unraisablehook before ours, from a request until reset()
+# Installed code where a raise may land: this repo's packages (wherever installed) and torch's tracing/compiling ones,
+# as path prefixes ("fx/graph": graph.py and graph_module.py). Not torch/_library, torch/_ops, fx/experimental's
+# SymNode, sympy, ...: Python that torch's C++ calls.
 _OWN = ("pretrain", "model")
-# Prefixes of paths: "fx/graph" is graph.py and graph_module.py; fx/experimental's SymNode is called from C++.
 _TORCH = ("_dynamo/", "_inductor/", "_functorch/", "fx/graph", "fx/interpreter.py", "fx/proxy.py",
           "fx/experimental/proxy_tensor.py", "nn/", "_subclasses/")
-_prefixes: tuple[str, ...] | None = None
-_previous_unraisable: Any = None  # sys.unraisablehook before ours, from a request until reset()
-_entered_in_handler = False  # whether the outermost region was entered inside a dispatch handler (never, in practice)
 
 
 def reset() -> None:
@@ -106,8 +103,8 @@ def _may_raise_in(frame: FrameType | None) -> bool:
     if frame is None:
         return True
     path = frame.f_code.co_filename
-    allowed = not path.startswith(_library_prefixes()) or path.startswith(_raise_prefixes())
-    return allowed and _in_dispatch_handler() == _entered_in_handler
+    allowed = not path.startswith(_library_prefixes()) or path.startswith(_allowed_prefixes())
+    return allowed and not _in_dispatch_handler()
 
 
 @functools.cache
@@ -125,15 +122,11 @@ def _in_dispatch_handler() -> bool:
     return torch is not None and torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.PythonTLSSnapshot)
 
 
-def _raise_prefixes() -> tuple[str, ...]:
-    global _prefixes
+def _allowed_prefixes() -> tuple[str, ...]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     torch = sys.modules.get("torch")
-    if _prefixes is None or (torch is not None and len(_prefixes) == len(_OWN)):
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        own = tuple(os.path.join(root, d) + os.sep for d in _OWN)
-        torch_dir = os.path.dirname(torch.__file__) if torch is not None else None
-        _prefixes = own + (tuple(f"{torch_dir}{os.sep}{d}" for d in _TORCH) if torch_dir else ())
-    return _prefixes
+    torch_dir = () if torch is None else (os.path.dirname(torch.__file__),)
+    return (*(os.path.join(root, d, "") for d in _OWN), *(os.path.join(t, d) for t in torch_dir for d in _TORCH))
 
 
 def _quiet_dropped_stops(on: bool) -> None:
@@ -204,10 +197,8 @@ def check() -> None:
 def interruptible() -> Iterator[None]:
     """A region the signal handler may leave by raising StopNow: only for work that changes no state the
     checkpoint holds, or whose partial effects the stop path discards (a micro-batch's gradients)."""
-    global _regions, _entered_in_handler
+    global _regions
     check()
-    if not _regions:
-        _entered_in_handler = _in_dispatch_handler()
     _regions += 1
     modes = _dispatch_modes()
     try:
