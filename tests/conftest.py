@@ -53,10 +53,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-import errno  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
-import io  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
@@ -279,66 +277,6 @@ def world(tmp_path_factory, byte_data) -> dict[str, Path]:
     (hf_out / "config.json").write_text("{}")
     return {"base": base, "run": run, "notes": notes, "broken": broken, "mixed": mixed, "small": small,
             "data": byte_data, "hf_out": hf_out}
-
-
-def nan_at_step(monkeypatch, step: int) -> None:
-    """Make the training forward pass of optimizer step `step` (grad-accum 1) return a NaN loss."""
-    from model import GPT
-
-    original = GPT.forward
-    calls = {"n": 0}
-
-    def forward(self, idx, targets=None, **kw):
-        out = original(self, idx, targets, **kw)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == step:
-                return out * float("nan")
-        return out
-
-    monkeypatch.setattr(GPT, "forward", forward)
-
-
-class _FillingDiskFile(io.RawIOBase):
-    """A file on a disk with `free` bytes left: a write past them writes what fits and returns the short count,
-    the next one fails with ENOSPC (what the OS does)."""
-
-    def __init__(self, path: str, free: int) -> None:
-        self._f = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close()
-        self.free = free
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        if view.nbytes and not self.free:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        n = self._f.write(view[: self.free])
-        self.free -= n
-        return n
-
-    def fileno(self) -> int:
-        return self._f.fileno()
-
-    def close(self) -> None:
-        self._f.close()
-        super().close()
-
-
-def full_disk(monkeypatch, free_bytes: int) -> None:
-    """Checkpoint files land on a disk with `free_bytes` left: each file the checkpoint writer opens gets that
-    much (then ENOSPC), through a buffered file object like open()'s; reading is untouched."""
-    import builtins
-
-    import pretrain.train.checkpoint as ck
-
-    def open_on_full_disk(path, mode="r", *args, **kwargs):
-        if "w" not in mode:
-            return builtins.open(path, mode, *args, **kwargs)
-        return io.BufferedWriter(_FillingDiskFile(str(path), free_bytes))
-
-    monkeypatch.setattr(ck, "open", open_on_full_disk, raising=False)
 
 
 @pytest.fixture(scope="session")

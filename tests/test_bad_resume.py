@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, full_disk
+from conftest import TINY_TRAIN
+from faults import full_disk
 
 from pretrain.errors import run_cli
 from pretrain.track.runlog import read_jsonl

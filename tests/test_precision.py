@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import nan_at_step
+from faults import nan_at_step
 
 from model import GPT, ModelConfig
 from model.rope import apply_rotary

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from conftest import nan_at_step
+from faults import nan_at_step
 from test_track_trust import FAST, events, sigterm_at_batch, trainer
 
 from pretrain.errors import EXIT_STOPPED

@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-from conftest import nan_at_step
+from faults import nan_at_step
 from wandb_records import iter_wandb_records, read_wandb_history
 
 from pretrain.errors import EXIT_STOPPED
