@@ -52,6 +52,10 @@ for key, value in {
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import zygote  # noqa: E402
+
+zygote.install()  # python commands tests start are forked from an interpreter with torch imported (zygote.py)
+
 
 import functools  # noqa: E402
 import gc  # noqa: E402

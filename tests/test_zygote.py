@@ -1,0 +1,63 @@
+"""tests/zygote.py: a python command a test starts from the zygote behaves as the same command exec'd (what its
+own output, exit code, signals and process group are), and it was forked (torch already imported)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import zygote
+
+SCRIPT = textwrap.dedent("""
+    import os, sys
+    print("preloaded" if "torch" in sys.modules else "fresh", file=sys.stderr)
+    print(sys.argv[1:], os.path.basename(os.getcwd()), os.environ.get("ZYGOTE_TEST"), sys.stdin.read().strip())
+    print(__name__, sys.path[0] == os.path.dirname(os.path.abspath(__file__)), flush=True)
+    if sys.argv[1] == "raise":
+        raise ValueError("boom")
+    if sys.argv[1] == "message":
+        sys.exit("a message")
+    if sys.argv[1] == "sleep":
+        import time
+        time.sleep(60)
+    sys.exit(int(sys.argv[1]))
+""")
+
+
+def _run(popen, script, arg: str, cwd) -> tuple[int, str, str]:
+    env = zygote._entry_env({**os.environ, "ZYGOTE_TEST": "env seen"})
+    proc = popen([sys.executable, str(script), arg, "x y"], cwd=cwd, env=env, stdin=subprocess.PIPE,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate("from stdin", timeout=120)
+    return proc.returncode, out, err
+
+
+def test_a_forked_command_does_what_the_exec_one_does(tmp_path):
+    script = tmp_path / "cmd.py"
+    script.write_text(SCRIPT)
+    (tmp_path / "here").mkdir()
+    for arg in ("3", "0", "raise", "message"):
+        forked = _run(subprocess.Popen, script, arg, tmp_path / "here")
+        execed = _run(zygote._EXEC_POPEN, script, arg, tmp_path / "here")
+        assert forked[2].startswith("preloaded") and execed[2].startswith("fresh"), (forked, execed)
+        assert forked[:2] == execed[:2], (arg, forked, execed)
+        assert forked[2].splitlines()[1:] == execed[2].splitlines()[1:], (arg, forked, execed)
+    assert execed[0] == 1 and "a message" in execed[2]
+    assert "['3', 'x y'] here env seen from stdin" in _run(subprocess.Popen, script, "3", tmp_path / "here")[1]
+
+
+def test_a_forked_command_is_this_process_child_in_its_own_session_and_dies_by_signal(tmp_path):
+    script = tmp_path / "cmd.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), "sleep", "x"], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, env=zygote._entry_env(dict(os.environ)), start_new_session=True,
+                            text=True)
+    assert proc.stdout.readline().strip().endswith("None")  # running: it printed its first line
+    assert os.getpgid(proc.pid) == proc.pid and os.getsid(proc.pid) == proc.pid
+    with open(f"/proc/{proc.pid}/stat") as f:
+        assert int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()  # its parent is this process
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == -signal.SIGTERM
