@@ -3,11 +3,12 @@
 A trainer started by a test spends ~5 s on a slow host importing torch, torch._dynamo (every optimizer's
 constructor imports it) and matplotlib before its first line of work, and the suite starts dozens. Here one
 process per xdist worker (the zygote) imports those once and forks for each `python script.py ...`,
-`python -m pretrain... ...` or `python -c ...` a test starts with `subprocess`: the child becomes that command
-(its argv, cwd, environment, stdin/stdout/stderr, new session or process group) and runs it as `python` would,
-`__main__`, atexit handlers and exit code included. It is the test's own child, so `wait`, `send_signal`, kill -9
-and process groups behave as with exec: the zygote forks through an intermediate that exits at once, and the
-test's worker, a child subreaper (prctl) while it asks, adopts the command.
+`python -m pretrain...` (or torchrun's `-m torch.distributed.run`) or `python -c ...` a test starts with
+`subprocess`: the child becomes that command (its argv, cwd, environment, stdin/stdout/stderr, new session or
+process group) and runs it as `python` would, `__main__`, atexit handlers and exit code included. It is the
+test's own child, so `wait`, `send_signal`, kill -9 and process groups behave as with exec: the zygote forks
+through an intermediate that exits at once, and the test's worker, a child subreaper (prctl) while it asks,
+adopts the command.
 
 Only the third-party packages are imported ahead (this repo's modules read settings when the command imports
 them), in the environment this repo's entry points give torch before it loads (OpenMP's spin, huge pages:
@@ -228,7 +229,7 @@ def _request(args, executable, shell, cwd, env, pass_fds, preexec_fn, extra: dic
     argv = [os.fsdecode(a) for a in ([args] if isinstance(args, (str, bytes, os.PathLike)) else args)]
     if len(argv) < 2 or argv[0] != sys.executable:
         return None
-    if argv[1] == "-m" and len(argv) > 2 and argv[2].startswith("pretrain"):
+    if argv[1] == "-m" and len(argv) > 2 and argv[2].startswith(("pretrain", "torch.distributed.run")):
         kind, target, rest = "module", argv[2], argv[3:]
     elif argv[1] == "-c" and len(argv) > 2:
         kind, target, rest = "command", argv[2], argv[3:]
