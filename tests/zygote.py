@@ -175,22 +175,22 @@ class _Zygote:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.sock: socket.socket | None = None
-        self.env: dict[str, str] = {}
+        self.import_env: dict[str, str] = {}  # what the zygote's packages read at import
+        self.libc = ctypes.CDLL(None, use_errno=True)
         self.failed = os.environ.get("PRETRAIN_TEST_EXEC") == "1" or not sys.platform.startswith("linux")
 
-    @staticmethod
-    def _subreaper(on: bool) -> None:
+    def _subreaper(self, on: bool) -> None:
         """Adopt orphaned descendants (on) or leave them to init (off): on only while a command is forked, so
         this worker is left no zombie of, say, a killed launcher's trainer."""
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        if self.libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
     def _start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.env = _entry_env(dict(os.environ))
+        env = _entry_env(dict(os.environ))
+        self.import_env = _import_env(env)
         self.proc = _EXEC_POPEN([sys.executable, __file__, str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                                env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         theirs.close()
         self.sock = ours
 
@@ -203,7 +203,7 @@ class _Zygote:
                 if self.sock is None:
                     self._start()
                 env = req["env"] if req["kind"] == "command" else _entry_env(req["env"])
-                if _import_env(env) != _import_env(self.env):
+                if _import_env(env) != self.import_env:
                     return None
                 assert self.sock is not None
                 self._subreaper(True)
@@ -227,8 +227,8 @@ def _request(args, executable, shell, cwd, env, pass_fds, preexec_fn, extra: dic
     if shell or executable or pass_fds or preexec_fn or any(v not in (None, -1, False, ()) for v in extra.values()):
         return None
     argv = [os.fsdecode(a) for a in ([args] if isinstance(args, (str, bytes, os.PathLike)) else args)]
-    if len(argv) < 2 or argv[0] != sys.executable:
-        return None
+    if len(argv) < 2 or argv[0] != sys.executable or (cwd and not os.path.isdir(cwd)):
+        return None  # (a missing cwd: exec raises FileNotFoundError here, as a test expects of Popen)
     if argv[1] == "-m" and len(argv) > 2 and argv[2].startswith(("pretrain", "torch.distributed.run")):
         kind, target, rest = "module", argv[2], argv[3:]
     elif argv[1] == "-c" and len(argv) > 2:
