@@ -21,7 +21,8 @@ _cache = Path(tempfile.mkdtemp(prefix="pretrain-test-cache-"))
 # memory estimates depend only on their inputs and the code (pretrain/plan/estimate_cache.py keys them exactly), so
 # the same 1b plan is not estimated cold once per worker. Made by the first process (the xdist controller, or pytest
 # alone) before the workers start, passed to them by environment, removed by that process at the end
-# (pytest_unconfigure). A test that needs a cold cache sets its own directory (tests/test_plan_cache.py).
+# (pytest_unconfigure). A test that needs a cold cache sets its own directory (tests/test_plan_cache.py). It starts
+# with the estimates of tests/data/suite_estimates.json while they hold for this checkout (suite_estimates.py).
 # inductor's cache lives there too: a cold --compile of a tiny model is ~25 CPU-s, most of it g++ building one .so per
 # kernel and the precompiled header (~1 s each), and a kernel or graph already built by the other worker is then
 # loaded instead. Dynamo still traces every frame and counts it (the graph counts tests assert are the same warm or
@@ -52,8 +53,11 @@ for key, value in {
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import suite_estimates  # noqa: E402
 import zygote  # noqa: E402
 
+# The estimates the suite's plans need, from the repo, while they hold for this checkout (suite_estimates.py).
+_preloaded = suite_estimates.preload() if _shared_owner else (0, None)
 zygote.install()  # python commands tests start are forked from an interpreter with torch imported (zygote.py)
 
 
@@ -67,8 +71,24 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _shared_owner:
+        return
+    n, reason = _preloaded
+    traced = suite_estimates.traced(_shared / "pretrain") - n
+    line = f"plan estimates: {n} from {suite_estimates.FILE.relative_to(ROOT)}, {traced} traced"
+    if reason is not None:
+        line += f" (its estimates not used: {reason})"
+    if reason is not None and not os.environ.get(suite_estimates.SAVE_ENV):
+        line += f"; to keep them: {suite_estimates.SAVE_ENV}=1 make test"
+    terminalreporter.write_line(line)
+
+
 def pytest_unconfigure(config) -> None:
     if _shared_owner:
+        if os.environ.get(suite_estimates.SAVE_ENV):
+            n = suite_estimates.save(_shared / "pretrain")
+            print(f"{suite_estimates.FILE.relative_to(ROOT)}: {n} estimates written")
         shutil.rmtree(_shared, ignore_errors=True)
 
 

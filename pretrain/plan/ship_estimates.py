@@ -160,7 +160,10 @@ def _records(cache: Path) -> dict[estimate_cache.Parts, dict[str, Any]]:
     return out
 
 
-def shipped_text(records: dict[estimate_cache.Parts, dict[str, Any]], files: list[str]) -> str:
+ABOUT = "memory estimates shipped with the repo (pretrain/plan/estimate_cache.py); regenerate: make plan-estimates"
+
+
+def shipped_text(records: dict[estimate_cache.Parts, dict[str, Any]], files: list[str], about: str = ABOUT) -> str:
     """The shipped file: environment, executed files with their hashes, the base settings and the models once, then
     one line per estimate [model id, settings changed from the base, seq_len, pass, packages, estimate]."""
     from pretrain.plan.step_trace import _relevant
@@ -180,8 +183,7 @@ def shipped_text(records: dict[estimate_cache.Parts, dict[str, Any]], files: lis
                        json.loads(packages), est], parts))
     pairs.sort(key=lambda pair: json.dumps(pair[0][:5], sort_keys=True))
     entries = [entry for entry, _ in pairs]
-    head = {"about": "memory estimates shipped with the repo (pretrain/plan/estimate_cache.py); regenerate: "
-                     "make plan-estimates", "environment": estimate_cache.environment()}
+    head = {"about": about, "environment": estimate_cache.environment()}
     body = {**head, "files": estimate_cache.file_hashes(tuple(files)), "imports": imported_files(files),
             "settings": base, "models": models, "estimates": entries}
     for entry, parts in pairs:  # exact: each entry rebuilds the key parts it was traced under
