@@ -39,13 +39,16 @@ COMMON = ["--size", "tiny", "--d-model", "64", "--n-head", "4", "--n-layer", "2"
 ABORT_SIGNS = ("Traceback", "terminate called", "Aborted", "SIGABRT", "Connection closed by peer")
 
 
-def torchrun(data: Path, out: Path, *flags: str, script: Path = ROOT / "train_v29.py") -> subprocess.Popen:
-    """Start a 2-rank run; its output goes to <out>.log (a pipe nobody reads while we poll could fill up)."""
+def torchrun(data: Path, out: Path, *flags: str, script: Path = ROOT / "train_v29.py",
+             exec_ranks: bool = False) -> subprocess.Popen:
+    """Start a 2-rank run; its output goes to <out>.log (a pipe nobody reads while we poll could fill up).
+    exec_ranks: the ranks are exec'd, not forked by tests/zygote.py, so /proc shows each one's environment."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(script), "--data", str(data), "--out-dir", str(out), *COMMON, *flags]
     log = open(f"{out}.log", "w")  # noqa: SIM115 - the child holds it; closed with the process
+    env = os.environ | {"PRETRAIN_TEST_EXEC": "1"} if exec_ranks else None
     # Own session: a failing test can kill torchrun and its workers together.
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     proc.log_path = log.name  # type: ignore[attr-defined]
     return proc
 
@@ -142,7 +145,7 @@ def test_one_process_checkpoint_resumes_at_two_ranks_and_sigterm_on_one_rank_sav
     out.mkdir()
     shutil.copy(runs["single"] / "step_3.pt", out / "last.pt")
     proc = torchrun(byte_data, out, "--batch-size", str(B), "--steps", "100000", "--save-every", "0",
-                    "--eval-every", "0")
+                    "--eval-every", "0", exec_ranks=True)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and max(losses(out), default=0) < 6:
         time.sleep(0.1)

@@ -61,3 +61,37 @@ def test_a_forked_command_is_this_process_child_in_its_own_session_and_dies_by_s
         assert int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()  # its parent is this process
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == -signal.SIGTERM
+
+
+NESTED = textwrap.dedent("""
+    import json, os, subprocess, sys
+    def me():
+        return [os.getpid(), os.getppid(), os.getpgrp(), os.getsid(0), "torch" in sys.modules]
+    if len(sys.argv) > 1:
+        print(json.dumps(me()))
+        sys.exit(0)
+    rows = {"parent": me()}
+    for name, flags, extra in (("group", [], {}), ("own group", [], {"process_group": 0}), ("-u", ["-u"], {})):
+        proc = subprocess.run([sys.executable, *flags, __file__, "child"], capture_output=True, text=True, **extra)
+        rows[name] = json.loads(proc.stdout)
+    print(json.dumps(rows))
+""")
+
+
+def test_a_forked_commands_own_python_commands_are_forked_as_its_children(tmp_path):
+    """What a launcher's trainer or torchrun's workers are to their starter: its children, in its session and
+    process group (or their own group when asked), as exec'd; forked (torch already imported) when it was."""
+    import json
+
+    script = tmp_path / "nested.py"
+    script.write_text(NESTED)
+    env = zygote._entry_env(dict(os.environ))
+    for popen, forked in ((subprocess.Popen, True), (zygote._EXEC_POPEN, False)):
+        proc = popen([sys.executable, str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+        out, _ = proc.communicate(timeout=120)  # EOF when it ends: nothing else holds its stdout
+        rows = json.loads(out)
+        parent = rows.pop("parent")
+        assert parent[1] == os.getpid() and parent[4] is forked
+        for name, (pid, ppid, pgid, sid, preloaded) in rows.items():
+            assert (ppid, sid, preloaded) == (parent[0], parent[3], forked), (name, rows)
+            assert pgid == (pid if name == "own group" else parent[2]), (name, rows)

@@ -8,25 +8,31 @@ process per xdist worker (the zygote) imports those once and forks for each `pyt
 process group) and runs it as `python` would, `__main__`, atexit handlers and exit code included. It is the
 test's own child, so `wait`, `send_signal`, kill -9 and process groups behave as with exec: the zygote forks
 through an intermediate that exits at once, and the test's worker, a child subreaper (prctl) while it asks,
-adopts the command.
+adopts the command. A forked command's own python commands (a launcher's trainer, torchrun's workers) are forked
+the same way from its template: a copy of it made before its code runs, its child, so they are its children.
 
 Only the third-party packages are imported ahead (this repo's modules read settings when the command imports
 them), in the environment this repo's entry points give torch before it loads (OpenMP's spin, huge pages:
 pretrain/train/host_threads.py, host_alloc.py), so a script or `-m` command is forked when its environment,
 with those added as its entry adds them, matches in what a package reads at import (threads, torch, python
 settings); a `-c` command must match as it is. Anything else runs as before (exec): another program, python
-flags (-X, -u), pass_fds, preexec_fn, another environment. PRETRAIN_TEST_EXEC=1 turns the zygote off.
+flags (-X; -u, torchrun's, is taken), pass_fds, preexec_fn, another environment. PRETRAIN_TEST_EXEC=1 turns the
+zygote off: in the tests' environment for all, in a command's for it and what it starts (/proc shows a forked
+process's command line and environment as the zygote's).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 
 PRELOAD = ("torch", "torch._dynamo", "numpy", "matplotlib.figure", "matplotlib.backends.backend_agg")
@@ -34,22 +40,34 @@ PRELOAD = ("torch", "torch._dynamo", "numpy", "matplotlib.figure", "matplotlib.b
 _IMPORT_ENV = ("OMP_", "MKL_", "KMP_", "GOMP_", "TORCH", "PYTORCH", "CUDA", "PYTHON", "LD_", "MALLOC", "THP_",
                "MPLBACKEND")
 _PR_SET_CHILD_SUBREAPER = 36
+_EXEC_ENV = "PRETRAIN_TEST_EXEC"  # "1": exec'd (in the test's environment: all; in a command's: it and its children)
 
 
-# Read later, when used (PYTHONPATH: the child puts it on sys.path as python would).
-_LAZY_ENV = ("PYTHONPATH", "PYTORCH_CUDA_ALLOC_CONF", "TORCHINDUCTOR_CACHE_DIR")
+# Read later, when used (PYTHONPATH: the child puts it on sys.path as python would; torchrun's settings for its
+# workers: read by torch.distributed when a worker starts its process group).
+_LAZY_ENV = ("PYTHONPATH", "PYTORCH_CUDA_ALLOC_CONF", "TORCHINDUCTOR_CACHE_DIR", "TORCHELASTIC_", "TORCH_NCCL_")
 
 
 def _import_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k.startswith(_IMPORT_ENV) and k not in _LAZY_ENV}
+    return {k: v for k, v in env.items() if k.startswith(_IMPORT_ENV) and not k.startswith(_LAZY_ENV)}
+
+
+@functools.cache
+def _repo_module(rel: str) -> types.ModuleType:
+    """A repo file run as a module of its own, not entered in sys.modules: a forked command imports this repo's
+    modules itself, when and where it would (its sys.path may not even reach them)."""
+    spec = importlib.util.spec_from_file_location(f"_zygote_{Path(rel).stem}", Path(__file__).parents[1] / rel)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _entry_env(env: dict[str, str]) -> dict[str, str]:
     """`env` as this repo's entry points leave it before torch loads."""
-    from pretrain.train.host_alloc import with_huge_pages
-    from pretrain.train.host_threads import with_idle_threads_asleep
-
-    return with_idle_threads_asleep(with_huge_pages(env))
+    huge_pages = _repo_module("pretrain/train/host_alloc.py").with_huge_pages
+    idle_threads_asleep = _repo_module("pretrain/train/host_threads.py").with_idle_threads_asleep
+    return idle_threads_asleep(huge_pages(env))
 
 
 # ---- the zygote (run as `python tests/zygote.py FD`) --------------------------------------------------------------
@@ -82,6 +100,30 @@ def _serve(sock: socket.socket) -> None:
         for fd in fds:
             os.close(fd)
         sock.send(str(pid).encode())
+
+
+def _start_template(exec_only: bool) -> None:
+    """In a forked command, before its code runs: fork a copy of this pristine process (its template) that forks
+    the python commands this command starts, which are then its own children (it is their subreaper while it
+    asks), as exec'd ones would be. The template has its own process group and no stdio, so a signal to the
+    command's group or a reader waiting for EOF on its pipes never sees it; it exits when the command does."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if os.fork() == 0:
+        try:
+            ours.close()
+            os.setpgid(0, 0)
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            keep = theirs.fileno()
+            os.closerange(3, keep)
+            os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+            _serve(theirs)
+        finally:
+            os._exit(0)
+    theirs.close()
+    _ZYGOTE.sock, _ZYGOTE.failed = ours, exec_only
+    subprocess.Popen = ForkPopen  # type: ignore[misc]
 
 
 def _text(fd: int, write: bool, errors: str, line: bool, unbuffered: bool):
@@ -122,7 +164,8 @@ def _become(req: dict, fds: list[int]) -> None:
         os.chdir(req["cwd"])
         os.environ.clear()
         os.environ.update(req["env"])
-        unbuffered = bool(req["env"].get("PYTHONUNBUFFERED"))
+        _start_template(exec_only=req["env"].get(_EXEC_ENV) == "1")
+        unbuffered = req["unbuffered"] or bool(req["env"].get("PYTHONUNBUFFERED"))
         sys.stdin = sys.__stdin__ = _text(0, False, "strict", False, False)
         sys.stdout = sys.__stdout__ = _text(1, True, "strict", False, unbuffered)
         sys.stderr = sys.__stderr__ = _text(2, True, "backslashreplace", True, unbuffered)
@@ -177,7 +220,7 @@ class _Zygote:
         self.sock: socket.socket | None = None
         self.import_env: dict[str, str] = {}  # what the zygote's packages read at import
         self.libc = ctypes.CDLL(None, use_errno=True)
-        self.failed = os.environ.get("PRETRAIN_TEST_EXEC") == "1" or not sys.platform.startswith("linux")
+        self.failed = os.environ.get(_EXEC_ENV) == "1" or not sys.platform.startswith("linux")
 
     def _subreaper(self, on: bool) -> None:
         """Adopt orphaned descendants (on) or leave them to init (off): on only while a command is forked, so
@@ -227,8 +270,12 @@ def _request(args, executable, shell, cwd, env, pass_fds, preexec_fn, extra: dic
     if shell or executable or pass_fds or preexec_fn or any(v not in (None, -1, False, ()) for v in extra.values()):
         return None
     argv = [os.fsdecode(a) for a in ([args] if isinstance(args, (str, bytes, os.PathLike)) else args)]
-    if len(argv) < 2 or argv[0] != sys.executable or (cwd and not os.path.isdir(cwd)):
+    env = {os.fsdecode(k): os.fsdecode(v) for k, v in (os.environ if env is None else env).items()}
+    if len(argv) < 2 or argv[0] != sys.executable or (cwd and not os.path.isdir(cwd)) or env.get(_EXEC_ENV) == "1":
         return None  # (a missing cwd: exec raises FileNotFoundError here, as a test expects of Popen)
+    unbuffered = argv[1] == "-u"  # torchrun starts its workers with -u
+    if unbuffered:
+        argv = argv[:1] + argv[2:]
     if argv[1] == "-m" and len(argv) > 2 and argv[2].startswith(("pretrain", "torch.distributed.run")):
         kind, target, rest = "module", argv[2], argv[3:]
     elif argv[1] == "-c" and len(argv) > 2:
@@ -238,7 +285,7 @@ def _request(args, executable, shell, cwd, env, pass_fds, preexec_fn, extra: dic
     else:
         return None
     return {"kind": kind, "target": target, "args": rest, "cwd": os.fspath(cwd) if cwd else os.getcwd(),
-            "env": {os.fsdecode(k): os.fsdecode(v) for k, v in (os.environ if env is None else env).items()}}
+            "env": env, "unbuffered": unbuffered}
 
 
 class ForkPopen(subprocess.Popen):
@@ -251,7 +298,9 @@ class ForkPopen(subprocess.Popen):
                        {"gid": gid, "gids": gids, "uid": uid, "umask": umask})
         pid = None
         if req is not None:
-            req.update(session=bool(start_new_session), group=None if process_group in (None, -1) else process_group)
+            # Not in a group of its own: in this process's, as exec'd (the zygote's child is in the zygote's).
+            req.update(session=bool(start_new_session),
+                       group=os.getpgrp() if process_group in (None, -1) else process_group)
             fds = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1,
                    errwrite if errwrite != -1 else 2]
             pid = _ZYGOTE.spawn(req, fds)
@@ -280,4 +329,5 @@ def install() -> None:
 
 
 if __name__ == "__main__":
+    _ZYGOTE.import_env = _import_env(dict(os.environ))  # what a command's template imported with
     _serve(socket.socket(fileno=int(sys.argv[1])))
