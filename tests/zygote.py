@@ -1,15 +1,15 @@
 """Python processes the tests start, forked from an interpreter that has already imported torch.
 
-A trainer started by a test spends ~5 s on a slow host importing torch, torch._dynamo (every optimizer's
-constructor imports it) and matplotlib before its first line of work, and the suite starts dozens. Here one
-process per xdist worker (the zygote) imports those once and forks for each `python script.py ...`,
-`python -m pretrain...` (or torchrun's `-m torch.distributed.run`) or `python -c ...` a test starts with
-`subprocess`: the child becomes that command (its argv, cwd, environment, stdin/stdout/stderr, new session or
-process group) and runs it as `python` would, `__main__`, atexit handlers and exit code included. It is the
-test's own child, so `wait`, `send_signal`, kill -9 and process groups behave as with exec: the zygote forks
-through an intermediate that exits at once, and the test's worker, a child subreaper (prctl) while it asks,
-adopts the command. A forked command's own python commands (a launcher's trainer, torchrun's workers) are forked
-the same way from its template: a copy of it made before its code runs, its child, so they are its children.
+A trainer started by a test spends ~5 s on a slow host importing torch, torch._dynamo (every optimizer's constructor
+imports it) and matplotlib before its first line of work, and the suite starts dozens. Here one process per xdist
+worker (the zygote) imports those once and forks for each `python script.py ...`, `python -m pretrain...`
+(torchrun's `-m torch.distributed.run`, Jupyter's kernel) or `python -c ...` a test starts with `subprocess`: the
+child becomes that command (its argv, cwd, environment, stdin/stdout/stderr, new session or process group) and runs
+it as `python` would, `__main__`, atexit handlers and exit code included. It is the test's own child, so `wait`,
+`send_signal`, kill -9 and process groups behave as with exec: the zygote forks through an intermediate that exits
+at once, and the test's worker, a child subreaper (prctl) while it asks, adopts the command. A forked command's own
+python commands (a launcher's trainer, torchrun's workers) are forked the same way from its template: a copy of it
+made before its code runs, its child, so they are its children.
 
 Only the third-party packages are imported ahead (this repo's modules read settings when the command imports
 them), in the environment this repo's entry points give torch before it loads (OpenMP's spin, huge pages:
@@ -40,6 +40,7 @@ PRELOAD = ("torch", "torch._dynamo", "numpy", "matplotlib.figure", "matplotlib.b
 _IMPORT_ENV = ("OMP_", "MKL_", "KMP_", "GOMP_", "TORCH", "PYTORCH", "CUDA", "PYTHON", "LD_", "MALLOC", "THP_",
                "MPLBACKEND")
 _PR_SET_CHILD_SUBREAPER = 36
+_MODULES = ("pretrain", "torch.distributed.run", "ipykernel_launcher")  # `python -m` commands forked (+ scripts, -c)
 _EXEC_ENV = "PRETRAIN_TEST_EXEC"  # "1": exec'd (in the test's environment: all; in a command's: it and its children)
 
 
@@ -276,7 +277,7 @@ def _request(args, executable, shell, cwd, env, pass_fds, preexec_fn, extra: dic
     unbuffered = argv[1] == "-u"  # torchrun starts its workers with -u
     if unbuffered:
         argv = argv[:1] + argv[2:]
-    if argv[1] == "-m" and len(argv) > 2 and argv[2].startswith(("pretrain", "torch.distributed.run")):
+    if argv[1] == "-m" and len(argv) > 2 and argv[2].startswith(_MODULES):
         kind, target, rest = "module", argv[2], argv[3:]
     elif argv[1] == "-c" and len(argv) > 2:
         kind, target, rest = "command", argv[2], argv[3:]
