@@ -27,7 +27,8 @@ gpu-check: $(STAMP)
 	$(BIN)/python -m pretrain.gpu_check $(ARGS)
 
 # The memory estimates shipped in the repo (pretrain/plan/shipped_estimates.json): rerun after changing model/, the
-# optimizers or the step tracing (tests/test_shipped_estimates.py says when). Prints how long it took.
+# optimizers or the step tracing (tests/test_shipped_estimates.py says when). Prints how long it took. The suite's own
+# estimates (tests/data/suite_estimates.json) go stale then too: PRETRAIN_TEST_SAVE_ESTIMATES=1 make test.
 plan-estimates: $(STAMP)
 	$(BIN)/python -m pretrain.plan.ship_estimates
 
