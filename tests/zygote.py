@@ -103,7 +103,7 @@ def _serve(sock: socket.socket) -> None:
         sock.send(str(pid).encode())
 
 
-def _start_template(exec_only: bool) -> None:
+def _start_template() -> None:
     """In a forked command, before its code runs: fork a copy of this pristine process (its template) that forks
     the python commands this command starts, which are then its own children (it is their subreaper while it
     asks), as exec'd ones would be. The template has its own process group and no stdio, so a signal to the
@@ -123,7 +123,7 @@ def _start_template(exec_only: bool) -> None:
         finally:
             os._exit(0)
     theirs.close()
-    _ZYGOTE.sock, _ZYGOTE.failed = ours, exec_only
+    _ZYGOTE.sock = ours
     subprocess.Popen = ForkPopen  # type: ignore[misc]
 
 
@@ -165,7 +165,7 @@ def _become(req: dict, fds: list[int]) -> None:
         os.chdir(req["cwd"])
         os.environ.clear()
         os.environ.update(req["env"])
-        _start_template(exec_only=req["env"].get(_EXEC_ENV) == "1")
+        _start_template()
         unbuffered = req["unbuffered"] or bool(req["env"].get("PYTHONUNBUFFERED"))
         sys.stdin = sys.__stdin__ = _text(0, False, "strict", False, False)
         sys.stdout = sys.__stdout__ = _text(1, True, "strict", False, unbuffered)
