@@ -3,10 +3,11 @@ and what it says of imports holds (no import cycle among our modules, imports in
 
 from __future__ import annotations
 
-import ast
 import re
 
 from conftest import ROOT
+
+from pretrain.plan.ship_estimates import file_imports
 
 DOC = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
 FILES = sorted(p for d in ("pretrain", "model") for p in (ROOT / d).rglob("*.py"))
@@ -22,30 +23,7 @@ MODULES = {_module(p): p for p in FILES}
 
 def _imports(name: str) -> set[str]:
     """Our modules that `name` imports anywhere in its file (module level or inside functions)."""
-    path, found = MODULES[name], set()
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    tree = ast.parse(path.read_text())
-    typing_only = {id(n) for b in ast.walk(tree) if isinstance(b, ast.If) and "TYPE_CHECKING" in ast.unparse(b.test)
-                   for s in b.body for n in ast.walk(s)}  # never run: no import-time dependency
-    for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*parts, *([base] if base else [])])
-            targets = [f"{base}.{a.name}" for a in node.names] + [base]
-        else:
-            continue
-        for t in targets:
-            while t and t not in MODULES:
-                t = t.rpartition(".")[0]
-            if t and t != name:
-                found.add(t)
-    return found
+    return {_module(ROOT / f) for f in file_imports(str(MODULES[name].relative_to(ROOT)))}
 
 
 def test_architecture_names_every_module_and_only_files_that_exist() -> None:

@@ -125,30 +125,41 @@ def executed_files() -> list[str]:
     return sorted(files)
 
 
-def imported_files(files: list[str]) -> list[str]:
-    """The repo files that `files` import (anywhere in them: module level or inside functions), themselves aside:
-    tests/test_shipped_estimates.py checks this set has not grown since the file was made."""
+def file_imports(name: str) -> set[str]:
+    """The repo files (relative paths) that the file `name` imports anywhere in it, module level or inside functions,
+    itself aside; not under `if TYPE_CHECKING:` (never run). tests/test_architecture_doc.py finds import cycles
+    with it."""
     import ast
 
+    package = ".".join(Path(name).parts[:-1])  # what a relative import is relative to
+    tree = ast.parse((ROOT / name).read_text())
+    typing_only = {id(n) for b in ast.walk(tree) if isinstance(b, ast.If) and "TYPE_CHECKING" in ast.unparse(b.test)
+                   for s in b.body for n in ast.walk(s)}
     out: set[str] = set()
-    for name in files:
-        package = ".".join(Path(name).parts[:-1])  # what a relative import is relative to
-        for node in ast.walk(ast.parse((ROOT / name).read_text())):
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join([*up, *([base] if base else [])])
-                targets = [base] + [f"{base}.{a.name}" for a in node.names]
-            else:
-                continue
-            for target in targets:
-                for candidate in (f"{target.replace('.', '/')}.py", f"{target.replace('.', '/')}/__init__.py"):
-                    if (ROOT / candidate).is_file():
-                        out.add(candidate)
-    return sorted(out - set(files))
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*up, *([base] if base else [])])
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for target in targets:
+            for candidate in (f"{target.replace('.', '/')}.py", f"{target.replace('.', '/')}/__init__.py"):
+                if (ROOT / candidate).is_file():
+                    out.add(candidate)
+    return out - {name}
+
+
+def imported_files(files: list[str]) -> list[str]:
+    """The repo files that `files` import (file_imports), themselves aside: tests/test_shipped_estimates.py checks
+    this set has not grown since the file was made."""
+    return sorted(set().union(*map(file_imports, files)) - set(files))
 
 
 def _records(cache: Path) -> dict[estimate_cache.Parts, dict[str, Any]]:
