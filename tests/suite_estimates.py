@@ -2,14 +2,14 @@
 them again (tests/data/suite_estimates.json; the product's own file of this kind: pretrain/plan/shipped_estimates.json).
 
 A fake-tensor estimate costs 0.3-4 CPU-s and the suite's plans (1b tiers with other flags, tiny models at the cpu
-tier, the paper presets) need ~170 that the product does not ship: ~150 CPU-s of a 2-core run. Their result is a
+tier, the paper presets) need ~220 that the product does not ship: ~270 of a run's ~1,050 CPU-s. Their result is a
 pure function of the key parts and of the code that traces them, so the session's cache (conftest) starts with
 them, under the keys the code of this checkout computes, only while the file's environment and the hash of every
 file an estimate executes equal this checkout's (estimate_cache's rule for the shipped file). Anything else is
 traced as before: a stale file costs time, never a wrong figure. Tests that need a cold plan set their own cache
 (tests/test_plan_cache.py, test_shipped_estimates.py); tests/test_suite_estimates.py holds the preload to the rule.
 
-Refresh after changing model/, the optimizers or the step tracing (the end of `make test` says when):
+Refresh after changing model/, the optimizers or the step tracing (`make test`'s summary says when):
 
     PRETRAIN_TEST_SAVE_ESTIMATES=1 make test
 """
@@ -28,15 +28,11 @@ ABOUT = ("memory estimates the test suite traces (tests/suite_estimates.py); ref
 
 
 def why_not_used(body: dict | None) -> str | None:
-    """Why the file's estimates do not hold for this checkout (None: they do)."""
-    if body is None:
-        return "absent or unreadable"
-    if body.get("environment") != estimate_cache.environment():
-        return f"made with {body.get('environment')}, this is {estimate_cache.environment()}"
-    if sorted(body["files"]) != estimate_cache.code_files():
+    """Why the file's estimates do not hold for this checkout (None: they do): the shipped file's rule, and the same
+    list of files (the keys hash the shipped file's list)."""
+    if body is not None and sorted(body["files"]) != estimate_cache.code_files():
         return "it lists other files than pretrain/plan/shipped_estimates.json"
-    stale = estimate_cache.stale_files(body)
-    return f"{', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''} changed since it was made" if stale else None
+    return estimate_cache.why_not_held(body)
 
 
 def preload(path: Path = FILE) -> tuple[int, str | None]:

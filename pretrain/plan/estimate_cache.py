@@ -145,11 +145,22 @@ def stale_files(body: dict[str, Any]) -> list[str]:
     return [name for name, digest in sorted(body["files"].items()) if now[name] != digest]
 
 
+def why_not_held(body: dict[str, Any] | None) -> str | None:
+    """Why a shipped file's estimates do not hold for this checkout (None: they do): made under another environment,
+    or a file it lists changed since."""
+    if body is None:
+        return "absent or unreadable"
+    if body.get("environment") != environment():
+        return f"made with {body.get('environment')}, this is {environment()}"
+    stale = stale_files(body)
+    return f"{', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''} changed since it was made" if stale else None
+
+
 @functools.cache
 def _shipped_index(path: Path) -> dict[Parts, dict[str, Any]]:
     """The shipped file's estimates by their exact key parts; empty when it does not hold for this checkout."""
     body = read_shipped(path)
-    if body is None or body.get("environment") != environment() or stale_files(body):
+    if body is None or why_not_held(body) is not None:
         return {}
     try:
         return {entry_parts(body, entry): entry[-1] for entry in body["estimates"]}
