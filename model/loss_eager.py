@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from .loss_chunk import backprop_chunk
+from .loss_chunk import backprop_chunk, lm_head_logits
 
 # fp32 bytes of a softmax block per thread: 7 rows at a 50K vocab (a Zen 4 core's L2 is 1 MiB). Fewer rows make
 # more Python calls per chunk (6 a block), more spill the block further out (config S, 1 thread, loaded host:
@@ -172,7 +172,7 @@ def eager_chunk_loop(hh: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, v
     for i in range(0, rows, chunk_rows):
         h_c = hh[i:i + chunk_rows]
         n = h_c.shape[0]
-        out_mm = torch.mm(h_c, w.t(), out=buf_mm[:n])
+        out_mm = lm_head_logits(h_c, w, buf_mm[:n])
         loss, valid = chunk_loss_and_logit_grad_eager_(out_mm, targets[i:i + n], vocab_size, ignore_index,
                                                        want_h or want_w, block, block_fp32)
         total += loss

@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import model.loss_chunk as loss_chunk
 import model.loss_eager as loss_eager
 from model import GPT, ModelConfig
+from model.cpu_attention import native_bf16
 from model.gpt import LossWorkspace, chunked_cross_entropy
 
 VOCAB, PADDED, D = 100, 128, 32
@@ -146,6 +148,24 @@ def test_cpu_chunk_reads_its_rows_twice_and_runs_its_gemms_on_row_major_operands
     mms = [args for name, args in ops.seen if name == "mm"]
     assert not [args for args in mms if any(shape[0] == PADDED and stride == (1, PADDED) for shape, stride in args)]
     assert sum(args[0][0][0] == D and args[1][1] == (PADDED, 1) for args in mms) == 9  # h^T g, one per chunk
+
+
+@pytest.mark.skipif(not native_bf16(), reason="the LM head's column blocks run where oneDNN has native bf16 only")
+def test_bf16_lm_head_forward_runs_in_column_blocks_with_one_gemms_values(monkeypatch):
+    """On a CPU with native bf16 the LM head's forward GEMM runs in column blocks (model/loss_chunk.py VOCAB_BLOCK),
+    each writing its columns of the kept logits buffer through its row stride: a padded vocab of 128 in blocks of
+    48 is 3 GEMMs per chunk (the last 32 wide) on slices of the weight, no copy of a block, and the loss and both
+    gradients equal those of one GEMM per chunk bit for bit."""
+    h, w, t = _inputs()
+    whole = _loss_and_grads(h, w, t, LossWorkspace(), amp=True)
+    monkeypatch.setattr(loss_chunk, "VOCAB_BLOCK", 48)
+    with _Ops() as ops:
+        blocks = _loss_and_grads(h, w, t, LossWorkspace(), amp=True)
+    fwd = [args[1][0][1] for name, args in ops.seen if name == "mm" and args[1][0][0] == D and args[1][1] == (1, D)]
+    assert fwd == [48, 48, 32] * 9  # 60 rows in chunks of 7
+    assert not [args for name, args in ops.seen if name == "copy_" and any(shape[-1:] == (48,) for shape, _ in args)]
+    for a, b in zip(blocks, whole, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_ce_of_an_underflowing_target_probability_from_the_logits():
