@@ -217,6 +217,7 @@ def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
         floor = {**floor, "cpu_s": floor["cpu_s"] * accum, "wall_s": floor["wall_s"] * accum,
                  "flops": floor["flops"] * accum}
         row = {"precision": name, "step_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
+               "best_step_s": min(walls), "best_cpu_s": min(cpus),
                "faults": statistics.median(faults), "tok_s": step.tokens / statistics.median(walls),
                "floor": floor, "load": os.getloadavg()[0]}
         if spec.get("profile"):

@@ -17,6 +17,10 @@ def print_floor(res: dict[str, Any]) -> None:
               f"step at {fl['cpu_s'] / r['cpu_s']:.1%} of its GEMM floor by CPU time "
               f"({fl['wall_s'] / r['step_s']:.1%} wall), non-GEMM {r['cpu_s'] - fl['cpu_s']:.3f} CPU-s, "
               f"{r['tok_s']:.0f} tok/s, {r['faults']:.0f} page faults/step, load {r['load']:.1f}")
+        if "best_cpu_s" in r and "best_cpu_s" in fl:  # a --ref checkout's bench may predate them
+            print(f"    medians above (step and each GEMM); best against best: step {r['best_cpu_s']:.3f} CPU-s, "
+                  f"floor {fl['best_cpu_s']:.3f}: {fl['best_cpu_s'] / r['best_cpu_s']:.1%} by CPU time "
+                  f"({fl['best_wall_s'] / r['best_step_s']:.1%} wall)")
         for g in fl["rows"]:
             print(f"      {g['name']:<16}{g['shape']:>18} x{g['count']:<3}{g['cpu_s'] * 1e3:>8.1f} CPU-ms "
                   f"{g['flops'] / g['cpu_s'] / 1e9 if g['cpu_s'] else 0:>7.0f} GFLOP/CPU-s")

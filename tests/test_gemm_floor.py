@@ -7,6 +7,7 @@ halving) for every variant it covers, and the bench prints the floor ratio per p
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bench import train_step
 from bench.gemm_floor import native_bf16, step_gemms
@@ -32,3 +33,24 @@ def test_floor_mode_prints_the_ratio_per_precision_with_the_isa(capsys):
     for p in precisions:
         assert f"  {p}: step " in out and "of its GEMM floor by CPU time" in out
     assert out.count("lm_head dW") == len(precisions)
+    # The ratio is median against median; the best step against each GEMM's best run is printed beside it.
+    assert out.count("medians above (step and each GEMM); best against best: step ") == len(precisions)
+
+
+def test_a_gemm_wider_than_the_lm_heads_blocks_is_timed_in_its_faster_form(monkeypatch):
+    """The floor times the LM head's forward whole and in the column blocks the product runs it in, and counts the
+    form with the lower median: a floor whole-only would be easier to approach than what the GEMMs can do."""
+    import bench.gemm_floor as gf
+
+    calls: list[tuple[int, ...]] = []
+    real_mm = torch.mm
+
+    def mm(a, b, out):
+        calls.append(tuple(b.shape))
+        return real_mm(a, b, out=out)
+
+    monkeypatch.setattr(gf, "VOCAB_BLOCK", 48)
+    monkeypatch.setattr(gf.torch, "mm", mm)
+    t = gf.time_gemm(gf.Gemm("lm_head fwd", 1, 16, 8, 100, 1), torch.float32, reps=3)
+    assert calls.count((8, 100)) == 4 and calls.count((8, 48)) == 8 and calls.count((8, 4)) == 4  # warm-up + 3
+    assert 0 <= t["best_cpu_s"] <= t["cpu_s"] and 0 < t["best_wall_s"] <= t["wall_s"]
