@@ -103,9 +103,12 @@ def time_gemm(g: Gemm, dtype: torch.dtype, reps: int = 5) -> dict[str, float]:
             t0, c0 = time.perf_counter(), time.process_time()
             form()
             runs[i].append((time.perf_counter() - t0, time.process_time() - c0))
-    best = min(runs.values(), key=lambda r: statistics.median(c for _, c in r))
-    return {"wall_s": statistics.median(w for w, _ in best), "cpu_s": statistics.median(c for _, c in best),
-            "best_wall_s": min(w for w, _ in best), "best_cpu_s": min(c for _, c in best)}
+    medians = [statistics.median(c for _, c in runs[i]) for i in range(len(forms))]
+    faster = min(range(len(forms)), key=medians.__getitem__)
+    best = runs[faster]
+    return {"wall_s": statistics.median(w for w, _ in best), "cpu_s": medians[faster],
+            "best_wall_s": min(w for w, _ in best), "best_cpu_s": min(c for _, c in best),
+            "forms": {form.__name__: m for form, m in zip(forms, medians, strict=True)}}
 
 
 def gemm_floor(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype, reps: int = 5) -> dict:
@@ -123,8 +126,10 @@ def gemm_floor(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype, r
         key = (g.batch, g.m, g.k, g.n)
         if key not in timed:
             timed[key] = time_gemm(g, dtype, reps)
+        t = timed[key]
         rows.append({"name": g.name, "shape": "x".join(map(str, key if g.batch > 1 else key[1:])),
-                     "count": g.count, "flops": g.flops, **{k: v * g.count for k, v in timed[key].items()}})
+                     "count": g.count, "flops": g.flops, "forms": t["forms"],
+                     **{k: t[k] * g.count for k in ("wall_s", "cpu_s", "best_wall_s", "best_cpu_s")}})
     return {"rows": rows, "flops": sum(r["flops"] for r in rows),
             **{k: sum(r[k] for r in rows) for k in ("wall_s", "cpu_s", "best_wall_s", "best_cpu_s")}}
 
