@@ -87,6 +87,7 @@ def time_gemm(g: Gemm, dtype: torch.dtype, reps: int = 5) -> dict[str, float]:
     a = torch.randn(g.batch, g.m, g.k, dtype=dtype).squeeze(0)
     b = torch.randn(g.batch, g.k, g.n, dtype=dtype).squeeze(0)
     out = torch.empty(g.batch, g.m, g.n, dtype=dtype).squeeze(0)
+
     def whole() -> None:
         (torch.bmm if g.batch > 1 else torch.mm)(a, b, out=out)
 
@@ -97,13 +98,13 @@ def time_gemm(g: Gemm, dtype: torch.dtype, reps: int = 5) -> dict[str, float]:
     forms = [whole, column_blocks] if g.batch == 1 and g.n > VOCAB_BLOCK else [whole]
     for form in forms:
         form()
-    runs: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(forms))}
-    for _ in range(reps):
-        for i, form in enumerate(forms):
+    runs: list[list[tuple[float, float]]] = [[] for _ in forms]
+    for _ in range(reps):  # the forms alternate: load from other processes shifts them alike
+        for form, timed in zip(forms, runs, strict=True):
             t0, c0 = time.perf_counter(), time.process_time()
             form()
-            runs[i].append((time.perf_counter() - t0, time.process_time() - c0))
-    medians = [statistics.median(c for _, c in runs[i]) for i in range(len(forms))]
+            timed.append((time.perf_counter() - t0, time.process_time() - c0))
+    medians = [statistics.median(c for _, c in timed) for timed in runs]
     faster = min(range(len(forms)), key=medians.__getitem__)
     best = runs[faster]
     return {"wall_s": statistics.median(w for w, _ in best), "cpu_s": medians[faster],

@@ -214,8 +214,7 @@ def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
         amp = name != "fp32"
         walls, cpus, faults = timed[name]
         floor = gemm_floor(step.cfg, spec["batch"], spec["seq_len"], torch.bfloat16 if amp else torch.float32)
-        floor = {**floor, "cpu_s": floor["cpu_s"] * accum, "wall_s": floor["wall_s"] * accum,
-                 "flops": floor["flops"] * accum}
+        floor = {**floor, **{k: floor[k] * accum for k in ("cpu_s", "wall_s", "best_cpu_s", "best_wall_s", "flops")}}
         row = {"precision": name, "step_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
                "best_step_s": min(walls), "best_cpu_s": min(cpus),
                "faults": statistics.median(faults), "tok_s": step.tokens / statistics.median(walls),
