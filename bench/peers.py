@@ -110,8 +110,19 @@ def build(trainer: str, path: str | None, amp: bool, config: str = "S") -> tuple
     return _peer_step(model, opt, loss_of, amp), sum(p.numel() for p in model.parameters())
 
 
+class PeerError(Exception):
+    """A named checkout that does not build a step as that trainer does (wrong file, missing names)."""
+
+
 def child(spec: dict[str, Any]) -> dict[str, Any]:
-    step, params = build(spec["trainer"], spec.get("path"), spec["amp"], spec["config"])
+    try:
+        step, params = build(spec["trainer"], spec.get("path"), spec["amp"], spec["config"])
+    except (ImportError, AttributeError, TypeError, SyntaxError, NameError) as e:
+        if spec["trainer"] == "this":
+            raise
+        what = "a nanoGPT checkout (GPT, GPTConfig)" if spec["trainer"] == "nanogpt" else "the v29 trainer file"
+        raise PeerError(f"--{spec['trainer']} {spec['path']}: its config S step could not be built "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass {what}") from None
     for _ in range(spec["warmup"]):
         step()
     walls, cpus = [], []
@@ -135,7 +146,10 @@ def run_child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
 
             env = with_idle_threads_asleep(with_huge_pages(env))
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
-                              stdout=subprocess.PIPE, text=True, check=True)
+                              stdout=subprocess.PIPE, text=True)
+    if proc.returncode == 2:  # the child said why on stderr, in one line
+        raise PeerError("")
+    proc.check_returncode()
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -158,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             from pretrain.train.host_alloc import configure_host_memory
 
             configure_host_memory()
-        print(json.dumps(child(spec)), flush=True)
+        try:
+            print(json.dumps(child(spec)), flush=True)
+        except PeerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     peers = {"nanogpt": args.nanogpt, "v29": args.v29}
     for name, path in peers.items():
@@ -180,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         for trainer in results:
             spec = {"trainer": trainer, "path": peers.get(trainer), "amp": amp, "config": args.config,
                     "iters": args.iters, "warmup": args.warmup}
-            res = run_child(spec, args.threads)
+            try:
+                res = run_child(spec, args.threads)
+            except PeerError:
+                return 2
             results[trainer].append(res)
             print(f"  round {r + 1} {trainer:<8} step {res['step_s']:.3f} s ({res['cpu_s']:.3f} CPU-s), "
                   f"{res['tok_s']:.0f} tok/s, load {os.getloadavg()[0]:.1f}", flush=True)

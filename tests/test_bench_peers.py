@@ -128,3 +128,15 @@ def test_a_missing_checkout_is_one_line_and_exit_2(tmp_path, capsys):
     assert err.count("\n") == 1 and "model.py not found" in err and "--nanogpt" in err
     assert peers.main([]) == 2
     assert "no peer named" in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_the_peer_is_one_line_and_exit_2(tmp_path, capfd):
+    wrong = tmp_path / "not_v29.py"
+    wrong.write_text("x = 1\n")  # no GPT, no ModelConfig
+    assert peers.main(["--v29", str(wrong), "--config", "tiny", "--rounds", "1", "--iters", "1", "--warmup", "0",
+                       "--threads", "1"]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"--v29 {wrong}" in lines[0] and "AttributeError" in lines[0]
+    assert "pass the v29 trainer file" in lines[0]
