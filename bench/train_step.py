@@ -11,7 +11,10 @@
 
 GEMM floor (--floor): in one process per preset, the step (fp32, and bf16 autocast where the host has native
 bf16) against the sum of its own GEMMs, each timed alone at its real shape (bench/gemm_floor.py), in CPU
-seconds and wall seconds, with the host's ISA. --profile adds torch.profiler's top ops by self CPU time.
+seconds and wall seconds, with the host's ISA; and the passes no step skips (bench/pass_floor.py: the loss's exp per
+logit, AdamW, the gradient norm, bf16's casts), each timed alone, with the ceiling they leave: floor / (floor +
+passes), the most of its floor a step that runs them could reach on this host (without --grad-accum).
+--profile adds torch.profiler's top ops by self CPU time.
 --grad-accum N runs N micro-batches per optimizer step (floor x N) and adds "bf16+cache", the bf16 step with
 the trainer's --bf16-weight-cache (pretrain/train/weight_cache.py); the precisions' steps alternate.
 --ref DIR times another checkout's model and trainer code (e.g. `git archive HEAD~1 | tar -x -C DIR`) with this
@@ -219,6 +222,14 @@ def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
                "best_step_s": min(walls), "best_cpu_s": min(cpus),
                "faults": statistics.median(faults), "tok_s": step.tokens / statistics.median(walls),
                "floor": floor, "load": os.getloadavg()[0]}
+        if accum == 1:  # per micro-batch and per optimizer step passes differ with accumulation: left out there
+            try:
+                from bench.pass_floor import pass_floor
+            except ImportError:  # a --ref checkout from before it
+                pass
+            else:
+                row["passes"] = pass_floor([p.shape for p in step.model.parameters()], spec["batch"] * spec["seq_len"],
+                                           step.cfg.padded_vocab_size, amp)
         if spec.get("profile"):
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU]) as prof:

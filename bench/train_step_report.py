@@ -21,6 +21,12 @@ def print_floor(res: dict[str, Any]) -> None:
             print(f"    medians above (step and each GEMM); best against best: step {r['best_cpu_s']:.3f} CPU-s, "
                   f"floor {fl['best_cpu_s']:.3f}: {fl['best_cpu_s'] / r['best_cpu_s']:.1%} by CPU time "
                   f"({fl['best_wall_s'] / r['best_step_s']:.1%} wall)")
+        if "passes" in r:
+            ps = r["passes"]
+            each = ", ".join(f"{x['name']} {x['cpu_s'] * 1e3:.1f}" for x in ps["rows"])
+            print(f"    passes no step skips, each alone (bench/pass_floor.py): {each} CPU-ms = {ps['cpu_s']:.3f} "
+                  f"CPU-s; with the GEMM floor, a ceiling of {fl['cpu_s'] / (fl['cpu_s'] + ps['cpu_s']):.1%} of the "
+                  f"floor by CPU time ({fl['wall_s'] / (fl['wall_s'] + ps['wall_s']):.1%} wall)")
         for g in fl["rows"]:
             forms = g.get("forms", {})  # several where a GEMM is timed in more than one form: each one's median
             alt = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in forms.items()) if len(forms) > 1 else ""

@@ -35,6 +35,11 @@ def test_floor_mode_prints_the_ratio_per_precision_with_the_isa(capsys):
     assert out.count("lm_head dW") == len(precisions)
     # The ratio is median against median; the best step against each GEMM's best run is printed beside it.
     assert out.count("medians above (step and each GEMM); best against best: step ") == len(precisions)
+    # Beside the floor, the passes no step skips and the ceiling they leave (bench/pass_floor.py), per precision;
+    # bf16 adds the weights' casts.
+    passes = [line for line in out.splitlines() if line.startswith("    passes no step skips")]
+    assert len(passes) == len(precisions) and all("a ceiling of " in line for line in passes)
+    assert ["weights to bf16" in line for line in passes] == [p == "bf16" for p in precisions]
 
 
 def test_a_gemm_wider_than_the_lm_heads_blocks_is_timed_in_its_faster_form(monkeypatch):
@@ -54,3 +59,23 @@ def test_a_gemm_wider_than_the_lm_heads_blocks_is_timed_in_its_faster_form(monke
     t = gf.time_gemm(gf.Gemm("lm_head fwd", 1, 16, 8, 100, 1), torch.float32, reps=3)
     assert calls.count((8, 100)) == 4 and calls.count((8, 48)) == 8 and calls.count((8, 4)) == 4  # warm-up + 3
     assert 0 <= t["best_cpu_s"] <= t["cpu_s"] and 0 < t["best_wall_s"] <= t["wall_s"]
+
+
+def test_pass_floor_times_each_unskippable_pass_over_the_whole_step(monkeypatch):
+    """The softmax pass covers every row of the logits in cache-sized blocks (the last one partial), once per run;
+    AdamW and the norm are timed in both precisions, and bf16 adds the weights' casts and gradient conversions."""
+    import bench.pass_floor as pf
+
+    calls: list[int] = []
+    real = pf.softmax_in_place
+    monkeypatch.setattr(pf, "softmax_in_place", lambda x: (calls.append(x.shape[0]), real(x)))
+    monkeypatch.setattr(pf, "softmax_rows_per_block", lambda vocab: 8)
+    shapes = [torch.Size([64, 16]), torch.Size([16]), torch.Size([32, 16])]
+    fp32 = pf.pass_floor(shapes, rows=100, vocab=64, bf16=False, reps=3)
+    assert calls == ([8] * 12 + [4]) * 4  # 100 rows a run: the warm-up and 3 timed runs
+    assert [r["name"] for r in fp32["rows"]] == ["loss softmax", "AdamW (fused)", "grad norm"]
+    bf16 = pf.pass_floor(shapes, rows=100, vocab=64, bf16=True, reps=3)
+    assert [r["name"] for r in bf16["rows"]][3:] == ["weights to bf16", "weight grads to fp32"]
+    for res in (fp32, bf16):
+        assert all(r["wall_s"] > 0 for r in res["rows"])
+        assert res["cpu_s"] == pytest.approx(sum(r["cpu_s"] for r in res["rows"]))
