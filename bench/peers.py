@@ -121,7 +121,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["trainer"] == "this":
             raise
         what = "a nanoGPT checkout (GPT, GPTConfig)" if spec["trainer"] == "nanogpt" else "the v29 trainer file"
-        raise PeerError(f"--{spec['trainer']} {spec['path']}: its config S step could not be built "
+        raise PeerError(f"--{spec['trainer']} {spec['path']}: its config {spec['config']} step could not be built "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass {what}") from None
     for _ in range(spec["warmup"]):
         step()
