@@ -138,13 +138,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="bench-peers-") as cache:
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TORCHINDUCTOR_CACHE_DIR": cache}
-        if spec["trainer"] == "this":  # the settings this project's trainer makes before torch loads
-            from pretrain.train.host_alloc import with_huge_pages
-            from pretrain.train.host_threads import with_idle_threads_asleep
+    from bench.train_step import child_env
 
-            env = with_idle_threads_asleep(with_huge_pages(env))
+    with tempfile.TemporaryDirectory(prefix="bench-peers-") as cache:
+        # This project's children get its trainer's process settings; the peers run with torch's defaults.
+        env = child_env(threads, cache, trainer_settings=spec["trainer"] == "this")
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
                               stdout=subprocess.PIPE, text=True)
     if proc.returncode == 2:  # the child said why on stderr, in one line

@@ -239,23 +239,31 @@ def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "isa": host_isa(), "rows": rows}
 
 
+def child_env(threads: int, inductor_cache: str, ref: str | None = None,
+              trainer_settings: bool = True) -> dict[str, str]:
+    """The environment of a child that times a step: `threads` OpenMP threads, its own inductor cache, and (with
+    `trainer_settings`) the process settings this project's trainer makes before torch loads, where the checkout
+    timed (`ref`, else this one) has them: huge pages (pretrain/train/host_alloc.py) and OpenMP's short spin
+    (pretrain/train/host_threads.py). `ref` also puts that checkout's code first (BENCH_CODE_ROOT)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TORCHINDUCTOR_CACHE_DIR": inductor_cache}
+    if ref:
+        env["BENCH_CODE_ROOT"] = str(Path(ref).resolve())
+    if trainer_settings and (ref is None or (Path(ref) / "pretrain/train/host_alloc.py").exists()):
+        from pretrain.train.host_alloc import with_huge_pages
+
+        env = with_huge_pages(env)
+    if trainer_settings and (ref is None or (Path(ref) / "pretrain/train/host_threads.py").exists()):
+        from pretrain.train.host_threads import with_idle_threads_asleep
+
+        env = with_idle_threads_asleep(env)
+    return env
+
+
 def run_child(kind: str, spec: dict[str, Any], threads: int, ref: str | None = None) -> dict[str, Any]:
     """One measurement in a fresh process: clean memory peak, cold inductor cache, fixed thread count; with `ref`,
     of that checkout's code (its process environment as its trainer sets it: none of this checkout's settings)."""
     with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TORCHINDUCTOR_CACHE_DIR": cache}
-        if ref:
-            env["BENCH_CODE_ROOT"] = str(Path(ref).resolve())
-        if ref is None or (Path(ref) / "pretrain/train/host_alloc.py").exists():
-            # The trainer's huge-page setting, which its entry makes before torch loads (pretrain/train/host_alloc.py).
-            from pretrain.train.host_alloc import with_huge_pages
-
-            env = with_huge_pages(env)
-        if ref is None or (Path(ref) / "pretrain/train/host_threads.py").exists():
-            # The trainer's OpenMP setting, also made before torch loads (pretrain/train/host_threads.py).
-            from pretrain.train.host_threads import with_idle_threads_asleep
-
-            env = with_idle_threads_asleep(env)
+        env = child_env(threads, cache, ref)
         proc = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], env=env,
                               stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
