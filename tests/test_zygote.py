@@ -63,6 +63,29 @@ def test_a_forked_command_is_this_process_child_in_its_own_session_and_dies_by_s
     assert proc.wait(timeout=30) == -signal.SIGTERM
 
 
+def test_a_forked_command_is_in_its_session_or_group_when_popen_returns(tmp_path):
+    """As exec'd Popen guarantees (its child sets them before exec): read right away, the pid's session and group
+    are the ones asked for. jupyter_client records a kernel's group this way and signals it on shutdown; read
+    before the child's setsid it was this worker's group, so the shutdown signalled the worker."""
+    script = tmp_path / "cmd.py"
+    script.write_text(SCRIPT)
+    # The child is slowed before it sets its session or group, as a loaded host may slow it.
+    env = zygote._entry_env({**os.environ, "ZYGOTE_TEST_SESSION_DELAY_S": "0.3"})
+    for extra in [{"start_new_session": True}, {"process_group": 0}] * 2:
+        proc = subprocess.Popen([sys.executable, str(script), "sleep", "x"], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, **extra)
+        try:
+            pgid, sid = os.getpgid(proc.pid), os.getsid(proc.pid)
+            assert pgid == proc.pid, extra
+            assert (sid == proc.pid) == ("start_new_session" in extra), extra
+            assert proc.stderr.readline().startswith("preloaded")  # it was forked, not exec'd
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+            proc.stdout.close()
+            proc.stderr.close()
+
+
 NESTED = textwrap.dedent("""
     import json, os, subprocess, sys
     def me():

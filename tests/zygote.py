@@ -87,12 +87,9 @@ def _serve(sock: socket.socket) -> None:
         middle = os.fork()
         if middle == 0:
             os.close(r)
-            pid = os.fork()
-            if pid == 0:
-                os.close(w)
+            if os.fork() == 0:
                 sock.close()
-                _become(json.loads(msg), fds)
-            os.write(w, str(pid).encode())
+                _become(json.loads(msg), fds, w)
             os._exit(0)
         os.close(w)
         pid = int(os.read(r, 32) or b"0")
@@ -144,8 +141,11 @@ def _report(e: BaseException) -> None:
     sys.excepthook(type(e), e.with_traceback(tb), tb)
 
 
-def _become(req: dict, fds: list[int]) -> None:
-    """In the forked child: turn into `req` (as exec would), run it, exit with its code. Never returns."""
+def _become(req: dict, fds: list[int], ready: int) -> None:
+    """In the forked child: turn into `req` (as exec would), run it, exit with its code. Never returns. Its pid goes
+    to `ready` only once it is in its session or group: Popen returns after exec has set those, and a caller may read
+    them at once (jupyter_client records the kernel's process group to signal it; read before the child's setsid,
+    that was this worker's group, and the kernel's shutdown signalled the worker)."""
     import atexit
     import runpy
     import signal
@@ -153,10 +153,16 @@ def _become(req: dict, fds: list[int]) -> None:
 
     code = 1
     try:
+        if delay := float(req["env"].get("ZYGOTE_TEST_SESSION_DELAY_S", 0)):  # tests/test_zygote.py: a slow child
+            import time
+
+            time.sleep(delay)
         if req["session"]:
             os.setsid()
         elif req["group"] is not None:
             os.setpgid(0, req["group"])
+        os.write(ready, str(os.getpid()).encode())
+        os.close(ready)
         high = [os.dup(fd) for fd in fds]  # a received fd may itself be 0, 1 or 2
         for i, fd in enumerate(high):
             os.dup2(fd, i)
