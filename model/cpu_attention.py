@@ -38,22 +38,45 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA, older name DNNL_MAX_CPU_ISA) below which it has no bf16 dot product, and
+# below which it has no AMX: a capped process (an emulated host, bench/train_step.py --isa) runs as that host would.
+_CAPS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"})
+_CAPS_WITHOUT_AMX = _CAPS_WITHOUT_BF16 | {"AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX10_2_512"}
+
+
+def _onednn_cap() -> str:
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+
 
 @functools.cache
 def native_bf16() -> bool:
-    """Whether oneDNN multiplies bf16 natively on this CPU (AVX512-BF16 / AMX). Elsewhere bf16 is emulated: ~4x
-    slower per tiny training step and ~20x per large matmul than fp32. The one answer this path, the trainer's
-    device record, the planner's cpu tier and the benches use (pretrain/train/device.py: cpu_has_fast_bf16)."""
+    """Whether oneDNN multiplies bf16 natively on this CPU: a bf16 dot product (AVX512-BF16 or AMX) in the hardware
+    and not capped away. oneDNN's own check (torch.ops.mkldnn._is_mkldnn_bf16_supported) says yes for any AVX-512
+    CPU, where bf16 only converts to fp32 (Skylake, Cascade Lake, Ice Lake servers): capped to AVX512_CORE, a bf16
+    2048^3 matmul ran 42 GFLOP/s against fp32's 193 on an AMX host. Where it is not native, bf16 is ~4x slower per
+    tiny training step and ~20x per large matmul than fp32. The one answer this path, the trainer's device record,
+    the planner's cpu tier and the benches use (pretrain/train/device.py: cpu_has_fast_bf16)."""
     try:
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        supported = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+    return supported and _onednn_cap() not in _CAPS_WITHOUT_BF16 and _hardware_has("avx512_bf16", "amx_tile")
+
+
+def _hardware_has(*features: str) -> bool:
+    """Whether the CPU has any of these (torch.cpu's cpuinfo queries: _is_avx512_bf16_supported, ...)."""
+    for feature in features:
+        query = getattr(torch.cpu, f"_is_{feature}_supported", None)
+        if query is not None and query():
+            return True
+    return False
 
 
 def cpu_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -105,6 +128,8 @@ def amx_tiles() -> bool:
     CPU-ms per layer against ~15 for the blocked forward; its backward stays slower than the blocks, ~50 vs ~37),
     and the fp32 score GEMMs run as plain fp32 GEMMs (oneDNN's bf16 mode converts the operands per call: 1.5x
     slower there). Without AMX (AVX-512-BF16 only) the blocked forward and the bf16 mode were the faster ones."""
+    if _onednn_cap() in _CAPS_WITHOUT_AMX:
+        return False
     try:
         return bool(torch._C._cpu._init_amx())
     except (AttributeError, RuntimeError):

@@ -250,3 +250,31 @@ def test_cpu_tier_autocasts_only_where_the_cpu_has_native_bf16(fast, monkeypatch
     assert ("no native bf16" in p.resolved.sources["amp"]) is not fast
     assert ("--no-amp" in " ".join(p.command)) is not fast
     assert plan("--vram", "cpu", "--amp", tmp=tmp_path).cfg.amp is True
+
+
+@pytest.mark.parametrize("hardware,cap,native", [(False, None, False), (True, "AVX512_CORE", False),
+                                                 (True, "avx512_core_bf16", True), (True, None, True)])
+def test_bf16_is_native_only_with_a_bf16_dot_product_oneDNN_may_use(hardware, cap, native, monkeypatch, tmp_path,
+                                                                     untraced_plan_memory):
+    """oneDNN calls bf16 supported on every AVX-512 CPU, where it only converts to fp32 per GEMM (Skylake to Ice
+    Lake servers; ~4.5x slower than fp32 on an AMX host capped to AVX512_CORE): the cpu tier trains in fp32 there,
+    and where ONEDNN_MAX_CPU_ISA caps oneDNN below its bf16 dot product (an emulated host, bench --isa)."""
+    import torch
+
+    from model import cpu_attention
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    for feature in ("avx512_bf16", "amx_tile"):
+        monkeypatch.setattr(torch.cpu, f"_is_{feature}_supported", lambda: hardware)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    else:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    cpu_attention.native_bf16.cache_clear()
+    try:
+        p = plan("--vram", "cpu", tmp=tmp_path)
+    finally:
+        cpu_attention.native_bf16.cache_clear()  # the next caller asks the real host
+    assert p.cfg.amp is native
+    assert ("no native bf16" in p.resolved.sources["amp"]) is not native

@@ -201,8 +201,8 @@ def resolve(req: Request, tier: Tier, gpu: GpuInfo | None, data_vocab: int | Non
     else:
         pick("float8", False, DEFAULT)
     if not tier.is_gpu and not cpu_has_fast_bf16():
-        amp = pick("amp", False, Source(Origin.HARDWARE, "cpu: no native bf16 (AVX2 only): bf16 autocast is "
-                                                          "emulated, ~4-20x slower than fp32"))
+        amp = pick("amp", False, Source(Origin.HARDWARE, "cpu: no native bf16 (AVX2, or AVX-512 without BF16): "
+                                                          "bf16 autocast is emulated, ~4-20x slower than fp32"))
     else:
         amp = pick("amp", True, DEFAULT)
     if gpu is not None and tier.is_gpu and not gpu.has_bf16:
