@@ -19,6 +19,7 @@ approach than what the GEMMs can do.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -79,37 +80,88 @@ def step_gemms(cfg: ModelConfig, batch: int, seq_len: int) -> list[Gemm]:
     return out
 
 
-def time_gemm(g: Gemm, dtype: torch.dtype, reps: int = 5) -> dict[str, float]:
+class _Shape:
+    """One GEMM shape's operands, allocated once, each form of it (time_gemm) warmed up; `run` times each form once."""
+
+    def __init__(self, g: Gemm, dtype: torch.dtype) -> None:
+        a = torch.randn(g.batch, g.m, g.k, dtype=dtype).squeeze(0)
+        b = torch.randn(g.batch, g.k, g.n, dtype=dtype).squeeze(0)
+        out = torch.empty(g.batch, g.m, g.n, dtype=dtype).squeeze(0)
+
+        def whole() -> None:
+            (torch.bmm if g.batch > 1 else torch.mm)(a, b, out=out)
+
+        def column_blocks() -> None:
+            for v in range(0, g.n, VOCAB_BLOCK):
+                torch.mm(a, b[:, v:v + VOCAB_BLOCK], out=out[:, v:v + VOCAB_BLOCK])
+
+        self.forms = [whole, column_blocks] if g.batch == 1 and g.n > VOCAB_BLOCK else [whole]
+        for form in self.forms:
+            form()
+        self.runs: list[list[tuple[float, float]]] = [[] for _ in self.forms]
+
+    def run(self) -> None:
+        for form, timed in zip(self.forms, self.runs, strict=True):  # alternating: other load shifts them alike
+            t0, c0 = time.perf_counter(), time.process_time()
+            form()
+            timed.append((time.perf_counter() - t0, time.process_time() - c0))
+
+    def result(self) -> dict:
+        medians = [statistics.median(c for _, c in timed) for timed in self.runs]
+        best = self.runs[min(range(len(self.forms)), key=medians.__getitem__)]
+        return {"wall_s": statistics.median(w for w, _ in best), "cpu_s": min(medians),
+                "best_wall_s": min(w for w, _ in best), "best_cpu_s": min(c for _, c in best),
+                "forms": {form.__name__: m for form, m in zip(self.forms, medians, strict=True)}, "runs": best}
+
+
+def time_gemm(g: Gemm, dtype: torch.dtype, reps: int = 5) -> dict:
     """One run of `g` (count 1) over `reps` runs after a warm-up: median and best wall and CPU seconds. A GEMM wider
     than the LM head's column blocks (model/loss_chunk.py VOCAB_BLOCK) is timed both whole and in those blocks,
     and the faster form (by median CPU time) counts: the floor is what the GEMMs can do, not what one call of them
     does."""
-    a = torch.randn(g.batch, g.m, g.k, dtype=dtype).squeeze(0)
-    b = torch.randn(g.batch, g.k, g.n, dtype=dtype).squeeze(0)
-    out = torch.empty(g.batch, g.m, g.n, dtype=dtype).squeeze(0)
+    shape = _Shape(g, dtype)
+    for _ in range(reps):
+        shape.run()
+    return shape.result()
 
-    def whole() -> None:
-        (torch.bmm if g.batch > 1 else torch.mm)(a, b, out=out)
 
-    def column_blocks() -> None:
-        for v in range(0, g.n, VOCAB_BLOCK):
-            torch.mm(a, b[:, v:v + VOCAB_BLOCK], out=out[:, v:v + VOCAB_BLOCK])
+class FloorTimer:
+    """The step's GEMMs, each distinct shape's operands allocated and warmed up once. `run()` times every GEMM once;
+    `floor()` sums the runs so far (gemm_floor), and also each run's own floor (`runs_cpu_s`, `runs_wall_s`), so a
+    bench can time the step and one run of its GEMMs side by side: on a host whose speed moves by 2x within
+    minutes, the ratio of a step to the GEMMs run next to it is steadier than a median against a median taken
+    a minute apart.
 
-    forms = [whole, column_blocks] if g.batch == 1 and g.n > VOCAB_BLOCK else [whole]
-    for form in forms:
-        form()
-    runs: list[list[tuple[float, float]]] = [[] for _ in forms]
-    for _ in range(reps):  # the forms alternate: load from other processes shifts them alike
-        for form, timed in zip(forms, runs, strict=True):
-            t0, c0 = time.perf_counter(), time.process_time()
-            form()
-            timed.append((time.perf_counter() - t0, time.process_time() - c0))
-    medians = [statistics.median(c for _, c in timed) for timed in runs]
-    faster = min(range(len(forms)), key=medians.__getitem__)
-    best = runs[faster]
-    return {"wall_s": statistics.median(w for w, _ in best), "cpu_s": medians[faster],
-            "best_wall_s": min(w for w, _ in best), "best_cpu_s": min(c for _, c in best),
-            "forms": {form.__name__: m for form, m in zip(forms, medians, strict=True)}}
+    Each distinct shape is timed once per run and reused: forward and dX of a square projection share a shape, and
+    timing it twice only adds noise between identical GEMMs."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype) -> None:
+        self.gemms = step_gemms(cfg, batch, seq_len)
+        self.shapes: dict[tuple[int, int, int, int], _Shape] = {}
+        for g in self.gemms:
+            key = (g.batch, g.m, g.k, g.n)
+            if key not in self.shapes:
+                self.shapes[key] = _Shape(g, dtype)
+
+    def run(self) -> None:
+        for shape in self.shapes.values():
+            shape.run()
+
+    def floor(self) -> dict:
+        timed = {key: shape.result() for key, shape in self.shapes.items()}
+        rows = []
+        for g in self.gemms:
+            key = (g.batch, g.m, g.k, g.n)
+            t = timed[key]
+            rows.append({"name": g.name, "shape": "x".join(map(str, key if g.batch > 1 else key[1:])),
+                         "count": g.count, "flops": g.flops, "forms": t["forms"],
+                         **{k: t[k] * g.count for k in ("wall_s", "cpu_s", "best_wall_s", "best_cpu_s")}})
+        n_runs = len(next(iter(timed.values()))["runs"])
+        per_run = [[sum(timed[(g.batch, g.m, g.k, g.n)]["runs"][i][j] * g.count for g in self.gemms)
+                    for i in range(n_runs)] for j in (0, 1)]
+        return {"rows": rows, "flops": sum(r["flops"] for r in rows),
+                "runs_wall_s": per_run[0], "runs_cpu_s": per_run[1],
+                **{k: sum(r[k] for r in rows) for k in ("wall_s", "cpu_s", "best_wall_s", "best_cpu_s")}}
 
 
 def gemm_floor(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype, reps: int = 5) -> dict:
@@ -118,32 +170,37 @@ def gemm_floor(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype, r
 
     The median is the floor's figure because the step's is a median too: on a shared host one GEMM's runs spread
     up to 2.5x (config S's LM-head dX, the same tensors, 2 threads: 42-112 ms), and a sum of each GEMM's best run
-    against a typical step would count that spread as the step's overhead. Each distinct shape is timed once and
-    reused: forward and dX of a square projection share a shape, and timing it twice only adds noise between
-    identical GEMMs."""
-    timed: dict[tuple[int, int, int, int], dict[str, float]] = {}
-    rows = []
-    for g in step_gemms(cfg, batch, seq_len):
-        key = (g.batch, g.m, g.k, g.n)
-        if key not in timed:
-            timed[key] = time_gemm(g, dtype, reps)
-        t = timed[key]
-        rows.append({"name": g.name, "shape": "x".join(map(str, key if g.batch > 1 else key[1:])),
-                     "count": g.count, "flops": g.flops, "forms": t["forms"],
-                     **{k: t[k] * g.count for k in ("wall_s", "cpu_s", "best_wall_s", "best_cpu_s")}})
-    return {"rows": rows, "flops": sum(r["flops"] for r in rows),
-            **{k: sum(r[k] for r in rows) for k in ("wall_s", "cpu_s", "best_wall_s", "best_cpu_s")}}
+    against a typical step would count that spread as the step's overhead."""
+    timer = FloorTimer(cfg, batch, seq_len, dtype)
+    for _ in range(reps):
+        timer.run()
+    return timer.floor()
+
+
+# --isa: the variables that cap what torch's own kernels (ATen), oneDNN (bf16 and some fp32 GEMMs) and MKL (fp32
+# GEMMs) may use, so this host runs a step as a host with only that ISA would (its caches and memory stay this host's).
+ISA_CAPS: dict[str, dict[str, str]] = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+               "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+    "avx512_bf16": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
+                    "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+}
 
 
 def host_isa() -> str:
-    """The host's matmul-relevant ISA flags (x86 /proc/cpuinfo); bf16 is native with avx512_bf16 or amx_bf16."""
+    """The host's matmul-relevant ISA flags (x86 /proc/cpuinfo; bf16 is native with avx512_bf16 or amx_bf16), the
+    kernels torch runs, and the caps in force (ISA_CAPS) where a bench emulates a smaller host."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         flags = []
     keep = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return " ".join(keep) or "unknown (no x86 flags)"
+    caps = [f"{k}={os.environ[k]}" for k in ISA_CAPS["avx2"] if k in os.environ]
+    capped = f", capped by {' '.join(caps)}" if caps else ""
+    return (f"{' '.join(keep) or 'unknown (no x86 flags)'}; torch's kernels {torch.backends.cpu.get_cpu_capability()},"
+            f" bf16 {'native' if native_bf16() else 'emulated'}{capped}")
 
 
 def native_bf16() -> bool:

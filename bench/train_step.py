@@ -63,7 +63,7 @@ import torch
 # BENCH_CODE_ROOT (set by --ref for its children): time another checkout's model and trainer with this bench.
 sys.path.insert(0, os.environ.get("BENCH_CODE_ROOT") or str(Path(__file__).resolve().parents[1]))
 
-from bench.gemm_floor import gemm_floor, host_isa, native_bf16  # noqa: E402
+from bench.gemm_floor import ISA_CAPS, gemm_floor, host_isa, native_bf16  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 from pretrain.train import device as dev  # noqa: E402
 from pretrain.train import distributed as dist_lib  # noqa: E402
@@ -207,17 +207,29 @@ def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
                            name.endswith("+cache"))
         for _ in range(1 + spec["warmup"]):  # the first step allocates the AdamW state and loss buffers
             steps[name]()
+    try:  # each step beside one run of its GEMMs (FloorTimer); a --ref checkout from before it times them after
+        from bench.gemm_floor import FloorTimer
+    except ImportError:
+        timers = {}
+    else:
+        timers = {name: FloorTimer(step.cfg, spec["batch"], spec["seq_len"],
+                                   torch.float32 if name == "fp32" else torch.bfloat16) for name, step in steps.items()}
     timed: dict[str, tuple[list[float], list[float], list[int]]] = {name: ([], [], []) for name in precisions}
     for _ in range(spec["iters"]):  # alternating: load from other processes shifts every precision alike
         for name, step in steps.items():
             timed[name][0].append(step())
             timed[name][1].append(step.cpu_s)
             timed[name][2].append(step.faults)
+            if timers:
+                timers[name].run()
     for name, step in steps.items():
         amp = name != "fp32"
         walls, cpus, faults = timed[name]
-        floor = gemm_floor(step.cfg, spec["batch"], spec["seq_len"], torch.bfloat16 if amp else torch.float32)
+        floor = timers[name].floor() if timers else \
+            gemm_floor(step.cfg, spec["batch"], spec["seq_len"], torch.bfloat16 if amp else torch.float32)
         floor = {**floor, **{k: floor[k] * accum for k in ("cpu_s", "wall_s", "best_cpu_s", "best_wall_s", "flops")}}
+        if "runs_cpu_s" in floor:
+            floor["paired"] = [f * accum / c for f, c in zip(floor["runs_cpu_s"], cpus, strict=True)]
         row = {"precision": name, "step_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
                "best_step_s": min(walls), "best_cpu_s": min(cpus),
                "faults": statistics.median(faults), "tok_s": step.tokens / statistics.median(walls),
@@ -240,12 +252,14 @@ def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_env(threads: int, inductor_cache: str, ref: str | None = None,
-              trainer_settings: bool = True) -> dict[str, str]:
+              trainer_settings: bool = True, isa: str | None = None) -> dict[str, str]:
     """The environment of a child that times a step: `threads` OpenMP threads, its own inductor cache, and (with
     `trainer_settings`) the process settings this project's trainer makes before torch loads, where the checkout
     timed (`ref`, else this one) has them: huge pages (pretrain/train/host_alloc.py) and OpenMP's short spin
-    (pretrain/train/host_threads.py). `ref` also puts that checkout's code first (BENCH_CODE_ROOT)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TORCHINDUCTOR_CACHE_DIR": inductor_cache}
+    (pretrain/train/host_threads.py). `ref` also puts that checkout's code first (BENCH_CODE_ROOT). `isa` caps the
+    kernels to that ISA (bench/gemm_floor.py: ISA_CAPS), emulating a smaller host."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TORCHINDUCTOR_CACHE_DIR": inductor_cache,
+           **(ISA_CAPS[isa] if isa else {})}
     if ref:
         env["BENCH_CODE_ROOT"] = str(Path(ref).resolve())
     if trainer_settings and (ref is None or (Path(ref) / "pretrain/train/host_alloc.py").exists()):
@@ -259,11 +273,12 @@ def child_env(threads: int, inductor_cache: str, ref: str | None = None,
     return env
 
 
-def run_child(kind: str, spec: dict[str, Any], threads: int, ref: str | None = None) -> dict[str, Any]:
+def run_child(kind: str, spec: dict[str, Any], threads: int, ref: str | None = None,
+              isa: str | None = None) -> dict[str, Any]:
     """One measurement in a fresh process: clean memory peak, cold inductor cache, fixed thread count; with `ref`,
     of that checkout's code (its process environment as its trainer sets it: none of this checkout's settings)."""
     with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
-        env = child_env(threads, cache, ref)
+        env = child_env(threads, cache, ref, isa=isa)
         proc = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], env=env,
                               stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -291,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref", help="with --floor: also time the checkout at REF (e.g. the parent commit), alternating "
                                   "processes with this one, and print both and a summary")
     ap.add_argument("--rounds", type=int, default=1, help="with --ref: alternating rounds (default 1)")
+    ap.add_argument("--isa", choices=sorted(ISA_CAPS),
+                    help="run every child as a host with only this ISA would (torch, oneDNN and MKL capped), e.g. "
+                         "avx2: its native precision is fp32")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -317,12 +335,12 @@ def main(argv: list[str] | None = None) -> int:
             spec = {"preset": preset, "batch": batch, "seq_len": args.seq_len, "iters": args.iters or 3, "warmup": 1,
                     "profile": args.profile, "grad_accum": args.grad_accum}
             if not args.ref:
-                print_floor(run_child("floor", spec, args.threads))
+                print_floor(run_child("floor", spec, args.threads, isa=args.isa))
                 continue
             by_code: dict[str, list[dict[str, Any]]] = {"ref": [], "this": []}
             for _ in range(args.rounds):  # alternating processes: load from other processes shifts both alike
                 for code in by_code:
-                    res = run_child("floor", spec, args.threads, args.ref if code == "ref" else None)
+                    res = run_child("floor", spec, args.threads, args.ref if code == "ref" else None, isa=args.isa)
                     print(f"[{code}: {args.ref if code == 'ref' else 'this checkout'}]")
                     print_floor(res)
                     by_code[code].append(res)
@@ -342,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.repeat):
                     t0 = time.perf_counter()
                     spec = {**base, "gc": gc, "compile": compile_, "warmup": 1}
-                    rows.append(run_child("throughput", spec, args.threads))
+                    rows.append(run_child("throughput", spec, args.threads, isa=args.isa))
                     print(f"  measured {preset} ckpt={gc} compile={compile_} in {time.perf_counter() - t0:.0f} s",
                           file=sys.stderr, flush=True)
     print()
@@ -354,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = {"preset": preset, "batch": args.small_batch if small else args.tiny_batch,
                     "seq_len": args.seq_len, "amp": not args.no_amp, "iters": 1 if small else 3,
                     "reps": args.stall_reps or (1 if small else 3), "dir": args.dir}
-            stalls.append(run_child("stall", spec, args.threads))
+            stalls.append(run_child("stall", spec, args.threads, isa=args.isa))
         print(f"\ncheckpoint stall (model + AdamW state, written under {args.dir}):")
         print_stall(stalls)
     print(f"load average {os.getloadavg()[0]:.1f} at end")

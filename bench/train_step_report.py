@@ -21,6 +21,10 @@ def print_floor(res: dict[str, Any]) -> None:
             print(f"    medians above (step and each GEMM); best against best: step {r['best_cpu_s']:.3f} CPU-s, "
                   f"floor {fl['best_cpu_s']:.3f}: {fl['best_cpu_s'] / r['best_cpu_s']:.1%} by CPU time "
                   f"({fl['best_wall_s'] / r['best_step_s']:.1%} wall)")
+        if "paired" in fl:
+            paired = fl["paired"]
+            print(f"    paired (each step beside one run of its GEMMs): {statistics.median(paired):.1%} of its GEMM "
+                  f"floor by CPU time, the median of {len(paired)} ({min(paired):.1%}-{max(paired):.1%})")
         if "passes" in r:
             ps = r["passes"]
             each = ", ".join(f"{x['name']} {x['cpu_s'] * 1e3:.1f}" for x in ps["rows"])

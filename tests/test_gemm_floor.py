@@ -24,22 +24,57 @@ def test_gemm_list_flops_are_the_model_flops_of_a_step(fields):
     assert listed == pytest.approx(cfg.flops_per_token(seq_len) * batch * seq_len, rel=1e-12)
 
 
-def test_floor_mode_prints_the_ratio_per_precision_with_the_isa(capsys):
+@pytest.mark.parametrize("isa", [None, "avx2"])
+def test_floor_mode_prints_the_ratio_per_precision_with_the_isa(isa, capsys):
+    """--isa avx2 runs the step as an AVX2-only host would on any x86 host: torch's AVX2 kernels, bf16 emulated,
+    so fp32 alone (its native precision)."""
     assert train_step.main(["--presets", "tiny", "--floor", "--iters", "1", "--tiny-batch", "1",
-                            "--seq-len", "32", "--threads", "1"]) == 0
+                            "--seq-len", "32", "--threads", "1", *(["--isa", isa] if isa else [])]) == 0
     out = capsys.readouterr().out
     assert "host ISA:" in out
-    precisions = ("fp32", "bf16") if native_bf16() else ("fp32",)
+    if isa:
+        assert "torch's kernels AVX2, bf16 emulated, capped by ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2" in out
+    precisions = ("fp32", "bf16") if native_bf16() and not isa else ("fp32",)
     for p in precisions:
         assert f"  {p}: step " in out and "of its GEMM floor by CPU time" in out
     assert out.count("lm_head dW") == len(precisions)
     # The ratio is median against median; the best step against each GEMM's best run is printed beside it.
     assert out.count("medians above (step and each GEMM); best against best: step ") == len(precisions)
+    assert out.count("    paired (each step beside one run of its GEMMs): ") == len(precisions)
     # Beside the floor, the passes no step skips and the ceiling they leave (bench/pass_floor.py), per precision;
     # bf16 adds the weights' casts.
     passes = [line for line in out.splitlines() if line.startswith("    passes no step skips")]
     assert len(passes) == len(precisions) and all("a ceiling of " in line for line in passes)
     assert ["weights to bf16" in line for line in passes] == [p == "bf16" for p in precisions]
+
+
+def test_each_timed_step_is_paired_with_one_run_of_its_gemms_right_after_it(monkeypatch):
+    """On a host whose speed moves 2x within minutes, a step is set against the run of its GEMMs next to it in
+    time: one paired ratio per timed step, that step's CPU time against the GEMM run right after it."""
+    import bench.gemm_floor as gf
+
+    log: list[str] = []
+    step_cpu: dict[str, list[float]] = {}
+    real_run, real_step = gf.FloorTimer.run, train_step.Step.__call__
+
+    def run(self):
+        log.append("gemms")
+        real_run(self)
+
+    def step(self):
+        log.append("step")
+        wall = real_step(self)
+        step_cpu.setdefault("bf16" if self.amp else "fp32", []).append(self.cpu_s)
+        return wall
+
+    monkeypatch.setattr(gf.FloorTimer, "run", run)
+    monkeypatch.setattr(train_step.Step, "__call__", step)
+    res = train_step.child_floor({"preset": "tiny", "batch": 1, "seq_len": 32, "iters": 3, "warmup": 0})
+    n = len(res["rows"])
+    assert log == ["step"] * n + ["step", "gemms"] * 3 * n  # untimed first steps, then neighbours
+    for row in res["rows"]:
+        fl, cpus = row["floor"], step_cpu[row["precision"]][1:]
+        assert fl["paired"] == pytest.approx([f / c for f, c in zip(fl["runs_cpu_s"], cpus, strict=True)])
 
 
 def test_a_gemm_wider_than_the_lm_heads_blocks_is_timed_in_its_faster_form(monkeypatch):
