@@ -8,13 +8,18 @@
     .venv/bin/python bench/train_step.py --presets S --floor --profile       # + where the non-GEMM time goes
     .venv/bin/python bench/train_step.py --presets S --floor --grad-accum 4  # + bf16 with --bf16-weight-cache
     .venv/bin/python bench/train_step.py --presets S --floor --ref ../parent --rounds 3   # before/after, alternating
+    .venv/bin/python bench/train_step.py --presets S --floor --isa avx2   # as an AVX2-only host (fp32) would run it
 
 GEMM floor (--floor): in one process per preset, the step (fp32, and bf16 autocast where the host has native
 bf16) against the sum of its own GEMMs, each timed alone at its real shape (bench/gemm_floor.py), in CPU
-seconds and wall seconds, with the host's ISA; and the passes no step skips (bench/pass_floor.py: the loss's exp per
+seconds and wall seconds, with the host's ISA; each timed step also beside one run of its GEMMs right after it
+("paired": on a host whose speed moves within minutes, neighbours compare fairly); and the passes no step skips (bench/pass_floor.py: the loss's exp per
 logit, AdamW, the gradient norm, bf16's casts), each timed alone, with the ceiling they leave: floor / (floor +
 passes), the most of its floor a step that runs them could reach on this host (without --grad-accum).
 --profile adds torch.profiler's top ops by self CPU time.
+--isa avx2|avx512|avx512_bf16 caps torch's kernels, oneDNN and MKL in every child (bench/gemm_floor.py: ISA_CAPS), so
+this host runs the step as a host with only that ISA would (its caches, memory and clock stay this host's): with
+avx2 or avx512 bf16 is emulated and fp32 is the native precision, with avx512_bf16 bf16 is native without AMX.
 --grad-accum N runs N micro-batches per optimizer step (floor x N) and adds "bf16+cache", the bf16 step with
 the trainer's --bf16-weight-cache (pretrain/train/weight_cache.py); the precisions' steps alternate.
 --ref DIR times another checkout's model and trainer code (e.g. `git archive HEAD~1 | tar -x -C DIR`) with this
