@@ -13,9 +13,10 @@
 GEMM floor (--floor): in one process per preset, the step (fp32, and bf16 autocast where the host has native
 bf16) against the sum of its own GEMMs, each timed alone at its real shape (bench/gemm_floor.py), in CPU
 seconds and wall seconds, with the host's ISA; each timed step also beside one run of its GEMMs right after it
-("paired": on a host whose speed moves within minutes, neighbours compare fairly); and the passes no step skips (bench/pass_floor.py: the loss's exp per
-logit, AdamW, the gradient norm, bf16's casts), each timed alone, with the ceiling they leave: floor / (floor +
-passes), the most of its floor a step that runs them could reach on this host (without --grad-accum).
+("paired": on a host whose speed moves within minutes, neighbours compare fairly); and the passes no step skips
+(bench/pass_floor.py: the loss's exp per logit, AdamW, the gradient norm, bf16's casts), each timed alone, with the
+ceiling they leave: floor / (floor + passes), the most of its floor a step that runs them could reach on this host
+(without --grad-accum).
 --profile adds torch.profiler's top ops by self CPU time.
 --isa avx2|avx512|avx512_bf16 caps torch's kernels, oneDNN and MKL in every child (bench/gemm_floor.py: ISA_CAPS), so
 this host runs the step as a host with only that ISA would (its caches, memory and clock stay this host's): with
