@@ -179,6 +179,7 @@ def gemm_floor(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype, r
 
 # --isa: the variables that cap what torch's own kernels (ATen), oneDNN (bf16 and some fp32 GEMMs) and MKL (fp32
 # GEMMs) may use, so this host runs a step as a host with only that ISA would (its caches and memory stay this host's).
+CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 ISA_CAPS: dict[str, dict[str, str]] = {
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
     "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
@@ -197,7 +198,7 @@ def host_isa() -> str:
     except OSError:
         flags = []
     keep = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    caps = [f"{k}={os.environ[k]}" for k in ISA_CAPS["avx2"] if k in os.environ]
+    caps = [f"{k}={os.environ[k]}" for k in CAP_VARS if k in os.environ]
     capped = f", capped by {' '.join(caps)}" if caps else ""
     return (f"{' '.join(keep) or 'unknown (no x86 flags)'}; torch's kernels {torch.backends.cpu.get_cpu_capability()},"
             f" bf16 {'native' if native_bf16() else 'emulated'}{capped}")
