@@ -42,16 +42,20 @@ def print_floor(res: dict[str, Any]) -> None:
 
 
 def print_floor_summary(by_code: dict[str, list[dict[str, Any]]]) -> None:
-    """--ref: per precision, the median over rounds of each checkout's GEMM-floor ratio (CPU time) and tok/s."""
+    """--ref: per precision, the median over rounds of each checkout's GEMM-floor ratio (CPU time) and tok/s, and
+    the median of every round's paired ratios (each step beside one run of its GEMMs)."""
     isa = next(iter(by_code.values()))[0]["isa"]
     print(f"summary over {len(by_code['this'])} alternating rounds (medians), host ISA: {isa}")
     for code, results in by_code.items():
         for name in [r["precision"] for r in results[0]["rows"]]:
             rows = [r for res in results for r in res["rows"] if r["precision"] == name]
             ratio = statistics.median(r["floor"]["cpu_s"] / r["cpu_s"] for r in rows)
+            paired = [p for r in rows for p in r["floor"].get("paired", [])]  # a --ref bench may predate pairing
+            paired_s = f" (paired: {statistics.median(paired):.1%}, the median of {len(paired)} steps)" \
+                if paired else ""
             print(f"  {code:<5}{name:<11} step {statistics.median(r['cpu_s'] for r in rows):.3f} CPU-s, "
-                  f"{ratio:.1%} of its GEMM floor, {statistics.median(r['tok_s'] for r in rows):.0f} tok/s, "
-                  f"{statistics.median(r['faults'] for r in rows):.0f} page faults/step")
+                  f"{ratio:.1%} of its GEMM floor{paired_s}, {statistics.median(r['tok_s'] for r in rows):.0f} "
+                  f"tok/s, {statistics.median(r['faults'] for r in rows):.0f} page faults/step")
 
 
 def print_throughput(rows: list[dict[str, Any]]) -> None:

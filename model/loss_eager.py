@@ -36,31 +36,35 @@ def softmax_block_rows(vocab: int, threads: int) -> int:
 
 
 def chunk_loss_and_logit_grad_eager_(out_mm: torch.Tensor, t_c: torch.Tensor, vocab_size: int, ignore_index: int,
-                                     want_grad: bool, block_rows: int,
-                                     block_fp32: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                                     want_grad: bool, block_rows: int, block_fp32: torch.Tensor | None,
+                                     row_logits: Callable[[int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed CE of the chunk's logits `out_mm`, its rows' valid mask); with want_grad `out_mm` is overwritten in
     place by d(sum CE)/d logits rounded once to its dtype, except rows whose target is ignored (backprop_chunk masks
     them on rows x d instead). Softmax in fp32: through `block_fp32` (at least block_rows x vocab) when `out_mm` is
     not fp32, in place otherwise. Padded vocab columns (>= vocab_size) are set to -inf: never predicted.
 
-    The CE comes from the softmax the gradient needs anyway. On CPU through `block_fp32` (the logits intact in
-    `out_mm` until the block's gradient is written back): a row's CE is -log p(target), with no pass over the row
-    for its max or its logsumexp (two of five passes over each block). While p(target) is a normal fp32 number its
-    relative error is the softmax's own (a few ulp), so the CE's absolute error is a few 1e-7 (lse - logit rounds
-    lse at the logits' magnitude too). A target probability below fp32's smallest normal (CE > ~87: an extremely
-    confident wrong prediction) has lost precision or underflowed to 0: such rows, found per block before its
-    gradient overwrites its logits, take logsumexp - logit from the logits (on CPU looking at a block's few
-    probabilities is free; on CUDA it would be a host sync per chunk, and fake tensors have no values). Elsewhere
-    (other devices, fake tensors, fp32 softmax in place) the CE is logsumexp - logit, logsumexp = top - log(max p)
-    from the row's largest logit and probability (max p = exp(0) / sum >= 1 / vocab never underflows)."""
+    The CE comes from the softmax the gradient needs anyway. On CPU a row's CE is -log p(target), with no pass over
+    the row for its max or its logsumexp (two of five passes over each block; 56 of 231 CPU-ms over config S's fp32
+    chunk at 2 threads). While p(target) is a normal fp32 number its relative error is the softmax's own (a few
+    ulp), so the CE's absolute error is a few 1e-7 (lse - logit rounds lse at the logits' magnitude too). A target
+    probability below fp32's smallest normal (CE > ~87: an extremely confident wrong prediction) has lost precision
+    or underflowed to 0: such rows, found per block before its gradient is written, take logsumexp - logit from
+    their logits (on CPU looking at a block's few probabilities is free; on CUDA it would be a host sync per chunk,
+    and fake tensors have no values): through `block_fp32` from `out_mm`, intact until the block's gradient is
+    written back; with the fp32 softmax in place from `row_logits(r)`, the chunk's row r recomputed (its GEMM's
+    row, summed in another order: within fp32 rounding). Elsewhere (other devices, fake tensors) the CE is
+    logsumexp - logit, logsumexp = top - log(max p) from the row's largest logit and probability
+    (max p = exp(0) / sum >= 1 / vocab never underflows)."""
     n, vocab = out_mm.shape
     if vocab > vocab_size:
         out_mm[:, vocab_size:] = float("-inf")
     valid = t_c != ignore_index
     safe_t = torch.where(valid, t_c, 0).unsqueeze(1)
     minus_one = -valid.unsqueeze(1).float()
-    if block_fp32 is not None and out_mm.device.type == "cpu" and not is_fake(out_mm):
-        return _ce_from_target_cpu(out_mm, safe_t, valid, minus_one, want_grad, block_rows, block_fp32), valid
+    if out_mm.device.type == "cpu" and not is_fake(out_mm):
+        logits_of = row_logits if block_fp32 is None else out_mm.__getitem__
+        return _ce_from_target_cpu(out_mm, safe_t, valid, minus_one, want_grad, block_rows, block_fp32,
+                                   logits_of), valid
     picked = out_mm.gather(1, safe_t).squeeze(1).float()
     top = torch.empty((n, 1), dtype=torch.float32, device=out_mm.device)
     p_max = torch.empty_like(top)
@@ -80,23 +84,26 @@ def chunk_loss_and_logit_grad_eager_(out_mm: torch.Tensor, t_c: torch.Tensor, vo
 
 
 def _ce_from_target_cpu(out_mm: torch.Tensor, safe_t: torch.Tensor, valid: torch.Tensor, minus_one: torch.Tensor,
-                        want_grad: bool, block_rows: int, block_fp32: torch.Tensor) -> torch.Tensor:
+                        want_grad: bool, block_rows: int, block_fp32: torch.Tensor | None,
+                        row_logits: Callable[[int], torch.Tensor]) -> torch.Tensor:
     """chunk_loss_and_logit_grad_eager_'s CPU form: the summed CE as -log p(target), the rare underflowed rows from
-    their logits (see there). The per-block views come from one split each: a block is a few rows (~300 blocks a
-    chunk on one thread), so per-op Python overhead counts."""
+    their logits, `row_logits(r)` (see there). The softmax runs through `block_fp32`, or in place where it is None
+    (fp32 logits). The per-block views come from one split each: a block is a few rows (~300 blocks a chunk on one
+    thread), so per-op Python overhead counts."""
     p_target = torch.empty((out_mm.shape[0], 1), dtype=torch.float32, device=out_mm.device)
     exact: list[tuple[int, torch.Tensor]] = []
     first = 0
     for rows, t_b, minus_b, p_b in zip(out_mm.split(block_rows), safe_t.split(block_rows),
                                         minus_one.split(block_rows), p_target.split(block_rows), strict=True):
-        blk = block_fp32[:rows.shape[0]].copy_(rows)
+        blk = rows if block_fp32 is None else block_fp32[:rows.shape[0]].copy_(rows)
         torch.ops.aten._softmax.out(blk, -1, False, out=blk)  # one kernel: max, exp, sum and scale per row in cache
         torch.gather(blk, 1, t_b, out=p_b)
         if p_b.min().item() < TINY:  # before the gradient overwrites these rows' logits
-            exact += _underflowed(p_b, valid[first:first + rows.shape[0]], out_mm, first, safe_t)
+            exact += _underflowed(p_b, valid[first:first + rows.shape[0]], row_logits, first, safe_t)
         if want_grad:
             blk.scatter_add_(1, t_b, minus_b)  # - onehot(target), in fp32 before the one rounding
-            rows.copy_(blk)
+            if block_fp32 is not None:
+                rows.copy_(blk)
         first += rows.shape[0]
     ce = torch.where(valid, p_target.squeeze(1).log().neg_(), 0.0)  # ignored rows' p may be 0: where, not * valid
     for r, row_ce in exact:
@@ -108,13 +115,23 @@ def _ce_from_target_cpu(out_mm: torch.Tensor, safe_t: torch.Tensor, valid: torch
 TINY = torch.finfo(torch.float32).tiny
 
 
-def _underflowed(p_target: torch.Tensor, valid: torch.Tensor, logits: torch.Tensor, first: int,
+def _underflowed(p_target: torch.Tensor, valid: torch.Tensor, row_logits: Callable[[int], torch.Tensor], first: int,
                  safe_t: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """(row, logsumexp - logit of `logits`' row) for the valid rows of a block (rows first.. of `logits`) whose
-    target probability is below fp32's smallest normal number."""
+    """(row, logsumexp - logit of `row_logits(row)`) for the valid rows of a block (rows first.. of the chunk)
+    whose target probability is below fp32's smallest normal number."""
     low = ((p_target.squeeze(1) < TINY) & valid).nonzero().squeeze(1)
     rows = [] if low.numel() == 0 else (low + first).tolist()
-    return [(r, torch.logsumexp(logits[r].float(), 0) - logits[r, safe_t[r, 0]].float()) for r in rows]
+    out = []
+    for r in rows:
+        logits = row_logits(r).float()
+        out.append((r, torch.logsumexp(logits, 0) - logits[safe_t[r, 0]]))
+    return out
+
+
+def recomputed_row_logits(h_c: torch.Tensor, w: torch.Tensor, vocab_size: int) -> Callable[[int], torch.Tensor]:
+    """Row r of the logits h_c @ w.T over the first vocab_size columns, recomputed (one row's GEMV): for rows whose
+    logits the fp32 softmax in place has overwritten."""
+    return lambda r: h_c[r] @ w[:vocab_size].t()
 
 
 def cast_weight(weight: torch.Tensor, dtype: torch.dtype, kept: Callable[..., torch.Tensor] | None) -> torch.Tensor:
@@ -174,7 +191,8 @@ def eager_chunk_loop(hh: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, v
         n = h_c.shape[0]
         out_mm = lm_head_logits(h_c, w, buf_mm[:n])
         loss, valid = chunk_loss_and_logit_grad_eager_(out_mm, targets[i:i + n], vocab_size, ignore_index,
-                                                       want_h or want_w, block, block_fp32)
+                                                       want_h or want_w, block, block_fp32,
+                                                       recomputed_row_logits(h_c, w, vocab_size))
         total += loss
         if want_h or want_w:
             grad_h_rows = None if grad_h is None else grad_h[i:i + n]

@@ -28,4 +28,8 @@ def test_ref_times_both_checkouts_and_prints_the_summary(tmp_path, capsys):
     assert f"[ref: {ref}]" in out and "[this: this checkout]" in out
     assert "summary over 1 alternating rounds (medians), host ISA:" in out
     assert out.count("  ref  fp32") == 1 and out.count("  this fp32") == 1
+    # Both checkouts' benches pair each step with one run of its GEMMs: the summary pools the pairs of each.
+    assert [line.count("(paired: ") for line in out.splitlines() if line.startswith(("  ref  fp32", "  this fp32"))] \
+        == [1, 1]
+    assert "the median of 1 steps)" in out
     assert "page faults/step" in out and "tok/s" in out

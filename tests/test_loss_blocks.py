@@ -134,8 +134,9 @@ class _Ops(TorchDispatchMode):
 
 def test_cpu_chunk_reads_its_rows_twice_and_runs_its_gemms_on_row_major_operands(monkeypatch):
     """The bf16 CPU loop's work over rows x vocab (loss_eager.py): per block a copy in, the softmax, the target's
-    -1 and a copy back, no max pass (the CE is -log p(target)); and the weight gradient's GEMM takes the logit
-    gradient row-major (h^T g), not as a transposed view (g^T h), which oneDNN would reorder first."""
+    -1 and a copy back, no max pass (the CE is -log p(target)); in fp32 the softmax in place and no copies; and
+    the weight gradient's GEMM takes the logit gradient row-major (h^T g), not as a transposed view (g^T h), which
+    oneDNN would reorder first."""
     _blocks_of(monkeypatch, 3)
     h, w, t = _inputs()
     with _Ops() as ops:
@@ -148,6 +149,12 @@ def test_cpu_chunk_reads_its_rows_twice_and_runs_its_gemms_on_row_major_operands
     mms = [args for name, args in ops.seen if name == "mm"]
     assert not [args for args in mms if any(shape[0] == PADDED and stride == (1, PADDED) for shape, stride in args)]
     assert sum(args[0][0][0] == D and args[1][1] == (PADDED, 1) for args in mms) == 9  # h^T g, one per chunk
+    with _Ops() as ops:  # fp32: the softmax in place over the logits, no copy and no max pass either
+        _loss_and_grads(h, w, t, LossWorkspace(), amp=False)
+    wide = [name for name, args in ops.seen if any(shape[-1:] == (PADDED,) and len(shape) == 2 and shape[0] <= 7
+                                                    for shape, _ in args) and name != "mm"]
+    assert "amax" not in wide and "logsumexp" not in wide and "copy_" not in wide
+    assert wide.count("_softmax") == blocks
 
 
 @pytest.mark.skipif(not native_bf16(), reason="the LM head's column blocks run where oneDNN has native bf16 only")
@@ -168,10 +175,12 @@ def test_bf16_lm_head_forward_runs_in_column_blocks_with_one_gemms_values(monkey
         assert torch.equal(a, b)
 
 
-def test_ce_of_an_underflowing_target_probability_from_the_logits():
+@pytest.mark.parametrize("amp", [True, False])
+def test_ce_of_an_underflowing_target_probability_from_the_logits(amp):
     """A target probability below fp32's smallest normal (a CE of ~200 here, where p(target) is 0 in fp32) takes
     the CE from its row's logits, not -log p: finite and within fp32 rounding of float64's, with and without
-    gradients; the other rows keep -log p."""
+    gradients; the other rows keep -log p. In bf16 the logits are read from the chunk's buffer; in fp32 the softmax
+    ran in place over them, so the row is recomputed from h and the weight."""
     torch.manual_seed(0)
     h = torch.eye(D)[:8].clone()  # row r's logits are w[:, r]
     w = torch.randn(PADDED, D) * 2
@@ -179,10 +188,10 @@ def test_ce_of_an_underflowing_target_probability_from_the_logits():
     w[:, 2] = 0.0
     w[t[2], 2], w[(t[2] + 1) % VOCAB, 2] = -100.0, 100.0
     w[t[5], 5] = -40.0  # CE ~ 45: p(target) ~ 1e-20, still normal
-    logits64 = (h.double() @ w.bfloat16().double().t())
+    logits64 = (h.double() @ (w.bfloat16() if amp else w).double().t())
     logits64[:, VOCAB:] = float("-inf")
     want = F.cross_entropy(logits64, t)
     for grad in (True, False):
-        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             loss = chunked_cross_entropy(h.requires_grad_(grad), w, t, VOCAB, chunk_rows=7, workspace=LossWorkspace())
         assert torch.isfinite(loss) and abs(loss.item() - want.item()) < 1e-6 * want.item()
