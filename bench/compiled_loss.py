@@ -3,6 +3,7 @@
     .venv/bin/python bench/compiled_loss.py                  # config S's loss alone: 8 x 256 rows, d 384, vocab 50304
     .venv/bin/python bench/compiled_loss.py --step           # config S's whole step (fwd + bwd), blocks compiled
     .venv/bin/python bench/compiled_loss.py --device cuda --rows 8192 --d 2048   # on a card: the 1b's loss, 80 tier
+    .venv/bin/python bench/compiled_loss.py --ref ../parent --fp32 --reps 8   # eager: this checkout's against DIR's
 
 Forward + backward of model/gpt.py's chunked_cross_entropy (LM head + CE, chunks of 2048 rows) under bf16
 autocast, eager (in place into kept buffers on CPU) against compiled (one inductor graph per chunk shape),
@@ -12,14 +13,21 @@ micro-batch rows/256) built as the trainer builds it with --compile (pretrain/tr
 switched per step. Page faults: minor faults per step (the median), memory the allocator handed back and faults
 in again. Kernels per step: profiler events, with inductor's CPU kernels recorded (cpp.enable_kernel_profile); on
 CUDA the device kernels launched.
+
+--ref DIR: instead of compiled, DIR's eager loss (its model/ loaded as a package of its own, e.g. from `git archive
+HEAD~1 | tar -x -C DIR`) against this checkout's, alternating in one process: a before/after of the eager loop too
+small to see through a whole step's noise. --fp32: no autocast (the loss of a host without native bf16).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,10 +40,22 @@ from model.gpt import LossWorkspace, chunked_cross_entropy  # noqa: E402
 
 
 def loss_step(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, vocab: int, ws: LossWorkspace | None,
-              compiled: bool) -> None:
-    with torch.autocast(h.device.type, dtype=torch.bfloat16):
-        loss = chunked_cross_entropy(h, w, t, vocab, workspace=ws, compiled=compiled)
+              compiled: bool, amp: bool = True, ce: Callable[..., torch.Tensor] = chunked_cross_entropy) -> None:
+    with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=amp):
+        loss = ce(h, w, t, vocab, workspace=ws, compiled=compiled)
     loss.backward()
+
+
+def ref_loss(root: str) -> tuple[Callable[..., torch.Tensor], type]:
+    """chunked_cross_entropy and LossWorkspace of the checkout at `root`: its model/ imported as package
+    `ref_model` (model/ imports only itself and torch)."""
+    spec = importlib.util.spec_from_file_location("ref_model", Path(root) / "model" / "__init__.py",
+                                                  submodule_search_locations=[str(Path(root) / "model")])
+    assert spec is not None and spec.loader is not None
+    sys.modules["ref_model"] = pkg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pkg)
+    gpt = importlib.import_module("ref_model.gpt")
+    return gpt.chunked_cross_entropy, gpt.LossWorkspace
 
 
 def model_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, compiled: bool) -> None:
@@ -71,7 +91,7 @@ _NO_KERNEL = {"view", "as_strided", "resolve_conj", "resolve_neg", "empty", "emp
               "contiguous", "set_", "result_type"}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rows", type=int, default=8 * 256)
@@ -79,7 +99,13 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--step", action="store_true", help="the whole model step, not the loss alone")
-    args = ap.parse_args()
+    ap.add_argument("--ref", help="the loss alone, eager: this checkout's against the checkout at REF's")
+    ap.add_argument("--fp32", action="store_true", help="the loss alone without bf16 autocast")
+    args = ap.parse_args(argv)
+    if args.ref and args.step:
+        ap.error("--ref times the loss alone; drop --step")
+    if args.ref and not (Path(args.ref) / "model" / "__init__.py").is_file():
+        ap.error(f"--ref {args.ref} has no model/ package; pass a checkout's root (git archive REV | tar -x -C DIR)")
     dev = torch.device(args.device)
     torch._inductor.config.cpp.enable_kernel_profile = True  # inductor's CPU kernels as profiler events
     torch.manual_seed(0)
@@ -100,9 +126,15 @@ def main() -> None:
         h = torch.randn(args.rows, args.d, device=dev, requires_grad=True)
         w = (torch.randn(args.vocab, args.d, device=dev) * 0.02).requires_grad_()
         t = torch.randint(0, args.vocab, (args.rows,), device=dev)
+        amp = not args.fp32
         ws = LossWorkspace() if dev.type == "cpu" else None
         params = [h, w]
-        run = lambda c: loss_step(h, w, t, args.vocab, ws, c)  # noqa: E731
+        run = lambda c: loss_step(h, w, t, args.vocab, ws, c, amp)  # noqa: E731
+        if args.ref:  # "compiled" (True) is the ref's eager loss, in its own workspace
+            ref_ce, ref_ws = ref_loss(args.ref)
+            ws_ref = ref_ws() if dev.type == "cpu" else None
+            run = lambda c: (loss_step(h, w, t, args.vocab, ws_ref, False, amp, ref_ce) if c  # noqa: E731
+                             else loss_step(h, w, t, args.vocab, ws, False, amp))
         grads = lambda: [h.grad, w.grad]  # noqa: E731
     results = {}
     for compiled in (False, True):
@@ -122,13 +154,18 @@ def main() -> None:
     e, c = results[False], results[True]
     unit = "CPU s" if dev.type == "cpu" else "s"
     what = "config S step (fwd + bwd, blocks compiled)" if args.step else "loss (LM head + CE, fwd + bwd)"
+    precision = "fp32" if args.fp32 and not args.step else "bf16"
     print(f"host: {host_isa() if dev.type == 'cpu' else torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}; {what}: rows {args.rows}, d {args.d}, vocab {args.vocab}, bf16")
-    for name, r, k in (("eager", e, counts[False]), ("compiled", c, counts[True])):
+          f"threads {torch.get_num_threads()}; {what}: rows {args.rows}, d {args.d}, vocab {args.vocab}, "
+          f"{precision}")
+    names = ("this", f"ref {args.ref}") if args.ref else ("eager", "compiled")
+    for name, r, k in ((names[0], e, counts[False]), (names[1], c, counts[True])):
         print(f"{name:9s} {r['best'] * 1e3:8.1f} ms ({unit})  {args.rows / r['best']:9.0f} tok/s  "
               f"kernels/step {k}  page faults/step {sorted(r['faults'])[len(r['faults']) // 2]}")
     diffs = ", ".join(f"{(a - b).abs().max().item():.2e}" for a, b in zip(c["grads"], e["grads"], strict=True))
-    print(f"compiled/eager time {c['best'] / e['best']:.3f}; max |grad diff| (first, last param) {diffs}")
+    ratio = f"this/ref time {e['best'] / c['best']:.3f}" if args.ref else \
+        f"compiled/eager time {c['best'] / e['best']:.3f}"
+    print(f"{ratio}; max |grad diff| (first, last param) {diffs}")
 
 
 if __name__ == "__main__":
