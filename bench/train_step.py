@@ -17,7 +17,8 @@ seconds and wall seconds, with the host's ISA; each timed step also beside one r
 (bench/pass_floor.py: the loss's exp per logit, AdamW, the gradient norm, bf16's casts), each timed alone, with the
 ceiling they leave: floor / (floor + passes), the most of its floor a step that runs them could reach on this host
 (without --grad-accum).
---profile adds torch.profiler's top ops by self CPU time.
+--profile adds torch.profiler's top ops by self CPU time (bench/step_parts.py times the step's parts themselves,
+each beside its own GEMMs).
 --isa avx2|avx512|avx512_bf16 caps torch's kernels, oneDNN and MKL in every child (bench/gemm_floor.py: ISA_CAPS), so
 this host runs the step as a host with only that ISA would (its caches, memory and clock stay this host's): with
 avx2 or avx512 bf16 is emulated and fp32 is the native precision, with avx512_bf16 bf16 is native without AMX.
@@ -127,19 +128,28 @@ class Step:
 
     def __call__(self) -> float:
         """Run one step; returns its wall time in seconds (its CPU time is left in `cpu_s`, its minor page faults
-        in `faults`)."""
+        in `faults`, the CPU seconds of its parts in `parts`: forward, backward, clip, optimizer)."""
         t0, c0 = time.perf_counter(), time.process_time()
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        parts = dict.fromkeys(("forward", "backward"), 0.0)
         with weights_cast_once(self.model, self.cache_dtype):  # as pretrain/train/loop.py's train_step
             for _ in range(self.grad_accum):
+                c = time.process_time()
                 with dev.autocast(torch.device("cpu"), self.amp, torch.bfloat16):
                     loss = self.model(self.x, self.y) / self.grad_accum
+                parts["forward"] += time.process_time() - c
+                c = time.process_time()
                 loss.backward()
+                parts["backward"] += time.process_time() - c
+        c = time.process_time()
         grad_norm = dist_lib.clip_grad_norm(self.model, 1.0, dist_lib.Dist())  # the trainer's (loop.py)
+        parts["clip"], c = time.process_time() - c, time.process_time()
         step_unless_nonfinite(self.optimizer, (~torch.isfinite(grad_norm)).float())
         self.optimizer.zero_grad(set_to_none=True)
+        parts["optimizer"] = time.process_time() - c
         self.step += 1
         self.cpu_s = time.process_time() - c0
+        self.parts = parts
         self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
         return time.perf_counter() - t0
 
