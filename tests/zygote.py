@@ -145,17 +145,19 @@ def _become(req: dict, fds: list[int], ready: int) -> None:
     """In the forked child: turn into `req` (as exec would), run it, exit with its code. Never returns. Its pid goes
     to `ready` only once it is in its session or group: Popen returns after exec has set those, and a caller may read
     them at once (jupyter_client records the kernel's process group to signal it; read before the child's setsid,
-    that was this worker's group, and the kernel's shutdown signalled the worker)."""
+    that was this worker's group, and the kernel's shutdown signalled the worker). Its code runs only once the
+    intermediate has exited, so from its first line its parent is its starter, as exec'd (a loaded host may run the
+    command before the intermediate's exit: a CI run saw the intermediate as a command's parent)."""
     import atexit
     import runpy
     import signal
+    import time
     import types
 
     code = 1
+    middle = os.getppid()
     try:
         if delay := float(req["env"].get("ZYGOTE_TEST_SESSION_DELAY_S", 0)):  # tests/test_zygote.py: a slow child
-            import time
-
             time.sleep(delay)
         if req["session"]:
             os.setsid()
@@ -176,6 +178,8 @@ def _become(req: dict, fds: list[int], ready: int) -> None:
         sys.stdin = sys.__stdin__ = _text(0, False, "strict", False, False)
         sys.stdout = sys.__stdout__ = _text(1, True, "strict", False, unbuffered)
         sys.stderr = sys.__stderr__ = _text(2, True, "backslashreplace", True, unbuffered)
+        while os.getppid() == middle:  # the intermediate exits at once, but until then it is the command's parent
+            time.sleep(1e-4)
         kind, target, args = req["kind"], req["target"], req["args"]
         sys.path[1:1] = [os.path.abspath(p) for p in req["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
         main = types.ModuleType("__main__")
