@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import zygote
 
 SCRIPT = textwrap.dedent("""
@@ -84,6 +85,18 @@ def test_a_forked_command_is_in_its_session_or_group_when_popen_returns(tmp_path
             proc.wait(timeout=30)
             proc.stdout.close()
             proc.stderr.close()
+
+
+@pytest.mark.parametrize("slowed", ["ZYGOTE_TEST_SESSION_DELAY_S", "ZYGOTE_TEST_INTERMEDIATE_DELAY_S"])
+def test_a_forked_commands_parent_is_its_starter_from_its_first_line(tmp_path, slowed):
+    """The zygote forks through an intermediate that exits at once; whichever of the command and that exit comes
+    first (the command slowed, or the intermediate), the command runs to its end and its first getppid() is this
+    process, as exec'd."""
+    script = tmp_path / "ppid.py"
+    script.write_text("import os\nprint(os.getppid())\n")
+    env = zygote._entry_env({**os.environ, slowed: "0.3"})
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout.strip()) == (0, str(os.getpid())), proc.stderr
 
 
 NESTED = textwrap.dedent("""

@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -87,9 +88,14 @@ def _serve(sock: socket.socket) -> None:
         middle = os.fork()
         if middle == 0:
             os.close(r)
+            intermediate, req = os.getpid(), json.loads(msg)
             if os.fork() == 0:
                 sock.close()
-                _become(json.loads(msg), fds, w)
+                if delay := float(req["env"].get("ZYGOTE_TEST_SESSION_DELAY_S", 0)):  # tests/test_zygote.py: a slow
+                    time.sleep(delay)  # child, from its first instruction (before its session, group, anything)
+                _become(req, fds, w, intermediate)
+            if delay := float(req["env"].get("ZYGOTE_TEST_INTERMEDIATE_DELAY_S", 0)):  # tests/test_zygote.py
+                time.sleep(delay)
             os._exit(0)
         os.close(w)
         pid = int(os.read(r, 32) or b"0")
@@ -141,7 +147,7 @@ def _report(e: BaseException) -> None:
     sys.excepthook(type(e), e.with_traceback(tb), tb)
 
 
-def _become(req: dict, fds: list[int], ready: int) -> None:
+def _become(req: dict, fds: list[int], ready: int, intermediate: int) -> None:
     """In the forked child: turn into `req` (as exec would), run it, exit with its code. Never returns. Its pid goes
     to `ready` only once it is in its session or group: Popen returns after exec has set those, and a caller may read
     them at once (jupyter_client records the kernel's process group to signal it; read before the child's setsid,
@@ -151,14 +157,10 @@ def _become(req: dict, fds: list[int], ready: int) -> None:
     import atexit
     import runpy
     import signal
-    import time
     import types
 
     code = 1
-    middle = os.getppid()
     try:
-        if delay := float(req["env"].get("ZYGOTE_TEST_SESSION_DELAY_S", 0)):  # tests/test_zygote.py: a slow child
-            time.sleep(delay)
         if req["session"]:
             os.setsid()
         elif req["group"] is not None:
@@ -178,7 +180,7 @@ def _become(req: dict, fds: list[int], ready: int) -> None:
         sys.stdin = sys.__stdin__ = _text(0, False, "strict", False, False)
         sys.stdout = sys.__stdout__ = _text(1, True, "strict", False, unbuffered)
         sys.stderr = sys.__stderr__ = _text(2, True, "backslashreplace", True, unbuffered)
-        while os.getppid() == middle:  # the intermediate exits at once, but until then it is the command's parent
+        while os.getppid() == intermediate:  # it exits at once, but until then it is the command's parent
             time.sleep(1e-4)
         kind, target, args = req["kind"], req["target"], req["args"]
         sys.path[1:1] = [os.path.abspath(p) for p in req["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
