@@ -21,13 +21,13 @@ seventh pass), while a part's CPU time is what the step spent there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +36,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gemm_floor import ISA_CAPS, FloorTimer, host_isa, native_bf16  # noqa: E402
-from bench.train_step import Step, child_env  # noqa: E402
+from bench.train_step import Step, run_child  # noqa: E402
 from model import gpt  # noqa: E402
 
 PARTS = ("loss", "blocks", "clip", "optimizer")
 
 
-def _timed_loss(times: list[float]) -> Any:
-    """ChunkedLinearCrossEntropy.forward that appends its CPU seconds to `times`."""
+@contextlib.contextmanager
+def loss_timed(times: list[float]) -> Iterator[None]:
+    """While inside: each ChunkedLinearCrossEntropy forward appends its CPU seconds to `times`."""
     forward = gpt.ChunkedLinearCrossEntropy.forward
 
     def timed(ctx: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -52,7 +53,11 @@ def _timed_loss(times: list[float]) -> Any:
         times.append(time.process_time() - c)
         return out
 
-    return forward, staticmethod(timed)
+    gpt.ChunkedLinearCrossEntropy.forward = staticmethod(timed)
+    try:
+        yield
+    finally:
+        gpt.ChunkedLinearCrossEntropy.forward = forward
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -61,9 +66,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     step = Step(spec["preset"], spec["batch"], spec["seq_len"], False, False, amp)
     timer = FloorTimer(step.cfg, spec["batch"], spec["seq_len"], torch.bfloat16 if amp else torch.float32)
     loss_times: list[float] = []
-    original, timed = _timed_loss(loss_times)
-    gpt.ChunkedLinearCrossEntropy.forward = timed
-    try:
+    with loss_timed(loss_times):
         for _ in range(2):  # the first allocates the AdamW state and the loss's kept buffers
             step()
         rows: list[dict[str, float]] = []
@@ -75,8 +78,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             rows.append({"loss": loss, "blocks": p["forward"] - loss + p["backward"], "clip": p["clip"],
                          "optimizer": p["optimizer"], "step": step.cpu_s})
             timer.run()
-    finally:
-        gpt.ChunkedLinearCrossEntropy.forward = original
     floor = timer.floor()
     gemms = {"loss": 0.0, "blocks": 0.0}
     for r in floor["rows"]:
@@ -111,14 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=("fp32", "bf16"),
                     help="default: the host's native one (bf16 where it multiplies bf16 natively)")
     ap.add_argument("--isa", choices=sorted(ISA_CAPS), help="cap the kernels as bench/train_step.py --isa does")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         from pretrain.train.host_alloc import configure_host_memory
 
         configure_host_memory()
-        print(json.dumps(child(json.loads(args.child))), flush=True)
+        print(json.dumps(child(json.loads(args.child[1]))), flush=True)
         return 0
     if args.iters < 1 or args.batch < 1 or args.seq_len < 1:
         ap.error("--iters, --batch and --seq-len must be at least 1")
@@ -127,11 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         precision = "bf16" if native_bf16() and args.isa in (None, "avx512_bf16") else "fp32"
     spec = {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "iters": args.iters,
             "precision": precision}
-    with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
-                              env=child_env(args.threads, cache, isa=args.isa), stdout=subprocess.PIPE, text=True,
-                              check=True)
-    report(json.loads(proc.stdout.strip().splitlines()[-1]))
+    report(run_child("parts", spec, args.threads, isa=args.isa, script=__file__))
     return 0
 
 

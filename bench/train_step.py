@@ -290,12 +290,13 @@ def child_env(threads: int, inductor_cache: str, ref: str | None = None,
 
 
 def run_child(kind: str, spec: dict[str, Any], threads: int, ref: str | None = None,
-              isa: str | None = None) -> dict[str, Any]:
+              isa: str | None = None, script: str = __file__) -> dict[str, Any]:
     """One measurement in a fresh process: clean memory peak, cold inductor cache, fixed thread count; with `ref`,
-    of that checkout's code (its process environment as its trainer sets it: none of this checkout's settings)."""
+    of that checkout's code (its process environment as its trainer sets it: none of this checkout's settings).
+    `script` (this bench, or another that takes `--child KIND SPEC`) prints the result as its last line of JSON."""
     with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
         env = child_env(threads, cache, ref, isa=isa)
-        proc = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], env=env,
+        proc = subprocess.run([sys.executable, script, "--child", kind, json.dumps(spec)], env=env,
                               stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
