@@ -10,13 +10,23 @@ inductor fuses those itself.
 rms_norm's forward computes the same expression as the op-by-op form (bit-identical); its backward is the
 analytic gradient (equal to autograd's within fp32 rounding). swiglu's forward and backward run the same kernels as
 autograd's, writing the gate's and the up projection's gradients into one buffer instead of concatenating them
-(bit-identical).
+(bit-identical). On CPU, where model/cpu_kernels.py's library is built, each direction of either is one fused pass
+instead (the same arithmetic, within one rounding of these forms; swiglu then keeps only gate_up, not silu(gate)).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .cpu_kernels import (
+    rms_norm_applies,
+    rms_norm_backward,
+    rms_norm_forward,
+    swiglu_applies,
+    swiglu_backward,
+    swiglu_forward,
+)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -44,6 +54,11 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float,
                 out_dtype: torch.dtype | None) -> torch.Tensor:
+        ctx.fused = rms_norm_applies(x, out_dtype or x.dtype)
+        if ctx.fused:  # one pass each way (model/cpu_kernels.py)
+            y, rstd = rms_norm_forward(x, weight, eps, out_dtype or x.dtype)
+            ctx.save_for_backward(x, weight, rstd)
+            return y
         x32 = x.float()
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         y = (x32 * rstd).to(x.dtype).mul_(weight.to(x.dtype))  # x32 * rstd is a new tensor: in place is safe
@@ -53,6 +68,9 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         x, weight, rstd = ctx.saved_tensors
+        if getattr(ctx, "fused", False) and dy.is_contiguous() and rms_norm_applies(x, dy.dtype):
+            dx, dw = rms_norm_backward(x, weight, rstd, dy)
+            return dx, dw if ctx.needs_input_grad[1] else None, None, None
         with torch.autocast(x.device.type, enabled=False):  # the matrix-vector products stay fp32
             x32, w32, g = x.float(), weight.float(), dy.float()  # g may be dy itself: never written to
             p = g * x32
@@ -78,10 +96,15 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 class _SwiGLU(torch.autograd.Function):
     """Saves what autograd's form saves (gate_up and silu(gate)); backward runs the same kernels (mul,
-    silu_backward), writing into the two halves of one (..., 2 d_ff) gradient instead of concatenating two."""
+    silu_backward), writing into the two halves of one (..., 2 d_ff) gradient instead of concatenating two. With the
+    CPU kernels: gate_up alone, each direction one pass (silu(gate) recomputed if the backward falls back)."""
 
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        ctx.fused = swiglu_applies(gate_up)
+        if ctx.fused:  # one pass each way, only gate_up kept (model/cpu_kernels.py)
+            ctx.save_for_backward(gate_up)
+            return swiglu_forward(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         act = F.silu(gate)
         ctx.save_for_backward(gate_up, act)
@@ -89,10 +112,14 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor) -> torch.Tensor:
-        gate_up, act = ctx.saved_tensors
+        saved = ctx.saved_tensors  # once: checkpointing's recompute unpacks each saved tensor once
+        if ctx.fused and swiglu_applies(saved[0]) and dh.dtype == saved[0].dtype:
+            return swiglu_backward(saved[0], dh.contiguous())
+        gate_up, act = saved if not ctx.fused else (saved[0], F.silu(saved[0].chunk(2, dim=-1)[0]))
         gate, up = gate_up.chunk(2, dim=-1)
         grad = torch.empty_like(gate_up)
         d_gate, d_up = grad.chunk(2, dim=-1)
         torch.mul(dh, act, out=d_up)
         torch.ops.aten.silu_backward.grad_input(dh * up, gate, grad_input=d_gate)
         return grad
+

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from .cpu_kernels import ce_and_logit_grad_, ce_applies
 from .loss_chunk import backprop_chunk, lm_head_logits
 
 # fp32 bytes of a softmax block per thread: 7 rows at a 50K vocab (a Zen 4 core's L2 is 1 MiB). Fewer rows make
@@ -56,9 +57,12 @@ def chunk_loss_and_logit_grad_eager_(out_mm: torch.Tensor, t_c: torch.Tensor, vo
     logsumexp - logit, logsumexp = top - log(max p) from the row's largest logit and probability
     (max p = exp(0) / sum >= 1 / vocab never underflows)."""
     n, vocab = out_mm.shape
+    valid = t_c != ignore_index
+    if ce_applies(out_mm):  # one fused pass per row (model/cpu_kernels.py)
+        ce = ce_and_logit_grad_(out_mm, torch.where(valid, t_c, 0), valid, vocab_size, want_grad)
+        return ce.sum(), valid
     if vocab > vocab_size:
         out_mm[:, vocab_size:] = float("-inf")
-    valid = t_c != ignore_index
     safe_t = torch.where(valid, t_c, 0).unsqueeze(1)
     minus_one = -valid.unsqueeze(1).float()
     if out_mm.device.type == "cpu" and not is_fake(out_mm):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .cpu_kernels import rotate, rotate_applies
+
 
 class RotaryEmbedding(nn.Module):
     """Holds no tensors: dim and base only, so no dtype cast can touch the angles."""
@@ -46,13 +48,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     One autograd node (`_Rotate`): the backward is the rotation by -angle (only the angles are kept for it), and
     both directions write each half in place into one output: no q/k-sized temporaries per product and no
     concatenation, where the op-by-op form allocated six per direction (issue 23.1: RoPE was ~15 % of a CPU step;
-    this form takes ~0.6x its CPU time for q and k, forward + backward, config S on AVX-512-BF16).
+    this form takes ~0.6x its CPU time for q and k, forward + backward, config S on AVX-512-BF16). On CPU, where
+    model/cpu_kernels.py's library is built, each direction is one pass reading x in its own dtype (~0.35x again).
     """
     return _Rotate.apply(x, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
     """x rotated by sign * angle, in fp32, returned in x's dtype (rotate half: i pairs with i + dim/2)."""
+    if rotate_applies(x, cos):  # one pass, no fp32 copy (model/cpu_kernels.py)
+        return rotate(x, cos, sin, sign)
     half = x.shape[-1] // 2
     x1, x2 = x.float().split(half, dim=-1)
     if torch.compiler.is_compiling():  # inductor fuses this into one kernel

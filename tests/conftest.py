@@ -44,6 +44,7 @@ for key, value in {
     "WANDB_CONFIG_DIR": str(_cache / "wandb-config"),
     "TORCHINDUCTOR_CACHE_DIR": str(_shared / "inductor"),
     "PRETRAIN_CACHE_DIR": str(_shared / "pretrain"),  # the plan's memory estimates: never the user's cache
+    "PRETRAIN_KERNELS_DIR": str(_shared / "kernels"),  # model/cpu_kernels.py's library: built once a session
     "MPLBACKEND": "Agg",
     # One thread: OpenMP barriers spin badly when the other core is busy (subprocess runs, CI).
     "OMP_NUM_THREADS": "1",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model import GPT, ModelConfig
+from model import GPT, ModelConfig, cpu_kernels
 from model import rope as rope_mod
 from model.rope import RotaryEmbedding, apply_rotary
 
@@ -34,9 +34,11 @@ def test_rotation_and_gradient_equal_the_written_out_rotation(dtype):
     assert gx.abs().max() > 0.5  # a real gradient, not zeros
 
 
-def test_no_temporaries_and_no_concatenation():
+def test_no_temporaries_and_no_concatenation(monkeypatch):
     """Forward + backward write each half in place into one fp32 output (mul out=, addcmul_): no full-size product
-    temporaries and no cat (the op-by-op form ran 4 muls, a sub, an add and a cat per direction)."""
+    temporaries and no cat (the op-by-op form ran 4 muls, a sub, an add and a cat per direction). Torch's ops, as
+    without model/cpu_kernels.py's library (with it each direction is one kernel call: tests/test_cpu_kernels.py)."""
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
     cos, sin = RotaryEmbedding(16)(torch.arange(32))
     x = torch.randn(2, 3, 32, 16, dtype=torch.bfloat16, requires_grad=True)
     ops: list[str] = []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import model.fused as fused
-from model import GPT, ModelConfig
+from model import GPT, ModelConfig, cpu_kernels
 from model.fused import rms_norm, rms_norm_reference, swiglu, swiglu_reference
 from model.gpt import RMSNorm
 
@@ -16,7 +16,9 @@ def _grads(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], seed: int = 1) -
     return torch.autograd.grad(out, inputs, dy)
 
 
-def test_rms_norm_equals_op_by_op():
+def test_rms_norm_equals_op_by_op(monkeypatch):
+    """Torch's ops, as without model/cpu_kernels.py's library (its kernel: tests/test_cpu_kernels.py)."""
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
     torch.manual_seed(0)
     x = (3 * torch.randn(4, 10, 48)).requires_grad_()
     w = (1 + 0.3 * torch.randn(48)).requires_grad_()
@@ -78,7 +80,9 @@ def test_block_norm_writes_the_autocast_dtype_and_norm_f_does_not():
     assert feeds(x).dtype == torch.float32  # no autocast: no cast
 
 
-def test_swiglu_equals_op_by_op_bit_for_bit():
+def test_swiglu_equals_op_by_op_bit_for_bit(monkeypatch):
+    """Torch's ops, as without model/cpu_kernels.py's library (its kernel: tests/test_cpu_kernels.py)."""
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
     torch.manual_seed(0)
     gu = torch.randn(3, 7, 64, dtype=torch.bfloat16, requires_grad=True)
     got, want = swiglu(gu), swiglu_reference(gu)

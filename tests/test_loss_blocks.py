@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import model.loss_chunk as loss_chunk
 import model.loss_eager as loss_eager
-from model import GPT, ModelConfig
+from model import GPT, ModelConfig, cpu_kernels
 from model.cpu_attention import native_bf16
 from model.gpt import LossWorkspace, chunked_cross_entropy
 
@@ -39,8 +39,10 @@ def _loss_and_grads(h, w, t, workspace, amp: bool) -> tuple[torch.Tensor, torch.
 
 
 def _blocks_of(monkeypatch, rows: int) -> None:
-    """Softmax blocks of `rows` rows per thread."""
+    """Softmax blocks of `rows` rows per thread: torch's ops, as without model/cpu_kernels.py's library (with it the
+    whole chunk's CE and gradient are one kernel call: tests/test_cpu_kernels.py)."""
     monkeypatch.setattr(loss_eager, "BLOCK_BYTES_PER_THREAD", rows * 4 * PADDED)
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
 
 
 @pytest.mark.parametrize("amp", [True, False])
@@ -164,7 +166,8 @@ def test_bf16_lm_head_forward_runs_in_column_blocks_with_one_gemms_values(monkey
     48 is 3 GEMMs per chunk (the last 32 wide) on slices of the weight, no copy of a block, and the loss and both
     gradients equal those of one GEMM per chunk bit for bit."""
     h, w, t = _inputs()
-    whole = _loss_and_grads(h, w, t, LossWorkspace(), amp=True)
+    with _Ops():  # as below: torch's ops for the CE (model/cpu_kernels.py stays out of dispatch modes)
+        whole = _loss_and_grads(h, w, t, LossWorkspace(), amp=True)
     monkeypatch.setattr(loss_chunk, "VOCAB_BLOCK", 48)
     with _Ops() as ops:
         blocks = _loss_and_grads(h, w, t, LossWorkspace(), amp=True)
@@ -175,12 +178,15 @@ def test_bf16_lm_head_forward_runs_in_column_blocks_with_one_gemms_values(monkey
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("amp", [True, False])
-def test_ce_of_an_underflowing_target_probability_from_the_logits(amp):
+def test_ce_of_an_underflowing_target_probability_from_the_logits(amp, kernels, monkeypatch):
     """A target probability below fp32's smallest normal (a CE of ~200 here, where p(target) is 0 in fp32) takes
     the CE from its row's logits, not -log p: finite and within fp32 rounding of float64's, with and without
     gradients; the other rows keep -log p. In bf16 the logits are read from the chunk's buffer; in fp32 the softmax
     ran in place over them, so the row is recomputed from h and the weight."""
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
     torch.manual_seed(0)
     h = torch.eye(D)[:8].clone()  # row r's logits are w[:, r]
     w = torch.randn(PADDED, D) * 2

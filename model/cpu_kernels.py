@@ -1,0 +1,226 @@
+"""Fused CPU kernels (model/csrc/cpu_kernels.cpp), built on first use with the host's C++ compiler (issue 23.1).
+
+Why: on a CPU with native bf16 GEMMs (AVX-512-BF16, AMX) the eager step's time outside its GEMMs is a few thousand
+elementwise ops, each its own pass, most with a bf16 <-> fp32 conversion copy around it and a Python dispatch in
+front of it: the loss's softmax over 50K-wide rows runs as ~300 blocks of 7 torch ops a chunk. Here the loss's
+cross-entropy and logit gradient, SwiGLU forward and backward and the rotary embedding are one pass each, one call
+per tensor (bench/README.md has the figures).
+
+How: the source is compiled once per host into a shared library (`c++ -O3 -march=native -fopenmp`, ~1 s), cached
+under $PRETRAIN_KERNELS_DIR (default ~/.cache/pretrain-kernels) by a hash of the source, the compiler and the CPU's
+flags, and loaded with ctypes; its OpenMP is torch's own libgomp (loaded first, same soname), run with torch's
+thread count. No compiler, a failed build or PRETRAIN_CPU_KERNELS=0: `kernels()` is None and every caller keeps its
+torch ops (one warning line for a failed build). Callers use it only for plain CPU tensors, eager, outside dispatch
+modes but selective checkpointing's (enabled_for): fake tensors and the planner's memory trace, which models the
+GPU's step, and every other device keep torch's ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+FLAGS = ("-std=c++17", "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+WIDTH = 16  # the kernels' vector width: row lengths must be multiples of it
+_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def enabled_for(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors may take the kernels: plain CPU tensors (not fake, functional or other subclasses) of
+    one supported dtype, eager, the library built, and no dispatch mode active but selective checkpointing's (which
+    only keeps and replays op outputs: its gradients stay those of the run without it). Any other mode (a memory
+    tracker modelling the GPU's step, an op counter) sees torch's ops."""
+    if torch.compiler.is_compiling() or not _only_replay_modes():
+        return False
+    dtype = tensors[0].dtype
+    if not all(type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == dtype for t in tensors):
+        return False
+    return dtype in _DTYPES and kernels() is not None
+
+
+# torch.utils.checkpoint's selective-checkpoint modes (by name: private classes).
+_REPLAY_MODES = frozenset({"_CachingTorchDispatchMode", "_CachedTorchDispatchMode"})
+
+
+def _only_replay_modes() -> bool:
+    return all(type(m).__name__ in _REPLAY_MODES for m in _get_current_dispatch_mode_stack())
+
+
+@functools.cache
+def kernels() -> ctypes.CDLL | None:
+    """The built library, or None (disabled, no compiler, build failed: see the module docstring)."""
+    if os.environ.get("PRETRAIN_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not compiler or not SOURCE.is_file():
+        return None
+    path = _cache_dir() / f"cpu_kernels-{_key(compiler)}.so"
+    if not path.is_file():
+        try:
+            _build(compiler, path)
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", "") or str(e)
+            first = detail.strip().splitlines()[0] if detail.strip() else type(e).__name__
+            print(f"warning: CPU kernels not built ({first}); using torch's ops (slower on CPU). "
+                  "Set PRETRAIN_CPU_KERNELS=0 to skip the build.", file=sys.stderr)
+            return None
+    torch.get_num_threads()  # torch's OpenMP runtime is loaded before the library that links against it
+    lib = ctypes.CDLL(str(path))
+    _declare(lib)
+    return lib
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("PRETRAIN_KERNELS_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pretrain-kernels"
+
+
+def _key(compiler: str) -> str:
+    """Source, compiler, flags and CPU flags (-march=native code runs only where it was built)."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join((compiler, *FLAGS)).encode())
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        import platform
+        flags = platform.processor() + platform.machine()
+    h.update(flags.encode())
+    return h.hexdigest()[:16]
+
+
+def _build(compiler: str, path: Path) -> None:
+    """Compile into a temporary file beside `path`, then rename: concurrent builders (test workers, a trainer and
+    its probe) each finish with a whole library at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True,
+                       timeout=300)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    for name in _DTYPES.values():
+        getattr(lib, f"ce_grad_{name}").argtypes = [p, i64, i64, i64, i64, p, p, i32, p, i32]
+        getattr(lib, f"swiglu_fwd_{name}").argtypes = [p, p, i64, i64, i32]
+        getattr(lib, f"swiglu_bwd_{name}").argtypes = [p, p, p, i64, i64, i32]
+        getattr(lib, f"rotate_{name}").argtypes = [p, p, i64, i64, i64, i64, i64, i64, i64, p, p, f32, i32]
+        for fn in ("ce_grad", "swiglu_fwd", "swiglu_bwd", "rotate"):
+            getattr(lib, f"{fn}_{name}").restype = None
+    for name in ("f32_f32", "f32_bf16", "bf16_bf16"):
+        getattr(lib, f"rms_norm_fwd_{name}").argtypes = [p, p, p, p, i64, i64, f32, i32]
+        getattr(lib, f"rms_norm_bwd_{name}").argtypes = [p, p, p, p, p, p, i64, i64, i32]
+        getattr(lib, f"rms_norm_fwd_{name}").restype = getattr(lib, f"rms_norm_bwd_{name}").restype = None
+
+
+def _fn(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
+    lib = kernels()
+    assert lib is not None
+    return getattr(lib, f"{name}_{_DTYPES[dtype]}")
+
+
+def ce_applies(logits: torch.Tensor) -> bool:
+    """logits (n, V): rows contiguous, V a multiple of WIDTH."""
+    return logits.dim() == 2 and logits.stride(1) == 1 and logits.shape[1] % WIDTH == 0 and enabled_for(logits)
+
+
+def ce_and_logit_grad_(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, vocab_size: int,
+                       want_grad: bool) -> torch.Tensor:
+    """Per row of `logits` (n, V; rows contiguous, V a multiple of WIDTH): fp32 cross-entropy against `target`
+    (int64, any value where not `valid`), 0 where not `valid`; with want_grad the rows are overwritten by
+    softmax - onehot(target) (the softmax alone where not valid), columns >= vocab_size by 0."""
+    n, V = logits.shape
+    assert logits.stride(1) == 1 and V % WIDTH == 0 and target.dtype == torch.int64
+    target, valid8 = target.contiguous(), valid.to(torch.uint8).contiguous()
+    ce = torch.empty(n, dtype=torch.float32)
+    _fn("ce_grad", logits.dtype)(logits.data_ptr(), n, V, logits.stride(0), min(vocab_size, V), target.data_ptr(),
+                                 valid8.data_ptr(), int(want_grad), ce.data_ptr(), torch.get_num_threads())
+    return ce
+
+
+def swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a contiguous (..., 2f) [gate | up] tensor, f a multiple of WIDTH."""
+    f = gate_up.shape[-1] // 2
+    out = torch.empty(gate_up.shape[:-1] + (f,), dtype=gate_up.dtype)
+    _fn("swiglu_fwd", gate_up.dtype)(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * f), f,
+                                     torch.get_num_threads())
+    return out
+
+
+def swiglu_backward(gate_up: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
+    """The gradient of swiglu_forward with respect to gate_up, given dh (both contiguous)."""
+    f = gate_up.shape[-1] // 2
+    grad = torch.empty_like(gate_up)
+    _fn("swiglu_bwd", gate_up.dtype)(gate_up.data_ptr(), dh.data_ptr(), grad.data_ptr(), gate_up.numel() // (2 * f),
+                                     f, torch.get_num_threads())
+    return grad
+
+
+def swiglu_applies(gate_up: torch.Tensor) -> bool:
+    return gate_up.is_contiguous() and (gate_up.shape[-1] // 2) % WIDTH == 0 and enabled_for(gate_up)
+
+
+def rotate_applies(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """x (A, B, T, 2h) with contiguous rows and h a multiple of WIDTH; cos/sin fp32 (T, h)."""
+    return (x.dim() == 4 and x.stride(-1) == 1 and (x.shape[-1] // 2) % WIDTH == 0 and cos.dtype == torch.float32
+            and cos.device.type == "cpu" and enabled_for(x))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """x rotated by sign * angle (rotate half), contiguous, in x's dtype."""
+    a, b, t, d = x.shape
+    out = torch.empty((a, b, t, d), dtype=x.dtype)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    _fn("rotate", x.dtype)(x.data_ptr(), out.data_ptr(), a, b, t, d // 2, x.stride(0), x.stride(1), x.stride(2),
+                           cos.data_ptr(), sin.data_ptr(), sign, torch.get_num_threads())
+    return out
+
+
+def rms_norm_applies(x: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """x contiguous (..., d), d a multiple of WIDTH; fp32 in (fp32 or bf16 out) or bf16 in and out."""
+    pair = (_DTYPES.get(x.dtype), _DTYPES.get(out_dtype))
+    return (pair in (("f32", "f32"), ("f32", "bf16"), ("bf16", "bf16")) and x.is_contiguous()
+            and x.shape[-1] % WIDTH == 0 and enabled_for(x))
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x r w in out_dtype, r (..., 1) fp32) with r = 1/sqrt(mean(x^2) + eps) per row: model/fused.py's _RMSNorm."""
+    d = x.shape[-1]
+    y = torch.empty(x.shape, dtype=out_dtype)
+    rstd = torch.empty(x.shape[:-1] + (1,), dtype=torch.float32)
+    w = weight.detach().float().contiguous()
+    getattr(kernels(), f"rms_norm_fwd_{_DTYPES[x.dtype]}_{_DTYPES[out_dtype]}")(
+        x.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(), x.numel() // d, d, eps, torch.get_num_threads())
+    return y, rstd
+
+
+def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                      dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx in x's dtype, dw in weight's dtype) of rms_norm_forward, given dy (contiguous, its output's dtype)."""
+    d, threads = x.shape[-1], torch.get_num_threads()
+    dx = torch.empty_like(x)
+    parts = torch.zeros(threads, d, dtype=torch.float32)
+    w = weight.detach().float().contiguous()
+    getattr(kernels(), f"rms_norm_bwd_{_DTYPES[x.dtype]}_{_DTYPES[dy.dtype]}")(
+        x.data_ptr(), w.data_ptr(), dy.data_ptr(), rstd.data_ptr(), dx.data_ptr(), parts.data_ptr(), x.numel() // d, d,
+        threads)
+    return dx, parts.sum(0).to(weight.dtype)

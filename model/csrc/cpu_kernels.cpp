@@ -1,0 +1,227 @@
+// Fused CPU kernels for the eager bf16/fp32 training step (issue 23.1); model/cpu_kernels.py builds and calls them.
+//
+// Each kernel does in one pass over a row what torch's eager form does in several (each op its own pass and, for
+// bf16, a conversion copy around fp32 arithmetic): the loss's softmax cross-entropy and logit gradient, SwiGLU
+// forward and backward, and the rotary embedding. The arithmetic is the eager form's (fp32, rounded once to the
+// output dtype, round to nearest even); exp is a Cephes-style polynomial (within 2 ulp of expf) where torch uses
+// Sleef's, so a bf16 output can differ from the eager one by one bf16 ulp where the fp32 value sits on a rounding
+// boundary (~1 in 10^5 values). Written with GCC vector extensions, so one source compiles to each host's widest
+// vectors (-march=native); row lengths are multiples of 16 (the Python side checks and otherwise keeps torch's ops).
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <omp.h>
+
+typedef float vf __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+constexpr int W = 16;
+typedef uint16_t bf16;
+
+// fp32 -> the bits of its nearest bf16 (ties to even, NaN kept NaN), in the high half of each lane.
+static inline vu bf16_bits(vf f) {
+    vu u = (vu)f;
+    vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    return ((u & 0x7FFFFFFFu) > 0x7F800000u) ? (u | 0x400000u) & 0xFFFF0000u : r;
+}
+
+template <typename T> struct io;
+template <> struct io<float> {
+    static vf load(const float *p) { vf f; memcpy(&f, p, sizeof f); return f; }
+    static void store(float *p, vf f) { memcpy(p, &f, sizeof f); }
+    static vf round(vf f) { return f; }  // the value an fp32 tensor would hold
+    static float scalar(float x) { return x; }
+    static float from(float f) { return f; }
+};
+template <> struct io<bf16> {
+    static vf load(const bf16 *p) { vh h; memcpy(&h, p, sizeof h); return (vf)(__builtin_convertvector(h, vu) << 16); }
+    static void store(bf16 *p, vf f) { vh h = __builtin_convertvector(bf16_bits(f) >> 16, vh); memcpy(p, &h, sizeof h); }
+    static vf round(vf f) { return (vf)bf16_bits(f); }  // the value a bf16 tensor would hold
+    static float scalar(bf16 x) { uint32_t u = (uint32_t)x << 16; float f; memcpy(&f, &u, 4); return f; }
+    static bf16 from(float f) { vf v = {f}; return (bf16)(bf16_bits(v)[0] >> 16); }
+};
+
+// exp(x): range reduction by ln 2 (split in two for exactness), degree-6 polynomial, 2^n from the exponent bits.
+// 0 below -87.3 (-inf included: a masked score), where expf's result is a denormal or 0: no denormal ever enters the
+// arithmetic after it (each costs ~100 cycles on some cores), and a softmax weight there is below fp32's ulp of 1.
+static inline vf exp_(vf x_) {
+    vf x = x_ < -87.3f ? -87.3f : x_;
+    x = x > 88.7f ? 88.7f : x;
+    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest integer
+    vf r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    vf p = 1.9875691500e-4f + 0.0f * r;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = (p * r) * r + r + 1.0f;
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return x_ < -87.3f ? 0.0f : p * (vf)e;
+}
+
+// Softmax cross-entropy of each row of `logits` (n rows of stride ld, the first nv of V columns predictable, V a
+// multiple of 16), written to ce (0 where !valid); with want_grad each row is overwritten by softmax - onehot(target)
+// (softmax alone where !valid: the caller masks those rows), columns >= nv by 0. ce = max + log(sum exp(x - max)) -
+// x[target]: no probability that could underflow enters it.
+template <typename T>
+static void ce_grad(T *logits, int64_t n, int64_t V, int64_t ld, int64_t nv, const int64_t *target,
+                    const uint8_t *valid, int want_grad, float *ce, int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        float *e = static_cast<float *>(aligned_alloc(64, V * sizeof(float)));  // a row's exps, in L2
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            T *x = logits + i * ld;
+            const int64_t full = nv / W * W;
+            float top = -INFINITY;
+            if (full) {
+                vf m = io<T>::load(x);
+                for (int64_t j = W; j < full; j += W) { vf v = io<T>::load(x + j); m = v > m ? v : m; }
+                for (int k = 0; k < W; k++) top = m[k] > top ? m[k] : top;
+            }
+            for (int64_t j = full; j < nv; j++) top = fmaxf(top, io<T>::scalar(x[j]));
+            vf s = {0};
+            for (int64_t j = 0; j < full; j += W) {
+                vf v = exp_(io<T>::load(x + j) - top);
+                memcpy(e + j, &v, sizeof v);
+                s += v;
+            }
+            float sum = 0;
+            for (int k = 0; k < W; k++) sum += s[k];
+            for (int64_t j = full; j < nv; j++) sum += (e[j] = expf(io<T>::scalar(x[j]) - top));
+            const int64_t t = target[i];
+            ce[i] = valid[i] ? (top + logf(sum)) - io<T>::scalar(x[t]) : 0.0f;
+            if (!want_grad) continue;
+            const float inv = 1.0f / sum;
+            for (int64_t j = 0; j < full; j += W) { vf v; memcpy(&v, e + j, sizeof v); io<T>::store(x + j, v * inv); }
+            for (int64_t j = full; j < nv; j++) x[j] = io<T>::from(e[j] * inv);
+            for (int64_t j = nv; j < V; j++) x[j] = io<T>::from(0.0f);
+            if (valid[i]) x[t] = io<T>::from(e[t] * inv - 1.0f);
+        }
+        free(e);
+    }
+}
+
+// SwiGLU of rows [gate | up] (2f wide, f a multiple of 16): out = round(silu(gate)) * up, as torch's
+// F.silu(gate) * up rounds the activation to T before the product.
+template <typename T>
+static void swiglu_fwd(const T *gate_up, T *out, int64_t rows, int64_t f, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        const T *g = gate_up + i * 2 * f, *u = g + f;
+        T *o = out + i * f;
+        for (int64_t j = 0; j < f; j += W) {
+            vf x = io<T>::load(g + j);
+            io<T>::store(o + j, io<T>::round(x / (1.0f + exp_(-x))) * io<T>::load(u + j));
+        }
+    }
+}
+
+// Its backward into one (rows, 2f) gradient: d_up = dh * round(silu(gate)); d_gate = silu'(gate) * round(dh * up),
+// silu' = s (1 + x (1 - s)) with s = sigmoid(x), as torch's silu_backward.
+template <typename T>
+static void swiglu_bwd(const T *gate_up, const T *dh, T *grad, int64_t rows, int64_t f, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        const T *g = gate_up + i * 2 * f, *u = g + f, *d = dh + i * f;
+        T *dg = grad + i * 2 * f, *du = dg + f;
+        for (int64_t j = 0; j < f; j += W) {
+            vf x = io<T>::load(g + j), dy = io<T>::load(d + j);
+            vf s = 1.0f / (1.0f + exp_(-x));
+            io<T>::store(du + j, dy * io<T>::round(x * s));
+            io<T>::store(dg + j, io<T>::round(dy * io<T>::load(u + j)) * (s * (1.0f + x * (1.0f - s))));
+        }
+    }
+}
+
+// Rotate-half RoPE of x (n0 x n1 x T rows of dim 2h, strides s0, s1, st in elements, each row contiguous) by the
+// fp32 angles' cos/sin (T, h), times `sign` (+1 forward, -1 its backward), into contiguous out (n0, n1, T, 2h).
+template <typename T>
+static void rotate(const T *x, T *out, int64_t n0, int64_t n1, int64_t t, int64_t h, int64_t s0, int64_t s1,
+                   int64_t st, const float *cos, const float *sin, float sign, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+    for (int64_t a = 0; a < n0; a++)
+        for (int64_t b = 0; b < n1; b++)
+            for (int64_t p = 0; p < t; p++) {
+                const T *x1 = x + a * s0 + b * s1 + p * st, *x2 = x1 + h;
+                T *o1 = out + ((a * n1 + b) * t + p) * 2 * h, *o2 = o1 + h;
+                for (int64_t j = 0; j < h; j += W) {
+                    vf c = io<float>::load(cos + p * h + j), s = io<float>::load(sin + p * h + j) * sign;
+                    vf v1 = io<T>::load(x1 + j), v2 = io<T>::load(x2 + j);
+                    io<T>::store(o1 + j, v1 * c - v2 * s);
+                    io<T>::store(o2 + j, v2 * c + v1 * s);
+                }
+            }
+}
+
+// RMSNorm of rows of x (d a multiple of 16): r = 1/sqrt(mean(x^2) + eps) in fp32 (saved for the backward), y = n w
+// with n = x r and w rounded to X first, as torch's ops in X's dtype do (model/fused.py _RMSNorm), written as Y.
+template <typename X, typename Y>
+static void rms_norm_fwd(const X *x, const float *w, Y *y, float *rstd, int64_t rows, int64_t d, float eps,
+                         int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        const X *xi = x + i * d;
+        vf acc = {0};
+        for (int64_t j = 0; j < d; j += W) { vf v = io<X>::load(xi + j); acc += v * v; }
+        float ss = 0;
+        for (int q = 0; q < W; q++) ss += acc[q];
+        const float r = 1.0f / sqrtf(ss / d + eps);
+        rstd[i] = r;
+        for (int64_t j = 0; j < d; j += W)
+            io<Y>::store(y + i * d + j, io<X>::round(io<X>::round(io<X>::load(xi + j) * r) * io<X>::round(io<float>::load(w + j))));
+    }
+}
+
+// Its backward, with g = dy in fp32: dx = r g w - x r^3 (g x . w) / d per row, in X; dw = sum over rows of g x r,
+// each thread's rows summed into its own row of dw_parts (threads x d fp32, zeroed by the caller, summed by it).
+template <typename X, typename Y>
+static void rms_norm_bwd(const X *x, const float *w, const Y *dy, const float *rstd, X *dx, float *dw_parts,
+                         int64_t rows, int64_t d, int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        float *dw = dw_parts + (int64_t)omp_get_thread_num() * d;
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows; i++) {
+            const X *xi = x + i * d;
+            const Y *gi = dy + i * d;
+            const float r = rstd[i];
+            vf acc = {0};
+            for (int64_t j = 0; j < d; j += W) {
+                vf gx = io<Y>::load(gi + j) * io<X>::load(xi + j);
+                acc += gx * io<float>::load(w + j);
+                io<float>::store(dw + j, io<float>::load(dw + j) + gx * r);
+            }
+            float dot = 0;
+            for (int q = 0; q < W; q++) dot += acc[q];
+            const float c = -dot * r * r * r / d;
+            for (int64_t j = 0; j < d; j += W)
+                io<X>::store(dx + i * d + j, io<Y>::load(gi + j) * io<float>::load(w + j) * r + io<X>::load(xi + j) * c);
+        }
+    }
+}
+
+#define NORM(X, Y, NAME)                                                                                          \
+    extern "C" void rms_norm_fwd_##NAME(const X *x, const float *w, Y *y, float *r, int64_t n, int64_t d, float e, \
+                                        int th) { rms_norm_fwd(x, w, y, r, n, d, e, th); }                        \
+    extern "C" void rms_norm_bwd_##NAME(const X *x, const float *w, const Y *dy, const float *r, X *dx, float *dw, \
+                                        int64_t n, int64_t d, int th) { rms_norm_bwd(x, w, dy, r, dx, dw, n, d, th); }
+NORM(float, float, f32_f32)
+NORM(float, bf16, f32_bf16)
+NORM(bf16, bf16, bf16_bf16)
+
+#define BOTH(X) X(float, f32) X(bf16, bf16)
+#define EXPORT(T, NAME)                                                                                          \
+    extern "C" void ce_grad_##NAME(T *l, int64_t n, int64_t V, int64_t ld, int64_t nv, const int64_t *t,        \
+                                   const uint8_t *v, int g, float *ce, int th) { ce_grad(l, n, V, ld, nv, t, v, g, ce, th); } \
+    extern "C" void swiglu_fwd_##NAME(const T *gu, T *o, int64_t r, int64_t f, int th) { swiglu_fwd(gu, o, r, f, th); } \
+    extern "C" void swiglu_bwd_##NAME(const T *gu, const T *d, T *g, int64_t r, int64_t f, int th) {           \
+        swiglu_bwd(gu, d, g, r, f, th); }                                                                      \
+    extern "C" void rotate_##NAME(const T *x, T *o, int64_t n0, int64_t n1, int64_t t, int64_t h, int64_t s0,  \
+                                  int64_t s1, int64_t st, const float *c, const float *s, float sign, int th) { \
+        rotate(x, o, n0, n1, t, h, s0, s1, st, c, s, sign, th); }
+BOTH(EXPORT)

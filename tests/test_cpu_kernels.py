@@ -1,0 +1,185 @@
+"""The fused CPU kernels (model/cpu_kernels.py): the values of the torch ops they replace, through the model and the
+trainer, and the fallback when they cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, ModelConfig, cpu_kernels
+from model.fused import rms_norm, swiglu, swiglu_reference
+from model.loss_eager import chunk_loss_and_logit_grad_eager_
+from model.rope import apply_rotary
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="no C++ compiler on this host")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture
+def torch_ops(monkeypatch):
+    """Inside: the callers take their torch ops, as without the library."""
+    def off() -> None:
+        monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
+    return off
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in units of a's dtype's spacing at b (bf16: 2^-7 relative)."""
+    eps = torch.finfo(a.dtype).eps
+    return (a.double() - b.double()).abs() / (b.double().abs() * eps).clamp_min(torch.finfo(a.dtype).tiny)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_loss_and_logit_gradient_equal_the_torch_path_and_float64(dtype, torch_ops):
+    """Ignored rows, padded columns, a few rows whose target probability underflows fp32 (CE > 87): the summed CE
+    within 1e-5 of float64's, the gradient within one rounding of torch's softmax path, padded columns 0."""
+    g = torch.Generator().manual_seed(0)
+    n, V, vocab = 37, 544, 530
+    logits = (4 * torch.randn(n, V, generator=g)).to(dtype)
+    target = torch.randint(0, vocab, (n,), generator=g)
+    target[::5] = -100
+    logits[3, target[3]] = -120.0  # p(target) ~ e^-120: below fp32's smallest normal
+    x64 = logits[:, :vocab].double()
+    valid = target != -100
+    want = F.cross_entropy(x64[valid], target[valid], reduction="sum")
+    grad64 = torch.softmax(x64, -1) - F.one_hot(torch.where(valid, target, 0), vocab) * valid[:, None]
+
+    got = logits.clone()
+    ce, _ = chunk_loss_and_logit_grad_eager_(got, target, vocab, -100, True, 4, torch.empty(4, V), got.__getitem__)
+    torch_ops()
+    ref = logits.clone()
+    ce_ref, _ = chunk_loss_and_logit_grad_eager_(ref, target, vocab, -100, True, 4, torch.empty(4, V),
+                                                 ref.__getitem__)
+    assert abs(ce.item() - want.item()) <= 1e-5 * want.item()
+    assert abs(ce_ref.item() - want.item()) <= 1e-5 * want.item()
+    assert torch.equal(got[:, vocab:], torch.zeros(n, V - vocab, dtype=dtype))
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(got[valid, :vocab].double(), grad64[valid], atol=tol * 0.02, rtol=tol)
+    if dtype == torch.bfloat16:  # torch's path's values but where exp's last fp32 bit decides a rounding
+        assert (got[valid] != ref[valid]).float().mean() < 1e-3 and (_ulps(got[valid], ref[valid]) <= 1).all()
+    torch.testing.assert_close(got[valid].double(), ref[valid].double(), atol=tol * 0.02, rtol=tol)
+
+
+def test_a_nan_logit_makes_the_loss_nan():
+    logits = torch.randn(4, 64).bfloat16()
+    logits[1, 7] = float("nan")
+    ce, _ = chunk_loss_and_logit_grad_eager_(logits, torch.arange(4), 60, -100, True, 2, torch.empty(2, 64),
+                                            logits.__getitem__)
+    assert ce.isnan()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_values_and_gradient_equal_the_op_by_op_form(dtype):
+    torch.manual_seed(0)
+    gate_up = (2 * torch.randn(3, 17, 2 * 96)).to(dtype).requires_grad_()
+    assert cpu_kernels.swiglu_applies(gate_up)
+    dh = torch.randn(3, 17, 96).to(dtype)
+    got, want = swiglu(gate_up), swiglu_reference(gate_up)
+    (g_got,), (g_want,) = torch.autograd.grad(got, gate_up, dh), torch.autograd.grad(want, gate_up, dh)
+    if dtype == torch.bfloat16:  # the same roundings: equal but where exp's last fp32 bit decides one
+        assert (got != want).float().mean() < 1e-3 and (_ulps(got, want) <= 1).all()
+        assert (g_got != g_want).float().mean() < 1e-3 and (_ulps(g_got, g_want) <= 1).all()
+    else:
+        torch.testing.assert_close(got, want, rtol=3e-6, atol=1e-7)
+        torch.testing.assert_close(g_got, g_want, rtol=3e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("dtype", "out_dtype"), [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                                  (torch.bfloat16, torch.bfloat16)])
+def test_rms_norm_values_and_gradients_equal_the_torch_form(dtype, out_dtype, torch_ops):
+    """As a block's norm runs it (fp32 residual in, the autocast dtype out) and in fp32 or bf16 models: the output,
+    dx and dw (summed over rows by several threads' partial sums) of the torch form's within a rounding."""
+    torch.manual_seed(0)
+    x = (3 * torch.randn(5, 33, 64)).to(dtype).requires_grad_()
+    w = (1 + 0.3 * torch.randn(64)).to(dtype).requires_grad_()
+    assert cpu_kernels.rms_norm_applies(x, out_dtype)
+    dy = torch.randn(5, 33, 64).to(out_dtype)
+    got = rms_norm(x, w, 1e-5, out_dtype)
+    g_got = torch.autograd.grad(got, (x, w), dy)
+    torch_ops()
+    want = rms_norm(x, w, 1e-5, out_dtype)
+    g_want = torch.autograd.grad(want, (x, w), dy)
+    assert got.dtype == out_dtype and g_got[0].dtype == dtype and g_got[1].dtype == dtype
+    for a, b in ((got, want), *zip(g_got, g_want, strict=True)):
+        if a.dtype == torch.bfloat16:
+            assert (a != b).float().mean() < 2e-2 and (_ulps(a, b) <= 1).all()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_on_strided_heads_equals_the_torch_form(dtype, torch_ops):
+    """q as the model makes it (a head view of the fused projection: rows strided) and its gradient."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 9, 3 * 4 * 64).to(dtype)
+    q = qkv[..., :256].view(2, 9, 4, 64).transpose(1, 2).requires_grad_()
+    pos = torch.arange(9, dtype=torch.float32)[:, None] * 10000.0 ** (-torch.arange(0, 64, 2) / 64)
+    cos, sin = pos.cos(), pos.sin()
+    assert cpu_kernels.rotate_applies(q, cos)
+    dy = torch.randn(2, 4, 9, 64).to(dtype)
+    got = apply_rotary(q, cos, sin)
+    (g_got,) = torch.autograd.grad(got, q, dy)
+    torch_ops()
+    want = apply_rotary(q, cos, sin)
+    (g_want,) = torch.autograd.grad(want, q, dy)
+    for a, b in ((got, want), (g_got, g_want)):
+        if dtype == torch.bfloat16:
+            assert (_ulps(a, b) <= 1).all() and (a != b).float().mean() < 1e-2
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_model_loss_and_gradients_equal_the_torch_ops(amp, torch_ops):
+    """The whole model (rows of 64 and 128: every kernel applies), fp32 or under bf16 autocast."""
+    cfg = ModelConfig(vocab_size=250, block_size=32, n_layer=2, n_head=2, d_model=64, d_ff=128)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    idx, tgt = torch.randint(0, 250, (2, 32)), torch.randint(0, 250, (2, 32))
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            loss = model(idx, tgt)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss, grads = run()
+    torch_ops()
+    loss_ref, grads_ref = run()
+    tol = 2e-2 if amp else 1e-5
+    torch.testing.assert_close(loss, loss_ref, rtol=tol / 10, atol=0)
+    for g, r in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol * r.abs().max().item())
+
+
+def _kernels_in_subprocess(env: dict[str, str]) -> subprocess.CompletedProcess:
+    code = "from model import cpu_kernels; print(cpu_kernels.kernels() is not None)"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_failed_build_warns_once_and_keeps_torchs_ops(tmp_path):
+    proc = _kernels_in_subprocess({"CXX": "false", "PRETRAIN_KERNELS_DIR": str(tmp_path)})
+    assert proc.returncode == 0 and proc.stdout.strip() == "False"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CPU kernels not built" in lines[0] and "PRETRAIN_CPU_KERNELS=0" in lines[0]
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+def test_built_once_per_host_then_loaded(tmp_path):
+    first = _kernels_in_subprocess({"PRETRAIN_KERNELS_DIR": str(tmp_path)})
+    assert first.stdout.strip() == "True", first.stderr
+    (lib,) = tmp_path.iterdir()
+    stamp = lib.stat().st_mtime_ns
+    again = _kernels_in_subprocess({"PRETRAIN_KERNELS_DIR": str(tmp_path)})
+    assert again.stdout.strip() == "True" and lib.stat().st_mtime_ns == stamp and list(tmp_path.iterdir()) == [lib]
+    off = _kernels_in_subprocess({"PRETRAIN_KERNELS_DIR": str(tmp_path / "off"), "PRETRAIN_CPU_KERNELS": "0"})
+    assert off.stdout.strip() == "False" and not (tmp_path / "off").exists()
