@@ -65,3 +65,24 @@ def test_the_repo_scripts_stay_thin_callers():
     for script in ("train_v29.py", "run_1b_launch.py", "prepare_fineweb.py"):
         assert len((ROOT / script).read_text().splitlines()) < 20, script
     assert sys.version_info >= (3, 11)
+
+
+def test_a_wheel_carries_the_files_read_at_run_time(tmp_path):
+    """A non-editable install reads from the wheel: the CPU kernels' source (model/cpu_kernels.py builds it), the
+    tokenizer's ranks, the shipped memory estimates and the remote-code wrappers are in it."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: setuptools builds inside the tree it is given
+    for name in ("model", "pretrain"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copyfile(ROOT / name, src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                           str(tmp_path), str(src)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in ("model/csrc/cpu_kernels.cpp", "model/cpu_kernels.py", "pretrain/data/assets/gpt2.tiktoken",
+                 "pretrain/plan/shipped_estimates.json", "pretrain/hf_remote/modeling_pretrain.py"):
+        assert path in names, path
