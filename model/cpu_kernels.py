@@ -131,10 +131,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"rms_norm_fwd_{name}").restype = getattr(lib, f"rms_norm_bwd_{name}").restype = None
 
 
-def _fn(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
+def _fn(name: str, *dtypes: torch.dtype) -> ctypes._CFuncPtr:
+    """The library's `name` for these dtypes (swiglu_fwd, torch.bfloat16 -> swiglu_fwd_bf16)."""
     lib = kernels()
     assert lib is not None
-    return getattr(lib, f"{name}_{_DTYPES[dtype]}")
+    return getattr(lib, "_".join((name, *(_DTYPES[d] for d in dtypes))))
 
 
 def ce_applies(logits: torch.Tensor) -> bool:
@@ -208,7 +209,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
     y = torch.empty(x.shape, dtype=out_dtype)
     rstd = torch.empty(x.shape[:-1] + (1,), dtype=torch.float32)
     w = weight.detach().float().contiguous()
-    getattr(kernels(), f"rms_norm_fwd_{_DTYPES[x.dtype]}_{_DTYPES[out_dtype]}")(
+    _fn("rms_norm_fwd", x.dtype, out_dtype)(
         x.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(), x.numel() // d, d, eps, torch.get_num_threads())
     return y, rstd
 
@@ -220,7 +221,7 @@ def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
     dx = torch.empty_like(x)
     parts = torch.zeros(threads, d, dtype=torch.float32)
     w = weight.detach().float().contiguous()
-    getattr(kernels(), f"rms_norm_bwd_{_DTYPES[x.dtype]}_{_DTYPES[dy.dtype]}")(
+    _fn("rms_norm_bwd", x.dtype, dy.dtype)(
         x.data_ptr(), w.data_ptr(), dy.data_ptr(), rstd.data_ptr(), dx.data_ptr(), parts.data_ptr(), x.numel() // d, d,
         threads)
     return dx, parts.sum(0).to(weight.dtype)

@@ -183,3 +183,34 @@ def test_built_once_per_host_then_loaded(tmp_path):
     assert again.stdout.strip() == "True" and lib.stat().st_mtime_ns == stamp and list(tmp_path.iterdir()) == [lib]
     off = _kernels_in_subprocess({"PRETRAIN_KERNELS_DIR": str(tmp_path / "off"), "PRETRAIN_CPU_KERNELS": "0"})
     assert off.stdout.strip() == "False" and not (tmp_path / "off").exists()
+
+
+def test_a_training_run_takes_the_kernels_and_trains_as_with_torchs_ops(byte_data, tmp_path, monkeypatch):
+    """Through the trainer: the run's meta records the kernels, each kernel is called, and the losses of 4 steps are
+    those of a run with torch's ops within the precision's rounding."""
+    from pretrain.track.runlog import read_jsonl
+    from pretrain.train.config import parse_config
+    from pretrain.train.loop import train
+
+    argv = ["--size", "tiny", "--d-model", "64", "--n-head", "2", "--n-layer", "2", "--d-ff", "128", "--block-size",
+            "64", "--batch-size", "4", "--train-seq-len", "32", "--val-frac", "0.05", "--eval-iters", "1",
+            "--log-every", "1", "--device", "cpu", "--live", "off", "--save-minutes", "0", "--steps", "4",
+            "--data", str(byte_data)]
+    called: set[str] = set()
+    fn = cpu_kernels._fn
+    monkeypatch.setattr(cpu_kernels, "_fn", lambda name, *dtypes: called.add(name) or fn(name, *dtypes))
+
+    def run(out: Path) -> tuple[dict, list[float]]:
+        train(parse_config([*argv, "--out-dir", str(out)]))
+        events = read_jsonl(out / "train.jsonl")
+        meta = next(e for e in events if e["type"] == "meta")
+        return meta, [e["loss"] for e in events if e["type"] == "train"]
+
+    meta, losses = run(tmp_path / "kernels")
+    assert meta["host"]["fused_kernels"] is True and len(losses) == 4
+    assert called == {"ce_grad", "swiglu_fwd", "swiglu_bwd", "rotate", "rms_norm_fwd", "rms_norm_bwd"}
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
+    meta_off, losses_off = run(tmp_path / "torch")
+    assert meta_off["host"]["fused_kernels"] is False
+    bf16 = meta["host"]["native_bf16"]
+    assert losses == pytest.approx(losses_off, rel=2e-2 if bf16 else 1e-4)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import model.attention as attention
-from model import GPT, ModelConfig
+from model import GPT, ModelConfig, cpu_kernels
 from model.gpt import LossWorkspace, chunked_cross_entropy
 from pretrain.plan import memory
 from pretrain.plan.fit import step_peak_bytes
@@ -244,4 +244,5 @@ def test_run_meta_records_the_cpu_it_ran_on(byte_data, tmp_path):
     train(parse_config([*FAST, "--data", str(byte_data), "--steps", "1", "--out-dir", str(out)]))
     meta = next(e for e in read_jsonl(out / "train.jsonl") if e["type"] == "meta")
     assert meta["host"] == {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                            "threads": torch.get_num_threads(), "native_bf16": device.cpu_has_fast_bf16()}
+                            "threads": torch.get_num_threads(), "native_bf16": device.cpu_has_fast_bf16(),
+                            "fused_kernels": cpu_kernels.kernels() is not None}
