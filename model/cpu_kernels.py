@@ -2,17 +2,18 @@
 
 Why: on a CPU with native bf16 GEMMs (AVX-512-BF16, AMX) the eager step's time outside its GEMMs is a few thousand
 elementwise ops, each its own pass, most with a bf16 <-> fp32 conversion copy around it and a Python dispatch in
-front of it: the loss's softmax over 50K-wide rows runs as ~300 blocks of 7 torch ops a chunk. Here the loss's
-cross-entropy and logit gradient, SwiGLU forward and backward and the rotary embedding are one pass each, one call
-per tensor (bench/README.md has the figures).
+front of it: the loss's softmax over 50K-wide rows ran as ~300 blocks of 7 torch ops a chunk. Here the loss's
+cross-entropy and logit gradient, RMSNorm, SwiGLU and the rotary embedding are one pass each way, one call per
+tensor (config S, bf16, Zen 5: 70-72 % -> 77-80 % of the GEMM floor at 1 thread; bench/README.md).
 
-How: the source is compiled once per host into a shared library (`c++ -O3 -march=native -fopenmp`, ~1 s), cached
-under $PRETRAIN_KERNELS_DIR (default ~/.cache/pretrain-kernels) by a hash of the source, the compiler and the CPU's
-flags, and loaded with ctypes; its OpenMP is torch's own libgomp (loaded first, same soname), run with torch's
-thread count. No compiler, a failed build or PRETRAIN_CPU_KERNELS=0: `kernels()` is None and every caller keeps its
-torch ops (one warning line for a failed build). Callers use it only for plain CPU tensors, eager, outside dispatch
-modes but selective checkpointing's (enabled_for): fake tensors and the planner's memory trace, which models the
-GPU's step, and every other device keep torch's ops.
+How: the source is compiled once per host into a shared library (`c++ -O3 -march=native -fopenmp`, ~1 s; capped
+to AVX2 or SSE4.2 where torch's own kernels are, by ATEN_CPU_CAPABILITY), cached under $PRETRAIN_KERNELS_DIR
+(default ~/.cache/pretrain-kernels) by a hash of the source, the compiler, the flags and the CPU's flags, and loaded
+with ctypes. Its OpenMP is torch's own libgomp (loaded first, same soname), run with torch's thread count. No
+compiler, a failed build (one warning line) or PRETRAIN_CPU_KERNELS=0: kernels() is None and every caller keeps
+its torch ops. Callers take the kernels only for plain CPU tensors, eager, outside dispatch modes but selective
+checkpointing's (enabled_for): fake tensors, the planner's memory trace (which models the GPU's step) and every
+other device keep torch's ops.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
-FLAGS = ("-std=c++17", "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+FLAGS = ("-std=c++17", "-O3", "-fopenmp", "-fPIC", "-shared")
+# torch's own vector-ISA cap (ATEN_CPU_CAPABILITY), which a bench sets to run as a smaller host would
+# (bench/gemm_floor.py ISA_CAPS), caps these kernels too: AVX2 + FMA, or SSE4.2; otherwise the host's own ISA.
+_MARCH = {"avx2": "x86-64-v3", "default": "x86-64-v2"}
 WIDTH = 16  # the kernels' vector width: row lengths must be multiples of it
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -88,10 +92,15 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pretrain-kernels"
 
 
+def _flags() -> tuple[str, ...]:
+    march = _MARCH.get(os.environ.get("ATEN_CPU_CAPABILITY", "").lower(), "native")
+    return (*FLAGS, f"-march={march}")
+
+
 def _key(compiler: str) -> str:
     """Source, compiler, flags and CPU flags (-march=native code runs only where it was built)."""
     h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(" ".join((compiler, *FLAGS)).encode())
+    h.update(" ".join((compiler, *_flags())).encode())
     try:
         flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
     except (OSError, StopIteration):
@@ -108,7 +117,7 @@ def _build(compiler: str, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True,
+        subprocess.run([compiler, *_flags(), "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True,
                        timeout=300)
         os.replace(tmp, path)
     finally:
