@@ -13,11 +13,19 @@
 #include <cstring>
 #include <omp.h>
 
-typedef float vf __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
+// Lanes per vector: the target's widest (a wider generic vector is expanded piecewise, ~10x slower); row lengths are
+// multiples of 16, so of each.
+#if defined(__AVX512F__)
 constexpr int W = 16;
+#elif defined(__AVX__)
+constexpr int W = 8;
+#else
+constexpr int W = 4;
+#endif
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef uint16_t vh __attribute__((vector_size(2 * W)));
 typedef uint16_t bf16;
 
 // fp32 -> the bits of its nearest bf16 (ties to even, NaN kept NaN), in the high half of each lane.
