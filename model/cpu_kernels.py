@@ -70,19 +70,23 @@ def kernels() -> ctypes.CDLL | None:
     if not compiler or not SOURCE.is_file():
         return None
     path = _cache_dir() / f"cpu_kernels-{_key(compiler)}.so"
-    if not path.is_file():
+    torch.get_num_threads()  # torch's OpenMP runtime is loaded before the library that links against it
+    for attempt in range(2):  # a cached library that does not load (damaged) is built again, once
         try:
-            _build(compiler, path)
+            if attempt or not path.is_file():
+                _build(compiler, path)
+            lib = ctypes.CDLL(str(path))
         except (OSError, subprocess.SubprocessError) as e:
+            if attempt == 0 and path.is_file():
+                continue
             detail = getattr(e, "stderr", "") or str(e)
             first = detail.strip().splitlines()[0] if detail.strip() else type(e).__name__
             print(f"warning: CPU kernels not built ({first}); using torch's ops (slower on CPU). "
                   "Set PRETRAIN_CPU_KERNELS=0 to skip the build.", file=sys.stderr)
             return None
-    torch.get_num_threads()  # torch's OpenMP runtime is loaded before the library that links against it
-    lib = ctypes.CDLL(str(path))
-    _declare(lib)
-    return lib
+        _declare(lib)
+        return lib
+    return None
 
 
 def _cache_dir() -> Path:
@@ -160,6 +164,8 @@ def ce_and_logit_grad_(logits: torch.Tensor, target: torch.Tensor, valid: torch.
     n, V = logits.shape
     assert logits.stride(1) == 1 and V % WIDTH == 0 and target.dtype == torch.int64
     target, valid8 = target.contiguous(), valid.to(torch.uint8).contiguous()
+    if n and not 0 <= int(target.min()) <= int(target.max()) < V:  # the kernel reads x[target] unchecked
+        raise IndexError(f"target out of range for {V} logits: {int(target.min())}..{int(target.max())}")
     ce = torch.empty(n, dtype=torch.float32)
     _fn("ce_grad", logits.dtype)(logits.data_ptr(), n, V, logits.stride(0), min(vocab_size, V), target.data_ptr(),
                                  valid8.data_ptr(), int(want_grad), ce.data_ptr(), torch.get_num_threads())
@@ -191,7 +197,7 @@ def swiglu_applies(gate_up: torch.Tensor) -> bool:
 def rotate_applies(x: torch.Tensor, cos: torch.Tensor) -> bool:
     """x (A, B, T, 2h) with contiguous rows and h a multiple of WIDTH; cos/sin fp32 (T, h)."""
     return (x.dim() == 4 and x.stride(-1) == 1 and (x.shape[-1] // 2) % WIDTH == 0 and cos.dtype == torch.float32
-            and cos.device.type == "cpu" and enabled_for(x))
+            and cos.shape == (x.shape[2], x.shape[3] // 2) and cos.device.type == "cpu" and enabled_for(x))
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:

@@ -174,6 +174,21 @@ def test_a_failed_build_warns_once_and_keeps_torchs_ops(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 
 
+def test_a_damaged_cached_library_is_built_again(tmp_path):
+    first = _kernels_in_subprocess({"PRETRAIN_KERNELS_DIR": str(tmp_path)})
+    assert first.stdout.strip() == "True", first.stderr
+    (lib,) = tmp_path.iterdir()
+    lib.write_bytes(b"not a library")
+    again = _kernels_in_subprocess({"PRETRAIN_KERNELS_DIR": str(tmp_path)})
+    assert again.stdout.strip() == "True" and again.stderr == "" and lib.stat().st_size > 1000
+
+
+def test_a_target_outside_the_logits_is_refused_not_read():
+    logits = torch.randn(3, 32)
+    with pytest.raises(IndexError, match="target out of range for 32 logits"):
+        cpu_kernels.ce_and_logit_grad_(logits, torch.tensor([1, 32, 0]), torch.ones(3, dtype=torch.bool), 30, True)
+
+
 def test_built_once_per_host_then_loaded(tmp_path):
     first = _kernels_in_subprocess({"PRETRAIN_KERNELS_DIR": str(tmp_path)})
     assert first.stdout.strip() == "True", first.stderr
