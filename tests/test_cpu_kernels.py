@@ -30,6 +30,16 @@ def torch_ops(monkeypatch):
     return off
 
 
+@pytest.fixture(params=[1, 3], ids=["1 thread", "3 threads"])
+def threads(request):
+    """torch's (and so the kernels') thread count while inside: 3 splits these tests' row counts unevenly, and the
+    RMSNorm backward's weight gradient is then a sum of per-thread partial sums."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|a - b| in units of a's dtype's spacing at b (bf16: 2^-7 relative)."""
     eps = torch.finfo(a.dtype).eps
@@ -37,7 +47,7 @@ def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_loss_and_logit_gradient_equal_the_torch_path_and_float64(dtype, torch_ops):
+def test_loss_and_logit_gradient_equal_the_torch_path_and_float64(dtype, torch_ops, threads):
     """Ignored rows, padded columns, a few rows whose target probability underflows fp32 (CE > 87): the summed CE
     within 1e-5 of float64's, the gradient within one rounding of torch's softmax path, padded columns 0."""
     g = torch.Generator().manual_seed(0)
@@ -76,7 +86,7 @@ def test_a_nan_logit_makes_the_loss_nan():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_swiglu_values_and_gradient_equal_the_op_by_op_form(dtype):
+def test_swiglu_values_and_gradient_equal_the_op_by_op_form(dtype, threads):
     torch.manual_seed(0)
     gate_up = (2 * torch.randn(3, 17, 2 * 96)).to(dtype).requires_grad_()
     assert cpu_kernels.swiglu_applies(gate_up)
@@ -93,9 +103,9 @@ def test_swiglu_values_and_gradient_equal_the_op_by_op_form(dtype):
 
 @pytest.mark.parametrize(("dtype", "out_dtype"), [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                                   (torch.bfloat16, torch.bfloat16)])
-def test_rms_norm_values_and_gradients_equal_the_torch_form(dtype, out_dtype, torch_ops):
+def test_rms_norm_values_and_gradients_equal_the_torch_form(dtype, out_dtype, torch_ops, threads):
     """As a block's norm runs it (fp32 residual in, the autocast dtype out) and in fp32 or bf16 models: the output,
-    dx and dw (summed over rows by several threads' partial sums) of the torch form's within a rounding."""
+    dx and dw (with 3 threads, summed from per-thread partial sums) of the torch form's within a rounding."""
     torch.manual_seed(0)
     x = (3 * torch.randn(5, 33, 64)).to(dtype).requires_grad_()
     w = (1 + 0.3 * torch.randn(64)).to(dtype).requires_grad_()
@@ -115,7 +125,7 @@ def test_rms_norm_values_and_gradients_equal_the_torch_form(dtype, out_dtype, to
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_on_strided_heads_equals_the_torch_form(dtype, torch_ops):
+def test_rotary_on_strided_heads_equals_the_torch_form(dtype, torch_ops, threads):
     """q as the model makes it (a head view of the fused projection: rows strided) and its gradient."""
     torch.manual_seed(0)
     qkv = torch.randn(2, 9, 3 * 4 * 64).to(dtype)
