@@ -159,15 +159,18 @@ def ce_applies(logits: torch.Tensor) -> bool:
 def ce_and_logit_grad_(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, vocab_size: int,
                        want_grad: bool) -> torch.Tensor:
     """Per row of `logits` (n, V; rows contiguous, V a multiple of WIDTH): fp32 cross-entropy against `target`
-    (int64, any value where not `valid`), 0 where not `valid`; with want_grad the rows are overwritten by
+    (int64 below vocab_size, else IndexError), 0 where not `valid`; with want_grad the rows are overwritten by
     softmax - onehot(target) (the softmax alone where not valid), columns >= vocab_size by 0."""
     n, V = logits.shape
     assert logits.stride(1) == 1 and V % WIDTH == 0 and target.dtype == torch.int64
     target, valid8 = target.contiguous(), valid.to(torch.uint8).contiguous()
-    if n and not 0 <= int(target.min()) <= int(target.max()) < V:  # the kernel reads x[target] unchecked
-        raise IndexError(f"target out of range for {V} logits: {int(target.min())}..{int(target.max())}")
+    nv = min(vocab_size, V)
+    # The kernel reads x[target] and its exp unchecked, and has exps only of the first nv columns.
+    if n and not 0 <= int(target.min()) <= int(target.max()) < nv:
+        raise IndexError(f"target out of range for a vocab of {nv} ({V} logits): "
+                         f"{int(target.min())}..{int(target.max())}")
     ce = torch.empty(n, dtype=torch.float32)
-    _fn("ce_grad", logits.dtype)(logits.data_ptr(), n, V, logits.stride(0), min(vocab_size, V), target.data_ptr(),
+    _fn("ce_grad", logits.dtype)(logits.data_ptr(), n, V, logits.stride(0), nv, target.data_ptr(),
                                  valid8.data_ptr(), int(want_grad), ce.data_ptr(), torch.get_num_threads())
     return ce
 

@@ -194,9 +194,12 @@ def test_a_damaged_cached_library_is_built_again(tmp_path):
 
 
 def test_a_target_outside_the_logits_is_refused_not_read():
+    """Past the logits, or in the padded columns past the vocab (whose exps the kernel never computes)."""
     logits = torch.randn(3, 32)
-    with pytest.raises(IndexError, match="target out of range for 32 logits"):
+    with pytest.raises(IndexError, match=r"target out of range for a vocab of 30 \(32 logits\)"):
         cpu_kernels.ce_and_logit_grad_(logits, torch.tensor([1, 32, 0]), torch.ones(3, dtype=torch.bool), 30, True)
+    with pytest.raises(IndexError, match="target out of range for a vocab of 30"):
+        cpu_kernels.ce_and_logit_grad_(logits, torch.tensor([1, 30, 0]), torch.ones(3, dtype=torch.bool), 30, True)
 
 
 def test_built_once_per_host_then_loaded(tmp_path):
