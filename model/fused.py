@@ -68,7 +68,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         x, weight, rstd = ctx.saved_tensors
-        if getattr(ctx, "fused", False) and dy.is_contiguous() and rms_norm_applies(x, dy.dtype):
+        if ctx.fused and dy.is_contiguous() and rms_norm_applies(x, dy.dtype):
             dx, dw = rms_norm_backward(x, weight, rstd, dy)
             return dx, dw if ctx.needs_input_grad[1] else None, None, None
         with torch.autocast(x.device.type, enabled=False):  # the matrix-vector products stay fp32
@@ -122,4 +122,3 @@ class _SwiGLU(torch.autograd.Function):
         torch.mul(dh, act, out=d_up)
         torch.ops.aten.silu_backward.grad_input(dh * up, gate, grad_input=d_gate)
         return grad
-

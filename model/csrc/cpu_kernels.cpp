@@ -35,6 +35,9 @@ static inline vu bf16_bits(vf f) {
     return ((u & 0x7FFFFFFFu) > 0x7F800000u) ? (u | 0x400000u) & 0xFFFF0000u : r;
 }
 
+static inline float hsum(vf v) { float s = 0; for (int q = 0; q < W; q++) s += v[q]; return s; }
+static inline float hmax(vf v) { float m = v[0]; for (int q = 1; q < W; q++) m = v[q] > m ? v[q] : m; return m; }
+
 template <typename T> struct io;
 template <> struct io<float> {
     static vf load(const float *p) { vf f; memcpy(&f, p, sizeof f); return f; }
@@ -89,7 +92,7 @@ static void ce_grad(T *logits, int64_t n, int64_t V, int64_t ld, int64_t nv, con
             if (full) {
                 vf m = io<T>::load(x);
                 for (int64_t j = W; j < full; j += W) { vf v = io<T>::load(x + j); m = v > m ? v : m; }
-                for (int k = 0; k < W; k++) top = m[k] > top ? m[k] : top;
+                top = hmax(m);
             }
             for (int64_t j = full; j < nv; j++) top = fmaxf(top, io<T>::scalar(x[j]));
             vf s = {0};
@@ -98,8 +101,7 @@ static void ce_grad(T *logits, int64_t n, int64_t V, int64_t ld, int64_t nv, con
                 memcpy(e + j, &v, sizeof v);
                 s += v;
             }
-            float sum = 0;
-            for (int k = 0; k < W; k++) sum += s[k];
+            float sum = hsum(s);
             for (int64_t j = full; j < nv; j++) sum += (e[j] = expf(io<T>::scalar(x[j]) - top));
             const int64_t t = target[i];
             ce[i] = valid[i] ? (top + logf(sum)) - io<T>::scalar(x[t]) : 0.0f;
@@ -176,9 +178,7 @@ static void rms_norm_fwd(const X *x, const float *w, Y *y, float *rstd, int64_t 
         const X *xi = x + i * d;
         vf acc = {0};
         for (int64_t j = 0; j < d; j += W) { vf v = io<X>::load(xi + j); acc += v * v; }
-        float ss = 0;
-        for (int q = 0; q < W; q++) ss += acc[q];
-        const float r = 1.0f / sqrtf(ss / d + eps);
+        const float r = 1.0f / sqrtf(hsum(acc) / d + eps);
         rstd[i] = r;
         for (int64_t j = 0; j < d; j += W)
             io<Y>::store(y + i * d + j, io<X>::round(io<X>::round(io<X>::load(xi + j) * r) * io<X>::round(io<float>::load(w + j))));
@@ -204,9 +204,7 @@ static void rms_norm_bwd(const X *x, const float *w, const Y *dy, const float *r
                 acc += gx * io<float>::load(w + j);
                 io<float>::store(dw + j, io<float>::load(dw + j) + gx * r);
             }
-            float dot = 0;
-            for (int q = 0; q < W; q++) dot += acc[q];
-            const float c = -dot * r * r * r / d;
+            const float c = -hsum(acc) * r * r * r / d;
             for (int64_t j = 0; j < d; j += W)
                 io<X>::store(dx + i * d + j, io<Y>::load(gi + j) * io<float>::load(w + j) * r + io<X>::load(xi + j) * c);
         }
