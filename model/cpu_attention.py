@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from .cpu_kernels import attention_applies, attention_backward, attention_forward
+
 # oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA, older name DNNL_MAX_CPU_ISA) below which it has no bf16 dot product, and
 # below which it has no AMX: a capped process (an emulated host, bench/train_step.py --isa) runs as that host would.
 _CAPS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"})
@@ -99,6 +101,8 @@ def causal_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         scale = q.shape[-1] ** -0.5
     T, S = q.shape[2], k.shape[2]
     causal = mask is None and S == T  # SDPA's is_causal aligns queries with the first keys
+    if causal and not amx_tiles() and attention_applies(q, k, v):
+        return _KernelAttention.apply(q, k, v, scale)
     group = q.shape[1] // k.shape[1]
     if mask is None:
         blocks = _causal_blocks(T, S, group, q.device)
@@ -302,3 +306,19 @@ class _CausalAttention(torch.autograd.Function):
                 dk = _accumulate(dk, torch.bmm(ds.transpose(1, 2), q16[i]), S)
         return (_unblock(dq, B, H, heads_outer=True), dk.to(k.dtype).view(k.shape), dv.to(v.dtype).view(v.shape),
                 None, None, None, None)
+
+
+class _KernelAttention(torch.autograd.Function):
+    """Causal self-attention as one library call each way (model/csrc/cpu_attention.cpp: the blocks' arithmetic
+    without their torch ops and copies); saves q, k, v, as the blocks do."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(q, k, v)
+        ctx.scale = scale
+        return attention_forward(q, k, v, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v = ctx.saved_tensors
+        return (*attention_backward(q, k, v, grad, ctx.scale), None)

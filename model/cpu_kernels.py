@@ -1,14 +1,15 @@
-"""Fused CPU kernels (model/csrc/cpu_kernels.cpp), built on first use with the host's C++ compiler (issue 23.1).
+"""Fused CPU kernels (model/csrc/*.cpp), built on first use with the host's C++ compiler (issue 23.1).
 
 Why: on a CPU with native bf16 GEMMs (AVX-512-BF16, AMX) the eager step's time outside its GEMMs is a few thousand
 elementwise ops, each its own pass, most with a bf16 <-> fp32 conversion copy around it and a Python dispatch in
 front of it: the loss's softmax over 50K-wide rows ran as ~300 blocks of 7 torch ops a chunk. Here the loss's
 cross-entropy and logit gradient, RMSNorm, SwiGLU and the rotary embedding are one pass each way, one call per
-tensor (config S, bf16, Zen 5: 70-72 % -> 77-80 % of the GEMM floor at 1 thread; bench/README.md).
+tensor (config S, bf16, Zen 5: 70-72 % -> 77-80 % of the GEMM floor at 1 thread; bench/README.md); where the
+compiler targets AVX-512-BF16, causal attention is one call each way too (csrc/cpu_attention.cpp).
 
-How: the source is compiled once per host into a shared library (`c++ -O3 -march=native -fopenmp`, ~1 s; capped
+How: the sources are compiled once per host into one shared library (`c++ -O3 -march=native -fopenmp`, ~1 s; capped
 to AVX2 or SSE4.2 where torch's own kernels are, by ATEN_CPU_CAPABILITY), cached under $PRETRAIN_KERNELS_DIR
-(default ~/.cache/pretrain-kernels) by a hash of the source, the compiler, the flags and the CPU's flags, and loaded
+(default ~/.cache/pretrain-kernels) by a hash of the sources, the compiler, the flags and the CPU's flags, and loaded
 with ctypes. Its OpenMP is torch's own libgomp (loaded first, same soname), run with torch's thread count. No
 compiler, a failed build (one warning line) or PRETRAIN_CPU_KERNELS=0: kernels() is None and every caller keeps
 its torch ops. Callers take the kernels only for plain CPU tensors, eager, outside dispatch modes but selective
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+CSRC = Path(__file__).with_name("csrc")
 FLAGS = ("-std=c++17", "-O3", "-fopenmp", "-fPIC", "-shared")
 # torch's own vector-ISA cap (ATEN_CPU_CAPABILITY), which a bench sets to run as a smaller host would
 # (bench/gemm_floor.py ISA_CAPS), caps these kernels too: AVX2 + FMA, or SSE4.2; otherwise the host's own ISA.
@@ -67,7 +68,7 @@ def kernels() -> ctypes.CDLL | None:
     if os.environ.get("PRETRAIN_CPU_KERNELS", "1") == "0":
         return None
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not compiler or not SOURCE.is_file():
+    if not compiler or not _sources():
         return None
     path = _cache_dir() / f"cpu_kernels-{_key(compiler)}.so"
     torch.get_num_threads()  # torch's OpenMP runtime is loaded before the library that links against it
@@ -101,9 +102,16 @@ def _flags() -> tuple[str, ...]:
     return (*FLAGS, f"-march={march}")
 
 
+def _sources() -> list[Path]:
+    return sorted(CSRC.glob("*.cpp"))
+
+
 def _key(compiler: str) -> str:
-    """Source, compiler, flags and CPU flags (-march=native code runs only where it was built)."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    """Sources (and their shared header), compiler, flags and CPU flags (-march=native code runs only where it was
+    built)."""
+    h = hashlib.sha256()
+    for path in sorted(CSRC.glob("*.[ch]*")):
+        h.update(path.name.encode() + path.read_bytes())
     h.update(" ".join((compiler, *_flags())).encode())
     try:
         flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
@@ -121,8 +129,8 @@ def _build(compiler: str, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([compiler, *_flags(), "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True,
-                       timeout=300)
+        subprocess.run([compiler, *_flags(), "-o", tmp, *map(str, _sources())], check=True, capture_output=True,
+                       text=True, timeout=300)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -142,6 +150,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"rms_norm_fwd_{name}").argtypes = [p, p, p, p, i64, i64, f32, i32]
         getattr(lib, f"rms_norm_bwd_{name}").argtypes = [p, p, p, p, p, p, i64, i64, i32]
         getattr(lib, f"rms_norm_fwd_{name}").restype = getattr(lib, f"rms_norm_bwd_{name}").restype = None
+    lib.attn_bf16_available.restype = i32
+    if lib.attn_bf16_available():
+        lib.attn_fwd_bf16.argtypes = [p, p, p, p, p, p, f32, i32]
+        lib.attn_bwd_bf16.argtypes = [p, p, p, p, p, p, p, p, p, f32, i32]
+        lib.attn_fwd_bf16.restype = lib.attn_bwd_bf16.restype = None
 
 
 def _fn(name: str, *dtypes: torch.dtype) -> ctypes._CFuncPtr:
@@ -243,3 +256,46 @@ def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
         x.data_ptr(), w.data_ptr(), dy.data_ptr(), rstd.data_ptr(), dx.data_ptr(), parts.data_ptr(), x.numel() // d, d,
         threads)
     return dx, parts.sum(0).to(weight.dtype)
+
+
+def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Causal self-attention the library computes (csrc/cpu_attention.cpp): bf16 q (B, H, T, hd), k (B, Hkv, T, hd),
+    v (B, Hkv, T, hdv) with contiguous rows, H a multiple of Hkv, T a multiple of the 64-query block (or one block
+    of a multiple of WIDTH), hd and hdv multiples of WIDTH, and a library built with AVX-512-BF16."""
+    if q.dim() != 4 or k.shape[2] != q.shape[2] or q.dtype != torch.bfloat16 or not enabled_for(q, k, v):
+        return False
+    T, hd, hdv = q.shape[2], q.shape[3], v.shape[3]
+    lib = kernels()
+    return (bool(lib.attn_bf16_available()) and q.shape[1] % k.shape[1] == 0 and hd % WIDTH == 0
+            and hdv % WIDTH == 0 and (T % 64 == 0 or (T < 64 and T % WIDTH == 0))
+            and all(t.stride(-1) == 1 for t in (q, k, v)))
+
+
+def _sizes_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *more: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    B, H, T, hd = q.shape
+    sizes = torch.tensor([B, H, k.shape[1], T, hd, v.shape[3]], dtype=torch.int64)
+    strides = torch.tensor([s for t in (q, k, v, *more) for s in t.stride()[:3]], dtype=torch.int64)
+    return sizes, strides
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T, causal) v as (B, H, T, hdv), laid out (B, T, H, hdv) in memory (as SDPA's CPU output:
+    a caller's transpose(1, 2).reshape is a view)."""
+    B, H, T, _ = q.shape
+    out = torch.empty(B, T, H, v.shape[3], dtype=q.dtype)
+    sizes, strides = _sizes_strides(q, k, v)
+    _fn("attn_fwd", q.dtype)(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), sizes.data_ptr(),
+                             strides.data_ptr(), scale, torch.get_num_threads())
+    return out.transpose(1, 2)
+
+
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous, of attention_forward given its output's gradient `grad` (rows contiguous)."""
+    grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+    dq, dk, dv = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype), torch.empty(
+        v.shape, dtype=v.dtype)
+    sizes, strides = _sizes_strides(q, k, v, grad)
+    _fn("attn_bwd", q.dtype)(q.data_ptr(), k.data_ptr(), v.data_ptr(), grad.data_ptr(), dq.data_ptr(), dk.data_ptr(),
+                             dv.data_ptr(), sizes.data_ptr(), strides.data_ptr(), scale, torch.get_num_threads())
+    return dq, dk, dv

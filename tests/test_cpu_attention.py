@@ -19,8 +19,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import model.attention as attention
 import model.cpu_attention as cpu_attention
+from model import GPT, cpu_kernels
 from model.cpu_attention import causal_attention_cpu, cpu_attention_applies
-from tests.test_model_attention import CASES, make_model
+from tests.test_model_attention import CASES, make_config, make_model
 
 
 @pytest.fixture
@@ -29,11 +30,22 @@ def native_bf16(monkeypatch):
     monkeypatch.setattr(cpu_attention, "native_bf16", lambda: True)
 
 
-@pytest.fixture(params=[True, False], ids=["amx", "no-amx"])
+def _kernel_built() -> bool:
+    lib = cpu_kernels.kernels()
+    return lib is not None and bool(lib.attn_bf16_available())
+
+
+@pytest.fixture(params=["amx", "blocks", "kernel"])
 def either_host(request, native_bf16, monkeypatch):
-    """Both hosts' kernels on every host: with AMX tiles the forward is SDPA's flash kernel and the score GEMMs plain
-    fp32; without, the blocked forward and oneDNN's bf16 mode (cpu_attention.amx_tiles). Either runs anywhere."""
-    monkeypatch.setattr(cpu_attention, "amx_tiles", lambda: request.param)
+    """Each host's path on every host: with AMX tiles the forward is SDPA's flash kernel and the score GEMMs plain
+    fp32 (cpu_attention.amx_tiles); without, the library's attention kernel where it applies (causal, head dims
+    multiples of 16; built only for AVX-512-BF16: model/csrc/cpu_attention.cpp), else the blocked forward and
+    oneDNN's bf16 mode. The first two run anywhere."""
+    monkeypatch.setattr(cpu_attention, "amx_tiles", lambda: request.param == "amx")
+    if request.param == "blocks":
+        monkeypatch.setattr(cpu_attention, "attention_applies", lambda q, k, v: False)
+    elif request.param == "kernel" and not _kernel_built():
+        pytest.skip("the attention kernel is built only where the compiler targets AVX-512-BF16")
     return request.param
 
 
@@ -77,7 +89,11 @@ KERNEL_CASES = {
     "null slot, 2 blocks": (2, 4, 4, 128, 0, True, 32, 32, None),
     "kv cache chunk": (2, 4, 2, 64, 40, False, 32, 32, None),
     "decoupled widths, scale 1": (2, 4, 4, 128, 0, False, 12, 8, 1.0),
+    "one block of 48, v narrower": (2, 4, 2, 48, 0, False, 32, 16, None),
 }
+# The cases the library's attention kernel computes (implicit causal mask, head dims multiples of 16); the others
+# keep the blocks (a mask, a null slot, a cache offset, narrow heads).
+KERNEL_TAKES = {"mha, 2 query blocks", "gqa 2 of 4, 2 blocks", "one block of 48, v narrower"}
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES)
@@ -100,16 +116,41 @@ def test_kernel_as_close_to_float64_as_sdpa(case, either_host):
     for name, got, base in zip(("y", "dq", "dk", "dv"), new, sdpa, strict=True):
         assert got <= 1.5 * base + 2e-3, f"{name}: {got:.2e} vs SDPA {base:.2e}"
         assert got < 1e-2
+    node = type(causal_attention_cpu(q, k, v, None if implicit_causal else mask, scale).grad_fn).__name__
+    assert (node == "_KernelAttentionBackward") == (either_host == "kernel" and case in KERNEL_TAKES), node
 
 
 @pytest.mark.parametrize("attn,option", CASES)
 def test_model_as_close_to_float64_as_sdpa_every_variant(attn, option, either_host, monkeypatch):
     """The trainer's forward + backward (bf16 autocast) with the CPU path is as close to the same model in float64
     as with SDPA (logits and every parameter's gradient), for every registered variant and option; the path did
-    run in that model, once per layer."""
+    run in that model, once per layer. (Heads of 8 or less here: the library's kernel never takes them.)"""
     model = make_model(attn, option).train()
-    x = torch.randint(0, model.config.vocab_size, (2, 24))
+    _model_as_close_to_float64_as_sdpa(model, torch.randint(0, model.config.vocab_size, (2, 24)), monkeypatch)
 
+
+@pytest.mark.parametrize("attn", ["baseline", "gqa"])
+def test_kernel_in_the_model_as_close_to_float64_as_sdpa(attn, monkeypatch, native_bf16):
+    """The library's attention kernel through the model (heads of 32, 64 tokens: one query block; GQA 2 of 4
+    heads): as close to float64 as SDPA, and it ran in every layer."""
+    if not _kernel_built():
+        pytest.skip("the attention kernel is built only where the compiler targets AVX-512-BF16")
+    monkeypatch.setattr(cpu_attention, "amx_tiles", lambda: False)
+    torch.manual_seed(0)
+    model = GPT(make_config(attn, d_model=128, block_size=64)).train()
+    with torch.no_grad():  # sharp attention, as make_model's
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.1)
+    kernel_calls = []
+    forward = cpu_attention._KernelAttention.forward
+    monkeypatch.setattr(cpu_attention._KernelAttention, "forward",
+                        staticmethod(lambda ctx, *a: kernel_calls.append(1) or forward(ctx, *a)))
+    _model_as_close_to_float64_as_sdpa(model, torch.randint(0, model.config.vocab_size, (2, 64)), monkeypatch)
+    assert len(kernel_calls) == model.config.n_layer
+
+
+def _model_as_close_to_float64_as_sdpa(model: GPT, x: torch.Tensor, monkeypatch) -> None:
     def step(m, autocast: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         m.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

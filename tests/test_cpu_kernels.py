@@ -236,9 +236,11 @@ def test_a_training_run_takes_the_kernels_and_trains_as_with_torchs_ops(byte_dat
 
     meta, losses = run(tmp_path / "kernels")
     assert meta["host"]["fused_kernels"] is True and len(losses) == 4
-    assert called == {"ce_grad", "swiglu_fwd", "swiglu_bwd", "rotate", "rms_norm_fwd", "rms_norm_bwd"}
+    bf16 = meta["host"]["native_bf16"]
+    # attention's kernel: bf16 steps (a host with native bf16) and a library built with AVX-512-BF16
+    attention = {"attn_fwd", "attn_bwd"} if bf16 and cpu_kernels.kernels().attn_bf16_available() else set()
+    assert called == {"ce_grad", "swiglu_fwd", "swiglu_bwd", "rotate", "rms_norm_fwd", "rms_norm_bwd", *attention}
     monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
     meta_off, losses_off = run(tmp_path / "torch")
     assert meta_off["host"]["fused_kernels"] is False
-    bf16 = meta["host"]["native_bf16"]
     assert losses == pytest.approx(losses_off, rel=2e-2 if bf16 else 1e-4)

@@ -83,6 +83,8 @@ def test_a_wheel_carries_the_files_read_at_run_time(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = tmp_path.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for path in ("model/csrc/cpu_kernels.cpp", "model/cpu_kernels.py", "pretrain/data/assets/gpt2.tiktoken",
+    kernel_sources = [f"model/csrc/{p.name}" for p in (ROOT / "model" / "csrc").iterdir()]
+    assert len(kernel_sources) >= 3  # the kernels, the attention kernel, their shared header
+    for path in (*kernel_sources, "model/cpu_kernels.py", "pretrain/data/assets/gpt2.tiktoken",
                  "pretrain/plan/shipped_estimates.json", "pretrain/hf_remote/modeling_pretrain.py"):
         assert path in names, path

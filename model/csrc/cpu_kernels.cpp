@@ -7,72 +7,7 @@
 // Sleef's, so a bf16 output can differ from the eager one by one bf16 ulp where the fp32 value sits on a rounding
 // boundary (~1 in 10^5 values). Written with GCC vector extensions, so one source compiles to each host's widest
 // vectors (-march=native); row lengths are multiples of 16 (the Python side checks and otherwise keeps torch's ops).
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <omp.h>
-
-// Lanes per vector: the target's widest (a wider generic vector is expanded piecewise, ~10x slower); row lengths are
-// multiples of 16, so of each.
-#if defined(__AVX512F__)
-constexpr int W = 16;
-#elif defined(__AVX__)
-constexpr int W = 8;
-#else
-constexpr int W = 4;
-#endif
-typedef float vf __attribute__((vector_size(4 * W)));
-typedef uint32_t vu __attribute__((vector_size(4 * W)));
-typedef int32_t vi __attribute__((vector_size(4 * W)));
-typedef uint16_t vh __attribute__((vector_size(2 * W)));
-typedef uint16_t bf16;
-
-// fp32 -> the bits of its nearest bf16 (ties to even, NaN kept NaN), in the high half of each lane.
-static inline vu bf16_bits(vf f) {
-    vu u = (vu)f;
-    vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-    return ((u & 0x7FFFFFFFu) > 0x7F800000u) ? (u | 0x400000u) & 0xFFFF0000u : r;
-}
-
-static inline float hsum(vf v) { float s = 0; for (int q = 0; q < W; q++) s += v[q]; return s; }
-static inline float hmax(vf v) { float m = v[0]; for (int q = 1; q < W; q++) m = v[q] > m ? v[q] : m; return m; }
-
-template <typename T> struct io;
-template <> struct io<float> {
-    static vf load(const float *p) { vf f; memcpy(&f, p, sizeof f); return f; }
-    static void store(float *p, vf f) { memcpy(p, &f, sizeof f); }
-    static vf round(vf f) { return f; }  // the value an fp32 tensor would hold
-    static float scalar(float x) { return x; }
-    static float from(float f) { return f; }
-};
-template <> struct io<bf16> {
-    static vf load(const bf16 *p) { vh h; memcpy(&h, p, sizeof h); return (vf)(__builtin_convertvector(h, vu) << 16); }
-    static void store(bf16 *p, vf f) { vh h = __builtin_convertvector(bf16_bits(f) >> 16, vh); memcpy(p, &h, sizeof h); }
-    static vf round(vf f) { return (vf)bf16_bits(f); }  // the value a bf16 tensor would hold
-    static float scalar(bf16 x) { uint32_t u = (uint32_t)x << 16; float f; memcpy(&f, &u, 4); return f; }
-    static bf16 from(float f) { vf v = {f}; return (bf16)(bf16_bits(v)[0] >> 16); }
-};
-
-// exp(x): range reduction by ln 2 (split in two for exactness), degree-6 polynomial, 2^n from the exponent bits.
-// 0 below -87.3 (-inf included: a masked score), where expf's result is a denormal or 0: no denormal ever enters the
-// arithmetic after it (each costs ~100 cycles on some cores), and a softmax weight there is below fp32's ulp of 1.
-static inline vf exp_(vf x_) {
-    vf x = x_ < -87.3f ? -87.3f : x_;
-    x = x > 88.7f ? 88.7f : x;
-    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest integer
-    vf r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    vf p = 1.9875691500e-4f + 0.0f * r;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = (p * r) * r + r + 1.0f;
-    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-    return x_ < -87.3f ? 0.0f : p * (vf)e;
-}
+#include "simd.h"
 
 // Softmax cross-entropy of each row of `logits` (n rows of stride ld, the first nv of V columns predictable, V a
 // multiple of 16), written to ce (0 where !valid); with want_grad each row is overwritten by softmax - onehot(target)

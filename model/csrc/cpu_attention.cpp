@@ -1,0 +1,230 @@
+// Causal bf16 attention forward and backward as one kernel per call, for CPUs with a bf16 dot product (AVX-512-BF16):
+// model/cpu_attention.py's blocked form (issue 23.1) without its ~100 torch ops per call, their fp32 operand copies
+// and their fp32 <-> bf16 conversions. Built only where the compiler targets AVX512_BF16; elsewhere
+// attn_bf16_available() says 0 and the Python side keeps its blocked form.
+//
+// The arithmetic is the blocked form's: scores q k^T and dP = dO v^T are fp32 sums of exact bf16 products (vdpbf16ps
+// multiplies bf16 pairs exactly and adds in fp32), the softmax and its backward are fp32, P and dS enter the GEMMs
+// P v, dS k, q^T dS and dO^T P rounded to bf16, and dK, dV sum over query blocks in fp32. Per (batch, k/v head), one
+// task: K and V packed once into the pair layouts the dot product reads, then every query head of the group and every
+// block of 64 queries (keys up to the block's last query; the diagonal square masked). Backward recomputes each
+// block's P from q and k as the forward did (same code: the same values).
+#include "simd.h"
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+
+// Two bf16 at p (p[0] in the low half): one lane of a pair operand.
+static inline uint32_t pair_at(const bf16 *p) { uint32_t u; memcpy(&u, p, 4); return u; }
+
+// c (m x 16*NV, row stride ldc) = alpha * (a b) or, with acc, c + a b: a(r, k) the bf16 pair at a + r*lda + 2k,
+// b's pair row k at b + k*ldb (16*NV lanes), over kp pairs. Rows 4 at a time (rows past m read row 0, not stored).
+template <int NV>
+static void gemm_tile(const bf16 *a, int64_t lda, const uint32_t *b, int64_t ldb, float *c, int64_t ldc, int m,
+                      int64_t kp, float alpha, bool acc) {
+    const bf16 *ar[4];
+    for (int r = 0; r < 4; r++) ar[r] = a + (r < m ? r : 0) * lda;
+    __m512 s[4][NV];
+    for (int r = 0; r < 4; r++)
+        for (int v = 0; v < NV; v++) s[r][v] = acc && r < m ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
+    for (int64_t k = 0; k < kp; k++) {
+        __m512bh bv[NV];
+        for (int v = 0; v < NV; v++) bv[v] = (__m512bh)_mm512_loadu_si512(b + k * ldb + 16 * v);
+        for (int r = 0; r < 4; r++) {
+            const __m512bh av = (__m512bh)_mm512_set1_epi32((int)pair_at(ar[r] + 2 * k));
+            for (int v = 0; v < NV; v++) s[r][v] = _mm512_dpbf16_ps(s[r][v], av, bv[v]);
+        }
+    }
+    for (int r = 0; r < m; r++)
+        for (int v = 0; v < NV; v++) _mm512_storeu_ps(c + r * ldc + 16 * v, acc ? s[r][v] : s[r][v] * alpha);
+}
+
+// c (m x n) = alpha a b (or c + a b with acc); n a multiple of 16.
+static void gemm(const bf16 *a, int64_t lda, const uint32_t *b, int64_t ldb, float *c, int64_t ldc, int64_t m,
+                 int64_t n, int64_t kp, float alpha, bool acc) {
+    for (int64_t j = 0; j < n; j += 64) {
+        const int64_t nv = (n - j) >= 64 ? 4 : (n - j) / 16;
+        for (int64_t i = 0; i < m; i += 4) {
+            const int rows = (int)(m - i < 4 ? m - i : 4);
+            const bf16 *ai = a + i * lda;
+            float *ci = c + i * ldc + j;
+            switch (nv) {
+                case 4: gemm_tile<4>(ai, lda, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
+                case 3: gemm_tile<3>(ai, lda, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
+                case 2: gemm_tile<2>(ai, lda, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
+                default: gemm_tile<1>(ai, lda, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
+            }
+        }
+    }
+}
+
+// x (n rows of d, row stride ld) -> out[k][j] = pair (x[j][2k], x[j][2k+1]): a B operand whose pair rows run along
+// x's rows (for a k^T or v^T).
+static void pack_by_columns(const bf16 *x, int64_t ld, int64_t n, int64_t d, uint32_t *out) {
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t k = 0; k < d / 2; k++) out[k * n + j] = pair_at(x + j * ld + 2 * k);
+}
+
+// x (n rows of d, row stride ld, n even) -> out[k][c] = pair (x[2k][c], x[2k+1][c]): a B operand whose pair rows run
+// along x's columns (for a k or v), or with d, n swapped an A operand of x^T.
+static void pack_by_rows(const bf16 *x, int64_t ld, int64_t n, int64_t d, uint32_t *out) {
+    for (int64_t k = 0; k < n / 2; k++)
+        for (int64_t c = 0; c < d; c++)
+            out[k * d + c] = (uint32_t)x[2 * k * ld + c] | (uint32_t)x[(2 * k + 1) * ld + c] << 16;
+}
+
+// Rows [first, first + rows) of the causal softmax of fp32 scores s (row stride lds, row r sees keys 0..first+r),
+// in place; each row also rounded to bf16 into p16 (row stride ldp, zero past the row's last key up to `keys`).
+static void causal_softmax(float *s, int64_t lds, bf16 *p16, int64_t ldp, int64_t first, int64_t rows, int64_t keys) {
+    const vi iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (int64_t r = 0; r < rows; r++) {
+        float *x = s + r * lds;
+        const int32_t n = (int32_t)(first + r + 1);
+        vf m = io<float>::load(x);  // key 0 is every row's
+        for (int64_t j = 0; j < keys; j += W) {
+            vf v = io<float>::load(x + j);
+            v = (iota + (int32_t)j) < n ? v : -INFINITY;
+            io<float>::store(x + j, v);
+            m = v > m ? v : m;
+        }
+        const float top = hmax(m);
+        vf acc = {0};
+        for (int64_t j = 0; j < keys; j += W) {  // exp_(-inf) is 0: the masked keys' weights
+            vf e = exp_(io<float>::load(x + j) - top);
+            io<float>::store(x + j, e);
+            acc += e;
+        }
+        const float inv = 1.0f / hsum(acc);
+        for (int64_t j = 0; j < keys; j += W) {
+            vf p = io<float>::load(x + j) * inv;
+            io<float>::store(x + j, p);
+            io<bf16>::store(p16 + r * ldp + j, p);
+        }
+    }
+}
+
+struct Shape {
+    int64_t B, H, n_kv, T, hd, hdv;
+    int64_t q[3], k[3], v[3];  // element strides of batch, head, position (the last dim is contiguous)
+};
+
+static int64_t block_rows(int64_t T) { return T % 64 == 0 ? 64 : T; }
+
+// out (B, T, H, hdv) bf16 = softmax(scale q k^T, causal) v.
+static void attn_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, const Shape &z, float scale,
+                     int threads) {
+    const int64_t T = z.T, R = block_rows(T), g = z.H / z.n_kv;
+    #pragma omp parallel num_threads(threads)
+    {
+        uint32_t *kp = static_cast<uint32_t *>(malloc(T * z.hd * 2));     // k^T pairs (hd/2, T)
+        uint32_t *vp = static_cast<uint32_t *>(malloc(T * z.hdv * 2));    // v pairs (T/2, hdv)
+        float *s = static_cast<float *>(malloc(R * T * 4));
+        bf16 *p16 = static_cast<bf16 *>(malloc(R * T * 2));
+        float *o = static_cast<float *>(malloc(R * z.hdv * 4));
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < z.B * z.n_kv; task++) {
+            const int64_t b = task / z.n_kv, kv = task % z.n_kv;
+            pack_by_columns(k + b * z.k[0] + kv * z.k[1], z.k[2], T, z.hd, kp);
+            pack_by_rows(v + b * z.v[0] + kv * z.v[1], z.v[2], T, z.hdv, vp);
+            for (int64_t h = kv * g; h < (kv + 1) * g; h++)
+                for (int64_t t0 = 0; t0 < T; t0 += R) {
+                    const int64_t keys = t0 + R;
+                    gemm(q + b * z.q[0] + h * z.q[1] + t0 * z.q[2], z.q[2], kp, T, s, T, R, keys, z.hd / 2, scale, false);
+                    causal_softmax(s, T, p16, T, t0, R, keys);
+                    gemm(p16, T, vp, z.hdv, o, z.hdv, R, z.hdv, keys / 2, 1.0f, false);
+                    for (int64_t r = 0; r < R; r++)
+                        for (int64_t c = 0; c < z.hdv; c += W)
+                            io<bf16>::store(out + ((b * T + t0 + r) * z.H + h) * z.hdv + c, io<float>::load(o + r * z.hdv + c));
+                }
+        }
+        free(kp); free(vp); free(s); free(p16); free(o);
+    }
+}
+
+// The backward of attn_fwd for its output gradient go (strides z.v's layout is not assumed: gs), into contiguous
+// dq (B, H, T, hd), dk (B, n_kv, T, hd), dv (B, n_kv, T, hdv).
+static void attn_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *go, const int64_t *gs, bf16 *dq,
+                     bf16 *dk, bf16 *dv, const Shape &z, float scale, int threads) {
+    const int64_t T = z.T, R = block_rows(T), g = z.H / z.n_kv, hd = z.hd, hdv = z.hdv;
+    #pragma omp parallel num_threads(threads)
+    {
+        uint32_t *kp = static_cast<uint32_t *>(malloc(T * hd * 2));    // k^T pairs (hd/2, T): scores
+        uint32_t *vt = static_cast<uint32_t *>(malloc(T * hdv * 2));   // v^T pairs (hdv/2, T): dP
+        uint32_t *kr = static_cast<uint32_t *>(malloc(T * hd * 2));    // k pairs (T/2, hd): dQ
+        uint32_t *sp = static_cast<uint32_t *>(malloc(R * T * 2));     // dS pairs of query rows (R/2, T): dK
+        uint32_t *pp = static_cast<uint32_t *>(malloc(R * T * 2));     // P pairs of query rows (R/2, T): dV
+        bf16 *qt = static_cast<bf16 *>(malloc(R * hd * 2));            // q^T of the block, (hd, R) as pairs
+        bf16 *ot = static_cast<bf16 *>(malloc(R * hdv * 2));           // dO^T of the block, (hdv, R) as pairs
+        float *s = static_cast<float *>(malloc(R * T * 4));
+        float *dp = static_cast<float *>(malloc(R * T * 4));
+        bf16 *p16 = static_cast<bf16 *>(malloc(R * T * 2));
+        bf16 *ds16 = static_cast<bf16 *>(malloc(R * T * 2));
+        float *dkt = static_cast<float *>(malloc(T * hd * 4));          // dK^T (hd, T), summed over blocks and heads
+        float *dvt = static_cast<float *>(malloc(T * hdv * 4));
+        float *o = static_cast<float *>(malloc(R * (hd > hdv ? hd : hdv) * 4));
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < z.B * z.n_kv; task++) {
+            const int64_t b = task / z.n_kv, kv = task % z.n_kv;
+            const bf16 *kb = k + b * z.k[0] + kv * z.k[1], *vb = v + b * z.v[0] + kv * z.v[1];
+            pack_by_columns(kb, z.k[2], T, hd, kp);
+            pack_by_columns(vb, z.v[2], T, hdv, vt);
+            pack_by_rows(kb, z.k[2], T, hd, kr);
+            memset(dkt, 0, T * hd * 4);
+            memset(dvt, 0, T * hdv * 4);
+            for (int64_t h = kv * g; h < (kv + 1) * g; h++)
+                for (int64_t t0 = 0; t0 < T; t0 += R) {
+                    const int64_t keys = t0 + R;
+                    const bf16 *qb = q + b * z.q[0] + h * z.q[1] + t0 * z.q[2], *gb = go + b * gs[0] + h * gs[1] + t0 * gs[2];
+                    gemm(qb, z.q[2], kp, T, s, T, R, keys, hd / 2, scale, false);
+                    causal_softmax(s, T, p16, T, t0, R, keys);
+                    gemm(gb, gs[2], vt, T, dp, T, R, keys, hdv / 2, scale, false);
+                    for (int64_t r = 0; r < R; r++) {  // dS = P (dP - sum(P dP)), softmax's backward
+                        float *pr = s + r * T, *dr = dp + r * T;
+                        vf acc = {0};
+                        for (int64_t j = 0; j < keys; j += W) acc += io<float>::load(pr + j) * io<float>::load(dr + j);
+                        const float dot = hsum(acc);
+                        for (int64_t j = 0; j < keys; j += W)
+                            io<bf16>::store(ds16 + r * T + j, io<float>::load(pr + j) * (io<float>::load(dr + j) - dot));
+                    }
+                    gemm(ds16, T, kr, hd, o, hd, R, hd, keys / 2, 1.0f, false);  // dQ = dS k
+                    for (int64_t r = 0; r < R; r++)
+                        for (int64_t c = 0; c < hd; c += W)
+                            io<bf16>::store(dq + ((b * z.H + h) * T + t0 + r) * hd + c, io<float>::load(o + r * hd + c));
+                    pack_by_rows(ds16, T, R, keys, sp);  // rows of keys valid: pair stride `keys`
+                    pack_by_rows(p16, T, R, keys, pp);
+                    for (int64_t c = 0; c < hd; c++)
+                        for (int64_t r = 0; r < R; r++) qt[c * R + r] = qb[r * z.q[2] + c];
+                    for (int64_t c = 0; c < hdv; c++)
+                        for (int64_t r = 0; r < R; r++) ot[c * R + r] = gb[r * gs[2] + c];
+                    gemm(qt, R, sp, keys, dkt, T, hd, keys, R / 2, 1.0f, true);   // dK^T += q^T dS
+                    gemm(ot, R, pp, keys, dvt, T, hdv, keys, R / 2, 1.0f, true);  // dV^T += dO^T P
+                }
+            for (int64_t j = 0; j < T; j++) {
+                for (int64_t c = 0; c < hd; c++) dk[(task * T + j) * hd + c] = io<bf16>::from(dkt[c * T + j]);
+                for (int64_t c = 0; c < hdv; c++) dv[(task * T + j) * hdv + c] = io<bf16>::from(dvt[c * T + j]);
+            }
+        }
+        free(kp); free(vt); free(kr); free(sp); free(pp); free(qt); free(ot);
+        free(s); free(dp); free(p16); free(ds16); free(dkt); free(dvt); free(o);
+    }
+}
+
+extern "C" int attn_bf16_available() { return 1; }
+
+// sizes: B, H, n_kv, T, hd, hdv; strides: q's, k's, v's (batch, head, position) in elements.
+extern "C" void attn_fwd_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, const int64_t *sizes,
+                              const int64_t *strides, float scale, int threads) {
+    Shape z{sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], {}, {}, {}};
+    for (int i = 0; i < 3; i++) { z.q[i] = strides[i]; z.k[i] = strides[3 + i]; z.v[i] = strides[6 + i]; }
+    attn_fwd(q, k, v, out, z, scale, threads);
+}
+
+extern "C" void attn_bwd_bf16(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *go, bf16 *dq, bf16 *dk,
+                              bf16 *dv, const int64_t *sizes, const int64_t *strides, float scale, int threads) {
+    Shape z{sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], {}, {}, {}};
+    for (int i = 0; i < 3; i++) { z.q[i] = strides[i]; z.k[i] = strides[3 + i]; z.v[i] = strides[6 + i]; }
+    attn_bwd(q, k, v, go, strides + 9, dq, dk, dv, z, scale, threads);
+}
+
+#else
+extern "C" int attn_bf16_available() { return 0; }
+#endif
