@@ -41,7 +41,7 @@ from bench.gemm_floor import host_isa, native_bf16  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from model.cpu_attention import causal_attention_cpu  # noqa: E402
 from model.variants import ATTENTION_VARIANTS  # noqa: E402
-from pretrain.train.host_alloc import configure_host_memory  # noqa: E402
+from pretrain.train.host_alloc import configure_host_memory, keep_large_blocks  # noqa: E402
 
 S_CONFIG = dict(vocab_size=50304, block_size=256, n_layer=6, n_head=6, d_model=384, d_ff=1024)
 
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     # The trainer's host memory setting: without it every multi-MB buffer a kernel allocates is page-faulted in again
     # on each call, which inflated the blocked kernel's time (many buffers) far more than flash's (few).
     configure_host_memory()
+    keep_large_blocks()  # as the trainer's CPU device setup
     if args.step:
         print(f"host ISA: {host_isa()}, {args.threads} threads, bf16 config S step (8 x 256), load "
               f"{os.getloadavg()[0]:.1f}")

@@ -167,9 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         spec = json.loads(args.child)
         if spec["trainer"] == "this":
-            from pretrain.train.host_alloc import configure_host_memory
+            from pretrain.train.host_alloc import configure_host_memory, keep_large_blocks
 
             configure_host_memory()
+            keep_large_blocks()  # as the trainer's CPU device setup
         try:
             print(json.dumps(child(spec)), flush=True)
         except PeerError as e:

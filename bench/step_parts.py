@@ -116,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.child:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        from pretrain.train.host_alloc import configure_host_memory
+        from pretrain.train.host_alloc import configure_host_memory, keep_large_blocks
 
         configure_host_memory()
+        keep_large_blocks()  # as the trainer's CPU device setup
         print(json.dumps(child(json.loads(args.child[1]))), flush=True)
         return 0
     if args.iters < 1 or args.batch < 1 or args.seq_len < 1:

@@ -331,12 +331,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        try:  # the trainer's host memory settings, where the checkout timed has them (see run_child)
-            from pretrain.train.host_alloc import configure_host_memory
+        try:  # the trainer's host memory settings (and its CPU device setup's), where the checkout timed has them
+            from pretrain.train import host_alloc
         except ImportError:
-            pass
-        else:
-            configure_host_memory()
+            host_alloc = None
+        for setting in ("configure_host_memory", "keep_large_blocks"):  # see run_child
+            getattr(host_alloc, setting, lambda: None)()
         kind, spec = args.child[0], json.loads(args.child[1])
         child = {"throughput": child_throughput, "stall": child_stall, "floor": child_floor}[kind]
         print(json.dumps(child(spec)), flush=True)

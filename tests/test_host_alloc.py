@@ -95,3 +95,53 @@ def test_probe_child_gets_the_trainers_settings(monkeypatch):
     assert probe.probe_plan(ModelConfig.from_preset("tiny"), TrainConfig(size="tiny"), [], 1 << 30, 1) == []
     assert seen[THP_ENV] == "1"
     assert seen[SPIN_ENV] == SPIN and WAIT_POLICY_ENV not in seen
+
+
+# In a fresh process, through the trainer's entry: how many more bytes glibc holds in mmap'd blocks once a 64 MiB CPU
+# tensor is made, before and after a training run (on --device as given) has set its device up.
+MAPPED = """
+import ctypes, json, sys
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+def mapped_with_a_large_tensor():
+    import torch
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = MallInfo2
+    before = mallinfo2().hblkhd
+    t = torch.ones(16 << 20)
+    return mallinfo2().hblkhd - before
+
+import pretrain.train.loop as loop
+train = loop.main
+seen = {}
+
+def main(argv):
+    seen["before"] = mapped_with_a_large_tensor()
+    code = train(argv)
+    seen["after"] = mapped_with_a_large_tensor()
+    return code
+
+loop.main = main
+from pretrain.train.entry import main as entry
+code = entry(sys.argv[1:])
+print(json.dumps(seen))
+sys.exit(code)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_cpu_training_keeps_large_blocks_in_the_heap(byte_data, tmp_path):
+    """On the CPU device the trainer serves even blocks above glibc's largest mmap threshold from its heap (config
+    S's 77 MB tied gradient was mapped and faulted in anew every step); before its device setup a large tensor is
+    still mapped, as in a GPU run, whose host copies (a checkpoint save's) go back to the system when freed."""
+    argv = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--n-layer", "1", "--d-ff", "64", "--block-size",
+            "32", "--batch-size", "2", "--val-frac", "0.05", "--eval-iters", "1", "--device", "cpu", "--live", "off",
+            "--save-minutes", "0", "--steps", "1", "--data", str(byte_data), "--out-dir", str(tmp_path / "run")]
+    done = subprocess.run([sys.executable, "-c", MAPPED, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["before"] >= 64 << 20 and seen["after"] == 0, seen

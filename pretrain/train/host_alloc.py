@@ -10,6 +10,11 @@ so each step page-faulted and zero-filled them again, 4 KiB at a time: config S 
   * THP_MEM_ALLOC_ENABLE=1: c10's CPU allocator advises transparent huge pages for large blocks, so those still
     mapped per step (above 32 MiB: the tied embedding's gradient and casts) fault 2 MiB at a time: ~2,000 faults.
 Memory freed by a step stays with the process for the next one (the peak step's, as CUDA's caching allocator keeps).
+Training on the CPU, where host memory is the device's, also takes blocks above 32 MiB from the heap
+(keep_large_blocks, at device setup): config S's tied embedding gradient (77 MB) was otherwise mapped anew each step,
+and its first touch, faulting in huge pages out of a fragmented host, took 60-90 ms of system time a step at 2
+threads (the copy that fills it: ~100 ms wall, ~9 ms in reused memory). GPU runs keep glibc's mapping of large blocks,
+so the host copies a checkpoint save makes go back to the system after it.
 
 c10 reads its variable once, at its first CPU allocation: `configure_host_memory` runs in the trainer's and the
 launcher's entries before torch loads; child processes that time steps get it through `with_huge_pages` and call
@@ -26,7 +31,7 @@ import os
 from collections.abc import Mapping
 
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's malloc.h
 MMAP_THRESHOLD = 32 * 2**20  # the largest glibc accepts on 64-bit
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: never trim a step's worth of freed memory
 
@@ -36,14 +41,24 @@ def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
     return {**env, THP_ENV: env.get(THP_ENV, "1")}
 
 
-def keep_freed_memory() -> bool:
-    """glibc: serve blocks up to MMAP_THRESHOLD from the heap and never trim it. False where there is no glibc."""
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """Each (parameter, value) through glibc's mallopt; False where there is no glibc or it refused one."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return all([bool(mallopt(param, value)) for param, value in settings])
+
+
+def keep_freed_memory() -> bool:
+    """glibc: serve blocks up to MMAP_THRESHOLD from the heap and never trim it. False where there is no glibc."""
+    return _mallopt((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def keep_large_blocks() -> bool:
+    """glibc: serve every block from the (never trimmed) heap, none with mmap: for processes whose training step
+    runs on the CPU (module docstring). False where there is no glibc."""
+    return keep_freed_memory() and _mallopt((_M_MMAP_MAX, 0))
 
 
 def configure_host_memory() -> None:
