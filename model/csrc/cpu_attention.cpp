@@ -16,13 +16,23 @@
 // Two bf16 at p (p[0] in the low half): one lane of a pair operand.
 static inline uint32_t pair_at(const bf16 *p) { uint32_t u; memcpy(&u, p, 4); return u; }
 
-// c (m x 16*NV, row stride ldc) = alpha * (a b) or, with acc, c + a b: a(r, k) the bf16 pair at a + r*lda + 2k,
-// b's pair row k at b + k*ldb (16*NV lanes), over kp pairs. Rows 4 at a time (rows past m read row 0, not stored).
+// An A operand: the bf16 pair A(r, k) at a + r*lda + 2k (rows of pairs: q, dO, P or dS as they lie), or with
+// by_k the pair at ((uint32_t *)a)[k*lda + r] (pairs packed k-major: a transposed operand, pack_by_rows).
+struct Lhs {
+    const bf16 *a;
+    int64_t lda;
+    bool by_k;
+    uint32_t at(int64_t r, int64_t k) const {
+        return by_k ? pair_at(a + 2 * (k * lda + r)) : pair_at(a + r * lda + 2 * k);
+    }
+    Lhs rows_from(int64_t i) const { return {by_k ? a + 2 * i : a + i * lda, lda, by_k}; }
+};
+
+// c (m x 16*NV, row stride ldc) = alpha * (a b) or, with acc, c + a b: b's pair row k at b + k*ldb (16*NV lanes),
+// over kp pairs. Rows 4 at a time (rows past m repeat row 0, not stored).
 template <int NV>
-static void gemm_tile(const bf16 *a, int64_t lda, const uint32_t *b, int64_t ldb, float *c, int64_t ldc, int m,
-                      int64_t kp, float alpha, bool acc) {
-    const bf16 *ar[4];
-    for (int r = 0; r < 4; r++) ar[r] = a + (r < m ? r : 0) * lda;
+static void gemm_tile(const Lhs &a, const uint32_t *b, int64_t ldb, float *c, int64_t ldc, int m, int64_t kp,
+                      float alpha, bool acc) {
     __m512 s[4][NV];
     for (int r = 0; r < 4; r++)
         for (int v = 0; v < NV; v++) s[r][v] = acc && r < m ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
@@ -30,7 +40,7 @@ static void gemm_tile(const bf16 *a, int64_t lda, const uint32_t *b, int64_t ldb
         __m512bh bv[NV];
         for (int v = 0; v < NV; v++) bv[v] = (__m512bh)_mm512_loadu_si512(b + k * ldb + 16 * v);
         for (int r = 0; r < 4; r++) {
-            const __m512bh av = (__m512bh)_mm512_set1_epi32((int)pair_at(ar[r] + 2 * k));
+            const __m512bh av = (__m512bh)_mm512_set1_epi32((int)a.at(r < m ? r : 0, k));
             for (int v = 0; v < NV; v++) s[r][v] = _mm512_dpbf16_ps(s[r][v], av, bv[v]);
         }
     }
@@ -39,29 +49,32 @@ static void gemm_tile(const bf16 *a, int64_t lda, const uint32_t *b, int64_t ldb
 }
 
 // c (m x n) = alpha a b (or c + a b with acc); n a multiple of 16.
-static void gemm(const bf16 *a, int64_t lda, const uint32_t *b, int64_t ldb, float *c, int64_t ldc, int64_t m,
-                 int64_t n, int64_t kp, float alpha, bool acc) {
+static void gemm(const Lhs &a, const uint32_t *b, int64_t ldb, float *c, int64_t ldc, int64_t m, int64_t n, int64_t kp,
+                 float alpha, bool acc) {
     for (int64_t j = 0; j < n; j += 64) {
         const int64_t nv = (n - j) >= 64 ? 4 : (n - j) / 16;
         for (int64_t i = 0; i < m; i += 4) {
             const int rows = (int)(m - i < 4 ? m - i : 4);
-            const bf16 *ai = a + i * lda;
+            const Lhs ai = a.rows_from(i);
             float *ci = c + i * ldc + j;
             switch (nv) {
-                case 4: gemm_tile<4>(ai, lda, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
-                case 3: gemm_tile<3>(ai, lda, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
-                case 2: gemm_tile<2>(ai, lda, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
-                default: gemm_tile<1>(ai, lda, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
+                case 4: gemm_tile<4>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
+                case 3: gemm_tile<3>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
+                case 2: gemm_tile<2>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
+                default: gemm_tile<1>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
             }
         }
     }
 }
 
-// x (n rows of d, row stride ld) -> out[k][j] = pair (x[j][2k], x[j][2k+1]): a B operand whose pair rows run along
-// x's rows (for a k^T or v^T).
+// x (n rows of d, row stride ld, n a multiple of 16) -> out[k][j] = pair (x[j][2k], x[j][2k+1]): a B operand whose
+// pair rows run along x's rows (for a k^T or v^T); 16 rows' pairs gathered per store.
 static void pack_by_columns(const bf16 *x, int64_t ld, int64_t n, int64_t d, uint32_t *out) {
-    for (int64_t j = 0; j < n; j++)
-        for (int64_t k = 0; k < d / 2; k++) out[k * n + j] = pair_at(x + j * ld + 2 * k);
+    const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32((int)ld));
+    for (int64_t j = 0; j < n; j += 16)
+        for (int64_t k = 0; k < d / 2; k++)
+            _mm512_storeu_si512(out + k * n + j, _mm512_i32gather_epi32(rows, x + j * ld + 2 * k, 2));
 }
 
 // x (n rows of d, row stride ld, n even) -> out[k][c] = pair (x[2k][c], x[2k+1][c]): a B operand whose pair rows run
@@ -128,9 +141,10 @@ static void attn_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, con
             for (int64_t h = kv * g; h < (kv + 1) * g; h++)
                 for (int64_t t0 = 0; t0 < T; t0 += R) {
                     const int64_t keys = t0 + R;
-                    gemm(q + b * z.q[0] + h * z.q[1] + t0 * z.q[2], z.q[2], kp, T, s, T, R, keys, z.hd / 2, scale, false);
+                    gemm({q + b * z.q[0] + h * z.q[1] + t0 * z.q[2], z.q[2], false}, kp, T, s, T, R, keys, z.hd / 2, scale,
+                         false);
                     causal_softmax(s, T, p16, T, t0, R, keys);
-                    gemm(p16, T, vp, z.hdv, o, z.hdv, R, z.hdv, keys / 2, 1.0f, false);
+                    gemm({p16, T, false}, vp, z.hdv, o, z.hdv, R, z.hdv, keys / 2, 1.0f, false);
                     for (int64_t r = 0; r < R; r++)
                         for (int64_t c = 0; c < z.hdv; c += W)
                             io<bf16>::store(out + ((b * T + t0 + r) * z.H + h) * z.hdv + c, io<float>::load(o + r * z.hdv + c));
@@ -140,8 +154,8 @@ static void attn_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, con
     }
 }
 
-// The backward of attn_fwd for its output gradient go (strides z.v's layout is not assumed: gs), into contiguous
-// dq (B, H, T, hd), dk (B, n_kv, T, hd), dv (B, n_kv, T, hdv).
+// The backward of attn_fwd for its output gradient go (element strides gs of batch, head, position), into
+// contiguous dq (B, H, T, hd), dk (B, n_kv, T, hd), dv (B, n_kv, T, hdv).
 static void attn_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *go, const int64_t *gs, bf16 *dq,
                      bf16 *dk, bf16 *dv, const Shape &z, float scale, int threads) {
     const int64_t T = z.T, R = block_rows(T), g = z.H / z.n_kv, hd = z.hd, hdv = z.hdv;
@@ -152,15 +166,15 @@ static void attn_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *go
         uint32_t *kr = static_cast<uint32_t *>(malloc(T * hd * 2));    // k pairs (T/2, hd): dQ
         uint32_t *sp = static_cast<uint32_t *>(malloc(R * T * 2));     // dS pairs of query rows (R/2, T): dK
         uint32_t *pp = static_cast<uint32_t *>(malloc(R * T * 2));     // P pairs of query rows (R/2, T): dV
-        bf16 *qt = static_cast<bf16 *>(malloc(R * hd * 2));            // q^T of the block, (hd, R) as pairs
-        bf16 *ot = static_cast<bf16 *>(malloc(R * hdv * 2));           // dO^T of the block, (hdv, R) as pairs
+        uint32_t *qr = static_cast<uint32_t *>(malloc(R * hd * 2));    // the block's q pairs of rows (R/2, hd): dK
+        uint32_t *gr = static_cast<uint32_t *>(malloc(R * hdv * 2));   // and dO's (R/2, hdv): dV
         float *s = static_cast<float *>(malloc(R * T * 4));
         float *dp = static_cast<float *>(malloc(R * T * 4));
         bf16 *p16 = static_cast<bf16 *>(malloc(R * T * 2));
         bf16 *ds16 = static_cast<bf16 *>(malloc(R * T * 2));
-        float *dkt = static_cast<float *>(malloc(T * hd * 4));          // dK^T (hd, T), summed over blocks and heads
-        float *dvt = static_cast<float *>(malloc(T * hdv * 4));
-        float *o = static_cast<float *>(malloc(R * (hd > hdv ? hd : hdv) * 4));
+        float *dk32 = static_cast<float *>(malloc(T * hd * 4));         // dK (T, hd), summed over blocks and heads
+        float *dv32 = static_cast<float *>(malloc(T * hdv * 4));
+        float *o = static_cast<float *>(malloc(R * hd * 4));
         #pragma omp for schedule(static)
         for (int64_t task = 0; task < z.B * z.n_kv; task++) {
             const int64_t b = task / z.n_kv, kv = task % z.n_kv;
@@ -168,15 +182,15 @@ static void attn_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *go
             pack_by_columns(kb, z.k[2], T, hd, kp);
             pack_by_columns(vb, z.v[2], T, hdv, vt);
             pack_by_rows(kb, z.k[2], T, hd, kr);
-            memset(dkt, 0, T * hd * 4);
-            memset(dvt, 0, T * hdv * 4);
+            memset(dk32, 0, T * hd * 4);
+            memset(dv32, 0, T * hdv * 4);
             for (int64_t h = kv * g; h < (kv + 1) * g; h++)
                 for (int64_t t0 = 0; t0 < T; t0 += R) {
                     const int64_t keys = t0 + R;
                     const bf16 *qb = q + b * z.q[0] + h * z.q[1] + t0 * z.q[2], *gb = go + b * gs[0] + h * gs[1] + t0 * gs[2];
-                    gemm(qb, z.q[2], kp, T, s, T, R, keys, hd / 2, scale, false);
+                    gemm({qb, z.q[2], false}, kp, T, s, T, R, keys, hd / 2, scale, false);
                     causal_softmax(s, T, p16, T, t0, R, keys);
-                    gemm(gb, gs[2], vt, T, dp, T, R, keys, hdv / 2, scale, false);
+                    gemm({gb, gs[2], false}, vt, T, dp, T, R, keys, hdv / 2, scale, false);
                     for (int64_t r = 0; r < R; r++) {  // dS = P (dP - sum(P dP)), softmax's backward
                         float *pr = s + r * T, *dr = dp + r * T;
                         vf acc = {0};
@@ -185,26 +199,22 @@ static void attn_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *go
                         for (int64_t j = 0; j < keys; j += W)
                             io<bf16>::store(ds16 + r * T + j, io<float>::load(pr + j) * (io<float>::load(dr + j) - dot));
                     }
-                    gemm(ds16, T, kr, hd, o, hd, R, hd, keys / 2, 1.0f, false);  // dQ = dS k
+                    gemm({ds16, T, false}, kr, hd, o, hd, R, hd, keys / 2, 1.0f, false);  // dQ = dS k
                     for (int64_t r = 0; r < R; r++)
                         for (int64_t c = 0; c < hd; c += W)
                             io<bf16>::store(dq + ((b * z.H + h) * T + t0 + r) * hd + c, io<float>::load(o + r * hd + c));
-                    pack_by_rows(ds16, T, R, keys, sp);  // rows of keys valid: pair stride `keys`
+                    pack_by_rows(ds16, T, R, keys, sp);  // (R/2, keys): A operands read k-major
                     pack_by_rows(p16, T, R, keys, pp);
-                    for (int64_t c = 0; c < hd; c++)
-                        for (int64_t r = 0; r < R; r++) qt[c * R + r] = qb[r * z.q[2] + c];
-                    for (int64_t c = 0; c < hdv; c++)
-                        for (int64_t r = 0; r < R; r++) ot[c * R + r] = gb[r * gs[2] + c];
-                    gemm(qt, R, sp, keys, dkt, T, hd, keys, R / 2, 1.0f, true);   // dK^T += q^T dS
-                    gemm(ot, R, pp, keys, dvt, T, hdv, keys, R / 2, 1.0f, true);  // dV^T += dO^T P
+                    pack_by_rows(qb, z.q[2], R, hd, qr);
+                    pack_by_rows(gb, gs[2], R, hdv, gr);
+                    gemm({(const bf16 *)sp, keys, true}, qr, hd, dk32, hd, keys, hd, R / 2, 1.0f, true);    // dK += dS^T q
+                    gemm({(const bf16 *)pp, keys, true}, gr, hdv, dv32, hdv, keys, hdv, R / 2, 1.0f, true);  // dV += P^T dO
                 }
-            for (int64_t j = 0; j < T; j++) {
-                for (int64_t c = 0; c < hd; c++) dk[(task * T + j) * hd + c] = io<bf16>::from(dkt[c * T + j]);
-                for (int64_t c = 0; c < hdv; c++) dv[(task * T + j) * hdv + c] = io<bf16>::from(dvt[c * T + j]);
-            }
+            for (int64_t i = 0; i < T * hd; i += W) io<bf16>::store(dk + task * T * hd + i, io<float>::load(dk32 + i));
+            for (int64_t i = 0; i < T * hdv; i += W) io<bf16>::store(dv + task * T * hdv + i, io<float>::load(dv32 + i));
         }
-        free(kp); free(vt); free(kr); free(sp); free(pp); free(qt); free(ot);
-        free(s); free(dp); free(p16); free(ds16); free(dkt); free(dvt); free(o);
+        free(kp); free(vt); free(kr); free(sp); free(pp); free(qr); free(gr);
+        free(s); free(dp); free(p16); free(ds16); free(dk32); free(dv32); free(o);
     }
 }
 

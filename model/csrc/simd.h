@@ -60,7 +60,11 @@ template <> struct io<bf16> {
 #endif
     }
     static float scalar(bf16 x) { uint32_t u = (uint32_t)x << 16; float f; memcpy(&f, &u, 4); return f; }
-    static bf16 from(float f) { vf v = {f}; return (bf16)(bf16_bits(v)[0] >> 16); }
+    static bf16 from(float f) {  // bf16_bits for one value, in scalar registers
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        return (bf16)(((u & 0x7FFFFFFFu) > 0x7F800000u ? u | 0x400000u : u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
 };
 
 // exp(x): range reduction by ln 2 (split in two for exactness), degree-6 polynomial, times 2^n (AVX-512's scalef,
