@@ -150,6 +150,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"rms_norm_fwd_{name}").argtypes = [p, p, p, p, i64, i64, f32, i32]
         getattr(lib, f"rms_norm_bwd_{name}").argtypes = [p, p, p, p, p, p, i64, i64, i32]
         getattr(lib, f"rms_norm_fwd_{name}").restype = getattr(lib, f"rms_norm_bwd_{name}").restype = None
+    if hasattr(lib, "transpose_to_f32_bf16"):  # built with AVX-512
+        lib.transpose_to_f32_bf16.argtypes = [p, i64, p, i64, i64, i32, i32]
+        lib.transpose_to_f32_bf16.restype = None
     lib.attn_bf16_available.restype = i32
     if lib.attn_bf16_available():
         lib.attn_fwd_bf16.argtypes = [p, p, p, p, p, p, f32, i32]
@@ -224,6 +227,22 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -
     _fn("rotate", x.dtype)(x.data_ptr(), out.data_ptr(), a, b, t, d // 2, x.stride(0), x.stride(1), x.stride(2),
                            cos.data_ptr(), sin.data_ptr(), sign, torch.get_num_threads())
     return out
+
+
+def transpose_applies(src: torch.Tensor) -> bool:
+    """src (d, n) bf16, rows contiguous, d and n multiples of WIDTH, and a library built with AVX-512."""
+    return (src.dim() == 2 and src.dtype == torch.bfloat16 and src.stride(1) == 1 and src.shape[0] % WIDTH == 0
+            and src.shape[1] % WIDTH == 0 and enabled_for(src) and hasattr(kernels(), "transpose_to_f32_bf16"))
+
+
+def transpose_to_f32(src: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """src^T (n, d) in fp32: a new tensor, or `out` (contiguous fp32 (n, d)) plus it."""
+    d, n = src.shape
+    dst = torch.empty((n, d), dtype=torch.float32) if out is None else out
+    assert dst.is_contiguous() and dst.shape == (n, d) and dst.dtype == torch.float32
+    _fn("transpose_to_f32", src.dtype)(src.data_ptr(), src.stride(0), dst.data_ptr(), n, d, int(out is not None),
+                                       torch.get_num_threads())
+    return dst
 
 
 def rms_norm_applies(x: torch.Tensor, out_dtype: torch.dtype) -> bool:

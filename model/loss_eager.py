@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from .cpu_kernels import ce_and_logit_grad_, ce_applies
+from .cpu_kernels import ce_and_logit_grad_, ce_applies, transpose_applies, transpose_to_f32
 from .loss_chunk import backprop_chunk, lm_head_logits
 
 # fp32 bytes of a softmax block per thread: 7 rows at a 50K vocab (a Zen 4 core's L2 is 1 MiB). Fewer rows make
@@ -162,6 +162,8 @@ def weight_grad_transposed(g: torch.Tensor, h_c: torch.Tensor, valid: torch.Tens
     h_t = torch.empty((h_c.shape[1], h_c.shape[0]), dtype=h_c.dtype, device=h_c.device)
     torch.mul(h_c.t(), valid.to(h_c.dtype), out=h_t)
     part_t = torch.mm(h_t, g) if out is None else torch.mm(h_t, g, out=out)
+    if transpose_applies(part_t) and (grad_w is None or grad_w.is_contiguous()):  # 16 x 16 tiles, ~2x torch's copy
+        return transpose_to_f32(part_t, grad_w)
     if grad_w is None:
         return torch.empty(part_t.shape[::-1], dtype=torch.float32, device=g.device).copy_(part_t.t())
     return grad_w.add_(part_t.t())
