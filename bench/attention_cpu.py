@@ -1,5 +1,6 @@
 """CPU attention per call at config S's shapes: torch's SDPA (flash kernel, and its math backend) against
-model/cpu_attention.py's causal_attention_cpu, forward and forward + backward, per variant and precision.
+model/cpu_attention.py's causal_attention_cpu (its kernel call where it applies, and its blocks), forward and
+forward + backward, per variant and precision.
 
     .venv/bin/python bench/attention_cpu.py                         # all variants, bf16 (where native) + fp32
     .venv/bin/python bench/attention_cpu.py --variants baseline --precisions bf16 --rounds 9 --threads 1
@@ -38,7 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gemm_floor import host_isa, native_bf16  # noqa: E402
-from model import ModelConfig  # noqa: E402
+from model import ModelConfig, cpu_attention  # noqa: E402
 from model.cpu_attention import causal_attention_cpu  # noqa: E402
 from model.variants import ATTENTION_VARIANTS  # noqa: E402
 from pretrain.train.host_alloc import configure_host_memory, keep_large_blocks  # noqa: E402
@@ -69,7 +70,15 @@ def kernels(cfg: ModelConfig) -> dict:
         with sdpa_kernel(SDPBackend.MATH):
             return sdpa(q, k, v)
 
-    return {"sdpa (flash)": sdpa, "sdpa math": math,
+    def blocks(q, k, v):  # the CPU path with its kernel call turned off
+        kernel = cpu_attention.attention_applies
+        cpu_attention.attention_applies = lambda q, k, v: False
+        try:
+            return causal_attention_cpu(q, k, v, None, scale)
+        finally:
+            cpu_attention.attention_applies = kernel
+
+    return {"sdpa (flash)": sdpa, "sdpa math": math, "cpu blocks": blocks,
             "cpu_attention": lambda q, k, v: causal_attention_cpu(q, k, v, None, scale)}
 
 
@@ -116,13 +125,14 @@ def step_ab(rounds: int) -> None:
             cpu[name].append(step.cpu_s)
     records = {"sdpa (flash)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                                 "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
-               "cpu_attention": ("_CausalAttention", "_CausalAttentionBackward")}
+               "cpu_attention": ("_CausalAttention", "_CausalAttentionBackward", "_KernelAttention",
+                                 "_KernelAttentionBackward")}
     for name, rule in paths.items():
         attention.cpu_attention_applies = rule
         with profile() as prof:
             step()
         ev = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages()}
-        fwd, bwd = (ev.get(r, 0.0) for r in records[name])
+        fwd, bwd = (sum(ev.get(r, 0.0) for r in records[name][i::2]) for i in (0, 1))
         print(f"  {name:<14} step {statistics.median(cpu[name]):.3f} CPU-s (median of {rounds}), "
               f"{step.tokens / statistics.median(wall[name]):.0f} tok/s; profiled step: attention fwd {fwd:.0f} + "
               f"bwd {bwd:.0f} = {fwd + bwd:.0f} ms (6 layers)")
