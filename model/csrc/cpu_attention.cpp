@@ -29,17 +29,19 @@ struct Lhs {
 };
 
 // c (m x 16*NV, row stride ldc) = alpha * (a b) or, with acc, c + a b: b's pair row k at b + k*ldb (16*NV lanes),
-// over kp pairs. Rows 4 at a time (rows past m repeat row 0, not stored).
+// over kp pairs. Rows MR at a time (rows past m repeat row 0, not stored): MR x 4 accumulators, 4 of b, 1 of a.
+constexpr int MR = 6;
+
 template <int NV>
 static void gemm_tile(const Lhs &a, const uint32_t *b, int64_t ldb, float *c, int64_t ldc, int m, int64_t kp,
                       float alpha, bool acc) {
-    __m512 s[4][NV];
-    for (int r = 0; r < 4; r++)
+    __m512 s[MR][NV];
+    for (int r = 0; r < MR; r++)
         for (int v = 0; v < NV; v++) s[r][v] = acc && r < m ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
     for (int64_t k = 0; k < kp; k++) {
         __m512bh bv[NV];
         for (int v = 0; v < NV; v++) bv[v] = (__m512bh)_mm512_loadu_si512(b + k * ldb + 16 * v);
-        for (int r = 0; r < 4; r++) {
+        for (int r = 0; r < MR; r++) {
             const __m512bh av = (__m512bh)_mm512_set1_epi32((int)a.at(r < m ? r : 0, k));
             for (int v = 0; v < NV; v++) s[r][v] = _mm512_dpbf16_ps(s[r][v], av, bv[v]);
         }
@@ -53,8 +55,8 @@ static void gemm(const Lhs &a, const uint32_t *b, int64_t ldb, float *c, int64_t
                  float alpha, bool acc) {
     for (int64_t j = 0; j < n; j += 64) {
         const int64_t nv = (n - j) >= 64 ? 4 : (n - j) / 16;
-        for (int64_t i = 0; i < m; i += 4) {
-            const int rows = (int)(m - i < 4 ? m - i : 4);
+        for (int64_t i = 0; i < m; i += MR) {
+            const int rows = (int)(m - i < MR ? m - i : MR);
             const Lhs ai = a.rows_from(i);
             float *ci = c + i * ldc + j;
             switch (nv) {
