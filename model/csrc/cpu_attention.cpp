@@ -29,7 +29,7 @@ struct Lhs {
 };
 
 // c (m x 16*NV, row stride ldc) = alpha * (a b) or, with acc, c + a b: b's pair row k at b + k*ldb (16*NV lanes),
-// over kp pairs. Rows MR at a time (rows past m repeat row 0, not stored): MR x 4 accumulators, 4 of b, 1 of a.
+// over kp pairs. Rows MR at a time (rows past m repeat row 0, not stored): MR x NV accumulators, NV vectors of b.
 constexpr int MR = 6;
 
 template <int NV>
