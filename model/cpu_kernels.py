@@ -150,14 +150,19 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"rms_norm_fwd_{name}").argtypes = [p, p, p, p, i64, i64, f32, i32]
         getattr(lib, f"rms_norm_bwd_{name}").argtypes = [p, p, p, p, p, p, i64, i64, i32]
         getattr(lib, f"rms_norm_fwd_{name}").restype = getattr(lib, f"rms_norm_bwd_{name}").restype = None
-    if hasattr(lib, "transpose_to_f32_bf16"):  # built with AVX-512
-        lib.transpose_to_f32_bf16.argtypes = [p, i64, p, i64, i64, i32, i32]
-        lib.transpose_to_f32_bf16.restype = None
-    lib.attn_bf16_available.restype = i32
-    if lib.attn_bf16_available():
-        lib.attn_fwd_bf16.argtypes = [p, p, p, p, p, p, f32, i32]
-        lib.attn_bwd_bf16.argtypes = [p, p, p, p, p, p, p, p, p, f32, i32]
-        lib.attn_fwd_bf16.restype = lib.attn_bwd_bf16.restype = None
+    # Compiled only for some targets (built): transpose_to_f32 with AVX-512, attention with AVX-512-BF16.
+    optional = {"transpose_to_f32_bf16": [p, i64, p, i64, i64, i32, i32],
+                "attn_fwd_bf16": [p, p, p, p, p, p, f32, i32], "attn_bwd_bf16": [p, p, p, p, p, p, p, p, p, f32, i32]}
+    for name, argtypes in optional.items():
+        if hasattr(lib, name):
+            getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
+
+
+def built(name: str, *dtypes: torch.dtype) -> bool:
+    """Whether the library has `name` for these dtypes (as _fn names it): some kernels are compiled only where the
+    target has their instructions."""
+    lib = kernels()
+    return lib is not None and hasattr(lib, "_".join((name, *(_DTYPES[d] for d in dtypes))))
 
 
 def _fn(name: str, *dtypes: torch.dtype) -> ctypes._CFuncPtr:
@@ -232,7 +237,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -
 def transpose_applies(src: torch.Tensor) -> bool:
     """src (d, n) bf16, rows contiguous, d and n multiples of WIDTH, and a library built with AVX-512."""
     return (src.dim() == 2 and src.dtype == torch.bfloat16 and src.stride(1) == 1 and src.shape[0] % WIDTH == 0
-            and src.shape[1] % WIDTH == 0 and enabled_for(src) and hasattr(kernels(), "transpose_to_f32_bf16"))
+            and src.shape[1] % WIDTH == 0 and enabled_for(src) and built("transpose_to_f32", src.dtype))
 
 
 def transpose_to_f32(src: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -284,8 +289,7 @@ def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool
     if q.dim() != 4 or k.shape[2] != q.shape[2] or q.dtype != torch.bfloat16 or not enabled_for(q, k, v):
         return False
     T, hd, hdv = q.shape[2], q.shape[3], v.shape[3]
-    lib = kernels()
-    return (bool(lib.attn_bf16_available()) and q.shape[1] % k.shape[1] == 0 and hd % WIDTH == 0
+    return (built("attn_fwd", q.dtype) and q.shape[1] % k.shape[1] == 0 and hd % WIDTH == 0
             and hdv % WIDTH == 0 and (T % 64 == 0 or (T < 64 and T % WIDTH == 0))
             and all(t.stride(-1) == 1 for t in (q, k, v)))
 

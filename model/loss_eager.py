@@ -155,14 +155,15 @@ def weight_grad_transposed(g: torch.Tensor, h_c: torch.Tensor, valid: torch.Tens
     On CPU the GEMM g^T h with g^T a transposed view (g is rows x vocab, row-major) makes oneDNN's bf16 kernel
     reorder the whole 206 MB logit gradient first (config S): 1.4-1.7x the time of the same GEMM on contiguous
     operands, the LM head's costliest GEMM. h^T g has both operands row-major (h^T is a copy of rows x d, 1.5 MB)
-    and writes the gradient transposed; turning that into vocab x d costs a strided fp32 copy (~25 ms more than the
-    plain fp32 conversion it replaces) against ~80-100 CPU-ms saved (1 thread, config S). The sums are the same
+    and writes the gradient transposed; turning that into vocab x d costs a transposing fp32 conversion (the CPU
+    kernels' register-transposed tiles, ~6 ms; torch's strided copy 15-30) against ~80-100 CPU-ms saved (1 thread,
+    config S). The sums are the same
     products in another order of accumulation inside the GEMM: each value within a bf16 rounding of the other
     form's, held against float64 (tests/test_loss_blocks.py)."""
     h_t = torch.empty((h_c.shape[1], h_c.shape[0]), dtype=h_c.dtype, device=h_c.device)
     torch.mul(h_c.t(), valid.to(h_c.dtype), out=h_t)
     part_t = torch.mm(h_t, g) if out is None else torch.mm(h_t, g, out=out)
-    if transpose_applies(part_t) and (grad_w is None or grad_w.is_contiguous()):  # 16 x 16 tiles, ~2x torch's copy
+    if transpose_applies(part_t) and (grad_w is None or grad_w.is_contiguous()):
         return transpose_to_f32(part_t, grad_w)
     if grad_w is None:
         return torch.empty(part_t.shape[::-1], dtype=torch.float32, device=g.device).copy_(part_t.t())

@@ -31,8 +31,7 @@ def native_bf16(monkeypatch):
 
 
 def _kernel_built() -> bool:
-    lib = cpu_kernels.kernels()
-    return lib is not None and bool(lib.attn_bf16_available())
+    return cpu_kernels.built("attn_fwd", torch.bfloat16)
 
 
 @pytest.fixture(params=["amx", "blocks", "kernel"])

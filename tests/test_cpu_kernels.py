@@ -149,7 +149,7 @@ def test_rotary_on_strided_heads_equals_the_torch_form(dtype, torch_ops, threads
 def test_transposed_weight_gradient_equals_torchs_conversion(threads):
     """The LM head's weight gradient from its transposed bf16 GEMM output: into a new fp32 tensor and added into one,
     exactly what torch's copy and add give (bf16 -> fp32 is exact); only shapes of 16 x 16 tiles take it."""
-    if not hasattr(cpu_kernels.kernels(), "transpose_to_f32_bf16"):
+    if not cpu_kernels.built("transpose_to_f32", torch.bfloat16):
         pytest.skip("built only where the compiler targets AVX-512")
     src = torch.randn(80, 50304 + 48).bfloat16()[:, :50304]  # rows strided, as a column slice would be
     assert cpu_kernels.transpose_applies(src) and not cpu_kernels.transpose_applies(src[:, :50300])
@@ -251,10 +251,9 @@ def test_a_training_run_takes_the_kernels_and_trains_as_with_torchs_ops(byte_dat
     assert meta["host"]["fused_kernels"] is True and len(losses) == 4
     bf16 = meta["host"]["native_bf16"]
     # attention's kernel: bf16 steps (a host with native bf16) and a library built with AVX-512-BF16
-    lib = cpu_kernels.kernels()
-    attention = {"attn_fwd", "attn_bwd"} if bf16 and lib.attn_bf16_available() else set()
+    attention = {"attn_fwd", "attn_bwd"} if bf16 and cpu_kernels.built("attn_fwd", torch.bfloat16) else set()
     # the LM head's bf16 weight gradient turned into fp32 (a library built with AVX-512)
-    transpose = {"transpose_to_f32"} if bf16 and hasattr(lib, "transpose_to_f32_bf16") else set()
+    transpose = {"transpose_to_f32"} if bf16 and cpu_kernels.built("transpose_to_f32", torch.bfloat16) else set()
     assert called == {"ce_grad", "swiglu_fwd", "swiglu_bwd", "rotate", "rms_norm_fwd", "rms_norm_bwd", *attention,
                       *transpose}
     monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)

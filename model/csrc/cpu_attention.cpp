@@ -1,7 +1,7 @@
 // Causal bf16 attention forward and backward as one kernel per call, for CPUs with a bf16 dot product (AVX-512-BF16):
 // model/cpu_attention.py's blocked form (issue 23.1) without its ~100 torch ops per call, their fp32 operand copies
-// and their fp32 <-> bf16 conversions. Built only where the compiler targets AVX512_BF16; elsewhere
-// attn_bf16_available() says 0 and the Python side keeps its blocked form.
+// and their fp32 <-> bf16 conversions. Compiled only where the compiler targets AVX512_BF16; elsewhere the library
+// has no attn_* symbols and the Python side keeps its blocked form (model/cpu_kernels.py built).
 //
 // The arithmetic is the blocked form's: scores q k^T and dP = dO v^T are fp32 sums of exact bf16 products (vdpbf16ps
 // multiplies bf16 pairs exactly and adds in fp32), the softmax and its backward are fp32, P and dS enter the GEMMs
@@ -220,8 +220,6 @@ static void attn_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *go
     }
 }
 
-extern "C" int attn_bf16_available() { return 1; }
-
 // sizes: B, H, n_kv, T, hd, hdv; strides: q's, k's, v's (batch, head, position) in elements.
 extern "C" void attn_fwd_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, const int64_t *sizes,
                               const int64_t *strides, float scale, int threads) {
@@ -237,6 +235,4 @@ extern "C" void attn_bwd_bf16(const bf16 *q, const bf16 *k, const bf16 *v, const
     attn_bwd(q, k, v, go, strides + 9, dq, dk, dv, z, scale, threads);
 }
 
-#else
-extern "C" int attn_bf16_available() { return 0; }
 #endif
