@@ -103,8 +103,8 @@ static void causal_softmax(float *s, int64_t lds, bf16 *p16, int64_t ldp, int64_
         }
         const float top = hmax(m);
         vf acc = {0};
-        for (int64_t j = 0; j < keys; j += W) {  // exp_(-inf) is 0: the masked keys' weights
-            vf e = exp_(io<float>::load(x + j) - top);
+        for (int64_t j = 0; j < keys; j += W) {  // exp of -inf is 0: the masked keys' weights
+            vf e = exp_nonpos(io<float>::load(x + j) - top);
             io<float>::store(x + j, e);
             acc += e;
         }

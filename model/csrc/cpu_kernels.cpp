@@ -40,14 +40,26 @@ static void ce_grad(T *logits, int64_t n, int64_t V, int64_t ld, int64_t nv, con
         for (int64_t i = first; i < last; i++) {
             T *x = logits + i * ld;
             const T *next = i + 1 < last ? x + ld : x;  // the last row reads itself again: the same max, unused
-            vf s = {0}, m = io<T>::load(next);
-            for (int64_t j = 0; j < full; j += W) {
-                vf v = exp_(io<T>::load(x + j) - top), w = io<T>::load(next + j);
+            // Two sums and maxes: one chain each would hold the loop to an add's latency per vector.
+            vf s = {0}, s1 = {0}, m = io<T>::load(next), m1 = m;
+            int64_t j = 0;
+            for (; j + 2 * W <= full; j += 2 * W) {
+                vf v = exp_nonpos(io<T>::load(x + j) - top), v1 = exp_nonpos(io<T>::load(x + j + W) - top);
+                vf w = io<T>::load(next + j), w1 = io<T>::load(next + j + W);
+                memcpy(e + j, &v, sizeof v);
+                memcpy(e + j + W, &v1, sizeof v1);
+                s += v;
+                s1 += v1;
+                m = w > m ? w : m;
+                m1 = w1 > m1 ? w1 : m1;
+            }
+            for (; j < full; j += W) {
+                vf v = exp_nonpos(io<T>::load(x + j) - top), w = io<T>::load(next + j);
                 memcpy(e + j, &v, sizeof v);
                 s += v;
                 m = w > m ? w : m;
             }
-            float sum = hsum(s), next_top = full ? hmax(m) : -INFINITY;
+            float sum = hsum(s + s1), next_top = full ? hmax(m > m1 ? m : m1) : -INFINITY;
             for (int64_t j = full; j < nv; j++) {
                 sum += (e[j] = expf(io<T>::scalar(x[j]) - top));
                 next_top = fmaxf(next_top, io<T>::scalar(next[j]));
