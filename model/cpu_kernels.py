@@ -151,7 +151,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"rms_norm_bwd_{name}").argtypes = [p, p, p, p, p, p, i64, i64, i32]
         getattr(lib, f"rms_norm_fwd_{name}").restype = getattr(lib, f"rms_norm_bwd_{name}").restype = None
     # Compiled only for some targets (built): transpose_to_f32 with AVX-512, attention with AVX-512-BF16.
-    optional = {"transpose_to_f32_bf16": [p, i64, p, i64, i64, i32, i32],
+    optional = {"transpose_to_f32_bf16": [p, i64, p, i64, i64, i32, f32, i32],
                 "attn_fwd_bf16": [p, p, p, p, p, p, f32, i32], "attn_bwd_bf16": [p, p, p, p, p, p, p, p, p, f32, i32]}
     for name, argtypes in optional.items():
         if hasattr(lib, name):
@@ -240,13 +240,14 @@ def transpose_applies(src: torch.Tensor) -> bool:
             and src.shape[1] % WIDTH == 0 and enabled_for(src) and built("transpose_to_f32", src.dtype))
 
 
-def transpose_to_f32(src: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """src^T (n, d) in fp32: a new tensor, or `out` (contiguous fp32 (n, d)) plus it."""
+def transpose_to_f32(src: torch.Tensor, out: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor:
+    """src^T (n, d) in fp32, times `scale`: a new tensor, or `out` (contiguous fp32 (n, d)) plus it, times scale (the
+    sum rounded, then the product)."""
     d, n = src.shape
     dst = torch.empty((n, d), dtype=torch.float32) if out is None else out
     assert dst.is_contiguous() and dst.shape == (n, d) and dst.dtype == torch.float32
     _fn("transpose_to_f32", src.dtype)(src.data_ptr(), src.stride(0), dst.data_ptr(), n, d, int(out is not None),
-                                       torch.get_num_threads())
+                                       scale, torch.get_num_threads())
     return dst
 
 

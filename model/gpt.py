@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ from .config import ModelConfig
 from .fused import rms_norm, rms_norm_reference, swiglu, swiglu_reference
 from .kv_formats import KVSetting
 from .loss_chunk import compiled_chunk_loop
-from .loss_eager import cast_weight, eager_chunk_loop
+from .loss_eager import PendingWeightGrad, cast_weight, eager_chunk_loop
 from .tied_grad import TiedGrad, tied_embedding
 
 if TYPE_CHECKING:
@@ -97,6 +98,9 @@ class LossWorkspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
+        # The weight gradient a forward left pending in a buffer here, until its backward (weak: a graph dropped
+        # without a backward takes it along).
+        self._pending: weakref.ref[PendingWeightGrad] | None = None
 
     def get(self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A (rows, cols) buffer; grows (never shrinks) so phases of a seq-len schedule share one."""
@@ -109,7 +113,20 @@ class LossWorkspace:
         return buf[:rows]
 
     def clear(self) -> None:
+        self.settle()
         self._buffers.clear()
+
+    def hold(self, pending: PendingWeightGrad) -> None:
+        """`pending` lives in this workspace's buffers until its backward."""
+        self._pending = weakref.ref(pending)
+
+    def settle(self) -> None:
+        """Before the buffers are reused: a gradient still pending in them (a forward whose backward has not run)
+        moves into its own memory."""
+        pending = self._pending() if self._pending is not None else None
+        if pending is not None:
+            pending.settle()
+        self._pending = None
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -117,7 +134,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     The gradients are produced in the forward pass, chunk by chunk, while each chunk's logits are at
     hand (softmax - onehot, then two matmuls), so neither pass ever holds more than chunk_rows x vocab
-    logits and the LM head matmul is not re-run. Backward only scales the saved gradients.
+    logits and the LM head matmul is not re-run. Backward only scales the saved gradients (on CPU transposing the
+    weight gradient's last chunk in the same pass: model/loss_eager.py PendingWeightGrad).
     Padded vocab columns (>= vocab_size) are set to -inf: they can never be predicted.
     Matmuls run in the autocast dtype when autocast is on (as F.linear would), softmax in fp32; the
     logit buffers come from `workspace` when given. The eager chunks run model/loss_eager.py (on CPU with kept
@@ -135,6 +153,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         mm_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else weight.dtype
         kept = _keeps_buffers(h, workspace)
         ws = workspace or LossWorkspace()
+        ws.settle()
         # Cast once per call, not per chunk; explicit casts because out= matmuls do not autocast.
         with torch.autocast(dev.type, enabled=False):
             w, hh = cast_weight(weight, mm_dtype, ws.get if kept else None), h.to(mm_dtype)
@@ -146,7 +165,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 total, grad_h, grad_w = eager_chunk_loop(
                     hh, w, targets, vocab_size, ignore_index, chunk_rows, want_h, want_w, h.dtype,
                     lambda name, n, cols, dtype: ws.get(name, n, cols, dtype, dev), kept)
-        ctx.weight_dtype, ctx.tied = weight.dtype, tied
+        ctx.weight_dtype, ctx.tied, ctx.pending = weight.dtype, tied, None
+        if isinstance(grad_w, PendingWeightGrad):  # transposed in backward, scaled in the same pass
+            ctx.pending, grad_w = grad_w, None
+            ws.hold(ctx.pending)
         ctx.save_for_backward(grad_h, grad_w)
         return total
 
@@ -155,8 +177,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         if grad_h is not None:
             grad_h = grad_h * grad_total.to(grad_h.dtype)
-        if grad_w is not None:  # in place: the saved gradient is ours and backward runs once
-            grad_w = grad_w.mul_(grad_total).to(ctx.weight_dtype)
+        if ctx.pending is not None:
+            grad_w, ctx.pending = ctx.pending.scaled(grad_total), None
+        elif grad_w is not None:  # in place: the saved gradient is ours and backward runs once
+            grad_w = grad_w.mul_(grad_total)
+        if grad_w is not None:
+            grad_w = grad_w.to(ctx.weight_dtype)
             if ctx.tied is not None:  # the tied embedding's backward adds its rows and returns the sum
                 ctx.tied.hand_over(grad_w)
                 grad_w = None

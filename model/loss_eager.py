@@ -147,10 +147,11 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype, kept: Callable[..., to
 
 
 def weight_grad_transposed(g: torch.Tensor, h_c: torch.Tensor, valid: torch.Tensor, grad_w: torch.Tensor | None,
-                           out: torch.Tensor | None) -> torch.Tensor:
+                           out: torch.Tensor | None, defer: bool = False) -> torch.Tensor | PendingWeightGrad:
     """`grad_w` (vocab x d, fp32; None: a new one) plus the chunk's weight gradient g^T h (g: rows x vocab logit
     gradient, h_c: rows x d, both bf16; rows not `valid` left out), its GEMM run as h^T g into `out` (d x vocab, g's
-    dtype; None: a new one).
+    dtype; None: a new one). With `defer` (the last chunk) and the CPU kernels' transpose, the sum is returned
+    pending (PendingWeightGrad): its transposition runs in the loss's backward, scaled there in the same pass.
 
     On CPU the GEMM g^T h with g^T a transposed view (g is rows x vocab, row-major) makes oneDNN's bf16 kernel
     reorder the whole 206 MB logit gradient first (config S): 1.4-1.7x the time of the same GEMM on contiguous
@@ -164,21 +165,45 @@ def weight_grad_transposed(g: torch.Tensor, h_c: torch.Tensor, valid: torch.Tens
     torch.mul(h_c.t(), valid.to(h_c.dtype), out=h_t)
     part_t = torch.mm(h_t, g) if out is None else torch.mm(h_t, g, out=out)
     if transpose_applies(part_t) and (grad_w is None or grad_w.is_contiguous()):
-        return transpose_to_f32(part_t, grad_w)
+        return PendingWeightGrad(part_t, grad_w) if defer else transpose_to_f32(part_t, grad_w)
     if grad_w is None:
         return torch.empty(part_t.shape[::-1], dtype=torch.float32, device=g.device).copy_(part_t.t())
     return grad_w.add_(part_t.t())
 
 
+class PendingWeightGrad:
+    """The LM head's fp32 weight gradient whose last chunk is still its GEMM's bf16 output, transposed (d x vocab,
+    the loss workspace's kept buffer): `scaled` transposes it in the loss's backward times the upstream gradient in
+    one pass, instead of a pass to transpose in forward and one to scale in backward (77 MB of fp32 at config S:
+    ~2.4 ms a step on 1 thread). `settle` transposes it unscaled, for when the buffer is about to be reused before
+    this backward ran (another forward first: model/gpt.py LossWorkspace.settle)."""
+
+    def __init__(self, part_t: torch.Tensor, grad_w: torch.Tensor | None) -> None:
+        self._part_t: torch.Tensor | None = part_t
+        self._grad_w = grad_w
+
+    def settle(self) -> None:
+        if self._part_t is not None:
+            self._grad_w, self._part_t = transpose_to_f32(self._part_t, self._grad_w), None
+
+    def scaled(self, scale: torch.Tensor) -> torch.Tensor:
+        """The gradient times `scale` (0-dim fp32): the values of the sum's fp32 tensor .mul_(scale)."""
+        if self._part_t is None:
+            assert self._grad_w is not None, "the loss's backward runs once"
+            return self._grad_w.mul_(scale)
+        grad, self._part_t = transpose_to_f32(self._part_t, self._grad_w, scale.item()), None
+        return grad
+
+
 def eager_chunk_loop(hh: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: int, ignore_index: int,
                      chunk_rows: int, want_h: bool, want_w: bool, h_dtype: torch.dtype,
                      buffer: Callable[[str, int, int, torch.dtype], torch.Tensor], cpu_blocks: bool,
-                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | PendingWeightGrad | None]:
     """ChunkedLinearCrossEntropy's eager loop over `hh` (rows x d) and `w` (padded vocab x d), both in the matmul
     dtype. `buffer(name, rows, cols, dtype)` gives kept buffers. `cpu_blocks`: softmax over blocks of rows
     (softmax_block_rows) and a bf16 weight gradient's GEMM run transposed (weight_grad_transposed) into a kept
-    buffer; else one op per step over the whole chunk. Returns (summed loss, grad_h in h_dtype, grad_w in fp32 or
-    None) as ChunkedLinearCrossEntropy saves them."""
+    buffer; else one op per step over the whole chunk. Returns (summed loss, grad_h in h_dtype, grad_w in fp32,
+    pending on CPU (PendingWeightGrad), or None) as ChunkedLinearCrossEntropy keeps them."""
     rows, (vocab, d) = hh.shape[0], w.shape
     dev, mm_dtype = hh.device, hh.dtype
     n_buf = min(chunk_rows, rows)
@@ -205,7 +230,7 @@ def eager_chunk_loop(hh: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, v
             grad_h_rows = None if grad_h is None else grad_h[i:i + n]
             if transposed_w:
                 backprop_chunk(out_mm, w, h_c, grad_h_rows, None, False, valid)
-                grad_w = weight_grad_transposed(out_mm, h_c, valid, grad_w, w_out)
+                grad_w = weight_grad_transposed(out_mm, h_c, valid, grad_w, w_out, defer=i + chunk_rows >= rows)
             else:
                 grad_w = backprop_chunk(out_mm, w, h_c, grad_h_rows, grad_w, want_w, valid)
     if want_w and grad_w is None:  # no rows

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, ModelConfig, cpu_kernels
+from model import GPT, ModelConfig, cpu_kernels, loss_eager
 from model.fused import rms_norm, swiglu, swiglu_reference
-from model.loss_eager import chunk_loss_and_logit_grad_eager_
+from model.loss_eager import PendingWeightGrad, chunk_loss_and_logit_grad_eager_
 from model.rope import apply_rotary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,6 +157,37 @@ def test_transposed_weight_gradient_equals_torchs_conversion(threads):
     base = torch.randn(50304, 80)
     got = cpu_kernels.transpose_to_f32(src, base.clone())
     assert torch.equal(got, base + src.t().float())
+    scale = torch.tensor(0.37)  # the loss's backward scales in the same pass: the values of a .mul_ after it
+    assert torch.equal(cpu_kernels.transpose_to_f32(src, None, scale.item()), src.t().float().mul_(scale))
+    got = cpu_kernels.transpose_to_f32(src, base.clone(), scale.item())
+    assert torch.equal(got, (base + src.t().float()).mul_(scale))
+
+
+def test_two_forwards_before_their_backward_keep_each_ones_weight_gradient(monkeypatch):
+    """The LM head's bf16 weight gradient waits transposed in the loss's kept buffer for its backward, which scales
+    it in the same pass (model/loss_eager.py PendingWeightGrad): a second forward first (two losses summed) moves the
+    first one out before reusing the buffer. The gradients are those of one backward after each forward."""
+    cfg = ModelConfig(vocab_size=250, block_size=32, n_layer=1, n_head=2, d_model=64, d_ff=128)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    batches = [(torch.randint(0, 250, (2, 32)), torch.randint(0, 250, (2, 32))) for _ in range(2)]
+    monkeypatch.setattr(loss_eager, "KEEP_WEIGHT_BYTES", 0)  # the kept buffer at this size too, as at config S
+    pending = []
+    scaled = PendingWeightGrad.scaled
+    monkeypatch.setattr(PendingWeightGrad, "scaled", lambda self, s: pending.append(self) or scaled(self, s))
+
+    def loss(i: int) -> torch.Tensor:
+        with torch.autocast("cpu", torch.bfloat16):
+            return model(*batches[i])
+
+    loss(0).backward()
+    loss(1).backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    (loss(0) + loss(1)).backward()
+    assert all(torch.equal(p.grad, w) for p, w in zip(model.parameters(), want, strict=True))
+    deferred = cpu_kernels.built("transpose_to_f32", torch.bfloat16)  # where the transposing kernel is built
+    assert len(pending) == (4 if deferred else 0)
 
 
 @pytest.mark.parametrize("amp", [False, True])

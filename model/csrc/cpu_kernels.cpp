@@ -199,11 +199,14 @@ static inline void transpose16(__m512 r[16]) {
     }
 }
 
-// dst (n x d fp32, rows contiguous) = src^T, or dst + src^T with acc, for src (d x n bf16, row stride lds; n and d
-// multiples of 16): the LM head's weight gradient, whose GEMM writes it transposed (model/loss_eager.py
-// weight_grad_transposed), in 16 x 16 tiles transposed in registers. torch's strided copy took ~2x as long.
+// dst (n x d fp32, rows contiguous) = src^T * scale, or (dst + src^T) * scale with acc, for src (d x n bf16, row
+// stride lds; n and d multiples of 16): the LM head's weight gradient, whose GEMM writes it transposed
+// (model/loss_eager.py weight_grad_transposed), in 16 x 16 tiles transposed in registers, scaled by the loss's
+// backward in the same pass (the sum rounded, then the product: a separate scaling pass's values). torch's strided
+// copy took ~2x as long.
 extern "C" void transpose_to_f32_bf16(const bf16 *src, int64_t lds, float *dst, int64_t n, int64_t d, int acc,
-                                      int threads) {
+                                      float scale, int threads) {
+    const __m512 s = _mm512_set1_ps(scale);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t v0 = 0; v0 < n; v0 += 16)
         for (int64_t c0 = 0; c0 < d; c0 += 16) {
@@ -213,7 +216,7 @@ extern "C" void transpose_to_f32_bf16(const bf16 *src, int64_t lds, float *dst, 
             for (int c = 0; c < 16; c++) {
                 float *out = dst + (v0 + c) * d + c0;
                 const __m512 col = r[c ^ ((c ^ c >> 1) & 1) * 3];
-                _mm512_storeu_ps(out, acc ? _mm512_add_ps(_mm512_loadu_ps(out), col) : col);
+                _mm512_storeu_ps(out, _mm512_mul_ps(acc ? _mm512_add_ps(_mm512_loadu_ps(out), col) : col, s));
             }
         }
 }
