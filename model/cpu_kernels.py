@@ -146,6 +146,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"rotate_{name}").argtypes = [p, p, i64, i64, i64, i64, i64, i64, i64, p, p, f32, i32]
         for fn in ("ce_grad", "swiglu_fwd", "swiglu_bwd", "rotate"):
             getattr(lib, f"{fn}_{name}").restype = None
+    lib.add_f32_bf16.argtypes, lib.add_f32_bf16.restype = [p, p, p, i64, i32], None
     for name in ("f32_f32", "f32_bf16", "bf16_bf16"):
         getattr(lib, f"rms_norm_fwd_{name}").argtypes = [p, p, p, p, i64, i64, f32, i32]
         getattr(lib, f"rms_norm_bwd_{name}").argtypes = [p, p, p, p, p, p, i64, i64, i32]
@@ -249,6 +250,19 @@ def transpose_to_f32(src: torch.Tensor, out: torch.Tensor | None, scale: float =
     _fn("transpose_to_f32", src.dtype)(src.data_ptr(), src.stride(0), dst.data_ptr(), n, d, int(out is not None),
                                        scale, torch.get_num_threads())
     return dst
+
+
+def residual_add_applies(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """x fp32 and y bf16 of one shape, both contiguous, a whole number of WIDTH elements."""
+    return (x.dtype == torch.float32 and y.dtype == torch.bfloat16 and x.shape == y.shape and x.is_contiguous()
+            and y.is_contiguous() and x.numel() % WIDTH == 0 and enabled_for(x) and enabled_for(y))
+
+
+def residual_add_forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + y (fp32 x, bf16 y) in fp32, in one pass: torch's x + y's values (y's conversion is exact)."""
+    out = torch.empty_like(x)
+    _fn("add", x.dtype, y.dtype)(x.data_ptr(), y.data_ptr(), out.data_ptr(), x.numel(), torch.get_num_threads())
+    return out
 
 
 def rms_norm_applies(x: torch.Tensor, out_dtype: torch.dtype) -> bool:

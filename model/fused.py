@@ -1,4 +1,5 @@
-"""The block's elementwise ops as single autograd nodes for the eager path: RMSNorm and SwiGLU's gate.
+"""The block's elementwise ops as single autograd nodes for the eager path: RMSNorm, SwiGLU's gate and (on CPU) the
+residual add of a bf16 branch.
 
 Op by op, autograd runs each norm and gate as a chain of small kernels, each allocating its own (rows x width)
 temporary and saving its own inputs: on CPU a fresh multi-MB block is page-faulted in on every use, so these
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_kernels import (
+    residual_add_applies,
+    residual_add_forward,
     rms_norm_applies,
     rms_norm_backward,
     rms_norm_forward,
@@ -122,3 +125,23 @@ class _SwiGLU(torch.autograd.Function):
         torch.mul(dh, act, out=d_up)
         torch.ops.aten.silu_backward.grad_input(dh * up, gate, grad_input=d_gate)
         return grad
+
+
+def residual_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + y: a block's residual stream x plus its branch's output y (the autocast dtype under autocast). Where the
+    CPU kernels take fp32 + bf16, one pass and one autograd node with autograd's gradients (x's gradient as it is,
+    y's converted to y's dtype); torch's add otherwise."""
+    if residual_add_applies(x, y):
+        return _ResidualAdd.apply(x, y)
+    return x + y
+
+
+class _ResidualAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx.y_dtype = y.dtype
+        return residual_add_forward(x, y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, grad.to(ctx.y_dtype)

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from .attention import AttentionTrace, CausalSelfAttention, KVCache, shared_block_mask
 from .config import ModelConfig
-from .fused import rms_norm, rms_norm_reference, swiglu, swiglu_reference
+from .fused import residual_add, rms_norm, rms_norm_reference, swiglu, swiglu_reference
 from .kv_formats import KVSetting
 from .loss_chunk import compiled_chunk_loop
 from .loss_eager import PendingWeightGrad, cast_weight, eager_chunk_loop
@@ -84,8 +84,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
                 on_trace: Callable[[AttentionTrace], None] | None = None,
                 block_mask: BlockMask | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cache, on_trace, block_mask)
-        return x + self.mlp(self.mlp_norm(x))
+        x = residual_add(x, self.attn(self.attn_norm(x), cache, on_trace, block_mask))
+        return residual_add(x, self.mlp(self.mlp_norm(x)))
 
 
 class LossWorkspace:

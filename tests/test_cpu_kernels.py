@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, ModelConfig, cpu_kernels, loss_eager
-from model.fused import rms_norm, swiglu, swiglu_reference
+from model.fused import residual_add, rms_norm, swiglu, swiglu_reference
 from model.loss_eager import PendingWeightGrad, chunk_loss_and_logit_grad_eager_
 from model.rope import apply_rotary
 
@@ -122,6 +122,21 @@ def test_rms_norm_values_and_gradients_equal_the_torch_form(dtype, out_dtype, to
             assert (a != b).float().mean() < 2e-2 and (_ulps(a, b) <= 1).all()
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_residual_add_of_a_bf16_branch_is_torchs_add_bit_for_bit(threads):
+    """The block's x + branch(x) under autocast (fp32 stream, bf16 branch): the values and both gradients of torch's
+    mixed-dtype add (x's gradient as it comes, the branch's converted to bf16); other dtypes keep torch's add."""
+    torch.manual_seed(0)
+    x = (3 * torch.randn(3, 17, 64)).requires_grad_()
+    y = torch.randn(3, 17, 64).bfloat16().requires_grad_()
+    assert cpu_kernels.residual_add_applies(x, y) and not cpu_kernels.residual_add_applies(x, y.float())
+    got, want = residual_add(x, y), x + y
+    assert got.grad_fn is not want.grad_fn and type(got.grad_fn) is not type(want.grad_fn)  # the kernel's node
+    assert torch.equal(got, want)
+    g = torch.randn(3, 17, 64)
+    for a, b in zip(torch.autograd.grad(got, (x, y), g), torch.autograd.grad(want, (x, y), g), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -285,8 +300,9 @@ def test_a_training_run_takes_the_kernels_and_trains_as_with_torchs_ops(byte_dat
     attention = {"attn_fwd", "attn_bwd"} if bf16 and cpu_kernels.built("attn_fwd", torch.bfloat16) else set()
     # the LM head's bf16 weight gradient turned into fp32 (a library built with AVX-512)
     transpose = {"transpose_to_f32"} if bf16 and cpu_kernels.built("transpose_to_f32", torch.bfloat16) else set()
+    residual = {"add"} if bf16 else set()  # the blocks' residual adds of bf16 branch outputs (autocast)
     assert called == {"ce_grad", "swiglu_fwd", "swiglu_bwd", "rotate", "rms_norm_fwd", "rms_norm_bwd", *attention,
-                      *transpose}
+                      *transpose, *residual}
     monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
     meta_off, losses_off = run(tmp_path / "torch")
     assert meta_off["host"]["fused_kernels"] is False
