@@ -143,7 +143,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"ce_grad_{name}").argtypes = [p, i64, i64, i64, i64, p, p, i32, p, i32]
         getattr(lib, f"swiglu_fwd_{name}").argtypes = [p, p, i64, i64, i32]
         getattr(lib, f"swiglu_bwd_{name}").argtypes = [p, p, p, i64, i64, i32]
-        getattr(lib, f"rotate_{name}").argtypes = [p, p, i64, i64, i64, i64, i64, i64, i64, p, p, f32, i32]
+        getattr(lib, f"rotate_{name}").argtypes = [p, p, i64, i64, i64, i64, i64, i64, i64, p, p, p, f32, i32]
         for fn in ("ce_grad", "swiglu_fwd", "swiglu_bwd", "rotate"):
             getattr(lib, f"{fn}_{name}").restype = None
     lib.add_f32_bf16.argtypes, lib.add_f32_bf16.restype = [p, p, p, i64, i32], None
@@ -226,12 +226,18 @@ def rotate_applies(x: torch.Tensor, cos: torch.Tensor) -> bool:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
-    """x rotated by sign * angle (rotate half), contiguous, in x's dtype."""
+    """x (A, B, T, d) rotated by sign * angle (rotate half), in x's dtype: contiguous, or laid out (A, T, B, d) as x
+    is when x is (attention's gradients for the projections' head views: autograd's view backward then copies
+    nothing)."""
     a, b, t, d = x.shape
-    out = torch.empty((a, b, t, d), dtype=x.dtype)
+    if x.transpose(1, 2).is_contiguous():
+        out = torch.empty((a, t, b, d), dtype=x.dtype).transpose(1, 2)
+    else:
+        out = torch.empty((a, b, t, d), dtype=x.dtype)
+    strides = torch.tensor(out.stride()[:3], dtype=torch.int64)
     cos, sin = cos.contiguous(), sin.contiguous()
     _fn("rotate", x.dtype)(x.data_ptr(), out.data_ptr(), a, b, t, d // 2, x.stride(0), x.stride(1), x.stride(2),
-                           cos.data_ptr(), sin.data_ptr(), sign, torch.get_num_threads())
+                           strides.data_ptr(), cos.data_ptr(), sin.data_ptr(), sign, torch.get_num_threads())
     return out
 
 
@@ -329,10 +335,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), contiguous, of attention_forward given its output's gradient `grad` (rows contiguous)."""
+    """(dq, dk, dv) of attention_forward given its output's gradient `grad` (rows contiguous), each (B, heads, T,
+    dim) laid out (B, T, heads, dim) in memory: the layout of the projection outputs q, k and v are head views of."""
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-    dq, dk, dv = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype), torch.empty(
-        v.shape, dtype=v.dtype)
+    dq, dk, dv = (torch.empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3], dtype=t.dtype).transpose(1, 2)
+                  for t in (q, k, v))
     sizes, strides = _sizes_strides(q, k, v, grad)
     _fn("attn_bwd", q.dtype)(q.data_ptr(), k.data_ptr(), v.data_ptr(), grad.data_ptr(), dq.data_ptr(), dk.data_ptr(),
                              dv.data_ptr(), sizes.data_ptr(), strides.data_ptr(), scale, torch.get_num_threads())

@@ -157,7 +157,8 @@ static void attn_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, con
 }
 
 // The backward of attn_fwd for its output gradient go (element strides gs of batch, head, position), into
-// contiguous dq (B, H, T, hd), dk (B, n_kv, T, hd), dv (B, n_kv, T, hdv).
+// dq (B, T, H, hd), dk (B, T, n_kv, hd), dv (B, T, n_kv, hdv) laid out as the projections' outputs, whose head views
+// (B, heads, T, dim) the gradients are: autograd's view backward then copies nothing.
 static void attn_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *go, const int64_t *gs, bf16 *dq,
                      bf16 *dk, bf16 *dv, const Shape &z, float scale, int threads) {
     const int64_t T = z.T, R = block_rows(T), g = z.H / z.n_kv, hd = z.hd, hdv = z.hdv;
@@ -204,7 +205,7 @@ static void attn_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *go
                     gemm({ds16, T, false}, kr, hd, o, hd, R, hd, keys / 2, 1.0f, false);  // dQ = dS k
                     for (int64_t r = 0; r < R; r++)
                         for (int64_t c = 0; c < hd; c += W)
-                            io<bf16>::store(dq + ((b * z.H + h) * T + t0 + r) * hd + c, io<float>::load(o + r * hd + c));
+                            io<bf16>::store(dq + ((b * T + t0 + r) * z.H + h) * hd + c, io<float>::load(o + r * hd + c));
                     pack_by_rows(ds16, T, R, keys, sp);  // (R/2, keys): A operands read k-major
                     pack_by_rows(p16, T, R, keys, pp);
                     pack_by_rows(qb, z.q[2], R, hd, qr);
@@ -212,8 +213,12 @@ static void attn_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *go
                     gemm({(const bf16 *)sp, keys, true}, qr, hd, dk32, hd, keys, hd, R / 2, 1.0f, true);    // dK += dS^T q
                     gemm({(const bf16 *)pp, keys, true}, gr, hdv, dv32, hdv, keys, hdv, R / 2, 1.0f, true);  // dV += P^T dO
                 }
-            for (int64_t i = 0; i < T * hd; i += W) io<bf16>::store(dk + task * T * hd + i, io<float>::load(dk32 + i));
-            for (int64_t i = 0; i < T * hdv; i += W) io<bf16>::store(dv + task * T * hdv + i, io<float>::load(dv32 + i));
+            for (int64_t t = 0; t < T; t++) {
+                for (int64_t c = 0; c < hd; c += W)
+                    io<bf16>::store(dk + ((b * T + t) * z.n_kv + kv) * hd + c, io<float>::load(dk32 + t * hd + c));
+                for (int64_t c = 0; c < hdv; c += W)
+                    io<bf16>::store(dv + ((b * T + t) * z.n_kv + kv) * hdv + c, io<float>::load(dv32 + t * hdv + c));
+            }
         }
         free(kp); free(vt); free(kr); free(sp); free(pp); free(qr); free(gr);
         free(s); free(dp); free(p16); free(ds16); free(dk32); free(dv32); free(o);
