@@ -149,6 +149,26 @@ def test_kernel_in_the_model_as_close_to_float64_as_sdpa(attn, monkeypatch, nati
     assert len(kernel_calls) == model.config.n_layer
 
 
+def test_kernel_gradients_reach_the_projection_without_copies(native_bf16):
+    """dq, dk, dv come out of the kernel (dq and dk through the rotary backward) laid out as the fused projection's
+    output: autograd's head-view backward copies none of them (config S: 18 activation copies a step otherwise)."""
+    if not _kernel_built():
+        pytest.skip("the attention kernel is built only where the compiler targets AVX-512-BF16")
+    torch.manual_seed(0)
+    model = GPT(make_config("baseline", d_model=128, block_size=64)).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(torch.randint(0, model.config.vocab_size, (2, 64))).float().logsumexp(-1).mean()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss.backward()
+    cfg = model.config
+    heads = [2, 64, cfg.n_head, cfg.d_model // cfg.n_head]  # (B, T, heads, head dim): a head view's memory
+    copies = [e for e in prof.events() if e.name in ("aten::clone", "aten::copy_") and e.input_shapes
+              and list(e.input_shapes[0]) == heads]
+    assert not copies
+    # the same trace sees them where they are made: the projection's gradient from the three, per layer
+    assert sum(e.name == "aten::cat" for e in prof.events()) >= cfg.n_layer
+
+
 def _model_as_close_to_float64_as_sdpa(model: GPT, x: torch.Tensor, monkeypatch) -> None:
     def step(m, autocast: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         m.zero_grad(set_to_none=True)
