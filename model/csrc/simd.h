@@ -73,10 +73,10 @@ template <> struct io<bf16> {
     }
 };
 
-// exp(x) for x <= 88.7 (any softmax's x - max <= 0; -inf included: a masked score): range reduction by ln 2 (split in two for
-// exactness), degree-6 polynomial, times 2^n (AVX-512's scalef, one instruction; elsewhere from the exponent bits).
-// 0 below -87.3, where expf's result is a denormal or 0: no denormal ever enters the arithmetic after it (each costs
-// ~100 cycles on some cores), and a softmax weight there is below fp32's ulp of 1.
+// exp(x) for x <= 88.7 (any softmax's x - max <= 0; -inf included: a masked score): range reduction by ln 2 (split
+// in two for exactness), degree-6 polynomial, times 2^n (AVX-512's scalef, one instruction; elsewhere from the
+// exponent bits). 0 below -87.3, where expf's result is a denormal or 0: no denormal ever enters the arithmetic after
+// it (each costs ~100 cycles on some cores), and a softmax weight there is below fp32's ulp of 1.
 static inline vf exp_nonpos(vf x_) {
 #if defined(__AVX512F__)
     const vf x = x_;
