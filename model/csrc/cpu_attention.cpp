@@ -22,9 +22,6 @@ struct Lhs {
     const bf16 *a;
     int64_t lda;
     bool by_k;
-    uint32_t at(int64_t r, int64_t k) const {
-        return by_k ? pair_at(a + 2 * (k * lda + r)) : pair_at(a + r * lda + 2 * k);
-    }
     Lhs rows_from(int64_t i) const { return {by_k ? a + 2 * i : a + i * lda, lda, by_k}; }
 };
 
@@ -32,17 +29,22 @@ struct Lhs {
 // over kp pairs. Rows MR at a time (rows past m repeat row 0, not stored): MR x NV accumulators, NV vectors of b.
 constexpr int MR = 6;
 
-template <int NV>
+// Each row's pair k is at rows[r] + k * step (elements): the layout decided at compile time, so the loop reads A
+// with one broadcast a row and no address arithmetic of its own.
+template <int NV, bool BY_K>
 static void gemm_tile(const Lhs &a, const uint32_t *b, int64_t ldb, float *c, int64_t ldc, int m, int64_t kp,
                       float alpha, bool acc) {
     __m512 s[MR][NV];
     for (int r = 0; r < MR; r++)
         for (int v = 0; v < NV; v++) s[r][v] = acc && r < m ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
+    const bf16 *rows[MR];
+    for (int r = 0; r < MR; r++) rows[r] = BY_K ? a.a + 2 * (r < m ? r : 0) : a.a + (r < m ? r : 0) * a.lda;
+    const int64_t step = BY_K ? 2 * a.lda : 2;
     for (int64_t k = 0; k < kp; k++) {
         __m512bh bv[NV];
         for (int v = 0; v < NV; v++) bv[v] = (__m512bh)_mm512_loadu_si512(b + k * ldb + 16 * v);
         for (int r = 0; r < MR; r++) {
-            const __m512bh av = (__m512bh)_mm512_set1_epi32((int)a.at(r < m ? r : 0, k));
+            const __m512bh av = (__m512bh)_mm512_set1_epi32((int)pair_at(rows[r] + k * step));
             for (int v = 0; v < NV; v++) s[r][v] = _mm512_dpbf16_ps(s[r][v], av, bv[v]);
         }
     }
@@ -59,11 +61,15 @@ static void gemm(const Lhs &a, const uint32_t *b, int64_t ldb, float *c, int64_t
             const int rows = (int)(m - i < MR ? m - i : MR);
             const Lhs ai = a.rows_from(i);
             float *ci = c + i * ldc + j;
-            switch (nv) {
-                case 4: gemm_tile<4>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
-                case 3: gemm_tile<3>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
-                case 2: gemm_tile<2>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
-                default: gemm_tile<1>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
+            switch (nv * 2 + a.by_k) {
+                case 9: gemm_tile<4, true>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
+                case 8: gemm_tile<4, false>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
+                case 7: gemm_tile<3, true>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
+                case 6: gemm_tile<3, false>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
+                case 5: gemm_tile<2, true>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
+                case 4: gemm_tile<2, false>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
+                case 3: gemm_tile<1, true>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
+                default: gemm_tile<1, false>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
             }
         }
     }
