@@ -143,7 +143,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"ce_grad_{name}").argtypes = [p, i64, i64, i64, i64, p, p, i32, p, i32]
         getattr(lib, f"swiglu_fwd_{name}").argtypes = [p, p, i64, i64, i32]
         getattr(lib, f"swiglu_bwd_{name}").argtypes = [p, p, p, i64, i64, i32]
-        getattr(lib, f"rotate_{name}").argtypes = [p, p, i64, i64, i64, i64, i64, i64, i64, p, p, p, f32, i32]
+        getattr(lib, f"rotate_{name}").argtypes = [p, p, *[i64] * 10, p, p, f32, i32]
         for fn in ("ce_grad", "swiglu_fwd", "swiglu_bwd", "rotate"):
             getattr(lib, f"{fn}_{name}").restype = None
     lib.add_f32_bf16.argtypes, lib.add_f32_bf16.restype = [p, p, p, i64, i32], None
@@ -234,10 +234,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -
         out = torch.empty((a, t, b, d), dtype=x.dtype).transpose(1, 2)
     else:
         out = torch.empty((a, b, t, d), dtype=x.dtype)
-    strides = torch.tensor(out.stride()[:3], dtype=torch.int64)
     cos, sin = cos.contiguous(), sin.contiguous()
-    _fn("rotate", x.dtype)(x.data_ptr(), out.data_ptr(), a, b, t, d // 2, x.stride(0), x.stride(1), x.stride(2),
-                           strides.data_ptr(), cos.data_ptr(), sin.data_ptr(), sign, torch.get_num_threads())
+    _fn("rotate", x.dtype)(x.data_ptr(), out.data_ptr(), a, b, t, d // 2, *x.stride()[:3], *out.stride()[:3],
+                           cos.data_ptr(), sin.data_ptr(), sign, torch.get_num_threads())
     return out
 
 

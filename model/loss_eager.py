@@ -191,7 +191,7 @@ class PendingWeightGrad:
         if self._part_t is None:
             assert self._grad_w is not None, "the loss's backward runs once"
             return self._grad_w.mul_(scale)
-        grad, self._part_t = transpose_to_f32(self._part_t, self._grad_w, scale.item()), None
+        grad, self._part_t, self._grad_w = transpose_to_f32(self._part_t, self._grad_w, scale.item()), None, None
         return grad
 
 

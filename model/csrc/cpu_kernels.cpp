@@ -111,16 +111,18 @@ static void swiglu_bwd(const T *gate_up, const T *dh, T *grad, int64_t rows, int
 }
 
 // Rotate-half RoPE of x (n0 x n1 x T rows of dim 2h, strides s0, s1, st in elements, each row contiguous) by the
-// fp32 angles' cos/sin (T, h), times `sign` (+1 forward, -1 its backward), into out (the same rows, strides o[3]).
+// fp32 angles' cos/sin (T, h), times `sign` (+1 forward, -1 its backward), into out (the same rows, strides
+// os0, os1, ost).
 template <typename T>
 static void rotate(const T *x, T *out, int64_t n0, int64_t n1, int64_t t, int64_t h, int64_t s0, int64_t s1,
-                   int64_t st, const int64_t *o, const float *cos, const float *sin, float sign, int threads) {
+                   int64_t st, int64_t os0, int64_t os1, int64_t ost, const float *cos, const float *sin, float sign,
+                   int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
     for (int64_t a = 0; a < n0; a++)
         for (int64_t b = 0; b < n1; b++)
             for (int64_t p = 0; p < t; p++) {
                 const T *x1 = x + a * s0 + b * s1 + p * st, *x2 = x1 + h;
-                T *o1 = out + a * o[0] + b * o[1] + p * o[2], *o2 = o1 + h;
+                T *o1 = out + a * os0 + b * os1 + p * ost, *o2 = o1 + h;
                 for (int64_t j = 0; j < h; j += W) {
                     vf c = io<float>::load(cos + p * h + j), s = io<float>::load(sin + p * h + j) * sign;
                     vf v1 = io<T>::load(x1 + j), v2 = io<T>::load(x2 + j);
@@ -246,6 +248,7 @@ NORM(bf16, bf16, bf16_bf16)
     extern "C" void swiglu_bwd_##NAME(const T *gu, const T *d, T *g, int64_t r, int64_t f, int th) {           \
         swiglu_bwd(gu, d, g, r, f, th); }                                                                      \
     extern "C" void rotate_##NAME(const T *x, T *o, int64_t n0, int64_t n1, int64_t t, int64_t h, int64_t s0,  \
-                                  int64_t s1, int64_t st, const int64_t *os, const float *c, const float *s,   \
-                                  float sign, int th) { rotate(x, o, n0, n1, t, h, s0, s1, st, os, c, s, sign, th); }
+                                  int64_t s1, int64_t st, int64_t o0, int64_t o1, int64_t ot, const float *c,  \
+                                  const float *s, float sign, int th) {                                        \
+        rotate(x, o, n0, n1, t, h, s0, s1, st, o0, o1, ot, c, s, sign, th); }
 BOTH(EXPORT)
