@@ -8,6 +8,7 @@
     .venv/bin/python bench/train_step.py --presets S --floor --profile       # + where the non-GEMM time goes
     .venv/bin/python bench/train_step.py --presets S --floor --grad-accum 4  # + bf16 with --bf16-weight-cache
     .venv/bin/python bench/train_step.py --presets S --floor --ref ../parent --rounds 3   # before/after, alternating
+    .venv/bin/python bench/train_step.py --presets S --floor --precision bf16 --ref ../parent --rounds 6  # bf16 only
     .venv/bin/python bench/train_step.py --presets S --floor --isa avx2   # as an AVX2-only host (fp32) would run it
 
 GEMM floor (--floor): in one process per preset, the step (fp32, and bf16 autocast where the host has native
@@ -213,8 +214,10 @@ def child_stall(spec: dict[str, Any]) -> dict[str, Any]:
 def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
     """The step in each precision the host runs natively, against its GEMM floor timed in this process."""
     precisions = ["fp32", "bf16"] if native_bf16() else ["fp32"]
+    if spec.get("precision"):  # --precision: one of them (a --ref checkout from before it times both)
+        precisions = [spec["precision"]]
     accum = spec.get("grad_accum", 1)
-    if accum > 1 and native_bf16():
+    if accum > 1 and "bf16" in precisions:
         precisions.append("bf16+cache")  # --bf16-weight-cache: the weights cast once per step, not per micro-batch
     rows = []
     steps = {}
@@ -318,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--floor", action="store_true",
                     help="the step against its GEMM floor (fp32, + bf16 where native), instead of the sweep")
     ap.add_argument("--profile", action="store_true", help="with --floor: torch.profiler's top ops per precision")
+    ap.add_argument("--precision", choices=("fp32", "bf16"),
+                    help="with --floor: time this precision only (default: fp32, and bf16 where native); bf16 alone "
+                         "takes about a quarter of the time, for more --ref rounds")
     ap.add_argument("--grad-accum", type=int, default=1,
                     help="with --floor: micro-batches per optimizer step; > 1 adds bf16 with --bf16-weight-cache")
     ap.add_argument("--ref", help="with --floor: also time the checkout at REF (e.g. the parent commit), alternating "
@@ -346,11 +352,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
     presets = args.presets.split(",")
+    if args.floor and args.precision == "bf16" and not (native_bf16() and args.isa in (None, "avx512_bf16")):
+        print("--precision bf16: this host (or --isa) has no native bf16, which --floor times; use --precision fp32",
+              file=sys.stderr)
+        return 2
     if args.floor:
         for preset in presets:
             batch = args.s_batch if preset in CONFIGS else args.small_batch if preset != "tiny" else args.tiny_batch
             spec = {"preset": preset, "batch": batch, "seq_len": args.seq_len, "iters": args.iters or 3, "warmup": 1,
-                    "profile": args.profile, "grad_accum": args.grad_accum}
+                    "profile": args.profile, "grad_accum": args.grad_accum, "precision": args.precision}
             if not args.ref:
                 print_floor(run_child("floor", spec, args.threads, isa=args.isa))
                 continue

@@ -114,3 +114,18 @@ def test_pass_floor_times_each_unskippable_pass_over_the_whole_step(monkeypatch)
     for res in (fp32, bf16):
         assert all(r["wall_s"] > 0 for r in res["rows"])
         assert res["cpu_s"] == pytest.approx(sum(r["cpu_s"] for r in res["rows"]))
+
+
+def test_precision_times_that_precision_alone(capsys):
+    """--precision fp32: only fp32's step and floor are timed and printed (bf16 alone makes --ref rounds shorter)."""
+    assert train_step.main(["--presets", "tiny", "--floor", "--iters", "1", "--tiny-batch", "1", "--seq-len", "32",
+                            "--threads", "1", "--precision", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "  fp32: step " in out and "  bf16: step " not in out
+    assert out.count("lm_head dW") == 1
+
+
+def test_precision_bf16_without_native_bf16_is_refused_in_one_line(capsys):
+    assert train_step.main(["--presets", "tiny", "--floor", "--precision", "bf16", "--isa", "avx2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--precision bf16" in err and "--precision fp32" in err
