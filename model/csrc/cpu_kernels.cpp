@@ -183,31 +183,6 @@ extern "C" void add_f32_bf16(const float *x, const bf16 *y, float *out, int64_t 
 }
 
 #if defined(__AVX512F__)
-// The 16 x 16 fp32 tile r (row i: r[i]) transposed in registers: unpacks, then 128-bit lane shuffles. Column c of
-// the tile ends in r[c ^ ((c ^ c >> 1) & 1) * 3] (the unpacks leave columns 1 and 2 of each four swapped).
-static inline void transpose16(__m512 r[16]) {
-    __m512 t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4)
-        for (int j = 0; j < 2; j++) {
-            const __m512d a = _mm512_castps_pd(t[i + j]), b = _mm512_castps_pd(t[i + 2 + j]);
-            r[i + j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-            r[i + 2 + j] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-        }
-    for (int i = 0; i < 16; i += 8)
-        for (int j = 0; j < 4; j++) {
-            t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + 4 + j], 0x88);
-            t[i + 4 + j] = _mm512_shuffle_f32x4(r[i + j], r[i + 4 + j], 0xDD);
-        }
-    for (int j = 0; j < 8; j++) {
-        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
-        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
-    }
-}
-
 // dst (n x d fp32, rows contiguous) = src^T * scale, or (dst + src^T) * scale with acc, for src (d x n bf16, row
 // stride lds; n and d multiples of 16): the LM head's weight gradient, whose GEMM writes it transposed
 // (model/loss_eager.py weight_grad_transposed), in 16 x 16 tiles transposed in registers, scaled by the loss's
@@ -224,7 +199,7 @@ extern "C" void transpose_to_f32_bf16(const bf16 *src, int64_t lds, float *dst, 
             transpose16(r);
             for (int c = 0; c < 16; c++) {
                 float *out = dst + (v0 + c) * d + c0;
-                const __m512 col = r[c ^ ((c ^ c >> 1) & 1) * 3];
+                const __m512 col = r[column16(c)];
                 _mm512_storeu_ps(out, _mm512_mul_ps(acc ? _mm512_add_ps(_mm512_loadu_ps(out), col) : col, s));
             }
         }

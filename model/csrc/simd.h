@@ -103,3 +103,31 @@ static inline vf exp_nonpos(vf x_) {
 
 // exp(x) for any x: capped at 88.7 first (exp(88.7) is below fp32's largest number).
 static inline vf exp_(vf x) { return exp_nonpos(x > 88.7f ? 88.7f : x); }
+
+#if defined(__AVX512F__)
+// The 16 x 16 tile of 32-bit words r (row i: r[i]) transposed in registers: unpacks, then 128-bit lane shuffles.
+// Column c of the tile ends in r[column16(c)] (the unpacks leave columns 1 and 2 of each four swapped).
+static inline int column16(int c) { return c ^ ((c ^ c >> 1) & 1) * 3; }
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4)
+        for (int j = 0; j < 2; j++) {
+            const __m512d a = _mm512_castps_pd(t[i + j]), b = _mm512_castps_pd(t[i + 2 + j]);
+            r[i + j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+            r[i + 2 + j] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+        }
+    for (int i = 0; i < 16; i += 8)
+        for (int j = 0; j < 4; j++) {
+            t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + 4 + j], 0x88);
+            t[i + 4 + j] = _mm512_shuffle_f32x4(r[i + j], r[i + 4 + j], 0xDD);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
+    }
+}
+#endif
