@@ -77,8 +77,7 @@ static void gemm(const Lhs &a, const uint32_t *b, int64_t ldb, float *c, int64_t
 
 // x (n rows of d, row stride ld, n a multiple of 16) -> out[k][j] = pair (x[j][2k], x[j][2k+1]): a B operand whose
 // pair rows run along x's rows (for a k^T or v^T). The pairs are 32-bit words, so this is their transpose: 16 x 16
-// of them at a time in registers (transpose16), and 16 rows' pairs gathered per store for the last d/2 % 16 (~4x
-// slower: the gathers were ~13 % of the attention kernel's time at config S).
+// of them at a time in registers (transpose16); the last d/2 % 16 pairs by one gather of 16 rows' pairs per store.
 static void pack_by_columns(const bf16 *x, int64_t ld, int64_t n, int64_t d, uint32_t *out) {
     const int64_t kp = d / 2, tiled = kp / 16 * 16;
     for (int64_t j = 0; j < n; j += 16)
