@@ -214,7 +214,7 @@ def child_stall(spec: dict[str, Any]) -> dict[str, Any]:
 def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
     """The step in each precision the host runs natively, against its GEMM floor timed in this process."""
     precisions = ["fp32", "bf16"] if native_bf16() else ["fp32"]
-    if spec.get("precision"):  # --precision: one of them (a --ref checkout from before it times both)
+    if spec.get("precision"):  # --precision: that one alone (in a --ref child too: this function is this bench's)
         precisions = [spec["precision"]]
     accum = spec.get("grad_accum", 1)
     if accum > 1 and "bf16" in precisions:
