@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/step_parts.py                               # config S, native precision, all threads
     .venv/bin/python bench/step_parts.py --threads 1 --iters 8         # the same on one thread
+    .venv/bin/python bench/step_parts.py --wall --iters 8              # by wall time (several threads, see below)
     .venv/bin/python bench/step_parts.py --isa avx512 --precision fp32 # as an AVX-512 host without BF16 would
     .venv/bin/python bench/step_parts.py --preset tiny --batch 1 --seq-len 32 --iters 1   # a smoke run
 
@@ -16,6 +17,11 @@ each step): the LM head's three, and the block linears with attention's at full 
 Why beside `bench/train_step.py --floor`: a step's ratio to its GEMM floor says how much of it is outside the GEMMs,
 this says in which part; torch.profiler's self times misread some large copies on one host (bench/README.md,
 seventh pass), while a part's CPU time is what the step spent there.
+
+--wall times the parts, the step and the GEMMs by wall clock instead: with several threads the CPU time of a part
+counts every thread's (a memory-bound pass that does not scale costs twice its wall time at 2 threads), and on some
+VMs the process CPU clock lags the other threads' time (bench/README.md, tenth pass), while wall time is what the
+step waits. One process: load from other processes shows in it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +49,14 @@ PARTS = ("loss", "blocks", "clip", "optimizer")
 
 
 @contextlib.contextmanager
-def loss_timed(times: list[float]) -> Iterator[None]:
-    """While inside: each ChunkedLinearCrossEntropy forward appends its CPU seconds to `times`."""
+def loss_timed(times: list[float], clock: Callable[[], float] = time.process_time) -> Iterator[None]:
+    """While inside: each ChunkedLinearCrossEntropy forward appends its seconds by `clock` (CPU time) to `times`."""
     forward = gpt.ChunkedLinearCrossEntropy.forward
 
     def timed(ctx: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        c = time.process_time()
+        c = clock()
         out = forward(ctx, *args, **kwargs)
-        times.append(time.process_time() - c)
+        times.append(clock() - c)
         return out
 
     gpt.ChunkedLinearCrossEntropy.forward = staticmethod(timed)
@@ -61,35 +67,39 @@ def loss_timed(times: list[float]) -> Iterator[None]:
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
-    """Time `iters` steps by part, each followed by one run of the step's GEMMs."""
-    amp = spec["precision"] == "bf16"
+    """Time `iters` steps by part, each followed by one run of the step's GEMMs (by CPU time, or wall time)."""
+    amp, wall = spec["precision"] == "bf16", spec.get("wall", False)
     step = Step(spec["preset"], spec["batch"], spec["seq_len"], False, False, amp)
+    if wall:
+        step.clock = time.perf_counter
     timer = FloorTimer(step.cfg, spec["batch"], spec["seq_len"], torch.bfloat16 if amp else torch.float32)
     loss_times: list[float] = []
-    with loss_timed(loss_times):
+    with loss_timed(loss_times, step.clock):
         for _ in range(2):  # the first allocates the AdamW state and the loss's kept buffers
             step()
         rows: list[dict[str, float]] = []
         for _ in range(spec["iters"]):
             loss_times.clear()
-            step()
+            step_wall = step()
             loss = sum(loss_times)
             p = step.parts
             rows.append({"loss": loss, "blocks": p["forward"] - loss + p["backward"], "clip": p["clip"],
-                         "optimizer": p["optimizer"], "step": step.cpu_s})
+                         "optimizer": p["optimizer"], "step": step_wall if wall else step.cpu_s})
             timer.run()
     floor = timer.floor()
     gemms = {"loss": 0.0, "blocks": 0.0}
+    key = "wall_s" if wall else "cpu_s"
     for r in floor["rows"]:
-        gemms["loss" if r["name"].startswith("lm_head") else "blocks"] += r["cpu_s"]
+        gemms["loss" if r["name"].startswith("lm_head") else "blocks"] += r[key]
     return {**spec, "isa": host_isa(), "threads": torch.get_num_threads(),
             "parts": {k: statistics.median(r[k] for r in rows) for k in (*PARTS, "step")},
-            "gemms": {**gemms, "step": floor["cpu_s"]}}
+            "gemms": {**gemms, "step": floor[key]}}
 
 
 def report(res: dict[str, Any]) -> None:
     print(f"step by part, preset {res['preset']} {res['batch']} x {res['seq_len']}, {res['precision']}, "
-          f"{res['threads']} threads, host ISA: {res['isa']}; medians of {res['iters']} steps, CPU-ms")
+          f"{res['threads']} threads, host ISA: {res['isa']}; medians of {res['iters']} steps, "
+          f"{'wall ms' if res.get('wall') else 'CPU-ms'}")
     parts, gemms = res["parts"], res["gemms"]
     names = {"loss": "loss (LM head + CE, with its gradient)", "blocks": "blocks (+ embedding, final norm), fwd + bwd",
              "clip": "gradient clipping", "optimizer": "optimizer step + zero_grad", "step": "the step"}
@@ -112,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=("fp32", "bf16"),
                     help="default: the host's native one (bf16 where it multiplies bf16 natively)")
     ap.add_argument("--isa", choices=sorted(ISA_CAPS), help="cap the kernels as bench/train_step.py --isa does")
+    ap.add_argument("--wall", action="store_true", help="wall time instead of process CPU time (see the docstring)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if precision is None:  # the child's answer: --isa may cap bf16 away
         precision = "bf16" if native_bf16() and args.isa in (None, "avx512_bf16") else "fp32"
     spec = {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "iters": args.iters,
-            "precision": precision}
+            "precision": precision, "wall": args.wall}
     report(run_child("parts", spec, args.threads, isa=args.isa, script=__file__))
     return 0
 

@@ -126,28 +126,31 @@ class Step:
         self.step = 0
         self.grad_accum = grad_accum
         self.cache_dtype = torch.bfloat16 if amp and weight_cache else None  # --bf16-weight-cache
+        self.clock = time.process_time  # what `parts` are timed by (bench/step_parts.py --wall: perf_counter)
 
     def __call__(self) -> float:
         """Run one step; returns its wall time in seconds (its CPU time is left in `cpu_s`, its minor page faults
-        in `faults`, the CPU seconds of its parts in `parts`: forward, backward, clip, optimizer)."""
+        in `faults`, the seconds of its parts by `clock` (CPU time unless changed) in `parts`: forward, backward,
+        clip, optimizer)."""
         t0, c0 = time.perf_counter(), time.process_time()
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        clock = self.clock
         parts = dict.fromkeys(("forward", "backward"), 0.0)
         with weights_cast_once(self.model, self.cache_dtype):  # as pretrain/train/loop.py's train_step
             for _ in range(self.grad_accum):
-                c = time.process_time()
+                c = clock()
                 with dev.autocast(torch.device("cpu"), self.amp, torch.bfloat16):
                     loss = self.model(self.x, self.y) / self.grad_accum
-                parts["forward"] += time.process_time() - c
-                c = time.process_time()
+                parts["forward"] += clock() - c
+                c = clock()
                 loss.backward()
-                parts["backward"] += time.process_time() - c
-        c = time.process_time()
+                parts["backward"] += clock() - c
+        c = clock()
         grad_norm = dist_lib.clip_grad_norm(self.model, 1.0, dist_lib.Dist())  # the trainer's (loop.py)
-        parts["clip"], c = time.process_time() - c, time.process_time()
+        parts["clip"], c = clock() - c, clock()
         step_unless_nonfinite(self.optimizer, (~torch.isfinite(grad_norm)).float())
         self.optimizer.zero_grad(set_to_none=True)
-        parts["optimizer"] = time.process_time() - c
+        parts["optimizer"] = clock() - c
         self.step += 1
         self.cpu_s = time.process_time() - c0
         self.parts = parts

@@ -1,4 +1,5 @@
-"""bench/step_parts.py: a step's CPU time by part (loss, blocks, clipping, optimizer), each beside its own GEMMs."""
+"""bench/step_parts.py: a step's CPU (or wall) time by part (loss, blocks, clipping, optimizer), each beside its own
+GEMMs."""
 
 from __future__ import annotations
 
@@ -35,6 +36,19 @@ def test_the_parts_make_up_the_step_and_their_gemms_the_steps_floor(capsys):
     # Every GEMM of the step is in exactly one part: the LM head's in the loss, the rest in the blocks.
     assert loss[1] > 0 and blocks[1] > 0
     assert loss[1] + blocks[1] == pytest.approx(step[1], abs=0.15)
+
+
+@pytest.mark.parametrize("wall", [False, True])
+def test_wall_times_every_figure_by_the_wall_clock(wall, monkeypatch):
+    """--wall: the parts, the step and the GEMMs by perf_counter. With the CPU clock stopped, a CPU-timed report reads
+    zero everywhere and a wall-timed one reads the time that passed."""
+    import time
+
+    monkeypatch.setattr(time, "process_time", lambda: 0.0)
+    res = step_parts.child({"preset": "tiny", "batch": 1, "seq_len": 32, "iters": 2, "precision": "fp32",
+                            "wall": wall})
+    figures = [*res["parts"].values(), *res["gemms"].values()]
+    assert all(f > 0 for f in figures) if wall else all(f == 0 for f in figures)
 
 
 def test_bad_counts_are_refused_in_one_line(capsys):
