@@ -138,7 +138,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
-    from bench.train_step import child_env
+    from bench.children import child_env
 
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as cache:
         # This project's children get its trainer's process settings; the peers run with torch's defaults.

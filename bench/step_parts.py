@@ -41,8 +41,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.children import run_child  # noqa: E402
 from bench.gemm_floor import ISA_CAPS, FloorTimer, host_isa, native_bf16  # noqa: E402
-from bench.train_step import Step, run_child  # noqa: E402
+from bench.train_step import Step  # noqa: E402
 from model import gpt  # noqa: E402
 
 PARTS = ("loss", "blocks", "clip", "optimizer")
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         precision = "bf16" if native_bf16() and args.isa in (None, "avx512_bf16") else "fp32"
     spec = {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "iters": args.iters,
             "precision": precision, "wall": args.wall}
-    report(run_child("parts", spec, args.threads, isa=args.isa, script=__file__))
+    report(run_child("parts", spec, args.threads, __file__, isa=args.isa))
     return 0
 
 

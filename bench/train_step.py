@@ -59,7 +59,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -273,40 +272,6 @@ def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "isa": host_isa(), "rows": rows}
 
 
-def child_env(threads: int, inductor_cache: str, ref: str | None = None,
-              trainer_settings: bool = True, isa: str | None = None) -> dict[str, str]:
-    """The environment of a child that times a step: `threads` OpenMP threads, its own inductor cache, and (with
-    `trainer_settings`) the process settings this project's trainer makes before torch loads, where the checkout
-    timed (`ref`, else this one) has them: huge pages (pretrain/train/host_alloc.py) and OpenMP's short spin
-    (pretrain/train/host_threads.py). `ref` also puts that checkout's code first (BENCH_CODE_ROOT). `isa` caps the
-    kernels to that ISA (bench/gemm_floor.py: ISA_CAPS), emulating a smaller host."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TORCHINDUCTOR_CACHE_DIR": inductor_cache,
-           **(ISA_CAPS[isa] if isa else {})}
-    if ref:
-        env["BENCH_CODE_ROOT"] = str(Path(ref).resolve())
-    if trainer_settings and (ref is None or (Path(ref) / "pretrain/train/host_alloc.py").exists()):
-        from pretrain.train.host_alloc import with_huge_pages
-
-        env = with_huge_pages(env)
-    if trainer_settings and (ref is None or (Path(ref) / "pretrain/train/host_threads.py").exists()):
-        from pretrain.train.host_threads import with_idle_threads_asleep
-
-        env = with_idle_threads_asleep(env)
-    return env
-
-
-def run_child(kind: str, spec: dict[str, Any], threads: int, ref: str | None = None,
-              isa: str | None = None, script: str = __file__) -> dict[str, Any]:
-    """One measurement in a fresh process: clean memory peak, cold inductor cache, fixed thread count; with `ref`,
-    of that checkout's code (its process environment as its trainer sets it: none of this checkout's settings).
-    `script` (this bench, or another that takes `--child KIND SPEC`) prints the result as its last line of JSON."""
-    with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
-        env = child_env(threads, cache, ref, isa=isa)
-        proc = subprocess.run([sys.executable, script, "--child", kind, json.dumps(spec)], env=env,
-                              stdout=subprocess.PIPE, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="tiny,small")
@@ -344,13 +309,14 @@ def main(argv: list[str] | None = None) -> int:
             from pretrain.train import host_alloc
         except ImportError:
             host_alloc = None
-        for setting in ("configure_host_memory", "keep_large_blocks"):  # see run_child
+        for setting in ("configure_host_memory", "keep_large_blocks"):  # see bench/children.py run_child
             getattr(host_alloc, setting, lambda: None)()
         kind, spec = args.child[0], json.loads(args.child[1])
         child = {"throughput": child_throughput, "stall": child_stall, "floor": child_floor}[kind]
         print(json.dumps(child(spec)), flush=True)
         return 0
-    # Here, not at the top: a --ref child runs with the other checkout first on sys.path, which may not have it.
+    # Here, not at the top: a --ref child runs with the other checkout first on sys.path, which may not have them.
+    from bench.children import run_child
     from bench.train_step_report import print_floor, print_floor_summary, print_stall, print_throughput
 
 
@@ -365,12 +331,13 @@ def main(argv: list[str] | None = None) -> int:
             spec = {"preset": preset, "batch": batch, "seq_len": args.seq_len, "iters": args.iters or 3, "warmup": 1,
                     "profile": args.profile, "grad_accum": args.grad_accum, "precision": args.precision}
             if not args.ref:
-                print_floor(run_child("floor", spec, args.threads, isa=args.isa))
+                print_floor(run_child("floor", spec, args.threads, __file__, isa=args.isa))
                 continue
             by_code: dict[str, list[dict[str, Any]]] = {"ref": [], "this": []}
             for _ in range(args.rounds):  # alternating processes: load from other processes shifts both alike
                 for code in by_code:
-                    res = run_child("floor", spec, args.threads, args.ref if code == "ref" else None, isa=args.isa)
+                    res = run_child("floor", spec, args.threads, __file__, args.ref if code == "ref" else None,
+                                    isa=args.isa)
                     print(f"[{code}: {args.ref if code == 'ref' else 'this checkout'}]")
                     print_floor(res)
                     by_code[code].append(res)
@@ -390,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.repeat):
                     t0 = time.perf_counter()
                     spec = {**base, "gc": gc, "compile": compile_, "warmup": 1}
-                    rows.append(run_child("throughput", spec, args.threads, isa=args.isa))
+                    rows.append(run_child("throughput", spec, args.threads, __file__, isa=args.isa))
                     print(f"  measured {preset} ckpt={gc} compile={compile_} in {time.perf_counter() - t0:.0f} s",
                           file=sys.stderr, flush=True)
     print()
@@ -402,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = {"preset": preset, "batch": args.small_batch if small else args.tiny_batch,
                     "seq_len": args.seq_len, "amp": not args.no_amp, "iters": 1 if small else 3,
                     "reps": args.stall_reps or (1 if small else 3), "dir": args.dir}
-            stalls.append(run_child("stall", spec, args.threads, isa=args.isa))
+            stalls.append(run_child("stall", spec, args.threads, __file__, isa=args.isa))
         print(f"\ncheckpoint stall (model + AdamW state, written under {args.dir}):")
         print_stall(stalls)
     print(f"load average {os.getloadavg()[0]:.1f} at end")
