@@ -321,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
     presets = args.presets.split(",")
+    if args.precision and not args.floor:
+        print("--precision chooses what --floor times; the throughput sweep runs bf16 autocast, or fp32 with --no-amp",
+              file=sys.stderr)
+        return 2
     if args.floor and args.precision == "bf16" and not (native_bf16() and args.isa in (None, "avx512_bf16")):
         print("--precision bf16: this host (or --isa) has no native bf16, which --floor times; use --precision fp32",
               file=sys.stderr)

@@ -129,3 +129,10 @@ def test_precision_bf16_without_native_bf16_is_refused_in_one_line(capsys):
     assert train_step.main(["--presets", "tiny", "--floor", "--precision", "bf16", "--isa", "avx2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--precision bf16" in err and "--precision fp32" in err
+
+
+def test_precision_without_floor_is_refused_in_one_line(capsys):
+    """The sweep has its own precision switch (--no-amp): --precision there would be ignored, so it is refused."""
+    assert train_step.main(["--presets", "tiny", "--precision", "fp32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--floor" in err and "--no-amp" in err
