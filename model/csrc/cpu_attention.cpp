@@ -7,8 +7,11 @@
 // multiplies bf16 pairs exactly and adds in fp32), the softmax and its backward are fp32, P and dS enter the GEMMs
 // P v, dS k, q^T dS and dO^T P rounded to bf16, and dK, dV sum over query blocks in fp32. Per (batch, k/v head), one
 // task: K and V packed once into the pair layouts the dot product reads, then every query head of the group and every
-// block of 64 queries (keys up to the block's last query; the diagonal square masked). Backward recomputes each
-// block's P from q and k as the forward did (same code: the same values).
+// block of 64 queries (keys up to the block's last query; in the diagonal square each tile of 6 rows stops at its own
+// last query, the rest masked). Backward recomputes each block's P from q and k as the forward did (same code: the
+// same values).
+#include <algorithm>
+
 #include "simd.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
@@ -52,24 +55,40 @@ static void gemm_tile(const Lhs &a, const uint32_t *b, int64_t ldb, float *c, in
         for (int v = 0; v < NV; v++) _mm512_storeu_ps(c + r * ldc + 16 * v, acc ? s[r][v] : s[r][v] * alpha);
 }
 
-// c (m x n) = alpha a b (or c + a b with acc); n a multiple of 16.
+// The products a causal block's GEMM skips, per tile of rows (each all zero, or masked by the softmax): with COLS
+// and KEYS the rows are queries first + i.. and what is skipped is the keys past the tile's last query, as output
+// columns (scores, dP: rounded up to 16) or as pairs of the sum (P v, dS k); with QUERIES the rows are keys i.. and
+// what is skipped is the pairs of query rows (queries first + 2k, first + 2k + 1) before the tile's first key
+// (dS^T q, P^T dO: accumulating, so C keeps its values). Skipped products add exact zeros: the sums are the same.
+enum class Skip { NONE, COLS, KEYS, QUERIES };
+
+static inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// c (m x n) = alpha a b (or c + a b with acc); n a multiple of 16; `skip` with `first` as above.
 static void gemm(const Lhs &a, const uint32_t *b, int64_t ldb, float *c, int64_t ldc, int64_t m, int64_t n, int64_t kp,
-                 float alpha, bool acc) {
+                 float alpha, bool acc, Skip skip = Skip::NONE, int64_t first = 0) {
     for (int64_t j = 0; j < n; j += 64) {
-        const int64_t nv = (n - j) >= 64 ? 4 : (n - j) / 16;
         for (int64_t i = 0; i < m; i += MR) {
             const int rows = (int)(m - i < MR ? m - i : MR);
-            const Lhs ai = a.rows_from(i);
+            const int64_t n_i = skip == Skip::COLS ? std::min(n, round16(first + i + rows)) : n;
+            if (j >= n_i) continue;
+            const int64_t k0 = skip == Skip::QUERIES ? std::max<int64_t>(0, i - first) / 2 : 0;
+            const int64_t k1 = skip == Skip::KEYS ? std::min(kp, (first + i + rows + 1) / 2) : kp;
+            const int64_t nv = (n_i - j) >= 64 ? 4 : (n_i - j) / 16;
+            Lhs ai = a.rows_from(i);
+            ai.a += 2 * k0 * (a.by_k ? a.lda : 1);
+            const uint32_t *bj = b + k0 * ldb + j;
             float *ci = c + i * ldc + j;
+            const int64_t kn = k1 - k0;
             switch (nv * 2 + a.by_k) {
-                case 9: gemm_tile<4, true>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
-                case 8: gemm_tile<4, false>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
-                case 7: gemm_tile<3, true>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
-                case 6: gemm_tile<3, false>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
-                case 5: gemm_tile<2, true>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
-                case 4: gemm_tile<2, false>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
-                case 3: gemm_tile<1, true>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
-                default: gemm_tile<1, false>(ai, b + j, ldb, ci, ldc, rows, kp, alpha, acc); break;
+                case 9: gemm_tile<4, true>(ai, bj, ldb, ci, ldc, rows, kn, alpha, acc); break;
+                case 8: gemm_tile<4, false>(ai, bj, ldb, ci, ldc, rows, kn, alpha, acc); break;
+                case 7: gemm_tile<3, true>(ai, bj, ldb, ci, ldc, rows, kn, alpha, acc); break;
+                case 6: gemm_tile<3, false>(ai, bj, ldb, ci, ldc, rows, kn, alpha, acc); break;
+                case 5: gemm_tile<2, true>(ai, bj, ldb, ci, ldc, rows, kn, alpha, acc); break;
+                case 4: gemm_tile<2, false>(ai, bj, ldb, ci, ldc, rows, kn, alpha, acc); break;
+                case 3: gemm_tile<1, true>(ai, bj, ldb, ci, ldc, rows, kn, alpha, acc); break;
+                default: gemm_tile<1, false>(ai, bj, ldb, ci, ldc, rows, kn, alpha, acc); break;
             }
         }
     }
@@ -103,15 +122,23 @@ static void pack_by_rows(const bf16 *x, int64_t ld, int64_t n, int64_t d, uint32
             out[k * d + c] = (uint32_t)x[2 * k * ld + c] | (uint32_t)x[(2 * k + 1) * ld + c] << 16;
 }
 
-// Rows [first, first + rows) of the causal softmax of fp32 scores s (row stride lds, row r sees keys 0..first+r),
-// in place; each row also rounded to bf16 into p16 (row stride ldp, zero past the row's last key up to `keys`).
+// The columns of row r of a block whose first query is `first` that its GEMMs compute (Skip::COLS): the row's keys
+// (0..first + r) rounded up to 16, at most `keys`. Past them a row's P and dS are zero.
+static inline int64_t row_cols(int64_t first, int64_t r, int64_t keys) {
+    return std::min(keys, round16(first + r + 1));
+}
+
+// Rows [first, first + rows) of the causal softmax of fp32 scores s (row stride lds, row r sees keys 0..first+r,
+// computed up to row_cols), in place; each row also rounded to bf16 into p16 (row stride ldp, zero past the row's
+// last key up to `keys`).
 static void causal_softmax(float *s, int64_t lds, bf16 *p16, int64_t ldp, int64_t first, int64_t rows, int64_t keys) {
     const vi iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     for (int64_t r = 0; r < rows; r++) {
         float *x = s + r * lds;
         const int32_t n = (int32_t)(first + r + 1);
+        const int64_t cols = row_cols(first, r, keys);
         vf m = io<float>::load(x);  // key 0 is every row's
-        for (int64_t j = 0; j < keys; j += W) {
+        for (int64_t j = 0; j < cols; j += W) {
             vf v = io<float>::load(x + j);
             v = (iota + (int32_t)j) < n ? v : -INFINITY;
             io<float>::store(x + j, v);
@@ -119,17 +146,18 @@ static void causal_softmax(float *s, int64_t lds, bf16 *p16, int64_t ldp, int64_
         }
         const float top = hmax(m);
         vf acc = {0};
-        for (int64_t j = 0; j < keys; j += W) {  // exp of -inf is 0: the masked keys' weights
+        for (int64_t j = 0; j < cols; j += W) {  // exp of -inf is 0: the masked keys' weights
             vf e = exp_nonpos(io<float>::load(x + j) - top);
             io<float>::store(x + j, e);
             acc += e;
         }
         const float inv = 1.0f / hsum(acc);
-        for (int64_t j = 0; j < keys; j += W) {
+        for (int64_t j = 0; j < cols; j += W) {
             vf p = io<float>::load(x + j) * inv;
             io<float>::store(x + j, p);
             io<bf16>::store(p16 + r * ldp + j, p);
         }
+        for (int64_t j = cols; j < keys; j += W) io<bf16>::store(p16 + r * ldp + j, vf{0});
     }
 }
 
@@ -160,9 +188,9 @@ static void attn_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, con
                 for (int64_t t0 = 0; t0 < T; t0 += R) {
                     const int64_t keys = t0 + R;
                     gemm({q + b * z.q[0] + h * z.q[1] + t0 * z.q[2], z.q[2], false}, kp, T, s, T, R, keys, z.hd / 2, scale,
-                         false);
+                         false, Skip::COLS, t0);
                     causal_softmax(s, T, p16, T, t0, R, keys);
-                    gemm({p16, T, false}, vp, z.hdv, o, z.hdv, R, z.hdv, keys / 2, 1.0f, false);
+                    gemm({p16, T, false}, vp, z.hdv, o, z.hdv, R, z.hdv, keys / 2, 1.0f, false, Skip::KEYS, t0);
                     for (int64_t r = 0; r < R; r++)
                         for (int64_t c = 0; c < z.hdv; c += W)
                             io<bf16>::store(out + ((b * T + t0 + r) * z.H + h) * z.hdv + c, io<float>::load(o + r * z.hdv + c));
@@ -207,18 +235,20 @@ static void attn_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *go
                 for (int64_t t0 = 0; t0 < T; t0 += R) {
                     const int64_t keys = t0 + R;
                     const bf16 *qb = q + b * z.q[0] + h * z.q[1] + t0 * z.q[2], *gb = go + b * gs[0] + h * gs[1] + t0 * gs[2];
-                    gemm({qb, z.q[2], false}, kp, T, s, T, R, keys, hd / 2, scale, false);
+                    gemm({qb, z.q[2], false}, kp, T, s, T, R, keys, hd / 2, scale, false, Skip::COLS, t0);
                     causal_softmax(s, T, p16, T, t0, R, keys);
-                    gemm({gb, gs[2], false}, vt, T, dp, T, R, keys, hdv / 2, scale, false);
+                    gemm({gb, gs[2], false}, vt, T, dp, T, R, keys, hdv / 2, scale, false, Skip::COLS, t0);
                     for (int64_t r = 0; r < R; r++) {  // dS = P (dP - sum(P dP)), softmax's backward
                         float *pr = s + r * T, *dr = dp + r * T;
+                        const int64_t cols = row_cols(t0, r, keys);
                         vf acc = {0};
-                        for (int64_t j = 0; j < keys; j += W) acc += io<float>::load(pr + j) * io<float>::load(dr + j);
+                        for (int64_t j = 0; j < cols; j += W) acc += io<float>::load(pr + j) * io<float>::load(dr + j);
                         const float dot = hsum(acc);
-                        for (int64_t j = 0; j < keys; j += W)
+                        for (int64_t j = 0; j < cols; j += W)
                             io<bf16>::store(ds16 + r * T + j, io<float>::load(pr + j) * (io<float>::load(dr + j) - dot));
+                        for (int64_t j = cols; j < keys; j += W) io<bf16>::store(ds16 + r * T + j, vf{0});
                     }
-                    gemm({ds16, T, false}, kr, hd, o, hd, R, hd, keys / 2, 1.0f, false);  // dQ = dS k
+                    gemm({ds16, T, false}, kr, hd, o, hd, R, hd, keys / 2, 1.0f, false, Skip::KEYS, t0);  // dQ = dS k
                     for (int64_t r = 0; r < R; r++)
                         for (int64_t c = 0; c < hd; c += W)
                             io<bf16>::store(dq + ((b * T + t0 + r) * z.H + h) * hd + c, io<float>::load(o + r * hd + c));
@@ -226,8 +256,10 @@ static void attn_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *go
                     pack_by_rows(p16, T, R, keys, pp);
                     pack_by_rows(qb, z.q[2], R, hd, qr);
                     pack_by_rows(gb, gs[2], R, hdv, gr);
-                    gemm({(const bf16 *)sp, keys, true}, qr, hd, dk32, hd, keys, hd, R / 2, 1.0f, true);    // dK += dS^T q
-                    gemm({(const bf16 *)pp, keys, true}, gr, hdv, dv32, hdv, keys, hdv, R / 2, 1.0f, true);  // dV += P^T dO
+                    gemm({(const bf16 *)sp, keys, true}, qr, hd, dk32, hd, keys, hd, R / 2, 1.0f, true,  // dK += dS^T q
+                         Skip::QUERIES, t0);
+                    gemm({(const bf16 *)pp, keys, true}, gr, hdv, dv32, hdv, keys, hdv, R / 2, 1.0f, true,  // dV += P^T dO
+                         Skip::QUERIES, t0);
                 }
             for (int64_t t = 0; t < T; t++) {
                 for (int64_t c = 0; c < hd; c += W)
