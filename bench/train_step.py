@@ -14,7 +14,8 @@
 GEMM floor (--floor): in one process per preset, the step (fp32, and bf16 autocast where the host has native
 bf16) against the sum of its own GEMMs, each timed alone at its real shape (bench/gemm_floor.py), in CPU
 seconds and wall seconds, with the host's ISA; each timed step also beside one run of its GEMMs right after it
-("paired": on a host whose speed moves within minutes, neighbours compare fairly); and the passes no step skips
+("paired": on a host whose speed moves within minutes, neighbours compare fairly; by CPU and by wall time, the
+figure to read with several threads on a VM whose CPU clock lags the second thread); and the passes no step skips
 (bench/pass_floor.py: the loss's exp per logit, AdamW, the gradient norm, bf16's casts), each timed alone, with the
 ceiling they leave: floor / (floor + passes), the most of its floor a step that runs them could reach on this host
 (without --grad-accum).
@@ -251,6 +252,7 @@ def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
         floor = {**floor, **{k: floor[k] * accum for k in ("cpu_s", "wall_s", "best_cpu_s", "best_wall_s", "flops")}}
         if "runs_cpu_s" in floor:
             floor["paired"] = [f * accum / c for f, c in zip(floor["runs_cpu_s"], cpus, strict=True)]
+            floor["paired_wall"] = [f * accum / w for f, w in zip(floor["runs_wall_s"], walls, strict=True)]
         row = {"precision": name, "step_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
                "best_step_s": min(walls), "best_cpu_s": min(cpus),
                "faults": statistics.median(faults), "tok_s": step.tokens / statistics.median(walls),

@@ -23,8 +23,10 @@ def print_floor(res: dict[str, Any]) -> None:
                   f"({fl['best_wall_s'] / r['best_step_s']:.1%} wall)")
         if "paired" in fl:
             paired = fl["paired"]
+            walls = fl.get("paired_wall")  # a --ref checkout's bench may predate it
+            wall_s = f" ({statistics.median(walls):.1%} wall, {min(walls):.1%}-{max(walls):.1%})" if walls else ""
             print(f"    paired (each step beside one run of its GEMMs): {statistics.median(paired):.1%} of its GEMM "
-                  f"floor by CPU time, the median of {len(paired)} ({min(paired):.1%}-{max(paired):.1%})")
+                  f"floor by CPU time, the median of {len(paired)} ({min(paired):.1%}-{max(paired):.1%}){wall_s}")
         if "passes" in r:
             ps = r["passes"]
             each = ", ".join(f"{x['name']} {x['cpu_s'] * 1e3:.1f}" for x in ps["rows"])
@@ -42,19 +44,24 @@ def print_floor(res: dict[str, Any]) -> None:
 
 
 def print_floor_summary(by_code: dict[str, list[dict[str, Any]]]) -> None:
-    """--ref: per precision, the median over rounds of each checkout's GEMM-floor ratio (CPU time) and tok/s, and
-    the median of every round's paired ratios (each step beside one run of its GEMMs)."""
+    """--ref: per precision, the median over rounds of each checkout's GEMM-floor ratio and tok/s, and the median
+    of every round's paired ratios (each step beside one run of its GEMMs), by CPU time and by wall time (with
+    several threads some VMs' process CPU clock lags the other threads' time: bench/README.md, eleventh pass)."""
     isa = next(iter(by_code.values()))[0]["isa"]
     print(f"summary over {len(by_code['this'])} alternating rounds (medians), host ISA: {isa}")
     for code, results in by_code.items():
         for name in [r["precision"] for r in results[0]["rows"]]:
             rows = [r for res in results for r in res["rows"] if r["precision"] == name]
             ratio = statistics.median(r["floor"]["cpu_s"] / r["cpu_s"] for r in rows)
+            wall = statistics.median(r["floor"]["wall_s"] / r["step_s"] for r in rows)
             paired = [p for r in rows for p in r["floor"].get("paired", [])]  # a --ref bench may predate pairing
-            paired_s = f" (paired: {statistics.median(paired):.1%}, the median of {len(paired)} steps)" \
+            walls = [p for r in rows for p in r["floor"].get("paired_wall", [])]
+            wall_s = f", wall {statistics.median(walls):.1%}" if walls else ""
+            paired_s = f" (paired: {statistics.median(paired):.1%}{wall_s}, the median of {len(paired)} steps)" \
                 if paired else ""
-            print(f"  {code:<5}{name:<11} step {statistics.median(r['cpu_s'] for r in rows):.3f} CPU-s, "
-                  f"{ratio:.1%} of its GEMM floor{paired_s}, {statistics.median(r['tok_s'] for r in rows):.0f} "
+            print(f"  {code:<5}{name:<11} step {statistics.median(r['cpu_s'] for r in rows):.3f} CPU-s "
+                  f"({statistics.median(r['step_s'] for r in rows):.3f} s wall), {ratio:.1%} of its GEMM floor by "
+                  f"CPU time, {wall:.1%} wall{paired_s}, {statistics.median(r['tok_s'] for r in rows):.0f} "
                   f"tok/s, {statistics.median(r['faults'] for r in rows):.0f} page faults/step")
 
 

@@ -32,4 +32,8 @@ def test_ref_times_both_checkouts_and_prints_the_summary(tmp_path, capsys):
     assert [line.count("(paired: ") for line in out.splitlines() if line.startswith(("  ref  fp32", "  this fp32"))] \
         == [1, 1]
     assert "the median of 1 steps)" in out
+    # by CPU time and by wall time (the one to read where a VM's CPU clock lags a second thread), paired and not
+    summary = [line for line in out.splitlines() if line.startswith(("  ref  ", "  this "))]
+    assert summary and all("of its GEMM floor by CPU time, " in line and "% wall (paired: " in line
+                           and "%, wall " in line and " s wall)" in line for line in summary)
     assert "page faults/step" in out and "tok/s" in out

@@ -40,7 +40,8 @@ def test_floor_mode_prints_the_ratio_per_precision_with_the_isa(isa, capsys):
     assert out.count("lm_head dW") == len(precisions)
     # The ratio is median against median; the best step against each GEMM's best run is printed beside it.
     assert out.count("medians above (step and each GEMM); best against best: step ") == len(precisions)
-    assert out.count("    paired (each step beside one run of its GEMMs): ") == len(precisions)
+    paired = [line for line in out.splitlines() if line.startswith("    paired (each step beside one run of its GEMMs")]
+    assert len(paired) == len(precisions) and all("% wall, " in line for line in paired)  # wall beside CPU time
     # Beside the floor, the passes no step skips and the ceiling they leave (bench/pass_floor.py), per precision;
     # bf16 adds the weights' casts.
     passes = [line for line in out.splitlines() if line.startswith("    passes no step skips")]
@@ -55,6 +56,7 @@ def test_each_timed_step_is_paired_with_one_run_of_its_gemms_right_after_it(monk
 
     log: list[str] = []
     step_cpu: dict[str, list[float]] = {}
+    step_wall: dict[str, list[float]] = {}
     real_run, real_step = gf.FloorTimer.run, train_step.Step.__call__
 
     def run(self):
@@ -65,6 +67,7 @@ def test_each_timed_step_is_paired_with_one_run_of_its_gemms_right_after_it(monk
         log.append("step")
         wall = real_step(self)
         step_cpu.setdefault("bf16" if self.amp else "fp32", []).append(self.cpu_s)
+        step_wall.setdefault("bf16" if self.amp else "fp32", []).append(wall)
         return wall
 
     monkeypatch.setattr(gf.FloorTimer, "run", run)
@@ -73,8 +76,10 @@ def test_each_timed_step_is_paired_with_one_run_of_its_gemms_right_after_it(monk
     n = len(res["rows"])
     assert log == ["step"] * n + ["step", "gemms"] * 3 * n  # untimed first steps, then neighbours
     for row in res["rows"]:
-        fl, cpus = row["floor"], step_cpu[row["precision"]][1:]
+        fl, cpus, walls = row["floor"], step_cpu[row["precision"]][1:], step_wall[row["precision"]][1:]
         assert fl["paired"] == pytest.approx([f / c for f, c in zip(fl["runs_cpu_s"], cpus, strict=True)])
+        # and by wall time: each step's seconds against its GEMMs' seconds, not CPU time's
+        assert fl["paired_wall"] == pytest.approx([f / w for f, w in zip(fl["runs_wall_s"], walls, strict=True)])
 
 
 def test_a_gemm_wider_than_the_lm_heads_blocks_is_timed_in_its_faster_form(monkeypatch):
