@@ -206,6 +206,23 @@ def test_mask_offset_would_be_caught(either_host):
     assert _rel(right, ref_y) < 1e-2 < _rel(wrong, ref_y)
 
 
+def test_a_future_keys_score_never_enters_a_rows_softmax(either_host):
+    """However large a later key's score, an earlier query's softmax is over its own keys: with query 0 aligned to
+    key 5 (a scaled score of ~4000) and orthogonal to key 0, query 0 still gives exactly v[0], and its gradients
+    stay finite. A softmax shifted by the masked key's score would underflow every weight to 0 and return NaN."""
+    B, H, T, hd = 1, 2, 64, 16
+    q, k = torch.zeros(B, H, T, hd), torch.zeros(B, H, T, hd)
+    q[..., 0, :8] = 16.0
+    k[..., 5, :8] = 16.0
+    k[..., 0, 8:] = 1.0
+    v = torch.randn(B, H, T, hd)
+    q, k, v = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    y = causal_attention_cpu(q, k, v, None, None)
+    assert torch.equal(y[..., 0, :], v[..., 0, :].detach())
+    y.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
 def test_saves_no_score_matrix(either_host):
     """Memory like flash attention's: what backward keeps is q, k, v (no T x S probabilities)."""
     q, k, v = _qkv(2, 4, 4, 128, 128, 32, 32)

@@ -137,7 +137,7 @@ static void causal_softmax(float *s, int64_t lds, bf16 *p16, int64_t ldp, int64_
         float *x = s + r * lds;
         const int32_t n = (int32_t)(first + r + 1);
         const int64_t cols = row_cols(first, r, keys);
-        vf m = io<float>::load(x);  // key 0 is every row's
+        vf m = vf{} - INFINITY;  // not x's first lanes: past the row's last key they are masked keys' scores
         for (int64_t j = 0; j < cols; j += W) {
             vf v = io<float>::load(x + j);
             v = (iota + (int32_t)j) < n ? v : -INFINITY;
