@@ -147,6 +147,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         for fn in ("ce_grad", "swiglu_fwd", "swiglu_bwd", "rotate"):
             getattr(lib, f"{fn}_{name}").restype = None
     lib.add_f32_bf16.argtypes, lib.add_f32_bf16.restype = [p, p, p, i64, i32], None
+    lib.sum_squares_f32.argtypes, lib.sum_squares_f32.restype = [p, p, i64, i32], ctypes.c_double
     for name in ("f32_f32", "f32_bf16", "bf16_bf16"):
         getattr(lib, f"rms_norm_fwd_{name}").argtypes = [p, p, p, p, i64, i64, f32, i32]
         getattr(lib, f"rms_norm_bwd_{name}").argtypes = [p, p, p, p, p, p, i64, i64, i32]
@@ -255,6 +256,22 @@ def transpose_to_f32(src: torch.Tensor, out: torch.Tensor | None, scale: float =
     _fn("transpose_to_f32", src.dtype)(src.data_ptr(), src.stride(0), dst.data_ptr(), n, d, int(out is not None),
                                        scale, torch.get_num_threads())
     return dst
+
+
+def sum_squares_applies(tensors: list[torch.Tensor]) -> bool:
+    """Contiguous fp32 tensors the library can sum the squares of."""
+    return (bool(tensors) and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+            and enabled_for(*tensors))
+
+
+def sum_squares(tensors: list[torch.Tensor]) -> float:
+    """The sum of the squares of every value of `tensors`, accumulated in fp64 in blocks of a fixed size: the same
+    number whatever the thread count."""
+    ptrs = (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+    sizes = (ctypes.c_int64 * len(tensors))(*(t.numel() for t in tensors))
+    lib = kernels()
+    assert lib is not None
+    return lib.sum_squares_f32(ptrs, sizes, len(tensors), torch.get_num_threads())
 
 
 def residual_add_applies(x: torch.Tensor, y: torch.Tensor) -> bool:

@@ -1,15 +1,19 @@
-"""The trainer's gradient clipping on CPU (pretrain/train/grad_clip.py via distributed.clip_grad_norm): the norm and
-gradients torch's clip_grad_norm_ gives, bit for bit, clipped or not, NaN included; and no multiply at all when the
-norm is within max_norm."""
+"""The trainer's gradient clipping on CPU (pretrain/train/grad_clip.py via distributed.clip_grad_norm): the exact
+2-norm rounded to fp32 (fp64 sums, the same at any thread count; torch's own norm where the kernels are not built),
+the gradients torch's clip gives for that norm, bit for bit, clipped or not, NaN included; and no multiply at all when
+the norm is within max_norm."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model import GPT, ModelConfig
+from model import GPT, ModelConfig, cpu_kernels
 from pretrain.train import distributed as dist_lib
+from pretrain.train import grad_clip
 
 
 def _model_with_grads(scale: float) -> GPT:
@@ -34,18 +38,50 @@ class _Muls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _exact_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.tensor(math.sqrt(sum(t.double().square().sum().item() for t in tensors)), dtype=torch.float32)
+
+
 @pytest.mark.parametrize("scale", [1e-3, 1e3, float("nan")])
-def test_clip_equals_torchs_bit_for_bit(scale):
+def test_clip_is_torchs_clip_with_the_exact_norm(scale):
     ours, theirs = _model_with_grads(scale), _model_with_grads(scale)
     norm = dist_lib.clip_grad_norm(ours, 1.0, dist_lib.Dist())
-    want = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+    want = _exact_norm([p.grad for p in theirs.parameters()])
     assert torch.equal(norm, want) or (norm.isnan() and want.isnan())
+    torch.nn.utils.clip_grads_with_norm_(theirs.parameters(), 1.0, want)
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad) or torch.equal(p.grad.isnan(), q.grad.isnan()), name
     if scale == 1e3:
         assert norm > 1.0  # clipped: the gradients were multiplied
         total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in ours.parameters()]))
         assert abs(total.item() - 1.0) < 1e-4
+
+
+def test_a_large_gradients_norm_is_exact_at_any_thread_count():
+    """4M values, as an embedding gradient: summed in fp32 (torch's CPU norm) they drift by ~1e-4 of the norm; the
+    clip's norm is the exact one rounded to fp32, and the same bits on one thread and on two."""
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(4_000_000, generator=gen) * 1e-2, torch.randn(1000, 7, generator=gen), torch.zeros(0)]
+    want = _exact_norm(grads)
+    threads = torch.get_num_threads()
+    try:
+        norms = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            norms.append(grad_clip.total_norm(grads))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(norms[0], want) and torch.equal(norms[1], want)
+
+
+def test_torchs_norm_where_the_kernels_are_not_built(monkeypatch):
+    model = _model_with_grads(1e3)
+    grads = [p.grad for p in model.parameters()]
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
+    assert torch.equal(grad_clip.total_norm(grads), torch.nn.utils.get_total_norm(grads, 2.0))
+    bf16 = [g.bfloat16() for g in grads]  # not fp32: torch's norm too
+    monkeypatch.undo()
+    assert torch.equal(grad_clip.total_norm(bf16), torch.nn.utils.get_total_norm(bf16, 2.0))
 
 
 def test_no_multiply_within_max_norm():

@@ -182,6 +182,49 @@ extern "C" void add_f32_bf16(const float *x, const bf16 *y, float *out, int64_t 
     for (int64_t i = 0; i < n; i += W) io<float>::store(out + i, io<float>::load(x + i) + io<bf16>::load(y + i));
 }
 
+// The sum of squares of `count` fp32 arrays (xs[t], ns[t] values each), in fp64: the gradient clip's norm
+// (pretrain/train/grad_clip.py), whose fp32 sum in torch drifts with the array's size; each square is exact in fp64.
+// The arrays are cut into blocks of SQ_BLOCK values, each summed alone and then added in array and block order: the
+// same bits whatever the thread count.
+constexpr int64_t SQ_BLOCK = 1 << 16;
+typedef double vd __attribute__((vector_size(8 * W)));
+extern "C" double sum_squares_f32(const float *const *xs, const int64_t *ns, int64_t count, int threads) {
+    int64_t blocks = 0;
+    for (int64_t t = 0; t < count; t++) blocks += (ns[t] + SQ_BLOCK - 1) / SQ_BLOCK;
+    double *part = static_cast<double *>(malloc((blocks ? blocks : 1) * sizeof(double)));
+    #pragma omp parallel num_threads(threads)
+    {
+        int64_t t = 0, first = 0;  // the array of this thread's block b, and that array's first block
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            while (b >= first + (ns[t] + SQ_BLOCK - 1) / SQ_BLOCK) first += (ns[t++] + SQ_BLOCK - 1) / SQ_BLOCK;
+            const float *x = xs[t] + (b - first) * SQ_BLOCK;
+            const int64_t left = ns[t] - (b - first) * SQ_BLOCK, n = left < SQ_BLOCK ? left : SQ_BLOCK;
+            vd a = {0}, a1 = {0}, a2 = {0}, a3 = {0};  // four chains: fewer would hold the loop to an add's latency
+            int64_t j = 0;
+            for (; j + 4 * W <= n; j += 4 * W) {
+                vd v = __builtin_convertvector(io<float>::load(x + j), vd);
+                vd v1 = __builtin_convertvector(io<float>::load(x + j + W), vd);
+                vd v2 = __builtin_convertvector(io<float>::load(x + j + 2 * W), vd);
+                vd v3 = __builtin_convertvector(io<float>::load(x + j + 3 * W), vd);
+                a += v * v;
+                a1 += v1 * v1;
+                a2 += v2 * v2;
+                a3 += v3 * v3;
+            }
+            a += a1 + (a2 + a3);
+            double s = 0;
+            for (int q = 0; q < W; q++) s += a[q];
+            for (; j < n; j++) s += (double)x[j] * x[j];
+            part[b] = s;
+        }
+    }
+    double total = 0;
+    for (int64_t b = 0; b < blocks; b++) total += part[b];
+    free(part);
+    return total;
+}
+
 #if defined(__AVX512F__)
 // dst (n x d fp32, rows contiguous) = src^T * scale, or (dst + src^T) * scale with acc, for src (d x n bf16, row
 // stride lds; n and d multiples of 16): the LM head's weight gradient, whose GEMM writes it transposed
