@@ -6,10 +6,11 @@ however well it fuses the rest: one exp per logit (the softmax of the loss), the
 gradient norm for clipping and, with bf16 GEMMs over fp32 weights, each weight cast to bf16 and each weight gradient
 brought back to fp32. Each is timed here at its least: the softmax in place over a block of rows that stays in
 cache (as model/loss_eager.py runs it, without the copies in and out), AdamW as torch's fused kernel (the trainer's),
-the norm as torch's foreach norm, the casts as copies into kept tensors (no allocation). Everything else a step does
-(norms, RoPE, SwiGLU, attention's softmax, residual adds, the loss's copies, Python and autograd) is left out: it
-could in principle be fused into the GEMMs. So `ceiling` = floor / (floor + these passes) is an upper bound on the
-step's share of its floor on this host, reached only if all the rest cost nothing.
+the norm as the trainer's (pretrain/train/grad_clip.py total_norm), the casts as copies into kept tensors (no
+allocation). Everything else a step does (norms, RoPE, SwiGLU, attention's softmax, residual adds, the loss's
+copies, Python and autograd) is left out: it could in principle be fused into the GEMMs. So `ceiling` = floor /
+(floor + these passes) is an upper bound on the step's share of its floor on this host, reached only if all the rest
+cost nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ def _timed(fn: Callable[[], object], reps: int) -> dict[str, float]:
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
     return {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus)}
+
+
+def grad_norm() -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """The trainer's CPU gradient norm, or torch's where pretrain/train/grad_clip.py has none (a --ref checkout)."""
+    try:
+        from pretrain.train.grad_clip import total_norm
+    except ImportError:
+        return lambda grads: torch.nn.utils.get_total_norm(grads, 2.0)
+    return total_norm
 
 
 def softmax_rows_per_block(vocab: int) -> int:
@@ -65,9 +75,9 @@ def pass_floor(shapes: list[torch.Size], rows: int, vocab: int, bf16: bool, reps
         p.grad = torch.randn_like(p) * 1e-3
     adamw = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=True)
     adamw.step()  # state allocated here, as after the trainer's first step
-    grads = [p.grad for p in params]
+    grads, norm = [p.grad for p in params], grad_norm()
     passes = {"loss softmax": softmax, "AdamW (fused)": adamw.step,
-              "grad norm": lambda: torch.nn.utils.get_total_norm(grads, 2.0)}
+              "grad norm": lambda: norm(grads)}
     if bf16:
         mats = [p for p in params if p.dim() >= 2]  # what autocast casts: every matmul's weight
         casts = [torch.empty_like(p, dtype=torch.bfloat16) for p in mats]
