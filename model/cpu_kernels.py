@@ -146,8 +146,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"rotate_{name}").argtypes = [p, p, *[i64] * 10, p, p, f32, i32]
         for fn in ("ce_grad", "swiglu_fwd", "swiglu_bwd", "rotate"):
             getattr(lib, f"{fn}_{name}").restype = None
+        getattr(lib, f"sum_squares_{name}").argtypes = [p, p, i64, i32]
+        getattr(lib, f"sum_squares_{name}").restype = ctypes.c_double
     lib.add_f32_bf16.argtypes, lib.add_f32_bf16.restype = [p, p, p, i64, i32], None
-    lib.sum_squares_f32.argtypes, lib.sum_squares_f32.restype = [p, p, i64, i32], ctypes.c_double
     for name in ("f32_f32", "f32_bf16", "bf16_bf16"):
         getattr(lib, f"rms_norm_fwd_{name}").argtypes = [p, p, p, p, i64, i64, f32, i32]
         getattr(lib, f"rms_norm_bwd_{name}").argtypes = [p, p, p, p, p, p, i64, i64, i32]
@@ -259,19 +260,22 @@ def transpose_to_f32(src: torch.Tensor, out: torch.Tensor | None, scale: float =
 
 
 def sum_squares_applies(tensors: list[torch.Tensor]) -> bool:
-    """Contiguous fp32 tensors the library can sum the squares of."""
-    return (bool(tensors) and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-            and enabled_for(*tensors))
+    """Contiguous fp32 or bf16 tensors the library can sum the squares of."""
+    return (bool(tensors) and all(t.dtype in _DTYPES and t.is_contiguous() for t in tensors)
+            and all(enabled_for(t) for t in tensors))
 
 
 def sum_squares(tensors: list[torch.Tensor]) -> float:
-    """The sum of the squares of every value of `tensors`, accumulated in fp64 in blocks of a fixed size: the same
-    number whatever the thread count."""
-    ptrs = (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
-    sizes = (ctypes.c_int64 * len(tensors))(*(t.numel() for t in tensors))
-    lib = kernels()
-    assert lib is not None
-    return lib.sum_squares_f32(ptrs, sizes, len(tensors), torch.get_num_threads())
+    """The sum of the squares of every value of `tensors`, accumulated in fp64 in blocks of a fixed size (fp32 tensors
+    first, then bf16, each in order): the same number whatever the thread count."""
+    total = 0.0
+    for dtype in _DTYPES:
+        group = [t for t in tensors if t.dtype == dtype]
+        if group:
+            ptrs = (ctypes.c_void_p * len(group))(*(t.data_ptr() for t in group))
+            sizes = (ctypes.c_int64 * len(group))(*(t.numel() for t in group))
+            total += _fn("sum_squares", dtype)(ptrs, sizes, len(group), torch.get_num_threads())
+    return total
 
 
 def residual_add_applies(x: torch.Tensor, y: torch.Tensor) -> bool:

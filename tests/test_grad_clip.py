@@ -74,14 +74,34 @@ def test_a_large_gradients_norm_is_exact_at_any_thread_count():
     assert torch.equal(norms[0], want) and torch.equal(norms[1], want)
 
 
+def test_bf16_gradients_get_the_exact_norm_in_fp32_and_are_clipped_by_it():
+    """--param-dtype bf16: torch's norm of bf16 gradients is itself rounded to bf16 (3 significant digits)."""
+    model = _model_with_grads(1e3).bfloat16()
+    for p in model.parameters():
+        p.grad = p.grad.bfloat16()
+    grads = [p.grad.clone() for p in model.parameters()]
+    mixed = grads[:2] + [g.float() for g in grads[2:]]  # fp32 and bf16 together: each summed, in fp64
+    want = _exact_norm(grads)
+    assert torch.equal(grad_clip.total_norm(mixed), want)
+    norm = dist_lib.clip_grad_norm(model, 1.0, dist_lib.Dist())
+    assert norm.dtype == torch.float32 and torch.equal(norm, want)
+    assert not torch.equal(torch.nn.utils.get_total_norm(grads, 2.0).float(), want)  # what the test is for
+    theirs = [torch.nn.Parameter(g.clone()) for g in grads]
+    for t, g in zip(theirs, grads, strict=True):
+        t.grad = g.clone()
+    torch.nn.utils.clip_grads_with_norm_(theirs, 1.0, want)
+    for p, t in zip(model.parameters(), theirs, strict=True):
+        assert p.grad.dtype == torch.bfloat16 and torch.equal(p.grad, t.grad)
+
+
 def test_torchs_norm_where_the_kernels_are_not_built(monkeypatch):
     model = _model_with_grads(1e3)
     grads = [p.grad for p in model.parameters()]
     monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
     assert torch.equal(grad_clip.total_norm(grads), torch.nn.utils.get_total_norm(grads, 2.0))
-    bf16 = [g.bfloat16() for g in grads]  # not fp32: torch's norm too
     monkeypatch.undo()
-    assert torch.equal(grad_clip.total_norm(bf16), torch.nn.utils.get_total_norm(bf16, 2.0))
+    strided = [next(g for g in grads if g.dim() == 2).t()]  # not contiguous: torch's norm too
+    assert torch.equal(grad_clip.total_norm(strided), torch.nn.utils.get_total_norm(strided, 2.0))
 
 
 def test_no_multiply_within_max_norm():

@@ -182,13 +182,14 @@ extern "C" void add_f32_bf16(const float *x, const bf16 *y, float *out, int64_t 
     for (int64_t i = 0; i < n; i += W) io<float>::store(out + i, io<float>::load(x + i) + io<bf16>::load(y + i));
 }
 
-// The sum of squares of `count` fp32 arrays (xs[t], ns[t] values each), in fp64: the gradient clip's norm
+// The sum of squares of `count` arrays (xs[t], ns[t] values each), in fp64: the gradient clip's norm
 // (pretrain/train/grad_clip.py), whose fp32 sum in torch drifts with the array's size; each square is exact in fp64.
 // The arrays are cut into blocks of SQ_BLOCK values, each summed alone and then added in array and block order: the
 // same bits whatever the thread count.
 constexpr int64_t SQ_BLOCK = 1 << 16;
 typedef double vd __attribute__((vector_size(8 * W)));
-extern "C" double sum_squares_f32(const float *const *xs, const int64_t *ns, int64_t count, int threads) {
+template <typename T>
+static double sum_squares(const T *const *xs, const int64_t *ns, int64_t count, int threads) {
     int64_t blocks = 0;
     for (int64_t t = 0; t < count; t++) blocks += (ns[t] + SQ_BLOCK - 1) / SQ_BLOCK;
     double *part = static_cast<double *>(malloc((blocks ? blocks : 1) * sizeof(double)));
@@ -198,15 +199,15 @@ extern "C" double sum_squares_f32(const float *const *xs, const int64_t *ns, int
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             while (b >= first + (ns[t] + SQ_BLOCK - 1) / SQ_BLOCK) first += (ns[t++] + SQ_BLOCK - 1) / SQ_BLOCK;
-            const float *x = xs[t] + (b - first) * SQ_BLOCK;
+            const T *x = xs[t] + (b - first) * SQ_BLOCK;
             const int64_t left = ns[t] - (b - first) * SQ_BLOCK, n = left < SQ_BLOCK ? left : SQ_BLOCK;
             vd a = {0}, a1 = {0}, a2 = {0}, a3 = {0};  // four chains: fewer would hold the loop to an add's latency
             int64_t j = 0;
             for (; j + 4 * W <= n; j += 4 * W) {
-                vd v = __builtin_convertvector(io<float>::load(x + j), vd);
-                vd v1 = __builtin_convertvector(io<float>::load(x + j + W), vd);
-                vd v2 = __builtin_convertvector(io<float>::load(x + j + 2 * W), vd);
-                vd v3 = __builtin_convertvector(io<float>::load(x + j + 3 * W), vd);
+                vd v = __builtin_convertvector(io<T>::load(x + j), vd);
+                vd v1 = __builtin_convertvector(io<T>::load(x + j + W), vd);
+                vd v2 = __builtin_convertvector(io<T>::load(x + j + 2 * W), vd);
+                vd v3 = __builtin_convertvector(io<T>::load(x + j + 3 * W), vd);
                 a += v * v;
                 a1 += v1 * v1;
                 a2 += v2 * v2;
@@ -215,7 +216,7 @@ extern "C" double sum_squares_f32(const float *const *xs, const int64_t *ns, int
             a += a1 + (a2 + a3);
             double s = 0;
             for (int q = 0; q < W; q++) s += a[q];
-            for (; j < n; j++) s += (double)x[j] * x[j];
+            for (; j < n; j++) { const double v = io<T>::scalar(x[j]); s += v * v; }
             part[b] = s;
         }
     }
@@ -260,6 +261,8 @@ NORM(bf16, bf16, bf16_bf16)
 
 #define BOTH(X) X(float, f32) X(bf16, bf16)
 #define EXPORT(T, NAME)                                                                                          \
+    extern "C" double sum_squares_##NAME(const T *const *x, const int64_t *n, int64_t c, int th) {           \
+        return sum_squares(x, n, c, th); }                                                                    \
     extern "C" void ce_grad_##NAME(T *l, int64_t n, int64_t V, int64_t ld, int64_t nv, const int64_t *t,        \
                                    const uint8_t *v, int g, float *ce, int th) { ce_grad(l, n, V, ld, nv, t, v, g, ce, th); } \
     extern "C" void swiglu_fwd_##NAME(const T *gu, T *o, int64_t r, int64_t f, int th) { swiglu_fwd(gu, o, r, f, th); } \

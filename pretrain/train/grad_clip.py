@@ -5,8 +5,9 @@ config S's tied embedding gradient (19M values) came out 7e-4 low, 103M values (
 and the logged grad_norm and the clip factor with them (GPU runs keep torch's clip). Here the squares are summed in
 fp64 by model/cpu_kernels.py's sum_squares (blocks of a fixed size, so the same bits at any thread count) and the
 norm is that sum's root rounded to fp32: the exact norm to fp32's precision, as fast as torch's on one thread and ~0.8
-ms faster at config S on two (Zen 5, 2 cores). Where the library is not built, or the gradients are not plain
-contiguous fp32 (bf16 weights), torch's norm.
+ms faster at config S on two (Zen 5, 2 cores). bf16 gradients (--param-dtype bf16) get the same fp32 norm, where
+torch's is rounded to bf16 (548 for 547.7), and with it the clip factor. Where the library is not built, or the
+gradients are not plain contiguous fp32 or bf16, torch's norm.
 
 torch also multiplies every gradient by min(max_norm / (norm + 1e-6), 1) on every step, also when that factor is 1:
 on a GPU deciding on the host would cost a device sync per step. On CPU the norm is already in host memory, and a
@@ -28,8 +29,8 @@ from model import cpu_kernels
 
 
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm over all of `grads` (CPU tensors) as a 0-dim tensor: exact to fp32 for contiguous fp32 gradients
-    where the kernels are built (module docstring), torch's get_total_norm otherwise."""
+    """The 2-norm over all of `grads` (CPU tensors) as a 0-dim tensor: exact to fp32 (an fp32 tensor) for contiguous
+    fp32 and bf16 gradients where the kernels are built (module docstring), torch's get_total_norm otherwise."""
     if not cpu_kernels.sum_squares_applies(grads):
         return torch.nn.utils.get_total_norm(grads, 2.0)
     return torch.tensor(math.sqrt(cpu_kernels.sum_squares(grads)), dtype=torch.float32)
