@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import cli_exit
 
-from pretrain.evals.diagnostics import effective_rank
+from model import GPT, ModelConfig
+from pretrain.evals.diagnostics import effective_rank, gradient_sq_norms
 from pretrain.track.compare import main as compare_main
 from pretrain.track.runlog import read_jsonl
 from pretrain.train.config import parse_config
@@ -173,3 +174,16 @@ def test_diagnostics_need_no_more_memory_than_the_training_step(byte_data, tmp_p
     training = max(t for i, t in enumerate(totals) if i not in in_diag)
     print(f"peak bytes: diagnostics {diagnostics:,}, training {training:,}")
     assert diagnostics <= training, (diagnostics, training)
+
+
+def test_the_diagnostics_gradient_norms_are_exact_on_cpu_too():
+    """--analysis-every's per-block and embedding gradient norms (pretrain/evals/diagnostics.py) sum their squares as
+    the clip does: a 3.2M-value embedding gradient's, summed in fp32, would differ in its last digits."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50304, block_size=16, n_layer=1, n_head=2, d_model=64, d_ff=128))
+    x = torch.randint(0, 50304, (2, 16))
+    sq = gradient_sq_norms(model, x, x.roll(1), torch.autocast("cpu", enabled=False))
+    grads = torch.autograd.grad(model(x, x.roll(1)), [*model.blocks[0].parameters(), model.wte.weight])
+    blocks, embed = grads[:-1], grads[-1:]
+    want = [math.fsum(t.double().square().sum().item() for t in ts) for ts in (blocks, embed)]
+    assert sq.tolist() == [torch.tensor(w, dtype=torch.float32).item() for w in want]

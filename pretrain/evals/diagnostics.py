@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from model import GPT
+from model import GPT, cpu_kernels
 from model.attention import AttentionTrace
 from pretrain.evals import paper_metrics as pm
 
@@ -132,9 +132,11 @@ def gradient_sq_norms(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast: An
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     sq, i = [], 0
     for g in groups:
-        # vector_norm accumulates in fp32 without an fp32 copy of each (bf16) gradient
-        sq.append(sum((torch.linalg.vector_norm(grads[i + j], dtype=torch.float32).square()
-                       for j in range(len(g)) if grads[i + j] is not None), zero))
+        present = [t for t in grads[i:i + len(g)] if t is not None]
+        if cpu_kernels.sum_squares_applies(present):  # on CPU in fp64, as the clip's norm (pretrain/train/grad_clip.py)
+            sq.append(torch.tensor(cpu_kernels.sum_squares(present), dtype=torch.float32))
+        else:  # vector_norm accumulates in fp32 without an fp32 copy of each (bf16) gradient
+            sq.append(sum((torch.linalg.vector_norm(t, dtype=torch.float32).square() for t in present), zero))
         i += len(g)
     return torch.stack(sq)
 
