@@ -146,7 +146,9 @@ class Step:
                 loss.backward()
                 parts["backward"] += clock() - c
         c = clock()
-        grad_norm = dist_lib.clip_grad_norm(self.model, 1.0, dist_lib.Dist())  # the trainer's (loop.py)
+        fold = getattr(self.optimizer, "fold_grad_factor", None)  # absent in a --ref checkout before it
+        grad_norm = dist_lib.clip_grad_norm(self.model, 1.0, dist_lib.Dist(),  # the trainer's (loop.py)
+                                            *([fold] if fold else []))
         parts["clip"], c = clock() - c, clock()
         step_unless_nonfinite(self.optimizer, (~torch.isfinite(grad_norm)).float())
         self.optimizer.zero_grad(set_to_none=True)

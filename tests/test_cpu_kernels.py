@@ -302,7 +302,8 @@ def test_a_training_run_takes_the_kernels_and_trains_as_with_torchs_ops(byte_dat
     transpose = {"transpose_to_f32"} if bf16 and cpu_kernels.built("transpose_to_f32", torch.bfloat16) else set()
     residual = {"add"} if bf16 else set()  # the blocks' residual adds of bf16 branch outputs (autocast)
     assert called == {"ce_grad", "swiglu_fwd", "swiglu_bwd", "rotate", "rms_norm_fwd", "rms_norm_bwd", *attention,
-                      *transpose, *residual, "sum_squares"}  # the last: the clip's norm (pretrain/train/grad_clip.py)
+                      *transpose, *residual, "sum_squares",  # the clip's norm (pretrain/train/grad_clip.py)
+                      "adamw"}  # the update from the second step on (pretrain/train/cpu_adamw.py)
     monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
     meta_off, losses_off = run(tmp_path / "torch")
     assert meta_off["host"]["fused_kernels"] is False

@@ -12,7 +12,7 @@ import contextlib
 import datetime
 import gc
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,7 +172,8 @@ def replicas_match(model: nn.Module, dist: Dist) -> bool:
     return bool(torch.equal(lo, hi))
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float, dist: Dist) -> torch.Tensor:
+def clip_grad_norm(model: nn.Module, max_norm: float, dist: Dist,
+                   fold: Callable[[float], bool] | None = None) -> torch.Tensor:
     """Clip the global gradient norm; returns it as a plain (replicated) tensor.
 
     Under FSDP2 the gradients are DTensor shards and torch's clip returns a DTensor norm; its full value
@@ -182,7 +183,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, dist: Dist) -> torch.Tenso
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     # FSDP2 in one process (--fsdp --cpu-offload) has DTensor gradients on CPU: torch's clip handles those.
     if not dist.enabled and all(g.device.type == "cpu" and type(g) is torch.Tensor for g in grads):
-        norm = clip_grad_norm_cpu_(model.parameters(), max_norm)
+        norm = clip_grad_norm_cpu_(model.parameters(), max_norm, fold)
     else:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     full = getattr(norm, "full_tensor", None)

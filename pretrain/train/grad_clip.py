@@ -20,7 +20,7 @@ every step whose norm is within max_norm. Clipped steps multiply as torch does.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -37,15 +37,17 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm_cpu_(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_grad_norm_cpu_(params: Iterable[nn.Parameter], max_norm: float,
+                        fold: Callable[[float], bool] | None = None) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_(params, max_norm) for gradients on CPU, with the norm of total_norm; the
-    gradients are left untouched when they would be multiplied by 1.0."""
+    gradients are left untouched when they would be multiplied by 1.0, or when `fold` (the optimizer's
+    fold_grad_factor) takes the factor to multiply them by as its next step reads them."""
     params = [p for p in params if p.grad is not None]
     total = total_norm([p.grad for p in params])
     if not params:
         return total
     # As torch.nn.utils.clip_grads_with_norm_ computes the factor (fp32 tensor ops, same roundings).
     factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    if factor.item() != 1.0:
+    if factor.item() != 1.0 and not (fold is not None and fold(factor.item())):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total

@@ -224,7 +224,9 @@ def train_step(s: RunState, stop: StopRequested, meter: Meter, data_state: dict[
                 return None
 
     s.scaler.unscale_(s.optimizer)
-    grad_norm = dist_lib.clip_grad_norm(s.model, cfg.grad_clip or float("inf"), s.dist)
+    # Without GradScaler the clip's factor can ride into the update (FusedAdamW.fold_grad_factor on CPU).
+    fold = None if s.fp16 else getattr(s.optimizer, "fold_grad_factor", None)
+    grad_norm = dist_lib.clip_grad_norm(s.model, cfg.grad_clip or float("inf"), s.dist, fold)
     found_inf = (~torch.isfinite(grad_norm) | ~torch.isfinite(step_loss)).float()
     if s.fp16:
         s.scaler.step(s.optimizer)  # GradScaler skips inf/nan steps itself

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from pretrain.train import cpu_adamw
+
 # The registry is torch-free in optim_registry.py (the parsers read it); its names stay importable from here.
 from pretrain.train.optim_registry import (  # noqa: F401
     DEFAULT_BETA2,
@@ -295,6 +297,26 @@ class FusedAdamW(torch.optim.AdamW):
     """
 
     IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+    _grad_factor: float | None = None
+
+    def fold_grad_factor(self, factor: float) -> bool:
+        """Take the gradient clip's factor instead of its multiply: the next step reads each gradient times it, in
+        one pass on CPU (pretrain/train/cpu_adamw.py). False where that step would be torch's, which needs the
+        gradients multiplied first."""
+        if not cpu_adamw.applies(self):
+            return False
+        self._grad_factor = factor
+        return True
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        factor, self._grad_factor = self._grad_factor, None
+        if closure is None and (factor is not None or cpu_adamw.applies(self)):  # a factor: it applied at the clip
+            cpu_adamw.step(self, 1.0 if factor is None else factor, getattr(self, "found_inf", None))
+            return None
+        if factor is not None:  # applies() changed since the clip handed its factor over: multiply as torch's clip
+            torch._foreach_mul_([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None], factor)
+        return super().step(closure)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

@@ -1,0 +1,67 @@
+"""AdamW's update on CPU in one kernel pass, with the gradient clip's factor folded into it (issue 23.1).
+
+On CPU a clipped step multiplied every gradient in place (torch's clip_grads_with_norm_: a read and a write of all
+of them) and then torch's fused AdamW read them again, one parallel region per tensor. Here
+`model/csrc/cpu_adamw.cpp` does both in one pass over all of an optimizer group's tensors, in one region: each
+gradient is multiplied by the clip's factor as the update reads it. Its arithmetic is torch's fused CPU kernel, as
+torch's build compiles it, so weights and moments are torch's bit for bit (tests/test_cpu_adamw.py holds that at
+each host ISA torch dispatches); the gradients are left unclipped, which nothing reads before zero_grad.
+
+`FusedAdamW` (pretrain/train/optim.py) takes this path where `applies` says so: plain CPU fp32 weights and
+gradients whose sizes are multiples of 16 (so torch's scalar tail, which its build compiles differently, never
+runs), state already made by torch's first step, no amsgrad, maximize, tensor lr or GradScaler, and the kernels
+built. Anywhere else it is torch's fused AdamW after torch's clip, as before.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model import cpu_kernels
+
+_UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")
+
+
+def _live(group: dict) -> list[torch.Tensor]:
+    return [p for p in group["params"] if p.grad is not None]
+
+
+def applies(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` (torch's AdamW, fused) can take its next step in the kernel (module docstring)."""
+    if getattr(optimizer, "grad_scale", None) is not None or cpu_kernels.kernels() is None:
+        return False
+    tensors: list[torch.Tensor] = []
+    for group in optimizer.param_groups:
+        if (any(group.get(k) for k in _UNSUPPORTED) or not isinstance(group["lr"], float)
+                or not all(isinstance(b, float) for b in group["betas"])):
+            return False
+        for p in _live(group):
+            state = optimizer.state.get(p, {})
+            if "step" not in state or "exp_avg" not in state or "exp_avg_sq" not in state:
+                return False  # torch's first step makes them
+            four = (p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"])
+            if not all(t.dtype == torch.float32 and t.is_contiguous() and t.shape == p.shape for t in four):
+                return False
+            if p.numel() % 16:
+                return False
+            tensors += four
+    return not tensors or cpu_kernels.enabled_for(*tensors)
+
+
+@torch.no_grad()
+def step(optimizer: torch.optim.Optimizer, factor: float, found_inf: torch.Tensor | None) -> None:
+    """One AdamW step of every parameter with a gradient, each gradient read times `factor` (a float32 value, 1.0:
+    none); nothing at all when `found_inf` is 1, as torch's fused step with found_inf leaves weights, moments and
+    step counts. Only where `applies(optimizer)`."""
+    if found_inf is not None and found_inf.item() == 1.0:
+        return
+    for group in optimizer.param_groups:
+        params = _live(group)
+        if not params:
+            continue
+        states = [optimizer.state[p] for p in params]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)  # as torch's _fused_adamw: fp32 step counts, read back as double
+        cpu_kernels.adamw([p.detach() for p in params], [p.grad for p in params], [s["exp_avg"] for s in states],
+                          [s["exp_avg_sq"] for s in states], torch.stack(steps).tolist(), group["lr"],
+                          group["betas"], group["weight_decay"], group["eps"], factor)
