@@ -56,6 +56,7 @@ slowdown of the next step (next step - plain step, if positive).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -126,6 +127,9 @@ class Step:
         self.step = 0
         self.grad_accum = grad_accum
         self.cache_dtype = torch.bfloat16 if amp and weight_cache else None  # --bf16-weight-cache
+        # The trainer's CPU bf16 step takes its casts kept between steps (weight_cache.kept_casts_dtype); a --ref
+        # checkout from before them has no `kept`.
+        self.kept = amp and "kept" in inspect.signature(weights_cast_once).parameters
         self.clock = time.process_time  # what `parts` are timed by (bench/step_parts.py --wall: perf_counter)
 
     def __call__(self) -> float:
@@ -136,7 +140,8 @@ class Step:
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         clock = self.clock
         parts = dict.fromkeys(("forward", "backward"), 0.0)
-        with weights_cast_once(self.model, self.cache_dtype):  # as pretrain/train/loop.py's train_step
+        kept = {"kept": True} if self.kept else {}
+        with weights_cast_once(self.model, torch.bfloat16 if self.kept else self.cache_dtype, **kept):  # as loop.py
             for _ in range(self.grad_accum):
                 c = clock()
                 with dev.autocast(torch.device("cpu"), self.amp, torch.bfloat16):

@@ -150,7 +150,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"sum_squares_{name}").restype = ctypes.c_double
     lib.add_f32_bf16.argtypes, lib.add_f32_bf16.restype = [p, p, p, i64, i32], None
     d = ctypes.c_double
-    lib.adamw_f32.argtypes, lib.adamw_f32.restype = [p, p, p, p, p, p, i64, d, d, d, d, d, f32, i32], None
+    lib.adamw_f32.argtypes, lib.adamw_f32.restype = [p, p, p, p, p, p, p, i64, d, d, d, d, d, f32, i32], None
     for name in ("f32_f32", "f32_bf16", "bf16_bf16"):
         getattr(lib, f"rms_norm_fwd_{name}").argtypes = [p, p, p, p, i64, i64, f32, i32]
         getattr(lib, f"rms_norm_bwd_{name}").argtypes = [p, p, p, p, p, p, i64, i64, i32]
@@ -281,15 +281,15 @@ def sum_squares(tensors: list[torch.Tensor]) -> float:
 
 
 def adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-          exp_avg_sqs: list[torch.Tensor], steps: list[float], lr: float, betas: tuple[float, float],
-          weight_decay: float, eps: float, factor: float) -> None:
+          exp_avg_sqs: list[torch.Tensor], casts: list[torch.Tensor | None], steps: list[float], lr: float,
+          betas: tuple[float, float], weight_decay: float, eps: float, factor: float) -> None:
     """torch's fused AdamW step, in place, on contiguous fp32 tensors of multiples of 16 values, each gradient read
-    times `factor` (pretrain/train/cpu_adamw.py)."""
-    def ptrs(ts: list[torch.Tensor]) -> ctypes.Array:
-        return (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))
+    times `factor`, and each new weight's bf16 cast written into `casts` where given (pretrain/train/cpu_adamw.py)."""
+    def ptrs(ts: list[torch.Tensor | None]) -> ctypes.Array:
+        return (ctypes.c_void_p * len(ts))(*(None if t is None else t.data_ptr() for t in ts))
 
     n = len(params)
-    _fn("adamw", torch.float32)(ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs),
+    _fn("adamw", torch.float32)(ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs), ptrs(casts),
                                 (ctypes.c_int64 * n)(*(p.numel() for p in params)), (ctypes.c_double * n)(*steps), n,
                                 lr, betas[0], betas[1], weight_decay, eps, factor, torch.get_num_threads())
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from . import weight_casts
 from .cpu_kernels import ce_and_logit_grad_, ce_applies, transpose_applies, transpose_to_f32
 from .loss_chunk import backprop_chunk, lm_head_logits
 
@@ -139,8 +140,11 @@ def recomputed_row_logits(h_c: torch.Tensor, w: torch.Tensor, vocab_size: int) -
 
 
 def cast_weight(weight: torch.Tensor, dtype: torch.dtype, kept: Callable[..., torch.Tensor] | None) -> torch.Tensor:
-    """`weight` in the matmul dtype; with `kept` (LossWorkspace.get) into a buffer kept between steps when it is at
-    least KEEP_WEIGHT_BYTES."""
+    """`weight` in the matmul dtype: on CPU its cast kept with it (model/weight_casts.py: made again only when the
+    weight changed, written by the CPU update); else with `kept` (LossWorkspace.get) into a buffer kept between steps
+    when it is at least KEEP_WEIGHT_BYTES."""
+    if weight.dtype != dtype and weight_casts.applies(weight, dtype):
+        return weight_casts.cast_of(weight, dtype)
     if weight.dtype == dtype or kept is None or weight.numel() * dtype.itemsize < KEEP_WEIGHT_BYTES:
         return weight.to(dtype)
     return kept("weight_mm", weight.shape[0], weight.shape[1], dtype, weight.device).copy_(weight)

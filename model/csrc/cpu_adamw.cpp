@@ -28,8 +28,9 @@ struct Adam {
     float decay, lerp, base_g, c2, beta2, bc2_sqrt, eps, neg_step, factor;
     bool scaled, decayed;
 
-    // One vector of one tensor, in place: torch's order of operations (see the file's comment).
-    inline void update(float *p_, const float *g_, float *m_, float *v_) const {
+    // One vector of one tensor, in place: torch's order of operations (see the file's comment); with c_, the new
+    // weight's bf16 cast too.
+    inline void update(float *p_, const float *g_, float *m_, float *v_, bf16 *c_) const {
         vf p = io<float>::load(p_), g = io<float>::load(g_), m = io<float>::load(m_), v = io<float>::load(v_);
         if (scaled) g = exact(g * factor);  // clip_grads_with_norm_'s multiply
         if (decayed) p = exact(p * decay);
@@ -52,13 +53,20 @@ struct Adam {
         io<float>::store(p_, p);
         io<float>::store(m_, m);
         io<float>::store(v_, v);
+        if (c_) {  // torch's vectorized fp32 -> bf16: round to nearest even, NaN to 0xFFFF
+            const vu u = (vu)p, r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+            const vh h = __builtin_convertvector(p == p ? r : 0xFFFFu, vh);
+            memcpy(c_, &h, sizeof h);
+        }
     }
 };
 
-// Each of the `count` tensors (n[t] values, a multiple of 16) updated with its own step count step[t]; the total
-// split across threads by whole vectors, so a thread's range may span tensors.
+// Each of the `count` tensors (n[t] values, a multiple of 16) updated with its own step count step[t], and its
+// weight's bf16 cast written to cast[t] where that is not null; the total split across threads by whole vectors, so
+// a thread's range may span tensors.
 extern "C" void adamw_f32(float *const *p, const float *const *g, float *const *m, float *const *v,
-                          const int64_t *n, const double *step, int64_t count, double lr, double beta1, double beta2,
+                          bf16 *const *cast, const int64_t *n, const double *step, int64_t count, double lr,
+                          double beta1, double beta2,
                           double weight_decay, double eps, float factor, int threads) {
     int64_t total = 0;
     for (int64_t t = 0; t < count; t++) total += n[t];
@@ -79,7 +87,9 @@ extern "C" void adamw_f32(float *const *p, const float *const *g, float *const *
             const int64_t end = start + n[t] < hi ? start + n[t] : hi;
             float *pt = p[t], *mt = m[t], *vt = v[t];
             const float *gt = g[t];
-            for (int64_t j = i - start; j < end - start; j += W) a.update(pt + j, gt + j, mt + j, vt + j);
+            bf16 *ct = cast[t];
+            for (int64_t j = i - start; j < end - start; j += W)
+                a.update(pt + j, gt + j, mt + j, vt + j, ct ? ct + j : nullptr);
             i = end;
             start += n[t];
         }

@@ -3,9 +3,11 @@
 On CPU a clipped step multiplied every gradient in place (torch's clip_grads_with_norm_: a read and a write of all
 of them) and then torch's fused AdamW read them again, one parallel region per tensor. Here
 `model/csrc/cpu_adamw.cpp` does both in one pass over all of an optimizer group's tensors, in one region: each
-gradient is multiplied by the clip's factor as the update reads it. Its arithmetic is torch's fused CPU kernel, as
-torch's build compiles it, so weights and moments are torch's bit for bit (tests/test_cpu_adamw.py holds that at
-each host ISA torch dispatches); the gradients are left unclipped, which nothing reads before zero_grad.
+gradient is multiplied by the clip's factor as the update reads it, and each new weight's bf16 cast that
+model/weight_casts.py keeps is written in the same pass (the next forward's casts, otherwise a read of every weight).
+Its arithmetic is torch's fused CPU kernel, as torch's build compiles it, so weights and moments are torch's bit for
+bit (tests/test_cpu_adamw.py holds that at each host ISA torch dispatches); the gradients are left unclipped, which
+nothing reads before zero_grad.
 
 `FusedAdamW` (pretrain/train/optim.py) takes this path where `applies` says so: plain CPU fp32 weights and
 gradients whose sizes are multiples of 16 (so torch's scalar tail, which its build compiles differently, never
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from model import cpu_kernels
+from model import cpu_kernels, weight_casts
 
 _UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")
 
@@ -62,6 +64,11 @@ def step(optimizer: torch.optim.Optimizer, factor: float, found_inf: torch.Tenso
         states = [optimizer.state[p] for p in params]
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)  # as torch's _fused_adamw: fp32 step counts, read back as double
+        casts = weight_casts.kept_casts(params)
         cpu_kernels.adamw([p.detach() for p in params], [p.grad for p in params], [s["exp_avg"] for s in states],
-                          [s["exp_avg_sq"] for s in states], torch.stack(steps).tolist(), group["lr"],
+                          [s["exp_avg_sq"] for s in states], casts, torch.stack(steps).tolist(), group["lr"],
                           group["betas"], group["weight_decay"], group["eps"], factor)
+        # Written through pointers: the version counters move as an in-place op's would, then the casts made in the
+        # same pass are marked current (model/weight_casts.py).
+        torch.autograd.graph.increment_version(params)
+        weight_casts.written([p for p, c in zip(params, casts, strict=True) if c is not None])

@@ -34,7 +34,7 @@ from pretrain.train.meter import Meter
 from pretrain.train.optim import peak_lr, set_lr, step_unless_nonfinite
 from pretrain.train.session import RunComplete, open_session, save
 from pretrain.train.state import RunState
-from pretrain.train.weight_cache import cache_dtype, weights_cast_once
+from pretrain.train.weight_cache import cache_dtype, kept_casts_dtype, weights_cast_once
 
 
 class StopRequested:
@@ -203,8 +203,10 @@ def train_step(s: RunState, stop: StopRequested, meter: Meter, data_state: dict[
     lr = lr_for(cfg, prog.step, s.sched.lr_horizon)
     set_lr(s.optimizer, lr)
     step_loss = torch.zeros((), device=s.device)
-    # --bf16-weight-cache: the weights cast once for all micro-batches, the Parameters back before the update.
-    with weights_cast_once(s.model, cache_dtype(cfg)):
+    # --bf16-weight-cache: the weights cast once for all micro-batches, the Parameters back before the update. On CPU
+    # the casts are kept between steps and written by the update (model/weight_casts.py).
+    kept = kept_casts_dtype(cfg, s.device)
+    with weights_cast_once(s.model, kept or cache_dtype(cfg), kept=kept is not None):
         for micro in range(accum):
             x, y = _next_batch(s, meter, micro_batch, seq_len, data_state)
             try:

@@ -18,6 +18,10 @@ tracker see the same leaf tensors. The LM head stays: the chunked
 loss casts it once per call itself and hands back an fp32 gradient. Before the update the Parameters are put
 back and the casts dropped: 2 bytes per cached parameter held through the step's forwards and backwards
 (pretrain/plan/memory.py traces it).
+
+On CPU every bf16 autocast step takes its casts this way, flag or not (`kept_casts_dtype`), and from
+model/weight_casts.py, which keeps them between steps: the CPU update writes each cast in the pass that writes its
+weight (pretrain/train/cpu_adamw.py), so a step makes no casts of its own (~5 ms a step at config S, 2 threads).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import weight_casts
+
 if TYPE_CHECKING:
     from pretrain.train.config import TrainConfig
 
@@ -43,6 +49,15 @@ def cache_dtype(cfg: TrainConfig) -> torch.dtype | None:
     if not (cfg.bf16_weight_cache and cfg.amp and cfg.param_dtype == "fp32"):
         return None
     return torch.float16 if cfg.amp_dtype == "fp16" else torch.bfloat16
+
+
+def kept_casts_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype of the casts a CPU bf16 autocast step takes from model/weight_casts.py (None: not this run): those
+    casts are kept between steps and written by the CPU update, so a step makes none while its weights change only
+    there. Not with fp16 (GradScaler's path), bf16 weights, FSDP2 or float8 (their linears are not plain)."""
+    on = (device.type == "cpu" and cfg.amp and cfg.amp_dtype != "fp16" and cfg.param_dtype == "fp32"
+          and not cfg.fsdp and not cfg.float8)
+    return torch.bfloat16 if on else None
 
 
 def cached_linears(model: nn.Module) -> list[nn.Linear]:
@@ -80,9 +95,10 @@ def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def weights_cast_once(model: nn.Module, dtype: torch.dtype | None) -> Iterator[int]:
+def weights_cast_once(model: nn.Module, dtype: torch.dtype | None, kept: bool = False) -> Iterator[int]:
     """Within the block, the cached linears compute with their weight's `dtype` cast, made here once; gradients
-    still reach the fp32 Parameters. Yields how many linears use a cast. dtype None: nothing changes.
+    still reach the fp32 Parameters. Yields how many linears use a cast. dtype None: nothing changes. With `kept`
+    the casts of CPU weights are those model/weight_casts.py keeps between steps (`kept_casts_dtype`).
 
     The first use gives each cached linear an instance `forward` (`_forward`), kept for the rest of the run: a
     compiled block guards on the forward object, so one made per step would recompile every step. Outside the
@@ -98,7 +114,8 @@ def weights_cast_once(model: nn.Module, dtype: torch.dtype | None) -> Iterator[i
             if weight.dtype == dtype or not weight.is_floating_point():
                 continue
             if id(weight) not in casts:
-                casts[id(weight)] = weight.detach().to(dtype)
+                casts[id(weight)] = (weight_casts.cast_of(weight, dtype) if kept and weight_casts.applies(weight, dtype)
+                                     else weight.detach().to(dtype))
             if "forward" not in module.__dict__:
                 module.forward = types.MethodType(_forward, module)
             module._weight_cast = casts[id(weight)]
