@@ -59,7 +59,7 @@ def adamw(params: list[torch.nn.Parameter], bf16: bool) -> tuple[str, Callable[[
     try:
         from model import weight_casts
         from pretrain.train import cpu_adamw
-        from pretrain.train.optim import FusedAdamW
+        from pretrain.train.cpu_adamw import FusedAdamW
     except ImportError:
         opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=True)
         opt.step()  # state allocated here, as after the trainer's first step

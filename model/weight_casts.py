@@ -66,3 +66,11 @@ def written(weights: list[torch.Tensor]) -> None:
         kept = _KEPT.get(w)
         if kept is not None:
             kept.version = w._version
+
+
+def stale(weights: list[torch.Tensor]) -> None:
+    """`weights` are about to change without their version moving (torch's fused AdamW): their casts are made again."""
+    for w in weights:
+        kept = _KEPT.get(w)
+        if kept is not None:
+            kept.version = -1

@@ -12,11 +12,11 @@ from conftest import TINY_TRAIN
 
 from model import cpu_kernels, weight_casts
 from pretrain.track.runlog import read_jsonl
-from pretrain.train import weight_cache
+from pretrain.train import cpu_adamw, weight_cache
 from pretrain.train.checkpoint import load_checkpoint
 from pretrain.train.config import parse_config
+from pretrain.train.cpu_adamw import FusedAdamW
 from pretrain.train.loop import train
-from pretrain.train.optim import FusedAdamW
 
 needs_kernels = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="CPU kernels not built here")
 
@@ -63,6 +63,21 @@ def test_the_update_writes_torchs_cast_of_each_new_weight(lr):
             assert (kept.version == w._version) == (step > 0)
             if step > 0:
                 assert torch.equal(kept.cast.view(torch.int16), w.detach().to(torch.bfloat16).view(torch.int16))
+
+
+@needs_kernels
+def test_a_step_by_torchs_kernel_after_the_updates_makes_the_casts_again(monkeypatch):
+    """torch's fused AdamW writes the weights without moving their version: a cast the kernel's update wrote before
+    must not survive it."""
+    w = torch.nn.Parameter(torch.randn(64, 32))
+    opt = FusedAdamW([w], lr=1e-2, fused=True)
+    for torchs in (False, False, True):  # torch's first step (it makes the state), the kernel's, torch's again
+        if torchs:
+            monkeypatch.setattr(cpu_adamw, "applies", lambda optimizer: False)
+        weight_casts.cast_of(w, torch.bfloat16)
+        w.grad = torch.randn_like(w)
+        opt.step()
+    assert torch.equal(weight_casts.cast_of(w, torch.bfloat16), w.detach().to(torch.bfloat16))
 
 
 FLAGS = [*TINY_TRAIN, "--n-layer", "2", "--steps", "4", "--log-every", "1", "--lr", "3e-2", "--warmup-steps", "1",

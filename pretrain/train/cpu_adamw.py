@@ -9,13 +9,15 @@ Its arithmetic is torch's fused CPU kernel, as torch's build compiles it, so wei
 bit (tests/test_cpu_adamw.py holds that at each host ISA torch dispatches); the gradients are left unclipped, which
 nothing reads before zero_grad.
 
-`FusedAdamW` (pretrain/train/optim.py) takes this path where `applies` says so: plain CPU fp32 weights and
-gradients whose sizes are multiples of 16 (so torch's scalar tail, which its build compiles differently, never
-runs), state already made by torch's first step, no amsgrad, maximize, tensor lr or GradScaler, and the kernels
-built. Anywhere else it is torch's fused AdamW after torch's clip, as before.
+`FusedAdamW` (here; pretrain/train/optim.py builds it for fp32 weights on CPU and CUDA) takes this path where
+`applies` says so: plain CPU fp32 weights and gradients whose sizes are multiples of 16 (so torch's scalar tail,
+which its build compiles differently, never runs), state already made by torch's first step, no amsgrad, maximize,
+tensor lr or GradScaler, and the kernels built. Anywhere else it is torch's fused AdamW after torch's clip.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -72,3 +74,42 @@ def step(optimizer: torch.optim.Optimizer, factor: float, found_inf: torch.Tenso
         # same pass are marked current (model/weight_casts.py).
         torch.autograd.graph.increment_version(params)
         weight_casts.written([p for p, c in zip(params, casts, strict=True) if c is not None])
+
+
+class FusedAdamW(torch.optim.AdamW):
+    """torch's fused AdamW (fp32 weights on CPU/CUDA), the only torch AdamW path that takes `found_inf`.
+
+    Loading a state saved by our AdamW (a run with --no-opt-fused, which may change on resume) would bring
+    param groups without `fused`, and torch would fall back to its foreach path, which refuses `found_inf`:
+    the implementation flags are this optimizer's own, never the checkpoint's.
+    """
+
+    IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+    _grad_factor: float | None = None
+
+    def fold_grad_factor(self, factor: float) -> bool:
+        """Take the gradient clip's factor instead of its multiply: the next step reads each gradient times it, in
+        one pass on CPU (`step`). False where that step would be torch's, which needs the
+        gradients multiplied first."""
+        if not applies(self):
+            return False
+        self._grad_factor = factor
+        return True
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        factor, self._grad_factor = self._grad_factor, None
+        if closure is None and (factor is not None or applies(self)):  # a factor: it applied at the clip
+            step(self, 1.0 if factor is None else factor, getattr(self, "found_inf", None))
+            return None
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if factor is not None:  # applies() changed since the clip handed its factor over: multiply as torch's clip
+            torch._foreach_mul_([p.grad for p in params], factor)
+        weight_casts.stale(params)  # torch's kernel moves no version counter (model/weight_casts.py)
+        return super().step(closure)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key in self.IMPLEMENTATION:
+                group[key] = self.defaults[key]

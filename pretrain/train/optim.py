@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from pretrain.train import cpu_adamw
+# torch's fused AdamW, and on CPU its one-pass kernel: pretrain/train/cpu_adamw.py.
+from pretrain.train.cpu_adamw import FusedAdamW
 
 # The registry is torch-free in optim_registry.py (the parsers read it); its names stay importable from here.
 from pretrain.train.optim_registry import (  # noqa: F401
@@ -286,43 +287,6 @@ class AdamW8bit(_Adam):
                     new_w = torch.where(flag, new_w, w)
                 write(new_m, new_v, flag)
                 _write_back(p_s, new_w, self.generator)
-
-
-class FusedAdamW(torch.optim.AdamW):
-    """torch's fused AdamW (fp32 weights on CPU/CUDA), the only torch AdamW path that takes `found_inf`.
-
-    Loading a state saved by our AdamW (a run with --no-opt-fused, which may change on resume) would bring
-    param groups without `fused`, and torch would fall back to its foreach path, which refuses `found_inf`:
-    the implementation flags are this optimizer's own, never the checkpoint's.
-    """
-
-    IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
-    _grad_factor: float | None = None
-
-    def fold_grad_factor(self, factor: float) -> bool:
-        """Take the gradient clip's factor instead of its multiply: the next step reads each gradient times it, in
-        one pass on CPU (pretrain/train/cpu_adamw.py). False where that step would be torch's, which needs the
-        gradients multiplied first."""
-        if not cpu_adamw.applies(self):
-            return False
-        self._grad_factor = factor
-        return True
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        factor, self._grad_factor = self._grad_factor, None
-        if closure is None and (factor is not None or cpu_adamw.applies(self)):  # a factor: it applied at the clip
-            cpu_adamw.step(self, 1.0 if factor is None else factor, getattr(self, "found_inf", None))
-            return None
-        if factor is not None:  # applies() changed since the clip handed its factor over: multiply as torch's clip
-            torch._foreach_mul_([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None], factor)
-        return super().step(closure)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            for key in self.IMPLEMENTATION:
-                group[key] = self.defaults[key]
 
 
 # Parameters that are >= 2-D but are not weight matrices: the null attention key/value (model/attention.py,
