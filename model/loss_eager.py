@@ -18,9 +18,9 @@ from collections.abc import Callable
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from . import weight_casts
 from .cpu_kernels import ce_and_logit_grad_, ce_applies, transpose_applies, transpose_to_f32
 from .loss_chunk import backprop_chunk, lm_head_logits
+from .weight_casts import kept_cast
 
 # fp32 bytes of a softmax block per thread: 7 rows at a 50K vocab (a Zen 4 core's L2 is 1 MiB). Fewer rows make
 # more Python calls per chunk (6 a block), more spill the block further out (config S, 1 thread, loaded host:
@@ -143,8 +143,9 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype, kept: Callable[..., to
     """`weight` in the matmul dtype: on CPU its cast kept with it (model/weight_casts.py: made again only when the
     weight changed, written by the CPU update); else with `kept` (LossWorkspace.get) into a buffer kept between steps
     when it is at least KEEP_WEIGHT_BYTES."""
-    if weight.dtype != dtype and weight_casts.applies(weight, dtype):
-        return weight_casts.cast_of(weight, dtype)
+    cast = kept_cast(weight, dtype)
+    if cast is not None:
+        return cast
     if weight.dtype == dtype or kept is None or weight.numel() * dtype.itemsize < KEEP_WEIGHT_BYTES:
         return weight.to(dtype)
     return kept("weight_mm", weight.shape[0], weight.shape[1], dtype, weight.device).copy_(weight)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import cpu_kernels
+from .cpu_kernels import WIDTH, enabled_for
 
 
 @dataclass
@@ -36,7 +36,12 @@ _KEPT = WeakIdKeyDictionary()  # weight -> _Kept, by identity (a tensor's == is 
 def applies(weight: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether `weight`'s `dtype` cast is kept here: bf16 casts of contiguous fp32 CPU weights, kernels enabled."""
     return (dtype == torch.bfloat16 and weight.dtype == torch.float32 and weight.is_contiguous()
-            and weight.numel() % cpu_kernels.WIDTH == 0 and cpu_kernels.enabled_for(weight.detach()))
+            and weight.numel() % WIDTH == 0 and enabled_for(weight.detach()))
+
+
+def kept_cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """`cast_of(weight, dtype)` where the cast is kept here (`applies`), else None: the caller casts."""
+    return cast_of(weight, dtype) if weight.dtype != dtype and applies(weight, dtype) else None
 
 
 def cast_of(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
