@@ -57,8 +57,8 @@ def _steps(ours, ref, opt, ref_opt, scales, monkeypatch=None) -> int:
     """Clip (max_norm 1) and step both, `scales` setting each step's gradient size; returns the kernel's calls."""
     calls = []
     if monkeypatch is not None:
-        step = cpu_adamw.step
-        monkeypatch.setattr(cpu_adamw, "step", lambda *a: (calls.append(a[1]), step(*a)))
+        step = cpu_adamw.kernel_step
+        monkeypatch.setattr(cpu_adamw, "kernel_step", lambda *a: (calls.append(a[1]), step(*a)))
     for scale in scales:
         _grads((ours, ref), scale)
         norm = dist_lib.clip_grad_norm(ours, 1.0, dist_lib.Dist(), opt.fold_grad_factor)
@@ -105,8 +105,8 @@ def test_a_non_finite_step_changes_nothing_as_torchs_skip(monkeypatch):
     ours.ws[1].grad[3] = float("nan")
     ref.ws[1].grad[3] = float("nan")
     calls = []
-    step = cpu_adamw.step
-    monkeypatch.setattr(cpu_adamw, "step", lambda *a: (calls.append(1), step(*a)))
+    step = cpu_adamw.kernel_step
+    monkeypatch.setattr(cpu_adamw, "kernel_step", lambda *a: (calls.append(1), step(*a)))
     for net, o in ((ours, opt), (ref, ref_opt)):
         norm = dist_lib.clip_grad_norm(net, 1.0, dist_lib.Dist(), getattr(o, "fold_grad_factor", None))
         step_unless_nonfinite(o, (~torch.isfinite(norm)).float())

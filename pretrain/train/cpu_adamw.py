@@ -32,7 +32,7 @@ def _live(group: dict) -> list[torch.Tensor]:
 
 def applies(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `optimizer` (torch's AdamW, fused) can take its next step in the kernel (module docstring)."""
-    if getattr(optimizer, "grad_scale", None) is not None or cpu_kernels.kernels() is None:
+    if getattr(optimizer, "grad_scale", None) is not None:
         return False
     tensors: list[torch.Tensor] = []
     for group in optimizer.param_groups:
@@ -40,6 +40,8 @@ def applies(optimizer: torch.optim.Optimizer) -> bool:
                 or not all(isinstance(b, float) for b in group["betas"])):
             return False
         for p in _live(group):
+            if p.device.type != "cpu":
+                return False  # before enabled_for, which would build the CPU kernels on a GPU run's first step
             state = optimizer.state.get(p, {})
             if "step" not in state or "exp_avg" not in state or "exp_avg_sq" not in state:
                 return False  # torch's first step makes them
@@ -53,7 +55,7 @@ def applies(optimizer: torch.optim.Optimizer) -> bool:
 
 
 @torch.no_grad()
-def step(optimizer: torch.optim.Optimizer, factor: float, found_inf: torch.Tensor | None) -> None:
+def kernel_step(optimizer: torch.optim.Optimizer, factor: float, found_inf: torch.Tensor | None) -> None:
     """One AdamW step of every parameter with a gradient, each gradient read times `factor` (a float32 value, 1.0:
     none); nothing at all when `found_inf` is 1, as torch's fused step with found_inf leaves weights, moments and
     step counts. Only where `applies(optimizer)`."""
@@ -89,8 +91,8 @@ class FusedAdamW(torch.optim.AdamW):
 
     def fold_grad_factor(self, factor: float) -> bool:
         """Take the gradient clip's factor instead of its multiply: the next step reads each gradient times it, in
-        one pass on CPU (`step`). False where that step would be torch's, which needs the
-        gradients multiplied first."""
+        one pass on CPU (`kernel_step`). False where that step would be torch's, which needs the gradients
+        multiplied first."""
         if not applies(self):
             return False
         self._grad_factor = factor
@@ -99,11 +101,11 @@ class FusedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         factor, self._grad_factor = self._grad_factor, None
-        if closure is None and (factor is not None or applies(self)):  # a factor: it applied at the clip
-            step(self, 1.0 if factor is None else factor, getattr(self, "found_inf", None))
+        if closure is None and (factor is not None or applies(self)):  # a factor: applies() held at the clip
+            kernel_step(self, 1.0 if factor is None else factor, getattr(self, "found_inf", None))
             return None
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if factor is not None:  # applies() changed since the clip handed its factor over: multiply as torch's clip
+        if factor is not None:  # a closure after the clip handed its factor over: multiply as torch's clip would
             torch._foreach_mul_([p.grad for p in params], factor)
         weight_casts.stale(params)  # torch's kernel moves no version counter (model/weight_casts.py)
         return super().step(closure)
