@@ -135,6 +135,17 @@ def test_without_the_kernels_the_step_is_torchs(monkeypatch):
     _assert_same(*nets)
 
 
+def test_a_step_off_the_cpu_never_builds_the_cpu_kernels(monkeypatch):
+    """A GPU run's optimizer asks `applies` every step: weights off the CPU answer no before the library is looked
+    up (meta tensors stand in for a GPU's here)."""
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: pytest.fail("the CPU kernels were looked up"))
+    w = torch.nn.Parameter(torch.empty(64, 16, device="meta"))
+    w.grad = torch.empty_like(w)
+    opt = FusedAdamW([w], lr=1e-3, fused=True)
+    opt.state[w] = {"step": torch.zeros(()), "exp_avg": torch.empty_like(w), "exp_avg_sq": torch.empty_like(w)}
+    assert not cpu_adamw.applies(opt) and not opt.fold_grad_factor(0.5)
+
+
 _ISA_PROBE = """
 import json, pytest, torch
 import tests.test_cpu_adamw as t

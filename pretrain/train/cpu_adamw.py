@@ -41,7 +41,7 @@ def applies(optimizer: torch.optim.Optimizer) -> bool:
             return False
         for p in _live(group):
             if p.device.type != "cpu":
-                return False  # before enabled_for, which would build the CPU kernels on a GPU run's first step
+                return False  # a GPU run's step: decided before any look at the CPU library
             state = optimizer.state.get(p, {})
             if "step" not in state or "exp_avg" not in state or "exp_avg_sq" not in state:
                 return False  # torch's first step makes them
