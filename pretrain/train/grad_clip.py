@@ -47,7 +47,7 @@ def clip_grad_norm_cpu_(params: Iterable[nn.Parameter], max_norm: float,
     if not params:
         return total
     # As torch.nn.utils.clip_grads_with_norm_ computes the factor (fp32 tensor ops, same roundings).
-    factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    if factor.item() != 1.0 and not (fold is not None and fold(factor.item())):
+    factor = torch.clamp(max_norm / (total + 1e-6), max=1.0).item()
+    if factor != 1.0 and not (fold is not None and fold(factor)):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total

@@ -114,8 +114,8 @@ def weights_cast_once(model: nn.Module, dtype: torch.dtype | None, kept: bool = 
             if weight.dtype == dtype or not weight.is_floating_point():
                 continue
             if id(weight) not in casts:
-                casts[id(weight)] = (weight_casts.cast_of(weight, dtype) if kept and weight_casts.applies(weight, dtype)
-                                     else weight.detach().to(dtype))
+                cast = weight_casts.kept_cast(weight, dtype) if kept else None
+                casts[id(weight)] = weight.detach().to(dtype) if cast is None else cast
             if "forward" not in module.__dict__:
                 module.forward = types.MethodType(_forward, module)
             module._weight_cast = casts[id(weight)]
