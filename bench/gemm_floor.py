@@ -14,7 +14,9 @@ as (B*H) batched matmuls: forward QK^T and PV, backward dV = P^T dO, dP = dO V^T
 full T x S (no causal halving, as ModelConfig.flops_per_token counts; a causal kernel may skip half).
 A GEMM is timed in the faster of its forms the step could run: the LM head's forward, as one call and in the
 column blocks model/loss_chunk.py runs it in on CPU (half the time on an AMX host), so the floor is no easier to
-approach than what the GEMMs can do.
+approach than what the GEMMs can do. A weight gradient is timed with dY^T contiguous, the form its GEMM does
+fastest, though the step multiplies dY^T as a transposed view (the LM head's as h^T g): bench/dw_layouts.py prints
+what those layouts cost (config S, Zen 5, 2 threads: +15-18 ms a step).
 """
 
 from __future__ import annotations

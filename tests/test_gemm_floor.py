@@ -147,3 +147,37 @@ def test_precision_without_floor_is_refused_in_one_line(capsys):
     assert train_step.main(["--presets", "tiny", "--precision", "fp32"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--floor" in err and "--no-amp" in err
+
+
+def test_dw_layouts_prints_each_weight_gradient_gemm_in_each_form(capsys):
+    """bench/dw_layouts.py: every dW GEMM of the step in the floor's layout and the step's two, and their sums."""
+    from bench import dw_layouts
+
+    assert dw_layouts.main(["--preset", "tiny", "--batch", "1", "--seq-len", "32", "--rounds", "1", "--threads", "1",
+                            "--precision", "fp32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "fp32, 1 threads, host ISA: " in lines[0]
+    names = [g.name for g in step_gemms(train_step.model_config("tiny"), 1, 32) if g.name.endswith(" dW")]
+    rows = {line.split()[0]: [float(v) for v in line.split()[2:]] for line in lines[2:-1]}
+    assert list(rows) == [n.split()[0] for n in names] and all(len(v) == 3 and min(v) > 0 for v in rows.values())
+    floor = float(lines[-1].split("the floor's form ")[1].split(" ms")[0])
+    assert floor == pytest.approx(sum(v[0] for v in rows.values()), abs=0.01 * len(rows))
+
+
+def test_dw_layouts_forms_are_one_product(monkeypatch):
+    """Each form must compute the same dW: a form that multiplies the wrong operands stops the bench."""
+    from bench import dw_layouts
+
+    real = dw_layouts._forms
+    monkeypatch.setattr(dw_layouts, "_forms", lambda g, dtype: [*real(g, dtype)[:2], lambda: torch.zeros(g.m, g.n)])
+    with pytest.raises(AssertionError):
+        dw_layouts.measure("tiny", 1, 32, torch.float32, 1)
+
+
+def test_dw_layouts_refuses_bf16_without_native_bf16_in_one_line(monkeypatch, capsys):
+    from bench import dw_layouts
+
+    monkeypatch.setattr(dw_layouts, "native_bf16", lambda: False)
+    assert dw_layouts.main(["--preset", "tiny", "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--precision fp32" in err
