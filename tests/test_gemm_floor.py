@@ -162,6 +162,9 @@ def test_dw_layouts_prints_each_weight_gradient_gemm_in_each_form(capsys):
     assert list(rows) == [n.split()[0] for n in names] and all(len(v) == 3 and min(v) > 0 for v in rows.values())
     floor = float(lines[-1].split("the floor's form ")[1].split(" ms")[0])
     assert floor == pytest.approx(sum(v[0] for v in rows.values()), abs=0.01 * len(rows))
+    # In fp32 every dW the step runs, the LM head's too (model/loss_chunk.py backprop_chunk), takes dY^T as a view.
+    step = float(lines[-1].split("the forms the step runs (the view) ")[1].split(" ms")[0])
+    assert step == pytest.approx(sum(v[1] for v in rows.values()), abs=0.01 * len(rows))
 
 
 def test_dw_layouts_forms_are_one_product(monkeypatch):
