@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gemm_floor import Gemm, host_isa, native_bf16, step_gemms  # noqa: E402
+from bench.gemm_floor import Forms, Gemm, host_isa, native_bf16, step_gemms  # noqa: E402
 from bench.train_step import model_config  # noqa: E402
 
 FORMS = ("floor: dY^T contiguous", "dY^T a view", "X^T dY (out transposed)")
@@ -54,17 +53,14 @@ def measure(preset: str, batch: int, seq_len: int, dtype: torch.dtype, rounds: i
         if not g.name.endswith(" dW"):
             continue
         forms = _forms(g, dtype)
-        outs = [f() for f in forms]  # the warm-up, and each form is the same product
+        outs = [f() for f in forms]  # each form is the same product
         for out in outs[1:]:
             torch.testing.assert_close(out.float(), outs[0].float(), rtol=2e-2, atol=2e-2 * outs[0].abs().max().item())
-        times: list[list[float]] = [[] for _ in forms]
-        for i in range(rounds + 1):  # one more warm-up round first
-            for f, t in zip(forms, times, strict=True):
-                t0 = time.perf_counter()
-                f()
-                if i:
-                    t.append(time.perf_counter() - t0)
-        rows.append({"name": g.name, "count": g.count, "s": [statistics.median(t) * g.count for t in times]})
+        timer = Forms(forms)
+        for _ in range(rounds):
+            timer.run()
+        rows.append({"name": g.name, "count": g.count,
+                     "s": [statistics.median(w for w, _ in runs) * g.count for runs in timer.runs]})
     return rows
 
 

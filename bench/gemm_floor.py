@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,8 +83,25 @@ def step_gemms(cfg: ModelConfig, batch: int, seq_len: int) -> list[Gemm]:
     return out
 
 
-class _Shape:
-    """One GEMM shape's operands, allocated once, each form of it (time_gemm) warmed up; `run` times each form once."""
+class Forms:
+    """Forms of one product (callables), each run once here (the warm-up); `run` times each once, in turn, so load
+    from other processes shifts them alike. runs[i]: form i's (wall, CPU) seconds per run."""
+
+    def __init__(self, forms: list[Callable[[], object]]) -> None:
+        self.forms = forms
+        for form in forms:
+            form()
+        self.runs: list[list[tuple[float, float]]] = [[] for _ in forms]
+
+    def run(self) -> None:
+        for form, timed in zip(self.forms, self.runs, strict=True):
+            t0, c0 = time.perf_counter(), time.process_time()
+            form()
+            timed.append((time.perf_counter() - t0, time.process_time() - c0))
+
+
+class _Shape(Forms):
+    """One GEMM shape's operands, allocated once, and its forms (time_gemm)."""
 
     def __init__(self, g: Gemm, dtype: torch.dtype) -> None:
         a = torch.randn(g.batch, g.m, g.k, dtype=dtype).squeeze(0)
@@ -97,16 +115,7 @@ class _Shape:
             for v in range(0, g.n, VOCAB_BLOCK):
                 torch.mm(a, b[:, v:v + VOCAB_BLOCK], out=out[:, v:v + VOCAB_BLOCK])
 
-        self.forms = [whole, column_blocks] if g.batch == 1 and g.n > VOCAB_BLOCK else [whole]
-        for form in self.forms:
-            form()
-        self.runs: list[list[tuple[float, float]]] = [[] for _ in self.forms]
-
-    def run(self) -> None:
-        for form, timed in zip(self.forms, self.runs, strict=True):  # alternating: other load shifts them alike
-            t0, c0 = time.perf_counter(), time.process_time()
-            form()
-            timed.append((time.perf_counter() - t0, time.process_time() - c0))
+        super().__init__([whole, column_blocks] if g.batch == 1 and g.n > VOCAB_BLOCK else [whole])
 
     def result(self) -> dict:
         medians = [statistics.median(c for _, c in timed) for timed in self.runs]
