@@ -4,7 +4,6 @@ saved and one line naming the file, exit 2: never a signal (SIGBUS from a memmap
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from conftest import ROOT
 from test_data import make_dataset
 
 from pretrain.errors import run_cli
+from pretrain.track.runlog import read_jsonl
 from pretrain.train.checkpoint import load_checkpoint
 
 TINY = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--n-layer", "1", "--d-ff", "64", "--block-size", "32",
@@ -25,8 +25,9 @@ TINY = ["--size", "tiny", "--d-model", "32", "--n-head", "2", "--n-layer", "1", 
 
 
 def _events(run: Path) -> list[dict]:
-    path = run / "train.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """A running trainer's train.jsonl, as the project reads it: complete records only (the last line may still be
+    half written)."""
+    return read_jsonl(run / "train.jsonl")
 
 
 def _one_error_line(err: str, *needles: str) -> None:
