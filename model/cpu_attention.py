@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from .cpu_kernels import attention_applies, attention_backward, attention_forward
+from .cpu_gemms import attention_applies, attention_backward, attention_forward
 
 # oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA, older name DNNL_MAX_CPU_ISA) below which it has no bf16 dot product, and
 # below which it has no AMX: a capped process (an emulated host, bench/train_step.py --isa) runs as that host would.

@@ -5,7 +5,8 @@ elementwise ops, each its own pass, most with a bf16 <-> fp32 conversion copy ar
 front of it: the loss's softmax over 50K-wide rows ran as ~300 blocks of 7 torch ops a chunk. Here the loss's
 cross-entropy and logit gradient, RMSNorm, SwiGLU and the rotary embedding are one pass each way, one call per
 tensor (config S, bf16, Zen 5: 70-72 % -> 77-80 % of the GEMM floor at 1 thread; bench/README.md); where the
-compiler targets AVX-512-BF16, causal attention is one call each way too (csrc/cpu_attention.cpp).
+compiler targets AVX-512-BF16, causal attention is one call each way too (csrc/cpu_attention.cpp, wrapped by
+model/cpu_gemms.py).
 
 How: the sources are compiled once per host into one shared library (`c++ -O3 -march=native -fopenmp`, ~1 s; capped
 to AVX2 or SSE4.2 where torch's own kernels are, by ATEN_CPU_CAPABILITY), cached under $PRETRAIN_KERNELS_DIR
@@ -337,46 +338,3 @@ def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
         x.data_ptr(), w.data_ptr(), dy.data_ptr(), rstd.data_ptr(), dx.data_ptr(), parts.data_ptr(), x.numel() // d, d,
         threads)
     return dx, parts.sum(0).to(weight.dtype)
-
-
-def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Causal self-attention the library computes (csrc/cpu_attention.cpp): bf16 q (B, H, T, hd), k (B, Hkv, T, hd),
-    v (B, Hkv, T, hdv) with contiguous rows, H a multiple of Hkv, T a multiple of the 64-query block (or one block
-    of a multiple of WIDTH), hd and hdv multiples of WIDTH, and a library built with AVX-512-BF16."""
-    if q.dim() != 4 or k.shape[2] != q.shape[2] or q.dtype != torch.bfloat16 or not enabled_for(q, k, v):
-        return False
-    T, hd, hdv = q.shape[2], q.shape[3], v.shape[3]
-    return (built("attn_fwd", q.dtype) and q.shape[1] % k.shape[1] == 0 and hd % WIDTH == 0
-            and hdv % WIDTH == 0 and (T % 64 == 0 or (T < 64 and T % WIDTH == 0))
-            and all(t.stride(-1) == 1 for t in (q, k, v)))
-
-
-def _sizes_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *more: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    B, H, T, hd = q.shape
-    sizes = torch.tensor([B, H, k.shape[1], T, hd, v.shape[3]], dtype=torch.int64)
-    strides = torch.tensor([s for t in (q, k, v, *more) for s in t.stride()[:3]], dtype=torch.int64)
-    return sizes, strides
-
-
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(scale q k^T, causal) v as (B, H, T, hdv), laid out (B, T, H, hdv) in memory (as SDPA's CPU output:
-    a caller's transpose(1, 2).reshape is a view)."""
-    B, H, T, _ = q.shape
-    out = torch.empty(B, T, H, v.shape[3], dtype=q.dtype)
-    sizes, strides = _sizes_strides(q, k, v)
-    _fn("attn_fwd", q.dtype)(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), sizes.data_ptr(),
-                             strides.data_ptr(), scale, torch.get_num_threads())
-    return out.transpose(1, 2)
-
-
-def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor,
-                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of attention_forward given its output's gradient `grad` (rows contiguous), each (B, heads, T,
-    dim) laid out (B, T, heads, dim) in memory: the layout of the projection outputs q, k and v are head views of."""
-    grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-    dq, dk, dv = (torch.empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3], dtype=t.dtype).transpose(1, 2)
-                  for t in (q, k, v))
-    sizes, strides = _sizes_strides(q, k, v, grad)
-    _fn("attn_bwd", q.dtype)(q.data_ptr(), k.data_ptr(), v.data_ptr(), grad.data_ptr(), dq.data_ptr(), dk.data_ptr(),
-                             dv.data_ptr(), sizes.data_ptr(), strides.data_ptr(), scale, torch.get_num_threads())
-    return dq, dk, dv

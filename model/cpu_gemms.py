@@ -1,0 +1,55 @@
+"""The CPU kernels' bf16 GEMMs (model/csrc/bf16_gemm.h, built where the compiler targets AVX-512-BF16): causal
+attention in one call each way (csrc/cpu_attention.cpp, for model/cpu_attention.py). The library, its build and the
+rules for when a kernel may run are model/cpu_kernels.py's (its `_fn` looked up there at each call, where a test may
+watch it)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import cpu_kernels
+from .cpu_kernels import WIDTH, built, enabled_for
+
+
+def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Causal self-attention the library computes (csrc/cpu_attention.cpp): bf16 q (B, H, T, hd), k (B, Hkv, T, hd),
+    v (B, Hkv, T, hdv) with contiguous rows, H a multiple of Hkv, T a multiple of the 64-query block (or one block
+    of a multiple of WIDTH), hd and hdv multiples of WIDTH, and a library built with AVX-512-BF16."""
+    if q.dim() != 4 or k.shape[2] != q.shape[2] or q.dtype != torch.bfloat16 or not enabled_for(q, k, v):
+        return False
+    T, hd, hdv = q.shape[2], q.shape[3], v.shape[3]
+    return (built("attn_fwd", q.dtype) and q.shape[1] % k.shape[1] == 0 and hd % WIDTH == 0
+            and hdv % WIDTH == 0 and (T % 64 == 0 or (T < 64 and T % WIDTH == 0))
+            and all(t.stride(-1) == 1 for t in (q, k, v)))
+
+
+def _sizes_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *more: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    B, H, T, hd = q.shape
+    sizes = torch.tensor([B, H, k.shape[1], T, hd, v.shape[3]], dtype=torch.int64)
+    strides = torch.tensor([s for t in (q, k, v, *more) for s in t.stride()[:3]], dtype=torch.int64)
+    return sizes, strides
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T, causal) v as (B, H, T, hdv), laid out (B, T, H, hdv) in memory (as SDPA's CPU output:
+    a caller's transpose(1, 2).reshape is a view)."""
+    B, H, T, _ = q.shape
+    out = torch.empty(B, T, H, v.shape[3], dtype=q.dtype)
+    sizes, strides = _sizes_strides(q, k, v)
+    cpu_kernels._fn("attn_fwd", q.dtype)(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), sizes.data_ptr(),
+                             strides.data_ptr(), scale, torch.get_num_threads())
+    return out.transpose(1, 2)
+
+
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of attention_forward given its output's gradient `grad` (rows contiguous), each (B, heads, T,
+    dim) laid out (B, T, heads, dim) in memory: the layout of the projection outputs q, k and v are head views of."""
+    grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+    dq, dk, dv = (torch.empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3], dtype=t.dtype).transpose(1, 2)
+                  for t in (q, k, v))
+    sizes, strides = _sizes_strides(q, k, v, grad)
+    cpu_kernels._fn("attn_bwd", q.dtype)(q.data_ptr(), k.data_ptr(), v.data_ptr(), grad.data_ptr(), dq.data_ptr(),
+                                         dk.data_ptr(), dv.data_ptr(), sizes.data_ptr(), strides.data_ptr(), scale,
+                                         torch.get_num_threads())
+    return dq, dk, dv
