@@ -1,5 +1,6 @@
 """The CPU kernels' bf16 GEMMs (model/csrc/bf16_gemm.h, built where the compiler targets AVX-512-BF16): causal
-attention in one call each way (csrc/cpu_attention.cpp, for model/cpu_attention.py). The library, its build and the
+attention in one call each way (csrc/cpu_attention.cpp, for model/cpu_attention.py) and the LM head's weight gradient
+from the row-major logit gradient (csrc/cpu_lm_head.cpp, for model/loss_eager.py). The library, its build and the
 rules for when a kernel may run are model/cpu_kernels.py's (its `_fn` looked up there at each call, where a test may
 watch it)."""
 
@@ -53,3 +54,26 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: 
                                          dk.data_ptr(), dv.data_ptr(), sizes.data_ptr(), strides.data_ptr(), scale,
                                          torch.get_num_threads())
     return dq, dk, dv
+
+
+def lm_head_grad_applies(g: torch.Tensor, h: torch.Tensor) -> bool:
+    """g (rows, V) and h (rows, d) bf16, rows contiguous, V and d multiples of WIDTH, a library built with
+    AVX-512-BF16 (csrc/cpu_lm_head.cpp)."""
+    return (g.dim() == h.dim() == 2 and g.shape[0] == h.shape[0] and g.dtype == torch.bfloat16 and g.stride(1) == 1
+            and h.stride(1) == 1 and g.shape[1] % WIDTH == 0 and h.shape[1] % WIDTH == 0 and enabled_for(g, h)
+            and built("lm_head_dw", g.dtype))
+
+
+def lm_head_weight_grad(g: torch.Tensor, h: torch.Tensor, valid: torch.Tensor, out: torch.Tensor | None = None,
+                        *, accumulate: bool = False, scale: float = 1.0) -> torch.Tensor:
+    """g^T h * scale in fp32 (V, d) over the rows that are `valid`, or with `accumulate` (out + g^T h) * scale (the sum
+    rounded, then the product): into `out` (contiguous fp32 (V, d)) or a new tensor. The products are exact and
+    summed in fp32."""
+    (rows, V), d = g.shape, h.shape[1]
+    assert out is not None or not accumulate
+    dst = torch.empty((V, d), dtype=torch.float32) if out is None else out
+    assert dst.is_contiguous() and dst.shape == (V, d) and dst.dtype == torch.float32
+    valid8 = valid.to(torch.uint8).contiguous()
+    cpu_kernels._fn("lm_head_dw", g.dtype)(g.data_ptr(), g.stride(0), h.data_ptr(), h.stride(0), valid8.data_ptr(),
+                               dst.data_ptr(), rows, V, d, int(accumulate), scale, torch.get_num_threads())
+    return dst

@@ -134,8 +134,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     The gradients are produced in the forward pass, chunk by chunk, while each chunk's logits are at
     hand (softmax - onehot, then two matmuls), so neither pass ever holds more than chunk_rows x vocab
-    logits and the LM head matmul is not re-run. Backward only scales the saved gradients (on CPU transposing the
-    weight gradient's last chunk in the same pass: model/loss_eager.py PendingWeightGrad).
+    logits and the LM head matmul is not re-run. Backward only scales the saved gradients (on CPU making the weight
+    gradient's last chunk in the same pass: model/loss_eager.py PendingWeightGrad).
     Padded vocab columns (>= vocab_size) are set to -inf: they can never be predicted.
     Matmuls run in the autocast dtype when autocast is on (as F.linear would), softmax in fp32; the
     logit buffers come from `workspace` when given. The eager chunks run model/loss_eager.py (on CPU with kept
@@ -166,7 +166,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                     hh, w, targets, vocab_size, ignore_index, chunk_rows, want_h, want_w, h.dtype,
                     lambda name, n, cols, dtype: ws.get(name, n, cols, dtype, dev), kept)
         ctx.weight_dtype, ctx.tied, ctx.pending = weight.dtype, tied, None
-        if isinstance(grad_w, PendingWeightGrad):  # transposed in backward, scaled in the same pass
+        if isinstance(grad_w, PendingWeightGrad):  # made in backward, scaled in the same pass
             ctx.pending, grad_w = grad_w, None
             ws.hold(ctx.pending)
         ctx.save_for_backward(grad_h, grad_w)

@@ -69,7 +69,7 @@ def backprop_chunk(g: torch.Tensor, w: torch.Tensor, h_c: torch.Tensor, grad_h_r
     `valid` (rows,): rows whose gradient counts although their row of `g` is not zero (the eager loop's ignored
     targets). Zeroing their h rows and grad_h rows gives exactly the products of zeroed g rows, for a pass over
     rows x d instead of rows x vocab. (The eager CPU loop takes bf16 weight gradients its own way:
-    model/loss_eager.py weight_grad_transposed.)"""
+    model/loss_eager.py cpu_weight_grad.)"""
     if grad_h_rows is not None:
         if g.dtype == grad_h_rows.dtype:
             torch.mm(g, w, out=grad_h_rows)

@@ -1,6 +1,6 @@
 """The chunked loss's eager loop (model/gpt.py ChunkedLinearCrossEntropy without --compile): per chunk of rows, the
 LM-head GEMM, the chunk's cross-entropy and logit gradient (softmax - onehot) in place, then the gradient GEMMs
-(model/loss_chunk.py backprop_chunk; on CPU the weight gradient's as weight_grad_transposed).
+(model/loss_chunk.py backprop_chunk; on CPU in bf16 the weight gradient's by cpu_weight_grad).
 
 Between the GEMMs the work is elementwise over rows x vocab (206 MB of bf16 logits at config S) and bound by
 memory traffic around one exp per logit. Run over the whole chunk, each step (fp32 copy, softmax, copy back) is a
@@ -18,7 +18,13 @@ from collections.abc import Callable
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from .cpu_kernels import ce_and_logit_grad_, ce_applies, transpose_applies, transpose_to_f32
+from .cpu_gemms import lm_head_grad_applies, lm_head_weight_grad
+from .cpu_kernels import (
+    ce_and_logit_grad_,
+    ce_applies,
+    transpose_applies,
+    transpose_to_f32,
+)
 from .loss_chunk import backprop_chunk, lm_head_logits
 from .weight_casts import kept_cast
 
@@ -151,52 +157,61 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype, kept: Callable[..., to
     return kept("weight_mm", weight.shape[0], weight.shape[1], dtype, weight.device).copy_(weight)
 
 
-def weight_grad_transposed(g: torch.Tensor, h_c: torch.Tensor, valid: torch.Tensor, grad_w: torch.Tensor | None,
-                           out: torch.Tensor | None, defer: bool = False) -> torch.Tensor | PendingWeightGrad:
+def cpu_weight_grad(g: torch.Tensor, h_c: torch.Tensor, valid: torch.Tensor, grad_w: torch.Tensor | None,
+                    out: Callable[[], torch.Tensor] | None, defer: bool = False) -> torch.Tensor | PendingWeightGrad:
     """`grad_w` (vocab x d, fp32; None: a new one) plus the chunk's weight gradient g^T h (g: rows x vocab logit
-    gradient, h_c: rows x d, both bf16; rows not `valid` left out), its GEMM run as h^T g into `out` (d x vocab, g's
-    dtype; None: a new one). With `defer` (the last chunk) and the CPU kernels' transpose, the sum is returned
-    pending (PendingWeightGrad): its transposition runs in the loss's backward, scaled there in the same pass.
+    gradient, h_c: rows x d, both bf16; rows not `valid` left out). With `defer` (the last chunk, its g in the loss's
+    kept buffer) the sum is returned pending (PendingWeightGrad): it runs in the loss's backward, scaled there in the
+    same pass.
 
-    On CPU the GEMM g^T h with g^T a transposed view (g is rows x vocab, row-major) makes oneDNN's bf16 kernel
-    reorder the whole 206 MB logit gradient first (config S): 1.4-1.7x the time of the same GEMM on contiguous
-    operands, the LM head's costliest GEMM. h^T g has both operands row-major (h^T is a copy of rows x d, 1.5 MB)
-    and writes the gradient transposed; turning that into vocab x d costs a transposing fp32 conversion (the CPU
-    kernels' register-transposed tiles, ~6 ms; torch's strided copy 15-30) against ~80-100 CPU-ms saved (1 thread,
-    config S). The sums are the same
-    products in another order of accumulation inside the GEMM: each value within a bf16 rounding of the other
-    form's, held against float64 (tests/test_loss_blocks.py)."""
-    # Masked by rows (contiguous), then transposed by one copy: a multiply reading h_c.t() strided took ~2x as long.
-    h_t = (h_c * valid.unsqueeze(1).to(h_c.dtype)).t().contiguous()
-    part_t = torch.mm(h_t, g) if out is None else torch.mm(h_t, g, out=out)
-    if transpose_applies(part_t) and (grad_w is None or grad_w.is_contiguous()):
-        return PendingWeightGrad(part_t, grad_w) if defer else transpose_to_f32(part_t, grad_w)
-    if grad_w is None:
-        return torch.empty(part_t.shape[::-1], dtype=torch.float32, device=g.device).copy_(part_t.t())
-    return grad_w.add_(part_t.t())
+    On CPU with AVX-512-BF16 the CPU kernels' GEMM (csrc/cpu_lm_head.cpp) reads g row-major as the loss kernel wrote
+    it and writes the fp32 gradient itself: 0.8-0.9x the time of torch's h^T g and its transposing pass (config S,
+    Zen 5, 1 and 2 threads; bench/README.md sixteenth pass), its sums in fp32. Elsewhere on CPU, g^T h with g^T a transposed view makes
+    oneDNN's bf16 kernel reorder the whole 206 MB logit gradient first (config S): 1.4-1.7x the time of the same
+    GEMM on contiguous operands on an AMX host. h^T g has both operands row-major (h^T is a copy of rows x d, 1.5 MB)
+    and writes the gradient transposed, into `out()` (d x vocab, g's dtype; None: a new one); turning that into
+    vocab x d costs a transposing fp32 conversion (the CPU kernels' register-transposed tiles, ~6 ms; torch's strided
+    copy 15-30) against ~80-100 CPU-ms saved (1 thread, config S). The sums are the same products in another order
+    of accumulation inside the GEMM: each value within a bf16 rounding of the other form's, held against float64
+    (tests/test_loss_blocks.py)."""
+    if lm_head_grad_applies(g, h_c) and (grad_w is None or grad_w.is_contiguous()):
+        def finish(scale: float) -> torch.Tensor:
+            return lm_head_weight_grad(g, h_c, valid, grad_w, accumulate=grad_w is not None, scale=scale)
+    else:
+        # Masked by rows (contiguous), then transposed by one copy: a multiply reading h_c.t() strided took ~2x as long.
+        h_t = (h_c * valid.unsqueeze(1).to(h_c.dtype)).t().contiguous()
+        part_t = torch.mm(h_t, g) if out is None else torch.mm(h_t, g, out=out())
+        if not (transpose_applies(part_t) and (grad_w is None or grad_w.is_contiguous())):
+            if grad_w is None:
+                return torch.empty(part_t.shape[::-1], dtype=torch.float32, device=g.device).copy_(part_t.t())
+            return grad_w.add_(part_t.t())
+
+        def finish(scale: float) -> torch.Tensor:
+            return transpose_to_f32(part_t, grad_w, scale)
+    return PendingWeightGrad(finish) if defer else finish(1.0)
 
 
 class PendingWeightGrad:
-    """The LM head's fp32 weight gradient whose last chunk is still its GEMM's bf16 output, transposed (d x vocab,
-    the loss workspace's kept buffer): `scaled` transposes it in the loss's backward times the upstream gradient in
-    one pass, instead of a pass to transpose in forward and one to scale in backward (77 MB of fp32 at config S:
-    ~2.4 ms a step on 1 thread). `settle` transposes it unscaled, for when the buffer is about to be reused before
-    this backward ran (another forward first: model/gpt.py LossWorkspace.settle)."""
+    """The LM head's fp32 weight gradient whose last chunk is still to be made from operands in the loss's kept
+    buffers (the logit gradient, or the bf16 GEMM output transposed): `scaled` makes it in the loss's backward times
+    the upstream gradient in one pass, instead of making it in forward and scaling it by a second pass in backward
+    (77 MB of fp32 at config S: ~2.4 ms a step on 1 thread). `settle` makes it unscaled, for when the buffers are
+    about to be reused before this backward ran (another forward first: model/gpt.py LossWorkspace.settle)."""
 
-    def __init__(self, part_t: torch.Tensor, grad_w: torch.Tensor | None) -> None:
-        self._part_t: torch.Tensor | None = part_t
-        self._grad_w = grad_w
+    def __init__(self, finish: Callable[[float], torch.Tensor]) -> None:
+        self._finish: Callable[[float], torch.Tensor] | None = finish  # scale -> (gradient so far + chunk) * scale
+        self._grad: torch.Tensor | None = None
 
     def settle(self) -> None:
-        if self._part_t is not None:
-            self._grad_w, self._part_t = transpose_to_f32(self._part_t, self._grad_w), None
+        if self._finish is not None:
+            self._grad, self._finish = self._finish(1.0), None
 
     def scaled(self, scale: torch.Tensor) -> torch.Tensor:
         """The gradient times `scale` (0-dim fp32): the values of the sum's fp32 tensor .mul_(scale)."""
-        if self._part_t is None:
-            assert self._grad_w is not None, "the loss's backward runs once"
-            return self._grad_w.mul_(scale)
-        grad, self._part_t, self._grad_w = transpose_to_f32(self._part_t, self._grad_w, scale.item()), None, None
+        if self._finish is None:
+            assert self._grad is not None, "the loss's backward runs once"
+            return self._grad.mul_(scale)
+        grad, self._finish = self._finish(scale.item()), None
         return grad
 
 
@@ -206,16 +221,16 @@ def eager_chunk_loop(hh: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, v
                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | PendingWeightGrad | None]:
     """ChunkedLinearCrossEntropy's eager loop over `hh` (rows x d) and `w` (padded vocab x d), both in the matmul
     dtype. `buffer(name, rows, cols, dtype)` gives kept buffers. `cpu_blocks`: softmax over blocks of rows
-    (softmax_block_rows) and a bf16 weight gradient's GEMM run transposed (weight_grad_transposed) into a kept
-    buffer; else one op per step over the whole chunk. Returns (summed loss, grad_h in h_dtype, grad_w in fp32,
+    (softmax_block_rows) and a bf16 weight gradient by cpu_weight_grad, its last chunk's left pending; else one op
+    per step over the whole chunk. Returns (summed loss, grad_h in h_dtype, grad_w in fp32,
     pending on CPU (PendingWeightGrad), or None) as ChunkedLinearCrossEntropy keeps them."""
     rows, (vocab, d) = hh.shape[0], w.shape
     dev, mm_dtype = hh.device, hh.dtype
     n_buf = min(chunk_rows, rows)
     block = min(softmax_block_rows(vocab, torch.get_num_threads()), n_buf) if cpu_blocks else n_buf
-    transposed_w = cpu_blocks and want_w and mm_dtype != torch.float32
-    keep_w = transposed_w and w.numel() * w.itemsize >= KEEP_WEIGHT_BYTES
-    w_out = buffer("grad_wT_mm", d, vocab, mm_dtype) if keep_w else None
+    cpu_w = cpu_blocks and want_w and mm_dtype != torch.float32
+    keep_w = cpu_w and w.numel() * w.itemsize >= KEEP_WEIGHT_BYTES
+    w_out = (lambda: buffer("grad_wT_mm", d, vocab, mm_dtype)) if keep_w else None  # for h^T g's output
     buf_mm = buffer("logits_mm", n_buf, vocab, mm_dtype)
     # The fp32 buffer is named for its size: a whole chunk's (kept between steps) or a block's.
     name = "logits_fp32" if block == n_buf else "softmax_block_fp32"
@@ -233,9 +248,9 @@ def eager_chunk_loop(hh: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, v
         total += loss
         if want_h or want_w:
             grad_h_rows = None if grad_h is None else grad_h[i:i + n]
-            if transposed_w:
+            if cpu_w:
                 backprop_chunk(out_mm, w, h_c, grad_h_rows, None, False, valid)
-                grad_w = weight_grad_transposed(out_mm, h_c, valid, grad_w, w_out, defer=i + chunk_rows >= rows)
+                grad_w = cpu_weight_grad(out_mm, h_c, valid, grad_w, w_out, defer=i + chunk_rows >= rows)
             else:
                 grad_w = backprop_chunk(out_mm, w, h_c, grad_h_rows, grad_w, want_w, valid)
     if want_w and grad_w is None:  # no rows

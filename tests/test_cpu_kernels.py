@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, ModelConfig, cpu_kernels, loss_eager
+from model import GPT, ModelConfig, cpu_gemms, cpu_kernels, loss_eager
 from model.fused import residual_add, rms_norm, swiglu, swiglu_reference
 from model.loss_eager import PendingWeightGrad, chunk_loss_and_logit_grad_eager_
 from model.rope import apply_rotary
@@ -178,6 +178,38 @@ def test_transposed_weight_gradient_equals_torchs_conversion(threads):
     assert torch.equal(got, (base + src.t().float()).mul_(scale))
 
 
+def test_lm_head_weight_gradient_is_g_transposed_h_summed_in_fp32(threads):
+    """The LM head's weight gradient from the row-major logit gradient (csrc/cpu_lm_head.cpp): g^T h over the valid
+    rows with each sum within fp32's summation bound of the exact one (no bf16 rounding), added into a gradient
+    and scaled as a .mul_ after the sum would be, the same bits at any thread count. Shapes off its tiles: an odd
+    row count (the last row's partner is a zero row, not the next row in memory), 65 vocab blocks of 16, d = 80
+    (not a whole number of 6-row tiles), rows strided."""
+    if not cpu_kernels.built("lm_head_dw", torch.bfloat16):
+        pytest.skip("built only where the compiler targets AVX-512-BF16")
+    torch.manual_seed(0)
+    rows, vocab, d = 81, 1040, 80
+    g_mem = torch.randn(rows + 1, vocab + 32).bfloat16()
+    g_mem[rows] = float("nan")  # past the last row: never read
+    g = g_mem[:rows, :vocab]
+    h = torch.randn(rows, d + 16).bfloat16()[:, :d]
+    valid = torch.rand(rows) > 0.2
+    h[~valid] = float("nan")  # a row that is not valid is left out, whatever it holds
+    assert cpu_gemms.lm_head_grad_applies(g, h) and not cpu_gemms.lm_head_grad_applies(g[:, :1032 + 4], h)
+    exact = g.double().t() @ torch.where(valid[:, None], h.double(), 0)
+    bound = rows * 2.0**-24 * (g.double().abs().t() @ torch.where(valid[:, None], h.double().abs(), 0))
+    got = cpu_gemms.lm_head_weight_grad(g, h, valid)
+    assert got.dtype == torch.float32 and got.shape == (vocab, d)
+    assert ((got.double() - exact).abs() <= bound).all()
+    assert torch.equal(cpu_gemms.lm_head_weight_grad(g, h, valid, torch.full((vocab, d), float("nan"))), got)
+    base, scale = torch.randn(vocab, d), torch.tensor(0.37)
+    summed = cpu_gemms.lm_head_weight_grad(g, h, valid, base.clone(), accumulate=True, scale=scale.item())
+    want = (base.double() + exact) * scale.double()
+    assert ((summed.double() - want).abs() <= (bound + base.double().abs() * 2.0**-23) * scale.item() * 1.01).all()
+    assert torch.equal(cpu_gemms.lm_head_weight_grad(g, h, valid, base.clone(), accumulate=True).mul_(scale), summed)
+    torch.set_num_threads(2 if threads == 1 else 1)
+    assert torch.equal(cpu_gemms.lm_head_weight_grad(g, h, valid), got)
+
+
 def test_two_forwards_before_their_backward_keep_each_ones_weight_gradient(monkeypatch):
     """The LM head's bf16 weight gradient waits transposed in the loss's kept buffer for its backward, which scales
     it in the same pass (model/loss_eager.py PendingWeightGrad): a second forward first (two losses summed) moves the
@@ -201,7 +233,8 @@ def test_two_forwards_before_their_backward_keep_each_ones_weight_gradient(monke
     model.zero_grad(set_to_none=True)
     (loss(0) + loss(1)).backward()
     assert all(torch.equal(p.grad, w) for p, w in zip(model.parameters(), want, strict=True))
-    deferred = cpu_kernels.built("transpose_to_f32", torch.bfloat16)  # where the transposing kernel is built
+    # where the LM head's GEMM (AVX-512-BF16) or the transposing kernel (AVX-512) is built
+    deferred = cpu_kernels.built("lm_head_dw", torch.bfloat16) or cpu_kernels.built("transpose_to_f32", torch.bfloat16)
     assert len(pending) == (4 if deferred else 0)
 
 
@@ -298,11 +331,13 @@ def test_a_training_run_takes_the_kernels_and_trains_as_with_torchs_ops(byte_dat
     bf16 = meta["host"]["native_bf16"]
     # attention's kernel: bf16 steps (a host with native bf16) and a library built with AVX-512-BF16
     attention = {"attn_fwd", "attn_bwd"} if bf16 and cpu_kernels.built("attn_fwd", torch.bfloat16) else set()
-    # the LM head's bf16 weight gradient turned into fp32 (a library built with AVX-512)
-    transpose = {"transpose_to_f32"} if bf16 and cpu_kernels.built("transpose_to_f32", torch.bfloat16) else set()
+    # the LM head's bf16 weight gradient: its GEMM (a library built with AVX-512-BF16), else torch's GEMM output turned
+    # into fp32 (AVX-512)
+    head = next(({name} for name in ("lm_head_dw", "transpose_to_f32")
+                 if bf16 and cpu_kernels.built(name, torch.bfloat16)), set())
     residual = {"add"} if bf16 else set()  # the blocks' residual adds of bf16 branch outputs (autocast)
     assert called == {"ce_grad", "swiglu_fwd", "swiglu_bwd", "rotate", "rms_norm_fwd", "rms_norm_bwd", *attention,
-                      *transpose, *residual, "sum_squares",  # the clip's norm (pretrain/train/grad_clip.py)
+                      *head, *residual, "sum_squares",  # the clip's norm (pretrain/train/grad_clip.py)
                       "adamw"}  # the update from the second step on (pretrain/train/cpu_adamw.py)
     monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
     meta_off, losses_off = run(tmp_path / "torch")
