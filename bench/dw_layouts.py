@@ -4,12 +4,13 @@
     .venv/bin/python bench/dw_layouts.py --threads 1 --rounds 5
 
 bench/gemm_floor.py times each dW = dY^T X with dY^T a contiguous matrix. The step has dY row-major (rows x out):
-autograd's linear backward multiplies dY^T as a transposed view, and the LM head's weight gradient runs as h^T g
-into a d x vocab buffer (model/loss_eager.py weight_grad_transposed; h^T is a 1.5 MB copy at config S). Each form
-here is the same product; they differ in how oneDNN reads the operands (a transposed A, or a wide B to repack). This
+autograd's linear backward multiplies dY^T as a transposed view, and the LM head's bf16 weight gradient runs in the
+CPU kernels' GEMM where it is built (model/csrc/cpu_lm_head.cpp, fp32 out; the floor times it too), else as h^T g
+into a d x vocab buffer (model/loss_eager.py cpu_weight_grad; h^T is a 1.5 MB copy at config S). Each form here is
+the same product; torch's differ in how oneDNN reads the operands (a transposed A, or a wide B to repack). This
 prints every dW GEMM in each form, the forms alternating within each round, medians of wall time: how much of a
 step's distance from its floor sits inside its GEMMs, in their operands' layout, rather than outside them. The
-floor keeps the contiguous form (bench/README.md, fifteenth pass).
+floor keeps the contiguous form (bench/README.md, fifteenth and sixteenth passes).
 """
 
 from __future__ import annotations
@@ -26,24 +27,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gemm_floor import Forms, Gemm, host_isa, native_bf16, step_gemms  # noqa: E402
 from bench.train_step import model_config  # noqa: E402
+from model import cpu_gemms  # noqa: E402
 
-FORMS = ("floor: dY^T contiguous", "dY^T a view", "X^T dY (out transposed)")
+FORMS = ("floor: dY^T contiguous", "dY^T a view", "X^T dY (out transposed)", "the LM head's kernel")
 
 
-def step_form(name: str, dtype: torch.dtype) -> int:
+def step_form(name: str, dtype: torch.dtype, kernel: bool) -> int:
     """The index in FORMS of the form the step runs for the dW GEMM `name`: autograd's linear backward multiplies
-    dY^T as a view, as does the fp32 loss (model/loss_chunk.py backprop_chunk); the bf16 loss's runs h^T g
-    (model/loss_eager.py weight_grad_transposed)."""
-    return 2 if name.startswith("lm_head") and dtype != torch.float32 else 1
+    dY^T as a view, as does the fp32 loss (model/loss_chunk.py backprop_chunk); the bf16 loss's runs the CPU kernels'
+    GEMM where it is built (`kernel`: model/csrc/cpu_lm_head.cpp), else h^T g (model/loss_eager.py
+    cpu_weight_grad)."""
+    if not name.startswith("lm_head") or dtype == torch.float32:
+        return 1
+    return 3 if kernel else 2
 
 
 def _forms(g: Gemm, dtype: torch.dtype) -> list[Callable[[], torch.Tensor]]:
-    """g's dW, (N x M) @ (M x K), in each of FORMS, from a row-major dY (M x N) and X (M x K)."""
+    """g's dW, (N x M) @ (M x K), in each of FORMS that applies, from a row-major dY (M x N) and X (M x K): the
+    kernel's for the LM head where it is built (fp32 out)."""
     n, m, k = g.m, g.k, g.n
     dy, x = torch.randn(m, n, dtype=dtype), torch.randn(m, k, dtype=dtype)
     dy_t = dy.t().contiguous()
-    return [lambda: torch.mm(dy_t, x), lambda: torch.mm(dy.t(), x),
-            lambda: torch.mm(x.t().contiguous(), dy).t()]
+    forms = [lambda: torch.mm(dy_t, x), lambda: torch.mm(dy.t(), x), lambda: torch.mm(x.t().contiguous(), dy).t()]
+    if g.name.startswith("lm_head") and cpu_gemms.lm_head_grad_applies(dy, x):
+        valid, out = torch.ones(m, dtype=torch.bool), torch.empty(n, k)
+        forms.append(lambda: cpu_gemms.lm_head_weight_grad(dy, x, valid, out))
+    return forms
 
 
 def measure(preset: str, batch: int, seq_len: int, dtype: torch.dtype, rounds: int) -> list[dict]:
@@ -85,12 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(args.preset, args.batch, args.seq_len, dtype, args.rounds)
     print(f"dW GEMMs by operand layout, preset {args.preset} {args.batch} x {args.seq_len}, {precision}, "
           f"{torch.get_num_threads()} threads, host ISA: {host_isa()}; medians of {args.rounds}, wall ms a step")
-    print(f"  {'GEMM':<14}" + "".join(f"{f:>26}" for f in FORMS))
+    print(f"  {'GEMM':<14}" + "".join(f"{f:>26}" for f in FORMS[:max(len(r["s"]) for r in rows)]))
     for r in rows:
         print(f"  {r['name']:<14}" + "".join(f"{s * 1e3:>26.2f}" for s in r["s"]))
+    kernel = any(len(r["s"]) == len(FORMS) for r in rows)
     floor = sum(r["s"][0] for r in rows)
-    step = sum(r["s"][step_form(r["name"], dtype)] for r in rows)
-    runs = "the view" + ("; the LM head's X^T dY" if dtype != torch.float32 else "")
+    step = sum(r["s"][step_form(r["name"], dtype, kernel)] for r in rows)
+    head = "the LM head's kernel" if kernel else "the LM head's X^T dY"
+    runs = "the view" + (f"; {head}" if dtype != torch.float32 else "")
     print(f"  the floor's form {floor * 1e3:.2f} ms; the forms the step runs ({runs}) {step * 1e3:.2f} ms "
           f"({(step - floor) * 1e3:+.2f})")
     return 0

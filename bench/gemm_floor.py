@@ -13,10 +13,12 @@ and the LM head (chunked loss: logits, grad_h, grad_w). Attention per layer
 as (B*H) batched matmuls: forward QK^T and PV, backward dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q,
 full T x S (no causal halving, as ModelConfig.flops_per_token counts; a causal kernel may skip half).
 A GEMM is timed in the faster of its forms the step could run: the LM head's forward, as one call and in the
-column blocks model/loss_chunk.py runs it in on CPU (half the time on an AMX host), so the floor is no easier to
-approach than what the GEMMs can do. A weight gradient is timed with dY^T contiguous, the form its GEMM does
-fastest, though the step multiplies dY^T as a transposed view (the LM head's as h^T g): bench/dw_layouts.py prints
-what those layouts cost (config S, Zen 5, 2 threads: +15-18 ms a step).
+column blocks model/loss_chunk.py runs it in on CPU (half the time on an AMX host), and its bf16 weight gradient
+also by the CPU kernels' GEMM where it is built (model/csrc/cpu_lm_head.cpp, which the step runs there), so the floor
+is no easier to approach than what the GEMMs can do. A weight gradient is timed with dY^T contiguous, the form
+torch's GEMM does fastest, though the step multiplies dY^T as a transposed view: bench/dw_layouts.py prints what
+those layouts cost (config S, Zen 5, 2 threads: +15-18 ms a step before the LM head's kernel, most of it the LM
+head's).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import ModelConfig
+from model import ModelConfig, cpu_gemms
 from model.cpu_attention import native_bf16 as cpu_native_bf16
 
 try:
@@ -115,7 +117,18 @@ class _Shape(Forms):
             for v in range(0, g.n, VOCAB_BLOCK):
                 torch.mm(a, b[:, v:v + VOCAB_BLOCK], out=out[:, v:v + VOCAB_BLOCK])
 
-        super().__init__([whole, column_blocks] if g.batch == 1 and g.n > VOCAB_BLOCK else [whole])
+        forms = [whole, column_blocks] if g.batch == 1 and g.n > VOCAB_BLOCK else [whole]
+        # The LM head's weight gradient (V x rows) @ (rows x d) also as the step runs it where the kernel is built:
+        # from the logit gradient row-major (rows x V), into fp32 V x d.
+        grad = torch.randn(g.k, g.m, dtype=dtype) if g.name == "lm_head dW" and g.batch == 1 else None
+        if grad is not None and cpu_gemms.lm_head_grad_applies(grad, b):
+            valid, dw = torch.ones(g.k, dtype=torch.bool), torch.empty(g.m, g.n)
+
+            def lm_head_kernel() -> None:
+                cpu_gemms.lm_head_weight_grad(grad, b, valid, dw)
+
+            forms.append(lm_head_kernel)
+        super().__init__(forms)
 
     def result(self) -> dict:
         medians = [statistics.median(c for _, c in timed) for timed in self.runs]

@@ -9,10 +9,11 @@
 The step is bench/train_step.py's Step (the trainer's: autocast forward + backward, clipping, fused AdamW with the
 non-finite skip), in a fresh process with the trainer's host settings. Its parts are timed inside the real step by
 process CPU time (CPU ops run synchronously): the loss (model/gpt.py's ChunkedLinearCrossEntropy forward, which on
-CPU also computes its gradient: the LM head's three GEMMs and the cross-entropy), the blocks (the rest of the forward
-and the backward: blocks, embedding, final norm), clipping, and the optimizer step with zero_grad. Beside the loss
-and the blocks, their own GEMMs timed alone at their shapes (bench/gemm_floor.py's FloorTimer, one run right after
-each step): the LM head's three, and the block linears with attention's at full T x S. Medians over --iters steps.
+CPU also computes its gradient, and its backward: the LM head's three GEMMs and the cross-entropy), the blocks (the
+rest of the forward and the backward: blocks, embedding, final norm), clipping, and the optimizer step with
+zero_grad. Beside the loss and the blocks, their own GEMMs timed alone at their shapes (bench/gemm_floor.py's
+FloorTimer, one run right after each step): the LM head's three, and the block linears with attention's at full T x
+S. Medians over --iters steps.
 
 Why beside `bench/train_step.py --floor`: a step's ratio to its GEMM floor says how much of it is outside the GEMMs,
 this says in which part; torch.profiler's self times misread some large copies on one host (bench/README.md,
@@ -51,20 +52,24 @@ PARTS = ("loss", "blocks", "clip", "optimizer")
 
 @contextlib.contextmanager
 def loss_timed(times: list[float], clock: Callable[[], float] = time.process_time) -> Iterator[None]:
-    """While inside: each ChunkedLinearCrossEntropy forward appends its seconds by `clock` (CPU time) to `times`."""
-    forward = gpt.ChunkedLinearCrossEntropy.forward
+    """While inside: each ChunkedLinearCrossEntropy forward and backward appends its seconds by `clock` (CPU time) to
+    `times` (the backward makes the LM head's weight gradient on CPU: model/loss_eager.py PendingWeightGrad)."""
+    cls = gpt.ChunkedLinearCrossEntropy
+    forward, backward = cls.forward, cls.backward
 
-    def timed(ctx: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        c = clock()
-        out = forward(ctx, *args, **kwargs)
-        times.append(clock() - c)
-        return out
+    def timing(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(ctx: Any, *args: Any, **kwargs: Any) -> Any:
+            c = clock()
+            out = fn(ctx, *args, **kwargs)
+            times.append(clock() - c)
+            return out
+        return timed
 
-    gpt.ChunkedLinearCrossEntropy.forward = staticmethod(timed)
+    cls.forward, cls.backward = staticmethod(timing(forward)), staticmethod(timing(backward))
     try:
         yield
     finally:
-        gpt.ChunkedLinearCrossEntropy.forward = forward
+        cls.forward, cls.backward = staticmethod(forward), staticmethod(backward)
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +89,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             step_wall = step()
             loss = sum(loss_times)
             p = step.parts
-            rows.append({"loss": loss, "blocks": p["forward"] - loss + p["backward"], "clip": p["clip"],
+            rows.append({"loss": loss, "blocks": p["forward"] + p["backward"] - loss, "clip": p["clip"],
                          "optimizer": p["optimizer"], "step": step_wall if wall else step.cpu_s})
             timer.run()
     floor = timer.floor()

@@ -11,7 +11,7 @@ import torch
 
 from bench import train_step
 from bench.gemm_floor import native_bf16, step_gemms
-from model import ModelConfig, cpu_kernels
+from model import ModelConfig, cpu_gemms, cpu_kernels
 
 
 @pytest.mark.parametrize("fields", [dict(attn="baseline"), dict(attn="gqa", n_kv_head=2),
@@ -101,6 +101,26 @@ def test_a_gemm_wider_than_the_lm_heads_blocks_is_timed_in_its_faster_form(monke
     assert 0 <= t["best_cpu_s"] <= t["cpu_s"] and 0 < t["best_wall_s"] <= t["wall_s"]
 
 
+def test_the_lm_heads_bf16_weight_gradient_is_also_timed_as_the_step_runs_it(monkeypatch):
+    """Where the CPU kernels' LM-head GEMM is built (model/csrc/cpu_lm_head.cpp) the step's bf16 weight gradient runs
+    there, so the floor times it too and counts the faster form: a floor of torch's forms alone could be slower than
+    the GEMM the step runs. Only that GEMM: the kernel is no form of any other product."""
+    import bench.gemm_floor as gf
+
+    if not cpu_kernels.built("lm_head_dw", torch.bfloat16):
+        pytest.skip("the kernel is built only where the compiler targets AVX-512-BF16")
+    calls: list[tuple[int, ...]] = []
+    real = cpu_gemms.lm_head_weight_grad
+    monkeypatch.setattr(cpu_gemms, "lm_head_weight_grad",
+                        lambda g, h, *a, **kw: calls.append(g.shape) or real(g, h, *a, **kw))
+    t = gf.time_gemm(gf.Gemm("lm_head dW", 1, 96, 32, 48, 1), torch.bfloat16, reps=3)
+    assert calls == [(32, 96)] * 4 and set(t["forms"]) == {"whole", "lm_head_kernel"}  # warm-up + 3
+    assert t["cpu_s"] == min(t["forms"].values())
+    for name in ("lm_head fwd", "qkv dW"):
+        assert set(gf.time_gemm(gf.Gemm(name, 1, 96, 32, 48, 1), torch.bfloat16, reps=1)["forms"]) == {"whole"}
+    assert set(gf.time_gemm(gf.Gemm("lm_head dW", 1, 96, 32, 48, 1), torch.float32, reps=1)["forms"]) == {"whole"}
+
+
 def test_pass_floor_times_each_unskippable_pass_over_the_whole_step(monkeypatch):
     """The softmax pass covers every row of the logits in cache-sized blocks (the last one partial), once per run;
     AdamW and the norm are timed in both precisions, and bf16 adds the weights' casts and gradient conversions."""
@@ -184,3 +204,20 @@ def test_dw_layouts_refuses_bf16_without_native_bf16_in_one_line(monkeypatch, ca
     assert dw_layouts.main(["--preset", "tiny", "--precision", "bf16"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--precision fp32" in err
+
+
+def test_dw_layouts_times_the_lm_heads_kernel_as_the_bf16_step_runs_it(capsys):
+    """In bf16, where the kernel is built, the LM head's row has a fourth form, the kernel's, and the step's sum takes
+    it there and the view elsewhere."""
+    from bench import dw_layouts
+
+    if not (native_bf16() and cpu_kernels.built("lm_head_dw", torch.bfloat16)):
+        pytest.skip("a host with native bf16 and the kernel built")
+    assert dw_layouts.main(["--preset", "tiny", "--batch", "1", "--seq-len", "32", "--rounds", "1", "--threads", "1",
+                            "--precision", "bf16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: [float(v) for v in line.split()[2:]] for line in lines[2:-1]}
+    assert len(rows.pop("lm_head")) == 4 and all(len(v) == 3 for v in rows.values())
+    head = [float(v) for v in next(ln for ln in lines if ln.split()[0] == "lm_head").split()[2:]]
+    step = float(lines[-1].split("the forms the step runs (the view; the LM head's kernel) ")[1].split(" ms")[0])
+    assert step == pytest.approx(sum(v[1] for v in rows.values()) + head[3], abs=0.01 * (len(rows) + 1))
