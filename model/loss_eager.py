@@ -166,14 +166,14 @@ def cpu_weight_grad(g: torch.Tensor, h_c: torch.Tensor, valid: torch.Tensor, gra
 
     On CPU with AVX-512-BF16 the CPU kernels' GEMM (csrc/cpu_lm_head.cpp) reads g row-major as the loss kernel wrote
     it and writes the fp32 gradient itself: 0.8-0.9x the time of torch's h^T g and its transposing pass (config S,
-    Zen 5, 1 and 2 threads; bench/README.md sixteenth pass), its sums in fp32. Elsewhere on CPU, g^T h with g^T a transposed view makes
-    oneDNN's bf16 kernel reorder the whole 206 MB logit gradient first (config S): 1.4-1.7x the time of the same
-    GEMM on contiguous operands on an AMX host. h^T g has both operands row-major (h^T is a copy of rows x d, 1.5 MB)
-    and writes the gradient transposed, into `out()` (d x vocab, g's dtype; None: a new one); turning that into
-    vocab x d costs a transposing fp32 conversion (the CPU kernels' register-transposed tiles, ~6 ms; torch's strided
-    copy 15-30) against ~80-100 CPU-ms saved (1 thread, config S). The sums are the same products in another order
-    of accumulation inside the GEMM: each value within a bf16 rounding of the other form's, held against float64
-    (tests/test_loss_blocks.py)."""
+    Zen 5, 1 and 2 threads; bench/README.md sixteenth pass), its sums in fp32. Elsewhere on CPU, g^T h with g^T a
+    transposed view makes oneDNN's bf16 kernel reorder the whole 206 MB logit gradient first (config S): 1.4-1.7x the
+    time of the same GEMM on contiguous operands on an AMX host. h^T g has both operands row-major (h^T is a copy of
+    rows x d, 1.5 MB) and writes the gradient transposed, into `out()` (d x vocab, g's dtype; None: a new one);
+    turning that into vocab x d costs a transposing fp32 conversion (the CPU kernels' register-transposed tiles,
+    ~6 ms; torch's strided copy 15-30) against ~80-100 CPU-ms saved (1 thread, config S). The sums are the same
+    products in another order of accumulation inside the GEMM: each value within a bf16 rounding of the other
+    form's, held against float64 (tests/test_loss_blocks.py)."""
     if lm_head_grad_applies(g, h_c) and (grad_w is None or grad_w.is_contiguous()):
         def finish(scale: float) -> torch.Tensor:
             return lm_head_weight_grad(g, h_c, valid, grad_w, accumulate=grad_w is not None, scale=scale)
