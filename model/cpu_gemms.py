@@ -1,15 +1,13 @@
 """The CPU kernels' bf16 GEMMs (model/csrc/bf16_gemm.h, built where the compiler targets AVX-512-BF16): causal
 attention in one call each way (csrc/cpu_attention.cpp, for model/cpu_attention.py) and the LM head's weight gradient
 from the row-major logit gradient (csrc/cpu_lm_head.cpp, for model/loss_eager.py). The library, its build and the
-rules for when a kernel may run are model/cpu_kernels.py's (its `_fn` looked up there at each call, where a test may
-watch it)."""
+rules for when a kernel may run are model/cpu_kernels.py's."""
 
 from __future__ import annotations
 
 import torch
 
-from . import cpu_kernels
-from .cpu_kernels import WIDTH, built, enabled_for
+from .cpu_kernels import WIDTH, _fn, built, enabled_for
 
 
 def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -37,7 +35,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     B, H, T, _ = q.shape
     out = torch.empty(B, T, H, v.shape[3], dtype=q.dtype)
     sizes, strides = _sizes_strides(q, k, v)
-    cpu_kernels._fn("attn_fwd", q.dtype)(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), sizes.data_ptr(),
+    _fn("attn_fwd", q.dtype)(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), sizes.data_ptr(),
                              strides.data_ptr(), scale, torch.get_num_threads())
     return out.transpose(1, 2)
 
@@ -50,9 +48,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: 
     dq, dk, dv = (torch.empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3], dtype=t.dtype).transpose(1, 2)
                   for t in (q, k, v))
     sizes, strides = _sizes_strides(q, k, v, grad)
-    cpu_kernels._fn("attn_bwd", q.dtype)(q.data_ptr(), k.data_ptr(), v.data_ptr(), grad.data_ptr(), dq.data_ptr(),
-                                         dk.data_ptr(), dv.data_ptr(), sizes.data_ptr(), strides.data_ptr(), scale,
-                                         torch.get_num_threads())
+    _fn("attn_bwd", q.dtype)(q.data_ptr(), k.data_ptr(), v.data_ptr(), grad.data_ptr(), dq.data_ptr(), dk.data_ptr(),
+                             dv.data_ptr(), sizes.data_ptr(), strides.data_ptr(), scale, torch.get_num_threads())
     return dq, dk, dv
 
 
@@ -74,6 +71,6 @@ def lm_head_weight_grad(g: torch.Tensor, h: torch.Tensor, valid: torch.Tensor, o
     dst = torch.empty((V, d), dtype=torch.float32) if out is None else out
     assert dst.is_contiguous() and dst.shape == (V, d) and dst.dtype == torch.float32
     valid8 = valid.to(torch.uint8).contiguous()
-    cpu_kernels._fn("lm_head_dw", g.dtype)(g.data_ptr(), g.stride(0), h.data_ptr(), h.stride(0), valid8.data_ptr(),
+    _fn("lm_head_dw", g.dtype)(g.data_ptr(), g.stride(0), h.data_ptr(), h.stride(0), valid8.data_ptr(),
                                dst.data_ptr(), rows, V, d, int(accumulate), scale, torch.get_num_threads())
     return dst

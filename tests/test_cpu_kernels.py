@@ -318,7 +318,8 @@ def test_a_training_run_takes_the_kernels_and_trains_as_with_torchs_ops(byte_dat
             "--data", str(byte_data)]
     called: set[str] = set()
     fn = cpu_kernels._fn
-    monkeypatch.setattr(cpu_kernels, "_fn", lambda name, *dtypes: called.add(name) or fn(name, *dtypes))
+    for module in (cpu_kernels, cpu_gemms):  # the elementwise kernels' wrappers and the GEMMs'
+        monkeypatch.setattr(module, "_fn", lambda name, *dtypes: called.add(name) or fn(name, *dtypes))
 
     def run(out: Path) -> tuple[dict, list[float]]:
         train(parse_config([*argv, "--out-dir", str(out)]))
