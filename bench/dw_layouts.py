@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.gemm_floor import Forms, Gemm, host_isa, native_bf16, step_gemms  # noqa: E402
 from bench.train_step import model_config  # noqa: E402
 from model import cpu_gemms  # noqa: E402
+from model.loss_eager import lm_head_kernel_applies  # noqa: E402
 
 FORMS = ("floor: dY^T contiguous", "dY^T a view", "X^T dY (out transposed)", "the LM head's kernel")
 
@@ -49,7 +50,7 @@ def _forms(g: Gemm, dtype: torch.dtype) -> list[Callable[[], torch.Tensor]]:
     dy, x = torch.randn(m, n, dtype=dtype), torch.randn(m, k, dtype=dtype)
     dy_t = dy.t().contiguous()
     forms = [lambda: torch.mm(dy_t, x), lambda: torch.mm(dy.t(), x), lambda: torch.mm(x.t().contiguous(), dy).t()]
-    if g.name.startswith("lm_head") and cpu_gemms.lm_head_grad_applies(dy, x):
+    if g.name.startswith("lm_head") and lm_head_kernel_applies(dy, x):
         valid, out = torch.ones(m, dtype=torch.bool), torch.empty(n, k)
         forms.append(lambda: cpu_gemms.lm_head_weight_grad(dy, x, valid, out))
     return forms

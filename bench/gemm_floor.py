@@ -33,6 +33,7 @@ import torch
 
 from model import ModelConfig, cpu_gemms
 from model.cpu_attention import native_bf16 as cpu_native_bf16
+from model.loss_eager import lm_head_kernel_applies
 
 try:
     from model.loss_chunk import VOCAB_BLOCK
@@ -121,7 +122,7 @@ class _Shape(Forms):
         # The LM head's weight gradient (V x rows) @ (rows x d) also as the step runs it where the kernel is built:
         # from the logit gradient row-major (rows x V), into fp32 V x d.
         grad = torch.randn(g.k, g.m, dtype=dtype) if g.name == "lm_head dW" and g.batch == 1 else None
-        if grad is not None and cpu_gemms.lm_head_grad_applies(grad, b):
+        if grad is not None and lm_head_kernel_applies(grad, b):
             valid, dw = torch.ones(g.k, dtype=torch.bool), torch.empty(g.m, g.n)
 
             def lm_head_kernel() -> None:

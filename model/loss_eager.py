@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from .cpu_attention import amx_tiles
 from .cpu_gemms import lm_head_grad_applies, lm_head_weight_grad
 from .cpu_kernels import (
     ce_and_logit_grad_,
@@ -157,6 +158,13 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype, kept: Callable[..., to
     return kept("weight_mm", weight.shape[0], weight.shape[1], dtype, weight.device).copy_(weight)
 
 
+def lm_head_kernel_applies(g: torch.Tensor, h_c: torch.Tensor) -> bool:
+    """Whether cpu_weight_grad runs the CPU kernels' GEMM for g^T h: where it applies (model/cpu_gemms.py) and the
+    CPU has no AMX tiles, whose GEMMs oneDNN runs faster than any AVX-512-BF16 kernel (as attention's kernel
+    yields to them: model/cpu_attention.py amx_tiles)."""
+    return not amx_tiles() and lm_head_grad_applies(g, h_c)
+
+
 def cpu_weight_grad(g: torch.Tensor, h_c: torch.Tensor, valid: torch.Tensor, grad_w: torch.Tensor | None,
                     out: Callable[[], torch.Tensor] | None, defer: bool = False) -> torch.Tensor | PendingWeightGrad:
     """`grad_w` (vocab x d, fp32; None: a new one) plus the chunk's weight gradient g^T h (g: rows x vocab logit
@@ -164,17 +172,17 @@ def cpu_weight_grad(g: torch.Tensor, h_c: torch.Tensor, valid: torch.Tensor, gra
     kept buffer) the sum is returned pending (PendingWeightGrad): it runs in the loss's backward, scaled there in the
     same pass.
 
-    On CPU with AVX-512-BF16 the CPU kernels' GEMM (csrc/cpu_lm_head.cpp) reads g row-major as the loss kernel wrote
-    it and writes the fp32 gradient itself: 0.8-0.9x the time of torch's h^T g and its transposing pass (config S,
-    Zen 5, 1 and 2 threads; bench/README.md sixteenth pass), its sums in fp32. Elsewhere on CPU, g^T h with g^T a
-    transposed view makes oneDNN's bf16 kernel reorder the whole 206 MB logit gradient first (config S): 1.4-1.7x the
-    time of the same GEMM on contiguous operands on an AMX host. h^T g has both operands row-major (h^T is a copy of
-    rows x d, 1.5 MB) and writes the gradient transposed, into `out()` (d x vocab, g's dtype; None: a new one);
-    turning that into vocab x d costs a transposing fp32 conversion (the CPU kernels' register-transposed tiles,
-    ~6 ms; torch's strided copy 15-30) against ~80-100 CPU-ms saved (1 thread, config S). The sums are the same
-    products in another order of accumulation inside the GEMM: each value within a bf16 rounding of the other
-    form's, held against float64 (tests/test_loss_blocks.py)."""
-    if lm_head_grad_applies(g, h_c) and (grad_w is None or grad_w.is_contiguous()):
+    On CPU with AVX-512-BF16 and no AMX (lm_head_kernel_applies) the CPU kernels' GEMM (csrc/cpu_lm_head.cpp) reads
+    g row-major as the loss kernel wrote it and writes the fp32 gradient itself: 0.8-0.9x the time of torch's h^T g
+    and its transposing pass (config S, Zen 5, 1 and 2 threads; bench/README.md sixteenth pass), its sums in fp32.
+    Elsewhere on CPU, g^T h with g^T a transposed view makes oneDNN's bf16 kernel reorder the whole 206 MB logit
+    gradient first (config S): 1.4-1.7x the time of the same GEMM on contiguous operands on an AMX host. h^T g has
+    both operands row-major (h^T is a copy of rows x d, 1.5 MB) and writes the gradient transposed, into `out()`
+    (d x vocab, g's dtype; None: a new one); turning that into vocab x d costs a transposing fp32 conversion (the CPU
+    kernels' register-transposed tiles, ~6 ms; torch's strided copy 15-30) against ~80-100 CPU-ms saved (1 thread,
+    config S). The sums are the same products in another order of accumulation inside the GEMM: each value within a
+    bf16 rounding of the other form's, held against float64 (tests/test_loss_blocks.py)."""
+    if lm_head_kernel_applies(g, h_c) and (grad_w is None or grad_w.is_contiguous()):
         def finish(scale: float) -> torch.Tensor:
             return lm_head_weight_grad(g, h_c, valid, grad_w, accumulate=grad_w is not None, scale=scale)
     else:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, ModelConfig, cpu_gemms, cpu_kernels, loss_eager
+from model.cpu_attention import amx_tiles
 from model.fused import residual_add, rms_norm, swiglu, swiglu_reference
 from model.loss_eager import PendingWeightGrad, chunk_loss_and_logit_grad_eager_
 from model.rope import apply_rotary
@@ -233,8 +234,9 @@ def test_two_forwards_before_their_backward_keep_each_ones_weight_gradient(monke
     model.zero_grad(set_to_none=True)
     (loss(0) + loss(1)).backward()
     assert all(torch.equal(p.grad, w) for p, w in zip(model.parameters(), want, strict=True))
-    # where the LM head's GEMM (AVX-512-BF16) or the transposing kernel (AVX-512) is built
-    deferred = cpu_kernels.built("lm_head_dw", torch.bfloat16) or cpu_kernels.built("transpose_to_f32", torch.bfloat16)
+    # where the LM head's GEMM (AVX-512-BF16, no AMX) or the transposing kernel (AVX-512) runs
+    deferred = ((cpu_kernels.built("lm_head_dw", torch.bfloat16) and not amx_tiles())
+                or cpu_kernels.built("transpose_to_f32", torch.bfloat16))
     assert len(pending) == (4 if deferred else 0)
 
 
@@ -332,10 +334,11 @@ def test_a_training_run_takes_the_kernels_and_trains_as_with_torchs_ops(byte_dat
     bf16 = meta["host"]["native_bf16"]
     # attention's kernel: bf16 steps (a host with native bf16) and a library built with AVX-512-BF16
     attention = {"attn_fwd", "attn_bwd"} if bf16 and cpu_kernels.built("attn_fwd", torch.bfloat16) else set()
-    # the LM head's bf16 weight gradient: its GEMM (a library built with AVX-512-BF16), else torch's GEMM output turned
-    # into fp32 (AVX-512)
+    # the LM head's bf16 weight gradient: its GEMM (a library built with AVX-512-BF16, a CPU without AMX), else torch's
+    # GEMM output turned into fp32 (AVX-512)
+    kernel = cpu_kernels.built("lm_head_dw", torch.bfloat16) and not amx_tiles()
     head = next(({name} for name in ("lm_head_dw", "transpose_to_f32")
-                 if bf16 and cpu_kernels.built(name, torch.bfloat16)), set())
+                 if bf16 and cpu_kernels.built(name, torch.bfloat16) and (kernel or name != "lm_head_dw")), set())
     residual = {"add"} if bf16 else set()  # the blocks' residual adds of bf16 branch outputs (autocast)
     assert called == {"ce_grad", "swiglu_fwd", "swiglu_bwd", "rotate", "rms_norm_fwd", "rms_norm_bwd", *attention,
                       *head, *residual, "sum_squares",  # the clip's norm (pretrain/train/grad_clip.py)
