@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.gemm_floor import Forms, Gemm, host_isa, native_bf16, step_gemms  # noqa: E402
 from bench.train_step import model_config  # noqa: E402
 from model import cpu_gemms  # noqa: E402
-from model.loss_eager import lm_head_kernel_applies  # noqa: E402
+from model.cpu_attention import amx_tiles  # noqa: E402
 
 FORMS = ("floor: dY^T contiguous", "dY^T a view", "X^T dY (out transposed)", "the LM head's kernel")
 
@@ -36,8 +36,8 @@ FORMS = ("floor: dY^T contiguous", "dY^T a view", "X^T dY (out transposed)", "th
 def step_form(name: str, dtype: torch.dtype, kernel: bool) -> int:
     """The index in FORMS of the form the step runs for the dW GEMM `name`: autograd's linear backward multiplies
     dY^T as a view, as does the fp32 loss (model/loss_chunk.py backprop_chunk); the bf16 loss's runs the CPU kernels'
-    GEMM where it is built (`kernel`: model/csrc/cpu_lm_head.cpp), else h^T g (model/loss_eager.py
-    cpu_weight_grad)."""
+    GEMM where the step takes it (`kernel`: model/loss_eager.py lm_head_kernel_applies, not on an AMX host), else
+    h^T g (cpu_weight_grad)."""
     if not name.startswith("lm_head") or dtype == torch.float32:
         return 1
     return 3 if kernel else 2
@@ -45,12 +45,12 @@ def step_form(name: str, dtype: torch.dtype, kernel: bool) -> int:
 
 def _forms(g: Gemm, dtype: torch.dtype) -> list[Callable[[], torch.Tensor]]:
     """g's dW, (N x M) @ (M x K), in each of FORMS that applies, from a row-major dY (M x N) and X (M x K): the
-    kernel's for the LM head where it is built (fp32 out)."""
+    kernel's for the LM head where it is built (fp32 out), on an AMX host too, where the step leaves it to oneDNN."""
     n, m, k = g.m, g.k, g.n
     dy, x = torch.randn(m, n, dtype=dtype), torch.randn(m, k, dtype=dtype)
     dy_t = dy.t().contiguous()
     forms = [lambda: torch.mm(dy_t, x), lambda: torch.mm(dy.t(), x), lambda: torch.mm(x.t().contiguous(), dy).t()]
-    if g.name.startswith("lm_head") and lm_head_kernel_applies(dy, x):
+    if g.name.startswith("lm_head") and cpu_gemms.lm_head_grad_applies(dy, x):
         valid, out = torch.ones(m, dtype=torch.bool), torch.empty(n, k)
         forms.append(lambda: cpu_gemms.lm_head_weight_grad(dy, x, valid, out))
     return forms
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'GEMM':<14}" + "".join(f"{f:>26}" for f in FORMS[:max(len(r["s"]) for r in rows)]))
     for r in rows:
         print(f"  {r['name']:<14}" + "".join(f"{s * 1e3:>26.2f}" for s in r["s"]))
-    kernel = any(len(r["s"]) == len(FORMS) for r in rows)
+    kernel = any(len(r["s"]) == len(FORMS) for r in rows) and not amx_tiles()  # as lm_head_kernel_applies
     floor = sum(r["s"][0] for r in rows)
     step = sum(r["s"][step_form(r["name"], dtype, kernel)] for r in rows)
     head = "the LM head's kernel" if kernel else "the LM head's X^T dY"
