@@ -121,8 +121,10 @@ class _Shape(Forms):
         forms = [whole, column_blocks] if g.batch == 1 and g.n > VOCAB_BLOCK else [whole]
         # The LM head's weight gradient (V x rows) @ (rows x d) also as the step runs it where the kernel is built:
         # from the logit gradient row-major (rows x V), into fp32 V x d.
-        grad = torch.randn(g.k, g.m, dtype=dtype) if g.name == "lm_head dW" and g.batch == 1 else None
+        # `grad` is filled only where the kernel applies (206 MB at config S; empty memory is never touched).
+        grad = torch.empty(g.k, g.m, dtype=dtype) if g.name == "lm_head dW" and g.batch == 1 else None
         if grad is not None and lm_head_kernel_applies(grad, b):
+            grad.normal_()
             valid, dw = torch.ones(g.k, dtype=torch.bool), torch.empty(g.m, g.n)
 
             def lm_head_kernel() -> None:
