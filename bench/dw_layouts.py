@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'GEMM':<14}" + "".join(f"{f:>26}" for f in FORMS[:max(len(r["s"]) for r in rows)]))
     for r in rows:
         print(f"  {r['name']:<14}" + "".join(f"{s * 1e3:>26.2f}" for s in r["s"]))
-    kernel = any(len(r["s"]) == len(FORMS) for r in rows) and not amx_tiles()  # as lm_head_kernel_applies
+    kernel = any(len(r["s"]) == len(FORMS) for r in rows) and not amx_tiles() and native_bf16()  # as the step
     floor = sum(r["s"][0] for r in rows)
     step = sum(r["s"][step_form(r["name"], dtype, kernel)] for r in rows)
     head = "the LM head's kernel" if kernel else "the LM head's X^T dY"

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from .cpu_attention import amx_tiles
+from .cpu_attention import amx_tiles, native_bf16
 from .cpu_gemms import lm_head_grad_applies, lm_head_weight_grad
 from .cpu_kernels import (
     ce_and_logit_grad_,
@@ -159,10 +159,11 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype, kept: Callable[..., to
 
 
 def lm_head_kernel_applies(g: torch.Tensor, h_c: torch.Tensor) -> bool:
-    """Whether cpu_weight_grad runs the CPU kernels' GEMM for g^T h: where it applies (model/cpu_gemms.py) and the
-    CPU has no AMX tiles, whose GEMMs oneDNN runs faster than any AVX-512-BF16 kernel (as attention's kernel
-    yields to them: model/cpu_attention.py amx_tiles)."""
-    return not amx_tiles() and lm_head_grad_applies(g, h_c)
+    """Whether cpu_weight_grad runs the CPU kernels' GEMM for g^T h: where it applies (model/cpu_gemms.py), bf16 is
+    native (not capped away: a bench emulating a smaller host, model/cpu_attention.py native_bf16) and the CPU has no
+    AMX tiles, whose GEMMs oneDNN runs faster than any AVX-512-BF16 kernel (as attention's kernel yields to them:
+    amx_tiles)."""
+    return not amx_tiles() and native_bf16() and lm_head_grad_applies(g, h_c)
 
 
 def cpu_weight_grad(g: torch.Tensor, h_c: torch.Tensor, valid: torch.Tensor, grad_w: torch.Tensor | None,
