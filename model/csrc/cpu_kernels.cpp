@@ -228,8 +228,9 @@ static double sum_squares(const T *const *xs, const int64_t *ns, int64_t count, 
 
 #if defined(__AVX512F__)
 // dst (n x d fp32, rows contiguous) = src^T * scale, or (dst + src^T) * scale with acc, for src (d x n bf16, row
-// stride lds; n and d multiples of 16): the LM head's weight gradient, whose GEMM writes it transposed
-// (model/loss_eager.py weight_grad_transposed), in 16 x 16 tiles transposed in registers, scaled by the loss's
+// stride lds; n and d multiples of 16): the LM head's weight gradient, whose GEMM writes it transposed where the
+// library has no GEMM of its own for it (model/loss_eager.py cpu_weight_grad), in 16 x 16 tiles transposed in
+// registers, scaled by the loss's
 // backward in the same pass (the sum rounded, then the product: a separate scaling pass's values). torch's strided
 // copy took ~2x as long.
 extern "C" void transpose_to_f32_bf16(const bf16 *src, int64_t lds, float *dst, int64_t n, int64_t d, int acc,
@@ -240,12 +241,7 @@ extern "C" void transpose_to_f32_bf16(const bf16 *src, int64_t lds, float *dst, 
         for (int64_t c0 = 0; c0 < d; c0 += 16) {
             __m512 r[16];
             for (int i = 0; i < 16; i++) r[i] = (__m512)io<bf16>::load(src + (c0 + i) * lds + v0);
-            transpose16(r);
-            for (int c = 0; c < 16; c++) {
-                float *out = dst + (v0 + c) * d + c0;
-                const __m512 col = r[column16(c)];
-                _mm512_storeu_ps(out, _mm512_mul_ps(acc ? _mm512_add_ps(_mm512_loadu_ps(out), col) : col, s));
-            }
+            store_transposed16(r, dst + v0 * d + c0, d, acc, s);
         }
 }
 #endif

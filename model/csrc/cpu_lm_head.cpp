@@ -3,12 +3,13 @@
 // final hidden states h (rows x d bf16), rows that are not `valid` left out (model/loss_eager.py).
 //
 // Why not torch.mm: oneDNN's bf16 GEMM multiplies fastest with g^T contiguous (vocab x rows), which the step does not
-// have; both forms it can call on a row-major g (g^T as a view, or h^T g) repack the whole 206 MB gradient inside the
-// GEMM (config S, Zen 5: 1.1-1.2x the contiguous form's time), and h^T g then needs a pass turning its d x V bf16
-// output into the fp32 V x d gradient. Here each task takes 64 vocab columns: packs them into pairs of rows (the B operand
-// vdpbf16ps reads) in a buffer that stays in the core's L2, multiplies every row of h^T by it (h packed once per
-// call), and transposes the fp32 block into the gradient in registers, scaled: g read once from memory, the gradient
-// written once, and its sums fp32 throughout (h^T g's rounded them to bf16). bench/README.md, sixteenth pass.
+// have; both forms it can call on a row-major g (g^T as a view, or h^T g) repack the whole 206 MB gradient inside
+// the GEMM (config S, Zen 5: 1.1-1.2x the contiguous form's time), and h^T g then needs a pass turning its d x V
+// bf16 output into the fp32 V x d gradient. Here each task takes 64 vocab columns: packs them into pairs of rows
+// (the B operand vdpbf16ps reads) in a buffer that stays in the core's L2, multiplies every row of h^T by it (h
+// packed once per call), and transposes the fp32 block into the gradient in registers, scaled: g read once from
+// memory, the gradient written once, and its sums fp32 throughout (h^T g's rounded them to bf16). bench/README.md,
+// sixteenth pass.
 #include "bf16_gemm.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
@@ -58,12 +59,7 @@ extern "C" void lm_head_dw_bf16(const bf16 *g, int64_t ldg, const bf16 *h, int64
                 for (int64_t j = 0; j < n; j += 16) {
                     __m512 r[16];
                     for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(cb + (c0 + i) * PANEL + j);
-                    transpose16(r);
-                    for (int c = 0; c < 16; c++) {
-                        float *o = out + (v0 + j + c) * d + c0;
-                        const __m512 col = r[column16(c)];
-                        _mm512_storeu_ps(o, _mm512_mul_ps(acc ? _mm512_add_ps(_mm512_loadu_ps(o), col) : col, s));
-                    }
+                    store_transposed16(r, out + (v0 + j) * d + c0, d, acc, s);
                 }
         }
         free(pb);

@@ -130,4 +130,16 @@ static inline void transpose16(__m512 r[16]) {
         r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
     }
 }
+
+// The fp32 tile r (row i: r[i]) stored transposed: column c into dst + c * ld, times s, or with acc (dst's values +
+// the column) * s, the sum rounded, then the product. The LM head's fp32 weight gradient from sums laid out d x V
+// (cpu_kernels.cpp transpose_to_f32, cpu_lm_head.cpp).
+static inline void store_transposed16(__m512 r[16], float *dst, int64_t ld, bool acc, __m512 s) {
+    transpose16(r);
+    for (int c = 0; c < 16; c++) {
+        float *o = dst + c * ld;
+        const __m512 col = r[column16(c)];
+        _mm512_storeu_ps(o, _mm512_mul_ps(acc ? _mm512_add_ps(_mm512_loadu_ps(o), col) : col, s));
+    }
+}
 #endif
