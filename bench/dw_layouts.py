@@ -28,19 +28,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.gemm_floor import Forms, Gemm, host_isa, native_bf16, step_gemms  # noqa: E402
 from bench.train_step import model_config  # noqa: E402
 from model import cpu_gemms  # noqa: E402
-from model.cpu_attention import amx_tiles  # noqa: E402
+from model.loss_eager import lm_head_kernel_applies  # noqa: E402
 
 FORMS = ("floor: dY^T contiguous", "dY^T a view", "X^T dY (out transposed)", "the LM head's kernel")
 
 
-def step_form(name: str, dtype: torch.dtype, kernel: bool) -> int:
-    """The index in FORMS of the form the step runs for the dW GEMM `name`: autograd's linear backward multiplies
-    dY^T as a view, as does the fp32 loss (model/loss_chunk.py backprop_chunk); the bf16 loss's runs the CPU kernels'
-    GEMM where the step takes it (`kernel`: model/loss_eager.py lm_head_kernel_applies, not on an AMX host), else
-    h^T g (cpu_weight_grad)."""
-    if not name.startswith("lm_head") or dtype == torch.float32:
+def step_form(g: Gemm, dtype: torch.dtype) -> int:
+    """The index in FORMS of the form the step runs for the dW GEMM `g`: autograd's linear backward multiplies dY^T as
+    a view, as does the fp32 loss (model/loss_chunk.py backprop_chunk); the bf16 loss's runs the CPU kernels' GEMM
+    where the step takes it (model/loss_eager.py lm_head_kernel_applies: not on an AMX host), else h^T g
+    (cpu_weight_grad)."""
+    if not g.name.startswith("lm_head") or dtype == torch.float32:
         return 1
-    return 3 if kernel else 2
+    rows_of = (torch.empty(0, g.m, dtype=dtype), torch.empty(0, g.n, dtype=dtype))  # the step's question, no rows
+    return 3 if lm_head_kernel_applies(*rows_of) else 2
 
 
 def _forms(g: Gemm, dtype: torch.dtype) -> list[Callable[[], torch.Tensor]]:
@@ -69,7 +70,7 @@ def measure(preset: str, batch: int, seq_len: int, dtype: torch.dtype, rounds: i
         timer = Forms(forms)
         for _ in range(rounds):
             timer.run()
-        rows.append({"name": g.name, "count": g.count,
+        rows.append({"name": g.name, "count": g.count, "step": step_form(g, dtype),
                      "s": [statistics.median(w for w, _ in runs) * g.count for runs in timer.runs]})
     return rows
 
@@ -98,10 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'GEMM':<14}" + "".join(f"{f:>26}" for f in FORMS[:max(len(r["s"]) for r in rows)]))
     for r in rows:
         print(f"  {r['name']:<14}" + "".join(f"{s * 1e3:>26.2f}" for s in r["s"]))
-    kernel = any(len(r["s"]) == len(FORMS) for r in rows) and not amx_tiles() and native_bf16()  # as the step
     floor = sum(r["s"][0] for r in rows)
-    step = sum(r["s"][step_form(r["name"], dtype, kernel)] for r in rows)
-    head = "the LM head's kernel" if kernel else "the LM head's X^T dY"
+    step = sum(r["s"][r["step"]] for r in rows)
+    head = FORMS[3] if any(r["step"] == 3 for r in rows) else "the LM head's X^T dY"
     runs = "the view" + (f"; {head}" if dtype != torch.float32 else "")
     print(f"  the floor's form {floor * 1e3:.2f} ms; the forms the step runs ({runs}) {step * 1e3:.2f} ms "
           f"({(step - floor) * 1e3:+.2f})")

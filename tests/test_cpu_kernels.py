@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, ModelConfig, cpu_gemms, cpu_kernels, loss_eager
-from model.cpu_attention import amx_tiles
 from model.fused import residual_add, rms_norm, swiglu, swiglu_reference
 from model.loss_eager import PendingWeightGrad, chunk_loss_and_logit_grad_eager_
 from model.rope import apply_rotary
@@ -39,6 +38,11 @@ def threads(request):
     torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(before)
+
+
+def _lm_head_kernel_runs() -> bool:
+    """Whether a bf16 step here takes the LM head's GEMM (the step's own rule, asked of operands with no rows)."""
+    return loss_eager.lm_head_kernel_applies(*(torch.empty(0, 64, dtype=torch.bfloat16) for _ in range(2)))
 
 
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -235,8 +239,7 @@ def test_two_forwards_before_their_backward_keep_each_ones_weight_gradient(monke
     (loss(0) + loss(1)).backward()
     assert all(torch.equal(p.grad, w) for p, w in zip(model.parameters(), want, strict=True))
     # where the LM head's GEMM (AVX-512-BF16, no AMX) or the transposing kernel (AVX-512) runs
-    deferred = ((cpu_kernels.built("lm_head_dw", torch.bfloat16) and not amx_tiles())
-                or cpu_kernels.built("transpose_to_f32", torch.bfloat16))
+    deferred = _lm_head_kernel_runs() or cpu_kernels.built("transpose_to_f32", torch.bfloat16)
     assert len(pending) == (4 if deferred else 0)
 
 
@@ -334,11 +337,12 @@ def test_a_training_run_takes_the_kernels_and_trains_as_with_torchs_ops(byte_dat
     bf16 = meta["host"]["native_bf16"]
     # attention's kernel: bf16 steps (a host with native bf16) and a library built with AVX-512-BF16
     attention = {"attn_fwd", "attn_bwd"} if bf16 and cpu_kernels.built("attn_fwd", torch.bfloat16) else set()
-    # the LM head's bf16 weight gradient: its GEMM (a library built with AVX-512-BF16, a CPU without AMX), else torch's
-    # GEMM output turned into fp32 (AVX-512)
-    kernel = cpu_kernels.built("lm_head_dw", torch.bfloat16) and not amx_tiles()
-    head = next(({name} for name in ("lm_head_dw", "transpose_to_f32")
-                 if bf16 and cpu_kernels.built(name, torch.bfloat16) and (kernel or name != "lm_head_dw")), set())
+    # the LM head's bf16 weight gradient: its GEMM where the step takes it (AVX-512-BF16, no AMX), else torch's GEMM
+    # output turned into fp32 (AVX-512)
+    if bf16 and _lm_head_kernel_runs():
+        head = {"lm_head_dw"}
+    else:
+        head = {"transpose_to_f32"} if bf16 and cpu_kernels.built("transpose_to_f32", torch.bfloat16) else set()
     residual = {"add"} if bf16 else set()  # the blocks' residual adds of bf16 branch outputs (autocast)
     assert called == {"ce_grad", "swiglu_fwd", "swiglu_bwd", "rotate", "rms_norm_fwd", "rms_norm_bwd", *attention,
                       *head, *residual, "sum_squares",  # the clip's norm (pretrain/train/grad_clip.py)
