@@ -35,8 +35,8 @@ ROOT = estimate_cache.ROOT
 def shipped_plans() -> list[tuple[str, str]]:
     """(tier, --variant) of every dry run whose estimates ship: each GPU tier with each variant, and the cpu tier's
     default plan. The cpu tier fits the machine's RAM, not a card, but its default micro-batch fits any machine with
-    a few GiB, so its estimates are the same everywhere; its other variants' (the tiny model: ~0.1 s each, after
-    the tracker's import) are traced on first use."""
+    a few GiB, so its estimates are the same everywhere but for the host's bf16 (run_plans plans both); its other
+    variants' (the tiny model: ~0.1 s each, after the tracker's import) are traced on first use."""
     from model import PAPER_PRESETS
     from model.variants import ATTENTION_VARIANTS
     from pretrain.plan.resolve import VARIANTS
@@ -52,12 +52,21 @@ def plan_argv(tier: str, variant: str, run_root: str) -> list[str]:
 
 
 def run_plans(specs: list[tuple[str, str]]) -> None:
-    """Plan each (tier, variant) in this process: every estimate lands in $PRETRAIN_CACHE_DIR with its key parts."""
+    """Plan each (tier, variant) in this process: every estimate lands in $PRETRAIN_CACHE_DIR with its key parts.
+    The cpu tier is planned as on each host class (pretrain/plan/resolve.py: fp32 where bf16 is emulated, autocast
+    where it is native), so the file serves a user's first dry run on either, whichever host made it."""
+    from pretrain.plan import resolve
     from pretrain.plan.launch import plan_from_argv
 
+    host_bf16 = resolve.cpu_has_fast_bf16
     with tempfile.TemporaryDirectory() as runs:
         for tier, variant in specs:
-            plan_from_argv(plan_argv(tier, variant, runs), gpu=None)
+            for native in (True, False) if tier == "cpu" else (host_bf16(),):
+                resolve.cpu_has_fast_bf16 = lambda native=native: native  # type: ignore[assignment]
+                try:
+                    plan_from_argv(plan_argv(tier, variant, runs), gpu=None)
+                finally:
+                    resolve.cpu_has_fast_bf16 = host_bf16  # type: ignore[assignment]
 
 
 def coverage_estimates() -> list[tuple[Any, Any, int, Any]]:
