@@ -105,3 +105,20 @@ def test_null_key_scores_as_a_key_at_position_zero():
             assert torch.allclose((query(m) * null).sum(-1), (query(m + 4) * rotated_null(4)).sum(-1), atol=1e-5)
         assert not torch.allclose((query(0) * null).sum(-1), (query(9) * null).sum(-1)), "depends on distance"
         assert hd == null.shape[-1]
+
+
+@pytest.mark.parametrize("native,flags,warned", [(False, [], True), (False, ["--no-amp"], False),
+                                                 (True, [], False)])
+def test_bf16_autocast_on_a_cpu_that_emulates_it_is_named_with_the_fix(byte_data, tmp_path, monkeypatch, capsys,
+                                                                       native, flags, warned):
+    """bf16 autocast where the CPU has no bf16 dot product (an AVX2 host: config S's step 256 s against fp32's
+    3.1 s): the trainer says so in one line with the flag that fixes it, and trains what it was given."""
+    from pretrain.train import device
+
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: native)
+    assert run(byte_data, tmp_path / "r", "--steps", "1", *flags)["status"] == "completed"
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "bf16 autocast is emulated" in ln]
+    assert len(lines) == int(warned)
+    assert all(ln.startswith("warning: ") and "--no-amp" in ln for ln in lines)
+    meta = next(e for e in read_jsonl(tmp_path / "r" / "train.jsonl") if e["type"] == "meta")
+    assert meta["host"]["native_bf16"] is native and meta["train_config"]["amp"] is not flags

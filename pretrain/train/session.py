@@ -248,6 +248,8 @@ def _open_trackers(cfg: TrainConfig, ds: TokenDataset, dist: dist_lib.Dist, star
     console = Console(cfg.live if main else "off", total_steps=cfg.steps, start_step=prog.step)
     if main and start.note:
         console.print(start.note)
+    if main and (emulated := dev.emulated_autocast_warning(torch.device(info["device"]), cfg.amp, cfg.amp_dtype)):
+        console.print(emulated)
     log = RunLog(run_dir, resume_step=prog.step if start.resumed else None, resume_fields=resume_fields) \
         if main else None
     if log and not start.resumed:
