@@ -23,9 +23,10 @@ def child_env(threads: int, inductor_cache: str, ref: str | None = None,
               trainer_settings: bool = True, isa: str | None = None) -> dict[str, str]:
     """The environment of a child that times a step: `threads` OpenMP threads, its own inductor cache, and (with
     `trainer_settings`) the process settings this project's trainer makes before torch loads, where the checkout
-    timed (`ref`, else this one) has them: huge pages (pretrain/train/host_alloc.py) and OpenMP's short spin
-    (pretrain/train/host_threads.py). `ref` also puts that checkout's code first (BENCH_CODE_ROOT). `isa` caps the
-    kernels to that ISA (bench/gemm_floor.py: ISA_CAPS), emulating a smaller host."""
+    timed (`ref`, else this one) has them: huge pages (pretrain/train/host_alloc.py), OpenMP's short spin
+    (pretrain/train/host_threads.py) and MKL's optimized paths on AMD CPUs (pretrain/train/host_blas.py). `ref` also
+    puts that checkout's code first (BENCH_CODE_ROOT). `isa` caps the kernels to that ISA (bench/gemm_floor.py:
+    ISA_CAPS), emulating a smaller host."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TORCHINDUCTOR_CACHE_DIR": inductor_cache,
            **(ISA_CAPS[isa] if isa else {})}
     if ref:
@@ -38,6 +39,10 @@ def child_env(threads: int, inductor_cache: str, ref: str | None = None,
         from pretrain.train.host_threads import with_idle_threads_asleep
 
         env = with_idle_threads_asleep(env)
+    if trainer_settings and (ref is None or (Path(ref) / "pretrain/train/host_blas.py").exists()):
+        from pretrain.train.host_blas import with_mkl_on_amd
+
+        env = with_mkl_on_amd(env)
     return env
 
 

@@ -54,6 +54,14 @@ for key, value in {
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from pretrain.train.host_blas import configure_host_blas, with_mkl_on_amd  # noqa: E402
+
+# Every process of the session multiplies as the trainer does (pretrain/train/host_blas.py: MKL's optimized paths on
+# an AMD CPU): this one, before torch loads, and every process it starts (preloaded), so a run in a test and one in
+# a child agree bit for bit.
+os.environ.update(with_mkl_on_amd(os.environ))
+configure_host_blas()
+
 import suite_estimates  # noqa: E402
 import zygote  # noqa: E402
 

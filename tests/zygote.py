@@ -39,7 +39,7 @@ from pathlib import Path
 PRELOAD = ("torch", "torch._dynamo", "numpy", "matplotlib.figure", "matplotlib.backends.backend_agg")
 # Environment read at import (by libgomp, torch, python itself): a command whose values differ is exec'd.
 _IMPORT_ENV = ("OMP_", "MKL_", "KMP_", "GOMP_", "TORCH", "PYTORCH", "CUDA", "PYTHON", "LD_", "MALLOC", "THP_",
-               "MPLBACKEND")
+               "MPLBACKEND", "PRETRAIN_MKL_ON_AMD")
 _PR_SET_CHILD_SUBREAPER = 36
 _MODULES = ("pretrain", "torch.distributed.run", "ipykernel_launcher")  # `python -m` commands forked (+ scripts, -c)
 _EXEC_ENV = "PRETRAIN_TEST_EXEC"  # "1": exec'd (in the test's environment: all; in a command's: it and its children)

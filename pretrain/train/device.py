@@ -16,6 +16,7 @@ from model import cpu_kernels
 from model.cpu_attention import native_bf16
 from pretrain.errors import UserError
 from pretrain.train.host_alloc import keep_large_blocks
+from pretrain.train.host_blas import mkl_on_amd
 from pretrain.units import torch_dtype
 
 # Dense bf16 tensor-core peak FLOP/s (no sparsity), from vendor datasheets. Matched by substring of
@@ -74,7 +75,8 @@ def setup_device(device: torch.device) -> dict[str, object]:
         keep_large_blocks()  # the heap is the device's memory here (pretrain/train/host_alloc.py)
         # cpu_kernels.kernels(): built here (~1 s, once per host) before the first step's clock, not inside it
         return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-                "native_bf16": cpu_has_fast_bf16(), "fused_kernels": cpu_kernels.kernels() is not None}
+                "native_bf16": cpu_has_fast_bf16(), "fused_kernels": cpu_kernels.kernels() is not None,
+                "mkl_on_amd": mkl_on_amd()}
     return {}
 
 
