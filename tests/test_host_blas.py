@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,3 +78,15 @@ def test_a_child_environment_preloads_the_library_once_and_keeps_the_users():
     from bench.children import child_env
 
     assert len(child_env(1, "/tmp/x").get("LD_PRELOAD", "").split()) >= APPLIES
+
+
+def test_the_bench_times_mkl_on_its_own_branch_and_answered(capsys):
+    from bench import blas_branch
+
+    assert blas_branch.main(["--threads", "1", "--reps", "1"]) == 0
+    head, _, *rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == len(blas_branch.SHAPES) and all(len(r.split()) == 8 for r in rows)
+    found = re.search(r"MKL's branch (\w+) on its own, (\w+) with the vendor check answered", head)
+    assert found, head
+    own, answered = (None if x == "None" else int(x) for x in found.groups())
+    assert (own is None and answered is None) or (answered > own) is APPLIES, head

@@ -21,7 +21,7 @@ from model.gpt import LossWorkspace, chunked_cross_entropy
 from pretrain.plan import memory
 from pretrain.plan.fit import step_peak_bytes
 from pretrain.track.runlog import read_jsonl
-from pretrain.train import device, distributed, resume, speed
+from pretrain.train import device, distributed, host_blas, resume, speed
 from pretrain.train.config import TrainConfig, parse_config
 from pretrain.train.loop import train
 from pretrain.train.optim import build_optimizer
@@ -245,4 +245,5 @@ def test_run_meta_records_the_cpu_it_ran_on(byte_data, tmp_path):
     meta = next(e for e in read_jsonl(out / "train.jsonl") if e["type"] == "meta")
     assert meta["host"] == {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
                             "threads": torch.get_num_threads(), "native_bf16": device.cpu_has_fast_bf16(),
-                            "fused_kernels": cpu_kernels.kernels() is not None}
+                            "fused_kernels": cpu_kernels.kernels() is not None,
+                            "mkl_on_amd": host_blas.mkl_on_amd()}  # on AMD, True: conftest.py loads it
