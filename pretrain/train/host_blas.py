@@ -98,7 +98,7 @@ def with_mkl_on_amd(env: Mapping[str, str]) -> dict[str, str]:
     probe's): the library preloaded (LD_PRELOAD) where it applies."""
     path = _library() if env.get(ENV, "1") != "0" else None
     preload = env.get("LD_PRELOAD", "").split()
-    if path is None or path in preload:
+    if path is None or path in preload or any(c in path for c in " :"):  # LD_PRELOAD splits at both
         return dict(env)
     return {**env, "LD_PRELOAD": " ".join([*preload, path])}
 
