@@ -27,11 +27,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+from .native_build import build, cache_dir
 
 CSRC = Path(__file__).with_name("csrc")
 FLAGS = ("-std=c++17", "-O3", "-fopenmp", "-fPIC", "-shared")
@@ -71,12 +72,12 @@ def kernels() -> ctypes.CDLL | None:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not compiler or not _sources():
         return None
-    path = _cache_dir() / f"cpu_kernels-{_key(compiler)}.so"
+    path = cache_dir() / f"cpu_kernels-{_key(compiler)}.so"
     torch.get_num_threads()  # torch's OpenMP runtime is loaded before the library that links against it
     for attempt in range(2):  # a cached library that does not load (damaged) is built again, once
         try:
             if attempt or not path.is_file():
-                _build(compiler, path)
+                build(path, [compiler, *_flags(), *map(str, _sources())])
             lib = ctypes.CDLL(str(path))
         except (OSError, subprocess.SubprocessError) as e:
             if attempt == 0 and path.is_file():
@@ -89,13 +90,6 @@ def kernels() -> ctypes.CDLL | None:
         _declare(lib)
         return lib
     return None
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("PRETRAIN_KERNELS_DIR")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pretrain-kernels"
 
 
 def _flags() -> tuple[str, ...]:
@@ -121,21 +115,6 @@ def _key(compiler: str) -> str:
         flags = platform.processor() + platform.machine()
     h.update(flags.encode())
     return h.hexdigest()[:16]
-
-
-def _build(compiler: str, path: Path) -> None:
-    """Compile into a temporary file beside `path`, then rename: concurrent builders (test workers, a trainer and
-    its probe) each finish with a whole library at `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *_flags(), "-o", tmp, *map(str, _sources())], check=True, capture_output=True,
-                       text=True, timeout=300)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _declare(lib: ctypes.CDLL) -> None:

@@ -24,9 +24,9 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
+
+from model.native_build import build, cache_dir
 
 ENV = "PRETRAIN_MKL_ON_AMD"
 SOURCE = "int mkl_serv_intel_cpu_true(void) { return 1; }\n"
@@ -44,31 +44,6 @@ def amd_x86_linux() -> bool:
         return False
 
 
-def _cache_dir() -> Path:
-    """Where built libraries are kept: the directory model/cpu_kernels.py builds its library in."""
-    root = os.environ.get("PRETRAIN_KERNELS_DIR")
-    return Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pretrain-kernels"
-
-
-def _build(compiler: str) -> Path:
-    """The library (built now unless cached), written to a temporary file then renamed: concurrent builders each
-    end with a whole library."""
-    path = _cache_dir() / f"mkl_on_amd-{hashlib.sha256((compiler + SOURCE).encode()).hexdigest()[:16]}.so"
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-x", "c", "-", "-o", tmp], input=SOURCE, check=True,
-                       capture_output=True, text=True, timeout=60)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def _library() -> str | None:
     """The library's path (built now unless cached) where it applies (module docstring), else None."""
     if os.environ.get(ENV, "1") == "0" or not amd_x86_linux():
@@ -76,10 +51,13 @@ def _library() -> str | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         return None
+    path = cache_dir() / f"mkl_on_amd-{hashlib.sha256((compiler + SOURCE).encode()).hexdigest()[:16]}.so"
     try:
-        return str(_build(compiler))
+        if not path.is_file():
+            build(path, [compiler, "-shared", "-fPIC", "-O2", "-x", "c", "-"], stdin=SOURCE, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
+    return str(path)
 
 
 def configure_host_blas() -> bool:
