@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT
 
 from pretrain.train.host_alloc import THP_ENV, with_huge_pages
+from pretrain.train.host_blas import with_mkl_on_amd
 from pretrain.train.host_threads import SPIN, SPIN_ENV, WAIT_POLICY_ENV
 
 # In a fresh process: the trainer's entry with its loop replaced by a probe that counts the minor page faults of
@@ -77,7 +78,7 @@ def test_a_users_thp_setting_is_kept():
 
 def test_probe_child_gets_the_trainers_settings(monkeypatch):
     """The launcher's --probe times steps in a child process: it starts with the trainer's host memory and OpenMP
-    settings (pretrain/train/host_alloc.py, host_threads.py)."""
+    settings (pretrain/train/host_alloc.py, host_threads.py, host_blas.py)."""
     import pretrain.plan.probe as probe
 
     seen = {}
@@ -86,7 +87,7 @@ def test_probe_child_gets_the_trainers_settings(monkeypatch):
         seen.update(kw["env"])
         return subprocess.CompletedProcess(argv, 0, stdout="[]", stderr="")
 
-    for name in (THP_ENV, WAIT_POLICY_ENV, SPIN_ENV):
+    for name in (THP_ENV, WAIT_POLICY_ENV, SPIN_ENV, "LD_PRELOAD"):  # LD_PRELOAD: this session's (conftest.py)
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(probe.subprocess, "run", run)
     from model import ModelConfig
@@ -95,6 +96,7 @@ def test_probe_child_gets_the_trainers_settings(monkeypatch):
     assert probe.probe_plan(ModelConfig.from_preset("tiny"), TrainConfig(size="tiny"), [], 1 << 30, 1) == []
     assert seen[THP_ENV] == "1"
     assert seen[SPIN_ENV] == SPIN and WAIT_POLICY_ENV not in seen
+    assert seen.get("LD_PRELOAD") == with_mkl_on_amd({}).get("LD_PRELOAD")  # MKL's branch (host_blas.py), on AMD
 
 
 # In a fresh process, through the trainer's entry: how many more bytes glibc holds in mmap'd blocks once a 64 MiB CPU
