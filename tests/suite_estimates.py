@@ -9,6 +9,10 @@ file an estimate executes equal this checkout's (estimate_cache's rule for the s
 traced as before: a stale file costs time, never a wrong figure. Tests that need a cold plan set their own cache
 (tests/test_plan_cache.py, test_shipped_estimates.py); tests/test_suite_estimates.py holds the preload to the rule.
 
+The suite's cpu-tier plans follow the host's bf16 (fp32 where it is emulated), so a save keeps only its own host
+class's ~60 of them and the other class traces those (~40 s): the file now holds both, the other class's re-traced
+under this code from the previous file (each equal to the trace it replaced). A later save drops them again.
+
 Refresh after changing model/, the optimizers or the step tracing (`make test`'s summary says when):
 
     PRETRAIN_TEST_SAVE_ESTIMATES=1 make test
