@@ -11,8 +11,8 @@ the system's C compiler (~0.1 s) and cached beside model/cpu_kernels.py's librar
 
 Only on x86-64 Linux with an AMD CPU, and only before torch loads (afterwards MKL has asked already: nothing is
 done; a child process that imports torch at once gets it preloaded instead, with_mkl_on_amd). PRETRAIN_MKL_ON_AMD=0
-keeps MKL's own choice; no compiler, or a build that fails, keeps it too. bf16
-matmuls are oneDNN's, which has no vendor check; CUDA runs do not use MKL for their model.
+keeps MKL's own choice; no compiler, or a build that fails, keeps it too. bf16 matmuls are oneDNN's, which has no
+vendor check; CUDA runs do not use MKL for their model.
 """
 
 from __future__ import annotations
