@@ -5,6 +5,7 @@
 
 #include <algorithm>
 
+#include "causal_softmax.h"  // round16
 #include "simd.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
@@ -54,8 +55,6 @@ static void gemm_tile(const Lhs &a, const uint32_t *b, int64_t ldb, float *c, in
 // what is skipped is the pairs of query rows (queries first + 2k, first + 2k + 1) before the tile's first key
 // (dS^T q, P^T dO: accumulating, so C keeps its values). Skipped products add exact zeros: the sums are the same.
 enum class Skip { NONE, COLS, KEYS, QUERIES };
-
-static inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // c (m x n) = alpha a b (or c + a b with acc); n a multiple of 16; `skip` with `first` as above.
 static void gemm(const Lhs &a, const uint32_t *b, int64_t ldb, float *c, int64_t ldc, int64_t m, int64_t n, int64_t kp,

@@ -11,6 +11,7 @@
 // last query, the rest masked). Backward recomputes each block's P from q and k as the forward did (same code: the
 // same values).
 #include "bf16_gemm.h"
+#include "causal_softmax.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 
@@ -40,45 +41,6 @@ static void pack_by_rows(const bf16 *x, int64_t ld, int64_t n, int64_t d, uint32
     for (int64_t k = 0; k < n / 2; k++)
         for (int64_t c = 0; c < d; c++)
             out[k * d + c] = (uint32_t)x[2 * k * ld + c] | (uint32_t)x[(2 * k + 1) * ld + c] << 16;
-}
-
-// The columns of row r of a block whose first query is `first` that its GEMMs compute (Skip::COLS): the row's keys
-// (0..first + r) rounded up to 16, at most `keys`. Past them a row's P and dS are zero.
-static inline int64_t row_cols(int64_t first, int64_t r, int64_t keys) {
-    return std::min(keys, round16(first + r + 1));
-}
-
-// Rows [first, first + rows) of the causal softmax of fp32 scores s (row stride lds, row r sees keys 0..first+r,
-// computed up to row_cols), in place; each row also rounded to bf16 into p16 (row stride ldp, zero past the row's
-// last key up to `keys`).
-static void causal_softmax(float *s, int64_t lds, bf16 *p16, int64_t ldp, int64_t first, int64_t rows, int64_t keys) {
-    const vi iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    for (int64_t r = 0; r < rows; r++) {
-        float *x = s + r * lds;
-        const int32_t n = (int32_t)(first + r + 1);
-        const int64_t cols = row_cols(first, r, keys);
-        vf m = vf{} - INFINITY;  // not x's first lanes: past the row's last key they are masked keys' scores
-        for (int64_t j = 0; j < cols; j += W) {
-            vf v = io<float>::load(x + j);
-            v = (iota + (int32_t)j) < n ? v : -INFINITY;
-            io<float>::store(x + j, v);
-            m = v > m ? v : m;
-        }
-        const float top = hmax(m);
-        vf acc = {0};
-        for (int64_t j = 0; j < cols; j += W) {  // exp of -inf is 0: the masked keys' weights
-            vf e = exp_nonpos(io<float>::load(x + j) - top);
-            io<float>::store(x + j, e);
-            acc += e;
-        }
-        const float inv = 1.0f / hsum(acc);
-        for (int64_t j = 0; j < cols; j += W) {
-            vf p = io<float>::load(x + j) * inv;
-            io<float>::store(x + j, p);
-            io<bf16>::store(p16 + r * ldp + j, p);
-        }
-        for (int64_t j = cols; j < keys; j += W) io<bf16>::store(p16 + r * ldp + j, vf{0});
-    }
 }
 
 struct Shape {
@@ -158,16 +120,7 @@ static void attn_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *go
                     gemm({qb, z.q[2], false}, kp, T, s, T, R, keys, hd / 2, scale, false, Skip::COLS, t0);
                     causal_softmax(s, T, p16, T, t0, R, keys);
                     gemm({gb, gs[2], false}, vt, T, dp, T, R, keys, hdv / 2, scale, false, Skip::COLS, t0);
-                    for (int64_t r = 0; r < R; r++) {  // dS = P (dP - sum(P dP)), softmax's backward
-                        float *pr = s + r * T, *dr = dp + r * T;
-                        const int64_t cols = row_cols(t0, r, keys);
-                        vf acc = {0};
-                        for (int64_t j = 0; j < cols; j += W) acc += io<float>::load(pr + j) * io<float>::load(dr + j);
-                        const float dot = hsum(acc);
-                        for (int64_t j = 0; j < cols; j += W)
-                            io<bf16>::store(ds16 + r * T + j, io<float>::load(pr + j) * (io<float>::load(dr + j) - dot));
-                        for (int64_t j = cols; j < keys; j += W) io<bf16>::store(ds16 + r * T + j, vf{0});
-                    }
+                    causal_softmax_backward(s, dp, T, ds16, T, t0, R, keys);
                     gemm({ds16, T, false}, kr, hd, o, hd, R, hd, keys / 2, 1.0f, false, Skip::KEYS, t0);  // dQ = dS k
                     for (int64_t r = 0; r < R; r++)
                         for (int64_t c = 0; c < hd; c += W)
