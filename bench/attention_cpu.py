@@ -4,7 +4,7 @@ forward + backward, per variant and precision.
 
     .venv/bin/python bench/attention_cpu.py                         # all variants, bf16 (where native) + fp32
     .venv/bin/python bench/attention_cpu.py --variants baseline --precisions bf16 --rounds 9 --threads 1
-    .venv/bin/python bench/attention_cpu.py --step --rounds 6 --threads 2   # the whole bf16 config S step, A/B
+    .venv/bin/python bench/attention_cpu.py --step --rounds 6 --threads 2   # the whole config S step, A/B
 
 Inputs are what a block hands attention: q and k contiguous (RoPE writes new tensors), v a strided view of the
 fused QKV projection's output. The kernels alternate within each round (load from other processes shifts them
@@ -12,10 +12,11 @@ alike); reported is the best round per kernel in CPU milliseconds (process CPU t
 with the ratio to SDPA, and each kernel's relative error against a float64 reference for the output and q's,
 k's and v's gradients. Shapes: micro-batch 8 x T 256, heads from ModelConfig (6 heads, d 384).
 
---step: the trainer-like bf16 config S step (bench/train_step.py's Step: autocast forward + backward, clipping,
-fused AdamW), alternating in one process between attention on SDPA (what main ran) and on the CPU path: median
-CPU seconds and tok/s per step, and from one profiled step each, the attention records' time (forward + backward,
-6 layers). Same process, same weights and batch, so load from other processes shifts both alike.
+--step: the trainer-like config S step in the host's native precision (bench/train_step.py's Step: bf16 autocast,
+or fp32 where bf16 is emulated; forward + backward, clipping, fused AdamW), alternating in one process between
+attention on SDPA (what main ran) and on the CPU path: median CPU seconds and tok/s per step, and from one profiled
+step each, the attention records' time (forward + backward, 6 layers). Same process, same weights and batch, so
+load from other processes shifts both alike.
 
 On a shared host, CPU time is not immune to load: OpenMP threads spin while a descheduled partner is waited for,
 once per parallel region. The flash kernel is one region per call, the CPU path ~100 (GEMMs and passes per block),
@@ -32,11 +33,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.train.host_blas import configure_host_blas  # noqa: E402
+
+configure_host_blas()  # as the trainer: before torch loads MKL (fp32 GEMMs on AMD CPUs)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from bench.gemm_floor import host_isa, native_bf16  # noqa: E402
 from model import ModelConfig, cpu_attention  # noqa: E402
@@ -59,7 +64,7 @@ def inputs(cfg: ModelConfig, batch: int, T: int, dtype: torch.dtype, seed: int =
     return q, k, v
 
 
-def kernels(cfg: ModelConfig) -> dict:
+def kernels(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     gqa = cfg.n_kv_head != cfg.n_head
     scale = 1.0 if cfg.attn == "decoupled" else None
 
@@ -78,8 +83,13 @@ def kernels(cfg: ModelConfig) -> dict:
         finally:
             cpu_attention.attention_applies = kernel
 
-    return {"sdpa (flash)": sdpa, "sdpa math": math, "cpu blocks": blocks,
-            "cpu_attention": lambda q, k, v: causal_attention_cpu(q, k, v, None, scale)}
+    fns = {"sdpa (flash)": sdpa, "sdpa math": math, "cpu blocks": blocks,
+           "cpu_attention": lambda q, k, v: causal_attention_cpu(q, k, v, None, scale)}
+    if dtype == torch.float32:  # fp32 has the kernel only (built for AVX2 without AVX-512), no blocked form
+        del fns["cpu blocks"]
+        if not cpu_attention.cpu_attention_applies(*inputs(cfg, 1, 64, dtype)):
+            del fns["cpu_attention"]
+    return fns
 
 
 def reference(q, k, v, scale):
@@ -102,8 +112,8 @@ def timed(fn, q, k, v, go, backward: bool) -> float:
     return cpu
 
 
-def step_ab(rounds: int) -> None:
-    """The bf16 config S training step, SDPA vs the CPU path, alternating in this process."""
+def step_ab(rounds: int, amp: bool) -> None:
+    """The config S training step (bf16 autocast, or fp32), SDPA vs the CPU path, alternating in this process."""
     import statistics
 
     from torch.profiler import profile
@@ -112,10 +122,10 @@ def step_ab(rounds: int) -> None:
     from bench.train_step import Step
 
     applies = attention.cpu_attention_applies
-    step = Step("S", 8, 256, False, False, True)
+    step = Step("S", 8, 256, False, False, amp)
     for _ in range(2):  # the first step allocates the optimizer state
         step()
-    paths = {"sdpa (flash)": lambda q, k, v: False, "cpu_attention": applies}
+    paths = {"sdpa (flash)": lambda *args: False, "cpu_attention": applies}
     cpu: dict[str, list[float]] = {n: [] for n in paths}
     wall: dict[str, list[float]] = {n: [] for n in paths}
     for _ in range(rounds):
@@ -149,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--step", action="store_true", help="the whole bf16 config S step, SDPA vs the CPU path")
+    ap.add_argument("--step", action="store_true",
+                    help="the whole config S step in the host's native precision, SDPA vs the CPU path")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     # The trainer's host memory setting: without it every multi-MB buffer a kernel allocates is page-faulted in again
@@ -157,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_host_memory()
     keep_large_blocks()  # as the trainer's CPU device setup
     if args.step:
-        print(f"host ISA: {host_isa()}, {args.threads} threads, bf16 config S step (8 x 256), load "
-              f"{os.getloadavg()[0]:.1f}")
-        step_ab(args.rounds)
+        amp = native_bf16()
+        print(f"host ISA: {host_isa()}, {args.threads} threads, {'bf16' if amp else 'fp32'} config S step (8 x 256), "
+              f"load {os.getloadavg()[0]:.1f}")
+        step_ab(args.rounds, amp)
         return 0
     print(f"host ISA: {host_isa()}, {args.threads} threads, B {args.batch} x T {args.seq_len}, causal; "
           f"best of {args.rounds} alternating rounds, CPU ms per layer call")
@@ -169,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[prec]
             q, k, v = inputs(cfg, args.batch, args.seq_len, dtype)
             go = torch.randn(args.batch, cfg.n_head, args.seq_len, cfg.head_dims[1]).to(dtype)
-            fns = kernels(cfg)
+            fns = kernels(cfg, dtype)
             best = {(n, b): float("inf") for n in fns for b in (False, True)}
             for _ in range(args.rounds + 1):  # the first round warms up
                 for n, fn in fns.items():

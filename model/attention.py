@@ -25,8 +25,9 @@ gives the null key/value no weight decay (pretrain/train/optim.py).
 
 Kernel: SDPA (flash / cuDNN / memory-efficient on a card, the flash kernel on CPU), except bf16 on a CPU with native
 bf16 GEMMs, where model/cpu_attention.py computes the same attention in 0.5-0.65x the flash kernel's CPU time (with
-AMX its forward is the flash kernel's, its backward blocked GEMMs; fake tensors, dispatch modes, fp32, compiled
-graphs and every other device keep SDPA).
+AMX its forward is the flash kernel's, its backward blocked GEMMs), and fp32 causal self-attention where the
+library's fp32 kernel is built (AVX2), ~0.65x (fake tensors, dispatch modes, compiled graphs and every other device
+keep SDPA).
 
 Reference path: forward(x, on_trace=f) computes the same attention with an explicit softmax (after the same
 projection code) and hands f an AttentionTrace of probabilities and score parts, for diagnostics.
@@ -224,7 +225,7 @@ class CausalSelfAttention(nn.Module):
             # break every block's graph. start == 0 is causal for any T (one query at 0 sees its one key); a
             # cached single new token (start > 0, no mask) sees every key. No explicit mask keeps flash eligible.
             is_causal = mask is None and start == 0
-            if cpu_attention_applies(q, k, v):  # bf16 on CPU: GEMMs + fused softmax, not the flash kernel
+            if cpu_attention_applies(q, k, v, mask):  # GEMMs + fused softmax on CPU, not the flash kernel
                 y = causal_attention_cpu(q, k, v, mask, scale)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,

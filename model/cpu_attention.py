@@ -1,4 +1,4 @@
-"""bf16 attention on CPU as blocked GEMMs and fused softmax passes, or one kernel call, one autograd node (issue 23.1).
+"""Attention on CPU as blocked GEMMs and fused softmax passes, or one kernel call, one autograd node (issue 23.1).
 
 Why: torch's CPU flash-attention kernel (what scaled_dot_product_attention runs on CPU) spends most of its time
 outside the GEMMs it does. At config S (B 8, H 6, T 256, head 64, bf16, AVX-512-BF16) its forward + backward took
@@ -31,11 +31,17 @@ CPU-ms a layer against ~49 for the all-blocked form and ~44 for flash (bench/REA
 GQA (fewer k/v heads): each k/v head's query group is stacked along a block's rows, so one GEMM serves the group
 and k/v are never repeated.
 
+fp32 (the native precision of AVX2 hosts, where the planner's cpu tier trains in fp32): causal self-attention is one
+call each way into the library's fp32 kernel (model/csrc/cpu_attention_f32.cpp, built for AVX2 + FMA without
+AVX-512): the same blocks with fp32 FMA tiles, ~0.62-0.67x the flash kernel's CPU time at config S on Zen 2 (31
+against 47-50 CPU-ms a layer call). Other fp32 attention (a mask, a cache offset, an AVX-512 build) keeps SDPA: the
+blocks below rely on bf16 operands (exact products in oneDNN's bf16 mode).
+
 Where it runs (cpu_attention_applies): bf16 plain CPU tensors, eager, outside every dispatch mode, on a host with
-native bf16 GEMMs. Under FakeTensorMode / the memory tracker (the planner's CUDA memory estimate,
-pretrain/plan/step_trace.py), under selective checkpointing's caching mode, for fp32 (fp32 GEMMs make this path
-slower than flash), a single query (decoding) and on every other device, attention stays torch's SDPA: the memory
-a trace models and everything a GPU runs are unchanged. While it runs (without AMX) it sets oneDNN's fp32 matmul
+native bf16 GEMMs; fp32 where the fp32 kernel applies. Under FakeTensorMode / the memory tracker (the planner's CUDA
+memory estimate, pretrain/plan/step_trace.py), under selective checkpointing's caching mode (bf16), a single query
+(decoding) and on every other device, attention stays torch's SDPA: the memory a trace models and everything a GPU
+runs are unchanged. While it runs (without AMX) it sets oneDNN's fp32 matmul
 precision to bf16 (process-wide, restored after; its fp32 operands are exact bf16 values, so nothing is rounded).
 """
 
@@ -86,26 +92,32 @@ def _hardware_has(*features: str) -> bool:
     return False
 
 
-def cpu_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def cpu_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
     """True where causal_attention_cpu replaces SDPA (module docstring): plain bf16 CPU tensors, eager, no dispatch
-    mode active, native bf16 GEMMs, more than one query, T at most one block or a multiple of it."""
+    mode active, native bf16 GEMMs, more than one query, T at most one block or a multiple of it; or fp32 causal
+    self-attention (no mask, as many keys as queries) the library's fp32 kernel computes."""
     T = q.shape[2]
     if torch.compiler.is_compiling() or q.device.type != "cpu" or T == 1 or (T > BLOCK_QUERIES and _n_blocks(T) == 1):
         return False
+    if q.dtype == torch.float32:
+        return mask is None and k.shape[2] == T and attention_applies(q, k, v)
     return (all(type(t) is torch.Tensor and t.dtype == torch.bfloat16 for t in (q, k, v))
             and not is_in_torch_dispatch_mode() and native_bf16())
 
 
 def causal_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                          scale: float | None) -> torch.Tensor:
-    """softmax(q k^T * scale, masked) v for bf16 q (B, H, T, hd), k (B, Hkv, S, hd), v (B, Hkv, S, hd_v).
+    """softmax(q k^T * scale, masked) v for bf16 q (B, H, T, hd), k (B, Hkv, S, hd), v (B, Hkv, S, hd_v), or fp32
+    ones where cpu_attention_applies (causal, mask None).
 
     mask (T, S) bool, True = may attend, or None for causal with queries at the last T key positions (S == T in
-    training). scale None = 1/sqrt(hd). Returns (B, H, T, hd_v) bf16."""
+    training). scale None = 1/sqrt(hd). Returns (B, H, T, hd_v) in q's dtype."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
     T, S = q.shape[2], k.shape[2]
     causal = mask is None and S == T  # SDPA's is_causal aligns queries with the first keys
+    if q.dtype == torch.float32:  # only the fp32 kernel's case gets here (cpu_attention_applies)
+        return _KernelAttention.apply(q, k, v, scale)
     if causal and not amx_tiles() and attention_applies(q, k, v):
         return _KernelAttention.apply(q, k, v, scale)
     group = q.shape[1] // k.shape[1]

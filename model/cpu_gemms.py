@@ -1,7 +1,8 @@
-"""The CPU kernels' bf16 GEMMs (model/csrc/bf16_gemm.h, built where the compiler targets AVX-512-BF16): causal
+"""The CPU kernels' GEMMs: in bf16 (model/csrc/bf16_gemm.h, built where the compiler targets AVX-512-BF16) causal
 attention in one call each way (csrc/cpu_attention.cpp, for model/cpu_attention.py) and the LM head's weight gradient
-from the row-major logit gradient (csrc/cpu_lm_head.cpp, for model/loss_eager.py). The library, its build and the
-rules for when a kernel may run are model/cpu_kernels.py's."""
+from the row-major logit gradient (csrc/cpu_lm_head.cpp, for model/loss_eager.py); in fp32 causal attention
+(csrc/cpu_attention_f32.cpp, built for AVX2 + FMA without AVX-512). The library, its build and the rules for when a
+kernel may run are model/cpu_kernels.py's."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from .cpu_kernels import WIDTH, _fn, built, enabled_for
 
 
 def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Causal self-attention the library computes (csrc/cpu_attention.cpp): bf16 q (B, H, T, hd), k (B, Hkv, T, hd),
-    v (B, Hkv, T, hdv) with contiguous rows, H a multiple of Hkv, T a multiple of the 64-query block (or one block
-    of a multiple of WIDTH), hd and hdv multiples of WIDTH, and a library built with AVX-512-BF16."""
-    if q.dim() != 4 or k.shape[2] != q.shape[2] or q.dtype != torch.bfloat16 or not enabled_for(q, k, v):
+    """Causal self-attention the library computes: q (B, H, T, hd), k (B, Hkv, T, hd), v (B, Hkv, T, hdv) with
+    contiguous rows, H a multiple of Hkv, T a multiple of the 64-query block (or one block of a multiple of WIDTH),
+    hd and hdv multiples of WIDTH, and a library built with the kernel for their dtype (bf16: AVX-512-BF16,
+    csrc/cpu_attention.cpp; fp32: AVX2 without AVX-512, csrc/cpu_attention_f32.cpp)."""
+    if q.dim() != 4 or k.shape[2] != q.shape[2] or not enabled_for(q, k, v):
         return False
     T, hd, hdv = q.shape[2], q.shape[3], v.shape[3]
     return (built("attn_fwd", q.dtype) and q.shape[1] % k.shape[1] == 0 and hd % WIDTH == 0

@@ -6,7 +6,7 @@ front of it: the loss's softmax over 50K-wide rows ran as ~300 blocks of 7 torch
 cross-entropy and logit gradient, RMSNorm, SwiGLU and the rotary embedding are one pass each way, one call per
 tensor (config S, bf16, Zen 5: 70-72 % -> 77-80 % of the GEMM floor at 1 thread; bench/README.md); where the
 compiler targets AVX-512-BF16, causal attention is one call each way too, and the LM head's weight gradient one GEMM
-of the library's own (model/cpu_gemms.py wraps both).
+of the library's own; where it targets AVX2 without AVX-512, fp32 causal attention is (model/cpu_gemms.py wraps them).
 
 How: the sources are compiled once per host into one shared library (`c++ -O3 -march=native -fopenmp`, ~1 s; capped
 to AVX2 or SSE4.2 where torch's own kernels are, by ATEN_CPU_CAPABILITY), cached under $PRETRAIN_KERNELS_DIR
@@ -135,10 +135,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"rms_norm_fwd_{name}").argtypes = [p, p, p, p, i64, i64, f32, i32]
         getattr(lib, f"rms_norm_bwd_{name}").argtypes = [p, p, p, p, p, p, i64, i64, i32]
         getattr(lib, f"rms_norm_fwd_{name}").restype = getattr(lib, f"rms_norm_bwd_{name}").restype = None
-    # Compiled only for some targets (built): transpose_to_f32 with AVX-512, attention and lm_head_dw with
-    # AVX-512-BF16.
+    # Compiled only for some targets (built): transpose_to_f32 with AVX-512, bf16 attention and lm_head_dw with
+    # AVX-512-BF16, fp32 attention with AVX2 and without AVX-512.
     optional = {"transpose_to_f32_bf16": [p, i64, p, i64, i64, i32, f32, i32],
-                "attn_fwd_bf16": [p, p, p, p, p, p, f32, i32], "attn_bwd_bf16": [p, p, p, p, p, p, p, p, p, f32, i32],
+                **{f"attn_fwd_{t}": [p, p, p, p, p, p, f32, i32] for t in ("bf16", "f32")},
+                **{f"attn_bwd_{t}": [p, p, p, p, p, p, p, p, p, f32, i32] for t in ("bf16", "f32")},
                 "lm_head_dw_bf16": [p, i64, p, i64, p, p, i64, i64, i64, i32, f32, i32]}
     for name, argtypes in optional.items():
         if hasattr(lib, name):

@@ -183,7 +183,7 @@ def _model_as_close_to_float64_as_sdpa(model: GPT, x: torch.Tensor, monkeypatch)
     assert not calls
     got_logits, got_grads = step(model, autocast=True)
     assert len(calls) == model.config.n_layer
-    monkeypatch.setattr(attention, "cpu_attention_applies", lambda q, k, v: False)
+    monkeypatch.setattr(attention, "cpu_attention_applies", lambda *a: False)
     sdpa_logits, sdpa_grads = step(model, autocast=True)
     assert len(calls) == model.config.n_layer
     assert _rel(got_logits, ref_logits) <= 1.5 * _rel(sdpa_logits, ref_logits) + 2e-3
@@ -273,13 +273,14 @@ class _Recorder(TorchDispatchMode):
 
 def test_fake_tensors_and_dispatch_modes_keep_sdpa(native_bf16):
     """The planner traces a step on fake CPU tensors under a memory tracker (a dispatch mode) to model CUDA memory:
-    there, under any dispatch mode (also selective checkpointing's), for fp32, for one query and for a length that
+    there, under any dispatch mode (also selective checkpointing's), for one query and for a length that
     is neither one block nor a multiple of it (its scores would not be bounded by a block), attention stays SDPA."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     q, k, v = (t.detach() for t in _qkv(1, 2, 2, 64, 64, 16, 16))
     assert cpu_attention_applies(q, k, v)
-    assert not cpu_attention_applies(q.float(), k.float(), v.float())
+    # fp32 is the fp32 kernel's where it is built (tests/test_cpu_attention_f32.py), else SDPA's
+    assert cpu_attention_applies(q.float(), k.float(), v.float()) == cpu_kernels.built("attn_fwd", torch.float32)
     assert not cpu_attention_applies(q[:, :, :1], k, v)
     assert cpu_attention_applies(q[:, :, :24], k[:, :, :24], v[:, :, :24])
     long = torch.zeros(1, 2, 100, 16, dtype=torch.bfloat16)
