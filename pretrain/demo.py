@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.errors import EXIT_STOPPED, ArgumentParser, UserError
-from pretrain.plan import launch
 from pretrain.plan.resolve import VARIANTS  # the launcher's --variant names: the demo's choices
-from pretrain.plan.view import render_plan
 from pretrain.track.compare import run_row
 from pretrain.track.runlog import read_jsonl
+from pretrain.train.host_alloc import configure_host_memory
+from pretrain.train.host_blas import configure_host_blas
+from pretrain.train.host_threads import configure_host_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
@@ -53,6 +54,9 @@ def launcher_argv(steps: int, variant: str, run_root: Path, data: Path) -> list[
 
 def _run_with_launcher(argv: list[str]) -> tuple[Path, int, str]:
     """Plan with the launcher and run its trainer command: (run dir, exit code, note)."""
+    from pretrain.plan import launch  # torch: after main's host settings
+    from pretrain.plan.view import render_plan
+
     _, plan = launch.plan_from_argv(argv)
     render_plan(plan, running=True)
     run_dir = Path(plan.run["dir"])
@@ -109,6 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (data / "manifest.json").is_file():
         raise UserError(f"{data} holds no token dataset (manifest.json); restore data/sample with "
                         "`git checkout -- data/sample` or pass --data DIR")
+    # The planner runs in this process and times this CPU's matmuls: with the settings the launcher's and the
+    # trainer's entries make before torch loads (pretrain/plan/entry.py), or on an AMD CPU its rate would be MKL's
+    # generic branch's, ~30 % below what the trainer it starts runs at.
+    configure_host_memory()
+    configure_host_threads()
+    configure_host_blas()
     t0 = time.monotonic()
     run_dir, code, note = _run_with_launcher(launcher_argv(args.steps, args.variant, run_root, data))
     if note:

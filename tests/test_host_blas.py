@@ -45,6 +45,35 @@ sys.modules["pretrain.train.loop"] = types.SimpleNamespace(main=main)
 from pretrain.train.entry import main as entry
 sys.exit(entry([]))
 """
+# The planners that time this CPU's matmuls in their own process (pretrain/plan/tiers.py cpu_matmul_flops): the
+# launcher's entry and the demo, each with its planning replaced by BRANCH.
+PLANNERS = {
+    "launcher": """
+import json, sys, types
+
+def main(argv):
+""" + "".join(f"    {line}\n" for line in BRANCH.strip().splitlines()) + """
+    print(json.dumps(out))
+    return 0
+
+sys.modules["pretrain.plan.launch"] = types.SimpleNamespace(main=main)
+from pretrain.plan.entry import main as entry
+sys.exit(entry(["--vram", "cpu"]))
+""",
+    "demo": """
+import json, sys
+from pretrain import demo
+
+def plan(argv):
+""" + "".join(f"    {line}\n" for line in BRANCH.strip().splitlines()) + """
+    print(json.dumps(out))
+    sys.exit(0)
+
+assert "torch" not in sys.modules  # importing the demo leaves the host settings to its main
+demo._run_with_launcher = plan
+demo.main(["--steps", "1"])
+""",
+}
 APPLIES = amd_x86_linux() and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
 
 
@@ -67,6 +96,18 @@ def test_the_trainer_takes_mkls_optimized_branch_on_amd_and_a_child_gets_it_prel
         assert on["branch"] > off["branch"] and child["branch"] == on["branch"], (on, off, child)
     else:
         assert on["branch"] == off["branch"] == child["branch"], (on, off, child)
+
+
+@pytest.mark.parametrize("planner", PLANNERS)
+def test_the_planners_time_the_cpu_on_the_branch_the_trainer_takes(planner):
+    """The launcher and `make demo` plan in their own process, timing this CPU's matmuls for the plan's time
+    estimate: MKL's branch there is the trainer's (on AMD, not its generic one: a ~30 % lower rate)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", ENV)}
+    on, off, trainer = _run(PLANNERS[planner], env), _run(PLANNERS[planner], {**env, ENV: "0"}), _run(ENTRY, env)
+    if on["branch"] is None:
+        pytest.skip("torch here is not linked with MKL")
+    assert on["branch"] == trainer["branch"]
+    assert (on["branch"] > off["branch"]) is APPLIES, (on, off)
 
 
 def test_a_child_environment_preloads_the_library_once_and_keeps_the_users():
