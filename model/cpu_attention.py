@@ -39,7 +39,7 @@ blocks below rely on bf16 operands (exact products in oneDNN's bf16 mode).
 
 Where it runs (cpu_attention_applies): bf16 plain CPU tensors, eager, outside every dispatch mode, on a host with
 native bf16 GEMMs; fp32 where the fp32 kernel applies. Under FakeTensorMode / the memory tracker (the planner's CUDA
-memory estimate, pretrain/plan/step_trace.py), under selective checkpointing's caching mode (bf16), a single query
+memory estimate, pretrain/plan/step_trace.py), under selective checkpointing's caching mode, a single query
 (decoding) and on every other device, attention stays torch's SDPA: the memory a trace models and everything a GPU
 runs are unchanged. While it runs (without AMX) it sets oneDNN's fp32 matmul
 precision to bf16 (process-wide, restored after; its fp32 operands are exact bf16 values, so nothing is rounded).
@@ -93,16 +93,16 @@ def _hardware_has(*features: str) -> bool:
 
 
 def cpu_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
-    """True where causal_attention_cpu replaces SDPA (module docstring): plain bf16 CPU tensors, eager, no dispatch
-    mode active, native bf16 GEMMs, more than one query, T at most one block or a multiple of it; or fp32 causal
-    self-attention (no mask, as many keys as queries) the library's fp32 kernel computes."""
+    """True where causal_attention_cpu replaces SDPA (module docstring): eager, no dispatch mode active, more than
+    one query, T at most one block or a multiple of it, and plain bf16 CPU tensors on a host with native bf16 GEMMs,
+    or fp32 causal self-attention (no mask, as many keys as queries) the library's fp32 kernel computes."""
     T = q.shape[2]
-    if torch.compiler.is_compiling() or q.device.type != "cpu" or T == 1 or (T > BLOCK_QUERIES and _n_blocks(T) == 1):
+    if (torch.compiler.is_compiling() or q.device.type != "cpu" or T == 1 or (T > BLOCK_QUERIES and _n_blocks(T) == 1)
+            or is_in_torch_dispatch_mode()):
         return False
     if q.dtype == torch.float32:
         return mask is None and k.shape[2] == T and attention_applies(q, k, v)
-    return (all(type(t) is torch.Tensor and t.dtype == torch.bfloat16 for t in (q, k, v))
-            and not is_in_torch_dispatch_mode() and native_bf16())
+    return all(type(t) is torch.Tensor and t.dtype == torch.bfloat16 for t in (q, k, v)) and native_bf16()
 
 
 def causal_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
