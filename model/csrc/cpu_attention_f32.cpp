@@ -1,9 +1,11 @@
 // Causal fp32 attention forward and backward as one kernel per call, for hosts whose native precision is fp32 (AVX2 +
-// FMA; issue 23.1). torch's CPU flash kernel (what SDPA runs) spent ~45 CPU-ms a layer call at config S (2 threads,
-// Zen 2) against ~27 for its six GEMMs at full T x T; this does the causal part of those GEMMs (5/8 of them at T 256)
-// with the softmax between them while a block's scores are in cache. Compiled only where the compiler targets AVX2 and
-// FMA without AVX-512: those are the hosts it was measured on; an AVX-512 host keeps SDPA (its fp32 GEMMs and flash
-// kernel are other code) until `bench/attention_cpu.py --precisions fp32` there says otherwise.
+// FMA; issue 23.1). torch's CPU flash kernel (what SDPA runs) spent 45-50 CPU-ms a layer call at config S (Zen 2, 1
+// or 2 threads) against ~27 for its six GEMMs at full T x T at MKL's single-GEMM rate; this does the causal part of
+// those GEMMs (~half at T 256) with the softmax between them while a block's scores are in cache: ~31 CPU-ms with
+// it all (bench/README.md, eighteenth pass). Compiled only where the compiler targets AVX2 and FMA without AVX-512:
+// the hosts it was measured on. An AVX-512 host keeps SDPA (its flash kernel and GEMMs are other code) until a
+// measurement there says otherwise: `ATEN_CPU_CAPABILITY=avx2 .venv/bin/python bench/attention_cpu.py --precisions
+// fp32` builds and times this kernel, beside the same command uncapped for the host's own flash kernel.
 //
 // The arithmetic is the flash kernel's in fp32: scores q k^T * scale, softmax, P v; backward recomputes each block's
 // P from q and k (the forward's code: the same values), dP = dO v^T * scale, dS = P (dP - sum(P dP)), dQ = dS k,
