@@ -9,9 +9,9 @@ file an estimate executes equal this checkout's (estimate_cache's rule for the s
 traced as before: a stale file costs time, never a wrong figure. Tests that need a cold plan set their own cache
 (tests/test_plan_cache.py, test_shipped_estimates.py); tests/test_suite_estimates.py holds the preload to the rule.
 
-The suite's cpu-tier plans follow the host's bf16 (fp32 where it is emulated), so a save keeps only its own host
-class's ~60 of them and the other class traces those (~40 s): the file now holds both, the other class's re-traced
-under this code from the previous file (each equal to the trace it replaced). A later save drops them again.
+The suite's cpu-tier plans follow the host's bf16 (fp32 where it is emulated), so a run traces only its own host
+class's ~60 of them; a save keeps the other class's from the file it replaces, traced again under this code
+(other_host_class), so the file serves both classes whichever saved it (the other class would trace them, ~40 s).
 
 Refresh after changing model/, the optimizers or the step tracing (`make test`'s summary says when):
 
@@ -20,7 +20,11 @@ Refresh after changing model/, the optimizers or the step tracing (`make test`'s
 
 from __future__ import annotations
 
+import ast
+import json
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from pretrain.fsio import atomic_write_text
 from pretrain.plan import estimate_cache
@@ -57,12 +61,39 @@ def traced(cache_root: Path) -> int:
     return len(list((cache_root / "plan-memory").glob("*.json")))
 
 
+def other_host_class(path: Path, records: dict[estimate_cache.Parts, Any]) -> dict[estimate_cache.Parts, Any]:
+    """The estimates of `path` (the file a save replaces) that a suite on the other host class plans and this run did
+    not: their `amp` is the one the cpu tier picks on the other class (pretrain/plan/resolve.py: autocast where bf16
+    is native, fp32 where it is emulated). Each is traced again under this checkout's code. Old entries of this
+    host's `amp` that no test asked for are dropped; an obsolete one of the other's stays until the file is remade."""
+    from pretrain.plan import instrument_memory, memory, resolve
+
+    try:  # as it is now: read_shipped keeps what it read first
+        body = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    other_amp = not resolve.cpu_has_fast_bf16()
+    out = {}
+    for entry in body["estimates"]:
+        parts = estimate_cache.entry_parts(body, entry)
+        model_json, cfg_json, seq_len, work, _ = parts
+        if parts in records or json.loads(cfg_json)["amp"] is not other_amp:
+            continue
+        call = None if work == "None" else ast.parse(work, mode="eval").body  # a pass's repr: Name(field=value, ...)
+        pass_ = None if call is None else getattr(instrument_memory, call.func.id)(
+            **{kw.arg: ast.literal_eval(kw.value) for kw in call.keywords})
+        out[parts] = asdict(memory._trace(model_json, cfg_json, int(seq_len), pass_)) | {"seconds": 0.0}
+    return out
+
+
 def save(cache_root: Path, path: Path = FILE) -> int:
-    """Write every estimate the cache at `cache_root` holds (a whole suite's, preloaded and traced) to `path`, in the
-    shipped file's format; returns how many."""
+    """Write every estimate the cache at `cache_root` holds (a whole suite's, preloaded and traced) and the other
+    host class's from the file it replaces (other_host_class) to `path`, in the shipped file's format; returns how
+    many."""
     from pretrain.plan.ship_estimates import _records, shipped_text
 
     records = _records(cache_root)
+    records |= other_host_class(path, records)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, shipped_text(records, estimate_cache.code_files(), about=ABOUT))
     return len(records)
