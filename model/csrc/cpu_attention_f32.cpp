@@ -65,8 +65,12 @@ void tile(const float *a, int64_t lda, const float *b, int64_t ldb, float *c, in
 // the tile's first key (dS^T q, P^T dO: accumulating, so C keeps its values). Skipped terms are exact zeros.
 enum class Skip { NONE, COLS, KEYS, QUERIES };
 
+// B's layout: row k of its 16-column panel p at b + p * panel + k * ld (row-major: panel 16, ld the row stride;
+// packed in panels: ld 16, panel 16 x rows, each panel's rows consecutive lines).
+struct Rhs { const float *b; int64_t ld, panel; };
+
 // c (m x n) = alpha a b (or c + a b with acc); n a multiple of 16; kn terms; `skip` with `first` as above.
-void gemm(const float *a, int64_t lda, bool by_k, const float *b, int64_t ldb, float *c, int64_t ldc, int64_t m,
+void gemm(const float *a, int64_t lda, bool by_k, Rhs b, float *c, int64_t ldc, int64_t m,
           int64_t n, int64_t kn, float alpha, bool acc, Skip skip = Skip::NONE, int64_t first = 0) {
     for (int64_t j = 0; j < n; j += NC)
         for (int64_t i = 0; i < m; i += MR) {
@@ -75,17 +79,46 @@ void gemm(const float *a, int64_t lda, bool by_k, const float *b, int64_t ldb, f
             const int64_t k0 = skip == Skip::QUERIES ? std::max<int64_t>(0, i - first) : 0;
             const int64_t k1 = skip == Skip::KEYS ? std::min(kn, first + i + rows) : kn;
             const float *ai = by_k ? a + i + k0 * lda : a + i * lda + k0;
+            const float *bj = b.b + j / NC * b.panel + k0 * b.ld;
             if (by_k)
-                tile<true>(ai, lda, b + k0 * ldb + j, ldb, c + i * ldc + j, ldc, rows, k1 - k0, alpha, acc);
+                tile<true>(ai, lda, bj, b.ld, c + i * ldc + j, ldc, rows, k1 - k0, alpha, acc);
             else
-                tile<false>(ai, lda, b + k0 * ldb + j, ldb, c + i * ldc + j, ldc, rows, k1 - k0, alpha, acc);
+                tile<false>(ai, lda, bj, b.ld, c + i * ldc + j, ldc, rows, k1 - k0, alpha, acc);
         }
 }
 
-// x (n rows of d, row stride ld) -> out (d, n; row stride ldo): a k^T or v^T the score GEMMs read as B.
+// x (n rows of d, row stride ld; n and d multiples of 8) -> out (d, n; row stride ldo): a k^T or v^T the score
+// GEMMs read as B, 8 x 8 at a time in registers (a scalar loop took ~7 % of the kernel's time, its loads and stores
+// one float each).
 void transpose(const float *x, int64_t ld, int64_t n, int64_t d, float *out, int64_t ldo) {
-    for (int64_t j = 0; j < n; j++)
-        for (int64_t c = 0; c < d; c++) out[c * ldo + j] = x[j * ld + c];
+    for (int64_t j = 0; j < n; j += 8)
+        for (int64_t c = 0; c < d; c += 8) {
+            __m256 r[8], t[8];
+            for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(x + (j + i) * ld + c);
+            for (int i = 0; i < 8; i += 2) {
+                t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+                t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+            }
+            for (int i = 0; i < 8; i += 4) {
+                r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+                r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+                r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+                r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+            }
+            for (int i = 0; i < 4; i++) {  // row i of the tile's columns: lanes 0-3 from r[i], 4-7 from r[i + 4]
+                _mm256_storeu_ps(out + (c + i) * ldo + j, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+                _mm256_storeu_ps(out + (c + i + 4) * ldo + j, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+            }
+        }
+}
+
+// x (n rows of d, row stride ld) -> out in 16-column panels (Rhs: ld 16, panel 16 n): a k or v the GEMMs that sum
+// over keys read as B. In place, their rows are a wide stride apart (1152 or 384 floats at config S), which maps a
+// tile's 64-256 rows of one column to 8 of L1's 64 sets; a panel's rows are consecutive lines.
+Rhs panels(const float *x, int64_t ld, int64_t n, int64_t d, float *out) {
+    for (int64_t p = 0; p < d / NC; p++)
+        for (int64_t j = 0; j < n; j++) memcpy(out + (p * n + j) * NC, x + j * ld + p * NC, NC * 4);
+    return {out, NC, NC * n};
 }
 
 // The row stride of the T-wide buffers (k^T, v^T, P, dS): T + 16 floats. At T 256 a 1 KiB stride puts the 64 rows a
@@ -106,23 +139,24 @@ void attn_fwd(const float *q, const float *k, const float *v, float *out, const 
     #pragma omp parallel num_threads(threads)
     {
         float *kt = static_cast<float *>(malloc(L * z.hd * 4));  // k^T (hd, T)
+        float *vp = static_cast<float *>(malloc(T * z.hdv * 4));  // v in panels
         float *s = static_cast<float *>(malloc(R * L * 4));
         #pragma omp for schedule(static)
         for (int64_t task = 0; task < z.B * z.n_kv; task++) {
             const int64_t b = task / z.n_kv, kv = task % z.n_kv;
             transpose(k + b * z.k[0] + kv * z.k[1], z.k[2], T, z.hd, kt, L);
-            const float *vb = v + b * z.v[0] + kv * z.v[1];
+            const Rhs vb = panels(v + b * z.v[0] + kv * z.v[1], z.v[2], T, z.hdv, vp);
             for (int64_t h = kv * g; h < (kv + 1) * g; h++)
                 for (int64_t t0 = 0; t0 < T; t0 += R) {
                     const int64_t keys = t0 + R;
-                    gemm(q + b * z.q[0] + h * z.q[1] + t0 * z.q[2], z.q[2], false, kt, L, s, L, R, keys, z.hd, scale,
-                         false, Skip::COLS, t0);
+                    gemm(q + b * z.q[0] + h * z.q[1] + t0 * z.q[2], z.q[2], false, {kt, L, NC}, s, L, R, keys, z.hd,
+                         scale, false, Skip::COLS, t0);
                     causal_softmax(s, L, s, L, t0, R, keys);
-                    gemm(s, L, false, vb, z.v[2], out + ((b * T + t0) * z.H + h) * z.hdv, z.H * z.hdv, R, z.hdv, keys,
+                    gemm(s, L, false, vb, out + ((b * T + t0) * z.H + h) * z.hdv, z.H * z.hdv, R, z.hdv, keys,
                          1.0f, false, Skip::KEYS, t0);
                 }
         }
-        free(kt); free(s);
+        free(kt); free(vp); free(s);
     }
 }
 
@@ -137,6 +171,7 @@ void attn_bwd(const float *q, const float *k, const float *v, const float *go, c
     {
         float *kt = static_cast<float *>(malloc(L * hd * 4));   // k^T (hd, T): scores
         float *vt = static_cast<float *>(malloc(L * hdv * 4));  // v^T (hdv, T): dP
+        float *kp = static_cast<float *>(malloc(T * hd * 4));   // k in panels: dQ
         float *s = static_cast<float *>(malloc(R * L * 4));     // P
         float *dp = static_cast<float *>(malloc(R * L * 4));    // dP, then dS in place
         #pragma omp for schedule(static)
@@ -146,6 +181,7 @@ void attn_bwd(const float *q, const float *k, const float *v, const float *go, c
             float *dkb = dk + b * T * ldk + kv * hd, *dvb = dv + b * T * ldv + kv * hdv;
             transpose(kb, z.k[2], T, hd, kt, L);
             transpose(vb, z.v[2], T, hdv, vt, L);
+            const Rhs kr = panels(kb, z.k[2], T, hd, kp);
             for (int64_t t = 0; t < T; t++) {
                 memset(dkb + t * ldk, 0, hd * 4);
                 memset(dvb + t * ldv, 0, hdv * 4);
@@ -154,17 +190,17 @@ void attn_bwd(const float *q, const float *k, const float *v, const float *go, c
                 for (int64_t t0 = 0; t0 < T; t0 += R) {
                     const int64_t keys = t0 + R;
                     const float *qb = q + b * z.q[0] + h * z.q[1] + t0 * z.q[2], *gb = go + b * gs[0] + h * gs[1] + t0 * gs[2];
-                    gemm(qb, z.q[2], false, kt, L, s, L, R, keys, hd, scale, false, Skip::COLS, t0);
+                    gemm(qb, z.q[2], false, {kt, L, NC}, s, L, R, keys, hd, scale, false, Skip::COLS, t0);
                     causal_softmax(s, L, s, L, t0, R, keys);
-                    gemm(gb, gs[2], false, vt, L, dp, L, R, keys, hdv, scale, false, Skip::COLS, t0);
+                    gemm(gb, gs[2], false, {vt, L, NC}, dp, L, R, keys, hdv, scale, false, Skip::COLS, t0);
                     causal_softmax_backward(s, dp, L, dp, L, t0, R, keys);
-                    gemm(dp, L, false, kb, z.k[2], dq + ((b * T + t0) * z.H + h) * hd, z.H * hd, R, hd, keys, 1.0f,  // dQ = dS k
+                    gemm(dp, L, false, kr, dq + ((b * T + t0) * z.H + h) * hd, z.H * hd, R, hd, keys, 1.0f,  // dQ = dS k
                          false, Skip::KEYS, t0);
-                    gemm(dp, L, true, qb, z.q[2], dkb, ldk, keys, hd, R, 1.0f, true, Skip::QUERIES, t0);   // dK += dS^T q
-                    gemm(s, L, true, gb, gs[2], dvb, ldv, keys, hdv, R, 1.0f, true, Skip::QUERIES, t0);   // dV += P^T dO
+                    gemm(dp, L, true, {qb, z.q[2], NC}, dkb, ldk, keys, hd, R, 1.0f, true, Skip::QUERIES, t0);   // dK += dS^T q
+                    gemm(s, L, true, {gb, gs[2], NC}, dvb, ldv, keys, hdv, R, 1.0f, true, Skip::QUERIES, t0);   // dV += P^T dO
                 }
         }
-        free(kt); free(vt); free(s); free(dp);
+        free(kt); free(vt); free(kp); free(s); free(dp);
     }
 }
 
