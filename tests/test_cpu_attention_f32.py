@@ -24,8 +24,12 @@ from model import GPT, cpu_gemms, cpu_kernels
 from model.cpu_attention import causal_attention_cpu, cpu_attention_applies
 from tests.test_model_attention import make_config
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.built("attn_fwd", torch.float32),
-                                reason="the fp32 attention kernel is built only for AVX2 + FMA without AVX-512")
+
+@pytest.fixture(autouse=True)
+def _kernel_built() -> None:
+    """Checked when a test runs, not at collection (which would build the library in every worker first)."""
+    if not cpu_kernels.built("attn_fwd", torch.float32):
+        pytest.skip("the fp32 attention kernel is built only for AVX2 + FMA without AVX-512")
 
 CASES = {
     # name: (B, H, Hkv, T, head dim, v head dim, scale)
