@@ -31,6 +31,7 @@ def _kernel_built() -> None:
     if not cpu_kernels.built("attn_fwd", torch.float32):
         pytest.skip("the fp32 attention kernel is built only for AVX2 + FMA without AVX-512")
 
+
 CASES = {
     # name: (B, H, Hkv, T, head dim, v head dim, scale)
     "mha, 4 query blocks": (2, 4, 4, 256, 64, 64, None),
