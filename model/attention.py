@@ -26,7 +26,7 @@ gives the null key/value no weight decay (pretrain/train/optim.py).
 Kernel: SDPA (flash / cuDNN / memory-efficient on a card, the flash kernel on CPU), except bf16 on a CPU with native
 bf16 GEMMs, where model/cpu_attention.py computes the same attention in 0.5-0.65x the flash kernel's CPU time (with
 AMX its forward is the flash kernel's, its backward blocked GEMMs), and fp32 causal self-attention where the
-library's fp32 kernel is built (AVX2), ~0.65x (fake tensors, dispatch modes, compiled graphs and every other device
+library's fp32 kernel is built (AVX2), 0.55-0.66x (fake tensors, dispatch modes, compiled graphs and every other device
 keep SDPA).
 
 Reference path: forward(x, on_trace=f) computes the same attention with an explicit softmax (after the same

@@ -33,9 +33,9 @@ and k/v are never repeated.
 
 fp32 (the native precision of AVX2 hosts, where the planner's cpu tier trains in fp32): causal self-attention is one
 call each way into the library's fp32 kernel (model/csrc/cpu_attention_f32.cpp, built for AVX2 + FMA without
-AVX-512): the same blocks with fp32 FMA tiles, ~0.62-0.67x the flash kernel's CPU time at config S on Zen 2 (31
-against 47-50 CPU-ms a layer call). Other fp32 attention (a mask, a cache offset, an AVX-512 build) keeps SDPA: the
-blocks below rely on bf16 operands (exact products in oneDNN's bf16 mode).
+AVX-512): the same blocks with fp32 FMA tiles, 0.55-0.66x the flash kernel's CPU time at config S on Zen 2 (28-30
+CPU-ms a layer call against 43-46; GQA 23-24 against 40-43). Other fp32 attention (a mask, a cache offset, an
+AVX-512 build) keeps SDPA: the blocks below rely on bf16 operands (exact products in oneDNN's bf16 mode).
 
 Where it runs (cpu_attention_applies): bf16 plain CPU tensors, eager, outside every dispatch mode, on a host with
 native bf16 GEMMs; fp32 where the fp32 kernel applies. Under FakeTensorMode / the memory tracker (the planner's CUDA

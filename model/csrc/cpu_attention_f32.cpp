@@ -1,7 +1,7 @@
 // Causal fp32 attention forward and backward as one kernel per call, for hosts whose native precision is fp32 (AVX2 +
 // FMA; issue 23.1). torch's CPU flash kernel (what SDPA runs) spent 45-50 CPU-ms a layer call at config S (Zen 2, 1
 // or 2 threads) against ~27 for its six GEMMs at full T x T at MKL's single-GEMM rate; this does the causal part of
-// those GEMMs (~half at T 256) with the softmax between them while a block's scores are in cache: ~31 CPU-ms with
+// those GEMMs (~half at T 256) with the softmax between them while a block's scores are in cache: 28-30 CPU-ms with
 // it all (bench/README.md, eighteenth pass). Compiled only where the compiler targets AVX2 and FMA without AVX-512:
 // the hosts it was measured on. An AVX-512 host keeps SDPA (its flash kernel and GEMMs are other code) until a
 // measurement there says otherwise: `ATEN_CPU_CAPABILITY=avx2 .venv/bin/python bench/attention_cpu.py --precisions
