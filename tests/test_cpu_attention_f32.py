@@ -16,12 +16,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import model.attention as attention
 import model.cpu_attention as cpu_attention
 from model import GPT, cpu_gemms, cpu_kernels
 from model.cpu_attention import causal_attention_cpu, cpu_attention_applies
+from tests.test_cpu_attention import _Recorder  # a dispatch mode, as the planner's memory tracker is
 from tests.test_model_attention import make_config
 
 
@@ -147,16 +147,6 @@ def test_saves_no_score_matrix_and_gradients_come_in_the_projections_layout():
     assert saved and all(math.prod(s) <= q.numel() for s in saved), saved
     dq, dk, dv = cpu_gemms.attention_backward(q.detach(), k.detach(), v.detach(), torch.ones_like(y), 0.125)
     assert all(g.transpose(1, 2).is_contiguous() for g in (dq, dk, dv))
-
-
-class _Recorder(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def test_only_causal_self_attention_of_plain_tensors_takes_it():
