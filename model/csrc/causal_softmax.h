@@ -27,6 +27,7 @@ static inline vi lane_index() {
 template <typename P>
 static void causal_softmax(float *s, int64_t lds, P *p, int64_t ldp, int64_t first, int64_t rows, int64_t keys) {
     const vi iota = lane_index();
+    const bool apart = static_cast<const void *>(p) != static_cast<const void *>(s);  // else each value stored once
     for (int64_t r = 0; r < rows; r++) {
         float *x = s + r * lds;
         const int32_t n = (int32_t)(first + r + 1);
@@ -49,7 +50,7 @@ static void causal_softmax(float *s, int64_t lds, P *p, int64_t ldp, int64_t fir
         for (int64_t j = 0; j < cols; j += W) {
             vf pr = io<float>::load(x + j) * inv;
             io<float>::store(x + j, pr);
-            io<P>::store(p + r * ldp + j, pr);
+            if (apart) io<P>::store(p + r * ldp + j, pr);
         }
         for (int64_t j = cols; j < keys; j += W) io<P>::store(p + r * ldp + j, vf{0});
     }
