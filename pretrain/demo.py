@@ -22,9 +22,7 @@ from pretrain.errors import EXIT_STOPPED, ArgumentParser, UserError
 from pretrain.plan.resolve import VARIANTS  # the launcher's --variant names: the demo's choices
 from pretrain.track.compare import run_row
 from pretrain.track.runlog import read_jsonl
-from pretrain.train.host_alloc import configure_host_memory
-from pretrain.train.host_blas import configure_host_blas
-from pretrain.train.host_threads import configure_host_threads
+from pretrain.train.host_process import configure_host_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
@@ -114,11 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"{data} holds no token dataset (manifest.json); restore data/sample with "
                         "`git checkout -- data/sample` or pass --data DIR")
     # The planner runs in this process and times this CPU's matmuls: with the settings the launcher's and the
-    # trainer's entries make before torch loads (pretrain/plan/entry.py), or on an AMD CPU its rate would be MKL's
-    # generic branch's, ~30 % below what the trainer it starts runs at.
-    configure_host_memory()
-    configure_host_threads()
-    configure_host_blas()
+    # trainer's entries make before torch loads, or on an AMD CPU its rate would be MKL's generic branch's, ~30 %
+    # below what the trainer it starts runs at.
+    configure_host_process()
     t0 = time.monotonic()
     run_dir, code, note = _run_with_launcher(launcher_argv(args.steps, args.variant, run_root, data))
     if note:

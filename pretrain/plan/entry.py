@@ -12,9 +12,7 @@ from collections.abc import Sequence
 
 from pretrain.config_file import parse_with_file, toml_text
 from pretrain.plan.flags import CONFIG_HEADER, SUBCOMMANDS, build_parser, config_sections
-from pretrain.train.host_alloc import configure_host_memory
-from pretrain.train.host_blas import configure_host_blas
-from pretrain.train.host_threads import configure_host_threads
+from pretrain.train.host_process import configure_host_process
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,9 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.print_config:
             print(toml_text(config_sections(ns), CONFIG_HEADER), end="")
             return 0
-    configure_host_memory()  # the planner times CPU steps as the trainer runs them (pretrain/train/host_alloc.py)
-    configure_host_threads()  # and its OpenMP threads (pretrain/train/host_threads.py)
-    configure_host_blas()  # and its GEMMs (pretrain/train/host_blas.py)
+    configure_host_process()  # the planner times CPU steps as the trainer runs them (pretrain/train/host_process.py)
     from pretrain.plan.launch import main as launch_main
 
     return launch_main(args)

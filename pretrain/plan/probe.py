@@ -40,9 +40,8 @@ from pretrain.plan.memory import allowance, estimate_step_memory
 from pretrain.train import device as dev
 from pretrain.train import speed
 from pretrain.train.config import TrainConfig
-from pretrain.train.host_alloc import configure_host_memory, with_huge_pages
-from pretrain.train.host_blas import with_mkl_on_amd
-from pretrain.train.host_threads import with_idle_threads_asleep
+from pretrain.train.host_alloc import configure_host_memory
+from pretrain.train.host_process import with_host_settings
 from pretrain.train.optim import build_optimizer, step_unless_nonfinite
 
 WARMUP_STEPS, TIMED_STEPS = 1, 2
@@ -236,7 +235,7 @@ def probe_plan(mcfg: ModelConfig, cfg: TrainConfig, phases: list[tuple[int, int]
     request = {"model": mcfg.to_dict(), "cfg": cfg.to_dict(), "phases": phases, "capacity": capacity,
                "sequences_per_proc": sequences_per_proc}
     path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = with_mkl_on_amd(with_idle_threads_asleep(with_huge_pages({**os.environ, "PYTHONPATH": path})))
+    env = with_host_settings({**os.environ, "PYTHONPATH": path})
     done = subprocess.run([sys.executable, "-m", "pretrain.plan.probe"], input=json.dumps(request),
                           capture_output=True, text=True, env=env)
     if done.returncode != 0:

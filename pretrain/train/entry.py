@@ -10,9 +10,7 @@ from collections.abc import Sequence
 
 from pretrain.config_file import parse_with_file
 from pretrain.train.config import build_parser, parse_config
-from pretrain.train.host_alloc import configure_host_memory
-from pretrain.train.host_blas import configure_host_blas
-from pretrain.train.host_threads import configure_host_threads
+from pretrain.train.host_process import configure_host_process
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,9 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = parse_config(argv)
         print(config_text(cfg, dataset_vocab(cfg)), end="")
         return 0
-    configure_host_memory()  # before torch's first CPU allocation (pretrain/train/host_alloc.py)
-    configure_host_threads()  # before torch loads libgomp (pretrain/train/host_threads.py)
-    configure_host_blas()  # before torch loads MKL (pretrain/train/host_blas.py)
+    configure_host_process()  # before torch loads (pretrain/train/host_process.py)
     from pretrain.train.loop import main as train_main
 
     return train_main(None if argv is None else list(argv))
